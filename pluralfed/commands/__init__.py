@@ -1,0 +1,1 @@
+"""Subcommands of the `pluralfed` CLI, one module each."""
