@@ -1,0 +1,30 @@
+"""Shared fixtures. Real data comes from ../shared (beside the repo), never from a copy in the repo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DIR = Path(os.environ.get("PLURALFED_SHARED", REPO_ROOT.parent / "shared"))
+GOQA_CSV = SHARED_DIR / "data" / "globalopinionqa" / "global_opinions.csv"
+
+# Several torch processes on 2 cores oversubscribe the CPU: keep each test process to one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def goqa_csv() -> Path:
+    if not GOQA_CSV.is_file():
+        pytest.fail(f"shared survey data not found at {GOQA_CSV} (set PLURALFED_SHARED)")
+    return GOQA_CSV
+
+
+@pytest.fixture(scope="session")
+def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedding cache for the whole test session, so the shared data is embedded once."""
+    return tmp_path_factory.mktemp("cache")
