@@ -19,6 +19,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pluralfed.commands.train",
     "pluralfed.commands.evaluate",
     "pluralfed.commands.certs",
+    "pluralfed.commands.coordinator",
+    "pluralfed.commands.node",
+    "pluralfed.commands.federate",
 )
 
 

@@ -12,7 +12,8 @@ TRAINING_GROUPS: tuple[str, ...] = (
 )
 HELD_OUT_GROUPS: tuple[str, ...] = ("China", "Japan", "France", "Spain", "Brazil", "New Zealand")
 
-CONTEXT_RANGE: tuple[int, int] = (9, 90)  # questions per training episode, drawn uniformly, inclusive
+# questions per training episode, drawn uniformly, inclusive
+CONTEXT_RANGE: tuple[int, int] = (9, 90)
 TARGET_RANGE: tuple[int, int] = (9, 90)
 EVAL_MAX_CONTEXT = 90
 LEARNING_RATE = 3e-4

@@ -1,0 +1,391 @@
+"""Authentication of group nodes, in one place: a gRPC server interceptor that guards every method.
+
+Layers, outermost first:
+
+1. TLS handshake (`pluralfed.tls.load_server_credentials`, require_client_auth): a client with no
+   certificate, a certificate from another CA, an expired one, or one without clientAuth never gets a
+   connection; it sees UNAVAILABLE and no handler runs.
+2. `AuthInterceptor`: maps the verified certificate identity (``pluralfed://node/<id>``) to a node name
+   through the `AllowList`. No identity -> UNAUTHENTICATED; identity not listed -> PERMISSION_DENIED.
+   Otherwise the node name is bound to the call: `authenticated_node(context)` / `current_node`.
+3. Handlers: a node may act only as itself -> `require_self(context, claimed_name)` whenever a
+   message names the node it speaks for.
+
+grpc's Python server interceptors see only the method name, not the peer, so the interceptor wraps the
+returned handler's behaviour (all four arities) and checks ``context.auth_context()`` before the servicer
+runs. This module guards the synchronous ``grpc.server``; a ``grpc.aio`` server would need an async twin.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import tomllib
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+
+from pluralfed.errors import InputError
+from pluralfed.tls import NODE_ID_PATTERN, identity_from_auth_context
+
+log = logging.getLogger(__name__)
+
+# Methods any TLS peer may call without an allow-listed identity: serving status reveals nothing.
+HEALTH_METHODS: frozenset[str] = frozenset(
+    {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
+)
+DEFAULT_EXEMPT_METHODS = HEALTH_METHODS
+MAX_NODE_NAME = 200
+
+# The node name of the call being handled on this thread (None outside a guarded call or in insecure
+# mode): for code below the handler that has no `context` at hand, e.g. logging.
+current_node: ContextVar[str | None] = ContextVar("pluralfed_current_node", default=None)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a call is from, as the guard established it."""
+
+    node: str | None  # the node name the certificate proved; None in insecure mode
+    identity: str | None  # the certificate identity (node id); None in insecure mode
+    insecure: bool
+    known_nodes: frozenset[str]
+
+
+class AllowList:
+    """Certificate identity (the node id in ``pluralfed://node/<id>``) -> node name (e.g. a group).
+
+    One node name per identity and one identity per node name, so "acting as yourself" is unambiguous.
+    """
+
+    def __init__(self, entries: Mapping[str, str], *, source: str = "allow-list") -> None:
+        if not isinstance(entries, Mapping):
+            raise InputError(
+                f"{source}: the allow-list must be a table of identity = node name, "
+                f"got {type(entries).__name__}"
+            )
+        if not entries:
+            raise InputError(f"{source}: the allow-list is empty; no node could ever connect")
+        by_name: dict[str, str] = {}
+        clean: dict[str, str] = {}
+        for identity, name in entries.items():
+            if not isinstance(identity, str) or NODE_ID_PATTERN.fullmatch(identity) is None:
+                raise InputError(
+                    f"{source}: identity {identity!r} is not a valid node id (1-64 characters "
+                    "from A-Z a-z 0-9 . _ -, starting with a letter or digit)"
+                )
+            if not isinstance(name, str) or not name.strip():
+                raise InputError(
+                    f"{source}: identity {identity!r}: node name must be a non-empty string, "
+                    f"got {name!r}"
+                )
+            if name != name.strip() or len(name) > MAX_NODE_NAME or not name.isprintable():
+                raise InputError(
+                    f"{source}: identity {identity!r}: node name {name!r} must be printable, at most "
+                    f"{MAX_NODE_NAME} characters, without surrounding spaces"
+                )
+            if name in by_name:
+                raise InputError(
+                    f"{source}: node name {name!r} is given to two identities, {by_name[name]!r} "
+                    f"and {identity!r}; each node needs its own certificate"
+                )
+            by_name[name] = identity
+            clean[identity] = name
+        self._entries = clean
+        self.source = source
+
+    @classmethod
+    def from_toml(cls, path: str | Path, table: str | None = "allow_list") -> AllowList:
+        """Load from a TOML file; `table` is the dotted key of the table (None: the whole file).
+
+        Example::
+
+            [allow_list]
+            "node-nigeria" = "Nigeria"
+            "node-egypt" = "Egypt"
+        """
+        p = Path(path)
+        try:
+            data: Any = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"allow-list file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"allow-list file {p} could not be read: {err}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise InputError(f"allow-list file {p}: invalid TOML: {err}") from None
+        where = str(p)
+        if table:
+            for part in table.split("."):
+                if not isinstance(data, dict) or part not in data:
+                    raise InputError(f"{p}: no [{table}] table (identity = node name)")
+                data = data[part]
+            where = f"{p} [{table}]"
+        return cls(data, source=where)
+
+    def node_for(self, identity: str) -> str | None:
+        return self._entries.get(identity)
+
+    @property
+    def node_names(self) -> frozenset[str]:
+        return frozenset(self._entries.values())
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self._entries)
+
+    def __contains__(self, identity: object) -> bool:
+        return identity in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"AllowList({self._entries!r})"
+
+
+# Principal of each call in flight, keyed by its ServicerContext (weakly: a context that is never
+# cleaned up explicitly still goes away with its call).
+_calls: weakref.WeakKeyDictionary[Any, Principal] = weakref.WeakKeyDictionary()
+_calls_lock = threading.Lock()
+
+
+def _bind(context: grpc.ServicerContext, principal: Principal) -> None:
+    with _calls_lock:
+        _calls[context] = principal
+
+
+def _unbind(context: grpc.ServicerContext) -> None:
+    with _calls_lock:
+        _calls.pop(context, None)
+
+
+def _refuse(
+    context: grpc.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    method: str,
+    identity: str | None,
+    reason: str,
+) -> NoReturn:
+    log.warning(
+        "refused %s: identity=%s peer=%s reason=%s", method, identity or "-", context.peer(), reason
+    )
+    context.abort(code, message)
+    raise AssertionError("context.abort returned")  # grpc's abort always raises
+
+
+def principal(context: grpc.ServicerContext) -> Principal:
+    """The guard's record for this call; aborts (fail closed) if the call never passed the guard."""
+    with _calls_lock:
+        found = _calls.get(context)
+    if found is None:
+        log.error(
+            "handler asked for the caller of a call the auth guard never saw: misconfiguration"
+        )
+        _refuse(
+            context,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "caller not authenticated",
+            method="(unguarded handler)",
+            identity=None,
+            reason="call did not pass the AuthInterceptor (is it installed on the server?)",
+        )
+    return found
+
+
+def authenticated_node(context: grpc.ServicerContext) -> str | None:
+    """The node name the caller's certificate proved (None in insecure mode, where nothing is proved)."""
+    return principal(context).node
+
+
+def require_self(context: grpc.ServicerContext, claimed_name: str) -> str:
+    """Abort PERMISSION_DENIED unless the caller is `claimed_name`: a node may act only as itself.
+
+    In insecure mode there is no certificate, so the claim is trusted if it names a known node.
+    Returns the node name to act as.
+    """
+    who = principal(context)
+    if who.insecure:
+        if claimed_name not in who.known_nodes:
+            _refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"unknown node {claimed_name!r}",
+                method="(require_self)",
+                identity=None,
+                reason=f"insecure mode: claimed node {claimed_name!r} is not in the allow-list",
+            )
+        return claimed_name
+    if claimed_name != who.node:
+        _refuse(
+            context,
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"authenticated as node {who.node!r}; may not act as {claimed_name!r}",
+            method="(require_self)",
+            identity=who.identity,
+            reason=f"node {who.node!r} claimed to be {claimed_name!r}",
+        )
+    return claimed_name
+
+
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Install on the coordinator's server: ``grpc.server(pool, interceptors=[AuthInterceptor(al)])``.
+
+    `exempt_methods` (full names like ``/grpc.health.v1.Health/Check``) run without an allow-listed
+    identity; they still need the TLS handshake. `allow_common_name` also accepts the subject CN of a
+    certificate without a pluralfed node URI (externally issued certificates). `insecure=True` is for
+    demos without certificates only: nothing is checked and `require_self` trusts claimed names.
+    """
+
+    def __init__(
+        self,
+        allow_list: AllowList,
+        *,
+        exempt_methods: Iterable[str] = DEFAULT_EXEMPT_METHODS,
+        allow_common_name: bool = False,
+        insecure: bool = False,
+    ) -> None:
+        self.allow_list = allow_list
+        self.exempt_methods = frozenset(exempt_methods)
+        self.allow_common_name = allow_common_name
+        self.insecure = insecure
+        if insecure:
+            log.warning(
+                "\n" + "!" * 78 + "\n"
+                "!!! INSECURE MODE: no TLS, no client certificates. Any client that can reach this\n"
+                "!!! port can claim to be any node in the allow-list. Use only for local demos.\n"
+                + "!"
+                * 78
+            )
+
+    def authenticate(self, context: grpc.ServicerContext, method: str) -> Principal:
+        """The caller's `Principal`, or abort UNAUTHENTICATED / PERMISSION_DENIED."""
+        known = self.allow_list.node_names
+        if self.insecure:
+            return Principal(node=None, identity=None, insecure=True, known_nodes=known)
+        auth_context = context.auth_context()
+        identity = identity_from_auth_context(
+            auth_context, allow_common_name=self.allow_common_name
+        )
+        if identity is None:
+            transport = b"".join(auth_context.get("transport_security_type", [])).decode(
+                errors="replace"
+            )
+            if transport != "ssl":
+                _refuse(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "mutual TLS required: connect with a pluralfed node certificate",
+                    method=method,
+                    identity=None,
+                    reason=f"transport {transport or 'unknown'!r} is not TLS",
+                )
+            _refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no node identity in the client certificate: use a certificate from "
+                "`pluralfed certs node`",
+                method=method,
+                identity=None,
+                reason="verified certificate carries no pluralfed node identity",
+            )
+        node = self.allow_list.node_for(identity)
+        if node is None:
+            _refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate identity {identity!r} is not in the coordinator's allow-list",
+                method=method,
+                identity=identity,
+                reason="identity not in allow-list",
+            )
+        return Principal(node=node, identity=identity, insecure=False, known_nodes=known)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method in self.exempt_methods:
+            return handler
+        return self._guard(handler, method)
+
+    def _guard(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.request_streaming and handler.response_streaming:
+            behaviour = handler.stream_stream
+            return grpc.stream_stream_rpc_method_handler(
+                lambda requests, ctx: self._stream(behaviour, requests, ctx, method), **kwargs
+            )
+        if handler.request_streaming:
+            behaviour = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda requests, ctx: self._unary(behaviour, requests, ctx, method), **kwargs
+            )
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(
+                lambda request, ctx: self._stream(behaviour, request, ctx, method), **kwargs
+            )
+        behaviour = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(
+            lambda request, ctx: self._unary(behaviour, request, ctx, method), **kwargs
+        )
+
+    def _unary(
+        self, behaviour: Callable[[Any, Any], Any], arg: Any, context: Any, method: str
+    ) -> Any:
+        who = self.authenticate(context, method)
+        _bind(context, who)
+        token = current_node.set(who.node)
+        try:
+            return behaviour(arg, context)
+        finally:
+            current_node.reset(token)
+            _unbind(context)
+
+    def _stream(
+        self, behaviour: Callable[[Any, Any], Iterable[Any]], arg: Any, context: Any, method: str
+    ) -> Iterator[Any]:
+        # Authenticate before the servicer is even called, not lazily on the first response.
+        who = self.authenticate(context, method)
+        _bind(context, who)
+        token = current_node.set(who.node)
+        try:
+            responses = iter(behaviour(arg, context))
+        except BaseException:
+            _unbind(context)
+            raise
+        finally:
+            current_node.reset(token)
+        return _bound_iterator(responses, who, context)
+
+
+def _bound_iterator(responses: Iterator[Any], who: Principal, context: Any) -> Iterator[Any]:
+    """Run each step of a response stream with `current_node` set (set and reset per step, so the
+    variable never leaks into the server thread between responses)."""
+    try:
+        while True:
+            token = current_node.set(who.node)
+            try:
+                item = next(responses)
+            except StopIteration:
+                return
+            finally:
+                current_node.reset(token)
+            yield item
+    finally:
+        close = getattr(responses, "close", None)
+        if close is not None:
+            close()
+        _unbind(context)

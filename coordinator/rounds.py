@@ -1,0 +1,666 @@
+"""The coordinator's round state machine, apart from any transport.
+
+`RoundEngine` is what the gRPC servicer calls into: nodes join, ask for their next task (a long
+poll), download the global model, hand in validated updates and evaluation reports. A driver
+thread (`run`) moves the federation along:
+
+    wait for a quorum -> TRAIN round (all live training nodes) -> aggregate if enough updates
+    arrived by the deadline, else retry the round -> checkpoint -> every N rounds an EVALUATE
+    round (every node, the evaluate-only ones too) -> ... -> DONE
+
+Nodes are never dialled: they come to the engine. Stragglers and failed nodes are dropped from a
+round, never from the federation. After every round the state is checkpointed atomically, so a
+coordinator killed at any moment resumes from its last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.state import RunState, load_state, save_state
+from coordinator.strategy import (
+    ServerOptimizer,
+    StreamingFedAvg,
+    make_server_optimizer,
+    streaming_update_norm,
+)
+from pluralfed.evaluation import GroupEvaluation, SetReport, summarize_groups
+from pluralfed.fsutil import atomic_write_bytes
+from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
+
+log = logging.getLogger("pluralfed.coordinator")
+
+TRAIN_SET, HELD_OUT_SET = "training groups (test questions)", "held-out groups"
+
+
+class Role(StrEnum):
+    TRAIN = "train"
+    EVALUATE_ONLY = "evaluate-only"
+
+
+class TaskKind(StrEnum):
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    WAIT = "wait"
+    SHUTDOWN = "shutdown"
+
+
+class Rejection(Exception):
+    """A request the engine refuses. `code` names the gRPC status for ordinary calls; `reason`
+    (an UploadReply reject reason: STALE, DUPLICATE, ...) is set when it refuses an update."""
+
+    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # a grpc.StatusCode name: FAILED_PRECONDITION, UNAUTHENTICATED, ...
+        self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    rounds: int = 100
+    min_nodes: int = 1  # training nodes needed before a round starts
+    min_updates: int = 1  # accepted updates needed for a round to count
+    round_timeout_s: float = 300.0
+    eval_timeout_s: float = 300.0
+    eval_every: int = 10
+    eval_at_start: bool = False
+    local_steps: int = 6
+    learning_rate: float = 3e-4
+    context_range: tuple[int, int] = (9, 90)
+    target_range: tuple[int, int] = (9, 90)
+    max_context: int = 90
+    weighting: str = "examples"  # or "uniform"
+    server_optimizer: str = "fedavg"
+    server_lr: float | None = None  # None: the optimizer's default (1.0 for fedavg)
+    norm_bound: float | None = None  # max L2 norm of (update - global); None: no bound
+    seed: int = 0
+    session_timeout_s: float = 60.0
+    heartbeat_interval_s: float = 5.0
+    quorum_timeout_s: float | None = None  # give up waiting for a quorum after this long
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rounds >= 1, "rounds must be at least 1"),
+            (self.min_nodes >= 1, "min_nodes must be at least 1"),
+            (1 <= self.min_updates <= self.min_nodes, "min_updates must be in 1..min_nodes"),
+            (self.round_timeout_s > 0 and self.eval_timeout_s > 0, "timeouts must be positive"),
+            (self.eval_every >= 0, "eval_every must be 0 (only at the end) or more"),
+            (self.local_steps >= 1, "local_steps must be at least 1"),
+            (self.learning_rate > 0, "learning_rate must be positive"),
+            (self.weighting in ("examples", "uniform"), "weighting must be examples or uniform"),
+            (self.norm_bound is None or self.norm_bound > 0, "norm_bound must be positive"),
+            (self.session_timeout_s > self.heartbeat_interval_s > 0, "session timeout > heartbeat"),
+        ]
+        for lo, hi in (self.context_range, self.target_range):
+            checks.append((1 <= lo <= hi, f"bad question range {lo}..{hi}"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class NodeSession:
+    session_id: str
+    group: str
+    role: Role
+    num_examples: int
+    software_version: str
+    joined_at: float
+    last_seen: float
+    answered: set[str] = field(default_factory=set)  # task ids this session has answered
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a node is asked to do next; the transport turns it into a protobuf Task."""
+
+    kind: TaskKind
+    task_id: str = ""
+    round: int = 0
+    model_version: str = ""
+    deadline: float = 0.0  # unix seconds
+    settings: RoundSettings | None = None
+
+
+@dataclass
+class _OpenTask:
+    kind: TaskKind
+    task_id: str
+    round: int
+    model_version: str
+    deadline: float
+    selected: dict[str, str]  # session id -> group
+    answered: dict[str, str] = field(default_factory=dict)  # group -> outcome
+    aggregate: StreamingFedAvg | None = None
+    evaluations: dict[str, tuple[Role, GroupEvaluation]] = field(default_factory=dict)
+    bytes_in: int = 0
+    node_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+
+class RoundEngine:
+    """All federation state and the rules for changing it; thread-safe (one lock, one condition)."""
+
+    def __init__(
+        self,
+        settings: RoundSettings,
+        initial_weights: Mapping[str, np.ndarray],
+        state_dir: Path,
+        encoder_identity: str,
+        model_config: Mapping[str, Any],
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.encoder_identity = encoder_identity
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.spool_dir = self.state_dir / "spool"
+        self.spool_dir.mkdir(exist_ok=True)
+        for stale in self.spool_dir.glob("*.spool"):
+            stale.unlink()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._sessions: dict[str, NodeSession] = {}
+        self._task: _OpenTask | None = None
+        self._done = False
+        self._stop = threading.Event()
+        self._on_round = on_round
+        optimizer_args = {} if settings.server_lr is None else {"server_lr": settings.server_lr}
+        self.optimizer: ServerOptimizer = make_server_optimizer(
+            settings.server_optimizer, **optimizer_args
+        )
+        resumed = load_state(self.state_dir)
+        if resumed is not None:
+            self.state = resumed
+            self._check_resumed(initial_weights, model_config)
+            if resumed.optimizer_state:
+                self.optimizer.load_state_dict(resumed.optimizer_state)
+            log.info(
+                "resumed run %s after round %d from %s",
+                resumed.run_id,
+                resumed.completed_rounds,
+                self.state_dir,
+            )
+        else:
+            self.state = RunState(
+                run_id=uuid.uuid4().hex[:12],
+                completed_rounds=0,
+                weights={k: np.array(v, copy=True) for k, v in initial_weights.items()},
+                model_config=dict(model_config),
+                encoder_identity=encoder_identity,
+                history=[],
+                evaluations=[],
+            )
+            save_state(self.state_dir, self.state)
+        self.specs: list[TensorSpec] = specs_of(self.state.weights)
+        self._refresh_version()
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def _check_resumed(self, initial: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
+        if self.state.encoder_identity != self.encoder_identity:
+            raise ValueError(
+                f"{self.state_dir}: the saved run used encoder {self.state.encoder_identity!r}, "
+                f"this coordinator is configured with {self.encoder_identity!r}"
+            )
+        if specs_of(self.state.weights) != specs_of(initial) or dict(config) != dict(
+            self.state.model_config
+        ):
+            raise ValueError(
+                f"{self.state_dir}: the saved run's model differs from the configured one"
+            )
+
+    def _refresh_version(self) -> None:
+        digest = digest_of(self.state.weights).hex()[:12]
+        self.model_version = f"{self.state.run_id}-r{self.state.completed_rounds}-{digest}"
+
+    @property
+    def run_id(self) -> str:
+        return self.state.run_id
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def live_sessions(self, role: Role | None = None) -> list[NodeSession]:
+        now = time.time()
+        with self._lock:
+            return [
+                s
+                for s in self._sessions.values()
+                if now - s.last_seen <= self.settings.session_timeout_s
+                and (role is None or s.role == role)
+            ]
+
+    def _session(self, session_id: str, group: str | None) -> NodeSession:
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise Rejection(
+                "UNAUTHENTICATED", f"unknown or expired session {session_id!r}: join again"
+            )
+        if group is not None and s.group != group:
+            raise Rejection(
+                "PERMISSION_DENIED", f"session {session_id!r} belongs to {s.group!r}, not {group!r}"
+            )
+        s.last_seen = time.time()
+        return s
+
+    # ---------------------------------------------------------------- node-facing API
+
+    def join(
+        self, group: str, role: Role, num_examples: int, encoder: str, software_version: str
+    ) -> NodeSession:
+        """Admit a node (its group already authenticated by the transport)."""
+        if encoder != self.encoder_identity:
+            raise Rejection(
+                "FAILED_PRECONDITION",
+                f"encoder mismatch: node {group!r} embeds with {encoder!r}, the federation "
+                f"uses {self.encoder_identity!r}",
+            )
+        if role == Role.TRAIN and num_examples < 1:
+            raise Rejection("INVALID_ARGUMENT", f"training node {group!r} reports no examples")
+        with self._changed:
+            for sid, old in list(self._sessions.items()):
+                if old.group == group:  # a restarted node replaces its old session
+                    del self._sessions[sid]
+            now = time.time()
+            session = NodeSession(
+                session_id=uuid.uuid4().hex,
+                group=group,
+                role=role,
+                num_examples=num_examples,
+                software_version=software_version,
+                joined_at=now,
+                last_seen=now,
+            )
+            self._sessions[session.session_id] = session
+            self._changed.notify_all()
+        log.info("node %s joined as %s (%d examples)", group, role.value, num_examples)
+        return session
+
+    def heartbeat(self, session_id: str, group: str | None) -> int:
+        with self._lock:
+            self._session(session_id, group)
+            return self.state.completed_rounds
+
+    def leave(self, session_id: str, group: str | None) -> None:
+        with self._changed:
+            s = self._session(session_id, group)
+            del self._sessions[session_id]
+            self._changed.notify_all()
+        log.info("node %s left", s.group)
+
+    def next_task(self, session_id: str, group: str | None, wait_s: float) -> TaskSpec:
+        """Long poll: the node's next task, or WAIT after `wait_s` with nothing for it."""
+        deadline = time.time() + max(0.0, min(wait_s, 300.0))
+        with self._changed:
+            while True:
+                s = self._session(session_id, group)
+                if self._done:
+                    return TaskSpec(TaskKind.SHUTDOWN)
+                t = self._task
+                if t is not None and session_id in t.selected and t.task_id not in s.answered:
+                    return TaskSpec(
+                        t.kind, t.task_id, t.round, t.model_version, t.deadline, self.settings
+                    )
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    return TaskSpec(TaskKind.WAIT)
+                self._changed.wait(min(remaining, self.settings.heartbeat_interval_s))
+
+    def model_for(self, session_id: str, group: str | None, version: str) -> dict[str, np.ndarray]:
+        """The current global weights (read-only views) if `version` is current."""
+        with self._lock:
+            self._session(session_id, group)
+            if version and version != self.model_version:
+                raise Rejection(
+                    "NOT_FOUND",
+                    f"model version {version!r} is not current ({self.model_version!r})",
+                )
+            return self.state.weights
+
+    def check_update(self, session_id: str, group: str | None, task_id: str, round_: int) -> None:
+        """Early refusal of an upload that can never count (before its bytes are read)."""
+        with self._lock:
+            self._current_train_task(self._session(session_id, group), task_id, round_)
+
+    def _current_train_task(self, s: NodeSession, task_id: str, round_: int) -> _OpenTask:
+        t = self._task
+        if t is None or t.kind != TaskKind.TRAIN or t.task_id != task_id or t.round != round_:
+            raise Rejection(
+                "FAILED_PRECONDITION",
+                f"stale update from {s.group}: task {task_id!r} round {round_} is not the open "
+                "training task",
+                reason="STALE",
+            )
+        if s.session_id not in t.selected:
+            raise Rejection(
+                "FAILED_PRECONDITION", f"{s.group} is not part of round {round_}", "UNKNOWN_TASK"
+            )
+        outcome = t.answered.get(s.group)
+        if outcome == "accepted":
+            raise Rejection(
+                "ALREADY_EXISTS",
+                f"{s.group} already sent its update for round {round_}; this copy is ignored",
+                reason="DUPLICATE",
+            )
+        if outcome is not None:
+            raise Rejection(
+                "FAILED_PRECONDITION",
+                f"{s.group}'s update for round {round_} was already refused ({outcome})",
+                reason="ALREADY_REJECTED",
+            )
+        if time.time() > t.deadline:
+            raise Rejection(
+                "DEADLINE_EXCEEDED",
+                f"round {round_} closed before the update from {s.group}",
+                "STALE",
+            )
+        return t
+
+    def accept_update(
+        self,
+        session_id: str,
+        group: str | None,
+        task_id: str,
+        round_: int,
+        num_examples: int,
+        metrics: Mapping[str, float],
+        replay: Callable[[], Iterator[TensorSlice]],
+        nbytes: int,
+    ) -> None:
+        """Fold a whole, validated update into the round's running sum (or refuse it)."""
+        with self._changed:
+            s = self._session(session_id, group)
+            t = self._current_train_task(s, task_id, round_)
+            if num_examples < 1:
+                raise Rejection(
+                    "INVALID_ARGUMENT",
+                    f"update from {s.group} claims {num_examples} examples",
+                    reason="MALFORMED",
+                )
+            if self.settings.norm_bound is not None:
+                norm = streaming_update_norm(replay(), self.state.weights)
+                if norm > self.settings.norm_bound:
+                    s.answered.add(task_id)
+                    t.answered[s.group] = "rejected: norm bound"
+                    self._changed.notify_all()
+                    raise Rejection(
+                        "INVALID_ARGUMENT",
+                        f"update from {s.group} moves the model by {norm:.4g} (L2), beyond the "
+                        f"bound {self.settings.norm_bound:.4g}",
+                        reason="NORM_BOUND",
+                    )
+            assert t.aggregate is not None
+            t.aggregate.fold_update(replay(), float(num_examples))
+            s.answered.add(task_id)
+            t.answered[s.group] = "accepted"
+            t.bytes_in += nbytes
+            t.node_metrics[s.group] = {k: float(v) for k, v in metrics.items()}
+            self._changed.notify_all()
+        log.info("round %d: update from %s accepted (%d examples)", round_, s.group, num_examples)
+
+    def note_rejected_update(
+        self, session_id: str, group: str | None, task_id: str, reason: str, final: bool
+    ) -> None:
+        """Record an upload the transport's checks refused. A `final` refusal (bad values, wrong
+        shapes, bad digest) drops the node from this round so the round need not wait for it; a
+        broken-off stream is not final, since the node may send its update again."""
+        with self._changed:
+            s = self._sessions.get(session_id)
+            t = self._task
+            if s is None or t is None or t.task_id != task_id or s.group in t.answered:
+                return
+            log.warning("round %d: update from %s rejected: %s", t.round, s.group, reason)
+            if final:
+                t.answered[s.group] = f"rejected: {reason}"
+                s.answered.add(task_id)
+                self._changed.notify_all()
+
+    def accept_evaluation(
+        self,
+        session_id: str,
+        group: str | None,
+        task_id: str,
+        round_: int,
+        evaluation: GroupEvaluation,
+    ) -> None:
+        with self._changed:
+            s = self._session(session_id, group)
+            t = self._task
+            if (
+                t is None
+                or t.kind != TaskKind.EVALUATE
+                or t.task_id != task_id
+                or t.round != round_
+            ):
+                raise Rejection(
+                    "FAILED_PRECONDITION", f"evaluation for task {task_id!r} is not the open one"
+                )
+            if s.session_id not in t.selected:
+                raise Rejection("FAILED_PRECONDITION", f"{s.group} was not asked to evaluate")
+            if s.group in t.evaluations:
+                raise Rejection("ALREADY_EXISTS", f"{s.group} already reported this evaluation")
+            if evaluation.group != s.group:
+                raise Rejection(
+                    "PERMISSION_DENIED",
+                    f"{s.group} may report only its own group, not {evaluation.group!r}",
+                )
+            t.evaluations[s.group] = (s.role, evaluation)
+            t.answered[s.group] = "evaluated"
+            s.answered.add(task_id)
+            self._changed.notify_all()
+
+    # ---------------------------------------------------------------- the driver
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def run(self) -> None:
+        """Drive rounds until the configured number completed (or stop())."""
+        st = self.settings
+        if st.eval_at_start and self.state.completed_rounds == 0 and not self._has_eval(0):
+            self._evaluation_round()
+        while self.state.completed_rounds < st.rounds and not self._stop.is_set():
+            if not self._wait_for_quorum():
+                break
+            self._training_round()
+            r = self.state.completed_rounds
+            due = (st.eval_every and r % st.eval_every == 0) or r == st.rounds
+            if due and not self._has_eval(r) and not self._stop.is_set():
+                self._evaluation_round()
+        if self.state.completed_rounds >= st.rounds and not self._has_eval(st.rounds):
+            self._evaluation_round()
+        with self._changed:
+            self._done = self.state.completed_rounds >= st.rounds
+            self._task = None
+            self._changed.notify_all()
+
+    def _has_eval(self, round_: int) -> bool:
+        return any(e["round"] == round_ for e in self.state.evaluations)
+
+    def _wait_for_quorum(self) -> bool:
+        started = time.time()
+        announced = False
+        with self._changed:
+            while not self._stop.is_set():
+                n = len(self.live_sessions(Role.TRAIN))
+                if n >= self.settings.min_nodes:
+                    return True
+                if not announced:
+                    log.info(
+                        "waiting for a quorum: %d of %d training nodes", n, self.settings.min_nodes
+                    )
+                    announced = True
+                limit = self.settings.quorum_timeout_s
+                if limit is not None and time.time() - started > limit:
+                    log.error("no quorum after %.0f s; stopping", limit)
+                    self._stop.set()
+                    return False
+                self._changed.wait(1.0)
+        return False
+
+    def _open(self, kind: TaskKind, sessions: list[NodeSession], timeout: float) -> _OpenTask:
+        round_ = self.state.completed_rounds + (1 if kind == TaskKind.TRAIN else 0)
+        t = _OpenTask(
+            kind=kind,
+            task_id=uuid.uuid4().hex,
+            round=round_,
+            model_version=self.model_version,
+            deadline=time.time() + timeout,
+            selected={s.session_id: s.group for s in sessions},
+            aggregate=(
+                StreamingFedAvg(self.specs, uniform=self.settings.weighting == "uniform")
+                if kind == TaskKind.TRAIN
+                else None
+            ),
+        )
+        with self._changed:
+            self._task = t
+            self._changed.notify_all()
+        log.info(
+            "%s round %d opened for %d nodes (deadline %.0f s)",
+            kind.value,
+            round_,
+            len(sessions),
+            timeout,
+        )
+        return t
+
+    def _wait_for_answers(self, t: _OpenTask) -> None:
+        with self._changed:
+            while not self._stop.is_set():
+                if len(t.answered) >= len(t.selected):
+                    return
+                remaining = t.deadline - time.time()
+                if remaining <= 0:
+                    missing = sorted(set(t.selected.values()) - set(t.answered))
+                    log.warning(
+                        "%s round %d: deadline passed without %s", t.kind.value, t.round, missing
+                    )
+                    return
+                self._changed.wait(min(remaining, 1.0))
+
+    def _training_round(self) -> None:
+        st = self.settings
+        t = self._open(TaskKind.TRAIN, self.live_sessions(Role.TRAIN), st.round_timeout_s)
+        self._wait_for_answers(t)
+        with self._changed:
+            self._task = None  # late uploads are now stale
+            assert t.aggregate is not None
+            accepted = t.aggregate.num_updates
+            if self._stop.is_set():
+                return
+            if accepted < st.min_updates:
+                log.warning(
+                    "round %d: %d updates, %d needed: retrying the round",
+                    t.round,
+                    accepted,
+                    st.min_updates,
+                )
+                return
+            averaged = t.aggregate.result()
+            self.state.weights = self.optimizer.apply(self.state.weights, averaged)
+            self.state.completed_rounds = t.round
+            self.state.optimizer_state = self.optimizer.state_dict()
+            record = {
+                "round": t.round,
+                "task_id": t.task_id,
+                "participants": sorted(g for g, o in t.answered.items() if o == "accepted"),
+                "selected": sorted(t.selected.values()),
+                "outcomes": dict(sorted(t.answered.items())),
+                "seconds": time.time() - t.started,
+                "bytes_in": t.bytes_in,
+                "bytes_out_model": sum(s.nbytes for s in self.specs) * len(t.selected),
+                "total_weight": t.aggregate.total_weight,
+                "node_metrics": t.node_metrics,
+                "finished_at": time.time(),
+            }
+            self.state.history.append(record)
+            save_state(self.state_dir, self.state)
+            self._refresh_version()
+            self._write_metrics()
+        log.info(
+            "round %d done: %d/%d updates in %.1f s",
+            t.round,
+            accepted,
+            len(t.selected),
+            record["seconds"],
+        )
+        if self._on_round:
+            self._on_round(record)
+
+    def _evaluation_round(self) -> None:
+        st = self.settings
+        t = self._open(TaskKind.EVALUATE, self.live_sessions(), st.eval_timeout_s)
+        self._wait_for_answers(t)
+        with self._changed:
+            self._task = None
+            if self._stop.is_set() or not t.evaluations:
+                if not t.evaluations:
+                    log.warning("evaluation at round %d: no reports", t.round)
+                return
+            reports = combine_evaluations(t.evaluations.values())
+            record = {
+                "round": t.round,
+                "kind": "evaluation",
+                "groups": sorted(t.evaluations),
+                "missing": sorted(set(t.selected.values()) - set(t.evaluations)),
+                "seconds": time.time() - t.started,
+                "reports": {name: rep.to_dict() for name, rep in reports.items()},
+                "per_group": {
+                    g: {"role": role.value, "num_questions": e.num_questions, **e.metrics()}
+                    for g, (role, e) in sorted(t.evaluations.items())
+                },
+            }
+            self.state.evaluations.append(record)
+            save_state(self.state_dir, self.state)
+            self._write_metrics()
+        figures = "  ".join(
+            f"{name.split(' ')[0]} {rep.model.alignment:.4f} (worst {rep.model.worst:.4f})"
+            for name, rep in reports.items()
+        )
+        log.info("evaluation after round %d: %s", t.round, figures)
+        if self._on_round:
+            self._on_round(record)
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl is rebuilt from the checkpointed state: never a round twice, never one lost."""
+        rows = [{"kind": "round", **r} for r in self.state.history] + list(self.state.evaluations)
+        rows.sort(key=lambda r: (r["round"], r.get("kind") == "evaluation"))
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        atomic_write_bytes(self.state_dir / "metrics.jsonl", text.encode("utf-8"))
+
+    def final_reports(self) -> dict[str, Any] | None:
+        return self.state.evaluations[-1] if self.state.evaluations else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "completed_rounds": self.state.completed_rounds,
+            "settings": asdict(self.settings),
+        }
+
+
+def combine_evaluations(
+    evaluations: Iterable[tuple[Role, GroupEvaluation]],
+) -> dict[str, SetReport]:
+    """PROTOCOL.md figures from per-group reports: training nodes' test questions vs held-out."""
+    sets: dict[str, list[GroupEvaluation]] = {TRAIN_SET: [], HELD_OUT_SET: []}
+    for role, e in evaluations:
+        sets[TRAIN_SET if role == Role.TRAIN else HELD_OUT_SET].append(e)
+    return {name: summarize_groups(evals) for name, evals in sets.items() if evals}

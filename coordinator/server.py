@@ -1,0 +1,325 @@
+"""The coordinator's gRPC transport: protobuf messages in, `RoundEngine` calls out.
+
+Nothing here knows about models or training. Authentication happened before any handler runs
+(`coordinator.auth.AuthInterceptor`); handlers only check that a node acts as itself and turn
+messages into engine calls, engine refusals into gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from typing import NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.auth import AllowList, AuthInterceptor, authenticated_node, require_self
+from coordinator.rounds import Rejection, Role, RoundEngine, TaskKind, TaskSpec
+from pluralfed import __version__
+from pluralfed.evaluation import GroupEvaluation
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
+from pluralfed.tls import TlsFiles
+from pluralfed.transport import (
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    chunk_from_proto,
+    chunk_to_proto,
+    dtype_to_proto,
+    grpc_options,
+)
+from pluralfed.wire import (
+    DEFAULT_CHUNK_BYTES,
+    WIRE_FORMAT,
+    DigestMismatchError,
+    NonFiniteError,
+    UpdateSpool,
+    WireError,
+    digest_of,
+    iter_chunks,
+)
+
+log = logging.getLogger("pluralfed.coordinator")
+
+MAX_GROUP_NAME = 200
+MAX_WAIT_S = 60.0
+
+_TASK_KINDS = {
+    TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
+    TaskKind.EVALUATE: pb.TASK_KIND_EVALUATE,
+    TaskKind.WAIT: pb.TASK_KIND_WAIT,
+    TaskKind.SHUTDOWN: pb.TASK_KIND_SHUTDOWN,
+}
+
+
+def _abort(context: grpc.ServicerContext, rejection: Rejection) -> NoReturn:
+    context.abort(getattr(grpc.StatusCode, rejection.code), rejection.message)
+    raise AssertionError("unreachable: abort raises")
+
+
+def _reject(reason: str, message: str) -> pb.UploadReply:
+    return pb.UploadReply(
+        accepted=False, reason=pb.RejectReason.Value(f"REJECT_REASON_{reason}"), message=message
+    )
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, engine: RoundEngine, insecure: bool = False) -> None:
+        self.engine = engine
+        self.insecure = insecure
+        self.bytes_out = 0
+
+    # who is calling: the certificate's node name, or None in --insecure mode (no ownership check)
+    def _caller(self, context: grpc.ServicerContext) -> str | None:
+        return authenticated_node(context)
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        group = request.group.strip()
+        if not group or len(group) > MAX_GROUP_NAME:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "group must be 1..200 characters")
+        require_self(context, group)
+        if request.protocol_version != PROTOCOL_VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {request.protocol_version} is not supported; the coordinator "
+                f"speaks version {PROTOCOL_VERSION}",
+            )
+        roles = {pb.ROLE_TRAIN: Role.TRAIN, pb.ROLE_EVALUATE_ONLY: Role.EVALUATE_ONLY}
+        if request.role not in roles:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be TRAIN or EVALUATE_ONLY")
+        try:
+            session = self.engine.join(
+                group,
+                roles[request.role],
+                int(request.num_train_examples),
+                request.encoder_id,
+                request.software_version,
+            )
+        except Rejection as r:
+            _abort(context, r)
+        reply = pb.JoinReply(
+            session_id=session.session_id,
+            protocol_version=PROTOCOL_VERSION,
+            encoder_id=self.engine.encoder_identity,
+            software_version=__version__,
+            run_id=self.engine.run_id,
+            max_chunk_bytes=DEFAULT_CHUNK_BYTES,
+            model_config_json=json.dumps(self.engine.state.model_config),
+        )
+        reply.heartbeat_interval.FromMilliseconds(
+            int(self.engine.settings.heartbeat_interval_s * 1000)
+        )
+        reply.session_timeout.FromMilliseconds(int(self.engine.settings.session_timeout_s * 1000))
+        return reply
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        wait_s = min(max(request.wait.ToMilliseconds() / 1000.0, 0.0), MAX_WAIT_S)
+        try:
+            spec = self.engine.next_task(request.session_id, self._caller(context), wait_s)
+        except Rejection as r:
+            _abort(context, r)
+        return task_to_proto(spec)
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        try:
+            version = self.engine.model_version
+            weights = self.engine.model_for(
+                request.session_id, self._caller(context), request.model_version
+            )
+        except Rejection as r:
+            _abort(context, r)
+        header = pb.ModelHeader(
+            model_version=version,
+            round=self.engine.state.completed_rounds,
+            total_bytes=sum(s.nbytes for s in self.engine.specs),
+            sha256=digest_of(weights),
+            wire_format=WIRE_FORMAT,
+        )
+        for s in self.engine.specs:
+            header.tensors.add(name=s.name, dtype=dtype_to_proto(s.dtype), shape=list(s.shape))
+        yield pb.ModelChunk(header=header)
+        for chunk in iter_chunks(weights):
+            self.bytes_out += len(chunk.data)
+            yield pb.ModelChunk(tensor=chunk_to_proto(chunk))
+        yield pb.ModelChunk(trailer=pb.StreamTrailer(sha256=header.sha256))
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        """Every refusal of the update itself is an UploadReply (accepted=false, reason), as the
+        protocol says; only a bad session or identity is a status error."""
+        caller = self._caller(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            return _reject("MALFORMED", "an upload starts with its header")
+        h = first.header
+        try:
+            self.engine.check_update(h.session_id, caller, h.task_id, h.round)
+        except Rejection as r:
+            if r.reason is None:
+                _abort(context, r)
+            log.warning("upload refused before reading it: %s", r.message)
+            return _reject(r.reason, r.message)
+        spool = UpdateSpool(self.engine.specs, self.engine.spool_dir)
+        try:
+            trailer = None
+            for msg in request_iterator:
+                part = msg.WhichOneof("part")
+                if part == "tensor":
+                    spool.add(chunk_from_proto(msg.tensor))
+                elif part == "trailer":
+                    trailer = msg.trailer
+                    break
+                else:
+                    raise WireError(f"unexpected {part!r} message inside an upload")
+            if trailer is None:
+                message = "the upload stream ended before its trailer (truncated)"
+                self.engine.note_rejected_update(h.session_id, caller, h.task_id, message, False)
+                return _reject("MALFORMED", message)
+            if next(request_iterator, None) is not None:
+                raise WireError("messages after the trailer")
+            spool.finish(
+                trailer.sha256,
+                total_bytes=h.total_bytes or None,
+                tensor_count=h.tensor_count or None,
+            )
+            self.engine.accept_update(
+                h.session_id,
+                caller,
+                h.task_id,
+                h.round,
+                int(h.num_examples),
+                dict(h.metrics),
+                spool.replay,
+                spool.total_bytes,
+            )
+        except WireError as err:
+            reason = (
+                "DIGEST_MISMATCH"
+                if isinstance(err, DigestMismatchError)
+                else "NON_FINITE"
+                if isinstance(err, NonFiniteError)
+                else "MALFORMED"
+            )
+            self.engine.note_rejected_update(h.session_id, caller, h.task_id, str(err), True)
+            return _reject(reason, f"update rejected: {err}")
+        except Rejection as r:
+            if r.reason is None:
+                _abort(context, r)
+            log.warning("update refused: %s", r.message)
+            return _reject(r.reason, r.message)
+        finally:
+            spool.close()
+        return pb.UploadReply(accepted=True, message=f"update for round {h.round} accepted")
+
+    def ReportEvaluation(
+        self, request: pb.EvaluationReport, context: grpc.ServicerContext
+    ) -> pb.Ack:
+        caller = self._caller(context)
+        if caller is not None:
+            require_self(context, request.group)
+        try:
+            evaluation = GroupEvaluation.from_metrics(
+                request.group, int(request.metrics.num_questions), dict(request.metrics.metrics)
+            )
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        try:
+            self.engine.accept_evaluation(
+                request.session_id, caller, request.task_id, request.round, evaluation
+            )
+        except Rejection as r:
+            _abort(context, r)
+        return pb.Ack(message="evaluation recorded")
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        try:
+            current = self.engine.heartbeat(request.session_id, self._caller(context))
+        except Rejection as r:
+            _abort(context, r)
+        reply = pb.HeartbeatReply(current_round=current)
+        reply.heartbeat_interval.FromMilliseconds(
+            int(self.engine.settings.heartbeat_interval_s * 1000)
+        )
+        return reply
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
+        try:
+            self.engine.leave(request.session_id, self._caller(context))
+        except Rejection as r:
+            _abort(context, r)
+        return pb.Ack(message="goodbye")
+
+
+def task_to_proto(spec: TaskSpec) -> pb.Task:
+    task = pb.Task(
+        kind=_TASK_KINDS[spec.kind],
+        task_id=spec.task_id,
+        round=spec.round,
+        model_version=spec.model_version,
+    )
+    if spec.kind == TaskKind.WAIT:
+        task.retry_after.FromMilliseconds(0)
+    if spec.settings is not None:
+        st = spec.settings
+        hp = task.hyperparameters
+        hp.local_steps = st.local_steps
+        hp.learning_rate = st.learning_rate
+        hp.context_range.min, hp.context_range.max = st.context_range
+        hp.target_range.min, hp.target_range.max = st.target_range
+        hp.seed = st.seed
+        hp.optimizer = "adam"
+        hp.keep_local_optimizer_state = True
+        task.evaluation.max_context = st.max_context
+        task.evaluation.seed = st.seed
+        task.deadline.FromMilliseconds(int(spec.deadline * 1000))
+        task.time_budget.FromMilliseconds(max(0, int((spec.deadline - time.time()) * 1000)))
+    return task
+
+
+def start_server(
+    engine: RoundEngine,
+    address: str,
+    tls: TlsFiles | None,
+    allow_list: AllowList,
+    max_workers: int = 64,
+) -> tuple[grpc.Server, int]:
+    """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
+
+    tls=None means plain text (--insecure): the caller must have asked for it explicitly.
+    """
+    interceptor = AuthInterceptor(allow_list, insecure=tls is None)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=[interceptor],
+        options=grpc_options(),
+        maximum_concurrent_rpcs=max_workers * 4,
+    )
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(engine, tls is None), server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("pluralfed.v1.Federation", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, tls.server_credentials())
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    log.info(
+        "coordinator listening on %s (port %d, %s, max message %d bytes)",
+        address,
+        port,
+        "INSECURE plain text" if tls is None else "mutual TLS",
+        MAX_MESSAGE_BYTES,
+    )
+    return server, port

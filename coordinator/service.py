@@ -1,0 +1,206 @@
+"""Running a coordinator: its configuration, the engine and server wired together, live progress,
+and the final checkpoint and results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from coordinator.auth import AllowList
+from coordinator.rounds import HELD_OUT_SET, TRAIN_SET, RoundEngine, RoundSettings
+from coordinator.server import start_server
+from pluralfed.checkpoint import save_checkpoint
+from pluralfed.embeddings import make_encoder
+from pluralfed.errors import InputError
+from pluralfed.evaluation import SetReport
+from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
+from pluralfed.model import GPOConfig
+from pluralfed.report import print_reports
+from pluralfed.tls import TlsFiles, resolve_tls_files
+from pluralfed.training import build_model
+from pluralfed.wire import numpy_to_state_dict, state_dict_to_numpy
+
+log = logging.getLogger("pluralfed.coordinator")
+
+
+@dataclass
+class CoordinatorConfig:
+    """All coordinator settings (TOML keys; `[tls] dir` is tls_dir). Defaults follow PROTOCOL.md."""
+
+    listen: str = "0.0.0.0:7443"
+    state_dir: Path = Path("runs/coordinator")
+    allow_list_file: Path | None = None  # default: the config file's own [allow_list] table
+    tls_dir: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure: bool = False
+    encoder: str = "all-MiniLM-L6-v2"
+    # rounds
+    rounds: int = 100
+    min_nodes: int = 1
+    min_updates: int = 1
+    round_timeout_s: float = 300.0
+    eval_timeout_s: float = 300.0
+    eval_every: int = 10
+    eval_at_start: bool = False
+    local_steps: int = 6
+    learning_rate: float = 3e-4
+    context_range: tuple[int, int] = (9, 90)
+    target_range: tuple[int, int] = (9, 90)
+    max_context: int = 90
+    weighting: str = "examples"
+    server_optimizer: str = "fedavg"
+    server_lr: float | None = None
+    norm_bound: float | None = None
+    seed: int = 0
+    session_timeout_s: float = 60.0
+    heartbeat_interval_s: float = 5.0
+    quorum_timeout_s: float | None = None
+    # model
+    d_model: int = 128
+    mlp_layers: int = 4
+    n_layers: int = 6
+    n_heads: int = 4
+    d_ff: int = 128
+    dropout: float = 0.0
+    # service
+    max_workers: int = 64
+    linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
+
+    def round_settings(self) -> RoundSettings:
+        fields = RoundSettings.__dataclass_fields__
+        try:
+            return RoundSettings(**{k: v for k, v in asdict(self).items() if k in fields})
+        except ValueError as err:
+            raise InputError(f"coordinator config: {err}") from err
+
+    def tls_files(self) -> TlsFiles | None:
+        if self.insecure:
+            return None
+        return resolve_tls_files(
+            "coordinator", self.tls_dir, self.tls_ca, self.tls_cert, self.tls_key
+        )
+
+
+def model_config(cfg: CoordinatorConfig, embed_dim: int) -> GPOConfig:
+    try:
+        return GPOConfig(
+            embed_dim=embed_dim,
+            d_model=cfg.d_model,
+            mlp_layers=cfg.mlp_layers,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            d_ff=cfg.d_ff,
+            dropout=cfg.dropout,
+        )
+    except ValueError as err:
+        raise InputError(f"coordinator config: {err}") from err
+
+
+def _short(name: str) -> str:
+    return "training" if name == TRAIN_SET else "held-out" if name == HELD_OUT_SET else name
+
+
+def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Console) -> int:
+    settings = cfg.round_settings()
+    tls = cfg.tls_files()
+    encoder = make_encoder(cfg.encoder)
+    gpo = model_config(cfg, encoder.dim)
+    weights = state_dict_to_numpy(build_model(gpo, cfg.seed).state_dict())
+    started = time.time()
+
+    def on_round(record: dict[str, Any]) -> None:
+        if record.get("kind") == "evaluation":
+            figures = "  ".join(
+                f"{_short(n)} {r['model']['alignment']:.4f} (worst {r['model']['worst']:.4f}, "
+                f"FI {r['model']['fairness']:.3f})"
+                for n, r in record["reports"].items()
+            )
+            console.print(f"[bold]evaluation after round {record['round']}[/bold]: {figures}")
+        else:
+            console.print(
+                f"round {record['round']:4d}/{settings.rounds}: "
+                f"{len(record['participants'])}/{len(record['selected'])} updates, "
+                f"{record['seconds']:.1f} s, {record['bytes_in'] / 1e6:.1f} MB in"
+            )
+
+    engine = RoundEngine(
+        settings,
+        weights,
+        cfg.state_dir,
+        encoder.identity,
+        gpo.to_dict(),
+        on_round=on_round,
+    )
+    server, port = start_server(engine, cfg.listen, tls, allow_list, max_workers=cfg.max_workers)
+    # where local launchers (and operators using port 0) find the bound port
+    atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())
+    console.print(
+        f"coordinator run {engine.run_id} on port {port}: {settings.rounds} rounds, quorum "
+        f"{settings.min_nodes}, {len(allow_list)} nodes allowed, state in {cfg.state_dir}"
+    )
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.warning("signal %d: stopping after the current step", signum)
+        stopping.set()
+        engine.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
+    driver.start()
+    while driver.is_alive():
+        driver.join(0.5)
+    if engine.done:
+        final = cfg.state_dir / "final"
+        model = build_model(gpo, cfg.seed)
+        model.load_state_dict(numpy_to_state_dict(engine.state.weights))
+        save_checkpoint(
+            final,
+            model,
+            encoder.identity,
+            {
+                "mode": "federated",
+                "run_id": engine.run_id,
+                "rounds": engine.state.completed_rounds,
+                "training_groups": sorted(
+                    {g for r in engine.state.history for g in r["participants"]}
+                ),
+                "settings": asdict(settings),
+            },
+        )
+        last = engine.final_reports()
+        results = {
+            "run_id": engine.run_id,
+            "rounds": engine.state.completed_rounds,
+            "wall_seconds": time.time() - started,
+            "final_evaluation": last,
+            "evaluations": engine.state.evaluations,
+        }
+        atomic_write_json(cfg.state_dir / "results.json", results)
+        if last:
+            print_reports({n: SetReport.from_dict(r) for n, r in last["reports"].items()}, console)
+        console.print(
+            f"federation finished: {engine.state.completed_rounds} rounds; model in {final}, "
+            f"metrics in {cfg.state_dir / 'metrics.jsonl'}"
+        )
+        # let nodes hear SHUTDOWN (and leave) before the server goes away
+        linger_until = time.time() + cfg.linger_s
+        while engine.live_sessions() and time.time() < linger_until and not stopping.is_set():
+            time.sleep(0.2)
+    server.stop(grace=2.0).wait()
+    return 0 if engine.done else 1
+
+
+def dump_config(cfg: CoordinatorConfig) -> str:
+    return json.dumps(asdict(cfg), indent=2, default=str)

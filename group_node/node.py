@@ -1,0 +1,397 @@
+"""A group node: joins the coordinator, takes tasks, trains and evaluates locally.
+
+The node opens every connection (it may sit behind a firewall); the coordinator never dials it.
+It survives coordinator restarts and network cuts: any lost connection or unknown session leads
+to a rejoin with exponential backoff. Only model tensors and aggregate metrics leave the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from group_node.worker import GroupWorker
+from pluralfed import __version__
+from pluralfed.errors import InputError
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
+from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
+from pluralfed.transport import PROTOCOL_VERSION, chunk_from_proto, chunk_to_proto, grpc_options
+from pluralfed.wire import TensorAssembler, digest_of, iter_chunks, specs_of
+
+log = logging.getLogger("pluralfed.node")
+
+# statuses after which retrying cannot help: the node's setup is wrong
+FATAL_CODES = {
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+@dataclass
+class NodeConfig:
+    """Everything a node needs; see `pluralfed node run --help` and docs for each field."""
+
+    coordinator: str = "localhost:7443"
+    group: str = ""
+    role: str = "train"  # or "evaluate-only"
+    data: Path | None = None
+    tls_dir: Path | None = None  # folder with ca.pem, cert.pem, key.pem
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None  # expected name in the coordinator's cert, if not the host
+    insecure: bool = False
+    encoder: str = "all-MiniLM-L6-v2"
+    cache_dir: Path | None = None
+    threads: int = 1
+    seed: int = 0
+    poll_wait_s: float = 30.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 15.0
+    give_up_after_s: float | None = None  # stop retrying after this long unreachable
+
+    def __post_init__(self) -> None:
+        if not self.group.strip():
+            raise InputError(
+                "node config: group is required (the group whose data this node holds)"
+            )
+        if self.role not in ("train", "evaluate-only"):
+            raise InputError(f"node config: role must be train or evaluate-only, got {self.role!r}")
+        if self.data is None:
+            raise InputError("node config: data is required (a CSV or JSONL file with the group)")
+        if self.threads < 1:
+            raise InputError("node config: threads must be at least 1")
+        if ":" not in self.coordinator:
+            raise InputError(
+                f"node config: coordinator must be host:port, got {self.coordinator!r}"
+            )
+
+    def tls_files(self) -> TlsFiles | None:
+        if self.insecure:
+            return None
+        return resolve_tls_files("node", self.tls_dir, self.tls_ca, self.tls_cert, self.tls_key)
+
+
+class SessionLost(Exception):
+    """The coordinator no longer knows our session (it restarted or dropped us): join again."""
+
+
+class NodeClient:
+    """The node's side of the protocol, one RPC per method; no retry logic here."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        files = config.tls_files()
+        if files is None:
+            log.warning("INSECURE: connecting to %s in plain text, without TLS", config.coordinator)
+            self.channel = grpc.insecure_channel(config.coordinator, options=grpc_options())
+        else:
+            self.channel = secure_channel(
+                config.coordinator,
+                files,
+                server_name_override=config.tls_server_name,
+                options=grpc_options(),
+            )
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.session_id = ""
+        self.model_config: dict[str, object] = {}
+        self.heartbeat_interval_s = 5.0
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def join(self, num_examples: int, encoder_id: str, timeout: float = 30.0) -> pb.JoinReply:
+        role = pb.ROLE_TRAIN if self.config.role == "train" else pb.ROLE_EVALUATE_ONLY
+        reply = self.stub.Join(
+            pb.JoinRequest(
+                group=self.config.group,
+                role=role,
+                num_train_examples=num_examples,
+                software_version=__version__,
+                protocol_version=PROTOCOL_VERSION,
+                encoder_id=encoder_id,
+            ),
+            timeout=timeout,
+        )
+        self.session_id = reply.session_id
+        self.model_config = json.loads(reply.model_config_json) if reply.model_config_json else {}
+        self.heartbeat_interval_s = max(reply.heartbeat_interval.ToMilliseconds() / 1000, 0.5)
+        return reply
+
+    def get_task(self, wait_s: float) -> pb.Task:
+        req = pb.GetTaskRequest(session_id=self.session_id)
+        req.wait.FromMilliseconds(int(wait_s * 1000))
+        return self.stub.GetTask(req, timeout=wait_s + 30)
+
+    def download(self, version: str, timeout: float) -> dict:
+        stream = self.stub.DownloadModel(
+            pb.DownloadModelRequest(session_id=self.session_id, model_version=version),
+            timeout=timeout,
+        )
+        header = None
+        assembler = None
+        for msg in stream:
+            part = msg.WhichOneof("part")
+            if part == "header":
+                header = msg.header
+                assembler = TensorAssembler(None, collect=True)
+            elif part == "tensor" and assembler is not None:
+                assembler.add(chunk_from_proto(msg.tensor))
+            elif part == "trailer" and assembler is not None and header is not None:
+                assembler.finish(msg.trailer.sha256, total_bytes=header.total_bytes)
+                return assembler.to_dict()
+            else:
+                raise InputError(f"model download: unexpected {part!r} message")
+        raise InputError("model download ended before its trailer")
+
+    def upload(
+        self,
+        task: pb.Task,
+        weights: dict,
+        num_examples: int,
+        metrics: dict[str, float],
+        timeout: float,
+    ) -> pb.UploadReply:
+        specs = specs_of(weights)
+        digest = digest_of(weights)
+
+        def messages() -> Iterator[pb.UpdateChunk]:
+            yield pb.UpdateChunk(
+                header=pb.UpdateHeader(
+                    session_id=self.session_id,
+                    task_id=task.task_id,
+                    round=task.round,
+                    base_model_version=task.model_version,
+                    num_examples=num_examples,
+                    metrics=metrics,
+                    tensor_count=len(specs),
+                    total_bytes=sum(s.nbytes for s in specs),
+                )
+            )
+            for chunk in iter_chunks(weights):
+                yield pb.UpdateChunk(tensor=chunk_to_proto(chunk))
+            yield pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=digest))
+
+        return self.stub.UploadUpdate(messages(), timeout=timeout)
+
+    def report(self, task: pb.Task, group: str, metrics: dict[str, float], n: int) -> None:
+        self.stub.ReportEvaluation(
+            pb.EvaluationReport(
+                session_id=self.session_id,
+                task_id=task.task_id,
+                round=task.round,
+                group=group,
+                model_version=task.model_version,
+                metrics=pb.GroupMetrics(
+                    num_questions=n, mean_alignment=metrics["model"], metrics=metrics
+                ),
+            ),
+            timeout=60,
+        )
+
+    def heartbeat(self, state: pb.NodeState.ValueType) -> None:
+        self.stub.Heartbeat(
+            pb.HeartbeatRequest(session_id=self.session_id, state=state), timeout=10
+        )
+
+    def leave(self, reason: str) -> None:
+        self.stub.Leave(pb.LeaveRequest(session_id=self.session_id, reason=reason), timeout=10)
+
+
+class GroupNode:
+    """The run loop: join, take tasks until SHUTDOWN, rejoin after any loss, with backoff."""
+
+    def __init__(self, config: NodeConfig, worker: GroupWorker) -> None:
+        self.config = config
+        self.worker = worker
+        self.client = NodeClient(config)
+        self._stop = threading.Event()
+        self._state: pb.NodeState.ValueType = pb.NODE_STATE_IDLE
+        self.rounds_trained = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Returns 0 when the federation finished, 2 on a configuration problem."""
+        backoff = self.config.backoff_initial_s
+        unreachable_since: float | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._join()
+                    backoff = self.config.backoff_initial_s
+                    unreachable_since = None
+                    if self._serve_tasks():
+                        return 0
+                except SessionLost as err:
+                    log.warning("%s: %s; joining again", self.config.group, err)
+                except grpc.RpcError as err:
+                    code = err.code() if hasattr(err, "code") else None
+                    if code in FATAL_CODES:
+                        log.error(
+                            "%s: refused by the coordinator (%s): %s",
+                            self.config.group,
+                            code.name if code else "?",
+                            err.details() if hasattr(err, "details") else err,
+                        )
+                        return 2
+                    unreachable_since = unreachable_since or time.time()
+                    limit = self.config.give_up_after_s
+                    if limit is not None and time.time() - unreachable_since > limit:
+                        log.error(
+                            "%s: coordinator unreachable for %.0f s; giving up",
+                            self.config.group,
+                            limit,
+                        )
+                        return 1
+                    delay = backoff * (0.5 + random.random())
+                    log.warning(
+                        "%s: coordinator unreachable (%s); retrying in %.1f s",
+                        self.config.group,
+                        code.name if code else err,
+                        delay,
+                    )
+                    self._stop.wait(delay)
+                    backoff = min(backoff * 2, self.config.backoff_max_s)
+            return 0
+        finally:
+            self.client.close()
+
+    def _join(self) -> None:
+        reply = self.client.join(self.worker.num_train_examples, self.worker.encoder.identity)
+        log.info(
+            "%s joined run %s as %s (session %s…)",
+            self.config.group,
+            reply.run_id,
+            self.config.role,
+            reply.session_id[:8],
+        )
+
+    def _heartbeats(self, stop: threading.Event) -> None:
+        while not stop.wait(self.client.heartbeat_interval_s):
+            # a lost coordinator is noticed by the task loop; heartbeats just keep trying
+            with contextlib.suppress(grpc.RpcError):
+                self.client.heartbeat(self._state)
+
+    def _serve_tasks(self) -> bool:
+        """Take tasks until SHUTDOWN (True) or the session is lost (raises)."""
+        stop_beats = threading.Event()
+        beats = threading.Thread(target=self._heartbeats, args=(stop_beats,), daemon=True)
+        beats.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    task = self.client.get_task(self.config.poll_wait_s)
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        raise SessionLost(err.details()) from err
+                    raise
+                if task.kind == pb.TASK_KIND_SHUTDOWN:
+                    log.info("%s: the federation is finished", self.config.group)
+                    with contextlib.suppress(grpc.RpcError):
+                        self.client.leave("finished")
+                    return True
+                if task.kind == pb.TASK_KIND_TRAIN:
+                    self._train(task)
+                elif task.kind == pb.TASK_KIND_EVALUATE:
+                    self._evaluate(task)
+            return False
+        finally:
+            stop_beats.set()
+
+    def _time_left(self, task: pb.Task) -> float:
+        return max(5.0, task.deadline.ToMilliseconds() / 1000 - time.time() + 5.0)
+
+    def _load(self, task: pb.Task) -> None:
+        self._state = pb.NODE_STATE_DOWNLOADING
+        weights = self.client.download(task.model_version, timeout=self._time_left(task))
+        self.worker.load_global(self.client.model_config, weights)
+
+    def _call(self, what: str, fn: object) -> None:
+        """Run one task step; a refusal of this one task (stale, duplicate) is logged, not fatal."""
+        try:
+            fn()  # type: ignore[operator]
+        except grpc.RpcError as err:
+            code = err.code()
+            if code in (
+                grpc.StatusCode.NOT_FOUND,  # the model version moved on: the task is superseded
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.ALREADY_EXISTS,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                log.warning(
+                    "%s: %s refused: %s %s", self.config.group, what, code.name, err.details()
+                )
+                return
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise SessionLost(err.details()) from err
+            raise
+        finally:
+            self._state = pb.NODE_STATE_IDLE
+
+    def _train(self, task: pb.Task) -> None:
+        def work() -> None:
+            self._load(task)
+            hp = task.hyperparameters
+            self._state = pb.NODE_STATE_TRAINING
+            result = self.worker.train(
+                steps=hp.local_steps,
+                learning_rate=hp.learning_rate,
+                context=(hp.context_range.min, hp.context_range.max),
+                target=(hp.target_range.min, hp.target_range.max),
+            )
+            self._state = pb.NODE_STATE_UPLOADING
+            reply = self.client.upload(
+                task,
+                self.worker.weights(),
+                self.worker.num_train_examples,
+                {"loss": result.mean_loss, "steps": float(result.steps), "seconds": result.seconds},
+                timeout=self._time_left(task),
+            )
+            if not reply.accepted:
+                log.warning(
+                    "%s: round %d update not counted: %s (%s)",
+                    self.config.group,
+                    task.round,
+                    pb.RejectReason.Name(reply.reason),
+                    reply.message,
+                )
+                return
+            self.rounds_trained += 1
+            log.info(
+                "%s: round %d trained (%d steps, loss %.4f, %.1f s) and uploaded",
+                self.config.group,
+                task.round,
+                result.steps,
+                result.mean_loss,
+                result.seconds,
+            )
+
+        self._call(f"round {task.round} update", work)
+
+    def _evaluate(self, task: pb.Task) -> None:
+        def work() -> None:
+            self._load(task)
+            self._state = pb.NODE_STATE_EVALUATING
+            ev = self.worker.evaluate(task.evaluation.max_context or 90, int(task.evaluation.seed))
+            self.client.report(task, self.config.group, ev.metrics(), ev.num_questions)
+            log.info(
+                "%s: evaluated round %d: alignment %.4f", self.config.group, task.round, ev.model
+            )
+
+        self._call(f"round {task.round} evaluation", work)

@@ -1,0 +1,110 @@
+"""The node's machine-learning side: its private data, local training and evaluation.
+
+Nothing here knows about gRPC. The raw answers and their embeddings stay in this object; what
+leaves is model weights (`weights()`) and aggregate metrics (`evaluate()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from pluralfed.data import SurveyData
+from pluralfed.embeddings import TextEncoder
+from pluralfed.episodes import GroupSplit
+from pluralfed.errors import InputError
+from pluralfed.evaluation import GroupEvaluation, evaluate_group
+from pluralfed.model import GPO, GPOConfig
+from pluralfed.prepare import embed_groups
+from pluralfed.training import LocalTrainer, TrainingSettings
+from pluralfed.wire import numpy_to_state_dict, state_dict_to_numpy
+
+log = logging.getLogger("pluralfed.node")
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    steps: int
+    mean_loss: float
+    seconds: float
+
+
+def node_seed(seed: int, group: str) -> int:
+    """Each node its own random stream, the same on every run with the same seed."""
+    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class GroupWorker:
+    def __init__(self, group: str, data: SurveyData, encoder: TextEncoder, seed: int = 0) -> None:
+        if group not in data.groups:
+            raise InputError(
+                f"group {group!r} is not in the node's data (it has: {sorted(data.groups)[:10]})"
+            )
+        self.group = group
+        self.encoder = encoder
+        self.seed = seed
+        started = time.perf_counter()
+        self.split: GroupSplit = embed_groups(data, [group], encoder)[group]
+        log.info(
+            "%s: %d train / %d test questions embedded in %.1f s",
+            group,
+            len(self.split.train),
+            len(self.split.test),
+            time.perf_counter() - started,
+        )
+        self.model: GPO | None = None
+        self.trainer: LocalTrainer | None = None
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.split.train)
+
+    def load_global(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+        """Take the global weights; the model (and the Adam state) is built once and kept."""
+        cfg = GPOConfig.from_dict(config)
+        if cfg.embed_dim != self.encoder.dim:
+            raise InputError(
+                f"the federation's model reads {cfg.embed_dim}-dim embeddings, this node's "
+                f"encoder gives {self.encoder.dim}"
+            )
+        if self.model is None or self.model.cfg != cfg:
+            self.model = GPO(cfg)
+            self.trainer = None
+        self.model.load_state_dict(numpy_to_state_dict(weights))
+
+    def train(
+        self, steps: int, learning_rate: float, context: tuple[int, int], target: tuple[int, int]
+    ) -> LocalResult:
+        if self.model is None:
+            raise RuntimeError("no global model loaded")
+        settings = TrainingSettings(
+            learning_rate=learning_rate, context_range=context, target_range=target
+        )
+        if self.trainer is None:
+            self.trainer = LocalTrainer(self.model, settings, seed=node_seed(self.seed, self.group))
+        else:
+            self.trainer.settings = replace(settings)
+            self.trainer.set_learning_rate(learning_rate)
+        if len(self.split.train) < 2:
+            raise InputError(f"group {self.group!r} has fewer than 2 train questions to train on")
+        started = time.perf_counter()
+        losses = self.trainer.train_steps(self.split.train, steps)
+        return LocalResult(steps, float(np.mean(losses)), time.perf_counter() - started)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        if self.model is None:
+            raise RuntimeError("no model")
+        return state_dict_to_numpy(self.model.state_dict())
+
+    def evaluate(self, max_context: int, seed: int) -> GroupEvaluation:
+        if self.model is None:
+            raise RuntimeError("no global model loaded")
+        with torch.inference_mode():
+            return evaluate_group(self.model, self.split, max_context=max_context, seed=seed)

@@ -1,0 +1,95 @@
+"""Model checkpoints: weights as safetensors plus a small JSON of config and metadata. No pickle.
+
+A checkpoint is a folder holding `model.safetensors` and `model.json`; both the centralized CLI and
+the coordinator write this layout, and everything that serves or evaluates a model reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+
+from pluralfed.errors import InputError
+from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
+from pluralfed.model import GPO, GPOConfig
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model: GPO
+    encoder: str  # identity of the text encoder the model was trained with
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(folder: Path, model: GPO, encoder: str, metadata: dict[str, Any]) -> None:
+    folder = Path(folder)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(folder / WEIGHTS_FILE, save(tensors))
+    atomic_write_json(
+        folder / META_FILE,
+        {
+            "format_version": FORMAT_VERSION,
+            "config": model.cfg.to_dict(),
+            "encoder": encoder,
+            "metadata": metadata,
+        },
+    )
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
+    folder = Path(folder)
+    meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise InputError(f"{p}: checkpoint file not found")
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{meta_path}: not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: expected a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    for key, kind in (("config", dict), ("encoder", str), ("metadata", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise InputError(f"{meta_path}: field {key!r} missing or not a {kind.__name__}")
+    try:
+        config = GPOConfig.from_dict(meta["config"])
+        model = GPO(config)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{meta_path}: bad model config: {err}") from err
+    try:
+        tensors = load(weights_path.read_bytes())
+    except Exception as err:  # safetensors raises its own error types
+        raise InputError(f"{weights_path}: not a readable safetensors file: {err}") from err
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise InputError(
+            f"{weights_path}: tensors do not fit the config (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+    for name, ref in expected.items():
+        got = tensors[name]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise InputError(
+                f"{weights_path}: tensor {name} is {got.dtype}{list(got.shape)}, "
+                f"expected {ref.dtype}{list(ref.shape)}"
+            )
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise InputError(f"{weights_path}: tensor {name} has non-finite values")
+    model.load_state_dict(tensors)
+    model.eval()
+    return Checkpoint(model=model, encoder=meta["encoder"], metadata=meta["metadata"])

@@ -1,0 +1,117 @@
+"""Options and steps that several subcommands share (data, encoder, threads, output)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
+from pluralfed.episodes import GroupSplit
+from pluralfed.errors import InputError
+from pluralfed.evaluation import SetReport, evaluate_group, summarize_groups
+from pluralfed.model import GPO
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=required,
+        help="survey data: a GlobalOpinionQA global_opinions.csv or a pluralfed JSONL file",
+    )
+    p.add_argument(
+        "--groups",
+        help="groups to train on, separated by ';' or ','. Default: PROTOCOL.md's 8 training "
+        "groups when the data has them, else every group in the file",
+    )
+    p.add_argument(
+        "--held-out",
+        help="groups never trained on, evaluated few-shot. Default: PROTOCOL.md's 6 held-out "
+        "groups when the data has them, else none",
+    )
+
+
+def add_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--encoder",
+        default="all-MiniLM-L6-v2",
+        help="text encoder: all-MiniLM-L6-v2 (bundled, offline) or any Hugging Face encoder "
+        "name or local path (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="embedding cache folder (default: $PLURALFED_CACHE_DIR or ~/.cache/pluralfed)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="embed everything afresh, cache nothing")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; use 1 per process when running many)",
+    )
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def open_encoder(args: argparse.Namespace) -> TextEncoder:
+    encoder: TextEncoder = make_encoder(args.encoder)
+    if not args.no_cache:
+        encoder = CachedEncoder(encoder, args.cache_dir or default_cache_dir())
+    return encoder
+
+
+def evaluate_sets(
+    model: GPO, sets: Mapping[str, Mapping[str, GroupSplit]], max_context: int, seed: int
+) -> dict[str, SetReport]:
+    """Evaluate every non-empty set of groups: {set name: report}."""
+    return {
+        name: summarize_groups(
+            [evaluate_group(model, s, max_context, seed) for s in groups.values()]
+        )
+        for name, groups in sets.items()
+        if groups
+    }
+
+
+def reports_to_json(reports: Mapping[str, SetReport]) -> dict[str, Any]:
+    return {name: rep.to_dict() for name, rep in reports.items()}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", "utf-8")
+
+
+def parse_range(text: str, what: str) -> tuple[int, int]:
+    try:
+        lo_s, hi_s = text.split(",")
+        lo, hi = int(lo_s), int(hi_s)
+    except ValueError as err:
+        raise InputError(f"{what} must look like 9,90, got {text!r}") from err
+    if not 1 <= lo <= hi:
+        raise InputError(f"{what} must satisfy 1 <= low <= high, got {text!r}")
+    return lo, hi

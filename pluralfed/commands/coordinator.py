@@ -1,0 +1,100 @@
+"""`pluralfed coordinator`: run the federation's coordinator service."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from coordinator.auth import AllowList
+from coordinator.service import CoordinatorConfig, dump_config, run_coordinator
+from pluralfed.config import add_config_args, load_config, overrides_from_args
+from pluralfed.errors import InputError
+
+ENV_PREFIX = "PLURALFED_COORDINATOR_"
+
+HELP = {
+    "listen": "address to listen on, host:port",
+    "state_dir": "folder for the run's checkpoints, metrics.jsonl and results.json; a restarted "
+    "coordinator resumes from it",
+    "allow_list_file": "TOML file with an [allow_list] table mapping node certificate ids to "
+    "group names (default: the [allow_list] table of --config)",
+    "tls_dir": "folder with ca.pem, cert.pem, key.pem (from `pluralfed certs`)",
+    "tls_ca": "CA certificate (overrides tls_dir)",
+    "tls_cert": "coordinator certificate (overrides tls_dir)",
+    "tls_key": "coordinator key (overrides tls_dir)",
+    "insecure": "plain text, no TLS and no authentication: for debugging only",
+    "encoder": "text encoder every node must use (its identity is checked at join)",
+    "rounds": "training rounds",
+    "min_nodes": "training nodes needed before a round starts (quorum)",
+    "min_updates": "accepted updates needed for a round to count; fewer and the round is retried",
+    "round_timeout_s": "deadline of a training round, seconds",
+    "eval_timeout_s": "deadline of an evaluation round, seconds",
+    "eval_every": "federated evaluation every N rounds (and after the last)",
+    "eval_at_start": "also evaluate the initial model",
+    "local_steps": "optimizer steps each node takes per round",
+    "learning_rate": "nodes' Adam learning rate",
+    "context_range": "context questions per training episode, low,high",
+    "target_range": "target questions per training episode, low,high",
+    "max_context": "context questions at evaluation",
+    "weighting": "FedAvg weights: examples (number of training questions) or uniform",
+    "server_optimizer": "fedavg, fedadagrad, fedadam or fedyogi",
+    "server_lr": "server learning rate (default: the optimizer's own)",
+    "norm_bound": "refuse updates that move the model further than this (L2)",
+    "seed": "seed of the initial model and of the nodes' episode sampling",
+    "session_timeout_s": "a node silent this long no longer counts towards the quorum",
+    "heartbeat_interval_s": "how often nodes send heartbeats",
+    "quorum_timeout_s": "give up if no quorum after this long (default: wait forever)",
+    "d_model": "model width",
+    "mlp_layers": "input MLP layers",
+    "n_layers": "transformer encoder layers",
+    "n_heads": "attention heads",
+    "d_ff": "feed-forward width",
+    "dropout": "dropout",
+    "max_workers": "RPC worker threads (each waiting node holds one during its long poll)",
+    "linger_s": "seconds to keep serving after the last round so nodes hear the end",
+}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "coordinator",
+        help="run the coordinator: rounds, FedAvg, federated evaluation",
+        description="Runs the federation: waits for a quorum of training nodes, sends each round's "
+        "global model, folds the nodes' updates into a weighted average as they stream in, "
+        "checkpoints after every round, and every few rounds asks every node (the "
+        "evaluate-only ones too) to evaluate the model on its own test questions. Nodes always "
+        "connect to it; it never connects to them. Settings come from --config (TOML), then "
+        f"{ENV_PREFIX}<NAME> environment variables, then these options.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config file (with an [allow_list] table)")
+    p.add_argument("--print-config", action="store_true", help="print the settings and exit")
+    add_config_args(p, CoordinatorConfig, HELP)
+    p.set_defaults(func=run)
+
+
+def load(args: argparse.Namespace) -> tuple[CoordinatorConfig, AllowList]:
+    cfg = load_config(
+        CoordinatorConfig,
+        args.config,
+        ENV_PREFIX,
+        overrides_from_args(args, CoordinatorConfig),
+        skip_tables=("allow_list",),
+    )
+    source = cfg.allow_list_file or args.config
+    if source is None:
+        raise InputError(
+            "no allow-list: give --allow-list-file or an [allow_list] table in --config"
+        )
+    return cfg, AllowList.from_toml(source)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, allow_list = load(args)
+    console = Console(stderr=True)
+    if args.print_config:
+        print(dump_config(cfg))
+        return 0
+    return run_coordinator(cfg, allow_list, console)

@@ -1,0 +1,95 @@
+"""`pluralfed evaluate`: few-shot evaluation of a checkpoint on any groups, per PROTOCOL.md."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pluralfed.checkpoint import load_checkpoint
+from pluralfed.commands.common import (
+    add_encoder_args,
+    add_runtime_args,
+    apply_threads,
+    evaluate_sets,
+    open_encoder,
+    reports_to_json,
+    write_json,
+)
+from pluralfed.data import load_survey
+from pluralfed.errors import InputError
+from pluralfed.prepare import default_groups, embed_groups, parse_group_list
+from pluralfed.protocol import EVAL_MAX_CONTEXT
+from pluralfed.report import print_reports
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint few-shot on any groups",
+        description="For each group: context = its TRAIN questions (at most --max-context, fixed "
+        "seed), targets = its TEST questions (PROTOCOL.md split). Prints alignment, worst group, "
+        "fairness index and context gain with the uniform and group-prior baselines, and writes "
+        "them as JSON.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder")
+    p.add_argument("--data", type=Path, required=True, help="survey data (CSV or JSONL)")
+    p.add_argument(
+        "--groups",
+        help="groups to evaluate, separated by ';' or ','. Default: the checkpoint's training "
+        "groups and PROTOCOL.md's held-out groups, when present in the data",
+    )
+    p.add_argument("--out", type=Path, help="write the metrics JSON here")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=EVAL_MAX_CONTEXT,
+        help="context questions per group (default: %(default)s)",
+    )
+    add_encoder_args(p)
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint)
+    encoder = open_encoder(args)
+    if encoder.identity != ckpt.encoder:
+        raise InputError(
+            f"{args.checkpoint}: trained with encoder {ckpt.encoder!r}, but --encoder gives "
+            f"{encoder.identity!r}"
+        )
+    data = load_survey(args.data)
+    requested = parse_group_list(args.groups)
+    if requested is not None:
+        sets = {"requested groups": requested}
+    else:
+        trained = [g for g in ckpt.metadata.get("training_groups", []) if g in data.groups]
+        _, held = default_groups(data)
+        sets = {"training groups (test questions)": trained, "held-out groups": held}
+        if not trained and not held:
+            sets = {"all groups": sorted(data.groups)}
+    all_groups = [g for groups in sets.values() for g in groups]
+    splits = embed_groups(data, all_groups, encoder)
+    reports = evaluate_sets(
+        ckpt.model,
+        {name: {g: splits[g] for g in groups if splits[g].test} for name, groups in sets.items()},
+        args.max_context,
+        args.seed,
+    )
+    if not reports:
+        raise InputError("none of the chosen groups has test questions")
+    print_reports(reports, Console())
+    if args.out:
+        write_json(
+            args.out,
+            {
+                "checkpoint": str(args.checkpoint),
+                "data": str(args.data),
+                "reports": reports_to_json(reports),
+            },
+        )
+    return 0

@@ -1,0 +1,122 @@
+"""`pluralfed node`: run a group node, or check its connection to the coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from group_node.node import GroupNode, NodeClient, NodeConfig
+from group_node.worker import GroupWorker
+from pluralfed.config import add_config_args, load_config, overrides_from_args
+from pluralfed.data import load_survey
+from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
+from pluralfed.errors import InputError
+
+ENV_PREFIX = "PLURALFED_NODE_"
+
+HELP = {
+    "coordinator": "coordinator address, host:port (outbound; the only connection a node makes)",
+    "group": "the group whose data this node holds (must match its certificate's allow-list entry)",
+    "role": "train, or evaluate-only (a held-out group: evaluates, never trains)",
+    "data": "the group's survey data: a GlobalOpinionQA CSV or a pluralfed JSONL file",
+    "tls_dir": "folder with ca.pem, cert.pem, key.pem from the federation operator",
+    "tls_ca": "CA certificate (overrides tls_dir)",
+    "tls_cert": "this node's certificate (overrides tls_dir)",
+    "tls_key": "this node's private key (overrides tls_dir)",
+    "tls_server_name": "name to expect in the coordinator's certificate when it differs from the "
+    "host in --coordinator (e.g. connecting by IP)",
+    "insecure": "plain text, no TLS: for debugging only",
+    "encoder": "text encoder (must be the federation's)",
+    "cache_dir": "embedding cache folder (default: $PLURALFED_CACHE_DIR or ~/.cache/pluralfed)",
+    "threads": "torch CPU threads",
+    "seed": "seed of this node's episode sampling",
+    "poll_wait_s": "how long one task poll waits at the coordinator",
+    "backoff_initial_s": "first reconnect delay; doubles up to backoff_max_s",
+    "backoff_max_s": "longest reconnect delay",
+    "give_up_after_s": "exit if the coordinator stays unreachable this long (default: never)",
+}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "node",
+        help="run a group node (or check its connection)",
+        description="A group node holds one group's private survey data. It embeds the data "
+        "locally, connects out to the coordinator over mutual TLS, and for each task trains "
+        "from the global model or evaluates it. Only model weights and aggregate metrics leave "
+        f"the node. Settings: --config (TOML), then {ENV_PREFIX}<NAME> environment variables, "
+        "then options.",
+    )
+    sub = p.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    run_p = sub.add_parser("run", help="join the federation and work until it finishes")
+    check_p = sub.add_parser(
+        "check",
+        help="TLS handshake and join, without data or training: is this node set up right?",
+    )
+    for q in (run_p, check_p):
+        q.add_argument("--config", type=Path, help="TOML config file")
+        add_config_args(q, NodeConfig, HELP)
+    run_p.set_defaults(func=run)
+    check_p.set_defaults(func=check)
+
+
+def load(args: argparse.Namespace) -> NodeConfig:
+    return load_config(NodeConfig, args.config, ENV_PREFIX, overrides_from_args(args, NodeConfig))
+
+
+def open_encoder(cfg: NodeConfig) -> TextEncoder:
+    return CachedEncoder(make_encoder(cfg.encoder), cfg.cache_dir or default_cache_dir())
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    torch.set_num_threads(cfg.threads)
+    assert cfg.data is not None
+    data = load_survey(cfg.data, groups=[cfg.group])
+    worker = GroupWorker(cfg.group, data, open_encoder(cfg), seed=cfg.seed)
+    node = GroupNode(cfg, worker)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: node.stop())
+    return node.run()
+
+
+def check(args: argparse.Namespace) -> int:
+    """Handshake + join with the real identity; report what works and what does not."""
+    cfg = load(args)
+    encoder = make_encoder(cfg.encoder)
+    client = NodeClient(cfg)
+    print(f"connecting to {cfg.coordinator} as {cfg.group!r} ...")
+    try:
+        reply = client.join(
+            num_examples=1 if cfg.role == "train" else 0, encoder_id=encoder.identity, timeout=15
+        )
+        print(
+            f"ok: joined run {reply.run_id} (protocol {reply.protocol_version}, coordinator "
+            f"{reply.software_version}); mutual TLS and allow-list accepted this node"
+        )
+        client.leave("connection check")
+        return 0
+    except grpc.RpcError as err:
+        code = err.code()
+        hints = {
+            grpc.StatusCode.UNAVAILABLE: "no TLS connection: wrong address or port, firewall, "
+            "the coordinator is down, or the certificates do not match (CA, expiry, server name)",
+            grpc.StatusCode.PERMISSION_DENIED: "the coordinator does not allow this certificate "
+            "for this group: check the allow-list and --group",
+            grpc.StatusCode.UNAUTHENTICATED: "the certificate carries no node identity",
+            grpc.StatusCode.FAILED_PRECONDITION: "protocol or encoder mismatch with the coordinator",
+            grpc.StatusCode.DEADLINE_EXCEEDED: "no answer in time: network path or coordinator load",
+        }
+        print(f"FAILED: {code.name}: {err.details()}", file=sys.stderr)
+        print(f"  meaning: {hints.get(code, 'see the coordinator log')}", file=sys.stderr)
+        return 1
+    except InputError:
+        raise
+    finally:
+        client.close()

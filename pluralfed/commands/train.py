@@ -1,0 +1,193 @@
+"""`pluralfed train`: centralized training (the paper's baseline) with PROTOCOL.md evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pluralfed.checkpoint import save_checkpoint
+from pluralfed.commands.common import (
+    add_data_args,
+    add_encoder_args,
+    add_runtime_args,
+    apply_threads,
+    evaluate_sets,
+    open_encoder,
+    parse_range,
+    peak_rss_mib,
+    reports_to_json,
+    write_json,
+)
+from pluralfed.data import load_survey
+from pluralfed.errors import InputError
+from pluralfed.model import GPOConfig
+from pluralfed.prepare import default_groups, embed_groups, parse_group_list
+from pluralfed.protocol import CENTRALIZED_EPOCHS, EVAL_EVERY, EVAL_MAX_CONTEXT, LEARNING_RATE
+from pluralfed.report import print_reports
+from pluralfed.training import (
+    LocalTrainer,
+    TrainingSettings,
+    build_model,
+    seed_everything,
+    train_centralized,
+)
+
+TRAIN_SET, HELD_OUT_SET = "training groups (test questions)", "held-out groups"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    d = GPOConfig()
+    g = p.add_argument_group("model (defaults: the paper's reference settings)")
+    g.add_argument("--d-model", type=int, default=d.d_model, help="width (default: %(default)s)")
+    g.add_argument("--mlp-layers", type=int, default=d.mlp_layers, help="input MLP layers")
+    g.add_argument("--layers", type=int, default=d.n_layers, help="encoder layers")
+    g.add_argument("--heads", type=int, default=d.n_heads, help="attention heads")
+    g.add_argument("--d-ff", type=int, default=d.d_ff, help="feed-forward width")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout")
+
+
+def model_config(args: argparse.Namespace, embed_dim: int) -> GPOConfig:
+    try:
+        return GPOConfig(
+            embed_dim=embed_dim,
+            d_model=args.d_model,
+            mlp_layers=args.mlp_layers,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            d_ff=args.d_ff,
+            dropout=args.dropout,
+        )
+    except ValueError as err:
+        raise InputError(str(err)) from err
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="centralized training on pooled data (the baseline federated training is compared to)",
+        description="Train the GPO predictor on the pooled TRAIN questions of the training groups "
+        "(PROTOCOL.md: each epoch is one step per group, groups shuffled), evaluate few-shot every "
+        "--eval-every epochs on the training groups' TEST questions and on held-out groups, and "
+        "write a checkpoint (safetensors + JSON) and metrics.",
+    )
+    add_data_args(p)
+    add_encoder_args(p)
+    add_runtime_args(p)
+    add_model_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder: checkpoint and metrics")
+    p.add_argument(
+        "--epochs", type=int, default=CENTRALIZED_EPOCHS, help="epochs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--groups-per-step",
+        type=int,
+        default=1,
+        help="groups batched into one optimizer step (default: %(default)s, as the paper)",
+    )
+    p.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate")
+    p.add_argument("--context-range", default="9,90", help="context questions per episode, lo,hi")
+    p.add_argument("--target-range", default="9,90", help="target questions per episode, lo,hi")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=EVAL_EVERY,
+        help="evaluate every N epochs (0: only at end)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=EVAL_MAX_CONTEXT,
+        help="context questions at evaluation (default: %(default)s)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    apply_threads(args.threads)
+    seed_everything(args.seed)
+    if args.epochs < 1:
+        raise InputError(f"--epochs must be at least 1, got {args.epochs}")
+    settings = TrainingSettings(
+        learning_rate=args.lr,
+        context_range=parse_range(args.context_range, "--context-range"),
+        target_range=parse_range(args.target_range, "--target-range"),
+        groups_per_step=args.groups_per_step,
+    )
+    console = Console(stderr=True)
+    data = load_survey(args.data)
+    train_default, held_default = default_groups(data)
+    train_groups = parse_group_list(args.groups) or train_default
+    held_out = parse_group_list(args.held_out) or (held_default if args.groups is None else [])
+    overlap = set(train_groups) & set(held_out)
+    if overlap:
+        raise InputError(f"groups both trained on and held out: {sorted(overlap)}")
+    encoder = open_encoder(args)
+    console.print(f"embedding {len(train_groups) + len(held_out)} groups with {encoder.identity}")
+    splits = embed_groups(data, [*train_groups, *held_out], encoder)
+    for g in train_groups:
+        if len(splits[g].train) < 2:
+            raise InputError(f"group {g!r} has {len(splits[g].train)} train questions, needs 2+")
+    eval_sets = {
+        TRAIN_SET: {g: splits[g] for g in train_groups if splits[g].test},
+        HELD_OUT_SET: {g: splits[g] for g in held_out if splits[g].test},
+    }
+
+    model = build_model(model_config(args, encoder.dim), args.seed)
+    trainer = LocalTrainer(model, settings, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    history_path = args.out / "history.jsonl"
+    history_path.unlink(missing_ok=True)
+    train_started = time.perf_counter()
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        if (args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs:
+            reports = evaluate_sets(model, eval_sets, args.max_context, args.seed)
+            row = {
+                "epoch": epoch,
+                "steps": trainer.steps_done,
+                "loss": loss,
+                "seconds": time.perf_counter() - train_started,
+                **{name: rep.model.to_dict() for name, rep in reports.items()},
+            }
+            with history_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            figures = "  ".join(
+                f"{name.split(' ')[0]} {rep.model.alignment:.4f}" for name, rep in reports.items()
+            )
+            console.print(f"epoch {epoch:4d}  loss {loss:8.4f}  alignment: {figures}")
+
+    train_centralized(trainer, {g: splits[g].train for g in train_groups}, args.epochs, on_epoch)
+    train_seconds = time.perf_counter() - train_started
+    reports = evaluate_sets(model, eval_sets, args.max_context, args.seed)
+    result = {
+        "mode": "centralized",
+        "data": str(args.data),
+        "training_groups": train_groups,
+        "held_out_groups": held_out,
+        "epochs": args.epochs,
+        "optimizer_steps": trainer.steps_done,
+        "seed": args.seed,
+        "encoder": encoder.identity,
+        "parameters": model.num_parameters(),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "peak_rss_mib": peak_rss_mib(),
+        "reports": reports_to_json(reports),
+    }
+    save_checkpoint(
+        args.out, model, encoder.identity, {k: v for k, v in result.items() if k != "reports"}
+    )
+    write_json(args.out / "metrics.json", result)
+    print_reports(reports, Console())
+    console.print(
+        f"trained {trainer.steps_done} steps in {train_seconds:.1f} s "
+        f"(wall {result['wall_seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB); "
+        f"checkpoint and metrics in {args.out}"
+    )
+    return 0

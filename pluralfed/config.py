@@ -1,0 +1,161 @@
+"""Layered configuration for services: defaults < TOML file < environment < command line.
+
+A config is a flat dataclass of simple fields (str, int, float, bool, Path, optional ones, and
+tuples of two ints). The TOML file may group keys in tables; a table's keys are joined with "_"
+(`[tls] dir = ...` sets `tls_dir`). Environment variables are PREFIX + the upper-case field
+name (`PLURALFED_NODE_TLS_DIR`). Every value is checked and a bad one names its source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pluralfed.errors import InputError
+
+T = TypeVar("T")
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}".replace("-", "_")
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}_"))
+        else:
+            out[name] = value
+    return out
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Turn a TOML or environment value into the field's type, or say what is wrong."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            return None
+        return _coerce(value, args[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise InputError(f"{where}: expected two numbers like [9, 90], got {value!r}")
+        return tuple(_coerce(v, int, where) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise InputError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: expected an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise InputError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: expected a number, got {value!r}") from None
+    if hint is Path:
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value:
+            raise InputError(f"{where}: expected a path, got {value!r}")
+        return Path(value).expanduser()
+    if hint is str:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {hint!r}")
+
+
+def load_config(
+    cls: type[T],
+    file: Path | None,
+    env_prefix: str,
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    skip_tables: tuple[str, ...] = (),
+) -> T:
+    """Build `cls` from its defaults, the TOML `file`, `env_prefix*` variables and `overrides`
+    (command-line values; None means not given). Tables in `skip_tables` are read elsewhere."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            raw = tomllib.loads(Path(file).read_text("utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{file}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"{file}: cannot read config: {err}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise InputError(f"{file}: not valid TOML: {err}") from err
+        flat = _flatten({k: v for k, v in raw.items() if k not in skip_tables})
+        unknown = sorted(set(flat) - fields)
+        if unknown:
+            raise InputError(f"{file}: unknown settings {unknown}; known: {sorted(fields)}")
+        for key, value in flat.items():
+            values[key] = _coerce(value, hints[key], f"{file}: {key}")
+    env = os.environ if environ is None else environ
+    for name in fields:
+        var = env_prefix + name.upper()
+        if var in env:
+            values[name] = _coerce(env[var], hints[name], f"environment {var}")
+    for name, value in overrides.items():
+        if value is not None:
+            if name not in fields:
+                raise TypeError(f"override {name!r} is not a field of {cls.__name__}")
+            values[name] = _coerce(value, hints[name], f"--{name.replace('_', '-')}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"configuration: {err}") from err
+
+
+def add_config_args(
+    parser: Any, cls: type, helps: Mapping[str, str], skip: tuple[str, ...] = ()
+) -> None:
+    """One `--field-name` option per config field (default None: not given), with its help text.
+
+    Values are strings here and checked by `load_config`, so a bad one names its option."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(
+        "settings (each also a TOML key in --config and an environment variable)"
+    )
+    for name, default in defaults.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        text = helps.get(name, "")
+        shown = default if not isinstance(default, tuple) else ",".join(map(str, default))
+        if hints[name] is bool:
+            group.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        else:
+            group.add_argument(
+                flag, default=None, metavar=name.upper(), help=f"{text} (default: {shown})"
+            )
+
+
+def overrides_from_args(args: Any, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}

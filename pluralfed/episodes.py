@@ -1,0 +1,135 @@
+"""From embedded survey items to the padded tensors the model reads.
+
+Training draws random few-shot episodes from one group's TRAIN questions (PROTOCOL.md: context and
+target counts uniform in 9..90, capped by what the group has); evaluation uses the group's TRAIN
+questions as context (at most 90, fixed seed) and predicts its TEST questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pluralfed.data import SurveyItem, is_test_question
+from pluralfed.model import EpisodeBatch
+
+
+@dataclass(frozen=True)
+class EmbeddedItem:
+    """A survey item with one text embedding per option, (K, E) float32."""
+
+    item: SurveyItem
+    embeddings: np.ndarray
+
+    @property
+    def num_options(self) -> int:
+        return len(self.item.options)
+
+
+@dataclass(frozen=True)
+class Episode:
+    context: Sequence[EmbeddedItem]
+    targets: Sequence[EmbeddedItem]
+
+
+@dataclass
+class GroupSplit:
+    """One group's questions, embedded and split per PROTOCOL.md."""
+
+    name: str
+    train: list[EmbeddedItem]
+    test: list[EmbeddedItem]
+
+
+def split_group(
+    name: str, items: Sequence[SurveyItem], embeddings: Sequence[np.ndarray]
+) -> GroupSplit:
+    embedded = [EmbeddedItem(it, emb) for it, emb in zip(items, embeddings, strict=True)]
+    return GroupSplit(
+        name,
+        train=[e for e in embedded if not is_test_question(e.item.question)],
+        test=[e for e in embedded if is_test_question(e.item.question)],
+    )
+
+
+def with_uniform_answers(items: Sequence[EmbeddedItem]) -> list[EmbeddedItem]:
+    """The same questions with every answer distribution replaced by a uniform one (context gain)."""
+    out = []
+    for e in items:
+        k = e.num_options
+        uniform = SurveyItem(
+            e.item.question, e.item.options, np.full(k, 1.0 / k), e.item.question_id
+        )
+        out.append(EmbeddedItem(uniform, e.embeddings))
+    return out
+
+
+def sample_episode(
+    items: Sequence[EmbeddedItem],
+    rng: np.random.Generator,
+    context_range: tuple[int, int],
+    target_range: tuple[int, int],
+) -> Episode:
+    """A random context/target split of one group's questions (disjoint, sizes drawn uniformly)."""
+    n = len(items)
+    if n < 2:
+        raise ValueError(f"a training episode needs at least 2 questions, the group has {n}")
+    n_context = min(int(rng.integers(context_range[0], context_range[1] + 1)), n - 1)
+    n_target = min(int(rng.integers(target_range[0], target_range[1] + 1)), n - n_context)
+    order = rng.permutation(n)
+    return Episode(
+        context=[items[i] for i in order[:n_context]],
+        targets=[items[i] for i in order[n_context : n_context + n_target]],
+    )
+
+
+def evaluation_context(
+    train: Sequence[EmbeddedItem], max_context: int, seed: int = 0
+) -> list[EmbeddedItem]:
+    """PROTOCOL.md: all of the group's TRAIN questions, at most `max_context`, chosen with a fixed seed."""
+    if len(train) <= max_context:
+        return list(train)
+    chosen = np.random.default_rng(seed).choice(len(train), size=max_context, replace=False)
+    return [train[i] for i in sorted(chosen)]
+
+
+def make_batch(episodes: Sequence[Episode]) -> EpisodeBatch:
+    """Pad episodes to (B, Q, K) tensors; every episode must have context and targets."""
+    if not episodes:
+        raise ValueError("no episodes to batch")
+    for i, ep in enumerate(episodes):
+        if not ep.context or not ep.targets:
+            raise ValueError(f"episode {i} needs at least one context and one target question")
+    questions = [list(ep.context) + list(ep.targets) for ep in episodes]
+    b = len(episodes)
+    q = max(len(qs) for qs in questions)
+    k = max(e.num_options for qs in questions for e in qs)
+    dim = questions[0][0].embeddings.shape[1]
+    emb = np.zeros((b, q, k, dim), dtype=np.float32)
+    probs = np.zeros((b, q, k), dtype=np.float32)
+    option_mask = np.zeros((b, q, k), dtype=bool)
+    is_context = np.zeros((b, q), dtype=bool)
+    is_target = np.zeros((b, q), dtype=bool)
+    for bi, (ep, qs) in enumerate(zip(episodes, questions, strict=True)):
+        for qi, e in enumerate(qs):
+            n = e.num_options
+            if e.embeddings.shape != (n, dim):
+                raise ValueError(
+                    f"embedding of {e.item.question[:40]!r} has shape {e.embeddings.shape}, "
+                    f"expected ({n}, {dim})"
+                )
+            emb[bi, qi, :n] = e.embeddings
+            probs[bi, qi, :n] = e.item.distribution
+            option_mask[bi, qi, :n] = True
+        is_context[bi, : len(ep.context)] = True
+        is_target[bi, len(ep.context) : len(qs)] = True
+    return EpisodeBatch(
+        embeddings=torch.from_numpy(emb),
+        probs=torch.from_numpy(probs),
+        option_mask=torch.from_numpy(option_mask),
+        is_context=torch.from_numpy(is_context),
+        is_target=torch.from_numpy(is_target),
+    )

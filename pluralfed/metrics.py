@@ -1,0 +1,92 @@
+"""PROTOCOL.md metrics: per-question 1 - Jensen-Shannon distance, per-group means, and summaries.
+
+Pure numpy so that both the nodes (which score their own test questions) and the coordinator
+(which only combines per-group figures it is sent) use the same definitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pluralfed.data import SurveyItem
+
+
+def _normalise(p: np.ndarray) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    total = p.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise ValueError(f"not a distribution (sum {total})")
+    return p / total
+
+
+def alignment_score(pred: np.ndarray, true: np.ndarray) -> float:
+    """1 - Jensen-Shannon distance with natural log, as scipy.spatial.distance.jensenshannon."""
+    p, q = _normalise(pred), _normalise(true)
+    if p.shape != q.shape:
+        raise ValueError(f"shapes differ: {p.shape} vs {q.shape}")
+    m = 0.5 * (p + q)
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log(a[nz] / m[nz])))
+
+    js = 0.5 * kl(p) + 0.5 * kl(q)
+    return 1.0 - float(np.sqrt(max(js, 0.0)))
+
+
+def uniform_prediction(item: SurveyItem) -> np.ndarray:
+    k = len(item.options)
+    return np.full(k, 1.0 / k)
+
+
+def group_prior(train: Sequence[SurveyItem], num_options: int) -> np.ndarray:
+    """Baseline: the mean distribution of the group's TRAIN questions with as many options, else uniform."""
+    same = [it.distribution for it in train if len(it.options) == num_options]
+    if not same:
+        return np.full(num_options, 1.0 / num_options)
+    return _normalise(np.mean(same, axis=0))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Alignment over groups: mean, the worst group, and the fairness index 1/(1+CoV)."""
+
+    alignment: float
+    worst: float
+    worst_group: str
+    fairness: float
+    num_groups: int
+
+    def to_dict(self) -> dict[str, float | str | int]:
+        return asdict(self)
+
+
+def summarize(per_group: Mapping[str, float]) -> Summary:
+    if not per_group:
+        raise ValueError("no groups to summarize")
+    names = list(per_group)
+    scores = np.array([per_group[n] for n in names], dtype=np.float64)
+    mean = float(scores.mean())
+    cov = float(scores.std() / mean) if mean > 0 else float("inf")
+    worst = int(np.argmin(scores))
+    return Summary(
+        alignment=mean,
+        worst=float(scores[worst]),
+        worst_group=names[worst],
+        fairness=1.0 / (1.0 + cov),
+        num_groups=len(names),
+    )
+
+
+def rounds_to_fraction(history: Sequence[tuple[int, float]], fraction: float) -> int | None:
+    """Convergence: the first round whose alignment reaches `fraction` of the run's best."""
+    if not history:
+        return None
+    best = max(v for _, v in history)
+    for rnd, value in history:
+        if value >= fraction * best:
+            return rnd
+    return None

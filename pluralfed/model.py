@@ -1,0 +1,157 @@
+"""The GPO preference predictor (Group Preference Optimization), in one readable file.
+
+An *episode* is one group's few-shot task: some context questions whose answer distributions are
+known, and some target questions to predict. Every answer option of every question is one token:
+its text embedding concatenated with the group's probability for that option (0 for targets).
+An input MLP lifts tokens to d_model; a transformer encoder without positional encoding (a set,
+not a sequence) lets every token attend to the context tokens only, so a target's prediction
+depends on the context and never on the other targets. A head gives a mean and a log-std per
+option; the predicted distribution of a question is the softmax of its options' means.
+
+Shapes: B episodes, Q questions, K options (all padded), E embedding dims.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPOConfig:
+    embed_dim: int = 384  # follows the text encoder
+    d_model: int = 128
+    mlp_layers: int = 4
+    n_layers: int = 6
+    n_heads: int = 4
+    d_ff: int = 128
+    dropout: float = 0.0
+    min_log_std: float = -7.0  # keeps the Gaussian NLL finite when a prediction is very sure
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GPOConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown GPO config fields: {sorted(unknown)}")
+        return cls(**raw)
+
+
+@dataclass
+class EpisodeBatch:
+    """A padded batch of episodes; built by pluralfed.episodes, consumed by GPO."""
+
+    embeddings: torch.Tensor  # (B, Q, K, E) float32
+    probs: torch.Tensor  # (B, Q, K) true distribution per option (0 at padding)
+    option_mask: torch.Tensor  # (B, Q, K) bool: a real option
+    is_context: torch.Tensor  # (B, Q) bool: a context question (its probs are shown to the model)
+    is_target: torch.Tensor  # (B, Q) bool: a target question (predicted and scored)
+
+    def to(self, device: torch.device | str) -> EpisodeBatch:
+        return EpisodeBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention where each query sees only the keys allowed by a (B, T) key mask."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, key_allowed: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        mask = key_allowed[:, None, None, :]  # (B, 1, 1, T): True = may attend
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    """Post-norm encoder layer, as torch.nn.TransformerEncoderLayer (ReLU feed-forward)."""
+
+    def __init__(self, cfg: GPOConfig) -> None:
+        super().__init__()
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_ff, cfg.d_model),
+        )
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, key_allowed: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.drop(self.attn(x, key_allowed)))
+        return self.norm2(x + self.drop(self.ff(x)))
+
+
+class GPO(nn.Module):
+    def __init__(self, cfg: GPOConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        width = cfg.embed_dim + 1  # embedding ++ probability
+        for _ in range(cfg.mlp_layers - 1):
+            layers += [nn.Linear(width, cfg.d_model), nn.ReLU()]
+            width = cfg.d_model
+        layers.append(nn.Linear(width, cfg.d_model))
+        self.input_mlp = nn.Sequential(*layers)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.head = nn.Linear(cfg.d_model, 2)  # mean, log-std
+
+    def forward(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-option (mean, log_std), each (B, Q, K). Target probabilities are never read."""
+        b, q, k, e = batch.embeddings.shape
+        shown = batch.probs * batch.is_context[:, :, None]  # targets' probabilities are hidden
+        tokens = torch.cat([batch.embeddings, shown[..., None]], dim=-1).view(b, q * k, e + 1)
+        key_allowed = (batch.option_mask & batch.is_context[:, :, None]).view(b, q * k)
+        x = self.input_mlp(tokens)
+        for block in self.blocks:
+            x = block(x, key_allowed)
+        mean, log_std = self.head(x).view(b, q, k, 2).unbind(-1)
+        return mean, log_std.clamp(min=self.cfg.min_log_std)
+
+    def predict(self, batch: EpisodeBatch) -> torch.Tensor:
+        """Predicted distribution per question, (B, Q, K), zero at padded options."""
+        mean, _ = self(batch)
+        return masked_softmax(mean, batch.option_mask)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where only `mask` entries count; rows with no entry give zeros."""
+    logits = logits.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(out, nan=0.0)
+
+
+def gpo_loss(mean: torch.Tensor, log_std: torch.Tensor, batch: EpisodeBatch) -> torch.Tensor:
+    """Gaussian NLL of the true probabilities under N(softmax(mean within question), exp(log_std)),
+    averaged over the real options of target questions."""
+    pred = masked_softmax(mean, batch.option_mask)
+    scored = batch.option_mask & batch.is_target[:, :, None]
+    nll = log_std + 0.5 * ((batch.probs - pred) / log_std.exp()) ** 2 + 0.5 * math.log(2 * math.pi)
+    n = scored.sum()
+    if n == 0:
+        raise ValueError("the batch has no target options to score")
+    return (nll * scored).sum() / n

@@ -1,0 +1,102 @@
+"""Local training steps (what a group node runs each round) and the centralized baseline loop."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pluralfed.episodes import EmbeddedItem, make_batch, sample_episode
+from pluralfed.model import GPO, GPOConfig, gpo_loss
+from pluralfed.protocol import CONTEXT_RANGE, LEARNING_RATE, TARGET_RANGE
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same run: Python, numpy and torch generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(config: GPOConfig, seed: int) -> GPO:
+    """A freshly initialised model; the same seed gives the same weights everywhere."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = GPO(config)
+    torch.random.set_rng_state(generator_state)
+    return model
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    learning_rate: float = LEARNING_RATE
+    context_range: tuple[int, int] = CONTEXT_RANGE
+    target_range: tuple[int, int] = TARGET_RANGE
+    groups_per_step: int = 1  # episodes (one per group) in one optimizer step
+
+
+class LocalTrainer:
+    """Adam on one model; the optimizer state lives here across rounds, as the paper's nodes keep it."""
+
+    def __init__(self, model: GPO, settings: TrainingSettings, seed: int) -> None:
+        self.model = model
+        self.settings = settings
+        self.rng = np.random.default_rng(seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+        self.steps_done = 0
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, groups: Sequence[Sequence[EmbeddedItem]]) -> float:
+        """One optimizer step on one random episode from each of `groups` (batched, padded)."""
+        s = self.settings
+        episodes = [
+            sample_episode(items, self.rng, s.context_range, s.target_range) for items in groups
+        ]
+        batch = make_batch(episodes)
+        self.model.train()
+        mean, log_std = self.model(batch)
+        loss = gpo_loss(mean, log_std, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps_done += 1
+        return float(loss.detach())
+
+    def train_steps(self, items: Sequence[EmbeddedItem], steps: int) -> list[float]:
+        """`steps` local steps on one group's TRAIN questions (a group node's round)."""
+        return [self.step([items]) for _ in range(steps)]
+
+
+EpochCallback = Callable[[int, float], None]
+
+
+def train_centralized(
+    trainer: LocalTrainer,
+    groups: Mapping[str, Sequence[EmbeddedItem]],
+    epochs: int,
+    on_epoch: EpochCallback | None = None,
+) -> list[float]:
+    """The paper's centralized baseline: every epoch, one step per group batch, groups shuffled.
+
+    With `groups_per_step` > 1 several groups share one step (fewer, larger steps).
+    Returns the mean loss of each epoch.
+    """
+    names = sorted(groups)
+    per_step = max(1, trainer.settings.groups_per_step)
+    losses = []
+    for epoch in range(1, epochs + 1):
+        order = [names[i] for i in trainer.rng.permutation(len(names))]
+        epoch_losses = [
+            trainer.step([groups[n] for n in order[i : i + per_step]])
+            for i in range(0, len(order), per_step)
+        ]
+        losses.append(float(np.mean(epoch_losses)))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    return losses

@@ -1,0 +1,681 @@
+"""The data layer: loaders (real GlobalOpinionQA CSV and JSON lines), validation, helpers, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pluralfed.commands import data as data_cmd
+from pluralfed.data import (
+    GROUPS_MANIFEST,
+    SurveyData,
+    SurveyItem,
+    group_file_names,
+    group_slug,
+    is_test_question,
+    load_global_opinions_csv,
+    load_global_opinions_hub,
+    load_jsonl,
+    load_survey,
+    n_items,
+    question_id_for,
+    select_groups,
+    split_items,
+    summary,
+    unique_questions,
+    write_group_files,
+    write_jsonl,
+)
+from pluralfed.errors import InputError
+from pluralfed.protocol import HELD_OUT_GROUPS, TRAINING_GROUPS
+
+# Questions per country as data/README.md states them. Those counts include all-zero distributions:
+# France and China each have one (on the question "If 'yes', was the loan used for", whose every
+# distribution is all zero), so the loader, which skips all-zero ones, keeps one fewer for each.
+README_COUNTS = {
+    "Germany": 264,
+    "United States": 264,
+    "France": 248,
+    "Spain": 215,
+    "Argentina": 179,
+    "Japan": 178,
+    "Egypt": 154,
+    "Brazil": 149,
+    "Canada": 148,
+    "Australia": 147,
+    "Nigeria": 132,
+    "India (Current national sample)": 116,
+    "China": 68,
+    "New Zealand": 36,
+}
+ALL_ZERO_IN_README_COUNTS = {"France": 1, "China": 1}
+
+
+@pytest.fixture(scope="module")
+def goqa(goqa_csv: Path) -> SurveyData:
+    return load_global_opinions_csv(goqa_csv)
+
+
+# --------------------------------------------------------------------------------------------------
+# the real file
+
+
+def test_real_csv_shape(goqa: SurveyData, goqa_csv: Path) -> None:
+    with open(goqa_csv, newline="", encoding="utf-8") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 1727
+    # 1,727 records, 1,725 distinct texts (two questions appear twice with different option
+    # wordings), and one question has only all-zero distributions, so 1,724 survive
+    assert len({r["question"] for r in records}) == 1725
+    assert len(unique_questions(goqa)) == 1724
+    assert len(goqa.groups) == 130
+    # 9,814 distributions in the file = 9,804 kept + 9 all-zero + 1 duplicate (group, question)
+    assert goqa.skipped_all_zero == 9
+    assert sum(goqa.skipped_by_group.values()) == 9
+    assert n_items(goqa) == 9804
+    assert len(goqa.notes) == 1
+    assert "Indonesia" in goqa.notes[0]
+    assert f"{goqa_csv}:1480:" in goqa.notes[0] and "line 307" in goqa.notes[0]
+    assert goqa.source == str(goqa_csv)
+
+
+def test_real_csv_protocol_group_counts(goqa: SurveyData) -> None:
+    assert set(README_COUNTS) == set(TRAINING_GROUPS) | set(HELD_OUT_GROUPS)
+    for group, readme_count in README_COUNTS.items():
+        kept = len(goqa.groups[group])
+        assert kept == readme_count - ALL_ZERO_IN_README_COUNTS.get(group, 0), group
+        assert kept + goqa.skipped_by_group.get(group, 0) == readme_count, group
+
+
+def test_real_csv_items_are_clean(goqa: SurveyData) -> None:
+    max_options = 0
+    for items in goqa.groups.values():
+        questions = [it.question for it in items]
+        assert len(questions) == len(set(questions))
+        for it in items:
+            assert it.distribution.dtype == np.float64
+            assert it.distribution.shape == (len(it.options),)
+            assert np.all(it.distribution >= 0)
+            assert abs(it.distribution.sum() - 1.0) < 1e-12
+            assert all(isinstance(o, str) and o for o in it.options)
+            assert it.question_id == hashlib.sha256(it.question.encode()).hexdigest()[:16]
+            max_options = max(max_options, len(it.options))
+    assert max_options == 18
+
+
+def test_real_csv_renormalises_published_values(goqa: SurveyData, goqa_csv: Path) -> None:
+    """Published values sum to 0.997..1.003: the loader's distribution is value / sum."""
+    with open(goqa_csv, newline="", encoding="utf-8") as f:
+        first = next(csv.DictReader(f))
+    sel = first["selections"]
+    raw = ast.literal_eval(sel[sel.index("{") : sel.rindex("}") + 1])
+    croatia = np.array(raw["Croatia"])
+    item = next(it for it in goqa.groups["Croatia"] if it.question == first["question"])
+    np.testing.assert_allclose(item.distribution, croatia / croatia.sum(), rtol=0, atol=1e-15)
+
+
+def test_real_csv_group_filter(goqa: SurveyData, goqa_csv: Path) -> None:
+    names = ["New Zealand", "Germany", "China"]
+    sub = load_global_opinions_csv(goqa_csv, groups=names)
+    assert list(sub.groups) == names  # requested order
+    assert sub.skipped_all_zero == 1  # China's
+    for g in names:
+        assert [it.question for it in sub.groups[g]] == [it.question for it in goqa.groups[g]]
+    same = select_groups(goqa, names)
+    assert list(same.groups) == names and same.skipped_all_zero == 1
+    with pytest.raises(InputError, match=r"'Germny' \(did you mean 'Germany'"):
+        load_global_opinions_csv(goqa_csv, groups=["Germny"])
+
+
+def test_split_matches_independent_computation(goqa: SurveyData, goqa_csv: Path) -> None:
+    """PROTOCOL.md split, recomputed from the raw CSV with a different big-int path."""
+    with open(goqa_csv, newline="", encoding="utf-8") as f:
+        records = list(csv.DictReader(f))
+
+    def is_test(q: str) -> bool:
+        return int.from_bytes(hashlib.sha256(q.encode("utf-8")).digest(), "big") % 5 == 0
+
+    texts = {r["question"] for r in records}
+    assert all(is_test(q) == is_test_question(q) for q in texts)
+    share = sum(map(is_test, texts)) / len(texts)
+    assert 0.15 < share < 0.25
+    for group in ("Germany", "China", "New Zealand"):
+        items = goqa.groups[group]
+        train, test = split_items(items)
+        assert [it.question for it in test] == [it.question for it in items if is_test(it.question)]
+        assert [it.question for it in train] == [
+            it.question for it in items if not is_test(it.question)
+        ]
+        assert len(train) + len(test) == len(items)
+
+
+def test_summary_of_real_data(goqa: SurveyData) -> None:
+    text = summary(select_groups(goqa, ["Germany", "France"]))
+    assert "groups: 2" in text
+    assert "skipped all-zero distributions: 1" in text
+    train, test = split_items(goqa.groups["Germany"])
+    assert any(
+        line.split() == ["Germany", "264", str(len(train)), str(len(test)), "0"]
+        for line in text.splitlines()
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# small well-formed files
+
+CSV_HEADER = "question,selections,options,source\n"
+
+
+def csv_row(question: str, selections: str, options: str, source: str = "GAS") -> str:
+    """One CSV record, quoted like the real file."""
+    cells = [question, selections, options, source]
+    return ",".join('"' + c.replace('"', '""') + '"' for c in cells) + "\n"
+
+
+def sel(groups: dict[str, list[float]]) -> str:
+    return f"defaultdict(<class 'list'>, {groups!r})"
+
+
+def jl(**rec: object) -> str:
+    return json.dumps(rec) + "\n"
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def test_csv_small_file(tmp_path: Path) -> None:
+    text = (
+        CSV_HEADER
+        + csv_row(
+            "Q one\nwith a second line", sel({"A": [0.2, 0.3], "B": [0.0, 0.0]}), "['x', 'y']"
+        )
+        + csv_row("Q two", "{'A': [1, 1, 2], 'C': [3, 0, 1]}", "[1, 2.5, 'z']")
+    )
+    data = load_global_opinions_csv(write(tmp_path, "s.csv", text))
+    assert list(data.groups) == ["A", "C"]  # B had only an all-zero distribution
+    assert data.skipped_all_zero == 1 and data.skipped_by_group == {"B": 1}
+    a1, a2 = data.groups["A"]
+    assert a1.question == "Q one\nwith a second line"
+    np.testing.assert_allclose(a1.distribution, [0.4, 0.6])
+    assert a2.options == ("1", "2.5", "z")  # numeric options become strings
+    np.testing.assert_allclose(a2.distribution, [0.25, 0.25, 0.5])
+    assert a2.question_id == question_id_for("Q two")
+
+
+def test_csv_tolerates_crlf_bom_extra_and_reordered_columns(tmp_path: Path) -> None:
+    text = (
+        "\ufeffsource,options,extra,question,selections\r\n"
+        + '"WVS","[\'a\', \'b\']","","Q?","{\'G\': [1, 3]}"\r\n'
+        + "\r\n"
+    )
+    data = load_global_opinions_csv(write(tmp_path, "c.csv", text))
+    np.testing.assert_allclose(data.groups["G"][0].distribution, [0.25, 0.75])
+
+
+def test_jsonl_small_file(tmp_path: Path) -> None:
+    text = (
+        "\n"
+        + jl(group="A", question="Q1", options=["x", "y"], distribution=[1, 3], question_id="q1")
+        + "   \n"
+        + jl(group="B", question="Q1", options=["x", "y"], distribution=[0, 0])
+        + jl(group="A", question="Q2", options=["x"], distribution=[0.5], extra="ignored")
+        + jl(group="A", question="Q1", options=["x", "y"], distribution=[1, 0])
+    )
+    path = write(tmp_path, "s.jsonl", text)
+    data = load_jsonl(path)
+    assert list(data.groups) == ["A"]
+    assert data.skipped_all_zero == 1
+    a1, a2 = data.groups["A"]
+    np.testing.assert_allclose(a1.distribution, [0.25, 0.75])  # renormalised counts
+    assert a1.question_id == "q1" and a2.question_id == question_id_for("Q2")
+    # the repeated (A, Q1) on line 6 is dropped, the first kept, and a note says so
+    assert data.notes == [
+        f"{path}:6: duplicate question for group 'A' (first at line 2); kept the first"
+    ]
+
+
+def test_jsonl_round_trip(goqa: SurveyData, tmp_path: Path) -> None:
+    sub = select_groups(goqa, ["China", "India (Current national sample)", "Egypt"])
+    path = tmp_path / "rt.jsonl"
+    assert write_jsonl(sub, path) == n_items(sub)
+    back = load_survey(path)
+    assert list(back.groups) == list(sub.groups)
+    for g, items in sub.groups.items():
+        assert len(back.groups[g]) == len(items)
+        for a, b in zip(items, back.groups[g], strict=True):
+            assert (a.question, a.options, a.question_id) == (b.question, b.options, b.question_id)
+            np.testing.assert_allclose(a.distribution, b.distribution, rtol=0, atol=1e-15)
+    # writing what was read back gives the same bytes
+    again = tmp_path / "rt2.jsonl"
+    write_jsonl(back, again)
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_write_jsonl_refuses_nothing_and_unwritable(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nothing to write"):
+        write_jsonl(SurveyData(groups={}), tmp_path / "e.jsonl")
+    one = SurveyData(groups={"A": [SurveyItem("Q", ("x",), np.array([1.0]))]})
+    with pytest.raises(InputError, match="cannot write"):
+        write_jsonl(one, tmp_path / "missing-dir" / "e.jsonl")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+# --------------------------------------------------------------------------------------------------
+# malformed input: every case names the file and the line where the bad record starts
+
+GOOD_ROW = csv_row("First\nquestion over\nthree lines", sel({"A": [0.5, 0.5]}), "['x', 'y']")
+# GOOD_ROW occupies lines 2-4, so a bad record after it starts on line 5; the bad records below
+# span two lines (question with a newline) so that the start line differs from the end line
+BAD_Q = "Bad\nquestion"
+
+CSV_CASES: dict[str, tuple[str, int, str]] = {
+    "missing column": ("question,options,source\n" + '"Q","[\'x\']","GAS"\n', 1, "missing column"),
+    "field count": (CSV_HEADER + GOOD_ROW + '"Bad\nquestion","{}"\n', 5, "expected 4 fields"),
+    "unterminated quote": (
+        CSV_HEADER + GOOD_ROW + '"Bad\nquestion,"{}","[]","GAS"\n',
+        5,
+        "malformed CSV record",
+    ),
+    "text after quote": (
+        CSV_HEADER + GOOD_ROW + '"Bad\nquestion"x,"{}","[]","GAS"\n',
+        5,
+        "malformed CSV record",
+    ),
+    "selections syntax": (
+        CSV_HEADER
+        + GOOD_ROW
+        + csv_row(BAD_Q, "defaultdict(<class 'list'>, {'A': [0.5,)})", "['x']"),
+        5,
+        "cannot parse selections",
+    ),
+    "selections unclosed": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "defaultdict(<class 'list'>, {'A': [0.5]", "['x']"),
+        5,
+        "selections has no {...} dict",
+    ),
+    "selections no dict": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "nothing here", "['x']"),
+        5,
+        "selections has no {...} dict",
+    ),
+    "selections a set": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{1, 2}", "['x']"),
+        5,
+        "selections is not a dict",
+    ),
+    "selections empty": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{}", "['x']"),
+        5,
+        "selections has no groups",
+    ),
+    "selections call": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{'A': __import__('os')}", "['x']"),
+        5,
+        "cannot parse selections",
+    ),
+    "group not a string": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{1: [1.0]}", "['x']"),
+        5,
+        "group name must be a non-empty string",
+    ),
+    "options syntax": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [1.0]}), "['x'"),
+        5,
+        "cannot parse options",
+    ),
+    "options not a list": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [1.0]}), "'x'"),
+        5,
+        "options must be a list",
+    ),
+    "options empty": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": []}), "[]"),
+        5,
+        "options is empty",
+    ),
+    "option not a string": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [1.0]}), "[None]"),
+        5,
+        "options[0] must be a string",
+    ),
+    "option blank": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [1.0, 1.0]}), "['x', ' ']"),
+        5,
+        "options[1] is empty",
+    ),
+    "duplicate options": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [1.0, 1.0]}), "['x', 'x']"),
+        5,
+        "option 'x' appears twice",
+    ),
+    "length mismatch": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [0.5, 0.5, 0.0]}), "['x', 'y']"),
+        5,
+        "selections['A'] has 3 values but there are 2 options",
+    ),
+    "values not a list": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{'A': 0.5}", "['x']"),
+        5,
+        "selections['A'] must be a list",
+    ),
+    "negative": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [0.5, -0.1]}), "['x', 'y']"),
+        5,
+        "selections['A'][1] is negative",
+    ),
+    "infinite": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{'A': [1e999, 0.5]}", "['x', 'y']"),
+        5,
+        "selections['A'][0] is not finite",
+    ),
+    "not a number": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{'A': ['0.5', 0.5]}", "['x', 'y']"),
+        5,
+        "selections['A'][0] must be a number",
+    ),
+    "boolean value": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{'A': [True, 0.5]}", "['x', 'y']"),
+        5,
+        "selections['A'][0] must be a number",
+    ),
+    "empty question": (
+        CSV_HEADER + GOOD_ROW + csv_row("  ", sel({"A": [1.0]}), "['x']"),
+        5,
+        "question is empty",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CSV_CASES))
+def test_csv_malformed(tmp_path: Path, case: str) -> None:
+    text, line, message = CSV_CASES[case]
+    path = write(tmp_path, "bad.csv", text)
+    with pytest.raises(InputError) as err:
+        load_global_opinions_csv(path)
+    assert str(err.value).startswith(f"{path}:{line}: "), str(err.value)
+    assert message in str(err.value)
+
+
+def test_csv_not_utf8_names_line(tmp_path: Path) -> None:
+    raw = (CSV_HEADER + GOOD_ROW).encode() + csv_row("Caf\xe9", sel({"A": [1.0]}), "['x']").encode(
+        "latin-1"
+    )
+    path = write(tmp_path, "latin.csv", raw)
+    with pytest.raises(InputError, match=rf"^{path}:5: not UTF-8 text"):
+        load_global_opinions_csv(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "empty file"), ("\n\n", "empty file"), (CSV_HEADER, "no records")],
+    ids=["zero bytes", "blank lines", "header only"],
+)
+def test_csv_empty(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, "empty.csv", text)
+    with pytest.raises(InputError, match=rf"^{path}: .*{message}"):
+        load_global_opinions_csv(path)
+
+
+GOOD_JL = jl(group="A", question="Q1", options=["x", "y"], distribution=[0.5, 0.5])
+# the bad record is on line 4: a good record, a blank line (ignored but counted), a good record
+JL_PREFIX = GOOD_JL + "\n" + jl(group="B", question="Q1", options=["x", "y"], distribution=[1, 0])
+JL_OK = {"group": "A", "question": "Q2", "options": ["x", "y"], "distribution": [0.5, 0.5]}
+
+
+DROP = object()  # jl_with(field=DROP) leaves the field out
+
+
+def jl_with(**changes: object) -> str:
+    """A JSON line: a good record with some fields changed or dropped."""
+    rec = {**JL_OK, **changes}
+    return json.dumps({k: v for k, v in rec.items() if v is not DROP}) + "\n"
+
+
+JSONL_CASES: dict[str, tuple[str, str]] = {
+    "invalid json": ('{"group": "A", "question": \n', "invalid JSON"),
+    "trailing garbage": (jl_with().rstrip("\n") + " x\n", "invalid JSON"),
+    "not an object": ('["A", "Q2"]\n', "expected a JSON object, got list"),
+    "missing distribution": (jl_with(distribution=DROP), "missing field(s) distribution"),
+    "missing group and options": (
+        jl_with(group=DROP, options=DROP),
+        "missing field(s) group, options",
+    ),
+    "group not a string": (jl_with(group=3), "group must be a non-empty string"),
+    "group empty": (jl_with(group=""), "group must be a non-empty string"),
+    "question not a string": (jl_with(question=["Q"]), "question must be a string"),
+    "question blank": (jl_with(question=" \t"), "question is empty"),
+    "options not a list": (jl_with(options="x, y"), "options must be a list"),
+    "options empty": (jl_with(options=[], distribution=[]), "options is empty"),
+    "option not a string": (jl_with(options=["x", 2]), "options[1] must be a string"),
+    "option blank": (jl_with(options=["x", ""]), "options[1] is empty"),
+    "duplicate options": (jl_with(options=["x", "x"]), "option 'x' appears twice"),
+    "distribution not a list": (jl_with(distribution={"x": 1}), "distribution must be a list"),
+    "length mismatch": (
+        jl_with(distribution=[0.2, 0.3, 0.5]),
+        "distribution has 3 values but there are 2 options",
+    ),
+    "value not a number": (jl_with(distribution=["0.5", 0.5]), "distribution[0] must be a number"),
+    "value null": (jl_with(distribution=[0.5, None]), "distribution[1] must be a number"),
+    "value boolean": (jl_with(distribution=[True, False]), "distribution[0] must be a number"),
+    "negative": (jl_with(distribution=[0.5, -0.5]), "distribution[1] is negative"),
+    "nan": (jl_with().replace("[0.5, 0.5]", "[NaN, 0.5]"), "distribution[0] is not finite"),
+    "infinity": (
+        jl_with().replace("[0.5, 0.5]", "[0.5, Infinity]"),
+        "distribution[1] is not finite",
+    ),
+    "huge number": (
+        jl_with().replace("[0.5, 0.5]", "[0.5, 1e999]"),
+        "distribution[1] is not finite",
+    ),
+    "question_id not a string": (jl_with(question_id=7), "question_id must be a non-empty string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JSONL_CASES))
+def test_jsonl_malformed(tmp_path: Path, case: str) -> None:
+    bad, message = JSONL_CASES[case]
+    path = write(tmp_path, "bad.jsonl", JL_PREFIX + bad + GOOD_JL)
+    with pytest.raises(InputError) as err:
+        load_jsonl(path)
+    assert str(err.value).startswith(f"{path}:4: "), str(err.value)
+    assert message in str(err.value)
+
+
+def test_jsonl_not_utf8_names_line(tmp_path: Path) -> None:
+    raw = JL_PREFIX.encode() + jl_with(question="Caf\xe9").encode("latin-1").replace(
+        b"\\u00e9", b"\xe9"
+    )
+    path = write(tmp_path, "latin.jsonl", raw)
+    with pytest.raises(InputError, match=rf"^{path}:4: not UTF-8 text"):
+        load_jsonl(path)
+
+
+def test_jsonl_array_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "array.json", json.dumps([JL_OK]) + "\n")
+    with pytest.raises(InputError, match=rf"^{path}:1: looks like a JSON array"):
+        load_survey(path)
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n\n"], ids=["zero bytes", "blank lines"])
+def test_jsonl_empty(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, "empty.jsonl", text)
+    with pytest.raises(InputError, match=rf"^{path}: no records"):
+        load_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "loader", [load_global_opinions_csv, load_jsonl, load_survey], ids=["csv", "jsonl", "survey"]
+)
+def test_missing_file_and_directory(tmp_path: Path, loader: Callable[[Path], SurveyData]) -> None:
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(InputError, match=rf"^{missing}: file not found"):
+        loader(missing)
+    folder = tmp_path / "dir.jsonl"
+    folder.mkdir()
+    with pytest.raises(InputError, match=rf"^{folder}: is a directory"):
+        loader(folder)
+
+
+def test_load_survey_dispatch(tmp_path: Path) -> None:
+    jsonl_text = jl_with()
+    for name in ("a.jsonl", "b.JSONL", "c.ndjson", "d.json"):
+        data = load_survey(write(tmp_path, name, jsonl_text))
+        assert list(data.groups) == ["A"]
+    csv_text = CSV_HEADER + GOOD_ROW
+    assert list(load_survey(write(tmp_path, "e.CSV", csv_text)).groups) == ["A"]
+    for name in ("f.txt", "noext"):
+        path = write(tmp_path, name, jsonl_text)
+        with pytest.raises(InputError, match=rf"^{path}: unknown file type"):
+            load_survey(path)
+
+
+def test_unknown_and_unusable_groups_in_loader(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "g.jsonl",
+        GOOD_JL + jl(group="Zed", question="Q1", options=["x"], distribution=[0]),
+    )
+    with pytest.raises(InputError) as err:
+        load_jsonl(path, groups=["a", "Nobody"])
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: unknown group(s): 'a' (did you mean 'A'?); 'Nobody'")
+    assert "Available (2): A, Zed" in msg
+    with pytest.raises(InputError, match="'Zed' have only all-zero distributions"):
+        load_jsonl(path, groups=["Zed"])
+    # a bare string is one group name, not an iterable of letters
+    assert list(load_jsonl(path, groups="A").groups) == ["A"]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def test_select_groups(goqa: SurveyData) -> None:
+    sub = select_groups(goqa, ["China", "France", "China"])
+    assert list(sub.groups) == ["China", "France"]
+    assert sub.skipped_by_group == {"China": 1, "France": 1} and sub.skipped_all_zero == 2
+    assert sub.groups["China"] is goqa.groups["China"]
+    with pytest.raises(InputError) as err:
+        select_groups(goqa, ["Frnace", "Germany", "india"])
+    msg = str(err.value)
+    assert "unknown group(s): 'Frnace' (did you mean 'France'" in msg
+    india = msg.split("'india' (did you mean ")[1].split("?)")[0]
+    assert "'India (Current national sample)'" in india
+    assert "Available (130):" in msg and "Germany" not in msg.split("Available")[0]
+    with pytest.raises(InputError, match="empty list of groups"):
+        select_groups(goqa, [])
+    with pytest.raises(InputError, match="non-empty strings"):
+        select_groups(goqa, [""])
+
+
+def test_group_slugs_and_file_names() -> None:
+    assert group_slug("India (Current national sample)") == "india-current-national-sample"
+    assert group_slug("Côte d'Ivoire") == "cote-d-ivoire"
+    assert group_slug("Palest. ter.") == "palest-ter"
+    assert group_slug("../../etc/passwd") == "etc-passwd"
+    assert group_slug("中国") == "group"
+    names = group_file_names(["Group A", "group a", "Group-A", "Japan"])
+    assert names["Japan"] == "japan.jsonl"
+    assert len(set(names.values())) == 4
+    assert all(n.startswith("group-a-") for g, n in names.items() if g != "Japan")
+    # a colliding name's file does not depend on which other names collide with it
+    assert group_file_names(["Group A", "group a"])["Group A"] == names["Group A"]
+
+
+def test_write_group_files(goqa: SurveyData, tmp_path: Path) -> None:
+    sub = select_groups(goqa, ["New Zealand", "India (Current national sample)"])
+    paths = write_group_files(sub, tmp_path / "nodes")
+    manifest = json.loads((tmp_path / "nodes" / GROUPS_MANIFEST).read_text())
+    assert manifest == {
+        "New Zealand": "new-zealand.jsonl",
+        "India (Current national sample)": "india-current-national-sample.jsonl",
+    }
+    for group, path in paths.items():
+        one = load_jsonl(path)
+        assert list(one.groups) == [group]  # each file holds its own group only
+        assert [it.question for it in one.groups[group]] == [
+            it.question for it in sub.groups[group]
+        ]
+
+
+def test_hub_loader_without_datasets() -> None:
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed; the hub loader is never run in tests (network)")
+    with pytest.raises(InputError, match="needs the `datasets` package"):
+        load_global_opinions_hub()
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI (through a local parser: the full `pluralfed` CLI imports modules owned by others)
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pluralfed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data_cmd.register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_cli_inspect(goqa_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["data", "inspect", str(goqa_csv), "--groups", "Japan", "New Zealand"]) == 0
+    out = capsys.readouterr().out
+    assert "groups: 2" in out
+    japan = next(line for line in out.splitlines() if line.startswith("Japan "))
+    assert japan.split()[1] == "178"
+
+
+def test_cli_convert_and_split(
+    goqa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "protocol.jsonl"
+    assert run_cli(["data", "convert", str(goqa_csv), str(out), "--protocol-groups"]) == 0
+    data = load_jsonl(out)
+    assert list(data.groups) == [*TRAINING_GROUPS, *HELD_OUT_GROUPS]
+    assert n_items(data) == sum(README_COUNTS.values()) - 2
+
+    assert run_cli(["data", "split", str(out), "--out-dir", str(tmp_path / "nodes")]) == 0
+    manifest = json.loads((tmp_path / "nodes" / GROUPS_MANIFEST).read_text())
+    assert len(manifest) == 14
+    egypt = load_jsonl(tmp_path / "nodes" / manifest["Egypt"])
+    assert list(egypt.groups) == ["Egypt"] and len(egypt.groups["Egypt"]) == 154
+    assert "wrote 14 group files" in capsys.readouterr().out
+
+
+def test_cli_errors(goqa_csv: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="unknown group"):
+        run_cli(["data", "inspect", str(goqa_csv), "--groups", "Atlantis"])
+    with pytest.raises(InputError, match=r"output must be a \.jsonl file"):
+        run_cli(["data", "convert", str(goqa_csv), str(tmp_path / "out.csv")])
+    same = write(tmp_path, "same.jsonl", jl_with())
+    with pytest.raises(InputError, match="would overwrite the input"):
+        run_cli(["data", "convert", str(same), str(same)])
+    with pytest.raises(SystemExit):  # argparse: missing --out-dir
+        run_cli(["data", "split", str(goqa_csv)])
+
+
+def test_full_cli_if_available(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Through `pluralfed.cli.main` once every subcommand module exists: errors exit 2."""
+    from pluralfed import cli
+
+    try:
+        cli.build_parser()
+    except ImportError as err:
+        pytest.skip(f"the full CLI does not import yet: {err}")
+    assert cli.main(["data", "inspect", str(tmp_path / "missing.jsonl")]) == 2
+    assert "file not found" in capsys.readouterr().err

@@ -1,0 +1,413 @@
+"""Text embeddings: the packaged default encoder, batching, the disk cache and embed_items."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from pluralfed.data import SurveyItem
+from pluralfed.embeddings import (
+    DEFAULT_ENCODER_NAME,
+    CachedEncoder,
+    CacheWarning,
+    HFTextEncoder,
+    TextEncoder,
+    default_cache_dir,
+    default_encoder,
+    embed_items,
+    make_encoder,
+    option_text,
+)
+from pluralfed.errors import InputError
+
+# Two cores shared with other workers: one thread per test process.
+torch.set_num_threads(1)
+
+TEXTS = [
+    option_text("How much do you trust the national government?", "A lot"),
+    option_text("How much do you trust the national government?", "Not at all"),
+    option_text("Is climate change a major threat to our country?", "Yes, a major threat"),
+    "short",
+    "",
+    "A considerably longer text about religion, family life and the economy. " * 3,
+]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> HFTextEncoder:
+    return default_encoder(show_progress=False)
+
+
+class FakeEncoder:
+    """Deterministic vectors from (identity, text); records what it was asked to encode."""
+
+    def __init__(self, identity: str = "fake-v1", dim: int = 8) -> None:
+        self.identity = identity
+        self.dim = dim
+        self.calls: list[list[str]] = []
+
+    def vector(self, text: str) -> np.ndarray:
+        seed = hashlib.sha256(f"{self.identity}\0{text}".encode()).digest()
+        return np.random.default_rng(list(seed)).standard_normal(self.dim).astype(np.float32)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return np.array([self.vector(t) for t in texts], dtype=np.float32).reshape(-1, self.dim)
+
+    @property
+    def n_encoded(self) -> int:
+        return sum(len(c) for c in self.calls)
+
+
+def test_option_text_puts_the_option_first() -> None:
+    assert option_text("Q?", "Yes") == "Answer: Yes\nQuestion: Q?"
+
+
+def test_fake_and_hf_encoders_satisfy_the_protocol(encoder: HFTextEncoder) -> None:
+    assert isinstance(FakeEncoder(), TextEncoder)
+    assert isinstance(encoder, TextEncoder)
+    assert isinstance(CachedEncoder(FakeEncoder(), Path("unused")), TextEncoder)
+
+
+def test_identity_is_cheap_and_pins_settings() -> None:
+    enc = default_encoder()
+    ident = enc.identity
+    assert enc.dim == 384
+    assert enc._model is None, "identity and dim must not load the model"
+    assert DEFAULT_ENCODER_NAME in ident
+    assert "pool=mean" in ident
+    assert ident == default_encoder(batch_size=3, show_progress=False).identity
+    assert ident != default_encoder(max_length=128).identity
+    assert ident != default_encoder(normalize=True).identity
+
+
+def test_identity_follows_file_contents(tmp_path: Path) -> None:
+    """Same files under another path → same content hash; one changed config → a new identity."""
+    src = Path(default_encoder().name_or_path)
+    same, changed = tmp_path / "same", tmp_path / "changed"
+    for d in (same, changed):
+        d.mkdir()
+        for p in src.iterdir():
+            if p.is_file() and p.name != "config.json":
+                (d / p.name).symlink_to(p)
+    (same / "config.json").symlink_to(src / "config.json")
+    text = (src / "config.json").read_text()
+    (changed / "config.json").write_text(text.replace('"hidden_act"', '"note": 1, "hidden_act"'))
+    default_id = default_encoder().identity
+    assert HFTextEncoder(same, label=DEFAULT_ENCODER_NAME).identity == default_id
+    assert HFTextEncoder(changed, label=DEFAULT_ENCODER_NAME).identity != default_id
+
+
+def test_default_encoder_matches_an_independent_computation(encoder: HFTextEncoder) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = encoder.name_or_path
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    expected = []
+    with torch.no_grad():
+        for text in TEXTS:  # one text at a time: no padding, so the mean is over all tokens
+            ids = tok(text, truncation=True, max_length=256, return_tensors="pt")
+            expected.append(model(**ids).last_hidden_state[0].mean(dim=0).numpy())
+    got = encoder.encode(TEXTS)
+    assert got.shape == (len(TEXTS), 384)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, np.stack(expected), atol=2e-5, rtol=1e-4)
+
+
+def test_similar_texts_are_closer_than_unrelated_ones(encoder: HFTextEncoder) -> None:
+    a, b, c = encoder.encode(
+        [
+            "I have a lot of trust in the national government.",
+            "I strongly trust our country's government.",
+            "My favourite food is pizza with mushrooms.",
+        ]
+    )
+
+    def cos(x: np.ndarray, y: np.ndarray) -> float:
+        return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+    assert cos(a, b) > cos(a, c) + 0.2
+
+
+def test_normalize_gives_unit_vectors(encoder: HFTextEncoder) -> None:
+    enc = default_encoder(normalize=True, show_progress=False)
+    enc._model, enc._tokenizer = encoder._model, encoder._tokenizer  # reuse the loaded weights
+    unit = enc.encode(TEXTS[:3])
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    raw = encoder.encode(TEXTS[:3])
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_batch_size_and_order_do_not_change_vectors(encoder: HFTextEncoder) -> None:
+    reference = encoder.encode(TEXTS)
+    perm = np.random.default_rng(0).permutation(len(TEXTS))
+    old = encoder.batch_size
+    try:
+        for batch_size in (1, 2, 4):
+            encoder.batch_size = batch_size
+            got = encoder.encode([TEXTS[i] for i in perm])
+            np.testing.assert_allclose(got, reference[perm], atol=2e-5, rtol=1e-4)
+    finally:
+        encoder.batch_size = old
+
+
+def test_encode_edge_cases(encoder: HFTextEncoder) -> None:
+    assert encoder.encode([]).shape == (0, 384)
+    with pytest.raises(TypeError):
+        encoder.encode("one string")
+    with pytest.raises(TypeError):
+        encoder.encode(["ok", 3])  # type: ignore[list-item]
+
+
+# ---------------------------------------------------------------------------------------------
+# make_encoder
+
+
+def test_make_encoder_default_aliases() -> None:
+    for spec in (None, "default", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        assert make_encoder(spec).label == DEFAULT_ENCODER_NAME
+
+
+def test_make_encoder_bad_local_paths(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such folder"):
+        make_encoder(str(tmp_path / "does-not-exist"))
+    with pytest.raises(InputError, match="no such folder"):
+        make_encoder("./not/here")
+    with pytest.raises(InputError, match=r"config\.json"):
+        make_encoder(str(tmp_path))  # exists, but is not a model folder
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match="is a file"):
+        make_encoder(str(tmp_path / "f.bin"))
+
+
+def test_hub_model_missing_offline_says_what_to_do() -> None:
+    enc = make_encoder("acme-does-not-exist/encoder", local_files_only=True)
+    with pytest.raises(InputError, match="local model folder"):
+        enc.encode(["x"])
+
+
+def test_hub_model_loads_from_the_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path: a model in the Hugging Face cache loads offline, pinned by its file hash."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--acme--minilm"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for p in Path(default_encoder().name_or_path).iterdir():
+        if p.is_file():
+            (snapshot / p.name).symlink_to(p)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    enc = HFTextEncoder("acme/minilm", local_files_only=True, show_progress=False)
+    assert enc.identity.startswith("hf:acme/minilm|")
+    digest = default_encoder().identity.split("|")[1]
+    assert enc.identity.split("|")[1] == digest
+    assert enc.encode(["hello"]).shape == (1, 384)
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PLURALFED_CACHE_DIR", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("PLURALFED_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "pluralfed"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert default_cache_dir() == Path.home() / ".cache" / "pluralfed"
+
+
+# ---------------------------------------------------------------------------------------------
+# CachedEncoder
+
+
+def test_cache_second_call_skips_inner(tmp_path: Path) -> None:
+    inner = FakeEncoder()
+    cached = CachedEncoder(inner, tmp_path)
+    assert (cached.identity, cached.dim) == (inner.identity, inner.dim)
+    first = cached.encode(["a", "b", "c"])
+    second = cached.encode(["a", "b", "c"])
+    assert inner.n_encoded == 3 and len(inner.calls) == 1
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first[1], inner.vector("b"))
+    assert second.dtype == np.float32 and second.flags.writeable
+
+
+def test_cache_partial_hits_encode_only_misses(tmp_path: Path) -> None:
+    inner = FakeEncoder()
+    cached = CachedEncoder(inner, tmp_path)
+    cached.encode(["a", "b"])
+    got = cached.encode(["c", "a", "d", "b"])
+    assert inner.calls[-1] == ["c", "d"]
+    np.testing.assert_array_equal(got, np.stack([inner.vector(t) for t in "cadb"]))
+    assert (cached.hits, cached.misses) == (2, 4)
+
+
+def test_cache_dedupes_within_a_call(tmp_path: Path) -> None:
+    inner = FakeEncoder()
+    got = CachedEncoder(inner, tmp_path).encode(["a", "b", "a", "a"])
+    assert inner.calls == [["a", "b"]]
+    assert got.shape == (4, inner.dim)
+    np.testing.assert_array_equal(got[0], got[2])
+    np.testing.assert_array_equal(got[0], got[3])
+
+
+def test_cache_persists_across_instances(tmp_path: Path) -> None:
+    CachedEncoder(FakeEncoder(), tmp_path).encode(["a", "b"])
+    inner = FakeEncoder()
+    got = CachedEncoder(inner, tmp_path).encode(["b", "a"])
+    assert inner.calls == []
+    np.testing.assert_array_equal(got, np.stack([inner.vector("b"), inner.vector("a")]))
+
+
+def test_cache_separates_identities(tmp_path: Path) -> None:
+    one, two = FakeEncoder("fake-v1"), FakeEncoder("fake-v2")
+    c1, c2 = CachedEncoder(one, tmp_path), CachedEncoder(two, tmp_path)
+    v1 = c1.encode(["a"])
+    v2 = c2.encode(["a"])
+    assert two.calls == [["a"]], "another identity must not reuse the first one's vectors"
+    assert c1.path != c2.path
+    assert not np.array_equal(v1, v2)
+    np.testing.assert_array_equal(c1.encode(["a"]), v1)
+
+
+def test_cache_empty_call(tmp_path: Path) -> None:
+    inner = FakeEncoder()
+    assert CachedEncoder(inner, tmp_path).encode([]).shape == (0, inner.dim)
+    assert inner.calls == []
+
+
+def test_cache_rebuilds_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    cached = CachedEncoder(FakeEncoder(), tmp_path)
+    cached.encode(["a"])
+    cached.path.write_bytes(b"this is not sqlite" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{cached.path}{suffix}").unlink(missing_ok=True)
+    inner = FakeEncoder()
+    with pytest.warns(CacheWarning, match="rebuilding"):
+        got = CachedEncoder(inner, tmp_path).encode(["a", "b"])
+    assert inner.calls == [["a", "b"]]
+    np.testing.assert_array_equal(got, np.stack([inner.vector("a"), inner.vector("b")]))
+    CachedEncoder(inner, tmp_path).encode(["a", "b"])  # healthy again: no warning, no encode
+    assert len(inner.calls) == 1
+
+
+def test_cache_rebuilds_on_incompatible_meta(tmp_path: Path) -> None:
+    """Same identity but another dimension (a buggy encoder or a hand-copied file): never mix."""
+    CachedEncoder(FakeEncoder("same", dim=8), tmp_path).encode(["a"])
+    inner = FakeEncoder("same", dim=4)
+    with pytest.warns(CacheWarning, match="different encoder"):
+        got = CachedEncoder(inner, tmp_path).encode(["a"])
+    assert got.shape == (1, 4)
+    assert inner.calls == [["a"]]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_cache_drops_corrupt_rows(tmp_path: Path, damage: str) -> None:
+    cached = CachedEncoder(FakeEncoder(), tmp_path)
+    cached.encode(["a", "b"])
+    key = hashlib.sha256(b"a").digest()
+    with sqlite3.connect(cached.path) as con:
+        (blob,) = con.execute("SELECT vec FROM vectors WHERE key = ?", (key,)).fetchone()
+        bad = blob[:-4] if damage == "truncate" else bytes([blob[0] ^ 0xFF]) + blob[1:]
+        con.execute("UPDATE vectors SET vec = ? WHERE key = ?", (bad, key))
+    inner = FakeEncoder()
+    with pytest.warns(CacheWarning, match="corrupt"):
+        got = CachedEncoder(inner, tmp_path).encode(["a", "b"])
+    assert inner.calls == [["a"]]
+    np.testing.assert_array_equal(got, np.stack([inner.vector("a"), inner.vector("b")]))
+
+
+def test_cache_refuses_non_finite_vectors(tmp_path: Path) -> None:
+    class NaNEncoder(FakeEncoder):
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            return np.full((len(texts), self.dim), np.nan, dtype=np.float32)
+
+    cached = CachedEncoder(NaNEncoder(), tmp_path)
+    with pytest.raises(ValueError, match="non-finite"):
+        cached.encode(["a"])
+    inner = FakeEncoder()  # same identity: nothing bad was stored
+    CachedEncoder(inner, tmp_path).encode(["a"])
+    assert inner.calls == [["a"]]
+
+
+def _concurrent_worker(cache_dir: str, worker: int) -> None:
+    inner = FakeEncoder()
+    cached = CachedEncoder(inner, Path(cache_dir))
+    for round_ in range(5):
+        texts = [f"text {(worker * 7 + round_ * 3 + i) % 40}" for i in range(15)]
+        got = cached.encode(texts)
+        expected = np.stack([inner.vector(t) for t in texts])
+        if not np.array_equal(got, expected):
+            raise AssertionError(f"worker {worker}: wrong vectors")
+
+
+def test_cache_shared_by_concurrent_processes(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_concurrent_worker, args=(str(tmp_path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    inner = FakeEncoder()
+    CachedEncoder(inner, tmp_path).encode([f"text {i}" for i in range(40)])
+    assert inner.calls == []
+
+
+def test_cached_default_encoder(encoder: HFTextEncoder, session_cache_dir: Path) -> None:
+    cached = CachedEncoder(encoder, session_cache_dir)
+    first = cached.encode(TEXTS)
+    np.testing.assert_allclose(first, encoder.encode(TEXTS), atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(CachedEncoder(encoder, session_cache_dir).encode(TEXTS), first)
+
+
+# ---------------------------------------------------------------------------------------------
+# embed_items
+
+
+def _items() -> list[SurveyItem]:
+    q1 = "How much do you trust the national government?"
+    q2 = "Is climate change a major threat?"
+    return [
+        SurveyItem(q1, ("A lot", "Somewhat", "Not at all"), np.array([0.2, 0.5, 0.3])),
+        SurveyItem(q2, ("Yes", "No"), np.array([0.7, 0.3])),
+        SurveyItem(q1, ("A lot", "Somewhat", "Not at all"), np.array([0.1, 0.4, 0.5])),
+    ]
+
+
+def test_embed_items_one_deduplicated_call() -> None:
+    inner = FakeEncoder()
+    out = embed_items(_items(), inner)
+    assert [a.shape for a in out] == [(3, 8), (2, 8), (3, 8)]
+    assert len(inner.calls) == 1 and inner.n_encoded == 5  # q1's options once for both groups
+    for item, arr in zip(_items(), out, strict=True):
+        for opt, row in zip(item.options, arr, strict=True):
+            np.testing.assert_array_equal(row, inner.vector(option_text(item.question, opt)))
+    assert embed_items([], inner) == []
+    empty = SurveyItem("Q?", (), np.zeros(0))
+    assert [a.shape for a in embed_items([empty], inner)] == [(0, 8)]
+    assert len(inner.calls) == 1
+
+
+def test_embed_items_matches_per_text_encodes(encoder: HFTextEncoder) -> None:
+    out = embed_items(_items(), encoder)
+    assert all(a.dtype == np.float32 for a in out)
+    for item, arr in zip(_items(), out, strict=True):
+        assert arr.shape == (len(item.options), 384)
+        for opt, row in zip(item.options, arr, strict=True):
+            single = encoder.encode([option_text(item.question, opt)])[0]
+            np.testing.assert_allclose(row, single, atol=2e-5, rtol=1e-4)

@@ -1,0 +1,73 @@
+"""Metrics against independent computations (scipy, numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import jensenshannon
+
+from pluralfed.data import SurveyItem
+from pluralfed.evaluation import GroupEvaluation, summarize_groups
+from pluralfed.metrics import alignment_score, group_prior, rounds_to_fraction, summarize
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_alignment_matches_scipy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 9))
+    p, q = rng.dirichlet(np.ones(k)), rng.dirichlet(np.ones(k))
+    if seed % 3 == 0:
+        p[0] = 0.0  # zeros must be handled as scipy does
+    q_unnormalised = q * 1.07  # true distributions are renormalised
+    assert alignment_score(p, q_unnormalised) == pytest.approx(1 - jensenshannon(p, q), abs=1e-12)
+
+
+def test_alignment_extremes() -> None:
+    assert alignment_score(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == pytest.approx(1.0)
+    disjoint = alignment_score(np.array([1.0, 0.0]), np.array([0.0, 1.0]))
+    assert disjoint == pytest.approx(1 - np.sqrt(np.log(2)))
+    with pytest.raises(ValueError):
+        alignment_score(np.array([0.0, 0.0]), np.array([0.5, 0.5]))
+
+
+def test_summary_fairness_index() -> None:
+    scores = {"a": 0.8, "b": 0.7, "c": 0.9}
+    s = summarize(scores)
+    values = np.array(list(scores.values()))
+    assert s.alignment == pytest.approx(values.mean())
+    assert s.worst == pytest.approx(0.7) and s.worst_group == "b"
+    assert s.fairness == pytest.approx(1 / (1 + np.std(values, ddof=0) / values.mean()))
+    assert summarize({"a": 0.5, "b": 0.5}).fairness == pytest.approx(1.0)
+
+
+def test_group_prior() -> None:
+    items = [
+        SurveyItem("q1", ("a", "b"), np.array([0.2, 0.8])),
+        SurveyItem("q2", ("a", "b"), np.array([0.4, 0.6])),
+        SurveyItem("q3", ("a", "b", "c"), np.array([0.1, 0.1, 0.8])),
+    ]
+    assert np.allclose(group_prior(items, 2), [0.3, 0.7])
+    assert np.allclose(group_prior(items, 3), [0.1, 0.1, 0.8])
+    assert np.allclose(group_prior(items, 4), [0.25] * 4)
+
+
+def test_rounds_to_fraction() -> None:
+    history = [(10, 0.5), (20, 0.7), (30, 0.79), (40, 0.8), (50, 0.78)]
+    assert rounds_to_fraction(history, 0.95) == 30  # 0.7 < 0.76 <= 0.79
+    assert rounds_to_fraction(history, 0.99) == 40  # 0.79 < 0.792 <= 0.8
+
+
+def test_context_gain_is_difference_of_means() -> None:
+    evals = [
+        GroupEvaluation("a", 10, 0.8, 0.75, 0.6, 0.7),
+        GroupEvaluation("b", 5, 0.7, 0.69, 0.5, 0.6),
+    ]
+    rep = summarize_groups(evals)
+    assert rep.context_gain == pytest.approx(((0.8 - 0.75) + (0.7 - 0.69)) / 2)
+    assert rep.prior_baseline.alignment == pytest.approx(0.65)
+    again = GroupEvaluation.from_metrics("a", 10, evals[0].metrics())
+    assert again == evals[0]
+    with pytest.raises(ValueError, match="lacks"):
+        GroupEvaluation.from_metrics("a", 10, {"model": 0.5})
+    with pytest.raises(ValueError, match=r"not in \[0, 1\]"):
+        GroupEvaluation.from_metrics("a", 10, {**evals[0].metrics(), "model": float("nan")})

@@ -1,0 +1,168 @@
+"""The GPO model: who attends to whom, the loss against an independent computation, shapes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from pluralfed.data import SurveyItem
+from pluralfed.episodes import EmbeddedItem, Episode, make_batch
+from pluralfed.model import GPO, GPOConfig, gpo_loss, masked_softmax
+from pluralfed.training import build_model
+
+torch.set_num_threads(1)
+DIM = 16
+CFG = GPOConfig(embed_dim=DIM, d_model=32, n_layers=2, n_heads=4, d_ff=32)
+
+
+def _item(rng: np.random.Generator, k: int, name: str) -> EmbeddedItem:
+    dist = rng.dirichlet(np.ones(k))
+    emb = rng.normal(size=(k, DIM)).astype(np.float32)
+    return EmbeddedItem(SurveyItem(name, tuple(f"o{i}" for i in range(k)), dist), emb)
+
+
+def _predict(model: GPO, context: list[EmbeddedItem], targets: list[EmbeddedItem]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        batch = make_batch([Episode(context, targets)])
+        return model.predict(batch)[0, len(context) :]
+
+
+@pytest.fixture
+def setup() -> tuple[GPO, list[EmbeddedItem], list[EmbeddedItem], np.random.Generator]:
+    rng = np.random.default_rng(0)
+    model = build_model(CFG, seed=1)
+    context = [_item(rng, k, f"c{i}") for i, k in enumerate([3, 4, 5, 2])]
+    targets = [_item(rng, k, f"t{i}") for i, k in enumerate([4, 3, 6])]
+    return model, context, targets, rng
+
+
+def test_target_prediction_ignores_other_targets(setup) -> None:
+    model, context, targets, rng = setup
+    before = _predict(model, context, targets)[0]
+    # change the other targets (their text and their hidden answers) and add one more
+    others = [_item(rng, 5, "x"), _item(rng, 2, "y"), _item(rng, 3, "z")]
+    after = _predict(model, context, [targets[0], *others])[0]
+    # padding to a wider K adds masked options only
+    k = len(targets[0].item.options)
+    torch.testing.assert_close(before[:k], after[:k], rtol=1e-5, atol=1e-6)
+
+
+def test_target_probabilities_are_never_read(setup) -> None:
+    model, context, targets, _ = setup
+    before = _predict(model, context, targets)
+    changed = [
+        EmbeddedItem(
+            SurveyItem(t.item.question, t.item.options, np.roll(t.item.distribution, 1)),
+            t.embeddings,
+        )
+        for t in targets
+    ]
+    torch.testing.assert_close(before, _predict(model, context, changed))
+
+
+def test_prediction_changes_with_context(setup) -> None:
+    model, context, targets, _ = setup
+    before = _predict(model, context, targets)
+    flipped = [
+        EmbeddedItem(
+            SurveyItem(c.item.question, c.item.options, c.item.distribution[::-1].copy()),
+            c.embeddings,
+        )
+        for c in context
+    ]
+    after = _predict(model, flipped, targets)
+    # an untrained model reads the probability (1 of E+1 input features) only weakly, but it
+    # reads it: the change is far above float32 rounding (~1e-7)
+    assert (before - after).abs().max() > 2e-6
+    # and the context's text matters too
+    other_text = [EmbeddedItem(c.item, -c.embeddings) for c in context]
+    assert (before - _predict(model, other_text, targets)).abs().max() > 1e-4
+
+
+def test_context_order_does_not_matter(setup) -> None:
+    model, context, targets, _ = setup
+    before = _predict(model, context, targets)
+    after = _predict(model, context[::-1], targets)
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_in_batch_does_not_change_predictions(setup) -> None:
+    model, context, targets, rng = setup
+    alone = _predict(model, context, targets)
+    big = Episode([_item(rng, 7, f"b{i}") for i in range(9)], [_item(rng, 8, "bt")])
+    model.eval()
+    with torch.no_grad():
+        batch = make_batch([Episode(context, targets), big])
+        pred = model.predict(batch)[0, len(context) : len(context) + len(targets)]
+    torch.testing.assert_close(alone, pred[:, : alone.shape[1]], rtol=1e-5, atol=1e-6)
+    assert torch.all(pred[:, alone.shape[1] :] == 0)
+
+
+def test_predictions_are_distributions(setup) -> None:
+    model, context, targets, _ = setup
+    pred = _predict(model, context, targets)
+    for row, t in zip(pred, targets, strict=True):
+        k = len(t.item.options)
+        assert math.isclose(float(row[:k].sum()), 1.0, rel_tol=1e-5)
+        assert torch.all(row[k:] == 0)
+
+
+def test_loss_matches_independent_gaussian_nll(setup) -> None:
+    model, context, targets, _ = setup
+    batch = make_batch([Episode(context, targets)])
+    mean, log_std = model(batch)
+    loss = float(gpo_loss(mean, log_std, batch).detach())
+    terms = []
+    for qi, t in enumerate(targets, start=len(context)):
+        k = len(t.item.options)
+        logits = mean[0, qi, :k].detach().double().numpy()
+        pred = np.exp(logits - logits.max())
+        pred /= pred.sum()
+        sigma = np.exp(log_std[0, qi, :k].detach().double().numpy())
+        terms.extend(-norm.logpdf(t.item.distribution, loc=pred, scale=sigma))
+    assert loss == pytest.approx(float(np.mean(terms)), rel=1e-4)
+
+
+def test_loss_gradient_flows_and_training_reduces_loss() -> None:
+    rng = np.random.default_rng(3)
+    model = build_model(CFG, seed=0)
+    items = [_item(rng, 4, f"q{i}") for i in range(20)]
+    batch = make_batch([Episode(items[:10], items[10:])])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(60):
+        mean, log_std = model(batch)
+        loss = gpo_loss(mean, log_std, batch)
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < first - 0.5
+
+
+def test_masked_softmax_rows_without_entries_are_zero() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    out = masked_softmax(logits, mask)
+    assert torch.allclose(out[0, :2], torch.softmax(torch.tensor([1.0, 2.0]), 0))
+    assert torch.all(out[0, 2] == 0) and torch.all(out[1] == 0)
+
+
+def test_same_seed_same_weights_and_config_round_trip() -> None:
+    a, b = build_model(CFG, seed=5), build_model(CFG, seed=5)
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(ta, tb)
+    assert GPOConfig.from_dict(CFG.to_dict()) == CFG
+    with pytest.raises(ValueError, match="unknown"):
+        GPOConfig.from_dict({**CFG.to_dict(), "bogus": 1})
+
+
+def test_episode_without_context_is_refused(setup) -> None:
+    _, _, targets, _ = setup
+    with pytest.raises(ValueError, match="context"):
+        make_batch([Episode([], targets)])

@@ -1,0 +1,475 @@
+"""Aggregation rules: FedAvg (whole and streaming), server optimizers, fairness weights, clipping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.strategy import (
+    AggregationError,
+    FedAdagrad,
+    FedAdam,
+    FedAvgOptimizer,
+    FedYogi,
+    StreamingFedAvg,
+    clip_by_norm,
+    clip_scale,
+    fedavg,
+    make_server_optimizer,
+    qfedavg_weight,
+    qfedavg_weights,
+    streaming_update_norm,
+    update_norm,
+)
+from pluralfed import wire
+from pluralfed.errors import InputError
+from pluralfed.wire import TensorSlice, UpdateSpool
+
+
+def random_model(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "w": rng.normal(size=(6, 5)).astype(np.float32),
+        "b": rng.normal(size=(5,)).astype(np.float32),
+        "s": np.array(rng.normal(), dtype=np.float64),
+        "h": rng.normal(size=(4,)).astype(np.float16),
+        "empty": np.zeros((0, 2), np.float32),
+    }
+
+
+def random_updates(seed: int, n: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [random_model(rng) for _ in range(n)]
+
+
+def spooled(update: dict[str, np.ndarray], directory: Path, chunk_bytes: int) -> UpdateSpool:
+    spool = UpdateSpool(wire.specs_of(update), directory)
+    for chunk in wire.iter_chunks(update, chunk_bytes):
+        spool.add(chunk)
+    spool.finish(wire.digest_of(update))
+    return spool
+
+
+# --------------------------------------------------------------------------------------------
+# fedavg
+
+
+def test_fedavg_matches_an_independent_weighted_mean() -> None:
+    updates = random_updates(0, 5)
+    weights = [3, 1, 4, 1, 5]
+    out = fedavg(updates, weights)
+    assert list(out) == list(updates[0])
+    for name in updates[0]:
+        stack = np.stack([np.asarray(u[name], np.float64) for u in updates])
+        expected = np.average(stack, axis=0, weights=weights) if stack.size else stack[0]
+        assert out[name].dtype == updates[0][name].dtype
+        assert out[name].shape == updates[0][name].shape
+        tol = 1e-3 if updates[0][name].dtype == np.float16 else 1e-6
+        np.testing.assert_allclose(out[name], expected, rtol=tol, atol=tol)
+
+
+def test_fedavg_uniform_is_the_plain_mean_and_scale_free() -> None:
+    updates = random_updates(1, 4)
+    uniform = fedavg(updates)
+    np.testing.assert_allclose(uniform["w"], np.mean([u["w"] for u in updates], axis=0), rtol=1e-6)
+    a = fedavg(updates, [1, 2, 3, 4])
+    b = fedavg(updates, [10, 20, 30, 40])
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6)
+
+
+def test_fedavg_refuses_bad_input() -> None:
+    updates = random_updates(2, 2)
+    with pytest.raises(AggregationError, match="no updates"):
+        fedavg([])
+    with pytest.raises(InputError, match="2 updates but 1 weights"):
+        fedavg(updates, [1.0])
+    with pytest.raises(InputError, match="weight"):
+        fedavg(updates, [1.0, -1.0])
+    with pytest.raises(InputError, match="weight"):
+        fedavg(updates, [1.0, math.nan])
+    with pytest.raises(AggregationError, match="total weight is 0"):
+        fedavg(updates, [0.0, 0.0])
+    bad = dict(updates[1])
+    bad["w"] = bad["w"].T
+    with pytest.raises(InputError, match=r"'w'.*expected float32\[6, 5\]"):
+        fedavg([updates[0], bad])
+    missing = {k: v for k, v in updates[1].items() if k != "b"}
+    with pytest.raises(InputError, match="missing"):
+        fedavg([updates[0], missing])
+
+
+def test_integer_and_bool_tensors_average_sensibly() -> None:
+    updates = [
+        {"n": np.array([1, 10], np.int64), "m": np.array([True, False])},
+        {"n": np.array([2, 20], np.int64), "m": np.array([True, True])},
+        {"n": np.array([4, 31], np.int64), "m": np.array([False, False])},
+    ]
+    out = fedavg(updates, [1, 1, 2])
+    assert out["n"].dtype == np.int64 and out["n"].tolist() == [3, 23]  # 11/4 -> 3, 92/4 -> 23
+    assert out["m"].dtype == np.bool_ and out["m"].tolist() == [True, False]  # weighted majority
+
+
+def test_bfloat16_tensors_average_in_float() -> None:
+    a = np.array([1.0, 2.0, -3.0], np.float32)
+    b = np.array([3.0, 2.0, 5.0], np.float32)
+    ups = [{"x": wire.float32_to_bfloat16(a)}, {"x": wire.float32_to_bfloat16(b)}]
+    out = fedavg(ups)
+    assert out["x"].dtype == np.uint16
+    assert wire.bfloat16_to_float32(out["x"]).tolist() == [2.0, 2.0, 1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# streaming
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_equals_fedavg_with_random_chunking(tmp_path: Path, seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    updates = random_updates(seed, 6)
+    weights = rng.integers(1, 500, size=len(updates)).tolist()
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+    for update, weight in zip(updates, weights, strict=True):
+        chunk_bytes = int(rng.integers(1, 200))
+        with spooled(update, tmp_path, chunk_bytes) as spool:
+            aggregate.fold_update(spool.replay(int(rng.integers(1, 300))), weight)
+    assert aggregate.num_updates == len(updates)
+    assert aggregate.total_weight == sum(weights)
+    streamed, reference = aggregate.result(), fedavg(updates, weights)
+    assert list(streamed) == list(reference)
+    for name in reference:
+        assert streamed[name].dtype == reference[name].dtype
+        assert streamed[name].shape == reference[name].shape
+        np.testing.assert_array_equal(streamed[name], reference[name])  # same float64 sums
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streaming_from_the_assembler_callback() -> None:
+    updates = random_updates(3, 3)
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+    for k, update in enumerate(updates):
+        pieces: list[TensorSlice] = []
+        assembler = wire.TensorAssembler(wire.specs_of(update), on_slice=pieces.append)
+        for chunk in wire.iter_chunks(update, 7):
+            assembler.add(chunk)
+        assembler.finish(wire.digest_of(update))
+        aggregate.fold_update(pieces, k + 1)
+    for name, value in fedavg(updates, [1, 2, 3]).items():
+        np.testing.assert_array_equal(aggregate.result()[name], value)
+
+
+def test_streaming_uniform_ignores_the_weights(tmp_path: Path) -> None:
+    updates = random_updates(4, 3)
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]), uniform=True)
+    for update, weight in zip(updates, [5, 50, 500], strict=True):
+        with spooled(update, tmp_path, 64) as spool:
+            aggregate.fold_update(spool.replay(), weight)
+    assert aggregate.total_weight == 3
+    for name, value in fedavg(updates).items():
+        np.testing.assert_array_equal(aggregate.result()[name], value)
+
+
+def test_streaming_with_no_updates_is_an_error() -> None:
+    aggregate = StreamingFedAvg(wire.specs_of(random_updates(5, 1)[0]))
+    with pytest.raises(AggregationError, match="no updates"):
+        aggregate.result()
+
+
+def test_rejected_upload_never_touches_the_sum(tmp_path: Path) -> None:
+    updates = random_updates(6, 3)
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+    with spooled(updates[0], tmp_path, 32) as spool:
+        aggregate.fold_update(spool.replay(), 2)
+    before = {name: s.copy() for name, s in aggregate._sums.items()}
+
+    # bad digest: dropped at finish, the update cannot even be replayed
+    bad = UpdateSpool(wire.specs_of(updates[1]), tmp_path)
+    for chunk in wire.iter_chunks(updates[1], 32):
+        bad.add(chunk)
+    with pytest.raises(wire.DigestMismatchError):
+        bad.finish(wire.digest_of(updates[2]))
+    with pytest.raises(RuntimeError):
+        aggregate.fold_update(bad.replay(), 3)
+    # truncated upload
+    cut = UpdateSpool(wire.specs_of(updates[1]), tmp_path)
+    for chunk in list(wire.iter_chunks(updates[1], 32))[:-1]:
+        cut.add(chunk)
+    with pytest.raises(wire.WireError):
+        cut.finish(wire.digest_of(updates[1]))
+    assert list(tmp_path.iterdir()) == []
+
+    assert aggregate.num_updates == 1 and aggregate.total_weight == 2
+    for name, s in aggregate._sums.items():
+        np.testing.assert_array_equal(s, before[name])
+    with spooled(updates[2], tmp_path, 32) as spool:
+        aggregate.fold_update(spool.replay(), 5)
+    for name, value in fedavg([updates[0], updates[2]], [2, 5]).items():
+        np.testing.assert_array_equal(aggregate.result()[name], value)
+
+
+def test_errors_found_before_folding_leave_the_aggregate_usable() -> None:
+    updates = random_updates(7, 2)
+    specs = wire.specs_of(updates[0])
+    aggregate = StreamingFedAvg(specs)
+    aggregate.fold_update(_slices(updates[0]), 1)
+    wrong = wire.TensorSpec("w", "float32", (5, 6))
+    with pytest.raises(InputError, match="'w'"):
+        aggregate.fold_update([TensorSlice(wrong, 0, np.zeros(30, np.float32))], 1)
+    with pytest.raises(InputError, match="not in the model"):
+        aggregate.add_chunk("nope", 0, np.zeros(1), 1)
+    aggregate.abort()
+    aggregate.fold_update(_slices(updates[1]), 1)
+    for name, value in fedavg(updates).items():
+        np.testing.assert_array_equal(aggregate.result()[name], value)
+
+
+def _slices(update: dict[str, np.ndarray]) -> Iterator[TensorSlice]:
+    for name, array in update.items():
+        spec = wire.TensorSpec.of(name, array)
+        yield TensorSlice(spec, 0, np.asarray(array).reshape(-1))
+
+
+def test_a_partly_folded_update_makes_the_aggregate_refuse() -> None:
+    updates = random_updates(8, 2)
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+    aggregate.fold_update(_slices(updates[0]), 1)
+
+    def breaks_off() -> Iterator[TensorSlice]:
+        yield next(_slices(updates[1]))
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        aggregate.fold_update(breaks_off(), 1)
+    with pytest.raises(AggregationError, match="partly folded"):
+        aggregate.result()
+
+    incomplete = StreamingFedAvg(wire.specs_of(updates[0]))
+    with pytest.raises(AggregationError, match="incomplete: tensor 'b'"):
+        incomplete.fold_update(list(_slices(updates[0]))[:1], 1)
+    with pytest.raises(AggregationError, match="unusable"):
+        incomplete.result()
+
+
+def test_add_chunk_and_commit_by_hand() -> None:
+    update = {"v": np.arange(10, dtype=np.float32)}
+    aggregate = StreamingFedAvg(wire.specs_of(update))
+    aggregate.add_chunk("v", 0, update["v"][:4], 2.0)
+    with pytest.raises(InputError, match="expected element 4"):
+        aggregate.add_chunk("v", 5, update["v"][5:], 2.0)
+    with pytest.raises(InputError, match="weight"):
+        aggregate.add_chunk("v", 4, update["v"][4:], 3.0)
+    with pytest.raises(InputError, match="non-finite"):
+        aggregate.add_chunk("v", 4, np.full(6, np.nan, np.float32), 2.0)
+    with pytest.raises(AggregationError, match="still open"):
+        aggregate.result()
+    aggregate.add_chunk("v", 4, update["v"][4:], 2.0)
+    aggregate.commit(2.0)
+    np.testing.assert_array_equal(aggregate.result()["v"], update["v"])
+
+
+# --------------------------------------------------------------------------------------------
+# norms and clipping
+
+
+def test_update_norm_and_clipping() -> None:
+    reference: dict[str, np.ndarray] = {"a": np.zeros(2, np.float32), "n": np.array([1], np.int64)}
+    update: dict[str, np.ndarray] = {
+        "a": np.array([3.0, 4.0], np.float32),
+        "n": np.array([100], np.int64),
+    }
+    assert update_norm(update, reference) == 5.0  # ints do not count
+    clipped, norm = clip_by_norm(update, reference, 2.5)
+    assert norm == 5.0
+    np.testing.assert_allclose(clipped["a"], [1.5, 2.0])
+    assert clipped["n"].tolist() == [100]
+    unchanged, _ = clip_by_norm(update, reference, 10.0)
+    np.testing.assert_array_equal(unchanged["a"], update["a"])
+    assert clip_scale(5.0, 2.5) == 0.5 and clip_scale(1.0, 2.5) == 1.0
+    with pytest.raises(InputError):
+        clip_scale(1.0, 0.0)
+
+
+def test_streaming_norm_and_clipped_fold_match_the_whole_versions(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    global_model = random_model(rng)
+    updates = random_updates(10, 3)
+    aggregate = StreamingFedAvg(wire.specs_of(global_model))
+    clipped_updates = []
+    for update in updates:
+        with spooled(update, tmp_path, 40) as spool:
+            norm = streaming_update_norm(spool.replay(24), global_model)
+            assert norm == pytest.approx(update_norm(update, global_model), rel=1e-12)
+            scale = clip_scale(norm, 1.0)
+            aggregate.fold_update(spool.replay(), 1, reference=global_model, scale=scale)
+        clipped_updates.append(clip_by_norm(update, global_model, 1.0)[0])
+    expected = fedavg(clipped_updates)
+    for name, value in aggregate.result().items():
+        np.testing.assert_allclose(
+            value, expected[name], rtol=1e-3 if value.dtype == np.float16 else 1e-6
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# q-FedAvg weights
+
+
+def test_qfedavg_weights() -> None:
+    n = [100, 300, 600]
+    losses = [0.5, 1.0, 2.0]
+    np.testing.assert_allclose(qfedavg_weights(losses, n, 0.0), [0.1, 0.3, 0.6])
+    # q = 2: p_k * F_k^2 = 0.1*0.25, 0.3*1, 0.6*4 -> normalised
+    raw = np.array([0.1 * 0.25, 0.3 * 1.0, 0.6 * 4.0])
+    np.testing.assert_allclose(qfedavg_weights(losses, n, 2.0), raw / raw.sum())
+    assert qfedavg_weights(losses, n, 2.0).sum() == pytest.approx(1.0)
+    # higher q moves weight to the worst-served group
+    assert qfedavg_weights(losses, n, 5.0)[2] > qfedavg_weights(losses, n, 1.0)[2]
+    # large q neither overflows nor underflows into nonsense
+    w = qfedavg_weights([1e3, 2e3], [1, 1], 200.0)
+    assert np.isfinite(w).all() and w[1] == pytest.approx(1.0)
+    # the per-update form gives the same average through StreamingFedAvg's normalisation
+    single = [qfedavg_weight(x, k, 2.0) for x, k in zip(losses, n, strict=True)]
+    np.testing.assert_allclose(np.array(single) / sum(single), raw / raw.sum())
+    # zero loss: weight 0 for q > 0, unaffected for q = 0
+    np.testing.assert_allclose(qfedavg_weights([0.0, 1.0], [1, 1], 1.0), [0.0, 1.0])
+    np.testing.assert_allclose(qfedavg_weights([0.0, 1.0], [1, 1], 0.0), [0.5, 0.5])
+    with pytest.raises(InputError, match="weight 0"):
+        qfedavg_weights([0.0], [5], 1.0)
+    with pytest.raises(InputError, match="q must"):
+        qfedavg_weights(losses, n, -1.0)
+    with pytest.raises(InputError, match="loss"):
+        qfedavg_weights([-1.0, 1.0, 1.0], n, 1.0)
+    with pytest.raises(InputError):
+        qfedavg_weights([1.0], n, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# server optimizers
+
+
+def test_plain_fedavg_optimizer() -> None:
+    g: dict[str, np.ndarray] = {"w": np.array([1.0, 2.0], np.float32), "n": np.array([1], np.int64)}
+    avg: dict[str, np.ndarray] = {
+        "w": np.array([3.0, 0.0], np.float32),
+        "n": np.array([5], np.int64),
+    }
+    out = FedAvgOptimizer().apply(g, avg)
+    np.testing.assert_array_equal(out["w"], avg["w"])
+    damped = FedAvgOptimizer(server_lr=0.5).apply(g, avg)
+    np.testing.assert_allclose(damped["w"], [2.0, 1.0])
+    assert damped["n"].tolist() == [5]
+
+
+def hand_adaptive(
+    kind: str, g: float, averages: list[float], lr: float, b1: float, b2: float, tau: float
+) -> list[float]:
+    """Reddi et al. 2021, Algorithm 2, written out for one scalar."""
+    m, v, x, out = 0.0, tau * tau, g, []
+    for avg in averages:
+        d = avg - x
+        m = b1 * m + (1 - b1) * d
+        if kind == "adam":
+            v = b2 * v + (1 - b2) * d * d
+        elif kind == "yogi":
+            v = v - (1 - b2) * d * d * (1.0 if v - d * d > 0 else -1.0 if v - d * d < 0 else 0.0)
+        else:
+            v = v + d * d
+        x = x + lr * m / (math.sqrt(v) + tau)
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "cls"), [("adam", FedAdam), ("yogi", FedYogi), ("adagrad", FedAdagrad)]
+)
+def test_adaptive_optimizers_match_a_hand_computation_for_two_steps(kind: str, cls: type) -> None:
+    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    start = [0.5, -1.0, 2.0]
+    # round 1 and round 2 averages (the second is relative to the new global model)
+    avg1 = [0.7, -1.5, 2.0]
+    avg2_delta = [0.1, 0.3, -0.2]
+    opt = cls(server_lr=lr, beta1=b1, beta2=b2, tau=tau)
+    g0 = {"p": np.array(start, np.float64)}
+    g1 = opt.apply(g0, {"p": np.array(avg1, np.float64)})
+    avg2 = g1["p"] + np.array(avg2_delta)
+    g2 = opt.apply(g1, {"p": avg2})
+    for i in range(3):
+        expected = hand_adaptive(kind, start[i], [avg1[i], float(avg2[i])], lr, b1, b2, tau)
+        assert g1["p"][i] == pytest.approx(expected[0], rel=1e-12, abs=1e-15)
+        assert g2["p"][i] == pytest.approx(expected[1], rel=1e-12, abs=1e-15)
+    assert opt.step == 2
+
+
+def test_adam_first_step_by_hand() -> None:
+    """One step spelled out: m = 0.1 D, v = tau^2 * 0.99 + 0.01 D^2."""
+    opt = FedAdam(server_lr=1.0, beta1=0.9, beta2=0.99, tau=0.01)
+    out = opt.apply({"x": np.array([0.0])}, {"x": np.array([2.0])})
+    m = 0.1 * 2.0
+    v = 0.99 * 1e-4 + 0.01 * 4.0
+    assert out["x"][0] == pytest.approx(m / (math.sqrt(v) + 0.01))
+
+
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi, FedAdagrad])
+def test_optimizer_state_round_trip(cls: type) -> None:
+    rng = np.random.default_rng(11)
+    g: dict[str, np.ndarray] = {
+        "w": rng.normal(size=(3, 2)).astype(np.float32),
+        "n": np.array([3], np.int64),
+        "bf": wire.float32_to_bfloat16(rng.normal(size=4)),
+    }
+
+    def avg(seed: int) -> dict[str, np.ndarray]:
+        r = np.random.default_rng(seed)
+        return {
+            "w": (g["w"] + r.normal(size=(3, 2))).astype(np.float32),
+            "n": np.array([4], np.int64),
+            "bf": wire.float32_to_bfloat16(r.normal(size=4)),
+        }
+
+    original = cls(server_lr=0.05)
+    g1 = original.apply(g, avg(1))
+    state = original.state_dict()
+    assert state["step"] == 1
+    assert set(state) == {"step", "m/w", "v/w", "m/bf", "v/bf"}  # ints have no moments
+    assert all(isinstance(v, np.ndarray) for k, v in state.items() if k != "step")
+
+    restored = cls(server_lr=0.05)
+    restored.load_state_dict(state)
+    a, b = original.apply(g1, avg(2)), restored.apply(g1, avg(2))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert a["n"].tolist() == [4] and a["w"].dtype == np.float32 and a["bf"].dtype == np.uint16
+
+    with pytest.raises(InputError, match="unexpected entry"):
+        cls().load_state_dict({"step": 1, "q/w": np.zeros(1)})
+    with pytest.raises(InputError, match="step"):
+        cls().load_state_dict({"step": -1})
+    with pytest.raises(InputError, match="do not match"):
+        cls().load_state_dict({"step": 1, "m/w": np.zeros(2)})
+    mismatched = cls()
+    mismatched.load_state_dict({"step": 1, "m/w": np.zeros(2), "v/w": np.zeros(2)})
+    with pytest.raises(InputError, match="does not fit"):
+        mismatched.apply(g, avg(3))
+
+
+def test_failed_apply_leaves_the_state_alone() -> None:
+    opt = FedAdam()
+    g = {"w": np.ones(3, np.float32)}
+    opt.apply(g, {"w": np.zeros(3, np.float32)})
+    state = opt.state_dict()
+    with pytest.raises(InputError):
+        opt.apply(g, {"w": np.zeros(4, np.float32)})
+    after = opt.state_dict()
+    assert after["step"] == state["step"]
+    np.testing.assert_array_equal(after["m/w"], state["m/w"])
+
+
+def test_make_server_optimizer() -> None:
+    assert isinstance(make_server_optimizer("FedYogi", server_lr=0.1), FedYogi)
+    assert isinstance(make_server_optimizer("fedavg"), FedAvgOptimizer)
+    with pytest.raises(InputError, match="unknown server optimizer"):
+        make_server_optimizer("sgd")
+    with pytest.raises(InputError, match="beta1"):
+        FedAdam(beta1=1.0)

@@ -1,0 +1,570 @@
+"""TLS material: issuance, file modes, every load-validation error, identity extraction, `certs` CLI."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import logging
+import os
+import stat
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pluralfed import tls
+from pluralfed.commands import certs
+from pluralfed.errors import InputError
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def eku(cert: x509.Certificate) -> list[x509.ObjectIdentifier]:
+    return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+
+def sans(cert: x509.Certificate) -> x509.SubjectAlternativeName:
+    return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CA, coordinator (localhost, 127.0.0.1, ::1), node-a, plus a second CA with its own node."""
+    root = tmp_path_factory.mktemp("pki")
+    tls.create_ca(root / "ca")
+    tls.issue_server_cert(
+        root / "ca", root / "server", "coordinator", ["localhost", "127.0.0.1", "::1"]
+    )
+    tls.issue_node_cert(root / "ca", root / "node-a", "node-a")
+    tls.create_ca(root / "other-ca", common_name="other CA")
+    tls.issue_node_cert(root / "other-ca", root / "other-node", "node-a")
+    return root
+
+
+# --------------------------------------------------------------------------------------------------
+# issuance
+
+
+def test_create_ca(pki: Path) -> None:
+    cert = load_cert(pki / "ca" / "ca.pem")
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "pluralfed CA"
+    assert cert.issuer == cert.subject
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    assert cert.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
+    assert mode(pki / "ca" / "ca.key") == 0o600
+    assert mode(pki / "ca" / "ca.pem") == 0o644
+    days = (cert.not_valid_after_utc - NOW).days
+    assert 3648 <= days <= 3650
+    assert not list((pki / "ca").glob(".*tmp")), "temporary files left behind"
+
+
+def test_create_ca_refuses_to_overwrite(tmp_path: Path) -> None:
+    tls.create_ca(tmp_path)
+    key_before = (tmp_path / "ca.key").read_bytes()
+    with pytest.raises(InputError, match=r"refusing to overwrite.*ca\.key.*--force"):
+        tls.create_ca(tmp_path)
+    assert (tmp_path / "ca.key").read_bytes() == key_before
+    tls.create_ca(tmp_path, force=True)
+    assert (tmp_path / "ca.key").read_bytes() != key_before
+    assert mode(tmp_path / "ca.key") == 0o600
+
+
+def test_server_cert_sans_and_eku(pki: Path) -> None:
+    cert = load_cert(pki / "server" / "cert.pem")
+    ca = load_cert(pki / "ca" / "ca.pem")
+    cert.verify_directly_issued_by(ca)
+    names = sans(cert)
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert eku(cert) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert (pki / "server" / "ca.pem").read_bytes() == (pki / "ca" / "ca.pem").read_bytes()
+    assert mode(pki / "server" / "key.pem") == 0o600
+    assert not (pki / "server" / "ca.key").exists()
+    assert (cert.not_valid_after_utc - NOW).days in (824, 825)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("localhost", x509.DNSName("localhost")),
+        ("Coordinator.Example.ORG", x509.DNSName("coordinator.example.org")),
+        ("*.example.org", x509.DNSName("*.example.org")),
+        ("10.0.0.5", x509.IPAddress(ipaddress.ip_address("10.0.0.5"))),
+        ("[::1]", x509.IPAddress(ipaddress.ip_address("::1"))),
+        ("fe80::1", x509.IPAddress(ipaddress.ip_address("fe80::1"))),
+    ],
+)
+def test_parse_san(value: str, expected: x509.GeneralName) -> None:
+    assert tls.parse_san(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["", "under_score.example", "a b", "-lead.example", "x" * 64 + ".org"]
+)
+def test_parse_san_rejects(value: str) -> None:
+    with pytest.raises(InputError, match="SAN"):
+        tls.parse_san(value)
+
+
+def test_server_cert_needs_sans(pki: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="at least one"):
+        tls.issue_server_cert(pki / "ca", tmp_path, "coordinator", [])
+
+
+def test_node_cert_identity(pki: Path) -> None:
+    cert = load_cert(pki / "node-a" / "cert.pem")
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "node-a"
+    assert sans(cert).get_values_for_type(x509.UniformResourceIdentifier) == [
+        "pluralfed://node/node-a"
+    ]
+    assert eku(cert) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert mode(pki / "node-a" / "key.pem") == 0o600
+
+
+@pytest.mark.parametrize("node_id", ["", "a/b", "../x", ".hidden", "-x", "a b", "x" * 65, "é"])
+def test_node_id_validated(pki: Path, tmp_path: Path, node_id: str) -> None:
+    with pytest.raises(InputError, match="node id"):
+        tls.issue_node_cert(pki / "ca", tmp_path, node_id)
+    assert not (tmp_path / "key.pem").exists()
+
+
+def test_node_id_64_chars_ok(pki: Path, tmp_path: Path) -> None:
+    tls.issue_node_cert(pki / "ca", tmp_path, "n" * 64)
+
+
+def test_issue_needs_ca_key(pki: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"CA key not found at .*server/ca\.key"):
+        tls.issue_node_cert(pki / "server", tmp_path, "node-z")
+
+
+def test_issue_refuses_to_overwrite(pki: Path, tmp_path: Path) -> None:
+    tls.issue_node_cert(pki / "ca", tmp_path, "node-z")
+    before = (tmp_path / "key.pem").read_bytes()
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        tls.issue_node_cert(pki / "ca", tmp_path, "node-z")
+    assert (tmp_path / "key.pem").read_bytes() == before
+    # a ca.pem from another federation in the target directory is not silently replaced either
+    other = tmp_path / "fresh"
+    other.mkdir()
+    (other / "ca.pem").write_bytes((pki / "other-ca" / "ca.pem").read_bytes())
+    with pytest.raises(InputError, match="different CA"):
+        tls.issue_node_cert(pki / "ca", other, "node-z")
+    assert not (other / "key.pem").exists()
+
+
+def test_backdated_issuance(pki: Path, tmp_path: Path) -> None:
+    start, end = NOW - dt.timedelta(days=10), NOW - dt.timedelta(days=1)
+    tls.issue_node_cert(pki / "ca", tmp_path, "old", not_before=start, not_after=end)
+    cert = load_cert(tmp_path / "cert.pem")
+    assert abs(cert.not_valid_before_utc - start) < dt.timedelta(seconds=1)
+    assert abs(cert.not_valid_after_utc - end) < dt.timedelta(seconds=1)
+    with pytest.raises(InputError, match="not after"):
+        tls.issue_node_cert(pki / "ca", tmp_path / "x", "x", not_before=end, not_after=start)
+
+
+def test_leaf_does_not_outlive_ca(tmp_path: Path) -> None:
+    tls.create_ca(tmp_path / "ca", days=30)
+    tls.issue_node_cert(tmp_path / "ca", tmp_path / "n", "n", days=825)
+    ca, leaf = load_cert(tmp_path / "ca" / "ca.pem"), load_cert(tmp_path / "n" / "cert.pem")
+    assert leaf.not_valid_after_utc == ca.not_valid_after_utc
+
+
+def test_expired_ca_cannot_issue(tmp_path: Path) -> None:
+    tls.create_ca(
+        tmp_path / "ca", not_before=NOW - dt.timedelta(days=9), not_after=NOW - dt.timedelta(days=1)
+    )
+    with pytest.raises(InputError, match="has expired"):
+        tls.issue_node_cert(tmp_path / "ca", tmp_path / "n", "n")
+
+
+# --------------------------------------------------------------------------------------------------
+# loading with validation
+
+
+def test_load_valid(pki: Path) -> None:
+    server = tls.TlsFiles.from_dir(pki / "server")
+    node = tls.TlsFiles.from_dir(pki / "node-a")
+    assert isinstance(server.server_credentials(), grpc.ServerCredentials)
+    assert isinstance(node.channel_credentials(), grpc.ChannelCredentials)
+    assert isinstance(
+        tls.load_server_credentials(server.cert, server.key, server.ca), grpc.ServerCredentials
+    )
+    assert isinstance(
+        tls.load_channel_credentials(str(node.cert), str(node.key), str(node.ca)),
+        grpc.ChannelCredentials,
+    )
+
+
+@pytest.mark.parametrize("missing", ["ca", "cert", "key"])
+def test_load_missing_file(pki: Path, tmp_path: Path, missing: str) -> None:
+    files = tls.TlsFiles.from_dir(pki / "node-a")
+    gone = tmp_path / "gone.pem"
+    paths = {"ca": files.ca, "cert": files.cert, "key": files.key, missing: gone}
+    with pytest.raises(InputError, match=rf"file not found: {gone}"):
+        tls.load_channel_credentials(paths["cert"], paths["key"], paths["ca"])
+
+
+def test_load_directory_instead_of_file(pki: Path, tmp_path: Path) -> None:
+    files = tls.TlsFiles.from_dir(pki / "node-a")
+    with pytest.raises(InputError, match=rf"not a regular file: {tmp_path}"):
+        tls.load_channel_credentials(tmp_path, files.key, files.ca)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_load_unreadable(pki: Path, tmp_path: Path) -> None:
+    files = tls.TlsFiles.from_dir(pki / "node-a")
+    key = tmp_path / "key.pem"
+    key.write_bytes(files.key.read_bytes())
+    key.chmod(0)
+    with pytest.raises(InputError, match=rf"not readable.*{key}"):
+        tls.load_channel_credentials(files.cert, key, files.ca)
+
+
+@pytest.mark.parametrize("which", ["ca", "cert"])
+def test_load_garbage_certificate(pki: Path, tmp_path: Path, which: str) -> None:
+    files = tls.TlsFiles.from_dir(pki / "node-a")
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n")
+    cert, ca = (bad, files.ca) if which == "cert" else (files.cert, bad)
+    with pytest.raises(InputError, match=rf"{bad}: not a PEM certificate"):
+        tls.load_channel_credentials(cert, files.key, ca)
+    bad.write_text("hello\n")
+    with pytest.raises(InputError, match=rf"{bad}: not a PEM certificate"):
+        tls.load_channel_credentials(cert, files.key, ca)
+
+
+def test_load_garbage_key(pki: Path, tmp_path: Path) -> None:
+    files = tls.TlsFiles.from_dir(pki / "node-a")
+    bad = tmp_path / "key.pem"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    bad.chmod(0o600)
+    with pytest.raises(InputError, match=rf"private key file {bad}: not a PEM private key"):
+        tls.load_channel_credentials(files.cert, bad, files.ca)
+
+
+def test_load_encrypted_key(pki: Path, tmp_path: Path) -> None:
+    files = tls.TlsFiles.from_dir(pki / "node-a")
+    key = serialization.load_pem_private_key(files.key.read_bytes(), None)
+    enc = tmp_path / "key.pem"
+    enc.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    enc.chmod(0o600)
+    with pytest.raises(InputError, match="encrypted"):
+        tls.load_channel_credentials(files.cert, enc, files.ca)
+
+
+def test_load_key_mismatch(pki: Path) -> None:
+    node, server = tls.TlsFiles.from_dir(pki / "node-a"), tls.TlsFiles.from_dir(pki / "server")
+    with pytest.raises(InputError, match=rf"private key {server.key} does not match .*{node.cert}"):
+        tls.load_channel_credentials(node.cert, server.key, node.ca)
+
+
+def test_load_expired(pki: Path, tmp_path: Path) -> None:
+    tls.issue_node_cert(
+        pki / "ca",
+        tmp_path,
+        "node-old",
+        not_before=NOW - dt.timedelta(days=30),
+        not_after=NOW - dt.timedelta(days=2),
+    )
+    files = tls.TlsFiles.from_dir(tmp_path)
+    expected_end = (NOW - dt.timedelta(days=2)).strftime("%Y-%m-%d")
+    with pytest.raises(InputError, match=rf"{files.cert} has expired: .*until {expected_end}"):
+        files.channel_credentials()
+
+
+def test_load_not_yet_valid(pki: Path, tmp_path: Path) -> None:
+    tls.issue_node_cert(
+        pki / "ca",
+        tmp_path,
+        "node-future",
+        not_before=NOW + dt.timedelta(days=2),
+        not_after=NOW + dt.timedelta(days=30),
+    )
+    files = tls.TlsFiles.from_dir(tmp_path)
+    expected_start = (NOW + dt.timedelta(days=2)).strftime("%Y-%m-%d")
+    with pytest.raises(InputError, match=rf"not valid yet: valid from {expected_start}"):
+        files.channel_credentials()
+
+
+def test_load_wrong_ca(pki: Path) -> None:
+    other = tls.TlsFiles.from_dir(pki / "other-node")
+    ours = pki / "ca" / "ca.pem"
+    with pytest.raises(InputError, match=rf"{other.cert} .*was not issued by the CA in {ours}"):
+        tls.load_channel_credentials(other.cert, other.key, ours)
+
+
+def test_load_ca_file_is_not_a_ca(pki: Path) -> None:
+    node = tls.TlsFiles.from_dir(pki / "node-a")
+    with pytest.raises(InputError, match=rf"CA certificate file {node.cert}: .* is not a CA"):
+        tls.load_channel_credentials(node.cert, node.key, node.cert)
+
+
+def test_load_wrong_eku(pki: Path) -> None:
+    node, server = tls.TlsFiles.from_dir(pki / "node-a"), tls.TlsFiles.from_dir(pki / "server")
+    with pytest.raises(InputError, match=rf"{node.cert} lacks ExtendedKeyUsage serverAuth"):
+        tls.load_server_credentials(node.cert, node.key, node.ca)
+    with pytest.raises(InputError, match=rf"{server.cert} lacks ExtendedKeyUsage clientAuth"):
+        tls.load_channel_credentials(server.cert, server.key, server.ca)
+
+
+def test_load_warns_on_readable_key(
+    pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = tls.TlsFiles.from_dir(pki / "node-a")
+    key = tmp_path / "key.pem"
+    key.write_bytes(files.key.read_bytes())
+    key.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.tls"):
+        tls.load_channel_credentials(files.cert, key, files.ca)
+    assert any(
+        "readable by group/others" in r.message and str(key) in r.message for r in caplog.records
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pluralfed.tls"):
+        files.channel_credentials()
+    assert not caplog.records
+
+
+def test_channel_options() -> None:
+    assert tls.channel_options(None) == []
+    assert tls.channel_options("coordinator.example.org") == [
+        ("grpc.ssl_target_name_override", "coordinator.example.org")
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# identity from grpc's auth context
+
+
+def ctx(**values: list[bytes]) -> dict[str, list[bytes]]:
+    return {"transport_security_type": [b"ssl"], **values}
+
+
+def test_identity_from_uri_san() -> None:
+    auth = ctx(
+        x509_common_name=[b"node-a"],
+        x509_subject_alternative_name=[b"pluralfed://node/node-a"],
+        peer_uri=[b"pluralfed://node/node-a"],
+    )
+    assert tls.identity_from_auth_context(auth) == "node-a"
+
+
+def test_identity_needs_tls() -> None:
+    auth = {
+        "transport_security_type": [b"insecure"],
+        "x509_subject_alternative_name": [b"pluralfed://node/a"],
+    }
+    assert tls.identity_from_auth_context(auth) is None
+    assert tls.identity_from_auth_context({}) is None
+
+
+def test_identity_ignores_dns_sans_and_cn_by_default() -> None:
+    auth = ctx(x509_common_name=[b"node-a"], x509_subject_alternative_name=[b"localhost"])
+    assert tls.identity_from_auth_context(auth) is None
+    assert tls.identity_from_auth_context(auth, allow_common_name=True) == "node-a"
+
+
+def test_identity_ambiguous_or_invalid() -> None:
+    two = ctx(x509_subject_alternative_name=[b"pluralfed://node/a", b"pluralfed://node/b"])
+    assert tls.identity_from_auth_context(two) is None
+    bad = ctx(x509_subject_alternative_name=[b"pluralfed://node/../etc"])
+    assert tls.identity_from_auth_context(bad) is None
+    assert (
+        tls.identity_from_auth_context(ctx(x509_common_name=[b"a b"]), allow_common_name=True)
+        is None
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the `pluralfed certs` command
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="pluralfed")
+    certs.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["certs", *argv])
+    return int(args.func(args))
+
+
+def test_cli_init_server_node_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("init", "--out", str(tmp_path / "ca"), "--ca-name", "Test CA", "--days", "100") == 0
+    ca = load_cert(tmp_path / "ca" / "ca.pem")
+    assert ca.subject.rfc4514_string() == "CN=Test CA"
+    assert run(
+        "server", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "srv"),
+        "--name", "coord", "--san", "localhost", "--san", "127.0.0.1,coord.example.org",
+    ) == 0  # fmt: skip
+    srv = load_cert(tmp_path / "srv" / "cert.pem")
+    assert sans(srv).get_values_for_type(x509.DNSName) == ["localhost", "coord.example.org"]
+    assert run(
+        "node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "nodes"),
+        "--id", "n1", "--id", "n2", "--ids", "n3,n4",
+    ) == 0  # fmt: skip
+    for node_id in ("n1", "n2", "n3", "n4"):
+        files = tls.TlsFiles.from_dir(tmp_path / "nodes" / node_id)
+        files.channel_credentials()
+        assert mode(files.key) == 0o600
+    capsys.readouterr()
+    assert (
+        run("show", str(tmp_path / "srv" / "cert.pem"), str(tmp_path / "nodes" / "n3" / "cert.pem"))
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "subject:     CN=coord" in out
+    assert "DNS:localhost, IP:127.0.0.1, DNS:coord.example.org" in out
+    assert "URI:pluralfed://node/n3" in out and "node id:     n3" in out
+    assert "status:      valid" in out
+    assert tls.fingerprint(srv) in out and len(tls.fingerprint(srv)) == 95
+
+
+def test_cli_node_all_or_nothing(tmp_path: Path) -> None:
+    run("init", "--out", str(tmp_path / "ca"))
+    run("node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "nodes"), "--id", "n2")
+    with pytest.raises(InputError, match=r"n2/cert\.pem"):
+        run(
+            "node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "nodes"), "--ids", "n1,n2"
+        )
+    assert not (tmp_path / "nodes" / "n1").exists()
+    with pytest.raises(InputError, match="given twice"):
+        run(
+            "node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "nodes"), "--ids", "n5,n5"
+        )
+    with pytest.raises(InputError, match="at least one"):
+        run("node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "nodes"))
+
+
+def test_cli_show_expired_and_garbage(
+    pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tls.issue_node_cert(
+        pki / "ca",
+        tmp_path,
+        "old",
+        not_before=NOW - dt.timedelta(days=3),
+        not_after=NOW - dt.timedelta(days=1),
+    )
+    run("show", str(tmp_path / "cert.pem"))
+    assert "status:      EXPIRED" in capsys.readouterr().out
+    with pytest.raises(InputError, match="not a PEM certificate"):
+        run("show", str(tmp_path / "key.pem"))
+
+
+def test_cli_federation_layout(tmp_path: Path) -> None:
+    out = tmp_path / "fed"
+    assert (
+        run(
+            "federation",
+            "--out",
+            str(out),
+            "--nodes",
+            "node-a,node-b",
+            "--nodes",
+            "node-c",
+            "--san",
+            "localhost",
+        )
+        == 0
+    )
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "ca/ca.key", "ca/ca.pem",
+        "coordinator/ca.pem", "coordinator/cert.pem", "coordinator/key.pem",
+        "nodes/node-a/ca.pem", "nodes/node-a/cert.pem", "nodes/node-a/key.pem",
+        "nodes/node-b/ca.pem", "nodes/node-b/cert.pem", "nodes/node-b/key.pem",
+        "nodes/node-c/ca.pem", "nodes/node-c/cert.pem", "nodes/node-c/key.pem",
+    ]  # fmt: skip
+    assert list(out.rglob("ca.key")) == [out / "ca" / "ca.key"]
+    assert all(mode(k) == 0o600 for k in out.rglob("key.pem"))
+    assert mode(out / "ca" / "ca.key") == 0o600
+    tls.TlsFiles.from_dir(out / "coordinator").server_credentials()
+    for node_id in ("node-a", "node-b", "node-c"):
+        tls.TlsFiles.from_dir(out / "nodes" / node_id).channel_credentials()
+        cert = load_cert(out / "nodes" / node_id / "cert.pem")
+        assert sans(cert).get_values_for_type(x509.UniformResourceIdentifier) == [
+            f"pluralfed://node/{node_id}"
+        ]
+    coord = load_cert(out / "coordinator" / "cert.pem")
+    assert sans(coord).get_values_for_type(x509.DNSName) == ["localhost"]
+    assert coord.subject.rfc4514_string() == "CN=coordinator"
+
+
+def test_cli_federation_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "fed"
+    run("federation", "--out", str(out), "--nodes", "a,b")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        run("federation", "--out", str(out), "--nodes", "a,b,c")
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before, "a refused run must not write anything"
+    run("federation", "--out", str(out), "--nodes", "a,b", "--force")
+    assert (out / "ca" / "ca.key").read_bytes() != before[out / "ca" / "ca.key"]
+    tls.TlsFiles.from_dir(out / "nodes" / "a").channel_credentials()  # consistent with the new CA
+
+
+def test_cli_federation_rejects_bad_input_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="node id"):
+        run("federation", "--out", str(tmp_path / "f"), "--nodes", "good,bad/id")
+    with pytest.raises(InputError, match="SAN"):
+        run("federation", "--out", str(tmp_path / "f"), "--nodes", "a", "--san", "not a name")
+    assert not (tmp_path / "f").exists()
+
+
+@pytest.mark.parametrize("action", ["init", "server", "node", "show", "federation"])
+def test_cli_help(action: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run(action, "--help")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    if action != "show":
+        assert "--force" in out and "--days" in out
+    if action == "federation":
+        assert "nodes/<id>/" in out and "[allow_list]" in out
+
+
+def test_cli_every_option_has_help() -> None:
+    parser = argparse.ArgumentParser(prog="pluralfed")
+    subparsers = parser.add_subparsers()
+    certs.register(subparsers)
+    certs_parser = subparsers.choices["certs"]
+    actions_parser = next(
+        a for a in certs_parser._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for name, sub in actions_parser.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"certs {name} {action.option_strings or action.dest}: no help"
+
+
+def test_cli_bad_days() -> None:
+    with pytest.raises(SystemExit):
+        run("init", "--out", "x", "--days", "0")
+
+
+def test_generated_key_is_p256(pki: Path) -> None:
+    key = serialization.load_pem_private_key((pki / "node-a" / "key.pem").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert key.curve.name == "secp256r1"
+    assert (pki / "node-a" / "key.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")

@@ -1,0 +1,578 @@
+"""The tensor wire format: round trips, chunking, digest, and every way a stream can be wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pluralfed import wire
+from pluralfed.errors import InputError
+from pluralfed.wire import (
+    Chunk,
+    DigestMismatchError,
+    NonFiniteError,
+    TensorAssembler,
+    TensorSlice,
+    TensorSpec,
+    UpdateSpool,
+    WireError,
+)
+
+CHUNK_SIZES = [1, 2, 3, 5, 8, 13, 64, 1000, wire.DEFAULT_CHUNK_BYTES]
+
+
+def sample_model() -> dict[str, np.ndarray]:
+    """Every wire dtype, a 0-d tensor and empty tensors, in a fixed order."""
+    rng = np.random.default_rng(0)
+    bf16 = wire.float32_to_bfloat16(rng.normal(size=(3, 4)).astype(np.float32))
+    return {
+        "encoder.weight": rng.normal(size=(4, 5)).astype(np.float32),
+        "scale": np.array(2.5, dtype=np.float64),  # 0-d
+        "half": rng.normal(size=(7,)).astype(np.float16),
+        "bf16": bf16,
+        "empty": np.zeros((0, 3), dtype=np.float32),
+        "steps": np.array([1, -2, 3], dtype=np.int64),
+        "ids": np.arange(6, dtype=np.int32).reshape(2, 3),
+        "bytes": np.arange(11, dtype=np.uint8),
+        "mask": np.array([[True, False], [False, True]]),
+        "empty_int": np.zeros((2, 0), dtype=np.int64),
+    }
+
+
+def assert_models_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        x, y = np.asarray(a[name]), np.asarray(b[name])
+        assert x.shape == y.shape, name
+        assert x.dtype == y.dtype, name
+        assert np.array_equal(x, y), name
+
+
+def chunks_of(model: dict[str, np.ndarray], chunk_bytes: int = 4) -> list[Chunk]:
+    return list(wire.iter_chunks(model, chunk_bytes))
+
+
+def only_first_carries_spec(chunks: list[Chunk]) -> list[Chunk]:
+    """As the transport sends them: dtype and shape on each tensor's first chunk only."""
+    return [c if c.offset == 0 else replace(c, dtype=None, shape=None) for c in chunks]
+
+
+# --------------------------------------------------------------------------------------------
+# round trips and chunking
+
+
+@pytest.mark.parametrize("chunk_bytes", CHUNK_SIZES)
+def test_round_trip_every_dtype_and_shape(chunk_bytes: int) -> None:
+    model = sample_model()
+    specs = wire.specs_of(model)
+    chunks = list(wire.iter_chunks(model, chunk_bytes))
+    assert all(len(c.data) <= chunk_bytes for c in chunks)
+    out = wire.assemble(only_first_carries_spec(chunks), wire.digest_of(model), specs)
+    assert_models_equal(model, out)
+
+
+@pytest.mark.parametrize("chunk_bytes", CHUNK_SIZES)
+def test_chunks_are_contiguous_and_cover_each_tensor(chunk_bytes: int) -> None:
+    model = sample_model()
+    chunks = list(wire.iter_chunks(model, chunk_bytes))
+    for spec in wire.specs_of(model):
+        mine = [c for c in chunks if c.name == spec.name]
+        assert mine, f"{spec.name} has no chunk"
+        assert mine[0].offset == 0
+        assert mine[0].dtype == spec.dtype and mine[0].shape == spec.shape
+        offsets = [c.offset for c in mine]
+        sizes = [len(c.data) for c in mine]
+        assert offsets == list(np.cumsum([0, *sizes[:-1]]))
+        assert sum(sizes) == spec.nbytes
+        if chunk_bytes >= spec.itemsize:  # cut on element boundaries when possible
+            assert all(s % spec.itemsize == 0 for s in sizes)
+    names = [c.name for c in chunks]
+    assert list(dict.fromkeys(names)) == list(model)  # tensor by tensor, in model order
+
+
+def test_chunks_are_views_not_copies() -> None:
+    big = np.arange(1 << 16, dtype=np.float32)
+    chunks = list(wire.iter_chunks({"w": big}, 4096))
+    assert all(isinstance(c.data, memoryview) for c in chunks)
+    first = np.frombuffer(chunks[0].data, dtype=np.float32)
+    assert np.shares_memory(first, big)
+
+
+def test_non_contiguous_and_big_endian_inputs_are_normalised() -> None:
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    model = {"t": base.T, "be": base.astype(">f4")}
+    out = wire.assemble(wire.iter_chunks(model, 5), wire.digest_of(model))
+    assert np.array_equal(out["t"], base.T)
+    assert out["be"].dtype == np.dtype("<f4") and np.array_equal(out["be"], base)
+    assert wire.digest_of({"a": base.astype(">f4")}) == wire.digest_of({"a": base})
+
+
+def test_unsupported_dtype_is_refused() -> None:
+    with pytest.raises(WireError, match=r"'x'.*int16"):
+        list(wire.iter_chunks({"x": np.zeros(3, dtype=np.int16)}))
+    with pytest.raises(ValueError):
+        list(wire.iter_chunks({"x": np.zeros(3, dtype=np.float32)}, 0))
+
+
+def test_spec_nbytes_and_validation() -> None:
+    spec = TensorSpec("w", "float16", (3, 4))
+    assert (spec.numel, spec.itemsize, spec.nbytes) == (12, 2, 24)
+    assert TensorSpec("s", "float32", ()).nbytes == 4
+    assert TensorSpec("e", "int64", (0, 5)).nbytes == 0
+    assert TensorSpec.of("b", wire.float32_to_bfloat16(np.ones(3))).dtype == "bfloat16"
+    for bad in (("", "float32", (1,)), ("w", "complex64", (1,)), ("w", "float32", (-1,))):
+        with pytest.raises(WireError):
+            TensorSpec(*bad)
+
+
+# --------------------------------------------------------------------------------------------
+# digest
+
+
+def canonical_stream(model: dict[str, np.ndarray]) -> bytes:
+    """The canonical stream, written out independently of pluralfed.wire from the docstring."""
+    out = [b"pluralfed.wire/1\0"]
+    for name, array in model.items():
+        dtype = "bfloat16" if array.dtype == np.uint16 else array.dtype.name
+        data = np.ascontiguousarray(array).tobytes()  # little-endian host
+        out += [struct.pack("<I", len(name.encode())), name.encode()]
+        out += [struct.pack("<I", len(dtype)), dtype.encode()]
+        out += [struct.pack("<I", array.ndim), *(struct.pack("<Q", d) for d in array.shape)]
+        out += [struct.pack("<Q", len(data)), data]
+    return b"".join(out)
+
+
+def test_digest_is_sha256_of_the_documented_canonical_stream() -> None:
+    model = sample_model()
+    assert wire.digest_of(model) == hashlib.sha256(canonical_stream(model)).digest()
+
+
+def test_digest_is_pinned() -> None:
+    """A change of this value breaks every deployed node: bump WIRE_FORMAT instead."""
+    model = {"a": np.arange(3, dtype=np.float32), "b": np.array(True)}
+    assert wire.digest_of(model).hex() == hashlib.sha256(canonical_stream(model)).hexdigest()
+    assert wire.digest_of(model).hex() == (
+        "7232377b4cda3e9064391f9d983e6abf014f61ac91b2740a92d075401ceaa552"
+    )
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 4096])
+def test_digest_independent_of_chunking(chunk_bytes: int) -> None:
+    model = sample_model()
+    incremental = wire.Digest()
+    for chunk in only_first_carries_spec(list(wire.iter_chunks(model, chunk_bytes))):
+        incremental.add_chunk(chunk)
+    assert incremental.digest() == wire.digest_of(model)
+    assert incremental.hexdigest() == wire.digest_of(model).hex()
+
+
+def test_digest_sensitive_to_everything_that_makes_a_model() -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    base: dict[str, np.ndarray] = {"x": a, "y": np.ones(2, dtype=np.float32)}
+    variants: list[dict[str, np.ndarray]] = [
+        {"x": a.copy(), "y": np.array([1.0, 1.0000001], dtype=np.float32)},  # a value
+        {"z": a, "y": base["y"]},  # a name
+        {"x": a.view(np.int32), "y": base["y"]},  # the dtype (same bytes)
+        {"x": a.reshape(3, 2), "y": base["y"]},  # the shape (same bytes)
+        {"y": base["y"], "x": a},  # the order
+        {"x": a},  # a tensor less
+        {"x": a, "y": base["y"][:1]},  # a tensor shorter
+    ]
+    digests = {wire.digest_of(v) for v in variants}
+    assert wire.digest_of(base) not in digests
+    assert len(digests) == len(variants)
+    # length prefixes: moving bytes between a name and the data must not collide
+    assert wire.digest_of({"ab": np.zeros(0, np.uint8)}) != wire.digest_of(
+        {"a": np.frombuffer(b"b", np.uint8)[:0]}
+    )
+    assert wire.digest_of({"a": np.array([1, 2], np.uint8)}) != wire.digest_of(
+        {"a": np.array([1], np.uint8), "b": np.array([2], np.uint8)}
+    )
+    assert wire.digest_of(base) == wire.digest_of({"x": a.copy(), "y": base["y"].copy()})
+
+
+# --------------------------------------------------------------------------------------------
+# streaming consumer
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 64, 4096])
+def test_streaming_callback_sees_every_value_exactly_once(chunk_bytes: int) -> None:
+    model = sample_model()
+    seen: dict[str, list[TensorSlice]] = {}
+    assembler = TensorAssembler(
+        wire.specs_of(model), on_slice=lambda s: seen.setdefault(s.name, []).append(s)
+    )
+    returned = []
+    for chunk in only_first_carries_spec(list(wire.iter_chunks(model, chunk_bytes))):
+        piece = assembler.add(chunk)
+        if piece is not None:
+            returned.append(piece)
+    assembler.finish(wire.digest_of(model))
+    assert sum(len(v) for v in seen.values()) == len(returned)
+    assert list(seen) == list(model)
+    for name, array in model.items():
+        pieces = seen[name]
+        offsets = [p.element_offset for p in pieces]
+        sizes = [p.values.size for p in pieces]
+        assert offsets == list(np.cumsum([0, *sizes[:-1]])), name  # in order, no gap or overlap
+        flat = np.concatenate([p.values for p in pieces]) if pieces else np.empty(0)
+        assert flat.size == array.size, name
+        assert np.array_equal(flat, np.asarray(array).reshape(-1)), name
+        assert all(p.values.dtype == np.asarray(array).dtype for p in pieces), name
+
+
+def test_without_collect_nothing_is_kept() -> None:
+    model = {"w": np.ones(10, np.float32)}
+    assembler = TensorAssembler()
+    for chunk in wire.iter_chunks(model, 8):
+        assembler.add(chunk)
+    assert assembler.finish(wire.digest_of(model)) == wire.specs_of(model)
+    assert assembler.total_bytes == 40
+    with pytest.raises(RuntimeError, match="collect"):
+        assembler.to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# every error
+
+
+MODEL: dict[str, np.ndarray] = {
+    "a": np.arange(8, dtype=np.float32),
+    "b": np.ones((2, 3), dtype=np.float32),
+    "c": np.array([1, 2], dtype=np.int64),
+}
+SPECS = wire.specs_of(MODEL)
+DIGEST = wire.digest_of(MODEL)
+
+
+def feed(
+    chunks: list[Chunk], expected: list[TensorSpec] | None = SPECS, **kw: object
+) -> TensorAssembler:
+    assembler = TensorAssembler(expected, **kw)  # type: ignore[arg-type]
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler
+
+
+def run_stream(
+    chunks: list[Chunk],
+    digest: bytes = DIGEST,
+    expected: list[TensorSpec] | None = SPECS,
+    **kw: object,
+) -> None:
+    feed(chunks, expected, **kw).finish(digest)
+
+
+def good() -> list[Chunk]:
+    return chunks_of(MODEL, 8)
+
+
+def mutate(i: int, **changes: object) -> list[Chunk]:
+    chunks = good()
+    chunks[i] = replace(chunks[i], **changes)  # type: ignore[arg-type]
+    return chunks
+
+
+def test_good_stream_passes() -> None:
+    run_stream(good())
+    run_stream(good(), expected=None)
+
+
+ERROR_CASES: dict[str, tuple[Callable[[], None], str]] = {
+    "unknown name": (lambda: run_stream(mutate(0, name="zzz")), r"unexpected tensor 'zzz'"),
+    "wrong order": (
+        lambda: run_stream([c for c in good() if c.name == "b"] + good()),
+        r"'b' out of order: expected 'a'",
+    ),
+    "dtype mismatch": (
+        lambda: run_stream(mutate(0, dtype="float64")),
+        r"tensor 'a': dtype float64, expected float32",
+    ),
+    "shape mismatch": (
+        lambda: run_stream(mutate(0, shape=(2, 4))),
+        r"tensor 'a': shape \(2, 4\), expected \(8,\)",
+    ),
+    "dtype changes mid-tensor": (
+        lambda: run_stream(mutate(1, dtype="int32")),
+        r"tensor 'a'.*says dtype int32",
+    ),
+    "shape changes mid-tensor": (
+        lambda: run_stream(mutate(1, shape=(9,))),
+        r"tensor 'a'.*says shape \(9,\)",
+    ),
+    "offset gap": (
+        lambda: run_stream(mutate(1, offset=16)),
+        r"tensor 'a'.*byte 16.*expected byte 8 \(gap\)",
+    ),
+    "offset overlap": (
+        lambda: run_stream(mutate(1, offset=4)),
+        r"tensor 'a'.*byte 4.*expected byte 8 \(overlap\)",
+    ),
+    "overflow": (
+        lambda: run_stream([*good()[:4], Chunk("a", None, None, 32, b"\0" * 4), *good()[4:]]),
+        r"tensor 'a'.*overflows the tensor's 32 bytes",
+    ),
+    "overflow inside a chunk": (
+        lambda: run_stream(mutate(3, data=b"\0" * 12)),
+        r"tensor 'a': chunk at byte 24 with 12 bytes overflows",
+    ),
+    "first chunk not at 0": (
+        lambda: run_stream(mutate(0, offset=8)),
+        r"'a': first chunk at byte offset 8",
+    ),
+    "first chunk without spec": (
+        lambda: run_stream(mutate(0, dtype=None)),
+        r"'a': first chunk lacks",
+    ),
+    "incomplete before next tensor": (
+        lambda: run_stream([c for c in good() if c.offset != 24]),
+        r"tensor 'a' incomplete: 24 of 32 bytes before tensor 'b' started",
+    ),
+    "incomplete at the end": (
+        lambda: run_stream(good()[:-1]),
+        r"tensor 'c' incomplete: 8 of 16 bytes when the stream ended",
+    ),
+    "missing tensors": (
+        lambda: run_stream([c for c in good() if c.name == "a"]),
+        r"2 of 3 tensors missing: 'b', 'c'",
+    ),
+    "duplicate tensor": (
+        lambda: run_stream(good() + chunks_of({"a": MODEL["a"]}, 8), expected=None),
+        r"tensor 'a' sent again",
+    ),
+    "digest mismatch": (lambda: run_stream(good(), digest=b"\1" * 32), r"digest mismatch"),
+    "digest wrong length": (lambda: run_stream(good(), digest=b"\1" * 5), r"digest is 5 bytes"),
+    "data changed in flight": (
+        lambda: run_stream(mutate(0, data=np.array([9, 9], np.float32).tobytes())),
+        r"digest mismatch",
+    ),
+    "over max_bytes": (
+        lambda: run_stream(good(), expected=None, max_bytes=40),
+        r"tensor 'b': declares 24 bytes, more than the 8 left of the 40 allowed",
+    ),
+    "nan": (
+        lambda: run_stream(
+            chunks_of(
+                {"a": np.array([1, np.nan, 3, 4, 5, 6, 7, 8], np.float32)}
+                | {k: MODEL[k] for k in "bc"}
+            )
+        ),
+        r"tensor 'a': non-finite value nan at element 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_each_error_is_a_wire_error_naming_the_problem(case: str) -> None:
+    action, pattern = ERROR_CASES[case]
+    with pytest.raises(WireError, match=pattern) as info:
+        action()
+    assert isinstance(info.value, InputError)
+
+
+def test_digest_and_nonfinite_errors_have_their_own_classes() -> None:
+    with pytest.raises(DigestMismatchError):
+        run_stream(good(), digest=b"\0" * 32)
+    bad = {"h": np.array([1, np.inf], np.float16)}
+    with pytest.raises(NonFiniteError, match=r"'h'.*inf at element 1"):
+        wire.assemble(wire.iter_chunks(bad), wire.digest_of(bad))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_bfloat16_is_caught(value: float) -> None:
+    bad = {"w": wire.float32_to_bfloat16(np.array([0.5, value, 2.0], np.float32))}
+    with pytest.raises(NonFiniteError, match=r"'w'.*element 1"):
+        wire.assemble(wire.iter_chunks(bad, 1), wire.digest_of(bad))
+
+
+def test_nonfinite_is_caught_in_the_chunk_that_carries_it() -> None:
+    values = np.ones(100, np.float32)
+    values[90] = np.nan
+    assembler = TensorAssembler()
+    chunks = list(wire.iter_chunks({"w": values}, 40))  # 10 elements per chunk
+    for chunk in chunks[:9]:
+        assembler.add(chunk)
+    with pytest.raises(NonFiniteError, match="element 90"):
+        assembler.add(chunks[9])
+
+
+def test_nonfinite_allowed_when_not_checked() -> None:
+    model = {"w": np.array([np.nan, 1.0], np.float32)}
+    out = TensorAssembler(check_finite=False, collect=True)
+    for chunk in wire.iter_chunks(model):
+        out.add(chunk)
+    out.finish(wire.digest_of(model))
+    assert np.isnan(out.to_dict()["w"][0])
+
+
+def test_bool_bytes_other_than_0_or_1_are_refused() -> None:
+    chunk = Chunk("m", "bool", (3,), 0, bytes([0, 1, 2]))
+    with pytest.raises(WireError, match=r"'m': bool element 2 is byte 2"):
+        TensorAssembler().add(chunk)
+
+
+def test_header_counts_are_checked() -> None:
+    with pytest.raises(WireError, match="header said 4"):
+        feed(good()).finish(DIGEST, tensor_count=4)
+    with pytest.raises(WireError, match="header said 1"):
+        feed(good()).finish(DIGEST, total_bytes=1)
+    assert feed(good()).finish(DIGEST, tensor_count=3, total_bytes=72) == SPECS
+
+
+def test_errors_are_sticky_and_streams_end_once() -> None:
+    assembler = TensorAssembler(SPECS)
+    with pytest.raises(WireError):
+        assembler.add(mutate(0, name="zzz")[0])
+    with pytest.raises(WireError, match="already rejected"):
+        assembler.add(good()[0])
+    with pytest.raises(WireError, match="already rejected"):
+        assembler.finish(DIGEST)
+
+    done = feed(good())
+    done.finish(DIGEST)
+    with pytest.raises(WireError, match="already finished"):
+        done.finish(DIGEST)
+    with pytest.raises(WireError, match="after the end"):  # data after the trailer: malformed
+        done.add(good()[0])
+
+
+def test_to_dict_needs_a_checked_stream() -> None:
+    assembler = feed(good(), collect=True)
+    with pytest.raises(RuntimeError, match="before finish"):
+        assembler.to_dict()
+    assembler.finish(DIGEST)
+    assert_models_equal(assembler.to_dict(), MODEL)
+
+
+# --------------------------------------------------------------------------------------------
+# spool
+
+
+def spool_update(
+    model: dict[str, np.ndarray], directory: Path, chunk_bytes: int, digest: bytes
+) -> UpdateSpool:
+    spool = UpdateSpool(wire.specs_of(model), directory)
+    for chunk in wire.iter_chunks(model, chunk_bytes):
+        spool.add(chunk)
+    spool.finish(digest)
+    return spool
+
+
+@pytest.mark.parametrize(("chunk_bytes", "read_bytes"), [(1, 1), (7, 5), (4096, 16), (64, 1 << 20)])
+def test_spool_replays_the_update(tmp_path: Path, chunk_bytes: int, read_bytes: int) -> None:
+    model = sample_model()
+    with spool_update(model, tmp_path, chunk_bytes, wire.digest_of(model)) as spool:
+        assert spool.path.exists()
+        assert spool.specs == wire.specs_of(model)
+        for _ in range(2):  # replayable
+            got: dict[str, list[np.ndarray]] = {}
+            for piece in spool.replay(read_bytes):
+                assert piece.values.nbytes <= max(read_bytes, piece.spec.itemsize)
+                got.setdefault(piece.name, []).append(piece.values)
+            rebuilt = {
+                name: np.concatenate(got[name]).reshape(np.shape(array))
+                for name, array in model.items()
+            }
+            assert_models_equal(rebuilt, model)
+    assert not spool.path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spool_drops_a_bad_upload_at_once(tmp_path: Path) -> None:
+    model = sample_model()
+    with pytest.raises(DigestMismatchError):
+        spool_update(model, tmp_path, 16, b"\0" * 32)
+    assert list(tmp_path.iterdir()) == []
+
+    spool = UpdateSpool(wire.specs_of(model), tmp_path)
+    chunks = list(wire.iter_chunks(model, 16))
+    spool.add(chunks[0])
+    with pytest.raises(WireError, match="overlap"):
+        spool.add(chunks[0])
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(WireError, match="closed"):
+        spool.add(chunks[1])
+
+    truncated = UpdateSpool(wire.specs_of(model), tmp_path)
+    for chunk in chunks[:-3]:
+        truncated.add(chunk)
+    with pytest.raises(WireError, match=r"missing|incomplete"):
+        truncated.finish(wire.digest_of(model))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="before finish"):
+        next(truncated.replay())
+
+
+# --------------------------------------------------------------------------------------------
+# torch, bfloat16 and files
+
+
+def test_state_dict_round_trip_with_bfloat16() -> None:
+    torch = pytest.importorskip("torch")
+    sd = {
+        "w": torch.randn(3, 4),
+        "bf": torch.randn(5, dtype=torch.bfloat16),
+        "h": torch.randn(2, dtype=torch.float16),
+        "n": torch.tensor(7),
+        "m": torch.tensor([True, False]),
+        "s": torch.tensor(1.5, dtype=torch.float64),
+    }
+    arrays = wire.state_dict_to_numpy(sd)
+    assert arrays["bf"].dtype == np.uint16
+    assert [s.dtype for s in wire.specs_of(arrays)] == [
+        "float32",
+        "bfloat16",
+        "float16",
+        "int64",
+        "bool",
+        "float64",
+    ]
+    back = wire.numpy_to_state_dict(
+        wire.assemble(wire.iter_chunks(arrays, 3), wire.digest_of(arrays))
+    )
+    for name, tensor in sd.items():
+        assert back[name].dtype == tensor.dtype, name
+        assert torch.equal(back[name], tensor), name
+    arrays["w"][0, 0] = 123.0  # copies: the module's tensors do not change
+    assert sd["w"][0, 0].item() != 123.0
+
+
+def test_float32_to_bfloat16_rounds_like_torch() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    values = np.concatenate(
+        [
+            rng.normal(size=1000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, size=1000),
+            np.array([0.0, -0.0, 1.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-40], np.float32),
+        ]
+    ).astype(np.float32)
+    ours = wire.float32_to_bfloat16(values)
+    theirs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ours, theirs)
+    assert np.isnan(wire.bfloat16_to_float32(wire.float32_to_bfloat16(np.array([np.nan]))))[0]
+    assert np.array_equal(
+        wire.bfloat16_to_float32(ours),
+        torch.from_numpy(theirs.view(np.int16)).view(torch.bfloat16).float().numpy(),
+    )
+
+
+def test_save_and_load_tensors_keep_order_dtypes_and_metadata(tmp_path: Path) -> None:
+    model = dict(reversed(list(sample_model().items())))  # an order safetensors would not keep
+    path = tmp_path / "model.safetensors"
+    wire.save_tensors(path, model, metadata={"round": "3"})
+    assert_models_equal(wire.load_tensors(path), model)
+    assert wire.load_metadata(path) == {"round": "3"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
+
+
+def test_load_tensors_refuses_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(InputError, match="safetensors"):
+        wire.load_tensors(path)
