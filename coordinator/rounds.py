@@ -337,6 +337,10 @@ class RoundEngine:
             self._current_train_task(self._session(session_id, group), task_id, round_)
 
     def _current_train_task(self, s: NodeSession, task_id: str, round_: int) -> _OpenTask:
+        if s.role != Role.TRAIN:  # the protocol: a role refusal is a status, not a reject reason
+            raise Rejection(
+                "PERMISSION_DENIED", f"{s.group} is an evaluate-only node: it may not upload updates"
+            )
         t = self._task
         if t is None or t.kind != TaskKind.TRAIN or t.task_id != task_id or t.round != round_:
             raise Rejection(

@@ -26,7 +26,7 @@ from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
 from pluralfed.transport import PROTOCOL_VERSION, chunk_from_proto, chunk_to_proto, grpc_options
-from pluralfed.wire import TensorAssembler, digest_of, iter_chunks, specs_of
+from pluralfed.wire import TensorAssembler, digest_of, iter_chunks, save_tensors, specs_of
 
 log = logging.getLogger("pluralfed.node")
 
@@ -62,6 +62,11 @@ class NodeConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 15.0
     give_up_after_s: float | None = None  # stop retrying after this long unreachable
+    # Audit copy of exactly what the node sends: before each upload, the update's tensors go to
+    # <dir>/round-<round>-<task id>.safetensors (one file per TRAIN task, so one per round unless
+    # a round is retried), with metadata group, round, task_id, base_model_version, num_examples
+    # and sha256 (the digest the upload's trailer carries). No upload without its copy.
+    save_updates_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.group.strip():
@@ -356,9 +361,12 @@ class GroupNode:
                 target=(hp.target_range.min, hp.target_range.max),
             )
             self._state = pb.NODE_STATE_UPLOADING
+            weights = self.worker.weights()
+            if self.config.save_updates_dir is not None:
+                self._save_update(task, weights)
             reply = self.client.upload(
                 task,
-                self.worker.weights(),
+                weights,
                 self.worker.num_train_examples,
                 {"loss": result.mean_loss, "steps": float(result.steps), "seconds": result.seconds},
                 timeout=self._time_left(task),
@@ -383,6 +391,26 @@ class GroupNode:
             )
 
         self._call(f"round {task.round} update", work)
+
+    def _save_update(self, task: pb.Task, weights: dict) -> None:
+        """The audit copy (`NodeConfig.save_updates_dir`) of the update about to be uploaded."""
+        folder = self.config.save_updates_dir
+        assert folder is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"round-{task.round:05d}-{task.task_id}.safetensors"
+        save_tensors(
+            path,
+            weights,
+            metadata={
+                "group": self.config.group,
+                "round": str(task.round),
+                "task_id": task.task_id,
+                "base_model_version": task.model_version,
+                "num_examples": str(self.worker.num_train_examples),
+                "sha256": digest_of(weights).hex(),
+            },
+        )
+        log.info("%s: round %d update saved to %s", self.config.group, task.round, path)
 
     def _evaluate(self, task: pb.Task) -> None:
         def work() -> None:

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pluralfed.commands.coordinator",
     "pluralfed.commands.node",
     "pluralfed.commands.federate",
+    "pluralfed.commands.reward",
 )
 
 

@@ -226,7 +226,7 @@ class HFTextEncoder:
         self._local_dir = _local_model_dir(self.name_or_path)
         self._model: Any = None
         self._tokenizer: Any = None
-        self._identity: str | None = None
+        self._files_digest: str | None = None
         self._dim: int | None = None
         self._lock = threading.RLock()
 
@@ -238,15 +238,19 @@ class HFTextEncoder:
 
     @property
     def identity(self) -> str:
-        """Label + hash of config/tokenizer/weights + pooling settings; hub models load first."""
-        if self._identity is None:
+        """Label + hash of config/tokenizer/weights + pooling settings; hub models load first.
+
+        Rebuilt on every access (only the file hash is memoised), so changing max_length or
+        normalize on an existing encoder can never leave a stale identity behind.
+        """
+        if self._files_digest is None:
             model_dir = self._local_dir if self._local_dir is not None else self._hub_snapshot_dir()
-            digest = _hash_model_files(model_dir)
-            self._identity = (
-                f"hf:{self.label}|files-sha256={digest}|pool=mean|max_length={self.max_length}"
-                f"|normalize={self.normalize}|dtype=float32|impl={_IMPL_VERSION}"
-            )
-        return self._identity
+            self._files_digest = _hash_model_files(model_dir)
+        return (
+            f"hf:{self.label}|files-sha256={self._files_digest}|pool=mean"
+            f"|max_length={self.max_length}|normalize={self.normalize}|dtype=float32"
+            f"|impl={_IMPL_VERSION}"
+        )
 
     @property
     def dim(self) -> int:

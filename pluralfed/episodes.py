@@ -97,7 +97,8 @@ def evaluation_context(
 
 
 def make_batch(episodes: Sequence[Episode]) -> EpisodeBatch:
-    """Pad episodes to (B, Q, K) tensors; every episode must have context and targets."""
+    """Pack each episode's options into one token row (context questions first), pad rows to
+    the longest; every episode must have context and targets."""
     if not episodes:
         raise ValueError("no episodes to batch")
     for i, ep in enumerate(episodes):
@@ -105,15 +106,20 @@ def make_batch(episodes: Sequence[Episode]) -> EpisodeBatch:
             raise ValueError(f"episode {i} needs at least one context and one target question")
     questions = [list(ep.context) + list(ep.targets) for ep in episodes]
     b = len(episodes)
-    q = max(len(qs) for qs in questions)
-    k = max(e.num_options for qs in questions for e in qs)
+    t = max(sum(e.num_options for e in qs) for qs in questions)
     dim = questions[0][0].embeddings.shape[1]
-    emb = np.zeros((b, q, k, dim), dtype=np.float32)
-    probs = np.zeros((b, q, k), dtype=np.float32)
-    option_mask = np.zeros((b, q, k), dtype=bool)
-    is_context = np.zeros((b, q), dtype=bool)
-    is_target = np.zeros((b, q), dtype=bool)
+    n_questions = sum(len(qs) for qs in questions)
+    emb = np.zeros((b, t, dim), dtype=np.float32)
+    probs = np.zeros((b, t), dtype=np.float32)
+    token_mask = np.zeros((b, t), dtype=bool)
+    is_context = np.zeros((b, t), dtype=bool)
+    is_target = np.zeros((b, t), dtype=bool)
+    segment = np.full((b, t), n_questions, dtype=np.int64)  # padding: the extra last segment
+    slices: list[list[tuple[int, int]]] = []
+    seg = 0
     for bi, (ep, qs) in enumerate(zip(episodes, questions, strict=True)):
+        pos = 0
+        row: list[tuple[int, int]] = []
         for qi, e in enumerate(qs):
             n = e.num_options
             if e.embeddings.shape != (n, dim):
@@ -121,15 +127,23 @@ def make_batch(episodes: Sequence[Episode]) -> EpisodeBatch:
                     f"embedding of {e.item.question[:40]!r} has shape {e.embeddings.shape}, "
                     f"expected ({n}, {dim})"
                 )
-            emb[bi, qi, :n] = e.embeddings
-            probs[bi, qi, :n] = e.item.distribution
-            option_mask[bi, qi, :n] = True
-        is_context[bi, : len(ep.context)] = True
-        is_target[bi, len(ep.context) : len(qs)] = True
+            end = pos + n
+            emb[bi, pos:end] = e.embeddings
+            probs[bi, pos:end] = e.item.distribution
+            token_mask[bi, pos:end] = True
+            (is_context if qi < len(ep.context) else is_target)[bi, pos:end] = True
+            segment[bi, pos:end] = seg
+            row.append((pos, end))
+            seg += 1
+            pos = end
+        slices.append(row)
     return EpisodeBatch(
         embeddings=torch.from_numpy(emb),
         probs=torch.from_numpy(probs),
-        option_mask=torch.from_numpy(option_mask),
+        token_mask=torch.from_numpy(token_mask),
         is_context=torch.from_numpy(is_context),
         is_target=torch.from_numpy(is_target),
+        segment=torch.from_numpy(segment),
+        num_segments=n_questions + 1,
+        question_slices=slices,
     )

@@ -73,8 +73,7 @@ def predict_targets(
         pred = model.predict(batch)[0].double().numpy()
     finally:
         model.train(was_training)
-    offset = len(context)
-    return [pred[offset + i, : t.num_options] for i, t in enumerate(targets)]
+    return [pred[start:end] for start, end in batch.question_slices[0][len(context) :]]
 
 
 def evaluate_group(

@@ -8,11 +8,15 @@ not a sequence) lets every token attend to the context tokens only, so a target'
 depends on the context and never on the other targets. A head gives a mean and a log-std per
 option; the predicted distribution of a question is the softmax of its options' means.
 
-Shapes: B episodes, Q questions, K options (all padded), E embedding dims.
+Tokens are packed: an episode is the flat list of all options of all its questions (no padding
+per question, so a question with 18 options does not widen the others), episodes padded to the
+longest. Shapes: B episodes, T tokens, E embedding dims; `segment` numbers each token's question
+across the batch so the softmax runs within questions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -47,16 +51,22 @@ class GPOConfig:
 
 @dataclass
 class EpisodeBatch:
-    """A padded batch of episodes; built by pluralfed.episodes, consumed by GPO."""
+    """A padded batch of packed episodes; built by pluralfed.episodes, consumed by GPO."""
 
-    embeddings: torch.Tensor  # (B, Q, K, E) float32
-    probs: torch.Tensor  # (B, Q, K) true distribution per option (0 at padding)
-    option_mask: torch.Tensor  # (B, Q, K) bool: a real option
-    is_context: torch.Tensor  # (B, Q) bool: a context question (its probs are shown to the model)
-    is_target: torch.Tensor  # (B, Q) bool: a target question (predicted and scored)
+    embeddings: torch.Tensor  # (B, T, E) float32
+    probs: torch.Tensor  # (B, T) the group's probability of each option (0 at padding)
+    token_mask: torch.Tensor  # (B, T) bool: a real option token
+    is_context: torch.Tensor  # (B, T) bool: an option of a context question (probs shown)
+    is_target: torch.Tensor  # (B, T) bool: an option of a target question (predicted, scored)
+    segment: torch.Tensor  # (B, T) long: the token's question across the batch; padding -> last
+    num_segments: int  # questions in the batch + 1 (the padding segment)
+    question_slices: list[list[tuple[int, int]]]  # per episode: token range of each question
 
     def to(self, device: torch.device | str) -> EpisodeBatch:
-        return EpisodeBatch(**{k: v.to(device) for k, v in vars(self).items()})
+        moved = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()
+        }
+        return EpisodeBatch(**moved)
 
 
 class SelfAttention(nn.Module):
@@ -118,38 +128,43 @@ class GPO(nn.Module):
         self.head = nn.Linear(cfg.d_model, 2)  # mean, log-std
 
     def forward(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-option (mean, log_std), each (B, Q, K). Target probabilities are never read."""
-        b, q, k, e = batch.embeddings.shape
-        shown = batch.probs * batch.is_context[:, :, None]  # targets' probabilities are hidden
-        tokens = torch.cat([batch.embeddings, shown[..., None]], dim=-1).view(b, q * k, e + 1)
-        key_allowed = (batch.option_mask & batch.is_context[:, :, None]).view(b, q * k)
+        """Per-option (mean, log_std), each (B, T). Target probabilities are never read."""
+        shown = batch.probs * batch.is_context  # targets' probabilities are hidden
+        tokens = torch.cat([batch.embeddings, shown[..., None]], dim=-1)
+        key_allowed = batch.token_mask & batch.is_context
         x = self.input_mlp(tokens)
         for block in self.blocks:
             x = block(x, key_allowed)
-        mean, log_std = self.head(x).view(b, q, k, 2).unbind(-1)
+        mean, log_std = self.head(x).unbind(-1)
         return mean, log_std.clamp(min=self.cfg.min_log_std)
 
     def predict(self, batch: EpisodeBatch) -> torch.Tensor:
-        """Predicted distribution per question, (B, Q, K), zero at padded options."""
+        """Predicted probability of every option within its question, (B, T); 0 at padding."""
         mean, _ = self(batch)
-        return masked_softmax(mean, batch.option_mask)
+        return question_softmax(mean, batch)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim where only `mask` entries count; rows with no entry give zeros."""
-    logits = logits.masked_fill(~mask, float("-inf"))
-    out = torch.softmax(logits, dim=-1)
-    return torch.nan_to_num(out, nan=0.0)
+def question_softmax(logits: torch.Tensor, batch: EpisodeBatch) -> torch.Tensor:
+    """Softmax of `logits` (B, T) within each question (segment); 0 at padding tokens."""
+    flat = logits.reshape(-1)
+    seg = batch.segment.reshape(-1)
+    n = batch.num_segments
+    top = torch.full((n,), float("-inf"), dtype=flat.dtype).scatter_reduce(
+        0, seg, flat.detach(), reduce="amax", include_self=True
+    )
+    ex = torch.exp(flat - top[seg])
+    total = torch.zeros(n, dtype=flat.dtype).scatter_add(0, seg, ex)
+    return (ex / total[seg]).view_as(logits) * batch.token_mask
 
 
 def gpo_loss(mean: torch.Tensor, log_std: torch.Tensor, batch: EpisodeBatch) -> torch.Tensor:
     """Gaussian NLL of the true probabilities under N(softmax(mean within question), exp(log_std)),
-    averaged over the real options of target questions."""
-    pred = masked_softmax(mean, batch.option_mask)
-    scored = batch.option_mask & batch.is_target[:, :, None]
+    averaged over the options of target questions."""
+    pred = question_softmax(mean, batch)
+    scored = batch.token_mask & batch.is_target
     nll = log_std + 0.5 * ((batch.probs - pred) / log_std.exp()) ** 2 + 0.5 * math.log(2 * math.pi)
     n = scored.sum()
     if n == 0:

@@ -90,6 +90,8 @@ def test_identity_is_cheap_and_pins_settings() -> None:
     assert ident == default_encoder(batch_size=3, show_progress=False).identity
     assert ident != default_encoder(max_length=128).identity
     assert ident != default_encoder(normalize=True).identity
+    enc.max_length = 64  # a changed setting shows in the identity at once
+    assert enc.identity != ident
 
 
 def test_identity_follows_file_contents(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from scipy.stats import norm
 
 from pluralfed.data import SurveyItem
 from pluralfed.episodes import EmbeddedItem, Episode, make_batch
-from pluralfed.model import GPO, GPOConfig, gpo_loss, masked_softmax
+from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax
 from pluralfed.training import build_model
 
 torch.set_num_threads(1)
@@ -25,11 +25,19 @@ def _item(rng: np.random.Generator, k: int, name: str) -> EmbeddedItem:
     return EmbeddedItem(SurveyItem(name, tuple(f"o{i}" for i in range(k)), dist), emb)
 
 
-def _predict(model: GPO, context: list[EmbeddedItem], targets: list[EmbeddedItem]) -> torch.Tensor:
+def _predict(
+    model: GPO, context: list[EmbeddedItem], targets: list[EmbeddedItem]
+) -> list[torch.Tensor]:
+    """One predicted distribution per target question."""
     model.eval()
     with torch.no_grad():
         batch = make_batch([Episode(context, targets)])
-        return model.predict(batch)[0, len(context) :]
+        pred = model.predict(batch)[0]
+    return [pred[a:b] for a, b in batch.question_slices[0][len(context) :]]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture
@@ -47,9 +55,7 @@ def test_target_prediction_ignores_other_targets(setup) -> None:
     # change the other targets (their text and their hidden answers) and add one more
     others = [_item(rng, 5, "x"), _item(rng, 2, "y"), _item(rng, 3, "z")]
     after = _predict(model, context, [targets[0], *others])[0]
-    # padding to a wider K adds masked options only
-    k = len(targets[0].item.options)
-    torch.testing.assert_close(before[:k], after[:k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
 
 
 def test_target_probabilities_are_never_read(setup) -> None:
@@ -62,7 +68,7 @@ def test_target_probabilities_are_never_read(setup) -> None:
         )
         for t in targets
     ]
-    torch.testing.assert_close(before, _predict(model, context, changed))
+    assert _max_diff(before, _predict(model, context, changed)) == 0.0
 
 
 def test_prediction_changes_with_context(setup) -> None:
@@ -78,17 +84,17 @@ def test_prediction_changes_with_context(setup) -> None:
     after = _predict(model, flipped, targets)
     # an untrained model reads the probability (1 of E+1 input features) only weakly, but it
     # reads it: the change is far above float32 rounding (~1e-7)
-    assert (before - after).abs().max() > 2e-6
+    assert _max_diff(before, after) > 2e-6
     # and the context's text matters too
     other_text = [EmbeddedItem(c.item, -c.embeddings) for c in context]
-    assert (before - _predict(model, other_text, targets)).abs().max() > 1e-4
+    assert _max_diff(before, _predict(model, other_text, targets)) > 1e-4
 
 
 def test_context_order_does_not_matter(setup) -> None:
     model, context, targets, _ = setup
     before = _predict(model, context, targets)
     after = _predict(model, context[::-1], targets)
-    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
+    assert _max_diff(before, after) < 1e-5
 
 
 def test_padding_in_batch_does_not_change_predictions(setup) -> None:
@@ -98,18 +104,19 @@ def test_padding_in_batch_does_not_change_predictions(setup) -> None:
     model.eval()
     with torch.no_grad():
         batch = make_batch([Episode(context, targets), big])
-        pred = model.predict(batch)[0, len(context) : len(context) + len(targets)]
-    torch.testing.assert_close(alone, pred[:, : alone.shape[1]], rtol=1e-5, atol=1e-6)
-    assert torch.all(pred[:, alone.shape[1] :] == 0)
+        pred = model.predict(batch)
+    row = [pred[0, a:b] for a, b in batch.question_slices[0][len(context) :]]
+    assert _max_diff(alone, row) < 1e-5
+    used = batch.question_slices[0][-1][1]
+    assert used < pred.shape[1] and torch.all(pred[0, used:] == 0)  # padding predicts nothing
 
 
 def test_predictions_are_distributions(setup) -> None:
     model, context, targets, _ = setup
     pred = _predict(model, context, targets)
     for row, t in zip(pred, targets, strict=True):
-        k = len(t.item.options)
-        assert math.isclose(float(row[:k].sum()), 1.0, rel_tol=1e-5)
-        assert torch.all(row[k:] == 0)
+        assert row.shape == (len(t.item.options),)
+        assert math.isclose(float(row.sum()), 1.0, rel_tol=1e-5)
 
 
 def test_loss_matches_independent_gaussian_nll(setup) -> None:
@@ -118,12 +125,11 @@ def test_loss_matches_independent_gaussian_nll(setup) -> None:
     mean, log_std = model(batch)
     loss = float(gpo_loss(mean, log_std, batch).detach())
     terms = []
-    for qi, t in enumerate(targets, start=len(context)):
-        k = len(t.item.options)
-        logits = mean[0, qi, :k].detach().double().numpy()
+    for (a, b), t in zip(batch.question_slices[0][len(context) :], targets, strict=True):
+        logits = mean[0, a:b].detach().double().numpy()
         pred = np.exp(logits - logits.max())
         pred /= pred.sum()
-        sigma = np.exp(log_std[0, qi, :k].detach().double().numpy())
+        sigma = np.exp(log_std[0, a:b].detach().double().numpy())
         terms.extend(-norm.logpdf(t.item.distribution, loc=pred, scale=sigma))
     assert loss == pytest.approx(float(np.mean(terms)), rel=1e-4)
 
@@ -145,12 +151,19 @@ def test_loss_gradient_flows_and_training_reduces_loss() -> None:
     assert float(loss.detach()) < first - 0.5
 
 
-def test_masked_softmax_rows_without_entries_are_zero() -> None:
-    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
-    mask = torch.tensor([[True, True, False], [False, False, False]])
-    out = masked_softmax(logits, mask)
-    assert torch.allclose(out[0, :2], torch.softmax(torch.tensor([1.0, 2.0]), 0))
-    assert torch.all(out[0, 2] == 0) and torch.all(out[1] == 0)
+def test_question_softmax_matches_per_question_softmax() -> None:
+    rng = np.random.default_rng(7)
+    episodes = [
+        Episode([_item(rng, 3, "c")], [_item(rng, k, f"t{k}") for k in (2, 5)]),
+        Episode([_item(rng, 4, "c2")], [_item(rng, 3, "t")]),
+    ]
+    batch = make_batch(episodes)
+    logits = torch.randn(batch.token_mask.shape, dtype=torch.float64) * 5
+    out = question_softmax(logits, batch)
+    for bi, row in enumerate(batch.question_slices):
+        for a, b in row:
+            torch.testing.assert_close(out[bi, a:b], torch.softmax(logits[bi, a:b], 0))
+    assert torch.all(out[~batch.token_mask] == 0)
 
 
 def test_same_seed_same_weights_and_config_round_trip() -> None:

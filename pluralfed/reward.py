@@ -1,0 +1,616 @@
+"""The trained GPO predictor as a reward model: how much would this group agree with this answer?
+
+A `RewardModel` wraps a checkpoint and its text encoder. Given a group — its few-shot context: the
+questions whose answer distributions the group is known to give — and a target question with
+candidate answers (the target's options), it predicts the group's distribution over the candidates
+(`score`, `score_batch`) and turns it into one reward per candidate (`rewards`).
+
+Reward choice. The default reward of an answer is the group's predicted LOG-probability,
+``ln(max(p, 1e-6))`` (`LOG_FLOOR` below the floor). Why not the probability: a policy maximising
+``E[reward] + entropy`` is optimal exactly when it answers with the group's distribution
+(softmax of log p is p), so a KL/entropy-regularised RL trainer is pushed towards *representing*
+the group, not towards always giving its majority answer; and log-probabilities separate a 1% from
+a 0.01% answer, where probabilities barely differ. ``kind="prob"`` gives the probability instead
+(in [0, 1]: the expected share of the group that would give that answer). Best-of-n picks the same
+answer under either kind, since one is a monotone function of the other.
+
+Group contexts. A context holds at most `MAX_CONTEXT_ITEMS` (90, PROTOCOL.md's evaluation context)
+items; a longer list is cut to 90 the way PROTOCOL.md's evaluation does it (a fixed-seed sample,
+`pluralfed.episodes.evaluation_context`). The model holds named contexts (`add_group`,
+`add_groups_from_data`: each group's TRAIN questions per the PROTOCOL.md split), so callers can say
+"France" instead of re-sending France's answers.
+
+Free-text completions. `map_completion` maps a policy's free-text answer to one option, by the
+first rule that applies (all comparisons ignore case, runs of whitespace and typographic
+quotes):
+
+1. ``exact``: the completion is an option's text, e.g. ``"  yes "`` -> "Yes".
+2. ``choice``: the completion starts with a choice label: a letter or a 1-based number, either
+   alone (``"B"``, ``"2"``), bracketed (``"(b)"``, ``"[B]"``), or followed by ``)``, ``.`` or
+   ``:`` (``"B. No"``, ``"2) ..."``, ``"b: ..."``), optionally after ``Answer``/``Option``/
+   ``Choice``/``The answer is`` (``"Answer: B"``, ``"Option 2 because ..."``). Letters map by position (a = first
+   option), numbers too (1 = first option) — except when an option's own text is that number
+   (a 0-10 scale), then the number names that option. A letter followed by just a space (``"A lot
+   of people"``, ``"I think"``) is NOT a choice label, and labels beyond the number of options are
+   ignored.
+   ``label_conflict``: when the text right after the label is another option's text (``"B.
+   Somewhat disagree"`` where B is "Somewhat agree"), that text wins. Small models copy the
+   "letter. text" format and get the letter wrong far more often than the text (SmolLM2-135M does
+   it in about a third of its answers to lettered survey prompts); the rule name lets a caller
+   treat such answers differently (e.g. penalise them).
+3. ``contains``: an option's text occurs in the completion as whole words (``"I'd say yes,
+   definitely"`` -> "Yes"; ``"yesterday"`` does not contain "Yes"). If several do, the longest
+   option text wins ("Very good" over "Good"), then the earliest occurrence, then option order.
+4. ``similar``: the option whose text embedding (the model's encoder, plain text) has the highest
+   cosine similarity with the completion's.
+5. ``none``: an empty completion maps to no option; its reward is `LOG_FLOOR` (kind "logprob") or
+   0 (kind "prob").
+
+The rules are literal: "not yes" contains "yes", and "B, though maybe No" picks B.
+
+`make_reward_fn` builds the callable TRL's reward-based trainers (GRPO/RLOO ``reward_funcs``) and
+best-of-n samplers take: ``(prompts, completions, **kwargs) -> list[float]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import numpy as np
+
+from pluralfed.checkpoint import load_checkpoint
+from pluralfed.data import SurveyData, SurveyItem, is_test_question, load_survey
+from pluralfed.embeddings import (
+    CachedEncoder,
+    TextEncoder,
+    default_cache_dir,
+    make_encoder,
+    option_text,
+)
+from pluralfed.episodes import EmbeddedItem, evaluation_context
+from pluralfed.errors import InputError
+from pluralfed.evaluation import predict_targets
+from pluralfed.model import GPO
+from pluralfed.protocol import EVAL_MAX_CONTEXT
+
+MAX_CONTEXT_ITEMS = EVAL_MAX_CONTEXT
+PROB_FLOOR = 1e-6
+LOG_FLOOR = math.log(PROB_FLOOR)
+RewardKind = Literal["logprob", "prob"]
+REWARD_KINDS: tuple[str, ...] = ("logprob", "prob")
+DEFAULT_EMBED_MEMORY = 50_000  # texts whose vectors are kept in memory (about 77 MB at 384 dims)
+
+
+# ------------------------------------------------------------------------------------------------
+# group contexts
+
+
+@dataclass(frozen=True)
+class GroupContext:
+    """A group's few-shot context, embedded and ready to condition predictions on."""
+
+    name: str | None
+    items: tuple[EmbeddedItem, ...]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+T = TypeVar("T")
+
+
+def protocol_context(
+    items: Sequence[T], max_context: int = MAX_CONTEXT_ITEMS, seed: int = 0
+) -> list[T]:
+    """At most `max_context` of items, chosen as PROTOCOL.md's evaluation context is (the same
+    fixed-seed sample as `pluralfed.episodes.evaluation_context`, whatever the item type)."""
+    return cast(list[T], evaluation_context(cast(Sequence[EmbeddedItem], items), max_context, seed))
+
+
+def check_item(item: SurveyItem, where: str) -> SurveyItem:
+    """A context item with a valid, renormalised distribution, or an InputError naming `where`."""
+    if not isinstance(item.question, str) or not item.question.strip():
+        raise InputError(f"{where}.question: empty")
+    options = tuple(item.options)
+    check_answers(options, f"{where}.options")
+    dist = np.asarray(item.distribution, dtype=np.float64)
+    if dist.ndim != 1 or dist.shape[0] != len(options):
+        raise InputError(
+            f"{where}.distribution: {dist.size} values for {len(options)} options, need one each"
+        )
+    if not np.isfinite(dist).all():
+        raise InputError(f"{where}.distribution: not finite ({dist.tolist()})")
+    if (dist < 0).any():
+        raise InputError(f"{where}.distribution: negative values ({dist.tolist()})")
+    total = float(dist.sum())
+    if total <= 0:
+        raise InputError(f"{where}.distribution: all zero")
+    return SurveyItem(item.question, options, dist / total, item.question_id)
+
+
+def check_answers(answers: Sequence[str], where: str) -> list[str]:
+    """1+ distinct non-empty strings (compared exactly)."""
+    if isinstance(answers, str):
+        raise InputError(f"{where}: a list of answers is needed, not a single string")
+    out = list(answers)
+    if not out:
+        raise InputError(f"{where}: no answers")
+    seen: dict[str, int] = {}
+    for i, a in enumerate(out):
+        if not isinstance(a, str):
+            raise InputError(f"{where}[{i}]: not a string ({a!r})")
+        if not a.strip():
+            raise InputError(f"{where}[{i}]: empty")
+        if a in seen:
+            raise InputError(f"{where}[{i}]: duplicate of {where}[{seen[a]}] ({a!r})")
+        seen[a] = i
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the reward model
+
+
+class RewardModel:
+    """A GPO checkpoint as a reward model. Thread-safe: concurrent calls take turns."""
+
+    def __init__(
+        self,
+        model: GPO,
+        encoder: TextEncoder,
+        *,
+        encoder_identity: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        max_context: int = MAX_CONTEXT_ITEMS,
+        context_seed: int = 0,
+        embed_memory: int = DEFAULT_EMBED_MEMORY,
+    ) -> None:
+        """`encoder_identity`: the checkpoint's; when given, it must be the encoder's."""
+        if encoder_identity is not None and encoder.identity != encoder_identity:
+            raise InputError(
+                f"the checkpoint was trained with encoder {encoder_identity!r}, but the given "
+                f"encoder is {encoder.identity!r}: its vectors would mean nothing to the model"
+            )
+        if model.cfg.embed_dim != encoder.dim:
+            raise InputError(
+                f"the model reads {model.cfg.embed_dim}-dim embeddings, the encoder makes "
+                f"{encoder.dim}-dim ones"
+            )
+        if not 1 <= max_context <= MAX_CONTEXT_ITEMS:
+            raise InputError(f"max_context must be 1..{MAX_CONTEXT_ITEMS}, got {max_context}")
+        model.eval()
+        self.model = model
+        self.encoder = encoder
+        self.metadata = dict(metadata or {})
+        self.max_context = max_context
+        self.context_seed = context_seed
+        self._groups: dict[str, GroupContext] = {}
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memory_size = max(0, embed_memory)
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        encoder: TextEncoder | None = None,
+        cache_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> RewardModel:
+        """Load a checkpoint folder (model.safetensors + model.json).
+
+        `encoder`: the text encoder the checkpoint was trained with (its identity is checked);
+        default: the packaged all-MiniLM-L6-v2, wrapped in the on-disk embedding cache at
+        `cache_dir` (default `default_cache_dir()`). A given encoder is used as it is.
+        """
+        ckpt = load_checkpoint(Path(path))
+        if encoder is None:
+            encoder = CachedEncoder(
+                make_encoder(None, show_progress=False),
+                Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+            )
+            if encoder.identity != ckpt.encoder:
+                raise InputError(
+                    f"{path}: trained with encoder {ckpt.encoder!r}, not the default "
+                    f"{encoder.identity!r}: pass encoder= (e.g. make_encoder(NAME_OR_PATH))"
+                )
+        return cls(
+            ckpt.model,
+            encoder,
+            encoder_identity=ckpt.encoder,
+            metadata=ckpt.metadata,
+            **kwargs,
+        )
+
+    @property
+    def encoder_identity(self) -> str:
+        return self.encoder.identity
+
+    # -- embeddings ------------------------------------------------------------------------------
+
+    def embed_texts(self, texts: Sequence[str], *, disk_cache: bool = True) -> np.ndarray:
+        """Vectors for texts, (n, dim) float32; recent ones are kept in memory.
+
+        `disk_cache=False` bypasses a CachedEncoder's disk cache (for one-off texts such as
+        policy completions, which would only bloat it)."""
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._memory))
+            if missing:
+                encoder = self.encoder
+                if not disk_cache and isinstance(encoder, CachedEncoder):
+                    encoder = encoder.inner
+                vectors = np.asarray(encoder.encode(missing), dtype=np.float32)
+                for t, v in zip(missing, vectors, strict=True):
+                    self._memory[t] = v
+            out = np.stack([self._memory[t] for t in texts]) if texts else None
+            for t in texts:
+                self._memory.move_to_end(t)
+            while len(self._memory) > self._memory_size:
+                self._memory.popitem(last=False)
+        if out is None:
+            return np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return out
+
+    def uncached(self, texts: Iterable[str]) -> int:
+        """How many of texts are not in memory (a hint for how long embedding them will take)."""
+        with self._lock:
+            return sum(1 for t in set(texts) if t not in self._memory)
+
+    def _embed_items(self, items: Sequence[SurveyItem]) -> list[EmbeddedItem]:
+        texts = [option_text(it.question, o) for it in items for o in it.options]
+        vectors = self.embed_texts(texts)
+        out, start = [], 0
+        for it in items:
+            out.append(EmbeddedItem(it, vectors[start : start + len(it.options)]))
+            start += len(it.options)
+        return out
+
+    # -- groups ----------------------------------------------------------------------------------
+
+    def context(self, items: Sequence[SurveyItem], name: str | None = None) -> GroupContext:
+        """Validate and embed a group's known answers. More than `max_context` items are cut to
+        `max_context` by PROTOCOL.md's fixed-seed sample."""
+        where = f"group {name!r}" if name else "group context"
+        checked = [check_item(it, f"{where} items[{i}]") for i, it in enumerate(items)]
+        if not checked:
+            raise InputError(f"{where}: no context items; the model needs at least one")
+        embedded = self._embed_items(checked)
+        chosen = protocol_context(embedded, self.max_context, self.context_seed)
+        return GroupContext(name=name, items=tuple(chosen))
+
+    def add_group(self, name: str, items: Sequence[SurveyItem] | GroupContext) -> GroupContext:
+        """Hold a named group context (replacing one of the same name)."""
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"group name must be a non-empty string, got {name!r}")
+        ctx = (
+            GroupContext(name, items.items)
+            if isinstance(items, GroupContext)
+            else self.context(items, name)
+        )
+        with self._lock:
+            self._groups[name] = ctx
+        return ctx
+
+    def add_groups_from_data(
+        self, data: SurveyData | str | Path, names: Iterable[str] | None = None
+    ) -> dict[str, GroupContext]:
+        """Hold each named group (default: all) of a survey file with its TRAIN questions
+        (PROTOCOL.md split) as context. Groups without TRAIN questions are skipped."""
+        survey = data if isinstance(data, SurveyData) else load_survey(data)
+        wanted = list(names) if names is not None else list(survey.groups)
+        unknown = [g for g in wanted if g not in survey.groups]
+        if unknown:
+            raise InputError(f"{survey.source or 'data'}: no group(s) {unknown}")
+        added = {}
+        for g in wanted:
+            train = [it for it in survey.groups[g] if not is_test_question(it.question)]
+            if train:
+                added[g] = self.add_group(g, train)
+        return added
+
+    def remove_group(self, name: str) -> None:
+        with self._lock:
+            self._groups.pop(name, None)
+
+    @property
+    def groups(self) -> dict[str, GroupContext]:
+        """The named groups held, name -> context (a copy)."""
+        with self._lock:
+            return dict(self._groups)
+
+    def group(self, name: str) -> GroupContext:
+        with self._lock:
+            found = self._groups.get(name)
+        if found is None:
+            held = sorted(self._groups)
+            raise KeyError(
+                f"no group {name!r}; held: {held[:20]}{' ...' if len(held) > 20 else ''}"
+            )
+        return found
+
+    def resolve(self, group: str | GroupContext | Sequence[SurveyItem]) -> GroupContext:
+        """A held group's name, a GroupContext, or items to embed as an anonymous context."""
+        if isinstance(group, str):
+            return self.group(group)
+        if isinstance(group, GroupContext):
+            return group
+        return self.context(group)
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def score_batch(
+        self,
+        group: str | GroupContext | Sequence[SurveyItem],
+        questions: Sequence[tuple[str, Sequence[str]]],
+    ) -> list[np.ndarray]:
+        """The group's predicted distribution over each question's answers, in one model pass.
+
+        Targets never see each other, so batching does not change any prediction."""
+        ctx = self.resolve(group)
+        if not questions:
+            return []
+        targets = []
+        for i, (question, answers) in enumerate(questions):
+            if not isinstance(question, str) or not question.strip():
+                raise InputError(f"questions[{i}].question: empty")
+            answers = check_answers(answers, f"questions[{i}].answers")
+            # the distribution of a target is never read by the model
+            targets.append(
+                SurveyItem(question, tuple(answers), np.full(len(answers), 1.0 / len(answers)))
+            )
+        embedded = self._embed_items(targets)
+        with self._lock:
+            preds = predict_targets(self.model, list(ctx.items), embedded)
+        return [np.asarray(p, dtype=np.float64) / float(np.sum(p)) for p in preds]
+
+    def score(
+        self,
+        group: str | GroupContext | Sequence[SurveyItem],
+        question: str,
+        answers: Sequence[str],
+    ) -> np.ndarray:
+        """Probabilities over `answers` (the options of `question`) for the group; sums to 1."""
+        return self.score_batch(group, [(question, answers)])[0]
+
+    def rewards(
+        self,
+        group: str | GroupContext | Sequence[SurveyItem],
+        question: str,
+        answers: Sequence[str],
+        kind: RewardKind = "logprob",
+    ) -> np.ndarray:
+        """One reward per answer (see the module docstring for the kinds)."""
+        return to_rewards(self.score(group, question, answers), kind)
+
+
+def to_rewards(probs: np.ndarray, kind: RewardKind = "logprob") -> np.ndarray:
+    """Probabilities -> rewards: ln(max(p, PROB_FLOOR)) for "logprob", p for "prob"."""
+    p = np.asarray(probs, dtype=np.float64)
+    if kind == "logprob":
+        return np.log(np.maximum(p, PROB_FLOOR))
+    if kind == "prob":
+        return p
+    raise InputError(f"reward kind must be one of {REWARD_KINDS}, got {kind!r}")
+
+
+def unmatched_reward(kind: RewardKind) -> float:
+    """The reward of a completion that maps to no option: the lowest reward there is."""
+    return LOG_FLOOR if kind == "logprob" else 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# free-text completions -> options
+
+MatchRule = Literal["exact", "choice", "label_conflict", "contains", "similar", "none"]
+
+
+@dataclass(frozen=True)
+class OptionMatch:
+    """Which option a completion picks (None: none) and by which rule."""
+
+    index: int | None
+    rule: MatchRule
+
+
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def _norm(text: str) -> str:
+    """Case-folded, whitespace runs collapsed, typographic quotes made plain."""
+    return " ".join(text.casefold().translate(_QUOTES).split())
+
+
+_CHOICE = re.compile(
+    r"""^(?:(?:the\s+|my\s+)?(?P<prefix>answer|option|choice)\b\s*(?:is\b\s*)?[:\-]?\s*)?
+        (?:
+            [(\[]\s*(?P<b>[a-z]|\d{1,2})\s*[)\]]        # (b)  [B]  (2)
+          | (?P<d>[a-z]|\d{1,2})\s*[).:](?=\s|$)        # b)  B.  2:  (not "e.g.", "2.5")
+          | (?P<w>[a-z]|\d{1,2})(?=\s|$)               # B  2  (see _choice_index)
+        )""",
+    re.VERBOSE,
+)
+
+
+def _choice_index(norm: str, options: Sequence[str]) -> tuple[int, str] | None:
+    """(option index, the text after the label) for a completion starting with a choice label."""
+    m = _CHOICE.match(norm)
+    if m is None:
+        return None
+    label = m.group("b") or m.group("d")
+    rest = norm[m.end() :].lstrip(" .:)-")
+    if label is None:
+        # a bare label counts only when it is the whole completion or follows "Answer"/"Option"
+        # ("A lot of ...", "I think ..." are not choices)
+        label = m.group("w")
+        if m.group("prefix") is None and rest.strip(" .!"):
+            return None
+    if label.isdigit():
+        for i, opt in enumerate(options):  # a number that is an option's own text names it
+            if _norm(opt) == label:
+                return i, rest
+        index = int(label) - 1
+    else:
+        index = ord(label) - ord("a")
+    return (index, rest) if 0 <= index < len(options) else None
+
+
+def _leading_option(text: str, options: Sequence[str]) -> int | None:
+    """The longest option whose text `text` starts with, as whole words."""
+    best: tuple[int, int] | None = None  # (-length, index)
+    for i, opt in enumerate(options):
+        o = _norm(opt)
+        if o and re.match(rf"{re.escape(o)}(?!\w)", text) and (best is None or -len(o) < best[0]):
+            best = (-len(o), i)
+    return None if best is None else best[1]
+
+
+def _contains_index(norm: str, options: Sequence[str]) -> int | None:
+    best: tuple[int, int, int] | None = None  # (-length, position, index)
+    for i, opt in enumerate(options):
+        o = _norm(opt)
+        if not o:
+            continue
+        m = re.search(rf"(?<!\w){re.escape(o)}(?!\w)", norm)
+        if m is not None:
+            key = (-len(o), m.start(), i)
+            if best is None or key < best:
+                best = key
+    return None if best is None else best[2]
+
+
+def map_completion(
+    completion: str,
+    options: Sequence[str],
+    embed: Callable[[Sequence[str]], np.ndarray] | None = None,
+) -> OptionMatch:
+    """The option a free-text completion picks (rules in the module docstring).
+
+    `embed` (texts -> vectors) is used for the last rule, cosine similarity; without it, a
+    completion no earlier rule maps maps to none."""
+    if not options:
+        raise InputError("map_completion: no options")
+    norm = _norm(completion)
+    if not norm:
+        return OptionMatch(None, "none")
+    normed = [_norm(o) for o in options]
+    if norm in normed:
+        return OptionMatch(normed.index(norm), "exact")
+    choice = _choice_index(norm, options)
+    if choice is not None:
+        index, rest = choice
+        stated = _leading_option(rest, options)
+        if stated is not None and stated != index:
+            return OptionMatch(stated, "label_conflict")
+        return OptionMatch(index, "choice")
+    index = _contains_index(norm, options)
+    if index is not None:
+        return OptionMatch(index, "contains")
+    if embed is None:
+        return OptionMatch(None, "none")
+    vectors = np.asarray(embed([completion.strip(), *options]), dtype=np.float64)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    sims = unit[1:] @ unit[0]
+    return OptionMatch(int(np.argmax(sims)), "similar")
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL-style reward function
+
+
+def _text_of(value: Any, role: str) -> str:
+    """A plain string, or the content of the last `role` message of a conversation (TRL's
+    conversational format: a list of {"role", "content"} dicts)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence):
+        for message in reversed(value):
+            if isinstance(message, Mapping) and message.get("role") == role:
+                return str(message.get("content", ""))
+        if value and isinstance(value[-1], Mapping):
+            return str(value[-1].get("content", ""))
+    raise TypeError(f"expected a string or a list of chat messages, got {type(value).__name__}")
+
+
+class GroupRewardFunction:
+    """``(prompts, completions, **kwargs) -> list[float]``: the reward of each completion is the
+    group's predicted (log-)probability of the option it picks (see `map_completion`).
+
+    The question and options of a prompt come from `question_options[prompt]` (a conversational
+    prompt is keyed by its last user message), else from the per-sample ``question`` and
+    ``options`` columns TRL passes as keyword arguments. Mapping and scoring are batched: every
+    distinct question is scored once per call.
+    """
+
+    def __init__(
+        self,
+        model: RewardModel,
+        group: str | GroupContext | Sequence[SurveyItem],
+        question_options: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+        *,
+        kind: RewardKind = "logprob",
+    ) -> None:
+        to_rewards(np.ones(1), kind)  # validates kind
+        self.model = model
+        self.context = model.resolve(group)
+        self.question_options = dict(question_options or {})
+        self.kind = kind
+        self.__name__ = f"group_reward_{self.context.name or 'inline'}"  # TRL logs it
+        self.last_matches: list[OptionMatch] = []
+
+    def _question_for(
+        self, i: int, prompt: Any, kwargs: Mapping[str, Any]
+    ) -> tuple[str, list[str]]:
+        key = _text_of(prompt, "user")
+        found = self.question_options.get(key)
+        if found is not None:
+            return found[0], list(found[1])
+        questions, options = kwargs.get("question"), kwargs.get("options")
+        if questions is not None and options is not None:
+            return str(questions[i]), list(options[i])
+        raise KeyError(
+            f"prompt {i} ({key[:60]!r}) is not in question_options and no question/options "
+            "columns were passed"
+        )
+
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+    ) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        asked = [self._question_for(i, p, kwargs) for i, p in enumerate(prompts)]
+
+        def embed(texts: Sequence[str]) -> np.ndarray:
+            return self.model.embed_texts(texts, disk_cache=False)
+
+        matches = [
+            map_completion(_text_of(c, "assistant"), options, embed)
+            for c, (_, options) in zip(completions, asked, strict=True)
+        ]
+        distinct = list(dict.fromkeys((q, tuple(o)) for q, o in asked))
+        probs = dict(zip(distinct, self.model.score_batch(self.context, distinct), strict=True))
+        self.last_matches = matches
+        out = []
+        for (q, options), m in zip(asked, matches, strict=True):
+            if m.index is None:
+                out.append(unmatched_reward(self.kind))
+            else:
+                out.append(float(to_rewards(probs[(q, tuple(options))], self.kind)[m.index]))
+        return out
+
+
+def make_reward_fn(
+    model: RewardModel,
+    group: str | GroupContext | Sequence[SurveyItem],
+    question_options: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+    *,
+    kind: RewardKind = "logprob",
+) -> GroupRewardFunction:
+    """A TRL-style reward function for one group: see `GroupRewardFunction`."""
+    return GroupRewardFunction(model, group, question_options, kind=kind)

@@ -1,0 +1,439 @@
+"""The reward model as a gRPC service (`pluralfed.v1.Reward`, protos/pluralfed/v1/reward.proto).
+
+Security is the federation's: mutual TLS (`pluralfed.tls.TlsFiles`), and `coordinator.auth`'s
+`AuthInterceptor` maps each client certificate's identity to a name through an `AllowList`
+(unknown identities: PERMISSION_DENIED; the health service is exempt).
+
+Every field is validated before any work, and the first bad one is named in an INVALID_ARGUMENT
+message. Calls are deadline-aware: the servicer estimates the work (texts to embed, tokens for the
+model, from running averages of what earlier calls took) and refuses with DEADLINE_EXCEEDED at once
+when the time left cannot cover it, and again between the embedding and model steps; a call whose
+deadline passed while it queued is dropped the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.auth import AllowList, AuthInterceptor
+from pluralfed.data import SurveyItem
+from pluralfed.embeddings import option_text
+from pluralfed.errors import InputError
+from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
+from pluralfed.proto.pluralfed.v1 import reward_pb2_grpc as pb_grpc
+from pluralfed.reward import MAX_CONTEXT_ITEMS, GroupContext, RewardKind, RewardModel, to_rewards
+from pluralfed.tls import TlsFiles
+
+log = logging.getLogger("pluralfed.reward")
+
+SERVICE_NAME = "pluralfed.v1.Reward"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_questions: int = 64
+    max_answers: int = 32
+    max_text_chars: int = 4096
+    max_context_items: int = MAX_CONTEXT_ITEMS
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+    def to_proto(self) -> pb.RewardLimits:
+        return pb.RewardLimits(
+            max_questions=self.max_questions,
+            max_answers=self.max_answers,
+            max_text_chars=self.max_text_chars,
+            max_context_items=self.max_context_items,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+
+def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Explicit message caps (both directions) for the server and its clients."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+class BadRequest(Exception):
+    """A field of a request is invalid: `field` says which."""
+
+    def __init__(self, field_path: str, problem: str) -> None:
+        super().__init__(f"{field_path}: {problem}")
+        self.field = field_path
+
+
+def _check_text(value: str, where: str, limit: int) -> str:
+    if not value.strip():
+        raise BadRequest(where, "empty")
+    if len(value) > limit:
+        raise BadRequest(where, f"{len(value)} characters, at most {limit} allowed")
+    return value
+
+
+def _check_list(values: Sequence[str], where: str, limits: Limits) -> list[str]:
+    if not values:
+        raise BadRequest(where, "empty; give at least one")
+    if len(values) > limits.max_answers:
+        raise BadRequest(where, f"{len(values)} entries, at most {limits.max_answers} allowed")
+    seen: dict[str, int] = {}
+    for i, v in enumerate(values):
+        _check_text(v, f"{where}[{i}]", limits.max_text_chars)
+        if v in seen:
+            raise BadRequest(f"{where}[{i}]", f"duplicate of {where}[{seen[v]}] ({v[:60]!r})")
+        seen[v] = i
+    return list(values)
+
+
+def parse_context(msg: pb.RewardGroupContext, limits: Limits) -> list[SurveyItem]:
+    """Validated SurveyItems from an inline group; BadRequest names the first bad field."""
+    where = "group_context.items"
+    if not msg.items:
+        raise BadRequest(where, "empty; an inline group needs at least one context item")
+    if len(msg.items) > limits.max_context_items:
+        raise BadRequest(
+            where, f"{len(msg.items)} items, at most {limits.max_context_items} allowed"
+        )
+    out = []
+    for i, it in enumerate(msg.items):
+        w = f"{where}[{i}]"
+        question = _check_text(it.question, f"{w}.question", limits.max_text_chars)
+        options = _check_list(it.options, f"{w}.options", limits)
+        dist = np.asarray(it.distribution, dtype=np.float64)
+        if dist.size != len(options):
+            raise BadRequest(
+                f"{w}.distribution", f"{dist.size} values for {len(options)} options, need one each"
+            )
+        if not np.isfinite(dist).all():
+            raise BadRequest(f"{w}.distribution", "values must be finite")
+        if (dist < 0).any():
+            raise BadRequest(f"{w}.distribution", "values must not be negative")
+        if dist.sum() <= 0:
+            raise BadRequest(f"{w}.distribution", "all zero; not a distribution")
+        out.append(SurveyItem(question, tuple(options), dist / dist.sum()))
+    return out
+
+
+def parse_questions(
+    msgs: Sequence[pb.RewardQuestion], limits: Limits
+) -> list[tuple[str, list[str]]]:
+    if not msgs:
+        raise BadRequest("questions", "empty; give at least one question to score")
+    if len(msgs) > limits.max_questions:
+        raise BadRequest(
+            "questions", f"{len(msgs)} questions, at most {limits.max_questions} allowed"
+        )
+    return [
+        (
+            _check_text(q.question, f"questions[{i}].question", limits.max_text_chars),
+            _check_list(q.answers, f"questions[{i}].answers", limits),
+        )
+        for i, q in enumerate(msgs)
+    ]
+
+
+_KINDS: dict[int, RewardKind] = {
+    pb.REWARD_KIND_UNSPECIFIED: "logprob",
+    pb.REWARD_KIND_LOG_PROBABILITY: "logprob",
+    pb.REWARD_KIND_PROBABILITY: "prob",
+}
+_KIND_CODES = {"logprob": pb.REWARD_KIND_LOG_PROBABILITY, "prob": pb.REWARD_KIND_PROBABILITY}
+
+
+@dataclass
+class CostModel:
+    """Running averages of seconds per embedded text and per model token, to tell whether a call
+    can finish before its deadline. Starts from cautious CPU figures and learns from every call."""
+
+    per_text: float = 2e-3
+    per_token: float = 5e-5
+    overhead: float = 1e-3
+    alpha: float = 0.2
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def estimate(self, texts: int, tokens: int) -> float:
+        return self.overhead + texts * self.per_text + tokens * self.per_token
+
+    def observe(self, texts: int, embed_s: float, tokens: int, model_s: float) -> None:
+        with self.lock:
+            if texts:
+                self.per_text += self.alpha * (embed_s / texts - self.per_text)
+            if tokens:
+                self.per_token += self.alpha * (model_s / tokens - self.per_token)
+
+
+@dataclass
+class Stats:
+    calls: int = 0
+    refused_invalid: int = 0
+    refused_not_found: int = 0
+    refused_deadline: int = 0
+    questions: int = 0
+    answers: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
+
+
+class RewardServicer(pb_grpc.RewardServicer):
+    def __init__(self, model: RewardModel, limits: Limits | None = None) -> None:
+        self.model = model
+        self.limits = limits or Limits()
+        self.cost = CostModel()
+        self.stats = Stats()
+
+    def _deadline(self, context: grpc.ServicerContext, need_s: float, stage: str) -> None:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return
+        if remaining <= 0 or remaining < need_s:
+            self.stats.add(refused_deadline=1)
+            _abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline too close {stage}: {max(remaining, 0) * 1000:.0f} ms left, the work "
+                f"needs about {need_s * 1000:.0f} ms",
+            )
+
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreReply:
+        self.stats.add(calls=1)
+        limits = self.limits
+        try:
+            kind = _KINDS.get(request.reward_kind)
+            if kind is None:
+                raise BadRequest("reward_kind", f"unknown value {request.reward_kind}")
+            which = request.WhichOneof("group")
+            inline: list[SurveyItem] | None = None
+            if which == "group_name":
+                name = request.group_name
+                if len(name) > limits.max_text_chars:
+                    raise BadRequest("group_name", f"longer than {limits.max_text_chars} chars")
+                if not name.strip():
+                    raise BadRequest("group_name", "empty")
+            elif which == "group_context":
+                inline = parse_context(request.group_context, limits)
+            else:
+                raise BadRequest("group", "set group_name or group_context")
+            questions = parse_questions(request.questions, limits)
+        except BadRequest as err:
+            self.stats.add(refused_invalid=1)
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+        ctx: GroupContext | None = None
+        if inline is None:
+            try:
+                ctx = self.model.group(request.group_name)
+            except KeyError:
+                self.stats.add(refused_not_found=1)
+                held = sorted(self.model.groups)
+                _abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"group_name: no group {request.group_name[:200]!r} on this server; it holds "
+                    f"{held[:50]}",
+                )
+
+        target_texts = [option_text(q, a) for q, answers in questions for a in answers]
+        texts = list(target_texts)
+        if inline is not None:
+            texts += [option_text(it.question, o) for it in inline for o in it.options]
+            context_tokens = sum(len(it.options) for it in inline)
+        else:
+            assert ctx is not None
+            context_tokens = sum(len(e.item.options) for e in ctx.items)
+        target_tokens = len(target_texts)
+        tokens = context_tokens + target_tokens
+        new_texts = self.model.uncached(texts)
+        self._deadline(context, self.cost.estimate(new_texts, tokens), "to start")
+
+        try:
+            t0 = time.perf_counter()
+            if inline is not None:
+                ctx = self.model.context(inline)
+            self.model.embed_texts(target_texts)
+            embed_s = time.perf_counter() - t0
+            self._deadline(context, self.cost.estimate(0, tokens), "after embedding")
+            t1 = time.perf_counter()
+            assert ctx is not None
+            probs = self.model.score_batch(ctx, questions)
+            model_s = time.perf_counter() - t1
+        except InputError as err:  # defence in depth: the validation above should catch all
+            self.stats.add(refused_invalid=1)
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        self.cost.observe(new_texts, embed_s, tokens, model_s)
+        self._deadline(context, 0.0, "after scoring")
+
+        reply = pb.ScoreReply(
+            reward_kind=_KIND_CODES[kind],
+            context_items=len(ctx.items),
+            encoder_id=self.model.encoder_identity,
+        )
+        for p in probs:
+            r = to_rewards(p, kind)
+            reply.scores.add(
+                probabilities=p.tolist(), rewards=r.tolist(), best_index=int(np.argmax(p))
+            )
+        self.stats.add(questions=len(questions), answers=target_tokens)
+        return reply
+
+    def Info(
+        self, request: pb.RewardInfoRequest, context: grpc.ServicerContext
+    ) -> pb.RewardInfoReply:
+        reply = pb.RewardInfoReply(
+            limits=self.limits.to_proto(),
+            encoder_id=self.model.encoder_identity,
+            model_metadata_json=json.dumps(self.model.metadata, sort_keys=True, default=str),
+        )
+        for name, ctx in sorted(self.model.groups.items()):
+            reply.groups.add(name=name, context_items=len(ctx.items))
+        return reply
+
+
+def start_reward_server(
+    model: RewardModel,
+    address: str,
+    tls: TlsFiles,
+    allow_list: AllowList,
+    *,
+    limits: Limits | None = None,
+    max_workers: int = 8,
+) -> tuple[grpc.Server, int, RewardServicer]:
+    """Serve on `address` (host:port; port 0 picks one) with mutual TLS. Returns (server, port,
+    servicer). At most `max_workers` calls run at once and 4x that wait; more get
+    RESOURCE_EXHAUSTED."""
+    limits = limits or Limits()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward"),
+        interceptors=[AuthInterceptor(allow_list)],
+        options=grpc_options(limits.max_message_bytes),
+        maximum_concurrent_rpcs=max_workers * 4,
+    )
+    servicer = RewardServicer(model, limits)
+    pb_grpc.add_RewardServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_secure_port(address, tls.server_credentials())
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    log.info(
+        "reward service on %s (port %d, mutual TLS, %d groups, max message %d bytes)",
+        address,
+        port,
+        len(model.groups),
+        limits.max_message_bytes,
+    )
+    return server, port, servicer
+
+
+# ------------------------------------------------------------------------------------------------
+# client side
+
+
+def context_to_proto(items: Sequence[SurveyItem]) -> pb.RewardGroupContext:
+    msg = pb.RewardGroupContext()
+    for it in items:
+        msg.items.add(
+            question=it.question,
+            options=list(it.options),
+            distribution=[float(x) for x in it.distribution],
+        )
+    return msg
+
+
+def score_request(
+    group: str | Sequence[SurveyItem],
+    questions: Sequence[tuple[str, Sequence[str]]],
+    kind: RewardKind = "logprob",
+) -> pb.ScoreRequest:
+    """A ScoreRequest for a named group (str) or an inline context (items)."""
+    req = pb.ScoreRequest(reward_kind=_KIND_CODES[kind])
+    if isinstance(group, str):
+        req.group_name = group
+    else:
+        req.group_context.CopyFrom(context_to_proto(group))
+    for q, answers in questions:
+        req.questions.add(question=q, answers=list(answers))
+    return req
+
+
+class RewardClient:
+    """A mutual-TLS client of the reward service."""
+
+    def __init__(
+        self,
+        target: str,
+        tls: TlsFiles,
+        *,
+        server_name_override: str | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        from pluralfed.tls import secure_channel
+
+        self.channel = secure_channel(
+            target,
+            tls,
+            server_name_override=server_name_override,
+            options=grpc_options(max_message_bytes),
+        )
+        self.stub = pb_grpc.RewardStub(self.channel)
+
+    def score(
+        self,
+        group: str | Sequence[SurveyItem],
+        questions: Sequence[tuple[str, Sequence[str]]],
+        *,
+        kind: RewardKind = "logprob",
+        timeout: float | None = 30.0,
+    ) -> pb.ScoreReply:
+        reply: pb.ScoreReply = self.stub.Score(
+            score_request(group, questions, kind), timeout=timeout
+        )
+        return reply
+
+    def info(self, timeout: float | None = 10.0) -> pb.RewardInfoReply:
+        reply: pb.RewardInfoReply = self.stub.Info(pb.RewardInfoRequest(), timeout=timeout)
+        return reply
+
+    def health(self, timeout: float | None = 5.0) -> bool:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def probabilities(reply: pb.ScoreReply) -> list[np.ndarray]:
+    return [np.asarray(s.probabilities, dtype=np.float64) for s in reply.scores]

@@ -1,0 +1,142 @@
+"""The centralized `train` and `evaluate` commands, end to end, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pluralfed.checkpoint import load_checkpoint
+from pluralfed.cli import build_parser, main
+from pluralfed.data import write_jsonl
+from pluralfed.synthetic import generate_synthetic
+
+TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--d-ff", "32", "--mlp-layers", "2"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("synth") / "demo.jsonl"
+    write_jsonl(generate_synthetic(n_groups=4, n_questions=50, seed=1), path)
+    return path
+
+
+def _train(data: Path, out: Path, cache: Path, *extra: str) -> dict:
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--eval-every",
+            "2",
+            "--threads",
+            "1",
+            "--cache-dir",
+            str(cache),
+            *TINY,
+            *extra,
+        ]
+    )
+    assert code == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_writes_checkpoint_metrics_and_is_deterministic(
+    synthetic_file: Path, tmp_path: Path, session_cache_dir: Path
+) -> None:
+    first = _train(synthetic_file, tmp_path / "a", session_cache_dir, "--seed", "3")
+    second = _train(synthetic_file, tmp_path / "b", session_cache_dir, "--seed", "3")
+    assert first["reports"] == second["reports"]
+    assert first["optimizer_steps"] == 3 * 4
+    history = [json.loads(line) for line in (tmp_path / "a" / "history.jsonl").open()]
+    assert [h["epoch"] for h in history] == [2, 3]
+    ckpt = load_checkpoint(tmp_path / "a")
+    assert ckpt.model.cfg.d_model == 32
+    assert ckpt.metadata["training_groups"] == sorted(generate_synthetic(4, 50, 1).groups)
+    # evaluating the checkpoint reproduces the training run's final figures
+    out = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(tmp_path / "a"),
+                "--data",
+                str(synthetic_file),
+                "--cache-dir",
+                str(session_cache_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    evaluated = json.loads(out.read_text())["reports"]
+    name = "training groups (test questions)"
+    assert evaluated[name]["model"] == pytest.approx(first["reports"][name]["model"])
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"group": "A", "question": "q", "options": ["x"], "distribution": [1, 2]}\n')
+    code = main(["train", "--data", str(bad), "--out", str(tmp_path / "o"), "--epochs", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:1" in err and "Traceback" not in err
+
+
+def test_every_command_has_help() -> None:
+    parser = build_parser()
+    actions = [a for a in parser._actions if a.dest == "command"]
+    for name, sub in actions[0].choices.items():
+        text = sub.format_help()
+        assert len(text) > 200, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+
+
+@pytest.mark.slow
+def test_centralized_protocol_run_beats_group_prior_on_held_out(
+    goqa_csv: Path, tmp_path: Path, session_cache_dir: Path
+) -> None:
+    """PROTOCOL.md centralized training (8 groups, 100 epochs) on the real shared data."""
+    out = tmp_path / "central"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pluralfed.cli",
+            "train",
+            "--data",
+            str(goqa_csv),
+            "--out",
+            str(out),
+            "--threads",
+            "2",
+            "--cache-dir",
+            str(session_cache_dir),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    held = metrics["reports"]["held-out groups"]
+    assert metrics["optimizer_steps"] == 800
+    assert held["model"]["num_groups"] == 6
+    assert held["model"]["alignment"] > held["prior_baseline"]["alignment"], held
+    assert held["model"]["alignment"] > held["uniform_baseline"]["alignment"], held
+    train = metrics["reports"]["training groups (test questions)"]
+    assert train["model"]["alignment"] > train["prior_baseline"]["alignment"], train

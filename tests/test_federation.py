@@ -1,0 +1,275 @@
+"""Whole federations as real processes: a coordinator and group nodes, mutual TLS on 127.0.0.1.
+
+- a full run: rounds 1..3 once each in metrics.jsonl, an evaluation of training and held-out
+  groups, results.json and a loadable final checkpoint, and a global model that IS the weighted
+  average of what the nodes uploaded (from the nodes' own audit copies, recomputed with numpy);
+- a node killed mid-run: the next round closes at its deadline with the remaining updates and the
+  run finishes;
+- the coordinator killed mid-run and restarted: the nodes rejoin on their own and the run
+  completes with every round exactly once and the same run id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedharness import (
+    FedData,
+    Pki,
+    Procs,
+    assert_weights_close,
+    free_port,
+    make_fed_data,
+    start_coordinator,
+    start_node,
+    restart_coordinator,
+    tails,
+    wait_until,
+    weighted_average,
+)
+
+from coordinator.rounds import HELD_OUT_SET, TRAIN_SET
+from coordinator.state import load_state
+from pluralfed.checkpoint import load_checkpoint
+from pluralfed.localfed import node_id
+from pluralfed.wire import digest_of, load_metadata, load_tensors, state_dict_to_numpy
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def fed_data(tmp_path_factory: pytest.TempPathFactory, session_cache_dir: Path) -> FedData:
+    """4 synthetic groups (3 train, 1 held out), embedded once into the session's cache."""
+    return make_fed_data(tmp_path_factory.mktemp("fed-data"), session_cache_dir, n_groups=4)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    with Procs(tmp_path / "logs") as p:
+        yield p
+
+
+def allow_list(groups: list[str]) -> dict[str, str]:
+    return {node_id(g): g for g in groups}
+
+
+def round_numbers(records: list[dict]) -> list[int]:
+    return [r["round"] for r in records]
+
+
+def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
+    tmp_path: Path, procs: Procs, pki: Pki, fed_data: FedData, session_cache_dir: Path
+) -> None:
+    train, held_out = fed_data.groups[:3], fed_data.groups[3]
+    coord = start_coordinator(
+        procs,
+        tmp_path,
+        pki,
+        allow_list(fed_data.groups),
+        {"rounds": 3, "eval_every": 3, "min_nodes": 3, "min_updates": 3},
+    )
+    audit = {g: tmp_path / "audit" / node_id(g) for g in train}
+    nodes = [
+        start_node(
+            procs,
+            tmp_path,
+            pki,
+            coord,
+            g,
+            fed_data.files[g],
+            cache_dir=session_cache_dir,
+            settings={"save_updates_dir": str(audit[g])},
+        )
+        for g in train
+    ]
+    nodes.append(
+        start_node(
+            procs,
+            tmp_path,
+            pki,
+            coord,
+            held_out,
+            fed_data.files[held_out],
+            role="evaluate-only",
+            cache_dir=session_cache_dir,
+        )
+    )
+    everyone = [coord.proc, *nodes]
+    assert coord.proc.wait(240, nodes) == 0, tails(everyone)
+    for node in nodes:
+        assert node.wait(60, everyone) == 0, tails(everyone)
+
+    # metrics.jsonl: rounds 1..3 once each, then the evaluation of both sets of groups
+    rounds = coord.round_records()
+    assert round_numbers(rounds) == [1, 2, 3], tails(everyone)
+    for r in rounds:
+        assert r["participants"] == sorted(train), r
+        assert r["total_weight"] == sum(fed_data.train_counts[g] for g in train)
+    [evaluation] = coord.evaluation_records()
+    assert evaluation["round"] == 3
+    assert set(evaluation["reports"]) == {TRAIN_SET, HELD_OUT_SET}
+    assert evaluation["groups"] == sorted(fed_data.groups) and evaluation["missing"] == []
+    roles = {g: e["role"] for g, e in evaluation["per_group"].items()}
+    assert roles == {**dict.fromkeys(train, "train"), held_out: "evaluate-only"}
+    for report in evaluation["reports"].values():
+        assert 0.0 < report["model"]["alignment"] <= 1.0
+
+    # results.json and the final checkpoint
+    results = json.loads((coord.state_dir / "results.json").read_text())
+    state = load_state(coord.state_dir)
+    assert state is not None
+    assert results["run_id"] == state.run_id and results["rounds"] == 3
+    assert results["final_evaluation"] == evaluation
+    checkpoint = load_checkpoint(coord.state_dir / "final")
+    assert checkpoint.metadata["run_id"] == state.run_id
+    assert checkpoint.metadata["rounds"] == 3
+    assert checkpoint.metadata["training_groups"] == sorted(train)
+    final = state_dict_to_numpy(checkpoint.model.state_dict())
+    assert_weights_close(final, state.weights, "final checkpoint vs coordinator state")
+
+    # the global model after the last round is sum(n_i w_i) / sum(n_i) over the nodes' uploads
+    last = rounds[-1]
+    uploads, counts = [], []
+    for g in train:
+        [path] = audit[g].glob(f"round-00003-{last['task_id']}.safetensors")
+        meta = load_metadata(path)
+        weights = load_tensors(path)
+        assert meta["group"] == g and meta["task_id"] == last["task_id"] and meta["round"] == "3"
+        assert meta["sha256"] == digest_of(weights).hex()
+        assert int(meta["num_examples"]) == fed_data.train_counts[g]
+        uploads.append(weights)
+        counts.append(int(meta["num_examples"]))
+        # one audit file per round: every round this node trained in
+        assert len(list(audit[g].glob("round-*.safetensors"))) == 3
+    expected = weighted_average(uploads, counts)
+    assert_weights_close(state.weights, expected, "global model after round 3")
+    # the nodes did train, each on its own data: their uploads differ
+    assert not all(np.array_equal(uploads[0][k], uploads[1][k]) for k in uploads[0])
+
+
+def test_node_killed_mid_run_round_closes_at_its_deadline(
+    tmp_path: Path, procs: Procs, pki: Pki, fed_data: FedData, session_cache_dir: Path
+) -> None:
+    train = fed_data.groups[:3]
+    deadline_s = 15.0
+    coord = start_coordinator(
+        procs,
+        tmp_path,
+        pki,
+        allow_list(train),
+        {
+            "rounds": 2,
+            "eval_every": 0,  # evaluate only after the last round
+            "min_nodes": 3,
+            "min_updates": 2,
+            "round_timeout_s": deadline_s,
+            "eval_timeout_s": 8.0,
+            "heartbeat_interval_s": 1.0,
+            "session_timeout_s": 30.0,
+            "local_steps": 4,
+        },
+    )
+    nodes = {
+        g: start_node(procs, tmp_path, pki, coord, g, fed_data.files[g], cache_dir=session_cache_dir)
+        for g in train
+    }
+    everyone = [coord.proc, *nodes.values()]
+
+    # the first node whose round-1 update is counted dies (SIGKILL) at once: the round still
+    # closes with all three updates, and round 2 is opened for all three
+    def first_accepted() -> str | None:
+        m = re.search(r"round 1: update from (\S+) accepted", coord.proc.log())
+        return m.group(1) if m else None
+
+    victim = wait_until(
+        first_accepted,
+        180,
+        "a round-1 update to be accepted",
+        logs=nodes.values(),
+        must_live=everyone,
+    )
+    nodes[victim].kill()
+    assert nodes[victim].returncode == -signal.SIGKILL
+    survivors = sorted(set(train) - {victim})
+
+    assert coord.proc.wait(180, list(nodes.values())) == 0, tails(everyone)
+    for g in survivors:
+        assert nodes[g].wait(60, everyone) == 0, tails(everyone)
+
+    records = coord.round_records()
+    assert round_numbers(records) == [1, 2], tails(everyone)
+    round1, round2 = records
+    assert victim in round1["participants"], round1
+    assert round2["selected"] == sorted(train), round2
+    assert round2["participants"] == survivors, round2
+    assert victim not in round2["outcomes"], round2
+    assert set(round2["outcomes"].values()) == {"accepted"}
+    # it waited for the dead node until the deadline, not longer
+    assert deadline_s - 0.5 <= round2["seconds"] <= deadline_s + 5.0, round2["seconds"]
+    assert re.search(r"train round 2: deadline passed without \['" + re.escape(victim), coord.proc.log())
+    assert (coord.state_dir / "results.json").exists()
+
+
+def test_coordinator_killed_and_restarted_nodes_rejoin_and_run_completes(
+    tmp_path: Path, procs: Procs, pki: Pki, fed_data: FedData, session_cache_dir: Path
+) -> None:
+    train = fed_data.groups[:3]
+    rounds = 6
+    port = free_port()  # a restarted coordinator must be found where the nodes look for it
+    coord = start_coordinator(
+        procs,
+        tmp_path,
+        pki,
+        allow_list(train),
+        {
+            "listen": f"127.0.0.1:{port}",
+            "rounds": rounds,
+            "eval_every": 0,
+            "min_nodes": 3,
+            "min_updates": 3,
+            "local_steps": 10,
+        },
+    )
+    assert coord.port == port
+    nodes = [
+        start_node(procs, tmp_path, pki, coord, g, fed_data.files[g], cache_dir=session_cache_dir)
+        for g in train
+    ]
+    everyone = [coord.proc, *nodes]
+    coord.wait_round(2, 180, logs=nodes)
+    coord.proc.kill()
+    state = load_state(coord.state_dir)
+    assert state is not None
+    run_id, done_at_kill = state.run_id, state.completed_rounds
+    assert 2 <= done_at_kill < rounds, f"killed after round {done_at_kill}: too late to test"
+
+    restarted = restart_coordinator(procs, coord, session_cache_dir)
+    everyone = [restarted.proc, *nodes]
+    assert restarted.proc.wait(240, nodes) == 0, tails(everyone)
+    for node in nodes:
+        assert node.wait(60, everyone) == 0, tails(everyone)
+
+    log = restarted.proc.log()
+    assert f"resumed run {run_id} after round {done_at_kill}" in log, restarted.proc.tail()
+    assert round_numbers(restarted.round_records()) == list(range(1, rounds + 1)), tails(everyone)
+    assert [e["round"] for e in restarted.evaluation_records()] == [rounds]
+    results = json.loads((restarted.state_dir / "results.json").read_text())
+    assert results["run_id"] == run_id and results["rounds"] == rounds
+    final = load_state(restarted.state_dir)
+    assert final is not None and final.run_id == run_id
+    # every node rejoined the same run by itself: two joins, one per coordinator process
+    for node in nodes:
+        joins = re.findall(r"joined run (\w+)", node.log())
+        assert len(joins) >= 2 and set(joins) == {run_id}, node.tail()
+        assert re.search(r"coordinator unreachable|joining again", node.log()), node.tail()

@@ -1,0 +1,758 @@
+"""The reward model: Python API, option mapping, TRL-style adapter, gRPC service over real mTLS, CLI.
+
+The model is a tiny GPO trained here, in the test session, on synthetic survey data embedded with
+the real packaged encoder (so the encoder identity check and the cosine rule are the real ones).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.auth import AllowList
+from pluralfed import tls
+from pluralfed.checkpoint import save_checkpoint
+from pluralfed.cli import main as cli_main
+from pluralfed.data import SurveyItem, is_test_question, write_jsonl
+from pluralfed.embeddings import CachedEncoder, default_encoder
+from pluralfed.errors import InputError
+from pluralfed.model import GPOConfig
+from pluralfed.prepare import embed_groups
+from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
+from pluralfed.proto.pluralfed.v1 import reward_pb2_grpc as pb_grpc
+from pluralfed.reward import (
+    LOG_FLOOR,
+    MAX_CONTEXT_ITEMS,
+    GroupContext,
+    OptionMatch,
+    RewardModel,
+    make_reward_fn,
+    map_completion,
+    protocol_context,
+    to_rewards,
+)
+from pluralfed.reward_server import (
+    SERVICE_NAME,
+    Limits,
+    RewardClient,
+    RewardServicer,
+    context_to_proto,
+    probabilities,
+    score_request,
+    start_reward_server,
+)
+from pluralfed.synthetic import generate_synthetic
+from pluralfed.training import LocalTrainer, TrainingSettings, build_model
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.timeout(120)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OPTIONS4 = ("Strongly agree", "Somewhat agree", "Somewhat disagree", "Strongly disagree")
+TIMEOUT = 20.0
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures: a tiny trained checkpoint, a reward model, certificates, a server
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, session_cache_dir: Path) -> dict:
+    """Synthetic data for 4 groups, a tiny GPO trained on 3 of them, saved as a checkpoint."""
+    root = tmp_path_factory.mktemp("reward")
+    data = generate_synthetic(n_groups=4, n_questions=48, seed=3, temperature=2.0)
+    groups = sorted(data.groups)
+    encoder = CachedEncoder(default_encoder(show_progress=False), session_cache_dir)
+    splits = embed_groups(data, groups, encoder)
+    cfg = GPOConfig(embed_dim=encoder.dim, d_model=32, mlp_layers=2, n_layers=2, n_heads=2, d_ff=32)
+    model = build_model(cfg, seed=0)
+    trainer = LocalTrainer(model, TrainingSettings(context_range=(5, 30), target_range=(5, 20)), 0)
+    for _ in range(25):
+        trainer.step([splits[g].train for g in groups[:3]])
+    ckpt = root / "ckpt"
+    save_checkpoint(ckpt, model, encoder.identity, {"training_groups": groups[:3]})
+    data_file = root / "survey.jsonl"
+    write_jsonl(data, data_file)
+    return {"data": data, "groups": groups, "ckpt": ckpt, "data_file": data_file, "root": root}
+
+
+@pytest.fixture(scope="module")
+def rm(world: dict, session_cache_dir: Path) -> RewardModel:
+    model = RewardModel.from_checkpoint(world["ckpt"], cache_dir=session_cache_dir)
+    model.add_groups_from_data(world["data"])
+    return model
+
+
+def _train_items(world: dict, group: str) -> list[SurveyItem]:
+    return [it for it in world["data"].groups[group] if not is_test_question(it.question)]
+
+
+def _targets(world: dict, group: str, n: int = 5) -> list[tuple[str, list[str]]]:
+    test = [it for it in world["data"].groups[group] if is_test_question(it.question)]
+    return [(it.question, list(it.options)) for it in test[:n]]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.TlsFiles]:
+    root = tmp_path_factory.mktemp("pki")
+    tls.create_ca(root / "ca")
+    tls.create_ca(root / "other-ca", common_name="someone else")
+    return {
+        "server": tls.issue_server_cert(root / "ca", root / "server", "reward", ["127.0.0.1"]),
+        "client": tls.issue_node_cert(root / "ca", root / "client", "trainer-1"),
+        "stranger": tls.issue_node_cert(root / "ca", root / "stranger", "not-listed"),
+        "foreign": tls.issue_node_cert(root / "other-ca", root / "foreign", "trainer-1"),
+        "root": root,  # type: ignore[dict-item]
+    }
+
+
+@pytest.fixture(scope="module")
+def server(rm: RewardModel, pki: dict) -> Iterator[tuple[int, RewardServicer]]:
+    allow = AllowList({"trainer-1": "RL trainer"})
+    srv, port, servicer = start_reward_server(rm, "127.0.0.1:0", pki["server"], allow)
+    yield port, servicer
+    srv.stop(grace=None).wait()
+
+
+@pytest.fixture
+def client(server: tuple[int, RewardServicer], pki: dict) -> Iterator[RewardClient]:
+    with RewardClient(f"127.0.0.1:{server[0]}", pki["client"]) as c:
+        yield c
+
+
+# ------------------------------------------------------------------------------------------------
+# Python API
+
+
+def test_from_checkpoint_refuses_another_encoder(world: dict) -> None:
+    class OtherEncoder:
+        identity = "fake:other"
+        dim = 384
+
+        def encode(self, texts: list[str]) -> np.ndarray:
+            return np.zeros((len(texts), 384), dtype=np.float32)
+
+    with pytest.raises(InputError, match="trained with encoder"):
+        RewardModel.from_checkpoint(world["ckpt"], encoder=OtherEncoder())
+
+
+def test_score_is_a_distribution_and_batching_changes_nothing(rm: RewardModel, world: dict) -> None:
+    g = world["groups"][0]
+    targets = _targets(world, g)
+    batched = rm.score_batch(g, targets)
+    for (q, answers), p in zip(targets, batched, strict=True):
+        assert p.shape == (len(answers),)
+        assert abs(p.sum() - 1) < 1e-9 and (p > 0).all()
+        np.testing.assert_allclose(rm.score(g, q, answers), p, atol=1e-6)
+    # answers are a set to the model: reordering them reorders the probabilities
+    q, answers = targets[0]
+    order = list(reversed(range(len(answers))))
+    np.testing.assert_allclose(
+        rm.score(g, q, [answers[i] for i in order]), batched[0][order], atol=1e-6
+    )
+
+
+def test_named_inline_and_context_groups_agree(rm: RewardModel, world: dict) -> None:
+    g = world["groups"][1]
+    q, answers = _targets(world, g, 1)[0]
+    named = rm.score(g, q, answers)
+    np.testing.assert_allclose(rm.score(_train_items(world, g), q, answers), named, atol=1e-9)
+    ctx = rm.context(_train_items(world, g), name="copy")
+    assert isinstance(ctx, GroupContext) and len(ctx) == len(rm.group(g))
+    np.testing.assert_allclose(rm.score(ctx, q, answers), named, atol=1e-9)
+    # the group's context matters: another group's gives other numbers
+    other = rm.score(world["groups"][2], q, answers)
+    assert not np.allclose(other, named, atol=1e-6)
+
+
+def test_held_groups_use_train_questions_only(rm: RewardModel, world: dict) -> None:
+    for g in world["groups"]:
+        held = rm.group(g)
+        assert 0 < len(held) <= MAX_CONTEXT_ITEMS
+        assert not any(is_test_question(e.item.question) for e in held.items)
+    assert set(rm.groups) == set(world["groups"])
+
+
+def test_long_context_is_cut_to_90_like_the_protocol(rm: RewardModel) -> None:
+    items = [
+        SurveyItem(f"Question number {i}?", ("Yes", "No"), np.array([0.3, 0.7])) for i in range(120)
+    ]
+    ctx = rm.context(items)
+    assert len(ctx) == 90
+    assert [e.item.question for e in ctx.items] == [it.question for it in protocol_context(items)]
+
+
+@pytest.mark.parametrize(
+    ("question", "answers", "message"),
+    [
+        ("", ["Yes", "No"], "question: empty"),
+        ("Q?", [], "no answers"),
+        ("Q?", ["Yes", "Yes"], r"answers\[1\]: duplicate of questions\[0\].answers\[0\]"),
+        ("Q?", ["Yes", "  "], r"answers\[1\]: empty"),
+        ("Q?", "Yes", "not a single string"),
+    ],
+)
+def test_score_validates_inputs(rm: RewardModel, world: dict, question, answers, message) -> None:
+    with pytest.raises(InputError, match=message):
+        rm.score(world["groups"][0], question, answers)
+
+
+@pytest.mark.parametrize(
+    ("dist", "message"),
+    [
+        ([0.5, float("nan")], "not finite"),
+        ([0.5, -0.1], "negative"),
+        ([0.0, 0.0], "all zero"),
+        ([1.0], "1 values for 2 options"),
+    ],
+)
+def test_context_items_are_validated(rm: RewardModel, dist, message) -> None:
+    bad = SurveyItem("Q?", ("Yes", "No"), np.array(dist, dtype=float))
+    with pytest.raises(InputError, match=rf"items\[1\]\.distribution: .*{message}"):
+        rm.context([SurveyItem("Ok?", ("Yes", "No"), np.array([1.0, 1.0])), bad])
+    with pytest.raises(InputError, match="no context items"):
+        rm.context([])
+
+
+def test_unknown_group_is_a_key_error(rm: RewardModel) -> None:
+    with pytest.raises(KeyError, match="no group 'Atlantis'"):
+        rm.score("Atlantis", "Q?", ["Yes", "No"])
+
+
+def test_rewards_kinds(rm: RewardModel, world: dict) -> None:
+    g = world["groups"][0]
+    q, answers = _targets(world, g, 1)[0]
+    p = rm.score(g, q, answers)
+    np.testing.assert_allclose(rm.rewards(g, q, answers, kind="prob"), p)
+    np.testing.assert_allclose(rm.rewards(g, q, answers), np.log(p))
+    assert to_rewards(np.array([0.0, 1.0]))[0] == LOG_FLOOR
+    with pytest.raises(InputError, match="reward kind"):
+        to_rewards(p, "linear")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------
+# option mapping, rule by rule
+
+
+@pytest.mark.parametrize(
+    ("completion", "options", "expected"),
+    [
+        # 1. exact, ignoring case, whitespace and typographic quotes
+        ("  somewhat AGREE \n", OPTIONS4, OptionMatch(1, "exact")),
+        ("Don't know", ("Yes", "No", "Don\u2019t know"), OptionMatch(2, "exact")),
+        # 2. a choice label: letter or 1-based number, alone, bracketed or with ) . :
+        ("B", OPTIONS4, OptionMatch(1, "choice")),
+        ("(b)", OPTIONS4, OptionMatch(1, "choice")),
+        ("[C] because", OPTIONS4, OptionMatch(2, "choice")),
+        ("d) I disagree", OPTIONS4, OptionMatch(3, "choice")),
+        ("2.", OPTIONS4, OptionMatch(1, "choice")),
+        ("3: somewhat", OPTIONS4, OptionMatch(2, "choice")),
+        ("Answer: D", OPTIONS4, OptionMatch(3, "choice")),
+        ("The answer is C", OPTIONS4, OptionMatch(2, "choice")),
+        ("Option 1 because trust matters", OPTIONS4, OptionMatch(0, "choice")),
+        ("A. Strongly disagree", OPTIONS4, OptionMatch(0, "choice")),  # the label wins, literally
+        # numbers that are options' own texts name those options, not positions
+        ("2.", ("0", "1", "2", "3"), OptionMatch(2, "choice")),
+        ("10", tuple(str(i) for i in range(11)), OptionMatch(10, "exact")),
+        # not choice labels: a word that starts with a letter, "e.g.", labels out of range
+        ("A lot of people strongly agree", OPTIONS4, OptionMatch(0, "contains")),
+        ("e.g. somewhat disagree", OPTIONS4, OptionMatch(2, "contains")),
+        ("E. strongly disagree", OPTIONS4, OptionMatch(3, "contains")),
+        ("7) somewhat agree", OPTIONS4, OptionMatch(1, "contains")),
+        # 3. contained as whole words; longest option text wins, then the earliest
+        ("I'd say yes, definitely", ("Yes", "No"), OptionMatch(0, "contains")),
+        ("It was very good overall", ("Good", "Very good", "Bad"), OptionMatch(1, "contains")),
+        ("bad, not good", ("Good", "Bad"), OptionMatch(1, "contains")),
+        ("Not yesterday. No.", ("Yes", "No"), OptionMatch(1, "contains")),
+    ],
+)
+def test_map_completion_rules(completion: str, options, expected: OptionMatch) -> None:
+    assert map_completion(completion, options) == expected
+
+
+def test_map_completion_falls_back_to_cosine_similarity(rm: RewardModel) -> None:
+    def embed(texts):
+        return rm.embed_texts(texts, disk_cache=False)
+
+    good_bad = ("Good thing", "Bad thing")
+    assert map_completion("It is beneficial and helpful", good_bad, embed) == OptionMatch(
+        0, "similar"
+    )
+    assert map_completion("It is harmful and dangerous", good_bad, embed) == OptionMatch(
+        1, "similar"
+    )
+    # without an encoder, or for an empty completion, no option
+    assert map_completion("It is beneficial", good_bad) == OptionMatch(None, "none")
+    assert map_completion("   ", good_bad, embed) == OptionMatch(None, "none")
+
+
+# ------------------------------------------------------------------------------------------------
+# the TRL-style reward function
+
+# Completions SmolLM2-135M-Instruct produced (temperature 1.0) for survey prompts listing options
+# as "A. ..."; kept verbatim so this test needs no LLM (see the slow test for a live one).
+SMOLLM_COMPLETIONS = [
+    "A. Strongly agree",
+    "B. Somewhat agree",
+    "B",
+    "Strongly disagree",
+    "Here's a possible answer: Option A\n\nYes, it's absolutely",
+    "I would say somewhat disagree. Trust is earned.",
+    "C. Somewhat disagree\n\nThis answer allows users to select",
+    "Most people can be trusted because they are kind.",
+]
+
+
+def test_reward_fn_on_llm_completions(rm: RewardModel, world: dict) -> None:
+    g = world["groups"][0]
+    question = "How much do you agree: most people can be trusted?"
+    prompt = f"Answer this survey question.\nQuestion: {question}"
+    fn = make_reward_fn(rm, g, {prompt: (question, OPTIONS4)})
+    rewards = fn([prompt] * len(SMOLLM_COMPLETIONS), SMOLLM_COMPLETIONS)
+    assert [m.index for m in fn.last_matches] == [0, 1, 1, 3, 0, 2, 2, fn.last_matches[7].index]
+    assert [m.rule for m in fn.last_matches][:7] == [
+        "choice",
+        "choice",
+        "choice",
+        "exact",
+        "choice",
+        "contains",
+        "choice",
+    ]
+    assert fn.last_matches[7].rule == "similar"
+    logp = np.log(rm.score(g, question, OPTIONS4))
+    expected = [logp[m.index] for m in fn.last_matches]  # type: ignore[index]
+    np.testing.assert_allclose(rewards, expected, atol=1e-9)
+    assert fn.__name__.startswith("group_reward_")
+
+    # probabilities instead; unmatched (empty) completions get the lowest reward
+    prob_fn = make_reward_fn(rm, g, {prompt: (question, OPTIONS4)}, kind="prob")
+    assert prob_fn([prompt, prompt], ["B", ""]) == pytest.approx([math.exp(logp[1]), 0.0])
+    assert fn([prompt], [""]) == [LOG_FLOOR]
+
+
+def test_reward_fn_conversational_and_dataset_columns(rm: RewardModel, world: dict) -> None:
+    g = world["groups"][0]
+    question = "How much do you agree: most people can be trusted?"
+    fn = make_reward_fn(rm, g, {question: (question, OPTIONS4)})
+    convo_prompt = [
+        {"role": "system", "content": "You answer surveys."},
+        {"role": "user", "content": question},
+    ]
+    convo_completion = [{"role": "assistant", "content": "D"}]
+    assert fn([convo_prompt], [convo_completion]) == fn([question], ["D"])
+    # prompts unknown to the mapping use TRL's per-sample dataset columns
+    columns = make_reward_fn(rm, g)
+    got = columns(
+        ["p1", "p2"], ["A", "Yes"], question=[question, "Q2?"], options=[OPTIONS4, ["No", "Yes"]]
+    )
+    assert got[0] == pytest.approx(fn([question], ["A"])[0])
+    assert got[1] == pytest.approx(float(np.log(rm.score(g, "Q2?", ["No", "Yes"])[1])))
+    with pytest.raises(KeyError, match="not in question_options"):
+        columns(["p1"], ["A"])
+    with pytest.raises(ValueError, match="1 prompts but 2 completions"):
+        fn([question], ["A", "B"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the gRPC service over mutual TLS
+
+
+def test_health_and_info(client: RewardClient, rm: RewardModel) -> None:
+    assert client.health()
+    info = client.info()
+    assert {g.name: g.context_items for g in info.groups} == {
+        n: len(c) for n, c in rm.groups.items()
+    }
+    assert info.limits.max_questions == 64 and info.limits.max_answers == 32
+    assert info.limits.max_text_chars == 4096 and info.limits.max_context_items == 90
+    assert info.limits.max_message_bytes == 4 * 1024 * 1024
+    assert info.encoder_id == rm.encoder_identity
+    assert json.loads(info.model_metadata_json)["training_groups"]
+
+
+def test_service_scores_equal_the_python_api(
+    client: RewardClient, rm: RewardModel, world: dict
+) -> None:
+    g = world["groups"][3]  # a group the model never trained on
+    targets = _targets(world, g, 6)
+    expected = rm.score_batch(g, targets)
+    reply = client.score(g, targets)
+    assert reply.context_items == len(rm.group(g))
+    assert reply.reward_kind == pb.REWARD_KIND_LOG_PROBABILITY
+    for got, want, s in zip(probabilities(reply), expected, reply.scores, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(s.rewards, np.log(want), atol=1e-12)
+        assert s.best_index == int(np.argmax(want))
+    # inline context: the same items give the same numbers
+    inline = client.score(protocol_context(_train_items(world, g)), targets, kind="prob")
+    assert inline.reward_kind == pb.REWARD_KIND_PROBABILITY
+    for got, want, s in zip(probabilities(inline), expected, inline.scores, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+        np.testing.assert_allclose(s.rewards, want, atol=1e-12)
+
+
+def _request(**changes) -> pb.ScoreRequest:
+    base = score_request("G", [("Is it?", ["Yes", "No"])])
+    for key, value in changes.items():
+        value(base) if callable(value) else setattr(base, key, value)
+    return base
+
+
+def _items(n: int, dist=(0.5, 0.5), options=("Yes", "No")) -> list[SurveyItem]:
+    return [SurveyItem(f"Known question {i}?", options, np.array(dist)) for i in range(n)]
+
+
+def _set_context(items: list[SurveyItem]):
+    def apply(req: pb.ScoreRequest) -> None:
+        req.group_context.CopyFrom(context_to_proto(items))
+
+    return apply
+
+
+def _set_context_raw(question: str, options: list[str], dist: list[float]):
+    def apply(req: pb.ScoreRequest) -> None:
+        ctx = pb.RewardGroupContext()
+        ctx.items.add(question="Fine?", options=["Yes", "No"], distribution=[1, 1])
+        ctx.items.add(question=question, options=options, distribution=dist)
+        req.group_context.CopyFrom(ctx)
+
+    return apply
+
+
+def _set_questions(*questions: tuple[str, list[str]]):
+    def apply(req: pb.ScoreRequest) -> None:
+        del req.questions[:]
+        for q, a in questions:
+            req.questions.add(question=q, answers=a)
+
+    return apply
+
+
+LONG = "x" * 4097
+INVALID = [
+    ("no group", _request(group_name=""), "group_name: empty"),
+    ("unset group", _request(**{"x": lambda r: r.ClearField("group_name")}), "group: set"),
+    ("no questions", _request(x=_set_questions()), "questions: empty"),
+    (
+        "empty question",
+        _request(x=_set_questions(("  ", ["Yes"]))),
+        r"questions\[0\]\.question: empty",
+    ),
+    ("no answers", _request(x=_set_questions(("Q?", []))), r"questions\[0\]\.answers: empty"),
+    (
+        "empty answer",
+        _request(x=_set_questions(("Q?", ["Yes", ""]))),
+        r"questions\[0\]\.answers\[1\]: empty",
+    ),
+    (
+        "duplicate answer",
+        _request(x=_set_questions(("Q?", ["Yes"]), ("R?", ["No", "Yes", "No"]))),
+        r"questions\[1\]\.answers\[2\]: duplicate of questions\[1\]\.answers\[0\]",
+    ),
+    (
+        "too many answers",
+        _request(x=_set_questions(("Q?", [f"o{i}" for i in range(33)]))),
+        r"questions\[0\]\.answers: 33 entries, at most 32",
+    ),
+    (
+        "oversize question",
+        _request(x=_set_questions((LONG, ["Yes"]))),
+        r"questions\[0\]\.question: 4097 characters",
+    ),
+    (
+        "oversize answer",
+        _request(x=_set_questions(("Q?", ["Yes", LONG]))),
+        r"answers\[1\]: 4097 characters",
+    ),
+    (
+        "too many questions",
+        _request(x=_set_questions(*[(f"Q{i}?", ["Yes"]) for i in range(65)])),
+        "questions: 65 questions, at most 64",
+    ),
+    ("oversize group name", _request(group_name=LONG), "group_name: longer than 4096"),
+    (
+        "empty context",
+        _request(x=lambda r: r.group_context.SetInParent()),
+        r"group_context\.items: empty",
+    ),
+    (
+        "too many context items",
+        _request(x=_set_context(_items(91))),
+        r"group_context\.items: 91 items, at most 90",
+    ),
+    (
+        "negative distribution",
+        _request(x=_set_context_raw("Q?", ["Yes", "No"], [0.5, -0.5])),
+        r"group_context\.items\[1\]\.distribution: values must not be negative",
+    ),
+    (
+        "NaN distribution",
+        _request(x=_set_context_raw("Q?", ["Yes", "No"], [0.5, float("nan")])),
+        r"items\[1\]\.distribution: values must be finite",
+    ),
+    (
+        "all-zero distribution",
+        _request(x=_set_context_raw("Q?", ["Yes", "No"], [0, 0])),
+        r"items\[1\]\.distribution: all zero",
+    ),
+    (
+        "distribution length",
+        _request(x=_set_context_raw("Q?", ["Yes", "No"], [1.0])),
+        r"items\[1\]\.distribution: 1 values for 2 options",
+    ),
+    (
+        "duplicate context option",
+        _request(x=_set_context_raw("Q?", ["Yes", "Yes"], [1, 1])),
+        r"items\[1\]\.options\[1\]: duplicate",
+    ),
+    (
+        "empty context question",
+        _request(x=_set_context_raw("", ["Yes"], [1])),
+        r"items\[1\]\.question: empty",
+    ),
+    ("bad reward kind", _request(reward_kind=7), "reward_kind: unknown value 7"),
+]
+
+
+@pytest.mark.parametrize(("name", "request_msg", "message"), INVALID, ids=[c[0] for c in INVALID])
+def test_service_validation_errors(
+    client: RewardClient, name: str, request_msg, message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Score(request_msg, timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details() is not None
+    import re
+
+    assert re.search(message, err.value.details()), err.value.details()
+
+
+def test_service_unknown_group(client: RewardClient) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.score("Atlantis", [("Q?", ["Yes", "No"])])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no group 'Atlantis'" in (err.value.details() or "")
+
+
+def test_service_refuses_work_it_cannot_finish_in_time(
+    client: RewardClient, server: tuple[int, RewardServicer], world: dict
+) -> None:
+    servicer = server[1]
+    before = servicer.stats.refused_deadline
+    saved = servicer.cost.per_text
+    servicer.cost.per_text = 10.0  # pretend embedding is slow: 10 s per new text
+    try:
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            client.score(
+                world["groups"][0], [("A question never seen before?", ["Yes", "No"])], timeout=5.0
+            )
+        assert time.perf_counter() - started < 3.0  # refused at once, not after working
+    finally:
+        servicer.cost.per_text = saved
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline too close to start" in (err.value.details() or "")
+    assert servicer.stats.refused_deadline == before + 1
+
+
+def test_service_message_size_cap(server: tuple[int, RewardServicer], pki: dict) -> None:
+    # a client without a send cap: the server's 4 MiB receive cap refuses the message
+    channel = tls.secure_channel(
+        f"127.0.0.1:{server[0]}", pki["client"], options=[("grpc.max_send_message_length", -1)]
+    )
+    stub = pb_grpc.RewardStub(channel)
+    big = score_request("G", [("Q?", ["x" * 4000 + str(i) for i in range(32)]) for _ in range(40)])
+    assert big.ByteSize() > Limits().max_message_bytes
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Score(big, timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    channel.close()
+
+
+def test_unauthorised_clients_are_refused(server: tuple[int, RewardServicer], pki: dict) -> None:
+    port, servicer = server
+    calls = servicer.stats.calls
+    with RewardClient(f"127.0.0.1:{port}", pki["stranger"]) as stranger:
+        with pytest.raises(grpc.RpcError) as err:
+            stranger.score("G", [("Q?", ["Yes"])], timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "not-listed" in (err.value.details() or "")
+        assert stranger.health()  # health needs the handshake only
+    foreign = tls.secure_channel(
+        f"127.0.0.1:{port}",
+        tls.TlsFiles(ca=pki["server"].ca, cert=pki["foreign"].cert, key=pki["foreign"].key),
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        pb_grpc.RewardStub(foreign).Info(pb.RewardInfoRequest(), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails
+    foreign.close()
+    assert servicer.stats.calls == calls  # no refused call reached the servicer
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_score_local_and_through_the_server(
+    world: dict,
+    rm: RewardModel,
+    server: tuple[int, RewardServicer],
+    pki: dict,
+    session_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    g = world["groups"][0]
+    q, answers = _targets(world, g, 1)[0]
+    expected = rm.score(g, q, answers)
+    answer_args = [x for a in answers for x in ("--answer", a)]
+    common = ["reward", "score", "--group", g, "--question", q, *answer_args, "--json"]
+    local = [
+        *common,
+        "--checkpoint",
+        str(world["ckpt"]),
+        "--data",
+        str(world["data_file"]),
+        "--cache-dir",
+        str(session_cache_dir),
+    ]
+    assert cli_main(local) == 0
+    out = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose([a["probability"] for a in out["answers"]], expected, atol=1e-9)
+    remote = [
+        *common,
+        "--server",
+        f"127.0.0.1:{server[0]}",
+        "--tls-dir",
+        str(pki["client"].cert.parent),
+    ]
+    assert cli_main(remote) == 0
+    out = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose([a["probability"] for a in out["answers"]], expected, atol=1e-9)
+    np.testing.assert_allclose([a["reward"] for a in out["answers"]], np.log(expected), atol=1e-9)
+    # inline context from a local file, through the server
+    assert cli_main([*remote, "--data", str(world["data_file"])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose([a["probability"] for a in out["answers"]], expected, atol=1e-9)
+    # errors are one clear line, exit 2
+    assert cli_main([*remote[:-4], "--group", "Atlantis", *remote[-4:]]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                *common,
+                "--answer",
+                answers[0],
+                "--checkpoint",
+                str(world["ckpt"]),
+                "--data",
+                str(world["data_file"]),
+            ]
+        )
+        == 2
+    )
+    assert "duplicate" in capsys.readouterr().err
+
+
+def test_cli_serve_subprocess(
+    world: dict, pki: dict, session_cache_dir: Path, tmp_path: Path
+) -> None:
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"trainer-1" = "RL trainer"\n', encoding="utf-8")
+    port_file = tmp_path / "port"
+    env = {**os.environ, "PLURALFED_CACHE_DIR": str(session_cache_dir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pluralfed.cli",
+            "reward",
+            "serve",
+            "--checkpoint",
+            str(world["ckpt"]),
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            str(pki["server"].cert.parent),
+            "--allow-list",
+            str(allow),
+            "--groups-data",
+            str(world["data_file"]),
+            "--port-file",
+            str(port_file),
+            "--threads",
+            "1",
+        ],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert port_file.exists(), proc.communicate(timeout=5)
+        port = int(port_file.read_text())
+        with RewardClient(f"127.0.0.1:{port}", pki["client"]) as c:
+            assert c.health()
+            stub = health_pb2_grpc.HealthStub(c.channel)
+            status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            assert {g.name for g in c.info().groups} == set(world["groups"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    for action in ("serve", "score"):
+        with pytest.raises(SystemExit):
+            cli_main(["reward", action, "--help"])
+        text = capsys.readouterr().out
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("--") and "  " not in stripped:
+                # an option whose help is on the next line is fine; one with none is not
+                continue
+        assert "--allow-list" in text if action == "serve" else "--server" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# a live LLM (slow: loading SmolLM2 takes about a minute on a small CPU)
+
+
+@pytest.mark.slow
+def test_reward_fn_on_live_smollm2_generations(rm: RewardModel, world: dict) -> None:
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        from best_of_n import format_prompt, generate, load_llm
+    finally:
+        sys.path.pop(0)
+    llm = load_llm(threads=1)
+    question = "How much do you agree: most people can be trusted?"
+    prompt = format_prompt(question, OPTIONS4)
+    completions = generate(llm, prompt, n=6, seed=0, max_new_tokens=16)
+    assert len(completions) == 6 and all(isinstance(c, str) for c in completions)
+    fn = make_reward_fn(rm, world["groups"][0], {prompt: (question, OPTIONS4)})
+    rewards = fn([prompt] * 6, completions)
+    assert all(math.isfinite(r) and LOG_FLOOR <= r <= 0 for r in rewards)
+    logp = np.log(rm.score(world["groups"][0], question, OPTIONS4))
+    for r, m in zip(rewards, fn.last_matches, strict=True):
+        assert r == (LOG_FLOOR if m.index is None else pytest.approx(logp[m.index]))
