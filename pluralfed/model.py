@@ -16,7 +16,6 @@ across the batch so the softmax runs within questions.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -61,12 +60,6 @@ class EpisodeBatch:
     segment: torch.Tensor  # (B, T) long: the token's question across the batch; padding -> last
     num_segments: int  # questions in the batch + 1 (the padding segment)
     question_slices: list[list[tuple[int, int]]]  # per episode: token range of each question
-
-    def to(self, device: torch.device | str) -> EpisodeBatch:
-        moved = {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()
-        }
-        return EpisodeBatch(**moved)
 
 
 class SelfAttention(nn.Module):
