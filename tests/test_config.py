@@ -1,0 +1,80 @@
+"""Layered configuration (file < environment < options) and the documented example configs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from coordinator.auth import AllowList
+from coordinator.service import CoordinatorConfig
+from group_node.node import NodeConfig
+from pluralfed.config import load_config
+from pluralfed.errors import InputError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_example_node_config_loads_and_documents_every_field() -> None:
+    path = EXAMPLES / "node.toml"
+    cfg = load_config(NodeConfig, path, "PLURALFED_NODE_", {}, environ={})
+    assert cfg.group == "Nigeria" and cfg.tls_dir == Path("/certs/node-nigeria")
+    text = path.read_text()
+    for f in dataclasses.fields(NodeConfig):
+        key = f.name.removeprefix("tls_") if f.name.startswith("tls_") else f.name
+        assert f"{key} =" in text, f"examples/node.toml does not document {f.name}"
+
+
+def test_example_coordinator_config_loads_and_documents_every_field() -> None:
+    path = EXAMPLES / "coordinator.toml"
+    cfg = load_config(
+        CoordinatorConfig, path, "X_", {}, environ={}, skip_tables=("allow_list",)
+    )
+    assert cfg.min_nodes == 8 and cfg.context_range == (9, 90)
+    cfg.round_settings()  # valid as a whole
+    assert len(AllowList.from_toml(path)) == 14
+    text = path.read_text()
+    for f in dataclasses.fields(CoordinatorConfig):
+        key = f.name.removeprefix("tls_") if f.name.startswith("tls_") else f.name
+        assert f"{key} =" in text, f"examples/coordinator.toml does not document {f.name}"
+
+
+def test_precedence_file_env_options(tmp_path: Path) -> None:
+    path = tmp_path / "n.toml"
+    path.write_text('group = "A"\ndata = "a.jsonl"\nthreads = 2\n[tls]\ndir = "/c"\n')
+    env = {"PLURALFED_NODE_THREADS": "3", "PLURALFED_NODE_SEED": "9"}
+    cfg = load_config(NodeConfig, path, "PLURALFED_NODE_", {"threads": None}, environ=env)
+    assert (cfg.threads, cfg.seed, cfg.tls_dir) == (3, 9, Path("/c"))
+    cfg = load_config(NodeConfig, path, "PLURALFED_NODE_", {"threads": "4"}, environ=env)
+    assert cfg.threads == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ('group = "A"\ndata = "a"\nbogus = 1\n', {}, "unknown settings ['bogus']"),
+        ('group = "A"\ndata = "a"\nthreads = "many"\n', {}, "threads: expected an integer"),
+        ('group = "A"\ndata = "a"\ninsecure = "maybe"\n', {}, "insecure: expected true or false"),
+        ('group = "A"\ndata = "a"\n', {"PLURALFED_NODE_THREADS": "x"}, "PLURALFED_NODE_THREADS"),
+        ('group = "A"\ndata = "a"\nrole = "boss"\n', {}, "role must be train or evaluate-only"),
+        ('data = "a"\n', {}, "group is required"),
+        ("group = [\n", {}, "not valid TOML"),
+    ],
+)
+def test_bad_config_names_what_and_where(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    with pytest.raises(InputError) as err:
+        load_config(NodeConfig, path, "PLURALFED_NODE_", {}, environ=env)
+    assert message in str(err.value)
+
+
+def test_bad_coordinator_settings_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("min_nodes = 2\nmin_updates = 3\n")
+    cfg = load_config(CoordinatorConfig, path, "X_", {}, environ={})
+    with pytest.raises(InputError, match="min_updates"):
+        cfg.round_settings()
