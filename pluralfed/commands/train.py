@@ -153,7 +153,10 @@ def run(args: argparse.Namespace) -> int:
                 "steps": trainer.steps_done,
                 "loss": loss,
                 "seconds": time.perf_counter() - train_started,
-                **{name: rep.model.to_dict() for name, rep in reports.items()},
+                **{
+                    name: {**rep.model.to_dict(), "context_gain": rep.context_gain}
+                    for name, rep in reports.items()
+                },
             }
             with history_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
