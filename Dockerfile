@@ -36,8 +36,10 @@ RUN /opt/venv/bin/python -m pip install --quiet --no-index --find-links /wheels 
  && find /opt/venv/lib/python3.11/site-packages -mindepth 2 -type d -name tests -prune \
          -exec rm -rf {} + \
  && /opt/venv/bin/python -c 'import torch, numpy, scipy, transformers, grpc; print("torch", torch.__version__)'
+# Labels for scripts/build-image, which removes builder images of older inputs by them.
 ARG DEPS_KEY=unset
-LABEL org.pluralfed.deps-key=${DEPS_KEY}
+ARG TARGET_IMAGE=unset
+LABEL org.pluralfed.deps-key=${DEPS_KEY} org.pluralfed.target=${TARGET_IMAGE}
 
 # ---- project: pluralfed itself, built from source against the wheels (setuptools from /wheels) ----
 FROM deps AS project
