@@ -272,9 +272,9 @@ class RoundEngine:
         if role == Role.TRAIN and num_examples < 1:
             raise Rejection("INVALID_ARGUMENT", f"training node {group!r} reports no examples")
         with self._changed:
-            for sid, old in list(self._sessions.items()):
-                if old.group == group:  # a restarted node replaces its old session
-                    del self._sessions[sid]
+            replaced = [old for old in self._sessions.values() if old.group == group]
+            for old in replaced:  # a restarted node replaces its old session
+                del self._sessions[old.session_id]
             now = time.time()
             session = NodeSession(
                 session_id=uuid.uuid4().hex,
@@ -285,6 +285,14 @@ class RoundEngine:
                 joined_at=now,
                 last_seen=now,
             )
+            t = self._task
+            for old in replaced:
+                # ... and keeps its place in the open round (the protocol: a node restarted
+                # mid-task gets the same task again), and what it already answered
+                session.answered |= old.answered
+                if t is not None and old.role == role and old.session_id in t.selected:
+                    del t.selected[old.session_id]
+                    t.selected[session.session_id] = group
             self._sessions[session.session_id] = session
             self._changed.notify_all()
         log.info("node %s joined as %s (%d examples)", group, role.value, num_examples)
@@ -302,11 +310,22 @@ class RoundEngine:
             self._changed.notify_all()
         log.info("node %s left", s.group)
 
-    def next_task(self, session_id: str, group: str | None, wait_s: float) -> TaskSpec:
-        """Long poll: the node's next task, or WAIT after `wait_s` with nothing for it."""
+    def next_task(
+        self,
+        session_id: str,
+        group: str | None,
+        wait_s: float,
+        alive: Callable[[], bool] | None = None,
+    ) -> TaskSpec:
+        """Long poll: the node's next task, or WAIT after `wait_s` with nothing for it.
+
+        `alive` tells whether the caller is still connected: a node that dies while it waits
+        must not be kept alive (its session refreshed) by its own abandoned poll."""
         deadline = time.time() + max(0.0, min(wait_s, 300.0))
         with self._changed:
             while True:
+                if alive is not None and not alive():
+                    return TaskSpec(TaskKind.WAIT)  # nobody is listening any more
                 s = self._session(session_id, group)
                 if self._done:
                     return TaskSpec(TaskKind.SHUTDOWN)
@@ -339,7 +358,8 @@ class RoundEngine:
     def _current_train_task(self, s: NodeSession, task_id: str, round_: int) -> _OpenTask:
         if s.role != Role.TRAIN:  # the protocol: a role refusal is a status, not a reject reason
             raise Rejection(
-                "PERMISSION_DENIED", f"{s.group} is an evaluate-only node: it may not upload updates"
+                "PERMISSION_DENIED",
+                f"{s.group} is an evaluate-only node: it may not upload updates",
             )
         t = self._task
         if t is None or t.kind != TaskKind.TRAIN or t.task_id != task_id or t.round != round_:

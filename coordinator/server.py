@@ -119,7 +119,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
         wait_s = min(max(request.wait.ToMilliseconds() / 1000.0, 0.0), MAX_WAIT_S)
         try:
-            spec = self.engine.next_task(request.session_id, self._caller(context), wait_s)
+            spec = self.engine.next_task(
+                request.session_id, self._caller(context), wait_s, alive=context.is_active
+            )
         except Rejection as r:
             _abort(context, r)
         return task_to_proto(spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import signal
 import threading
 import time
@@ -184,6 +185,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
             "run_id": engine.run_id,
             "rounds": engine.state.completed_rounds,
             "wall_seconds": time.time() - started,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "final_evaluation": last,
             "evaluations": engine.state.evaluations,
         }

@@ -45,7 +45,13 @@ T = TypeVar("T")
 HOST = "127.0.0.1"
 CLI = [sys.executable, "-m", "pluralfed.cli"]
 # the smallest model the tests train: a few thousand parameters, milliseconds per step
-TINY_MODEL: dict[str, Any] = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 32, "mlp_layers": 2}
+TINY_MODEL: dict[str, Any] = {
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "d_ff": 32,
+    "mlp_layers": 2,
+}
 SLOWDOWN = float(os.environ.get("PLURALFED_TEST_SLOWDOWN", "1") or 1)
 POLL_S = 0.05
 RPC_TIMEOUT_S = 30.0
@@ -144,7 +150,11 @@ class Procs:
         out = log_path.open("wb")
         self._files.append(out)
         popen = subprocess.Popen(
-            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(env)
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
         )
         proc = Proc(name, popen, log_path)
         self.started.append(proc)
@@ -173,7 +183,7 @@ class Procs:
 
 
 def wait_until(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float,
     what: str,
     *,
@@ -241,9 +251,7 @@ class Pki:
         """The folder (ca.pem, cert.pem, key.pem) of a node certificate for `identity`."""
         out = self.root / "nodes" / (folder or identity)
         if not (out / tls.CERT_FILE).exists():
-            tls.issue_node_cert(
-                self.ca, out, identity, not_before=not_before, not_after=not_after
-            )
+            tls.issue_node_cert(self.ca, out, identity, not_before=not_before, not_after=not_after)
         return out
 
 
@@ -359,29 +367,28 @@ def start_coordinator(
         {**coordinator_defaults(state_dir, pki), **settings},
         {"allow_list": dict(allow_list)},
     )
-    coordinator = Coordinator(_start_coordinator_process(procs, name, config, cache_dir), config, state_dir, 0)
+    coordinator = Coordinator(
+        _launch(procs, name, config, state_dir, cache_dir), config, state_dir, 0
+    )
     if wait:
         coordinator.port = wait_for_port(coordinator)
     return coordinator
 
 
-def _start_coordinator_process(
-    procs: Procs, name: str, config: Path, cache_dir: Path | None
-) -> Proc:
-    import tomllib
-
-    state_dir = Path(tomllib.loads(config.read_text("utf-8"))["state_dir"])
-    (state_dir / "coordinator.port").unlink(missing_ok=True)
+def _launch(procs: Procs, name: str, config: Path, state_dir: Path, cache_dir: Path | None) -> Proc:
+    (state_dir / "coordinator.port").unlink(missing_ok=True)  # so a new one means "listening"
     return procs.start(
         name, [*CLI, "coordinator", "--config", str(config)], env_for_children(cache_dir)
     )
 
 
-def restart_coordinator(procs: Procs, old: Coordinator, cache_dir: Path | None = None) -> Coordinator:
+def restart_coordinator(
+    procs: Procs, old: Coordinator, cache_dir: Path | None = None
+) -> Coordinator:
     """The same config and state folder again, in a new process (its log: <name>-2.log)."""
     if old.proc.alive:
         raise RuntimeError("restart_coordinator: the old coordinator is still running")
-    proc = _start_coordinator_process(procs, old.proc.name, old.config, cache_dir)
+    proc = _launch(procs, old.proc.name, old.config, old.state_dir, cache_dir)
     coordinator = Coordinator(proc, old.config, old.state_dir, 0)
     coordinator.port = wait_for_port(coordinator)
     return coordinator
@@ -538,7 +545,9 @@ class FakeNode:
                 pytest.fail(f"{self.group}: expected {pb.TaskKind.Name(kind)}, got {task}")
             return None
 
-        return wait_until(poll, timeout, f"a {pb.TaskKind.Name(kind)} task for {self.group}", poll_s=0)
+        return wait_until(
+            poll, timeout, f"a {pb.TaskKind.Name(kind)} task for {self.group}", poll_s=0
+        )
 
     def download(self, version: str, session_id: str | None = None) -> dict[str, np.ndarray]:
         stream = self.stub.DownloadModel(
@@ -625,7 +634,10 @@ def update_messages(
 
 
 def reject_name(reply: pb.UploadReply) -> str:
-    return "ACCEPTED" if reply.accepted else pb.RejectReason.Name(reply.reason)
+    """ACCEPTED, or the reject reason without its prefix (STALE, DUPLICATE, ...)."""
+    if reply.accepted:
+        return "ACCEPTED"
+    return pb.RejectReason.Name(reply.reason).removeprefix("REJECT_REASON_")
 
 
 def weighted_average(

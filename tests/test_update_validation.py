@@ -1,0 +1,350 @@
+"""Bad updates against the real coordinator stack: RoundEngine and its gRPC server in this process,
+real mutual TLS on 127.0.0.1, driven by in-process fake nodes (each with its own certificate).
+
+Every bad upload is refused with its UploadReply reason (NaN, wrong shape, wrong dtype, truncated
+stream, bad digest, stale task, duplicate, over the norm bound), an evaluate-only node may not
+upload at all, and each round still completes with the other nodes. The global model after each
+round is the weighted average of exactly the good uploads, recomputed here with numpy: nothing
+refused ever reached the sum.
+
+Two session rules on the same stack: a node that dies during its long poll stops counting as
+live, and a node restarted mid-round gets its task again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from fedharness import (
+    HOST,
+    FakeNode,
+    Pki,
+    assert_weights_close,
+    reject_name,
+    rpc_error,
+    scaled,
+    update_messages,
+    wait_until,
+    weighted_average,
+)
+
+from coordinator.auth import AllowList
+from coordinator.rounds import RoundEngine, RoundSettings
+from coordinator.server import start_server
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.tls import TlsFiles
+from pluralfed.wire import digest_of
+
+pytestmark = pytest.mark.timeout(120)
+
+ENCODER = "test-encoder/8/mean"
+NORM_BOUND = 20.0
+# node id -> group; the training nodes are all selected for every round
+TRAIN = {
+    "node-good-a": "Good A",
+    "node-good-b": "Good B",
+    "node-nan": "NaN",
+    "node-shape": "Shape",
+    "node-dtype": "Dtype",
+    "node-digest": "Digest",
+    "node-trunc": "Truncated",
+}
+EXAMPLES = {"Good A": 30, "Good B": 50, "Truncated": 20}  # the others: 10
+ALLOW = {**TRAIN, "node-judge": "Judge", "node-late": "Late"}
+
+
+def toy_weights() -> dict[str, np.ndarray]:
+    """A model the engine treats like any other: a 1.2 MB tensor (two chunks), a matrix, a
+    vector and a 0-d tensor."""
+    rng = np.random.default_rng(0)
+    return {
+        "embed.weight": rng.normal(size=(300, 1024)).astype(np.float32),
+        "head.weight": rng.normal(size=(8, 4)).astype(np.float32),
+        "head.bias": rng.normal(size=(8,)).astype(np.float32),
+        "scale": np.array(0.5, dtype=np.float32),
+    }
+
+
+def nudged(weights: Mapping[str, np.ndarray], seed: int, scale: float = 1e-3) -> dict:
+    """What a node would send: the global model plus a small change of its own."""
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + rng.normal(0.0, scale, size=v.shape)).astype(v.dtype) for k, v in weights.items()
+    }
+
+
+@dataclass
+class Federation:
+    engine: RoundEngine
+    port: int
+    pki: Pki
+    state_dir: Path
+
+    def node(self, identity: str) -> FakeNode:
+        return FakeNode(self.port, ALLOW[identity], tls_dir=self.pki.node(identity))
+
+    def wait_rounds(self, n: int) -> None:
+        wait_until(
+            lambda: self.engine.state.completed_rounds >= n,
+            60,
+            f"round {n} to complete (engine at {self.engine.state.completed_rounds})",
+        )
+
+    def spooled(self) -> list[Path]:
+        return sorted(self.engine.spool_dir.iterdir())
+
+
+@contextlib.contextmanager
+def serve(tmp_path: Path, settings: RoundSettings, *, drive: bool = True) -> Iterator[Federation]:
+    """An engine and its gRPC server (real mutual TLS on 127.0.0.1) in this process; drive=True
+    runs the rounds in a thread as the coordinator does."""
+    pki = Pki(tmp_path / "pki")
+    state_dir = tmp_path / "state"
+    engine = RoundEngine(settings, toy_weights(), state_dir, ENCODER, {"toy": True})
+    server, port = start_server(
+        engine, f"{HOST}:0", TlsFiles.from_dir(pki.server), AllowList(ALLOW), max_workers=16
+    )
+    driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
+    if drive:
+        driver.start()
+    try:
+        yield Federation(engine, port, pki, state_dir)
+    finally:
+        engine.stop()
+        server.stop(None).wait(10)
+        if drive:
+            driver.join(10)
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    settings = RoundSettings(
+        rounds=2,
+        min_nodes=len(TRAIN),
+        min_updates=1,
+        round_timeout_s=scaled(60),
+        eval_timeout_s=scaled(60),
+        eval_every=0,
+        norm_bound=NORM_BOUND,
+        heartbeat_interval_s=1.0,
+        session_timeout_s=120.0,
+    )
+    with serve(tmp_path, settings) as fed:
+        yield fed
+
+
+def test_bad_updates_are_refused_and_never_reach_the_average(federation: Federation) -> None:
+    fed = federation
+    nodes = {ident: fed.node(ident) for ident in ALLOW}
+    try:
+        _run(fed, nodes)
+    finally:
+        for n in nodes.values():
+            n.close()
+
+
+def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
+    def n_examples(node: FakeNode) -> int:
+        return EXAMPLES.get(node.group, 10)
+
+    last: dict[str, str] = {}
+
+    def upload(ident: str, task: pb.Task, weights: Mapping[str, np.ndarray], **kw: Any) -> str:
+        """Upload as `ident`; ACCEPTED or the reject reason (its message goes to last[ident])."""
+        node = nodes[ident]
+        reply = node.upload(update_messages(node.session_id, task, weights, n_examples(node), **kw))
+        if not reply.accepted:
+            assert reply.message, f"{ident}: a rejection without a message"
+        last[ident] = reply.message
+        return reject_name(reply)
+
+    for ident in TRAIN:
+        nodes[ident].join(ENCODER, n_examples(nodes[ident]))
+    nodes["node-judge"].join(ENCODER, role=pb.ROLE_EVALUATE_ONLY)
+
+    # ---- round 1: every training node gets the task and the initial model
+    tasks = {ident: nodes[ident].wait_task(pb.TASK_KIND_TRAIN) for ident in TRAIN}
+    task = tasks["node-good-a"]
+    assert task.round == 1 and {t.task_id for t in tasks.values()} == {task.task_id}
+    g0 = nodes["node-good-a"].download(task.model_version)
+    assert_weights_close(g0, toy_weights(), "downloaded initial model")
+
+    # an evaluate-only node may not upload (a status, per the protocol), whatever it sends
+    err = rpc_error(
+        nodes["node-judge"].upload,
+        update_messages(nodes["node-judge"].session_id, task, nudged(g0, 99), 10),
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    # a training node that joined after the round opened has no part in it
+    nodes["node-late"].join(ENCODER, 5)
+    assert upload("node-late", task, nudged(g0, 98)) == "UNKNOWN_TASK"
+    nodes["node-late"].leave()
+
+    good = {ident: nudged(g0, i) for i, ident in enumerate(TRAIN)}
+
+    bad = dict(good["node-nan"])
+    bad["embed.weight"] = bad["embed.weight"].copy()
+    bad["embed.weight"][123, 456] = np.nan
+    assert upload("node-nan", task, bad) == "NON_FINITE"
+    assert "'embed.weight'" in last["node-nan"] and "nan" in last["node-nan"].lower()
+    # a refused update decides the node's round: a good one afterwards does not count
+    assert upload("node-nan", task, good["node-nan"]) == "ALREADY_REJECTED"
+
+    bad = dict(good["node-shape"])
+    bad["head.weight"] = bad["head.weight"].reshape(4, 8)
+    assert upload("node-shape", task, bad) == "MALFORMED"
+    assert "'head.weight'" in last["node-shape"] and "shape" in last["node-shape"]
+
+    bad = dict(good["node-dtype"])
+    bad["head.bias"] = bad["head.bias"].astype(np.float64)
+    assert upload("node-dtype", task, bad) == "MALFORMED"
+    assert "'head.bias'" in last["node-dtype"] and "float64" in last["node-dtype"]
+
+    assert (
+        upload("node-digest", task, good["node-digest"], digest=digest_of(good["node-good-a"]))
+        == "DIGEST_MISMATCH"
+    )
+    assert "digest" in last["node-digest"]
+
+    # a stream that ends without its trailer is refused but not final: the node may send again
+    reply = nodes["node-trunc"].upload(
+        update_messages(nodes["node-trunc"].session_id, task, good["node-trunc"], 20, trailer=False)
+    )
+    assert reject_name(reply) == "MALFORMED" and "truncated" in reply.message, reply
+    assert upload("node-trunc", task, good["node-trunc"]) == "ACCEPTED"
+
+    assert upload("node-good-a", task, good["node-good-a"]) == "ACCEPTED"
+    assert upload("node-good-a", task, good["node-good-a"]) == "DUPLICATE"
+    assert fed.engine.state.completed_rounds == 0  # Good B has not answered yet
+    assert upload("node-good-b", task, good["node-good-b"]) == "ACCEPTED"
+
+    # every selected node answered: the round closes with the three good updates only
+    fed.wait_rounds(1)
+    accepted1 = ["node-good-a", "node-good-b", "node-trunc"]
+    record = fed.engine.state.history[0]
+    assert record["participants"] == sorted(ALLOW[i] for i in accepted1)
+    assert record["total_weight"] == 30 + 50 + 20
+    assert sorted(g for g, o in record["outcomes"].items() if o.startswith("rejected")) == sorted(
+        ALLOW[i] for i in ("node-nan", "node-shape", "node-dtype", "node-digest")
+    )
+    expected1 = weighted_average([good[i] for i in accepted1], [30, 50, 20])
+    assert_weights_close(fed.engine.state.weights, expected1, "global model after round 1")
+    assert fed.spooled() == [], "an upload's spool file outlived it"
+
+    # ---- round 2: stale uploads and the norm bound
+    tasks2 = {ident: nodes[ident].wait_task(pb.TASK_KIND_TRAIN) for ident in TRAIN}
+    task2 = tasks2["node-good-a"]
+    assert task2.round == 2 and task2.task_id != task.task_id
+    g1 = nodes["node-good-a"].download(task2.model_version)
+    assert_weights_close(g1, expected1, "downloaded round-2 model")
+
+    # the old task (and round) is over
+    assert upload("node-nan", task, nudged(g1, 50)) == "STALE"
+    assert upload("node-nan", task2, nudged(g1, 50), round_=1) == "STALE"
+    assert upload("node-nan", task2, nudged(g1, 50), task_id="f" * 32) == "STALE"
+
+    far = {k: v + 1.0 for k, v in nudged(g1, 51).items()}  # moves the model by ~550 (L2)
+    assert upload("node-shape", task2, far) == "NORM_BOUND"
+
+    good2 = {ident: nudged(g1, 100 + i) for i, ident in enumerate(TRAIN)}
+    accepted2 = [i for i in TRAIN if i != "node-shape"]
+    for ident in accepted2:
+        assert upload(ident, task2, good2[ident]) == "ACCEPTED", ident
+
+    fed.wait_rounds(2)
+    record = fed.engine.state.history[1]
+    assert record["participants"] == sorted(ALLOW[i] for i in accepted2)
+    assert record["outcomes"][ALLOW["node-shape"]] == "rejected: norm bound"
+    weights2 = [EXAMPLES.get(ALLOW[i], 10) for i in accepted2]
+    expected2 = weighted_average([good2[i] for i in accepted2], weights2)
+    assert_weights_close(fed.engine.state.weights, expected2, "global model after round 2")
+    assert fed.spooled() == []
+
+    # after the last round an update for it is stale too
+    assert upload("node-good-a", task2, good2["node-good-a"]) == "STALE"
+
+
+def test_node_that_dies_in_its_long_poll_stops_counting(tmp_path: Path) -> None:
+    """A node's GetTask waits at the coordinator; if the node dies meanwhile, its abandoned call
+    must not keep refreshing its session: the session expires after session_timeout as if the
+    node had gone silent anywhere else."""
+    settings = RoundSettings(rounds=1, min_nodes=2, heartbeat_interval_s=0.5, session_timeout_s=2.0)
+    with serve(tmp_path, settings, drive=False) as fed:
+        node = fed.node("node-good-a")
+        node.join(ENCODER)
+        request = pb.GetTaskRequest(session_id=node.session_id)
+        request.wait.FromSeconds(30)
+        poll = node.stub.GetTask.future(request, timeout=60)
+        time.sleep(1.0)  # the poll is now held at the coordinator
+        assert fed.engine.live_sessions() and not poll.done()
+        poll.cancel()  # what the coordinator sees when the node's process dies
+        node.close()
+        # gone within session_timeout (+ one wake-up of the poll), not when the poll would end
+        wait_until(
+            lambda: not fed.engine.live_sessions(),
+            settings.session_timeout_s + 2.0,
+            "the dead node's session to expire",
+            poll_s=0.1,
+        )
+
+
+def test_restarted_node_picks_up_its_task_again(tmp_path: Path) -> None:
+    """The protocol: a Join replaces the group's old session, and asking again before a handed-out
+    task is finished returns that same task, so a node restarted mid-round (new process, new
+    session) still takes part in it instead of being locked out until the deadline."""
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, min_updates=2, round_timeout_s=scaled(60), eval_timeout_s=1.0
+    )
+    with serve(tmp_path, settings) as fed:
+        a, b = fed.node("node-good-a"), fed.node("node-good-b")
+        try:
+            for n in (a, b):
+                n.join(ENCODER, EXAMPLES[n.group])
+            task = a.wait_task(pb.TASK_KIND_TRAIN, timeout=10)
+            g0 = a.download(task.model_version)
+            old_session = a.session_id
+            a.close()
+
+            # Good A's process dies after taking the task; its successor joins afresh
+            a = fed.node("node-good-a")
+            a.join(ENCODER, EXAMPLES[a.group])
+            assert rpc_error(a.heartbeat, session_id=old_session).code() == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+            again = a.get_task(wait_s=2.0)
+            assert again.kind == pb.TASK_KIND_TRAIN and again.task_id == task.task_id, again
+            update_a = nudged(g0, 1)
+            reply = a.upload(update_messages(a.session_id, again, update_a, 30))
+            assert reject_name(reply) == "ACCEPTED", reply
+
+            # restarted once more after its update counted: no second helping of the same task
+            a.close()
+            a = fed.node("node-good-a")
+            a.join(ENCODER, EXAMPLES[a.group])
+            assert a.get_task(wait_s=0.5).kind == pb.TASK_KIND_WAIT
+            reply = a.upload(update_messages(a.session_id, task, nudged(g0, 2), 30))
+            assert reject_name(reply) == "DUPLICATE", reply
+
+            update_b = nudged(g0, 3)
+            b.wait_task(pb.TASK_KIND_TRAIN, timeout=10)
+            assert reject_name(b.upload(update_messages(b.session_id, task, update_b, 50))) == (
+                "ACCEPTED"
+            )
+            fed.wait_rounds(1)  # well before the round's deadline
+            record = fed.engine.state.history[0]
+            assert record["participants"] == ["Good A", "Good B"]
+            assert record["seconds"] < settings.round_timeout_s / 2, record
+            expected = weighted_average([update_a, update_b], [30, 50])
+            assert_weights_close(fed.engine.state.weights, expected, "global model")
+        finally:
+            a.close()
+            b.close()
