@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test lint check-protos protos unit
+.PHONY: setup demo test lint check-protos protos unit image compose
 
 setup:
 	@scripts/setup
@@ -18,8 +18,19 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-# Everything CI checks: lint, types, generated code current, unit and integration tests.
-test: setup check-protos lint
+# The container image (Docker engine from Debian, a locally built base image, no registry).
+image:
+	scripts/docker-setup
+	scripts/build-base-image
+	scripts/build-image
+
+# a federation in containers: `docker compose up` on the committed docker-compose.yml
+compose: image
+	docker compose up
+
+# Everything CI checks: lint, types, generated code current, the image, unit and integration
+# tests (real processes, TLS, network namespaces, docker compose).
+test: setup check-protos lint image
 	$(PY) -m pytest -q -ra
 
 unit: setup

@@ -28,21 +28,23 @@ quotes):
 2. ``choice``: the completion starts with a choice label: a letter or a 1-based number, either
    alone (``"B"``, ``"2"``), bracketed (``"(b)"``, ``"[B]"``), or followed by ``)``, ``.`` or
    ``:`` (``"B. No"``, ``"2) ..."``, ``"b: ..."``), optionally after ``Answer``/``Option``/
-   ``Choice``/``The answer is`` (``"Answer: B"``, ``"Option 2 because ..."``). Letters map by position (a = first
-   option), numbers too (1 = first option) — except when an option's own text is that number
-   (a 0-10 scale), then the number names that option. A letter followed by just a space (``"A lot
+   ``Choice``/``The answer is`` (``"Answer: B"``, ``"Option 2 because ..."``). Letters map
+   by position (a = first option), numbers too (1 = first option) — except when an option's own
+   text is that number (a 0-10 scale), then the number names that option. A letter followed by just a space (``"A lot
    of people"``, ``"I think"``) is NOT a choice label, and labels beyond the number of options are
    ignored.
    ``label_conflict``: when the text right after the label is another option's text (``"B.
-   Somewhat disagree"`` where B is "Somewhat agree"), that text wins. Small models copy the
-   "letter. text" format and get the letter wrong far more often than the text (SmolLM2-135M does
-   it in about a third of its answers to lettered survey prompts); the rule name lets a caller
-   treat such answers differently (e.g. penalise them).
+   Somewhat disagree"`` where B is "Somewhat agree"), that text wins: small models often write
+   a letter that does not match the option text they copy (SmolLM2-135M in 19 of its 104
+   labelled answers in bench/results/best_of_n.json), and the text is the more specific of the
+   two. The rule name lets a caller treat such answers differently (e.g. penalise them).
 3. ``contains``: an option's text occurs in the completion as whole words (``"I'd say yes,
    definitely"`` -> "Yes"; ``"yesterday"`` does not contain "Yes"). If several do, the longest
    option text wins ("Very good" over "Good"), then the earliest occurrence, then option order.
 4. ``similar``: the option whose text embedding (the model's encoder, plain text) has the highest
-   cosine similarity with the completion's.
+   cosine similarity with the completion's. A last resort: sentence encoders like MiniLM put
+   antonyms close together ("Favorable"/"Unfavorable"), so this rule is right for clear
+   paraphrases ("I concur" -> "Agree") and unreliable on polarity.
 5. ``none``: an empty completion maps to no option; its reward is `LOG_FLOOR` (kind "logprob") or
    0 (kind "prob").
 
@@ -281,9 +283,8 @@ class RewardModel:
         checked = [check_item(it, f"{where} items[{i}]") for i, it in enumerate(items)]
         if not checked:
             raise InputError(f"{where}: no context items; the model needs at least one")
-        embedded = self._embed_items(checked)
-        chosen = protocol_context(embedded, self.max_context, self.context_seed)
-        return GroupContext(name=name, items=tuple(chosen))
+        chosen = protocol_context(checked, self.max_context, self.context_seed)
+        return GroupContext(name=name, items=tuple(self._embed_items(chosen)))
 
     def add_group(self, name: str, items: Sequence[SurveyItem] | GroupContext) -> GroupContext:
         """Hold a named group context (replacing one of the same name)."""
@@ -504,14 +505,14 @@ def map_completion(
         return OptionMatch(normed.index(norm), "exact")
     choice = _choice_index(norm, options)
     if choice is not None:
-        index, rest = choice
+        label, rest = choice
         stated = _leading_option(rest, options)
-        if stated is not None and stated != index:
+        if stated is not None and stated != label:
             return OptionMatch(stated, "label_conflict")
-        return OptionMatch(index, "choice")
-    index = _contains_index(norm, options)
-    if index is not None:
-        return OptionMatch(index, "contains")
+        return OptionMatch(label, "choice")
+    contained = _contains_index(norm, options)
+    if contained is not None:
+        return OptionMatch(contained, "contains")
     if embed is None:
         return OptionMatch(None, "none")
     vectors = np.asarray(embed([completion.strip(), *options]), dtype=np.float64)

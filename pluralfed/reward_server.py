@@ -160,7 +160,7 @@ class CostModel:
     """Running averages of seconds per embedded text and per model token, to tell whether a call
     can finish before its deadline. Starts from cautious CPU figures and learns from every call."""
 
-    per_text: float = 2e-3
+    per_text: float = 1e-2
     per_token: float = 5e-5
     overhead: float = 1e-3
     alpha: float = 0.2

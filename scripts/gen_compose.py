@@ -75,9 +75,13 @@ def setup_script(groups: list[str], synthetic: dict[str, int] | None) -> str:
         + " ".join(shlex.quote(g) for g in groups)
     )
     for g in groups:
-        lines.append(f"mkdir -p /out/nodes/{node_id(g)} && mv /out/data/{files[g]} /out/nodes/{node_id(g)}/data.jsonl")
+        lines.append(
+            f"mkdir -p /out/nodes/{node_id(g)} && mv /out/data/{files[g]} /out/nodes/{node_id(g)}/data.jsonl"
+        )
     allow = "\\n".join(f'"{node_id(g)}" = "{g}"' for g in groups)
-    lines.append(f"mkdir -p /out/config && printf '[allow_list]\\n{allow}\\n' > /out/config/allow-list.toml")
+    lines.append(
+        f"mkdir -p /out/config && printf '[allow_list]\\n{allow}\\n' > /out/config/allow-list.toml"
+    )
     lines.append("chown -R 10001:10001 /out")
     return "\n".join(lines)
 
@@ -85,11 +89,17 @@ def setup_script(groups: list[str], synthetic: dict[str, int] | None) -> str:
 def render(args: argparse.Namespace) -> str:
     synthetic = None
     if args.data is None:
-        data = generate_synthetic(n_groups=args.synthetic_groups, n_questions=args.synthetic_questions, seed=0)
+        data = generate_synthetic(
+            n_groups=args.synthetic_groups, n_questions=args.synthetic_questions, seed=0
+        )
         names = sorted(data.groups)
         held = names[len(names) - args.held_out :] if args.held_out else []
         train = [g for g in names if g not in held]
-        synthetic = {"groups": args.synthetic_groups, "questions": args.synthetic_questions, "seed": 0}
+        synthetic = {
+            "groups": args.synthetic_groups,
+            "questions": args.synthetic_questions,
+            "seed": 0,
+        }
     elif args.protocol:
         train, held = list(TRAINING_GROUPS), list(HELD_OUT_GROUPS)
     else:
@@ -100,14 +110,16 @@ def render(args: argparse.Namespace) -> str:
     groups = [*train, *held]
     described = " ".join(a for a in sys.argv[1:]) or "defaults"
     out = [HEADER.format(args=described)]
-    out.append("x-node: &node\n  image: pluralfed:latest\n  restart: on-failure\n"
-               "  depends_on:\n    coordinator:\n      condition: service_healthy\n")
+    out.append(
+        "x-node: &node\n  image: pluralfed:latest\n  restart: on-failure\n"
+        "  depends_on:\n    coordinator:\n      condition: service_healthy\n"
+    )
     out.append("services:")
     out.append(
         "  setup:\n"
         "    image: pluralfed:latest\n"
         '    user: "0:0"\n'
-        "    entrypoint: [\"/bin/sh\", \"-c\"]\n"
+        '    entrypoint: ["/bin/sh", "-c"]\n'
         "    command:\n"
         "      - |\n"
         + "\n".join("        " + line for line in setup_script(groups, synthetic).splitlines())
@@ -178,12 +190,22 @@ def render(args: argparse.Namespace) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="survey file whose groups become nodes (default: synthetic demo)")
-    p.add_argument("--protocol", action="store_true", help="PROTOCOL.md's 8 training and 6 held-out groups")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", type=Path, help="survey file whose groups become nodes (default: synthetic demo)"
+    )
+    p.add_argument(
+        "--protocol", action="store_true", help="PROTOCOL.md's 8 training and 6 held-out groups"
+    )
     p.add_argument("--synthetic-groups", type=int, default=5, help="groups in the synthetic demo")
-    p.add_argument("--synthetic-questions", type=int, default=120, help="questions in the synthetic demo")
-    p.add_argument("--held-out", type=int, default=1, help="evaluate-only nodes (the last groups by name)")
+    p.add_argument(
+        "--synthetic-questions", type=int, default=120, help="questions in the synthetic demo"
+    )
+    p.add_argument(
+        "--held-out", type=int, default=1, help="evaluate-only nodes (the last groups by name)"
+    )
     args = p.parse_args()
     sys.stdout.write(render(args))
     return 0

@@ -28,9 +28,7 @@ def test_example_node_config_loads_and_documents_every_field() -> None:
 
 def test_example_coordinator_config_loads_and_documents_every_field() -> None:
     path = EXAMPLES / "coordinator.toml"
-    cfg = load_config(
-        CoordinatorConfig, path, "X_", {}, environ={}, skip_tables=("allow_list",)
-    )
+    cfg = load_config(CoordinatorConfig, path, "X_", {}, environ={}, skip_tables=("allow_list",))
     assert cfg.min_nodes == 8 and cfg.context_range == (9, 90)
     cfg.round_settings()  # valid as a whole
     assert len(AllowList.from_toml(path)) == 14

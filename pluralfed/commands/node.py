@@ -40,6 +40,8 @@ HELP = {
     "backoff_initial_s": "first reconnect delay; doubles up to backoff_max_s",
     "backoff_max_s": "longest reconnect delay",
     "give_up_after_s": "exit if the coordinator stays unreachable this long (default: never)",
+    "save_updates_dir": "keep an audit copy of exactly what this node sent, one safetensors "
+    "file per round (default: none)",
 }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from pluralfed.commands.common import add_runtime_args, apply_threads
+from pluralfed.commands.common import apply_threads
 from pluralfed.data import is_test_question, load_survey
 from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
 from pluralfed.errors import InputError
@@ -96,10 +96,11 @@ def register(subparsers: Any) -> None:
     s = sub.add_parser(
         "serve",
         help="serve the reward model over gRPC with mutual TLS (pluralfed.v1.Reward)",
-        description="Serve pluralfed.v1.Reward (protos/pluralfed/v1/reward.proto): Score takes a "
-        "group (held by the server, or inline context items) and up to 64 questions with "
-        "candidate answers; Info lists the groups and limits. Mutual TLS and an allow-list of "
-        "client certificates are required. Stops cleanly on SIGINT/SIGTERM.",
+        description="Serve pluralfed.v1.Reward (protos/pluralfed/v1/reward.proto).\n\n"
+        "Score takes a group (one the server holds, or inline context items) and up to 64\n"
+        "questions with candidate answers, and returns per question the group's predicted\n"
+        "distribution and per-answer rewards; Info lists the groups and limits. Mutual TLS and\n"
+        "an allow-list of client certificates are required. Stops cleanly on SIGINT/SIGTERM.",
         epilog=SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -139,15 +140,17 @@ def register(subparsers: Any) -> None:
         help="write the bound port here once serving (useful with --listen HOST:0)",
     )
     _add_encoder_args(s)
-    add_runtime_args(s)
+    s.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     s.set_defaults(func=run_serve)
 
     c = sub.add_parser(
         "score",
         help="score candidate answers for a group, locally or through a reward server",
-        description="Print the group's predicted distribution over the given answers to one "
-        "question, and the reward of each answer. Locally (--checkpoint) or through a running "
-        "reward service (--server).",
+        description="Print the group's predicted distribution over the given answers to one\n"
+        "question, and the reward of each answer: locally (--checkpoint, --data) or through a\n"
+        "running reward service (--server).",
         epilog=SCORE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
