@@ -244,8 +244,15 @@ class RoundEngine:
                 and (role is None or s.role == role)
             ]
 
-    def _session(self, session_id: str, group: str | None) -> NodeSession:
+    def _session(self, session_id: str, group: str | None, touch: bool = True) -> NodeSession:
+        """The caller's session; `touch` marks it seen. An expired one is gone: join again."""
         s = self._sessions.get(session_id)
+        now = time.time()
+        if s is not None and now - s.last_seen > self.settings.session_timeout_s:
+            del self._sessions[session_id]
+            self._changed.notify_all()
+            log.warning("session of %s expired (silent for %.0f s)", s.group, now - s.last_seen)
+            s = None
         if s is None:
             raise Rejection(
                 "UNAUTHENTICATED", f"unknown or expired session {session_id!r}: join again"
@@ -254,7 +261,8 @@ class RoundEngine:
             raise Rejection(
                 "PERMISSION_DENIED", f"session {session_id!r} belongs to {s.group!r}, not {group!r}"
             )
-        s.last_seen = time.time()
+        if touch:
+            s.last_seen = now
         return s
 
     # ---------------------------------------------------------------- node-facing API
@@ -323,10 +331,12 @@ class RoundEngine:
         must not be kept alive (its session refreshed) by its own abandoned poll."""
         deadline = time.time() + max(0.0, min(wait_s, 300.0))
         with self._changed:
+            self._session(session_id, group)  # the call itself shows the node is alive
             while True:
                 if alive is not None and not alive():
                     return TaskSpec(TaskKind.WAIT)  # nobody is listening any more
-                s = self._session(session_id, group)
+                # waiting is no sign of life: a node cut off mid-poll must be able to expire
+                s = self._session(session_id, group, touch=False)
                 if self._done:
                     return TaskSpec(TaskKind.SHUTDOWN)
                 t = self._task
@@ -498,12 +508,16 @@ class RoundEngine:
         """Drive rounds until the configured number completed (or stop())."""
         st = self.settings
         if st.eval_at_start and self.state.completed_rounds == 0 and not self._has_eval(0):
-            self._evaluation_round()
+            if self._wait_for_quorum():  # evaluating before anyone joined would evaluate nothing
+                self._evaluation_round()
         while self.state.completed_rounds < st.rounds and not self._stop.is_set():
             if not self._wait_for_quorum():
                 break
+            before = self.state.completed_rounds
             self._training_round()
             r = self.state.completed_rounds
+            if r == before:
+                continue  # the round was retried: nothing new to evaluate
             due = (st.eval_every and r % st.eval_every == 0) or r == st.rounds
             if due and not self._has_eval(r) and not self._stop.is_set():
                 self._evaluation_round()

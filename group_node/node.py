@@ -100,15 +100,23 @@ class NodeClient:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         files = config.tls_files()
+        # gRPC's own reconnect timer (up to 120 s by default) would otherwise decide how soon a
+        # node notices that a cut link is back, whatever our backoff says
+        options: list[tuple[str, object]] = [
+            *grpc_options(),
+            ("grpc.initial_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
+        ]
         if files is None:
             log.warning("INSECURE: connecting to %s in plain text, without TLS", config.coordinator)
-            self.channel = grpc.insecure_channel(config.coordinator, options=grpc_options())
+            self.channel = grpc.insecure_channel(config.coordinator, options=options)
         else:
             self.channel = secure_channel(
                 config.coordinator,
                 files,
                 server_name_override=config.tls_server_name,
-                options=grpc_options(),
+                options=options,
             )
         self.stub = pb_grpc.FederationStub(self.channel)
         self.session_id = ""
