@@ -507,9 +507,10 @@ class RoundEngine:
     def run(self) -> None:
         """Drive rounds until the configured number completed (or stop())."""
         st = self.settings
-        if st.eval_at_start and self.state.completed_rounds == 0 and not self._has_eval(0):
-            if self._wait_for_quorum():  # evaluating before anyone joined would evaluate nothing
-                self._evaluation_round()
+        fresh = self.state.completed_rounds == 0 and not self._has_eval(0)
+        # (evaluating before anyone joined would evaluate nothing: wait for the quorum first)
+        if st.eval_at_start and fresh and self._wait_for_quorum():
+            self._evaluation_round()
         while self.state.completed_rounds < st.rounds and not self._stop.is_set():
             if not self._wait_for_quorum():
                 break
