@@ -175,12 +175,20 @@ def plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     for metric, label in (("alignment", "alignment"), ("fairness", "fairness index")):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, s in zip(axes, SETS, strict=True):
-            for mode, seeds in runs.items():
-                for i, r in enumerate(seeds):
+            for m, (mode, seeds) in enumerate(runs.items()):
+                for i, r in enumerate(seeds):  # one colour per run kind, one line per seed
                     pts = [(c["round"], c[s]["model"][metric]) for c in r["curve"] if s in c]
                     if pts:
                         xs, ys = zip(*pts, strict=True)
-                        ax.plot(xs, ys, marker="o", ms=3, alpha=0.8, label=mode if i == 0 else None)
+                        ax.plot(
+                            xs,
+                            ys,
+                            color=f"C{m}",
+                            marker="o",
+                            ms=3,
+                            alpha=0.7,
+                            label=mode if i == 0 else None,
+                        )
             ax.set_title(SHORT[s])
             ax.set_xlabel("round (centralized: equivalent share of training)")
             ax.grid(alpha=0.3)
@@ -283,10 +291,14 @@ def main() -> int:
     p.add_argument(
         "--label", default="federated", help="name of the federated variant in the report"
     )
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from runs.json")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {}
-    for seed in args.seeds:
+    if args.report_only:
+        runs = json.loads((args.out / "runs.json").read_text())
+        args.seeds = list(range(len(next(iter(runs.values())))))
+    for seed in [] if args.report_only else args.seeds:
         if not args.skip_federated:
             runs.setdefault(args.label, []).append(federated(args, seed, args.out / f"fed-s{seed}"))
         runs.setdefault("centralized (paper, 100 epochs)", []).append(
@@ -302,6 +314,12 @@ def main() -> int:
     claims = verdicts(table)
     made = plots(runs, args.out)
     report = {"seeds": args.seeds, "table": table, "claims": claims, "plots": made}
+    # figures for the README and issue notes: rounds as integers
+    for row in table.values():
+        for s in SETS:
+            for key in ("rounds_to_95", "rounds_to_99"):
+                if s in row:
+                    row[s][key] = [int(v) if v is not None else None for v in row[s][key]]
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     text = markdown(table, claims, len(args.seeds))
     (args.out / "report.md").write_text(text)
