@@ -20,6 +20,7 @@ lint: setup
 
 # The container image (Docker engine from Debian, a locally built base image, no registry).
 image:
+	scripts/system-deps
 	scripts/docker-setup
 	scripts/build-base-image
 	scripts/build-image
