@@ -34,6 +34,7 @@ from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import reward_pb2_grpc as pb_grpc
 from pluralfed.reward import MAX_CONTEXT_ITEMS, GroupContext, RewardKind, RewardModel, to_rewards
 from pluralfed.tls import TlsFiles
+from pluralfed.transport import grpc_options
 
 log = logging.getLogger("pluralfed.reward")
 
@@ -57,17 +58,6 @@ class Limits:
             max_context_items=self.max_context_items,
             max_message_bytes=self.max_message_bytes,
         )
-
-
-def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Explicit message caps (both directions) for the server and its clients."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ]
 
 
 class BadRequest(Exception):
