@@ -73,6 +73,9 @@ class CoordinatorConfig:
     n_heads: int = 4
     d_ff: int = 128
     dropout: float = 0.0
+    memory_weight: float = GPOConfig.memory_weight
+    memory_shrinkage: float = GPOConfig.memory_shrinkage
+    memory_temperature: float = GPOConfig.memory_temperature
     # service
     max_workers: int = 64
     linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
@@ -102,6 +105,9 @@ def model_config(cfg: CoordinatorConfig, embed_dim: int) -> GPOConfig:
             n_heads=cfg.n_heads,
             d_ff=cfg.d_ff,
             dropout=cfg.dropout,
+            memory_weight=cfg.memory_weight,
+            memory_shrinkage=cfg.memory_shrinkage,
+            memory_temperature=cfg.memory_temperature,
         )
     except ValueError as err:
         raise InputError(f"coordinator config: {err}") from err

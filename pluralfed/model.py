@@ -12,6 +12,16 @@ Tokens are packed: an episode is the flat list of all options of all its questio
 per question, so a question with 18 options does not widen the others), episodes padded to the
 longest. Shapes: B episodes, T tokens, E embedding dims; `segment` numbers each token's question
 across the batch so the softmax runs within questions.
+
+Context memory (optional, `memory_weight` > 0; no trained parameters). The transformer learns a
+question-level average: trained on questions it sees again and again, it memorises them and learns
+to ignore the context (context gain ~0; bench/copy_probe.py). So a prediction is also mixed with
+what the group itself answered: for a target question, its context questions with the very same
+option list, weighted by softmax(cosine of question embeddings / temperature), give a memory
+distribution; the mix weight grows with how many such questions the context has,
+weight * n / (n + shrinkage), so a group with little matching context keeps the transformer's
+prediction (the idea of kNN-LM, Khandelwal et al. 2020, with the group's context as datastore).
+Only `predict` uses it; training and the loss see the transformer alone.
 """
 
 from __future__ import annotations
@@ -35,6 +45,18 @@ class GPOConfig:
     d_ff: int = 128
     dropout: float = 0.0
     min_log_std: float = -7.0  # keeps the Gaussian NLL finite when a prediction is very sure
+    # context memory at prediction time (see the module docstring); 0 = the paper's model alone
+    memory_weight: float = 0.0
+    memory_shrinkage: float = 1.0
+    memory_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.memory_weight <= 1.0:
+            raise ValueError(f"memory_weight must be in [0, 1], got {self.memory_weight}")
+        if self.memory_shrinkage < 0.0:
+            raise ValueError(f"memory_shrinkage must be >= 0, got {self.memory_shrinkage}")
+        if self.memory_temperature <= 0.0:
+            raise ValueError(f"memory_temperature must be > 0, got {self.memory_temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +82,8 @@ class EpisodeBatch:
     segment: torch.Tensor  # (B, T) long: the token's question across the batch; padding -> last
     num_segments: int  # questions in the batch + 1 (the padding segment)
     question_slices: list[list[tuple[int, int]]]  # per episode: token range of each question
+    # per episode and question: an id of its option list (equal ids <=> the very same option texts)
+    option_sets: list[list[int]]
 
 
 class SelfAttention(nn.Module):
@@ -134,7 +158,12 @@ class GPO(nn.Module):
     def predict(self, batch: EpisodeBatch) -> torch.Tensor:
         """Predicted probability of every option within its question, (B, T); 0 at padding."""
         mean, _ = self(batch)
-        return question_softmax(mean, batch)
+        pred = question_softmax(mean, batch)
+        if self.cfg.memory_weight > 0:
+            memory, matches = context_memory(batch, self.cfg.memory_temperature)
+            mix = self.cfg.memory_weight * matches / (matches + self.cfg.memory_shrinkage)
+            pred = (1 - mix) * pred + mix * memory
+        return pred
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -151,6 +180,32 @@ def question_softmax(logits: torch.Tensor, batch: EpisodeBatch) -> torch.Tensor:
     ex = torch.exp(flat - top[seg])
     total = torch.zeros(n, dtype=flat.dtype).scatter_add(0, seg, ex)
     return (ex / total[seg]).view_as(logits) * batch.token_mask
+
+
+def context_memory(batch: EpisodeBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every target option: the similarity-weighted mean of the group's probability for the
+    same option in context questions with the same option list, and how many such questions there
+    are; both (B, T), 0 where a question has no match (and at context and padding tokens)."""
+    memory = torch.zeros_like(batch.probs)
+    matches = torch.zeros_like(batch.probs)
+    for b, (slices, option_sets) in enumerate(
+        zip(batch.question_slices, batch.option_sets, strict=True)
+    ):
+        context = [q for q, (start, _) in enumerate(slices) if batch.is_context[b, start]]
+        by_options: dict[int, list[int]] = {}
+        for q in context:
+            by_options.setdefault(option_sets[q], []).append(q)
+        vectors = torch.stack([batch.embeddings[b, start:end].mean(0) for start, end in slices])
+        vectors = F.normalize(vectors, dim=-1)
+        for q, (start, end) in enumerate(slices):
+            same = by_options.get(option_sets[q], [])
+            if not batch.is_target[b, start] or not same:
+                continue
+            weights = torch.softmax(vectors[same] @ vectors[q] / temperature, dim=0)
+            answers = torch.stack([batch.probs[b, slices[c][0] : slices[c][1]] for c in same])
+            memory[b, start:end] = weights @ answers
+            matches[b, start:end] = len(same)
+    return memory, matches
 
 
 def gpo_loss(mean: torch.Tensor, log_std: torch.Tensor, batch: EpisodeBatch) -> torch.Tensor:

@@ -79,7 +79,7 @@ from pluralfed.embeddings import (
 from pluralfed.episodes import EmbeddedItem, evaluation_context
 from pluralfed.errors import InputError
 from pluralfed.evaluation import predict_targets
-from pluralfed.model import GPO
+from pluralfed.model import GPO, GPOConfig
 from pluralfed.protocol import EVAL_MAX_CONTEXT
 
 MAX_CONTEXT_ITEMS = EVAL_MAX_CONTEXT
@@ -204,15 +204,25 @@ class RewardModel:
         path: str | Path,
         encoder: TextEncoder | None = None,
         cache_dir: str | Path | None = None,
+        memory: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> RewardModel:
         """Load a checkpoint folder (model.safetensors + model.json).
+
+        `memory`: context-memory settings that replace the checkpoint's (GPOConfig fields
+        memory_weight, memory_shrinkage, memory_temperature; pluralfed/model.py): with a weight
+        > 0 a group's own answers to same-option questions shape its scores.
 
         `encoder`: the text encoder the checkpoint was trained with (its identity is checked);
         default: the packaged all-MiniLM-L6-v2, wrapped in the on-disk embedding cache at
         `cache_dir` (default `default_cache_dir()`). A given encoder is used as it is.
         """
         ckpt = load_checkpoint(Path(path))
+        if memory:
+            try:
+                ckpt.model.cfg = GPOConfig.from_dict({**ckpt.model.cfg.to_dict(), **memory})
+            except (TypeError, ValueError) as err:
+                raise InputError(f"context memory settings: {err}") from err
         if encoder is None:
             encoder = CachedEncoder(
                 make_encoder(None, show_progress=False),

@@ -179,3 +179,82 @@ def test_episode_without_context_is_refused(setup) -> None:
     _, _, targets, _ = setup
     with pytest.raises(ValueError, match="context"):
         make_batch([Episode([], targets)])
+
+
+# --- context memory (inference only) -------------------------------------------------------
+
+
+def _with_options(e: EmbeddedItem, options: tuple[str, ...], dist: np.ndarray) -> EmbeddedItem:
+    return EmbeddedItem(SurveyItem(e.item.question, options, dist), e.embeddings)
+
+
+def _memory_model(weight: float, shrinkage: float = 1.0, temperature: float = 0.1) -> GPO:
+    model = build_model(CFG, seed=1)
+    model.cfg = GPOConfig(
+        **{
+            **CFG.to_dict(),
+            "memory_weight": weight,
+            "memory_shrinkage": shrinkage,
+            "memory_temperature": temperature,
+        }
+    )
+    return model
+
+
+def test_memory_matches_an_independent_computation(setup) -> None:
+    _, context, targets, rng = setup
+    opts = ("yes", "no", "maybe")
+    context = [
+        *context,
+        _with_options(_item(rng, 3, "m1"), opts, np.array([0.7, 0.2, 0.1])),
+        _with_options(_item(rng, 3, "m2"), opts, np.array([0.1, 0.3, 0.6])),
+    ]
+    target = _with_options(_item(rng, 3, "t"), opts, np.array([1 / 3] * 3))
+    base = _predict(_memory_model(0.0), context, [target])[0].double().numpy()
+    got = _predict(_memory_model(0.8, 2.0, 0.2), context, [target])[0].double().numpy()
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        m = v.astype(np.float64).mean(0)
+        return m / np.linalg.norm(m)
+
+    matches = context[-2:]
+    sims = np.array([unit(c.embeddings) @ unit(target.embeddings) for c in matches]) / 0.2
+    weights = np.exp(sims - sims.max()) / np.exp(sims - sims.max()).sum()
+    memory = sum(w * c.item.distribution for w, c in zip(weights, matches, strict=True))
+    mix = 0.8 * 2 / (2 + 2.0)
+    np.testing.assert_allclose(got, (1 - mix) * base + mix * memory, atol=1e-5)
+    assert abs(got.sum() - 1) < 1e-5
+
+
+def test_memory_leaves_targets_without_a_same_option_context_question(setup) -> None:
+    _, context, targets, rng = setup
+    lone = _with_options(_item(rng, 3, "lone"), ("red", "green", "blue"), np.ones(3) / 3)
+    base = _predict(_memory_model(0.0), context, [lone])[0]
+    got = _predict(_memory_model(0.9), context, [lone])[0]
+    torch.testing.assert_close(base, got)
+
+
+def test_memory_makes_the_prediction_follow_the_groups_answers(setup) -> None:
+    _, context, _, rng = setup
+    opts = ("agree", "disagree")
+    question = _item(rng, 2, "q")
+    target = _with_options(_item(rng, 2, "t"), opts, np.ones(2) / 2)
+    model = _memory_model(0.9)
+    agreeing = [*context, _with_options(question, opts, np.array([0.9, 0.1]))]
+    disagreeing = [*context, _with_options(question, opts, np.array([0.1, 0.9]))]
+    p_agree = _predict(model, agreeing, [target])[0]
+    p_disagree = _predict(model, disagreeing, [target])[0]
+    assert float(p_agree[0]) > float(p_disagree[0]) + 0.3
+    # and the target's own (hidden) answer is still never read
+    hidden = _with_options(target, opts, np.array([0.0, 1.0]))
+    torch.testing.assert_close(p_agree, _predict(model, agreeing, [hidden])[0])
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("memory_weight", 1.5), ("memory_weight", -0.1), ("memory_shrinkage", -1.0)]
+    + [("memory_temperature", 0.0)],
+)
+def test_memory_settings_are_validated(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        GPOConfig(**{field: value})

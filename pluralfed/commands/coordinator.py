@@ -53,6 +53,9 @@ HELP = {
     "n_heads": "attention heads",
     "d_ff": "feed-forward width",
     "dropout": "dropout",
+    "memory_weight": "context memory at prediction: mix of the group's own answers, 0..1 (0 = off)",
+    "memory_shrinkage": "matching context questions at which the memory mix is half its weight",
+    "memory_temperature": "softmax temperature over question similarity in the context memory",
     "max_workers": "RPC worker threads (each waiting node holds one during its long poll)",
     "linger_s": "seconds to keep serving after the last round so nodes hear the end",
 }

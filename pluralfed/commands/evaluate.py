@@ -18,8 +18,10 @@ from pluralfed.commands.common import (
     reports_to_json,
     write_json,
 )
+from pluralfed.commands.train import add_memory_args, memory_overrides
 from pluralfed.data import load_survey
 from pluralfed.errors import InputError
+from pluralfed.model import GPOConfig
 from pluralfed.prepare import default_groups, embed_groups, parse_group_list
 from pluralfed.protocol import EVAL_MAX_CONTEXT
 from pluralfed.report import print_reports
@@ -48,6 +50,7 @@ def register(subparsers: Any) -> None:
         default=EVAL_MAX_CONTEXT,
         help="context questions per group (default: %(default)s)",
     )
+    add_memory_args(p.add_argument_group("context memory (default: the checkpoint's)"), None)
     add_encoder_args(p)
     add_runtime_args(p)
     p.set_defaults(func=run)
@@ -56,6 +59,10 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     ckpt = load_checkpoint(args.checkpoint)
+    try:
+        ckpt.model.cfg = GPOConfig.from_dict({**ckpt.model.cfg.to_dict(), **memory_overrides(args)})
+    except ValueError as err:
+        raise InputError(f"--memory-*: {err}") from err
     encoder = open_encoder(args)
     if encoder.identity != ckpt.encoder:
         raise InputError(

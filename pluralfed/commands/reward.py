@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 from pluralfed.commands.common import apply_threads
+from pluralfed.commands.train import add_memory_args, memory_overrides
 from pluralfed.data import is_test_question, load_survey
 from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
 from pluralfed.errors import InputError
@@ -139,6 +140,7 @@ def register(subparsers: Any) -> None:
         type=Path,
         help="write the bound port here once serving (useful with --listen HOST:0)",
     )
+    add_memory_args(s.add_argument_group("context memory (default: the checkpoint's)"), None)
     _add_encoder_args(s)
     s.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -155,6 +157,9 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("--checkpoint", type=Path, help="checkpoint folder (local scoring)")
+    add_memory_args(
+        c.add_argument_group("context memory, local scoring (default: the checkpoint's)"), None
+    )
     c.add_argument(
         "--server", help="host:port of a reward service to score through (instead of locally)"
     )
@@ -226,7 +231,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-workers must be at least 1, got {args.max_workers}")
     tls = _tls(args, "reward server")
     allow_list = AllowList.from_toml(args.allow_list)
-    model = RewardModel.from_checkpoint(args.checkpoint, encoder=_encoder(args))
+    model = RewardModel.from_checkpoint(
+        args.checkpoint, encoder=_encoder(args), memory=memory_overrides(args)
+    )
     if args.groups_data is not None:
         added = model.add_groups_from_data(args.groups_data, parse_group_list(args.groups))
         log.info("holding %d groups from %s", len(added), args.groups_data)
@@ -314,7 +321,9 @@ def run_score(args: argparse.Namespace) -> int:
     if args.checkpoint is None or args.data is None:
         raise InputError("local scoring needs --checkpoint and --data (or use --server)")
     apply_threads(args.threads)
-    model = RewardModel.from_checkpoint(args.checkpoint, encoder=_encoder(args))
+    model = RewardModel.from_checkpoint(
+        args.checkpoint, encoder=_encoder(args), memory=memory_overrides(args)
+    )
     ctx = model.add_groups_from_data(load_survey(args.data, [args.group]), [args.group])
     if args.group not in ctx:
         raise InputError(f"{args.data}: group {args.group!r} has no TRAIN questions")

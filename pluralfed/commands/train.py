@@ -49,6 +49,37 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", type=int, default=d.n_heads, help="attention heads")
     g.add_argument("--d-ff", type=int, default=d.d_ff, help="feed-forward width")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout")
+    add_memory_args(g, d)
+
+
+def add_memory_args(g: Any, d: GPOConfig | None) -> None:
+    """Context-memory options (pluralfed/model.py); with d=None they default to the checkpoint's."""
+    keep = "the checkpoint's"
+    g.add_argument(
+        "--memory-weight",
+        type=float,
+        default=None if d is None else d.memory_weight,
+        help="mix of the group's own answers to same-option context questions into a "
+        f"prediction, 0..1; 0 = the paper's model alone (default: {keep if d is None else '%(default)s'})",
+    )
+    g.add_argument(
+        "--memory-shrinkage",
+        type=float,
+        default=None if d is None else d.memory_shrinkage,
+        help="matching context questions at which the mix is half of --memory-weight",
+    )
+    g.add_argument(
+        "--memory-temperature",
+        type=float,
+        default=None if d is None else d.memory_temperature,
+        help="softmax temperature over the cosine similarity of context questions",
+    )
+
+
+def memory_overrides(args: argparse.Namespace) -> dict[str, float]:
+    """The context-memory options given on the command line, as GPOConfig fields."""
+    names = ("memory_weight", "memory_shrinkage", "memory_temperature")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def model_config(args: argparse.Namespace, embed_dim: int) -> GPOConfig:
@@ -61,6 +92,7 @@ def model_config(args: argparse.Namespace, embed_dim: int) -> GPOConfig:
             n_heads=args.heads,
             d_ff=args.d_ff,
             dropout=args.dropout,
+            **memory_overrides(args),
         )
     except ValueError as err:
         raise InputError(str(err)) from err
