@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     groups = list(HELD_OUT_GROUPS)
     data = load_survey(args.data, groups)
-    rm = RewardModel.from_checkpoint(args.checkpoint, cache_dir=args.cache_dir)
+    memory = {"memory_weight": args.memory_weight}
+    rm = RewardModel.from_checkpoint(args.checkpoint, cache_dir=args.cache_dir, memory=memory)
     rm.add_groups_from_data(data, groups)
     tests = {
         g: {it.question: it for it in data.groups[g] if is_test_question(it.question)}
@@ -242,6 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": {
             "checkpoint": str(args.checkpoint),
+            "memory_weight": args.memory_weight,
             "checkpoint_metadata": {
                 k: rm.metadata.get(k) for k in ("mode", "epochs", "training_groups", "seed")
             },
@@ -436,7 +438,8 @@ per-group rows as anecdotes and the mean over groups as the result.
 
 - LLM: {c["llm"]}, temperature {c["temperature"]}, at most {c["max_new_tokens"]} new tokens,
   one user turn listing the options as lettered choices.
-- Reward model: checkpoint `{c["checkpoint"]}` ({c["checkpoint_metadata"]}); context for a group
+- Reward model: checkpoint `{c["checkpoint"]}` ({c["checkpoint_metadata"]}), context memory
+  weight {c.get("memory_weight", 0.0)} (pluralfed/model.py); context for a group
   = its TRAIN questions (PROTOCOL.md split, at most 90); reward = predicted log-probability of
   the option a completion maps to (`pluralfed.reward.make_reward_fn`).
 - Groups: PROTOCOL.md's held-out groups, never trained on. Questions: {c["questions"]} TEST
@@ -616,6 +619,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and draws")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache folder")
+    p.add_argument(
+        "--memory-weight",
+        type=float,
+        default=0.9,
+        help="context memory of the reward model (pluralfed/model.py); 0: the transformer alone "
+        "(default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     p.add_argument("--name", default="best_of_n", help="output file stem")
     p.add_argument(

@@ -9,6 +9,9 @@ For each seed it runs
   - centralized (paper): 100 epochs of one step per group (800 optimizer steps);
   - centralized (equal steps, optional --equal-steps): as many optimizer steps as the federation
     took in total (100 x 6 x 8 = 4,800), evaluated at the same fractions of training.
+Then it evaluates every final checkpoint again with the context memory on (--memory-weight,
+pluralfed/model.py; inference only, the same trained weights), as "<run> + context memory".
+Runs already in runs.json are kept unless run again (so variants can be added one by one),
 and writes report.json, report.md and plots (alignment vs round, fairness vs round, per-group
 bars). Rounds of centralized training are its epochs scaled to the same share of the run.
 Every figure is measured here; nothing is copied from the paper except the claims it tests.
@@ -69,6 +72,7 @@ def federated(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
             r["bytes_in"] + r["bytes_out_model"] for r in train_rounds
         ),
         "final": curve[-1],
+        "checkpoint": str(out / "coordinator" / "final"),
     }
 
 
@@ -102,7 +106,27 @@ def centralized(args: argparse.Namespace, seed: int, out: Path, epochs: int) -> 
         "wall_seconds": time.time() - started,
         "peak_rss_mib": metrics["peak_rss_mib"],
         "final": final,
+        "checkpoint": str(out),
     }
+
+
+MEMORY = " + context memory"
+
+
+def with_memory(args: argparse.Namespace, run_: dict[str, Any]) -> dict[str, Any]:
+    """The final checkpoint of a run evaluated again with the context memory on (cached)."""
+    ckpt = Path(run_["checkpoint"])
+    ckpt = ckpt if ckpt.is_absolute() else REPO / ckpt
+    target = ckpt / f"memory-eval-w{args.memory_weight}.json"
+    started = time.time()
+    if not target.exists():
+        cmd = [sys.executable, "-m", "pluralfed.cli", "evaluate", "--checkpoint", str(ckpt)]
+        cmd += ["--data", str(args.data), "--memory-weight", str(args.memory_weight)]
+        cmd += ["--threads", str(args.threads), "--out", str(target)]
+        run(cmd, ckpt / f"memory-eval-w{args.memory_weight}.log")
+    reports = json.loads(target.read_text())["reports"]
+    final = {"round": run_["final"]["round"], **{s: reports[s] for s in SETS if s in reports}}
+    return {"curve": [], "wall_seconds": time.time() - started, "final": final}
 
 
 def rounds_to(curve: list[dict[str, Any]], s: str, fraction: float) -> int | None:
@@ -202,8 +226,8 @@ def plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(11, 4))
     groups: list[str] = []
     for s in SETS:
-        for r in runs.values():
-            for g in r[0]["final"].get(s, {}).get("per_group", {}):
+        for kind in runs.values():
+            for g in kind[0]["final"].get(s, {}).get("per_group", {}):
                 if g not in groups:
                     groups.append(g)
     width = 0.8 / max(1, len(runs))
@@ -266,6 +290,12 @@ def markdown(table: dict[str, Any], claims: dict[str, str], n_seeds: int) -> str
     return "\n".join(lines) + "\n"
 
 
+def fed_dir_prefix(label: str) -> str:
+    """Run folder prefix of a federated variant: fed for the default, fed-<label> otherwise."""
+    slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+    return "fed" if label == "federated" else f"fed-{slug}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -291,25 +321,54 @@ def main() -> int:
     p.add_argument(
         "--label", default="federated", help="name of the federated variant in the report"
     )
+    p.add_argument("--skip-centralized", action="store_true")
+    p.add_argument(
+        "--memory-weight",
+        type=float,
+        default=0.9,
+        help="context-memory weight for the '+ context memory' rows; 0: no such rows",
+    )
+    p.add_argument("--fresh", action="store_true", help="forget the runs already in runs.json")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from runs.json")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    saved = args.out / "runs.json"
     runs: dict[str, list[dict[str, Any]]] = {}
+    if saved.exists() and not args.fresh:
+        runs = {k: v for k, v in json.loads(saved.read_text()).items() if not k.endswith(MEMORY)}
     if args.report_only:
-        runs = json.loads((args.out / "runs.json").read_text())
-        args.seeds = list(range(len(next(iter(runs.values())))))
+        args.seeds = list(range(max(len(v) for v in runs.values())))
+    rerun: set[str] = set()
+
+    def record(label: str, result: dict[str, Any]) -> None:
+        if label not in rerun:  # a variant run again replaces its earlier seeds
+            runs[label] = []
+            rerun.add(label)
+        runs[label].append(result)
+
     for seed in [] if args.report_only else args.seeds:
         if not args.skip_federated:
-            runs.setdefault(args.label, []).append(federated(args, seed, args.out / f"fed-s{seed}"))
-        runs.setdefault("centralized (paper, 100 epochs)", []).append(
-            centralized(args, seed, args.out / f"central-s{seed}", epochs=100)
-        )
+            record(
+                args.label,
+                federated(args, seed, args.out / f"{fed_dir_prefix(args.label)}-s{seed}"),
+            )
+        if not args.skip_centralized:
+            record(
+                "centralized (paper, 100 epochs)",
+                centralized(args, seed, args.out / f"central-s{seed}", epochs=100),
+            )
         if args.equal_steps:
             epochs = args.rounds * args.local_steps  # 8 groups x epochs steps = rounds x steps x 8
-            runs.setdefault("centralized (equal steps)", []).append(
-                centralized(args, seed, args.out / f"central-eq-s{seed}", epochs=epochs)
+            record(
+                "centralized (equal steps)",
+                centralized(args, seed, args.out / f"central-eq-s{seed}", epochs=epochs),
             )
-        (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+        saved.write_text(json.dumps(runs, indent=1))
+    if args.memory_weight > 0:
+        for label in list(runs):
+            with_ckpt = [r for r in runs[label] if "checkpoint" in r]
+            if with_ckpt:
+                runs[label + MEMORY] = [with_memory(args, r) for r in with_ckpt]
     table = summarize(runs)
     claims = verdicts(table)
     made = plots(runs, args.out)
