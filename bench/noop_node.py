@@ -34,8 +34,8 @@ from pluralfed.tls import TlsFiles
 from pluralfed.transport import (
     PROTOCOL_VERSION,
     chunk_from_proto,
-    chunk_to_proto,
     grpc_options,
+    serialized_tensor_part,
 )
 from pluralfed.wire import TensorAssembler, digest_of, iter_chunks, specs_of
 
@@ -47,6 +47,10 @@ EVAL_METRICS = {
 }
 
 
+def _serialize_update_chunk(message: pb.UpdateChunk | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 class NoopNode:
     def __init__(self, node_id: str, tls_dir: Path, port: int, seed: int, scale: float) -> None:
         self.node_id = node_id
@@ -55,6 +59,13 @@ class NoopNode:
         options = [*grpc_options(), ("grpc.use_local_subchannel_pool", 1)]
         self.channel = grpc.secure_channel(f"{HOST}:{port}", creds, options=options)
         self.stub = pb_grpc.FederationStub(self.channel)
+        # UploadUpdate taking serialized UpdateChunks too: tensor parts are built by
+        # serialized_tensor_part with one copy of the data (same bytes as the generated stub)
+        self.upload_update = self.channel.stream_unary(
+            "/pluralfed.v1.Federation/UploadUpdate",
+            request_serializer=_serialize_update_chunk,
+            response_deserializer=pb.UploadReply.FromString,
+        )
         self.session_id = ""
         self.rng = np.random.default_rng(seed)
         self.scale = scale
@@ -107,7 +118,7 @@ class NoopNode:
         specs = specs_of(weights)
         digest = digest_of(weights)
 
-        def messages() -> Iterator[pb.UpdateChunk]:
+        def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(
                 header=pb.UpdateHeader(
                     session_id=self.session_id,
@@ -121,10 +132,11 @@ class NoopNode:
                 )
             )
             for chunk in iter_chunks(weights):
-                yield pb.UpdateChunk(tensor=chunk_to_proto(chunk))
+                yield serialized_tensor_part(chunk)
             yield pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=digest))
 
-        return self.stub.UploadUpdate(messages(), timeout=600)
+        reply: pb.UploadReply = self.upload_update(messages(), timeout=600)
+        return reply
 
     def train(self, task: pb.Task) -> None:
         t0 = time.time()

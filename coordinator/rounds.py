@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -122,6 +122,14 @@ class NodeSession:
     answered: set[str] = field(default_factory=set)  # task ids this session has answered
 
 
+class GlobalModel(NamedTuple):
+    """One version of the global model, as nodes download it."""
+
+    version: str
+    round: int  # completed rounds that made it
+    weights: Mapping[str, np.ndarray]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What a node is asked to do next; the transport turns it into a protobuf Task."""
@@ -174,6 +182,7 @@ class RoundEngine:
         self._changed = threading.Condition(self._lock)
         self._sessions: dict[str, NodeSession] = {}
         self._task: _OpenTask | None = None
+        self._aggregate: StreamingFedAvg | None = None
         self._done = False
         self._stop = threading.Event()
         self._on_round = on_round
@@ -349,8 +358,9 @@ class RoundEngine:
                     return TaskSpec(TaskKind.WAIT)
                 self._changed.wait(min(remaining, self.settings.heartbeat_interval_s))
 
-    def model_for(self, session_id: str, group: str | None, version: str) -> dict[str, np.ndarray]:
-        """The current global weights (read-only views) if `version` is current."""
+    def model_for(self, session_id: str, group: str | None, version: str) -> GlobalModel:
+        """The current global model if `version` is current (or not given); its weights must
+        not be changed. Version, round and weights are read together, so they always agree."""
         with self._lock:
             self._session(session_id, group)
             if version and version != self.model_version:
@@ -358,7 +368,7 @@ class RoundEngine:
                     "NOT_FOUND",
                     f"model version {version!r} is not current ({self.model_version!r})",
                 )
-            return self.state.weights
+            return GlobalModel(self.model_version, self.state.completed_rounds, self.state.weights)
 
     def check_update(self, session_id: str, group: str | None, task_id: str, round_: int) -> None:
         """Early refusal of an upload that can never count (before its bytes are read)."""
@@ -553,8 +563,24 @@ class RoundEngine:
                 self._changed.wait(1.0)
         return False
 
+    def _round_aggregate(self) -> StreamingFedAvg:
+        """The running sum for a new training round: one aggregate reused round after round.
+
+        Safe to reset: updates fold only under the engine lock into the open task's aggregate,
+        and the previous round's task was closed (self._task = None) under that lock.
+        """
+        if self._aggregate is None:
+            self._aggregate = StreamingFedAvg(
+                self.specs, uniform=self.settings.weighting == "uniform"
+            )
+        else:
+            self._aggregate.reset()
+        return self._aggregate
+
     def _open(self, kind: TaskKind, sessions: list[NodeSession], timeout: float) -> _OpenTask:
         round_ = self.state.completed_rounds + (1 if kind == TaskKind.TRAIN else 0)
+        with self._changed:
+            aggregate = self._round_aggregate() if kind == TaskKind.TRAIN else None
         t = _OpenTask(
             kind=kind,
             task_id=uuid.uuid4().hex,
@@ -562,11 +588,7 @@ class RoundEngine:
             model_version=self.model_version,
             deadline=time.time() + timeout,
             selected={s.session_id: s.group for s in sessions},
-            aggregate=(
-                StreamingFedAvg(self.specs, uniform=self.settings.weighting == "uniform")
-                if kind == TaskKind.TRAIN
-                else None
-            ),
+            aggregate=aggregate,
         )
         with self._changed:
             self._task = t

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.auth import AllowList, AuthInterceptor, authenticated_node, require_self
-from coordinator.rounds import Rejection, Role, RoundEngine, TaskKind, TaskSpec
+from coordinator.rounds import GlobalModel, Rejection, Role, RoundEngine, TaskKind, TaskSpec
 from pluralfed import __version__
 from pluralfed.evaluation import GroupEvaluation
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -28,15 +30,18 @@ from pluralfed.transport import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     chunk_from_proto,
-    chunk_to_proto,
+    decode_update_chunk,
     dtype_to_proto,
-    grpc_options,
+    serialized_tensor_part,
+    server_grpc_options,
 )
 from pluralfed.wire import (
     DEFAULT_CHUNK_BYTES,
     WIRE_FORMAT,
+    Chunk,
     DigestMismatchError,
     NonFiniteError,
+    TensorSpec,
     UpdateSpool,
     WireError,
     digest_of,
@@ -47,6 +52,8 @@ log = logging.getLogger("pluralfed.coordinator")
 
 MAX_GROUP_NAME = 200
 MAX_WAIT_S = 60.0
+DOWNLOAD_METHOD = "/pluralfed.v1.Federation/DownloadModel"
+UPLOAD_METHOD = "/pluralfed.v1.Federation/UploadUpdate"
 
 _TASK_KINDS = {
     TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
@@ -67,11 +74,77 @@ def _reject(reason: str, message: str) -> pb.UploadReply:
     )
 
 
+@dataclass(frozen=True)
+class SerializedModel:
+    """A whole DownloadModel stream (header, tensor chunks, trailer) as serialized messages.
+
+    Built once per model version and shared by every node's download, so the coordinator holds
+    one extra copy of the model whatever the number of nodes, instead of each download thread
+    building (and copying) its own protobuf messages chunk by chunk.
+    """
+
+    version: str
+    messages: tuple[bytes, ...]
+    data_bytes: int
+
+    @classmethod
+    def of(cls, model: GlobalModel, specs: Sequence[TensorSpec]) -> SerializedModel:
+        header = pb.ModelHeader(
+            model_version=model.version,
+            round=model.round,
+            total_bytes=sum(s.nbytes for s in specs),
+            sha256=digest_of(model.weights),
+            wire_format=WIRE_FORMAT,
+        )
+        for s in specs:
+            header.tensors.add(name=s.name, dtype=dtype_to_proto(s.dtype), shape=list(s.shape))
+        messages = [pb.ModelChunk(header=header).SerializeToString()]
+        messages += [serialized_tensor_part(chunk) for chunk in iter_chunks(model.weights)]
+        messages.append(
+            pb.ModelChunk(trailer=pb.StreamTrailer(sha256=header.sha256)).SerializeToString()
+        )
+        return cls(model.version, tuple(messages), header.total_bytes)
+
+
+def _serialize_model_chunk(message: pb.ModelChunk | bytes) -> bytes:
+    """DownloadModel's response serializer: messages may come already serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class BulkStreamCodecs(grpc.ServerInterceptor):
+    """Swaps in the (de)serializers of the two bulk streams, which skip protobuf's copies:
+    DownloadModel may yield already serialized messages (`SerializedModel`), and UploadUpdate
+    receives tensor parts as `Chunk`s viewing the received bytes (`decode_update_chunk`)."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is not None and method == DOWNLOAD_METHOD:
+            return grpc.unary_stream_rpc_method_handler(
+                handler.unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=_serialize_model_chunk,
+            )
+        if handler is not None and method == UPLOAD_METHOD:
+            return grpc.stream_unary_rpc_method_handler(
+                handler.stream_unary,
+                request_deserializer=decode_update_chunk,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, engine: RoundEngine, insecure: bool = False) -> None:
         self.engine = engine
         self.insecure = insecure
         self.bytes_out = 0
+        self._serialized_lock = threading.Lock()
+        self._serialized_model: SerializedModel | None = None
 
     # who is calling: the certificate's node name, or None in --insecure mode (no ownership check)
     def _caller(self, context: grpc.ServicerContext) -> str | None:
@@ -126,39 +199,39 @@ class FederationServicer(pb_grpc.FederationServicer):
             _abort(context, r)
         return task_to_proto(spec)
 
-    def DownloadModel(
+    def DownloadModel(  # type: ignore[override]  # serialized ModelChunks: BulkStreamCodecs
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelChunk]:
+    ) -> Iterator[bytes]:
+        """Streams the model's messages serialized once per version (see `SerializedModel`)."""
         try:
-            version = self.engine.model_version
-            weights = self.engine.model_for(
+            model = self.engine.model_for(
                 request.session_id, self._caller(context), request.model_version
             )
         except Rejection as r:
             _abort(context, r)
-        header = pb.ModelHeader(
-            model_version=version,
-            round=self.engine.state.completed_rounds,
-            total_bytes=sum(s.nbytes for s in self.engine.specs),
-            sha256=digest_of(weights),
-            wire_format=WIRE_FORMAT,
-        )
-        for s in self.engine.specs:
-            header.tensors.add(name=s.name, dtype=dtype_to_proto(s.dtype), shape=list(s.shape))
-        yield pb.ModelChunk(header=header)
-        for chunk in iter_chunks(weights):
-            self.bytes_out += len(chunk.data)
-            yield pb.ModelChunk(tensor=chunk_to_proto(chunk))
-        yield pb.ModelChunk(trailer=pb.StreamTrailer(sha256=header.sha256))
+        serialized = self._serialized(model)
+        yield from serialized.messages
+        self.bytes_out += serialized.data_bytes
 
-    def UploadUpdate(
-        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    def _serialized(self, model: GlobalModel) -> SerializedModel:
+        """The download stream of this model version, built by the first download that needs it;
+        a newer version replaces it (downloads still streaming the old one keep it alive)."""
+        with self._serialized_lock:
+            current = self._serialized_model
+            if current is not None and current.version == model.version:
+                return current
+            self._serialized_model = None  # let the old one go before building
+            self._serialized_model = SerializedModel.of(model, self.engine.specs)
+            return self._serialized_model
+
+    def UploadUpdate(  # type: ignore[override]  # tensor parts arrive as Chunks: BulkStreamCodecs
+        self, request_iterator: Iterator[pb.UpdateChunk | Chunk], context: grpc.ServicerContext
     ) -> pb.UploadReply:
         """Every refusal of the update itself is an UploadReply (accepted=false, reason), as the
         protocol says; only a bad session or identity is a status error."""
         caller = self._caller(context)
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("part") != "header":
             return _reject("MALFORMED", "an upload starts with its header")
         h = first.header
         try:
@@ -172,6 +245,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         try:
             trailer = None
             for msg in request_iterator:
+                if isinstance(msg, Chunk):
+                    spool.add(msg)
+                    continue
                 part = msg.WhichOneof("part")
                 if part == "tensor":
                     spool.add(chunk_from_proto(msg.tensor))
@@ -301,8 +377,8 @@ def start_server(
     interceptor = AuthInterceptor(allow_list, insecure=tls is None)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=[interceptor],
-        options=grpc_options(),
+        interceptors=[interceptor, BulkStreamCodecs()],
+        options=server_grpc_options(),
         maximum_concurrent_rpcs=max_workers * 4,
     )
     pb_grpc.add_FederationServicer_to_server(FederationServicer(engine, tls is None), server)

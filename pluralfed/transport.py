@@ -6,6 +6,10 @@ from __future__ import annotations
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.wire import DEFAULT_CHUNK_BYTES, Chunk, WireError
 
+# field numbers of the `tensor` part (ModelChunk, UpdateChunk) and of TensorChunk.data
+TENSOR_PART_FIELD = 2
+_DATA_FIELD = 5
+
 PROTOCOL_VERSION = 1
 # Chunking moves models of any size; one message is a chunk plus a little framing. The limit is
 # set explicitly (on both sides) so that a peer cannot make the other buffer huge messages.
@@ -22,6 +26,7 @@ _DTYPES = {
     "bool": pb.DTYPE_BOOL,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPE_NAMES_BY_CODE: dict[int, str] = {int(v): k for k, v in _DTYPES.items()}
 
 
 def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -33,6 +38,20 @@ def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, 
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def server_grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """`grpc_options` plus a fixed receive window of one chunk message per stream.
+
+    With BDP probing, gRPC grows every stream's window to several MB, so a coordinator busy
+    with many uploads buffered megabytes per node: memory grew with the number of nodes. One
+    message of lookahead per stream keeps loopback uploads as fast and bounds that buffering.
+    """
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", max_message_bytes),
     ]
 
 
@@ -64,3 +83,126 @@ def chunk_from_proto(msg: pb.TensorChunk) -> Chunk:
         offset=int(msg.offset),
         data=msg.data,
     )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field: int, length: int) -> bytes:
+    """The tag and length prefix of a bytes/message field (wire type 2)."""
+    return _varint(field << 3 | 2) + _varint(length)
+
+
+def serialized_tensor_part(chunk: Chunk) -> bytes:
+    """The wire bytes of a ModelChunk or UpdateChunk whose `tensor` part is this chunk.
+
+    Equal to building the messages and calling SerializeToString, but the data is copied once
+    (straight into the result) instead of three times (bytes(), into the message, out of it):
+    for a large model those copies of fresh memory were a large part of the cost of sending it.
+    Fields are in field-number order, as protobuf serializes them.
+    """
+    head = chunk_to_proto(Chunk(chunk.name, chunk.dtype, chunk.shape, chunk.offset, b""))
+    fields = head.SerializeToString()
+    size = len(chunk.data) if isinstance(chunk.data, bytes) else chunk.data.nbytes
+    if size:
+        fields += _length_delimited(_DATA_FIELD, size)
+    return b"".join((_length_delimited(TENSOR_PART_FIELD, len(fields) + size), fields, chunk.data))
+
+
+class _NotFastPath(Exception):
+    """The bytes are not a plain tensor part: let protobuf itself decode them."""
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _NotFastPath
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _tensor_part_chunk(raw: bytes) -> Chunk:
+    """The chunk of a message that is exactly one `tensor` part, its data a view into `raw`."""
+    buf = memoryview(raw)
+    end = len(raw)
+    if end == 0 or buf[0] != (TENSOR_PART_FIELD << 3 | 2):
+        raise _NotFastPath
+    length, pos = _read_varint(buf, 1, end)
+    if pos + length != end:
+        raise _NotFastPath
+    name = b""
+    data: memoryview | bytes = b""
+    dtype = offset = 0
+    shape: list[int] = []
+    seen: set[int] = set()
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        field, wire_type = key >> 3, key & 7
+        if field in seen and field != 3:
+            raise _NotFastPath  # a repeated singular field: protobuf's merge rules apply
+        seen.add(field)
+        if wire_type == 0 and field in (2, 3, 4):
+            value, pos = _read_varint(buf, pos, end)
+            if field == 2:
+                dtype = value
+            elif field == 3:
+                shape.append(value)
+            else:
+                offset = value
+        elif wire_type == 2 and field in (1, 3, 5):
+            size, pos = _read_varint(buf, pos, end)
+            if pos + size > end:
+                raise _NotFastPath
+            if field == 1:
+                name = bytes(buf[pos : pos + size])
+            elif field == 5:
+                data = buf[pos : pos + size]
+            else:  # packed shape
+                stop = pos + size
+                at = pos
+                while at < stop:
+                    value, at = _read_varint(buf, at, stop)
+                    shape.append(value)
+            pos += size
+        else:
+            raise _NotFastPath
+    if pos != end or (dtype not in _DTYPE_NAMES_BY_CODE and dtype != pb.DTYPE_UNSPECIFIED):
+        raise _NotFastPath
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _NotFastPath from None
+    has_spec = dtype != pb.DTYPE_UNSPECIFIED
+    return Chunk(
+        name=text,
+        dtype=_DTYPE_NAMES_BY_CODE[dtype] if has_spec else None,
+        shape=tuple(shape) if has_spec else None,
+        offset=offset,
+        data=data,
+    )
+
+
+def decode_update_chunk(raw: bytes) -> pb.UpdateChunk | Chunk:
+    """UploadUpdate's request deserializer: a tensor part straight to a `Chunk` whose data is a
+    view into the received bytes, any other message to a protobuf `UpdateChunk`.
+
+    Saves two copies of every uploaded byte (into protobuf's arena, out again as `bytes`) and
+    their allocations. Only a plain, well-formed tensor part takes this path; anything else
+    (unknown fields or dtype codes, repeated fields, bad UTF-8, malformed bytes) is decoded by
+    protobuf as before, so errors and their handling do not change.
+    """
+    try:
+        return _tensor_part_chunk(raw)
+    except _NotFastPath:
+        return pb.UpdateChunk.FromString(raw)

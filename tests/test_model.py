@@ -202,7 +202,7 @@ def _memory_model(weight: float, shrinkage: float = 1.0, temperature: float = 0.
 
 
 def test_memory_matches_an_independent_computation(setup) -> None:
-    _, context, targets, rng = setup
+    _, context, _, rng = setup
     opts = ("yes", "no", "maybe")
     context = [
         *context,
@@ -227,7 +227,7 @@ def test_memory_matches_an_independent_computation(setup) -> None:
 
 
 def test_memory_leaves_targets_without_a_same_option_context_question(setup) -> None:
-    _, context, targets, rng = setup
+    _, context, _, rng = setup
     lone = _with_options(_item(rng, 3, "lone"), ("red", "green", "blue"), np.ones(3) / 3)
     base = _predict(_memory_model(0.0), context, [lone])[0]
     got = _predict(_memory_model(0.9), context, [lone])[0]
@@ -252,8 +252,12 @@ def test_memory_makes_the_prediction_follow_the_groups_answers(setup) -> None:
 
 @pytest.mark.parametrize(
     "field,value",
-    [("memory_weight", 1.5), ("memory_weight", -0.1), ("memory_shrinkage", -1.0)]
-    + [("memory_temperature", 0.0)],
+    [
+        ("memory_weight", 1.5),
+        ("memory_weight", -0.1),
+        ("memory_shrinkage", -1.0),
+        ("memory_temperature", 0.0),
+    ],
 )
 def test_memory_settings_are_validated(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
