@@ -32,12 +32,16 @@ from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import (
+    DOWNLOAD_METHOD,
     PROTOCOL_VERSION,
+    UPLOAD_METHOD,
     chunk_from_proto,
+    decode_model_chunk,
     grpc_options,
+    serialize_message,
     serialized_tensor_part,
 )
-from pluralfed.wire import TensorAssembler, digest_of, iter_chunks, specs_of
+from pluralfed.wire import Chunk, TensorAssembler, digest_of, iter_chunks, specs_of
 
 EVAL_METRICS = {
     "model": 0.5,
@@ -45,10 +49,6 @@ EVAL_METRICS = {
     "uniform_baseline": 0.5,
     "prior_baseline": 0.5,
 }
-
-
-def _serialize_update_chunk(message: pb.UpdateChunk | bytes) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 class NoopNode:
@@ -61,9 +61,15 @@ class NoopNode:
         self.stub = pb_grpc.FederationStub(self.channel)
         # UploadUpdate taking serialized UpdateChunks too: tensor parts are built by
         # serialized_tensor_part with one copy of the data (same bytes as the generated stub)
+        # as group_node.node: DownloadModel's tensor parts decode to Chunks viewing the bytes
+        self.download_model = self.channel.unary_stream(
+            DOWNLOAD_METHOD,
+            request_serializer=pb.DownloadModelRequest.SerializeToString,
+            response_deserializer=decode_model_chunk,
+        )
         self.upload_update = self.channel.stream_unary(
-            "/pluralfed.v1.Federation/UploadUpdate",
-            request_serializer=_serialize_update_chunk,
+            UPLOAD_METHOD,
+            request_serializer=serialize_message,
             response_deserializer=pb.UploadReply.FromString,
         )
         self.session_id = ""
@@ -98,9 +104,14 @@ class NoopNode:
     def download(self, version: str) -> dict[str, np.ndarray]:
         assembler = None
         header = None
-        for msg in self.stub.DownloadModel(
+        for msg in self.download_model(
             pb.DownloadModelRequest(session_id=self.session_id, model_version=version), timeout=600
         ):
+            if isinstance(msg, Chunk):  # a tensor part, decoded without protobuf
+                if assembler is None:
+                    raise RuntimeError("unexpected 'tensor' in download")
+                assembler.add(msg)
+                continue
             part = msg.WhichOneof("part")
             if part == "header":
                 header = msg.header

@@ -25,8 +25,17 @@ from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
-from pluralfed.transport import PROTOCOL_VERSION, chunk_from_proto, chunk_to_proto, grpc_options
-from pluralfed.wire import TensorAssembler, digest_of, iter_chunks, save_tensors, specs_of
+from pluralfed.transport import (
+    DOWNLOAD_METHOD,
+    PROTOCOL_VERSION,
+    UPLOAD_METHOD,
+    chunk_from_proto,
+    decode_model_chunk,
+    grpc_options,
+    serialize_message,
+    serialized_tensor_part,
+)
+from pluralfed.wire import Chunk, TensorAssembler, digest_of, iter_chunks, save_tensors, specs_of
 
 log = logging.getLogger("pluralfed.node")
 
@@ -119,6 +128,19 @@ class NodeClient:
                 options=options,
             )
         self.stub = pb_grpc.FederationStub(self.channel)
+        # the bulk streams skip protobuf's copies of the tensor data: uploads send tensor parts
+        # serialized straight from the weights (`serialized_tensor_part`), downloads decode them
+        # to `Chunk`s viewing the received bytes (`decode_model_chunk`); same bytes on the wire
+        self._download_model = self.channel.unary_stream(
+            DOWNLOAD_METHOD,
+            request_serializer=pb.DownloadModelRequest.SerializeToString,
+            response_deserializer=decode_model_chunk,
+        )
+        self._upload_update = self.channel.stream_unary(
+            UPLOAD_METHOD,
+            request_serializer=serialize_message,
+            response_deserializer=pb.UploadReply.FromString,
+        )
         self.session_id = ""
         self.model_config: dict[str, object] = {}
         self.heartbeat_interval_s = 5.0
@@ -150,13 +172,18 @@ class NodeClient:
         return self.stub.GetTask(req, timeout=wait_s + 30)
 
     def download(self, version: str, timeout: float) -> dict:
-        stream = self.stub.DownloadModel(
+        stream = self._download_model(
             pb.DownloadModelRequest(session_id=self.session_id, model_version=version),
             timeout=timeout,
         )
         header = None
         assembler = None
         for msg in stream:
+            if isinstance(msg, Chunk):  # a tensor part, decoded without protobuf
+                if assembler is None:
+                    raise InputError("model download: unexpected 'tensor' message")
+                assembler.add(msg)
+                continue
             part = msg.WhichOneof("part")
             if part == "header":
                 header = msg.header
@@ -181,7 +208,7 @@ class NodeClient:
         specs = specs_of(weights)
         digest = digest_of(weights)
 
-        def messages() -> Iterator[pb.UpdateChunk]:
+        def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(
                 header=pb.UpdateHeader(
                     session_id=self.session_id,
@@ -195,10 +222,11 @@ class NodeClient:
                 )
             )
             for chunk in iter_chunks(weights):
-                yield pb.UpdateChunk(tensor=chunk_to_proto(chunk))
+                yield serialized_tensor_part(chunk)
             yield pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=digest))
 
-        return self.stub.UploadUpdate(messages(), timeout=timeout)
+        reply: pb.UploadReply = self._upload_update(messages(), timeout=timeout)
+        return reply
 
     def report(self, task: pb.Task, group: str, metrics: dict[str, float], n: int) -> None:
         self.stub.ReportEvaluation(

@@ -3,6 +3,8 @@ mapping between `pluralfed.wire.Chunk` and the protobuf `TensorChunk`."""
 
 from __future__ import annotations
 
+from google.protobuf.message import Message
+
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.wire import DEFAULT_CHUNK_BYTES, Chunk, WireError
 
@@ -11,6 +13,9 @@ TENSOR_PART_FIELD = 2
 _DATA_FIELD = 5
 
 PROTOCOL_VERSION = 1
+# the two bulk streams, whose (de)serializers both sides swap for the fast paths below
+DOWNLOAD_METHOD = "/pluralfed.v1.Federation/DownloadModel"
+UPLOAD_METHOD = "/pluralfed.v1.Federation/UploadUpdate"
 # Chunking moves models of any size; one message is a chunk plus a little framing. The limit is
 # set explicitly (on both sides) so that a peer cannot make the other buffer huge messages.
 MAX_MESSAGE_BYTES = DEFAULT_CHUNK_BYTES + 64 * 1024
@@ -85,6 +90,11 @@ def chunk_from_proto(msg: pb.TensorChunk) -> Chunk:
     )
 
 
+def serialize_message(message: Message | bytes) -> bytes:
+    """A bulk stream's serializer: messages may come already serialized (`serialized_tensor_part`)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
@@ -109,7 +119,7 @@ def serialized_tensor_part(chunk: Chunk) -> bytes:
     """
     head = chunk_to_proto(Chunk(chunk.name, chunk.dtype, chunk.shape, chunk.offset, b""))
     fields = head.SerializeToString()
-    size = len(chunk.data) if isinstance(chunk.data, bytes) else chunk.data.nbytes
+    size = len(chunk.data) if isinstance(chunk.data, bytes) else memoryview(chunk.data).nbytes
     if size:
         fields += _length_delimited(_DATA_FIELD, size)
     return b"".join((_length_delimited(TENSOR_PART_FIELD, len(fields) + size), fields, chunk.data))
@@ -128,8 +138,18 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if value >> 64:  # a 10-byte varint beyond 64 bits: protobuf truncates it
+                raise _NotFastPath
             return value, pos
         shift += 7
+
+
+def _read_short_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """A tag or length: protobuf refuses those longer than 5 bytes or beyond 2**31 - 2."""
+    value, after = _read_varint(buf, pos, end)
+    if after - pos > 5 or value >= 0x7FFFFFFF:
+        raise _NotFastPath
+    return value, after
 
 
 def _tensor_part_chunk(raw: bytes) -> Chunk:
@@ -138,7 +158,7 @@ def _tensor_part_chunk(raw: bytes) -> Chunk:
     end = len(raw)
     if end == 0 or buf[0] != (TENSOR_PART_FIELD << 3 | 2):
         raise _NotFastPath
-    length, pos = _read_varint(buf, 1, end)
+    length, pos = _read_short_varint(buf, 1, end)
     if pos + length != end:
         raise _NotFastPath
     name = b""
@@ -147,7 +167,7 @@ def _tensor_part_chunk(raw: bytes) -> Chunk:
     shape: list[int] = []
     seen: set[int] = set()
     while pos < end:
-        key, pos = _read_varint(buf, pos, end)
+        key, pos = _read_short_varint(buf, pos, end)
         field, wire_type = key >> 3, key & 7
         if field in seen and field != 3:
             raise _NotFastPath  # a repeated singular field: protobuf's merge rules apply
@@ -161,7 +181,7 @@ def _tensor_part_chunk(raw: bytes) -> Chunk:
             else:
                 offset = value
         elif wire_type == 2 and field in (1, 3, 5):
-            size, pos = _read_varint(buf, pos, end)
+            size, pos = _read_short_varint(buf, pos, end)
             if pos + size > end:
                 raise _NotFastPath
             if field == 1:
@@ -193,16 +213,30 @@ def _tensor_part_chunk(raw: bytes) -> Chunk:
     )
 
 
+def _fast_tensor_part(raw: bytes) -> Chunk | None:
+    """The chunk if `raw` is a plain tensor part, else None (protobuf must decode it)."""
+    try:
+        return _tensor_part_chunk(raw)
+    except _NotFastPath:
+        return None
+
+
 def decode_update_chunk(raw: bytes) -> pb.UpdateChunk | Chunk:
     """UploadUpdate's request deserializer: a tensor part straight to a `Chunk` whose data is a
     view into the received bytes, any other message to a protobuf `UpdateChunk`.
 
     Saves two copies of every uploaded byte (into protobuf's arena, out again as `bytes`) and
     their allocations. Only a plain, well-formed tensor part takes this path; anything else
-    (unknown fields or dtype codes, repeated fields, bad UTF-8, malformed bytes) is decoded by
-    protobuf as before, so errors and their handling do not change.
+    (unknown fields or dtype codes, repeated fields, bad UTF-8, varints beyond 64 bits,
+    malformed bytes) is decoded by protobuf as before, so errors and their handling do not
+    change (tests/test_transport_fastpath.py checks this against protobuf).
     """
-    try:
-        return _tensor_part_chunk(raw)
-    except _NotFastPath:
-        return pb.UpdateChunk.FromString(raw)
+    chunk = _fast_tensor_part(raw)
+    return chunk if chunk is not None else pb.UpdateChunk.FromString(raw)
+
+
+def decode_model_chunk(raw: bytes) -> pb.ModelChunk | Chunk:
+    """DownloadModel's response deserializer for nodes: as `decode_update_chunk` (ModelChunk's
+    tensor part is the same field), so a downloaded chunk's data is not copied twice."""
+    chunk = _fast_tensor_part(raw)
+    return chunk if chunk is not None else pb.ModelChunk.FromString(raw)
