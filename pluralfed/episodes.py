@@ -116,13 +116,12 @@ def make_batch(episodes: Sequence[Episode]) -> EpisodeBatch:
     is_target = np.zeros((b, t), dtype=bool)
     segment = np.full((b, t), n_questions, dtype=np.int64)  # padding: the extra last segment
     slices: list[list[tuple[int, int]]] = []
-    option_ids: dict[tuple[str, ...], int] = {}
-    option_sets: list[list[int]] = []
+    question_options: list[list[tuple[str, ...]]] = []
     seg = 0
     for bi, (ep, qs) in enumerate(zip(episodes, questions, strict=True)):
         pos = 0
         row: list[tuple[int, int]] = []
-        option_sets.append([option_ids.setdefault(e.item.options, len(option_ids)) for e in qs])
+        question_options.append([tuple(e.item.options) for e in qs])
         for qi, e in enumerate(qs):
             n = e.num_options
             if e.embeddings.shape != (n, dim):
@@ -149,5 +148,5 @@ def make_batch(episodes: Sequence[Episode]) -> EpisodeBatch:
         segment=torch.from_numpy(segment),
         num_segments=n_questions + 1,
         question_slices=slices,
-        option_sets=option_sets,
+        question_options=question_options,
     )

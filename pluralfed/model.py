@@ -17,7 +17,7 @@ Context memory (optional, `memory_weight` > 0; no trained parameters). The trans
 question-level average: trained on questions it sees again and again, it memorises them and learns
 to ignore the context (context gain ~0; bench/copy_probe.py). So a prediction is also mixed with
 what the group itself answered: for a target question, its context questions with the very same
-option list, weighted by softmax(cosine of question embeddings / temperature), give a memory
+options (matched by text, in any order), weighted by softmax(cosine of question embeddings / temperature), give a memory
 distribution; the mix weight grows with how many such questions the context has,
 weight * n / (n + shrinkage), so a group with little matching context keeps the transformer's
 prediction (the idea of kNN-LM, Khandelwal et al. 2020, with the group's context as datastore).
@@ -82,8 +82,8 @@ class EpisodeBatch:
     segment: torch.Tensor  # (B, T) long: the token's question across the batch; padding -> last
     num_segments: int  # questions in the batch + 1 (the padding segment)
     question_slices: list[list[tuple[int, int]]]  # per episode: token range of each question
-    # per episode and question: an id of its option list (equal ids <=> the very same option texts)
-    option_sets: list[list[int]]
+    # per episode and question: its option texts, in token order (the context memory matches them)
+    question_options: list[list[tuple[str, ...]]]
 
 
 class SelfAttention(nn.Module):
@@ -184,25 +184,32 @@ def question_softmax(logits: torch.Tensor, batch: EpisodeBatch) -> torch.Tensor:
 
 def context_memory(batch: EpisodeBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """For every target option: the similarity-weighted mean of the group's probability for the
-    same option in context questions with the same option list, and how many such questions there
-    are; both (B, T), 0 where a question has no match (and at context and padding tokens)."""
+    same option text in context questions with the same set of options (in any order), and how
+    many such questions there are; both (B, T), 0 where a question has no match (and at context
+    and padding tokens)."""
     memory = torch.zeros_like(batch.probs)
     matches = torch.zeros_like(batch.probs)
-    for b, (slices, option_sets) in enumerate(
-        zip(batch.question_slices, batch.option_sets, strict=True)
+    for b, (slices, options) in enumerate(
+        zip(batch.question_slices, batch.question_options, strict=True)
     ):
-        context = [q for q, (start, _) in enumerate(slices) if batch.is_context[b, start]]
-        by_options: dict[int, list[int]] = {}
-        for q in context:
-            by_options.setdefault(option_sets[q], []).append(q)
-        vectors = torch.stack([batch.embeddings[b, start:end].mean(0) for start, end in slices])
-        vectors = F.normalize(vectors, dim=-1)
+        by_options: dict[frozenset[str], list[int]] = {}
+        for q, (start, _) in enumerate(slices):
+            if batch.is_context[b, start] and len(set(options[q])) == len(options[q]):
+                by_options.setdefault(frozenset(options[q]), []).append(q)
+        vectors = F.normalize(
+            torch.stack([batch.embeddings[b, start:end].mean(0) for start, end in slices]), dim=-1
+        )
         for q, (start, end) in enumerate(slices):
-            same = by_options.get(option_sets[q], [])
-            if not batch.is_target[b, start] or not same:
+            same = by_options.get(frozenset(options[q]), [])
+            if not batch.is_target[b, start] or not same or len(set(options[q])) != end - start:
                 continue
             weights = torch.softmax(vectors[same] @ vectors[q] / temperature, dim=0)
-            answers = torch.stack([batch.probs[b, slices[c][0] : slices[c][1]] for c in same])
+            answers = torch.stack(
+                [
+                    batch.probs[b, [slices[c][0] + options[c].index(o) for o in options[q]]]
+                    for c in same
+                ]
+            )
             memory[b, start:end] = weights @ answers
             matches[b, start:end] = len(same)
     return memory, matches

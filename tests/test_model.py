@@ -262,3 +262,19 @@ def test_memory_makes_the_prediction_follow_the_groups_answers(setup) -> None:
 def test_memory_settings_are_validated(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         GPOConfig(**{field: value})
+
+
+def test_memory_matches_options_by_text_in_any_order(setup) -> None:
+    _, context, _, rng = setup
+    question = _item(rng, 3, "q")
+    target = _item(rng, 3, "t")
+    model = _memory_model(0.9)
+    shown = [*context, _with_options(question, ("a", "b", "c"), np.array([0.8, 0.15, 0.05]))]
+    forward = _predict(model, shown, [_with_options(target, ("a", "b", "c"), np.ones(3) / 3)])[0]
+    backward = _predict(model, shown, [_with_options(target, ("c", "b", "a"), np.ones(3) / 3)])[0]
+    base = _predict(
+        _memory_model(0.0), shown, [_with_options(target, ("c", "b", "a"), np.ones(3) / 3)]
+    )[0]
+    # option "a" is the group's favourite whichever position it takes
+    assert int(forward.argmax()) == 0 and int(backward.argmax()) == 2
+    assert float(backward[2]) > float(base[2]) + 0.15

@@ -179,6 +179,37 @@ def test_named_inline_and_context_groups_agree(rm: RewardModel, world: dict) -> 
     assert not np.allclose(other, named, atol=1e-6)
 
 
+def test_context_memory_makes_scores_follow_each_groups_answers(world: dict) -> None:
+    rm = RewardModel.from_checkpoint(world["ckpt"], memory={"memory_weight": 0.9})
+    assert rm.model.cfg.memory_weight == 0.9
+    options = ["Agree", "Disagree"]
+    leaning = {
+        "agreeing": [
+            SurveyItem(f"Do you agree that {t}?", tuple(options), np.array([0.9, 0.1]))
+            for t in ("taxes should rise", "parks matter", "roads need repair")
+        ],
+        "disagreeing": [
+            SurveyItem(f"Do you agree that {t}?", tuple(options), np.array([0.1, 0.9]))
+            for t in ("taxes should rise", "parks matter", "roads need repair")
+        ],
+    }
+    question = "Do you agree that schools need more money?"
+    agree = rm.score(leaning["agreeing"], question, options)
+    disagree = rm.score(leaning["disagreeing"], question, options)
+    assert agree[0] > 0.6 and disagree[1] > 0.6
+    # the answers' order does not matter to the memory either
+    np.testing.assert_allclose(
+        rm.score(leaning["agreeing"], question, options[::-1]), agree[::-1], atol=1e-6
+    )
+
+
+def test_context_memory_settings_are_validated(world: dict) -> None:
+    with pytest.raises(InputError, match="memory_weight"):
+        RewardModel.from_checkpoint(world["ckpt"], memory={"memory_weight": 2.0})
+    with pytest.raises(InputError, match="unknown"):
+        RewardModel.from_checkpoint(world["ckpt"], memory={"memory_wieght": 0.5})
+
+
 def test_held_groups_use_train_questions_only(rm: RewardModel, world: dict) -> None:
     for g in world["groups"]:
         held = rm.group(g)
