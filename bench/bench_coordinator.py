@@ -25,7 +25,7 @@ before_imports = usage()
 
 from coordinator.auth import AllowList  # noqa: E402
 from coordinator.rounds import RoundEngine, RoundSettings  # noqa: E402
-from coordinator.server import start_server  # noqa: E402
+from coordinator.server import DEFAULT_MAX_CONCURRENT_UPLOADS, start_server  # noqa: E402
 from pluralfed.tls import TlsFiles  # noqa: E402
 
 
@@ -41,6 +41,12 @@ def main() -> int:
     ap.add_argument("--round-timeout", type=float, default=600.0)
     ap.add_argument("--session-timeout", type=float, default=120.0)
     ap.add_argument("--linger", type=float, default=20.0)
+    ap.add_argument(
+        "--max-concurrent-uploads",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_UPLOADS,
+        help="updates read at once (0: no bound)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     after_imports = usage()
@@ -63,7 +69,12 @@ def main() -> int:
     allow = AllowList({i: i for i in ids}, source="bench")
     workers = args.max_workers or 2 * args.nodes + 32
     server, port = start_server(
-        engine, f"{HOST}:0", TlsFiles.from_dir(args.pki / "coordinator"), allow, workers
+        engine,
+        f"{HOST}:0",
+        TlsFiles.from_dir(args.pki / "coordinator"),
+        allow,
+        workers,
+        upload_slots=args.max_concurrent_uploads,
     )
     (args.state_dir / "coordinator.port").write_text(f"{port}\n")
     ready = usage()
@@ -89,6 +100,7 @@ def main() -> int:
             "done": engine.done,
             "rounds": engine.state.completed_rounds,
             "max_workers": workers,
+            "max_concurrent_uploads": args.max_concurrent_uploads,
             "model_bytes": sum(s.nbytes for s in engine.specs),
             "tensors": len(engine.specs),
             "history": history,

@@ -143,7 +143,12 @@ def run_raw(work: Path, pkidir: Path, sizes: list[int], timeout: float) -> dict[
 
 
 def run_scenario(
-    name: str, cfg: dict[str, int], work: Path, pkidir: Path, timeout: float
+    name: str,
+    cfg: dict[str, int],
+    work: Path,
+    pkidir: Path,
+    timeout: float,
+    coord_args: list[str] | None = None,
 ) -> dict[str, Any]:
     wd = work / name
     shutil.rmtree(wd, ignore_errors=True)
@@ -170,6 +175,7 @@ def run_scenario(
                 str(state),
                 "--out",
                 str(wd / "coordinator.json"),
+                *(coord_args or []),
             ],
             wd / "coordinator.log",
         )
@@ -270,7 +276,11 @@ def summarize(
         "download_MBps_aggregate_median": median(dl_agg) / 1e6,
         "coord_peak_rss_mib": cu["end"]["maxrss_mib"],
         "coord_rss_after_imports_mib": cu["after_imports"]["rss_mib"],
+        # baseline: RSS once started up and listening, before any round (model loaded)
         "coord_rss_ready_mib": cu["ready"]["rss_mib"],
+        "coord_peak_over_ready_mib": cu["end"]["maxrss_mib"] - cu["ready"]["rss_mib"],
+        "bound_4x_model_mib": 4 * model_bytes / 2**20,
+        "max_concurrent_uploads": c.get("max_concurrent_uploads", "n/a"),
         "coord_cpu_rounds_s": cpu(cu["rounds_done"]) - cpu(cu["ready"]),
         "coord_cpu_total_s": cpu(cu["end"]),
         "coord_threads_end": cu["rounds_done"]["threads"],
@@ -321,7 +331,10 @@ COLUMNS = [
     ("total_s", "total s", 1),
     ("payload_bytes_per_round", "payload MB/round", 1),
     ("socket_bytes_per_round", "socket MB/round", 1),
+    ("coord_rss_ready_mib", "coord RSS ready MiB", 0),
     ("coord_peak_rss_mib", "coord peak RSS MiB", 0),
+    ("coord_peak_over_ready_mib", "peak - ready MiB", 0),
+    ("bound_4x_model_mib", "4 x model MiB", 1),
     ("coord_cpu_rounds_s", "coord CPU s", 1),
     ("nodes_cpu_run_s", "nodes CPU s", 1),
     ("upload_MBps_aggregate_median", "upload MB/s (agg)", 0),
@@ -450,7 +463,8 @@ def report(results: dict[str, Any]) -> str:
     for s in order:
         extra.append(
             f"- {s['scenario']}: {s['node_procs']} node processes, coordinator max_workers "
-            f"{s['max_workers']}, coordinator RSS after imports {s['coord_rss_after_imports_mib']:.0f}"
+            f"{s['max_workers']}, max_concurrent_uploads {s.get('max_concurrent_uploads', 'n/a')}, "
+            f"coordinator RSS after imports {s['coord_rss_after_imports_mib']:.0f}"
             f" MiB (torch is imported via coordinator.rounds -> pluralfed.evaluation), node CPU per "
             f"node-round {s['node_cpu_per_node_round_s'] * 1000:.0f} ms, socket/payload "
             f"{s['socket_over_payload']:.3f}, single-upload {s['upload_MBps_single_median']:.0f} "
@@ -470,6 +484,12 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/pluralfed-sysbench"))
     ap.add_argument("--timeout", type=float, default=900.0, help="per scenario, seconds")
     ap.add_argument("--no-raw", action="store_true")
+    ap.add_argument(
+        "--max-concurrent-uploads",
+        type=int,
+        default=None,
+        help="the coordinator's bound on updates read at once (default: its own default)",
+    )
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     SCENARIOS["D"] = {
@@ -500,8 +520,13 @@ def main() -> int:
         for s in names:
             print(f"scenario {s}: {SCENARIOS[s]} (load {loadavg()})", flush=True)
             try:
+                coord_args = (
+                    []
+                    if args.max_concurrent_uploads is None
+                    else ["--max-concurrent-uploads", str(args.max_concurrent_uploads)]
+                )
                 results["scenarios"][s] = run_scenario(
-                    s, SCENARIOS[s], args.work, pkidir, args.timeout
+                    s, SCENARIOS[s], args.work, pkidir, args.timeout, coord_args
                 )
             except Exception as err:
                 print(f"scenario {s} FAILED: {err}", flush=True)
@@ -510,7 +535,10 @@ def main() -> int:
             r = results["scenarios"][s]
             print(
                 f"  {s}: complete={r['complete']} round {r['round_s_median']:.2f} s, total "
-                f"{r['total_s']:.1f} s, coordinator peak RSS {r['coord_peak_rss_mib']:.0f} MiB",
+                f"{r['total_s']:.1f} s, coordinator RSS ready {r['coord_rss_ready_mib']:.0f} MiB, "
+                f"peak {r['coord_peak_rss_mib']:.0f} MiB (peak - ready "
+                f"{r['coord_peak_over_ready_mib']:.0f}, 4 x model {r['bound_4x_model_mib']:.1f}), "
+                f"coord CPU {r['coord_cpu_rounds_s']:.1f} s",
                 flush=True,
             )
     results["scenarios"] = {k: v for k, v in results["scenarios"].items() if "error" not in v} | {

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ log = logging.getLogger("pluralfed.coordinator")
 
 MAX_GROUP_NAME = 200
 MAX_WAIT_S = 60.0
+# uploads read at once (CoordinatorConfig.max_concurrent_uploads); more wait for a slot
+DEFAULT_MAX_CONCURRENT_UPLOADS = 4
 
 _TASK_KINDS = {
     TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
@@ -137,9 +140,75 @@ class BulkStreamCodecs(grpc.ServerInterceptor):
         return handler
 
 
+class UploadSlots:
+    """At most `limit` uploads are read at once; the others wait, first come first served.
+
+    Each upload being read holds a few chunk-sized buffers (gRPC's receive window, the message
+    being assembled, its Python bytes); the bound keeps that part of the coordinator's memory
+    independent of the number of nodes. A waiting upload's bytes stay at the node (HTTP/2 flow
+    control); the coordinator reads the admitted ones at the same total rate, and uploads finish
+    batch by batch instead of all at the end, so more are whole by a round's deadline. Waiting
+    does not extend the deadline: an upload admitted after its round closed is refused STALE
+    before it is read. limit <= 0: no bound.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._active = 0
+        self._waiting: deque[threading.Event] = deque()
+        self.peak = 0  # most uploads ever read at once (for tests and diagnostics)
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def acquire(self, alive: Callable[[], bool], poll_s: float = 0.25) -> bool:
+        """Wait for a slot while `alive()` (the RPC is still active); False if it died waiting."""
+        if self.limit <= 0:
+            return True
+        with self._lock:
+            if self._active < self.limit and not self._waiting:
+                self._take()
+                return True
+            turn = threading.Event()
+            self._waiting.append(turn)
+        while not turn.wait(poll_s):
+            if alive():
+                continue
+            with self._lock:
+                if not turn.is_set():  # still queued: leave the queue, no slot taken
+                    self._waiting.remove(turn)
+                    return False
+            self.release()  # the slot was handed over just now: pass it on
+            return False
+        return True
+
+    def _take(self) -> None:
+        self._active += 1
+        self.peak = max(self.peak, self._active)
+
+    def release(self) -> None:
+        """Give the slot back: straight to the longest-waiting upload, if any."""
+        if self.limit <= 0:
+            return
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()  # the slot changes hands; _active stays
+            else:
+                self._active -= 1
+
+
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, engine: RoundEngine, insecure: bool = False) -> None:
+    def __init__(
+        self, engine: RoundEngine, insecure: bool = False, upload_slots: UploadSlots | None = None
+    ) -> None:
         self.engine = engine
+        self.upload_slots = upload_slots or UploadSlots(DEFAULT_MAX_CONCURRENT_UPLOADS)
         self.insecure = insecure
         self.bytes_out = 0
         self._serialized_lock = threading.Lock()
@@ -240,12 +309,37 @@ class FederationServicer(pb_grpc.FederationServicer):
                 _abort(context, r)
             log.warning("upload refused before reading it: %s", r.message)
             return _reject(r.reason, r.message)
+        # refused uploads never wait; an admitted one is read only once it holds a slot
+        if not self.upload_slots.acquire(context.is_active):
+            log.info("upload from %s cancelled while waiting for a slot", caller or h.session_id)
+            return _reject("MALFORMED", "the upload was cancelled while waiting")
+        try:
+            return self._read_update(h, caller, request_iterator, context)
+        finally:
+            self.upload_slots.release()
+
+    def _read_update(
+        self,
+        h: pb.UpdateHeader,
+        caller: str | None,
+        request_iterator: Iterator[pb.UpdateChunk | Chunk],
+        context: grpc.ServicerContext,
+    ) -> pb.UploadReply:
+        """Read, check and spool an admitted upload, then hand it to the engine."""
+        try:  # the round may have closed while the upload waited for its slot
+            self.engine.check_update(h.session_id, caller, h.task_id, h.round)
+        except Rejection as r:
+            if r.reason is None:
+                _abort(context, r)
+            log.warning("upload refused before reading it: %s", r.message)
+            return _reject(r.reason, r.message)
         spool = UpdateSpool(self.engine.specs, self.engine.spool_dir)
         try:
             trailer = None
             for msg in request_iterator:
                 if isinstance(msg, Chunk):
                     spool.add(msg)
+                    del msg  # free the received bytes before waiting for the next message
                     continue
                 part = msg.WhichOneof("part")
                 if part == "tensor":
@@ -393,11 +487,15 @@ def start_server(
     tls: TlsFiles | None,
     allow_list: AllowList,
     max_workers: int = 64,
+    upload_slots: UploadSlots | int = DEFAULT_MAX_CONCURRENT_UPLOADS,
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
     tls=None means plain text (--insecure): the caller must have asked for it explicitly.
+    upload_slots: how many uploads are read at once (<= 0: no bound), or the gate itself.
     """
+    if isinstance(upload_slots, int):
+        upload_slots = UploadSlots(upload_slots)
     limit_malloc_arenas()  # before the RPC threads start
     interceptor = AuthInterceptor(allow_list, insecure=tls is None)
     server = grpc.server(
@@ -406,7 +504,9 @@ def start_server(
         options=server_grpc_options(),
         maximum_concurrent_rpcs=max_workers * 4,
     )
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(engine, tls is None), server)
+    pb_grpc.add_FederationServicer_to_server(
+        FederationServicer(engine, tls is None, upload_slots), server
+    )
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("pluralfed.v1.Federation", health_pb2.HealthCheckResponse.SERVING)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from coordinator.auth import AllowList
 from coordinator.rounds import HELD_OUT_SET, TRAIN_SET, RoundEngine, RoundSettings
-from coordinator.server import start_server
+from coordinator.server import DEFAULT_MAX_CONCURRENT_UPLOADS, start_server
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.embeddings import make_encoder
 from pluralfed.errors import InputError
@@ -78,6 +78,7 @@ class CoordinatorConfig:
     memory_temperature: float = GPOConfig.memory_temperature
     # service
     max_workers: int = 64
+    max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS  # memory: O(this), not O(nodes)
     linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
 
     def round_settings(self) -> RoundSettings:
@@ -148,7 +149,14 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         gpo.to_dict(),
         on_round=on_round,
     )
-    server, port = start_server(engine, cfg.listen, tls, allow_list, max_workers=cfg.max_workers)
+    server, port = start_server(
+        engine,
+        cfg.listen,
+        tls,
+        allow_list,
+        max_workers=cfg.max_workers,
+        upload_slots=cfg.max_concurrent_uploads,
+    )
     # where local launchers (and operators using port 0) find the bound port
     atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())
     console.print(

@@ -57,6 +57,8 @@ HELP = {
     "memory_shrinkage": "matching context questions at which the memory mix is half its weight",
     "memory_temperature": "softmax temperature over question similarity in the context memory",
     "max_workers": "RPC worker threads (each waiting node holds one during its long poll)",
+    "max_concurrent_uploads": "updates read at once; the others wait their turn, which bounds "
+    "the coordinator's memory whatever the number of nodes (0 = no bound)",
     "linger_s": "seconds to keep serving after the last round so nodes hear the end",
 }
 

@@ -1,0 +1,239 @@
+"""The coordinator's bound on uploads read at once (`UploadSlots`), alone and on the real stack.
+
+Alone: the bound holds under many threads, waiters are served first come first served, and a
+waiter whose RPC dies leaves the queue (or passes on a slot handed to it just then). On the real
+coordinator (RoundEngine + gRPC server with mutual TLS on 127.0.0.1): more nodes upload at once
+than there are slots, and every update is accepted and averaged; an upload cancelled while it
+holds a slot, or while it waits for one, gives its place back, so nothing deadlocks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from fedharness import (
+    HOST,
+    FakeNode,
+    Pki,
+    assert_weights_close,
+    reject_name,
+    scaled,
+    update_messages,
+    wait_until,
+    weighted_average,
+)
+
+from coordinator.auth import AllowList
+from coordinator.rounds import RoundEngine, RoundSettings
+from coordinator.server import UploadSlots, start_server
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.tls import TlsFiles
+
+pytestmark = pytest.mark.timeout(120)
+
+ENCODER = "test-encoder/8/mean"
+NODES = {f"node-{i}": f"Group {i}" for i in range(6)}
+SLOTS = 2
+
+
+def test_bound_holds_under_many_threads() -> None:
+    slots = UploadSlots(3)
+    lock = threading.Lock()
+    inside = 0
+    most = 0
+    done: list[int] = []
+
+    def upload(i: int) -> None:
+        nonlocal inside, most
+        assert slots.acquire(lambda: True, poll_s=0.01)
+        try:
+            with lock:
+                inside += 1
+                most = max(most, inside)
+            time.sleep(0.005)
+            with lock:
+                inside -= 1
+        finally:
+            slots.release()
+        done.append(i)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(done) == list(range(40))
+    assert most <= 3 and slots.peak <= 3
+    assert slots.active == 0 and slots.waiting == 0
+
+
+def queued(slots: UploadSlots, n: int) -> Callable[[], bool]:
+    return lambda: slots.waiting == n
+
+
+def test_waiters_are_served_in_order_and_dead_ones_leave() -> None:
+    slots = UploadSlots(1)
+    assert slots.acquire(lambda: True)
+    order: list[str] = []
+    alive = {"a": True, "b": True, "c": True}
+
+    def wait(name: str) -> None:
+        if slots.acquire(lambda: alive[name], poll_s=0.01):
+            order.append(name)
+            slots.release()
+
+    threads = []
+    for name in ("a", "b", "c"):
+        threads.append(threading.Thread(target=wait, args=(name,)))
+        threads[-1].start()
+        wait_until(queued(slots, len(threads)), 10, f"{name} to queue", poll_s=0.01)
+    alive["b"] = False  # b's RPC is cancelled while it waits: it leaves the queue
+    wait_until(lambda: slots.waiting == 2, 10, "b to leave the queue", poll_s=0.01)
+    slots.release()
+    for t in threads:
+        t.join(10)
+    assert order == ["a", "c"]
+    assert slots.active == 0 and slots.waiting == 0
+
+
+def test_slot_handed_to_a_dead_waiter_is_passed_on() -> None:
+    slots = UploadSlots(1)
+    assert slots.acquire(lambda: True)
+    gone = threading.Event()
+    result: list[bool] = []
+    waiter = threading.Thread(
+        target=lambda: result.append(slots.acquire(lambda: not gone.is_set(), poll_s=0.05))
+    )
+    waiter.start()
+    wait_until(lambda: slots.waiting == 1, 10, "the waiter to queue", poll_s=0.01)
+    gone.set()
+    slots.release()  # may reach the waiter just as it notices its RPC is gone
+    waiter.join(10)
+    if result == [False]:  # it gave the slot back (or never took it)
+        assert slots.active == 0
+    else:  # it got the slot before noticing
+        assert result == [True]
+        slots.release()
+    assert slots.active == 0 and slots.waiting == 0
+    assert slots.acquire(lambda: True, poll_s=0.01)
+
+
+def toy_weights() -> dict[str, np.ndarray]:
+    """A 1.2 MB tensor (two chunks) and a small one."""
+    rng = np.random.default_rng(0)
+    return {
+        "embed.weight": rng.normal(size=(300, 1024)).astype(np.float32),
+        "head.bias": rng.normal(size=(8,)).astype(np.float32),
+    }
+
+
+def nudged(weights: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        k: (v + rng.normal(0.0, 1e-3, size=v.shape)).astype(v.dtype) for k, v in weights.items()
+    }
+
+
+def held(messages: list[pb.UpdateChunk], release: threading.Event) -> Iterator[pb.UpdateChunk]:
+    """An upload that sends its header and first chunk, then waits for `release`."""
+    yield messages[0]
+    yield messages[1]
+    release.wait(60)
+    yield from messages[2:]
+
+
+def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
+    tmp_path: Path,
+) -> None:
+    pki = Pki(tmp_path / "pki")
+    settings = RoundSettings(
+        rounds=1,
+        min_nodes=len(NODES),
+        min_updates=len(NODES),
+        round_timeout_s=scaled(60),
+        eval_timeout_s=1.0,
+        eval_every=0,
+        weighting="examples",
+        heartbeat_interval_s=1.0,
+        session_timeout_s=120.0,
+    )
+    engine = RoundEngine(settings, toy_weights(), tmp_path / "state", ENCODER, {"toy": True})
+    slots = UploadSlots(SLOTS)
+    server, port = start_server(
+        engine,
+        f"{HOST}:0",
+        TlsFiles.from_dir(pki.server),
+        AllowList(NODES),
+        max_workers=32,
+        upload_slots=slots,
+    )
+    driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
+    driver.start()
+    nodes = {i: FakeNode(port, g, tls_dir=pki.node(i)) for i, g in NODES.items()}
+    try:
+        examples = {i: 10 + 5 * k for k, i in enumerate(NODES)}
+        for i, n in nodes.items():
+            n.join(ENCODER, examples[i])
+        tasks = {i: n.wait_task(pb.TASK_KIND_TRAIN, timeout=30) for i, n in nodes.items()}
+        g0 = nodes["node-0"].download(tasks["node-0"].model_version)
+        updates = {i: nudged(g0, k + 1) for k, i in enumerate(NODES)}
+        msgs = {
+            i: update_messages(nodes[i].session_id, tasks[i], updates[i], examples[i])
+            for i in NODES
+        }
+
+        # node-0 and node-1 take both slots and stall mid-stream
+        release = {i: threading.Event() for i in ("node-0", "node-1")}
+        holders = {
+            i: nodes[i].stub.UploadUpdate.future(held(msgs[i], release[i]), timeout=60)
+            for i in release
+        }
+        wait_until(lambda: slots.active == SLOTS, 10, "both slots taken", poll_s=0.02)
+        # node-2 must wait; its RPC is cancelled while waiting: it leaves the queue
+        waiter = nodes["node-2"].stub.UploadUpdate.future(iter(msgs["node-2"]), timeout=60)
+        wait_until(lambda: slots.waiting == 1, 10, "node-2 to wait for a slot", poll_s=0.02)
+        waiter.cancel()
+        wait_until(lambda: slots.waiting == 0, 10, "the cancelled waiter to leave", poll_s=0.02)
+        # node-0 is cancelled while it holds a slot (its process died mid-upload): slot freed
+        holders["node-0"].cancel()
+        wait_until(lambda: slots.active == SLOTS - 1, 10, "node-0's slot back", poll_s=0.02)
+        assert engine.state.completed_rounds == 0  # neither refusal was final
+
+        # everyone else (and node-0, node-2 again) uploads at once, more than there are slots
+        replies: dict[str, str] = {}
+
+        def upload(i: str) -> None:
+            replies[i] = reject_name(nodes[i].upload(msgs[i]))
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in NODES if i != "node-1"]
+        for t in threads:
+            t.start()
+        release["node-1"].set()
+        for t in threads:
+            t.join(60)
+        replies["node-1"] = reject_name(holders["node-1"].result(timeout=60))
+        assert replies == {i: "ACCEPTED" for i in NODES}, replies
+        with pytest.raises(grpc.FutureCancelledError):
+            holders["node-0"].result()
+
+        wait_until(lambda: engine.state.completed_rounds >= 1, 60, "the round to complete")
+        assert 1 <= slots.peak <= SLOTS
+        assert slots.active == 0 and slots.waiting == 0
+        record = engine.state.history[0]
+        assert record["participants"] == sorted(NODES.values())
+        expected = weighted_average(
+            [updates[i] for i in NODES], [float(examples[i]) for i in NODES]
+        )
+        assert_weights_close(engine.state.weights, expected, "global model after the round")
+    finally:
+        for n in nodes.values():
+            n.close()
+        engine.stop()
+        server.stop(None).wait(10)
+        driver.join(10)
