@@ -19,6 +19,8 @@ UPLOAD_METHOD = "/pluralfed.v1.Federation/UploadUpdate"
 # Chunking moves models of any size; one message is a chunk plus a little framing. The limit is
 # set explicitly (on both sides) so that a peer cannot make the other buffer huge messages.
 MAX_MESSAGE_BYTES = DEFAULT_CHUNK_BYTES + 64 * 1024
+# the coordinator's receive window per stream (`server_grpc_options`)
+SERVER_STREAM_WINDOW_BYTES = 64 * 1024
 
 _DTYPES = {
     "float32": pb.DTYPE_FLOAT32,
@@ -47,16 +49,19 @@ def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, 
 
 
 def server_grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """`grpc_options` plus a fixed receive window of one chunk message per stream.
+    """`grpc_options` plus a small fixed receive window per stream (no BDP probing).
 
     With BDP probing, gRPC grows every stream's window to several MB, so a coordinator busy
-    with many uploads buffered megabytes per node: memory grew with the number of nodes. One
-    message of lookahead per stream keeps loopback uploads as fast and bounds that buffering.
+    with many uploads buffered megabytes per node: memory grew with the number of nodes. The
+    window is also what an upload waiting for its slot (`UploadSlots`) may have the coordinator
+    buffer: with one message (1 MiB) of lookahead, 256 waiting uploads held ~256 MiB. gRPC still
+    lets a stream being read receive the whole message it is reading, so 64 KiB keeps loopback
+    uploads as fast (systems bench C and D round times unchanged) while bounding waiting ones.
     """
     return [
         *grpc_options(max_message_bytes),
         ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", max_message_bytes),
+        ("grpc.http2.lookahead_bytes", SERVER_STREAM_WINDOW_BYTES),
     ]
 
 
