@@ -407,12 +407,20 @@ def verdict(result: dict[str, Any]) -> str:
         f"question, averaged over questions): {d['max_tv_between_groups_true']:.3f} in truth, "
         f"{d['max_tv_between_groups_predicted']:.3f} in the reward model's predictions."
     )
-    if d["max_tv_between_groups_predicted"] < 0.25 * d["max_tv_between_groups_true"]:
+    if differ == 0 or d["max_tv_between_groups_predicted"] < 0.5 * d["max_tv_between_groups_true"]:
+        memory = result["config"].get("memory_weight", 0.0)
         text += (
-            " So with this checkpoint the gain over the LLM comes from a group-independent prior "
-            "(which answers are popular in general), not from conditioning on the group: the "
-            "predictor barely reads its context (compare its context gain in `pluralfed evaluate`)."
-            " The oracle column is what a group-sensitive reward model could get from the same "
+            " The reward model's predictions differ between groups much less than the groups "
+            "do, so its choice hardly follows the group: the gain over the LLM comes mostly from "
+            "a group-independent prior (which answers are popular in general). "
+            + (
+                f"With the context memory on (weight {memory}), a group's own answers count only "
+                "on questions whose options it has answered before (the same option texts); on "
+                "the others the transformer alone predicts, and it ignores the context. "
+                if memory
+                else "The predictor ignores its context (context gain ~0 in `pluralfed evaluate`). "
+            )
+            + "The oracle column is what a group-sensitive reward model could get from the same "
             "samples."
         )
     return text
