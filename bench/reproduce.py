@@ -113,10 +113,14 @@ def centralized(args: argparse.Namespace, seed: int, out: Path, epochs: int) -> 
 MEMORY = " + context memory"
 
 
+def checkpoint_dir(run_: dict[str, Any]) -> Path:
+    ckpt = Path(run_["checkpoint"])
+    return ckpt if ckpt.is_absolute() else REPO / ckpt
+
+
 def with_memory(args: argparse.Namespace, run_: dict[str, Any]) -> dict[str, Any]:
     """The final checkpoint of a run evaluated again with the context memory on (cached)."""
-    ckpt = Path(run_["checkpoint"])
-    ckpt = ckpt if ckpt.is_absolute() else REPO / ckpt
+    ckpt = checkpoint_dir(run_)
     target = ckpt / f"memory-eval-w{args.memory_weight}.json"
     started = time.time()
     if not target.exists():
@@ -346,8 +350,10 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "runs.json"
     runs: dict[str, list[dict[str, Any]]] = {}
+    stored_memory: dict[str, list[dict[str, Any]]] = {}
     if saved.exists() and not args.fresh:
-        runs = {k: v for k, v in json.loads(saved.read_text()).items() if not k.endswith(MEMORY)}
+        for label, seeds in json.loads(saved.read_text()).items():
+            (stored_memory if label.endswith(MEMORY) else runs)[label] = seeds
     if args.report_only:
         args.seeds = list(range(max(len(v) for v in runs.values())))
     rerun: set[str] = set()
@@ -379,8 +385,12 @@ def main() -> int:
     if args.memory_weight > 0:
         for label in list(runs):
             with_ckpt = [r for r in runs[label] if "checkpoint" in r]
-            if with_ckpt:
+            on_disk = all(checkpoint_dir(r).is_dir() for r in with_ckpt)
+            if with_ckpt and (on_disk or label in rerun):
                 runs[label + MEMORY] = [with_memory(args, r) for r in with_ckpt]
+            elif label + MEMORY in stored_memory:  # run folders gone (a fresh clone): keep figures
+                runs[label + MEMORY] = stored_memory[label + MEMORY]
+        saved.write_text(json.dumps(runs, indent=1))
     table = summarize(runs)
     claims = verdicts(table)
     made = plots(runs, args.out)
