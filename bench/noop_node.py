@@ -32,13 +32,10 @@ from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import (
-    DOWNLOAD_METHOD,
     PROTOCOL_VERSION,
-    UPLOAD_METHOD,
+    BulkStreamCalls,
     chunk_from_proto,
-    decode_model_chunk,
     grpc_options,
-    serialize_message,
     serialized_tensor_part,
 )
 from pluralfed.wire import Chunk, TensorAssembler, digest_of, iter_chunks, specs_of
@@ -59,19 +56,9 @@ class NoopNode:
         options = [*grpc_options(), ("grpc.use_local_subchannel_pool", 1)]
         self.channel = grpc.secure_channel(f"{HOST}:{port}", creds, options=options)
         self.stub = pb_grpc.FederationStub(self.channel)
-        # UploadUpdate taking serialized UpdateChunks too: tensor parts are built by
-        # serialized_tensor_part with one copy of the data (same bytes as the generated stub)
-        # as group_node.node: DownloadModel's tensor parts decode to Chunks viewing the bytes
-        self.download_model = self.channel.unary_stream(
-            DOWNLOAD_METHOD,
-            request_serializer=pb.DownloadModelRequest.SerializeToString,
-            response_deserializer=decode_model_chunk,
-        )
-        self.upload_update = self.channel.stream_unary(
-            UPLOAD_METHOD,
-            request_serializer=serialize_message,
-            response_deserializer=pb.UploadReply.FromString,
-        )
+        bulk = BulkStreamCalls.on(self.channel)  # the same calls as group_node.node
+        self.download_model = bulk.download_model
+        self.upload_update = bulk.upload_update
         self.session_id = ""
         self.rng = np.random.default_rng(seed)
         self.scale = scale

@@ -302,13 +302,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("part") != "header":
             return _reject("MALFORMED", "an upload starts with its header")
         h = first.header
-        try:
-            self.engine.check_update(h.session_id, caller, h.task_id, h.round)
-        except Rejection as r:
-            if r.reason is None:
-                _abort(context, r)
-            log.warning("upload refused before reading it: %s", r.message)
-            return _reject(r.reason, r.message)
+        refusal = self._refuse_upload(h, caller, context)
+        if refusal is not None:
+            return refusal
         # refused uploads never wait; an admitted one is read only once it holds a slot
         if not self.upload_slots.acquire(context.is_active):
             log.info("upload from %s cancelled while waiting for a slot", caller or h.session_id)
@@ -318,6 +314,20 @@ class FederationServicer(pb_grpc.FederationServicer):
         finally:
             self.upload_slots.release()
 
+    def _refuse_upload(
+        self, h: pb.UpdateHeader, caller: str | None, context: grpc.ServicerContext
+    ) -> pb.UploadReply | None:
+        """The refusal of an upload the engine does not accept now (None: go on); identity and
+        session failures abort the call instead."""
+        try:
+            self.engine.check_update(h.session_id, caller, h.task_id, h.round)
+        except Rejection as r:
+            if r.reason is None:
+                _abort(context, r)
+            log.warning("upload refused before reading it: %s", r.message)
+            return _reject(r.reason, r.message)
+        return None
+
     def _read_update(
         self,
         h: pb.UpdateHeader,
@@ -326,13 +336,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         context: grpc.ServicerContext,
     ) -> pb.UploadReply:
         """Read, check and spool an admitted upload, then hand it to the engine."""
-        try:  # the round may have closed while the upload waited for its slot
-            self.engine.check_update(h.session_id, caller, h.task_id, h.round)
-        except Rejection as r:
-            if r.reason is None:
-                _abort(context, r)
-            log.warning("upload refused before reading it: %s", r.message)
-            return _reject(r.reason, r.message)
+        # the round may have closed while the upload waited for its slot
+        refusal = self._refuse_upload(h, caller, context)
+        if refusal is not None:
+            return refusal
         spool = UpdateSpool(self.engine.specs, self.engine.spool_dir)
         try:
             trailer = None

@@ -26,13 +26,10 @@ from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
 from pluralfed.transport import (
-    DOWNLOAD_METHOD,
     PROTOCOL_VERSION,
-    UPLOAD_METHOD,
+    BulkStreamCalls,
     chunk_from_proto,
-    decode_model_chunk,
     grpc_options,
-    serialize_message,
     serialized_tensor_part,
 )
 from pluralfed.wire import Chunk, TensorAssembler, digest_of, iter_chunks, save_tensors, specs_of
@@ -128,19 +125,9 @@ class NodeClient:
                 options=options,
             )
         self.stub = pb_grpc.FederationStub(self.channel)
-        # the bulk streams skip protobuf's copies of the tensor data: uploads send tensor parts
-        # serialized straight from the weights (`serialized_tensor_part`), downloads decode them
-        # to `Chunk`s viewing the received bytes (`decode_model_chunk`); same bytes on the wire
-        self._download_model = self.channel.unary_stream(
-            DOWNLOAD_METHOD,
-            request_serializer=pb.DownloadModelRequest.SerializeToString,
-            response_deserializer=decode_model_chunk,
-        )
-        self._upload_update = self.channel.stream_unary(
-            UPLOAD_METHOD,
-            request_serializer=serialize_message,
-            response_deserializer=pb.UploadReply.FromString,
-        )
+        bulk = BulkStreamCalls.on(self.channel)  # tensor data without protobuf's copies
+        self._download_model = bulk.download_model
+        self._upload_update = bulk.upload_update
         self.session_id = ""
         self.model_config: dict[str, object] = {}
         self.heartbeat_interval_s = 5.0

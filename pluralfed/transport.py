@@ -3,6 +3,9 @@ mapping between `pluralfed.wire.Chunk` and the protobuf `TensorChunk`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import grpc
 from google.protobuf.message import Message
 
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -245,3 +248,29 @@ def decode_model_chunk(raw: bytes) -> pb.ModelChunk | Chunk:
     tensor part is the same field), so a downloaded chunk's data is not copied twice."""
     chunk = _fast_tensor_part(raw)
     return chunk if chunk is not None else pb.ModelChunk.FromString(raw)
+
+
+@dataclass(frozen=True)
+class BulkStreamCalls:
+    """A node's two bulk RPCs without protobuf's copies of the tensor data: uploads send tensor
+    parts already serialized (`serialized_tensor_part`), downloads decode them to `Chunk`s that
+    view the received bytes (`decode_model_chunk`); the bytes on the wire are the generated
+    stub's."""
+
+    download_model: grpc.UnaryStreamMultiCallable
+    upload_update: grpc.StreamUnaryMultiCallable
+
+    @classmethod
+    def on(cls, channel: grpc.Channel) -> BulkStreamCalls:
+        return cls(
+            download_model=channel.unary_stream(
+                DOWNLOAD_METHOD,
+                request_serializer=pb.DownloadModelRequest.SerializeToString,
+                response_deserializer=decode_model_chunk,
+            ),
+            upload_update=channel.stream_unary(
+                UPLOAD_METHOD,
+                request_serializer=serialize_message,
+                response_deserializer=pb.UploadReply.FromString,
+            ),
+        )
