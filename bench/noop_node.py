@@ -34,11 +34,11 @@ from pluralfed.tls import TlsFiles
 from pluralfed.transport import (
     PROTOCOL_VERSION,
     BulkStreamCalls,
-    chunk_from_proto,
     grpc_options,
+    receive_model,
     serialized_tensor_part,
 )
-from pluralfed.wire import Chunk, TensorAssembler, digest_of, iter_chunks, specs_of
+from pluralfed.wire import digest_of, iter_chunks, specs_of
 
 EVAL_METRICS = {
     "model": 0.5,
@@ -89,28 +89,10 @@ class NoopNode:
                 time.sleep(0.2)
 
     def download(self, version: str) -> dict[str, np.ndarray]:
-        assembler = None
-        header = None
-        for msg in self.download_model(
+        stream = self.download_model(
             pb.DownloadModelRequest(session_id=self.session_id, model_version=version), timeout=600
-        ):
-            if isinstance(msg, Chunk):  # a tensor part, decoded without protobuf
-                if assembler is None:
-                    raise RuntimeError("unexpected 'tensor' in download")
-                assembler.add(msg)
-                continue
-            part = msg.WhichOneof("part")
-            if part == "header":
-                header = msg.header
-                assembler = TensorAssembler(None, collect=True)
-            elif part == "tensor" and assembler is not None:
-                assembler.add(chunk_from_proto(msg.tensor))
-            elif part == "trailer" and assembler is not None and header is not None:
-                assembler.finish(msg.trailer.sha256, total_bytes=header.total_bytes)
-                return assembler.to_dict()
-            else:
-                raise RuntimeError(f"unexpected {part!r} in download")
-        raise RuntimeError("download ended before its trailer")
+        )
+        return receive_model(stream, lambda message: RuntimeError(f"download: {message}"))
 
     def upload(self, task: pb.Task, weights: dict[str, np.ndarray]) -> pb.UploadReply:
         specs = specs_of(weights)

@@ -28,11 +28,11 @@ from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
 from pluralfed.transport import (
     PROTOCOL_VERSION,
     BulkStreamCalls,
-    chunk_from_proto,
     grpc_options,
+    receive_model,
     serialized_tensor_part,
 )
-from pluralfed.wire import Chunk, TensorAssembler, digest_of, iter_chunks, save_tensors, specs_of
+from pluralfed.wire import digest_of, iter_chunks, save_tensors, specs_of
 
 log = logging.getLogger("pluralfed.node")
 
@@ -163,26 +163,7 @@ class NodeClient:
             pb.DownloadModelRequest(session_id=self.session_id, model_version=version),
             timeout=timeout,
         )
-        header = None
-        assembler = None
-        for msg in stream:
-            if isinstance(msg, Chunk):  # a tensor part, decoded without protobuf
-                if assembler is None:
-                    raise InputError("model download: unexpected 'tensor' message")
-                assembler.add(msg)
-                continue
-            part = msg.WhichOneof("part")
-            if part == "header":
-                header = msg.header
-                assembler = TensorAssembler(None, collect=True)
-            elif part == "tensor" and assembler is not None:
-                assembler.add(chunk_from_proto(msg.tensor))
-            elif part == "trailer" and assembler is not None and header is not None:
-                assembler.finish(msg.trailer.sha256, total_bytes=header.total_bytes)
-                return assembler.to_dict()
-            else:
-                raise InputError(f"model download: unexpected {part!r} message")
-        raise InputError("model download ended before its trailer")
+        return receive_model(stream, lambda message: InputError(f"model download: {message}"))
 
     def upload(
         self,

@@ -3,13 +3,15 @@ mapping between `pluralfed.wire.Chunk` and the protobuf `TensorChunk`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from google.protobuf.message import Message
 
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
-from pluralfed.wire import DEFAULT_CHUNK_BYTES, Chunk, WireError
+from pluralfed.wire import DEFAULT_CHUNK_BYTES, Chunk, TensorAssembler, WireError
 
 # field numbers of the `tensor` part (ModelChunk, UpdateChunk) and of TensorChunk.data
 TENSOR_PART_FIELD = 2
@@ -274,3 +276,30 @@ class BulkStreamCalls:
                 response_deserializer=pb.UploadReply.FromString,
             ),
         )
+
+
+def receive_model(
+    stream: Iterable[pb.ModelChunk | Chunk], error: Callable[[str], Exception]
+) -> dict[str, np.ndarray]:
+    """The tensors of a DownloadModel stream (header, tensor parts, trailer), checked against
+    its digest and size; a stream out of that order raises `error(message)`."""
+    header = None
+    assembler = None
+    for msg in stream:
+        if isinstance(msg, Chunk):  # a tensor part, decoded without protobuf
+            if assembler is None:
+                raise error("unexpected 'tensor' message")
+            assembler.add(msg)
+            continue
+        part = msg.WhichOneof("part")
+        if part == "header":
+            header = msg.header
+            assembler = TensorAssembler(None, collect=True)
+        elif part == "tensor" and assembler is not None:
+            assembler.add(chunk_from_proto(msg.tensor))
+        elif part == "trailer" and assembler is not None and header is not None:
+            assembler.finish(msg.trailer.sha256, total_bytes=header.total_bytes)
+            return assembler.to_dict()
+        else:
+            raise error(f"unexpected {part!r} message")
+    raise error("the stream ended before its trailer")
