@@ -161,7 +161,12 @@ class GPO(nn.Module):
         pred = question_softmax(mean, batch)
         if self.cfg.memory_weight > 0:
             memory, matches = context_memory(batch, self.cfg.memory_temperature)
-            mix = self.cfg.memory_weight * matches / (matches + self.cfg.memory_shrinkage)
+            # no match: no mix (clamped so that shrinkage 0 does not make it 0/0)
+            mix = (
+                self.cfg.memory_weight
+                * matches
+                / (matches + self.cfg.memory_shrinkage).clamp(min=1e-12)
+            )
             pred = (1 - mix) * pred + mix * memory
         return pred
 

@@ -230,8 +230,9 @@ def test_memory_leaves_targets_without_a_same_option_context_question(setup) -> 
     _, context, _, rng = setup
     lone = _with_options(_item(rng, 3, "lone"), ("red", "green", "blue"), np.ones(3) / 3)
     base = _predict(_memory_model(0.0), context, [lone])[0]
-    got = _predict(_memory_model(0.9), context, [lone])[0]
-    torch.testing.assert_close(base, got)
+    for shrinkage in (1.0, 0.0):  # 0: no shrinkage, and still no 0/0 where nothing matches
+        got = _predict(_memory_model(0.9, shrinkage), context, [lone])[0]
+        torch.testing.assert_close(base, got)
 
 
 def test_memory_makes_the_prediction_follow_the_groups_answers(setup) -> None:
