@@ -17,7 +17,6 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,8 @@ from pluralfed.transport import (
     BulkStreamCalls,
     grpc_options,
     receive_model,
-    serialized_tensor_part,
+    update_stream,
 )
-from pluralfed.wire import digest_of, iter_chunks, specs_of
 
 EVAL_METRICS = {
     "model": 0.5,
@@ -95,27 +93,15 @@ class NoopNode:
         return receive_model(stream, lambda message: RuntimeError(f"download: {message}"))
 
     def upload(self, task: pb.Task, weights: dict[str, np.ndarray]) -> pb.UploadReply:
-        specs = specs_of(weights)
-        digest = digest_of(weights)
-
-        def messages() -> Iterator[pb.UpdateChunk | bytes]:
-            yield pb.UpdateChunk(
-                header=pb.UpdateHeader(
-                    session_id=self.session_id,
-                    task_id=task.task_id,
-                    round=task.round,
-                    base_model_version=task.model_version,
-                    num_examples=100,
-                    metrics={"seconds": 0.0},
-                    tensor_count=len(specs),
-                    total_bytes=sum(s.nbytes for s in specs),
-                )
-            )
-            for chunk in iter_chunks(weights):
-                yield serialized_tensor_part(chunk)
-            yield pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=digest))
-
-        reply: pb.UploadReply = self.upload_update(messages(), timeout=600)
+        header = pb.UpdateHeader(
+            session_id=self.session_id,
+            task_id=task.task_id,
+            round=task.round,
+            base_model_version=task.model_version,
+            num_examples=100,
+            metrics={"seconds": 0.0},
+        )
+        reply: pb.UploadReply = self.upload_update(update_stream(header, weights), timeout=600)
         return reply
 
     def train(self, task: pb.Task) -> None:

@@ -13,7 +13,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +29,9 @@ from pluralfed.transport import (
     BulkStreamCalls,
     grpc_options,
     receive_model,
-    serialized_tensor_part,
+    update_stream,
 )
-from pluralfed.wire import digest_of, iter_chunks, save_tensors, specs_of
+from pluralfed.wire import digest_of, save_tensors
 
 log = logging.getLogger("pluralfed.node")
 
@@ -173,27 +172,15 @@ class NodeClient:
         metrics: dict[str, float],
         timeout: float,
     ) -> pb.UploadReply:
-        specs = specs_of(weights)
-        digest = digest_of(weights)
-
-        def messages() -> Iterator[pb.UpdateChunk | bytes]:
-            yield pb.UpdateChunk(
-                header=pb.UpdateHeader(
-                    session_id=self.session_id,
-                    task_id=task.task_id,
-                    round=task.round,
-                    base_model_version=task.model_version,
-                    num_examples=num_examples,
-                    metrics=metrics,
-                    tensor_count=len(specs),
-                    total_bytes=sum(s.nbytes for s in specs),
-                )
-            )
-            for chunk in iter_chunks(weights):
-                yield serialized_tensor_part(chunk)
-            yield pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=digest))
-
-        reply: pb.UploadReply = self._upload_update(messages(), timeout=timeout)
+        header = pb.UpdateHeader(
+            session_id=self.session_id,
+            task_id=task.task_id,
+            round=task.round,
+            base_model_version=task.model_version,
+            num_examples=num_examples,
+            metrics=metrics,
+        )
+        reply: pb.UploadReply = self._upload_update(update_stream(header, weights), timeout=timeout)
         return reply
 
     def report(self, task: pb.Task, group: str, metrics: dict[str, float], n: int) -> None:

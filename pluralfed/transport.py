@@ -3,7 +3,7 @@ mapping between `pluralfed.wire.Chunk` and the protobuf `TensorChunk`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -11,7 +11,15 @@ import numpy as np
 from google.protobuf.message import Message
 
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
-from pluralfed.wire import DEFAULT_CHUNK_BYTES, Chunk, TensorAssembler, WireError
+from pluralfed.wire import (
+    DEFAULT_CHUNK_BYTES,
+    Chunk,
+    TensorAssembler,
+    WireError,
+    digest_of,
+    iter_chunks,
+    specs_of,
+)
 
 # field numbers of the `tensor` part (ModelChunk, UpdateChunk) and of TensorChunk.data
 TENSOR_PART_FIELD = 2
@@ -303,3 +311,17 @@ def receive_model(
         else:
             raise error(f"unexpected {part!r} message")
     raise error("the stream ended before its trailer")
+
+
+def update_stream(
+    header: pb.UpdateHeader, weights: Mapping[str, np.ndarray]
+) -> Iterator[pb.UpdateChunk | bytes]:
+    """An UploadUpdate stream: `header` completed with the tensors' count and size, the tensor
+    parts already serialized (`serialized_tensor_part`), and the digest trailer."""
+    specs = specs_of(weights)
+    header.tensor_count = len(specs)
+    header.total_bytes = sum(s.nbytes for s in specs)
+    yield pb.UpdateChunk(header=header)
+    for chunk in iter_chunks(weights):
+        yield serialized_tensor_part(chunk)
+    yield pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=digest_of(weights)))
