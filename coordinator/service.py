@@ -73,6 +73,7 @@ class CoordinatorConfig:
     n_heads: int = 4
     d_ff: int = 128
     dropout: float = 0.0
+    members: int = GPOConfig.members
     memory_weight: float = GPOConfig.memory_weight
     memory_shrinkage: float = GPOConfig.memory_shrinkage
     memory_temperature: float = GPOConfig.memory_temperature
@@ -106,6 +107,7 @@ def model_config(cfg: CoordinatorConfig, embed_dim: int) -> GPOConfig:
             n_heads=cfg.n_heads,
             d_ff=cfg.d_ff,
             dropout=cfg.dropout,
+            members=cfg.members,
             memory_weight=cfg.memory_weight,
             memory_shrinkage=cfg.memory_shrinkage,
             memory_temperature=cfg.memory_temperature,

@@ -16,7 +16,7 @@ from safetensors.torch import load, save
 
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
-from pluralfed.model import GPO, GPOConfig
+from pluralfed.model import GPO, GPOConfig, upgrade_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -73,6 +73,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         tensors = load(weights_path.read_bytes())
     except Exception as err:  # safetensors raises its own error types
         raise InputError(f"{weights_path}: not a readable safetensors file: {err}") from err
+    tensors = upgrade_state_dict(tensors)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -22,6 +22,11 @@ distribution; the mix weight grows with how many such questions the context has,
 weight * n / (n + shrinkage), so a group with little matching context keeps the transformer's
 prediction (the idea of kNN-LM, Khandelwal et al. 2020, with the group's context as datastore).
 Only `predict` uses it; training and the loss see the transformer alone.
+
+Ensemble (optional, `members` > 1). Trained again from another random start, the network predicts
+noticeably differently for questions it has not seen; averaging the distributions of a few
+independently initialised copies (each trained on its own loss, all on the same episodes; FedAvg
+averages each copy's own weights) removes much of that variance (README, "Results").
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MAX_MEMBERS = 16
+
 
 @dataclass(frozen=True)
 class GPOConfig:
@@ -44,6 +51,9 @@ class GPOConfig:
     n_heads: int = 4
     d_ff: int = 128
     dropout: float = 0.0
+    # independently initialised copies of the network whose predictions are averaged (a deep
+    # ensemble, Lakshminarayanan et al. 2017); each trains on its own loss. 1 = the paper's model
+    members: int = 1
     min_log_std: float = -7.0  # keeps the Gaussian NLL finite when a prediction is very sure
     # context memory at prediction time (see the module docstring); 0 = the paper's model alone
     memory_weight: float = 0.0
@@ -51,6 +61,8 @@ class GPOConfig:
     memory_temperature: float = 0.1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.members <= MAX_MEMBERS:
+            raise ValueError(f"members must be in 1..{MAX_MEMBERS}, got {self.members}")
         if not 0.0 <= self.memory_weight <= 1.0:
             raise ValueError(f"memory_weight must be in [0, 1], got {self.memory_weight}")
         if self.memory_shrinkage < 0.0:
@@ -130,7 +142,9 @@ class Block(nn.Module):
         return self.norm2(x + self.drop(self.ff(x)))
 
 
-class GPO(nn.Module):
+class Member(nn.Module):
+    """The paper's network: input MLP, encoder blocks, and a (mean, log-std) head per option."""
+
     def __init__(self, cfg: GPOConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -155,10 +169,28 @@ class GPO(nn.Module):
         mean, log_std = self.head(x).unbind(-1)
         return mean, log_std.clamp(min=self.cfg.min_log_std)
 
+
+class GPO(nn.Module):
+    """`cfg.members` independently initialised copies of the network (1 = the paper's model)."""
+
+    def __init__(self, cfg: GPOConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(Member(cfg) for _ in range(cfg.members))
+
+    def forward(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every member's per-option (mean, log_std), each (members, B, T)."""
+        outputs = [member(batch) for member in self.members]
+        return (
+            torch.stack([mean for mean, _ in outputs]),
+            torch.stack([log_std for _, log_std in outputs]),
+        )
+
     def predict(self, batch: EpisodeBatch) -> torch.Tensor:
-        """Predicted probability of every option within its question, (B, T); 0 at padding."""
-        mean, _ = self(batch)
-        pred = question_softmax(mean, batch)
+        """Predicted probability of every option within its question, (B, T); 0 at padding.
+        The members' distributions are averaged (a deep ensemble)."""
+        means, _ = self(batch)
+        pred = torch.stack([question_softmax(mean, batch) for mean in means]).mean(0)
         if self.cfg.memory_weight > 0:
             memory, matches = context_memory(batch, self.cfg.memory_temperature)
             # no match: no mix (clamped so that shrinkage 0 does not make it 0/0)
@@ -172,6 +204,14 @@ class GPO(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def upgrade_state_dict(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Weights saved before `members` existed (one network, its tensors at the top level) are
+    member 0 of a one-member GPO."""
+    if any(name.startswith("members.") for name in tensors):
+        return tensors
+    return {f"members.0.{name}": value for name, value in tensors.items()}
 
 
 def question_softmax(logits: torch.Tensor, batch: EpisodeBatch) -> torch.Tensor:
@@ -222,7 +262,15 @@ def context_memory(batch: EpisodeBatch, temperature: float) -> tuple[torch.Tenso
 
 def gpo_loss(mean: torch.Tensor, log_std: torch.Tensor, batch: EpisodeBatch) -> torch.Tensor:
     """Gaussian NLL of the true probabilities under N(softmax(mean within question), exp(log_std)),
-    averaged over the options of target questions."""
+    averaged over the options of target questions. With a leading members dimension (GPO's
+    output), the members' losses are summed: each member trains as if alone (a deep ensemble),
+    never on the ensemble's average."""
+    if mean.dim() == 3:
+        if mean.shape != log_std.shape:
+            raise ValueError(f"mean {list(mean.shape)} and log_std {list(log_std.shape)} differ")
+        return torch.stack(
+            [gpo_loss(m, s, batch) for m, s in zip(mean, log_std, strict=True)]
+        ).sum()
     pred = question_softmax(mean, batch)
     scored = batch.token_mask & batch.is_target
     nll = log_std + 0.5 * ((batch.probs - pred) / log_std.exp()) ** 2 + 0.5 * math.log(2 * math.pi)

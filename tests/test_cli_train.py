@@ -140,3 +140,26 @@ def test_centralized_protocol_run_beats_group_prior_on_held_out(
     assert held["model"]["alignment"] > held["uniform_baseline"]["alignment"], held
     train = metrics["reports"]["training groups (test questions)"]
     assert train["model"]["alignment"] > train["prior_baseline"]["alignment"], train
+
+
+def test_train_an_ensemble_and_evaluate_its_checkpoint(
+    synthetic_file: Path, tmp_path: Path, session_cache_dir: Path
+) -> None:
+    trained = _train(synthetic_file, tmp_path / "e", session_cache_dir, "--members", "2")
+    ckpt = load_checkpoint(tmp_path / "e")
+    assert ckpt.model.cfg.members == 2 and len(ckpt.model.members) == 2
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--checkpoint", str(tmp_path / "e"), "--data", str(synthetic_file)]
+    assert main([*args, "--cache-dir", str(session_cache_dir), "--out", str(out)]) == 0
+    name = "training groups (test questions)"
+    evaluated = json.loads(out.read_text())["reports"][name]["model"]
+    assert evaluated == pytest.approx(trained["reports"][name]["model"])
+
+
+def test_bad_members_is_a_clear_error(
+    synthetic_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--data", str(synthetic_file), "--out", str(tmp_path / "o"), "--epochs", "1"]
+    assert main([*args, "--members", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "members" in err and "Traceback" not in err

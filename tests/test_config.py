@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth import AllowList
-from coordinator.service import CoordinatorConfig
+from coordinator.service import CoordinatorConfig, model_config
 from group_node.node import NodeConfig
 from pluralfed.config import load_config
 from pluralfed.errors import InputError
@@ -76,3 +76,14 @@ def test_bad_coordinator_settings_are_refused(tmp_path: Path) -> None:
     cfg = load_config(CoordinatorConfig, path, "X_", {}, environ={})
     with pytest.raises(InputError, match="min_updates"):
         cfg.round_settings()
+
+
+def test_bad_model_settings_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("members = 0\n")
+    cfg = load_config(CoordinatorConfig, path, "X_", {}, environ={})
+    with pytest.raises(InputError, match="members"):
+        model_config(cfg, 384)
+    path.write_text("members = 3\n")
+    good = load_config(CoordinatorConfig, path, "X_", {}, environ={})
+    assert model_config(good, 384).members == 3

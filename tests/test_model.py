@@ -11,7 +11,7 @@ from scipy.stats import norm
 
 from pluralfed.data import SurveyItem
 from pluralfed.episodes import EmbeddedItem, Episode, make_batch
-from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax
+from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax, upgrade_state_dict
 from pluralfed.training import build_model
 
 torch.set_num_threads(1)
@@ -126,10 +126,10 @@ def test_loss_matches_independent_gaussian_nll(setup) -> None:
     loss = float(gpo_loss(mean, log_std, batch).detach())
     terms = []
     for (a, b), t in zip(batch.question_slices[0][len(context) :], targets, strict=True):
-        logits = mean[0, a:b].detach().double().numpy()
+        logits = mean[0, 0, a:b].detach().double().numpy()  # member 0, episode 0
         pred = np.exp(logits - logits.max())
         pred /= pred.sum()
-        sigma = np.exp(log_std[0, a:b].detach().double().numpy())
+        sigma = np.exp(log_std[0, 0, a:b].detach().double().numpy())
         terms.extend(-norm.logpdf(t.item.distribution, loc=pred, scale=sigma))
     assert loss == pytest.approx(float(np.mean(terms)), rel=1e-4)
 
@@ -279,3 +279,64 @@ def test_memory_matches_options_by_text_in_any_order(setup) -> None:
     # option "a" is the group's favourite whichever position it takes
     assert int(forward.argmax()) == 0 and int(backward.argmax()) == 2
     assert float(backward[2]) > float(base[2]) + 0.15
+
+
+ENSEMBLE = GPOConfig(embed_dim=DIM, d_model=32, n_layers=2, n_heads=4, d_ff=32, members=3)
+
+
+def test_ensemble_predicts_the_mean_of_its_members_distributions(setup) -> None:
+    _, context, targets, _ = setup
+    model = build_model(ENSEMBLE, seed=2)
+    batch = make_batch([Episode(context, targets)])
+    model.eval()
+    with torch.no_grad():
+        means, _ = model(batch)
+        pred = model.predict(batch)
+    assert means.shape == (3, *batch.token_mask.shape)
+    # each member on its own: the softmax of its means within each question
+    own = []
+    for m in range(3):
+        member = np.zeros(batch.token_mask.shape[1])
+        for a, b in batch.question_slices[0]:
+            x = means[m, 0, a:b].double().numpy()
+            member[a:b] = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+        own.append(member)
+    np.testing.assert_allclose(pred[0].double().numpy(), np.mean(own, axis=0), atol=1e-6)
+    # independently initialised: the members disagree
+    assert float((means[0] - means[1]).abs().max()) > 1e-3
+
+
+def test_ensemble_loss_is_the_sum_of_its_members_losses(setup) -> None:
+    _, context, targets, _ = setup
+    model = build_model(ENSEMBLE, seed=2)
+    batch = make_batch([Episode(context, targets)])
+    mean, log_std = model(batch)
+    total = float(gpo_loss(mean, log_std, batch).detach())
+    parts = [float(gpo_loss(mean[m], log_std[m], batch).detach()) for m in range(3)]
+    assert total == pytest.approx(sum(parts), rel=1e-6)
+    # each member's gradient comes from its own loss only
+    gpo_loss(mean, log_std, batch).backward()
+    alone = build_model(ENSEMBLE, seed=2)
+    m0, s0 = alone.members[0](batch)
+    gpo_loss(m0, s0, batch).backward()
+    for (name, p), (_, q) in zip(
+        model.members[0].named_parameters(), alone.members[0].named_parameters(), strict=True
+    ):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("members", [0, -1, 17])
+def test_members_are_validated(members: int) -> None:
+    with pytest.raises(ValueError, match="members"):
+        GPOConfig(members=members)
+
+
+def test_weights_saved_before_ensembles_load_as_member_zero(setup) -> None:
+    model, context, targets, _ = setup
+    legacy = {k.removeprefix("members.0."): v for k, v in model.state_dict().items()}
+    assert not any(k.startswith("members.") for k in legacy)
+    again = GPO(CFG)
+    again.load_state_dict(upgrade_state_dict(legacy))
+    assert _max_diff(_predict(model, context, targets), _predict(again, context, targets)) == 0
+    assert upgrade_state_dict(model.state_dict()).keys() == model.state_dict().keys()

@@ -53,6 +53,7 @@ HELP = {
     "n_heads": "attention heads",
     "d_ff": "feed-forward width",
     "dropout": "dropout",
+    "members": "independently initialised copies of the network, predictions averaged (1 = off)",
     "memory_weight": "context memory at prediction: mix of the group's own answers, 0..1 (0 = off)",
     "memory_shrinkage": "matching context questions at which the memory mix is half its weight",
     "memory_temperature": "softmax temperature over question similarity in the context memory",

@@ -49,6 +49,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", type=int, default=d.n_heads, help="attention heads")
     g.add_argument("--d-ff", type=int, default=d.d_ff, help="feed-forward width")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout")
+    g.add_argument(
+        "--members",
+        type=int,
+        default=d.members,
+        help="independently initialised copies of the network whose predictions are averaged "
+        "(a deep ensemble; default: %(default)s = the paper's single model)",
+    )
     add_memory_args(g, d)
 
 
@@ -92,6 +99,7 @@ def model_config(args: argparse.Namespace, embed_dim: int) -> GPOConfig:
             n_heads=args.heads,
             d_ff=args.d_ff,
             dropout=args.dropout,
+            members=args.members,
             **memory_overrides(args),
         )
     except ValueError as err:
