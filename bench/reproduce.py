@@ -76,12 +76,35 @@ def federated(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
     }
 
 
+# coordinator settings that are the model's, and the `pluralfed train` option of each: a
+# variant's centralized runs train the same model as its federated ones
+MODEL_OPTIONS = {
+    "members": "--members",
+    "dropout": "--dropout",
+    "d_model": "--d-model",
+    "mlp_layers": "--mlp-layers",
+    "n_layers": "--layers",
+    "n_heads": "--heads",
+    "d_ff": "--d-ff",
+}
+
+
+def model_options(settings: list[str]) -> list[str]:
+    """The `pluralfed train` options for the model settings among --set KEY=VALUE."""
+    out = []
+    for kv in settings:
+        key, _, value = kv.partition("=")
+        if key.strip() in MODEL_OPTIONS:
+            out += [MODEL_OPTIONS[key.strip()], value.strip()]
+    return out
+
+
 def centralized(args: argparse.Namespace, seed: int, out: Path, epochs: int) -> dict[str, Any]:
     started = time.time()
     every = max(1, epochs // (args.rounds // 10))
     cmd = [sys.executable, "-m", "pluralfed.cli", "train", "--data", str(args.data)]
     cmd += ["--out", str(out), "--epochs", str(epochs), "--eval-every", str(every)]
-    cmd += ["--seed", str(seed), "--threads", str(args.threads)]
+    cmd += ["--seed", str(seed), "--threads", str(args.threads), *model_options(args.set)]
     run(cmd, out.parent / f"{out.name}.log")
     metrics = json.loads((out / "metrics.json").read_text())
     history = [json.loads(line) for line in (out / "history.jsonl").open()]
@@ -364,6 +387,9 @@ def main() -> int:
             rerun.add(label)
         runs[label].append(result)
 
+    # a variant's centralized runs are rows (and folders) of their own
+    variant = "" if args.label == "federated" else f", {args.label}"
+    central_prefix = "central" + fed_dir_prefix(args.label)[3:]
     for seed in [] if args.report_only else args.seeds:
         if not args.skip_federated:
             record(
@@ -372,14 +398,14 @@ def main() -> int:
             )
         if not args.skip_centralized:
             record(
-                "centralized (paper, 100 epochs)",
-                centralized(args, seed, args.out / f"central-s{seed}", epochs=100),
+                f"centralized (paper, 100 epochs){variant}",
+                centralized(args, seed, args.out / f"{central_prefix}-s{seed}", epochs=100),
             )
         if args.equal_steps:
             epochs = args.rounds * args.local_steps  # 8 groups x epochs steps = rounds x steps x 8
             record(
-                "centralized (equal steps)",
-                centralized(args, seed, args.out / f"central-eq-s{seed}", epochs=epochs),
+                f"centralized (equal steps){variant}",
+                centralized(args, seed, args.out / f"{central_prefix}-eq-s{seed}", epochs=epochs),
             )
         saved.write_text(json.dumps(runs, indent=1))
     if args.memory_weight > 0:
