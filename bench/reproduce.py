@@ -15,6 +15,11 @@ Runs already in runs.json are kept unless run again (so variants can be added on
 and writes report.json, report.md and plots (alignment vs round, fairness vs round, per-group
 bars). Rounds of centralized training are its epochs scaled to the same share of the run.
 Every figure is measured here; nothing is copied from the paper except the claims it tests.
+
+The runs use the paper's single network (members=1) unless --set members=N: the product's
+default ensemble is a variant here, added with
+    --label "ensemble of 3 (members=3)" --set members=3
+(its centralized runs train the same ensemble and get rows of their own).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def federated(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pluralfed.cli", "federate", "--data", str(args.data)]
     cmd += ["--out", str(out), "--rounds", str(args.rounds), "--eval-every", "10"]
     cmd += ["--seed", str(seed), "--local-steps", str(args.local_steps)]
-    for kv in args.set:
+    for kv in with_paper_model(args.set):
         cmd += ["--set", kv]
     run(cmd, out.parent / f"{out.name}.log")
     results = json.loads((out / "coordinator" / "results.json").read_text())
@@ -89,6 +94,14 @@ MODEL_OPTIONS = {
 }
 
 
+def with_paper_model(settings: list[str]) -> list[str]:
+    """--set settings, with the paper's single network unless they choose `members` (the
+    product's default is an ensemble; this report reproduces the paper first)."""
+    if any(kv.partition("=")[0].strip() == "members" for kv in settings):
+        return settings
+    return ["members=1", *settings]
+
+
 def model_options(settings: list[str]) -> list[str]:
     """The `pluralfed train` options for the model settings among --set KEY=VALUE."""
     out = []
@@ -104,7 +117,13 @@ def centralized(args: argparse.Namespace, seed: int, out: Path, epochs: int) -> 
     every = max(1, epochs // (args.rounds // 10))
     cmd = [sys.executable, "-m", "pluralfed.cli", "train", "--data", str(args.data)]
     cmd += ["--out", str(out), "--epochs", str(epochs), "--eval-every", str(every)]
-    cmd += ["--seed", str(seed), "--threads", str(args.threads), *model_options(args.set)]
+    cmd += [
+        "--seed",
+        str(seed),
+        "--threads",
+        str(args.threads),
+        *model_options(with_paper_model(args.set)),
+    ]
     run(cmd, out.parent / f"{out.name}.log")
     metrics = json.loads((out / "metrics.json").read_text())
     history = [json.loads(line) for line in (out / "history.jsonl").open()]

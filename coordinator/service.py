@@ -23,7 +23,7 @@ from pluralfed.embeddings import make_encoder
 from pluralfed.errors import InputError
 from pluralfed.evaluation import SetReport
 from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
-from pluralfed.model import GPOConfig
+from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.report import print_reports
 from pluralfed.tls import TlsFiles, resolve_tls_files
 from pluralfed.training import build_model
@@ -73,7 +73,7 @@ class CoordinatorConfig:
     n_heads: int = 4
     d_ff: int = 128
     dropout: float = 0.0
-    members: int = GPOConfig.members
+    members: int = DEFAULT_MEMBERS
     memory_weight: float = GPOConfig.memory_weight
     memory_shrinkage: float = GPOConfig.memory_shrinkage
     memory_temperature: float = GPOConfig.memory_temperature

@@ -123,6 +123,8 @@ def test_centralized_protocol_run_beats_group_prior_on_held_out(
             str(out),
             "--threads",
             "2",
+            "--members",
+            "1",  # PROTOCOL.md's model: the paper's single network
             "--cache-dir",
             str(session_cache_dir),
         ],

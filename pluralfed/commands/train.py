@@ -25,7 +25,7 @@ from pluralfed.commands.common import (
 )
 from pluralfed.data import load_survey
 from pluralfed.errors import InputError
-from pluralfed.model import GPOConfig
+from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.prepare import default_groups, embed_groups, parse_group_list
 from pluralfed.protocol import CENTRALIZED_EPOCHS, EVAL_EVERY, EVAL_MAX_CONTEXT, LEARNING_RATE
 from pluralfed.report import print_reports
@@ -42,7 +42,7 @@ TRAIN_SET, HELD_OUT_SET = "training groups (test questions)", "held-out groups"
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     d = GPOConfig()
-    g = p.add_argument_group("model (defaults: the paper's reference settings)")
+    g = p.add_argument_group("model (defaults: the paper's reference settings, but --members)")
     g.add_argument("--d-model", type=int, default=d.d_model, help="width (default: %(default)s)")
     g.add_argument("--mlp-layers", type=int, default=d.mlp_layers, help="input MLP layers")
     g.add_argument("--layers", type=int, default=d.n_layers, help="encoder layers")
@@ -52,9 +52,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--members",
         type=int,
-        default=d.members,
+        default=DEFAULT_MEMBERS,
         help="independently initialised copies of the network whose predictions are averaged "
-        "(a deep ensemble; default: %(default)s = the paper's single model)",
+        "(a deep ensemble; default: %(default)s; 1 = the paper's single network)",
     )
     add_memory_args(g, d)
 
