@@ -31,10 +31,12 @@ from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import (
+    DEFAULT_UPLOAD_CHUNK_BYTES,
     DOWNLOAD_METHOD,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     UPLOAD_METHOD,
+    check_chunk_bytes,
     chunk_from_proto,
     decode_update_chunk,
     dtype_to_proto,
@@ -43,7 +45,6 @@ from pluralfed.transport import (
     server_grpc_options,
 )
 from pluralfed.wire import (
-    DEFAULT_CHUNK_BYTES,
     WIRE_FORMAT,
     Chunk,
     DigestMismatchError,
@@ -205,10 +206,16 @@ class UploadSlots:
 
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(
-        self, engine: RoundEngine, insecure: bool = False, upload_slots: UploadSlots | None = None
+        self,
+        engine: RoundEngine,
+        insecure: bool = False,
+        upload_slots: UploadSlots | None = None,
+        upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
     ) -> None:
         self.engine = engine
         self.upload_slots = upload_slots or UploadSlots(DEFAULT_MAX_CONCURRENT_UPLOADS)
+        # what Join tells nodes to cut their uploads to, and the most an upload chunk may carry
+        self.upload_chunk_bytes = check_chunk_bytes(upload_chunk_bytes)
         self.insecure = insecure
         self.bytes_out = 0
         self._serialized_lock = threading.Lock()
@@ -248,7 +255,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             encoder_id=self.engine.encoder_identity,
             software_version=__version__,
             run_id=self.engine.run_id,
-            max_chunk_bytes=DEFAULT_CHUNK_BYTES,
+            max_chunk_bytes=self.upload_chunk_bytes,
             model_config_json=json.dumps(self.engine.state.model_config),
         )
         reply.heartbeat_interval.FromMilliseconds(
@@ -345,12 +352,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             trailer = None
             for msg in request_iterator:
                 if isinstance(msg, Chunk):
-                    spool.add(msg)
+                    spool.add(self._within_chunk_limit(msg))
                     del msg  # free the received bytes before waiting for the next message
                     continue
                 part = msg.WhichOneof("part")
                 if part == "tensor":
-                    spool.add(chunk_from_proto(msg.tensor))
+                    spool.add(self._within_chunk_limit(chunk_from_proto(msg.tensor)))
                 elif part == "trailer":
                     trailer = msg.trailer
                     break
@@ -395,6 +402,16 @@ class FederationServicer(pb_grpc.FederationServicer):
         finally:
             spool.close()
         return pb.UploadReply(accepted=True, message=f"update for round {h.round} accepted")
+
+    def _within_chunk_limit(self, chunk: Chunk) -> Chunk:
+        """`chunk` if it carries at most the max_chunk_bytes this coordinator gave in Join."""
+        size = memoryview(chunk.data).nbytes
+        if size > self.upload_chunk_bytes:
+            raise WireError(
+                f"chunk of {chunk.name!r} at offset {chunk.offset} carries {size} bytes, over the "
+                f"{self.upload_chunk_bytes} this coordinator asked for (JoinReply.max_chunk_bytes)"
+            )
+        return chunk
 
     def ReportEvaluation(
         self, request: pb.EvaluationReport, context: grpc.ServicerContext
@@ -495,14 +512,18 @@ def start_server(
     allow_list: AllowList,
     max_workers: int = 64,
     upload_slots: UploadSlots | int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+    upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
     tls=None means plain text (--insecure): the caller must have asked for it explicitly.
     upload_slots: how many uploads are read at once (<= 0: no bound), or the gate itself.
+    upload_chunk_bytes: the largest upload chunk, told to nodes in Join (ValueError if out of
+    range); smaller chunks lower the read buffer gRPC keeps per connection, at some speed.
     """
     if isinstance(upload_slots, int):
         upload_slots = UploadSlots(upload_slots)
+    servicer = FederationServicer(engine, tls is None, upload_slots, upload_chunk_bytes)
     limit_malloc_arenas()  # before the RPC threads start
     interceptor = AuthInterceptor(allow_list, insecure=tls is None)
     server = grpc.server(
@@ -511,9 +532,7 @@ def start_server(
         options=server_grpc_options(),
         maximum_concurrent_rpcs=max_workers * 4,
     )
-    pb_grpc.add_FederationServicer_to_server(
-        FederationServicer(engine, tls is None, upload_slots), server
-    )
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("pluralfed.v1.Federation", health_pb2.HealthCheckResponse.SERVING)

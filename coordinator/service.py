@@ -27,6 +27,7 @@ from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.report import print_reports
 from pluralfed.tls import TlsFiles, resolve_tls_files
 from pluralfed.training import build_model
+from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES, check_chunk_bytes
 from pluralfed.wire import numpy_to_state_dict, state_dict_to_numpy
 
 log = logging.getLogger("pluralfed.coordinator")
@@ -80,7 +81,11 @@ class CoordinatorConfig:
     # service
     max_workers: int = 64
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS  # memory: O(this), not O(nodes)
+    upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES  # memory: O(this x nodes)
     linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
+
+    def __post_init__(self) -> None:
+        check_chunk_bytes(self.upload_chunk_bytes)
 
     def round_settings(self) -> RoundSettings:
         fields = RoundSettings.__dataclass_fields__
@@ -158,6 +163,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         allow_list,
         max_workers=cfg.max_workers,
         upload_slots=cfg.max_concurrent_uploads,
+        upload_chunk_bytes=cfg.upload_chunk_bytes,
     )
     # where local launchers (and operators using port 0) find the bound port
     atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())

@@ -30,8 +30,9 @@ from pluralfed.transport import (
     grpc_options,
     receive_model,
     update_stream,
+    upload_chunk_bytes,
 )
-from pluralfed.wire import digest_of, save_tensors
+from pluralfed.wire import DEFAULT_CHUNK_BYTES, digest_of, save_tensors
 
 log = logging.getLogger("pluralfed.node")
 
@@ -130,6 +131,7 @@ class NodeClient:
         self.session_id = ""
         self.model_config: dict[str, object] = {}
         self.heartbeat_interval_s = 5.0
+        self.upload_chunk_bytes = DEFAULT_CHUNK_BYTES
 
     def close(self) -> None:
         self.channel.close()
@@ -150,6 +152,10 @@ class NodeClient:
         self.session_id = reply.session_id
         self.model_config = json.loads(reply.model_config_json) if reply.model_config_json else {}
         self.heartbeat_interval_s = max(reply.heartbeat_interval.ToMilliseconds() / 1000, 0.5)
+        try:
+            self.upload_chunk_bytes = upload_chunk_bytes(reply.max_chunk_bytes)
+        except ValueError as err:
+            raise InputError(f"coordinator {self.config.coordinator}: Join reply: {err}") from None
         return reply
 
     def get_task(self, wait_s: float) -> pb.Task:
@@ -180,7 +186,9 @@ class NodeClient:
             num_examples=num_examples,
             metrics=metrics,
         )
-        reply: pb.UploadReply = self._upload_update(update_stream(header, weights), timeout=timeout)
+        reply: pb.UploadReply = self._upload_update(
+            update_stream(header, weights, self.upload_chunk_bytes), timeout=timeout
+        )
         return reply
 
     def report(self, task: pb.Task, group: str, metrics: dict[str, float], n: int) -> None:

@@ -34,6 +34,31 @@ UPLOAD_METHOD = "/pluralfed.v1.Federation/UploadUpdate"
 MAX_MESSAGE_BYTES = DEFAULT_CHUNK_BYTES + 64 * 1024
 # the coordinator's receive window per stream (`server_grpc_options`)
 SERVER_STREAM_WINDOW_BYTES = 64 * 1024
+# Upload chunk sizes a coordinator may ask for (JoinReply.max_chunk_bytes). gRPC keeps a read
+# buffer of about one message on every connection after it has received one, so the upload
+# chunk size times the number of nodes is part of the coordinator's memory (systems bench C).
+MIN_CHUNK_BYTES = 4 * 1024
+DEFAULT_UPLOAD_CHUNK_BYTES = 512 * 1024
+
+
+def check_chunk_bytes(value: int, what: str = "upload_chunk_bytes") -> int:
+    """`value` if it is a chunk size both sides accept, else ValueError saying what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be a whole number of bytes, got {value!r}")
+    if not MIN_CHUNK_BYTES <= value <= DEFAULT_CHUNK_BYTES:
+        raise ValueError(
+            f"{what} must be {MIN_CHUNK_BYTES}..{DEFAULT_CHUNK_BYTES} bytes, got {value}"
+        )
+    return value
+
+
+def upload_chunk_bytes(advertised: int) -> int:
+    """The chunk size a node uploads with: the coordinator's JoinReply.max_chunk_bytes, or the
+    protocol's default when the coordinator leaves it unset (0). ValueError if out of range."""
+    if advertised == 0:
+        return DEFAULT_CHUNK_BYTES
+    return check_chunk_bytes(advertised, "the coordinator's max_chunk_bytes")
+
 
 _DTYPES = {
     "float32": pb.DTYPE_FLOAT32,
@@ -314,14 +339,17 @@ def receive_model(
 
 
 def update_stream(
-    header: pb.UpdateHeader, weights: Mapping[str, np.ndarray]
+    header: pb.UpdateHeader,
+    weights: Mapping[str, np.ndarray],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[pb.UpdateChunk | bytes]:
     """An UploadUpdate stream: `header` completed with the tensors' count and size, the tensor
-    parts already serialized (`serialized_tensor_part`), and the digest trailer."""
+    parts (at most `chunk_bytes` of data each) already serialized (`serialized_tensor_part`),
+    and the digest trailer."""
     specs = specs_of(weights)
     header.tensor_count = len(specs)
     header.total_bytes = sum(s.nbytes for s in specs)
     yield pb.UpdateChunk(header=header)
-    for chunk in iter_chunks(weights):
+    for chunk in iter_chunks(weights, chunk_bytes):
         yield serialized_tensor_part(chunk)
     yield pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=digest_of(weights)))

@@ -37,7 +37,13 @@ from pluralfed.data import SurveyData, write_group_files
 from pluralfed.localfed import child_env, node_id, write_toml
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
-from pluralfed.transport import PROTOCOL_VERSION, chunk_from_proto, chunk_to_proto, grpc_options
+from pluralfed.transport import (
+    DEFAULT_UPLOAD_CHUNK_BYTES,
+    PROTOCOL_VERSION,
+    chunk_from_proto,
+    chunk_to_proto,
+    grpc_options,
+)
 from pluralfed.wire import TensorAssembler, digest_of, iter_chunks, specs_of
 
 T = TypeVar("T")
@@ -602,7 +608,7 @@ def update_messages(
     trailer: bool = True,
     task_id: str | None = None,
     round_: int | None = None,
-    chunk_bytes: int = 1 << 20,
+    chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
 ) -> list[pb.UpdateChunk]:
     """An upload stream for `weights`: header, chunks, trailer (its digest computed unless given;
     trailer=False leaves it out, a truncated stream). Any tensor, dtype or shape is sent as is."""

@@ -77,7 +77,15 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         tmp_path,
         pki,
         allow_list(fed_data.groups),
-        {"rounds": 3, "eval_every": 3, "min_nodes": 3, "min_updates": 3},
+        # 4 KiB upload chunks: the nodes must cut their updates as Join tells them (the input
+        # layer alone is ~50 KB); a bigger chunk would be refused and the rounds would fail
+        {
+            "rounds": 3,
+            "eval_every": 3,
+            "min_nodes": 3,
+            "min_updates": 3,
+            "upload_chunk_bytes": 4096,
+        },
     )
     audit = {g: tmp_path / "audit" / node_id(g) for g in train}
     nodes = [

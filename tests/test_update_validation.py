@@ -42,6 +42,7 @@ from coordinator.rounds import RoundEngine, RoundSettings
 from coordinator.server import start_server
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.tls import TlsFiles
+from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES
 from pluralfed.wire import digest_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -104,14 +105,25 @@ class Federation:
 
 
 @contextlib.contextmanager
-def serve(tmp_path: Path, settings: RoundSettings, *, drive: bool = True) -> Iterator[Federation]:
+def serve(
+    tmp_path: Path,
+    settings: RoundSettings,
+    *,
+    drive: bool = True,
+    upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+) -> Iterator[Federation]:
     """An engine and its gRPC server (real mutual TLS on 127.0.0.1) in this process; drive=True
     runs the rounds in a thread as the coordinator does."""
     pki = Pki(tmp_path / "pki")
     state_dir = tmp_path / "state"
     engine = RoundEngine(settings, toy_weights(), state_dir, ENCODER, {"toy": True})
     server, port = start_server(
-        engine, f"{HOST}:0", TlsFiles.from_dir(pki.server), AllowList(ALLOW), max_workers=16
+        engine,
+        f"{HOST}:0",
+        TlsFiles.from_dir(pki.server),
+        AllowList(ALLOW),
+        max_workers=16,
+        upload_chunk_bytes=upload_chunk_bytes,
     )
     driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
     if drive:
@@ -271,6 +283,39 @@ def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
 
     # after the last round an update for it is stale too
     assert upload("node-good-a", task2, good2["node-good-a"]) == "STALE"
+
+
+def test_uploads_follow_the_chunk_size_the_coordinator_gives_at_join(tmp_path: Path) -> None:
+    """Join tells nodes the largest upload chunk (JoinReply.max_chunk_bytes, here 64 KiB, which
+    bounds the read buffer gRPC keeps per connection); an upload cut to it is accepted, one with
+    bigger chunks (a node ignoring the reply) is refused as MALFORMED and never reaches the
+    average, and the round completes with the good update."""
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, min_updates=1, round_timeout_s=scaled(60), eval_every=0
+    )
+    with serve(tmp_path, settings, upload_chunk_bytes=64 * 1024) as fed:
+        good, big = fed.node("node-good-a"), fed.node("node-good-b")
+        try:
+            for n in (good, big):
+                assert n.join(ENCODER, EXAMPLES[n.group]).max_chunk_bytes == 64 * 1024
+            task = good.wait_task(pb.TASK_KIND_TRAIN, timeout=10)
+            g0 = good.download(task.model_version)
+            big_task = big.wait_task(pb.TASK_KIND_TRAIN, timeout=10)
+            refused = big.upload(
+                update_messages(big.session_id, big_task, nudged(g0, 2), 50, chunk_bytes=1 << 20)
+            )
+            assert reject_name(refused) == "MALFORMED", refused
+            assert "max_chunk_bytes" in refused.message and "65536" in refused.message
+            update = nudged(g0, 1)
+            accepted = good.upload(
+                update_messages(good.session_id, task, update, 30, chunk_bytes=64 * 1024)
+            )
+            assert reject_name(accepted) == "ACCEPTED", accepted
+            fed.wait_rounds(1)
+            assert_weights_close(fed.engine.state.weights, update, "global model after the round")
+        finally:
+            good.close()
+            big.close()
 
 
 def test_node_that_dies_in_its_long_poll_stops_counting(tmp_path: Path) -> None:

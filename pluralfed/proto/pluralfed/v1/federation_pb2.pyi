@@ -28,9 +28,10 @@ A node's life:
 
 Tensors travel in the pluralfed tensor wire format (see pluralfed/wire.py): a model is an
 ordered list of named tensors; each tensor's raw little-endian C-order bytes are split into
-chunks of at most `max_chunk_bytes`, sent in order; the stream ends with a SHA-256 digest over
-a canonical byte stream (name, dtype, shape and data of every tensor, in order,
-length-prefixed), so a receiver can verify what it assembled whatever the chunking.
+chunks (at most 1 MiB, and at most JoinReply.max_chunk_bytes in uploads), sent in order; the
+stream ends with a SHA-256 digest over a canonical byte stream (name, dtype, shape and data of
+every tensor, in order, length-prefixed), so a receiver can verify what it assembled whatever
+the chunking.
 
 Status codes every RPC may return:
   UNAUTHENTICATED     the session id is unknown or expired (e.g. the coordinator restarted):
@@ -335,8 +336,10 @@ class JoinReply(_message.Message):
     coordinator restarted (or a new run began) and drops any state of the old run.
     """
     max_chunk_bytes: _builtins.int
-    """Largest TensorChunk.data the coordinator sends and accepts (default 1 MiB), far below gRPC's
-    default 4 MiB message limit.
+    """Largest TensorChunk.data the coordinator accepts in an upload, 4 KiB..1 MiB (0: 1 MiB); a
+    node cuts its updates to it, and an upload with a bigger chunk is refused MALFORMED. The
+    coordinator's own downloads use chunks of at most 1 MiB. All far below gRPC's default 4 MiB
+    message limit.
     """
     model_config_json: _builtins.str
     """The global model's architecture as JSON (pluralfed.model.GPOConfig fields), so a node can

@@ -28,9 +28,10 @@ A node's life:
 
 Tensors travel in the pluralfed tensor wire format (see pluralfed/wire.py): a model is an
 ordered list of named tensors; each tensor's raw little-endian C-order bytes are split into
-chunks of at most `max_chunk_bytes`, sent in order; the stream ends with a SHA-256 digest over
-a canonical byte stream (name, dtype, shape and data of every tensor, in order,
-length-prefixed), so a receiver can verify what it assembled whatever the chunking.
+chunks (at most 1 MiB, and at most JoinReply.max_chunk_bytes in uploads), sent in order; the
+stream ends with a SHA-256 digest over a canonical byte stream (name, dtype, shape and data of
+every tensor, in order, length-prefixed), so a receiver can verify what it assembled whatever
+the chunking.
 
 Status codes every RPC may return:
   UNAUTHENTICATED     the session id is unknown or expired (e.g. the coordinator restarted):
