@@ -27,6 +27,7 @@ from coordinator.auth import AllowList  # noqa: E402
 from coordinator.rounds import RoundEngine, RoundSettings  # noqa: E402
 from coordinator.server import DEFAULT_MAX_CONCURRENT_UPLOADS, start_server  # noqa: E402
 from pluralfed.tls import TlsFiles  # noqa: E402
+from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES  # noqa: E402
 
 
 def main() -> int:
@@ -46,6 +47,12 @@ def main() -> int:
         type=int,
         default=DEFAULT_MAX_CONCURRENT_UPLOADS,
         help="updates read at once (0: no bound)",
+    )
+    ap.add_argument(
+        "--upload-chunk-bytes",
+        type=int,
+        default=DEFAULT_UPLOAD_CHUNK_BYTES,
+        help="largest upload chunk, told to nodes in Join",
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
@@ -75,6 +82,7 @@ def main() -> int:
         allow,
         workers,
         upload_slots=args.max_concurrent_uploads,
+        upload_chunk_bytes=args.upload_chunk_bytes,
     )
     (args.state_dir / "coordinator.port").write_text(f"{port}\n")
     ready = usage()
@@ -101,6 +109,7 @@ def main() -> int:
             "rounds": engine.state.completed_rounds,
             "max_workers": workers,
             "max_concurrent_uploads": args.max_concurrent_uploads,
+            "upload_chunk_bytes": args.upload_chunk_bytes,
             "model_bytes": sum(s.nbytes for s in engine.specs),
             "tensors": len(engine.specs),
             "history": history,

@@ -36,7 +36,9 @@ from pluralfed.transport import (
     grpc_options,
     receive_model,
     update_stream,
+    upload_chunk_bytes,
 )
+from pluralfed.wire import DEFAULT_CHUNK_BYTES
 
 EVAL_METRICS = {
     "model": 0.5,
@@ -58,6 +60,7 @@ class NoopNode:
         self.download_model = bulk.download_model
         self.upload_update = bulk.upload_update
         self.session_id = ""
+        self.chunk_bytes = DEFAULT_CHUNK_BYTES
         self.rng = np.random.default_rng(seed)
         self.scale = scale
         self.delta: dict[str, np.ndarray] | None = None
@@ -80,6 +83,7 @@ class NoopNode:
                     timeout=30,
                 )
                 self.session_id = reply.session_id
+                self.chunk_bytes = upload_chunk_bytes(reply.max_chunk_bytes)
                 return
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or time.time() > deadline:
@@ -101,7 +105,9 @@ class NoopNode:
             num_examples=100,
             metrics={"seconds": 0.0},
         )
-        reply: pb.UploadReply = self.upload_update(update_stream(header, weights), timeout=600)
+        reply: pb.UploadReply = self.upload_update(
+            update_stream(header, weights, self.chunk_bytes), timeout=600
+        )
         return reply
 
     def train(self, task: pb.Task) -> None:

@@ -281,6 +281,7 @@ def summarize(
         "coord_peak_over_ready_mib": cu["end"]["maxrss_mib"] - cu["ready"]["rss_mib"],
         "bound_4x_model_mib": 4 * model_bytes / 2**20,
         "max_concurrent_uploads": c.get("max_concurrent_uploads", "n/a"),
+        "upload_chunk_bytes": c.get("upload_chunk_bytes", 1 << 20),
         "coord_cpu_rounds_s": cpu(cu["rounds_done"]) - cpu(cu["ready"]),
         "coord_cpu_total_s": cpu(cu["end"]),
         "coord_threads_end": cu["rounds_done"]["threads"],
@@ -464,6 +465,7 @@ def report(results: dict[str, Any]) -> str:
         extra.append(
             f"- {s['scenario']}: {s['node_procs']} node processes, coordinator max_workers "
             f"{s['max_workers']}, max_concurrent_uploads {s.get('max_concurrent_uploads', 'n/a')}, "
+            f"upload chunks {s.get('upload_chunk_bytes', 1 << 20) // 1024} KiB, "
             f"coordinator RSS after imports {s['coord_rss_after_imports_mib']:.0f}"
             f" MiB (torch is imported via coordinator.rounds -> pluralfed.evaluation), node CPU per "
             f"node-round {s['node_cpu_per_node_round_s'] * 1000:.0f} ms, socket/payload "
@@ -489,6 +491,12 @@ def main() -> int:
         type=int,
         default=None,
         help="the coordinator's bound on updates read at once (default: its own default)",
+    )
+    ap.add_argument(
+        "--upload-chunk-bytes",
+        type=int,
+        default=None,
+        help="the coordinator's largest upload chunk (default: its own default)",
     )
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -520,11 +528,18 @@ def main() -> int:
         for s in names:
             print(f"scenario {s}: {SCENARIOS[s]} (load {loadavg()})", flush=True)
             try:
-                coord_args = (
-                    []
-                    if args.max_concurrent_uploads is None
-                    else ["--max-concurrent-uploads", str(args.max_concurrent_uploads)]
-                )
+                coord_args = [
+                    *(
+                        []
+                        if args.max_concurrent_uploads is None
+                        else ["--max-concurrent-uploads", str(args.max_concurrent_uploads)]
+                    ),
+                    *(
+                        []
+                        if args.upload_chunk_bytes is None
+                        else ["--upload-chunk-bytes", str(args.upload_chunk_bytes)]
+                    ),
+                ]
                 results["scenarios"][s] = run_scenario(
                     s, SCENARIOS[s], args.work, pkidir, args.timeout, coord_args
                 )
