@@ -479,11 +479,14 @@ class FedAvgOptimizer:
         self.step = 0
 
     def apply(self, global_weights: Weights, averaged: Weights) -> dict[str, Array]:
+        """The new global model. With server_lr = 1 (and for non-float tensors) it is `averaged`
+        itself, not a copy: the engine hands over a fresh average it never touches again, and a
+        copy was one more whole model in memory at the end of every round."""
         specs = _check_same_model(global_weights, averaged, "averaged weights")
         out: dict[str, Array] = {}
         for spec in specs:
             if self.server_lr == 1.0 or spec.dtype not in FLOAT_DTYPES:
-                out[spec.name] = np.array(averaged[spec.name], copy=True)
+                out[spec.name] = np.asarray(averaged[spec.name])
                 continue
             g = _float64(np.asarray(global_weights[spec.name]), spec.dtype).reshape(-1)
             a = _float64(np.asarray(averaged[spec.name]), spec.dtype).reshape(-1)
