@@ -25,7 +25,11 @@ before_imports = usage()
 
 from coordinator.auth import AllowList  # noqa: E402
 from coordinator.rounds import RoundEngine, RoundSettings  # noqa: E402
-from coordinator.server import DEFAULT_MAX_CONCURRENT_UPLOADS, start_server  # noqa: E402
+from coordinator.server import (  # noqa: E402
+    DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    DEFAULT_MAX_CONCURRENT_UPLOADS,
+    start_server,
+)
 from pluralfed.tls import TlsFiles  # noqa: E402
 from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES  # noqa: E402
 
@@ -47,6 +51,12 @@ def main() -> int:
         type=int,
         default=DEFAULT_MAX_CONCURRENT_UPLOADS,
         help="updates read at once (0: no bound)",
+    )
+    ap.add_argument(
+        "--max-concurrent-downloads",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+        help="models sent at once (0: no bound)",
     )
     ap.add_argument(
         "--upload-chunk-bytes",
@@ -83,6 +93,7 @@ def main() -> int:
         workers,
         upload_slots=args.max_concurrent_uploads,
         upload_chunk_bytes=args.upload_chunk_bytes,
+        download_slots=args.max_concurrent_downloads,
     )
     (args.state_dir / "coordinator.port").write_text(f"{port}\n")
     ready = usage()
@@ -110,6 +121,7 @@ def main() -> int:
             "max_workers": workers,
             "max_concurrent_uploads": args.max_concurrent_uploads,
             "upload_chunk_bytes": args.upload_chunk_bytes,
+            "max_concurrent_downloads": args.max_concurrent_downloads,
             "model_bytes": sum(s.nbytes for s in engine.specs),
             "tensors": len(engine.specs),
             "history": history,

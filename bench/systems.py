@@ -282,6 +282,7 @@ def summarize(
         "bound_4x_model_mib": 4 * model_bytes / 2**20,
         "max_concurrent_uploads": c.get("max_concurrent_uploads", "n/a"),
         "upload_chunk_bytes": c.get("upload_chunk_bytes", 1 << 20),
+        "max_concurrent_downloads": c.get("max_concurrent_downloads", "none"),
         "coord_cpu_rounds_s": cpu(cu["rounds_done"]) - cpu(cu["ready"]),
         "coord_cpu_total_s": cpu(cu["end"]),
         "coord_threads_end": cu["rounds_done"]["threads"],
@@ -466,6 +467,7 @@ def report(results: dict[str, Any]) -> str:
             f"- {s['scenario']}: {s['node_procs']} node processes, coordinator max_workers "
             f"{s['max_workers']}, max_concurrent_uploads {s.get('max_concurrent_uploads', 'n/a')}, "
             f"upload chunks {s.get('upload_chunk_bytes', 1 << 20) // 1024} KiB, "
+            f"max_concurrent_downloads {s.get('max_concurrent_downloads', 'none')}, "
             f"coordinator RSS after imports {s['coord_rss_after_imports_mib']:.0f}"
             f" MiB (torch is imported via coordinator.rounds -> pluralfed.evaluation), node CPU per "
             f"node-round {s['node_cpu_per_node_round_s'] * 1000:.0f} ms, socket/payload "

@@ -15,12 +15,13 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.auth import AllowList, AuthInterceptor, authenticated_node, require_self
@@ -62,6 +63,8 @@ MAX_GROUP_NAME = 200
 MAX_WAIT_S = 60.0
 # uploads read at once (CoordinatorConfig.max_concurrent_uploads); more wait for a slot
 DEFAULT_MAX_CONCURRENT_UPLOADS = 4
+# downloads sent at once (CoordinatorConfig.max_concurrent_downloads); more wait for a slot
+DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
 
 _TASK_KINDS = {
     TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
@@ -84,15 +87,18 @@ def _reject(reason: str, message: str) -> pb.UploadReply:
 
 @dataclass(frozen=True)
 class SerializedModel:
-    """A whole DownloadModel stream (header, tensor chunks, trailer) as serialized messages.
-
-    Built once per model version and shared by every node's download, so the coordinator holds
-    one extra copy of the model whatever the number of nodes, instead of each download thread
-    building (and copying) its own protobuf messages chunk by chunk.
+    """A model version's DownloadModel stream: header and trailer serialized once per version
+    (the header carries the model's SHA-256, computed once), tensor parts serialized chunk by
+    chunk as each download sends them, straight from the global weights (which the engine
+    replaces, never mutates). A serialized copy of the whole model kept for all downloads was
+    one more model in the coordinator's memory; each chunk is now copied once per download
+    instead, and gRPC copies it again whichever way it comes.
     """
 
     version: str
-    messages: tuple[bytes, ...]
+    header: bytes
+    trailer: bytes
+    weights: Mapping[str, np.ndarray]
     data_bytes: int
 
     @classmethod
@@ -106,12 +112,19 @@ class SerializedModel:
         )
         for s in specs:
             header.tensors.add(name=s.name, dtype=dtype_to_proto(s.dtype), shape=list(s.shape))
-        messages = [pb.ModelChunk(header=header).SerializeToString()]
-        messages += [serialized_tensor_part(chunk) for chunk in iter_chunks(model.weights)]
-        messages.append(
-            pb.ModelChunk(trailer=pb.StreamTrailer(sha256=header.sha256)).SerializeToString()
+        return cls(
+            model.version,
+            pb.ModelChunk(header=header).SerializeToString(),
+            pb.ModelChunk(trailer=pb.StreamTrailer(sha256=header.sha256)).SerializeToString(),
+            model.weights,
+            header.total_bytes,
         )
-        return cls(model.version, tuple(messages), header.total_bytes)
+
+    def messages(self) -> Iterator[bytes]:
+        yield self.header
+        for chunk in iter_chunks(self.weights):
+            yield serialized_tensor_part(chunk)
+        yield self.trailer
 
 
 class BulkStreamCodecs(grpc.ServerInterceptor):
@@ -141,12 +154,14 @@ class BulkStreamCodecs(grpc.ServerInterceptor):
         return handler
 
 
-class UploadSlots:
-    """At most `limit` uploads are read at once; the others wait, first come first served.
+class StreamSlots:
+    """At most `limit` bulk streams (uploads being read, or downloads being sent) at once; the
+    others wait, first come first served.
 
     Each upload being read holds a few chunk-sized buffers (gRPC's receive window, the message
-    being assembled, its Python bytes); the bound keeps that part of the coordinator's memory
-    independent of the number of nodes. A waiting upload's bytes stay at the node (HTTP/2 flow
+    being assembled, its Python bytes), and each download a chunk serialized for it and gRPC's
+    copy; the bound keeps that part of the coordinator's memory independent of the number of
+    nodes. A waiting upload's bytes stay at the node (HTTP/2 flow
     control); the coordinator reads the admitted ones at the same total rate, and uploads finish
     batch by batch instead of all at the end, so more are whole by a round's deadline. Waiting
     does not extend the deadline: an upload admitted after its round closed is refused STALE
@@ -209,11 +224,13 @@ class FederationServicer(pb_grpc.FederationServicer):
         self,
         engine: RoundEngine,
         insecure: bool = False,
-        upload_slots: UploadSlots | None = None,
+        upload_slots: StreamSlots | None = None,
         upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+        download_slots: StreamSlots | None = None,
     ) -> None:
         self.engine = engine
-        self.upload_slots = upload_slots or UploadSlots(DEFAULT_MAX_CONCURRENT_UPLOADS)
+        self.upload_slots = upload_slots or StreamSlots(DEFAULT_MAX_CONCURRENT_UPLOADS)
+        self.download_slots = download_slots or StreamSlots(DEFAULT_MAX_CONCURRENT_DOWNLOADS)
         # what Join tells nodes to cut their uploads to, and the most an upload chunk may carry
         self.upload_chunk_bytes = check_chunk_bytes(upload_chunk_bytes)
         self.insecure = insecure
@@ -277,7 +294,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     def DownloadModel(  # type: ignore[override]  # serialized ModelChunks: BulkStreamCodecs
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        """Streams the model's messages serialized once per version (see `SerializedModel`)."""
+        """Streams the model version's messages (see `SerializedModel`)."""
         try:
             model = self.engine.model_for(
                 request.session_id, self._caller(context), request.model_version
@@ -285,7 +302,13 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Rejection as r:
             _abort(context, r)
         serialized = self._serialized(model)
-        yield from serialized.messages
+        if not self.download_slots.acquire(context.is_active):
+            log.info("download cancelled while waiting for a slot")
+            return
+        try:
+            yield from serialized.messages()
+        finally:  # also when the node goes away mid-stream (gRPC closes this generator)
+            self.download_slots.release()
         self.bytes_out += serialized.data_bytes
 
     def _serialized(self, model: GlobalModel) -> SerializedModel:
@@ -511,19 +534,25 @@ def start_server(
     tls: TlsFiles | None,
     allow_list: AllowList,
     max_workers: int = 64,
-    upload_slots: UploadSlots | int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+    upload_slots: StreamSlots | int = DEFAULT_MAX_CONCURRENT_UPLOADS,
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+    download_slots: StreamSlots | int = DEFAULT_MAX_CONCURRENT_DOWNLOADS,
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
     tls=None means plain text (--insecure): the caller must have asked for it explicitly.
-    upload_slots: how many uploads are read at once (<= 0: no bound), or the gate itself.
+    upload_slots, download_slots: how many uploads are read (downloads sent) at once (<= 0: no
+    bound), or the gate itself.
     upload_chunk_bytes: the largest upload chunk, told to nodes in Join (ValueError if out of
     range); smaller chunks lower the read buffer gRPC keeps per connection, at some speed.
     """
     if isinstance(upload_slots, int):
-        upload_slots = UploadSlots(upload_slots)
-    servicer = FederationServicer(engine, tls is None, upload_slots, upload_chunk_bytes)
+        upload_slots = StreamSlots(upload_slots)
+    if isinstance(download_slots, int):
+        download_slots = StreamSlots(download_slots)
+    servicer = FederationServicer(
+        engine, tls is None, upload_slots, upload_chunk_bytes, download_slots
+    )
     limit_malloc_arenas()  # before the RPC threads start
     interceptor = AuthInterceptor(allow_list, insecure=tls is None)
     server = grpc.server(

@@ -17,7 +17,11 @@ from rich.console import Console
 
 from coordinator.auth import AllowList
 from coordinator.rounds import HELD_OUT_SET, TRAIN_SET, RoundEngine, RoundSettings
-from coordinator.server import DEFAULT_MAX_CONCURRENT_UPLOADS, start_server
+from coordinator.server import (
+    DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    DEFAULT_MAX_CONCURRENT_UPLOADS,
+    start_server,
+)
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.embeddings import make_encoder
 from pluralfed.errors import InputError
@@ -82,6 +86,7 @@ class CoordinatorConfig:
     max_workers: int = 64
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS  # memory: O(this), not O(nodes)
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES  # memory: O(this x nodes)
+    max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # memory: O(this)
     linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
 
     def __post_init__(self) -> None:
@@ -164,6 +169,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         max_workers=cfg.max_workers,
         upload_slots=cfg.max_concurrent_uploads,
         upload_chunk_bytes=cfg.upload_chunk_bytes,
+        download_slots=cfg.max_concurrent_downloads,
     )
     # where local launchers (and operators using port 0) find the bound port
     atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())

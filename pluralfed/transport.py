@@ -91,7 +91,7 @@ def server_grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tupl
 
     With BDP probing, gRPC grows every stream's window to several MB, so a coordinator busy
     with many uploads buffered megabytes per node: memory grew with the number of nodes. The
-    window is also what an upload waiting for its slot (`UploadSlots`) may have the coordinator
+    window is also what an upload waiting for its slot (`StreamSlots`) may have the coordinator
     buffer: with one message (1 MiB) of lookahead, 256 waiting uploads held ~256 MiB. gRPC still
     lets a stream being read receive the whole message it is reading, so 64 KiB keeps loopback
     uploads as fast (systems bench C and D round times unchanged) while bounding waiting ones.

@@ -1,10 +1,13 @@
-"""The coordinator's bound on uploads read at once (`UploadSlots`), alone and on the real stack.
+"""The coordinator's bounds on uploads read and downloads sent at once (`StreamSlots`), alone
+and on the real stack.
 
 Alone: the bound holds under many threads, waiters are served first come first served, and a
 waiter whose RPC dies leaves the queue (or passes on a slot handed to it just then). On the real
 coordinator (RoundEngine + gRPC server with mutual TLS on 127.0.0.1): more nodes upload at once
 than there are slots, and every update is accepted and averaged; an upload cancelled while it
-holds a slot, or while it waits for one, gives its place back, so nothing deadlocks.
+holds a slot, or while it waits for one, gives its place back, so nothing deadlocks. The same
+for downloads: more nodes download at once than there are slots and all get the model intact;
+one abandoned mid-stream gives its slot back.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from fedharness import (
 
 from coordinator.auth import AllowList
 from coordinator.rounds import RoundEngine, RoundSettings
-from coordinator.server import UploadSlots, start_server
+from coordinator.server import StreamSlots, start_server
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.tls import TlsFiles
 
@@ -43,7 +46,7 @@ SLOTS = 2
 
 
 def test_bound_holds_under_many_threads() -> None:
-    slots = UploadSlots(3)
+    slots = StreamSlots(3)
     lock = threading.Lock()
     inside = 0
     most = 0
@@ -73,12 +76,12 @@ def test_bound_holds_under_many_threads() -> None:
     assert slots.active == 0 and slots.waiting == 0
 
 
-def queued(slots: UploadSlots, n: int) -> Callable[[], bool]:
+def queued(slots: StreamSlots, n: int) -> Callable[[], bool]:
     return lambda: slots.waiting == n
 
 
 def test_waiters_are_served_in_order_and_dead_ones_leave() -> None:
-    slots = UploadSlots(1)
+    slots = StreamSlots(1)
     assert slots.acquire(lambda: True)
     order: list[str] = []
     alive = {"a": True, "b": True, "c": True}
@@ -103,7 +106,7 @@ def test_waiters_are_served_in_order_and_dead_ones_leave() -> None:
 
 
 def test_slot_handed_to_a_dead_waiter_is_passed_on() -> None:
-    slots = UploadSlots(1)
+    slots = StreamSlots(1)
     assert slots.acquire(lambda: True)
     gone = threading.Event()
     result: list[bool] = []
@@ -164,7 +167,7 @@ def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
         session_timeout_s=120.0,
     )
     engine = RoundEngine(settings, toy_weights(), tmp_path / "state", ENCODER, {"toy": True})
-    slots = UploadSlots(SLOTS)
+    slots = StreamSlots(SLOTS)
     server, port = start_server(
         engine,
         f"{HOST}:0",
@@ -231,6 +234,78 @@ def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
             [updates[i] for i in NODES], [float(examples[i]) for i in NODES]
         )
         assert_weights_close(engine.state.weights, expected, "global model after the round")
+    finally:
+        for n in nodes.values():
+            n.close()
+        engine.stop()
+        server.stop(None).wait(10)
+        driver.join(10)
+
+
+def test_downloads_beyond_the_bound_wait_and_abandoned_ones_give_back_their_slot(
+    tmp_path: Path,
+) -> None:
+    pki = Pki(tmp_path / "pki")
+    settings = RoundSettings(
+        rounds=1,
+        min_nodes=len(NODES),
+        min_updates=len(NODES),
+        round_timeout_s=scaled(60),
+        eval_every=0,
+        heartbeat_interval_s=1.0,
+        session_timeout_s=120.0,
+    )
+    # 16 MB: more than gRPC buffers for a node that stops reading, so its download stalls
+    weights = {**toy_weights(), "big": np.random.default_rng(1).normal(size=4_000_000)}
+    weights["big"] = weights["big"].astype(np.float32)
+    engine = RoundEngine(settings, weights, tmp_path / "state", ENCODER, {"toy": True})
+    slots = StreamSlots(1)
+    server, port = start_server(
+        engine,
+        f"{HOST}:0",
+        TlsFiles.from_dir(pki.server),
+        AllowList(NODES),
+        max_workers=32,
+        download_slots=slots,
+    )
+    driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
+    driver.start()
+    nodes = {i: FakeNode(port, g, tls_dir=pki.node(i)) for i, g in NODES.items()}
+    try:
+        for n in nodes.values():
+            n.join(ENCODER)
+        version = nodes["node-0"].wait_task(pb.TASK_KIND_TRAIN, timeout=30).model_version
+
+        # node-0 reads the header, then stops reading: its download holds the only slot
+        stalled = nodes["node-0"].stub.DownloadModel(
+            pb.DownloadModelRequest(session_id=nodes["node-0"].session_id, model_version=version),
+            timeout=60,
+        )
+        assert next(stalled).WhichOneof("part") == "header"
+        wait_until(lambda: slots.active == 1, 10, "node-0 to hold the slot", poll_s=0.02)
+        got: dict[str, dict[str, np.ndarray]] = {}
+
+        def download(i: str) -> None:
+            got[i] = nodes[i].download(version)
+
+        waiter = threading.Thread(target=download, args=("node-1",))
+        waiter.start()
+        wait_until(lambda: slots.waiting == 1, 10, "node-1 to wait for the slot", poll_s=0.02)
+        stalled.cancel()  # node-0's process died mid-download: its slot goes to node-1
+        waiter.join(30)
+        assert "node-1" in got, "node-1's download never got the slot"
+
+        # everyone else at once, more than there are slots
+        threads = [threading.Thread(target=download, args=(i,)) for i in NODES if i != "node-1"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(got) == sorted(NODES)
+        for i, model in got.items():
+            assert_weights_close(model, weights, f"{i}'s download")
+        assert slots.peak == 1
+        wait_until(lambda: slots.active == 0 and slots.waiting == 0, 10, "all slots back")
     finally:
         for n in nodes.values():
             n.close()

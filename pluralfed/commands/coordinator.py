@@ -60,6 +60,8 @@ HELP = {
     "max_workers": "RPC worker threads (each waiting node holds one during its long poll)",
     "max_concurrent_uploads": "updates read at once; the others wait their turn, which bounds "
     "the coordinator's memory whatever the number of nodes (0 = no bound)",
+    "max_concurrent_downloads": "model downloads sent at once; the others wait their turn, "
+    "which bounds the coordinator's memory whatever the number of nodes (0 = no bound)",
     "upload_chunk_bytes": "largest chunk of an upload, told to nodes when they join; gRPC keeps "
     "about one chunk of read buffer per connected node (4096..1048576)",
     "linger_s": "seconds to keep serving after the last round so nodes hear the end",
