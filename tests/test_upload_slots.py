@@ -12,6 +12,7 @@ one abandoned mid-stream gives its slot back.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -151,9 +152,17 @@ def held(messages: list[pb.UpdateChunk], release: threading.Event) -> Iterator[p
     yield from messages[2:]
 
 
-def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
+@contextlib.contextmanager
+def federation(
     tmp_path: Path,
-) -> None:
+    weights: Mapping[str, np.ndarray],
+    *,
+    upload_slots: StreamSlots | None = None,
+    download_slots: StreamSlots | None = None,
+) -> Iterator[tuple[RoundEngine, dict[str, FakeNode]]]:
+    """The real engine and gRPC server (mutual TLS on 127.0.0.1, rounds driven in a thread) for
+    one round of all NODES, with the given slots (default: 4 each), and a connected FakeNode
+    per node."""
     pki = Pki(tmp_path / "pki")
     settings = RoundSettings(
         rounds=1,
@@ -166,20 +175,34 @@ def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
         heartbeat_interval_s=1.0,
         session_timeout_s=120.0,
     )
-    engine = RoundEngine(settings, toy_weights(), tmp_path / "state", ENCODER, {"toy": True})
-    slots = StreamSlots(SLOTS)
+    engine = RoundEngine(settings, weights, tmp_path / "state", ENCODER, {"toy": True})
     server, port = start_server(
         engine,
         f"{HOST}:0",
         TlsFiles.from_dir(pki.server),
         AllowList(NODES),
         max_workers=32,
-        upload_slots=slots,
+        upload_slots=upload_slots or StreamSlots(4),
+        download_slots=download_slots or StreamSlots(4),
     )
     driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
     driver.start()
     nodes = {i: FakeNode(port, g, tls_dir=pki.node(i)) for i, g in NODES.items()}
     try:
+        yield engine, nodes
+    finally:
+        for n in nodes.values():
+            n.close()
+        engine.stop()
+        server.stop(None).wait(10)
+        driver.join(10)
+
+
+def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
+    tmp_path: Path,
+) -> None:
+    slots = StreamSlots(SLOTS)
+    with federation(tmp_path, toy_weights(), upload_slots=slots) as (engine, nodes):
         examples = {i: 10 + 5 * k for k, i in enumerate(NODES)}
         for i, n in nodes.items():
             n.join(ENCODER, examples[i])
@@ -234,44 +257,16 @@ def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
             [updates[i] for i in NODES], [float(examples[i]) for i in NODES]
         )
         assert_weights_close(engine.state.weights, expected, "global model after the round")
-    finally:
-        for n in nodes.values():
-            n.close()
-        engine.stop()
-        server.stop(None).wait(10)
-        driver.join(10)
 
 
 def test_downloads_beyond_the_bound_wait_and_abandoned_ones_give_back_their_slot(
     tmp_path: Path,
 ) -> None:
-    pki = Pki(tmp_path / "pki")
-    settings = RoundSettings(
-        rounds=1,
-        min_nodes=len(NODES),
-        min_updates=len(NODES),
-        round_timeout_s=scaled(60),
-        eval_every=0,
-        heartbeat_interval_s=1.0,
-        session_timeout_s=120.0,
-    )
     # 16 MB: more than gRPC buffers for a node that stops reading, so its download stalls
     weights = {**toy_weights(), "big": np.random.default_rng(1).normal(size=4_000_000)}
     weights["big"] = weights["big"].astype(np.float32)
-    engine = RoundEngine(settings, weights, tmp_path / "state", ENCODER, {"toy": True})
     slots = StreamSlots(1)
-    server, port = start_server(
-        engine,
-        f"{HOST}:0",
-        TlsFiles.from_dir(pki.server),
-        AllowList(NODES),
-        max_workers=32,
-        download_slots=slots,
-    )
-    driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
-    driver.start()
-    nodes = {i: FakeNode(port, g, tls_dir=pki.node(i)) for i, g in NODES.items()}
-    try:
+    with federation(tmp_path, weights, download_slots=slots) as (_, nodes):
         for n in nodes.values():
             n.join(ENCODER)
         version = nodes["node-0"].wait_task(pb.TASK_KIND_TRAIN, timeout=30).model_version
@@ -306,9 +301,3 @@ def test_downloads_beyond_the_bound_wait_and_abandoned_ones_give_back_their_slot
             assert_weights_close(model, weights, f"{i}'s download")
         assert slots.peak == 1
         wait_until(lambda: slots.active == 0 and slots.waiting == 0, 10, "all slots back")
-    finally:
-        for n in nodes.values():
-            n.close()
-        engine.stop()
-        server.stop(None).wait(10)
-        driver.join(10)
