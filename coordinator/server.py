@@ -86,7 +86,7 @@ def _reject(reason: str, message: str) -> pb.UploadReply:
 
 
 @dataclass(frozen=True)
-class SerializedModel:
+class ModelDownload:
     """A model version's DownloadModel stream: header and trailer serialized once per version
     (the header carries the model's SHA-256, computed once), tensor parts serialized chunk by
     chunk as each download sends them, straight from the global weights (which the engine
@@ -102,7 +102,7 @@ class SerializedModel:
     data_bytes: int
 
     @classmethod
-    def of(cls, model: GlobalModel, specs: Sequence[TensorSpec]) -> SerializedModel:
+    def of(cls, model: GlobalModel, specs: Sequence[TensorSpec]) -> ModelDownload:
         header = pb.ModelHeader(
             model_version=model.version,
             round=model.round,
@@ -129,7 +129,7 @@ class SerializedModel:
 
 class BulkStreamCodecs(grpc.ServerInterceptor):
     """Swaps in the (de)serializers of the two bulk streams, which skip protobuf's copies:
-    DownloadModel may yield already serialized messages (`SerializedModel`), and UploadUpdate
+    DownloadModel yields already serialized messages (`ModelDownload`), and UploadUpdate
     receives tensor parts as `Chunk`s viewing the received bytes (`decode_update_chunk`)."""
 
     def intercept_service(
@@ -235,8 +235,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.upload_chunk_bytes = check_chunk_bytes(upload_chunk_bytes)
         self.insecure = insecure
         self.bytes_out = 0
-        self._serialized_lock = threading.Lock()
-        self._serialized_model: SerializedModel | None = None
+        self._download_lock = threading.Lock()
+        self._current_download: ModelDownload | None = None
 
     # who is calling: the certificate's node name, or None in --insecure mode (no ownership check)
     def _caller(self, context: grpc.ServicerContext) -> str | None:
@@ -294,33 +294,33 @@ class FederationServicer(pb_grpc.FederationServicer):
     def DownloadModel(  # type: ignore[override]  # serialized ModelChunks: BulkStreamCodecs
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        """Streams the model version's messages (see `SerializedModel`)."""
+        """Streams the model version's messages (see `ModelDownload`)."""
         try:
             model = self.engine.model_for(
                 request.session_id, self._caller(context), request.model_version
             )
         except Rejection as r:
             _abort(context, r)
-        serialized = self._serialized(model)
+        download = self._download_of(model)
         if not self.download_slots.acquire(context.is_active):
             log.info("download cancelled while waiting for a slot")
             return
         try:
-            yield from serialized.messages()
+            yield from download.messages()
         finally:  # also when the node goes away mid-stream (gRPC closes this generator)
             self.download_slots.release()
-        self.bytes_out += serialized.data_bytes
+        self.bytes_out += download.data_bytes
 
-    def _serialized(self, model: GlobalModel) -> SerializedModel:
+    def _download_of(self, model: GlobalModel) -> ModelDownload:
         """The download stream of this model version, built by the first download that needs it;
         a newer version replaces it (downloads still streaming the old one keep it alive)."""
-        with self._serialized_lock:
-            current = self._serialized_model
+        with self._download_lock:
+            current = self._current_download
             if current is not None and current.version == model.version:
                 return current
-            self._serialized_model = None  # let the old one go before building
-            self._serialized_model = SerializedModel.of(model, self.engine.specs)
-            return self._serialized_model
+            self._current_download = None  # let the old one go before building
+            self._current_download = ModelDownload.of(model, self.engine.specs)
+            return self._current_download
 
     def UploadUpdate(  # type: ignore[override]  # tensor parts arrive as Chunks: BulkStreamCodecs
         self, request_iterator: Iterator[pb.UpdateChunk | Chunk], context: grpc.ServicerContext
