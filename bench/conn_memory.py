@@ -160,11 +160,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         key = (r["options"], r["message_bytes"])
         before = previous.get(key)
-        slope = (
-            f"{(r['after_uploads_mib'] - before['after_uploads_mib']) * 1024 / (r['connections'] - before['connections']):.0f}"
-            if before is not None and r["connections"] > before["connections"]
-            else ""
-        )
+        slope = ""
+        if before is not None and r["connections"] > before["connections"]:
+            grown_kib = (r["after_uploads_mib"] - before["after_uploads_mib"]) * 1024
+            slope = f"{grown_kib / (r['connections'] - before['connections']):.0f}"
         previous[key] = r
         lines.append(
             f"| {r['options']} | {r['message_bytes'] // 1024} KiB | {r['connections']} "
