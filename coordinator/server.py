@@ -161,11 +161,11 @@ class StreamSlots:
     Each upload being read holds a few chunk-sized buffers (gRPC's receive window, the message
     being assembled, its Python bytes), and each download a chunk serialized for it and gRPC's
     copy; the bound keeps that part of the coordinator's memory independent of the number of
-    nodes. A waiting upload's bytes stay at the node (HTTP/2 flow
-    control); the coordinator reads the admitted ones at the same total rate, and uploads finish
-    batch by batch instead of all at the end, so more are whole by a round's deadline. Waiting
-    does not extend the deadline: an upload admitted after its round closed is refused STALE
-    before it is read. limit <= 0: no bound.
+    nodes. A waiting upload's bytes stay at the node (HTTP/2 flow control); the coordinator
+    reads the admitted ones at the same total rate, and uploads finish batch by batch instead
+    of all at the end, so more are whole by a round's deadline. Waiting does not extend the
+    deadline: an upload admitted after its round closed is refused STALE before it is read.
+    limit <= 0: no bound.
     """
 
     def __init__(self, limit: int) -> None:
