@@ -347,7 +347,14 @@ class RoundEngine:
                 # waiting is no sign of life: a node cut off mid-poll must be able to expire
                 s = self._session(session_id, group, touch=False)
                 if self._done:
-                    return TaskSpec(TaskKind.SHUTDOWN)
+                    # the final model stays downloadable while nodes linger: nodes that
+                    # personalize fetch it before they leave
+                    return TaskSpec(
+                        TaskKind.SHUTDOWN,
+                        round=self.state.completed_rounds,
+                        model_version=self.model_version,
+                        settings=self.settings,
+                    )
                 t = self._task
                 if t is not None and session_id in t.selected and t.task_id not in s.answered:
                     return TaskSpec(

@@ -498,6 +498,7 @@ def task_to_proto(spec: TaskSpec) -> pb.Task:
         hp.keep_local_optimizer_state = True
         task.evaluation.max_context = st.max_context
         task.evaluation.seed = st.seed
+    if spec.deadline > 0:
         task.deadline.FromMilliseconds(int(spec.deadline * 1000))
         task.time_budget.FromMilliseconds(max(0, int((spec.deadline - time.time()) * 1000)))
     return task

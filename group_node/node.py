@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -20,10 +21,12 @@ import grpc
 
 from group_node.worker import GroupWorker
 from pluralfed import __version__
+from pluralfed.checkpoint import save_checkpoint
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
+from pluralfed.training import TrainingSettings
 from pluralfed.transport import (
     PROTOCOL_VERSION,
     BulkStreamCalls,
@@ -44,6 +47,9 @@ FATAL_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.UNIMPLEMENTED,
 }
+
+
+MAX_PERSONALIZE_STEPS = 100_000
 
 
 @dataclass
@@ -73,6 +79,12 @@ class NodeConfig:
     # a round is retried), with metadata group, round, task_id, base_model_version, num_examples
     # and sha256 (the digest the upload's trailer carries). No upload without its copy.
     save_updates_dir: Path | None = None
+    # Personalization, node-local: after a finished run, download the final model, fine-tune a
+    # copy on this group's own TRAIN questions for this many steps (the run's learning rate and
+    # episode sizes, fresh Adam state) and save it as a checkpoint in personalized_dir. Nothing
+    # of it is sent anywhere. 0 = off.
+    personalize_steps: int = 0
+    personalized_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.group.strip():
@@ -85,6 +97,16 @@ class NodeConfig:
             raise InputError("node config: data is required (a CSV or JSONL file with the group)")
         if self.threads < 1:
             raise InputError("node config: threads must be at least 1")
+        if not 0 <= self.personalize_steps <= MAX_PERSONALIZE_STEPS:
+            raise InputError(
+                f"node config: personalize_steps must be 0..{MAX_PERSONALIZE_STEPS}, got "
+                f"{self.personalize_steps}"
+            )
+        if self.personalize_steps and self.personalized_dir is None:
+            raise InputError(
+                "node config: personalize_steps is set, so personalized_dir is required (the "
+                "folder where the personalized checkpoint is written)"
+            )
         if ":" not in self.coordinator:
             raise InputError(
                 f"node config: coordinator must be host:port, got {self.coordinator!r}"
@@ -94,6 +116,27 @@ class NodeConfig:
         if self.insecure:
             return None
         return resolve_tls_files("node", self.tls_dir, self.tls_ca, self.tls_cert, self.tls_key)
+
+
+FINAL_DOWNLOAD_TIMEOUT_S = 120.0
+
+
+def personalization_settings(hp: pb.Hyperparameters) -> TrainingSettings:
+    """The run's learning rate and episode sizes from SHUTDOWN's hyperparameters, checked."""
+    lr = hp.learning_rate
+    if not (math.isfinite(lr) and 0 < lr <= 1):
+        raise InputError(f"SHUTDOWN hyperparameters: learning_rate {lr!r} is not in (0, 1]")
+    ranges = {"context_range": hp.context_range, "target_range": hp.target_range}
+    for name, r in ranges.items():
+        if not 1 <= r.min <= r.max:
+            raise InputError(
+                f"SHUTDOWN hyperparameters: {name} {r.min}..{r.max} is not a range of at least 1"
+            )
+    return TrainingSettings(
+        learning_rate=lr,
+        context_range=(hp.context_range.min, hp.context_range.max),
+        target_range=(hp.target_range.min, hp.target_range.max),
+    )
 
 
 class SessionLost(Exception):
@@ -225,12 +268,15 @@ class GroupNode:
         self._stop = threading.Event()
         self._state: pb.NodeState.ValueType = pb.NODE_STATE_IDLE
         self.rounds_trained = 0
+        # the final model, downloaded at SHUTDOWN when this node personalizes
+        self._final: tuple[pb.Task, dict] | None = None
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> int:
-        """Returns 0 when the federation finished, 2 on a configuration problem."""
+        """Returns 0 when the federation finished, 2 on a configuration problem, 1 when the
+        coordinator stayed unreachable or a requested personalization failed."""
         backoff = self.config.backoff_initial_s
         unreachable_since: float | None = None
         try:
@@ -240,7 +286,7 @@ class GroupNode:
                     backoff = self.config.backoff_initial_s
                     unreachable_since = None
                     if self._serve_tasks():
-                        return 0
+                        return self._personalize()
                 except SessionLost as err:
                     log.warning("%s: %s; joining again", self.config.group, err)
                 except grpc.RpcError as err:
@@ -306,6 +352,8 @@ class GroupNode:
                     raise
                 if task.kind == pb.TASK_KIND_SHUTDOWN:
                     log.info("%s: the federation is finished", self.config.group)
+                    if self.config.personalize_steps:
+                        self._fetch_final(task)
                     with contextlib.suppress(grpc.RpcError):
                         self.client.leave("finished")
                     return True
@@ -316,6 +364,77 @@ class GroupNode:
             return False
         finally:
             stop_beats.set()
+
+    def _fetch_final(self, task: pb.Task) -> None:
+        """Download the final model named by SHUTDOWN (before leaving: the coordinator serves
+        it only while nodes are still there). A failure is logged; `_personalize` reports it."""
+        if not task.model_version:
+            log.error(
+                "%s: SHUTDOWN names no final model (the coordinator dismissed this node or is "
+                "older than personalization): nothing to personalize",
+                self.config.group,
+            )
+            return
+        try:
+            weights = self.client.download(task.model_version, timeout=FINAL_DOWNLOAD_TIMEOUT_S)
+        except (grpc.RpcError, InputError) as err:
+            details = err.details() if isinstance(err, grpc.RpcError) else str(err)
+            log.error(
+                "%s: could not download the final model %s: %s",
+                self.config.group,
+                task.model_version,
+                details,
+            )
+            return
+        self._final = (task, weights)
+
+    def _personalize(self) -> int:
+        """After a finished run: fine-tune the final model on this group's data and save it
+        locally (`NodeConfig.personalize_steps`). 0 if done or not asked for, 1 if it failed."""
+        steps = self.config.personalize_steps
+        if not steps:
+            return 0
+        if self._final is None:
+            log.error(
+                "%s: no personalized model: the final model was not available", self.config.group
+            )
+            return 1
+        task, weights = self._final
+        folder = self.config.personalized_dir
+        assert folder is not None  # NodeConfig requires it with personalize_steps
+        try:
+            settings = personalization_settings(task.hyperparameters)
+            self.worker.load_global(self.client.model_config, weights)
+            started = time.perf_counter()
+            model = self.worker.personalized(steps, settings)
+            save_checkpoint(
+                folder,
+                model,
+                self.worker.encoder.identity,
+                {
+                    "mode": "personalized",
+                    "group": self.config.group,
+                    # `pluralfed evaluate --checkpoint` evaluates these groups by default
+                    "training_groups": [self.config.group],
+                    "base_model_version": task.model_version,
+                    "base_round": task.round,
+                    "steps": steps,
+                    "learning_rate": settings.learning_rate,
+                },
+            )
+        except (InputError, OSError, ValueError) as err:
+            log.error("%s: personalization failed: %s", self.config.group, err)
+            return 1
+        log.info(
+            "%s: final model (round %d) fine-tuned %d steps on this group's data in %.1f s; "
+            "saved to %s (kept here, never sent)",
+            self.config.group,
+            task.round,
+            steps,
+            time.perf_counter() - started,
+            folder,
+        )
+        return 0
 
     def _time_left(self, task: pb.Task) -> float:
         return max(5.0, task.deadline.ToMilliseconds() / 1000 - time.time() + 5.0)

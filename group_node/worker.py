@@ -98,6 +98,20 @@ class GroupWorker:
         losses = self.trainer.train_steps(self.split.train, steps)
         return LocalResult(steps, float(np.mean(losses)), time.perf_counter() - started)
 
+    def personalized(self, steps: int, settings: TrainingSettings) -> GPO:
+        """A copy of the loaded model fine-tuned `steps` steps on this group's TRAIN questions,
+        with a fresh Adam (the federation's optimizer state belongs to its rounds). The loaded
+        model itself is not changed."""
+        if self.model is None:
+            raise RuntimeError("no global model loaded")
+        if len(self.split.train) < 2:
+            raise InputError(f"group {self.group!r} has fewer than 2 train questions to train on")
+        model = GPO(self.model.cfg)
+        model.load_state_dict(self.model.state_dict())
+        trainer = LocalTrainer(model, settings, seed=node_seed(self.seed + 1, self.group))
+        trainer.train_steps(self.split.train, steps)
+        return model.eval()
+
     def weights(self) -> dict[str, np.ndarray]:
         if self.model is None:
             raise RuntimeError("no model")

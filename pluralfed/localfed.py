@@ -40,6 +40,9 @@ class LocalFederation:
     insecure: bool = False
     timeout_s: float = 7200.0
     python: str = sys.executable
+    # training nodes fine-tune the final model on their own data after the run and keep it in
+    # <out_dir>/personalized/<node id>/ (group nodes' `personalize_steps`); 0 = off
+    personalize_steps: int = 0
 
 
 def _toml_value(value: Any) -> str:
@@ -141,6 +144,14 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
                 "tls_server_name": "localhost",
                 **({} if run.insecure else {"tls_dir": str(certs / "nodes" / node_id(g))}),
                 **({"cache_dir": str(run.cache_dir)} if run.cache_dir else {}),
+                **(
+                    {
+                        "personalize_steps": run.personalize_steps,
+                        "personalized_dir": str(out / "personalized" / node_id(g)),
+                    }
+                    if run.personalize_steps and g in run.training_groups
+                    else {}
+                ),
             },
             {},
         )
@@ -207,12 +218,19 @@ def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
             raise RuntimeError(
                 f"the coordinator exited with code {code}; see {logs / 'coordinator.log'}"
             )
+        # nodes that personalize fine-tune after the coordinator is gone: give them time
+        grace_s = 30.0 + (run.timeout_s if run.personalize_steps else 0.0)
         for name, proc in procs.children.items():
             if name != "coordinator":
                 try:
-                    proc.wait(30)
+                    node_code = proc.wait(grace_s)
                 except subprocess.TimeoutExpired:
                     log.warning("node %s did not exit after the run", name)
+                    continue
+                if node_code != 0:
+                    log.warning(
+                        "node %s exited with code %d; see %s", name, node_code, logs / f"{name}.log"
+                    )
     finally:
         procs.stop_all()
     results: dict[str, Any] = json.loads((state_dir / "results.json").read_text("utf-8"))

@@ -57,6 +57,16 @@ def test_precedence_file_env_options(tmp_path: Path) -> None:
         ('group = "A"\ndata = "a"\n', {"PLURALFED_NODE_THREADS": "x"}, "PLURALFED_NODE_THREADS"),
         ('group = "A"\ndata = "a"\nrole = "boss"\n', {}, "role must be train or evaluate-only"),
         ('data = "a"\n', {}, "group is required"),
+        (
+            'group = "A"\ndata = "a"\npersonalize_steps = -1\n',
+            {},
+            "personalize_steps must be 0..100000, got -1",
+        ),
+        (
+            'group = "A"\ndata = "a"\npersonalize_steps = 5\n',
+            {},
+            "personalize_steps is set, so personalized_dir is required",
+        ),
         ("group = [\n", {}, "not valid TOML"),
     ],
 )

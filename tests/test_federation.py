@@ -88,6 +88,14 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         },
     )
     audit = {g: tmp_path / "audit" / node_id(g) for g in train}
+    # one training node and the evaluate-only node personalize the final model for their group
+    personalized = {g: tmp_path / "personalized" / node_id(g) for g in (train[0], held_out)}
+
+    def personalize(g: str) -> dict[str, str]:
+        if g not in personalized:
+            return {}
+        return {"personalize_steps": "4", "personalized_dir": str(personalized[g])}
+
     nodes = [
         start_node(
             procs,
@@ -97,7 +105,7 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
             g,
             fed_data.files[g],
             cache_dir=session_cache_dir,
-            settings={"save_updates_dir": str(audit[g])},
+            settings={"save_updates_dir": str(audit[g]), **personalize(g)},
         )
         for g in train
     ]
@@ -111,6 +119,7 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
             fed_data.files[held_out],
             role="evaluate-only",
             cache_dir=session_cache_dir,
+            settings=personalize(held_out),
         )
     )
     everyone = [coord.proc, *nodes]
@@ -145,6 +154,21 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
     assert checkpoint.metadata["training_groups"] == sorted(train)
     final = state_dict_to_numpy(checkpoint.model.state_dict())
     assert_weights_close(final, state.weights, "final checkpoint vs coordinator state")
+
+    # personalization: the final model (downloaded at SHUTDOWN), fine-tuned on the node's own
+    # data, saved where the node was told; nodes not asked wrote nothing
+    assert not (tmp_path / "personalized" / node_id(train[1])).exists()
+    for g, folder in personalized.items():
+        own = load_checkpoint(folder)
+        assert own.metadata["mode"] == "personalized" and own.metadata["group"] == g
+        assert own.metadata["training_groups"] == [g]
+        assert own.metadata["base_round"] == 3 and own.metadata["steps"] == 4
+        final_version = f"{state.run_id}-r3-{digest_of(state.weights).hex()[:12]}"
+        assert own.metadata["base_model_version"] == final_version
+        assert own.model.cfg == checkpoint.model.cfg and own.encoder == checkpoint.encoder
+        mine = state_dict_to_numpy(own.model.state_dict())
+        assert mine.keys() == final.keys()
+        assert not all(np.array_equal(mine[k], final[k]) for k in final), g
 
     # the global model after the last round is sum(n_i w_i) / sum(n_i) over the nodes' uploads
     last = rounds[-1]

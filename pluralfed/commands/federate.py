@@ -48,6 +48,13 @@ def register(subparsers: Any) -> None:
         help="any other coordinator setting (see `pluralfed coordinator --help`), e.g. "
         "--set server_optimizer=fedadam",
     )
+    p.add_argument(
+        "--personalize-steps",
+        type=int,
+        default=0,
+        help="after the run, each training node fine-tunes the final model this many steps on "
+        "its own data and keeps it in OUT/personalized/<node>/ (default: 0, off)",
+    )
     p.add_argument("--synthetic-groups", type=int, default=10, help="groups in the demo data")
     p.add_argument("--synthetic-questions", type=int, default=200, help="questions in the demo")
     p.add_argument("--timeout", type=float, default=7200, help="give up after this many seconds")
@@ -66,6 +73,8 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    if args.personalize_steps < 0:
+        raise InputError(f"--personalize-steps must be 0 or more, got {args.personalize_steps}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         data = generate_synthetic(
@@ -100,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         insecure=args.insecure,
         timeout_s=args.timeout,
+        personalize_steps=args.personalize_steps,
     )
     console.print(
         f"starting a local federation: {len(groups)} training nodes, {len(held)} evaluate-only "

@@ -42,6 +42,9 @@ HELP = {
     "give_up_after_s": "exit if the coordinator stays unreachable this long (default: never)",
     "save_updates_dir": "keep an audit copy of exactly what this node sent, one safetensors "
     "file per round (default: none)",
+    "personalize_steps": "after the run: fine-tune the final model this many steps on this "
+    "group's own data and save it in personalized_dir, never sent (default: 0, off)",
+    "personalized_dir": "where the personalized checkpoint goes (required with personalize_steps)",
 }
 
 

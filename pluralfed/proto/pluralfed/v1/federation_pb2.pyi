@@ -23,7 +23,8 @@ A node's life:
     TRAIN:    DownloadModel(task.model_version) -> train locally -> UploadUpdate
     EVALUATE: DownloadModel(task.model_version) -> evaluate locally -> ReportEvaluation
     WAIT:     call GetTask again (after task.retry_after)
-    SHUTDOWN: Leave and exit
+    SHUTDOWN: Leave and exit (a node that personalizes first downloads task.model_version,
+              the final model of a finished run)
   Heartbeat every JoinReply.heartbeat_interval, concurrently with the loop.
 
 Tensors travel in the pluralfed tensor wire format (see pluralfed/wire.py): a model is an
@@ -133,7 +134,10 @@ class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.Val
     TASK_KIND_WAIT: _TaskKind.ValueType  # 3
     """Nothing to do yet: call GetTask again after retry_after."""
     TASK_KIND_SHUTDOWN: _TaskKind.ValueType  # 4
-    """The federation is over (or this node is dismissed): Leave and exit."""
+    """The federation is over (or this node is dismissed): Leave and exit. After a finished run
+    it carries the final model's version, round and hyperparameters: a node may download that
+    model before it leaves (to fine-tune a copy for its own group, kept locally).
+    """
 
 class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper): ...
 
@@ -145,7 +149,10 @@ TASK_KIND_EVALUATE: TaskKind.ValueType  # 2
 TASK_KIND_WAIT: TaskKind.ValueType  # 3
 """Nothing to do yet: call GetTask again after retry_after."""
 TASK_KIND_SHUTDOWN: TaskKind.ValueType  # 4
-"""The federation is over (or this node is dismissed): Leave and exit."""
+"""The federation is over (or this node is dismissed): Leave and exit. After a finished run
+it carries the final model's version, round and hyperparameters: a node may download that
+model before it leaves (to fine-tune a copy for its own group, kept locally).
+"""
 Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
 
 class _DType:
@@ -694,12 +701,14 @@ class Task(_message.Message):
     round: _builtins.int
     """The federated round the task belongs to (0 = the initial model)."""
     model_version: _builtins.str
-    """The model to download for TRAIN (the round's starting point) and EVALUATE."""
+    """The model to download for TRAIN (the round's starting point) and EVALUATE; for SHUTDOWN
+    after a finished run, the final model (empty when the node is dismissed).
+    """
     message: _builtins.str
     """Human-readable, e.g. why SHUTDOWN."""
     @_builtins.property
     def hyperparameters(self) -> Global___Hyperparameters:
-        """Set for TRAIN."""
+        """Set for TRAIN, and for SHUTDOWN after a finished run (the run's settings)."""
 
     @_builtins.property
     def evaluation(self) -> Global___EvaluationConfig:

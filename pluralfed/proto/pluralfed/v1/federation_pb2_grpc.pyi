@@ -23,7 +23,8 @@ A node's life:
     TRAIN:    DownloadModel(task.model_version) -> train locally -> UploadUpdate
     EVALUATE: DownloadModel(task.model_version) -> evaluate locally -> ReportEvaluation
     WAIT:     call GetTask again (after task.retry_after)
-    SHUTDOWN: Leave and exit
+    SHUTDOWN: Leave and exit (a node that personalizes first downloads task.model_version,
+              the final model of a finished run)
   Heartbeat every JoinReply.heartbeat_interval, concurrently with the loop.
 
 Tensors travel in the pluralfed tensor wire format (see pluralfed/wire.py): a model is an
