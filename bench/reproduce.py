@@ -20,6 +20,11 @@ The runs use the paper's single network (members=1) unless --set members=N: the 
 default ensemble is a variant here, added with
     --label "ensemble of 3 (members=3)" --set members=3
 (its centralized runs train the same ensemble and get rows of their own).
+
+With --personalize-steps N the training nodes fine-tune the final model on their own data after
+the run (group nodes' `personalize_steps`, kept on the node); each group's own personalized
+checkpoint is then scored on its own test questions, with and without the context memory, as
+"<run>, each training group's own model" rows of the training groups' table.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pluralfed.metrics import summarize as summarize_alignment  # noqa: E402
+
 SETS = ("training groups (test questions)", "held-out groups")
 SHORT = {SETS[0]: "training", SETS[1]: "held-out"}
 CLAIMS = {
@@ -60,6 +70,8 @@ def federated(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pluralfed.cli", "federate", "--data", str(args.data)]
     cmd += ["--out", str(out), "--rounds", str(args.rounds), "--eval-every", "10"]
     cmd += ["--seed", str(seed), "--local-steps", str(args.local_steps)]
+    if args.personalize_steps:
+        cmd += ["--personalize-steps", str(args.personalize_steps)]
     for kv in with_paper_model(args.set):
         cmd += ["--set", kv]
     run(cmd, out.parent / f"{out.name}.log")
@@ -78,6 +90,7 @@ def federated(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
         ),
         "final": curve[-1],
         "checkpoint": str(out / "coordinator" / "final"),
+        **({"personalized": str(out / "personalized")} if args.personalize_steps else {}),
     }
 
 
@@ -172,6 +185,36 @@ def with_memory(args: argparse.Namespace, run_: dict[str, Any]) -> dict[str, Any
         run(cmd, ckpt / f"memory-eval-w{args.memory_weight}.log")
     reports = json.loads(target.read_text())["reports"]
     final = {"round": run_["final"]["round"], **{s: reports[s] for s in SETS if s in reports}}
+    return {"curve": [], "wall_seconds": time.time() - started, "final": final}
+
+
+OWN_MODEL = ", each training group's own model"
+
+
+def own_models(args: argparse.Namespace, run_: dict[str, Any], memory: float) -> dict[str, Any]:
+    """The training groups' test questions, each group scored with its own node's personalized
+    checkpoint (`pluralfed evaluate --groups G`, cached beside the checkpoint)."""
+    started = time.time()
+    folder = Path(run_["personalized"])
+    folder = folder if folder.is_absolute() else REPO / folder
+    per_group: dict[str, float] = {}
+    gains: list[float] = []
+    for ckpt in sorted(p for p in folder.iterdir() if p.is_dir()):
+        group = json.loads((ckpt / "checkpoint.json").read_text())["metadata"]["group"]
+        target = ckpt / f"own-eval-w{memory}.json"
+        if not target.exists():
+            cmd = [sys.executable, "-m", "pluralfed.cli", "evaluate", "--checkpoint", str(ckpt)]
+            cmd += ["--data", str(args.data), "--groups", group, "--memory-weight", str(memory)]
+            cmd += ["--threads", str(args.threads), "--out", str(target)]
+            run(cmd, ckpt / f"own-eval-w{memory}.log")
+        [report] = json.loads(target.read_text())["reports"].values()
+        per_group[group] = report["model"]["alignment"]
+        gains.append(report["context_gain"])
+    model = asdict(summarize_alignment(per_group))
+    final = {
+        "round": run_["final"]["round"],
+        SETS[0]: {"model": model, "context_gain": statistics.mean(gains)},
+    }
     return {"curve": [], "wall_seconds": time.time() - started, "final": final}
 
 
@@ -315,7 +358,9 @@ def markdown(table: dict[str, Any], claims: dict[str, str], n_seeds: int) -> str
         "# Reproduction report (PROTOCOL.md; mean ± std over the seeds in column n)",
         "",
         "Rows ending in '+ context memory' are the same final checkpoints evaluated with the",
-        "context memory on (pluralfed/model.py; no training, so no rounds).",
+        "context memory on (pluralfed/model.py; no training, so no rounds). Rows with 'each",
+        "training group's own model' score every training group with its own node's",
+        "personalized checkpoint (--personalize-steps; kept on the node, never sent).",
         "",
     ]
     for s in SETS:
@@ -340,7 +385,7 @@ def markdown(table: dict[str, Any], claims: dict[str, str], n_seeds: int) -> str
         lines.append("")
     lines += ["## Wall time (s)", ""]
     for mode, row in table.items():
-        if not mode.endswith(MEMORY):  # those rows are an evaluation, not a training run
+        if not mode.endswith(MEMORY) and OWN_MODEL not in mode:  # evaluations, not training runs
             lines.append(f"- {mode}: {mean_std(row['wall_seconds'])}")
     lines += ["", "## The paper's claims, here", ""]
     for key, text in CLAIMS.items():
@@ -385,6 +430,12 @@ def main() -> int:
         type=float,
         default=0.9,
         help="context-memory weight for the '+ context memory' rows; 0: no such rows",
+    )
+    p.add_argument(
+        "--personalize-steps",
+        type=int,
+        default=0,
+        help="training nodes personalize the final model this many steps; adds own-model rows",
     )
     p.add_argument("--fresh", action="store_true", help="forget the runs already in runs.json")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from runs.json")
@@ -436,6 +487,19 @@ def main() -> int:
             elif label + MEMORY in stored_memory:  # run folders gone (a fresh clone): keep figures
                 runs[label + MEMORY] = stored_memory[label + MEMORY]
         saved.write_text(json.dumps(runs, indent=1))
+    for label in [k for k in runs if not k.endswith(MEMORY) and OWN_MODEL not in k]:
+        personalized = [r for r in runs[label] if "personalized" in r]
+        if personalized and label in rerun:
+            runs[label + OWN_MODEL] = [own_models(args, r, 0.0) for r in personalized]
+            if args.memory_weight > 0:
+                runs[label + OWN_MODEL + MEMORY] = [
+                    own_models(args, r, args.memory_weight) for r in personalized
+                ]
+        else:  # keep stored figures (run folders may be gone)
+            for key in (label + OWN_MODEL, label + OWN_MODEL + MEMORY):
+                if key in stored_memory:
+                    runs[key] = stored_memory[key]
+    saved.write_text(json.dumps(runs, indent=1))
     table = summarize(runs)
     claims = verdicts(table)
     made = plots(runs, args.out)
