@@ -47,6 +47,7 @@ import matplotlib.pyplot as plt
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pluralfed.checkpoint import META_FILE  # noqa: E402
 from pluralfed.metrics import summarize as summarize_alignment  # noqa: E402
 
 SETS = ("training groups (test questions)", "held-out groups")
@@ -200,7 +201,7 @@ def own_models(args: argparse.Namespace, run_: dict[str, Any], memory: float) ->
     per_group: dict[str, float] = {}
     gains: list[float] = []
     for ckpt in sorted(p for p in folder.iterdir() if p.is_dir()):
-        group = json.loads((ckpt / "checkpoint.json").read_text())["metadata"]["group"]
+        group = json.loads((ckpt / META_FILE).read_text())["metadata"]["group"]
         target = ckpt / f"own-eval-w{memory}.json"
         if not target.exists():
             cmd = [sys.executable, "-m", "pluralfed.cli", "evaluate", "--checkpoint", str(ckpt)]
