@@ -56,7 +56,7 @@ from pluralfed.evaluation import predict_targets  # noqa: E402
 from pluralfed.metrics import alignment_score, summarize  # noqa: E402
 from pluralfed.model import GPO  # noqa: E402
 from pluralfed.prepare import default_groups, embed_groups  # noqa: E402
-from pluralfed.protocol import EVAL_MAX_CONTEXT  # noqa: E402
+from pluralfed.protocol import EVAL_MAX_CONTEXT, LEARNING_RATE  # noqa: E402
 from pluralfed.training import LocalTrainer, TrainingSettings  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "globalopinionqa" / "global_opinions.csv"
@@ -249,7 +249,9 @@ def main() -> int:
         default=100,
         help="local fine-tuning steps per expert (default: %(default)s)",
     )
-    ap.add_argument("--learning-rate", type=float, default=3e-4, help="(default: %(default)s)")
+    ap.add_argument(
+        "--learning-rate", type=float, default=LEARNING_RATE, help="(default: %(default)s)"
+    )
     ap.add_argument(
         "--memory-weight",
         type=float,
