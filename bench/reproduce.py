@@ -489,6 +489,7 @@ def main() -> int:
                 runs[label + MEMORY] = stored_memory[label + MEMORY]
         saved.write_text(json.dumps(runs, indent=1))
     for label in [k for k in runs if not k.endswith(MEMORY) and OWN_MODEL not in k]:
+        # rows of runs not made now stay as stored (loaded above, with the memory rows)
         personalized = [r for r in runs[label] if "personalized" in r]
         if personalized and label in rerun:
             runs[label + OWN_MODEL] = [own_models(args, r, 0.0) for r in personalized]
@@ -496,10 +497,6 @@ def main() -> int:
                 runs[label + OWN_MODEL + MEMORY] = [
                     own_models(args, r, args.memory_weight) for r in personalized
                 ]
-        else:  # keep stored figures (run folders may be gone)
-            for key in (label + OWN_MODEL, label + OWN_MODEL + MEMORY):
-                if key in stored_memory:
-                    runs[key] = stored_memory[key]
     saved.write_text(json.dumps(runs, indent=1))
     table = summarize(runs)
     claims = verdicts(table)
