@@ -57,7 +57,7 @@ from pluralfed.metrics import alignment_score, summarize  # noqa: E402
 from pluralfed.model import GPO  # noqa: E402
 from pluralfed.prepare import default_groups, embed_groups  # noqa: E402
 from pluralfed.protocol import EVAL_MAX_CONTEXT, LEARNING_RATE  # noqa: E402
-from pluralfed.training import LocalTrainer, TrainingSettings  # noqa: E402
+from pluralfed.training import TrainingSettings, fine_tuned_copy  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "globalopinionqa" / "global_opinions.csv"
 FOLDS = 5
@@ -75,14 +75,11 @@ def train_experts(
     model: GPO, splits: dict[str, GroupSplit], groups: Sequence[str], steps: int, lr: float
 ) -> dict[str, GPO]:
     """One fine-tuned copy of `model` per training group, on that group's TRAIN questions."""
-    experts = {}
-    for i, g in enumerate(groups):
-        expert = copy.deepcopy(model)
-        LocalTrainer(expert, TrainingSettings(learning_rate=lr), seed=1000 + i).train_steps(
-            splits[g].train, steps
-        )
-        experts[g] = expert.eval()
-    return experts
+    settings = TrainingSettings(learning_rate=lr)
+    return {
+        g: fine_tuned_copy(model, splits[g].train, steps, settings, seed=1000 + i)
+        for i, g in enumerate(groups)
+    }
 
 
 def held_out_fold_predictions(model: GPO, context: Sequence[EmbeddedItem]) -> Prediction:

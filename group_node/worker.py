@@ -22,7 +22,7 @@ from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation, evaluate_group
 from pluralfed.model import GPO, GPOConfig
 from pluralfed.prepare import embed_groups
-from pluralfed.training import LocalTrainer, TrainingSettings
+from pluralfed.training import LocalTrainer, TrainingSettings, fine_tuned_copy
 from pluralfed.wire import numpy_to_state_dict, state_dict_to_numpy
 
 log = logging.getLogger("pluralfed.node")
@@ -92,25 +92,22 @@ class GroupWorker:
         else:
             self.trainer.settings = replace(settings)
             self.trainer.set_learning_rate(learning_rate)
-        if len(self.split.train) < 2:
-            raise InputError(f"group {self.group!r} has fewer than 2 train questions to train on")
+        self._check_trainable()
         started = time.perf_counter()
         losses = self.trainer.train_steps(self.split.train, steps)
         return LocalResult(steps, float(np.mean(losses)), time.perf_counter() - started)
 
     def personalized(self, steps: int, settings: TrainingSettings) -> GPO:
-        """A copy of the loaded model fine-tuned `steps` steps on this group's TRAIN questions,
-        with a fresh Adam (the federation's optimizer state belongs to its rounds). The loaded
-        model itself is not changed."""
+        """The loaded model fine-tuned on this group's TRAIN questions, as a copy."""
         if self.model is None:
             raise RuntimeError("no global model loaded")
+        self._check_trainable()
+        seed = node_seed(self.seed + 1, self.group)
+        return fine_tuned_copy(self.model, self.split.train, steps, settings, seed)
+
+    def _check_trainable(self) -> None:
         if len(self.split.train) < 2:
             raise InputError(f"group {self.group!r} has fewer than 2 train questions to train on")
-        model = GPO(self.model.cfg)
-        model.load_state_dict(self.model.state_dict())
-        trainer = LocalTrainer(model, settings, seed=node_seed(self.seed + 1, self.group))
-        trainer.train_steps(self.split.train, steps)
-        return model.eval()
 
     def weights(self) -> dict[str, np.ndarray]:
         if self.model is None:

@@ -73,6 +73,22 @@ class LocalTrainer:
         return [self.step([items]) for _ in range(steps)]
 
 
+def fine_tuned_copy(
+    model: GPO,
+    items: Sequence[EmbeddedItem],
+    steps: int,
+    settings: TrainingSettings,
+    seed: int,
+) -> GPO:
+    """A copy of `model` fine-tuned `steps` steps on one group's questions, with a fresh Adam
+    (personalization: the federation's optimizer state belongs to its rounds); `model` itself is
+    not changed."""
+    copy = GPO(model.cfg)
+    copy.load_state_dict(model.state_dict())
+    LocalTrainer(copy, settings, seed).train_steps(items, steps)
+    return copy.eval()
+
+
 EpochCallback = Callable[[int, float], None]
 
 
