@@ -1,0 +1,292 @@
+"""What a bare gRPC mutual-TLS server needs in memory to carry a federation's traffic.
+
+Why: the systems benchmark's coordinator target (scenario C: peak RSS at most 4 x the model over
+start-up, whatever the number of nodes) mixes two things: what pluralfed keeps (the running sums,
+the new model, spooling) and what gRPC itself holds to move the bytes. This measures the second
+alone. A minimal server in its own process, with the coordinator's gRPC server options, thread
+pool and stream slots, plays the coordinator's traffic and nothing else: every node process holds a
+long-poll call open, and in each round every node downloads the model (download-chunk messages, at
+most 4 sends at once) and uploads as many bytes (upload-chunk messages, at most 4 read at once),
+which the server counts and drops. No protobuf, no digest, no spool, no sums, no pluralfed code in
+the path. The server reports its RSS when ready (model bytes in memory, no connection yet) and its
+peak RSS at the end, like `bench/systems.py` does for the coordinator.
+
+    .venv/bin/python bench/grpc_floor.py                  # writes bench/results/grpc_floor.*
+    .venv/bin/python bench/grpc_floor.py --nodes 32 --upload-chunks 524288 --download-chunks 1048576
+
+The server caps glibc's malloc arenas as the coordinator does (`limit_malloc_arenas`); set
+MALLOC_ARENA_MAX in the environment to try another cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sysbench_common import HOST, node_ids, pki, rss_mib, write_json
+
+from coordinator.server import COORDINATOR_MALLOC_ARENAS, limit_malloc_arenas
+from pluralfed.tls import TlsFiles
+from pluralfed.transport import grpc_options, server_grpc_options
+
+HERE = Path(__file__).resolve().parent
+SERVICE = "bench.Floor"
+DOWNLOAD_CHUNK = 1 << 20  # the coordinator's download chunk (pluralfed.wire.DEFAULT_CHUNK_BYTES)
+SLOTS = 4  # the coordinator's default max_concurrent_uploads and max_concurrent_downloads
+
+
+def _ident(b: bytes) -> bytes:
+    return b
+
+
+def _int(value: int) -> bytes:
+    return value.to_bytes(8, "little")
+
+
+class FloorServer:
+    """Round state of the bare server: round r opens once every node has uploaded in round r-1."""
+
+    def __init__(self, nodes: int, model_bytes: int, download_chunk: int) -> None:
+        self.nodes = nodes
+        self.download_chunk = download_chunk
+        self.model = os.urandom(model_bytes)
+        self.round = 0
+        self.round_opened: list[float] = []  # when each round after the first opened
+        self.uploads_done = 0
+        self.cond = threading.Condition()
+        self.down_slots = threading.Semaphore(SLOTS)
+        self.up_slots = threading.Semaphore(SLOTS)
+
+    def poll(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Long-poll: returns once the round the node asks for is open (as GetTask waits)."""
+        wanted = int.from_bytes(request, "little")
+        with self.cond:
+            self.cond.wait_for(lambda: self.round >= wanted, timeout=60)
+            return _int(self.round)
+
+    def down(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        with self.down_slots:
+            for i in range(0, len(self.model), self.download_chunk):
+                yield self.model[i : i + self.download_chunk]  # a fresh copy per message
+
+    def up(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        with self.up_slots:
+            got = sum(len(m) for m in requests)
+        with self.cond:
+            self.uploads_done += 1
+            if self.uploads_done == self.nodes:
+                self.uploads_done = 0
+                self.round += 1
+                self.round_opened.append(time.time())
+                self.cond.notify_all()
+        return _int(got)
+
+    def stats(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t = self.round_opened
+        rounds = sorted(b - a for a, b in itertools.pairwise(t))  # round 0 waits for node start-up
+        median = rounds[len(rounds) // 2] if rounds else float("nan")
+        return json.dumps({"rss_mib": rss_mib(), "peak_mib": peak, "round_s": median}).encode()
+
+
+def serve(pki_dir: Path, port_file: Path, nodes: int, model_bytes: int, download_chunk: int) -> int:
+    limit_malloc_arenas()  # the coordinator's allocator setting, unless MALLOC_ARENA_MAX is set
+    state = FloorServer(nodes, model_bytes, download_chunk)
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Poll": grpc.unary_unary_rpc_method_handler(state.poll, _ident, _ident),
+            "Down": grpc.unary_stream_rpc_method_handler(state.down, _ident, _ident),
+            "Up": grpc.stream_unary_rpc_method_handler(state.up, _ident, _ident),
+            "Stats": grpc.unary_unary_rpc_method_handler(state.stats, _ident, _ident),
+        },
+    )
+    workers = 2 * nodes + 32  # as bench/bench_coordinator.py sizes the coordinator's pool
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=server_grpc_options(),
+        maximum_concurrent_rpcs=workers * 4,
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_secure_port(
+        f"{HOST}:0", TlsFiles.from_dir(pki_dir / "coordinator").server_credentials()
+    )
+    server.start()
+    time.sleep(0.5)
+    port_file.write_text(json.dumps({"port": port, "ready_rss_mib": rss_mib()}) + "\n")
+    server.wait_for_termination(timeout=900)
+    return 0
+
+
+def _channel(folder: Path, port: int) -> grpc.Channel:
+    creds = TlsFiles.from_dir(folder).channel_credentials()
+    return grpc.secure_channel(f"{HOST}:{port}", creds, options=grpc_options())
+
+
+def node(folder: Path, port: int, rounds: int, model_bytes: int, chunk: int, out: Any) -> None:
+    """One node process: per round, wait for it, download the model, upload as many bytes."""
+    channel = _channel(folder, port)
+    poll = channel.unary_unary(f"/{SERVICE}/Poll", _ident, _ident)
+    down = channel.unary_stream(f"/{SERVICE}/Down", _ident, _ident)
+    up = channel.stream_unary(f"/{SERVICE}/Up", _ident, _ident)
+    payload = bytes(chunk)
+    sizes = [chunk] * (model_bytes // chunk) + (
+        [model_bytes % chunk] if model_bytes % chunk else []
+    )
+    for r in range(rounds):
+        while int.from_bytes(poll(_int(r), timeout=120), "little") < r:
+            pass
+        got = sum(len(m) for m in down(b"", timeout=120))
+        if got != model_bytes:
+            raise RuntimeError(f"downloaded {got} bytes, expected {model_bytes}")
+        sent = int.from_bytes(up(iter(payload[:n] for n in sizes), timeout=120), "little")
+        if sent != model_bytes:
+            raise RuntimeError(f"server counted {sent} uploaded bytes, expected {model_bytes}")
+    channel.close()
+    out.put(rounds)
+
+
+def measure(
+    pki_dir: Path, nodes: int, params: int, rounds: int, chunk: int, download_chunk: int
+) -> dict[str, Any]:
+    model_bytes = 4 * params
+    ids = node_ids(nodes + 1)
+    load = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port"
+        argv = [sys.executable, __file__, "server", "--pki", str(pki_dir)]
+        argv += ["--port-file", str(port_file), "--nodes", str(nodes), "--params", str(params)]
+        argv += ["--download-chunk", str(download_chunk)]
+        server = subprocess.Popen(argv)
+        try:
+            deadline = time.time() + 60
+            while not port_file.exists() or not port_file.read_text().endswith("\n"):
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"floor server did not start (exit {server.poll()})")
+                time.sleep(0.05)
+            started = json.loads(port_file.read_text())
+            port = started["port"]
+            ctx = mp.get_context("spawn")
+            done: Any = ctx.Queue()
+            procs = [
+                ctx.Process(
+                    target=node,
+                    args=(pki_dir / "nodes" / nid, port, rounds, model_bytes, chunk, done),
+                )
+                for nid in ids[1:]
+            ]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(timeout=600)
+            if any(p.exitcode != 0 for p in procs):
+                raise RuntimeError(f"node exit codes {[p.exitcode for p in procs]}")
+            if sorted(done.get(timeout=5) for _ in procs) != [rounds] * nodes:
+                raise RuntimeError("not every node finished every round")
+            probe = _channel(pki_dir / "nodes" / ids[0], port)
+            stats = json.loads(probe.unary_unary(f"/{SERVICE}/Stats", _ident, _ident)(b""))
+            probe.close()
+        finally:
+            server.kill()
+            server.wait()
+    ready = started["ready_rss_mib"]
+    return {
+        "nodes": nodes,
+        "params": params,
+        "model_mib": round(model_bytes / 2**20, 2),
+        "rounds": rounds,
+        "upload_chunk_bytes": chunk,
+        "download_chunk_bytes": download_chunk,
+        "malloc_arenas": os.environ.get("MALLOC_ARENA_MAX") or COORDINATOR_MALLOC_ARENAS,
+        "ready_rss_mib": round(ready, 1),
+        "peak_over_ready_mib": round(stats["peak_mib"] - ready, 1),
+        "end_over_ready_mib": round(stats["rss_mib"] - ready, 1),
+        "bound_4x_model_mib": round(4 * model_bytes / 2**20, 1),
+        "round_s_median": round(stats["round_s"], 3),
+        "load_before": load,
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# A bare gRPC mutual-TLS server carrying a federation's traffic",
+        "",
+        "Command: `.venv/bin/python bench/grpc_floor.py` (see its docstring). The server holds "
+        "the model's bytes, keeps one long-poll call per node open, sends the model to every "
+        "node in download-chunk messages and counts the same number of bytes back in "
+        f"upload-chunk messages, at most {SLOTS} sends and {SLOTS} reads at once; "
+        "coordinator's gRPC server options and thread pool; one process per node. Peak and "
+        "end RSS are over the server's RSS when ready; round time is the median from one round's "
+        "opening to the next, the first round (node start-up) left out.",
+        "",
+        "| nodes | model MiB | download chunk | upload chunk | malloc arenas | peak - ready MiB | end - ready "
+        "MiB | 4 x model MiB | round s (median) | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['nodes']} | {r['model_mib']} | {r['download_chunk_bytes'] // 1024} KiB "
+            f"| {r['upload_chunk_bytes'] // 1024} KiB "
+            f"| {r['malloc_arenas']} | {r['peak_over_ready_mib']} | {r['end_over_ready_mib']} "
+            f"| {r['bound_4x_model_mib']} | {r['round_s_median']} "
+            f"| {'/'.join(f'{x:.1f}' for x in r['load_before'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "server"])
+    ap.add_argument("--pki", type=Path, default=Path(tempfile.gettempdir()) / "pluralfed-floor")
+    ap.add_argument("--port-file", type=Path)
+    ap.add_argument("--nodes", default="8,32", help="comma-separated node counts")
+    ap.add_argument("--params", type=int, default=1_200_000, help="float32 parameters")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--upload-chunks", default="65536,131072,524288", help="bytes, comma-separated")
+    ap.add_argument(
+        "--download-chunks",
+        default=f"{DOWNLOAD_CHUNK},65536",
+        help="bytes, comma-separated (the coordinator's: 1 MiB)",
+    )
+    ap.add_argument("--download-chunk", type=int, help=argparse.SUPPRESS)  # server mode
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "grpc_floor")
+    a = ap.parse_args()
+    if a.mode == "server":
+        if a.port_file is None or a.download_chunk is None:
+            ap.error("server mode needs --port-file and --download-chunk")
+        return serve(a.pki, a.port_file, int(a.nodes), 4 * a.params, a.download_chunk)
+    counts = [int(n) for n in a.nodes.split(",")]
+    chunks = [int(c) for c in a.upload_chunks.split(",")]
+    downloads = [int(c) for c in a.download_chunks.split(",")]
+    pki(a.pki, node_ids(max(counts) + 1))
+    rows = []
+    for n in counts:
+        for down in downloads:
+            for chunk in chunks:
+                rows.append(measure(a.pki, n, a.params, a.rounds, chunk, down))
+                print(json.dumps(rows[-1]), flush=True)
+    write_json(a.out.with_suffix(".json"), {"rows": rows})
+    a.out.with_suffix(".md").write_text(markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
