@@ -32,6 +32,7 @@ from coordinator.server import (  # noqa: E402
 )
 from pluralfed.tls import TlsFiles  # noqa: E402
 from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES  # noqa: E402
+from pluralfed.wire import DEFAULT_CHUNK_BYTES  # noqa: E402
 
 
 def main() -> int:
@@ -64,6 +65,12 @@ def main() -> int:
         default=DEFAULT_UPLOAD_CHUNK_BYTES,
         help="largest upload chunk, told to nodes in Join",
     )
+    ap.add_argument(
+        "--download-chunk-bytes",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        help="largest tensor part per download message",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     after_imports = usage()
@@ -94,6 +101,7 @@ def main() -> int:
         upload_slots=args.max_concurrent_uploads,
         upload_chunk_bytes=args.upload_chunk_bytes,
         download_slots=args.max_concurrent_downloads,
+        download_chunk_bytes=args.download_chunk_bytes,
     )
     (args.state_dir / "coordinator.port").write_text(f"{port}\n")
     ready = usage()
@@ -121,6 +129,7 @@ def main() -> int:
             "max_workers": workers,
             "max_concurrent_uploads": args.max_concurrent_uploads,
             "upload_chunk_bytes": args.upload_chunk_bytes,
+            "download_chunk_bytes": args.download_chunk_bytes,
             "max_concurrent_downloads": args.max_concurrent_downloads,
             "model_bytes": sum(s.nbytes for s in engine.specs),
             "tensors": len(engine.specs),

@@ -282,6 +282,7 @@ def summarize(
         "bound_4x_model_mib": 4 * model_bytes / 2**20,
         "max_concurrent_uploads": c.get("max_concurrent_uploads", "n/a"),
         "upload_chunk_bytes": c.get("upload_chunk_bytes", 1 << 20),
+        "download_chunk_bytes": c.get("download_chunk_bytes", 1 << 20),
         "max_concurrent_downloads": c.get("max_concurrent_downloads", "none"),
         "coord_cpu_rounds_s": cpu(cu["rounds_done"]) - cpu(cu["ready"]),
         "coord_cpu_total_s": cpu(cu["end"]),
@@ -467,6 +468,7 @@ def report(results: dict[str, Any]) -> str:
             f"- {s['scenario']}: {s['node_procs']} node processes, coordinator max_workers "
             f"{s['max_workers']}, max_concurrent_uploads {s.get('max_concurrent_uploads', 'n/a')}, "
             f"upload chunks {s.get('upload_chunk_bytes', 1 << 20) // 1024} KiB, "
+            f"download chunks {s.get('download_chunk_bytes', 1 << 20) // 1024} KiB, "
             f"max_concurrent_downloads {s.get('max_concurrent_downloads', 'none')}, "
             f"coordinator RSS after imports {s['coord_rss_after_imports_mib']:.0f}"
             f" MiB (torch is imported via coordinator.rounds -> pluralfed.evaluation), node CPU per "
@@ -499,6 +501,12 @@ def main() -> int:
         type=int,
         default=None,
         help="the coordinator's largest upload chunk (default: its own default)",
+    )
+    ap.add_argument(
+        "--download-chunk-bytes",
+        type=int,
+        default=None,
+        help="the coordinator's largest tensor part per download message (default: its own)",
     )
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -540,6 +548,11 @@ def main() -> int:
                         []
                         if args.upload_chunk_bytes is None
                         else ["--upload-chunk-bytes", str(args.upload_chunk_bytes)]
+                    ),
+                    *(
+                        []
+                        if args.download_chunk_bytes is None
+                        else ["--download-chunk-bytes", str(args.download_chunk_bytes)]
                     ),
                 ]
                 results["scenarios"][s] = run_scenario(

@@ -46,6 +46,7 @@ from pluralfed.transport import (
     server_grpc_options,
 )
 from pluralfed.wire import (
+    DEFAULT_CHUNK_BYTES,
     WIRE_FORMAT,
     Chunk,
     DigestMismatchError,
@@ -100,9 +101,15 @@ class ModelDownload:
     trailer: bytes
     weights: Mapping[str, np.ndarray]
     data_bytes: int
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     @classmethod
-    def of(cls, model: GlobalModel, specs: Sequence[TensorSpec]) -> ModelDownload:
+    def of(
+        cls,
+        model: GlobalModel,
+        specs: Sequence[TensorSpec],
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> ModelDownload:
         header = pb.ModelHeader(
             model_version=model.version,
             round=model.round,
@@ -118,11 +125,12 @@ class ModelDownload:
             pb.ModelChunk(trailer=pb.StreamTrailer(sha256=header.sha256)).SerializeToString(),
             model.weights,
             header.total_bytes,
+            chunk_bytes,
         )
 
     def messages(self) -> Iterator[bytes]:
         yield self.header
-        for chunk in iter_chunks(self.weights):
+        for chunk in iter_chunks(self.weights, self.chunk_bytes):
             yield serialized_tensor_part(chunk)
         yield self.trailer
 
@@ -227,12 +235,15 @@ class FederationServicer(pb_grpc.FederationServicer):
         upload_slots: StreamSlots | None = None,
         upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
         download_slots: StreamSlots | None = None,
+        download_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.engine = engine
         self.upload_slots = upload_slots or StreamSlots(DEFAULT_MAX_CONCURRENT_UPLOADS)
         self.download_slots = download_slots or StreamSlots(DEFAULT_MAX_CONCURRENT_DOWNLOADS)
         # what Join tells nodes to cut their uploads to, and the most an upload chunk may carry
         self.upload_chunk_bytes = check_chunk_bytes(upload_chunk_bytes)
+        # the largest tensor part a download message carries
+        self.download_chunk_bytes = check_chunk_bytes(download_chunk_bytes, "download_chunk_bytes")
         self.insecure = insecure
         self.bytes_out = 0
         self._download_lock = threading.Lock()
@@ -319,7 +330,9 @@ class FederationServicer(pb_grpc.FederationServicer):
             if current is not None and current.version == model.version:
                 return current
             self._current_download = None  # let the old one go before building
-            self._current_download = ModelDownload.of(model, self.engine.specs)
+            self._current_download = ModelDownload.of(
+                model, self.engine.specs, self.download_chunk_bytes
+            )
             return self._current_download
 
     def UploadUpdate(  # type: ignore[override]  # tensor parts arrive as Chunks: BulkStreamCodecs
@@ -539,6 +552,7 @@ def start_server(
     upload_slots: StreamSlots | int = DEFAULT_MAX_CONCURRENT_UPLOADS,
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
     download_slots: StreamSlots | int = DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+    download_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
@@ -547,13 +561,20 @@ def start_server(
     bound), or the gate itself.
     upload_chunk_bytes: the largest upload chunk, told to nodes in Join (ValueError if out of
     range); smaller chunks lower the read buffer gRPC keeps per connection, at some speed.
+    download_chunk_bytes: the largest tensor part in a download message (ValueError if out of
+    range); smaller parts lower what gRPC holds for the downloads being sent, at some speed.
     """
     if isinstance(upload_slots, int):
         upload_slots = StreamSlots(upload_slots)
     if isinstance(download_slots, int):
         download_slots = StreamSlots(download_slots)
     servicer = FederationServicer(
-        engine, tls is None, upload_slots, upload_chunk_bytes, download_slots
+        engine,
+        tls is None,
+        upload_slots,
+        upload_chunk_bytes,
+        download_slots,
+        download_chunk_bytes,
     )
     limit_malloc_arenas()  # before the RPC threads start
     interceptor = AuthInterceptor(allow_list, insecure=tls is None)

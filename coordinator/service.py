@@ -32,7 +32,7 @@ from pluralfed.report import print_reports
 from pluralfed.tls import TlsFiles, resolve_tls_files
 from pluralfed.training import build_model
 from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES, check_chunk_bytes
-from pluralfed.wire import numpy_to_state_dict, state_dict_to_numpy
+from pluralfed.wire import DEFAULT_CHUNK_BYTES, numpy_to_state_dict, state_dict_to_numpy
 
 log = logging.getLogger("pluralfed.coordinator")
 
@@ -87,10 +87,12 @@ class CoordinatorConfig:
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS  # memory: O(this), not O(nodes)
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES  # memory: O(this x nodes)
     max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # memory: O(this)
+    download_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory: O(this x concurrent downloads)
     linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
 
     def __post_init__(self) -> None:
         check_chunk_bytes(self.upload_chunk_bytes)
+        check_chunk_bytes(self.download_chunk_bytes, "download_chunk_bytes")
 
     def round_settings(self) -> RoundSettings:
         fields = RoundSettings.__dataclass_fields__
@@ -170,6 +172,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         upload_slots=cfg.max_concurrent_uploads,
         upload_chunk_bytes=cfg.upload_chunk_bytes,
         download_slots=cfg.max_concurrent_downloads,
+        download_chunk_bytes=cfg.download_chunk_bytes,
     )
     # where local launchers (and operators using port 0) find the bound port
     atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())

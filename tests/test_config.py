@@ -88,14 +88,15 @@ def test_bad_coordinator_settings_are_refused(tmp_path: Path) -> None:
         cfg.round_settings()
 
 
+@pytest.mark.parametrize("key", ["upload_chunk_bytes", "download_chunk_bytes"])
 @pytest.mark.parametrize("value", ["0", "4095", "1048577", "'512k'", "true"])
-def test_bad_upload_chunk_size_is_refused(tmp_path: Path, value: str) -> None:
+def test_bad_chunk_size_is_refused(tmp_path: Path, key: str, value: str) -> None:
     path = tmp_path / "c.toml"
-    path.write_text(f"upload_chunk_bytes = {value}\n")
-    with pytest.raises(InputError, match="upload_chunk_bytes"):
+    path.write_text(f"{key} = {value}\n")
+    with pytest.raises(InputError, match=key):
         load_config(CoordinatorConfig, path, "X_", {}, environ={})
-    path.write_text("upload_chunk_bytes = 65536\n")
-    assert load_config(CoordinatorConfig, path, "X_", {}, environ={}).upload_chunk_bytes == 65536
+    path.write_text(f"{key} = 65536\n")
+    assert getattr(load_config(CoordinatorConfig, path, "X_", {}, environ={}), key) == 65536
 
 
 def test_bad_model_settings_are_refused(tmp_path: Path) -> None:

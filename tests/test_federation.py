@@ -78,13 +78,15 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         pki,
         allow_list(fed_data.groups),
         # 4 KiB upload chunks: the nodes must cut their updates as Join tells them (the input
-        # layer alone is ~50 KB); a bigger chunk would be refused and the rounds would fail
+        # layer alone is ~50 KB); a bigger chunk would be refused and the rounds would fail.
+        # 16 KiB download parts: the real nodes assemble models sent in many small parts.
         {
             "rounds": 3,
             "eval_every": 3,
             "min_nodes": 3,
             "min_updates": 3,
             "upload_chunk_bytes": 4096,
+            "download_chunk_bytes": 16384,
         },
     )
     audit = {g: tmp_path / "audit" / node_id(g) for g in train}

@@ -43,7 +43,7 @@ from coordinator.server import start_server
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES
-from pluralfed.wire import digest_of
+from pluralfed.wire import DEFAULT_CHUNK_BYTES, digest_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,6 +111,7 @@ def serve(
     *,
     drive: bool = True,
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+    download_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[Federation]:
     """An engine and its gRPC server (real mutual TLS on 127.0.0.1) in this process; drive=True
     runs the rounds in a thread as the coordinator does."""
@@ -124,6 +125,7 @@ def serve(
         AllowList(ALLOW),
         max_workers=16,
         upload_chunk_bytes=upload_chunk_bytes,
+        download_chunk_bytes=download_chunk_bytes,
     )
     driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
     if drive:
@@ -316,6 +318,34 @@ def test_uploads_follow_the_chunk_size_the_coordinator_gives_at_join(tmp_path: P
         finally:
             good.close()
             big.close()
+
+
+@pytest.mark.parametrize("chunk_bytes", [64 * 1024, DEFAULT_CHUNK_BYTES])
+def test_downloads_come_in_parts_of_the_configured_size(tmp_path: Path, chunk_bytes: int) -> None:
+    """download_chunk_bytes bounds every tensor part of a DownloadModel stream (what gRPC holds
+    per download being sent); the model still arrives whole and its digest checks out."""
+    settings = RoundSettings(
+        rounds=1, min_nodes=1, min_updates=1, round_timeout_s=scaled(60), eval_every=0
+    )
+    with serve(tmp_path, settings, download_chunk_bytes=chunk_bytes) as fed:
+        node = fed.node("node-good-a")
+        try:
+            node.join(ENCODER, EXAMPLES[node.group])
+            task = node.wait_task(pb.TASK_KIND_TRAIN, timeout=10)
+            request = pb.DownloadModelRequest(
+                session_id=node.session_id, model_version=task.model_version
+            )
+            parts: dict[str, list[int]] = {}
+            for msg in node.stub.DownloadModel(request, timeout=30):
+                if msg.WhichOneof("part") == "tensor":
+                    parts.setdefault(msg.tensor.name, []).append(len(msg.tensor.data))
+            assert max(max(sizes) for sizes in parts.values()) <= chunk_bytes
+            embed_bytes = toy_weights()["embed.weight"].nbytes
+            assert sum(parts["embed.weight"]) == embed_bytes
+            assert len(parts["embed.weight"]) == -(-embed_bytes // chunk_bytes)
+            assert_weights_close(node.download(task.model_version), toy_weights(), "download")
+        finally:
+            node.close()
 
 
 def test_node_that_dies_in_its_long_poll_stops_counting(tmp_path: Path) -> None:

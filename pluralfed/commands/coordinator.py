@@ -64,6 +64,8 @@ HELP = {
     "which bounds the coordinator's memory whatever the number of nodes (0 = no bound)",
     "upload_chunk_bytes": "largest chunk of an upload, told to nodes when they join; gRPC keeps "
     "about one chunk of read buffer per connected node (4096..1048576)",
+    "download_chunk_bytes": "largest tensor part in one download message; smaller parts lower "
+    "what gRPC holds for the downloads being sent, at some speed (4096..1048576)",
     "linger_s": "seconds to keep serving after the last round so nodes hear the end",
 }
 
