@@ -34,7 +34,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sysbench_common import HOST, node_ids, pki, rss_mib, write_json
+from sysbench_common import HOST, mtls_channel, node_ids, pki, rss_mib, wait_for_line, write_json
 
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import grpc_options, server_grpc_options
@@ -81,11 +81,6 @@ def serve(pki_dir: Path, port_file: Path, options: str, seconds: float) -> int:
     return 0
 
 
-def _channel(folder: Path, port: int) -> grpc.Channel:
-    creds = TlsFiles.from_dir(folder).channel_credentials()
-    return grpc.secure_channel(f"{HOST}:{port}", creds, options=grpc_options())
-
-
 def measure(pki_dir: Path, options: str, message_bytes: int, connections: int) -> dict[str, Any]:
     """Start a server, upload over `connections` connections one after the other, read its RSS."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,20 +89,15 @@ def measure(pki_dir: Path, options: str, message_bytes: int, connections: int) -
         argv += ["--port-file", str(port_file), "--options", options]
         server = subprocess.Popen(argv)
         try:
-            deadline = time.time() + 60
-            while not port_file.exists() or not port_file.read_text().endswith("\n"):
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"conn_memory server did not start (exit {server.poll()})")
-                time.sleep(0.05)
-            port = int(port_file.read_text())
+            port = int(wait_for_line(port_file, server, "conn_memory server"))
             ids = node_ids(connections + 1)
-            probe = _channel(pki_dir / "nodes" / ids[0], port)
+            probe = mtls_channel(pki_dir / "nodes" / ids[0], port)
 
             def server_mib(method: str = "Rss") -> float:
                 call = probe.unary_unary(f"/{SERVICE}/{method}", _ident, _ident)
                 return int.from_bytes(call(b"", timeout=30), "little") / 1024
 
-            channels = [_channel(pki_dir / "nodes" / nid, port) for nid in ids[1:]]
+            channels = [mtls_channel(pki_dir / "nodes" / nid, port) for nid in ids[1:]]
             for ch in channels:
                 grpc.channel_ready_future(ch).result(timeout=30)
             time.sleep(0.5)

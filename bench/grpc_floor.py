@@ -40,11 +40,11 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sysbench_common import HOST, node_ids, pki, rss_mib, write_json
+from sysbench_common import HOST, mtls_channel, node_ids, pki, rss_mib, wait_for_line, write_json
 
 from coordinator.server import COORDINATOR_MALLOC_ARENAS, limit_malloc_arenas
 from pluralfed.tls import TlsFiles
-from pluralfed.transport import grpc_options, server_grpc_options
+from pluralfed.transport import server_grpc_options
 
 HERE = Path(__file__).resolve().parent
 SERVICE = "bench.Floor"
@@ -135,14 +135,9 @@ def serve(pki_dir: Path, port_file: Path, nodes: int, model_bytes: int, download
     return 0
 
 
-def _channel(folder: Path, port: int) -> grpc.Channel:
-    creds = TlsFiles.from_dir(folder).channel_credentials()
-    return grpc.secure_channel(f"{HOST}:{port}", creds, options=grpc_options())
-
-
 def node(folder: Path, port: int, rounds: int, model_bytes: int, chunk: int, out: Any) -> None:
     """One node process: per round, wait for it, download the model, upload as many bytes."""
-    channel = _channel(folder, port)
+    channel = mtls_channel(folder, port)
     poll = channel.unary_unary(f"/{SERVICE}/Poll", _ident, _ident)
     down = channel.unary_stream(f"/{SERVICE}/Down", _ident, _ident)
     up = channel.stream_unary(f"/{SERVICE}/Up", _ident, _ident)
@@ -176,12 +171,7 @@ def measure(
         argv += ["--download-chunk", str(download_chunk)]
         server = subprocess.Popen(argv)
         try:
-            deadline = time.time() + 60
-            while not port_file.exists() or not port_file.read_text().endswith("\n"):
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"floor server did not start (exit {server.poll()})")
-                time.sleep(0.05)
-            started = json.loads(port_file.read_text())
+            started = json.loads(wait_for_line(port_file, server, "floor server"))
             port = started["port"]
             ctx = mp.get_context("spawn")
             done: Any = ctx.Queue()
@@ -200,7 +190,7 @@ def measure(
                 raise RuntimeError(f"node exit codes {[p.exitcode for p in procs]}")
             if sorted(done.get(timeout=5) for _ in procs) != [rounds] * nodes:
                 raise RuntimeError("not every node finished every round")
-            probe = _channel(pki_dir / "nodes" / ids[0], port)
+            probe = mtls_channel(pki_dir / "nodes" / ids[0], port)
             stats = json.loads(probe.unary_unary(f"/{SERVICE}/Stats", _ident, _ident)(b""))
             probe.close()
         finally:

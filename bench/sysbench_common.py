@@ -110,3 +110,26 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     tmp.replace(path)
+
+
+def wait_for_line(path: Path, process: Any, what: str, timeout: float = 60.0) -> str:
+    """The text of `path` once `process` (a subprocess.Popen) has written it whole, ending in a
+    newline; RuntimeError if the process exits or `timeout` seconds pass first."""
+    deadline = time.time() + timeout
+    while not path.exists() or not path.read_text().endswith("\n"):
+        if process.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{what} did not start (exit {process.poll()})")
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def mtls_channel(folder: Path, port: int) -> Any:
+    """A mutual-TLS gRPC channel to 127.0.0.1:port with the node certificate in `folder` and the
+    nodes' channel options (imported here, so node processes that never call it stay light)."""
+    import grpc
+
+    from pluralfed.tls import TlsFiles
+    from pluralfed.transport import grpc_options
+
+    creds = TlsFiles.from_dir(folder).channel_credentials()
+    return grpc.secure_channel(f"{HOST}:{port}", creds, options=grpc_options())
