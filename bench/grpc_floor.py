@@ -6,8 +6,9 @@ the new model, spooling) and what gRPC itself holds to move the bytes. This meas
 alone. A minimal server in its own process, with the coordinator's gRPC server options, thread
 pool and stream slots, plays the coordinator's traffic and nothing else: every node process holds a
 long-poll call open, and in each round every node downloads the model (download-chunk messages, at
-most 4 sends at once) and uploads as many bytes (upload-chunk messages, at most 4 read at once),
-which the server counts and drops. No protobuf, no digest, no spool, no sums, no pluralfed code in
+most 4 sends at once), adds a random delta to it as the systems bench's no-op nodes "train", and
+uploads the result (upload-chunk messages, at most 4 read at once), which the server counts and
+drops. No protobuf, no digest, no spool, no sums, no pluralfed code in
 the path. The server reports its RSS when ready (model bytes in memory, no connection yet) and its
 peak RSS at the end, like `bench/systems.py` does for the coordinator.
 
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -66,7 +68,9 @@ class FloorServer:
     def __init__(self, nodes: int, model_bytes: int, download_chunk: int) -> None:
         self.nodes = nodes
         self.download_chunk = download_chunk
-        self.model = os.urandom(model_bytes)
+        self.model = (
+            np.random.default_rng(1).standard_normal(model_bytes // 4, np.float32).tobytes()
+        )
         self.round = 0
         self.round_opened: list[float] = []  # when each round after the first opened
         self.uploads_done = 0
@@ -136,22 +140,23 @@ def serve(pki_dir: Path, port_file: Path, nodes: int, model_bytes: int, download
 
 
 def node(folder: Path, port: int, rounds: int, model_bytes: int, chunk: int, out: Any) -> None:
-    """One node process: per round, wait for it, download the model, upload as many bytes."""
+    """One node process: per round, wait for it, download the model, add a random delta to it (as
+    the systems bench's no-op node "trains"), upload the result."""
     channel = mtls_channel(folder, port)
     poll = channel.unary_unary(f"/{SERVICE}/Poll", _ident, _ident)
     down = channel.unary_stream(f"/{SERVICE}/Down", _ident, _ident)
     up = channel.stream_unary(f"/{SERVICE}/Up", _ident, _ident)
-    payload = bytes(chunk)
-    sizes = [chunk] * (model_bytes // chunk) + (
-        [model_bytes % chunk] if model_bytes % chunk else []
-    )
+    delta = np.random.default_rng(0).standard_normal(model_bytes // 4, np.float32) * 1e-3
     for r in range(rounds):
         while int.from_bytes(poll(_int(r), timeout=120), "little") < r:
             pass
-        got = sum(len(m) for m in down(b"", timeout=120))
-        if got != model_bytes:
-            raise RuntimeError(f"downloaded {got} bytes, expected {model_bytes}")
-        sent = int.from_bytes(up(iter(payload[:n] for n in sizes), timeout=120), "little")
+        got = b"".join(down(b"", timeout=120))
+        if len(got) != model_bytes:
+            raise RuntimeError(f"downloaded {len(got)} bytes, expected {model_bytes}")
+        payload = (np.frombuffer(got, np.float32) + delta).tobytes()
+        del got
+        parts = (payload[i : i + chunk] for i in range(0, model_bytes, chunk))
+        sent = int.from_bytes(up(parts, timeout=120), "little")
         if sent != model_bytes:
             raise RuntimeError(f"server counted {sent} uploaded bytes, expected {model_bytes}")
     channel.close()
@@ -220,8 +225,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "",
         "Command: `.venv/bin/python bench/grpc_floor.py` (see its docstring). The server holds "
         "the model's bytes, keeps one long-poll call per node open, sends the model to every "
-        "node in download-chunk messages and counts the same number of bytes back in "
-        f"upload-chunk messages, at most {SLOTS} sends and {SLOTS} reads at once; "
+        "node in download-chunk messages; each node adds a random delta and uploads the result in "
+        f"upload-chunk messages, which the server counts and drops; at most {SLOTS} sends and {SLOTS} reads at once; "
         "coordinator's gRPC server options and thread pool; one process per node. Peak and "
         "end RSS are over the server's RSS when ready; round time is the median from one round's "
         "opening to the next, the first round (node start-up) left out.",
