@@ -95,10 +95,11 @@ def federated(args: argparse.Namespace, seed: int, out: Path) -> dict[str, Any]:
     }
 
 
-# coordinator settings that are the model's, and the `pluralfed train` option of each: a
-# variant's centralized runs train the same model as its federated ones
+# coordinator settings that are the model's or its training's, and the `pluralfed train` option
+# of each: a variant's centralized runs train the same model the same way as its federated ones
 MODEL_OPTIONS = {
     "members": "--members",
+    "embedding_noise": "--embedding-noise",
     "dropout": "--dropout",
     "d_model": "--d-model",
     "mlp_layers": "--mlp-layers",

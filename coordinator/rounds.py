@@ -37,6 +37,7 @@ from coordinator.strategy import (
 )
 from pluralfed.evaluation import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.fsutil import atomic_write_bytes
+from pluralfed.training import MAX_EMBEDDING_NOISE
 from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
 
 log = logging.getLogger("pluralfed.coordinator")
@@ -78,6 +79,7 @@ class RoundSettings:
     eval_at_start: bool = False
     local_steps: int = 6
     learning_rate: float = 3e-4
+    embedding_noise: float = 0.0  # nodes' per-question embedding noise in training (std)
     context_range: tuple[int, int] = (9, 90)
     target_range: tuple[int, int] = (9, 90)
     max_context: int = 90
@@ -99,6 +101,10 @@ class RoundSettings:
             (self.eval_every >= 0, "eval_every must be 0 (only at the end) or more"),
             (self.local_steps >= 1, "local_steps must be at least 1"),
             (self.learning_rate > 0, "learning_rate must be positive"),
+            (
+                0 <= self.embedding_noise <= MAX_EMBEDDING_NOISE,
+                f"embedding_noise must be in 0..{MAX_EMBEDDING_NOISE}",
+            ),
             (self.weighting in ("examples", "uniform"), "weighting must be examples or uniform"),
             (self.norm_bound is None or self.norm_bound > 0, "norm_bound must be positive"),
             (self.session_timeout_s > self.heartbeat_interval_s > 0, "session timeout > heartbeat"),

@@ -504,6 +504,7 @@ def task_to_proto(spec: TaskSpec) -> pb.Task:
         hp = task.hyperparameters
         hp.local_steps = st.local_steps
         hp.learning_rate = st.learning_rate
+        hp.embedding_noise = st.embedding_noise
         hp.context_range.min, hp.context_range.max = st.context_range
         hp.target_range.min, hp.target_range.max = st.target_range
         hp.seed = st.seed

@@ -60,6 +60,7 @@ class CoordinatorConfig:
     eval_at_start: bool = False
     local_steps: int = 6
     learning_rate: float = 3e-4
+    embedding_noise: float = 0.0
     context_range: tuple[int, int] = (9, 90)
     target_range: tuple[int, int] = (9, 90)
     max_context: int = 90

@@ -26,7 +26,7 @@ from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
-from pluralfed.training import TrainingSettings
+from pluralfed.training import MAX_EMBEDDING_NOISE, TrainingSettings
 from pluralfed.transport import (
     PROTOCOL_VERSION,
     BulkStreamCalls,
@@ -121,22 +121,41 @@ class NodeConfig:
 FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 
 
-def personalization_settings(hp: pb.Hyperparameters) -> TrainingSettings:
-    """The run's learning rate and episode sizes from SHUTDOWN's hyperparameters, checked."""
+MAX_LOCAL_STEPS = 100_000
+
+
+def training_settings(hp: pb.Hyperparameters, task: str) -> TrainingSettings:
+    """The run's learning rate, episode sizes and embedding noise from a task's hyperparameters
+    (`task`: TRAIN, or SHUTDOWN for personalization), checked before any of it is used."""
     lr = hp.learning_rate
     if not (math.isfinite(lr) and 0 < lr <= 1):
-        raise InputError(f"SHUTDOWN hyperparameters: learning_rate {lr!r} is not in (0, 1]")
+        raise InputError(f"{task} hyperparameters: learning_rate {lr!r} is not in (0, 1]")
     ranges = {"context_range": hp.context_range, "target_range": hp.target_range}
     for name, r in ranges.items():
         if not 1 <= r.min <= r.max:
             raise InputError(
-                f"SHUTDOWN hyperparameters: {name} {r.min}..{r.max} is not a range of at least 1"
+                f"{task} hyperparameters: {name} {r.min}..{r.max} is not a range of at least 1"
             )
+    noise = hp.embedding_noise
+    if not (math.isfinite(noise) and 0 <= noise <= MAX_EMBEDDING_NOISE):
+        raise InputError(
+            f"{task} hyperparameters: embedding_noise {noise!r} is not in 0..{MAX_EMBEDDING_NOISE}"
+        )
     return TrainingSettings(
         learning_rate=lr,
         context_range=(hp.context_range.min, hp.context_range.max),
         target_range=(hp.target_range.min, hp.target_range.max),
+        embedding_noise=noise,
     )
+
+
+def local_steps_of(hp: pb.Hyperparameters) -> int:
+    """A TRAIN task's local steps, checked."""
+    if not 1 <= hp.local_steps <= MAX_LOCAL_STEPS:
+        raise InputError(
+            f"TRAIN hyperparameters: local_steps {hp.local_steps} is not in 1..{MAX_LOCAL_STEPS}"
+        )
+    return hp.local_steps
 
 
 class SessionLost(Exception):
@@ -403,7 +422,7 @@ class GroupNode:
         folder = self.config.personalized_dir
         assert folder is not None  # NodeConfig requires it with personalize_steps
         try:
-            settings = personalization_settings(task.hyperparameters)
+            settings = training_settings(task.hyperparameters, "SHUTDOWN")
             self.worker.load_global(self.client.model_config, weights)
             started = time.perf_counter()
             model = self.worker.personalized(steps, settings)
@@ -468,16 +487,18 @@ class GroupNode:
             self._state = pb.NODE_STATE_IDLE
 
     def _train(self, task: pb.Task) -> None:
+        try:
+            steps = local_steps_of(task.hyperparameters)
+            settings = training_settings(task.hyperparameters, "TRAIN")
+        except InputError as err:
+            # a coordinator bug or a version mismatch: this round goes on without us
+            log.error("%s: round %d task refused: %s", self.config.group, task.round, err)
+            return
+
         def work() -> None:
             self._load(task)
-            hp = task.hyperparameters
             self._state = pb.NODE_STATE_TRAINING
-            result = self.worker.train(
-                steps=hp.local_steps,
-                learning_rate=hp.learning_rate,
-                context=(hp.context_range.min, hp.context_range.max),
-                target=(hp.target_range.min, hp.target_range.max),
-            )
+            result = self.worker.train(steps, settings)
             self._state = pb.NODE_STATE_UPLOADING
             weights = self.worker.weights()
             if self.config.save_updates_dir is not None:

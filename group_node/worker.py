@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,19 +79,14 @@ class GroupWorker:
             self.trainer = None
         self.model.load_state_dict(numpy_to_state_dict(weights))
 
-    def train(
-        self, steps: int, learning_rate: float, context: tuple[int, int], target: tuple[int, int]
-    ) -> LocalResult:
+    def train(self, steps: int, settings: TrainingSettings) -> LocalResult:
         if self.model is None:
             raise RuntimeError("no global model loaded")
-        settings = TrainingSettings(
-            learning_rate=learning_rate, context_range=context, target_range=target
-        )
         if self.trainer is None:
             self.trainer = LocalTrainer(self.model, settings, seed=node_seed(self.seed, self.group))
         else:
-            self.trainer.settings = replace(settings)
-            self.trainer.set_learning_rate(learning_rate)
+            self.trainer.settings = settings
+            self.trainer.set_learning_rate(settings.learning_rate)
         self._check_trainable()
         started = time.perf_counter()
         losses = self.trainer.train_steps(self.split.train, steps)

@@ -8,7 +8,7 @@ questions as context (at most 90, fixed seed) and predicts its TEST questions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -150,3 +150,22 @@ def make_batch(episodes: Sequence[Episode]) -> EpisodeBatch:
         question_slices=slices,
         question_options=question_options,
     )
+
+
+def jitter_questions(batch: EpisodeBatch, std: float, rng: np.random.Generator) -> EpisodeBatch:
+    """The batch with one Gaussian vector (per-dimension `std`) added to each question's embeddings.
+
+    Every option of a question moves by the same vector, so what tells its options apart is kept
+    while the question itself is blurred: trained on exact embeddings of the same questions
+    again and again, the network memorises them, and the noise makes it learn an answer that
+    changes smoothly from one question to similar ones (better on unseen questions).
+    """
+    if not (np.isfinite(std) and std >= 0):
+        raise ValueError(f"embedding noise must be a finite std >= 0, got {std!r}")
+    if std == 0:
+        return batch
+    dim = batch.embeddings.shape[-1]
+    shifts = rng.standard_normal((batch.num_segments, dim)).astype(np.float32) * np.float32(std)
+    shifts[-1] = 0.0  # the padding segment
+    moved = batch.embeddings + torch.from_numpy(shifts)[batch.segment]
+    return replace(batch, embeddings=moved)

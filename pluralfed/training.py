@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pluralfed.episodes import EmbeddedItem, make_batch, sample_episode
+from pluralfed.episodes import EmbeddedItem, jitter_questions, make_batch, sample_episode
 from pluralfed.model import GPO, GPOConfig, gpo_loss
 from pluralfed.protocol import CONTEXT_RANGE, LEARNING_RATE, TARGET_RANGE
 
@@ -30,12 +30,41 @@ def build_model(config: GPOConfig, seed: int) -> GPO:
     return model
 
 
+# embeddings are unit vectors: a std of 1 per dimension would drown them many times over
+MAX_EMBEDDING_NOISE = 1.0
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     learning_rate: float = LEARNING_RATE
     context_range: tuple[int, int] = CONTEXT_RANGE
     target_range: tuple[int, int] = TARGET_RANGE
     groups_per_step: int = 1  # episodes (one per group) in one optimizer step
+    # std of the Gaussian shift added to each question's embeddings in training (0 = none; see
+    # `jitter_questions`)
+    embedding_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(
+                f"learning_rate must be a finite number > 0, got {self.learning_rate!r}"
+            )
+        for name, (lo, hi) in (
+            ("context_range", self.context_range),
+            ("target_range", self.target_range),
+        ):
+            if not 1 <= lo <= hi:
+                raise ValueError(
+                    f"{name} must be a range low..high with 1 <= low <= high, got {lo}..{hi}"
+                )
+        if self.groups_per_step < 1:
+            raise ValueError(f"groups_per_step must be at least 1, got {self.groups_per_step}")
+        if not (
+            np.isfinite(self.embedding_noise) and 0 <= self.embedding_noise <= MAX_EMBEDDING_NOISE
+        ):
+            raise ValueError(
+                f"embedding_noise must be in 0..{MAX_EMBEDDING_NOISE}, got {self.embedding_noise!r}"
+            )
 
 
 class LocalTrainer:
@@ -58,7 +87,7 @@ class LocalTrainer:
         episodes = [
             sample_episode(items, self.rng, s.context_range, s.target_range) for items in groups
         ]
-        batch = make_batch(episodes)
+        batch = jitter_questions(make_batch(episodes), s.embedding_noise, self.rng)
         self.model.train()
         mean, log_std = self.model(batch)
         loss = gpo_loss(mean, log_std, batch)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from group_node.node import personalization_settings
+from group_node.node import training_settings
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 
@@ -22,7 +22,7 @@ def hyperparameters(lr: float = 3e-4, context: tuple[int, int] = (9, 90)) -> pb.
 
 
 def test_the_runs_settings_are_taken() -> None:
-    s = personalization_settings(hyperparameters(1e-3, (5, 50)))
+    s = training_settings(hyperparameters(1e-3, (5, 50)), "SHUTDOWN")
     assert math.isclose(s.learning_rate, 1e-3, rel_tol=1e-6)
     assert s.context_range == (5, 50) and s.target_range == (9, 90)
 
@@ -40,5 +40,5 @@ def test_the_runs_settings_are_taken() -> None:
 )
 def test_bad_settings_are_refused_naming_the_field(hp: pb.Hyperparameters, message: str) -> None:
     with pytest.raises(InputError) as err:
-        personalization_settings(hp)
+        training_settings(hp, "SHUTDOWN")
     assert message in str(err.value)

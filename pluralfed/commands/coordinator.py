@@ -36,6 +36,8 @@ HELP = {
     "eval_at_start": "also evaluate the initial model",
     "local_steps": "optimizer steps each node takes per round",
     "learning_rate": "nodes' Adam learning rate",
+    "embedding_noise": "std of the random shift nodes add to each question's embeddings in "
+    "training, one shift for all its options (0 = none; 0..1)",
     "context_range": "context questions per training episode, low,high",
     "target_range": "target questions per training episode, low,high",
     "max_context": "context questions at evaluation",

@@ -131,6 +131,13 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate")
     p.add_argument("--context-range", default="9,90", help="context questions per episode, lo,hi")
+    p.add_argument(
+        "--embedding-noise",
+        type=float,
+        default=0.0,
+        help="std of the random shift added to each question's embeddings in training, one shift "
+        "for all its options (0 = none, the paper's; 0..1)",
+    )
     p.add_argument("--target-range", default="9,90", help="target questions per episode, lo,hi")
     p.add_argument(
         "--eval-every",
@@ -153,12 +160,16 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     if args.epochs < 1:
         raise InputError(f"--epochs must be at least 1, got {args.epochs}")
-    settings = TrainingSettings(
-        learning_rate=args.lr,
-        context_range=parse_range(args.context_range, "--context-range"),
-        target_range=parse_range(args.target_range, "--target-range"),
-        groups_per_step=args.groups_per_step,
-    )
+    try:
+        settings = TrainingSettings(
+            learning_rate=args.lr,
+            context_range=parse_range(args.context_range, "--context-range"),
+            target_range=parse_range(args.target_range, "--target-range"),
+            groups_per_step=args.groups_per_step,
+            embedding_noise=args.embedding_noise,
+        )
+    except ValueError as err:
+        raise InputError(f"training settings: {err}") from err
     console = Console(stderr=True)
     data = load_survey(args.data)
     train_default, held_default = default_groups(data)

@@ -578,6 +578,7 @@ class Hyperparameters(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     KEEP_LOCAL_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
+    EMBEDDING_NOISE_FIELD_NUMBER: _builtins.int
     EXTENSIONS_FIELD_NUMBER: _builtins.int
     local_steps: _builtins.int
     """Local optimizer steps (one episode of the node's group per step)."""
@@ -590,6 +591,11 @@ class Hyperparameters(_message.Message):
     keep_local_optimizer_state: _builtins.bool
     """False (default): every TRAIN task starts a fresh local optimizer. True: the node keeps its
     local optimizer state (e.g. Adam moments) from its previous TRAIN task of the same run.
+    """
+    embedding_noise: _builtins.float
+    """Standard deviation (per dimension) of a Gaussian vector added to each question's embeddings
+    in local training, the same vector for all options of a question; 0 (default) = none.
+    Nodes refuse values outside 0..1.
     """
     @_builtins.property
     def context_range(self) -> Global___IntRange:
@@ -615,11 +621,12 @@ class Hyperparameters(_message.Message):
         seed: _builtins.int = ...,
         optimizer: _builtins.str = ...,
         keep_local_optimizer_state: _builtins.bool = ...,
+        embedding_noise: _builtins.float = ...,
         extensions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context_range", b"context_range", "target_range", b"target_range"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_range", b"context_range", "extensions", b"extensions", "keep_local_optimizer_state", b"keep_local_optimizer_state", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "optimizer", b"optimizer", "seed", b"seed", "target_range", b"target_range"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_range", b"context_range", "embedding_noise", b"embedding_noise", "extensions", b"extensions", "keep_local_optimizer_state", b"keep_local_optimizer_state", "learning_rate", b"learning_rate", "local_steps", b"local_steps", "optimizer", b"optimizer", "seed", b"seed", "target_range", b"target_range"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
