@@ -521,10 +521,13 @@ class GroupNode:
                 return
             self.rounds_trained += 1
             log.info(
-                "%s: round %d trained (%d steps, loss %.4f, %.1f s) and uploaded",
+                "%s: round %d trained (%d steps, lr %g, embedding noise %g, loss %.4f, %.1f s) "
+                "and uploaded",
                 self.config.group,
                 task.round,
                 result.steps,
+                settings.learning_rate,
+                settings.embedding_noise,
                 result.mean_loss,
                 result.seconds,
             )

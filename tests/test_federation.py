@@ -80,6 +80,7 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         # 4 KiB upload chunks: the nodes must cut their updates as Join tells them (the input
         # layer alone is ~50 KB); a bigger chunk would be refused and the rounds would fail.
         # 16 KiB download parts: the real nodes assemble models sent in many small parts.
+        # Embedding noise on: the nodes take it from their TRAIN tasks and train with it.
         {
             "rounds": 3,
             "eval_every": 3,
@@ -87,6 +88,7 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
             "min_updates": 3,
             "upload_chunk_bytes": 4096,
             "download_chunk_bytes": 16384,
+            "embedding_noise": 0.05,
         },
     )
     audit = {g: tmp_path / "audit" / node_id(g) for g in train}
@@ -132,6 +134,8 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
     # metrics.jsonl: rounds 1..3 once each, then the evaluation of both sets of groups
     rounds = coord.round_records()
     assert round_numbers(rounds) == [1, 2, 3], tails(everyone)
+    for node in nodes[:-1]:  # the training nodes trained with the coordinator's noise
+        assert "embedding noise 0.05," in node.log(), tails([node])
     for r in rounds:
         assert r["participants"] == sorted(train), r
         assert r["total_weight"] == sum(fed_data.train_counts[g] for g in train)
