@@ -7,34 +7,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tinymodel import CFG, random_item
 
 from coordinator.rounds import RoundSettings, TaskKind, TaskSpec
 from coordinator.server import task_to_proto
 from coordinator.service import CoordinatorConfig
 from group_node.node import local_steps_of, training_settings
-from pluralfed.data import SurveyItem
-from pluralfed.episodes import EmbeddedItem, Episode, jitter_questions, make_batch
+from pluralfed.episodes import Episode, jitter_questions, make_batch
 from pluralfed.errors import InputError
-from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.training import LocalTrainer, TrainingSettings, build_model
 
 torch.set_num_threads(1)
-DIM = 16
-CFG = GPOConfig(embed_dim=DIM, d_model=32, n_layers=2, n_heads=4, d_ff=32)
-
-
-def _item(rng: np.random.Generator, k: int, name: str) -> EmbeddedItem:
-    dist = rng.dirichlet(np.ones(k))
-    emb = rng.normal(size=(k, DIM)).astype(np.float32)
-    return EmbeddedItem(SurveyItem(name, tuple(f"o{i}" for i in range(k)), dist), emb)
 
 
 def _batch() -> tuple[list[Episode], object]:
     rng = np.random.default_rng(0)
     episodes = [
-        Episode([_item(rng, 3, "a"), _item(rng, 4, "b")], [_item(rng, 5, "c")]),
-        Episode([_item(rng, 2, "d")], [_item(rng, 3, "e")]),  # shorter: padded
+        Episode([random_item(rng, 3, "a"), random_item(rng, 4, "b")], [random_item(rng, 5, "c")]),
+        Episode([random_item(rng, 2, "d")], [random_item(rng, 3, "e")]),  # shorter: padded
     ]
     return episodes, make_batch(episodes)
 
@@ -76,7 +67,7 @@ def test_bad_noise_is_refused(std: float) -> None:
 
 def _trained(noise: float, seed: int = 0) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(3)
-    items = [_item(rng, 4, f"q{i}") for i in range(30)]
+    items = [random_item(rng, 4, f"q{i}") for i in range(30)]
     model = build_model(CFG, seed=0)
     settings = TrainingSettings(context_range=(3, 8), target_range=(3, 8), embedding_noise=noise)
     LocalTrainer(model, settings, seed).train_steps(items, 5)

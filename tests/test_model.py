@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
+from tinymodel import CFG, DIM, random_item
 
 from pluralfed.data import SurveyItem
 from pluralfed.episodes import EmbeddedItem, Episode, make_batch
@@ -15,14 +16,6 @@ from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax, upgrade_
 from pluralfed.training import build_model
 
 torch.set_num_threads(1)
-DIM = 16
-CFG = GPOConfig(embed_dim=DIM, d_model=32, n_layers=2, n_heads=4, d_ff=32)
-
-
-def _item(rng: np.random.Generator, k: int, name: str) -> EmbeddedItem:
-    dist = rng.dirichlet(np.ones(k))
-    emb = rng.normal(size=(k, DIM)).astype(np.float32)
-    return EmbeddedItem(SurveyItem(name, tuple(f"o{i}" for i in range(k)), dist), emb)
 
 
 def _predict(
@@ -44,8 +37,8 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def setup() -> tuple[GPO, list[EmbeddedItem], list[EmbeddedItem], np.random.Generator]:
     rng = np.random.default_rng(0)
     model = build_model(CFG, seed=1)
-    context = [_item(rng, k, f"c{i}") for i, k in enumerate([3, 4, 5, 2])]
-    targets = [_item(rng, k, f"t{i}") for i, k in enumerate([4, 3, 6])]
+    context = [random_item(rng, k, f"c{i}") for i, k in enumerate([3, 4, 5, 2])]
+    targets = [random_item(rng, k, f"t{i}") for i, k in enumerate([4, 3, 6])]
     return model, context, targets, rng
 
 
@@ -53,7 +46,7 @@ def test_target_prediction_ignores_other_targets(setup) -> None:
     model, context, targets, rng = setup
     before = _predict(model, context, targets)[0]
     # change the other targets (their text and their hidden answers) and add one more
-    others = [_item(rng, 5, "x"), _item(rng, 2, "y"), _item(rng, 3, "z")]
+    others = [random_item(rng, 5, "x"), random_item(rng, 2, "y"), random_item(rng, 3, "z")]
     after = _predict(model, context, [targets[0], *others])[0]
     torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)
 
@@ -100,7 +93,7 @@ def test_context_order_does_not_matter(setup) -> None:
 def test_padding_in_batch_does_not_change_predictions(setup) -> None:
     model, context, targets, rng = setup
     alone = _predict(model, context, targets)
-    big = Episode([_item(rng, 7, f"b{i}") for i in range(9)], [_item(rng, 8, "bt")])
+    big = Episode([random_item(rng, 7, f"b{i}") for i in range(9)], [random_item(rng, 8, "bt")])
     model.eval()
     with torch.no_grad():
         batch = make_batch([Episode(context, targets), big])
@@ -137,7 +130,7 @@ def test_loss_matches_independent_gaussian_nll(setup) -> None:
 def test_loss_gradient_flows_and_training_reduces_loss() -> None:
     rng = np.random.default_rng(3)
     model = build_model(CFG, seed=0)
-    items = [_item(rng, 4, f"q{i}") for i in range(20)]
+    items = [random_item(rng, 4, f"q{i}") for i in range(20)]
     batch = make_batch([Episode(items[:10], items[10:])])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     first = None
@@ -154,8 +147,8 @@ def test_loss_gradient_flows_and_training_reduces_loss() -> None:
 def test_question_softmax_matches_per_question_softmax() -> None:
     rng = np.random.default_rng(7)
     episodes = [
-        Episode([_item(rng, 3, "c")], [_item(rng, k, f"t{k}") for k in (2, 5)]),
-        Episode([_item(rng, 4, "c2")], [_item(rng, 3, "t")]),
+        Episode([random_item(rng, 3, "c")], [random_item(rng, k, f"t{k}") for k in (2, 5)]),
+        Episode([random_item(rng, 4, "c2")], [random_item(rng, 3, "t")]),
     ]
     batch = make_batch(episodes)
     logits = torch.randn(batch.token_mask.shape, dtype=torch.float64) * 5
@@ -206,10 +199,10 @@ def test_memory_matches_an_independent_computation(setup) -> None:
     opts = ("yes", "no", "maybe")
     context = [
         *context,
-        _with_options(_item(rng, 3, "m1"), opts, np.array([0.7, 0.2, 0.1])),
-        _with_options(_item(rng, 3, "m2"), opts, np.array([0.1, 0.3, 0.6])),
+        _with_options(random_item(rng, 3, "m1"), opts, np.array([0.7, 0.2, 0.1])),
+        _with_options(random_item(rng, 3, "m2"), opts, np.array([0.1, 0.3, 0.6])),
     ]
-    target = _with_options(_item(rng, 3, "t"), opts, np.array([1 / 3] * 3))
+    target = _with_options(random_item(rng, 3, "t"), opts, np.array([1 / 3] * 3))
     base = _predict(_memory_model(0.0), context, [target])[0].double().numpy()
     got = _predict(_memory_model(0.8, 2.0, 0.2), context, [target])[0].double().numpy()
 
@@ -228,7 +221,7 @@ def test_memory_matches_an_independent_computation(setup) -> None:
 
 def test_memory_leaves_targets_without_a_same_option_context_question(setup) -> None:
     _, context, _, rng = setup
-    lone = _with_options(_item(rng, 3, "lone"), ("red", "green", "blue"), np.ones(3) / 3)
+    lone = _with_options(random_item(rng, 3, "lone"), ("red", "green", "blue"), np.ones(3) / 3)
     base = _predict(_memory_model(0.0), context, [lone])[0]
     for shrinkage in (1.0, 0.0):  # 0: no shrinkage, and still no 0/0 where nothing matches
         got = _predict(_memory_model(0.9, shrinkage), context, [lone])[0]
@@ -238,8 +231,8 @@ def test_memory_leaves_targets_without_a_same_option_context_question(setup) -> 
 def test_memory_makes_the_prediction_follow_the_groups_answers(setup) -> None:
     _, context, _, rng = setup
     opts = ("agree", "disagree")
-    question = _item(rng, 2, "q")
-    target = _with_options(_item(rng, 2, "t"), opts, np.ones(2) / 2)
+    question = random_item(rng, 2, "q")
+    target = _with_options(random_item(rng, 2, "t"), opts, np.ones(2) / 2)
     model = _memory_model(0.9)
     agreeing = [*context, _with_options(question, opts, np.array([0.9, 0.1]))]
     disagreeing = [*context, _with_options(question, opts, np.array([0.1, 0.9]))]
@@ -267,8 +260,8 @@ def test_memory_settings_are_validated(field: str, value: float) -> None:
 
 def test_memory_matches_options_by_text_in_any_order(setup) -> None:
     _, context, _, rng = setup
-    question = _item(rng, 3, "q")
-    target = _item(rng, 3, "t")
+    question = random_item(rng, 3, "q")
+    target = random_item(rng, 3, "t")
     model = _memory_model(0.9)
     shown = [*context, _with_options(question, ("a", "b", "c"), np.array([0.8, 0.15, 0.05]))]
     forward = _predict(model, shown, [_with_options(target, ("a", "b", "c"), np.ones(3) / 3)])[0]
