@@ -122,6 +122,7 @@ FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 
 
 MAX_LOCAL_STEPS = 100_000
+REFUSED_TASK_POLL_S = 5.0  # how often a node asks again while its refused task is still open
 
 
 def training_settings(hp: pb.Hyperparameters, task: str) -> TrainingSettings:
@@ -287,6 +288,9 @@ class GroupNode:
         self._stop = threading.Event()
         self._state: pb.NodeState.ValueType = pb.NODE_STATE_IDLE
         self.rounds_trained = 0
+        # TRAIN tasks refused for bad settings: the coordinator offers a task until it is
+        # answered, so a refused one comes back until its round closes
+        self._refused: set[str] = set()
         # the final model, downloaded at SHUTDOWN when this node personalizes
         self._final: tuple[pb.Task, dict] | None = None
 
@@ -376,7 +380,9 @@ class GroupNode:
                     with contextlib.suppress(grpc.RpcError):
                         self.client.leave("finished")
                     return True
-                if task.kind == pb.TASK_KIND_TRAIN:
+                if task.kind == pb.TASK_KIND_TRAIN and task.task_id in self._refused:
+                    self._stop.wait(REFUSED_TASK_POLL_S)  # not again at once: wait the round out
+                elif task.kind == pb.TASK_KIND_TRAIN:
                     self._train(task)
                 elif task.kind == pb.TASK_KIND_EVALUATE:
                     self._evaluate(task)
@@ -493,6 +499,7 @@ class GroupNode:
         except InputError as err:
             # a coordinator bug or a version mismatch: this round goes on without us
             log.error("%s: round %d task refused: %s", self.config.group, task.round, err)
+            self._refused.add(task.task_id)
             return
 
         def work() -> None:

@@ -158,7 +158,8 @@ def jitter_questions(batch: EpisodeBatch, std: float, rng: np.random.Generator) 
     Every option of a question moves by the same vector, so what tells its options apart is kept
     while the question itself is blurred: trained on exact embeddings of the same questions
     again and again, the network memorises them, and the noise makes it learn an answer that
-    changes smoothly from one question to similar ones (better on unseen questions).
+    changes smoothly from one question to similar ones (see the README's results for what it
+    does to unseen questions).
     """
     if not (np.isfinite(std) and std >= 0):
         raise ValueError(f"embedding noise must be a finite std >= 0, got {std!r}")

@@ -1,10 +1,14 @@
 """What a node takes from the coordinator's Join reply, against a stand-in coordinator (a real
 gRPC server on 127.0.0.1, plain text) that answers Join with a chosen max_chunk_bytes: the node
 cuts its uploads to it, uses the protocol's default when the coordinator leaves it unset, and
-refuses to go on, saying what is wrong, when the value is out of range."""
+refuses to go on, saying what is wrong, when the value is out of range. And a TRAIN task
+with bad settings: refused once, with the field named, and not asked for again in a tight loop."""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -12,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from group_node.node import NodeClient, NodeConfig
+from group_node.node import REFUSED_TASK_POLL_S, GroupNode, NodeClient, NodeConfig
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
@@ -101,3 +105,63 @@ def test_upload_chunk_bytes_range() -> None:
     for bad in (-1, MIN_CHUNK_BYTES - 1, DEFAULT_CHUNK_BYTES + 1):
         with pytest.raises(ValueError, match=str(bad)):
             upload_chunk_bytes(bad)
+
+
+class OffersABadTrainTask(JoinOnly):
+    """Offers one TRAIN task with an out-of-range embedding noise, as a real coordinator keeps
+    offering a task until it is answered, then SHUTDOWN after `open_s`."""
+
+    def __init__(self, open_s: float) -> None:
+        super().__init__(0)
+        self.closes_at = time.monotonic() + open_s
+        self.offers = 0
+        self.downloads = 0
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        if time.monotonic() >= self.closes_at:
+            return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+        self.offers += 1
+        task = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="t-1", round=1, model_version="v1")
+        hp = task.hyperparameters
+        hp.local_steps, hp.learning_rate, hp.embedding_noise = 6, 3e-4, 7.0
+        hp.context_range.min, hp.context_range.max = 9, 90
+        hp.target_range.min, hp.target_range.max = 9, 90
+        return task
+
+    def DownloadModel(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> None:
+        self.downloads += 1
+        context.abort(grpc.StatusCode.NOT_FOUND, "no model here")
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.Ack:
+        return pb.Ack()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
+        return pb.Ack()
+
+
+def test_node_refuses_a_train_task_with_bad_settings_once_and_waits_the_round_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    servicer = OffersABadTrainTask(open_s=3.0)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    config = NodeConfig(
+        coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+    )
+    node = GroupNode(config, worker=None)  # type: ignore[arg-type]  # never reaches training
+    try:
+        node.client.join(10, "enc")
+        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+            assert node._serve_tasks() is True  # reached SHUTDOWN
+    finally:
+        node.client.close()
+        server.stop(None).wait(5)
+    refusals = [r.getMessage() for r in caplog.records if "task refused" in r.getMessage()]
+    assert refusals == [
+        "G: round 1 task refused: TRAIN hyperparameters: embedding_noise 7.0 is not in 0..1.0"
+    ]
+    assert servicer.downloads == 0
+    # asked again every REFUSED_TASK_POLL_S while the round was open, not in a tight loop
+    assert 1 <= servicer.offers <= 1 + math.ceil(3.0 / REFUSED_TASK_POLL_S) + 1
