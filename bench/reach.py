@@ -188,6 +188,27 @@ ROWS = {
 }
 
 
+def reach(
+    splits: Mapping[str, GroupSplit], training: Sequence[str], held_out: Sequence[str]
+) -> tuple[dict[str, dict[str, Summary]], dict[str, dict[str, Any]]]:
+    """Every row of ROWS for every group: ({"held_out"|"training": {row: Summary}}, per group).
+    Held-out groups draw on all training groups; a training group on the other ones."""
+    per_group: dict[str, dict[str, Any]] = {}
+    for g in held_out:
+        knn = QuestionKnn([e for d in training for e in splits[d].train])
+        per_group[g] = evaluate(splits[g], training, splits, knn)
+    for g in training:
+        donors = [d for d in training if d != g]
+        knn = QuestionKnn([e for d in donors for e in splits[d].train])
+        per_group[g] = evaluate(splits[g], donors, splits, knn)
+    summaries = {
+        name: {row: summarize({g: per_group[g]["scores"][row] for g in groups}) for row in ROWS}
+        for name, groups in (("held_out", held_out), ("training", training))
+        if groups
+    }
+    return summaries, per_group
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,18 +222,7 @@ def main() -> int:
     if not held_out:
         ap.error(f"{args.data}: the PROTOCOL.md groups are not all in the data")
     splits = embed_groups(data, training + held_out, open_encoder(args))
-    per_group: dict[str, dict[str, Any]] = {}
-    for g in held_out:
-        knn = QuestionKnn([e for d in training for e in splits[d].train])
-        per_group[g] = evaluate(splits[g], training, splits, knn)
-    for g in training:
-        donors = [d for d in training if d != g]
-        knn = QuestionKnn([e for d in donors for e in splits[d].train])
-        per_group[g] = evaluate(splits[g], donors, splits, knn)
-    summaries: dict[str, dict[str, Summary]] = {
-        name: {row: summarize({g: per_group[g]["scores"][row] for g in groups}) for row in ROWS}
-        for name, groups in (("held_out", held_out), ("training", training))
-    }
+    summaries, per_group = reach(splits, training, held_out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
         json.dumps(

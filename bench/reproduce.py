@@ -14,6 +14,8 @@ pluralfed/model.py; inference only, the same trained weights), as "<run> + conte
 Runs already in runs.json are kept unless run again (so variants can be added one by one),
 and writes report.json, report.md and plots (alignment vs round, fairness vs round, per-group
 bars). Rounds of centralized training are its epochs scaled to the same share of the run.
+The report ends with reference rows on the same questions, none federated: the pooled
+question kNN and the oracles of bench/reach.py (computed afresh from the data, ~30 s).
 Every figure is measured here; nothing is copied from the paper except the claims it tests.
 
 The runs use the paper's single network (members=1) unless --set members=N: the product's
@@ -48,7 +50,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pluralfed.checkpoint import META_FILE  # noqa: E402
+from pluralfed.commands.common import open_encoder  # noqa: E402
+from pluralfed.data import load_survey  # noqa: E402
 from pluralfed.metrics import summarize as summarize_alignment  # noqa: E402
+from pluralfed.prepare import default_groups, embed_groups  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from reach import ROWS as REFERENCE_ROWS  # noqa: E402
+from reach import reach  # noqa: E402
 
 SETS = ("training groups (test questions)", "held-out groups")
 SHORT = {SETS[0]: "training", SETS[1]: "held-out"}
@@ -355,7 +364,30 @@ def rounds_text(values: list[int]) -> str:
     return " / ".join(str(v) for v in values) if values else "n/a"
 
 
-def markdown(table: dict[str, Any], claims: dict[str, str], n_seeds: int) -> str:
+def references(data_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Reference rows on the same questions, none of them federated: the pooled question kNN and
+    the oracles of `bench/reach.py` (what transfer from the training groups could reach if their
+    answers to the test questions were known). Empty if the data lacks PROTOCOL.md's groups."""
+    data = load_survey(data_path)
+    training, held_out = default_groups(data)
+    if not held_out:
+        return {}
+    encoder_args = argparse.Namespace(encoder="all-MiniLM-L6-v2", cache_dir=None, no_cache=False)
+    splits = embed_groups(data, training + held_out, open_encoder(encoder_args))
+    summaries, _ = reach(splits, training, held_out)
+    names = {"held_out": SETS[1], "training": SETS[0]}
+    return {
+        names[n]: {REFERENCE_ROWS[r]: asdict(summary) for r, summary in rows.items()}
+        for n, rows in summaries.items()
+    }
+
+
+def markdown(
+    table: dict[str, Any],
+    claims: dict[str, str],
+    n_seeds: int,
+    reference_rows: dict[str, dict[str, dict[str, Any]]],
+) -> str:
     lines = [
         "# Reproduction report (PROTOCOL.md; mean ± std over the seeds in column n)",
         "",
@@ -385,6 +417,27 @@ def markdown(table: dict[str, Any], claims: dict[str, str], n_seeds: int) -> str
                 f"{mean_std(r.get('uniform', []))} | {mean_std(r.get('prior', []))} |"
             )
         lines.append("")
+    if reference_rows:
+        lines += [
+            "## References on the same questions (not federated; bench/knn_baseline.py, bench/reach.py)",
+            "",
+            "Oracles look up the training groups' TRUE answers to the predicted group's own test",
+            "questions; for a training group, the other 7 training groups stand in.",
+            "",
+        ]
+        for s, rows in reference_rows.items():
+            lines += [
+                f"### {s}",
+                "",
+                "| reference | alignment | worst group | FI |",
+                "|---|---|---|---|",
+            ]
+            for name, r in rows.items():
+                lines.append(
+                    f"| {name} | {r['alignment']:.4f} | {r['worst']:.4f} ({r['worst_group']}) "
+                    f"| {r['fairness']:.4f} |"
+                )
+            lines.append("")
     lines += ["## Wall time (s)", ""]
     for mode, row in table.items():
         if not mode.endswith(MEMORY) and OWN_MODEL not in mode:  # evaluations, not training runs
@@ -502,7 +555,14 @@ def main() -> int:
     table = summarize(runs)
     claims = verdicts(table)
     made = plots(runs, args.out)
-    report = {"seeds": args.seeds, "table": table, "claims": claims, "plots": made}
+    reference_rows = references(args.data)
+    report = {
+        "seeds": args.seeds,
+        "table": table,
+        "claims": claims,
+        "plots": made,
+        "references": reference_rows,
+    }
     # figures for the README and issue notes: rounds as integers
     for row in table.values():
         for s in SETS:
@@ -510,7 +570,7 @@ def main() -> int:
                 if s in row:
                     row[s][key] = [int(v) if v is not None else None for v in row[s][key]]
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    text = markdown(table, claims, len(args.seeds))
+    text = markdown(table, claims, len(args.seeds), reference_rows)
     (args.out / "report.md").write_text(text)
     print(text)
     return 0
