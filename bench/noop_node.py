@@ -111,9 +111,9 @@ class NoopNode:
         return reply
 
     def train(self, task: pb.Task) -> None:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         weights = self.download(task.model_version)
-        t1 = time.time()
+        t1, c1 = time.time(), time.process_time()
         if self.delta is None:  # drawn once: "training" is one add per round
             self.delta = {
                 k: (self.rng.standard_normal(v.shape, np.float32) * self.scale).astype(v.dtype)
@@ -121,9 +121,9 @@ class NoopNode:
             }
         for k, v in weights.items():
             np.add(v, self.delta[k], out=v)
-        t2 = time.time()
+        t2, c2 = time.time(), time.process_time()
         reply = self.upload(task, weights)
-        t3 = time.time()
+        t3, c3 = time.time(), time.process_time()
         nbytes = sum(v.nbytes for v in weights.values())
         self.rounds.append(
             {
@@ -132,6 +132,10 @@ class NoopNode:
                 "dl_end": t1,
                 "up_start": t2,
                 "up_end": t3,
+                # the process's CPU seconds in each phase (all its threads: per node only when
+                # the process runs one node)
+                "cpu_download_s": c1 - c0,
+                "cpu_upload_s": c3 - c2,
                 "bytes": nbytes,
                 "accepted": reply.accepted,
                 "reason": pb.RejectReason.Name(reply.reason) if not reply.accepted else "",

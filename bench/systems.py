@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -241,6 +242,9 @@ def summarize(
             for r in v["rounds"]:
                 per_round.setdefault(r["round"], []).append(r)
     up_agg: list[float] = []
+    # node CPU per 100 MB moved, from processes that run one node (their CPU is that node's)
+    cpu_down: list[float] = []
+    cpu_up: list[float] = []
     up_single: list[float] = []
     dl_agg: list[float] = []
     for recs in per_round.values():
@@ -248,6 +252,11 @@ def summarize(
         up_agg.append(total / (max(r["up_end"] for r in recs) - min(r["up_start"] for r in recs)))
         dl_agg.append(total / (max(r["dl_end"] for r in recs) - min(r["dl_start"] for r in recs)))
         up_single.extend(r["bytes"] / (r["up_end"] - r["up_start"]) for r in recs)
+        if cfg["per_proc"] == 1:
+            cpu_down.extend(
+                r["cpu_download_s"] * 1e8 / r["bytes"] for r in recs if "cpu_download_s" in r
+            )
+            cpu_up.extend(r["cpu_upload_s"] * 1e8 / r["bytes"] for r in recs if "cpu_upload_s" in r)
     cu = c["usage"]
     node_cpu_run = sum(cpu(f["end"]) - cpu(f["joined"]) for f in nodes)
     node_cpu_total = sum(cpu(f["end"]) for f in nodes)
@@ -292,6 +301,8 @@ def summarize(
         "nodes_cpu_run_s": node_cpu_run,
         "nodes_cpu_total_s": node_cpu_total,
         "node_cpu_per_node_round_s": node_cpu_run / (n * rounds) if rounds else float("nan"),
+        "node_cpu_download_s_per_100MB": median(cpu_down) if cpu_down else float("nan"),
+        "node_cpu_upload_s_per_100MB": median(cpu_up) if cpu_up else float("nan"),
         "node_proc_peak_rss_mib_max": max(f["end"]["maxrss_mib"] for f in nodes),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -316,6 +327,14 @@ def attach_raw(s: dict[str, Any], raw: dict[int, dict[str, Any]]) -> None:
         raw_round_s = s["payload_bytes_per_round"] / (rnd["best_MBps"] * 1e6)
         s["raw_s_round_bytes"] = raw_round_s
         s["round_x_raw"] = s["round_s_median"] / raw_round_s
+
+
+def node_cpu_per_100mb(s: dict[str, Any]) -> str:
+    down = s.get("node_cpu_download_s_per_100MB", float("nan"))
+    up = s.get("node_cpu_upload_s_per_100MB", float("nan"))
+    if math.isnan(down) or math.isnan(up):
+        return "per 100 MB: n/a, several nodes per process"
+    return f"per 100 MB: download {down:.2f} s, upload {up:.2f} s of node CPU"
 
 
 def fmt(x: Any, nd: int = 2) -> str:
@@ -472,7 +491,8 @@ def report(results: dict[str, Any]) -> str:
             f"max_concurrent_downloads {s.get('max_concurrent_downloads', 'none')}, "
             f"coordinator RSS after imports {s['coord_rss_after_imports_mib']:.0f}"
             f" MiB (torch is imported via coordinator.rounds -> pluralfed.evaluation), node CPU per "
-            f"node-round {s['node_cpu_per_node_round_s'] * 1000:.0f} ms, socket/payload "
+            f"node-round {s['node_cpu_per_node_round_s'] * 1000:.0f} ms ({node_cpu_per_100mb(s)}), "
+            f"socket/payload "
             f"{s['socket_over_payload']:.3f}, single-upload {s['upload_MBps_single_median']:.0f} "
             f"MB/s ({s.get('upload_single_frac_of_raw', float('nan')):.2f} of raw), per-round "
             f"times {s['round_s_all']}" + (f"; ERRORS: {s['errors']}" if s["errors"] else "")
