@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from pluralfed.commands.common import add_encoder_args, open_encoder  # noqa: E402
 from pluralfed.data import load_survey  # noqa: E402
+from pluralfed.embeddings import TextEncoder  # noqa: E402
 from pluralfed.episodes import EmbeddedItem, GroupSplit  # noqa: E402
 from pluralfed.metrics import Summary, alignment_score, summarize, uniform_prediction  # noqa: E402
 from pluralfed.prepare import default_groups, embed_groups  # noqa: E402
@@ -64,6 +65,18 @@ class QuestionKnn:
         return (w / w.sum()) @ self.values[k]
 
 
+def protocol_splits(
+    data_path: Path, encoder: TextEncoder
+) -> tuple[list[str], list[str], dict[str, GroupSplit]]:
+    """(training groups, held-out groups, their embedded splits) of PROTOCOL.md. With data that
+    lacks those groups: no held-out groups and no splits (nothing embedded)."""
+    data = load_survey(data_path)
+    training, held_out = default_groups(data)
+    if not held_out:
+        return training, held_out, {}
+    return training, held_out, embed_groups(data, training + held_out, encoder)
+
+
 def score(
     knn: QuestionKnn, splits: Mapping[str, GroupSplit], groups: Sequence[str], temperature: float
 ) -> Summary:
@@ -93,11 +106,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "knn_baseline")
     add_encoder_args(ap)
     args = ap.parse_args()
-    data = load_survey(args.data)
-    training, held_out = default_groups(data)
+    training, held_out, splits = protocol_splits(args.data, open_encoder(args))
     if not held_out:
         ap.error(f"{args.data}: the PROTOCOL.md groups are not all in the data")
-    splits = embed_groups(data, training + held_out, open_encoder(args))
     knn = QuestionKnn([e for g in training for e in splits[g].train])
     grid = {
         t: {

@@ -41,13 +41,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from knn_baseline import DEFAULT_DATA, QuestionKnn  # noqa: E402
+from knn_baseline import DEFAULT_DATA, QuestionKnn, protocol_splits  # noqa: E402
 
 from pluralfed.commands.common import add_encoder_args, open_encoder  # noqa: E402
-from pluralfed.data import load_survey  # noqa: E402
 from pluralfed.episodes import EmbeddedItem, GroupSplit  # noqa: E402
 from pluralfed.metrics import Summary, alignment_score, summarize  # noqa: E402
-from pluralfed.prepare import default_groups, embed_groups  # noqa: E402
 
 KNN_TEMPERATURE = 0.08  # bench/knn_baseline.py's choice on the training groups' test questions
 Key = tuple[str, tuple[str, ...]]
@@ -188,6 +186,17 @@ ROWS = {
 }
 
 
+def summary_table(rows: Mapping[str, Mapping[str, Any]], first_column: str) -> list[str]:
+    """Markdown rows label | alignment | worst group (its name) | FI, from `Summary` dicts."""
+    lines = [f"| {first_column} | alignment | worst group | FI |", "| --- | --- | --- | --- |"]
+    for label, r in rows.items():
+        lines.append(
+            f"| {label} | {r['alignment']:.4f} | {r['worst']:.4f} ({r['worst_group']}) "
+            f"| {r['fairness']:.4f} |"
+        )
+    return lines
+
+
 def reach(
     splits: Mapping[str, GroupSplit], training: Sequence[str], held_out: Sequence[str]
 ) -> tuple[dict[str, dict[str, Summary]], dict[str, dict[str, Any]]]:
@@ -217,11 +226,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reach")
     add_encoder_args(ap)
     args = ap.parse_args()
-    data = load_survey(args.data)
-    training, held_out = default_groups(data)
+    training, held_out, splits = protocol_splits(args.data, open_encoder(args))
     if not held_out:
         ap.error(f"{args.data}: the PROTOCOL.md groups are not all in the data")
-    splits = embed_groups(data, training + held_out, open_encoder(args))
     summaries, per_group = reach(splits, training, held_out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
@@ -246,18 +253,8 @@ def main() -> int:
         "",
     ]
     for name, title in (("held_out", "Held-out groups"), ("training", "Training groups")):
-        lines += [
-            f"## {title}",
-            "",
-            "| predictor | alignment | worst group | FI |",
-            "| --- | --- | --- | --- |",
-        ]
-        for row, label in ROWS.items():
-            s = summaries[name][row]
-            lines.append(
-                f"| {label} | {s.alignment:.4f} | {s.worst:.4f} ({s.worst_group}) | {s.fairness:.4f} |"
-            )
-        lines.append("")
+        rows = {label: asdict(summaries[name][row]) for row, label in ROWS.items()}
+        lines += [f"## {title}", "", *summary_table(rows, "predictor"), ""]
     lines += [
         "## Per group",
         "",

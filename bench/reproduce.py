@@ -51,13 +51,12 @@ sys.path.insert(0, str(REPO))
 
 from pluralfed.checkpoint import META_FILE  # noqa: E402
 from pluralfed.commands.common import open_encoder  # noqa: E402
-from pluralfed.data import load_survey  # noqa: E402
 from pluralfed.metrics import summarize as summarize_alignment  # noqa: E402
-from pluralfed.prepare import default_groups, embed_groups  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
+from knn_baseline import protocol_splits  # noqa: E402
 from reach import ROWS as REFERENCE_ROWS  # noqa: E402
-from reach import reach  # noqa: E402
+from reach import reach, summary_table  # noqa: E402
 
 SETS = ("training groups (test questions)", "held-out groups")
 SHORT = {SETS[0]: "training", SETS[1]: "held-out"}
@@ -368,12 +367,10 @@ def references(data_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Reference rows on the same questions, none of them federated: the pooled question kNN and
     the oracles of `bench/reach.py` (what transfer from the training groups could reach if their
     answers to the test questions were known). Empty if the data lacks PROTOCOL.md's groups."""
-    data = load_survey(data_path)
-    training, held_out = default_groups(data)
+    encoder_args = argparse.Namespace(encoder="all-MiniLM-L6-v2", cache_dir=None, no_cache=False)
+    training, held_out, splits = protocol_splits(data_path, open_encoder(encoder_args))
     if not held_out:
         return {}
-    encoder_args = argparse.Namespace(encoder="all-MiniLM-L6-v2", cache_dir=None, no_cache=False)
-    splits = embed_groups(data, training + held_out, open_encoder(encoder_args))
     summaries, _ = reach(splits, training, held_out)
     names = {"held_out": SETS[1], "training": SETS[0]}
     return {
@@ -426,18 +423,7 @@ def markdown(
             "",
         ]
         for s, rows in reference_rows.items():
-            lines += [
-                f"### {s}",
-                "",
-                "| reference | alignment | worst group | FI |",
-                "|---|---|---|---|",
-            ]
-            for name, r in rows.items():
-                lines.append(
-                    f"| {name} | {r['alignment']:.4f} | {r['worst']:.4f} ({r['worst_group']}) "
-                    f"| {r['fairness']:.4f} |"
-                )
-            lines.append("")
+            lines += [f"### {s}", "", *summary_table(rows, "reference"), ""]
     lines += ["## Wall time (s)", ""]
     for mode, row in table.items():
         if not mode.endswith(MEMORY) and OWN_MODEL not in mode:  # evaluations, not training runs
