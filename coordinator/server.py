@@ -89,7 +89,7 @@ def _reject(reason: str, message: str) -> pb.UploadReply:
 @dataclass(frozen=True)
 class ModelDownload:
     """A model version's DownloadModel stream: header and trailer serialized once per version
-    (the header carries the model's SHA-256, computed once), tensor parts serialized chunk by
+    (the header carries the model's digest, computed once), tensor parts serialized chunk by
     chunk as each download sends them, straight from the global weights (which the engine
     replaces, never mutates). A serialized copy of the whole model kept for all downloads was
     one more model in the coordinator's memory; each chunk is now copied once per download
@@ -114,7 +114,7 @@ class ModelDownload:
             model_version=model.version,
             round=model.round,
             total_bytes=sum(s.nbytes for s in specs),
-            sha256=digest_of(model.weights),
+            digest=digest_of(model.weights),
             wire_format=WIRE_FORMAT,
         )
         for s in specs:
@@ -122,7 +122,7 @@ class ModelDownload:
         return cls(
             model.version,
             pb.ModelChunk(header=header).SerializeToString(),
-            pb.ModelChunk(trailer=pb.StreamTrailer(sha256=header.sha256)).SerializeToString(),
+            pb.ModelChunk(trailer=pb.StreamTrailer(digest=header.digest)).SerializeToString(),
             model.weights,
             header.total_bytes,
             chunk_bytes,
@@ -406,7 +406,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             if next(request_iterator, None) is not None:
                 raise WireError("messages after the trailer")
             spool.finish(
-                trailer.sha256,
+                trailer.digest,
                 total_bytes=h.total_bytes or None,
                 tensor_count=h.tensor_count or None,
             )

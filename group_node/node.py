@@ -77,7 +77,8 @@ class NodeConfig:
     # Audit copy of exactly what the node sends: before each upload, the update's tensors go to
     # <dir>/round-<round>-<task id>.safetensors (one file per TRAIN task, so one per round unless
     # a round is retried), with metadata group, round, task_id, base_model_version, num_examples
-    # and sha256 (the digest the upload's trailer carries). No upload without its copy.
+    # and digest (the BLAKE3 digest, hex, that the upload's trailer carries). No upload without
+    # its copy.
     save_updates_dir: Path | None = None
     # Personalization, node-local: after a finished run, download the final model, fine-tune a
     # copy on this group's own TRAIN questions for this many steps (the run's learning rate and
@@ -556,7 +557,7 @@ class GroupNode:
                 "task_id": task.task_id,
                 "base_model_version": task.model_version,
                 "num_examples": str(self.worker.num_train_examples),
-                "sha256": digest_of(weights).hex(),
+                "digest": digest_of(weights).hex(),
             },
         )
         log.info("%s: round %d update saved to %s", self.config.group, task.round, path)

@@ -25,7 +25,7 @@ from pluralfed.wire import (
 TENSOR_PART_FIELD = 2
 _DATA_FIELD = 5
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # the two bulk streams, whose (de)serializers both sides swap for the fast paths below
 DOWNLOAD_METHOD = "/pluralfed.v1.Federation/DownloadModel"
 UPLOAD_METHOD = "/pluralfed.v1.Federation/UploadUpdate"
@@ -331,7 +331,7 @@ def receive_model(
         elif part == "tensor" and assembler is not None:
             assembler.add(chunk_from_proto(msg.tensor))
         elif part == "trailer" and assembler is not None and header is not None:
-            assembler.finish(msg.trailer.sha256, total_bytes=header.total_bytes)
+            assembler.finish(msg.trailer.digest, total_bytes=header.total_bytes)
             return assembler.to_dict()
         else:
             raise error(f"unexpected {part!r} message")
@@ -352,4 +352,4 @@ def update_stream(
     yield pb.UpdateChunk(header=header)
     for chunk in iter_chunks(weights, chunk_bytes):
         yield serialized_tensor_part(chunk)
-    yield pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=digest_of(weights)))
+    yield pb.UpdateChunk(trailer=pb.StreamTrailer(digest=digest_of(weights)))

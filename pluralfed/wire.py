@@ -1,4 +1,4 @@
-"""The pluralfed tensor wire format ("pluralfed.wire/1"): how model weights travel, chunk by chunk.
+"""The pluralfed tensor wire format ("pluralfed.wire/2"): how model weights travel, chunk by chunk.
 
 This module is the format's definition and reference implementation. It knows nothing of gRPC or
 protobuf: the transport maps `Chunk` to and from its messages (`TensorChunk` in
@@ -27,16 +27,21 @@ Chunks
     total with `max_bytes`.
 
 Digest
-    SHA-256 over a canonical byte stream that depends only on the tensors and their order, never
-    on the chunking. All integers little-endian:
+    BLAKE3 (32 bytes) over a canonical byte stream that depends only on the tensors and their
+    order, never on the chunking. All integers little-endian:
 
-        b"pluralfed.wire/1\\0"
+        b"pluralfed.wire/2\\0"
         for each tensor, in order:
             u32 len(name) | name (UTF-8) | u32 len(dtype) | dtype (ASCII)
             | u32 ndim | ndim x u64 dim | u64 nbytes | data
 
     Every variable-length field is length-prefixed, so two different models never produce the
     same stream.
+
+    Version 1 ("pluralfed.wire/1", protocol 1) used SHA-256 over the same stream with its own
+    magic; chunks and files are unchanged. BLAKE3 is as collision-resistant for this use
+    and 3-4x faster here (5 GB/s against 1.4 GB/s on one core, with SHA-NI): hashing was about a
+    third of a node's CPU per byte moved, since every model is hashed once by each side.
 
 Receiving
     `TensorAssembler` checks a chunk stream as it arrives (names, order, dtype, shape, offsets,
@@ -51,7 +56,6 @@ Files
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import math
@@ -64,12 +68,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, NamedTuple
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 
 from pluralfed.errors import InputError
 
-WIRE_FORMAT = "pluralfed.wire/1"
+WIRE_FORMAT = "pluralfed.wire/2"
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_NAME_BYTES = 1024
 MAX_NDIM = 32
@@ -305,14 +310,14 @@ def _record_header(spec: TensorSpec) -> bytes:
 
 
 class Digest:
-    """Incremental SHA-256 of the canonical stream (see the module docstring).
+    """Incremental BLAKE3 of the canonical stream (see the module docstring).
 
     Feed it either whole tensors (`begin(spec)` then `update(data)` pieces) or chunks in order
     (`add_chunk`); it does not validate, `TensorAssembler` does.
     """
 
     def __init__(self) -> None:
-        self._hash = hashlib.sha256(_MAGIC)
+        self._hash = blake3.blake3(_MAGIC)
         self._current: str | None = None
 
     def begin(self, spec: TensorSpec) -> None:
@@ -340,7 +345,7 @@ class Digest:
 
 
 def digest_of(tensors: Mapping[str, npt.ArrayLike]) -> bytes:
-    """SHA-256 (32 bytes) of a model in the canonical stream; independent of any chunking."""
+    """BLAKE3 (32 bytes) of a model in the canonical stream; independent of any chunking."""
     digest = Digest()
     for name, array in tensors.items():
         spec, data = _encode(name, array)
@@ -606,7 +611,7 @@ class TensorAssembler:
                 raise WireError(f"received {self._received_bytes} bytes, header said {total_bytes}")
             if len(digest) != DIGEST_BYTES:
                 raise WireError(
-                    f"digest is {len(digest)} bytes, a SHA-256 digest is {DIGEST_BYTES}"
+                    f"digest is {len(digest)} bytes, a {WIRE_FORMAT} digest is {DIGEST_BYTES}"
                 )
             computed = self._digest.digest()
             if not hmac.compare_digest(computed, bytes(digest)):
@@ -621,7 +626,7 @@ class TensorAssembler:
 
     @property
     def digest(self) -> bytes:
-        """SHA-256 of what was received so far."""
+        """The digest of what was received so far."""
         return self._digest.digest()
 
     def to_dict(self) -> dict[str, Array]:

@@ -573,7 +573,7 @@ class FakeNode:
                 assembler.add(chunk_from_proto(msg.tensor))
             elif part == "trailer":
                 assert header is not None, "trailer before header"
-                assembler.finish(msg.trailer.sha256, total_bytes=header.total_bytes)
+                assembler.finish(msg.trailer.digest, total_bytes=header.total_bytes)
                 return assembler.to_dict()
         raise AssertionError("model download ended before its trailer")
 
@@ -633,7 +633,7 @@ def update_messages(
     if trailer:
         messages.append(
             pb.UpdateChunk(
-                trailer=pb.StreamTrailer(sha256=digest_of(weights) if digest is None else digest)
+                trailer=pb.StreamTrailer(digest=digest_of(weights) if digest is None else digest)
             )
         )
     return messages

@@ -184,7 +184,7 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         meta = load_metadata(path)
         weights = load_tensors(path)
         assert meta["group"] == g and meta["task_id"] == last["task_id"] and meta["round"] == "3"
-        assert meta["sha256"] == digest_of(weights).hex()
+        assert meta["digest"] == digest_of(weights).hex()
         assert int(meta["num_examples"]) == fed_data.train_counts[g]
         uploads.append(weights)
         counts.append(int(meta["num_examples"]))

@@ -161,7 +161,7 @@ def valid_messages(rng: random.Random, count: int, max_bytes: int = 70_000) -> l
         pb.UpdateChunk().SerializeToString(),
         pb.UpdateChunk(tensor=pb.TensorChunk()).SerializeToString(),
         pb.UpdateChunk(trailer=pb.StreamTrailer()).SerializeToString(),
-        pb.UpdateChunk(trailer=pb.StreamTrailer(sha256=bytes(range(32)))).SerializeToString(),
+        pb.UpdateChunk(trailer=pb.StreamTrailer(digest=bytes(range(32)))).SerializeToString(),
         pb.UpdateChunk(
             header=pb.UpdateHeader(
                 session_id="s" * 32,
@@ -180,8 +180,8 @@ def valid_messages(rng: random.Random, count: int, max_bytes: int = 70_000) -> l
                 round=2,
                 tensors=[pb.TensorSpec(name="a", dtype=pb.DTYPE_FLOAT32, shape=[2, 3])],
                 total_bytes=24,
-                sha256=b"\x01" * 32,
-                wire_format="pluralfed.wire/1",
+                digest=b"\x01" * 32,
+                wire_format="pluralfed.wire/2",
             )
         ).SerializeToString(),
         # fields protobuf writes but a sender of ours would not: dtype unspecified with a shape,

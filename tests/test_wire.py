@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 
@@ -137,7 +137,7 @@ def test_spec_nbytes_and_validation() -> None:
 
 def canonical_stream(model: dict[str, np.ndarray]) -> bytes:
     """The canonical stream, written out independently of pluralfed.wire from the docstring."""
-    out = [b"pluralfed.wire/1\0"]
+    out = [b"pluralfed.wire/2\0"]
     for name, array in model.items():
         dtype = "bfloat16" if array.dtype == np.uint16 else array.dtype.name
         data = np.ascontiguousarray(array).tobytes()  # little-endian host
@@ -148,17 +148,24 @@ def canonical_stream(model: dict[str, np.ndarray]) -> bytes:
     return b"".join(out)
 
 
-def test_digest_is_sha256_of_the_documented_canonical_stream() -> None:
+def test_digest_is_blake3_of_the_documented_canonical_stream() -> None:
+    # the hash itself is plain BLAKE3 (its published value for the empty input), not a keyed or
+    # derive-key mode
+    assert blake3.blake3(b"").hexdigest() == (
+        "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    )
     model = sample_model()
-    assert wire.digest_of(model) == hashlib.sha256(canonical_stream(model)).digest()
+    assert wire.digest_of(model) == blake3.blake3(canonical_stream(model)).digest()
+    assert len(wire.digest_of(model)) == wire.DIGEST_BYTES == 32
 
 
 def test_digest_is_pinned() -> None:
     """A change of this value breaks every deployed node: bump WIRE_FORMAT instead."""
     model = {"a": np.arange(3, dtype=np.float32), "b": np.array(True)}
-    assert wire.digest_of(model).hex() == hashlib.sha256(canonical_stream(model)).hexdigest()
+    assert wire.digest_of(model).hex() == blake3.blake3(canonical_stream(model)).hexdigest()
+    assert wire.WIRE_FORMAT == "pluralfed.wire/2"
     assert wire.digest_of(model).hex() == (
-        "7232377b4cda3e9064391f9d983e6abf014f61ac91b2740a92d075401ceaa552"
+        "cf7ff9b7036785cd80c52a0645d05248ff05d95845e809f119ffd7aa309751ab"
     )
 
 

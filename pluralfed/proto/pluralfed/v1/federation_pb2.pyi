@@ -6,8 +6,11 @@ The pluralfed federation protocol: how group nodes and the coordinator talk.
 This file is the public contract between organizations. Change it only in backwards-compatible
 ways (new fields, new enum values, new RPCs); anything else bumps the protocol version.
 
-PROTOCOL VERSION: 1. A node sends it in JoinRequest.protocol_version; the coordinator refuses any
+PROTOCOL VERSION: 2. A node sends it in JoinRequest.protocol_version; the coordinator refuses any
 other version with FAILED_PRECONDITION.
+  1: the first version.
+  2: the tensor streams' digest is BLAKE3 instead of SHA-256 (wire format "pluralfed.wire/2");
+     the digest fields, numbered as before, are named `digest` instead of `sha256`.
 
 Topology. The coordinator runs rounds and averages weights. Group nodes sit behind their
 organizations' firewalls, so a node opens every connection and the coordinator never dials a
@@ -30,7 +33,7 @@ A node's life:
 Tensors travel in the pluralfed tensor wire format (see pluralfed/wire.py): a model is an
 ordered list of named tensors; each tensor's raw little-endian C-order bytes are split into
 chunks (at most 1 MiB, and at most JoinReply.max_chunk_bytes in uploads), sent in order; the
-stream ends with a SHA-256 digest over a canonical byte stream (name, dtype, shape and data of
+stream ends with a BLAKE3 digest over a canonical byte stream (name, dtype, shape and data of
 every tensor, in order, length-prefixed), so a receiver can verify what it assembled whatever
 the chunking.
 
@@ -839,17 +842,17 @@ class StreamTrailer(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SHA256_FIELD_NUMBER: _builtins.int
-    sha256: _builtins.bytes
-    """SHA-256 (32 bytes) of the canonical byte stream of all tensors sent (pluralfed/wire.py)."""
+    DIGEST_FIELD_NUMBER: _builtins.int
+    digest: _builtins.bytes
+    """BLAKE3 (32 bytes) of the canonical byte stream of all tensors sent (pluralfed/wire.py)."""
     def __init__(
         self,
         *,
-        sha256: _builtins.bytes = ...,
+        digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -890,17 +893,17 @@ class ModelHeader(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     TENSORS_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
-    SHA256_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     WIRE_FORMAT_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     round: _builtins.int
     """The round whose aggregation produced this model (0 = the initial model)."""
     total_bytes: _builtins.int
     """Sum of the tensors' byte lengths."""
-    sha256: _builtins.bytes
+    digest: _builtins.bytes
     """The digest the trailer will carry, so a node can skip a download it has cached."""
     wire_format: _builtins.str
-    """The tensor wire format, "pluralfed.wire/1"."""
+    """The tensor wire format, "pluralfed.wire/2"."""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """All tensors, in the order their chunks follow (and in which an update must be uploaded)."""
@@ -912,12 +915,12 @@ class ModelHeader(_message.Message):
         round: _builtins.int = ...,
         tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
         total_bytes: _builtins.int = ...,
-        sha256: _builtins.bytes = ...,
+        digest: _builtins.bytes = ...,
         wire_format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "round", b"round", "sha256", b"sha256", "tensors", b"tensors", "total_bytes", b"total_bytes", "wire_format", b"wire_format"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "model_version", b"model_version", "round", b"round", "tensors", b"tensors", "total_bytes", b"total_bytes", "wire_format", b"wire_format"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,8 +6,11 @@ The pluralfed federation protocol: how group nodes and the coordinator talk.
 This file is the public contract between organizations. Change it only in backwards-compatible
 ways (new fields, new enum values, new RPCs); anything else bumps the protocol version.
 
-PROTOCOL VERSION: 1. A node sends it in JoinRequest.protocol_version; the coordinator refuses any
+PROTOCOL VERSION: 2. A node sends it in JoinRequest.protocol_version; the coordinator refuses any
 other version with FAILED_PRECONDITION.
+  1: the first version.
+  2: the tensor streams' digest is BLAKE3 instead of SHA-256 (wire format "pluralfed.wire/2");
+     the digest fields, numbered as before, are named `digest` instead of `sha256`.
 
 Topology. The coordinator runs rounds and averages weights. Group nodes sit behind their
 organizations' firewalls, so a node opens every connection and the coordinator never dials a
@@ -30,7 +33,7 @@ A node's life:
 Tensors travel in the pluralfed tensor wire format (see pluralfed/wire.py): a model is an
 ordered list of named tensors; each tensor's raw little-endian C-order bytes are split into
 chunks (at most 1 MiB, and at most JoinReply.max_chunk_bytes in uploads), sent in order; the
-stream ends with a SHA-256 digest over a canonical byte stream (name, dtype, shape and data of
+stream ends with a BLAKE3 digest over a canonical byte stream (name, dtype, shape and data of
 every tensor, in order, length-prefixed), so a receiver can verify what it assembled whatever
 the chunking.
 
