@@ -98,17 +98,26 @@ def row(name: str, s: Summary) -> str:
     return f"| {name} | {s.alignment:.4f} | {s.worst:.4f} ({s.worst_group}) | {s.fairness:.4f} |"
 
 
-def main() -> int:
+def protocol_command(
+    description: str | None, name: str
+) -> tuple[argparse.Namespace, list[str], list[str], dict[str, GroupSplit]]:
+    """The command line of a reference script over PROTOCOL.md's groups (--data, --out, the
+    encoder options): (its arguments, training groups, held-out groups, embedded splits)."""
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="(default: %(default)s)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "knn_baseline")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / name)
     add_encoder_args(ap)
     args = ap.parse_args()
     training, held_out, splits = protocol_splits(args.data, open_encoder(args))
     if not held_out:
         ap.error(f"{args.data}: the PROTOCOL.md groups are not all in the data")
+    return args, training, held_out, splits
+
+
+def main() -> int:
+    args, training, held_out, splits = protocol_command(__doc__, "knn_baseline")
     knn = QuestionKnn([e for g in training for e in splits[g].train])
     grid = {
         t: {

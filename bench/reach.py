@@ -26,7 +26,6 @@ uses the other 7 training groups. Per group: mean 1 - JS over its TEST questions
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -41,9 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from knn_baseline import DEFAULT_DATA, QuestionKnn, protocol_splits  # noqa: E402
+from knn_baseline import QuestionKnn, protocol_command  # noqa: E402
 
-from pluralfed.commands.common import add_encoder_args, open_encoder  # noqa: E402
 from pluralfed.episodes import EmbeddedItem, GroupSplit  # noqa: E402
 from pluralfed.metrics import Summary, alignment_score, summarize  # noqa: E402
 
@@ -219,16 +217,7 @@ def reach(
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="(default: %(default)s)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reach")
-    add_encoder_args(ap)
-    args = ap.parse_args()
-    training, held_out, splits = protocol_splits(args.data, open_encoder(args))
-    if not held_out:
-        ap.error(f"{args.data}: the PROTOCOL.md groups are not all in the data")
+    args, training, held_out, splits = protocol_command(__doc__, "reach")
     summaries, per_group = reach(splits, training, held_out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
