@@ -116,6 +116,15 @@ def protocol_command(
     return args, training, held_out, splits
 
 
+def write_results(out: Path, result: Mapping[str, Any], markdown_lines: Sequence[str]) -> None:
+    """`out`.json (the figures) and `out`.md (the table), and the table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    text = "\n".join(markdown_lines) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def main() -> int:
     args, training, held_out, splits = protocol_command(__doc__, "knn_baseline")
     knn = QuestionKnn([e for g in training for e in splits[g].train])
@@ -132,8 +141,6 @@ def main() -> int:
         "chosen_on": "training groups' TEST questions",
         "grid": {str(t): {k: asdict(v) for k, v in s.items()} for t, s in grid.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Question kNN on the pooled training answers (not federated; a reference)",
         "",
@@ -153,9 +160,7 @@ def main() -> int:
         lines.append(
             f"| {t} | {h.alignment:.4f} | {h.worst:.4f} | {h.fairness:.4f} | {tr.alignment:.4f} |"
         )
-    text = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, result, lines)
     return 0
 
 

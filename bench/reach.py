@@ -26,7 +26,6 @@ uses the other 7 training groups. Per group: mean 1 - JS over its TEST questions
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from knn_baseline import QuestionKnn, protocol_command  # noqa: E402
+from knn_baseline import QuestionKnn, protocol_command, write_results  # noqa: E402
 
 from pluralfed.episodes import EmbeddedItem, GroupSplit  # noqa: E402
 from pluralfed.metrics import Summary, alignment_score, summarize  # noqa: E402
@@ -219,19 +218,10 @@ def reach(
 def main() -> int:
     args, training, held_out, splits = protocol_command(__doc__, "reach")
     summaries, per_group = reach(splits, training, held_out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "summaries": {
-                    n: {r: asdict(s) for r, s in rows.items()} for n, rows in summaries.items()
-                },
-                "per_group": per_group,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    result = {
+        "summaries": {n: {r: asdict(s) for r, s in rows.items()} for n, rows in summaries.items()},
+        "per_group": per_group,
+    }
     lines = [
         "# How far transfer from the training groups can go (oracles)",
         "",
@@ -257,9 +247,7 @@ def main() -> int:
             f"| {s['mean']:.4f} | {s['closest']:.4f} | {s['mix_context']:.4f} "
             f"| {s['mix_test']:.4f} | {r['closest_group']} |"
         )
-    text = "\n".join(lines) + "\n"
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(args.out, result, lines)
     return 0
 
 
