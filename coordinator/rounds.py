@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -30,14 +31,16 @@ import numpy as np
 
 from coordinator.state import RunState, load_state, save_state
 from coordinator.strategy import (
+    MAX_FAIRNESS_Q,
     ServerOptimizer,
     StreamingFedAvg,
+    fairness_weight,
     make_server_optimizer,
     streaming_update_norm,
 )
 from pluralfed.evaluation import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.fsutil import atomic_write_bytes
-from pluralfed.training import MAX_EMBEDDING_NOISE
+from pluralfed.training import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
 from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
 
 log = logging.getLogger("pluralfed.coordinator")
@@ -68,6 +71,41 @@ class Rejection(Exception):
         self.reason = reason
 
 
+MAX_UPDATE_METRICS = 32
+MAX_METRIC_NAME = 64
+
+
+def checked_update_metrics(group: str, metrics: Mapping[str, float]) -> dict[str, float]:
+    """An update's metrics (UpdateHeader.metrics) if they are sane: a few named, finite numbers.
+
+    They go into the round records and metrics.jsonl, and `alignment_before` into the update's
+    weight when `fairness_q` > 0, so a NaN or a flood of keys is refused, naming the metric.
+    """
+    if len(metrics) > MAX_UPDATE_METRICS:
+        raise Rejection(
+            "INVALID_ARGUMENT",
+            f"update from {group} has {len(metrics)} metrics (at most {MAX_UPDATE_METRICS})",
+            reason="MALFORMED",
+        )
+    out: dict[str, float] = {}
+    for name, value in sorted(metrics.items()):
+        if not (0 < len(name) <= MAX_METRIC_NAME and name.isprintable()):
+            raise Rejection(
+                "INVALID_ARGUMENT",
+                f"update from {group}: metric name {name[:MAX_METRIC_NAME]!r} must be 1 to "
+                f"{MAX_METRIC_NAME} printable characters",
+                reason="MALFORMED",
+            )
+        if not math.isfinite(value):
+            raise Rejection(
+                "INVALID_ARGUMENT",
+                f"update from {group}: metric {name!r} is {value} (not a finite number)",
+                reason="MALFORMED",
+            )
+        out[name] = float(value)
+    return out
+
+
 @dataclass(frozen=True)
 class RoundSettings:
     rounds: int = 100
@@ -84,6 +122,8 @@ class RoundSettings:
     target_range: tuple[int, int] = (9, 90)
     max_context: int = 90
     weighting: str = "examples"  # or "uniform"
+    # q-FedAvg: each update's weight times (1 - its node's alignment_before) ** q; 0: FedAvg
+    fairness_q: float = 0.0
     server_optimizer: str = "fedavg"
     server_lr: float | None = None  # None: the optimizer's default (1.0 for fedavg)
     norm_bound: float | None = None  # max L2 norm of (update - global); None: no bound
@@ -106,6 +146,10 @@ class RoundSettings:
                 f"embedding_noise must be in 0..{MAX_EMBEDDING_NOISE}",
             ),
             (self.weighting in ("examples", "uniform"), "weighting must be examples or uniform"),
+            (
+                math.isfinite(self.fairness_q) and 0 <= self.fairness_q <= MAX_FAIRNESS_Q,
+                f"fairness_q must be in 0..{MAX_FAIRNESS_Q:g}",
+            ),
             (self.norm_bound is None or self.norm_bound > 0, "norm_bound must be positive"),
             (self.session_timeout_s > self.heartbeat_interval_s > 0, "session timeout > heartbeat"),
         ]
@@ -161,6 +205,7 @@ class _OpenTask:
     evaluations: dict[str, tuple[Role, GroupEvaluation]] = field(default_factory=dict)
     bytes_in: int = 0
     node_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # group -> its update's weight
     started: float = field(default_factory=time.time)
 
 
@@ -442,12 +487,21 @@ class RoundEngine:
         with self._changed:
             s = self._session(session_id, group)
             t = self._current_train_task(s, task_id, round_)
-            if num_examples < 1:
-                raise Rejection(
-                    "INVALID_ARGUMENT",
-                    f"update from {s.group} claims {num_examples} examples",
-                    reason="MALFORMED",
-                )
+            try:
+                if num_examples < 1:
+                    raise Rejection(
+                        "INVALID_ARGUMENT",
+                        f"update from {s.group} claims {num_examples} examples",
+                        reason="MALFORMED",
+                    )
+                node_metrics = checked_update_metrics(s.group, metrics)
+                weight = self._update_weight(s.group, num_examples, node_metrics)
+            except Rejection as refused:
+                # final, as the transport's refusals of bad values: the round need not wait
+                s.answered.add(task_id)
+                t.answered[s.group] = f"rejected: {refused.message}"
+                self._changed.notify_all()
+                raise
             if self.settings.norm_bound is not None:
                 norm = streaming_update_norm(replay(), self.state.weights)
                 if norm > self.settings.norm_bound:
@@ -461,13 +515,31 @@ class RoundEngine:
                         reason="NORM_BOUND",
                     )
             assert t.aggregate is not None
-            t.aggregate.fold_update(replay(), float(num_examples))
+            t.aggregate.fold_update(replay(), weight)
             s.answered.add(task_id)
             t.answered[s.group] = "accepted"
             t.bytes_in += nbytes
-            t.node_metrics[s.group] = {k: float(v) for k, v in metrics.items()}
+            t.node_metrics[s.group] = node_metrics
+            t.weights[s.group] = weight
             self._changed.notify_all()
         log.info("round %d: update from %s accepted (%d examples)", round_, s.group, num_examples)
+
+    def _update_weight(self, group: str, num_examples: int, metrics: Mapping[str, float]) -> float:
+        """The update's averaging weight: its examples (or 1 when weighting is uniform), times
+        (1 - alignment_before) ** fairness_q when the aggregation is fairness-aware."""
+        st = self.settings
+        base = 1.0 if st.weighting == "uniform" else float(num_examples)
+        if st.fairness_q == 0:
+            return base
+        before = metrics.get(ALIGNMENT_BEFORE)
+        if before is None or not 0.0 <= before <= 1.0:
+            raise Rejection(
+                "INVALID_ARGUMENT",
+                f"update from {group}: fairness_q = {st.fairness_q:g} needs the metric "
+                f"{ALIGNMENT_BEFORE!r} in [0, 1], got {before!r}",
+                reason="MALFORMED",
+            )
+        return fairness_weight(base, before, st.fairness_q)
 
     def note_rejected_update(
         self, session_id: str, group: str | None, task_id: str, reason: str, final: bool
@@ -583,8 +655,9 @@ class RoundEngine:
         and the previous round's task was closed (self._task = None) under that lock.
         """
         if self._aggregate is None:
+            st = self.settings
             self._aggregate = StreamingFedAvg(
-                self.specs, uniform=self.settings.weighting == "uniform"
+                self.specs, uniform=st.weighting == "uniform" and st.fairness_q == 0
             )
         else:
             self._aggregate.reset()
@@ -661,6 +734,7 @@ class RoundEngine:
                 "bytes_in": t.bytes_in,
                 "bytes_out_model": sum(s.nbytes for s in self.specs) * len(t.selected),
                 "total_weight": t.aggregate.total_weight,
+                "update_weights": dict(sorted(t.weights.items())),
                 "node_metrics": t.node_metrics,
                 "finished_at": time.time(),
             }

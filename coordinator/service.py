@@ -65,6 +65,7 @@ class CoordinatorConfig:
     target_range: tuple[int, int] = (9, 90)
     max_context: int = 90
     weighting: str = "examples"
+    fairness_q: float = 0.0
     server_optimizer: str = "fedavg"
     server_lr: float | None = None
     norm_bound: float | None = None

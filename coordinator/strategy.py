@@ -9,7 +9,8 @@ Pure numpy: no gRPC, no torch, so every rule here is testable on its own.
   plain FedAvg, FedAdagrad, FedAdam, FedYogi (Reddi et al., "Adaptive Federated Optimization",
   ICLR 2021). Their state exports to a flat dict of numpy arrays and scalars for checkpoints.
 - `qfedavg_weight(s)`: fairness-aware weights in the spirit of q-FedAvg (Li et al., "Fair
-  Resource Allocation in Federated Learning", ICLR 2020).
+  Resource Allocation in Federated Learning", ICLR 2020); `fairness_weight` is the one the
+  coordinator uses (`fairness_q`), with 1 - alignment as the loss.
 - `update_norm` / `clip_by_norm`: an optional bound on how far one update may move the model.
 
 Sums are kept in float64: the accumulator costs 2x a float32 model (a few MB here) and in exchange
@@ -448,6 +449,31 @@ def qfedavg_weights(
     return w / w.sum()
 
 
+MAX_FAIRNESS_Q = 10.0
+# a node whose questions the model already predicts perfectly still counts, a little
+MIN_FAIRNESS_LOSS = 1e-6
+
+
+def fairness_weight(base_weight: float, alignment_before: float, q: float) -> float:
+    """An update's q-FedAvg weight: base_weight * (1 - alignment_before) ** q.
+
+    alignment_before is how well the global model the node started from predicted its own
+    questions (PROTOCOL's 1 - Jensen-Shannon distance, in [0, 1]); 1 - alignment is the loss
+    that q-FFL raises to the power q, so groups the model serves worst weigh more. Unlike the
+    paper's Gaussian NLL it is never negative, and it is the metric the targets are set in.
+    q = 0 is plain FedAvg.
+    """
+    if not (math.isfinite(q) and 0 <= q <= MAX_FAIRNESS_Q):
+        raise InputError(f"fairness q must be in 0..{MAX_FAIRNESS_Q:g}, got {q}")
+    if not (math.isfinite(alignment_before) and 0.0 <= alignment_before <= 1.0):
+        raise InputError(f"alignment_before must be in [0, 1], got {alignment_before}")
+    base = _check_weight(base_weight, "base weight")
+    if q == 0:
+        return base  # exactly FedAvg's weight
+    # loss in (0, 1] and q <= 10: no overflow, so no need for qfedavg_weights' log space
+    return base * max(1.0 - alignment_before, MIN_FAIRNESS_LOSS) ** q
+
+
 # --------------------------------------------------------------------------------------------
 # server optimizers
 
@@ -650,6 +676,7 @@ def make_server_optimizer(name: str, **kwargs: float) -> ServerOptimizer:
 
 
 __all__ = [
+    "MAX_FAIRNESS_Q",
     "AggregationError",
     "FedAdagrad",
     "FedAdam",
@@ -659,6 +686,7 @@ __all__ = [
     "StreamingFedAvg",
     "clip_by_norm",
     "clip_scale",
+    "fairness_weight",
     "fedavg",
     "make_server_optimizer",
     "qfedavg_weight",

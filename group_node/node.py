@@ -26,7 +26,7 @@ from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
-from pluralfed.training import MAX_EMBEDDING_NOISE, TrainingSettings
+from pluralfed.training import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE, TrainingSettings
 from pluralfed.transport import (
     PROTOCOL_VERSION,
     BulkStreamCalls,
@@ -509,13 +509,19 @@ class GroupNode:
             result = self.worker.train(steps, settings)
             self._state = pb.NODE_STATE_UPLOADING
             weights = self.worker.weights()
+            metrics = {
+                "loss": result.mean_loss,
+                "steps": float(result.steps),
+                "seconds": result.seconds,
+                ALIGNMENT_BEFORE: result.alignment_before,
+            }
             if self.config.save_updates_dir is not None:
-                self._save_update(task, weights)
+                self._save_update(task, weights, metrics)
             reply = self.client.upload(
                 task,
                 weights,
                 self.worker.num_train_examples,
-                {"loss": result.mean_loss, "steps": float(result.steps), "seconds": result.seconds},
+                metrics,
                 timeout=self._time_left(task),
             )
             if not reply.accepted:
@@ -542,8 +548,9 @@ class GroupNode:
 
         self._call(f"round {task.round} update", work)
 
-    def _save_update(self, task: pb.Task, weights: dict) -> None:
-        """The audit copy (`NodeConfig.save_updates_dir`) of the update about to be uploaded."""
+    def _save_update(self, task: pb.Task, weights: dict, metrics: dict[str, float]) -> None:
+        """The audit copy (`NodeConfig.save_updates_dir`) of the update about to be uploaded,
+        with the metrics sent along (metadata `metric.NAME`, as repr of the float)."""
         folder = self.config.save_updates_dir
         assert folder is not None
         folder.mkdir(parents=True, exist_ok=True)
@@ -558,6 +565,7 @@ class GroupNode:
                 "base_model_version": task.model_version,
                 "num_examples": str(self.worker.num_train_examples),
                 "digest": digest_of(weights).hex(),
+                **{f"metric.{name}": repr(float(value)) for name, value in metrics.items()},
             },
         )
         log.info("%s: round %d update saved to %s", self.config.group, task.round, path)

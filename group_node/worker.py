@@ -33,6 +33,8 @@ class LocalResult:
     steps: int
     mean_loss: float
     seconds: float
+    # alignment of the first step's target questions under the global model, before training
+    alignment_before: float
 
 
 def node_seed(seed: int, group: str) -> int:
@@ -90,7 +92,9 @@ class GroupWorker:
         self._check_trainable()
         started = time.perf_counter()
         losses = self.trainer.train_steps(self.split.train, steps)
-        return LocalResult(steps, float(np.mean(losses)), time.perf_counter() - started)
+        before = self.trainer.alignment_before
+        assert before is not None  # train_steps scores its first step
+        return LocalResult(steps, float(np.mean(losses)), time.perf_counter() - started, before)
 
     def personalized(self, steps: int, settings: TrainingSettings) -> GPO:
         """The loaded model fine-tuned on this group's TRAIN questions, as a copy."""

@@ -9,8 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pluralfed.episodes import EmbeddedItem, jitter_questions, make_batch, sample_episode
-from pluralfed.model import GPO, GPOConfig, gpo_loss
+from pluralfed.episodes import (
+    EmbeddedItem,
+    EpisodeBatch,
+    jitter_questions,
+    make_batch,
+    sample_episode,
+)
+from pluralfed.metrics import alignment_score
+from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax
 from pluralfed.protocol import CONTEXT_RANGE, LEARNING_RATE, TARGET_RANGE
 
 
@@ -67,6 +74,31 @@ class TrainingSettings:
             )
 
 
+# The update metric (UpdateHeader.metrics) with `LocalTrainer.alignment_before`: what a
+# fairness-aware coordinator weighs updates by (coordinator `fairness_q`).
+ALIGNMENT_BEFORE = "alignment_before"
+
+
+def target_alignment(means: torch.Tensor, batch: EpisodeBatch) -> float:
+    """Mean PROTOCOL alignment of the batch's target questions under the network's output.
+
+    means: (B, T) or, for an ensemble, (members, B, T); the members' distributions are averaged
+    as `GPO.predict` does (without the context memory, which training never uses).
+    """
+    stacked = means.detach() if means.dim() == 3 else means.detach().unsqueeze(0)
+    pred = torch.stack([question_softmax(m, batch) for m in stacked]).mean(0).double().numpy()
+    true = batch.probs.double().numpy()
+    scores = [
+        alignment_score(pred[b, start:end], true[b, start:end])
+        for b, row in enumerate(batch.question_slices)
+        for start, end in row
+        if batch.is_target[b, start]
+    ]
+    if not scores:
+        raise ValueError("the batch has no target questions to score")
+    return float(np.mean(scores))
+
+
 class LocalTrainer:
     """Adam on one model; the optimizer state lives here across rounds, as the paper's nodes keep it."""
 
@@ -76,13 +108,20 @@ class LocalTrainer:
         self.rng = np.random.default_rng(seed)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
         self.steps_done = 0
+        # alignment of the last `train_steps` call's first episode under the weights it started
+        # from (before any of its steps): a fairness-aware coordinator weighs updates by it
+        self.alignment_before: float | None = None
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self, groups: Sequence[Sequence[EmbeddedItem]]) -> float:
-        """One optimizer step on one random episode from each of `groups` (batched, padded)."""
+    def step(self, groups: Sequence[Sequence[EmbeddedItem]], *, score: bool = False) -> float:
+        """One optimizer step on one random episode from each of `groups` (batched, padded).
+
+        score=True also records in `alignment_before` how well the weights the step starts
+        from predict the episode's targets (free: it is the step's own forward pass).
+        """
         s = self.settings
         episodes = [
             sample_episode(items, self.rng, s.context_range, s.target_range) for items in groups
@@ -90,6 +129,8 @@ class LocalTrainer:
         batch = jitter_questions(make_batch(episodes), s.embedding_noise, self.rng)
         self.model.train()
         mean, log_std = self.model(batch)
+        if score:
+            self.alignment_before = target_alignment(mean, batch)
         loss = gpo_loss(mean, log_std, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -98,8 +139,10 @@ class LocalTrainer:
         return float(loss.detach())
 
     def train_steps(self, items: Sequence[EmbeddedItem], steps: int) -> list[float]:
-        """`steps` local steps on one group's TRAIN questions (a group node's round)."""
-        return [self.step([items]) for _ in range(steps)]
+        """`steps` local steps on one group's TRAIN questions (a group node's round); the first
+        step scores the weights the round starts from (`alignment_before`)."""
+        self.alignment_before = None
+        return [self.step([items], score=i == 0) for i in range(steps)]
 
 
 def fine_tuned_copy(

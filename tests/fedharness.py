@@ -609,9 +609,11 @@ def update_messages(
     task_id: str | None = None,
     round_: int | None = None,
     chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
+    metrics: Mapping[str, float] | None = None,
 ) -> list[pb.UpdateChunk]:
     """An upload stream for `weights`: header, chunks, trailer (its digest computed unless given;
-    trailer=False leaves it out, a truncated stream). Any tensor, dtype or shape is sent as is."""
+    trailer=False leaves it out, a truncated stream). Any tensor, dtype or shape is sent as is;
+    the header's metrics are {"loss": 0.5} unless given."""
     specs = specs_of(weights)
     messages = [
         pb.UpdateChunk(
@@ -621,7 +623,7 @@ def update_messages(
                 round=task.round if round_ is None else round_,
                 base_model_version=task.model_version,
                 num_examples=num_examples,
-                metrics={"loss": 0.5},
+                metrics={"loss": 0.5} if metrics is None else dict(metrics),
                 tensor_count=len(specs),
                 total_bytes=sum(s.nbytes for s in specs),
             )

@@ -2,7 +2,8 @@
 
 - a full run: rounds 1..3 once each in metrics.jsonl, an evaluation of training and held-out
   groups, results.json and a loadable final checkpoint, and a global model that IS the weighted
-  average of what the nodes uploaded (from the nodes' own audit copies, recomputed with numpy);
+  average of what the nodes uploaded (from the nodes' own audit copies, recomputed with numpy;
+  fairness-aware weights, each node's examples times 1 - its alignment_before);
 - a node killed mid-run: the next round closes at its deadline with the remaining updates and the
   run finishes;
 - the coordinator killed mid-run and restarted: the nodes rejoin on their own and the run
@@ -38,6 +39,7 @@ from coordinator.rounds import HELD_OUT_SET, TRAIN_SET
 from coordinator.state import load_state
 from pluralfed.checkpoint import load_checkpoint
 from pluralfed.localfed import node_id
+from pluralfed.training import ALIGNMENT_BEFORE
 from pluralfed.wire import digest_of, load_metadata, load_tensors, state_dict_to_numpy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -81,6 +83,7 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         # layer alone is ~50 KB); a bigger chunk would be refused and the rounds would fail.
         # 16 KiB download parts: the real nodes assemble models sent in many small parts.
         # Embedding noise on: the nodes take it from their TRAIN tasks and train with it.
+        # fairness_q = 1: updates weigh n * (1 - alignment_before), from the nodes' metrics.
         {
             "rounds": 3,
             "eval_every": 3,
@@ -89,6 +92,7 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
             "upload_chunk_bytes": 4096,
             "download_chunk_bytes": 16384,
             "embedding_noise": 0.05,
+            "fairness_q": 1.0,
         },
     )
     audit = {g: tmp_path / "audit" / node_id(g) for g in train}
@@ -138,7 +142,11 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         assert "embedding noise 0.05," in node.log(), tails([node])
     for r in rounds:
         assert r["participants"] == sorted(train), r
-        assert r["total_weight"] == sum(fed_data.train_counts[g] for g in train)
+        before = {g: r["node_metrics"][g][ALIGNMENT_BEFORE] for g in train}
+        assert all(0.0 < a < 1.0 for a in before.values()), r
+        fair = {g: fed_data.train_counts[g] * (1.0 - before[g]) for g in train}
+        assert r["update_weights"] == pytest.approx(fair), r
+        assert r["total_weight"] == pytest.approx(sum(fair.values()))
     [evaluation] = coord.evaluation_records()
     assert evaluation["round"] == 3
     assert set(evaluation["reports"]) == {TRAIN_SET, HELD_OUT_SET}
@@ -176,7 +184,8 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         assert mine.keys() == final.keys()
         assert not all(np.array_equal(mine[k], final[k]) for k in final), g
 
-    # the global model after the last round is sum(n_i w_i) / sum(n_i) over the nodes' uploads
+    # the global model after the last round is sum(c_i w_i) / sum(c_i) over the nodes' uploads,
+    # c_i = n_i * (1 - alignment_before_i) as the audit copies record them (fairness_q = 1)
     last = rounds[-1]
     uploads, counts = [], []
     for g in train:
@@ -186,8 +195,10 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         assert meta["group"] == g and meta["task_id"] == last["task_id"] and meta["round"] == "3"
         assert meta["digest"] == digest_of(weights).hex()
         assert int(meta["num_examples"]) == fed_data.train_counts[g]
+        before = float(meta[f"metric.{ALIGNMENT_BEFORE}"])
+        assert before == last["node_metrics"][g][ALIGNMENT_BEFORE]
         uploads.append(weights)
-        counts.append(int(meta["num_examples"]))
+        counts.append(int(meta["num_examples"]) * (1.0 - before))
         # one audit file per round: every round this node trained in
         assert len(list(audit[g].glob("round-*.safetensors"))) == 3
     expected = weighted_average(uploads, counts)

@@ -18,6 +18,7 @@ from coordinator.strategy import (
     StreamingFedAvg,
     clip_by_norm,
     clip_scale,
+    fairness_weight,
     fedavg,
     make_server_optimizer,
     qfedavg_weight,
@@ -343,6 +344,25 @@ def test_qfedavg_weights() -> None:
         qfedavg_weights([-1.0, 1.0, 1.0], n, 1.0)
     with pytest.raises(InputError):
         qfedavg_weights([1.0], n, 1.0)
+
+
+def test_fairness_weight_is_examples_times_one_minus_alignment_to_the_q() -> None:
+    """The coordinator's fairness_q weight: n * (1 - alignment_before) ** q."""
+    assert fairness_weight(120.0, 0.7, 0.0) == 120.0  # q = 0: plain FedAvg
+    assert fairness_weight(120.0, 0.7, 2.0) == pytest.approx(120.0 * 0.3**2)
+    assert fairness_weight(50.0, 0.25, 1.5) == pytest.approx(50.0 * 0.75**1.5)
+    # the worse-served group weighs more, and more so with a larger q
+    worse, better = fairness_weight(100.0, 0.6, 2.0), fairness_weight(100.0, 0.8, 2.0)
+    assert worse / better == pytest.approx(4.0)
+    assert fairness_weight(100.0, 0.6, 4.0) / fairness_weight(100.0, 0.8, 4.0) == pytest.approx(16)
+    # a perfectly served group keeps a tiny positive weight (a round of them still averages)
+    assert 0.0 < fairness_weight(100.0, 1.0, 2.0) < 1e-9
+    for bad in (float("nan"), float("inf"), -0.01, 1.01):
+        with pytest.raises(InputError, match="alignment_before"):
+            fairness_weight(100.0, bad, 2.0)
+    for bad_q in (-1.0, 10.5, float("nan")):
+        with pytest.raises(InputError, match="fairness q"):
+            fairness_weight(100.0, 0.5, bad_q)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ HELP = {
     "target_range": "target questions per training episode, low,high",
     "max_context": "context questions at evaluation",
     "weighting": "FedAvg weights: examples (number of training questions) or uniform",
+    "fairness_q": "q-FedAvg: weigh each update also by (1 - its node's alignment before "
+    "training) ** q, toward the groups the model serves worst (0 = plain FedAvg; 0..10)",
     "server_optimizer": "fedavg, fedadagrad, fedadam or fedyogi",
     "server_lr": "server learning rate (default: the optimizer's own)",
     "norm_bound": "refuse updates that move the model further than this (L2)",

@@ -1013,7 +1013,11 @@ class UpdateHeader(_message.Message):
     total_bytes: _builtins.int
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Local training metrics, e.g. "loss_first", "loss_last", "seconds"."""
+        """Local training metrics: at most 32, names of 1..64 printable characters, finite values;
+        e.g. "loss", "steps", "seconds", and "alignment_before" (how well the model the node
+        started from predicted its first training episode's targets, in [0, 1]), which a
+        coordinator with fairness_q > 0 needs to weigh the update.
+        """
 
     def __init__(
         self,
