@@ -13,7 +13,7 @@ Then it evaluates every final checkpoint again with the context memory on (--mem
 pluralfed/model.py; inference only, the same trained weights), as "<run> + context memory".
 Runs already in runs.json are kept unless run again (so variants can be added one by one),
 and writes report.json, report.md and plots (alignment vs round, fairness vs round, per-group
-bars). Rounds of centralized training are its epochs scaled to the same share of the run.
+heatmap). Rounds of centralized training are its epochs scaled to the same share of the run.
 The report ends with reference rows on the same questions, none federated: the pooled
 question kNN and the oracles of bench/reach.py (computed afresh from the data, ~30 s).
 Every figure is measured here; nothing is copied from the paper except the claims it tests.
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -184,10 +185,11 @@ def checkpoint_dir(run_: dict[str, Any]) -> Path:
 
 
 def with_memory(args: argparse.Namespace, run_: dict[str, Any]) -> dict[str, Any]:
-    """The final checkpoint of a run evaluated again with the context memory on (cached)."""
+    """The final checkpoint of a run evaluated again with the context memory on (cached).
+
+    No wall time: it is an evaluation, not a training run (and a cached one takes none)."""
     ckpt = checkpoint_dir(run_)
     target = ckpt / f"memory-eval-w{args.memory_weight}.json"
-    started = time.time()
     if not target.exists():
         cmd = [sys.executable, "-m", "pluralfed.cli", "evaluate", "--checkpoint", str(ckpt)]
         cmd += ["--data", str(args.data), "--memory-weight", str(args.memory_weight)]
@@ -195,7 +197,7 @@ def with_memory(args: argparse.Namespace, run_: dict[str, Any]) -> dict[str, Any
         run(cmd, ckpt / f"memory-eval-w{args.memory_weight}.log")
     reports = json.loads(target.read_text())["reports"]
     final = {"round": run_["final"]["round"], **{s: reports[s] for s in SETS if s in reports}}
-    return {"curve": [], "wall_seconds": time.time() - started, "final": final}
+    return {"curve": [], "final": final}
 
 
 OWN_MODEL = ", each training group's own model"
@@ -263,7 +265,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             if "uniform_baseline" in finals[0]:
                 row[s]["uniform"] = [f["uniform_baseline"]["alignment"] for f in finals]
                 row[s]["prior"] = [f["prior_baseline"]["alignment"] for f in finals]
-        row["wall_seconds"] = [r["wall_seconds"] for r in seeds]
+        if all("wall_seconds" in r for r in seeds):  # training runs (evaluations have none)
+            row["wall_seconds"] = [r["wall_seconds"] for r in seeds]
         table[mode] = row
     return table
 
@@ -293,64 +296,99 @@ def verdicts(table: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _curve(seeds: list[dict[str, Any]], s: str, metric: str) -> tuple[list[int], Any, Any]:
+    """Rounds, mean and std over seeds of one metric (rounds every seed has)."""
+    per_seed = [{c["round"]: c[s]["model"][metric] for c in r["curve"] if s in c} for r in seeds]
+    rounds = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+    values = np.array([[p[x] for x in rounds] for p in per_seed], dtype=float)
+    if not rounds:
+        return [], values, values
+    return rounds, values.mean(0), values.std(0)
+
+
 def plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
+    """Curves (mean over seeds, ± std shaded; centralized dashed) and a per-group heatmap.
+
+    One distinct colour per run kind and the legend beside the axes, so that a dozen variants
+    stay readable; the per-group results are a table of numbers in colour, not dozens of bars.
+    """
     made = []
+    palette = plt.get_cmap("tab20").colors
+    curved = {k: v for k, v in runs.items() if any(r["curve"] for r in v)}
     for metric, label in (("alignment", "alignment"), ("fairness", "fairness index")):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True)
         for ax, s in zip(axes, SETS, strict=True):
-            for m, (mode, seeds) in enumerate(runs.items()):
-                for i, r in enumerate(seeds):  # one colour per run kind, one line per seed
-                    pts = [(c["round"], c[s]["model"][metric]) for c in r["curve"] if s in c]
-                    if pts:
-                        xs, ys = zip(*pts, strict=True)
-                        ax.plot(
-                            xs,
-                            ys,
-                            color=f"C{m}",
-                            marker="o",
-                            ms=3,
-                            alpha=0.7,
-                            label=mode if i == 0 else None,
-                        )
-            ax.set_title(SHORT[s])
-            ax.set_xlabel("round (centralized: equivalent share of training)")
+            for m, (mode, seeds) in enumerate(curved.items()):
+                xs, mean, std = _curve(seeds, s, metric)
+                if not xs:
+                    continue
+                colour = palette[m % len(palette)]
+                style = "--" if mode.startswith("centralized") else "-"
+                ax.plot(xs, mean, style, color=colour, marker="o", ms=3, label=mode)
+                if len(seeds) > 1:
+                    ax.fill_between(xs, mean - std, mean + std, color=colour, alpha=0.12)
+            ax.set_title(f"{SHORT[s]} groups (mean over seeds, ± std shaded)")
+            ax.set_xlabel("round (centralized, dashed: equivalent share of training)")
             ax.grid(alpha=0.3)
         axes[0].set_ylabel(label)
-        axes[0].legend(fontsize=8)
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.tight_layout()
         name = f"{metric}_vs_round.png"
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         made.append(name)
-    fig, ax = plt.subplots(figsize=(11, 4))
-    groups: list[str] = []
+
+    groups: dict[str, list[str]] = {s: [] for s in SETS}
     for s in SETS:
         for kind in runs.values():
             for g in kind[0]["final"].get(s, {}).get("per_group", {}):
-                if g not in groups:
-                    groups.append(g)
-    width = 0.8 / max(1, len(runs))
-    for i, (mode, seeds) in enumerate(runs.items()):
-        vals = []
-        for g in groups:
+                if g not in groups[s]:
+                    groups[s].append(g)
+    columns = [(s, g) for s in SETS for g in groups[s]]
+    # rows that keep per-group figures (the personalized "own model" rows keep only summaries)
+    kinds = [k for k in runs if any(runs[k][0]["final"].get(s, {}).get("per_group") for s in SETS)]
+    table = np.full((len(kinds), len(columns)), np.nan)
+    for i, kind in enumerate(kinds):
+        for j, (s, g) in enumerate(columns):
             per = [
                 r["final"][s]["per_group"][g]
-                for r in seeds
-                for s in SETS
+                for r in runs[kind]
                 if g in r["final"].get(s, {}).get("per_group", {})
             ]
-            vals.append(statistics.mean(per) if per else 0)
-        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=mode)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+            if per:
+                table[i, j] = statistics.mean(per)
+    fig, ax = plt.subplots(figsize=(4 + 0.75 * len(columns), 1.5 + 0.32 * len(kinds)))
+    image = ax.imshow(table, cmap="viridis", aspect="auto")
+    for i in range(len(kinds)):
+        for j in range(len(columns)):
+            if np.isfinite(table[i, j]):
+                light = table[i, j] < np.nanmean(table)
+                ax.text(
+                    j,
+                    i,
+                    f"{table[i, j]:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="white" if light else "black",
+                )
+    ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(
-        [g.replace(" (Current national sample)", "") for g in groups],
+        [g.replace(" (Current national sample)", "") for _, g in columns],
         rotation=30,
         ha="right",
         fontsize=8,
     )
-    ax.set_ylim(0.55, 0.9)
-    ax.set_ylabel("alignment at the end")
-    ax.legend(fontsize=8)
+    ax.set_yticks(range(len(kinds)))
+    ax.set_yticklabels(kinds, fontsize=7)
+    if groups[SETS[0]] and groups[SETS[1]]:  # a line between training and held-out groups
+        ax.axvline(len(groups[SETS[0]]) - 0.5, color="white", lw=2)
+    ax.set_title(
+        "alignment at the end, per group (mean over seeds): training groups' test questions "
+        "| held-out groups",
+        fontsize=9,
+    )
+    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
     fig.tight_layout()
     fig.savefig(out / "per_group.png", dpi=120)
     plt.close(fig)
@@ -384,6 +422,7 @@ def markdown(
     claims: dict[str, str],
     n_seeds: int,
     reference_rows: dict[str, dict[str, dict[str, Any]]],
+    made: tuple[str, ...] | list[str] = (),
 ) -> str:
     lines = [
         "# Reproduction report (PROTOCOL.md; mean ± std over the seeds in column n)",
@@ -392,6 +431,8 @@ def markdown(
         "context memory on (pluralfed/model.py; no training, so no rounds). Rows with 'each",
         "training group's own model' score every training group with its own node's",
         "personalized checkpoint (--personalize-steps; kept on the node, never sent).",
+        "",
+        *[f"![{name}]({name})" for name in made],
         "",
     ]
     for s in SETS:
@@ -426,7 +467,8 @@ def markdown(
             lines += [f"### {s}", "", *summary_table(rows, "reference"), ""]
     lines += ["## Wall time (s)", ""]
     for mode, row in table.items():
-        if not mode.endswith(MEMORY) and OWN_MODEL not in mode:  # evaluations, not training runs
+        # training runs only: memory and own-model rows are evaluations
+        if "wall_seconds" in row and not mode.endswith(MEMORY) and OWN_MODEL not in mode:
             lines.append(f"- {mode}: {mean_std(row['wall_seconds'])}")
     lines += ["", "## The paper's claims, here", ""]
     for key, text in CLAIMS.items():
@@ -556,7 +598,7 @@ def main() -> int:
                 if s in row:
                     row[s][key] = [int(v) if v is not None else None for v in row[s][key]]
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    text = markdown(table, claims, len(args.seeds), reference_rows)
+    text = markdown(table, claims, len(args.seeds), reference_rows, made)
     (args.out / "report.md").write_text(text)
     print(text)
     return 0

@@ -1,0 +1,62 @@
+"""bench/reproduce.py's plots: curves are the mean and std over seeds, and every plot is written
+from a report's runs, rows without per-group figures (personalized "own model" rows) included."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+try:
+    from reproduce import SETS, _curve, plots
+finally:
+    sys.path.pop(0)
+
+
+def run(values: dict[int, float], per_group: dict[str, float] | None = None) -> dict[str, Any]:
+    """A run as runs.json keeps it: its curve (both sets) and its final evaluation."""
+
+    def report(v: float) -> dict[str, Any]:
+        return {"model": {"alignment": v, "fairness": 1 - v / 10}}
+
+    curve = [{"round": r, **{s: report(v) for s in SETS}} for r, v in values.items()]
+    final: dict[str, Any] = {"round": max(values, default=0)}
+    for s in SETS:
+        final[s] = report(values[max(values)] if values else 0.7)
+        if per_group is not None:
+            final[s]["per_group"] = per_group
+    return {"curve": curve, "final": final}
+
+
+def test_curve_is_mean_and_std_over_seeds_on_the_rounds_every_seed_has() -> None:
+    seeds = [run({10: 0.70, 20: 0.74, 30: 0.76}), run({10: 0.72, 20: 0.78})]
+    rounds, mean, std = _curve(seeds, SETS[1], "alignment")
+    assert rounds == [10, 20]  # round 30 only in one seed
+    np.testing.assert_allclose(mean, [0.71, 0.76])
+    np.testing.assert_allclose(std, [0.01, 0.02])  # population std of two values
+    _, fair_mean, _ = _curve(seeds, SETS[0], "fairness")
+    np.testing.assert_allclose(fair_mean, [1 - 0.071, 1 - 0.076])
+
+
+def test_plots_are_written_for_many_kinds_and_rows_without_per_group_figures(
+    tmp_path: Path,
+) -> None:
+    groups = {"Argentina": 0.75, "Japan": 0.78}
+    runs = {
+        f"variant {i}": [run({10: 0.7 + i / 100, 20: 0.72}, groups) for _ in range(3)]
+        for i in range(25)  # more kinds than any colour cycle has colours
+    }
+    runs["centralized (paper)"] = [run({10: 0.69, 20: 0.71}, groups)]
+    runs["variant 0, each training group's own model"] = [run({}, None)]
+    made = plots(runs, tmp_path)
+    assert made == ["alignment_vs_round.png", "fairness_vs_round.png", "per_group.png"]
+    for name in made:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
