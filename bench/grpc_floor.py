@@ -16,12 +16,18 @@ peak RSS at the end, like `bench/systems.py` does for the coordinator.
     .venv/bin/python bench/grpc_floor.py --nodes 32 --upload-chunks 524288 --download-chunks 1048576
 
 The server caps glibc's malloc arenas as the coordinator does (`limit_malloc_arenas`); set
-MALLOC_ARENA_MAX in the environment to try another cap.
+MALLOC_ARENA_MAX in the environment to try another cap. `--servers threads,aio` also plays the
+same traffic on gRPC's asyncio server (`grpc.aio`), to see whether the coordinator's threaded
+server is what costs the memory:
+
+    .venv/bin/python bench/grpc_floor.py --nodes 32 --servers threads,aio --out bench/results/grpc_floor_aio
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
@@ -32,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -103,15 +109,102 @@ class FloorServer:
         return _int(got)
 
     def stats(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        t = self.round_opened
-        rounds = sorted(b - a for a, b in itertools.pairwise(t))  # round 0 waits for node start-up
-        median = rounds[len(rounds) // 2] if rounds else float("nan")
-        return json.dumps({"rss_mib": rss_mib(), "peak_mib": peak, "round_s": median}).encode()
+        return _stats(self.round_opened)
 
 
-def serve(pki_dir: Path, port_file: Path, nodes: int, model_bytes: int, download_chunk: int) -> int:
+def _stats(round_opened: list[float]) -> bytes:
+    """RSS, peak RSS and the median round (round 0 waits for node start-up, so it is left out)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rounds = sorted(b - a for a, b in itertools.pairwise(round_opened))
+    median = rounds[len(rounds) // 2] if rounds else float("nan")
+    return json.dumps({"rss_mib": rss_mib(), "peak_mib": peak, "round_s": median}).encode()
+
+
+class AioFloorServer:
+    """The same round state on gRPC's asyncio server: one event loop instead of a thread per RPC."""
+
+    def __init__(self, nodes: int, model_bytes: int, download_chunk: int) -> None:
+        self.nodes = nodes
+        self.download_chunk = download_chunk
+        self.model = (
+            np.random.default_rng(1).standard_normal(model_bytes // 4, np.float32).tobytes()
+        )
+        self.round = 0
+        self.round_opened: list[float] = []
+        self.uploads_done = 0
+        self.cond = asyncio.Condition()
+        self.down_slots = asyncio.Semaphore(SLOTS)
+        self.up_slots = asyncio.Semaphore(SLOTS)
+
+    async def poll(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        wanted = int.from_bytes(request, "little")
+        async with self.cond:
+            with contextlib.suppress(TimeoutError):  # as the threaded poll: the node asks again
+                await asyncio.wait_for(self.cond.wait_for(lambda: self.round >= wanted), 60)
+            return _int(self.round)
+
+    async def down(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async with self.down_slots:
+            for i in range(0, len(self.model), self.download_chunk):
+                yield self.model[i : i + self.download_chunk]  # a fresh copy per message
+
+    async def up(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        async with self.up_slots:
+            got = 0
+            async for m in requests:
+                got += len(m)
+        async with self.cond:
+            self.uploads_done += 1
+            if self.uploads_done == self.nodes:
+                self.uploads_done = 0
+                self.round += 1
+                self.round_opened.append(time.time())
+                self.cond.notify_all()
+        return _int(got)
+
+    async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return _stats(self.round_opened)
+
+
+async def _serve_aio(pki_dir: Path, port_file: Path, state: AioFloorServer) -> None:
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Poll": grpc.unary_unary_rpc_method_handler(state.poll, _ident, _ident),
+            "Down": grpc.unary_stream_rpc_method_handler(state.down, _ident, _ident),
+            "Up": grpc.stream_unary_rpc_method_handler(state.up, _ident, _ident),
+            "Stats": grpc.unary_unary_rpc_method_handler(state.stats, _ident, _ident),
+        },
+    )
+    server = grpc.aio.server(options=server_grpc_options())
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_secure_port(
+        f"{HOST}:0", TlsFiles.from_dir(pki_dir / "coordinator").server_credentials()
+    )
+    await server.start()
+    await asyncio.sleep(0.5)
+    port_file.write_text(json.dumps({"port": port, "ready_rss_mib": rss_mib()}) + "\n")
+    await server.wait_for_termination(timeout=900)
+
+
+def serve(
+    pki_dir: Path,
+    port_file: Path,
+    nodes: int,
+    model_bytes: int,
+    download_chunk: int,
+    kind: str = "threads",
+) -> int:
     limit_malloc_arenas()  # the coordinator's allocator setting, unless MALLOC_ARENA_MAX is set
+    if kind == "aio":
+
+        async def run() -> None:
+            # built inside the loop: asyncio's primitives belong to the loop that runs them
+            aio_state = AioFloorServer(nodes, model_bytes, download_chunk)
+            await _serve_aio(pki_dir, port_file, aio_state)
+
+        asyncio.run(run())
+        return 0
     state = FloorServer(nodes, model_bytes, download_chunk)
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
@@ -164,7 +257,13 @@ def node(folder: Path, port: int, rounds: int, model_bytes: int, chunk: int, out
 
 
 def measure(
-    pki_dir: Path, nodes: int, params: int, rounds: int, chunk: int, download_chunk: int
+    pki_dir: Path,
+    nodes: int,
+    params: int,
+    rounds: int,
+    chunk: int,
+    download_chunk: int,
+    kind: str = "threads",
 ) -> dict[str, Any]:
     model_bytes = 4 * params
     ids = node_ids(nodes + 1)
@@ -173,7 +272,7 @@ def measure(
         port_file = Path(tmp) / "port"
         argv = [sys.executable, __file__, "server", "--pki", str(pki_dir)]
         argv += ["--port-file", str(port_file), "--nodes", str(nodes), "--params", str(params)]
-        argv += ["--download-chunk", str(download_chunk)]
+        argv += ["--download-chunk", str(download_chunk), "--servers", kind]
         server = subprocess.Popen(argv)
         try:
             started = json.loads(wait_for_line(port_file, server, "floor server"))
@@ -203,6 +302,7 @@ def measure(
             server.wait()
     ready = started["ready_rss_mib"]
     return {
+        "server": kind,
         "nodes": nodes,
         "params": params,
         "model_mib": round(model_bytes / 2**20, 2),
@@ -231,13 +331,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "end RSS are over the server's RSS when ready; round time is the median from one round's "
         "opening to the next, the first round (node start-up) left out.",
         "",
-        "| nodes | model MiB | download chunk | upload chunk | malloc arenas | peak - ready MiB | end - ready "
-        "MiB | 4 x model MiB | round s (median) | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| server | nodes | model MiB | download chunk | upload chunk | malloc arenas | peak - ready MiB "
+        "| end - ready MiB | 4 x model MiB | round s (median) | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['nodes']} | {r['model_mib']} | {r['download_chunk_bytes'] // 1024} KiB "
+            f"| {r.get('server', 'threads')} | {r['nodes']} | {r['model_mib']} "
+            f"| {r['download_chunk_bytes'] // 1024} KiB "
             f"| {r['upload_chunk_bytes'] // 1024} KiB "
             f"| {r['malloc_arenas']} | {r['peak_over_ready_mib']} | {r['end_over_ready_mib']} "
             f"| {r['bound_4x_model_mib']} | {r['round_s_median']} "
@@ -260,23 +361,32 @@ def main() -> int:
         default=f"{DOWNLOAD_CHUNK},65536",
         help="bytes, comma-separated (the coordinator's: 1 MiB)",
     )
+    ap.add_argument(
+        "--servers",
+        default="threads",
+        help="comma-separated gRPC servers to try: threads (the coordinator's), aio",
+    )
     ap.add_argument("--download-chunk", type=int, help=argparse.SUPPRESS)  # server mode
     ap.add_argument("--out", type=Path, default=HERE / "results" / "grpc_floor")
     a = ap.parse_args()
     if a.mode == "server":
         if a.port_file is None or a.download_chunk is None:
             ap.error("server mode needs --port-file and --download-chunk")
-        return serve(a.pki, a.port_file, int(a.nodes), 4 * a.params, a.download_chunk)
+        return serve(a.pki, a.port_file, int(a.nodes), 4 * a.params, a.download_chunk, a.servers)
     counts = [int(n) for n in a.nodes.split(",")]
     chunks = [int(c) for c in a.upload_chunks.split(",")]
     downloads = [int(c) for c in a.download_chunks.split(",")]
+    kinds = a.servers.split(",")
+    if not set(kinds) <= {"threads", "aio"}:
+        ap.error(f"--servers: threads and/or aio, got {a.servers!r}")
     pki(a.pki, node_ids(max(counts) + 1))
     rows = []
     for n in counts:
         for down in downloads:
             for chunk in chunks:
-                rows.append(measure(a.pki, n, a.params, a.rounds, chunk, down))
-                print(json.dumps(rows[-1]), flush=True)
+                for kind in kinds:
+                    rows.append(measure(a.pki, n, a.params, a.rounds, chunk, down, kind))
+                    print(json.dumps(rows[-1]), flush=True)
     write_json(a.out.with_suffix(".json"), {"rows": rows})
     a.out.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))
