@@ -68,8 +68,9 @@ def _int(value: int) -> bytes:
     return value.to_bytes(8, "little")
 
 
-class FloorServer:
-    """Round state of the bare server: round r opens once every node has uploaded in round r-1."""
+class _Rounds:
+    """Round state of the bare server: round r opens once every node has uploaded in round r-1.
+    The caller holds its server's condition around `upload_done`."""
 
     def __init__(self, nodes: int, model_bytes: int, download_chunk: int) -> None:
         self.nodes = nodes
@@ -80,6 +81,34 @@ class FloorServer:
         self.round = 0
         self.round_opened: list[float] = []  # when each round after the first opened
         self.uploads_done = 0
+
+    def parts(self) -> Iterator[bytes]:
+        for i in range(0, len(self.model), self.download_chunk):
+            yield self.model[i : i + self.download_chunk]  # a fresh copy per message
+
+    def upload_done(self) -> bool:
+        """Count one upload; True when it completes the round (the next one is now open)."""
+        self.uploads_done += 1
+        if self.uploads_done < self.nodes:
+            return False
+        self.uploads_done = 0
+        self.round += 1
+        self.round_opened.append(time.time())
+        return True
+
+    def stats(self) -> bytes:
+        """RSS, peak RSS and the median round (round 0 waits for node start-up: left out)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rounds = sorted(b - a for a, b in itertools.pairwise(self.round_opened))
+        median = rounds[len(rounds) // 2] if rounds else float("nan")
+        return json.dumps({"rss_mib": rss_mib(), "peak_mib": peak, "round_s": median}).encode()
+
+
+class FloorServer(_Rounds):
+    """The threaded server's handlers (the coordinator's kind of server)."""
+
+    def __init__(self, nodes: int, model_bytes: int, download_chunk: int) -> None:
+        super().__init__(nodes, model_bytes, download_chunk)
         self.cond = threading.Condition()
         self.down_slots = threading.Semaphore(SLOTS)
         self.up_slots = threading.Semaphore(SLOTS)
@@ -93,45 +122,25 @@ class FloorServer:
 
     def down(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         with self.down_slots:
-            for i in range(0, len(self.model), self.download_chunk):
-                yield self.model[i : i + self.download_chunk]  # a fresh copy per message
+            yield from self.parts()
 
     def up(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         with self.up_slots:
             got = sum(len(m) for m in requests)
         with self.cond:
-            self.uploads_done += 1
-            if self.uploads_done == self.nodes:
-                self.uploads_done = 0
-                self.round += 1
-                self.round_opened.append(time.time())
+            if self.upload_done():
                 self.cond.notify_all()
         return _int(got)
 
-    def stats(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return _stats(self.round_opened)
+    def stats_rpc(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self.stats()
 
 
-def _stats(round_opened: list[float]) -> bytes:
-    """RSS, peak RSS and the median round (round 0 waits for node start-up, so it is left out)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rounds = sorted(b - a for a, b in itertools.pairwise(round_opened))
-    median = rounds[len(rounds) // 2] if rounds else float("nan")
-    return json.dumps({"rss_mib": rss_mib(), "peak_mib": peak, "round_s": median}).encode()
-
-
-class AioFloorServer:
-    """The same round state on gRPC's asyncio server: one event loop instead of a thread per RPC."""
+class AioFloorServer(_Rounds):
+    """The same rounds on gRPC's asyncio server: one event loop instead of a thread per RPC."""
 
     def __init__(self, nodes: int, model_bytes: int, download_chunk: int) -> None:
-        self.nodes = nodes
-        self.download_chunk = download_chunk
-        self.model = (
-            np.random.default_rng(1).standard_normal(model_bytes // 4, np.float32).tobytes()
-        )
-        self.round = 0
-        self.round_opened: list[float] = []
-        self.uploads_done = 0
+        super().__init__(nodes, model_bytes, download_chunk)
         self.cond = asyncio.Condition()
         self.down_slots = asyncio.Semaphore(SLOTS)
         self.up_slots = asyncio.Semaphore(SLOTS)
@@ -145,8 +154,8 @@ class AioFloorServer:
 
     async def down(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         async with self.down_slots:
-            for i in range(0, len(self.model), self.download_chunk):
-                yield self.model[i : i + self.download_chunk]  # a fresh copy per message
+            for part in self.parts():
+                yield part
 
     async def up(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         async with self.up_slots:
@@ -154,28 +163,29 @@ class AioFloorServer:
             async for m in requests:
                 got += len(m)
         async with self.cond:
-            self.uploads_done += 1
-            if self.uploads_done == self.nodes:
-                self.uploads_done = 0
-                self.round += 1
-                self.round_opened.append(time.time())
+            if self.upload_done():
                 self.cond.notify_all()
         return _int(got)
 
-    async def stats(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return _stats(self.round_opened)
+    async def stats_rpc(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return self.stats()
 
 
-async def _serve_aio(pki_dir: Path, port_file: Path, state: AioFloorServer) -> None:
-    handler = grpc.method_handlers_generic_handler(
+def _handler(state: FloorServer | AioFloorServer) -> grpc.GenericRpcHandler:
+    """The bench service's four methods, raw bytes in and out, for either kind of server."""
+    return grpc.method_handlers_generic_handler(
         SERVICE,
         {
             "Poll": grpc.unary_unary_rpc_method_handler(state.poll, _ident, _ident),
             "Down": grpc.unary_stream_rpc_method_handler(state.down, _ident, _ident),
             "Up": grpc.stream_unary_rpc_method_handler(state.up, _ident, _ident),
-            "Stats": grpc.unary_unary_rpc_method_handler(state.stats, _ident, _ident),
+            "Stats": grpc.unary_unary_rpc_method_handler(state.stats_rpc, _ident, _ident),
         },
     )
+
+
+async def _serve_aio(pki_dir: Path, port_file: Path, state: AioFloorServer) -> None:
+    handler = _handler(state)
     server = grpc.aio.server(options=server_grpc_options())
     server.add_generic_rpc_handlers((handler,))
     port = server.add_secure_port(
@@ -206,15 +216,7 @@ def serve(
         asyncio.run(run())
         return 0
     state = FloorServer(nodes, model_bytes, download_chunk)
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Poll": grpc.unary_unary_rpc_method_handler(state.poll, _ident, _ident),
-            "Down": grpc.unary_stream_rpc_method_handler(state.down, _ident, _ident),
-            "Up": grpc.stream_unary_rpc_method_handler(state.up, _ident, _ident),
-            "Stats": grpc.unary_unary_rpc_method_handler(state.stats, _ident, _ident),
-        },
-    )
+    handler = _handler(state)
     workers = 2 * nodes + 32  # as bench/bench_coordinator.py sizes the coordinator's pool
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
