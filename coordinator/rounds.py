@@ -38,6 +38,7 @@ from coordinator.strategy import (
     make_server_optimizer,
     streaming_update_norm,
 )
+from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.fsutil import atomic_write_bytes
 from pluralfed.training import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
@@ -532,14 +533,17 @@ class RoundEngine:
         if st.fairness_q == 0:
             return base
         before = metrics.get(ALIGNMENT_BEFORE)
-        if before is None or not 0.0 <= before <= 1.0:
+        try:
+            if before is None:
+                raise InputError("the update does not send it")
+            return fairness_weight(base, before, st.fairness_q)
+        except InputError as err:
             raise Rejection(
                 "INVALID_ARGUMENT",
                 f"update from {group}: fairness_q = {st.fairness_q:g} needs the metric "
-                f"{ALIGNMENT_BEFORE!r} in [0, 1], got {before!r}",
+                f"{ALIGNMENT_BEFORE!r}: {err}",
                 reason="MALFORMED",
-            )
-        return fairness_weight(base, before, st.fairness_q)
+            ) from None
 
     def note_rejected_update(
         self, session_id: str, group: str | None, task_id: str, reason: str, final: bool

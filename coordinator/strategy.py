@@ -467,11 +467,9 @@ def fairness_weight(base_weight: float, alignment_before: float, q: float) -> fl
         raise InputError(f"fairness q must be in 0..{MAX_FAIRNESS_Q:g}, got {q}")
     if not (math.isfinite(alignment_before) and 0.0 <= alignment_before <= 1.0):
         raise InputError(f"alignment_before must be in [0, 1], got {alignment_before}")
-    base = _check_weight(base_weight, "base weight")
     if q == 0:
-        return base  # exactly FedAvg's weight
-    # loss in (0, 1] and q <= 10: no overflow, so no need for qfedavg_weights' log space
-    return base * max(1.0 - alignment_before, MIN_FAIRNESS_LOSS) ** q
+        return _check_weight(base_weight, "base weight")  # exactly FedAvg's weight
+    return qfedavg_weight(max(1.0 - alignment_before, MIN_FAIRNESS_LOSS), base_weight, q)
 
 
 # --------------------------------------------------------------------------------------------
