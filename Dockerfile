@@ -43,7 +43,7 @@ LABEL org.pluralfed.deps-key=${DEPS_KEY} org.pluralfed.target=${TARGET_IMAGE}
 
 # ---- project: pluralfed itself, built from source against the wheels (setuptools from /wheels) ----
 FROM deps AS project
-COPY pyproject.toml README.m[d] /src/
+COPY pyproject.toml README.m[d] LICENSE /src/
 COPY pluralfed/ /src/pluralfed/
 COPY coordinator/ /src/coordinator/
 COPY group_node/ /src/group_node/
