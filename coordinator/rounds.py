@@ -202,6 +202,7 @@ class _OpenTask:
     deadline: float
     selected: dict[str, str]  # session id -> group
     answered: dict[str, str] = field(default_factory=dict)  # group -> outcome
+    folding: set[str] = field(default_factory=set)  # groups whose update is being folded now
     aggregate: StreamingFedAvg | None = None
     evaluations: dict[str, tuple[Role, GroupEvaluation]] = field(default_factory=dict)
     bytes_in: int = 0
@@ -453,7 +454,7 @@ class RoundEngine:
                 "FAILED_PRECONDITION", f"{s.group} is not part of round {round_}", "UNKNOWN_TASK"
             )
         outcome = t.answered.get(s.group)
-        if outcome == "accepted":
+        if outcome == "accepted" or s.group in t.folding:
             raise Rejection(
                 "ALREADY_EXISTS",
                 f"{s.group} already sent its update for round {round_}; this copy is ignored",
@@ -484,7 +485,13 @@ class RoundEngine:
         replay: Callable[[], Iterator[TensorSlice]],
         nbytes: int,
     ) -> None:
-        """Fold a whole, validated update into the round's running sum (or refuse it)."""
+        """Fold a whole, validated update into the round's running sum (or refuse it).
+
+        The checks run under the engine lock; the replay and fold (a pass over the whole update,
+        ~0.1 s per 100 MB) run outside it, so heartbeats, task polls and other uploads' checks
+        do not wait for them. The update is claimed first (`folding`): a copy sent meanwhile is
+        a duplicate, and the round does not close until the fold is over.
+        """
         with self._changed:
             s = self._session(session_id, group)
             t = self._current_train_task(s, task_id, round_)
@@ -503,27 +510,49 @@ class RoundEngine:
                 t.answered[s.group] = f"rejected: {refused.message}"
                 self._changed.notify_all()
                 raise
-            if self.settings.norm_bound is not None:
-                norm = streaming_update_norm(replay(), self.state.weights)
-                if norm > self.settings.norm_bound:
-                    s.answered.add(task_id)
-                    t.answered[s.group] = "rejected: norm bound"
-                    self._changed.notify_all()
-                    raise Rejection(
-                        "INVALID_ARGUMENT",
-                        f"update from {s.group} moves the model by {norm:.4g} (L2), beyond the "
-                        f"bound {self.settings.norm_bound:.4g}",
-                        reason="NORM_BOUND",
-                    )
-            assert t.aggregate is not None
-            t.aggregate.fold_update(replay(), weight)
             s.answered.add(task_id)
-            t.answered[s.group] = "accepted"
-            t.bytes_in += nbytes
-            t.node_metrics[s.group] = node_metrics
-            t.weights[s.group] = weight
-            self._changed.notify_all()
+            t.folding.add(s.group)
+        outcome = "accepted"
+        try:
+            self._fold(t, s.group, replay, weight)
+        except Rejection as refused:
+            norm = refused.reason == "NORM_BOUND"
+            outcome = "rejected: norm bound" if norm else f"rejected: {refused.message}"
+            raise
+        except Exception as err:
+            outcome = f"rejected: the update could not be folded ({err})"
+            raise
+        finally:
+            with self._changed:
+                t.folding.discard(s.group)
+                t.answered[s.group] = outcome
+                if outcome == "accepted":
+                    t.bytes_in += nbytes
+                    t.node_metrics[s.group] = node_metrics
+                    t.weights[s.group] = weight
+                self._changed.notify_all()
         log.info("round %d: update from %s accepted (%d examples)", round_, s.group, num_examples)
+
+    def _fold(
+        self,
+        t: _OpenTask,
+        group: str,
+        replay: Callable[[], Iterator[TensorSlice]],
+        weight: float,
+    ) -> None:
+        """The norm bound's check, then the fold; called without the engine lock (the weights
+        it reads are replaced only when the round closes, after every fold is over)."""
+        if self.settings.norm_bound is not None:
+            norm = streaming_update_norm(replay(), self.state.weights)
+            if norm > self.settings.norm_bound:
+                raise Rejection(
+                    "INVALID_ARGUMENT",
+                    f"update from {group} moves the model by {norm:.4g} (L2), beyond the "
+                    f"bound {self.settings.norm_bound:.4g}",
+                    reason="NORM_BOUND",
+                )
+        assert t.aggregate is not None
+        t.aggregate.fold_update(replay(), weight)
 
     def _update_weight(self, group: str, num_examples: int, metrics: Mapping[str, float]) -> float:
         """The update's averaging weight: its examples (or 1 when weighting is uniform), times
@@ -554,7 +583,13 @@ class RoundEngine:
         with self._changed:
             s = self._sessions.get(session_id)
             t = self._task
-            if s is None or t is None or t.task_id != task_id or s.group in t.answered:
+            if (
+                s is None
+                or t is None
+                or t.task_id != task_id
+                or s.group in t.answered
+                or s.group in t.folding
+            ):
                 return
             log.warning("round %d: update from %s rejected: %s", t.round, s.group, reason)
             if final:
@@ -655,8 +690,8 @@ class RoundEngine:
     def _round_aggregate(self) -> StreamingFedAvg:
         """The running sum for a new training round: one aggregate reused round after round.
 
-        Safe to reset: updates fold only under the engine lock into the open task's aggregate,
-        and the previous round's task was closed (self._task = None) under that lock.
+        Safe to reset: updates fold only into the open task's aggregate, and the previous
+        round's task was closed (self._task = None, then every claimed fold waited for).
         """
         if self._aggregate is None:
             st = self.settings
@@ -695,11 +730,11 @@ class RoundEngine:
     def _wait_for_answers(self, t: _OpenTask) -> None:
         with self._changed:
             while not self._stop.is_set():
-                if len(t.answered) >= len(t.selected):
+                if len(t.answered) + len(t.folding) >= len(t.selected):
                     return
                 remaining = t.deadline - time.time()
                 if remaining <= 0:
-                    missing = sorted(set(t.selected.values()) - set(t.answered))
+                    missing = sorted(set(t.selected.values()) - set(t.answered) - t.folding)
                     log.warning(
                         "%s round %d: deadline passed without %s", t.kind.value, t.round, missing
                     )
@@ -712,6 +747,8 @@ class RoundEngine:
         self._wait_for_answers(t)
         with self._changed:
             self._task = None  # late uploads are now stale
+            while t.folding:  # updates claimed in time count: wait for their folds
+                self._changed.wait(1.0)
             assert t.aggregate is not None
             accepted = t.aggregate.num_updates
             if self._stop.is_set():

@@ -1,0 +1,173 @@
+"""The engine folds an accepted update outside its lock, and the round still counts it.
+
+A fold replays the whole spooled update (~0.1 s per 100 MB); under the engine lock it made every
+heartbeat, task poll and other upload's check wait. These tests hold a fold half-way (its replay
+blocks on an event) and check what may and may not happen meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind, TaskSpec
+from pluralfed.wire import TensorSlice, specs_of
+
+ENCODER = "test-encoder"
+WAIT = 10.0  # seconds: generous bound for things that happen at once unless the engine blocks
+
+
+def weights(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full(1000, value, dtype=np.float32), "b": np.full(10, value, np.float32)}
+
+
+def slices(update: dict[str, np.ndarray]) -> list[TensorSlice]:
+    return [TensorSlice(spec, 0, update[spec.name]) for spec in specs_of(update)]
+
+
+def held_replay(
+    update: dict[str, np.ndarray], started: threading.Event, release: threading.Event
+) -> Iterator[TensorSlice]:
+    """A replay that yields its first slice, then waits until released."""
+    pieces = slices(update)
+    yield pieces[0]
+    started.set()
+    assert release.wait(WAIT), "the test never released the fold"
+    yield from pieces[1:]
+
+
+class Engine:
+    """A RoundEngine driven by its own thread, with two training nodes."""
+
+    def __init__(self, tmp_path: Path, round_timeout_s: float = 60.0) -> None:
+        settings = RoundSettings(
+            rounds=1, min_nodes=2, min_updates=1, round_timeout_s=round_timeout_s, eval_every=0
+        )
+        self.engine = RoundEngine(settings, weights(0.0), tmp_path / "state", ENCODER, {})
+        self.a = self.engine.join("A", Role.TRAIN, 10, ENCODER, "test")
+        self.b = self.engine.join("B", Role.TRAIN, 30, ENCODER, "test")
+        self.driver = threading.Thread(target=self._drive, daemon=True)
+        self.driver.start()
+
+    def _drive(self) -> None:
+        with contextlib.suppress(Exception):  # (reported by the tests' own checks)
+            self.engine.run()
+
+    def task(self, session_id: str) -> TaskSpec:
+        t = self.engine.next_task(session_id, None, WAIT)
+        assert t.kind == TaskKind.TRAIN
+        return t
+
+    def upload(self, session_id: str, t: TaskSpec, replay, n: int) -> None:  # type: ignore[no-untyped-def]
+        self.engine.accept_update(session_id, None, t.task_id, t.round, n, {}, replay, 4040)
+
+    def wait_completed(self, rounds: int) -> None:
+        for _ in range(int(WAIT / 0.05)):
+            if self.engine.state.completed_rounds >= rounds:
+                return
+            threading.Event().wait(0.05)
+        raise AssertionError(f"round {rounds} did not complete within {WAIT} s")
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.driver.join(WAIT)
+
+
+def test_engine_answers_while_an_update_is_folded(tmp_path: Path) -> None:
+    fed = Engine(tmp_path)
+    try:
+        ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+        started, release = threading.Event(), threading.Event()
+        errors: list[BaseException] = []
+
+        def upload_a() -> None:
+            try:
+                fed.upload(
+                    fed.a.session_id, ta, lambda: held_replay(weights(1.0), started, release), 10
+                )
+            except BaseException as err:  # reported by the assertion below
+                errors.append(err)
+
+        folding = threading.Thread(target=upload_a)
+        folding.start()
+        assert started.wait(WAIT)
+        # mid-fold: the engine still answers other calls (with the lock held they would block)
+        answered = threading.Event()
+
+        def other_calls() -> None:
+            fed.engine.heartbeat(fed.b.session_id, None)
+            fed.engine.check_update(fed.b.session_id, None, tb.task_id, tb.round)
+            answered.set()
+
+        threading.Thread(target=other_calls, daemon=True).start()
+        assert answered.wait(WAIT), "heartbeat and check_update waited for another node's fold"
+        # a second copy of A's update while the first is being folded is a duplicate
+        with pytest.raises(Rejection) as dup:
+            fed.upload(fed.a.session_id, ta, lambda: iter(slices(weights(5.0))), 10)
+        assert dup.value.reason == "DUPLICATE"
+        # B's update folds after A's (folds take turns), and the round waits for both
+        upload_b = threading.Thread(
+            target=fed.upload,
+            args=(fed.b.session_id, tb, lambda: iter(slices(weights(2.0))), 30),
+        )
+        upload_b.start()
+        threading.Event().wait(0.3)
+        assert fed.engine.state.completed_rounds == 0, "the round closed during a fold"
+        release.set()
+        folding.join(WAIT)
+        upload_b.join(WAIT)
+        assert not errors, errors
+        fed.wait_completed(1)
+        record = fed.engine.state.history[-1]
+        assert record["participants"] == ["A", "B"]
+        expected = (10 * 1.0 + 30 * 2.0) / 40
+        for name, values in fed.engine.state.weights.items():
+            np.testing.assert_allclose(values, expected, rtol=1e-6, err_msg=name)
+    finally:
+        release.set()
+        fed.close()
+
+
+def test_round_past_its_deadline_waits_for_a_fold_it_had_claimed(tmp_path: Path) -> None:
+    fed = Engine(tmp_path, round_timeout_s=0.5)
+    try:
+        ta = fed.task(fed.a.session_id)
+        fed.task(fed.b.session_id)  # B never answers: the deadline closes the round
+        started, release = threading.Event(), threading.Event()
+        folding = threading.Thread(
+            target=fed.upload,
+            args=(fed.a.session_id, ta, lambda: held_replay(weights(3.0), started, release), 10),
+        )
+        folding.start()
+        assert started.wait(WAIT)
+        threading.Event().wait(1.0)  # past the deadline, the fold still held
+        assert fed.engine.state.completed_rounds == 0, "the round closed without a claimed fold"
+        release.set()
+        folding.join(WAIT)
+        fed.wait_completed(1)
+        assert fed.engine.state.history[-1]["participants"] == ["A"]
+        np.testing.assert_allclose(fed.engine.state.weights["w"], 3.0)
+    finally:
+        release.set()
+        fed.close()
+
+
+def test_update_that_fails_to_fold_is_answered_as_refused(tmp_path: Path) -> None:
+    fed = Engine(tmp_path, round_timeout_s=WAIT)
+    try:
+        ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+        bad = {"w": np.full(1000, np.nan, np.float32), "b": np.full(10, np.nan, np.float32)}
+        with pytest.raises(ValueError, match="non-finite"):
+            fed.upload(fed.a.session_id, ta, lambda: iter(slices(bad)), 10)
+        fed.upload(fed.b.session_id, tb, lambda: iter(slices(weights(2.0))), 30)
+        fed.wait_completed(1)
+        record = fed.engine.state.history[-1]
+        assert record["participants"] == ["B"]
+        assert record["outcomes"]["A"].startswith("rejected: the update could not be folded")
+    finally:
+        fed.close()
