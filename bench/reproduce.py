@@ -203,12 +203,17 @@ def with_memory(args: argparse.Namespace, run_: dict[str, Any]) -> dict[str, Any
 OWN_MODEL = ", each training group's own model"
 
 
+def personalized_dir(run_: dict[str, Any]) -> Path:
+    folder = Path(run_["personalized"])
+    return folder if folder.is_absolute() else REPO / folder
+
+
 def own_models(args: argparse.Namespace, run_: dict[str, Any], memory: float) -> dict[str, Any]:
     """The training groups' test questions, each group scored with its own node's personalized
-    checkpoint (`pluralfed evaluate --groups G`, cached beside the checkpoint)."""
-    started = time.time()
-    folder = Path(run_["personalized"])
-    folder = folder if folder.is_absolute() else REPO / folder
+    checkpoint (`pluralfed evaluate --groups G`, cached beside the checkpoint).
+
+    No wall time, as for the memory rows: an evaluation, and a cached one takes none."""
+    folder = personalized_dir(run_)
     per_group: dict[str, float] = {}
     gains: list[float] = []
     for ckpt in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -225,9 +230,13 @@ def own_models(args: argparse.Namespace, run_: dict[str, Any], memory: float) ->
     model = asdict(summarize_alignment(per_group))
     final = {
         "round": run_["final"]["round"],
-        SETS[0]: {"model": model, "context_gain": statistics.mean(gains)},
+        SETS[0]: {
+            "model": model,
+            "context_gain": statistics.mean(gains),
+            "per_group": dict(sorted(per_group.items())),
+        },
     }
-    return {"curve": [], "wall_seconds": time.time() - started, "final": final}
+    return {"curve": [], "final": final}
 
 
 def rounds_to(curve: list[dict[str, Any]], s: str, fraction: float) -> int | None:
@@ -345,7 +354,7 @@ def plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
                 if g not in groups[s]:
                     groups[s].append(g)
     columns = [(s, g) for s in SETS for g in groups[s]]
-    # rows that keep per-group figures (the personalized "own model" rows keep only summaries)
+    # rows with per-group figures (every row a report makes now; older stored rows may lack them)
     kinds = [k for k in runs if any(runs[k][0]["final"].get(s, {}).get("per_group") for s in SETS)]
     table = np.full((len(kinds), len(columns)), np.nan)
     for i, kind in enumerate(kinds):
@@ -573,7 +582,8 @@ def main() -> int:
     for label in [k for k in runs if not k.endswith(MEMORY) and OWN_MODEL not in k]:
         # rows of runs not made now stay as stored (loaded above, with the memory rows)
         personalized = [r for r in runs[label] if "personalized" in r]
-        if personalized and label in rerun:
+        on_disk = all(personalized_dir(r).is_dir() for r in personalized)
+        if personalized and (on_disk or label in rerun):
             runs[label + OWN_MODEL] = [own_models(args, r, 0.0) for r in personalized]
             if args.memory_weight > 0:
                 runs[label + OWN_MODEL + MEMORY] = [

@@ -1,8 +1,10 @@
 """bench/reproduce.py's plots: curves are the mean and std over seeds, and every plot is written
-from a report's runs, rows without per-group figures (personalized "own model" rows) included."""
+from a report's runs, rows with one set of groups only (personalized "own model" rows) included."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 try:
-    from reproduce import SETS, _curve, plots
+    from reproduce import SETS, _curve, own_models, plots
 finally:
     sys.path.pop(0)
 
@@ -60,3 +62,27 @@ def test_plots_are_written_for_many_kinds_and_rows_without_per_group_figures(
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_own_model_rows_keep_each_groups_figure(tmp_path: Path) -> None:
+    """Own-model rows are made from each node's cached evaluation of its personalized checkpoint
+    and keep the per-group figures (so the per-group plot shows them); no wall time, as for any
+    evaluation row, so a report made again from the same files does not change them."""
+    scores = {"Nigeria": 0.82, "Egypt": 0.81, "Germany": 0.79}
+    for group, score in scores.items():
+        ckpt = tmp_path / "personalized" / f"node-{group.lower()}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.json").write_text(json.dumps({"metadata": {"group": group}}))
+        report = {"model": {"alignment": score}, "context_gain": score - 0.8}
+        (ckpt / "own-eval-w0.0.json").write_text(json.dumps({"reports": {SETS[0]: report}}))
+    base = {"final": {"round": 100}, "personalized": str(tmp_path / "personalized")}
+    row = own_models(argparse.Namespace(), base, 0.0)
+    final = row["final"][SETS[0]]
+    assert final["per_group"] == dict(sorted(scores.items()))
+    assert final["model"]["alignment"] == pytest.approx(np.mean(list(scores.values())))
+    assert final["model"]["worst"] == pytest.approx(0.79)
+    assert final["context_gain"] == pytest.approx(np.mean([v - 0.8 for v in scores.values()]))
+    assert "wall_seconds" not in row
+    federated = run({10: 0.70, 20: 0.75}, per_group=scores)
+    plots({"federated": [federated], "own model": [row]}, tmp_path)  # one set's groups only
+    assert (tmp_path / "per_group.png").stat().st_size > 0
