@@ -19,7 +19,9 @@ runs. This module guards the synchronous ``grpc.server``; a ``grpc.aio`` server 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 import tomllib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,7 +33,13 @@ from typing import Any, NoReturn
 import grpc
 
 from pluralfed.errors import InputError
-from pluralfed.tls import NODE_ID_PATTERN, identity_from_auth_context
+from pluralfed.tls import (
+    NODE_ID_PATTERN,
+    RevocationList,
+    identity_from_auth_context,
+    load_revocation_list,
+    peer_serial,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +241,59 @@ def require_self(context: grpc.ServicerContext, claimed_name: str) -> str:
     return claimed_name
 
 
+class RevocationWatch:
+    """A server's view of its CA's revocation list (``crl.pem`` from `pluralfed certs revoke`).
+
+    Loaded and verified at start, where a bad file is an error. Then re-read when the file changes
+    (checked at most every `interval` seconds, on the calls themselves), so a revocation takes
+    effect without a restart, on connections already open too. A changed file that does not load
+    (half-copied, from another CA, deleted) is logged and the list in force stays: revocations
+    never lapse through a bad edit.
+    """
+
+    def __init__(self, crl_path: str | Path, ca_path: str | Path, interval: float = 1.0) -> None:
+        self.path, self.ca_path, self.interval = Path(crl_path), Path(ca_path), interval
+        self._lock = threading.Lock()
+        self._stamp = self._file_stamp()
+        self._current = load_revocation_list(self.path, self.ca_path)
+        self._checked = time.monotonic()
+        log.info("revocation list %s: %d revoked certificates", self.path, len(self))
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self) -> RevocationList:
+        now = time.monotonic()
+        if now - self._checked < self.interval:
+            return self._current
+        with self._lock:
+            if now - self._checked < self.interval:
+                return self._current
+            self._checked = now
+            stamp = self._file_stamp()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._current = load_revocation_list(self.path, self.ca_path)
+                    log.info("revocation list %s reloaded: %d revoked", self.path, len(self))
+                except InputError as err:
+                    log.error("%s; the previous list (%d revoked) stays in force", err, len(self))
+            return self._current
+
+    def __len__(self) -> int:
+        return len(self._current.serials)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Install on the coordinator's server: ``grpc.server(pool, interceptors=[AuthInterceptor(al)])``.
 
     `exempt_methods` (full names like ``/grpc.health.v1.Health/Check``) run without an allow-listed
-    identity; they still need the TLS handshake. `allow_common_name` also accepts the subject CN of a
+    identity; they still need the TLS handshake. With `revocations`, a certificate whose serial
+    the CA has revoked is refused (PERMISSION_DENIED) even if its identity is allow-listed. `allow_common_name` also accepts the subject CN of a
     certificate without a pluralfed node URI (externally issued certificates). `insecure=True` is for
     demos without certificates only: nothing is checked and `require_self` trusts claimed names.
     """
@@ -249,8 +305,10 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         exempt_methods: Iterable[str] = DEFAULT_EXEMPT_METHODS,
         allow_common_name: bool = False,
         insecure: bool = False,
+        revocations: RevocationWatch | None = None,
     ) -> None:
         self.allow_list = allow_list
+        self.revocations = revocations
         self.exempt_methods = frozenset(exempt_methods)
         self.allow_common_name = allow_common_name
         self.insecure = insecure
@@ -294,6 +352,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 identity=None,
                 reason="verified certificate carries no pluralfed node identity",
             )
+        if self.revocations is not None:
+            self._check_not_revoked(context, auth_context, method, identity)
         node = self.allow_list.node_for(identity)
         if node is None:
             _refuse(
@@ -305,6 +365,31 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 reason="identity not in allow-list",
             )
         return Principal(node=node, identity=identity, insecure=False, known_nodes=known)
+
+    def _check_not_revoked(
+        self, context: grpc.ServicerContext, auth_context: Any, method: str, identity: str
+    ) -> None:
+        assert self.revocations is not None
+        serial = peer_serial(auth_context)
+        if serial is None:
+            _refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the client certificate could not be read to check it against the revocation list",
+                method=method,
+                identity=identity,
+                reason="no readable peer certificate",
+            )
+        revoked = self.revocations.current()
+        if revoked.is_revoked(serial):
+            _refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the certificate of {identity!r} (serial {serial:x}) has been revoked",
+                method=method,
+                identity=identity,
+                reason=f"certificate revoked in {revoked.path}",
+            )
 
     def intercept_service(
         self,

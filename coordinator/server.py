@@ -24,7 +24,13 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.auth import AllowList, AuthInterceptor, authenticated_node, require_self
+from coordinator.auth import (
+    AllowList,
+    AuthInterceptor,
+    RevocationWatch,
+    authenticated_node,
+    require_self,
+)
 from coordinator.rounds import GlobalModel, Rejection, Role, RoundEngine, TaskKind, TaskSpec
 from pluralfed import __version__
 from pluralfed.evaluation import GroupEvaluation
@@ -554,6 +560,7 @@ def start_server(
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
     download_slots: StreamSlots | int = DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     download_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    revocations: RevocationWatch | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
@@ -564,6 +571,7 @@ def start_server(
     range); smaller chunks lower the read buffer gRPC keeps per connection, at some speed.
     download_chunk_bytes: the largest tensor part in a download message (ValueError if out of
     range); smaller parts lower what gRPC holds for the downloads being sent, at some speed.
+    revocations: node certificates the CA revoked are refused, even if allow-listed.
     """
     if isinstance(upload_slots, int):
         upload_slots = StreamSlots(upload_slots)
@@ -578,7 +586,7 @@ def start_server(
         download_chunk_bytes,
     )
     limit_malloc_arenas()  # before the RPC threads start
-    interceptor = AuthInterceptor(allow_list, insecure=tls is None)
+    interceptor = AuthInterceptor(allow_list, insecure=tls is None, revocations=revocations)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=[interceptor, BulkStreamCodecs()],

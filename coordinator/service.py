@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from coordinator.auth import AllowList
+from coordinator.auth import AllowList, RevocationWatch
 from coordinator.rounds import HELD_OUT_SET, TRAIN_SET, RoundEngine, RoundSettings
 from coordinator.server import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
@@ -48,6 +48,7 @@ class CoordinatorConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_crl: Path | None = None  # the CA's revocation list (`pluralfed certs revoke`)
     insecure: bool = False
     encoder: str = "all-MiniLM-L6-v2"
     # rounds
@@ -110,6 +111,17 @@ class CoordinatorConfig:
             "coordinator", self.tls_dir, self.tls_ca, self.tls_cert, self.tls_key
         )
 
+    def revocations(self, tls: TlsFiles | None) -> RevocationWatch | None:
+        """The revocation list to enforce, verified against the CA the coordinator trusts."""
+        if self.tls_crl is None:
+            return None
+        if tls is None:
+            raise InputError(
+                "coordinator config: tls_crl is set but insecure = true: without TLS there "
+                "are no certificates to revoke"
+            )
+        return RevocationWatch(self.tls_crl, tls.ca)
+
 
 def model_config(cfg: CoordinatorConfig, embed_dim: int) -> GPOConfig:
     try:
@@ -137,6 +149,7 @@ def _short(name: str) -> str:
 def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Console) -> int:
     settings = cfg.round_settings()
     tls = cfg.tls_files()
+    revocations = cfg.revocations(tls)
     encoder = make_encoder(cfg.encoder)
     gpo = model_config(cfg, encoder.dim)
     weights = state_dict_to_numpy(build_model(gpo, cfg.seed).state_dict())
@@ -175,6 +188,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         upload_chunk_bytes=cfg.upload_chunk_bytes,
         download_slots=cfg.max_concurrent_downloads,
         download_chunk_bytes=cfg.download_chunk_bytes,
+        revocations=revocations,
     )
     # where local launchers (and operators using port 0) find the bound port
     atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())

@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.auth import AllowList, AuthInterceptor
+from coordinator.auth import AllowList, AuthInterceptor, RevocationWatch
 from pluralfed.data import SurveyItem
 from pluralfed.embeddings import option_text
 from pluralfed.errors import InputError
@@ -310,14 +310,15 @@ def start_reward_server(
     *,
     limits: Limits | None = None,
     max_workers: int = 8,
+    revocations: RevocationWatch | None = None,
 ) -> tuple[grpc.Server, int, RewardServicer]:
     """Serve on `address` (host:port; port 0 picks one) with mutual TLS. Returns (server, port,
     servicer). At most `max_workers` calls run at once and 4x that wait; more get
-    RESOURCE_EXHAUSTED."""
+    RESOURCE_EXHAUSTED. With `revocations`, certificates the CA revoked are refused."""
     limits = limits or Limits()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward"),
-        interceptors=[AuthInterceptor(allow_list)],
+        interceptors=[AuthInterceptor(allow_list, revocations=revocations)],
         options=grpc_options(limits.max_message_bytes),
         maximum_concurrent_rpcs=max_workers * 4,
     )

@@ -19,6 +19,10 @@ Files: a CA directory holds ``ca.pem`` + ``ca.key``; every party's directory hol
 certificate, to verify the peer), ``cert.pem`` and ``key.pem`` (mode 0600). The CA key never leaves the CA
 directory.
 
+Revocation: the CA keeps a CRL it signs, ``crl.pem`` in its directory (`revoke_certificates`). gRPC's
+Python API takes no CRL, so servers check it themselves, call by call, by the serial number of the
+verified client certificate (`load_revocation_list`, `peer_serial`; `coordinator.auth.RevocationWatch`).
+
 Connecting by IP address when the coordinator's certificate only names a DNS host: either issue the
 server certificate with the IP as a SAN (``--san 10.0.0.5``; preferred), or have the client check the
 certificate against the DNS name with the channel option ``grpc.ssl_target_name_override`` (see
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -46,7 +51,7 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -58,6 +63,7 @@ CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
+CRL_FILE = "crl.pem"  # in the CA folder: the certificates the CA has revoked
 
 NODE_URI_PREFIX = "pluralfed://node/"
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -449,6 +455,135 @@ def issue_node_cert(
 
 
 # --------------------------------------------------------------------------------------------------
+# revocation: a CRL signed by the federation's CA, checked by the coordinator on every call
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """The serial numbers that a federation's CA has revoked, from a CRL it signed."""
+
+    path: Path
+    serials: frozenset[int]
+    this_update: dt.datetime
+    next_update: dt.datetime | None
+
+    def is_revoked(self, serial: int) -> bool:
+        return serial in self.serials
+
+
+def _parse_crl(data: bytes, path: Path) -> x509.CertificateRevocationList:
+    try:
+        return x509.load_pem_x509_crl(data)
+    except ValueError:
+        raise InputError(
+            f"revocation list {path}: not a PEM CRL (no valid X509 CRL block); "
+            "make it with `pluralfed certs revoke`"
+        ) from None
+
+
+def _check_crl(
+    crl: x509.CertificateRevocationList,
+    cas: Sequence[x509.Certificate],
+    crl_path: Path,
+    ca_path: Path,
+) -> None:
+    """The CRL must be signed by the federation's CA: a list anyone could write would let them
+    lock nodes out (or, replacing a real one, let revoked nodes back in)."""
+    for ca in cas:
+        key = ca.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            continue
+        if crl.issuer == ca.subject and crl.is_signature_valid(key):
+            return
+    raise InputError(
+        f"revocation list {crl_path} (issuer {crl.issuer.rfc4514_string()}) is not signed by the "
+        f"CA in {ca_path}: use the crl.pem that `pluralfed certs revoke` wrote in that CA's folder"
+    )
+
+
+def load_revocation_list(crl_path: PathLike, ca_path: PathLike) -> RevocationList:
+    """Read and verify a CRL against the CA certificate the server trusts (its ``ca.pem``).
+
+    A CRL past its next update is still enforced (revocations must not lapse), with a warning."""
+    crl_file, ca_file = Path(crl_path), Path(ca_path)
+    crl = _parse_crl(_read(crl_file, "revocation list"), crl_file)
+    cas = _parse_certs(_read(ca_file, "CA certificate"), ca_file, "CA certificate")
+    _check_crl(crl, cas, crl_file, ca_file)
+    next_update = crl.next_update_utc
+    if next_update is not None and _now() > next_update:
+        log.warning(
+            "revocation list %s was due for renewal on %s; still enforced. Renew it with "
+            "`pluralfed certs revoke --ca DIR` (no certificate: re-signs the same list)",
+            crl_file,
+            _fmt(next_update),
+        )
+    return RevocationList(
+        path=crl_file,
+        serials=frozenset(r.serial_number for r in crl),
+        this_update=crl.last_update_utc,
+        next_update=next_update,
+    )
+
+
+def parse_serial(text: str) -> int:
+    """A certificate serial number as `pluralfed certs show` prints it (hex, colons allowed)."""
+    digits = text.strip().replace(":", "").lower().removeprefix("0x")
+    try:
+        serial = int(digits, 16)
+    except ValueError:
+        raise InputError(f"serial {text!r} is not a hexadecimal number") from None
+    if not 0 < serial < 1 << 159:  # RFC 5280: positive, at most 20 octets
+        raise InputError(f"serial {text!r} is out of range for a certificate serial number")
+    return serial
+
+
+def revoke_certificates(
+    ca_dir: PathLike,
+    certs: Sequence[PathLike] = (),
+    serials: Sequence[int] = (),
+    *,
+    days: int = 30,
+) -> tuple[Path, list[int]]:
+    """Add certificates (files of this CA, or bare serial numbers) to the CA's revocation list
+    ``<ca_dir>/crl.pem`` and sign it again, valid `days` more days. Returns the CRL's path and the
+    serials newly revoked; already revoked ones are kept as they were (same revocation date).
+    Nothing is written when a certificate is unreadable or from another CA."""
+    if days < 1:
+        raise InputError(f"days must be at least 1, got {days}")
+    ca_cert, ca_key, _ = _load_ca(ca_dir)
+    files = CaFiles.from_dir(ca_dir)
+    crl_path = files.cert.parent / CRL_FILE
+    revoked: dict[int, dt.datetime] = {}
+    if crl_path.exists():
+        old = _parse_crl(_read(crl_path, "revocation list"), crl_path)
+        _check_crl(old, [ca_cert], crl_path, files.cert)
+        revoked = {r.serial_number: r.revocation_date_utc for r in old}
+    wanted = list(serials)
+    for cert_path in certs:
+        p = Path(cert_path)
+        cert = _parse_certs(_read(p, "certificate"), p, "certificate")[0]
+        _check_chain(cert, [ca_cert], p, files.cert)
+        wanted.append(cert.serial_number)
+    now = _now()
+    added = [s for s in dict.fromkeys(wanted) if s not in revoked]
+    revoked.update({s: now for s in added})
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=days))
+    )
+    for serial, when in sorted(revoked.items()):
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+        builder = builder.add_revoked_certificate(entry.build())
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_file(crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644, force=True)
+    for serial in added:
+        log.info("revoked certificate serial %x in %s", serial, crl_path)
+    return crl_path, added
+
+
+# --------------------------------------------------------------------------------------------------
 # loading and validating
 
 
@@ -703,6 +838,23 @@ def identity_from_auth_context(
             (name,) = names
             return name if NODE_ID_PATTERN.fullmatch(name) else None
     return None
+
+
+def peer_serial(auth_context: Mapping[str, Iterable[bytes]]) -> int | None:
+    """The serial number of the verified client certificate (gRPC's ``x509_pem_cert``), or None."""
+    pems = auth_context.get("x509_pem_cert") or ()
+    for pem in pems:
+        return _serial_of_pem(bytes(pem))
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _serial_of_pem(pem: bytes) -> int | None:
+    # every call of a connection brings the same certificate: parse it once
+    try:
+        return x509.load_pem_x509_certificate(pem).serial_number
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

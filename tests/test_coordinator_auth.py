@@ -2,9 +2,10 @@
 
 Refused in the TLS handshake (the client sees UNAVAILABLE, no handler runs): no client
 certificate, a certificate of another CA, an expired certificate. Refused by the coordinator: an
-identity not in the allow-list or a node claiming another group (PERMISSION_DENIED), a session used
-over another node's certificate (PERMISSION_DENIED), an unknown session (UNAUTHENTICATED), another
-protocol version or text encoder (FAILED_PRECONDITION). Also: the health service answers SERVING
+identity not in the allow-list, a certificate the CA revoked while the coordinator runs, a node
+claiming another group, a session used over another node's certificate (all PERMISSION_DENIED),
+an unknown session (UNAUTHENTICATED), another protocol version or text encoder
+(FAILED_PRECONDITION). Also: the health service answers SERVING
 over TLS, `pluralfed node check` exits 0 / 1 / 2, and insecure mode says so loudly in the log.
 """
 
@@ -36,6 +37,7 @@ from fedharness import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pluralfed import tls
 from pluralfed.embeddings import make_encoder
 from pluralfed.localfed import write_toml
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -90,8 +92,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     )
     other = Pki(root / "other", ca_name="another federation's CA")
     other.node("node-aldoria")
+    pki.node("node-aldoria", folder="node-aldoria-stolen")  # revoked by a test, mid-run
+    crl, _ = tls.revoke_certificates(pki.ca)  # the CA's revocation list, empty at start
     with Procs(root / "logs") as procs:
-        secure = start_coordinator(procs, root, pki, ALLOW, SETTINGS, wait=False)
+        settings = {**SETTINGS, "tls_crl": str(crl)}
+        secure = start_coordinator(procs, root, pki, ALLOW, settings, wait=False)
         insecure = start_coordinator(
             procs,
             root,
@@ -155,6 +160,34 @@ def test_handshake_refusals(setup: Setup, case: str) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # refused by the coordinator
+
+
+def test_revoked_certificate_is_refused_by_the_running_coordinator(setup: Setup) -> None:
+    """A stolen key: its certificate is revoked while the coordinator runs (no restart); the
+    node's other certificate under the same, still allow-listed, identity goes on working."""
+    stolen = setup.pki.node("node-aldoria", folder="node-aldoria-stolen")
+    with FakeNode(setup.coordinator.port, "Aldoria", tls_dir=stolen) as thief:
+        assert thief.join(setup.encoder).session_id  # not revoked yet
+        tls.revoke_certificates(setup.pki.ca, [stolen / "cert.pem"])
+        err = wait_until(
+            lambda: _refusal(thief, setup.encoder),
+            10,
+            "the coordinator refusing the revoked certificate",
+            logs=[setup.coordinator.proc],
+        )
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "has been revoked" in err.details()
+    with setup.node("node-aldoria") as node:
+        assert node.join(setup.encoder).session_id
+        node.leave()
+
+
+def _refusal(node: FakeNode, encoder: str) -> grpc.RpcError | None:
+    try:
+        node.join(encoder)
+    except grpc.RpcError as err:
+        return err
+    return None
 
 
 def test_identity_not_in_allow_list(setup: Setup) -> None:

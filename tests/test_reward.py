@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -702,6 +703,11 @@ def test_cli_serve_subprocess(
 ) -> None:
     allow = tmp_path / "allow.toml"
     allow.write_text('[allow_list]\n"trainer-1" = "RL trainer"\n', encoding="utf-8")
+    # a second certificate of trainer-1, revoked by the CA (its key was lost): refused
+    ca = tmp_path / "ca"
+    shutil.copytree(pki["root"] / "ca", ca)
+    revoked = tls.issue_node_cert(ca, tmp_path / "revoked", "trainer-1")
+    crl, _ = tls.revoke_certificates(ca, [revoked.cert])
     port_file = tmp_path / "port"
     env = {**os.environ, "PLURALFED_CACHE_DIR": str(session_cache_dir), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -719,6 +725,8 @@ def test_cli_serve_subprocess(
             str(pki["server"].cert.parent),
             "--allow-list",
             str(allow),
+            "--tls-crl",
+            str(crl),
             "--groups-data",
             str(world["data_file"]),
             "--port-file",
@@ -744,6 +752,11 @@ def test_cli_serve_subprocess(
             status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
             assert {g.name for g in c.info().groups} == set(world["groups"])
+        with RewardClient(f"127.0.0.1:{port}", revoked) as c:
+            with pytest.raises(grpc.RpcError) as refused:
+                c.info()
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "has been revoked" in str(refused.value.details())
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

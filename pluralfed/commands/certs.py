@@ -22,6 +22,8 @@ The coordinator's allow-list maps each node id to a node name, e.g. in TOML:
   "node-nigeria" = "Nigeria"
 
 To add a node later: pluralfed certs node --ca DIR/ca --out DIR/nodes --id NEW_ID
+To revoke a node's certificate: pluralfed certs revoke --ca DIR/ca --cert DIR/nodes/ID/cert.pem
+  (writes DIR/ca/crl.pem; give it to the coordinator as [tls] crl)
 """
 
 
@@ -95,6 +97,21 @@ def run_node(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     print("\n\n".join(tls.describe_certificate(path) for path in args.files))
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    serials = [tls.parse_serial(text) for text in _split(args.serial)]
+    crl, added = tls.revoke_certificates(args.ca, args.cert or [], serials, days=args.days)
+    total = len(tls.load_revocation_list(crl, Path(args.ca) / tls.CA_CERT_FILE).serials)
+    for serial in added:
+        print(f"revoked: serial {serial:x}")
+    if not added:
+        print("nothing new to revoke" if args.cert or serials else "revocation list re-signed")
+    print(
+        f"revocation list: {crl} ({total} revoked, valid {args.days} days). Give it to the "
+        "coordinator ([tls] crl in its config); a running coordinator re-reads it within a second."
+    )
     return 0
 
 
@@ -234,6 +251,40 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PEM certificate file")
     p.set_defaults(func=run_show)
+
+    p = sub.add_parser(
+        "revoke",
+        help="revoke node certificates: write the CA's signed revocation list (crl.pem)",
+        description="Add certificates to the CA's revocation list DIR/crl.pem and sign it again "
+        "(a lost or stolen node key: revoke its certificate, then issue the node a new one under "
+        "the same id). The coordinator refuses every certificate in the list, even if its id is "
+        "allow-listed. With no certificate given, the list is only re-signed (renewed).",
+    )
+    p.add_argument(
+        "--ca", required=True, type=Path, metavar="DIR", help="CA directory (from `certs init`)"
+    )
+    p.add_argument(
+        "--cert",
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="certificate to revoke (must be from this CA); repeatable",
+    )
+    p.add_argument(
+        "--serial",
+        action="append",
+        metavar="HEX",
+        help="serial number to revoke, as `certs show` prints it (when the file is gone); "
+        "repeatable or comma-separated",
+    )
+    p.add_argument(
+        "--days",
+        type=_positive_int,
+        default=30,
+        help="days until the list is due for renewal (default 30); a coordinator keeps "
+        "enforcing an overdue list and warns",
+    )
+    p.set_defaults(func=run_revoke)
 
     p = sub.add_parser(
         "federation",

@@ -25,6 +25,8 @@ HELP = {
     "tls_ca": "CA certificate (overrides tls_dir)",
     "tls_cert": "coordinator certificate (overrides tls_dir)",
     "tls_key": "coordinator key (overrides tls_dir)",
+    "tls_crl": "the CA's revocation list (crl.pem from `pluralfed certs revoke`): node "
+    "certificates in it are refused; re-read within a second when the file changes",
     "insecure": "plain text, no TLS and no authentication: for debugging only",
     "encoder": "text encoder every node must use (its identity is checked at join)",
     "rounds": "training rounds",

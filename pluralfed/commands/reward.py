@@ -119,6 +119,12 @@ def register(subparsers: Any) -> None:
         help="TOML file with an [allow_list] table: client certificate id = client name",
     )
     s.add_argument(
+        "--tls-crl",
+        type=Path,
+        help="the CA's revocation list (crl.pem from `pluralfed certs revoke`): client "
+        "certificates in it are refused; re-read within a second when the file changes",
+    )
+    s.add_argument(
         "--groups-data",
         type=Path,
         help="survey data (GlobalOpinionQA CSV or pluralfed JSONL) whose groups the server "
@@ -223,7 +229,7 @@ def _tls(args: argparse.Namespace, who: str) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from coordinator.auth import AllowList
+    from coordinator.auth import AllowList, RevocationWatch
     from pluralfed.reward_server import start_reward_server
 
     apply_threads(args.threads)
@@ -231,6 +237,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-workers must be at least 1, got {args.max_workers}")
     tls = _tls(args, "reward server")
     allow_list = AllowList.from_toml(args.allow_list)
+    revocations = RevocationWatch(args.tls_crl, tls.ca) if args.tls_crl is not None else None
     model = RewardModel.from_checkpoint(
         args.checkpoint, encoder=_encoder(args), memory=memory_overrides(args)
     )
@@ -240,7 +247,7 @@ def run_serve(args: argparse.Namespace) -> int:
     elif args.groups:
         raise InputError("--groups needs --groups-data")
     server, port, _ = start_reward_server(
-        model, args.listen, tls, allow_list, max_workers=args.max_workers
+        model, args.listen, tls, allow_list, max_workers=args.max_workers, revocations=revocations
     )
     if args.port_file is not None:
         args.port_file.write_text(f"{port}\n", encoding="utf-8")

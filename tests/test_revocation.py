@@ -1,0 +1,200 @@
+"""Certificate revocation: the CA's signed list (`pluralfed certs revoke`) and its enforcement.
+
+A lost or stolen node key is the case: the node's identity stays allow-listed (the node gets a new
+certificate under the same id), so only the old certificate's serial tells the thief apart. The
+guard is checked against a real gRPC server on 127.0.0.1 with real mutual TLS, on connections
+opened before the revocation too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coordinator.auth import AllowList, AuthInterceptor, RevocationWatch, authenticated_node
+from coordinator.service import CoordinatorConfig
+from pluralfed import tls
+from pluralfed.errors import InputError
+
+pytestmark = pytest.mark.timeout(60)
+
+ALLOWED = {"node-a": "Aldoria", "node-b": "Borvenia"}
+
+
+@pytest.fixture()
+def pki(tmp_path: Path) -> Path:
+    tls.create_ca(tmp_path / "ca")
+    tls.issue_server_cert(tmp_path / "ca", tmp_path / "server", "coordinator", ["127.0.0.1"])
+    for node_id in ALLOWED:
+        tls.issue_node_cert(tmp_path / "ca", tmp_path / node_id, node_id)
+    # the same identity again: the certificate a node gets after its old key was stolen
+    tls.issue_node_cert(tmp_path / "ca", tmp_path / "node-a-new", "node-a")
+    tls.create_ca(tmp_path / "other-ca")  # same default CA name, another key
+    tls.issue_node_cert(tmp_path / "other-ca", tmp_path / "other-node-a", "node-a")
+    return tmp_path
+
+
+def serial(folder: Path) -> int:
+    return tls._parse_certs((folder / "cert.pem").read_bytes(), folder, "cert")[0].serial_number
+
+
+# ------------------------------------------------------------------------------------------------
+# the list
+
+
+def test_revoke_writes_a_list_the_ca_signed_and_keeps_earlier_entries(pki: Path) -> None:
+    crl, added = tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    assert crl == pki / "ca" / tls.CRL_FILE
+    assert added == [serial(pki / "node-a")]
+    first = tls.load_revocation_list(crl, pki / "ca" / "ca.pem")
+    assert first.serials == {serial(pki / "node-a")}
+    assert first.next_update is not None
+    assert first.next_update - first.this_update == dt.timedelta(days=30)
+    # by serial, as `certs show` prints it (with colons too), and the same certificate again
+    text = f"{serial(pki / 'node-b'):x}"
+    as_colons = ":".join(text[i : i + 2] for i in range(0, len(text), 2))
+    crl, added = tls.revoke_certificates(
+        pki / "ca", [pki / "node-a" / "cert.pem"], [tls.parse_serial(as_colons)], days=7
+    )
+    assert added == [serial(pki / "node-b")]
+    second = tls.load_revocation_list(crl, pki / "ca" / "ca.pem")
+    assert second.serials == {serial(pki / "node-a"), serial(pki / "node-b")}
+    assert not second.is_revoked(serial(pki / "node-a-new"))
+    assert second.next_update is not None and second.next_update > second.this_update
+    assert second.next_update - second.this_update == dt.timedelta(days=7)
+
+
+def test_revoke_refuses_another_cas_certificate_and_writes_nothing(pki: Path) -> None:
+    with pytest.raises(InputError, match="was not issued by the CA"):
+        tls.revoke_certificates(
+            pki / "ca", [pki / "node-a" / "cert.pem", pki / "other-node-a" / "cert.pem"]
+        )
+    assert not (pki / "ca" / tls.CRL_FILE).exists()
+    for bad in ("zz", "0", "-5", "ab" * 30):
+        with pytest.raises(InputError, match="serial"):
+            tls.parse_serial(bad)
+
+
+def test_a_list_not_signed_by_the_trusted_ca_is_refused(pki: Path) -> None:
+    tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    ours, theirs = pki / "ca" / tls.CRL_FILE, pki / "other-ca" / tls.CRL_FILE
+    tls.revoke_certificates(pki / "other-ca", [pki / "other-node-a" / "cert.pem"])
+    # the other CA has the same name, so only the signature tells them apart
+    with pytest.raises(InputError, match="is not signed by the CA"):
+        tls.load_revocation_list(theirs, pki / "ca" / "ca.pem")
+    garbage = pki / "garbage.pem"
+    garbage.write_text("not a CRL\n")
+    with pytest.raises(InputError, match=f"revocation list {garbage}: not a PEM CRL"):
+        tls.load_revocation_list(garbage, pki / "ca" / "ca.pem")
+    with pytest.raises(InputError, match="revocation list file not found"):
+        tls.load_revocation_list(pki / "missing.pem", pki / "ca" / "ca.pem")
+    assert tls.load_revocation_list(ours, pki / "ca" / "ca.pem").serials
+
+
+def test_an_overdue_list_is_still_enforced_with_a_warning(
+    pki: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    crl, _ = tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"], days=1)
+    later = tls._now() + dt.timedelta(days=2)
+    monkeypatch.setattr(tls, "_now", lambda: later)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.tls"):
+        overdue = tls.load_revocation_list(crl, pki / "ca" / "ca.pem")
+    assert overdue.is_revoked(serial(pki / "node-a"))
+    assert "was due for renewal" in caplog.text
+
+
+def test_certs_revoke_command(pki: Path) -> None:
+    cmd = [sys.executable, "-m", "pluralfed.cli", "certs", "revoke", "--ca", str(pki / "ca")]
+    done = subprocess.run(
+        [*cmd, "--cert", str(pki / "node-b" / "cert.pem")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"revoked: serial {serial(pki / 'node-b'):x}" in done.stdout
+    assert "1 revoked" in done.stdout
+    bad = subprocess.run([*cmd, "--serial", "xyz"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "serial 'xyz' is not a hexadecimal number" in bad.stderr
+
+
+def test_coordinator_config_checks_its_revocation_list(pki: Path) -> None:
+    files = tls.TlsFiles.from_dir(pki / "server")
+    missing = CoordinatorConfig(tls_dir=pki / "server", tls_crl=pki / "nowhere.pem")
+    with pytest.raises(InputError, match="revocation list file not found"):
+        missing.revocations(files)
+    with pytest.raises(InputError, match="without TLS there are no certificates"):
+        CoordinatorConfig(insecure=True, tls_crl=pki / "nowhere.pem").revocations(None)
+    assert CoordinatorConfig(tls_dir=pki / "server").revocations(files) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# enforced by the guard
+
+
+def _who(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return str(authenticated_node(context)).encode()
+
+
+@pytest.fixture()
+def guarded(pki: Path) -> Iterator[tuple[int, Path]]:
+    """A server whose guard checks the CA's list (empty at first), re-read on every call."""
+    crl, _ = tls.revoke_certificates(pki / "ca")
+    watch = RevocationWatch(crl, pki / "ca" / "ca.pem", interval=0.0)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=[AuthInterceptor(AllowList(ALLOWED), revocations=watch)],
+    )
+    handler = grpc.unary_unary_rpc_method_handler(_who)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("test.Echo", {"Who": handler})]
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0", tls.TlsFiles.from_dir(pki / "server").server_credentials()
+    )
+    server.start()
+    yield port, crl
+    server.stop(None)
+
+
+def _caller(port: int, folder: Path) -> tuple[grpc.Channel, grpc.UnaryUnaryMultiCallable]:
+    channel = tls.secure_channel(f"127.0.0.1:{port}", tls.TlsFiles.from_dir(folder))
+    return channel, channel.unary_unary("/test.Echo/Who")
+
+
+def test_revoked_certificate_is_refused_on_an_open_connection(
+    pki: Path, guarded: tuple[int, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, crl = guarded
+    old_a, who_old_a = _caller(port, pki / "node-a")
+    new_a, who_new_a = _caller(port, pki / "node-a-new")
+    b, who_b = _caller(port, pki / "node-b")
+    with old_a, new_a, b:
+        assert who_old_a(b"", timeout=5) == b"Aldoria"  # connection open before the revocation
+        tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+        with pytest.raises(grpc.RpcError) as refused:
+            who_old_a(b"", timeout=5)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"(serial {serial(pki / 'node-a'):x}) has been revoked" in str(
+            refused.value.details()
+        )
+        # the same identity with its new certificate, and the other node, go on
+        assert who_new_a(b"", timeout=5) == b"Aldoria"
+        assert who_b(b"", timeout=5) == b"Borvenia"
+        # a bad edit of the list (a half-copied file) does not lift the revocation
+        crl_bytes = crl.read_bytes()
+        time.sleep(0.01)  # a new modification time
+        crl.write_bytes(crl_bytes[: len(crl_bytes) // 2])
+        log_errors = caplog.at_level(logging.ERROR, logger="coordinator.auth")
+        with log_errors, pytest.raises(grpc.RpcError) as still:
+            who_old_a(b"", timeout=5)
+        assert still.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "the previous list (1 revoked) stays in force" in caplog.text
+        assert who_b(b"", timeout=5) == b"Borvenia"
