@@ -886,9 +886,13 @@ def _san_strings(cert: x509.Certificate) -> list[str]:
 
 
 def describe_certificate(path: PathLike) -> str:
-    """Human-readable summary of every certificate in a PEM file (for `pluralfed certs show`)."""
+    """Human-readable summary of every certificate in a PEM file (for `pluralfed certs show`),
+    or of a revocation list (`crl.pem`)."""
     p = Path(path)
-    certs = _parse_certs(_read(p, "certificate"), p, "certificate")
+    data = _read(p, "certificate")
+    if b"-----BEGIN X509 CRL-----" in data:
+        return _describe_crl(_parse_crl(data, p), p)
+    certs = _parse_certs(data, p, "certificate")
     now = _now()
     blocks = []
     for cert in certs:
@@ -926,6 +930,23 @@ def describe_certificate(path: PathLike) -> str:
         ]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _describe_crl(crl: x509.CertificateRevocationList, path: Path) -> str:
+    next_update = crl.next_update_utc
+    overdue = next_update is not None and _now() > next_update
+    lines = [
+        f"file:        {path}",
+        "kind:        revocation list (CRL)",
+        f"issuer:      {crl.issuer.rfc4514_string()}",
+        f"this update: {_fmt(crl.last_update_utc)}",
+        f"next update: {_fmt(next_update) if next_update else '(none)'}"
+        + ("  OVERDUE: renew with `pluralfed certs revoke --ca DIR`" if overdue else ""),
+        f"revoked:     {len(crl)}",
+    ]
+    for entry in sorted(crl, key=lambda e: e.revocation_date_utc):
+        lines.append(f"  serial {entry.serial_number:x}  since {_fmt(entry.revocation_date_utc)}")
+    return "\n".join(lines)
 
 
 def resolve_tls_files(

@@ -120,6 +120,11 @@ def test_certs_revoke_command(pki: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert f"revoked: serial {serial(pki / 'node-b'):x}" in done.stdout
     assert "1 revoked" in done.stdout
+    show = [sys.executable, "-m", "pluralfed.cli", "certs", "show", str(pki / "ca" / "crl.pem")]
+    shown = subprocess.run(show, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "revocation list (CRL)" in shown.stdout and "revoked:     1" in shown.stdout
+    assert f"serial {serial(pki / 'node-b'):x}  since" in shown.stdout
     bad = subprocess.run([*cmd, "--serial", "xyz"], capture_output=True, text=True)
     assert bad.returncode != 0
     assert "serial 'xyz' is not a hexadecimal number" in bad.stderr

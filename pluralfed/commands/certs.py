@@ -245,11 +245,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = sub.add_parser(
         "show",
-        help="print a certificate's subject, SANs, validity and fingerprint",
+        help="print a certificate's subject, SANs, validity and fingerprint (or a CRL's entries)",
         description="Print subject, issuer, SANs, key usage, node id, validity and SHA-256 "
-        "fingerprint of every certificate in the given PEM files.",
+        "fingerprint of every certificate in the given PEM files; for a revocation list "
+        "(crl.pem), its issuer, dates and revoked serials.",
     )
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="PEM certificate file")
+    p.add_argument(
+        "files", nargs="+", type=Path, metavar="FILE", help="PEM certificate or CRL file"
+    )
     p.set_defaults(func=run_show)
 
     p = sub.add_parser(
