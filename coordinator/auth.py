@@ -292,10 +292,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Install on the coordinator's server: ``grpc.server(pool, interceptors=[AuthInterceptor(al)])``.
 
     `exempt_methods` (full names like ``/grpc.health.v1.Health/Check``) run without an allow-listed
-    identity; they still need the TLS handshake. With `revocations`, a certificate whose serial
-    the CA has revoked is refused (PERMISSION_DENIED) even if its identity is allow-listed. `allow_common_name` also accepts the subject CN of a
-    certificate without a pluralfed node URI (externally issued certificates). `insecure=True` is for
-    demos without certificates only: nothing is checked and `require_self` trusts claimed names.
+    identity; they still need the TLS handshake. `allow_common_name` also accepts the subject CN of a
+    certificate without a pluralfed node URI (externally issued certificates). With `revocations`,
+    a certificate whose serial the CA has revoked is refused (PERMISSION_DENIED) even though its
+    identity is allow-listed. `insecure=True` is for demos without certificates only: nothing is
+    checked and `require_self` trusts claimed names.
     """
 
     def __init__(
