@@ -73,6 +73,10 @@ class Rejection(Exception):
 
 
 MAX_UPDATE_METRICS = 32
+# A node's declared training examples are its FedAvg weight, so they are bounded: far above any
+# survey group's question count, yet small enough that no one node's claim can dwarf the rest
+# by orders of magnitude through an absurd number (it must also repeat its Join's count).
+MAX_NODE_EXAMPLES = 10_000_000
 MAX_METRIC_NAME = 64
 
 
@@ -341,6 +345,12 @@ class RoundEngine:
             )
         if role == Role.TRAIN and num_examples < 1:
             raise Rejection("INVALID_ARGUMENT", f"training node {group!r} reports no examples")
+        if num_examples > MAX_NODE_EXAMPLES:
+            raise Rejection(
+                "INVALID_ARGUMENT",
+                f"node {group!r} reports {num_examples} training examples; at most "
+                f"{MAX_NODE_EXAMPLES} are accepted",
+            )
         with self._changed:
             replaced = [old for old in self._sessions.values() if old.group == group]
             for old in replaced:  # a restarted node replaces its old session
@@ -430,12 +440,18 @@ class RoundEngine:
                 )
             return GlobalModel(self.model_version, self.state.completed_rounds, self.state.weights)
 
-    def check_update(self, session_id: str, group: str | None, task_id: str, round_: int) -> None:
+    def check_update(
+        self, session_id: str, group: str | None, task_id: str, round_: int, base_model_version: str
+    ) -> None:
         """Early refusal of an upload that can never count (before its bytes are read)."""
         with self._lock:
-            self._current_train_task(self._session(session_id, group), task_id, round_)
+            self._current_train_task(
+                self._session(session_id, group), task_id, round_, base_model_version
+            )
 
-    def _current_train_task(self, s: NodeSession, task_id: str, round_: int) -> _OpenTask:
+    def _current_train_task(
+        self, s: NodeSession, task_id: str, round_: int, base_model_version: str
+    ) -> _OpenTask:
         if s.role != Role.TRAIN:  # the protocol: a role refusal is a status, not a reject reason
             raise Rejection(
                 "PERMISSION_DENIED",
@@ -472,6 +488,14 @@ class RoundEngine:
                 f"round {round_} closed before the update from {s.group}",
                 "STALE",
             )
+        if base_model_version != t.model_version:
+            # trained from another model than the round's: averaging it in would mix versions
+            raise Rejection(
+                "FAILED_PRECONDITION",
+                f"update from {s.group} for round {round_} starts from model version "
+                f"{base_model_version!r}, not the round's {t.model_version!r}",
+                reason="STALE",
+            )
         return t
 
     def accept_update(
@@ -484,6 +508,7 @@ class RoundEngine:
         metrics: Mapping[str, float],
         replay: Callable[[], Iterator[TensorSlice]],
         nbytes: int,
+        base_model_version: str,
     ) -> None:
         """Fold a whole, validated update into the round's running sum (or refuse it).
 
@@ -494,12 +519,14 @@ class RoundEngine:
         """
         with self._changed:
             s = self._session(session_id, group)
-            t = self._current_train_task(s, task_id, round_)
+            t = self._current_train_task(s, task_id, round_, base_model_version)
             try:
-                if num_examples < 1:
+                if not 1 <= num_examples <= s.num_examples:
+                    # the weight a node asks for must be the one it joined with
                     raise Rejection(
                         "INVALID_ARGUMENT",
-                        f"update from {s.group} claims {num_examples} examples",
+                        f"update from {s.group} claims {num_examples} examples; it joined with "
+                        f"{s.num_examples}",
                         reason="MALFORMED",
                     )
                 node_metrics = checked_update_metrics(s.group, metrics)

@@ -369,7 +369,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         """The refusal of an upload the engine does not accept now (None: go on); identity and
         session failures abort the call instead."""
         try:
-            self.engine.check_update(h.session_id, caller, h.task_id, h.round)
+            self.engine.check_update(h.session_id, caller, h.task_id, h.round, h.base_model_version)
         except Rejection as r:
             if r.reason is None:
                 _abort(context, r)
@@ -425,6 +425,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 dict(h.metrics),
                 spool.replay,
                 spool.total_bytes,
+                h.base_model_version,
             )
         except WireError as err:
             reason = (

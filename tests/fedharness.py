@@ -610,10 +610,11 @@ def update_messages(
     round_: int | None = None,
     chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
     metrics: Mapping[str, float] | None = None,
+    base_model_version: str | None = None,
 ) -> list[pb.UpdateChunk]:
     """An upload stream for `weights`: header, chunks, trailer (its digest computed unless given;
     trailer=False leaves it out, a truncated stream). Any tensor, dtype or shape is sent as is;
-    the header's metrics are {"loss": 0.5} unless given."""
+    the header's metrics are {"loss": 0.5} and its base model the task's unless given."""
     specs = specs_of(weights)
     messages = [
         pb.UpdateChunk(
@@ -621,7 +622,9 @@ def update_messages(
                 session_id=session_id,
                 task_id=task.task_id if task_id is None else task_id,
                 round=task.round if round_ is None else round_,
-                base_model_version=task.model_version,
+                base_model_version=(
+                    task.model_version if base_model_version is None else base_model_version
+                ),
                 num_examples=num_examples,
                 metrics={"loss": 0.5} if metrics is None else dict(metrics),
                 tensor_count=len(specs),

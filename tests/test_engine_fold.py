@@ -64,7 +64,9 @@ class Engine:
         return t
 
     def upload(self, session_id: str, t: TaskSpec, replay, n: int) -> None:  # type: ignore[no-untyped-def]
-        self.engine.accept_update(session_id, None, t.task_id, t.round, n, {}, replay, 4040)
+        self.engine.accept_update(
+            session_id, None, t.task_id, t.round, n, {}, replay, 4040, t.model_version
+        )
 
     def wait_completed(self, rounds: int) -> None:
         for _ in range(int(WAIT / 0.05)):
@@ -101,7 +103,7 @@ def test_engine_answers_while_an_update_is_folded(tmp_path: Path) -> None:
 
         def other_calls() -> None:
             fed.engine.heartbeat(fed.b.session_id, None)
-            fed.engine.check_update(fed.b.session_id, None, tb.task_id, tb.round)
+            fed.engine.check_update(fed.b.session_id, None, tb.task_id, tb.round, tb.model_version)
             answered.set()
 
         threading.Thread(target=other_calls, daemon=True).start()

@@ -269,8 +269,23 @@ def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
     far = {k: v + 1.0 for k, v in nudged(g1, 51).items()}  # moves the model by ~550 (L2)
     assert upload("node-shape", task2, far) == "NORM_BOUND"
 
+    # an update trained from another model version than the round's is stale (and may be sent
+    # again from the right one)
+    assert upload("node-dtype", task2, nudged(g1, 52), base_model_version=task.model_version) == (
+        "STALE"
+    )
+    assert "starts from model version" in last["node-dtype"]
+    assert upload("node-dtype", task2, nudged(g1, 53), base_model_version="") == "STALE"
+    # a node may not ask for more weight than the examples it joined with: refused, final
+    node = nodes["node-digest"]
+    reply = node.upload(update_messages(node.session_id, task2, nudged(g1, 54), 10**6))
+    assert reject_name(reply) == "MALFORMED" and "joined with 10" in reply.message, reply
+    # nor join with an absurd number of examples
+    err = rpc_error(nodes["node-late"].join, ENCODER, 10**12)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most" in str(err.details()), err
+
     good2 = {ident: nudged(g1, 100 + i) for i, ident in enumerate(TRAIN)}
-    accepted2 = [i for i in TRAIN if i != "node-shape"]
+    accepted2 = [i for i in TRAIN if i not in ("node-shape", "node-digest")]
     for ident in accepted2:
         assert upload(ident, task2, good2[ident]) == "ACCEPTED", ident
 
@@ -278,6 +293,7 @@ def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
     record = fed.engine.state.history[1]
     assert record["participants"] == sorted(ALLOW[i] for i in accepted2)
     assert record["outcomes"][ALLOW["node-shape"]] == "rejected: norm bound"
+    assert "joined with" in record["outcomes"][ALLOW["node-digest"]]
     weights2 = [EXAMPLES.get(ALLOW[i], 10) for i in accepted2]
     expected2 = weighted_average([good2[i] for i in accepted2], weights2)
     assert_weights_close(fed.engine.state.weights, expected2, "global model after round 2")

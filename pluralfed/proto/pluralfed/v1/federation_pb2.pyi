@@ -287,7 +287,7 @@ class JoinRequest(_message.Message):
     role: Global___Role.ValueType
     num_train_examples: _builtins.int
     """Number of training examples (questions) the node holds: the default FedAvg weight.
-    0 for an EVALUATE_ONLY node.
+    0 for an EVALUATE_ONLY node; at most 10,000,000.
     """
     software_version: _builtins.str
     """The node's pluralfed version, e.g. "0.1.0" (for the coordinator's logs and compatibility)."""
@@ -1001,10 +1001,10 @@ class UpdateHeader(_message.Message):
     """The TRAIN task this update answers, and its round."""
     round: _builtins.int
     base_model_version: _builtins.str
-    """The model version the node started from (Task.model_version)."""
+    """The model version the node started from (Task.model_version); any other is STALE."""
     num_examples: _builtins.int
     """Number of training examples behind this update (the FedAvg weight unless the coordinator
-    weighs uniformly).
+    weighs uniformly): 1 to the num_train_examples the node joined with, else MALFORMED.
     """
     tensor_count: _builtins.int
     """How many tensors and bytes follow: all the model's tensors, as in the downloaded
