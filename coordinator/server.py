@@ -606,6 +606,12 @@ def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
+    if tls is None:
+        log.warning(
+            "INSECURE: plain text on %s, no TLS and no authentication: any client may join as "
+            "any allow-listed group (debugging only)",
+            address,
+        )
     log.info(
         "coordinator listening on %s (port %d, %s, max message %d bytes)",
         address,

@@ -192,6 +192,12 @@ def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
     run.out_dir.mkdir(parents=True, exist_ok=True)
     files = prepare(run, data)
     state_dir: Path = files["state_dir"]
+    if (state_dir / "state.json").exists():  # coordinator/state.py's STATE_FILE
+        log.warning(
+            "%s holds an earlier run: the coordinator resumes it (a run already finished only "
+            "ends again); for a fresh run use another --out or empty this one",
+            state_dir,
+        )
     (state_dir / "coordinator.port").unlink(missing_ok=True)
     logs = run.out_dir / "logs"
     logs.mkdir(exist_ok=True)
