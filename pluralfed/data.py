@@ -29,7 +29,7 @@ One JSON object per line, one line per (group, question); blank lines are ignore
     {"group": "Japan", "question": "Is it?", "options": ["Yes", "No"], "distribution": [31, 69]}
     {"group": "Mali", "question": "Q?", "question_id": "q7", "options": ["A"], "distribution": [2]}
 
-* ``group``: non-empty string, the group (e.g. a country) whose answers these are;
+* ``group``: non-blank string, the group (e.g. a country) whose answers these are;
 * ``question``: non-empty string, used verbatim (the PROTOCOL.md train/test split hashes this text);
 * ``options``: non-empty list of distinct non-empty strings;
 * ``distribution``: list of finite non-negative numbers, one per option: probabilities or counts,
@@ -148,8 +148,8 @@ class _Collector:
         if self.wanted_set is not None and group not in self.wanted_set:
             return
         dist = np.asarray(values, dtype=np.float64)
-        total = float(dist.sum())
-        if total <= 0.0:  # all zero (negatives were rejected before)
+        normalised = normalise_distribution(dist)
+        if normalised is None:  # all zero (negatives were rejected before)
             self.skipped_by_group[group] = self.skipped_by_group.get(group, 0) + 1
             return
         key = (group, question)
@@ -165,7 +165,7 @@ class _Collector:
             options=options,
             # values already summing to 1 (up to rounding) are kept as they are, so that writing
             # and reading back is exact
-            distribution=dist if abs(total - 1.0) <= 1e-12 else dist / total,
+            distribution=dist if _sums_to_one(dist) else normalised,
             question_id=question_id if question_id is not None else question_id_for(question),
         )
         self.groups.setdefault(group, []).append(item)
@@ -191,6 +191,26 @@ class _Collector:
             notes=self.notes,
             skipped_by_group=self.skipped_by_group,
         )
+
+
+def normalise_distribution(dist: np.ndarray) -> np.ndarray | None:
+    """Finite non-negative values scaled to sum 1, or None when all are zero. Values whose sum
+    overflows float64 (two of 1e308) are scaled by their largest first, so they normalise like any
+    others instead of turning into inf / inf = NaN or, worse, silently into zeros."""
+    peak = float(dist.max(initial=0.0))
+    if peak <= 0.0:
+        return None
+    with np.errstate(over="ignore"):  # an overflowing sum is handled right below
+        total = float(dist.sum())
+    if not math.isfinite(total):
+        dist = dist / peak
+        total = float(dist.sum())
+    return dist / total
+
+
+def _sums_to_one(dist: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):  # an overflowing sum is simply not 1
+        return abs(float(dist.sum()) - 1.0) <= 1e-12
 
 
 def _normalise_group_names(groups: Iterable[str] | None) -> list[str] | None:
@@ -245,7 +265,14 @@ def _check_values(where: str, what: str, values: Any, n_options: int) -> list[fl
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise InputError(f"{where}: {what}[{i}] must be a number, got {v!r}")
-        f = float(v)
+        try:
+            f = float(v)
+        except OverflowError:  # an integer literal beyond float64 (1 followed by 400 zeros)
+            raise InputError(
+                f"{where}: {what}[{i}] is too large: an integer of about "
+                f"{int(int(v).bit_length() * math.log10(2)) + 1} digits, beyond float64 "
+                "(about 1.8e308)"
+            ) from None
         if not math.isfinite(f):
             raise InputError(f"{where}: {what}[{i}] is not finite ({v!r})")
         if f < 0:
@@ -300,7 +327,15 @@ def _parse_goqa_record(
     if start < 0 or end < start:
         raise InputError(f"{where}: selections has no {{...}} dict: {_short(selections)}")
     try:
-        sel = ast.literal_eval(selections[start : end + 1])
+        tree = ast.parse(selections[start : end + 1].strip(), mode="eval").body
+        if isinstance(tree, ast.Dict):  # a literal dict keeps the last of two equal keys: refuse
+            keys = [ast.literal_eval(k) for k in tree.keys if k is not None]
+            twice = sorted({repr(k) for k in keys if keys.count(k) > 1})
+            if twice:
+                raise InputError(f"{where}: selections lists group {', '.join(twice)} twice")
+        sel = ast.literal_eval(tree)
+    except InputError:
+        raise
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as err:
         raise InputError(f"{where}: cannot parse selections {_short(selections)}: {err}") from None
     if not isinstance(sel, dict):
@@ -309,7 +344,7 @@ def _parse_goqa_record(
         raise InputError(f"{where}: selections has no groups")
     pairs: list[tuple[str, list[float]]] = []
     for group, values in sel.items():
-        if not isinstance(group, str) or not group:
+        if not isinstance(group, str) or not group.strip():
             raise InputError(f"{where}: group name must be a non-empty string, got {group!r}")
         pairs.append((group, _check_values(where, f"selections[{group!r}]", values, len(opts))))
     return opts, pairs
@@ -419,6 +454,19 @@ def load_global_opinions_hub(
 _JSONL_FIELDS: tuple[str, ...] = ("group", "question", "options", "distribution")
 
 
+class _DuplicateKey(Exception):
+    """A JSON object with one key twice (json keeps the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(repr(key))
+        out[key] = value
+    return out
+
+
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of every line. Splits on \\n only: JSON strings may hold other line
     separators (U+2028, ...) that str.splitlines would break on."""
@@ -439,11 +487,16 @@ def load_jsonl(path: str | Path, groups: Iterable[str] | None = None) -> SurveyD
                 f"{where}: looks like a JSON array; expected one JSON object per line (JSON lines)"
             )
         try:
-            rec = json.loads(text)
+            rec = json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as err:
+            raise InputError(f"{where}: key {err} appears twice in one object") from None
         except json.JSONDecodeError as err:
             raise InputError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
         except RecursionError:
             raise InputError(f"{where}: invalid JSON: nested too deeply") from None
+        except ValueError as err:  # an integer of more than 4300 digits: Python will not read it
+            reason = str(err).split(":")[0]
+            raise InputError(f"{where}: cannot read a number in this line: {reason}") from None
         if not isinstance(rec, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         missing = [k for k in _JSONL_FIELDS if k not in rec]
@@ -451,7 +504,7 @@ def load_jsonl(path: str | Path, groups: Iterable[str] | None = None) -> SurveyD
             raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
         col.records += 1
         group = rec["group"]
-        if not isinstance(group, str) or not group:
+        if not isinstance(group, str) or not group.strip():
             raise InputError(f"{where}: group must be a non-empty string, got {group!r}")
         question = _check_question(where, rec["question"])
         opts = _check_options(where, rec["options"], allow_numbers=False)

@@ -7,6 +7,7 @@ questions as context (at most 90, fixed seed) and predicts its TEST questions.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -86,10 +87,25 @@ def sample_episode(
     )
 
 
+def check_seed(seed: int) -> int:
+    """`seed` as a non-negative int, or a ValueError that says so: numpy's generators refuse
+    negative seeds with a message that names neither the seed nor where it came from."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"seed must be an integer, got {seed!r}") from None
+    if value < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {value}")
+    return value
+
+
 def evaluation_context(
     train: Sequence[EmbeddedItem], max_context: int, seed: int = 0
 ) -> list[EmbeddedItem]:
     """PROTOCOL.md: all of the group's TRAIN questions, at most `max_context`, chosen with a fixed seed."""
+    if max_context < 1:  # numpy's own error would not say which setting is wrong
+        raise ValueError(f"max_context must be at least 1, got {max_context}")
+    seed = check_seed(seed)
     if len(train) <= max_context:
         return list(train)
     chosen = np.random.default_rng(seed).choice(len(train), size=max_context, replace=False)

@@ -27,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.auth import AllowList, AuthInterceptor, RevocationWatch
-from pluralfed.data import SurveyItem
+from pluralfed.data import SurveyItem, normalise_distribution
 from pluralfed.embeddings import option_text
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
@@ -113,9 +113,10 @@ def parse_context(msg: pb.RewardGroupContext, limits: Limits) -> list[SurveyItem
             raise BadRequest(f"{w}.distribution", "values must be finite")
         if (dist < 0).any():
             raise BadRequest(f"{w}.distribution", "values must not be negative")
-        if dist.sum() <= 0:
+        normalised = normalise_distribution(dist)  # robust to a sum beyond float64
+        if normalised is None:
             raise BadRequest(f"{w}.distribution", "all zero; not a distribution")
-        out.append(SurveyItem(question, tuple(options), dist / dist.sum()))
+        out.append(SurveyItem(question, tuple(options), normalised))
     return out
 
 

@@ -230,13 +230,49 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+# the last moment a certificate or CRL date can name (GeneralizedTime and `datetime` both end here)
+LAST_DATE = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def days_problem(days: int) -> str | None:
+    """What is wrong with `days` of validity from now, or None: at least 1, and ending by
+    9999-12-31, the last date a certificate can hold."""
+    if days < 1:
+        return f"must be at least 1, got {days}"
+    latest = (LAST_DATE - _now()).days
+    if days > latest:
+        return (
+            f"{days} days from now is past {LAST_DATE:%Y-%m-%d}, the last date a certificate can "
+            f"hold; give at most {latest}"
+        )
+    return None
+
+
+def check_days(days: int, what: str = "days") -> int:
+    """`days`, or an InputError naming `what` (see `days_problem`). Callers check before writing
+    anything, so that a bad value never leaves half a federation behind (a CA, no certificates)."""
+    problem = days_problem(days)
+    if problem is not None:
+        raise InputError(f"{what}: {problem}")
+    return days
+
+
+def _days_after(moment: dt.datetime, days: int, what: str) -> dt.datetime:
+    """`moment` + `days`, with `check_days`'s InputError rather than an OverflowError."""
+    check_days(days, what)
+    try:
+        return moment + dt.timedelta(days=days)
+    except OverflowError:  # defensive: check_days read the clock after `moment` was taken
+        raise InputError(f"{what}: {days} days from now is past {LAST_DATE:%Y-%m-%d}") from None
+
+
 def _validity(
     days: int, not_before: dt.datetime | None, not_after: dt.datetime | None
 ) -> tuple[dt.datetime, dt.datetime]:
-    if days <= 0 and not_after is None:
-        raise InputError(f"validity: days must be positive, got {days}")
     start = _aware(not_before) if not_before is not None else _now() - CLOCK_SKEW
-    end = _aware(not_after) if not_after is not None else _now() + dt.timedelta(days=days)
+    end = (
+        _aware(not_after) if not_after is not None else _days_after(_now(), days, "validity: days")
+    )
     if end <= start:
         raise InputError(
             f"validity: not_after {end:%Y-%m-%d %H:%M} is not after {start:%Y-%m-%d %H:%M}"
@@ -548,8 +584,7 @@ def revoke_certificates(
     ``<ca_dir>/crl.pem`` and sign it again, valid `days` more days. Returns the CRL's path and the
     serials newly revoked; already revoked ones are kept as they were (same revocation date).
     Nothing is written when a certificate is unreadable or from another CA."""
-    if days < 1:
-        raise InputError(f"days must be at least 1, got {days}")
+    check_days(days)
     ca_cert, ca_key, _ = _load_ca(ca_dir)
     files = CaFiles.from_dir(ca_dir)
     crl_path = files.cert.parent / CRL_FILE
@@ -565,13 +600,14 @@ def revoke_certificates(
         _check_chain(cert, [ca_cert], p, files.cert)
         wanted.append(cert.serial_number)
     now = _now()
+    next_update = _days_after(now, days, "days")
     added = [s for s in dict.fromkeys(wanted) if s not in revoked]
     revoked.update({s: now for s in added})
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
         .last_update(now)
-        .next_update(now + dt.timedelta(days=days))
+        .next_update(next_update)
     )
     for serial, when in sorted(revoked.items()):
         entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)

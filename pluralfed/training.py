@@ -12,6 +12,7 @@ import torch
 from pluralfed.episodes import (
     EmbeddedItem,
     EpisodeBatch,
+    check_seed,
     jitter_questions,
     make_batch,
     sample_episode,
@@ -20,18 +21,22 @@ from pluralfed.metrics import alignment_score
 from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax
 from pluralfed.protocol import CONTEXT_RANGE, LEARNING_RATE, TARGET_RANGE
 
+# torch.manual_seed takes 64-bit seeds only and treats a negative one as this much more, so
+# reducing modulo it keeps every seed torch accepted as it was and lets larger ones through
+TORCH_SEED_MODULUS = 2**64
+
 
 def seed_everything(seed: int) -> None:
     """Same seed, same run: Python, numpy and torch generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % TORCH_SEED_MODULUS)
 
 
 def build_model(config: GPOConfig, seed: int) -> GPO:
     """A freshly initialised model; the same seed gives the same weights everywhere."""
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % TORCH_SEED_MODULUS)
     model = GPO(config)
     torch.random.set_rng_state(generator_state)
     return model
@@ -105,7 +110,7 @@ class LocalTrainer:
     def __init__(self, model: GPO, settings: TrainingSettings, seed: int) -> None:
         self.model = model
         self.settings = settings
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(check_seed(seed))
         self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
         self.steps_done = 0
         # alignment of the last `train_steps` call's first episode under the weights it started

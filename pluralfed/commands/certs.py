@@ -50,13 +50,16 @@ def _node_ids(values: Iterable[str], option: str) -> list[str]:
     return ids
 
 
-def _positive_int(text: str) -> int:
+def _days(text: str) -> int:
+    """A --days value: a whole number of days, at least 1 and ending by 9999-12-31
+    (`tls.check_days`), refused while parsing, before anything is written."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    problem = tls.days_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -121,6 +124,8 @@ def run_federation(args: argparse.Namespace) -> int:
     for san in sans:
         tls.parse_san(san)  # fail before writing anything
     tls.validate_node_id(args.server_name, where="--server-name")
+    tls.check_days(args.ca_days, "--ca-days")
+    tls.check_days(args.days, "--days")
     out = Path(args.out)
     ca_dir, server_dir, nodes_dir = out / "ca", out / "coordinator", out / "nodes"
     party_dirs = [server_dir, *(nodes_dir / i for i in ids)]
@@ -148,7 +153,7 @@ def run_federation(args: argparse.Namespace) -> int:
 def _add_common(parser: argparse.ArgumentParser, days: int, what: str) -> None:
     parser.add_argument(
         "--days",
-        type=_positive_int,
+        type=_days,
         default=days,
         help=f"validity of the {what} in days (default {days})",
     )
@@ -282,7 +287,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--days",
-        type=_positive_int,
+        type=_days,
         default=30,
         help="days until the list is due for renewal (default 30); a coordinator keeps "
         "enforcing an overdue list and warns",
@@ -319,7 +324,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--ca-days",
-        type=_positive_int,
+        type=_days,
         default=3650,
         help="validity of the CA in days (default 3650)",
     )

@@ -19,6 +19,31 @@ from pluralfed.evaluation import SetReport, evaluate_group, summarize_groups
 from pluralfed.model import GPO
 
 
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for counts and seeds that may be 0 but not negative (numpy refuses a
+    negative seed only deep inside a run, with an error that names no option)."""
+    value = _int_arg(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for sizes that must be at least 1, refused before any model or data is
+    loaded rather than after."""
+    value = _int_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--data",
@@ -55,7 +80,12 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="random seed, 0 or more (default: %(default)s)",
+    )
     p.add_argument(
         "--threads",
         type=int,

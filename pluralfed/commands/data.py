@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pluralfed import data as survey
+from pluralfed.commands.common import non_negative_int
 from pluralfed.errors import InputError
 from pluralfed.protocol import HELD_OUT_GROUPS, TRAINING_GROUPS
 from pluralfed.synthetic import generate_synthetic
@@ -41,7 +42,12 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--questions", type=int, default=200, metavar="N", help="number of questions (200)"
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same file (0)")
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="random seed, 0 or more; same seed, same file (0)",
+    )
     p.add_argument(
         "--drop-rate",
         type=float,

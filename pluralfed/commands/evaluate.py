@@ -15,6 +15,7 @@ from pluralfed.commands.common import (
     apply_threads,
     evaluate_sets,
     open_encoder,
+    positive_int,
     reports_to_json,
     write_json,
 )
@@ -46,7 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, help="write the metrics JSON here")
     p.add_argument(
         "--max-context",
-        type=int,
+        type=positive_int,
         default=EVAL_MAX_CONTEXT,
         help="context questions per group (default: %(default)s)",
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
+from pluralfed.commands.common import non_negative_int
 from pluralfed.commands.coordinator import HELP as COORDINATOR_HELP
 from pluralfed.data import load_survey, write_jsonl
 from pluralfed.errors import InputError
@@ -35,7 +36,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rounds", type=int, default=100, help=COORDINATOR_HELP["rounds"])
     p.add_argument("--local-steps", type=int, default=6, help=COORDINATOR_HELP["local_steps"])
     p.add_argument("--eval-every", type=int, default=10, help=COORDINATOR_HELP["eval_every"])
-    p.add_argument("--seed", type=int, default=0, help=COORDINATOR_HELP["seed"])
+    p.add_argument("--seed", type=non_negative_int, default=0, help=COORDINATOR_HELP["seed"])
     p.add_argument("--threads-per-node", type=int, default=1, help="torch threads per node")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="text encoder")
     p.add_argument("--cache-dir", type=Path, help="embedding cache shared by the nodes")

@@ -20,6 +20,7 @@ from pluralfed.commands.common import (
     open_encoder,
     parse_range,
     peak_rss_mib,
+    positive_int,
     reports_to_json,
     write_json,
 )
@@ -147,7 +148,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--max-context",
-        type=int,
+        type=positive_int,
         default=EVAL_MAX_CONTEXT,
         help="context questions at evaluation (default: %(default)s)",
     )

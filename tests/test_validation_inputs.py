@@ -1,0 +1,249 @@
+"""Outside input at the edges the audit found open: numbers beyond float64 in survey files, sums that
+overflow, whitespace group names, certificate lifetimes past year 9999, negative seeds and
+context sizes. Each must end in a clear error naming where (or, when it can be read, load as it
+should), never a raw OverflowError / numpy ValueError or a silently zeroed distribution."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinymodel import CFG, random_item
+
+from pluralfed import tls
+from pluralfed.cli import main
+from pluralfed.commands import certs
+from pluralfed.data import load_survey, normalise_distribution
+from pluralfed.episodes import evaluation_context
+from pluralfed.errors import InputError
+from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
+from pluralfed.reward_server import Limits, parse_context
+from pluralfed.training import LocalTrainer, TrainingSettings, build_model
+
+CSV_HEADER = "question,selections,options\n"
+
+
+def _csv(tmp_path: Path, selections: str, options: str = "['a','b']") -> Path:
+    path = tmp_path / "s.csv"
+    path.write_text(f'{CSV_HEADER}Q?,"{selections}","{options}"\n', "utf-8")
+    return path
+
+
+def _jsonl(tmp_path: Path, group: str = '"A"', distribution: str = "[1, 1]") -> Path:
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"group": "B", "question": "Q0?", "options": ["a", "b"], "distribution": [1, 3]}\n'
+        f'{{"group": {group}, "question": "Q?", "options": ["a", "b"], '
+        f'"distribution": {distribution}}}\n',
+        "utf-8",
+    )
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# survey files: huge numbers
+
+
+@pytest.mark.parametrize("digits", [400, 5000])
+def test_jsonl_huge_integer_names_file_and_line(tmp_path: Path, digits: int) -> None:
+    path = _jsonl(tmp_path, distribution=f"[1{'0' * digits}, 1]")
+    with pytest.raises(InputError, match=r"s\.jsonl:2: .*(too large|4300 digits)"):
+        load_survey(path)
+
+
+def test_csv_huge_integer_names_file_and_line(tmp_path: Path) -> None:
+    path = _csv(tmp_path, f"{{'A': [1{'0' * 400}, 1]}}")
+    with pytest.raises(InputError, match=r"s\.csv:2: selections\['A'\]\[0\] is too large"):
+        load_survey(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# survey files and reward requests: sums beyond float64
+
+
+def test_csv_overflowing_sum_still_normalises(tmp_path: Path) -> None:
+    data = load_survey(_csv(tmp_path, "{'A': [1e308, 1e308], 'B': [1.5e308, 5e307]}"))
+    np.testing.assert_allclose(data.groups["A"][0].distribution, [0.5, 0.5])
+    np.testing.assert_allclose(data.groups["B"][0].distribution, [0.75, 0.25])
+    assert data.skipped_all_zero == 0
+
+
+def test_jsonl_overflowing_sum_still_normalises(tmp_path: Path) -> None:
+    data = load_survey(_jsonl(tmp_path, distribution="[1e308, 1e308]"))
+    np.testing.assert_allclose(data.groups["A"][0].distribution, [0.5, 0.5])
+    np.testing.assert_allclose(data.groups["B"][0].distribution, [0.25, 0.75])  # unchanged
+
+
+def test_reward_context_overflowing_sum_still_normalises() -> None:
+    msg = pb.RewardGroupContext()
+    msg.items.add(question="Q?", options=["a", "b", "c"], distribution=[1e308, 1e308, 0])
+    (item,) = parse_context(msg, Limits())
+    np.testing.assert_allclose(item.distribution, [0.5, 0.5, 0.0])
+
+
+def test_normalise_distribution() -> None:
+    def norm(values: list[float]) -> np.ndarray | None:
+        return normalise_distribution(np.array(values, dtype=np.float64))
+
+    assert norm([0.0, 0.0]) is None
+    np.testing.assert_allclose(norm([3.0, 1.0]), [0.75, 0.25])  # type: ignore[arg-type]
+    np.testing.assert_allclose(norm([1.7e308, 1.7e308, 1e-300]), [0.5, 0.5, 0])  # type: ignore[arg-type]
+    np.testing.assert_allclose(norm([5e-324, 5e-324]), [0.5, 0.5])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# survey files: group names
+
+
+def test_csv_whitespace_group_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"s\.csv:2: group name must be a non-empty string"):
+        load_survey(_csv(tmp_path, "{' \\t': [1, 0]}"))
+
+
+def test_jsonl_whitespace_group_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"s\.jsonl:2: group must be a non-empty string"):
+        load_survey(_jsonl(tmp_path, group='"   "'))
+
+
+def test_group_names_with_surrounding_spaces_still_load(tmp_path: Path) -> None:
+    assert list(load_survey(_csv(tmp_path, "{' A ': [1, 0]}")).groups) == [" A "]
+
+
+def test_csv_group_listed_twice_in_selections_rejected(tmp_path: Path) -> None:
+    # a Python dict literal keeps the last of two equal keys: one answer would vanish silently
+    with pytest.raises(InputError, match=r"s\.csv:2: selections lists group 'A' twice"):
+        load_survey(_csv(tmp_path, "{'A': [1, 0], 'B': [1, 1], 'A': [0, 1]}"))
+
+
+def test_jsonl_key_twice_in_one_record_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"s\.jsonl:2: key 'group' appears twice"):
+        load_survey(_jsonl(tmp_path, group='"A", "group": "B"'))
+
+
+# --------------------------------------------------------------------------------------------------
+# certificates: lifetimes past 9999-12-31
+
+
+def run_certs(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="pluralfed")
+    certs.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["certs", *argv])
+    return int(args.func(args))
+
+
+def test_cli_federation_days_past_9999_refused_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fed"
+    for flag in ("--days", "--ca-days"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_certs("federation", "--out", str(out), "--nodes", "node-b", flag, "99999999")
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: 99999999 days from now is past 9999-12-31" in (
+            capsys.readouterr().err
+        )
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["init", "--out", "ca"],
+        ["server", "--ca", "ca", "--out", "srv"],
+        ["node", "--ca", "ca", "--out", "nodes", "--id", "n1"],
+        ["revoke", "--ca", "ca"],
+    ],
+)
+def test_cli_days_past_9999_refused(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_certs(*argv, "--days", "99999999")
+    assert exit_info.value.code == 2
+    assert "argument --days: 99999999 days from now is past 9999-12-31" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_days_past_9999_refused_by_library(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="past 9999-12-31"):
+        tls.create_ca(tmp_path / "ca", days=99999999)
+    assert not (tmp_path / "ca" / "ca.key").exists()
+    tls.create_ca(tmp_path / "ca")
+    with pytest.raises(InputError, match="past 9999-12-31"):
+        tls.issue_node_cert(tmp_path / "ca", tmp_path / "n", "n1", days=10**12)
+    with pytest.raises(InputError, match="past 9999-12-31"):
+        tls.revoke_certificates(tmp_path / "ca", days=99999999)
+    assert not (tmp_path / "ca" / tls.CRL_FILE).exists()
+    assert not (tmp_path / "n" / "key.pem").exists()
+
+
+def test_days_up_to_9999_still_accepted(tmp_path: Path) -> None:
+    latest = (tls.LAST_DATE - tls._now()).days - 1  # a day's slack for midnight
+    tls.check_days(latest)
+    tls.create_ca(tmp_path / "ca", days=latest)
+    crl, _ = tls.revoke_certificates(tmp_path / "ca", days=latest)
+    assert tls.load_revocation_list(crl, tmp_path / "ca" / "ca.pem").serials == frozenset()
+    with pytest.raises(InputError, match="at least 1"):
+        tls.check_days(0, "--days")
+
+
+# --------------------------------------------------------------------------------------------------
+# seeds and context sizes
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["data", "synth", "--out", "s.jsonl", "--seed", "-1"], "argument --seed: must be 0"),
+        (["train", "--data", "d.jsonl", "--out", "o", "--seed", "-1"], "argument --seed"),
+        (["evaluate", "--checkpoint", "c", "--data", "d", "--seed", "-5"], "argument --seed"),
+        (["train", "--data", "d", "--out", "o", "--max-context", "0"], "argument --max-context"),
+        (["evaluate", "--checkpoint", "c", "--data", "d", "--max-context", "-3"], "at least 1"),
+        (["federate", "--seed", "-1"], "argument --seed"),
+    ],
+)
+def test_cli_rejects_negative_seed_and_context_while_parsing(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_synth_seed_zero_still_works(tmp_path: Path) -> None:
+    out = tmp_path / "s.jsonl"
+    assert main(["data", "synth", "--out", str(out), "--groups", "2", "--questions", "5"]) == 0
+    assert out.stat().st_size > 0
+
+
+def test_library_rejects_negative_seed_and_context() -> None:
+    model = build_model(CFG, 0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        LocalTrainer(model, TrainingSettings(), seed=-1)
+    items = [random_item(np.random.default_rng(0), 2, f"q{i}") for i in range(3)]
+    with pytest.raises(ValueError, match="max_context must be at least 1, got 0"):
+        evaluation_context(items, 0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        evaluation_context(items, 2, seed=-1)
+    assert len(evaluation_context(items, 2, seed=3)) == 2
+
+
+def test_seeds_torch_accepted_keep_their_weights_and_larger_ones_work() -> None:
+    def first(seed: int) -> np.ndarray:
+        return next(iter(build_model(CFG, seed).state_dict().values())).numpy()
+
+    np.testing.assert_array_equal(first(-1), first(2**64 - 1))  # what torch did before
+    np.testing.assert_array_equal(first(2**64 + 5), first(5))  # used to be an OverflowError
