@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import signal
 import threading
@@ -22,7 +23,9 @@ from coordinator.server import (
     DEFAULT_MAX_CONCURRENT_UPLOADS,
     start_server,
 )
+from coordinator.strategy import MAX_FAIRNESS_Q
 from pluralfed.checkpoint import save_checkpoint
+from pluralfed.config import ConfigValueError
 from pluralfed.embeddings import make_encoder
 from pluralfed.errors import InputError
 from pluralfed.evaluation import SetReport
@@ -30,11 +33,59 @@ from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.report import print_reports
 from pluralfed.tls import TlsFiles, resolve_tls_files
-from pluralfed.training import build_model
+from pluralfed.training import MAX_EMBEDDING_NOISE, build_model
 from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES, check_chunk_bytes
 from pluralfed.wire import DEFAULT_CHUNK_BYTES, numpy_to_state_dict, state_dict_to_numpy
 
 log = logging.getLogger("pluralfed.coordinator")
+
+# Limits of the coordinator's settings. Each is what the protocol can carry (protos: uint32
+# rounds, ranges and max_context, uint64 seed) or what every node refuses (group_node/node.py),
+# so that a value no run could use is refused when the coordinator starts, not rounds later.
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+NODE_MAX_LOCAL_STEPS = 100_000  # group_node.node.MAX_LOCAL_STEPS
+NODE_MAX_LEARNING_RATE = 1.0  # nodes refuse a learning rate outside (0, 1]
+NODE_MIN_HEARTBEAT_S = 0.5  # nodes never beat faster, whatever the Join reply says
+MAX_COUNT = 1_000_000  # rounds, nodes, updates: far above any real federation
+MAX_DURATION_S = 365 * 24 * 3600.0  # a deadline must stay a representable timestamp
+MAX_WORKERS = 10_000  # RPC threads
+SERVER_OPTIMIZERS = ("fedavg", "fedadagrad", "fedadam", "fedyogi")
+WEIGHTINGS = ("examples", "uniform")
+
+
+def _refuse(key: str, message: str) -> ConfigValueError:
+    return ConfigValueError(key, message, "coordinator config")
+
+
+def _check_int(key: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _refuse(key, f"{key} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise _refuse(key, f"{key} must be in {low}..{high}, got {value}")
+
+
+def _check_float(
+    key: str, value: object, low: float, high: float, *, low_open: bool = False
+) -> None:
+    """A finite number in [low, high] ((low, high] with low_open)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _refuse(key, f"{key} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise _refuse(key, f"{key} must be in {interval}, got {value:g}")
+
+
+def _check_listen(address: object) -> None:
+    if not isinstance(address, str):
+        raise _refuse("listen", f"listen must be host:port, got {address!r}")
+    if address.startswith("unix:") and len(address) > len("unix:"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535 or address.strip() != address:
+        raise _refuse(
+            "listen", f"listen must be host:port with a port in 0..65535, got {address!r}"
+        )
 
 
 @dataclass
@@ -94,8 +145,71 @@ class CoordinatorConfig:
     linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
 
     def __post_init__(self) -> None:
-        check_chunk_bytes(self.upload_chunk_bytes)
-        check_chunk_bytes(self.download_chunk_bytes, "download_chunk_bytes")
+        """Refuse each value no run could use, naming its key, when the config is loaded: the
+        protocol could not carry it, every node would refuse it, or the run would break later
+        (a NaN timeout, a seed out of uint64). Checks across keys (min_updates <= min_nodes,
+        heartbeat < session timeout) are RoundSettings'; the model's are GPOConfig's."""
+        for key in ("upload_chunk_bytes", "download_chunk_bytes"):
+            try:
+                check_chunk_bytes(getattr(self, key), key)
+            except ValueError as err:
+                raise _refuse(key, str(err)) from None
+        _check_listen(self.listen)
+        if not isinstance(self.encoder, str) or not self.encoder.strip():
+            raise _refuse("encoder", f"encoder must name a text encoder, got {self.encoder!r}")
+        for key, low, high in (
+            ("rounds", 1, MAX_COUNT),
+            ("min_nodes", 1, MAX_COUNT),
+            ("min_updates", 1, MAX_COUNT),
+            ("eval_every", 0, MAX_COUNT),
+            ("local_steps", 1, NODE_MAX_LOCAL_STEPS),
+            ("max_context", 1, UINT32_MAX),
+            ("seed", 0, UINT64_MAX),
+            ("max_workers", 1, MAX_WORKERS),
+            ("max_concurrent_uploads", 0, MAX_COUNT),
+            ("max_concurrent_downloads", 0, MAX_COUNT),
+        ):
+            _check_int(key, getattr(self, key), low, high)
+        for key in ("context_range", "target_range"):
+            pair = getattr(self, key)
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise _refuse(key, f"{key} must be two whole numbers low, high; got {pair!r}")
+            for value in pair:
+                _check_int(key, value, 1, UINT32_MAX)
+            if pair[0] > pair[1]:
+                raise _refuse(key, f"{key} must be low <= high, got {pair[0]}..{pair[1]}")
+        _check_float(
+            "learning_rate", self.learning_rate, 0.0, NODE_MAX_LEARNING_RATE, low_open=True
+        )
+        _check_float("embedding_noise", self.embedding_noise, 0.0, MAX_EMBEDDING_NOISE)
+        _check_float("fairness_q", self.fairness_q, 0.0, MAX_FAIRNESS_Q)
+        for key in ("round_timeout_s", "eval_timeout_s", "session_timeout_s"):
+            _check_float(key, getattr(self, key), 0.0, MAX_DURATION_S, low_open=True)
+        _check_float(
+            "heartbeat_interval_s", self.heartbeat_interval_s, NODE_MIN_HEARTBEAT_S, MAX_DURATION_S
+        )
+        _check_float("linger_s", self.linger_s, 0.0, MAX_DURATION_S)  # 0: leave at once
+        if self.quorum_timeout_s is not None:  # None: wait for a quorum forever
+            _check_float(
+                "quorum_timeout_s", self.quorum_timeout_s, 0.0, MAX_DURATION_S, low_open=True
+            )
+        for key in ("server_lr", "norm_bound"):  # None: the optimizer's default; no bound
+            value = getattr(self, key)
+            if value is not None:
+                _check_float(key, value, 0.0, math.inf, low_open=True)
+        if self.weighting not in WEIGHTINGS:
+            raise _refuse(
+                "weighting", f"weighting must be examples or uniform, got {self.weighting!r}"
+            )
+        if (
+            not isinstance(self.server_optimizer, str)
+            or self.server_optimizer.lower() not in SERVER_OPTIMIZERS
+        ):
+            raise _refuse(
+                "server_optimizer",
+                f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got "
+                f"{self.server_optimizer!r}",
+            )
 
     def round_settings(self) -> RoundSettings:
         fields = RoundSettings.__dataclass_fields__

@@ -67,7 +67,9 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     try:
         config = GPOConfig.from_dict(meta["config"])
         model = GPO(config)
-    except (TypeError, ValueError) as err:
+    # GPOConfig refuses what it can name (ValueError); torch's own failures while building the
+    # network are ArithmeticError or RuntimeError, and a field of the wrong kind a TypeError
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as err:
         raise InputError(f"{meta_path}: bad model config: {err}") from err
     try:
         tensors = load(weights_path.read_bytes())
@@ -91,6 +93,9 @@ def load_checkpoint(folder: Path) -> Checkpoint:
             )
         if got.is_floating_point() and not torch.isfinite(got).all():
             raise InputError(f"{weights_path}: tensor {name} has non-finite values")
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:  # shapes and names are checked above; this is a safety net
+        raise InputError(f"{weights_path}: tensors do not fit the config: {err}") from err
     model.eval()
     return Checkpoint(model=model, encoder=meta["encoder"], metadata=meta["metadata"])

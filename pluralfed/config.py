@@ -22,6 +22,17 @@ from pluralfed.errors import InputError
 T = TypeVar("T")
 
 
+class ConfigValueError(InputError):
+    """A value a config dataclass refuses in its __post_init__. It carries the key so that
+    `load_config` can say where the value came from (file, environment variable or option);
+    raised by direct construction it reads "<what> config: <message>"."""
+
+    def __init__(self, key: str, message: str, what: str = "configuration") -> None:
+        super().__init__(f"{what}: {message}")
+        self.key = key
+        self.message = message
+
+
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in table.items():
@@ -99,6 +110,7 @@ def load_config(
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # field -> where its value came from, for error messages
     if file is not None:
         try:
             raw = tomllib.loads(Path(file).read_text("utf-8"))
@@ -114,18 +126,26 @@ def load_config(
             raise InputError(f"{file}: unknown settings {unknown}; known: {sorted(fields)}")
         for key, value in flat.items():
             values[key] = _coerce(value, hints[key], f"{file}: {key}")
+            sources[key] = str(file)
     env = os.environ if environ is None else environ
     for name in fields:
         var = env_prefix + name.upper()
         if var in env:
             values[name] = _coerce(env[var], hints[name], f"environment {var}")
+            sources[name] = f"environment {var}"
     for name, value in overrides.items():
         if value is not None:
             if name not in fields:
                 raise TypeError(f"override {name!r} is not a field of {cls.__name__}")
-            values[name] = _coerce(value, hints[name], f"--{name.replace('_', '-')}")
+            flag = f"--{name.replace('_', '-')}"
+            values[name] = _coerce(value, hints[name], flag)
+            sources[name] = flag
     try:
         return cls(**values)
+    except ConfigValueError as err:
+        if err.key in sources:
+            raise InputError(f"{sources[err.key]}: {err.message}") from err
+        raise
     except (TypeError, ValueError) as err:
         if isinstance(err, InputError):
             raise

@@ -32,6 +32,7 @@ averages each copy's own weights) removes much of that variance (README, "Result
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,7 +40,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pluralfed.errors import InputError
+
 MAX_MEMBERS = 16
+# Size limits of GPOConfig, generous for real use (the default network is ~0.7M parameters per
+# member) yet far below what would exhaust memory: a config alone, read from a file or a message,
+# must not be able to make a node or the coordinator allocate terabytes.
+MAX_EMBED_DIM = 16_384
+MAX_D_MODEL = 8_192
+MAX_D_FF = 32_768
+MAX_LAYERS = 64
+MAX_PARAMETERS = 1_000_000_000  # all members together: 4 GB of float32 per copy of the weights
+# cosine similarities / temperature must stay finite in float32 for the memory softmax
+MIN_MEMORY_TEMPERATURE = 1e-6
 # The product's default ensemble size (coordinator config, `pluralfed train`): on PROTOCOL.md's
 # held-out groups it beat the single network on alignment, worst group and FI over 3 seeds
 # (README, "Results"). GPOConfig's own default stays 1, the paper's network, so that configs
@@ -66,25 +79,93 @@ class GPOConfig:
     memory_temperature: float = 0.1
 
     def __post_init__(self) -> None:
-        if not 1 <= self.members <= MAX_MEMBERS:
-            raise ValueError(f"members must be in 1..{MAX_MEMBERS}, got {self.members}")
+        """Refuse a config that cannot describe a working network, whatever its source (the
+        coordinator's settings, a checkpoint's model.json, a Join reply, command-line flags):
+        torch would fail late with an unhelpful error, build a degenerate model silently, or
+        allocate whatever a huge width asks for; a NaN memory setting makes predictions NaN."""
+        for name, low, high in _INT_LIMITS:
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise InputError(f"{name} must be a whole number, got {value!r}")
+            if not low <= value <= high:
+                raise InputError(f"{name} must be in {low}..{high}, got {value}")
+        if self.d_model % self.n_heads:
+            raise InputError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.memory_weight <= 1.0:
-            raise ValueError(f"memory_weight must be in [0, 1], got {self.memory_weight}")
+            raise InputError(f"memory_weight must be in [0, 1], got {self.memory_weight}")
         if self.memory_shrinkage < 0.0:
-            raise ValueError(f"memory_shrinkage must be >= 0, got {self.memory_shrinkage}")
-        if self.memory_temperature <= 0.0:
-            raise ValueError(f"memory_temperature must be > 0, got {self.memory_temperature}")
+            raise InputError(f"memory_shrinkage must be >= 0, got {self.memory_shrinkage}")
+        if self.memory_temperature < MIN_MEMORY_TEMPERATURE:
+            raise InputError(
+                f"memory_temperature must be > 0 (at least {MIN_MEMORY_TEMPERATURE:g}), got "
+                f"{self.memory_temperature}"
+            )
+        if self.num_parameters() > MAX_PARAMETERS:
+            raise InputError(
+                f"the model would have {self.num_parameters():,} parameters, more than "
+                f"{MAX_PARAMETERS:,}: lower d_model, d_ff, n_layers, mlp_layers or members"
+            )
+
+    def num_parameters(self) -> int:
+        """Parameters of GPO(self), computed without building it (the size cap is checked
+        before any allocation)."""
+        d, f = self.d_model, self.d_ff
+        input_mlp = (self.embed_dim + 1) * d + d + (self.mlp_layers - 1) * (d * d + d)
+        # qkv + proj + two LayerNorms + feed-forward
+        block = (3 * d * d + 3 * d) + (d * d + d) + 4 * d + (d * f + f) + (f * d + d)
+        head = 2 * d + 2
+        return self.members * (input_mlp + self.n_layers * block + head)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GPOConfig:
+        """The config a JSON object describes (InputError if it is not one, or names unknown
+        fields, or a value is refused)."""
+        if not isinstance(raw, dict):
+            raise InputError(f"model config must be a JSON object, got {type(raw).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(raw) - known
         if unknown:
-            raise ValueError(f"unknown GPO config fields: {sorted(unknown)}")
+            raise InputError(f"unknown GPO config fields: {sorted(unknown)}")
         return cls(**raw)
+
+
+# (field, lowest, highest) of GPOConfig's whole-number fields
+_INT_LIMITS = (
+    ("embed_dim", 1, MAX_EMBED_DIM),
+    ("d_model", 1, MAX_D_MODEL),
+    ("mlp_layers", 1, MAX_LAYERS),
+    ("n_layers", 1, MAX_LAYERS),
+    ("n_heads", 1, MAX_D_MODEL),
+    ("d_ff", 1, MAX_D_FF),
+    ("members", 1, MAX_MEMBERS),
+)
+_FLOAT_FIELDS = (
+    "dropout",
+    "min_log_std",
+    "memory_weight",
+    "memory_shrinkage",
+    "memory_temperature",
+)
+
+
+def _is_int(value: object) -> bool:
+    """An integer, not a bool (JSON's true would otherwise count as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass

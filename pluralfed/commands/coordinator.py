@@ -9,9 +9,10 @@ from typing import Any
 from rich.console import Console
 
 from coordinator.auth import AllowList
-from coordinator.service import CoordinatorConfig, dump_config, run_coordinator
+from coordinator.service import CoordinatorConfig, dump_config, model_config, run_coordinator
 from pluralfed.config import add_config_args, load_config, overrides_from_args
 from pluralfed.errors import InputError
+from pluralfed.model import GPOConfig
 
 ENV_PREFIX = "PLURALFED_COORDINATOR_"
 
@@ -101,6 +102,9 @@ def load(args: argparse.Namespace) -> tuple[CoordinatorConfig, AllowList]:
         overrides_from_args(args, CoordinatorConfig),
         skip_tables=("allow_list",),
     )
+    # the model settings, checked now rather than after the text encoder has loaded (the real
+    # check, with the encoder's width, follows in run_coordinator)
+    model_config(cfg, GPOConfig.embed_dim)
     source = cfg.allow_list_file or args.config
     if source is None:
         raise InputError(

@@ -1,0 +1,320 @@
+"""Settings and saved files from outside are checked when read, naming what and where: the model
+config (coordinator settings, model.json, Join replies), a checkpoint, the coordinator's config,
+and the state a coordinator resumes from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pluralfed.checkpoint as checkpoint_module
+from coordinator.rounds import TaskKind, TaskSpec
+from coordinator.server import task_to_proto
+from coordinator.service import NODE_MAX_LOCAL_STEPS, CoordinatorConfig, model_config
+from coordinator.state import STATE_FILE, RunState, load_state, save_state
+from group_node.node import MAX_LOCAL_STEPS, local_steps_of, training_settings
+from pluralfed.checkpoint import load_checkpoint, save_checkpoint
+from pluralfed.commands import coordinator as coordinator_command
+from pluralfed.config import load_config
+from pluralfed.errors import InputError
+from pluralfed.model import GPO, GPOConfig
+from pluralfed.training import build_model
+from pluralfed.wire import save_tensors
+
+SMALL = GPOConfig(embed_dim=8, d_model=8, mlp_layers=1, n_layers=1, n_heads=2, d_ff=8)
+
+# ------------------------------------------------------------------------------- GPOConfig
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n_heads", 0),
+        ("d_model", 0),
+        ("d_model", 10**7),
+        ("d_ff", -3),
+        ("n_layers", -1),
+        ("mlp_layers", 0),
+        ("embed_dim", 0),
+        ("dropout", 2.0),
+        ("dropout", 1.0),
+        ("dropout", math.nan),
+        ("memory_temperature", math.nan),
+        ("memory_temperature", 1e-300),
+        ("memory_shrinkage", math.nan),
+        ("memory_shrinkage", math.inf),
+        ("memory_weight", math.nan),
+        ("min_log_std", math.nan),
+        ("members", True),
+        ("d_model", "128"),
+        ("d_model", 128.0),
+        ("dropout", "0.1"),
+    ],
+)
+def test_model_config_refuses_bad_values_naming_the_field(field: str, value: Any) -> None:
+    with pytest.raises(InputError, match=field):
+        GPOConfig(**{field: value})
+
+
+def test_model_config_needs_heads_that_divide_the_width() -> None:
+    with pytest.raises(InputError, match="n_heads"):
+        GPOConfig(d_model=130, n_heads=4)
+
+
+def test_model_config_caps_the_total_size_before_anything_is_allocated() -> None:
+    # every field within its own limit, together far too large
+    with pytest.raises(InputError, match="parameters"):
+        GPOConfig(d_model=8192, d_ff=32768, n_layers=64, members=16)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [GPOConfig(), SMALL, GPOConfig(members=3, mlp_layers=2, d_ff=64, embed_dim=16, d_model=32)],
+)
+def test_the_size_is_computed_as_the_network_has_it(cfg: GPOConfig) -> None:
+    assert cfg.num_parameters() == GPO(cfg).num_parameters()
+
+
+def test_model_config_from_json_must_be_an_object() -> None:
+    with pytest.raises(InputError, match="JSON object"):
+        GPOConfig.from_dict([])  # type: ignore[arg-type]
+    # an int where a float is expected is fine (JSON writes 0.0 as 0 sometimes)
+    assert GPOConfig.from_dict({**SMALL.to_dict(), "dropout": 0}).dropout == 0
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint(tmp_path: Path, **config: Any) -> Path:
+    folder = tmp_path / "ckpt"
+    save_checkpoint(folder, build_model(SMALL, 0), "enc", {})
+    meta = json.loads((folder / "model.json").read_text())
+    meta["config"] = {**meta["config"], **config}
+    (folder / "model.json").write_text(json.dumps(meta))  # allows NaN, as a hand edit might
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n_heads", 0),
+        ("d_ff", -1),
+        ("memory_temperature", math.nan),
+        ("members", True),
+        ("dropout", 2.0),
+    ],
+)
+def test_checkpoint_with_a_bad_model_config_is_refused(
+    tmp_path: Path, field: str, value: Any
+) -> None:
+    folder = _checkpoint(tmp_path, **{field: value})
+    with pytest.raises(InputError, match=rf"model\.json: bad model config: {field}"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ZeroDivisionError, OverflowError])
+def test_checkpoint_turns_torch_failures_into_input_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception]
+) -> None:
+    folder = _checkpoint(tmp_path)
+
+    def broken(cfg: GPOConfig) -> GPO:
+        raise error("from torch")
+
+    monkeypatch.setattr(checkpoint_module, "GPO", broken)
+    with pytest.raises(InputError, match=r"model\.json: bad model config: from torch"):
+        load_checkpoint(folder)
+
+
+def test_a_good_checkpoint_still_loads(tmp_path: Path) -> None:
+    assert load_checkpoint(_checkpoint(tmp_path)).model.cfg == SMALL
+
+
+# ------------------------------------------------------------------------------- coordinator config
+
+
+def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> CoordinatorConfig:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return load_config(
+        CoordinatorConfig, path, "X_", {}, environ=env or {}, skip_tables=("allow_list",)
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("seed = -1", "seed"),
+        ("seed = 18446744073709551616", "seed"),
+        ("max_context = 0", "max_context"),
+        ("max_context = 4294967296", "max_context"),
+        ("context_range = [9, 5000000000]", "context_range"),
+        ("context_range = [0, 5]", "context_range"),
+        ("target_range = [9, 3]", "target_range"),
+        ("local_steps = 0", "local_steps"),
+        ("local_steps = 100001", "local_steps"),
+        ("learning_rate = 0.0", "learning_rate"),
+        ("learning_rate = 5.0", "learning_rate"),
+        ("learning_rate = inf", "learning_rate"),
+        ("learning_rate = nan", "learning_rate"),
+        ("round_timeout_s = inf", "round_timeout_s"),
+        ("round_timeout_s = 0", "round_timeout_s"),
+        ("eval_timeout_s = nan", "eval_timeout_s"),
+        ("session_timeout_s = inf", "session_timeout_s"),
+        ("heartbeat_interval_s = 0.0001", "heartbeat_interval_s"),
+        ("quorum_timeout_s = nan", "quorum_timeout_s"),
+        ("quorum_timeout_s = -1", "quorum_timeout_s"),
+        ("linger_s = nan", "linger_s"),
+        ("linger_s = -1", "linger_s"),
+        ("server_lr = nan", "server_lr"),
+        ("server_lr = 0", "server_lr"),
+        ("norm_bound = inf", "norm_bound"),
+        ("embedding_noise = nan", "embedding_noise"),
+        ("fairness_q = inf", "fairness_q"),
+        ("rounds = 0", "rounds"),
+        ("rounds = 1e300", "rounds"),
+        ("min_nodes = 1e20", "min_nodes"),
+        ("min_nodes = 0", "min_nodes"),
+        ("min_updates = 0", "min_updates"),
+        ("eval_every = -1", "eval_every"),
+        ("max_workers = 0", "max_workers"),
+        ("max_workers = -1", "max_workers"),
+        ("max_concurrent_uploads = -1", "max_concurrent_uploads"),
+        ("max_concurrent_downloads = -1", "max_concurrent_downloads"),
+        ("listen = ''", "listen"),
+        ("listen = 'localhost'", "listen"),
+        ("listen = 'localhost:99999'", "listen"),
+        ("encoder = ''", "encoder"),
+        ("weighting = 'loudest'", "weighting"),
+        ("server_optimizer = 'sgd'", "server_optimizer"),
+    ],
+)
+def test_coordinator_config_refuses_at_load_naming_file_and_key(
+    tmp_path: Path, line: str, key: str
+) -> None:
+    with pytest.raises(InputError) as err:
+        _load(tmp_path, line + "\n")
+    assert str(err.value).startswith(f"{tmp_path / 'c.toml'}: {key}"), str(err.value)
+
+
+def test_coordinator_config_names_the_environment_variable_or_option(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"^environment X_SEED: seed"):
+        _load(tmp_path, "", {"X_SEED": "-1"})
+    with pytest.raises(InputError, match=r"^--local-steps: local_steps"):
+        load_config(CoordinatorConfig, None, "X_", {"local_steps": "100001"}, environ={})
+    with pytest.raises(InputError, match=r"^coordinator config: linger_s"):
+        CoordinatorConfig(linger_s=math.nan)
+
+
+def test_coordinator_refuses_what_every_node_would_refuse() -> None:
+    assert NODE_MAX_LOCAL_STEPS == MAX_LOCAL_STEPS
+
+
+def test_coordinator_limits_are_values_the_protocol_and_nodes_take(tmp_path: Path) -> None:
+    cfg = _load(
+        tmp_path,
+        "seed = 18446744073709551615\nlocal_steps = 100000\nlearning_rate = 1.0\n"
+        "context_range = [1, 4294967295]\nmax_context = 4294967295\nlinger_s = 0\n"
+        "heartbeat_interval_s = 0.5\n",
+    )
+    settings = cfg.round_settings()
+    task = task_to_proto(TaskSpec(TaskKind.TRAIN, "t", 1, "v", time.time() + 60, settings))
+    assert local_steps_of(task.hyperparameters) == 100000
+    assert training_settings(task.hyperparameters, "TRAIN").learning_rate == 1.0
+    assert task.hyperparameters.seed == 2**64 - 1
+    assert task.evaluation.max_context == 2**32 - 1
+
+
+def test_coordinator_command_checks_the_model_settings_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('d_model = 0\n[allow_list]\nnode-a = "A"\n')
+    parser = argparse.ArgumentParser()
+    coordinator_command.register(parser.add_subparsers())
+    args = parser.parse_args(["coordinator", "--config", str(path)])
+    with pytest.raises(InputError, match="d_model"):
+        coordinator_command.load(args)
+    path.write_text('d_model = 64\n[allow_list]\nnode-a = "A"\n')
+    cfg, _ = coordinator_command.load(parser.parse_args(["coordinator", "--config", str(path)]))
+    assert model_config(cfg, 384).d_model == 64
+
+
+# ------------------------------------------------------------------------------- resume state
+
+
+def _state(folder: Path, **changes: Any) -> Path:
+    """A real saved state, then state.json edited as given."""
+    folder.mkdir(exist_ok=True)
+    save_state(
+        folder,
+        RunState(
+            run_id="r",
+            completed_rounds=2,
+            weights={"w": np.ones(3, np.float32)},
+            model_config=SMALL.to_dict(),
+            encoder_identity="enc",
+            history=[{"round": 1, "participants": ["A"]}, {"round": 2, "participants": []}],
+            evaluations=[{"round": 2, "kind": "evaluation", "reports": {}}],
+        ),
+    )
+    raw = json.loads((folder / STATE_FILE).read_text())
+    raw.update(changes)
+    (folder / STATE_FILE).write_text(json.dumps(raw))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"completed_rounds": -7}, "completed_rounds"),
+        ({"completed_rounds": True}, "completed_rounds"),
+        ({"completed_rounds": 2.5}, "completed_rounds"),
+        ({"run_id": 5}, "run_id"),
+        ({"model_config": []}, "model_config"),
+        ({"history": [1, 2]}, "history"),
+        ({"history": [{"round": 1}]}, "participants"),
+        ({"history": [{"round": -1, "participants": []}]}, "history"),
+        ({"evaluations": "ab"}, "evaluations"),
+        ({"evaluations": [{"round": "2", "reports": {}}]}, "round"),
+        ({"weights_file": "../x.safetensors"}, "weights_file"),
+        ({"weights_file": "/etc/passwd"}, "weights_file"),
+        ({"weights_file": "sub/w.safetensors"}, "weights_file"),
+        ({"weights_file": ".."}, "weights_file"),
+        ({"weights_file": 3}, "weights_file"),
+        ({"optimizer_file": "../o.safetensors"}, "optimizer_file"),
+        ({"optimizer_scalars": [1]}, "optimizer_scalars"),
+    ],
+)
+def test_resume_state_fields_are_checked(
+    tmp_path: Path, changes: dict[str, Any], field: str
+) -> None:
+    folder = _state(tmp_path / "run", **changes)
+    with pytest.raises(InputError, match=rf"state\.json.*{field}"):
+        load_state(folder)
+
+
+def test_resume_state_must_be_an_object(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text("[]")
+    with pytest.raises(InputError, match=r"state\.json: expected a JSON object"):
+        load_state(tmp_path)
+
+
+def test_resume_state_refuses_non_finite_weights(tmp_path: Path) -> None:
+    folder = _state(tmp_path / "run")
+    name = json.loads((folder / STATE_FILE).read_text())["weights_file"]
+    save_tensors(folder / name, {"w": np.array([1.0, np.nan, 1.0], np.float32)})
+    with pytest.raises(InputError, match=r"weights-r00002\.safetensors: tensor 'w'.*non-finite"):
+        load_state(folder)
+
+
+def test_a_good_resume_state_still_loads(tmp_path: Path) -> None:
+    state = load_state(_state(tmp_path / "run"))
+    assert state is not None and state.completed_rounds == 2
+    assert [r["round"] for r in state.history] == [1, 2]
+    np.testing.assert_array_equal(state.weights["w"], np.ones(3, np.float32))
