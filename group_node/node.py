@@ -8,10 +8,12 @@ to a rejoin with exponential backoff. Only model tensors and aggregate metrics l
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from group_node.worker import GroupWorker
 from pluralfed import __version__
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.errors import InputError
+from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
@@ -35,7 +38,7 @@ from pluralfed.transport import (
     update_stream,
     upload_chunk_bytes,
 )
-from pluralfed.wire import DEFAULT_CHUNK_BYTES, digest_of, save_tensors
+from pluralfed.wire import DEFAULT_CHUNK_BYTES, WireError, digest_of, save_tensors
 
 log = logging.getLogger("pluralfed.node")
 
@@ -50,6 +53,45 @@ FATAL_CODES = {
 
 
 MAX_PERSONALIZE_STEPS = 100_000
+MAX_THREADS = 1024  # torch CPU threads; more is a typo, not a machine
+# Sane ranges of the node's timings (seconds). The coordinator caps a poll at 60 s anyway; a
+# poll or backoff beyond an hour is a typo, and gRPC refuses deadlines far in the future.
+MIN_POLL_WAIT_S, MAX_POLL_WAIT_S = 0.1, 3600.0
+MIN_BACKOFF_S, MAX_BACKOFF_S = 0.01, 3600.0
+_HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_seconds(name: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"node config: {name} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InputError(f"node config: {name} must be {low:g}..{high:g} seconds, got {value!r}")
+
+
+def check_address(address: str) -> None:
+    """Raise InputError unless `address` is host:port or [IPv6]:port, port 1..65535: the
+    coordinator address goes to gRPC as a target, which would take anything and fail later."""
+    host, colon, port = address.rpartition(":")
+    problem = ""
+    if not colon:
+        problem = "no :port"
+    elif not host:
+        problem = "no host"
+    elif host.startswith("["):
+        try:
+            if not host.endswith("]"):
+                raise ValueError
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            problem = f"{host!r} is not an IPv6 address in brackets"
+    elif len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        problem = f"{host!r} is not a host name or IPv4 address (IPv6 goes in brackets)"
+    if not problem and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        problem = f"port {port!r} is not a number in 1..65535"
+    if problem:
+        raise InputError(
+            f"node config: coordinator must be host:port or [IPv6]:port, got {address!r}: {problem}"
+        )
 
 
 @dataclass
@@ -96,8 +138,10 @@ class NodeConfig:
             raise InputError(f"node config: role must be train or evaluate-only, got {self.role!r}")
         if self.data is None:
             raise InputError("node config: data is required (a CSV or JSONL file with the group)")
-        if self.threads < 1:
-            raise InputError("node config: threads must be at least 1")
+        if not self.group.isprintable():
+            raise InputError(f"node config: group {self.group!r} holds control characters")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise InputError(f"node config: threads must be 1..{MAX_THREADS}, got {self.threads}")
         if not 0 <= self.personalize_steps <= MAX_PERSONALIZE_STEPS:
             raise InputError(
                 f"node config: personalize_steps must be 0..{MAX_PERSONALIZE_STEPS}, got "
@@ -108,9 +152,24 @@ class NodeConfig:
                 "node config: personalize_steps is set, so personalized_dir is required (the "
                 "folder where the personalized checkpoint is written)"
             )
-        if ":" not in self.coordinator:
+        check_address(self.coordinator)
+        _check_seconds("poll_wait_s", self.poll_wait_s, MIN_POLL_WAIT_S, MAX_POLL_WAIT_S)
+        _check_seconds("backoff_initial_s", self.backoff_initial_s, MIN_BACKOFF_S, MAX_BACKOFF_S)
+        _check_seconds("backoff_max_s", self.backoff_max_s, MIN_BACKOFF_S, MAX_BACKOFF_S)
+        if self.backoff_max_s < self.backoff_initial_s:
             raise InputError(
-                f"node config: coordinator must be host:port, got {self.coordinator!r}"
+                f"node config: backoff_max_s ({self.backoff_max_s:g}) must be at least "
+                f"backoff_initial_s ({self.backoff_initial_s:g})"
+            )
+        limit = self.give_up_after_s
+        if limit is not None and (
+            isinstance(limit, bool)
+            or not isinstance(limit, int | float)
+            or not (math.isfinite(limit) and limit > 0)
+        ):
+            raise InputError(
+                "node config: give_up_after_s must be a finite number of seconds > 0 (leave it "
+                f"unset to retry forever), got {limit!r}"
             )
 
     def tls_files(self) -> TlsFiles | None:
@@ -124,6 +183,10 @@ FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 
 MAX_LOCAL_STEPS = 100_000
 REFUSED_TASK_POLL_S = 5.0  # how often a node asks again while its refused task is still open
+# longest heartbeat interval a node takes from Join, and longest it gives one task step (a
+# deadline further out is a coordinator bug; gRPC fails a call with a far deadline at once)
+MAX_HEARTBEAT_INTERVAL_S = 3600.0
+MAX_TASK_TIME_S = 24 * 3600.0
 
 
 def training_settings(hp: pb.Hyperparameters, task: str) -> TrainingSettings:
@@ -158,6 +221,29 @@ def local_steps_of(hp: pb.Hyperparameters) -> int:
             f"TRAIN hyperparameters: local_steps {hp.local_steps} is not in 1..{MAX_LOCAL_STEPS}"
         )
     return hp.local_steps
+
+
+def model_config_of(text: str, where: str) -> dict[str, object]:
+    """The model config a JoinReply carries (JSON; empty means GPO's defaults), checked to be
+    one: a coordinator's bad config must stop the node with this message, not a traceback."""
+    if not text:
+        return {}
+    what = f"{where}: JoinReply.model_config_json"
+
+    def no_constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        raw = json.loads(text, parse_constant=no_constant)
+    except (ValueError, RecursionError) as err:
+        raise InputError(f"{what} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{what} is a JSON {type(raw).__name__}, not an object")
+    try:
+        GPOConfig.from_dict(raw)
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise InputError(f"{what} is not a valid model config: {err}") from None
+    return raw
 
 
 class SessionLost(Exception):
@@ -213,13 +299,22 @@ class NodeClient:
             ),
             timeout=timeout,
         )
+        where = f"coordinator {self.config.coordinator}"
         self.session_id = reply.session_id
-        self.model_config = json.loads(reply.model_config_json) if reply.model_config_json else {}
-        self.heartbeat_interval_s = max(reply.heartbeat_interval.ToMilliseconds() / 1000, 0.5)
+        if not reply.session_id:
+            raise InputError(f"{where}: JoinReply.session_id is empty")
+        self.model_config = model_config_of(reply.model_config_json, where)
+        interval = reply.heartbeat_interval.ToMilliseconds() / 1000
+        if interval > MAX_HEARTBEAT_INTERVAL_S:
+            raise InputError(
+                f"{where}: JoinReply.heartbeat_interval {interval:g} s is over "
+                f"{MAX_HEARTBEAT_INTERVAL_S:g} s"
+            )
+        self.heartbeat_interval_s = max(interval, 0.5)
         try:
             self.upload_chunk_bytes = upload_chunk_bytes(reply.max_chunk_bytes)
         except ValueError as err:
-            raise InputError(f"coordinator {self.config.coordinator}: Join reply: {err}") from None
+            raise InputError(f"{where}: Join reply: {err}") from None
         return reply
 
     def get_task(self, wait_s: float) -> pb.Task:
@@ -228,11 +323,18 @@ class NodeClient:
         return self.stub.GetTask(req, timeout=wait_s + 30)
 
     def download(self, version: str, timeout: float) -> dict:
+        """Model `version`, checked against its header (InputError saying what is wrong)."""
         stream = self._download_model(
             pb.DownloadModelRequest(session_id=self.session_id, model_version=version),
             timeout=timeout,
         )
-        return receive_model(stream, lambda message: InputError(f"model download: {message}"))
+        where = f"coordinator {self.config.coordinator}: model {version!r} download"
+        try:
+            return receive_model(
+                stream, lambda message: InputError(f"{where}: {message}"), model_version=version
+            )
+        except WireError as err:
+            raise InputError(f"{where}: {err}") from None
 
     def upload(
         self,
@@ -299,7 +401,8 @@ class GroupNode:
         self._stop.set()
 
     def run(self) -> int:
-        """Returns 0 when the federation finished, 2 on a configuration problem, 1 when the
+        """Returns 0 when the federation finished, 2 on a configuration problem or a message
+        from the coordinator that breaks the protocol (retrying cannot help either), 1 when the
         coordinator stayed unreachable or a requested personalization failed."""
         backoff = self.config.backoff_initial_s
         unreachable_since: float | None = None
@@ -313,6 +416,12 @@ class GroupNode:
                         return self._personalize()
                 except SessionLost as err:
                     log.warning("%s: %s; joining again", self.config.group, err)
+                except InputError as err:
+                    log.error("%s: stopping: %s", self.config.group, err)
+                    if self.client.session_id:
+                        with contextlib.suppress(grpc.RpcError):
+                            self.client.leave("stopped on an error")  # its text stays here
+                    return 2
                 except grpc.RpcError as err:
                     code = err.code() if hasattr(err, "code") else None
                     if code in FATAL_CODES:
@@ -463,7 +572,8 @@ class GroupNode:
         return 0
 
     def _time_left(self, task: pb.Task) -> float:
-        return max(5.0, task.deadline.ToMilliseconds() / 1000 - time.time() + 5.0)
+        left = task.deadline.ToMilliseconds() / 1000 - time.time() + 5.0
+        return min(MAX_TASK_TIME_S, max(5.0, left))
 
     def _load(self, task: pb.Task) -> None:
         self._state = pb.NODE_STATE_DOWNLOADING

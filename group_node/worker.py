@@ -43,6 +43,32 @@ def node_seed(seed: int, group: str) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def check_weights_fit(cfg: GPOConfig, weights: dict[str, np.ndarray]) -> None:
+    """Raise InputError unless `weights` are exactly the tensors (names, shapes) of a GPO with
+    `cfg`. The model is built on torch's meta device, which allocates nothing: a config that
+    asks for a huge model cannot match weights the download already bounded."""
+    try:
+        with torch.device("meta"):
+            wanted = GPO(cfg).state_dict()
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as err:
+        raise InputError(f"the federation's model config does not build a model: {err}") from None
+    missing = [name for name in wanted if name not in weights]
+    unexpected = [name for name in weights if name not in wanted]
+    if missing or unexpected:
+        raise InputError(
+            f"the federation's model weights do not fit its config: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in wanted.items():
+        shape = tuple(np.shape(weights[name]))
+        if shape != tuple(tensor.shape):
+            raise InputError(
+                f"the federation's model weights do not fit its config: tensor {name!r} has "
+                f"shape {shape}, the config makes it {tuple(tensor.shape)}"
+            )
+
+
 class GroupWorker:
     def __init__(self, group: str, data: SurveyData, encoder: TextEncoder, seed: int = 0) -> None:
         if group not in data.groups:
@@ -69,17 +95,28 @@ class GroupWorker:
         return len(self.split.train)
 
     def load_global(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
-        """Take the global weights; the model (and the Adam state) is built once and kept."""
-        cfg = GPOConfig.from_dict(config)
+        """Take the global weights; the model (and the Adam state) is built once and kept.
+
+        Config and weights come from the coordinator: both are checked, against each other
+        too, before the model is built, so a bad pair is an InputError saying what is wrong
+        (not a traceback, nor an allocation of whatever size the config asks for)."""
+        try:
+            cfg = GPOConfig.from_dict(config)
+        except (TypeError, ValueError, ArithmeticError) as err:
+            raise InputError(f"the federation's model config is not valid: {err}") from None
         if cfg.embed_dim != self.encoder.dim:
             raise InputError(
                 f"the federation's model reads {cfg.embed_dim}-dim embeddings, this node's "
                 f"encoder gives {self.encoder.dim}"
             )
+        check_weights_fit(cfg, weights)
         if self.model is None or self.model.cfg != cfg:
             self.model = GPO(cfg)
             self.trainer = None
-        self.model.load_state_dict(numpy_to_state_dict(weights))
+        try:
+            self.model.load_state_dict(numpy_to_state_dict(weights))
+        except RuntimeError as err:  # torch's "Error(s) in loading state_dict"
+            raise InputError(f"the federation's model weights do not load: {err}") from None
 
     def train(self, steps: int, settings: TrainingSettings) -> LocalResult:
         if self.model is None:

@@ -13,8 +13,11 @@ from google.protobuf.message import Message
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.wire import (
     DEFAULT_CHUNK_BYTES,
+    DIGEST_BYTES,
+    WIRE_FORMAT,
     Chunk,
     TensorAssembler,
+    TensorSpec,
     WireError,
     digest_of,
     iter_chunks,
@@ -39,6 +42,9 @@ SERVER_STREAM_WINDOW_BYTES = 64 * 1024
 # chunk size times the number of nodes is part of the coordinator's memory (systems bench C).
 MIN_CHUNK_BYTES = 4 * 1024
 DEFAULT_UPLOAD_CHUNK_BYTES = 512 * 1024
+# The largest model a node downloads: a ModelHeader announcing more is refused before anything
+# is allocated for it. The default GPO is about 3 MB, so this leaves room for far larger ones.
+MAX_MODEL_BYTES = 4 << 30
 
 
 def check_chunk_bytes(value: int, what: str = "upload_chunk_bytes") -> int:
@@ -311,11 +317,60 @@ class BulkStreamCalls:
         )
 
 
+def header_specs(header: pb.ModelHeader, max_bytes: int = MAX_MODEL_BYTES) -> list[TensorSpec]:
+    """The tensors a ModelHeader announces, checked before anything is allocated for them: this
+    wire format, a digest, valid specs with unique names, and a total_bytes that is their sum
+    and at most `max_bytes`. Raises WireError saying what is wrong."""
+    if header.wire_format != WIRE_FORMAT:
+        raise WireError(
+            f"ModelHeader.wire_format is {header.wire_format[:64]!r}, this side reads "
+            f"{WIRE_FORMAT!r}"
+        )
+    if len(header.digest) != DIGEST_BYTES:
+        raise WireError(
+            f"ModelHeader.digest is {len(header.digest)} bytes, a {WIRE_FORMAT} digest is "
+            f"{DIGEST_BYTES}"
+        )
+    specs: list[TensorSpec] = []
+    names: set[str] = set()
+    total = 0
+    for position, tensor in enumerate(header.tensors):
+        try:
+            spec = TensorSpec(tensor.name, dtype_from_proto(tensor.dtype), tuple(tensor.shape))
+        except WireError as err:
+            raise WireError(f"ModelHeader.tensors[{position}]: {err}") from None
+        if spec.name in names:
+            raise WireError(f"ModelHeader.tensors[{position}]: tensor {spec.name!r} listed twice")
+        names.add(spec.name)
+        total += spec.nbytes
+        if total > max_bytes:
+            raise WireError(
+                f"ModelHeader.tensors[{position}]: with tensor {spec.name!r} ({spec.nbytes} "
+                f"bytes) the model exceeds the {max_bytes} bytes this side accepts"
+            )
+        specs.append(spec)
+    if header.total_bytes != total:
+        raise WireError(
+            f"ModelHeader.total_bytes is {header.total_bytes}, its tensors add up to {total}"
+        )
+    return specs
+
+
 def receive_model(
-    stream: Iterable[pb.ModelChunk | Chunk], error: Callable[[str], Exception]
+    stream: Iterable[pb.ModelChunk | Chunk],
+    error: Callable[[str], Exception],
+    *,
+    model_version: str = "",
+    max_bytes: int = MAX_MODEL_BYTES,
 ) -> dict[str, np.ndarray]:
-    """The tensors of a DownloadModel stream (header, tensor parts, trailer), checked against
-    its digest and size; a stream out of that order raises `error(message)`."""
+    """The tensors of a DownloadModel stream (header, tensor parts, trailer).
+
+    The header is checked first (`header_specs`; its model_version must be `model_version` if
+    that is given), then every tensor part against the header's tensors, so what the sender
+    declares can never make this side allocate more than the header's total_bytes, at most
+    `max_bytes`. The trailer's digest must be the header's and the data's. A stream out of
+    that order or a wrong model version raises `error(message)`, bad tensor data a WireError.
+    """
     header = None
     assembler = None
     for msg in stream:
@@ -325,13 +380,24 @@ def receive_model(
             assembler.add(msg)
             continue
         part = msg.WhichOneof("part")
-        if part == "header":
+        if part == "header" and header is None:
             header = msg.header
-            assembler = TensorAssembler(None, collect=True)
+            if model_version and header.model_version != model_version:
+                raise error(
+                    f"asked for model version {model_version!r}, the stream is "
+                    f"{header.model_version[:64]!r}"
+                )
+            assembler = TensorAssembler(
+                header_specs(header, max_bytes), collect=True, max_bytes=header.total_bytes
+            )
         elif part == "tensor" and assembler is not None:
             assembler.add(chunk_from_proto(msg.tensor))
         elif part == "trailer" and assembler is not None and header is not None:
-            assembler.finish(msg.trailer.digest, total_bytes=header.total_bytes)
+            if msg.trailer.digest != header.digest:
+                raise WireError("the trailer's digest is not the one ModelHeader.digest announced")
+            assembler.finish(
+                msg.trailer.digest, total_bytes=header.total_bytes, tensor_count=len(header.tensors)
+            )
             return assembler.to_dict()
         else:
             raise error(f"unexpected {part!r} message")

@@ -79,6 +79,8 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_NAME_BYTES = 1024
 MAX_NDIM = 32
 DIGEST_BYTES = 32
+# dimensions and byte counts travel (and are hashed) as u64: a spec beyond that cannot be sent
+U64_MAX = 2**64 - 1
 _MAGIC = WIRE_FORMAT.encode("ascii") + b"\0"
 
 Array = npt.NDArray[Any]
@@ -216,6 +218,13 @@ def check_spec(spec: TensorSpec) -> None:
         raise WireError(f"tensor {spec.name!r}: {len(spec.shape)} dimensions (at most {MAX_NDIM})")
     if any(d < 0 for d in spec.shape):
         raise WireError(f"tensor {spec.name!r}: negative dimension in shape {spec.shape}")
+    if any(d > U64_MAX for d in spec.shape):
+        raise WireError(f"tensor {spec.name!r}: a dimension of {spec.shape} overflows uint64")
+    if spec.nbytes > U64_MAX:
+        raise WireError(
+            f"tensor {spec.name!r}: shape {spec.shape} of {spec.dtype} is {spec.nbytes} bytes, "
+            "more than a uint64 byte count"
+        )
 
 
 def specs_of(tensors: Mapping[str, npt.ArrayLike]) -> list[TensorSpec]:
@@ -358,8 +367,16 @@ def digest_of(tensors: Mapping[str, npt.ArrayLike]) -> bytes:
 # receiving
 
 
-def _check_values(spec: TensorSpec, element_offset: int, values: Array, *, finite: bool) -> None:
-    """Raise unless every value is allowed: bools are 0 or 1, floats finite (if asked)."""
+def _check_values(
+    spec: TensorSpec,
+    element_offset: int,
+    values: Array,
+    *,
+    finite: bool,
+    scope: str = "in this chunk",
+) -> None:
+    """Raise unless every value is allowed: bools are 0 or 1, floats finite (if asked).
+    `scope` says where the count of bad values was taken, for the message."""
     if values.size == 0:
         return
     if spec.dtype in FLOAT_DTYPES and not finite:
@@ -370,7 +387,7 @@ def _check_values(spec: TensorSpec, element_offset: int, values: Array, *, finit
             value = float(bfloat16_to_float32(values[bad[:1]])[0])
             raise NonFiniteError(
                 f"tensor {spec.name!r}: non-finite value {value} at element "
-                f"{element_offset + int(bad[0])} ({bad.size} in this chunk)"
+                f"{element_offset + int(bad[0])} ({bad.size} {scope})"
             )
     elif spec.dtype in FLOAT_DTYPES:
         ok: Array = np.asarray(np.isfinite(values))
@@ -378,7 +395,7 @@ def _check_values(spec: TensorSpec, element_offset: int, values: Array, *, finit
             bad = np.flatnonzero(~ok)
             raise NonFiniteError(
                 f"tensor {spec.name!r}: non-finite value {values[bad[0]]} at element "
-                f"{element_offset + int(bad[0])} ({bad.size} in this chunk)"
+                f"{element_offset + int(bad[0])} ({bad.size} {scope})"
             )
     elif spec.dtype == "bool":
         raw = values.view(np.uint8)
@@ -507,7 +524,14 @@ class TensorAssembler:
                 f"tensor {name!r}: declares {spec.nbytes} bytes, more than the "
                 f"{self._max_bytes - self._declared_bytes} left of the {self._max_bytes} allowed"
             )
-        out = np.empty(spec.shape, dtype=spec.numpy_dtype) if self._collect else None
+        out = None
+        if self._collect:
+            try:
+                out = np.empty(spec.shape, dtype=spec.numpy_dtype)
+            except (MemoryError, ValueError) as err:  # ValueError: "array is too big"
+                raise WireError(
+                    f"tensor {name!r}: cannot hold its {spec.nbytes} bytes ({err or 'no memory'})"
+                ) from None
         self._declared_bytes += spec.nbytes
         self._specs.append(spec)
         self._seen.add(name)
@@ -840,8 +864,13 @@ def save_tensors(
         raise
 
 
-def load_tensors(path: str | os.PathLike[str]) -> dict[str, Array]:
-    """Read a model written by `save_tensors` (or any safetensors file of wire dtypes)."""
+def load_tensors(path: str | os.PathLike[str], *, check_finite: bool = True) -> dict[str, Array]:
+    """Read a model written by `save_tensors` (or any safetensors file of wire dtypes).
+
+    check_finite (default): refuse NaN and infinity in float tensors, as a receiver does; model
+    weights and optimizer state that are not finite would poison everything computed from them.
+    Raises InputError (`NonFiniteError` for such values) naming the file and what is wrong.
+    """
     from safetensors import safe_open
 
     try:
@@ -851,12 +880,34 @@ def load_tensors(path: str | os.PathLike[str]) -> dict[str, Array]:
             tensors = {name: f.get_tensor(name) for name in names}
     except Exception as err:  # SafetensorError has no stable public import path
         raise InputError(f"{path}: not a readable safetensors file ({err})") from err
-    order = json.loads(meta[_ORDER_KEY]) if _ORDER_KEY in meta else names
-    if sorted(order) != sorted(names):
-        raise InputError(f"{path}: recorded tensor order does not match the tensors in the file")
+    order = _recorded_order(path, meta, names)
     for name in order:
-        wire_dtype_of(tensors[name].dtype, name)
+        array = tensors[name]
+        spec = TensorSpec(name, wire_dtype_of(array.dtype, name), array.shape)
+        try:
+            _check_values(spec, 0, array.reshape(-1), finite=check_finite, scope="in the tensor")
+        except WireError as err:
+            raise type(err)(f"{path}: {err}") from None
     return {name: tensors[name] for name in order}
+
+
+def _recorded_order(
+    path: str | os.PathLike[str], meta: Mapping[str, str], names: list[str]
+) -> list[str]:
+    """The tensor order a file's metadata records (the file's own order if none), checked
+    against the tensors the file holds."""
+    if _ORDER_KEY not in meta:
+        return names
+    problem = f"{path}: metadata {_ORDER_KEY!r}"
+    try:
+        order = json.loads(meta[_ORDER_KEY])
+    except (ValueError, RecursionError) as err:
+        raise InputError(f"{problem} is not JSON ({err})") from None
+    if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+        raise InputError(f"{problem} is not a list of tensor names: {meta[_ORDER_KEY][:80]!r}")
+    if len(order) != len(names) or sorted(order) != sorted(names):
+        raise InputError(f"{problem} does not match the tensors in the file")
+    return order
 
 
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

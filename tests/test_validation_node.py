@@ -1,0 +1,469 @@
+"""A node checks what comes from outside: its own config, and every message of the coordinator.
+
+A bad value is an InputError (WireError for tensor streams and files) that says what and where.
+A coordinator that breaks the protocol (bad JoinReply, a model download that does not match its
+header or the model config) stops the node with one logged line and exit code 2, never a
+traceback; a declared tensor shape never makes the node allocate more than the header's
+total_bytes, itself capped. Stand-in coordinators are real gRPC servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from coordinator.rounds import GlobalModel
+from coordinator.server import ModelDownload
+from group_node.node import GroupNode, NodeConfig, model_config_of
+from group_node.worker import GroupWorker
+from pluralfed.config import load_config
+from pluralfed.data import SurveyData, SurveyItem
+from pluralfed.errors import InputError
+from pluralfed.model import GPOConfig
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
+from pluralfed.training import build_model
+from pluralfed.transport import (
+    PROTOCOL_VERSION,
+    decode_model_chunk,
+    dtype_to_proto,
+    header_specs,
+    receive_model,
+    serialized_tensor_part,
+)
+from pluralfed.wire import (
+    WIRE_FORMAT,
+    Chunk,
+    NonFiniteError,
+    TensorAssembler,
+    WireError,
+    digest_of,
+    float32_to_bfloat16,
+    load_tensors,
+    save_tensors,
+    specs_of,
+    state_dict_to_numpy,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+ENV = "PLURALFED_NODE_"
+BASE_ENV = {ENV + "GROUP": "G", ENV + "DATA": "/x.jsonl", ENV + "INSECURE": "1"}
+DIM = 8
+SMALL = GPOConfig(embed_dim=DIM, d_model=8, mlp_layers=1, n_layers=1, n_heads=2, d_ff=8)
+
+
+def small_weights(cfg: GPOConfig = SMALL) -> dict[str, np.ndarray]:
+    return state_dict_to_numpy(build_model(cfg, 0).state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the node's own config
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("BACKOFF_INITIAL_S", "inf", "backoff_initial_s must be 0.01..3600 seconds, got inf"),
+        ("BACKOFF_INITIAL_S", "nan", "backoff_initial_s must be 0.01..3600 seconds, got nan"),
+        ("BACKOFF_INITIAL_S", "0", "backoff_initial_s must be"),
+        ("BACKOFF_MAX_S", "-1", "backoff_max_s must be 0.01..3600 seconds, got -1.0"),
+        ("BACKOFF_MAX_S", "0.1", "backoff_max_s (0.1) must be at least backoff_initial_s (0.5)"),
+        ("GIVE_UP_AFTER_S", "nan", "give_up_after_s must be a finite number of seconds > 0"),
+        ("GIVE_UP_AFTER_S", "inf", "leave it unset to retry forever"),
+        ("GIVE_UP_AFTER_S", "0", "give_up_after_s must be"),
+        ("POLL_WAIT_S", "1e12", "poll_wait_s must be 0.1..3600 seconds, got 1000000000000.0"),
+        ("POLL_WAIT_S", "-5", "poll_wait_s must be"),
+        ("POLL_WAIT_S", "0", "poll_wait_s must be"),
+        ("COORDINATOR", ":", "coordinator must be host:port or [IPv6]:port, got ':': no host"),
+        ("COORDINATOR", ":7443", "no host"),
+        ("COORDINATOR", "localhost", "no :port"),
+        ("COORDINATOR", "localhost:", "port '' is not a number in 1..65535"),
+        ("COORDINATOR", "localhost:0", "port '0'"),
+        ("COORDINATOR", "localhost:65536", "port '65536'"),
+        ("COORDINATOR", "localhost:x", "port 'x'"),
+        ("COORDINATOR", "::1:7443", "IPv6 goes in brackets"),
+        ("COORDINATOR", "[::1:7443", "not an IPv6 address in brackets"),
+        ("COORDINATOR", "[zz]:7443", "not an IPv6 address in brackets"),
+        ("COORDINATOR", "a b:7443", "not a host name"),
+        ("THREADS", "100000000", "threads must be 1..1024, got 100000000"),
+        ("GROUP", "Fran\0ce", "holds control characters"),
+    ],
+)
+def test_bad_node_timing_and_address_are_refused_naming_the_key(
+    key: str, value: str, message: str
+) -> None:
+    with pytest.raises(InputError) as err:
+        load_config(NodeConfig, None, ENV, {}, environ={**BASE_ENV, ENV + key: value})
+    assert message in str(err.value)
+    assert str(err.value).startswith("node config: ")
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "localhost:7443",
+        "127.0.0.1:1",
+        "[::1]:7443",
+        "coord-1.example.org:65535",
+        "coordinator:7443",
+    ],
+)
+def test_good_addresses_and_timings_are_accepted(address: str) -> None:
+    env = {**BASE_ENV, ENV + "COORDINATOR": address, ENV + "GIVE_UP_AFTER_S": "3"}
+    cfg = load_config(NodeConfig, None, ENV, {}, environ=env)
+    assert cfg.coordinator == address and cfg.give_up_after_s == 3.0
+    assert load_config(NodeConfig, None, ENV, {}, environ=BASE_ENV).give_up_after_s is None
+
+
+# --------------------------------------------------------------------------------------------
+# 2. the coordinator's JoinReply and model
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ("[]", "is a JSON list, not an object"),
+        ("5", "is a JSON int, not an object"),
+        ('{"memory_temperature": NaN}', "NaN is not a JSON number"),
+        ('{"bogus": 1}', "is not a valid model config: unknown GPO config fields: ['bogus']"),
+        ('{"d_model": 8, "n_heads": 0}', "is not a valid model config"),
+        ('{"members": "3"}', "is not a valid model config"),
+    ],
+)
+def test_a_bad_model_config_in_join_reply_is_an_input_error(text: str, message: str) -> None:
+    with pytest.raises(InputError) as err:
+        model_config_of(text, "coordinator c:1")
+    assert str(err.value).startswith("coordinator c:1: JoinReply.model_config_json ")
+    assert message in str(err.value)
+
+
+def test_a_good_model_config_passes() -> None:
+    assert model_config_of("", "c") == {}
+    assert model_config_of('{"d_model": 8, "n_heads": 2}', "c") == {"d_model": 8, "n_heads": 2}
+
+
+class FakeEncoder:
+    identity = "fake-enc"
+    dim = DIM
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        rows = [np.frombuffer(hashlib.sha256(t.encode()).digest()[:DIM], np.uint8) for t in texts]
+        return np.array(rows, dtype=np.float32).reshape(-1, DIM) / 255
+
+
+def worker() -> GroupWorker:
+    items = [SurveyItem(f"Question {i}?", ("a", "b"), np.array([0.3, 0.7])) for i in range(8)]
+    return GroupWorker("G", SurveyData({"G": items}), FakeEncoder())
+
+
+def test_worker_refuses_weights_that_do_not_fit_the_config() -> None:
+    w = worker()
+    weights = small_weights()
+    w.load_global(SMALL.to_dict(), weights)  # the matching pair loads
+    name = next(iter(weights))
+    wrong_shape = {**weights, name: np.zeros((3, 3), np.float32)}
+    with pytest.raises(InputError, match=rf"tensor '{name}' has shape \(3, 3\), the config"):
+        w.load_global(SMALL.to_dict(), wrong_shape)
+    with pytest.raises(InputError, match="missing \\['"):
+        w.load_global(SMALL.to_dict(), {k: v for k, v in weights.items() if k != name})
+    # a config asking for a far bigger model is refused against the weights, before building it
+    huge = {**SMALL.to_dict(), "d_model": 1024, "d_ff": 1024, "n_layers": 8}
+    with pytest.raises(InputError, match="do not fit its config"):
+        w.load_global(huge, weights)
+    with pytest.raises(InputError, match="model config is not valid"):
+        w.load_global({**SMALL.to_dict(), "n_heads": 0}, weights)
+
+
+def model_messages(
+    weights: dict[str, np.ndarray], version: str = "v1", **header: object
+) -> list[bytes]:
+    """What a real coordinator streams for `weights` (coordinator.server.ModelDownload), with
+    header fields overridden as given."""
+    download = ModelDownload.of(GlobalModel(version, 0, weights), specs_of(weights), 4096)
+    messages = list(download.messages())
+    if header:
+        msg = pb.ModelChunk.FromString(messages[0])
+        for field, value in header.items():
+            if field == "tensors":
+                del msg.header.tensors[:]
+                msg.header.tensors.extend(value)  # type: ignore[arg-type]
+            else:
+                setattr(msg.header, field, value)
+        messages[0] = msg.SerializeToString()
+    return messages
+
+
+class StandIn(pb_grpc.FederationServicer):
+    """Joins with a chosen model config, offers one TRAIN task, serves chosen download bytes."""
+
+    def __init__(self, model_config_json: str, download: list[bytes]) -> None:
+        self.model_config_json = model_config_json
+        self.download = download
+        self.left: list[str] = []
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        return pb.JoinReply(
+            session_id="s-1",
+            protocol_version=PROTOCOL_VERSION,
+            model_config_json=self.model_config_json,
+        )
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        task = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="t-1", round=1, model_version="v1")
+        hp = task.hyperparameters
+        hp.local_steps, hp.learning_rate = 1, 1e-3
+        hp.context_range.min, hp.context_range.max = 1, 2
+        hp.target_range.min, hp.target_range.max = 1, 2
+        return task
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        for raw in self.download:
+            yield pb.ModelChunk.FromString(raw)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.Ack:
+        return pb.Ack()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
+        self.left.append(request.reason)
+        return pb.Ack()
+
+
+def run_node(
+    servicer: StandIn, tmp_path: Path, w: object, caplog: pytest.LogCaptureFixture
+) -> tuple[int, list[logging.LogRecord]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    config = NodeConfig(
+        coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+    )
+    try:
+        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+            code = GroupNode(config, w).run()  # type: ignore[arg-type]
+    finally:
+        server.stop(None).wait(5)
+    return code, [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+STUB_WORKER = SimpleNamespace(num_train_examples=4, encoder=SimpleNamespace(identity="fake-enc"))
+
+
+@pytest.mark.parametrize(
+    ("model_config_json", "message"),
+    [("{not json", "is not valid JSON"), ("[]", "not an object"), ('{"n_heads": 0}', "n_heads")],
+)
+def test_node_stops_with_one_error_line_on_a_bad_join_reply(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, model_config_json: str, message: str
+) -> None:
+    servicer = StandIn(model_config_json, [])
+    code, errors = run_node(servicer, tmp_path, STUB_WORKER, caplog)
+    assert code == 2
+    assert len(errors) == 1 and errors[0].exc_info is None
+    text = errors[0].getMessage()
+    assert text.startswith("G: stopping: coordinator 127.0.0.1:") and message in text
+    assert "JoinReply.model_config_json" in text
+    assert servicer.left == ["stopped on an error"]
+
+
+def test_node_stops_on_a_download_whose_header_declares_a_huge_tensor(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    weights = {"w": np.zeros(4, np.float32)}
+    huge = pb.TensorSpec(name="w", dtype=pb.DTYPE_FLOAT32, shape=[2**40])
+    download = model_messages(weights, tensors=[huge], total_bytes=2**42)
+    code, errors = run_node(StandIn("", download), tmp_path, STUB_WORKER, caplog)
+    assert code == 2 and len(errors) == 1
+    text = errors[0].getMessage()
+    assert "model 'v1' download: ModelHeader.tensors[0]: with tensor 'w'" in text
+    assert "exceeds the 4294967296 bytes" in text
+
+
+def test_node_stops_on_weights_that_do_not_fit_the_join_config(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = GPOConfig(embed_dim=DIM, d_model=16, mlp_layers=1, n_layers=1, n_heads=2, d_ff=8)
+    download = model_messages(small_weights(other))
+    servicer = StandIn(json.dumps(SMALL.to_dict()), download)
+    code, errors = run_node(servicer, tmp_path, worker(), caplog)
+    assert code == 2 and len(errors) == 1
+    assert "G: stopping: the federation's model weights do not fit its config" in (
+        errors[0].getMessage()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 3. model downloads: the header bounds and describes what follows
+
+
+def received(messages: list[bytes], **kw: object) -> dict[str, np.ndarray]:
+    """receive_model over the messages as the node decodes them."""
+    return receive_model(
+        [decode_model_chunk(m) for m in messages],
+        lambda message: InputError(f"download: {message}"),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_a_real_coordinators_download_is_received() -> None:
+    weights = small_weights()
+    got = received(model_messages(weights), model_version="v1")
+    assert list(got) == list(weights)
+    assert all(np.array_equal(got[k], weights[k]) for k in weights)
+
+
+def tensor_spec(name: str, shape: Sequence[int], dtype: str = "float32") -> pb.TensorSpec:
+    return pb.TensorSpec(name=name, dtype=dtype_to_proto(dtype), shape=list(shape))
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"wire_format": "pluralfed.wire/9"}, "ModelHeader.wire_format is 'pluralfed.wire/9'"),
+        ({"wire_format": ""}, "ModelHeader.wire_format is ''"),
+        ({"digest": b"x"}, "ModelHeader.digest is 1 bytes"),
+        ({"total_bytes": 99}, "ModelHeader.total_bytes is 99, its tensors add up to 16"),
+        (
+            {"tensors": [tensor_spec("w", [4]), tensor_spec("w", [4])], "total_bytes": 32},
+            "tensor 'w' listed twice",
+        ),
+        ({"tensors": [pb.TensorSpec(name="w", shape=[4])]}, "unknown dtype code 0"),
+        ({"tensors": [tensor_spec("", [4])]}, "tensor name must be a non-empty string"),
+        (
+            {"tensors": [tensor_spec("w", [2**62])], "total_bytes": 2**64 - 1},
+            "more than a uint64 byte count",
+        ),
+        (
+            {"tensors": [tensor_spec("w", [2**32] * 3)], "total_bytes": 0},
+            "more than a uint64 byte count",
+        ),
+        (
+            {"tensors": [tensor_spec("w", [2**40])], "total_bytes": 2**42},
+            "exceeds the 4294967296 bytes",
+        ),
+        # the header describes other tensors than those that follow
+        ({"tensors": [tensor_spec("other", [4])]}, "unexpected tensor 'w': not in the model"),
+        ({"tensors": [tensor_spec("w", [2, 2])]}, "tensor 'w': shape (4,), expected (2, 2)"),
+        (
+            {"tensors": [tensor_spec("w", [4]), tensor_spec("z", [0])]},
+            "1 of 2 tensors missing: 'z'",
+        ),
+    ],
+)
+def test_a_download_must_match_its_header(header: dict[str, object], message: str) -> None:
+    weights = {"w": np.arange(4, dtype=np.float32)}
+    with pytest.raises(WireError) as err:
+        received(model_messages(weights, **header))
+    assert message in str(err.value)
+
+
+def test_a_chunk_declaring_a_huge_shape_allocates_nothing() -> None:
+    weights = {"a": np.zeros(1, np.float32)}
+    messages = model_messages(weights)
+    for shape in [(2**62,), (2**32,) * 3, (2**40,)]:
+        bad = [messages[0], serialized_tensor_part(Chunk("a", "float32", shape, 0, b"\0" * 4))]
+        with pytest.raises(WireError, match="tensor 'a': shape"):
+            received([*bad, messages[-1]])
+
+
+def test_the_stream_must_be_the_version_asked_for_and_keep_its_digest() -> None:
+    weights = {"w": np.arange(4, dtype=np.float32)}
+    with pytest.raises(InputError, match="asked for model version 'v2', the stream is 'v1'"):
+        received(model_messages(weights), model_version="v2")
+    messages = model_messages(weights)
+    other = pb.ModelChunk(trailer=pb.StreamTrailer(digest=b"\1" * 32)).SerializeToString()
+    with pytest.raises(WireError, match=r"not the one ModelHeader\.digest announced"):
+        received([*messages[:-1], other])
+    with pytest.raises(InputError, match="unexpected 'header' message"):
+        received([messages[0], *messages])
+
+
+def test_an_assembler_without_expected_model_refuses_sizes_beyond_uint64() -> None:
+    for shape in [(2**32,) * 3, (2**64,)]:
+        with pytest.raises(WireError, match="uint64"):
+            TensorAssembler(None).add(Chunk("a", "float32", shape, 0, b""))
+    with pytest.raises(WireError, match="tensor 'a': cannot hold its"):
+        TensorAssembler(None, collect=True).add(Chunk("a", "float32", (2**61,), 0, b""))
+    with pytest.raises(WireError, match="uint64"):
+        header_specs(
+            pb.ModelHeader(
+                wire_format=WIRE_FORMAT, digest=bytes(32), tensors=[tensor_spec("a", [2**64 - 1])]
+            )
+        )
+
+
+def test_the_download_cap_is_a_parameter() -> None:
+    """The cap is a parameter: a node may accept less than the default."""
+    weights = {"w": np.arange(1024, dtype=np.float32)}
+    with pytest.raises(WireError, match="exceeds the 1000 bytes"):
+        received(model_messages(weights), max_bytes=1000)
+    assert len(received(model_messages(weights), max_bytes=4096)["w"]) == 1024
+
+
+# --------------------------------------------------------------------------------------------
+# 4. safetensors files
+
+
+@pytest.mark.parametrize(
+    ("order", "message"),
+    [
+        ("not json", "metadata 'pluralfed.order' is not JSON"),
+        ("5", "metadata 'pluralfed.order' is not a list of tensor names: '5'"),
+        ('{"a": 1}', "is not a list of tensor names"),
+        ("[1]", "is not a list of tensor names"),
+        ('["a", "a"]', "does not match the tensors in the file"),
+        ('["b"]', "does not match the tensors in the file"),
+    ],
+)
+def test_load_tensors_checks_the_recorded_order(tmp_path: Path, order: str, message: str) -> None:
+    path = tmp_path / "t.safetensors"
+    save_file({"a": np.zeros(2, np.float32)}, str(path), metadata={"pluralfed.order": order})
+    with pytest.raises(InputError) as err:
+        load_tensors(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([1.0, np.nan], np.float32),
+        np.array([np.inf], np.float64),
+        np.array([-np.inf], np.float16),
+        float32_to_bfloat16(np.array([0.0, np.nan], np.float32)),
+    ],
+)
+def test_load_tensors_refuses_non_finite_weights(tmp_path: Path, array: np.ndarray) -> None:
+    path = tmp_path / "t.safetensors"
+    save_tensors(path, {"ok": np.ones(3, np.float32), "bad": array})
+    with pytest.raises(NonFiniteError, match=rf"^{path}: tensor 'bad': non-finite value .* tensor"):
+        load_tensors(path)
+    assert list(load_tensors(path, check_finite=False)) == ["ok", "bad"]
+
+
+def test_load_tensors_refuses_a_bool_that_is_not_0_or_1(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    save_file({"b": np.array([0, 2], np.uint8).view(np.bool_)}, str(path))
+    with pytest.raises(WireError, match="bool element 1 is byte 2"):
+        load_tensors(path)
+
+
+def test_saved_weights_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    weights = small_weights()
+    save_tensors(path, weights)
+    assert digest_of(load_tensors(path)) == digest_of(weights)
