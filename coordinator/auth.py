@@ -206,6 +206,12 @@ def principal(context: grpc.ServicerContext) -> Principal:
     return found
 
 
+def _quoted(text: str, limit: int = 80) -> str:
+    """A name a caller claimed, as a status message or log line shows it: repr-escaped and cut
+    (a message may carry any string, up to a megabyte; gRPC drops a status over 16 KiB)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def authenticated_node(context: grpc.ServicerContext) -> str | None:
     """The node name the caller's certificate proved (None in insecure mode, where nothing is proved)."""
     return principal(context).node
@@ -223,20 +229,21 @@ def require_self(context: grpc.ServicerContext, claimed_name: str) -> str:
             _refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"unknown node {claimed_name!r}",
+                f"unknown node {_quoted(claimed_name)}",
                 method="(require_self)",
                 identity=None,
-                reason=f"insecure mode: claimed node {claimed_name!r} is not in the allow-list",
+                reason=f"insecure mode: claimed node {_quoted(claimed_name)} is not in the "
+                "allow-list",
             )
         return claimed_name
     if claimed_name != who.node:
         _refuse(
             context,
             grpc.StatusCode.PERMISSION_DENIED,
-            f"authenticated as node {who.node!r}; may not act as {claimed_name!r}",
+            f"authenticated as node {who.node!r}; may not act as {_quoted(claimed_name)}",
             method="(require_self)",
             identity=who.identity,
-            reason=f"node {who.node!r} claimed to be {claimed_name!r}",
+            reason=f"node {who.node!r} claimed to be {_quoted(claimed_name)}",
         )
     return claimed_name
 

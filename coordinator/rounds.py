@@ -78,6 +78,93 @@ MAX_UPDATE_METRICS = 32
 # by orders of magnitude through an absurd number (it must also repeat its Join's count).
 MAX_NODE_EXAMPLES = 10_000_000
 MAX_METRIC_NAME = 64
+# Node-supplied text quoted back in a status, an upload reply or a log line is cut to this many
+# characters: gRPC drops a status message over 16 KiB (the node sees RESOURCE_EXHAUSTED, not why
+# it was refused), and a node must not make the coordinator log megabytes.
+MAX_QUOTED = 80
+# the most of a refusal's text kept in a round's outcomes (metrics.jsonl) and in the log
+MAX_REASON_TEXT = 500
+# JoinRequest.software_version, labels (logged), and free text (Leave.reason, Heartbeat.message)
+MAX_VERSION_TEXT = 64
+MAX_LABELS = 32
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 256
+MAX_FREE_TEXT = 1000
+
+
+def quoted(text: str, limit: int = MAX_QUOTED) -> str:
+    """`text` (from a node) as a message or log line may show it: repr-escaped, so a newline or a
+    terminal escape cannot forge a log line, and at most `limit` characters of it."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def clipped(text: str, limit: int = MAX_REASON_TEXT) -> str:
+    """A refusal's reason as outcomes and logs keep it: control characters escaped, at most
+    `limit` characters of it (it may quote what a node sent)."""
+    cut = text[:limit]
+    if not cut.isprintable():
+        cut = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in cut)
+    return cut if len(text) <= limit else f"{cut}... ({len(text)} characters)"
+
+
+def checked_text(field: str, value: str, limit: int, *, printable: bool = True) -> str:
+    """`value` of message field `field` if it has at most `limit` characters, all printable
+    unless it is free text (`printable=False`, shown only through `quoted`); else refused
+    INVALID_ARGUMENT naming the field."""
+    if len(value) > limit:
+        raise Rejection(
+            "INVALID_ARGUMENT", f"{field} has {len(value)} characters (at most {limit})"
+        )
+    if printable and not value.isprintable():
+        raise Rejection("INVALID_ARGUMENT", f"{field} {quoted(value)} has non-printable characters")
+    return value
+
+
+def checked_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """JoinRequest.labels, which the coordinator logs: a few short printable key/value pairs."""
+    if len(labels) > MAX_LABELS:
+        raise Rejection(
+            "INVALID_ARGUMENT", f"labels has {len(labels)} entries (at most {MAX_LABELS})"
+        )
+    out: dict[str, str] = {}
+    for key, value in sorted(labels.items()):
+        if not key:
+            raise Rejection("INVALID_ARGUMENT", "labels has an empty key")
+        checked_text("labels key", key, MAX_LABEL_KEY)
+        out[key] = checked_text(f"labels[{key!r}]", value, MAX_LABEL_VALUE)
+    return out
+
+
+def checked_metrics(
+    what: str, metrics: Mapping[str, float], reason: str | None = "MALFORMED"
+) -> dict[str, float]:
+    """`metrics` if they are sane: at most MAX_UPDATE_METRICS named, finite numbers; else refused
+    (INVALID_ARGUMENT, with reject reason `reason` for an upload), naming the metric."""
+    if len(metrics) > MAX_UPDATE_METRICS:
+        raise Rejection(
+            "INVALID_ARGUMENT",
+            f"{what} has {len(metrics)} metrics (at most {MAX_UPDATE_METRICS})",
+            reason=reason,
+        )
+    out: dict[str, float] = {}
+    for name, value in sorted(metrics.items()):
+        if not (0 < len(name) <= MAX_METRIC_NAME and name.isprintable()):
+            raise Rejection(
+                "INVALID_ARGUMENT",
+                f"{what}: metric name {name[:MAX_METRIC_NAME]!r} must be 1 to "
+                f"{MAX_METRIC_NAME} printable characters",
+                reason=reason,
+            )
+        if not math.isfinite(value):
+            raise Rejection(
+                "INVALID_ARGUMENT",
+                f"{what}: metric {name!r} is {value} (not a finite number)",
+                reason=reason,
+            )
+        out[name] = float(value)
+    return out
 
 
 def checked_update_metrics(group: str, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -86,29 +173,7 @@ def checked_update_metrics(group: str, metrics: Mapping[str, float]) -> dict[str
     They go into the round records and metrics.jsonl, and `alignment_before` into the update's
     weight when `fairness_q` > 0, so a NaN or a flood of keys is refused, naming the metric.
     """
-    if len(metrics) > MAX_UPDATE_METRICS:
-        raise Rejection(
-            "INVALID_ARGUMENT",
-            f"update from {group} has {len(metrics)} metrics (at most {MAX_UPDATE_METRICS})",
-            reason="MALFORMED",
-        )
-    out: dict[str, float] = {}
-    for name, value in sorted(metrics.items()):
-        if not (0 < len(name) <= MAX_METRIC_NAME and name.isprintable()):
-            raise Rejection(
-                "INVALID_ARGUMENT",
-                f"update from {group}: metric name {name[:MAX_METRIC_NAME]!r} must be 1 to "
-                f"{MAX_METRIC_NAME} printable characters",
-                reason="MALFORMED",
-            )
-        if not math.isfinite(value):
-            raise Rejection(
-                "INVALID_ARGUMENT",
-                f"update from {group}: metric {name!r} is {value} (not a finite number)",
-                reason="MALFORMED",
-            )
-        out[name] = float(value)
-    return out
+    return checked_metrics(f"update from {group}", metrics)
 
 
 @dataclass(frozen=True)
@@ -321,7 +386,8 @@ class RoundEngine:
             s = None
         if s is None:
             raise Rejection(
-                "UNAUTHENTICATED", f"unknown or expired session {session_id!r}: join again"
+                "UNAUTHENTICATED",
+                f"unknown or expired session {quoted(session_id)}: join again",
             )
         if group is not None and s.group != group:
             raise Rejection(
@@ -334,15 +400,24 @@ class RoundEngine:
     # ---------------------------------------------------------------- node-facing API
 
     def join(
-        self, group: str, role: Role, num_examples: int, encoder: str, software_version: str
+        self,
+        group: str,
+        role: Role,
+        num_examples: int,
+        encoder: str,
+        software_version: str,
+        labels: Mapping[str, str] | None = None,
     ) -> NodeSession:
-        """Admit a node (its group already authenticated by the transport)."""
+        """Admit a node (its group already authenticated by the transport). Its version and
+        labels are only logged, but kept short and printable for that."""
         if encoder != self.encoder_identity:
             raise Rejection(
                 "FAILED_PRECONDITION",
-                f"encoder mismatch: node {group!r} embeds with {encoder!r}, the federation "
+                f"encoder mismatch: node {group!r} embeds with {quoted(encoder)}, the federation "
                 f"uses {self.encoder_identity!r}",
             )
+        checked_text("software_version", software_version, MAX_VERSION_TEXT)
+        extras = checked_labels(labels or {})
         if role == Role.TRAIN and num_examples < 1:
             raise Rejection("INVALID_ARGUMENT", f"training node {group!r} reports no examples")
         if num_examples > MAX_NODE_EXAMPLES:
@@ -375,7 +450,14 @@ class RoundEngine:
                     t.selected[session.session_id] = group
             self._sessions[session.session_id] = session
             self._changed.notify_all()
-        log.info("node %s joined as %s (%d examples)", group, role.value, num_examples)
+        log.info(
+            "node %s joined as %s (%d examples, version %r%s)",
+            group,
+            role.value,
+            num_examples,
+            software_version,
+            f", labels {extras}" if extras else "",
+        )
         return session
 
     def heartbeat(self, session_id: str, group: str | None) -> int:
@@ -383,12 +465,14 @@ class RoundEngine:
             self._session(session_id, group)
             return self.state.completed_rounds
 
-    def leave(self, session_id: str, group: str | None) -> None:
+    def leave(self, session_id: str, group: str | None, reason: str = "") -> None:
+        """End the session; the node's `reason` (free text, LeaveRequest.reason) is logged."""
+        checked_text("reason", reason, MAX_FREE_TEXT, printable=False)
         with self._changed:
             s = self._session(session_id, group)
             del self._sessions[session_id]
             self._changed.notify_all()
-        log.info("node %s left", s.group)
+        log.info("node %s left: %s", s.group, quoted(reason, MAX_REASON_TEXT))
 
     def next_task(
         self,
@@ -436,7 +520,7 @@ class RoundEngine:
             if version and version != self.model_version:
                 raise Rejection(
                     "NOT_FOUND",
-                    f"model version {version!r} is not current ({self.model_version!r})",
+                    f"model version {quoted(version)} is not current ({self.model_version!r})",
                 )
             return GlobalModel(self.model_version, self.state.completed_rounds, self.state.weights)
 
@@ -461,8 +545,8 @@ class RoundEngine:
         if t is None or t.kind != TaskKind.TRAIN or t.task_id != task_id or t.round != round_:
             raise Rejection(
                 "FAILED_PRECONDITION",
-                f"stale update from {s.group}: task {task_id!r} round {round_} is not the open "
-                "training task",
+                f"stale update from {s.group}: task {quoted(task_id)} round {round_} is not the "
+                "open training task",
                 reason="STALE",
             )
         if s.session_id not in t.selected:
@@ -493,7 +577,7 @@ class RoundEngine:
             raise Rejection(
                 "FAILED_PRECONDITION",
                 f"update from {s.group} for round {round_} starts from model version "
-                f"{base_model_version!r}, not the round's {t.model_version!r}",
+                f"{quoted(base_model_version)}, not the round's {t.model_version!r}",
                 reason="STALE",
             )
         return t
@@ -618,6 +702,7 @@ class RoundEngine:
                 or s.group in t.folding
             ):
                 return
+            reason = clipped(reason)  # it may quote what the node sent
             log.warning("round %d: update from %s rejected: %s", t.round, s.group, reason)
             if final:
                 t.answered[s.group] = f"rejected: {reason}"
@@ -631,30 +716,71 @@ class RoundEngine:
         task_id: str,
         round_: int,
         evaluation: GroupEvaluation,
+        model_version: str,
     ) -> None:
+        """Record a node's report for the open EVALUATE task: its own group, once, in time, and
+        of the model version the task named (a report on another model would be mixed in)."""
         with self._changed:
             s = self._session(session_id, group)
-            t = self._task
-            if (
-                t is None
-                or t.kind != TaskKind.EVALUATE
-                or t.task_id != task_id
-                or t.round != round_
-            ):
-                raise Rejection(
-                    "FAILED_PRECONDITION", f"evaluation for task {task_id!r} is not the open one"
-                )
-            if s.session_id not in t.selected:
-                raise Rejection("FAILED_PRECONDITION", f"{s.group} was not asked to evaluate")
+            t = self._open_evaluation(s, task_id, round_)
             if s.group in t.evaluations:
                 raise Rejection("ALREADY_EXISTS", f"{s.group} already reported this evaluation")
+            if s.group in t.answered:  # its report was refused: one report decides a round
+                raise Rejection(
+                    "FAILED_PRECONDITION",
+                    f"{s.group}'s evaluation for round {round_} was already refused "
+                    f"({t.answered[s.group]})",
+                )
             if evaluation.group != s.group:
                 raise Rejection(
                     "PERMISSION_DENIED",
-                    f"{s.group} may report only its own group, not {evaluation.group!r}",
+                    f"{s.group} may report only its own group, not {quoted(evaluation.group)}",
+                )
+            if model_version != t.model_version:
+                raise Rejection(
+                    "FAILED_PRECONDITION",
+                    f"evaluation from {s.group} is of model version {quoted(model_version)}, not "
+                    f"the task's {t.model_version!r}",
+                )
+            if time.time() > t.deadline:
+                raise Rejection(
+                    "DEADLINE_EXCEEDED",
+                    f"evaluation round {round_} closed before {s.group}'s report",
                 )
             t.evaluations[s.group] = (s.role, evaluation)
             t.answered[s.group] = "evaluated"
+            s.answered.add(task_id)
+            self._changed.notify_all()
+
+    def _open_evaluation(self, s: NodeSession, task_id: str, round_: int) -> _OpenTask:
+        """The open EVALUATE task if `task_id` and `round_` name it and `s` was asked."""
+        t = self._task
+        if t is None or t.kind != TaskKind.EVALUATE or t.task_id != task_id or t.round != round_:
+            raise Rejection(
+                "FAILED_PRECONDITION", f"evaluation for task {quoted(task_id)} is not the open one"
+            )
+        if s.session_id not in t.selected:
+            raise Rejection("FAILED_PRECONDITION", f"{s.group} was not asked to evaluate")
+        return t
+
+    def note_rejected_evaluation(
+        self, session_id: str, group: str | None, task_id: str, round_: int, reason: str
+    ) -> None:
+        """Record an evaluation report refused for its values (malformed, out of range): final,
+        as for a refused update, so the round does not wait for the node until its deadline.
+        Session refusals (UNAUTHENTICATED, PERMISSION_DENIED) are raised as for any call; a report
+        for a task that is not open changes nothing."""
+        with self._changed:
+            s = self._session(session_id, group)
+            try:
+                t = self._open_evaluation(s, task_id, round_)
+            except Rejection:
+                return
+            if s.group in t.answered:
+                return
+            reason = clipped(reason)
+            log.warning("evaluation round %d: report from %s refused: %s", t.round, s.group, reason)
+            t.answered[s.group] = f"rejected: {reason}"
             s.answered.add(task_id)
             self._changed.notify_all()
 

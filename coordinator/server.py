@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -31,7 +32,19 @@ from coordinator.auth import (
     authenticated_node,
     require_self,
 )
-from coordinator.rounds import GlobalModel, Rejection, Role, RoundEngine, TaskKind, TaskSpec
+from coordinator.rounds import (
+    MAX_FREE_TEXT,
+    MAX_NODE_EXAMPLES,
+    GlobalModel,
+    Rejection,
+    Role,
+    RoundEngine,
+    TaskKind,
+    TaskSpec,
+    checked_metrics,
+    checked_text,
+    clipped,
+)
 from pluralfed import __version__
 from pluralfed.evaluation import GroupEvaluation
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -68,6 +81,13 @@ log = logging.getLogger("pluralfed.coordinator")
 
 MAX_GROUP_NAME = 200
 MAX_WAIT_S = 60.0
+# how long a GetTask without `wait` is held (the protocol: the coordinator's default), so that a
+# node leaving it unset does not busy-poll on WAIT answers with a zero retry_after
+DEFAULT_WAIT_S = 10.0
+# HeartbeatRequest.task_id: the coordinator's task ids are 32 hex digits
+MAX_TASK_ID = 64
+# how far EvaluationReport.metrics.mean_alignment may differ from the "model" metric it repeats
+MEAN_ALIGNMENT_TOLERANCE = 1e-9
 # uploads read at once (CoordinatorConfig.max_concurrent_uploads); more wait for a slot
 DEFAULT_MAX_CONCURRENT_UPLOADS = 4
 # downloads sent at once (CoordinatorConfig.max_concurrent_downloads); more wait for a slot
@@ -280,6 +300,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 int(request.num_train_examples),
                 request.encoder_id,
                 request.software_version,
+                dict(request.labels),
             )
         except Rejection as r:
             _abort(context, r)
@@ -299,7 +320,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         return reply
 
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
-        wait_s = min(max(request.wait.ToMilliseconds() / 1000.0, 0.0), MAX_WAIT_S)
+        wait_s = (
+            min(max(request.wait.ToMilliseconds() / 1000.0, 0.0), MAX_WAIT_S)
+            if request.HasField("wait")
+            else DEFAULT_WAIT_S
+        )
         try:
             spec = self.engine.next_task(
                 request.session_id, self._caller(context), wait_s, alive=context.is_active
@@ -436,7 +461,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 else "MALFORMED"
             )
             self.engine.note_rejected_update(h.session_id, caller, h.task_id, str(err), True)
-            return _reject(reason, f"update rejected: {err}")
+            return _reject(reason, f"update rejected: {clipped(str(err))}")
         except Rejection as r:
             if r.reason is None:
                 _abort(context, r)
@@ -459,18 +484,34 @@ class FederationServicer(pb_grpc.FederationServicer):
     def ReportEvaluation(
         self, request: pb.EvaluationReport, context: grpc.ServicerContext
     ) -> pb.Ack:
+        """A refusal of the report's values is INVALID_ARGUMENT and final (the node's answer to
+        the task, as a refused update is); a stale or repeated report changes nothing."""
         caller = self._caller(context)
+        if len(request.group) > MAX_GROUP_NAME:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"group must be 1..{MAX_GROUP_NAME} characters"
+            )
         if caller is not None:
             require_self(context, request.group)
         try:
-            evaluation = GroupEvaluation.from_metrics(
-                request.group, int(request.metrics.num_questions), dict(request.metrics.metrics)
-            )
+            evaluation = _evaluation_of(request)
         except ValueError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            message = str(err)
+            try:
+                self.engine.note_rejected_evaluation(
+                    request.session_id, caller, request.task_id, request.round, message
+                )
+            except Rejection as r:
+                _abort(context, r)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, clipped(message))
         try:
             self.engine.accept_evaluation(
-                request.session_id, caller, request.task_id, request.round, evaluation
+                request.session_id,
+                caller,
+                request.task_id,
+                request.round,
+                evaluation,
+                request.model_version,
             )
         except Rejection as r:
             _abort(context, r)
@@ -479,7 +520,16 @@ class FederationServicer(pb_grpc.FederationServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
+        """The node's state is only advisory; a state value this coordinator does not know (a
+        newer node's) is accepted, but the other fields must be what the protocol says."""
+        if not (math.isfinite(request.progress) and 0.0 <= request.progress <= 1.0):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"progress is {request.progress}: a fraction in [0, 1] (0 if unknown)",
+            )
         try:
+            checked_text("task_id", request.task_id, MAX_TASK_ID)
+            checked_text("message", request.message, MAX_FREE_TEXT, printable=False)
             current = self.engine.heartbeat(request.session_id, self._caller(context))
         except Rejection as r:
             _abort(context, r)
@@ -491,10 +541,39 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
         try:
-            self.engine.leave(request.session_id, self._caller(context))
+            self.engine.leave(request.session_id, self._caller(context), request.reason)
         except Rejection as r:
             _abort(context, r)
         return pb.Ack(message="goodbye")
+
+
+def _evaluation_of(request: pb.EvaluationReport) -> GroupEvaluation:
+    """The report's figures, or ValueError naming the field: the four protocol metrics in
+    [0, 1], any others finite and few, mean_alignment equal to the "model" metric it repeats,
+    a plausible question count, and no per-question scores (this coordinator never asks for
+    them: EvaluationConfig.include_per_question)."""
+    m = request.metrics
+    if request.questions:
+        raise ValueError(
+            f"questions: {len(request.questions)} per-question scores sent, but the task did not "
+            "ask for them (EvaluationConfig.include_per_question)"
+        )
+    if not 1 <= m.num_questions <= MAX_NODE_EXAMPLES:
+        raise ValueError(
+            f"metrics.num_questions is {m.num_questions}: the test questions evaluated, "
+            f"1..{MAX_NODE_EXAMPLES}"
+        )
+    try:
+        metrics = checked_metrics("metrics.metrics", dict(m.metrics), reason=None)
+    except Rejection as r:
+        raise ValueError(r.message) from None
+    evaluation = GroupEvaluation.from_metrics(request.group, int(m.num_questions), metrics)
+    if not abs(m.mean_alignment - evaluation.model) <= MEAN_ALIGNMENT_TOLERANCE:
+        raise ValueError(
+            f"metrics.mean_alignment is {m.mean_alignment}, but its metric 'model' is "
+            f"{evaluation.model}: the same figure twice must agree"
+        )
+    return evaluation
 
 
 def task_to_proto(spec: TaskSpec) -> pb.Task:

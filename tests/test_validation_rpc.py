@@ -1,0 +1,349 @@
+"""Every field a node sends besides uploads, checked by the real coordinator stack: RoundEngine and
+its gRPC server in this process, real mutual TLS on 127.0.0.1, in-process fake nodes.
+
+Bad input gets a status that names the field (or, for a stale or foreign report, says why),
+never an opaque transport error: an identifier of half a megabyte is quoted back cut short, not
+echoed into a status gRPC would drop (RESOURCE_EXHAUSTED) nor into a log line. Free text that is
+logged (a Leave reason) cannot forge log lines. A bad evaluation report is the node's final answer,
+so the round does not wait for it until the deadline, and no report on another model version, with
+non-finite or contradictory figures, or with per-question scores nobody asked for, is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from fedharness import FakeNode, rpc_error, scaled, update_messages, wait_until
+from test_update_validation import ALLOW, ENCODER, Federation, serve
+
+import coordinator.server as server_module
+from coordinator.rounds import RoundSettings
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.transport import PROTOCOL_VERSION
+
+pytestmark = pytest.mark.timeout(120)
+
+HUGE = "x" * 500_000  # far over gRPC's 16 KiB status limit, well under the message limit
+# what a sane status message or log line stays under, whatever a node sends
+SHORT = 1000
+GOOD_METRICS = {
+    "model": 0.5,
+    "uniform_context": 0.4,
+    "uniform_baseline": 0.3,
+    "prior_baseline": 0.35,
+}
+
+
+def quiet_settings(**overrides: Any) -> RoundSettings:
+    """No round ever starts (no quorum): for checks of single calls."""
+    values: dict[str, Any] = {"rounds": 1, "min_nodes": 9, "session_timeout_s": 120.0}
+    return RoundSettings(**{**values, **overrides})
+
+
+@pytest.fixture
+def quiet(tmp_path: Path) -> Iterator[Federation]:
+    with serve(tmp_path, quiet_settings()) as fed:
+        yield fed
+
+
+def status(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[grpc.StatusCode, str]:
+    err = rpc_error(fn, *args, **kwargs)
+    return err.code(), str(err.details())
+
+
+def join_request(**fields: Any) -> pb.JoinRequest:
+    base: dict[str, Any] = {
+        "group": "Good A",
+        "role": pb.ROLE_TRAIN,
+        "num_train_examples": 10,
+        "software_version": "0.1.0",
+        "protocol_version": PROTOCOL_VERSION,
+        "encoder_id": ENCODER,
+    }
+    return pb.JoinRequest(**{**base, **fields})
+
+
+def longest_log_line(caplog: pytest.LogCaptureFixture) -> int:
+    return max((len(r.getMessage()) for r in caplog.records), default=0)
+
+
+def test_join_fields_are_checked(quiet: Federation, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with quiet.node("node-good-a") as node:
+        join = node.stub.Join
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"software_version": HUGE}, "software_version"),
+            ({"software_version": "v" * 65}, "software_version"),
+            ({"software_version": "0.1.0\nINFO forged line"}, "software_version"),
+            ({"labels": {f"k{i}": "v" for i in range(33)}}, "labels"),
+            ({"labels": {"site": "v" * 257}}, "labels['site']"),
+            ({"labels": {"a\nb": "v"}}, "labels key"),
+            ({"labels": {"": "v"}}, "labels"),
+        ]
+        for fields, named in cases:
+            code, details = status(join, join_request(**fields), timeout=30)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (list(fields), code, details)
+            assert details.startswith(named) and len(details) < SHORT, details
+        # another encoder is named in the refusal, cut short: not a status too big to send
+        code, details = status(join, join_request(encoder_id=HUGE), timeout=30)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "encoder mismatch" in details
+        assert ENCODER in details and len(details) < SHORT, details
+        assert not quiet.engine.live_sessions()
+
+        # labels are logged (the protocol says so), as the version is: one line each join
+        reply = join(join_request(labels={"site": "Lab 3", "gpu": "none"}), timeout=30)
+        assert reply.session_id
+        line = next(r.getMessage() for r in caplog.records if "joined as" in r.getMessage())
+        assert "'0.1.0'" in line and "'site': 'Lab 3'" in line, line
+        # an evaluate-only node sends the size of its context questions: no weight, so accepted
+        judge = quiet.node("node-judge")
+        with judge:
+            judge.stub.Join(
+                join_request(group="Judge", role=pb.ROLE_EVALUATE_ONLY, num_train_examples=7),
+                timeout=30,
+            )
+    assert longest_log_line(caplog) < SHORT
+
+
+def test_huge_identifiers_are_refused_with_a_short_clear_status(
+    quiet: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: each of these came back RESOURCE_EXHAUSTED ("received metadata size exceeds hard
+    limit"), and a claimed group or task id was logged whole."""
+    caplog.set_level(logging.INFO)
+    with quiet.node("node-good-a") as node:
+        node.join(ENCODER, 10)
+        checks: list[tuple[str, Callable[[], Any], grpc.StatusCode, str]] = [
+            (
+                "Heartbeat",
+                lambda: node.heartbeat(session_id=HUGE),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "session",
+            ),
+            (
+                "GetTask",
+                lambda: node.get_task(0.1, session_id=HUGE),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "session",
+            ),
+            (
+                "Leave",
+                lambda: node.leave(session_id=HUGE),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "session",
+            ),
+            (
+                "DownloadModel",
+                lambda: node.download(HUGE),
+                grpc.StatusCode.NOT_FOUND,
+                "model version",
+            ),
+            (
+                "ReportEvaluation (group)",
+                lambda: report(node, pb.Task(task_id="t"), group=HUGE),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "group",
+            ),
+            (
+                "ReportEvaluation (claims another group)",
+                lambda: report(node, pb.Task(task_id="t"), group="y" * 200),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "may not act as",
+            ),
+            (
+                "ReportEvaluation (task id)",
+                lambda: report(node, pb.Task(task_id=HUGE)),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "is not the open one",
+            ),
+        ]
+        for what, call, code, says in checks:
+            got, details = status(call)
+            assert got == code and says in details and len(details) < SHORT, (what, got, details)
+        # an upload's header: refused STALE with a short reply message (and a short log line)
+        reply = node.upload(
+            update_messages(node.session_id, pb.Task(task_id=HUGE, model_version=HUGE), {}, 1)
+        )
+        assert reply.reason == pb.REJECT_REASON_STALE and len(reply.message) < SHORT, reply
+        assert node.heartbeat().current_round == 0  # the session is unharmed
+    assert longest_log_line(caplog) < SHORT
+
+
+def test_heartbeat_fields_are_checked(quiet: Federation) -> None:
+    with quiet.node("node-good-a") as node:
+        node.join(ENCODER, 10)
+
+        def beat(**fields: Any) -> pb.HeartbeatReply:
+            request = pb.HeartbeatRequest(session_id=node.session_id, **fields)
+            return node.stub.Heartbeat(request, timeout=30)
+
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"progress": float("nan")}, "progress"),
+            ({"progress": float("inf")}, "progress"),
+            ({"progress": -0.1}, "progress"),
+            ({"progress": 1.5}, "progress"),
+            ({"task_id": "t" * 65}, "task_id"),
+            ({"task_id": "abc\n"}, "task_id"),
+            ({"message": "m" * 1001}, "message"),
+        ]
+        for fields, named in cases:
+            code, details = status(beat, **fields)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(named), details
+        # what a node may send: any state (one this coordinator does not know is a newer node's),
+        # a multi-line error message, progress in [0, 1]
+        beat(state=pb.NODE_STATE_FAILED, task_id="f" * 32, progress=1.0, message="boom\ntrace")
+        beat(state=99, progress=0.0)  # type: ignore[arg-type]
+
+
+def test_leave_reason_is_bounded_and_cannot_forge_log_lines(
+    quiet: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with quiet.node("node-good-a") as node:
+        node.join(ENCODER, 10)
+        leave = node.stub.Leave
+        code, details = status(
+            leave, pb.LeaveRequest(session_id=node.session_id, reason=HUGE), timeout=30
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("reason"), details
+        assert node.heartbeat().current_round == 0  # refused: still a member
+        forged = "done\n2099-01-01 INFO pluralfed.coordinator node Good B joined as train"
+        leave(pb.LeaveRequest(session_id=node.session_id, reason=forged), timeout=30)
+        assert not quiet.engine.live_sessions()
+    lines = [r.getMessage() for r in caplog.records if "left" in r.getMessage()]
+    assert lines == [
+        "node Good A left: 'done\\n2099-01-01 INFO pluralfed.coordinator node Good B "
+        "joined as train'"
+    ], lines
+
+
+def test_get_task_without_wait_is_held_for_the_coordinators_default(
+    quiet: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The protocol: the coordinator uses its own default when `wait` is unset. Before, an unset
+    wait meant 0 s: WAIT at once with retry_after 0, a node busy-polling the coordinator."""
+    monkeypatch.setattr(server_module, "DEFAULT_WAIT_S", 1.0, raising=False)
+    with quiet.node("node-good-a") as node:
+        node.join(ENCODER, 10)
+        started = time.monotonic()
+        task = node.stub.GetTask(pb.GetTaskRequest(session_id=node.session_id), timeout=30)
+        assert task.kind == pb.TASK_KIND_WAIT and time.monotonic() - started >= 0.9
+        started = time.monotonic()  # an explicit zero still answers at once
+        assert node.get_task(0.0).kind == pb.TASK_KIND_WAIT
+        assert time.monotonic() - started < 0.9
+
+
+def report(
+    node: FakeNode,
+    task: pb.Task,
+    *,
+    metrics: Mapping[str, float] = GOOD_METRICS,
+    num_questions: int = 12,
+    mean_alignment: float | None = None,
+    group: str | None = None,
+    **fields: Any,
+) -> pb.Ack:
+    """ReportEvaluation as `node` for `task`; fields override the report's own."""
+    request = pb.EvaluationReport(
+        session_id=node.session_id,
+        task_id=task.task_id,
+        round=task.round,
+        group=node.group if group is None else group,
+        model_version=task.model_version,
+        metrics=pb.GroupMetrics(
+            num_questions=num_questions,
+            mean_alignment=metrics.get("model", 0.0) if mean_alignment is None else mean_alignment,
+            metrics=dict(metrics),
+        ),
+    )
+    for name, value in fields.items():
+        if name == "questions":
+            request.questions.extend(value)
+        else:
+            setattr(request, name, value)
+    return node.stub.ReportEvaluation(request, timeout=30)
+
+
+# one bad report per node: a refusal of the figures is final for the round
+BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
+    "node-nan": ({"metrics": {**GOOD_METRICS, "model": float("nan")}}, "'model'"),
+    "node-shape": ({"mean_alignment": 0.9}, "mean_alignment is 0.9"),
+    "node-dtype": (
+        {"questions": [pb.QuestionScore(question_id="ab" * 32, alignment=0.5)]},
+        "questions",
+    ),
+    "node-digest": ({"num_questions": 4_000_000_000}, "num_questions"),
+    "node-trunc": ({"metrics": {**GOOD_METRICS, "context_gain": float("inf")}}, "'context_gain'"),
+    "node-late": (
+        {"metrics": {**GOOD_METRICS, **{f"m{i}": 0.0 for i in range(29)}}},
+        "33 metrics",
+    ),
+}
+
+
+def test_evaluation_reports_are_checked_and_a_bad_one_does_not_stall_the_round(
+    tmp_path: Path,
+) -> None:
+    settings = RoundSettings(
+        rounds=1,
+        min_nodes=8,
+        eval_at_start=True,
+        eval_every=0,
+        round_timeout_s=scaled(60),
+        eval_timeout_s=scaled(60),
+        session_timeout_s=120.0,
+    )
+    with serve(tmp_path, settings) as fed:
+        judge = fed.node("node-judge")
+        judge.join(ENCODER, role=pb.ROLE_EVALUATE_ONLY)  # before the quorum: it is asked too
+        nodes = {ident: fed.node(ident) for ident in ("node-good-a", "node-good-b", *BAD_REPORTS)}
+        try:
+            for n in nodes.values():
+                n.join(ENCODER, 10)
+            _evaluation_round(fed, judge, nodes)
+        finally:
+            for n in [judge, *nodes.values()]:
+                n.close()
+
+
+def _evaluation_round(fed: Federation, judge: FakeNode, nodes: dict[str, FakeNode]) -> None:
+    started = time.monotonic()
+    tasks = {ident: n.wait_task(pb.TASK_KIND_EVALUATE, timeout=20) for ident, n in nodes.items()}
+    task = tasks["node-good-a"]
+    assert judge.wait_task(pb.TASK_KIND_EVALUATE, timeout=20).task_id == task.task_id
+
+    for ident, (fields, says) in BAD_REPORTS.items():
+        code, details = status(report, nodes[ident], task, **fields)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and says in details, (ident, details)
+        # the node's answer: a good report afterwards is not recorded either
+        code, details = status(report, nodes[ident], task)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "already refused" in details
+
+    a, b = nodes["node-good-a"], nodes["node-good-b"]
+    stale = pb.Task(task_id=task.task_id, round=task.round, model_version="older-r0-000")
+    code, details = status(report, a, stale)  # evaluated another model: refused, not final
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "older-r0-000" in details, details
+    code, _ = status(report, a, pb.Task(task_id="f" * 32, model_version=task.model_version))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    code, _ = status(report, b, task, group="Good A")  # another group's figures
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert fed.engine.state.evaluations == []  # Good A, Good B and Judge have yet to answer
+    report(a, task, metrics={**GOOD_METRICS, "model": 0.6})
+    assert status(report, a, task)[0] == grpc.StatusCode.ALREADY_EXISTS
+    report(b, task, metrics={**GOOD_METRICS, "model": 0.7})
+    report(judge, task, metrics={**GOOD_METRICS, "model": 0.2})
+
+    # every node has answered: the round closes now, not at its deadline
+    wait_until(lambda: fed.engine.state.evaluations, 20, "the evaluation record")
+    assert time.monotonic() - started < fed.engine.settings.eval_timeout_s / 2
+    record = fed.engine.state.evaluations[0]
+    assert record["groups"] == ["Good A", "Good B", "Judge"]
+    assert record["missing"] == sorted(ALLOW[i] for i in BAD_REPORTS)
+    assert record["per_group"]["Good A"]["model"] == 0.6
+    assert record["reports"]["held-out groups"]["per_group"] == {"Judge": 0.2}
