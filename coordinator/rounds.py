@@ -448,6 +448,8 @@ class RoundEngine:
                 if t is not None and old.role == role and old.session_id in t.selected:
                     del t.selected[old.session_id]
                     t.selected[session.session_id] = group
+                elif t is not None:  # back in another role: the round stops waiting for it
+                    self._give_up_on(t, old, "left")
             self._sessions[session.session_id] = session
             self._changed.notify_all()
         log.info(
@@ -460,19 +462,61 @@ class RoundEngine:
         )
         return session
 
-    def heartbeat(self, session_id: str, group: str | None) -> int:
-        with self._lock:
-            self._session(session_id, group)
-            return self.state.completed_rounds
+    def heartbeat(
+        self,
+        session_id: str,
+        group: str | None,
+        task_id: str = "",
+        failed: bool = False,
+        message: str = "",
+    ) -> tuple[int, bool]:
+        """(completed rounds, whether the node should drop `task_id`: it is not the open task,
+        or the node's answer to it is already recorded). A node reporting its task as `failed`
+        gives that answer: the round stops waiting for it."""
+        with self._changed:
+            s = self._session(session_id, group)
+            t = self._task
+            current = t is not None and bool(task_id) and t.task_id == task_id
+            if failed and current and t is not None:
+                outcome = f"failed: {clipped(message, MAX_REASON_TEXT)}" if message else "failed"
+                if self._give_up_on(t, s, outcome):
+                    log.warning(
+                        "%s round %d: %s reports %s", t.kind.value, t.round, s.group, outcome
+                    )
+            answered = current and t is not None and s.group in t.answered
+            return self.state.completed_rounds, bool(task_id) and (not current or answered)
 
     def leave(self, session_id: str, group: str | None, reason: str = "") -> None:
-        """End the session; the node's `reason` (free text, LeaveRequest.reason) is logged."""
+        """End the session; the node's `reason` (free text, LeaveRequest.reason) is logged. A
+        round that handed it a task it has not answered stops waiting for it."""
         checked_text("reason", reason, MAX_FREE_TEXT, printable=False)
         with self._changed:
             s = self._session(session_id, group)
             del self._sessions[session_id]
+            if self._task is not None:
+                self._give_up_on(self._task, s, "left")
             self._changed.notify_all()
         log.info("node %s left: %s", s.group, quoted(reason, MAX_REASON_TEXT))
+
+    def _give_up_on(self, t: _OpenTask, s: NodeSession, outcome: str) -> bool:
+        """Record `outcome` as the answer of a node the round handed `t` to and still waits
+        for (it left, failed or fell silent), so the round need not wait for its deadline.
+        Called with the lock held; False if the node had no such open part in `t`."""
+        if s.session_id not in t.selected or s.group in t.answered or s.group in t.folding:
+            return False
+        t.answered[s.group] = outcome
+        s.answered.add(t.task_id)
+        self._changed.notify_all()
+        return True
+
+    def _give_up_on_group(self, t: _OpenTask, session_id: str, outcome: str) -> bool:
+        """`_give_up_on` for a selected session that no longer exists (it expired)."""
+        group = t.selected[session_id]
+        if group in t.answered or group in t.folding:
+            return False
+        t.answered[group] = outcome
+        self._changed.notify_all()
+        return True
 
     def next_task(
         self,
@@ -883,6 +927,7 @@ class RoundEngine:
     def _wait_for_answers(self, t: _OpenTask) -> None:
         with self._changed:
             while not self._stop.is_set():
+                self._give_up_on_silent(t)
                 if len(t.answered) + len(t.folding) >= len(t.selected):
                     return
                 remaining = t.deadline - time.time()
@@ -893,6 +938,26 @@ class RoundEngine:
                     )
                     return
                 self._changed.wait(min(remaining, 1.0))
+
+    def _give_up_on_silent(self, t: _OpenTask) -> None:
+        """Nodes of `t` whose session expired (no call for session_timeout_s: heartbeats keep a
+        working node's alive) are that task's missing answers: waiting longer cannot help."""
+        now = time.time()
+        for session_id, group in list(t.selected.items()):
+            s = self._sessions.get(session_id)
+            if s is None:  # its session expired (a rejoin in the same role takes over the id)
+                gave_up = self._give_up_on_group(t, session_id, "silent")
+            else:
+                gave_up = now - s.last_seen > self.settings.session_timeout_s and (
+                    self._give_up_on(t, s, "silent")
+                )
+            if gave_up:
+                log.warning(
+                    "%s round %d: the session of %s expired, the round stops waiting for it",
+                    t.kind.value,
+                    t.round,
+                    group,
+                )
 
     def _training_round(self) -> None:
         st = self.settings

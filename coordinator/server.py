@@ -530,10 +530,16 @@ class FederationServicer(pb_grpc.FederationServicer):
         try:
             checked_text("task_id", request.task_id, MAX_TASK_ID)
             checked_text("message", request.message, MAX_FREE_TEXT, printable=False)
-            current = self.engine.heartbeat(request.session_id, self._caller(context))
+            current, cancel = self.engine.heartbeat(
+                request.session_id,
+                self._caller(context),
+                request.task_id,
+                failed=request.state == pb.NODE_STATE_FAILED,
+                message=request.message,
+            )
         except Rejection as r:
             _abort(context, r)
-        reply = pb.HeartbeatReply(current_round=current)
+        reply = pb.HeartbeatReply(current_round=current, cancel_task=cancel)
         reply.heartbeat_interval.FromMilliseconds(
             int(self.engine.settings.heartbeat_interval_s * 1000)
         )

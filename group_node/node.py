@@ -372,9 +372,14 @@ class NodeClient:
             timeout=60,
         )
 
-    def heartbeat(self, state: pb.NodeState.ValueType) -> None:
+    def heartbeat(
+        self, state: pb.NodeState.ValueType, task_id: str = "", message: str = ""
+    ) -> None:
         self.stub.Heartbeat(
-            pb.HeartbeatRequest(session_id=self.session_id, state=state), timeout=10
+            pb.HeartbeatRequest(
+                session_id=self.session_id, state=state, task_id=task_id, message=message
+            ),
+            timeout=10,
         )
 
     def leave(self, reason: str) -> None:
@@ -611,6 +616,10 @@ class GroupNode:
             # a coordinator bug or a version mismatch: this round goes on without us
             log.error("%s: round %d task refused: %s", self.config.group, task.round, err)
             self._refused.add(task.task_id)
+            # tell the coordinator, so the round need not wait for its deadline (the message
+            # names only the task's own field, nothing of this node's data)
+            with contextlib.suppress(grpc.RpcError):
+                self.client.heartbeat(pb.NODE_STATE_FAILED, task.task_id, str(err)[:1000])
             return
 
         def work() -> None:

@@ -580,11 +580,20 @@ class FakeNode:
     def upload(self, messages: Iterable[pb.UpdateChunk]) -> pb.UploadReply:
         return self.stub.UploadUpdate(iter(list(messages)), timeout=RPC_TIMEOUT_S)
 
-    def heartbeat(self, session_id: str | None = None) -> pb.HeartbeatReply:
+    def heartbeat(
+        self,
+        session_id: str | None = None,
+        *,
+        state: pb.NodeState.ValueType = pb.NODE_STATE_IDLE,
+        task_id: str = "",
+        message: str = "",
+    ) -> pb.HeartbeatReply:
         return self.stub.Heartbeat(
             pb.HeartbeatRequest(
                 session_id=self.session_id if session_id is None else session_id,
-                state=pb.NODE_STATE_IDLE,
+                state=state,
+                task_id=task_id,
+                message=message,
             ),
             timeout=RPC_TIMEOUT_S,
         )

@@ -315,9 +315,9 @@ def test_link_cut_mid_round_round_closes_at_deadline_and_node_returns_by_itself(
     session_cache_dir: Path,
 ) -> None:
     """Three nodes, quorum 3, 2 updates suffice. Right after round 1 the third node's interface
-    goes down (in its namespace). The round handed to it closes at its deadline with the other
-    two updates; its session expires (6 s without heartbeats), so the coordinator waits for a
-    quorum again. The node loses its connection (gRPC gives up on unacknowledged data after
+    goes down (in its namespace). Its session expires (6 s without heartbeats), so the round
+    handed to it closes then, before its 12 s deadline, with the other two updates and the node
+    recorded as silent, and the coordinator waits for a quorum again. The node loses its connection (gRPC gives up on unacknowledged data after
     ~10 s, its keepalive timeout), keeps retrying, and once the link is back up it joins again
     by itself and trains in every remaining round."""
     groups = fed_data.groups[:3]
@@ -412,14 +412,16 @@ def test_link_cut_mid_round_round_closes_at_deadline_and_node_returns_by_itself(
 
     records = coord.records()
     assert [r["round"] for r in records] == list(range(1, rounds + 1)), tails(everyone)
-    # the round it missed: handed to it, closed at the deadline with the two others' updates
+    # the round it missed: handed to it, closed when its session expired, before the deadline,
+    # with the two others' updates
     assert cut["round"] in (warm["round"] + 1, warm["round"] + 2), (warm, cut)
     assert cut["selected"] == sorted(groups), cut
     assert cut["participants"] == others, cut
-    assert cut["outcomes"] == dict.fromkeys(others, "accepted"), cut
-    assert deadline_s - 0.5 <= cut["seconds"] <= deadline_s + 5.0, cut["seconds"]
+    assert cut["outcomes"] == {**dict.fromkeys(others, "accepted"), victim: "silent"}, cut
+    assert cut["seconds"] < deadline_s, cut["seconds"]
     assert re.search(
-        rf"train round {cut['round']}: deadline passed without \['{victim}'\]", coord.proc.log()
+        rf"train round {cut['round']}: the session of {re.escape(victim)} expired",
+        coord.proc.log(),
     ), coord.proc.tail()
     # every round from `warm` on but the cut one had all three: the node came back by itself
     assert cut["round"] < rounds, "no round was left for the node to come back to"

@@ -116,6 +116,7 @@ class OffersABadTrainTask(JoinOnly):
         self.closes_at = time.monotonic() + open_s
         self.offers = 0
         self.downloads = 0
+        self.failed: list[tuple[str, str]] = []  # (task_id, message) of FAILED heartbeats
 
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
         if time.monotonic() >= self.closes_at:
@@ -132,8 +133,12 @@ class OffersABadTrainTask(JoinOnly):
         self.downloads += 1
         context.abort(grpc.StatusCode.NOT_FOUND, "no model here")
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.Ack:
-        return pb.Ack()
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        if request.state == pb.NODE_STATE_FAILED:
+            self.failed.append((request.task_id, request.message))
+        return pb.HeartbeatReply()
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
         return pb.Ack()
@@ -163,5 +168,9 @@ def test_node_refuses_a_train_task_with_bad_settings_once_and_waits_the_round_ou
         "G: round 1 task refused: TRAIN hyperparameters: embedding_noise 7.0 is not in 0..1.0"
     ]
     assert servicer.downloads == 0
+    # ... and told the coordinator at once, so that its round need not wait for it
+    assert servicer.failed == [
+        ("t-1", "TRAIN hyperparameters: embedding_noise 7.0 is not in 0..1.0")
+    ]
     # asked again every REFUSED_TASK_POLL_S while the round was open, not in a tight loop
     assert 1 <= servicer.offers <= 1 + math.ceil(3.0 / REFUSED_TASK_POLL_S) + 1

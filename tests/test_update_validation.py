@@ -439,3 +439,59 @@ def test_restarted_node_picks_up_its_task_again(tmp_path: Path) -> None:
         finally:
             a.close()
             b.close()
+
+
+def test_round_stops_waiting_for_nodes_that_leave_fail_or_fall_silent(tmp_path: Path) -> None:
+    """Of five nodes handed the round, two upload; one leaves, one reports its task FAILED in a
+    heartbeat, one falls silent. The round closes once the silent one's session expires (3 s),
+    not at its 60 s deadline, with each departure recorded as that node's outcome; a heartbeat
+    naming a task that is not open is told to cancel it."""
+    idents = ["node-good-a", "node-good-b", "node-nan", "node-shape", "node-dtype"]
+    settings = RoundSettings(
+        rounds=1,
+        min_nodes=len(idents),
+        min_updates=1,
+        round_timeout_s=60.0,
+        eval_every=0,
+        heartbeat_interval_s=1.0,
+        session_timeout_s=3.0,
+    )
+    with serve(tmp_path, settings) as fed:
+        nodes = {i: fed.node(i) for i in idents}
+        try:
+            for n in nodes.values():
+                n.join(ENCODER, 10)
+            tasks = {i: n.wait_task(pb.TASK_KIND_TRAIN) for i, n in nodes.items()}
+            task = tasks["node-good-a"]
+            g0 = nodes["node-good-a"].download(task.model_version)
+            opened = time.time()
+            for k, i in enumerate(["node-good-a", "node-good-b"]):
+                node = nodes[i]
+                reply = node.upload(update_messages(node.session_id, task, nudged(g0, k), 10))
+                assert reply.accepted, reply
+            nodes["node-nan"].leave()
+            failer = nodes["node-shape"]
+            working = failer.heartbeat(state=pb.NODE_STATE_TRAINING, task_id=task.task_id)
+            assert not working.cancel_task  # the open task, not answered yet: go on
+            beat = failer.heartbeat(
+                state=pb.NODE_STATE_FAILED, task_id=task.task_id, message="out of memory"
+            )
+            assert beat.cancel_task  # its answer is recorded: nothing more to do for it
+            assert failer.heartbeat(task_id="f" * 32).cancel_task  # not the open task
+            # node-dtype says nothing more: the round waits for its session to expire
+            fed.wait_rounds(1)
+            waited = time.time() - opened
+        finally:
+            for n in nodes.values():
+                n.close()
+    [record] = fed.engine.state.history
+    groups = {i: ALLOW[i] for i in idents}
+    assert record["outcomes"] == {
+        groups["node-good-a"]: "accepted",
+        groups["node-good-b"]: "accepted",
+        groups["node-nan"]: "left",
+        groups["node-shape"]: "failed: out of memory",
+        groups["node-dtype"]: "silent",
+    }, record
+    assert record["participants"] == sorted([groups["node-good-a"], groups["node-good-b"]])
+    assert settings.session_timeout_s <= waited < 30.0, waited

@@ -287,12 +287,14 @@ class JoinRequest(_message.Message):
     role: Global___Role.ValueType
     num_train_examples: _builtins.int
     """Number of training examples (questions) the node holds: the default FedAvg weight.
-    0 for an EVALUATE_ONLY node; at most 10,000,000.
+    At most 10,000,000; ignored for an EVALUATE_ONLY node.
     """
     software_version: _builtins.str
-    """The node's pluralfed version, e.g. "0.1.0" (for the coordinator's logs and compatibility)."""
+    """The node's pluralfed version, e.g. "0.1.0" (for the coordinator's logs and compatibility);
+    at most 64 printable characters.
+    """
     protocol_version: _builtins.int
-    """The federation protocol version the node speaks (this file: 1)."""
+    """The federation protocol version the node speaks (this file: 2)."""
     encoder_id: _builtins.str
     """Identity of the text encoder that produced the node's embeddings, e.g.
     "all-MiniLM-L6-v2/384/mean". Nodes with a different encoder would train an incompatible
@@ -300,7 +302,9 @@ class JoinRequest(_message.Message):
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form extras (hardware, site contact, ...), logged by the coordinator."""
+        """Free-form extras (hardware, site contact, ...), logged by the coordinator: at most 32, keys
+        of 1..64 and values of at most 256 printable characters.
+        """
 
     def __init__(
         self,
@@ -392,7 +396,7 @@ class LeaveRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     reason: _builtins.str
-    """Human-readable, for the coordinator's log."""
+    """Human-readable, for the coordinator's log; at most 1,000 characters."""
     def __init__(
         self,
         *,
@@ -419,11 +423,11 @@ class HeartbeatRequest(_message.Message):
     session_id: _builtins.str
     state: Global___NodeState.ValueType
     task_id: _builtins.str
-    """The task the node is working on, if any."""
+    """The task the node is working on, if any (at most 64 printable characters)."""
     progress: _builtins.float
-    """Fraction of the task done, in [0, 1]; 0 if unknown."""
+    """Fraction of the task done, in [0, 1]; 0 if unknown. Anything else: INVALID_ARGUMENT."""
     message: _builtins.str
-    """Human-readable detail, e.g. the error of a failed task."""
+    """Human-readable detail, e.g. the error of a failed task; at most 1,000 characters."""
     def __init__(
         self,
         *,
@@ -449,8 +453,9 @@ class HeartbeatReply(_message.Message):
     CANCEL_TASK_FIELD_NUMBER: _builtins.int
     CURRENT_ROUND_FIELD_NUMBER: _builtins.int
     cancel_task: _builtins.bool
-    """True when the task named in the request is no longer wanted (its round closed or it was
-    superseded): stop working on it and call GetTask.
+    """True when the task named in the request is no longer wanted (its round closed, it was
+    superseded, or the node's answer to it is already recorded): stop working on it and call
+    GetTask.
     """
     current_round: _builtins.int
     """The coordinator's current round, for the node's logs."""
@@ -507,7 +512,7 @@ class GetTaskRequest(_message.Message):
     @_builtins.property
     def wait(self) -> _duration_pb2.Duration:
         """How long the coordinator may hold the call before answering WAIT. The coordinator caps it
-        (and uses its own default when unset); the node's gRPC deadline must be longer.
+        at 60 s (and holds 10 s when unset); the node's gRPC deadline must be longer.
         """
 
     def __init__(
@@ -1137,14 +1142,16 @@ class GroupMetrics(_message.Message):
     MEAN_ALIGNMENT_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     num_questions: _builtins.int
-    """Number of test questions evaluated."""
+    """Number of test questions evaluated, 1..10,000,000."""
     mean_alignment: _builtins.float
     """Mean over questions of 1 - Jensen-Shannon distance between predicted and true answer
-    distributions.
+    distributions; equal to metrics["model"].
     """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Other named metrics, e.g. "uniform_baseline", "group_prior_baseline", "context_gain"."""
+        """Named metrics, at most 32, names of 1..64 printable characters, finite values. Required,
+        each in [0, 1]: "model", "uniform_context", "uniform_baseline", "prior_baseline".
+        """
 
     def __init__(
         self,
@@ -1206,12 +1213,12 @@ class EvaluationReport(_message.Message):
     group: _builtins.str
     """The group evaluated (the node's group)."""
     model_version: _builtins.str
-    """The model version evaluated (Task.model_version)."""
+    """The model version evaluated (Task.model_version); any other is FAILED_PRECONDITION."""
     @_builtins.property
     def metrics(self) -> Global___GroupMetrics: ...
     @_builtins.property
     def questions(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionScore]:
-        """Only when EvaluationConfig.include_per_question was set."""
+        """Only when EvaluationConfig.include_per_question was set (else INVALID_ARGUMENT)."""
 
     def __init__(
         self,

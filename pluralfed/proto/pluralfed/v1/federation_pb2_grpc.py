@@ -117,7 +117,10 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportEvaluation(self, request, context):
-        """Reports the result of an EVALUATE task.
+        """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
+        refusal is the node's answer to the task, as a refused update is (a later report:
+        FAILED_PRECONDITION); FAILED_PRECONDITION for a stale task or model version,
+        DEADLINE_EXCEEDED after the round closed, ALREADY_EXISTS for a second report.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,14 +128,16 @@ class FederationServicer:
 
     def Heartbeat(self, request, context):
         """Keeps the session alive and tells the coordinator what the node is doing. A session with no
-        heartbeat for JoinReply.session_timeout expires, and its task counts as failed.
+        call for JoinReply.session_timeout expires: the round that handed it a task records it as
+        "silent" and stops waiting for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Leave(self, request, context):
-        """Ends the session cleanly (the node is shutting down or leaving the federation).
+        """Ends the session cleanly (the node is shutting down or leaving the federation). A round that
+        handed the node a task it has not answered records it as "left" and stops waiting for it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

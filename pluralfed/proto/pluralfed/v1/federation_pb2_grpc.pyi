@@ -102,13 +102,20 @@ class FederationStub:
     a status error.
     """
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_federation_pb2.EvaluationReport, _federation_pb2.Ack]
-    """Reports the result of an EVALUATE task."""
+    """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
+    refusal is the node's answer to the task, as a refused update is (a later report:
+    FAILED_PRECONDITION); FAILED_PRECONDITION for a stale task or model version,
+    DEADLINE_EXCEEDED after the round closed, ALREADY_EXISTS for a second report.
+    """
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_federation_pb2.HeartbeatRequest, _federation_pb2.HeartbeatReply]
     """Keeps the session alive and tells the coordinator what the node is doing. A session with no
-    heartbeat for JoinReply.session_timeout expires, and its task counts as failed.
+    call for JoinReply.session_timeout expires: the round that handed it a task records it as
+    "silent" and stops waiting for it.
     """
     Leave: _grpc.UnaryUnaryMultiCallable[_federation_pb2.LeaveRequest, _federation_pb2.Ack]
-    """Ends the session cleanly (the node is shutting down or leaving the federation)."""
+    """Ends the session cleanly (the node is shutting down or leaving the federation). A round that
+    handed the node a task it has not answered records it as "left" and stops waiting for it.
+    """
 
 @_typing.type_check_only
 class FederationAsyncStub(FederationStub):
@@ -140,13 +147,20 @@ class FederationAsyncStub(FederationStub):
     a status error.
     """
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_federation_pb2.EvaluationReport, _federation_pb2.Ack]  # type: ignore[assignment]
-    """Reports the result of an EVALUATE task."""
+    """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
+    refusal is the node's answer to the task, as a refused update is (a later report:
+    FAILED_PRECONDITION); FAILED_PRECONDITION for a stale task or model version,
+    DEADLINE_EXCEEDED after the round closed, ALREADY_EXISTS for a second report.
+    """
     Heartbeat: _aio.UnaryUnaryMultiCallable[_federation_pb2.HeartbeatRequest, _federation_pb2.HeartbeatReply]  # type: ignore[assignment]
     """Keeps the session alive and tells the coordinator what the node is doing. A session with no
-    heartbeat for JoinReply.session_timeout expires, and its task counts as failed.
+    call for JoinReply.session_timeout expires: the round that handed it a task records it as
+    "silent" and stops waiting for it.
     """
     Leave: _aio.UnaryUnaryMultiCallable[_federation_pb2.LeaveRequest, _federation_pb2.Ack]  # type: ignore[assignment]
-    """Ends the session cleanly (the node is shutting down or leaving the federation)."""
+    """Ends the session cleanly (the node is shutting down or leaving the federation). A round that
+    handed the node a task it has not answered records it as "left" and stops waiting for it.
+    """
 
 class FederationServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator's service; group nodes are its only clients."""
@@ -205,7 +219,11 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         request: _federation_pb2.EvaluationReport,
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
-        """Reports the result of an EVALUATE task."""
+        """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
+        refusal is the node's answer to the task, as a refused update is (a later report:
+        FAILED_PRECONDITION); FAILED_PRECONDITION for a stale task or model version,
+        DEADLINE_EXCEEDED after the round closed, ALREADY_EXISTS for a second report.
+        """
 
     @_abc_1.abstractmethod
     def Heartbeat(
@@ -214,7 +232,8 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.HeartbeatReply, _abc.Awaitable[_federation_pb2.HeartbeatReply]]:
         """Keeps the session alive and tells the coordinator what the node is doing. A session with no
-        heartbeat for JoinReply.session_timeout expires, and its task counts as failed.
+        call for JoinReply.session_timeout expires: the round that handed it a task records it as
+        "silent" and stops waiting for it.
         """
 
     @_abc_1.abstractmethod
@@ -223,6 +242,8 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         request: _federation_pb2.LeaveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
-        """Ends the session cleanly (the node is shutting down or leaving the federation)."""
+        """Ends the session cleanly (the node is shutting down or leaving the federation). A round that
+        handed the node a task it has not answered records it as "left" and stops waiting for it.
+        """
 
 def add_FederationServicer_to_server(servicer: FederationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
