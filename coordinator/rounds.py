@@ -361,6 +361,12 @@ class RoundEngine:
     def run_id(self) -> str:
         return self.state.run_id
 
+    def completed_rounds(self) -> int:
+        """Rounds done, read under the lock: once it says n, round n's record, checkpoint and
+        metrics.jsonl are all written (state.completed_rounds alone is set before them)."""
+        with self._lock:
+            return self.state.completed_rounds
+
     @property
     def done(self) -> bool:
         return self._done

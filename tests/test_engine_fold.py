@@ -70,7 +70,7 @@ class Engine:
 
     def wait_completed(self, rounds: int) -> None:
         for _ in range(int(WAIT / 0.05)):
-            if self.engine.state.completed_rounds >= rounds:
+            if self.engine.completed_rounds() >= rounds:
                 return
             threading.Event().wait(0.05)
         raise AssertionError(f"round {rounds} did not complete within {WAIT} s")

@@ -95,9 +95,9 @@ class Federation:
 
     def wait_rounds(self, n: int) -> None:
         wait_until(
-            lambda: self.engine.state.completed_rounds >= n,
+            lambda: self.engine.completed_rounds() >= n,
             60,
-            f"round {n} to complete (engine at {self.engine.state.completed_rounds})",
+            f"round {n} to complete (engine at {self.engine.completed_rounds()})",
         )
 
     def spooled(self) -> list[Path]:

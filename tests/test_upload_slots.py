@@ -248,7 +248,7 @@ def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
         with pytest.raises(grpc.FutureCancelledError):
             holders["node-0"].result()
 
-        wait_until(lambda: engine.state.completed_rounds >= 1, 60, "the round to complete")
+        wait_until(lambda: engine.completed_rounds() >= 1, 60, "the round to complete")
         assert 1 <= slots.peak <= SLOTS
         assert slots.active == 0 and slots.waiting == 0
         record = engine.state.history[0]
