@@ -222,7 +222,26 @@ class RoundSettings:
             ),
             (self.norm_bound is None or self.norm_bound > 0, "norm_bound must be positive"),
             (self.session_timeout_s > self.heartbeat_interval_s > 0, "session timeout > heartbeat"),
+            (self.seed >= 0, "seed must be 0 or more"),
         ]
+        # NaN passes every comparison above, infinity breaks deadlines: every float is finite
+        for name in (
+            "round_timeout_s",
+            "eval_timeout_s",
+            "learning_rate",
+            "embedding_noise",
+            "server_lr",
+            "norm_bound",
+            "session_timeout_s",
+            "heartbeat_interval_s",
+            "quorum_timeout_s",
+        ):
+            value = getattr(self, name)
+            checks.append((value is None or math.isfinite(value), f"{name} must be finite"))
+        checks.append(
+            (self.quorum_timeout_s is None or self.quorum_timeout_s > 0, "quorum_timeout_s > 0")
+        )
+        checks.append((self.server_lr is None or self.server_lr > 0, "server_lr must be positive"))
         for lo, hi in (self.context_range, self.target_range):
             checks.append((1 <= lo <= hi, f"bad question range {lo}..{hi}"))
         for ok, message in checks:

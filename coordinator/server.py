@@ -84,6 +84,9 @@ MAX_WAIT_S = 60.0
 # how long a GetTask without `wait` is held (the protocol: the coordinator's default), so that a
 # node leaving it unset does not busy-poll on WAIT answers with a zero retry_after
 DEFAULT_WAIT_S = 10.0
+# a WAIT answer to a poll held shorter than this asks the node to wait out the difference, so a
+# node asking for no wait at all still polls about once a second, not in a loop
+MIN_POLL_INTERVAL_S = 1.0
 # HeartbeatRequest.task_id: the coordinator's task ids are 32 hex digits
 MAX_TASK_ID = 64
 # how far EvaluationReport.metrics.mean_alignment may differ from the "model" metric it repeats
@@ -331,7 +334,10 @@ class FederationServicer(pb_grpc.FederationServicer):
             )
         except Rejection as r:
             _abort(context, r)
-        return task_to_proto(spec)
+        task = task_to_proto(spec)
+        if spec.kind == TaskKind.WAIT and wait_s < MIN_POLL_INTERVAL_S:
+            task.retry_after.FromMilliseconds(int((MIN_POLL_INTERVAL_S - wait_s) * 1000))
+        return task
 
     def DownloadModel(  # type: ignore[override]  # serialized ModelChunks: BulkStreamCodecs
         self, request: pb.DownloadModelRequest, context: grpc.ServicerContext

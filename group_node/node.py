@@ -183,6 +183,7 @@ FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 
 MAX_LOCAL_STEPS = 100_000
 REFUSED_TASK_POLL_S = 5.0  # how often a node asks again while its refused task is still open
+MAX_RETRY_AFTER_S = 60.0  # the longest WAIT.retry_after a node honours (then it asks anyway)
 # longest heartbeat interval a node takes from Join, and longest it gives one task step (a
 # deadline further out is a coordinator bug; gRPC fails a call with a far deadline at once)
 MAX_HEARTBEAT_INTERVAL_S = 3600.0
@@ -501,6 +502,10 @@ class GroupNode:
                     self._train(task)
                 elif task.kind == pb.TASK_KIND_EVALUATE:
                     self._evaluate(task)
+                elif task.kind == pb.TASK_KIND_WAIT:  # the coordinator says when to ask again
+                    delay = task.retry_after.ToMilliseconds() / 1000
+                    if delay > 0:
+                        self._stop.wait(min(delay, MAX_RETRY_AFTER_S))
             return False
         finally:
             stop_beats.set()

@@ -174,3 +174,54 @@ def test_node_refuses_a_train_task_with_bad_settings_once_and_waits_the_round_ou
     ]
     # asked again every REFUSED_TASK_POLL_S while the round was open, not in a tight loop
     assert 1 <= servicer.offers <= 1 + math.ceil(3.0 / REFUSED_TASK_POLL_S) + 1
+
+
+class AnswersWait(JoinOnly):
+    """Answers every GetTask with WAIT and the given retry_after (SHUTDOWN after `open_s`)."""
+
+    def __init__(self, retry_after_s: float, open_s: float) -> None:
+        super().__init__(0)
+        self.retry_after_ms = int(retry_after_s * 1000)
+        self.closes_at = time.monotonic() + open_s
+        self.polls = 0
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        if time.monotonic() >= self.closes_at:
+            return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+        self.polls += 1
+        task = pb.Task(kind=pb.TASK_KIND_WAIT)
+        task.retry_after.FromMilliseconds(self.retry_after_ms)
+        return task
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        return pb.HeartbeatReply()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
+        return pb.Ack()
+
+
+def test_node_waits_as_long_as_wait_answers_say_before_asking_again(tmp_path: Path) -> None:
+    """A node with the shortest poll (0.1 s) that hears WAIT, retry after 0.5 s, asks about
+    twice a second, not ten times."""
+    servicer = AnswersWait(retry_after_s=0.5, open_s=2.0)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    config = NodeConfig(
+        coordinator=f"127.0.0.1:{port}",
+        group="G",
+        data=tmp_path / "g.csv",
+        insecure=True,
+        poll_wait_s=0.1,
+    )
+    node = GroupNode(config, worker=None)  # type: ignore[arg-type]  # never trains
+    try:
+        node.client.join(10, "enc")
+        assert node._serve_tasks() is True  # reached SHUTDOWN
+    finally:
+        node.client.close()
+        server.stop(None).wait(5)
+    assert 2 <= servicer.polls <= 5, servicer.polls

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pluralfed.checkpoint as checkpoint_module
-from coordinator.rounds import TaskKind, TaskSpec
+from coordinator.rounds import RoundSettings, TaskKind, TaskSpec
 from coordinator.server import task_to_proto
 from coordinator.service import NODE_MAX_LOCAL_STEPS, CoordinatorConfig, model_config
 from coordinator.state import STATE_FILE, RunState, load_state, save_state
@@ -318,3 +318,15 @@ def test_a_good_resume_state_still_loads(tmp_path: Path) -> None:
     assert state is not None and state.completed_rounds == 2
     assert [r["round"] for r in state.history] == [1, 2]
     np.testing.assert_array_equal(state.weights["w"], np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["round_timeout_s", "eval_timeout_s", "learning_rate", "session_timeout_s", "norm_bound"],
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_round_settings_built_directly_refuse_non_finite_floats(field: str, value: float) -> None:
+    """RoundSettings made in code (tests, benchmarks) skip the config's checks: NaN passes every
+    comparison and infinity breaks deadlines, so the settings refuse both themselves."""
+    with pytest.raises(ValueError, match=r"finite|positive|session timeout"):
+        RoundSettings(**{field: value})

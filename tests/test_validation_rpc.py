@@ -234,9 +234,14 @@ def test_get_task_without_wait_is_held_for_the_coordinators_default(
         started = time.monotonic()
         task = node.stub.GetTask(pb.GetTaskRequest(session_id=node.session_id), timeout=30)
         assert task.kind == pb.TASK_KIND_WAIT and time.monotonic() - started >= 0.9
-        started = time.monotonic()  # an explicit zero still answers at once
-        assert node.get_task(0.0).kind == pb.TASK_KIND_WAIT
+        assert task.retry_after.ToMilliseconds() == 0  # it waited: it may ask again at once
+        started = time.monotonic()  # an explicit zero still answers at once ...
+        task = node.get_task(0.0)
+        assert task.kind == pb.TASK_KIND_WAIT
         assert time.monotonic() - started < 0.9
+        # ... but asks the node to wait out the rest of a second before the next poll
+        assert task.retry_after.ToMilliseconds() == 1000
+        assert node.get_task(0.4).retry_after.ToMilliseconds() == 600
 
 
 def report(
