@@ -28,7 +28,14 @@ from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
-from pluralfed.tls import TlsFiles, resolve_tls_files, secure_channel
+from pluralfed.tls import (
+    RevocationList,
+    TlsFiles,
+    check_server_not_revoked,
+    load_revocation_list,
+    resolve_tls_files,
+    secure_channel,
+)
 from pluralfed.training import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE, TrainingSettings
 from pluralfed.transport import (
     PROTOCOL_VERSION,
@@ -107,6 +114,9 @@ class NodeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_server_name: str | None = None  # expected name in the coordinator's cert, if not the host
+    # the CA's revocation list (crl.pem): before every Join the node refuses a coordinator whose
+    # certificate is in it (a stolen coordinator key, revoked)
+    tls_crl: Path | None = None
     insecure: bool = False
     encoder: str = "all-MiniLM-L6-v2"
     cache_dir: Path | None = None
@@ -153,6 +163,8 @@ class NodeConfig:
                 "folder where the personalized checkpoint is written)"
             )
         check_address(self.coordinator)
+        if self.insecure and self.tls_crl is not None:
+            raise InputError("node config: tls_crl needs TLS; it cannot go with insecure")
         _check_seconds("poll_wait_s", self.poll_wait_s, MIN_POLL_WAIT_S, MAX_POLL_WAIT_S)
         _check_seconds("backoff_initial_s", self.backoff_initial_s, MIN_BACKOFF_S, MAX_BACKOFF_S)
         _check_seconds("backoff_max_s", self.backoff_max_s, MIN_BACKOFF_S, MAX_BACKOFF_S)
@@ -257,6 +269,10 @@ class NodeClient:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         files = config.tls_files()
+        self._files = files
+        self._revocations: RevocationList | None = None
+        if files is not None and config.tls_crl is not None:  # a bad list: refused at start
+            self._revocations = load_revocation_list(config.tls_crl, files.ca)
         # gRPC's own reconnect timer (up to 120 s by default) would otherwise decide how soon a
         # node notices that a cut link is back, whatever our backoff says
         options: list[tuple[str, object]] = [
@@ -287,7 +303,24 @@ class NodeClient:
     def close(self) -> None:
         self.channel.close()
 
+    def _check_coordinator_certificate(self) -> None:
+        """With tls_crl: the coordinator's certificate must not be revoked (re-read the list,
+        which may have changed; a changed list that does not load keeps the one in force)."""
+        if self._files is None or self._revocations is None or self.config.tls_crl is None:
+            return
+        try:
+            self._revocations = load_revocation_list(self.config.tls_crl, self._files.ca)
+        except InputError as err:
+            log.warning("%s; the revocation list read before stays in force", err)
+        check_server_not_revoked(
+            self.config.coordinator,
+            self._files,
+            self._revocations,
+            server_name=self.config.tls_server_name,
+        )
+
     def join(self, num_examples: int, encoder_id: str, timeout: float = 30.0) -> pb.JoinReply:
+        self._check_coordinator_certificate()
         role = pb.ROLE_TRAIN if self.config.role == "train" else pb.ROLE_EVALUATE_ONLY
         reply = self.stub.Join(
             pb.JoinRequest(

@@ -40,6 +40,8 @@ import ipaddress
 import logging
 import os
 import re
+import socket
+import ssl
 import stat
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -828,6 +830,49 @@ def secure_channel(
         files.channel_credentials(),
         options=[*channel_options(server_name_override), *options],
     )
+
+
+def check_server_not_revoked(
+    address: str,
+    files: TlsFiles,
+    revocations: RevocationList,
+    *,
+    server_name: str | None = None,
+    timeout_s: float = 10.0,
+) -> int | None:
+    """Refuse a server whose certificate the CA has revoked (InputError); else its serial.
+
+    gRPC's Python client takes no CRL and never shows the server's certificate, so the node
+    makes one TLS handshake of its own first (Python's ssl: the same CA, client certificate and
+    expected name) and looks the certificate's serial up in the list. It runs before every Join,
+    so a coordinator key that was stolen and revoked is refused by nodes that hold the list.
+    Any other failure (no route, a certificate that does not verify) is left to the gRPC
+    connection, which reports it as it always does: None.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(files.ca))
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
+            ctx.wrap_socket(raw, server_hostname=server_name or host) as conn,
+        ):
+            der = conn.getpeercert(binary_form=True)
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return None
+    if der is None:
+        return None
+    serial = x509.load_der_x509_certificate(der).serial_number
+    if revocations.is_revoked(serial):
+        raise InputError(
+            f"the coordinator at {address} presents a certificate that the CA has revoked "
+            f"(serial {serial:x}, in {revocations.path}): refusing to connect to it"
+        )
+    return serial
 
 
 # --------------------------------------------------------------------------------------------------

@@ -203,3 +203,63 @@ def test_revoked_certificate_is_refused_on_an_open_connection(
         assert still.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "the previous list (1 revoked) stays in force" in caplog.text
         assert who_b(b"", timeout=5) == b"Borvenia"
+
+
+# ------------------------------------------------------------------------------------------------
+# the node's side: a revoked coordinator certificate
+
+
+def test_node_refuses_a_coordinator_whose_certificate_was_revoked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real coordinator (engine + gRPC server, mutual TLS on 127.0.0.1) and a real NodeClient
+    with `tls_crl`: it joins while the coordinator's certificate is good; once the CA revokes
+    it, the next Join is refused by the node itself, before any RPC, naming the serial. A list
+    that then turns bad keeps the revocation in force; a bad list at start is refused."""
+    from fedharness import HOST
+    from test_update_validation import ENCODER, serve
+
+    from coordinator.rounds import RoundSettings
+    from group_node.node import NodeClient, NodeConfig
+
+    with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
+        crl, _ = tls.revoke_certificates(fed.pki.ca, [])  # an empty list, as an operator starts
+        config = NodeConfig(
+            coordinator=f"{HOST}:{fed.port}",
+            group="Good A",
+            data=tmp_path / "unused.csv",
+            tls_dir=fed.pki.node("node-good-a"),
+            tls_crl=crl,
+        )
+        client = NodeClient(config)
+        coordinator_serial = serial(fed.pki.server)
+        try:
+            # the node's own handshake sees the coordinator's certificate ...
+            files = tls.TlsFiles.from_dir(fed.pki.node("node-good-a"))
+            revocations = tls.load_revocation_list(crl, files.ca)
+            assert (
+                tls.check_server_not_revoked(config.coordinator, files, revocations)
+                == coordinator_serial
+            )
+            # ... and, not revoked, lets the Join through (refused here only for the toy
+            # model's config, which the coordinator sends in its reply)
+            with pytest.raises(InputError, match=r"JoinReply\.model_config_json"):
+                client.join(10, ENCODER)
+            tls.revoke_certificates(fed.pki.ca, [fed.pki.server / "cert.pem"])
+            with pytest.raises(InputError, match=f"revoked.*serial {coordinator_serial:x}"):
+                client.join(10, ENCODER)
+            crl.write_text("half-copied")  # a bad list later: the revocation stays in force
+            with (
+                caplog.at_level(logging.WARNING, logger="pluralfed.node"),
+                pytest.raises(InputError, match="revoked"),
+            ):
+                client.join(10, ENCODER)
+            assert any("stays in force" in r.getMessage() for r in caplog.records)
+        finally:
+            client.close()
+        with pytest.raises(InputError, match="not a PEM CRL"):
+            NodeClient(config)  # a bad list at start: refused
+    with pytest.raises(InputError, match="insecure"):
+        NodeConfig(
+            coordinator="localhost:1", group="G", data=tmp_path / "x", insecure=True, tls_crl=crl
+        )

@@ -31,6 +31,8 @@ HELP = {
     "tls_key": "this node's private key (overrides tls_dir)",
     "tls_server_name": "name to expect in the coordinator's certificate when it differs from the "
     "host in --coordinator (e.g. connecting by IP)",
+    "tls_crl": "the CA's revocation list (crl.pem): refuse a coordinator whose certificate is "
+    "in it, checked before every join",
     "insecure": "plain text, no TLS: for debugging only",
     "encoder": "text encoder (must be the federation's)",
     "cache_dir": "embedding cache folder (default: $PLURALFED_CACHE_DIR or ~/.cache/pluralfed)",
