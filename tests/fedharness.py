@@ -16,6 +16,7 @@ machines; deadlines a test measures do not.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -23,7 +24,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -685,3 +687,17 @@ def assert_weights_close(
         np.testing.assert_allclose(
             a.astype(np.float64), e, rtol=1e-6, atol=1e-7, err_msg=f"{what}: tensor {name}"
         )
+
+
+@contextlib.contextmanager
+def stand_in_coordinator(servicer: pb_grpc.FederationServicer) -> Iterator[int]:
+    """A plain-text gRPC server on 127.0.0.1 serving `servicer`, a coordinator stand-in that
+    misbehaves on purpose; yields its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{HOST}:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None).wait(5)

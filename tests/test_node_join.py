@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fedharness import stand_in_coordinator
 
 from group_node.node import REFUSED_TASK_POLL_S, GroupNode, NodeClient, NodeConfig
 from pluralfed.errors import InputError
@@ -148,21 +149,17 @@ def test_node_refuses_a_train_task_with_bad_settings_once_and_waits_the_round_ou
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     servicer = OffersABadTrainTask(open_s=3.0)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    config = NodeConfig(
-        coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
-    )
-    node = GroupNode(config, worker=None)  # type: ignore[arg-type]  # never reaches training
-    try:
-        node.client.join(10, "enc")
-        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
-            assert node._serve_tasks() is True  # reached SHUTDOWN
-    finally:
-        node.client.close()
-        server.stop(None).wait(5)
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+        )
+        node = GroupNode(config, worker=None)  # type: ignore[arg-type]  # never reaches training
+        try:
+            node.client.join(10, "enc")
+            with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+                assert node._serve_tasks() is True  # reached SHUTDOWN
+        finally:
+            node.client.close()
     refusals = [r.getMessage() for r in caplog.records if "task refused" in r.getMessage()]
     assert refusals == [
         "G: round 1 task refused: TRAIN hyperparameters: embedding_noise 7.0 is not in 0..1.0"
@@ -206,22 +203,18 @@ def test_node_waits_as_long_as_wait_answers_say_before_asking_again(tmp_path: Pa
     """A node with the shortest poll (0.1 s) that hears WAIT, retry after 0.5 s, asks about
     twice a second, not ten times."""
     servicer = AnswersWait(retry_after_s=0.5, open_s=2.0)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    config = NodeConfig(
-        coordinator=f"127.0.0.1:{port}",
-        group="G",
-        data=tmp_path / "g.csv",
-        insecure=True,
-        poll_wait_s=0.1,
-    )
-    node = GroupNode(config, worker=None)  # type: ignore[arg-type]  # never trains
-    try:
-        node.client.join(10, "enc")
-        assert node._serve_tasks() is True  # reached SHUTDOWN
-    finally:
-        node.client.close()
-        server.stop(None).wait(5)
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}",
+            group="G",
+            data=tmp_path / "g.csv",
+            insecure=True,
+            poll_wait_s=0.1,
+        )
+        node = GroupNode(config, worker=None)  # type: ignore[arg-type]  # never trains
+        try:
+            node.client.join(10, "enc")
+            assert node._serve_tasks() is True  # reached SHUTDOWN
+        finally:
+            node.client.close()
     assert 2 <= servicer.polls <= 5, servicer.polls

@@ -13,13 +13,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
+from fedharness import stand_in_coordinator
 from safetensors.numpy import save_file
 
 from coordinator.rounds import GlobalModel
@@ -245,18 +245,12 @@ class StandIn(pb_grpc.FederationServicer):
 def run_node(
     servicer: StandIn, tmp_path: Path, w: object, caplog: pytest.LogCaptureFixture
 ) -> tuple[int, list[logging.LogRecord]]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    config = NodeConfig(
-        coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
-    )
-    try:
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+        )
         with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
             code = GroupNode(config, w).run()  # type: ignore[arg-type]
-    finally:
-        server.stop(None).wait(5)
     return code, [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
