@@ -47,6 +47,7 @@ UINT64_MAX = 2**64 - 1
 NODE_MAX_LOCAL_STEPS = 100_000  # group_node.node.MAX_LOCAL_STEPS
 NODE_MAX_LEARNING_RATE = 1.0  # nodes refuse a learning rate outside (0, 1]
 NODE_MIN_HEARTBEAT_S = 0.5  # nodes never beat faster, whatever the Join reply says
+NODE_MAX_HEARTBEAT_S = 3600.0  # group_node.node.MAX_HEARTBEAT_INTERVAL_S: nodes refuse more
 MAX_COUNT = 1_000_000  # rounds, nodes, updates: far above any real federation
 MAX_DURATION_S = 365 * 24 * 3600.0  # a deadline must stay a representable timestamp
 MAX_WORKERS = 10_000  # RPC threads
@@ -186,7 +187,10 @@ class CoordinatorConfig:
         for key in ("round_timeout_s", "eval_timeout_s", "session_timeout_s"):
             _check_float(key, getattr(self, key), 0.0, MAX_DURATION_S, low_open=True)
         _check_float(
-            "heartbeat_interval_s", self.heartbeat_interval_s, NODE_MIN_HEARTBEAT_S, MAX_DURATION_S
+            "heartbeat_interval_s",
+            self.heartbeat_interval_s,
+            NODE_MIN_HEARTBEAT_S,
+            NODE_MAX_HEARTBEAT_S,
         )
         _check_float("linger_s", self.linger_s, 0.0, MAX_DURATION_S)  # 0: leave at once
         if self.quorum_timeout_s is not None:  # None: wait for a quorum forever

@@ -30,6 +30,7 @@ from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import (
     RevocationList,
+    ServerCheckFailed,
     TlsFiles,
     check_server_not_revoked,
     load_revocation_list,
@@ -273,6 +274,10 @@ class NodeClient:
         self._revocations: RevocationList | None = None
         if files is not None and config.tls_crl is not None:  # a bad list: refused at start
             self._revocations = load_revocation_list(config.tls_crl, files.ca)
+        # connections gRPC has made (it reconnects by itself) and the last one checked against
+        # the revocation list: a new connection is checked again before the next task's RPCs
+        self._connections = 0
+        self._checked_connection = -1
         # gRPC's own reconnect timer (up to 120 s by default) would otherwise decide how soon a
         # node notices that a cut link is back, whatever our backoff says
         options: list[tuple[str, object]] = [
@@ -301,12 +306,27 @@ class NodeClient:
         self.upload_chunk_bytes = DEFAULT_CHUNK_BYTES
 
     def close(self) -> None:
+        if self._revocations is not None:
+            self.channel.unsubscribe(self._on_connectivity)
         self.channel.close()
 
-    def _check_coordinator_certificate(self) -> None:
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state == grpc.ChannelConnectivity.READY:
+            self._connections += 1
+
+    def _check_coordinator_certificate(self, *, only_if_reconnected: bool = False) -> None:
         """With tls_crl: the coordinator's certificate must not be revoked (re-read the list,
-        which may have changed; a changed list that does not load keeps the one in force)."""
+        which may have changed; a changed list that does not load keeps the one in force).
+        InputError if it is; ServerCheckFailed (handled as an unreachable coordinator) if the
+        check cannot complete. Before every Join, and before a task's RPCs when gRPC has
+        connected anew since the last check."""
         if self._files is None or self._revocations is None or self.config.tls_crl is None:
+            return
+        if self._checked_connection < 0:  # first use: follow gRPC's own (re)connections
+            self.channel.subscribe(self._on_connectivity)
+            self._checked_connection = 0
+        connections = self._connections
+        if only_if_reconnected and connections <= self._checked_connection:
             return
         try:
             self._revocations = load_revocation_list(self.config.tls_crl, self._files.ca)
@@ -318,6 +338,7 @@ class NodeClient:
             self._revocations,
             server_name=self.config.tls_server_name,
         )
+        self._checked_connection = max(connections, 1)
 
     def join(self, num_examples: int, encoder_id: str, timeout: float = 30.0) -> pb.JoinReply:
         self._check_coordinator_certificate()
@@ -352,12 +373,14 @@ class NodeClient:
         return reply
 
     def get_task(self, wait_s: float) -> pb.Task:
+        self._check_coordinator_certificate(only_if_reconnected=True)
         req = pb.GetTaskRequest(session_id=self.session_id)
         req.wait.FromMilliseconds(int(wait_s * 1000))
         return self.stub.GetTask(req, timeout=wait_s + 30)
 
     def download(self, version: str, timeout: float) -> dict:
         """Model `version`, checked against its header (InputError saying what is wrong)."""
+        self._check_coordinator_certificate(only_if_reconnected=True)
         stream = self._download_model(
             pb.DownloadModelRequest(session_id=self.session_id, model_version=version),
             timeout=timeout,
@@ -378,6 +401,7 @@ class NodeClient:
         metrics: dict[str, float],
         timeout: float,
     ) -> pb.UploadReply:
+        self._check_coordinator_certificate(only_if_reconnected=True)
         header = pb.UpdateHeader(
             session_id=self.session_id,
             task_id=task.task_id,
@@ -392,6 +416,7 @@ class NodeClient:
         return reply
 
     def report(self, task: pb.Task, group: str, metrics: dict[str, float], n: int) -> None:
+        self._check_coordinator_certificate(only_if_reconnected=True)
         self.stub.ReportEvaluation(
             pb.EvaluationReport(
                 session_id=self.session_id,
@@ -461,8 +486,10 @@ class GroupNode:
                         with contextlib.suppress(grpc.RpcError):
                             self.client.leave("stopped on an error")  # its text stays here
                     return 2
-                except grpc.RpcError as err:
-                    code = err.code() if hasattr(err, "code") else None
+                except (grpc.RpcError, ServerCheckFailed) as err:
+                    # (the tls_crl check of the coordinator's certificate that could not be
+                    # made counts as an unreachable coordinator: never joined unchecked)
+                    code = err.code() if isinstance(err, grpc.RpcError) else None
                     if code in FATAL_CODES:
                         log.error(
                             "%s: refused by the coordinator (%s): %s",

@@ -59,6 +59,7 @@ import math
 import os
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,8 +330,8 @@ def _parse_goqa_record(
     try:
         tree = ast.parse(selections[start : end + 1].strip(), mode="eval").body
         if isinstance(tree, ast.Dict):  # a literal dict keeps the last of two equal keys: refuse
-            keys = [ast.literal_eval(k) for k in tree.keys if k is not None]
-            twice = sorted({repr(k) for k in keys if keys.count(k) > 1})
+            keys = Counter(ast.literal_eval(k) for k in tree.keys if k is not None)
+            twice = sorted(repr(k) for k, n in keys.items() if n > 1)
             if twice:
                 raise InputError(f"{where}: selections lists group {', '.join(twice)} twice")
         sel = ast.literal_eval(tree)

@@ -832,6 +832,12 @@ def secure_channel(
     )
 
 
+class ServerCheckFailed(OSError):
+    """The TLS handshake that checks the server's certificate did not complete: until it does,
+    the server counts as unreachable (failing open would let anyone who can reset that one
+    connection past the check)."""
+
+
 def check_server_not_revoked(
     address: str,
     files: TlsFiles,
@@ -839,15 +845,13 @@ def check_server_not_revoked(
     *,
     server_name: str | None = None,
     timeout_s: float = 10.0,
-) -> int | None:
-    """Refuse a server whose certificate the CA has revoked (InputError); else its serial.
+) -> int:
+    """The server's certificate serial, checked against the CA's revocation list.
 
     gRPC's Python client takes no CRL and never shows the server's certificate, so the node
-    makes one TLS handshake of its own first (Python's ssl: the same CA, client certificate and
-    expected name) and looks the certificate's serial up in the list. It runs before every Join,
-    so a coordinator key that was stolen and revoked is refused by nodes that hold the list.
-    Any other failure (no route, a certificate that does not verify) is left to the gRPC
-    connection, which reports it as it always does: None.
+    makes a TLS handshake of its own (Python's ssl: the same CA, client certificate and expected
+    name, a direct connection) and looks the certificate's serial up in the list. Raises
+    InputError for a revoked certificate, ServerCheckFailed when the handshake cannot complete.
     """
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
@@ -862,10 +866,12 @@ def check_server_not_revoked(
             ctx.wrap_socket(raw, server_hostname=server_name or host) as conn,
         ):
             der = conn.getpeercert(binary_form=True)
-    except (OSError, ValueError):  # ssl.SSLError is an OSError
-        return None
+    except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+        raise ServerCheckFailed(
+            f"cannot check the certificate of the coordinator at {address}: {err}"
+        ) from None
     if der is None:
-        return None
+        raise ServerCheckFailed(f"the coordinator at {address} showed no certificate")
     serial = x509.load_der_x509_certificate(der).serial_number
     if revocations.is_revoked(serial):
         raise InputError(

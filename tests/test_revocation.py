@@ -8,10 +8,13 @@ opened before the revocation too.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -24,6 +27,7 @@ from coordinator.auth import AllowList, AuthInterceptor, RevocationWatch, authen
 from coordinator.service import CoordinatorConfig
 from pluralfed import tls
 from pluralfed.errors import InputError
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -263,3 +267,146 @@ def test_node_refuses_a_coordinator_whose_certificate_was_revoked(
         NodeConfig(
             coordinator="localhost:1", group="G", data=tmp_path / "x", insecure=True, tls_crl=crl
         )
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 to `target`: it drops the first `drop_first` connections at
+    once (as an attacker resetting one handshake would) and pipes the others; `cut()` closes
+    the piped ones, so that gRPC has to connect again."""
+
+    def __init__(self, target_port: int, drop_first: int) -> None:
+        self.target_port, self.drop_first = target_port, drop_first
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.accepted <= self.drop_first:
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.open += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        for s in self.open:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        self.open.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_node_never_joins_unchecked_and_checks_again_after_a_reconnect(tmp_path: Path) -> None:
+    """Through a relay that resets the node's own check handshake, the node does not join (it
+    counts as unreachable: ServerCheckFailed, no session); the coordinator saw no Join. Through
+    a plain relay it joins; the CA then revokes the coordinator's certificate and the relay
+    cuts the connection: once gRPC has connected again, the node's next RPC is refused by the
+    node itself."""
+    from fedharness import HOST
+    from test_update_validation import ENCODER, serve
+
+    from coordinator.rounds import RoundSettings
+    from group_node.node import NodeClient, NodeConfig
+
+    with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
+        crl, _ = tls.revoke_certificates(fed.pki.ca, [])
+
+        def client_via(relay: Relay) -> NodeClient:
+            return NodeClient(
+                NodeConfig(
+                    coordinator=f"{HOST}:{relay.port}",
+                    group="Good A",
+                    data=tmp_path / "unused.csv",
+                    tls_dir=fed.pki.node("node-good-a"),
+                    tls_server_name="localhost",
+                    tls_crl=crl,
+                )
+            )
+
+        resetting = Relay(fed.port, drop_first=1)
+        client = client_via(resetting)
+        try:
+            with pytest.raises(tls.ServerCheckFailed, match="cannot check the certificate"):
+                client.join(10, ENCODER)
+            assert client.session_id == "" and resetting.accepted == 1  # no Join was sent
+        finally:
+            client.close()
+            resetting.close()
+
+        relay = Relay(fed.port, drop_first=0)
+        client = client_via(relay)
+        try:
+            with pytest.raises(InputError, match=r"JoinReply\.model_config_json"):
+                client.join(10, ENCODER)  # joined (the toy model's config aside)
+            assert client.session_id
+            assert client.get_task(0.1).kind == pb.TASK_KIND_WAIT  # same connection: no check
+            tls.revoke_certificates(fed.pki.ca, [fed.pki.server / "cert.pem"])
+            relay.cut()
+            refused = None
+            for _ in range(50):  # gRPC connects again on the next call (or the one after)
+                try:
+                    client.get_task(0.1)
+                except grpc.RpcError:
+                    time.sleep(0.1)
+                except InputError as err:
+                    refused = err
+                    break
+            assert refused is not None and "revoked" in str(refused), refused
+        finally:
+            client.close()
+            relay.close()
+
+
+def test_node_whose_check_cannot_complete_retries_as_if_unreachable(
+    pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node (the real run loop) whose certificate check keeps being reset backs off and
+    retries like any node whose coordinator is unreachable, then gives up: exit code 1 and a
+    clear log line, never a traceback and never a Join."""
+    from types import SimpleNamespace
+
+    from group_node.node import GroupNode, NodeConfig
+
+    crl, _ = tls.revoke_certificates(pki / "ca", [])
+    resetting = Relay(1, drop_first=10**9)  # resets every connection
+    config = NodeConfig(
+        coordinator=f"127.0.0.1:{resetting.port}",
+        group="Aldoria",
+        data=tmp_path / "unused.csv",
+        tls_dir=pki / "node-a",
+        tls_crl=crl,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.1,
+        give_up_after_s=0.5,
+    )
+    worker = SimpleNamespace(num_train_examples=4, encoder=SimpleNamespace(identity="enc"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+            assert GroupNode(config, worker).run() == 1  # type: ignore[arg-type]
+    finally:
+        resetting.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot check the certificate" in m for m in messages), messages
+    assert any("giving up" in m for m in messages), messages
+    assert resetting.accepted >= 2

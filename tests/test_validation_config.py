@@ -17,9 +17,19 @@ import pytest
 import pluralfed.checkpoint as checkpoint_module
 from coordinator.rounds import RoundSettings, TaskKind, TaskSpec
 from coordinator.server import task_to_proto
-from coordinator.service import NODE_MAX_LOCAL_STEPS, CoordinatorConfig, model_config
+from coordinator.service import (
+    NODE_MAX_HEARTBEAT_S,
+    NODE_MAX_LOCAL_STEPS,
+    CoordinatorConfig,
+    model_config,
+)
 from coordinator.state import STATE_FILE, RunState, load_state, save_state
-from group_node.node import MAX_LOCAL_STEPS, local_steps_of, training_settings
+from group_node.node import (
+    MAX_HEARTBEAT_INTERVAL_S,
+    MAX_LOCAL_STEPS,
+    local_steps_of,
+    training_settings,
+)
 from pluralfed.checkpoint import load_checkpoint, save_checkpoint
 from pluralfed.commands import coordinator as coordinator_command
 from pluralfed.config import load_config
@@ -215,6 +225,9 @@ def test_coordinator_config_names_the_environment_variable_or_option(tmp_path: P
 
 def test_coordinator_refuses_what_every_node_would_refuse() -> None:
     assert NODE_MAX_LOCAL_STEPS == MAX_LOCAL_STEPS
+    assert NODE_MAX_HEARTBEAT_S == MAX_HEARTBEAT_INTERVAL_S
+    with pytest.raises(InputError, match=r"heartbeat_interval_s must be in \[0\.5, 3600\]"):
+        CoordinatorConfig(heartbeat_interval_s=7200.0, session_timeout_s=14400.0)
 
 
 def test_coordinator_limits_are_values_the_protocol_and_nodes_take(tmp_path: Path) -> None:

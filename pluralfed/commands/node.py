@@ -17,6 +17,7 @@ from pluralfed.config import add_config_args, load_config, overrides_from_args
 from pluralfed.data import load_survey
 from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
 from pluralfed.errors import InputError
+from pluralfed.tls import ServerCheckFailed
 
 ENV_PREFIX = "PLURALFED_NODE_"
 
@@ -122,6 +123,14 @@ def check(args: argparse.Namespace) -> int:
         }
         print(f"FAILED: {code.name}: {err.details()}", file=sys.stderr)
         print(f"  meaning: {hints.get(code, 'see the coordinator log')}", file=sys.stderr)
+        return 1
+    except ServerCheckFailed as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        print(
+            "  meaning: with tls_crl the node checks the coordinator's certificate in a TLS "
+            "handshake of its own, over a direct connection, and does not join unchecked",
+            file=sys.stderr,
+        )
         return 1
     except InputError:
         raise

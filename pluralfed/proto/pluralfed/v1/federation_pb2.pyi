@@ -287,7 +287,7 @@ class JoinRequest(_message.Message):
     role: Global___Role.ValueType
     num_train_examples: _builtins.int
     """Number of training examples (questions) the node holds: the default FedAvg weight.
-    At most 10,000,000; ignored for an EVALUATE_ONLY node.
+    At most 10,000,000 (for either role; an EVALUATE_ONLY node's is not used).
     """
     software_version: _builtins.str
     """The node's pluralfed version, e.g. "0.1.0" (for the coordinator's logs and compatibility);
