@@ -970,6 +970,8 @@ class RoundEngine:
         now = time.time()
         for session_id, group in list(t.selected.items()):
             s = self._sessions.get(session_id)
+            if s is None and self._take_over(t, session_id, group):
+                continue
             if s is None:  # its session expired (a rejoin in the same role takes over the id)
                 gave_up = self._give_up_on_group(t, session_id, "silent")
             else:
@@ -983,6 +985,20 @@ class RoundEngine:
                     t.round,
                     group,
                 )
+
+    def _take_over(self, t: _OpenTask, session_id: str, group: str) -> bool:
+        """A node that rejoined between the round's choice of sessions and its opening keeps its
+        place: its new session takes over the old one's (as `join` does once a round is open)."""
+        if group in t.answered or group in t.folding:
+            return False
+        for s in self._sessions.values():
+            fits = s.role == Role.TRAIN or t.kind != TaskKind.TRAIN
+            if s.group == group and fits and s.session_id not in t.selected:
+                del t.selected[session_id]
+                t.selected[s.session_id] = group
+                self._changed.notify_all()
+                return True
+        return False
 
     def _training_round(self) -> None:
         st = self.settings

@@ -173,3 +173,19 @@ def test_update_that_fails_to_fold_is_answered_as_refused(tmp_path: Path) -> Non
         assert record["outcomes"]["A"].startswith("rejected: the update could not be folded")
     finally:
         fed.close()
+
+
+def test_node_that_rejoins_while_a_round_opens_keeps_its_place(tmp_path: Path) -> None:
+    """The round picks its sessions, then opens; a node rejoining in between has a new session
+    the round does not know. It takes the old one's place (not recorded as silent) and gets
+    the task."""
+    settings = RoundSettings(rounds=1, min_nodes=1, eval_every=0)
+    engine = RoundEngine(settings, weights(0.0), tmp_path / "state", ENCODER, {})
+    engine.join("A", Role.TRAIN, 10, ENCODER, "test")
+    chosen = engine.live_sessions(Role.TRAIN)
+    again = engine.join("A", Role.TRAIN, 10, ENCODER, "test")  # the race's window
+    t = engine._open(TaskKind.TRAIN, chosen, 60.0)
+    with engine._changed:
+        engine._give_up_on_silent(t)
+    assert t.selected == {again.session_id: "A"} and "A" not in t.answered
+    assert engine.next_task(again.session_id, None, 0.0).task_id == t.task_id
