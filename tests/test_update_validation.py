@@ -461,10 +461,10 @@ def test_round_stops_waiting_for_nodes_that_leave_fail_or_fall_silent(tmp_path: 
         try:
             for n in nodes.values():
                 n.join(ENCODER, 10)
+            opened = time.time()  # before the silent node's last call: it expires >= 3 s later
             tasks = {i: n.wait_task(pb.TASK_KIND_TRAIN) for i, n in nodes.items()}
             task = tasks["node-good-a"]
             g0 = nodes["node-good-a"].download(task.model_version)
-            opened = time.time()
             for k, i in enumerate(["node-good-a", "node-good-b"]):
                 node = nodes[i]
                 reply = node.upload(update_messages(node.session_id, task, nudged(g0, k), 10))
