@@ -527,15 +527,13 @@ class RoundEngine:
         """Record `outcome` as the answer of a node the round handed `t` to and still waits
         for (it left, failed or fell silent), so the round need not wait for its deadline.
         Called with the lock held; False if the node had no such open part in `t`."""
-        if s.session_id not in t.selected or s.group in t.answered or s.group in t.folding:
+        if s.session_id not in t.selected or not self._give_up_on_group(t, s.session_id, outcome):
             return False
-        t.answered[s.group] = outcome
         s.answered.add(t.task_id)
-        self._changed.notify_all()
         return True
 
     def _give_up_on_group(self, t: _OpenTask, session_id: str, outcome: str) -> bool:
-        """`_give_up_on` for a selected session that no longer exists (it expired)."""
+        """`_give_up_on` for a selected session, also one that no longer exists (it expired)."""
         group = t.selected[session_id]
         if group in t.answered or group in t.folding:
             return False
