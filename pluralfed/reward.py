@@ -68,7 +68,13 @@ from typing import Any, Literal, TypeVar, cast
 import numpy as np
 
 from pluralfed.checkpoint import load_checkpoint
-from pluralfed.data import SurveyData, SurveyItem, is_test_question, load_survey
+from pluralfed.data import (
+    SurveyData,
+    SurveyItem,
+    is_test_question,
+    load_survey,
+    normalise_distribution,
+)
 from pluralfed.embeddings import (
     CachedEncoder,
     TextEncoder,
@@ -88,6 +94,9 @@ LOG_FLOOR = math.log(PROB_FLOOR)
 RewardKind = Literal["logprob", "prob"]
 REWARD_KINDS: tuple[str, ...] = ("logprob", "prob")
 DEFAULT_EMBED_MEMORY = 50_000  # texts whose vectors are kept in memory (about 77 MB at 384 dims)
+# a completion is embedded (last mapping rule) from its first this many characters: the encoder
+# reads at most a few hundred tokens anyway, and a runaway generation must not cost unbounded time
+MAX_EMBED_COMPLETION_CHARS = 8192
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,11 +127,12 @@ def protocol_context(
 
 def check_item(item: SurveyItem, where: str) -> SurveyItem:
     """A context item with a valid, renormalised distribution, or an InputError naming `where`."""
-    if not isinstance(item.question, str) or not item.question.strip():
-        raise InputError(f"{where}.question: empty")
-    options = tuple(item.options)
-    check_answers(options, f"{where}.options")
-    dist = np.asarray(item.distribution, dtype=np.float64)
+    check_question(item.question, f"{where}.question")
+    options = tuple(check_answers(item.options, f"{where}.options"))
+    try:
+        dist = np.asarray(item.distribution, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{where}.distribution: not numbers ({err})") from None
     if dist.ndim != 1 or dist.shape[0] != len(options):
         raise InputError(
             f"{where}.distribution: {dist.size} values for {len(options)} options, need one each"
@@ -131,16 +141,27 @@ def check_item(item: SurveyItem, where: str) -> SurveyItem:
         raise InputError(f"{where}.distribution: not finite ({dist.tolist()})")
     if (dist < 0).any():
         raise InputError(f"{where}.distribution: negative values ({dist.tolist()})")
-    total = float(dist.sum())
-    if total <= 0:
+    normalised = normalise_distribution(dist)  # values summing beyond float64 must not become 0s
+    if normalised is None:
         raise InputError(f"{where}.distribution: all zero")
-    return SurveyItem(item.question, options, dist / total, item.question_id)
+    return SurveyItem(item.question, options, normalised, item.question_id)
+
+
+def check_question(question: Any, where: str) -> str:
+    """A non-empty string, or an InputError naming `where`."""
+    if not isinstance(question, str):
+        raise InputError(f"{where}: not a string ({question!r:.60})")
+    if not question.strip():
+        raise InputError(f"{where}: empty")
+    return question
 
 
 def check_answers(answers: Sequence[str], where: str) -> list[str]:
     """1+ distinct non-empty strings (compared exactly)."""
     if isinstance(answers, str):
         raise InputError(f"{where}: a list of answers is needed, not a single string")
+    if not isinstance(answers, Iterable):
+        raise InputError(f"{where}: a list of answers is needed, got {type(answers).__name__}")
     out = list(answers)
     if not out:
         raise InputError(f"{where}: no answers")
@@ -187,6 +208,8 @@ class RewardModel:
             )
         if not 1 <= max_context <= MAX_CONTEXT_ITEMS:
             raise InputError(f"max_context must be 1..{MAX_CONTEXT_ITEMS}, got {max_context}")
+        if isinstance(embed_memory, bool) or not isinstance(embed_memory, int) or embed_memory < 0:
+            raise InputError(f"embed_memory must be a whole number >= 0, got {embed_memory!r}")
         model.eval()
         self.model = model
         self.encoder = encoder
@@ -195,7 +218,7 @@ class RewardModel:
         self.context_seed = context_seed
         self._groups: dict[str, GroupContext] = {}
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._memory_size = max(0, embed_memory)
+        self._memory_size = embed_memory
         self._lock = threading.RLock()
 
     @classmethod
@@ -247,11 +270,22 @@ class RewardModel:
 
     # -- embeddings ------------------------------------------------------------------------------
 
-    def embed_texts(self, texts: Sequence[str], *, disk_cache: bool = True) -> np.ndarray:
+    def embed_texts(
+        self, texts: Sequence[str], *, disk_cache: bool = True, remember: bool = True
+    ) -> np.ndarray:
         """Vectors for texts, (n, dim) float32; recent ones are kept in memory.
 
-        `disk_cache=False` bypasses a CachedEncoder's disk cache (for one-off texts such as
-        policy completions, which would only bloat it)."""
+        `disk_cache=False` bypasses a CachedEncoder's disk cache (for texts from outside, such as
+        policy completions or a service's requests, which would only grow it without bound);
+        `remember=False` keeps them out of memory too (one-off texts of any length)."""
+        if not remember:
+            encoder = self.encoder
+            if not disk_cache and isinstance(encoder, CachedEncoder):
+                encoder = encoder.inner
+            if not texts:
+                return np.zeros((0, self.encoder.dim), dtype=np.float32)
+            with self._lock:
+                return np.asarray(encoder.encode(list(texts)), dtype=np.float32)
         with self._lock:
             missing = list(dict.fromkeys(t for t in texts if t not in self._memory))
             if missing:
@@ -275,9 +309,11 @@ class RewardModel:
         with self._lock:
             return sum(1 for t in set(texts) if t not in self._memory)
 
-    def _embed_items(self, items: Sequence[SurveyItem]) -> list[EmbeddedItem]:
+    def _embed_items(
+        self, items: Sequence[SurveyItem], disk_cache: bool = True
+    ) -> list[EmbeddedItem]:
         texts = [option_text(it.question, o) for it in items for o in it.options]
-        vectors = self.embed_texts(texts)
+        vectors = self.embed_texts(texts, disk_cache=disk_cache)
         out, start = [], 0
         for it in items:
             out.append(EmbeddedItem(it, vectors[start : start + len(it.options)]))
@@ -286,15 +322,25 @@ class RewardModel:
 
     # -- groups ----------------------------------------------------------------------------------
 
-    def context(self, items: Sequence[SurveyItem], name: str | None = None) -> GroupContext:
+    def context(
+        self, items: Sequence[SurveyItem], name: str | None = None, *, disk_cache: bool = True
+    ) -> GroupContext:
         """Validate and embed a group's known answers. More than `max_context` items are cut to
         `max_context` by PROTOCOL.md's fixed-seed sample."""
         where = f"group {name!r}" if name else "group context"
-        checked = [check_item(it, f"{where} items[{i}]") for i, it in enumerate(items)]
+        if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+            raise InputError(
+                f"{where}: a list of SurveyItems is needed, got {type(items).__name__}"
+            )
+        checked = []
+        for i, it in enumerate(items):
+            if not isinstance(it, SurveyItem):
+                raise InputError(f"{where} items[{i}]: not a SurveyItem ({type(it).__name__})")
+            checked.append(check_item(it, f"{where} items[{i}]"))
         if not checked:
             raise InputError(f"{where}: no context items; the model needs at least one")
         chosen = protocol_context(checked, self.max_context, self.context_seed)
-        return GroupContext(name=name, items=tuple(self._embed_items(chosen)))
+        return GroupContext(name=name, items=tuple(self._embed_items(chosen, disk_cache)))
 
     def add_group(self, name: str, items: Sequence[SurveyItem] | GroupContext) -> GroupContext:
         """Hold a named group context (replacing one of the same name)."""
@@ -315,6 +361,8 @@ class RewardModel:
         """Hold each named group (default: all) of a survey file with its TRAIN questions
         (PROTOCOL.md split) as context. Groups without TRAIN questions are skipped."""
         survey = data if isinstance(data, SurveyData) else load_survey(data)
+        if isinstance(names, str):  # list("France") would ask for groups "F", "r", ...
+            raise InputError(f"names: a list of group names is needed, not the string {names!r}")
         wanted = list(names) if names is not None else list(survey.groups)
         unknown = [g for g in wanted if g not in survey.groups]
         if unknown:
@@ -360,6 +408,8 @@ class RewardModel:
         self,
         group: str | GroupContext | Sequence[SurveyItem],
         questions: Sequence[tuple[str, Sequence[str]]],
+        *,
+        disk_cache: bool = True,
     ) -> list[np.ndarray]:
         """The group's predicted distribution over each question's answers, in one model pass.
 
@@ -368,15 +418,16 @@ class RewardModel:
         if not questions:
             return []
         targets = []
-        for i, (question, answers) in enumerate(questions):
-            if not isinstance(question, str) or not question.strip():
-                raise InputError(f"questions[{i}].question: empty")
-            answers = check_answers(answers, f"questions[{i}].answers")
+        for i, pair in enumerate(questions):
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise InputError(f"questions[{i}]: a (question, answers) pair is needed")
+            question = check_question(pair[0], f"questions[{i}].question")
+            answers = check_answers(pair[1], f"questions[{i}].answers")
             # the distribution of a target is never read by the model
             targets.append(
                 SurveyItem(question, tuple(answers), np.full(len(answers), 1.0 / len(answers)))
             )
-        embedded = self._embed_items(targets)
+        embedded = self._embed_items(targets, disk_cache)
         with self._lock:
             preds = predict_targets(self.model, list(ctx.items), embedded)
         return [np.asarray(p, dtype=np.float64) / float(np.sum(p)) for p in preds]
@@ -525,7 +576,10 @@ def map_completion(
         return OptionMatch(contained, "contains")
     if embed is None:
         return OptionMatch(None, "none")
-    vectors = np.asarray(embed([completion.strip(), *options]), dtype=np.float64)
+    # a bounded prefix, lone surrogates replaced: the tokenizer refuses them (a TypeError)
+    text = completion.strip()[:MAX_EMBED_COMPLETION_CHARS]
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    vectors = np.asarray(embed([text, *options]), dtype=np.float64)
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     sims = unit[1:] @ unit[0]
     return OptionMatch(int(np.argmax(sims)), "similar")
@@ -535,7 +589,7 @@ def map_completion(
 # TRL-style reward function
 
 
-def _text_of(value: Any, role: str) -> str:
+def _text_of(value: Any, role: str, where: str = "value") -> str:
     """A plain string, or the content of the last `role` message of a conversation (TRL's
     conversational format: a list of {"role", "content"} dicts)."""
     if isinstance(value, str):
@@ -546,7 +600,9 @@ def _text_of(value: Any, role: str) -> str:
                 return str(message.get("content", ""))
         if value and isinstance(value[-1], Mapping):
             return str(value[-1].get("content", ""))
-    raise TypeError(f"expected a string or a list of chat messages, got {type(value).__name__}")
+    raise InputError(
+        f"{where}: expected a string or a list of chat messages, got {type(value).__name__}"
+    )
 
 
 class GroupRewardFunction:
@@ -570,7 +626,13 @@ class GroupRewardFunction:
         to_rewards(np.ones(1), kind)  # validates kind
         self.model = model
         self.context = model.resolve(group)
-        self.question_options = dict(question_options or {})
+        self.question_options = {
+            key: (
+                check_question(q, f"question_options[{key!r:.60}] question"),
+                check_answers(o, f"question_options[{key!r:.60}] options"),
+            )
+            for key, (q, o) in dict(question_options or {}).items()
+        }
         self.kind = kind
         self.__name__ = f"group_reward_{self.context.name or 'inline'}"  # TRL logs it
         self.last_matches: list[OptionMatch] = []
@@ -578,13 +640,21 @@ class GroupRewardFunction:
     def _question_for(
         self, i: int, prompt: Any, kwargs: Mapping[str, Any]
     ) -> tuple[str, list[str]]:
-        key = _text_of(prompt, "user")
+        key = _text_of(prompt, "user", f"prompts[{i}]")
         found = self.question_options.get(key)
         if found is not None:
             return found[0], list(found[1])
         questions, options = kwargs.get("question"), kwargs.get("options")
         if questions is not None and options is not None:
-            return str(questions[i]), list(options[i])
+            # columns from a dataset: checked here, before mapping, so that a bad row is named
+            # (a string of options would otherwise be split into letters)
+            for column, values in (("question", questions), ("options", options)):
+                if isinstance(values, str) or not isinstance(values, Sequence) or i >= len(values):
+                    raise InputError(f"{column} column: no row {i} (one per prompt is needed)")
+            return (
+                check_question(questions[i], f"question column, row {i}"),
+                check_answers(options[i], f"options column, row {i}"),
+            )
         raise KeyError(
             f"prompt {i} ({key[:60]!r}) is not in question_options and no question/options "
             "columns were passed"
@@ -598,11 +668,13 @@ class GroupRewardFunction:
         asked = [self._question_for(i, p, kwargs) for i, p in enumerate(prompts)]
 
         def embed(texts: Sequence[str]) -> np.ndarray:
-            return self.model.embed_texts(texts, disk_cache=False)
+            # the completion is one-off: kept neither on disk nor in memory (nor are its bytes)
+            completion = self.model.embed_texts(texts[:1], disk_cache=False, remember=False)
+            return np.concatenate([completion, self.model.embed_texts(texts[1:], disk_cache=False)])
 
         matches = [
-            map_completion(_text_of(c, "assistant"), options, embed)
-            for c, (_, options) in zip(completions, asked, strict=True)
+            map_completion(_text_of(c, "assistant", f"completions[{i}]"), options, embed)
+            for i, (c, (_, options)) in enumerate(zip(completions, asked, strict=True))
         ]
         distinct = list(dict.fromkeys((q, tuple(o)) for q, o in asked))
         probs = dict(zip(distinct, self.model.score_batch(self.context, distinct), strict=True))

@@ -262,14 +262,15 @@ class RewardServicer(pb_grpc.RewardServicer):
 
         try:
             t0 = time.perf_counter()
+            # a client's texts stay off the disk cache: any client could grow it without bound
             if inline is not None:
-                ctx = self.model.context(inline)
-            self.model.embed_texts(target_texts)
+                ctx = self.model.context(inline, disk_cache=False)
+            self.model.embed_texts(target_texts, disk_cache=False)
             embed_s = time.perf_counter() - t0
             self._deadline(context, self.cost.estimate(0, tokens), "after embedding")
             t1 = time.perf_counter()
             assert ctx is not None
-            probs = self.model.score_batch(ctx, questions)
+            probs = self.model.score_batch(ctx, questions, disk_cache=False)
             model_s = time.perf_counter() - t1
         except InputError as err:  # defence in depth: the validation above should catch all
             self.stats.add(refused_invalid=1)

@@ -810,3 +810,87 @@ def test_reward_fn_on_live_smollm2_generations(rm: RewardModel, world: dict) -> 
     logp = np.log(rm.score(world["groups"][0], question, OPTIONS4))
     for r, m in zip(rewards, fn.last_matches, strict=True):
         assert r == (LOG_FLOOR if m.index is None else pytest.approx(logp[m.index]))
+
+
+# ------------------------------------------------------------------------------------------------
+# input validation found missing by an audit (each test failed before its fix)
+
+
+def test_context_distribution_summing_beyond_float64_is_not_zeroed(rm: RewardModel) -> None:
+    # [1e308, 1e308] sums to inf; dividing by it made the distribution all zeros, silently
+    ctx = rm.context([SurveyItem("Q?", ("Yes", "No"), np.array([1e308, 1e308]))])
+    np.testing.assert_allclose(ctx.items[0].item.distribution, [0.5, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: m.context([SurveyItem("Q?", ("Y", "N"), "ab")]), r"items\[0\]\.distribution"),  # type: ignore[arg-type]
+        (lambda m: m.score("Aldoria", "Q?", None), r"questions\[0\]\.answers: a list"),
+        (lambda m: m.score("Aldoria", 5, ["a"]), r"questions\[0\]\.question: not a string"),
+        (lambda m: m.score(None, "Q?", ["a"]), "group context: a list of SurveyItems"),
+        (lambda m: m.score({"x": 1}, "Q?", ["a"]), "group context: a list of SurveyItems"),
+        (lambda m: m.add_groups_from_data(m._data, "G0"), "names: .*not the string"),
+        (lambda m: RewardModel(m.model, m.encoder, embed_memory=-1), "embed_memory"),
+    ],
+)
+def test_python_api_rejects_malformed_inputs_by_name(
+    rm: RewardModel, world: dict, call, message: str
+) -> None:
+    rm._data = world["data"]  # type: ignore[attr-defined]
+    with pytest.raises(InputError, match=message):
+        call(rm)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "completions", "columns", "message"),
+    [
+        # a string of options was split into letters and scored as options "Y", "e", "s"
+        (["p"], ["Y"], {"question": ["Q?"], "options": ["Yes"]}, "options column, row 0"),
+        (["p"], ["Y"], {"question": ["Q?"], "options": [[1, 2]]}, r"row 0\[0\]: not a string"),
+        (["p"], ["Y"], {"question": ["Q?"], "options": [[]]}, "options column, row 0: no"),
+        (["p"], ["Y"], {"question": [None], "options": [["Y", "N"]]}, "question column, row 0"),
+        (["p", "q"], ["Y", "N"], {"question": ["Q?"], "options": [["Y", "N"]]}, "no row 1"),
+        (["p"], [None], {"question": ["Q?"], "options": [["Y", "N"]]}, r"completions\[0\]"),
+    ],
+)
+def test_reward_fn_names_bad_rows(
+    rm: RewardModel, world: dict, prompts, completions, columns, message: str
+) -> None:
+    fn = make_reward_fn(rm, world["groups"][0])
+    with pytest.raises(InputError, match=message):
+        fn(prompts, completions, **columns)
+
+
+def test_reward_fn_survives_pathological_completions(rm: RewardModel, world: dict) -> None:
+    fn = make_reward_fn(rm, world["groups"][0], {"P": ("Do you agree?", ["Agree", "Disagree"])})
+    # a lone surrogate crashed the tokenizer (TypeError); a runaway completion was held in memory
+    long = "zq " * 400_000
+    rewards = fn(["P", "P"], ["\ud800 hmm", long])
+    assert [m.rule for m in fn.last_matches] == ["similar", "similar"]
+    assert all(math.isfinite(r) for r in rewards)
+    assert long not in rm._memory and long.strip() not in rm._memory
+    assert max(len(t) for t in rm._memory) < 100_000
+
+
+def test_service_keeps_client_texts_off_the_disk_cache(
+    client: RewardClient, rm: RewardModel, world: dict
+) -> None:
+    # any client could grow the server's on-disk embedding cache without bound
+    encoder = rm.encoder
+    assert isinstance(encoder, CachedEncoder)
+    before = encoder.misses
+    inline = [SurveyItem(f"Never seen context {time.time()}?", ("Yes", "No"), np.ones(2))]
+    client.score(inline, [(f"Never seen target {time.time()}?", ["Yes", "No"])])
+    client.score(world["groups"][0], [(f"Never seen target 2 {time.time()}?", ["Yes", "No"])])
+    assert encoder.misses == before
+
+
+@pytest.mark.parametrize("timeout", ["nan", "-1", "0"])
+def test_cli_score_rejects_a_bad_timeout(
+    timeout: str, pki: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tls_dir = str(pki["client"].cert.parent)
+    args = ["reward", "score", "--server", "127.0.0.1:1", "--tls-dir", tls_dir, "--group", "G"]
+    code = cli_main([*args, "--question", "Q?", "--answer", "Y", "--timeout", timeout])
+    assert code == 2 and "--timeout must be a positive number" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import threading
 from pathlib import Path
@@ -295,6 +296,9 @@ def _print(args: argparse.Namespace, probs: np.ndarray, rewards: np.ndarray, ext
 def run_score(args: argparse.Namespace) -> int:
     questions = [(args.question, list(args.answer))]
     if args.server:
+        # grpc turns a NaN or negative deadline into an instant DEADLINE_EXCEEDED: say so instead
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise InputError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         from pluralfed.reward_server import RewardClient, score_request
 
         if args.checkpoint is not None:
