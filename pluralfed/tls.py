@@ -32,6 +32,7 @@ server_name_override="coordinator.example.org")``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import functools
@@ -44,6 +45,7 @@ import socket
 import ssl
 import stat
 import tempfile
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -832,6 +834,68 @@ def secure_channel(
     )
 
 
+def http_proxy_for(host: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The HTTP proxy gRPC itself would use to reach `host`, as its URL, or None.
+
+    gRPC reads grpc_proxy, then https_proxy, then http_proxy, and skips hosts listed in
+    no_grpc_proxy or no_proxy (names, domain suffixes, or `*`); the node's own certificate check
+    must take the same path as its gRPC connection."""
+    env = os.environ if environ is None else environ
+
+    def get(*names: str) -> str:
+        for name in names:
+            value = env.get(name) or env.get(name.upper())
+            if value:
+                return value.strip()
+        return ""
+
+    proxy = get("grpc_proxy", "https_proxy", "http_proxy")
+    if not proxy:
+        return None
+    bypass = get("no_grpc_proxy", "no_proxy")
+    name = host.strip("[]").lower()
+    for entry in (e.strip().lower() for e in bypass.split(",")):
+        if entry == "*" or (
+            entry and (name == entry.lstrip(".") or name.endswith("." + entry.lstrip(".")))
+        ):
+            return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def _connect(host: str, port: int, timeout_s: float) -> socket.socket:
+    """A TCP connection to host:port, through an HTTP CONNECT tunnel when gRPC would use a
+    proxy for it (`http_proxy_for`)."""
+    proxy = http_proxy_for(host)
+    if proxy is None:
+        return socket.create_connection((host, port), timeout=timeout_s)
+    url = urllib.parse.urlsplit(proxy)
+    if url.scheme != "http" or not url.hostname:
+        raise OSError(f"proxy {proxy!r}: only http:// proxies are supported")
+    sock = socket.create_connection((url.hostname, url.port or 80), timeout=timeout_s)
+    try:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if url.username is not None:
+            credentials = f"{urllib.parse.unquote(url.username)}:"
+            credentials += urllib.parse.unquote(url.password or "")
+            token = base64.b64encode(credentials.encode()).decode()
+            lines.append(f"Proxy-Authorization: Basic {token}")
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            part = sock.recv(4096)
+            if not part or len(reply) > 16384:
+                raise OSError(f"proxy {url.hostname}:{url.port}: no answer to CONNECT")
+            reply += part
+        status = reply.split(b"\r\n", 1)[0].decode("latin-1")
+        if status.split(" ")[1:2] != ["200"]:
+            raise OSError(f"proxy {url.hostname}:{url.port} refused CONNECT {target}: {status}")
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
 class ServerCheckFailed(OSError):
     """The TLS handshake that checks the server's certificate did not complete: until it does,
     the server counts as unreachable (failing open would let anyone who can reset that one
@@ -850,7 +914,7 @@ def check_server_not_revoked(
 
     gRPC's Python client takes no CRL and never shows the server's certificate, so the node
     makes a TLS handshake of its own (Python's ssl: the same CA, client certificate and expected
-    name, a direct connection) and looks the certificate's serial up in the list. Raises
+    name, the same HTTP proxy) and looks the certificate's serial up in the list. Raises
     InputError for a revoked certificate, ServerCheckFailed when the handshake cannot complete.
     """
     host, _, port = address.rpartition(":")
@@ -862,7 +926,7 @@ def check_server_not_revoked(
     ctx.set_alpn_protocols(["h2"])
     try:
         with (
-            socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
+            _connect(host, int(port), timeout_s) as raw,
             ctx.wrap_socket(raw, server_hostname=server_name or host) as conn,
         ):
             der = conn.getpeercert(binary_form=True)

@@ -410,3 +410,71 @@ def test_node_whose_check_cannot_complete_retries_as_if_unreachable(
     assert any("cannot check the certificate" in m for m in messages), messages
     assert any("giving up" in m for m in messages), messages
     assert resetting.accepted >= 2
+
+
+class ConnectProxy:
+    """A minimal HTTP CONNECT proxy on 127.0.0.1 that records the targets it was asked for."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.targets: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            target = head.split(b" ")[1].decode()
+            self.targets.append(target)
+            host, _, port = target.rpartition(":")
+            upstream = socket.create_connection((host, int(port)))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=Relay._pipe, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_certificate_check_goes_through_the_proxy_grpc_would_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With https_proxy set, gRPC tunnels through it, so the node's own check does too (a
+    CONNECT to the coordinator's address); no_proxy exempts a host, as it does for gRPC."""
+    from test_update_validation import serve
+
+    from coordinator.rounds import RoundSettings
+
+    assert tls.http_proxy_for("coordinator.example.org", {}) is None
+    env = {"https_proxy": "proxy.example.org:3128", "no_proxy": "localhost,.internal"}
+    assert tls.http_proxy_for("c.example.org", env) == "http://proxy.example.org:3128"
+    assert tls.http_proxy_for("localhost", env) is None
+    assert tls.http_proxy_for("a.b.internal", env) is None
+    assert tls.http_proxy_for("x", {**env, "grpc_proxy": "http://g:1"}) == "http://g:1"
+
+    proxy = ConnectProxy()
+    try:
+        with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
+            crl, _ = tls.revoke_certificates(fed.pki.ca, [])
+            files = tls.TlsFiles.from_dir(fed.pki.node("node-good-a"))
+            revocations = tls.load_revocation_list(crl, files.ca)
+            address = f"127.0.0.1:{fed.port}"
+            for name in ("grpc_proxy", "https_proxy", "http_proxy", "no_grpc_proxy", "no_proxy"):
+                monkeypatch.delenv(name, raising=False)
+                monkeypatch.delenv(name.upper(), raising=False)
+            monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.port}")
+            assert tls.check_server_not_revoked(address, files, revocations) == serial(
+                fed.pki.server
+            )
+            assert proxy.targets == [address]
+            monkeypatch.setenv("no_proxy", "127.0.0.1")
+            tls.check_server_not_revoked(address, files, revocations)
+            assert proxy.targets == [address]  # direct this time
+    finally:
+        proxy.close()

@@ -128,7 +128,7 @@ def check(args: argparse.Namespace) -> int:
         print(f"FAILED: {err}", file=sys.stderr)
         print(
             "  meaning: with tls_crl the node checks the coordinator's certificate in a TLS "
-            "handshake of its own, over a direct connection, and does not join unchecked",
+            "handshake of its own (through gRPC's proxy, if any) and does not join unchecked",
             file=sys.stderr,
         )
         return 1
