@@ -292,10 +292,13 @@ class Relay:
             if self.accepted <= self.drop_first:
                 conn.close()
                 continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.open += [conn, upstream]
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            self._relay(conn, ("127.0.0.1", self.target_port))
+
+    def _relay(self, conn: socket.socket, target: tuple[str, int]) -> None:
+        upstream = socket.create_connection(target)
+        self.open += [conn, upstream]
+        for a, b in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -412,34 +415,22 @@ def test_node_whose_check_cannot_complete_retries_as_if_unreachable(
     assert resetting.accepted >= 2
 
 
-class ConnectProxy:
+class ConnectProxy(Relay):
     """A minimal HTTP CONNECT proxy on 127.0.0.1 that records the targets it was asked for."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.targets: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(0, drop_first=0)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(4096)
-            target = head.split(b" ")[1].decode()
-            self.targets.append(target)
-            host, _, port = target.rpartition(":")
-            upstream = socket.create_connection((host, int(port)))
-            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=Relay._pipe, args=(a, b), daemon=True).start()
-
-    def close(self) -> None:
-        self.listener.close()
+    def _relay(self, conn: socket.socket, target: tuple[str, int]) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(4096)
+        asked = head.split(b" ")[1].decode()
+        self.targets.append(asked)
+        host, _, port = asked.rpartition(":")
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        super()._relay(conn, (host, int(port)))
 
 
 def test_certificate_check_goes_through_the_proxy_grpc_would_use(
