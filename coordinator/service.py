@@ -25,7 +25,7 @@ from coordinator.server import (
 )
 from coordinator.strategy import MAX_FAIRNESS_Q
 from pluralfed.checkpoint import save_checkpoint
-from pluralfed.config import ConfigValueError
+from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.embeddings import make_encoder
 from pluralfed.errors import InputError
 from pluralfed.evaluation import SetReport
@@ -60,21 +60,13 @@ def _refuse(key: str, message: str) -> ConfigValueError:
 
 
 def _check_int(key: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _refuse(key, f"{key} must be a whole number, got {value!r}")
-    if not low <= value <= high:
-        raise _refuse(key, f"{key} must be in {low}..{high}, got {value}")
+    check_whole_number(key, value, low, high, "coordinator config")
 
 
 def _check_float(
     key: str, value: object, low: float, high: float, *, low_open: bool = False
 ) -> None:
-    """A finite number in [low, high] ((low, high] with low_open)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _refuse(key, f"{key} must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or value > high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise _refuse(key, f"{key} must be in {interval}, got {value:g}")
+    check_finite_number(key, value, low, high, low_open=low_open, what="coordinator config")
 
 
 def _check_listen(address: object) -> None:

@@ -9,6 +9,8 @@ name (`PLURALFED_NODE_TLS_DIR`). Every value is checked and a bad one names its 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import tomllib
 import types
@@ -27,10 +29,44 @@ class ConfigValueError(InputError):
     `load_config` can say where the value came from (file, environment variable or option);
     raised by direct construction it reads "<what> config: <message>"."""
 
-    def __init__(self, key: str, message: str, what: str = "configuration") -> None:
-        super().__init__(f"{what}: {message}")
+    def __init__(self, key: str, message: str, what: str | None = "configuration") -> None:
+        super().__init__(message if what is None else f"{what}: {message}")
         self.key = key
         self.message = message
+
+
+def check_whole_number(
+    key: str, value: object, low: int, high: int, what: str | None = "configuration"
+) -> None:
+    """Refuse (ConfigValueError naming `key`) anything but an integer in low..high; a bool is
+    not one (JSON's true would otherwise count as 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigValueError(key, f"{key} must be a whole number, got {value!r}", what)
+    if not low <= int(value) <= high:
+        raise ConfigValueError(key, f"{key} must be in {low}..{high}, got {value}", what)
+
+
+def check_finite_number(
+    key: str,
+    value: object,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    what: str | None = "configuration",
+) -> None:
+    """Refuse anything but a finite number in [low, high] ((low, high] with low_open): NaN
+    passes every comparison, so ranges alone do not catch it."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+    ):
+        raise ConfigValueError(key, f"{key} must be a finite number, got {value!r}", what)
+    number = float(value)
+    if number < low or (low_open and number == low) or number > high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ConfigValueError(key, f"{key} must be in {interval}, got {number:g}", what)
 
 
 def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,7 +32,6 @@ averages each copy's own weights) removes much of that variance (README, "Result
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pluralfed.config import check_finite_number, check_whole_number
 from pluralfed.errors import InputError
 
 MAX_MEMBERS = 16
@@ -84,19 +84,13 @@ class GPOConfig:
         torch would fail late with an unhelpful error, build a degenerate model silently, or
         allocate whatever a huge width asks for; a NaN memory setting makes predictions NaN."""
         for name, low, high in _INT_LIMITS:
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise InputError(f"{name} must be a whole number, got {value!r}")
-            if not low <= value <= high:
-                raise InputError(f"{name} must be in {low}..{high}, got {value}")
+            check_whole_number(name, getattr(self, name), low, high, what=None)
         if self.d_model % self.n_heads:
             raise InputError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
         for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
+            check_finite_number(name, getattr(self, name), what=None)
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.memory_weight <= 1.0:
@@ -157,15 +151,6 @@ _FLOAT_FIELDS = (
     "memory_shrinkage",
     "memory_temperature",
 )
-
-
-def _is_int(value: object) -> bool:
-    """An integer, not a bool (JSON's true would otherwise count as 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
