@@ -282,6 +282,12 @@ def _check_values(where: str, what: str, values: Any, n_options: int) -> list[fl
     return out
 
 
+def is_blank(text: str) -> bool:
+    """True if `text` shows nothing: only whitespace and invisible format or control characters
+    (zero-width spaces and joiners, byte-order marks, ...), which `str.strip` keeps."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
+
+
 def _check_options(where: str, options: Any, *, allow_numbers: bool) -> tuple[str, ...]:
     """Non-empty, distinct, non-empty option strings (numbers turned into strings if allowed)."""
     if not isinstance(options, list | tuple):
@@ -294,7 +300,7 @@ def _check_options(where: str, options: Any, *, allow_numbers: bool) -> tuple[st
             o = str(o)
         if not isinstance(o, str):
             raise InputError(f"{where}: options[{i}] must be a string, got {o!r}")
-        if not o.strip():
+        if is_blank(o):
             raise InputError(f"{where}: options[{i}] is empty")
         if o in out:
             raise InputError(f"{where}: option {o!r} appears twice")
@@ -305,7 +311,7 @@ def _check_options(where: str, options: Any, *, allow_numbers: bool) -> tuple[st
 def _check_question(where: str, question: Any) -> str:
     if not isinstance(question, str):
         raise InputError(f"{where}: question must be a string, got {type(question).__name__}")
-    if not question.strip():
+    if is_blank(question):
         raise InputError(f"{where}: question is empty")
     return question
 
@@ -345,7 +351,7 @@ def _parse_goqa_record(
         raise InputError(f"{where}: selections has no groups")
     pairs: list[tuple[str, list[float]]] = []
     for group, values in sel.items():
-        if not isinstance(group, str) or not group.strip():
+        if not isinstance(group, str) or is_blank(group):
             raise InputError(f"{where}: group name must be a non-empty string, got {group!r}")
         pairs.append((group, _check_values(where, f"selections[{group!r}]", values, len(opts))))
     return opts, pairs
@@ -505,7 +511,7 @@ def load_jsonl(path: str | Path, groups: Iterable[str] | None = None) -> SurveyD
             raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
         col.records += 1
         group = rec["group"]
-        if not isinstance(group, str) or not group.strip():
+        if not isinstance(group, str) or is_blank(group):
             raise InputError(f"{where}: group must be a non-empty string, got {group!r}")
         question = _check_question(where, rec["question"])
         opts = _check_options(where, rec["options"], allow_numbers=False)

@@ -71,6 +71,7 @@ from pluralfed.checkpoint import load_checkpoint
 from pluralfed.data import (
     SurveyData,
     SurveyItem,
+    is_blank,
     is_test_question,
     load_survey,
     normalise_distribution,
@@ -151,7 +152,7 @@ def check_question(question: Any, where: str) -> str:
     """A non-empty string, or an InputError naming `where`."""
     if not isinstance(question, str):
         raise InputError(f"{where}: not a string ({question!r:.60})")
-    if not question.strip():
+    if is_blank(question):
         raise InputError(f"{where}: empty")
     return question
 
@@ -169,7 +170,7 @@ def check_answers(answers: Sequence[str], where: str) -> list[str]:
     for i, a in enumerate(out):
         if not isinstance(a, str):
             raise InputError(f"{where}[{i}]: not a string ({a!r})")
-        if not a.strip():
+        if is_blank(a):
             raise InputError(f"{where}[{i}]: empty")
         if a in seen:
             raise InputError(f"{where}[{i}]: duplicate of {where}[{seen[a]}] ({a!r})")
@@ -344,7 +345,7 @@ class RewardModel:
 
     def add_group(self, name: str, items: Sequence[SurveyItem] | GroupContext) -> GroupContext:
         """Hold a named group context (replacing one of the same name)."""
-        if not isinstance(name, str) or not name.strip():
+        if not isinstance(name, str) or is_blank(name):
             raise InputError(f"group name must be a non-empty string, got {name!r}")
         ctx = (
             GroupContext(name, items.items)

@@ -27,7 +27,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.auth import AllowList, AuthInterceptor, RevocationWatch
-from pluralfed.data import SurveyItem, normalise_distribution
+from pluralfed.data import SurveyItem, is_blank, normalise_distribution
 from pluralfed.embeddings import option_text
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
@@ -69,10 +69,10 @@ class BadRequest(Exception):
 
 
 def _check_text(value: str, where: str, limit: int) -> str:
-    if not value.strip():
-        raise BadRequest(where, "empty")
     if len(value) > limit:
         raise BadRequest(where, f"{len(value)} characters, at most {limit} allowed")
+    if is_blank(value):
+        raise BadRequest(where, "empty")
     return value
 
 
@@ -222,7 +222,7 @@ class RewardServicer(pb_grpc.RewardServicer):
                 name = request.group_name
                 if len(name) > limits.max_text_chars:
                     raise BadRequest("group_name", f"longer than {limits.max_text_chars} chars")
-                if not name.strip():
+                if is_blank(name):
                     raise BadRequest("group_name", "empty")
             elif which == "group_context":
                 inline = parse_context(request.group_context, limits)

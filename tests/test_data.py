@@ -459,10 +459,12 @@ JSONL_CASES: dict[str, tuple[str, str]] = {
     "group empty": (jl_with(group=""), "group must be a non-empty string"),
     "question not a string": (jl_with(question=["Q"]), "question must be a string"),
     "question blank": (jl_with(question=" \t"), "question is empty"),
+    "question invisible": (jl_with(question="\u200b\u200c"), "question is empty"),
     "options not a list": (jl_with(options="x, y"), "options must be a list"),
     "options empty": (jl_with(options=[], distribution=[]), "options is empty"),
     "option not a string": (jl_with(options=["x", 2]), "options[1] must be a string"),
     "option blank": (jl_with(options=["x", ""]), "options[1] is empty"),
+    "option invisible": (jl_with(options=["x", "\ufeff"]), "options[1] is empty"),
     "duplicate options": (jl_with(options=["x", "x"]), "option 'x' appears twice"),
     "distribution not a list": (jl_with(distribution={"x": 1}), "distribution must be a list"),
     "length mismatch": (

@@ -235,6 +235,8 @@ def test_long_context_is_cut_to_90_like_the_protocol(rm: RewardModel) -> None:
         ("Q?", [], "no answers"),
         ("Q?", ["Yes", "Yes"], r"answers\[1\]: duplicate of questions\[0\].answers\[0\]"),
         ("Q?", ["Yes", "  "], r"answers\[1\]: empty"),
+        ("\u200b\ufeff", ["Yes", "No"], "question: empty"),  # zero-width space, BOM
+        ("Q?", ["Yes", "\u200d \u2060"], r"answers\[1\]: empty"),  # joiners
         ("Q?", "Yes", "not a single string"),
     ],
 )
@@ -499,6 +501,12 @@ INVALID = [
         _request(x=_set_questions(("Q?", ["Yes", ""]))),
         r"questions\[0\]\.answers\[1\]: empty",
     ),
+    (
+        "invisible answer",
+        _request(x=_set_questions(("Q?", ["Yes", "\u200b\u200b"]))),
+        r"questions\[0\]\.answers\[1\]: empty",
+    ),
+    ("invisible group", _request(group_name="\u200b"), "group_name: empty"),
     (
         "duplicate answer",
         _request(x=_set_questions(("Q?", ["Yes"]), ("R?", ["No", "Yes", "No"]))),

@@ -15,7 +15,7 @@ from tinymodel import CFG, random_item
 from pluralfed import tls
 from pluralfed.cli import main
 from pluralfed.commands import certs
-from pluralfed.data import load_survey, normalise_distribution
+from pluralfed.data import is_blank, load_survey, normalise_distribution
 from pluralfed.episodes import evaluation_context
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
@@ -105,6 +105,28 @@ def test_csv_whitespace_group_rejected(tmp_path: Path) -> None:
 def test_jsonl_whitespace_group_rejected(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"s\.jsonl:2: group must be a non-empty string"):
         load_survey(_jsonl(tmp_path, group='"   "'))
+
+
+def test_invisible_group_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"s\.jsonl:2: group must be a non-empty string"):
+        load_survey(_jsonl(tmp_path, group='"\\u200b\\u2060"'))
+
+
+@pytest.mark.parametrize(
+    ("text", "blank"),
+    [
+        ("", True),
+        (" \t\n", True),
+        ("\u200b\u200c\u200d\u2060\ufeff", True),  # zero-width characters, BOM
+        ("\x00\x1f", True),
+        ("\u200bx", False),
+        ("é", False),
+        ("\u00a0\u3000", True),  # no-break and ideographic spaces
+        ("か", False),
+    ],
+)
+def test_is_blank(text: str, blank: bool) -> None:
+    assert is_blank(text) is blank
 
 
 def test_group_names_with_surrounding_spaces_still_load(tmp_path: Path) -> None:
