@@ -14,6 +14,11 @@ and for all uploads of one round in one client-streaming RPC.
     .venv/bin/python bench/systems.py                      # raw + A B C D
     .venv/bin/python bench/systems.py --scenarios A,C      # a subset (merged into the results)
     .venv/bin/python bench/systems.py --report-only        # re-print, merge bench/flower results
+    .venv/bin/python bench/systems.py --flower             # and Flower's A-C in the same run
+
+--flower runs bench/flower/run.py (in the venv bench/flower/setup.sh makes) for each of A, B, C
+right after pluralfed's, so both systems are measured in one run on the same machine state; the
+report says, per scenario, when each side was measured and whether in the same run.
 
 Writes bench/results/systems.json and systems.md. Every process is started here, bounded by a
 timeout, and killed by its pid at the end.
@@ -22,6 +27,7 @@ timeout, and killed by its pid at the end.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
@@ -42,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 PY = sys.executable
 RESULTS = HERE / "results"
 FLOWER_JSON = RESULTS / "systems_flower.json"
+FLOWER_PYTHON = HERE / ".flower-venv" / "bin" / "python"
 
 SCENARIOS: dict[str, dict[str, int]] = {
     "A": {"nodes": 8, "params": 1_200_000, "rounds": 20, "per_proc": 1},
@@ -410,6 +417,13 @@ def flower_ratios(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                 row[f"ratio_{key}"] = p[key] / f[key]
         rows.append(row)
     cols = [("scenario", "scen", 0)]
+    for row in rows:
+        f, p = fl["scenarios"][row["scenario"]], results["scenarios"].get(row["scenario"], {})
+        same = p.get("run_id") is not None and p.get("run_id") == f.get("run_id")
+        row["measured"] = f"{p.get('measured_at', '?')} / {f.get('measured_at', '?')}" + (
+            " (same run)" if same else " (separate runs)"
+        )
+    cols.append(("measured", "measured: pluralfed / Flower", 0))
     for key, label in FLOWER_KEYS.items():
         cols += [
             (f"pluralfed_{key}", f"pluralfed {label}", 2),
@@ -501,6 +515,20 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_flower(python: Path, scenario: str, work: Path, timeout: float, run_id: str) -> None:
+    """Flower's side of `scenario` (bench/flower/run.py writes it into systems_flower.json)."""
+    print(f"Flower scenario {scenario} (load {loadavg()})", flush=True)
+    cmd = [str(python), str(HERE / "flower" / "run.py"), "--scenarios", scenario]
+    cmd += ["--work", str(work), "--timeout", str(timeout), "--run-id", run_id]
+    try:
+        done = subprocess.run(cmd, timeout=timeout + 300, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"  Flower scenario {scenario}: no result within {timeout + 300:.0f} s", flush=True)
+        return
+    if done.returncode != 0:
+        print(f"  Flower scenario {scenario} FAILED (exit {done.returncode})", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--scenarios", default="A,B,C,D")
@@ -529,7 +557,21 @@ def main() -> int:
         help="the coordinator's largest tensor part per download message (default: its own)",
     )
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument(
+        "--flower",
+        action="store_true",
+        help="also run Flower's A-C (bench/flower/run.py), each right after pluralfed's",
+    )
+    ap.add_argument(
+        "--flower-python",
+        type=Path,
+        default=FLOWER_PYTHON,
+        help="the Python of the venv bench/flower/setup.sh made (default: %(default)s)",
+    )
     args = ap.parse_args()
+    if args.flower and not args.flower_python.exists():
+        ap.error(f"--flower: no {args.flower_python}; run bench/flower/setup.sh first")
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     SCENARIOS["D"] = {
         "nodes": args.d_nodes,
         "params": 1_200_000,
@@ -583,6 +625,10 @@ def main() -> int:
                 results["scenarios"][s] = {"scenario": s, **SCENARIOS[s], "error": str(err)}
                 continue
             r = results["scenarios"][s]
+            r["measured_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            r["run_id"] = run_id
+            if args.flower and s in ("A", "B", "C"):
+                run_flower(args.flower_python, s, args.work / "flower", args.timeout, run_id)
             print(
                 f"  {s}: complete={r['complete']} round {r['round_s_median']:.2f} s, total "
                 f"{r['total_s']:.1f} s, coordinator RSS ready {r['coord_rss_ready_mib']:.0f} MiB, "

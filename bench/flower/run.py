@@ -13,6 +13,8 @@ The same workload as bench/systems.py. Flower's TLS is server-authenticated only
 authentication is a separate key mechanism, not used here); pluralfed's is mutual.
 
 Writes bench/results/systems_flower.json; `bench/systems.py --report-only` prints the ratios.
+`bench/systems.py --flower` runs this itself, each Flower scenario right after pluralfed's, so
+that both are measured in one run on the same machine state.
 """
 
 from __future__ import annotations
@@ -405,7 +407,10 @@ def run_scenario(name: str, cfg: dict[str, int], work: Path, timeout: float) -> 
                         str(wd / "flwr-nodes" / f"{i:03d}"),
                     ],
                     wd / f"supernode-{i:03d}.log",
-                    env,
+                    # and its own FLWR_HOME: flwr 1.22's SuperNode keeps its FAB store under
+                    # FLWR_HOME whatever --flwr-dir says, and one node reading a FAB's META file
+                    # while another writes it failed C's first round (2 of 32 ClientApps)
+                    {**env, "FLWR_HOME": str(wd / "flwr-nodes" / f"{i:03d}")},
                 )
             )
         time.sleep(3)
@@ -481,6 +486,11 @@ def main() -> int:
     ap.add_argument("--scenarios", default="A,B,C")
     ap.add_argument("--work", type=Path, default=Path("/tmp/flower-bench"))
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument(
+        "--run-id",
+        default=None,
+        help="the bench/systems.py run this belongs to (set by `bench/systems.py --flower`)",
+    )
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     out_json = RESULTS / "systems_flower.json"
@@ -493,6 +503,8 @@ def main() -> int:
             print(f"  FAILED: {err}", flush=True)
             results["scenarios"][name] = {"scenario": name, "complete": False, "error": str(err)}
             continue
+        r["measured_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        r["run_id"] = args.run_id
         results["scenarios"][name] = r
         print(
             f"  {name}: complete={r['complete']} round {r['round_s_median']:.2f} s, total "
