@@ -56,6 +56,7 @@ best-of-n samplers take: ``(prompts, completions, **kwargs) -> list[float]``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import threading
@@ -94,7 +95,9 @@ PROB_FLOOR = 1e-6
 LOG_FLOOR = math.log(PROB_FLOOR)
 RewardKind = Literal["logprob", "prob"]
 REWARD_KINDS: tuple[str, ...] = ("logprob", "prob")
-DEFAULT_EMBED_MEMORY = 50_000  # texts whose vectors are kept in memory (about 77 MB at 384 dims)
+# texts whose vectors are kept in memory, keyed by a 16-byte digest of the text so that long
+# texts cost no more than short ones: about 90 MB at 384 dims, whatever the texts
+DEFAULT_EMBED_MEMORY = 50_000
 # a completion is embedded (last mapping rule) from its first this many characters: the encoder
 # reads at most a few hundred tokens anyway, and a runaway generation must not cost unbounded time
 MAX_EMBED_COMPLETION_CHARS = 8192
@@ -182,6 +185,12 @@ def check_answers(answers: Sequence[str], where: str) -> list[str]:
 # the reward model
 
 
+def text_key(text: str) -> bytes:
+    """The in-memory embedding cache's key for `text`: a digest, so a kept text costs 16 bytes
+    however long it is (lone surrogates, which the Python API lets through, hash as they are)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 class RewardModel:
     """A GPO checkpoint as a reward model. Thread-safe: concurrent calls take turns."""
 
@@ -218,7 +227,7 @@ class RewardModel:
         self.max_context = max_context
         self.context_seed = context_seed
         self._groups: dict[str, GroupContext] = {}
-        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memory: OrderedDict[bytes, np.ndarray] = OrderedDict()  # text_key(text) -> vector
         self._memory_size = embed_memory
         self._lock = threading.RLock()
 
@@ -287,18 +296,21 @@ class RewardModel:
                 return np.zeros((0, self.encoder.dim), dtype=np.float32)
             with self._lock:
                 return np.asarray(encoder.encode(list(texts)), dtype=np.float32)
+        keys = [text_key(t) for t in texts]
         with self._lock:
-            missing = list(dict.fromkeys(t for t in texts if t not in self._memory))
+            missing = dict.fromkeys(
+                (k, t) for k, t in zip(keys, texts, strict=True) if k not in self._memory
+            )
             if missing:
                 encoder = self.encoder
                 if not disk_cache and isinstance(encoder, CachedEncoder):
                     encoder = encoder.inner
-                vectors = np.asarray(encoder.encode(missing), dtype=np.float32)
-                for t, v in zip(missing, vectors, strict=True):
-                    self._memory[t] = v
-            out = np.stack([self._memory[t] for t in texts]) if texts else None
-            for t in texts:
-                self._memory.move_to_end(t)
+                vectors = np.asarray(encoder.encode([t for _, t in missing]), dtype=np.float32)
+                for (k, _), v in zip(missing, vectors, strict=True):
+                    self._memory[k] = v
+            out = np.stack([self._memory[k] for k in keys]) if texts else None
+            for k in keys:
+                self._memory.move_to_end(k)
             while len(self._memory) > self._memory_size:
                 self._memory.popitem(last=False)
         if out is None:
@@ -308,7 +320,7 @@ class RewardModel:
     def uncached(self, texts: Iterable[str]) -> int:
         """How many of texts are not in memory (a hint for how long embedding them will take)."""
         with self._lock:
-            return sum(1 for t in set(texts) if t not in self._memory)
+            return sum(1 for t in set(texts) if text_key(t) not in self._memory)
 
     def _embed_items(
         self, items: Sequence[SurveyItem], disk_cache: bool = True

@@ -44,6 +44,7 @@ from pluralfed.reward import (
     make_reward_fn,
     map_completion,
     protocol_context,
+    text_key,
     to_rewards,
 )
 from pluralfed.reward_server import (
@@ -877,8 +878,23 @@ def test_reward_fn_survives_pathological_completions(rm: RewardModel, world: dic
     rewards = fn(["P", "P"], ["\ud800 hmm", long])
     assert [m.rule for m in fn.last_matches] == ["similar", "similar"]
     assert all(math.isfinite(r) for r in rewards)
-    assert long not in rm._memory and long.strip() not in rm._memory
-    assert max(len(t) for t in rm._memory) < 100_000
+    assert text_key(long) not in rm._memory and text_key(long.strip()) not in rm._memory
+
+
+def test_embedding_memory_costs_the_same_for_long_texts(world: dict, session_cache_dir: Path):
+    # the memory kept each text itself as its key: 50,000 texts of 4,096 four-byte characters
+    # held ~800 MB of keys; now every key is a 16-byte digest and the memory stays bounded
+    model = RewardModel.from_checkpoint(world["ckpt"], cache_dir=session_cache_dir, embed_memory=3)
+    texts = [f"{i} " + "\U0001f600" * 4000 for i in range(5)]
+    first = model.embed_texts(texts[:3], disk_cache=False)
+    assert len(model._memory) == 3 and all(len(k) == 16 for k in model._memory)
+    assert model.uncached(texts) == 2
+    again = model.embed_texts(texts[:3], disk_cache=False)  # served from memory, same vectors
+    np.testing.assert_array_equal(first, again)
+    model.embed_texts(texts[3:], disk_cache=False)  # evicts the two least recently used
+    assert len(model._memory) == 3
+    assert model.uncached(texts) == 2 and text_key(texts[2]) in model._memory
+    assert text_key("\ud800 lone") != text_key("\ud801 lone")  # lone surrogates hash too
 
 
 def test_service_keeps_client_texts_off_the_disk_cache(
