@@ -38,6 +38,7 @@ from coordinator.strategy import (
     make_server_optimizer,
     streaming_update_norm,
 )
+from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.fsutil import atomic_write_bytes
@@ -176,6 +177,21 @@ def checked_update_metrics(group: str, metrics: Mapping[str, float]) -> dict[str
     return checked_metrics(f"update from {group}", metrics)
 
 
+# Limits of the round settings. Each is what the protocol can carry (protos: uint32 rounds, ranges
+# and max_context, uint64 seed) or what every node refuses (group_node/node.py), so that a value
+# no run could use is refused when the settings are made, not rounds later.
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+NODE_MAX_LOCAL_STEPS = 100_000  # group_node.node.MAX_LOCAL_STEPS
+NODE_MAX_LEARNING_RATE = 1.0  # nodes refuse a learning rate outside (0, 1]
+NODE_MIN_HEARTBEAT_S = 0.5  # nodes never beat faster, whatever the Join reply says
+NODE_MAX_HEARTBEAT_S = 3600.0  # group_node.node.MAX_HEARTBEAT_INTERVAL_S: nodes refuse more
+MAX_COUNT = 1_000_000  # rounds, nodes, updates: far above any real federation
+MAX_DURATION_S = 365 * 24 * 3600.0  # a deadline must stay a representable timestamp
+SERVER_OPTIMIZERS = ("fedavg", "fedadagrad", "fedadam", "fedyogi")
+WEIGHTINGS = ("examples", "uniform")
+
+
 @dataclass(frozen=True)
 class RoundSettings:
     rounds: int = 100
@@ -203,50 +219,94 @@ class RoundSettings:
     quorum_timeout_s: float | None = None  # give up waiting for a quorum after this long
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.rounds >= 1, "rounds must be at least 1"),
-            (self.min_nodes >= 1, "min_nodes must be at least 1"),
-            (1 <= self.min_updates <= self.min_nodes, "min_updates must be in 1..min_nodes"),
-            (self.round_timeout_s > 0 and self.eval_timeout_s > 0, "timeouts must be positive"),
-            (self.eval_every >= 0, "eval_every must be 0 (only at the end) or more"),
-            (self.local_steps >= 1, "local_steps must be at least 1"),
-            (self.learning_rate > 0, "learning_rate must be positive"),
-            (
-                0 <= self.embedding_noise <= MAX_EMBEDDING_NOISE,
-                f"embedding_noise must be in 0..{MAX_EMBEDDING_NOISE}",
-            ),
-            (self.weighting in ("examples", "uniform"), "weighting must be examples or uniform"),
-            (
-                math.isfinite(self.fairness_q) and 0 <= self.fairness_q <= MAX_FAIRNESS_Q,
-                f"fairness_q must be in 0..{MAX_FAIRNESS_Q:g}",
-            ),
-            (self.norm_bound is None or self.norm_bound > 0, "norm_bound must be positive"),
-            (self.session_timeout_s > self.heartbeat_interval_s > 0, "session timeout > heartbeat"),
-            (self.seed >= 0, "seed must be 0 or more"),
-        ]
-        # NaN passes every comparison above, infinity breaks deadlines: every float is finite
-        for name in (
-            "round_timeout_s",
-            "eval_timeout_s",
-            "learning_rate",
-            "embedding_noise",
-            "server_lr",
-            "norm_bound",
-            "session_timeout_s",
-            "heartbeat_interval_s",
-            "quorum_timeout_s",
+        """Refuse (ConfigValueError naming the field) every value no run could use, whether the
+        settings come from the coordinator's config or are made in code (benchmarks, tests):
+        one set of checks for both. NaN passes every comparison and infinity breaks deadlines,
+        so every float must be finite."""
+        for key, low, high in (
+            ("rounds", 1, MAX_COUNT),
+            ("min_nodes", 1, MAX_COUNT),
+            ("min_updates", 1, MAX_COUNT),
+            ("eval_every", 0, MAX_COUNT),  # 0: only at the end
+            ("local_steps", 1, NODE_MAX_LOCAL_STEPS),
+            ("max_context", 1, UINT32_MAX),
+            ("seed", 0, UINT64_MAX),
         ):
-            value = getattr(self, name)
-            checks.append((value is None or math.isfinite(value), f"{name} must be finite"))
-        checks.append(
-            (self.quorum_timeout_s is None or self.quorum_timeout_s > 0, "quorum_timeout_s > 0")
+            check_whole_number(key, getattr(self, key), low, high, SETTINGS)
+        for key in ("context_range", "target_range"):
+            pair = getattr(self, key)
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise ConfigValueError(
+                    key, f"{key} must be two whole numbers low, high; got {pair!r}", SETTINGS
+                )
+            for value in pair:
+                check_whole_number(key, value, 1, UINT32_MAX, SETTINGS)
+            if pair[0] > pair[1]:
+                raise ConfigValueError(
+                    key, f"{key} must be low <= high, got {pair[0]}..{pair[1]}", SETTINGS
+                )
+        _check_float("learning_rate", self.learning_rate, 0.0, NODE_MAX_LEARNING_RATE, True)
+        _check_float("embedding_noise", self.embedding_noise, 0.0, MAX_EMBEDDING_NOISE)
+        _check_float("fairness_q", self.fairness_q, 0.0, MAX_FAIRNESS_Q)
+        for key in ("round_timeout_s", "eval_timeout_s", "session_timeout_s"):
+            _check_float(key, getattr(self, key), 0.0, MAX_DURATION_S, True)
+        _check_float(
+            "heartbeat_interval_s",
+            self.heartbeat_interval_s,
+            NODE_MIN_HEARTBEAT_S,
+            NODE_MAX_HEARTBEAT_S,
         )
-        checks.append((self.server_lr is None or self.server_lr > 0, "server_lr must be positive"))
-        for lo, hi in (self.context_range, self.target_range):
-            checks.append((1 <= lo <= hi, f"bad question range {lo}..{hi}"))
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if self.quorum_timeout_s is not None:  # None: wait for a quorum forever
+            _check_float("quorum_timeout_s", self.quorum_timeout_s, 0.0, MAX_DURATION_S, True)
+        for key in ("server_lr", "norm_bound"):  # None: the optimizer's default; no bound
+            value = getattr(self, key)
+            if value is not None:
+                _check_float(key, value, 0.0, math.inf, True)
+        if not isinstance(self.eval_at_start, bool):
+            raise ConfigValueError(
+                "eval_at_start",
+                f"eval_at_start must be true or false, got {self.eval_at_start!r}",
+                SETTINGS,
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigValueError(
+                "weighting",
+                f"weighting must be examples or uniform, got {self.weighting!r}",
+                SETTINGS,
+            )
+        if (
+            not isinstance(self.server_optimizer, str)
+            or self.server_optimizer.lower() not in SERVER_OPTIMIZERS
+        ):
+            raise ConfigValueError(
+                "server_optimizer",
+                f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got "
+                f"{self.server_optimizer!r}",
+                SETTINGS,
+            )
+        # across fields
+        if self.min_updates > self.min_nodes:
+            raise ConfigValueError(
+                "min_updates",
+                f"min_updates must be at most min_nodes ({self.min_nodes}), got {self.min_updates}",
+                SETTINGS,
+                related=("min_nodes",),
+            )
+        if self.session_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigValueError(
+                "session_timeout_s",
+                f"session_timeout_s ({self.session_timeout_s:g}) must be longer than "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s:g})",
+                SETTINGS,
+                related=("heartbeat_interval_s",),
+            )
+
+
+SETTINGS = "round settings"
+
+
+def _check_float(key: str, value: object, low: float, high: float, low_open: bool = False) -> None:
+    check_finite_number(key, value, low, high, low_open=low_open, what=SETTINGS)
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import signal
 import threading
@@ -17,13 +16,19 @@ from typing import Any
 from rich.console import Console
 
 from coordinator.auth import AllowList, RevocationWatch
-from coordinator.rounds import HELD_OUT_SET, TRAIN_SET, RoundEngine, RoundSettings
+from coordinator.rounds import (
+    HELD_OUT_SET,
+    MAX_COUNT,
+    MAX_DURATION_S,
+    TRAIN_SET,
+    RoundEngine,
+    RoundSettings,
+)
 from coordinator.server import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     DEFAULT_MAX_CONCURRENT_UPLOADS,
     start_server,
 )
-from coordinator.strategy import MAX_FAIRNESS_Q
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.embeddings import make_encoder
@@ -33,26 +38,13 @@ from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.report import print_reports
 from pluralfed.tls import TlsFiles, resolve_tls_files
-from pluralfed.training import MAX_EMBEDDING_NOISE, build_model
+from pluralfed.training import build_model
 from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES, check_chunk_bytes
 from pluralfed.wire import DEFAULT_CHUNK_BYTES, numpy_to_state_dict, state_dict_to_numpy
 
 log = logging.getLogger("pluralfed.coordinator")
 
-# Limits of the coordinator's settings. Each is what the protocol can carry (protos: uint32
-# rounds, ranges and max_context, uint64 seed) or what every node refuses (group_node/node.py),
-# so that a value no run could use is refused when the coordinator starts, not rounds later.
-UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
-NODE_MAX_LOCAL_STEPS = 100_000  # group_node.node.MAX_LOCAL_STEPS
-NODE_MAX_LEARNING_RATE = 1.0  # nodes refuse a learning rate outside (0, 1]
-NODE_MIN_HEARTBEAT_S = 0.5  # nodes never beat faster, whatever the Join reply says
-NODE_MAX_HEARTBEAT_S = 3600.0  # group_node.node.MAX_HEARTBEAT_INTERVAL_S: nodes refuse more
-MAX_COUNT = 1_000_000  # rounds, nodes, updates: far above any real federation
-MAX_DURATION_S = 365 * 24 * 3600.0  # a deadline must stay a representable timestamp
 MAX_WORKERS = 10_000  # RPC threads
-SERVER_OPTIMIZERS = ("fedavg", "fedadagrad", "fedadam", "fedyogi")
-WEIGHTINGS = ("examples", "uniform")
 
 
 def _refuse(key: str, message: str) -> ConfigValueError:
@@ -140,8 +132,9 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         """Refuse each value no run could use, naming its key, when the config is loaded: the
         protocol could not carry it, every node would refuse it, or the run would break later
-        (a NaN timeout, a seed out of uint64). Checks across keys (min_updates <= min_nodes,
-        heartbeat < session timeout) are RoundSettings'; the model's are GPOConfig's."""
+        (a NaN timeout, a seed out of uint64). The rounds' settings, checks across keys
+        included, are checked by RoundSettings itself, here as for settings made in code; the
+        model's by GPOConfig."""
         for key in ("upload_chunk_bytes", "download_chunk_bytes"):
             try:
                 check_chunk_bytes(getattr(self, key), key)
@@ -151,68 +144,23 @@ class CoordinatorConfig:
         if not isinstance(self.encoder, str) or not self.encoder.strip():
             raise _refuse("encoder", f"encoder must name a text encoder, got {self.encoder!r}")
         for key, low, high in (
-            ("rounds", 1, MAX_COUNT),
-            ("min_nodes", 1, MAX_COUNT),
-            ("min_updates", 1, MAX_COUNT),
-            ("eval_every", 0, MAX_COUNT),
-            ("local_steps", 1, NODE_MAX_LOCAL_STEPS),
-            ("max_context", 1, UINT32_MAX),
-            ("seed", 0, UINT64_MAX),
             ("max_workers", 1, MAX_WORKERS),
             ("max_concurrent_uploads", 0, MAX_COUNT),
             ("max_concurrent_downloads", 0, MAX_COUNT),
         ):
             _check_int(key, getattr(self, key), low, high)
-        for key in ("context_range", "target_range"):
-            pair = getattr(self, key)
-            if not isinstance(pair, tuple) or len(pair) != 2:
-                raise _refuse(key, f"{key} must be two whole numbers low, high; got {pair!r}")
-            for value in pair:
-                _check_int(key, value, 1, UINT32_MAX)
-            if pair[0] > pair[1]:
-                raise _refuse(key, f"{key} must be low <= high, got {pair[0]}..{pair[1]}")
-        _check_float(
-            "learning_rate", self.learning_rate, 0.0, NODE_MAX_LEARNING_RATE, low_open=True
-        )
-        _check_float("embedding_noise", self.embedding_noise, 0.0, MAX_EMBEDDING_NOISE)
-        _check_float("fairness_q", self.fairness_q, 0.0, MAX_FAIRNESS_Q)
-        for key in ("round_timeout_s", "eval_timeout_s", "session_timeout_s"):
-            _check_float(key, getattr(self, key), 0.0, MAX_DURATION_S, low_open=True)
-        _check_float(
-            "heartbeat_interval_s",
-            self.heartbeat_interval_s,
-            NODE_MIN_HEARTBEAT_S,
-            NODE_MAX_HEARTBEAT_S,
-        )
         _check_float("linger_s", self.linger_s, 0.0, MAX_DURATION_S)  # 0: leave at once
-        if self.quorum_timeout_s is not None:  # None: wait for a quorum forever
-            _check_float(
-                "quorum_timeout_s", self.quorum_timeout_s, 0.0, MAX_DURATION_S, low_open=True
-            )
-        for key in ("server_lr", "norm_bound"):  # None: the optimizer's default; no bound
-            value = getattr(self, key)
-            if value is not None:
-                _check_float(key, value, 0.0, math.inf, low_open=True)
-        if self.weighting not in WEIGHTINGS:
-            raise _refuse(
-                "weighting", f"weighting must be examples or uniform, got {self.weighting!r}"
-            )
-        if (
-            not isinstance(self.server_optimizer, str)
-            or self.server_optimizer.lower() not in SERVER_OPTIMIZERS
-        ):
-            raise _refuse(
-                "server_optimizer",
-                f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got "
-                f"{self.server_optimizer!r}",
-            )
+        try:  # the round settings check themselves, the same whether from a config or code
+            self.round_settings()
+        except ConfigValueError as err:
+            raise ConfigValueError(
+                err.key, err.message, "coordinator config", related=err.keys[1:]
+            ) from None
 
     def round_settings(self) -> RoundSettings:
+        """The settings of the rounds; raises ConfigValueError naming the field."""
         fields = RoundSettings.__dataclass_fields__
-        try:
-            return RoundSettings(**{k: v for k, v in asdict(self).items() if k in fields})
-        except ValueError as err:
-            raise InputError(f"coordinator config: {err}") from err
+        return RoundSettings(**{k: v for k, v in asdict(self).items() if k in fields})
 
     def tls_files(self) -> TlsFiles | None:
         if self.insecure:

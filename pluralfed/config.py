@@ -29,10 +29,19 @@ class ConfigValueError(InputError):
     `load_config` can say where the value came from (file, environment variable or option);
     raised by direct construction it reads "<what> config: <message>"."""
 
-    def __init__(self, key: str, message: str, what: str | None = "configuration") -> None:
+    def __init__(
+        self,
+        key: str,
+        message: str,
+        what: str | None = "configuration",
+        *,
+        related: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message if what is None else f"{what}: {message}")
         self.key = key
         self.message = message
+        # a check across keys names them all, so `load_config` can point at whichever was set
+        self.keys = (key, *related)
 
 
 def check_whole_number(
@@ -179,8 +188,9 @@ def load_config(
     try:
         return cls(**values)
     except ConfigValueError as err:
-        if err.key in sources:
-            raise InputError(f"{sources[err.key]}: {err.message}") from err
+        for key in err.keys:
+            if key in sources:
+                raise InputError(f"{sources[key]}: {err.message}") from err
         raise
     except (TypeError, ValueError) as err:
         if isinstance(err, InputError):

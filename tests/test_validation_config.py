@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 
 import pluralfed.checkpoint as checkpoint_module
-from coordinator.rounds import RoundSettings, TaskKind, TaskSpec
-from coordinator.server import task_to_proto
-from coordinator.service import (
+from coordinator.rounds import (
     NODE_MAX_HEARTBEAT_S,
     NODE_MAX_LOCAL_STEPS,
-    CoordinatorConfig,
-    model_config,
+    RoundSettings,
+    TaskKind,
+    TaskSpec,
 )
+from coordinator.server import task_to_proto
+from coordinator.service import CoordinatorConfig, model_config
 from coordinator.state import STATE_FILE, RunState, load_state, save_state
 from group_node.node import (
     MAX_HEARTBEAT_INTERVAL_S,
@@ -32,7 +33,7 @@ from group_node.node import (
 )
 from pluralfed.checkpoint import load_checkpoint, save_checkpoint
 from pluralfed.commands import coordinator as coordinator_command
-from pluralfed.config import load_config
+from pluralfed.config import ConfigValueError, load_config
 from pluralfed.errors import InputError
 from pluralfed.model import GPO, GPOConfig
 from pluralfed.training import build_model
@@ -339,7 +340,55 @@ def test_a_good_resume_state_still_loads(tmp_path: Path) -> None:
 )
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_round_settings_built_directly_refuse_non_finite_floats(field: str, value: float) -> None:
-    """RoundSettings made in code (tests, benchmarks) skip the config's checks: NaN passes every
-    comparison and infinity breaks deadlines, so the settings refuse both themselves."""
-    with pytest.raises(ValueError, match=r"finite|positive|session timeout"):
+    """NaN passes every comparison and infinity breaks deadlines: settings made in code refuse
+    both, as the config does."""
+    with pytest.raises(ValueError, match=r"must be a finite number"):
         RoundSettings(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"rounds": 2.5}, "rounds"),
+        ({"rounds": True}, "rounds"),
+        ({"max_context": 0}, "max_context"),
+        ({"seed": 2**64}, "seed"),
+        ({"local_steps": 100_001}, "local_steps"),
+        ({"learning_rate": 2.0}, "learning_rate"),
+        ({"heartbeat_interval_s": 0.1}, "heartbeat_interval_s"),
+        ({"round_timeout_s": 1e12}, "round_timeout_s"),
+        ({"context_range": (0, 5)}, "context_range"),
+        ({"context_range": [9, 90]}, "context_range"),
+        ({"target_range": (9, 2**32)}, "target_range"),
+        ({"server_optimizer": "sgd"}, "server_optimizer"),
+        ({"eval_at_start": 1}, "eval_at_start"),
+        ({"min_nodes": 2, "min_updates": 3}, "min_updates"),
+        ({"heartbeat_interval_s": 60.0}, "session_timeout_s"),
+    ],
+)
+def test_round_settings_made_in_code_get_the_configs_checks(
+    changes: dict[str, Any], key: str
+) -> None:
+    """Benchmarks and tests make RoundSettings without a config: the same limits hold there
+    (until session 14 only the config checked these, so a bench could start a run no node
+    would take)."""
+    with pytest.raises(ConfigValueError, match=rf"^round settings: {key}") as err:
+        RoundSettings(**changes)
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("min_nodes = 2\nmin_updates = 3", "min_updates"),
+        ("heartbeat_interval_s = 90", "session_timeout_s"),
+    ],
+)
+def test_coordinator_config_refuses_settings_that_clash_at_load(
+    tmp_path: Path, line: str, key: str
+) -> None:
+    """Checks across keys run when the config loads and name the file and the key."""
+    with pytest.raises(InputError) as err:
+        _load(tmp_path, line + "\n")
+    assert str(err.value).startswith(f"{tmp_path / 'c.toml'}: {key}"), str(err.value)
