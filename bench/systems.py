@@ -407,7 +407,14 @@ def flower_ratios(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     for name, f in sorted(fl.get("scenarios", {}).items()):
         p = results["scenarios"].get(name)
         if not p or not f.get("complete"):
-            rows.append({"scenario": name, "note": f.get("error", "missing")})
+            note = f.get("error", "incomplete" if f else "missing")
+            last = f.get("last_complete")
+            if last:  # the failure is this run's record; say what the last complete run measured
+                note += (
+                    f" (last complete Flower run {last.get('measured_at', '?')}: "
+                    f"{last.get('round_s_median', float('nan')):.2f} s per round)"
+                )
+            rows.append({"scenario": name, "note": note})
             continue
         row = {"scenario": name}
         for key in FLOWER_KEYS:

@@ -475,6 +475,15 @@ def run_scenario(name: str, cfg: dict[str, int], work: Path, timeout: float) -> 
     }
 
 
+def with_last_complete(new: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """`new` as the scenario's record; a failed or incomplete run also keeps the last complete
+    one under `last_complete`, so a failure is recorded without losing the earlier figures."""
+    if new.get("complete") or old is None:
+        return new
+    last = old if old.get("complete") else old.get("last_complete")
+    return {**new, "last_complete": last} if last else new
+
+
 def _flwr_version() -> str:
     import flwr
 
@@ -497,15 +506,18 @@ def main() -> int:
     results = json.loads(out_json.read_text()) if out_json.exists() else {"scenarios": {}}
     for name in [s for s in args.scenarios.split(",") if s]:
         print(f"Flower scenario {name}: {SCENARIOS[name]} (load {os.getloadavg()})", flush=True)
+        measured_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         try:
             r = run_scenario(name, SCENARIOS[name], args.work, args.timeout)
         except Exception as err:
             print(f"  FAILED: {err}", flush=True)
-            results["scenarios"][name] = {"scenario": name, "complete": False, "error": str(err)}
-            continue
-        r["measured_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            r = {"scenario": name, "complete": False, "error": str(err)}
+        r["measured_at"] = measured_at
         r["run_id"] = args.run_id
-        results["scenarios"][name] = r
+        results["scenarios"][name] = with_last_complete(r, results["scenarios"].get(name))
+        if "error" in r:
+            out_json.write_text(json.dumps(results, indent=1, sort_keys=True))
+            continue
         print(
             f"  {name}: complete={r['complete']} round {r['round_s_median']:.2f} s, total "
             f"{r['total_s']:.1f} s, SuperLink+ServerApp peak RSS {r['coord_peak_rss_mib']:.0f} MiB",
