@@ -8,12 +8,14 @@ to a rejoin with exponential backoff. Only model tensors and aggregate metrics l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
 import math
 import random
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from group_node.worker import GroupWorker
+from group_node.worker import GroupWorker, TaskFailed
 from pluralfed import __version__
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.errors import InputError
@@ -35,6 +37,7 @@ from pluralfed.tls import (
     check_server_not_revoked,
     load_revocation_list,
     resolve_tls_files,
+    revocation_check_context,
     secure_channel,
 )
 from pluralfed.training import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE, TrainingSettings
@@ -203,6 +206,18 @@ MAX_HEARTBEAT_INTERVAL_S = 3600.0
 MAX_TASK_TIME_S = 24 * 3600.0
 
 
+SAFE_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def audit_file_name(round_: int, task_id: str) -> str:
+    """The audit copy's file name. The task id is the coordinator's free text (the protocol
+    fixes no format): used only when it is a plain short name, else its digest, so no id can
+    name a path elsewhere or one too long for the file system (the metadata keeps the id)."""
+    if not SAFE_TASK_ID.fullmatch(task_id):
+        task_id = "id-" + hashlib.sha256(task_id.encode("utf-8", "replace")).hexdigest()[:32]
+    return f"round-{round_:05d}-{task_id}.safetensors"
+
+
 def training_settings(hp: pb.Hyperparameters, task: str) -> TrainingSettings:
     """The run's learning rate, episode sizes and embedding noise from a task's hyperparameters
     (`task`: TRAIN, or SHUTDOWN for personalization), checked before any of it is used."""
@@ -272,8 +287,10 @@ class NodeClient:
         files = config.tls_files()
         self._files = files
         self._revocations: RevocationList | None = None
+        self._check_context: ssl.SSLContext | None = None
         if files is not None and config.tls_crl is not None:  # a bad list: refused at start
             self._revocations = load_revocation_list(config.tls_crl, files.ca)
+            self._check_context = revocation_check_context(files)
         # connections gRPC has made (it reconnects by itself) and the last one checked against
         # the revocation list: a new connection is checked again before the next task's RPCs
         self._connections = 0
@@ -320,7 +337,12 @@ class NodeClient:
         InputError if it is; ServerCheckFailed (handled as an unreachable coordinator) if the
         check cannot complete. Before every Join, and before a task's RPCs when gRPC has
         connected anew since the last check."""
-        if self._files is None or self._revocations is None or self.config.tls_crl is None:
+        if (
+            self._files is None
+            or self._revocations is None
+            or self._check_context is None
+            or self.config.tls_crl is None
+        ):
             return
         if self._checked_connection < 0:  # first use: follow gRPC's own (re)connections
             self.channel.subscribe(self._on_connectivity)
@@ -334,7 +356,7 @@ class NodeClient:
             log.warning("%s; the revocation list read before stays in force", err)
         check_server_not_revoked(
             self.config.coordinator,
-            self._files,
+            self._check_context,
             self._revocations,
             server_name=self.config.tls_server_name,
         )
@@ -650,10 +672,16 @@ class GroupNode:
         weights = self.client.download(task.model_version, timeout=self._time_left(task))
         self.worker.load_global(self.client.model_config, weights)
 
-    def _call(self, what: str, fn: object) -> None:
-        """Run one task step; a refusal of this one task (stale, duplicate) is logged, not fatal."""
+    def _call(self, what: str, fn: object, task: pb.Task) -> None:
+        """Run one task step; a refusal of this one task (stale, duplicate) is logged, not fatal,
+        and so is a task that failed here (TaskFailed), which the coordinator is told about."""
         try:
             fn()  # type: ignore[operator]
+        except TaskFailed as err:
+            log.error("%s: %s failed: %s", self.config.group, what, err)
+            self._refused.add(task.task_id)
+            with contextlib.suppress(grpc.RpcError):  # so the round need not wait for us
+                self.client.heartbeat(pb.NODE_STATE_FAILED, task.task_id, str(err)[:1000])
         except grpc.RpcError as err:
             code = err.code()
             if code in (
@@ -730,28 +758,31 @@ class GroupNode:
                 result.seconds,
             )
 
-        self._call(f"round {task.round} update", work)
+        self._call(f"round {task.round} update", work, task)
 
     def _save_update(self, task: pb.Task, weights: dict, metrics: dict[str, float]) -> None:
         """The audit copy (`NodeConfig.save_updates_dir`) of the update about to be uploaded,
         with the metrics sent along (metadata `metric.NAME`, as repr of the float)."""
         folder = self.config.save_updates_dir
         assert folder is not None
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"round-{task.round:05d}-{task.task_id}.safetensors"
-        save_tensors(
-            path,
-            weights,
-            metadata={
-                "group": self.config.group,
-                "round": str(task.round),
-                "task_id": task.task_id,
-                "base_model_version": task.model_version,
-                "num_examples": str(self.worker.num_train_examples),
-                "digest": digest_of(weights).hex(),
-                **{f"metric.{name}": repr(float(value)) for name, value in metrics.items()},
-            },
-        )
+        path = folder / audit_file_name(task.round, task.task_id)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_tensors(
+                path,
+                weights,
+                metadata={
+                    "group": self.config.group,
+                    "round": str(task.round),
+                    "task_id": task.task_id,
+                    "base_model_version": task.model_version,
+                    "num_examples": str(self.worker.num_train_examples),
+                    "digest": digest_of(weights).hex(),
+                    **{f"metric.{name}": repr(float(value)) for name, value in metrics.items()},
+                },
+            )
+        except OSError as err:  # an update that cannot be audited is not uploaded
+            raise TaskFailed(f"cannot save the audit copy of the update to {path}: {err}") from None
         log.info("%s: round %d update saved to %s", self.config.group, task.round, path)
 
     def _evaluate(self, task: pb.Task) -> None:
@@ -764,4 +795,4 @@ class GroupNode:
                 "%s: evaluated round %d: alignment %.4f", self.config.group, task.round, ev.model
             )
 
-        self._call(f"round {task.round} evaluation", work)
+        self._call(f"round {task.round} evaluation", work, task)

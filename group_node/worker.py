@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,13 @@ from pluralfed.training import LocalTrainer, TrainingSettings, fine_tuned_copy
 from pluralfed.wire import numpy_to_state_dict, state_dict_to_numpy
 
 log = logging.getLogger("pluralfed.node")
+
+
+class TaskFailed(Exception):
+    """This one task cannot be done here (local training diverged, the model predicts no
+    distribution): the node reports the task as failed and goes on with the next one. Not an
+    InputError, which stops the node: a learning rate too high for one round is no protocol
+    break."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,13 @@ def check_weights_fit(cfg: GPOConfig, weights: dict[str, np.ndarray]) -> None:
             raise InputError(
                 f"the federation's model weights do not fit its config: tensor {name!r} has "
                 f"shape {shape}, the config makes it {tuple(tensor.shape)}"
+            )
+        # loading casts silently: float64 1e300 (finite) would become inf in a float32 model
+        dtype = np.asarray(weights[name]).dtype
+        if dtype != np.dtype(str(tensor.dtype).removeprefix("torch.")):
+            raise InputError(
+                f"the federation's model weights do not fit its config: tensor {name!r} is "
+                f"{dtype}, the model's is {str(tensor.dtype).removeprefix('torch.')}"
             )
 
 
@@ -128,7 +143,27 @@ class GroupWorker:
             self.trainer.set_learning_rate(settings.learning_rate)
         self._check_trainable()
         started = time.perf_counter()
-        losses = self.trainer.train_steps(self.split.train, steps)
+        try:
+            losses = self.trainer.train_steps(self.split.train, steps)
+        except ValueError as err:  # the metric's "not a distribution": predictions are NaN
+            self.trainer = None
+            raise TaskFailed(
+                f"local training failed: the model's predictions are not finite ({err}); "
+                "the optimizer state is reset"
+            ) from None
+        bad_step = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad_step is not None or not self.trainer.is_finite():
+            # the Adam state kept across rounds would carry the NaN into every later round
+            self.trainer = None
+            where = (
+                f"a non-finite loss at step {bad_step + 1}"
+                if bad_step is not None
+                else ("non-finite weights")
+            )
+            raise TaskFailed(
+                f"local training diverged ({where} of {steps}, learning rate "
+                f"{settings.learning_rate:g}): nothing is uploaded and the optimizer state is reset"
+            )
         before = self.trainer.alignment_before
         assert before is not None  # train_steps scores its first step
         return LocalResult(steps, float(np.mean(losses)), time.perf_counter() - started, before)
@@ -153,5 +188,10 @@ class GroupWorker:
     def evaluate(self, max_context: int, seed: int) -> GroupEvaluation:
         if self.model is None:
             raise RuntimeError("no global model loaded")
-        with torch.inference_mode():
-            return evaluate_group(self.model, self.split, max_context=max_context, seed=seed)
+        try:
+            with torch.inference_mode():
+                return evaluate_group(self.model, self.split, max_context=max_context, seed=seed)
+        except ValueError as err:  # the metric's "not a distribution": predictions are NaN
+            raise TaskFailed(
+                f"evaluation failed: the model's predictions are not finite ({err})"
+            ) from None

@@ -902,9 +902,26 @@ class ServerCheckFailed(OSError):
     connection past the check)."""
 
 
+def revocation_check_context(files: TlsFiles) -> ssl.SSLContext:
+    """The TLS client context of `check_server_not_revoked` (the node's CA, certificate and
+    key), built once when the node starts, as gRPC reads its files once: a file rotated or
+    removed while the node runs then breaks neither."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_verify_locations(cafile=str(files.ca))
+        ctx.load_cert_chain(str(files.cert), str(files.key))
+    except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+        raise InputError(
+            f"cannot load {files.ca}, {files.cert} and {files.key} for the revocation check: {err}"
+        ) from None
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
 def check_server_not_revoked(
     address: str,
-    files: TlsFiles,
+    files: TlsFiles | ssl.SSLContext,
     revocations: RevocationList,
     *,
     server_name: str | None = None,
@@ -916,14 +933,16 @@ def check_server_not_revoked(
     makes a TLS handshake of its own (Python's ssl: the same CA, client certificate and expected
     name, the same HTTP proxy) and looks the certificate's serial up in the list. Raises
     InputError for a revoked certificate, ServerCheckFailed when the handshake cannot complete.
+    `files` may be the context `revocation_check_context` made of them.
+
+    Limit: this handshake is not the connection gRPC then makes. Someone on the network path
+    who holds the revoked certificate's key can let this check reach the real coordinator and
+    answer gRPC's own connection himself. The check stops a revoked coordinator at the address
+    the node dials, not such an active attacker; against one, re-issue the federation's CA.
     """
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile=str(files.ca))
-    ctx.load_cert_chain(str(files.cert), str(files.key))
-    ctx.set_alpn_protocols(["h2"])
+    ctx = files if isinstance(files, ssl.SSLContext) else revocation_check_context(files)
     try:
         with (
             _connect(host, int(port), timeout_s) as raw,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,13 @@ class LocalTrainer:
         # from (before any of its steps): a fairness-aware coordinator weighs updates by it
         self.alignment_before: float | None = None
 
+    def is_finite(self) -> bool:
+        """Whether the weights and the optimizer state hold only finite numbers."""
+        tensors: list[torch.Tensor] = [*self.model.parameters()]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -162,7 +170,13 @@ def fine_tuned_copy(
     not changed."""
     copy = GPO(model.cfg)
     copy.load_state_dict(model.state_dict())
-    LocalTrainer(copy, settings, seed).train_steps(items, steps)
+    trainer = LocalTrainer(copy, settings, seed)
+    losses = trainer.train_steps(items, steps)
+    if not (all(math.isfinite(loss) for loss in losses) and trainer.is_finite()):
+        raise ValueError(
+            f"fine-tuning diverged (non-finite loss or weights; learning rate "
+            f"{settings.learning_rate:g})"
+        )
     return copy.eval()
 
 

@@ -469,3 +469,29 @@ def test_certificate_check_goes_through_the_proxy_grpc_would_use(
             assert proxy.targets == [address]  # direct this time
     finally:
         proxy.close()
+
+
+def test_the_revocation_check_keeps_the_files_read_at_start(pki: Path) -> None:
+    """gRPC reads the node's key and certificate once; the revocation check did so before
+    every Join, outside its error handling, so a key being rotated while the node ran ended
+    it with a bare ssl.SSLError. Now the check's context is made once, at start."""
+    from group_node.node import NodeClient, NodeConfig
+
+    crl, _ = tls.revoke_certificates(pki / "ca")
+    folder = pki / "node-a"
+    (folder / "ca.pem").write_bytes((pki / "ca" / "ca.pem").read_bytes())
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = NodeConfig(
+        coordinator=f"127.0.0.1:{port}", group="G", data=pki / "g.csv", tls_dir=folder, tls_crl=crl
+    )
+    client = NodeClient(config)
+    try:
+        (folder / "key.pem").write_text("being rotated")
+        with pytest.raises(tls.ServerCheckFailed, match="cannot check the certificate"):
+            client.join(1, "enc")  # unreachable, as it is: not a crash on the key file
+    finally:
+        client.close()
+    with pytest.raises(InputError, match=r"key\.pem for the revocation check"):
+        NodeClient(config)  # a bad file at start is a clear error

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +26,7 @@ from safetensors.numpy import save_file
 
 from coordinator.rounds import GlobalModel
 from coordinator.server import ModelDownload
-from group_node.node import GroupNode, NodeConfig, model_config_of
+from group_node.node import GroupNode, NodeConfig, audit_file_name, model_config_of
 from group_node.worker import GroupWorker
 from pluralfed.config import load_config
 from pluralfed.data import SurveyData, SurveyItem
@@ -35,6 +37,7 @@ from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.training import build_model
 from pluralfed.transport import (
     PROTOCOL_VERSION,
+    chunk_from_proto,
     decode_model_chunk,
     dtype_to_proto,
     header_specs,
@@ -461,3 +464,145 @@ def test_saved_weights_still_load(tmp_path: Path) -> None:
     weights = small_weights()
     save_tensors(path, weights)
     assert digest_of(load_tensors(path)) == digest_of(weights)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. a task that fails here (training diverges, predictions are not finite) is reported as
+#    failed; the node goes on, with no poisoned state, and never uploads what it cannot stand by
+
+
+class Rounds(StandIn):
+    """Offers `len(downloads)` tasks of `kind`, round n serving downloads[n - 1]; records the
+    uploads (finite or not) and the tasks the node reports as failed; then SHUTDOWN."""
+
+    def __init__(self, downloads: list[list[bytes]], kind: int = pb.TASK_KIND_TRAIN) -> None:
+        super().__init__(json.dumps(SMALL.to_dict()), [])
+        self.downloads, self.kind, self.round = downloads, kind, 0
+        self.uploads: list[bool] = []
+        self.failed: list[tuple[str, str]] = []
+        self.reports = 0
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        if self.round >= len(self.downloads):
+            return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+        self.round += 1
+        task = super().GetTask(request, context)
+        task.kind, task.round, task.task_id = self.kind, self.round, f"t-{self.round}"
+        task.hyperparameters.local_steps = 3
+        task.deadline.FromMilliseconds(int((time.time() + 60) * 1000))
+        self.download = self.downloads[self.round - 1]
+        return task
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        assembler = TensorAssembler(collect=True, check_finite=False)
+        digest = b""
+        for message in request_iterator:
+            if message.WhichOneof("part") == "tensor":
+                assembler.add(chunk_from_proto(message.tensor))
+            elif message.WhichOneof("part") == "trailer":
+                digest = message.trailer.digest
+        assembler.finish(digest)
+        finite = all(np.isfinite(v).all() for v in assembler.to_dict().values())
+        self.uploads.append(bool(finite))
+        return pb.UploadReply(accepted=bool(finite))
+
+    def ReportEvaluation(
+        self, request: pb.EvaluationReport, context: grpc.ServicerContext
+    ) -> pb.Ack:
+        self.reports += 1
+        return pb.Ack()
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.Ack:
+        if request.state == pb.NODE_STATE_FAILED:
+            self.failed.append((request.task_id, request.message))
+        return pb.Ack()
+
+
+def diverging_weights() -> dict[str, np.ndarray]:
+    """Finite weights that pass every download check but make training blow up (found by the
+    session-14 review: one norm's gain times 1e10)."""
+    weights = small_weights()
+    name = next(n for n in weights if n.endswith("norm2.weight"))
+    return {**weights, name: weights[name] * np.float32(1e10)}
+
+
+def test_a_round_that_diverges_is_reported_failed_and_does_not_poison_later_rounds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the Adam state kept across rounds took the NaN, and every later round, trained
+    from a clean global model, uploaded NaN (refused by the coordinator; the node never knew)."""
+    servicer = Rounds([model_messages(diverging_weights())] + [model_messages(small_weights())] * 2)
+    code, errors = run_node(servicer, tmp_path, worker(), caplog)
+    assert code == 0
+    assert servicer.uploads == [True, True]  # round 1 uploads nothing; rounds 2 and 3 are finite
+    assert [task for task, _ in servicer.failed] == ["t-1"]
+    assert "local training diverged" in servicer.failed[0][1]
+    assert len(errors) == 1 and "round 1 update failed: local training diverged" in (
+        errors[0].getMessage()
+    )
+
+
+@pytest.mark.parametrize("kind", [pb.TASK_KIND_TRAIN, pb.TASK_KIND_EVALUATE])
+def test_a_model_that_predicts_no_distribution_fails_the_task_not_the_node(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: int
+) -> None:
+    """Every weight 3e38 (finite) makes the predictions NaN; before, the metric's ValueError
+    escaped `GroupNode.run` as a traceback."""
+    huge = {k: np.full(v.shape, 3e38, np.float32) for k, v in small_weights().items()}
+    servicer = Rounds([model_messages(huge)], kind=kind)
+    code, errors = run_node(servicer, tmp_path, worker(), caplog)
+    assert code == 0 and servicer.uploads == [] and servicer.reports == 0
+    assert [task for task, _ in servicer.failed] == ["t-1"]
+    assert "not finite" in servicer.failed[0][1] and len(errors) == 1
+
+
+def test_weights_of_another_dtype_are_refused() -> None:
+    """Loading casts silently: float64 1e300 is finite on the wire and inf in the model."""
+    weights = small_weights()
+    name = next(iter(weights))
+    for wrong in (weights[name].astype(np.float64) * 1e300, weights[name] > 0):
+        with pytest.raises(InputError, match=rf"tensor '{name}' is (float64|bool), the model's"):
+            worker().load_global(SMALL.to_dict(), {**weights, name: wrong})
+
+
+@pytest.mark.parametrize(
+    ("task_id", "name"),
+    [
+        ("t-1", "round-00001-t-1.safetensors"),
+        ("../../escaped", None),
+        ("no/such/dir", None),
+        ("x" * 300, None),
+        ("", None),
+    ],
+)
+def test_the_audit_copy_is_named_safely_whatever_the_task_id(
+    task_id: str, name: str | None
+) -> None:
+    """The task id is the coordinator's free text: a `/`, `..` or 300 characters must not
+    make the node write elsewhere or fail on the file name."""
+    got = audit_file_name(1, task_id)
+    if name is not None:
+        assert got == name
+    else:
+        assert re.fullmatch(r"round-00001-id-[0-9a-f]{32}\.safetensors", got), got
+
+
+def test_a_node_that_cannot_save_its_audit_copy_uploads_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "audit").write_text("a file where the folder should be")
+    servicer = Rounds([model_messages(small_weights())])
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}",
+            group="G",
+            data=tmp_path / "g.csv",
+            insecure=True,
+            save_updates_dir=tmp_path / "audit",
+        )
+        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+            assert GroupNode(config, worker()).run() == 0
+    assert servicer.uploads == [] and [t for t, _ in servicer.failed] == ["t-1"]
+    assert "cannot save the audit copy" in servicer.failed[0][1]
