@@ -32,6 +32,7 @@ import numpy as np
 from coordinator.state import RunState, load_state, save_state
 from coordinator.strategy import (
     MAX_FAIRNESS_Q,
+    AggregationError,
     ServerOptimizer,
     StreamingFedAvg,
     fairness_weight,
@@ -709,6 +710,14 @@ class RoundEngine:
             )
         return t
 
+    def transfer_deadline(self) -> float:
+        """Until when (unix seconds) a model download or an update upload is of use: the open
+        task's deadline, or a round's length from now when none is open (the final model)."""
+        with self._changed:
+            if self._task is not None:
+                return self._task.deadline
+        return time.time() + max(self.settings.round_timeout_s, self.settings.eval_timeout_s)
+
     def accept_update(
         self,
         session_id: str,
@@ -757,9 +766,11 @@ class RoundEngine:
             norm = refused.reason == "NORM_BOUND"
             outcome = "rejected: norm bound" if norm else f"rejected: {refused.message}"
             raise
-        except Exception as err:
+        except Exception as err:  # the spool's disk, or a sum an earlier fold broke
             outcome = f"rejected: the update could not be folded ({err})"
-            raise
+            raise Rejection(
+                "INTERNAL", f"the coordinator could not fold the update: {err}", "INTERNAL"
+            ) from err
         finally:
             with self._changed:
                 t.folding.discard(s.group)
@@ -925,6 +936,10 @@ class RoundEngine:
         # (evaluating before anyone joined would evaluate nothing: wait for the quorum first)
         if st.eval_at_start and fresh and self._wait_for_quorum():
             self._evaluation_round()
+        tried_final = False
+        r = self.state.completed_rounds
+        if 0 < r < st.rounds and self._eval_due(r) and self._wait_for_quorum():
+            self._evaluation_round()  # due when the coordinator stopped last time, before it ran
         while self.state.completed_rounds < st.rounds and not self._stop.is_set():
             if not self._wait_for_quorum():
                 break
@@ -933,15 +948,30 @@ class RoundEngine:
             r = self.state.completed_rounds
             if r == before:
                 continue  # the round was retried: nothing new to evaluate
-            due = (st.eval_every and r % st.eval_every == 0) or r == st.rounds
-            if due and not self._has_eval(r) and not self._stop.is_set():
+            if self._eval_due(r) and not self._stop.is_set():
                 self._evaluation_round()
-        if self.state.completed_rounds >= st.rounds and not self._has_eval(st.rounds):
+                tried_final = r == st.rounds
+        finished = self.state.completed_rounds >= st.rounds
+        if (
+            finished
+            and not self._has_eval(st.rounds)
+            and not self._stop.is_set()
+            # resumed after the last round: wait for the nodes to be back (after a final
+            # evaluation tried here and unanswered, once more with whoever is left)
+            and (tried_final or self._wait_for_quorum())
+        ):
             self._evaluation_round()
         with self._changed:
-            self._done = self.state.completed_rounds >= st.rounds
+            # stopped before the final evaluation: not done, so a resume runs it
+            self._done = finished and (self._has_eval(st.rounds) or not self._stop.is_set())
             self._task = None
             self._changed.notify_all()
+
+    def _eval_due(self, round_: int) -> bool:
+        """Round `round_` is evaluated (every eval_every rounds, and the last) and is not yet."""
+        st = self.settings
+        due = (st.eval_every and round_ % st.eval_every == 0) or round_ == st.rounds
+        return bool(due) and not self._has_eval(round_)
 
     def _has_eval(self, round_: int) -> bool:
         return any(e["round"] == round_ for e in self.state.evaluations)
@@ -1078,7 +1108,11 @@ class RoundEngine:
                     st.min_updates,
                 )
                 return
-            averaged = t.aggregate.result()
+            try:
+                averaged = t.aggregate.result()
+            except AggregationError as err:  # an update was only partly folded (spool I/O)
+                log.error("round %d: no usable average (%s): retrying the round", t.round, err)
+                return
             self.state.weights = self.optimizer.apply(self.state.weights, averaged)
             self.state.completed_rounds = t.round
             self.state.optimizer_state = self.optimizer.state_dict()

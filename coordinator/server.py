@@ -7,7 +7,10 @@ messages into engine calls, engine refusals into gRPC statuses.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -191,6 +194,62 @@ class BulkStreamCodecs(grpc.ServerInterceptor):
         return handler
 
 
+# past a transfer's deadline before it is cut: a transfer that ends just in time still counts
+TRANSFER_GRACE_S = 10.0
+
+
+class StreamDeadlines:
+    """Cancels bulk streams (uploads, downloads) still running at their deadline, from one
+    thread. A node that stops sending an upload or reading a download would otherwise hold a
+    stream slot and an RPC thread for ever, and every later round would wait on it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []  # (monotonic deadline, token)
+        self._contexts: dict[int, grpc.RpcContext] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.cancelled = 0  # streams cut so far (for tests and diagnostics)
+
+    @contextlib.contextmanager
+    def watch(self, context: grpc.RpcContext, seconds: float) -> Iterator[None]:
+        """Cancel `context`'s RPC if the block is still running `seconds` from now."""
+        token = next(self._tokens)
+        with self._cond:
+            self._contexts[token] = context
+            heapq.heappush(self._heap, (time.monotonic() + max(0.0, seconds), token))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="stream-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._contexts.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._contexts:
+                    heapq.heappop(self._heap)  # finished in time
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token = self._heap[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                context = self._contexts.pop(token)
+                self.cancelled += 1
+            log.warning("a bulk stream outlived its round's deadline: cancelled")
+            context.cancel()  # the servicer's read (or send) fails at once; its slot is freed
+
+
 class StreamSlots:
     """At most `limit` bulk streams (uploads being read, or downloads being sent) at once; the
     others wait, first come first served.
@@ -275,6 +334,12 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.download_chunk_bytes = check_chunk_bytes(download_chunk_bytes, "download_chunk_bytes")
         self.insecure = insecure
         self.bytes_out = 0
+        self.deadlines = StreamDeadlines()
+        self.transfer_grace_s = TRANSFER_GRACE_S
+        # (kind, session) of each running upload and download: one of each per node at a time,
+        # so no one node can take every slot
+        self._running: set[tuple[str, str]] = set()
+        self._running_lock = threading.Lock()
         self._download_lock = threading.Lock()
         self._current_download: ModelDownload | None = None
 
@@ -350,14 +415,40 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Rejection as r:
             _abort(context, r)
         download = self._download_of(model)
-        if not self.download_slots.acquire(context.is_active):
-            log.info("download cancelled while waiting for a slot")
-            return
-        try:
-            yield from download.messages()
-        finally:  # also when the node goes away mid-stream (gRPC closes this generator)
-            self.download_slots.release()
+        with self._one_per_session("download", request.session_id) as alone:
+            if not alone:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "a download for this session is already running: one at a time",
+                )
+            with self.deadlines.watch(context, self._transfer_seconds()):
+                if not self.download_slots.acquire(context.is_active):
+                    log.info("download cancelled while waiting for a slot")
+                    return
+                try:
+                    yield from download.messages()
+                finally:  # also when the node goes away mid-stream (gRPC closes this generator)
+                    self.download_slots.release()
         self.bytes_out += download.data_bytes
+
+    def _transfer_seconds(self) -> float:
+        """How long a transfer may run: until the open task's deadline (after it the update is
+        stale, the model of no use), with some grace."""
+        return self.engine.transfer_deadline() - time.time() + self.transfer_grace_s
+
+    @contextlib.contextmanager
+    def _one_per_session(self, kind: str, session_id: str) -> Iterator[bool]:
+        """True if this session has no other `kind` stream running (then this one is it)."""
+        key = (kind, session_id)
+        with self._running_lock:
+            first = key not in self._running
+            self._running.add(key)
+        try:
+            yield first
+        finally:
+            if first:
+                with self._running_lock:
+                    self._running.discard(key)
 
     def _download_of(self, model: GlobalModel) -> ModelDownload:
         """The download stream of this model version, built by the first download that needs it;
@@ -378,21 +469,34 @@ class FederationServicer(pb_grpc.FederationServicer):
         """Every refusal of the update itself is an UploadReply (accepted=false, reason), as the
         protocol says; only a bad session or identity is a status error."""
         caller = self._caller(context)
-        first = next(request_iterator, None)
-        if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("part") != "header":
-            return _reject("MALFORMED", "an upload starts with its header")
-        h = first.header
-        refusal = self._refuse_upload(h, caller, context)
-        if refusal is not None:
-            return refusal
-        # refused uploads never wait; an admitted one is read only once it holds a slot
-        if not self.upload_slots.acquire(context.is_active):
-            log.info("upload from %s cancelled while waiting for a slot", caller or h.session_id)
-            return _reject("MALFORMED", "the upload was cancelled while waiting")
-        try:
-            return self._read_update(h, caller, request_iterator, context)
-        finally:
-            self.upload_slots.release()
+        # the whole stream, header included, runs at most until its round's deadline
+        with self.deadlines.watch(context, self._transfer_seconds()):
+            try:
+                first = next(request_iterator, None)
+            except grpc.RpcError:  # cancelled before its header
+                return _reject("STALE", "the upload was cancelled before its header")
+            if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("part") != "header":
+                return _reject("MALFORMED", "an upload starts with its header")
+            h = first.header
+            refusal = self._refuse_upload(h, caller, context)
+            if refusal is not None:
+                return refusal
+            with self._one_per_session("upload", h.session_id) as alone:
+                if not alone:
+                    return _reject(
+                        "DUPLICATE",
+                        "an upload from this session is already being read: this copy is ignored",
+                    )
+                # refused uploads never wait; an admitted one is read only once it holds a slot
+                if not self.upload_slots.acquire(context.is_active):
+                    log.info(
+                        "upload from %s cancelled while waiting for a slot", caller or h.session_id
+                    )
+                    return _reject("STALE", "the upload was cancelled while waiting")
+                try:
+                    return self._read_update(h, caller, request_iterator, context)
+                finally:
+                    self.upload_slots.release()
 
     def _refuse_upload(
         self, h: pb.UpdateHeader, caller: str | None, context: grpc.ServicerContext
@@ -420,8 +524,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         refusal = self._refuse_upload(h, caller, context)
         if refusal is not None:
             return refusal
-        spool = UpdateSpool(self.engine.specs, self.engine.spool_dir)
+        spool: UpdateSpool | None = None
         try:
+            spool = UpdateSpool(self.engine.specs, self.engine.spool_dir)
             trailer = None
             for msg in request_iterator:
                 if isinstance(msg, Chunk):
@@ -473,8 +578,14 @@ class FederationServicer(pb_grpc.FederationServicer):
                 _abort(context, r)
             log.warning("update refused: %s", r.message)
             return _reject(r.reason, r.message)
+        except OSError as err:  # the spool's disk: not the node's fault, so not its answer
+            log.error("update from %s could not be stored: %s", caller or h.session_id, err)
+            return _reject("INTERNAL", f"the coordinator could not store the update: {err}")
+        except grpc.RpcError:  # cancelled: by the node, or at the round's deadline
+            return _reject("STALE", "the upload was cancelled before its end")
         finally:
-            spool.close()
+            if spool is not None:
+                spool.close()
         return pb.UploadReply(accepted=True, message=f"update for round {h.round} accepted")
 
     def _within_chunk_limit(self, chunk: Chunk) -> Chunk:
@@ -653,6 +764,7 @@ def start_server(
     download_slots: StreamSlots | int = DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     download_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     revocations: RevocationWatch | None = None,
+    transfer_grace_s: float = TRANSFER_GRACE_S,
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
@@ -664,6 +776,7 @@ def start_server(
     download_chunk_bytes: the largest tensor part in a download message (ValueError if out of
     range); smaller parts lower what gRPC holds for the downloads being sent, at some speed.
     revocations: node certificates the CA revoked are refused, even if allow-listed.
+    transfer_grace_s: how long past its round's deadline an upload or download may still run.
     """
     if isinstance(upload_slots, int):
         upload_slots = StreamSlots(upload_slots)
@@ -677,6 +790,7 @@ def start_server(
         download_slots,
         download_chunk_bytes,
     )
+    servicer.transfer_grace_s = transfer_grace_s
     limit_malloc_arenas()  # before the RPC threads start
     interceptor = AuthInterceptor(allow_list, insecure=tls is None, revocations=revocations)
     server = grpc.server(

@@ -257,7 +257,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.warning("signal %d: stopping after the current step", signum)
+        log.warning("signal %d: stopping; an open round is abandoned (a resume retries it)", signum)
         stopping.set()
         engine.stop()
 

@@ -690,6 +690,7 @@ class GroupNode:
                 grpc.StatusCode.ALREADY_EXISTS,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,  # a download of ours still runs there
             ):
                 log.warning(
                     "%s: %s refused: %s %s", self.config.group, what, code.name, err.details()

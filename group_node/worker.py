@@ -191,6 +191,8 @@ class GroupWorker:
         try:
             with torch.inference_mode():
                 return evaluate_group(self.model, self.split, max_context=max_context, seed=seed)
+        except InputError as err:  # this group's data cannot be evaluated (no context)
+            raise TaskFailed(f"evaluation failed: {err}") from None
         except ValueError as err:  # the metric's "not a distribution": predictions are NaN
             raise TaskFailed(
                 f"evaluation failed: the model's predictions are not finite ({err})"

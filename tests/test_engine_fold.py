@@ -164,8 +164,9 @@ def test_update_that_fails_to_fold_is_answered_as_refused(tmp_path: Path) -> Non
     try:
         ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
         bad = {"w": np.full(1000, np.nan, np.float32), "b": np.full(10, np.nan, np.float32)}
-        with pytest.raises(ValueError, match="non-finite"):
+        with pytest.raises(Rejection, match="non-finite") as refused:
             fed.upload(fed.a.session_id, ta, lambda: iter(slices(bad)), 10)
+        assert refused.value.reason == "INTERNAL"  # an UploadReply, not an UNKNOWN status
         fed.upload(fed.b.session_id, tb, lambda: iter(slices(weights(2.0))), 30)
         fed.wait_completed(1)
         record = fed.engine.state.history[-1]

@@ -99,7 +99,8 @@ class FederationServicer:
     def DownloadModel(self, request, context):
         """Streams one model version: a ModelHeader, then TensorChunks in the header's tensor order,
         then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
-        was superseded, call GetTask.
+        was superseded, call GetTask. One download per session at a time (RESOURCE_EXHAUSTED for a
+        second); a download still running at its task's deadline (plus a few seconds) is CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,7 +111,8 @@ class FederationServicer:
         downloaded model's tensors, then a StreamTrailer. The coordinator validates while receiving
         and counts the update only once the trailer's digest matches. Every rejection of the update
         itself comes back as UploadReply.accepted = false (possibly before the stream ends), never as
-        a status error.
+        a status error. One upload per session at a time (a second: REJECT_REASON_DUPLICATE); an
+        upload still running at its round's deadline (plus a few seconds) is cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,156 @@
+"""The round engine after things go wrong: a stop between a round and its evaluation, a stop
+during the final evaluation, an update that breaks off half folded. Real RoundEngine, driven in
+process (the review of session 14 found each of these)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind
+from pluralfed.evaluation import GroupEvaluation
+from pluralfed.wire import TensorSlice, specs_of
+
+pytestmark = pytest.mark.timeout(60)
+
+ENC = "enc"
+WEIGHTS = {"a": np.zeros(10, np.float32), "b": np.zeros(10, np.float32)}
+SPECS = specs_of(WEIGHTS)
+
+
+def replay_of(value: float) -> Callable[[], Iterator[TensorSlice]]:
+    return lambda: iter([TensorSlice(spec, 0, np.full(10, value, np.float32)) for spec in SPECS])
+
+
+def start(engine: RoundEngine) -> threading.Thread:
+    driver = threading.Thread(target=engine.run, daemon=True)
+    driver.start()
+    return driver
+
+
+def serve(engine: RoundEngine, stop_after_round: int | None = None) -> None:
+    """One training node answering every task until SHUTDOWN; with stop_after_round, the
+    coordinator is stopped (as by Ctrl-C) right after that round is checkpointed."""
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    while not engine.done:
+        t = engine.next_task(s.session_id, None, 0.5)
+        if t.kind == TaskKind.TRAIN:
+            engine.accept_update(
+                s.session_id,
+                None,
+                t.task_id,
+                t.round,
+                10,
+                {},
+                replay_of(t.round),
+                80,
+                t.model_version,
+            )
+            if stop_after_round == t.round:
+                while engine.completed_rounds() < t.round:
+                    time.sleep(0.01)
+                engine.stop()
+                return
+        elif t.kind == TaskKind.EVALUATE:
+            engine.accept_evaluation(
+                s.session_id,
+                None,
+                t.task_id,
+                t.round,
+                GroupEvaluation("A", 5, 0.5, 0.4, 0.3, 0.3),
+                t.model_version,
+            )
+        elif t.kind == TaskKind.SHUTDOWN:
+            return
+
+
+def evaluated(engine: RoundEngine) -> list[int]:
+    return [e["round"] for e in engine.state.evaluations]
+
+
+def test_an_evaluation_due_when_the_coordinator_stopped_runs_after_it_resumes(
+    tmp_path: Path,
+) -> None:
+    settings = RoundSettings(rounds=3, eval_every=1, round_timeout_s=10, eval_timeout_s=10)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first, stop_after_round=1)
+    driver.join(20)
+    assert first.completed_rounds() == 1 and evaluated(first) == [] and not first.done
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    serve(resumed)
+    driver.join(20)
+    assert resumed.done and evaluated(resumed) == [1, 2, 3]  # before: [2, 3]
+
+
+def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path) -> None:
+    settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=30)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    t = engine.next_task(s.session_id, None, 5)
+    engine.accept_update(
+        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
+    )
+    assert engine.next_task(s.session_id, None, 5).kind == TaskKind.EVALUATE
+    engine.stop()  # the operator's Ctrl-C while the nodes evaluate
+    driver.join(10)
+    assert not driver.is_alive()
+    # before: done (results written, "federation finished", exit 0) without a final evaluation
+    assert engine.completed_rounds() == 1 and not engine.done
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    serve(resumed)
+    driver.join(20)
+    assert resumed.done and evaluated(resumed) == [1]
+
+
+def test_an_update_that_breaks_off_half_folded_makes_the_round_retry_not_the_driver_die(
+    tmp_path: Path,
+) -> None:
+    settings = RoundSettings(rounds=1, min_nodes=3, round_timeout_s=3, eval_every=0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    died: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            engine.run()
+        except BaseException as err:  # the thread's death is what is tested
+            died.append(err)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    sessions = {g: engine.join(g, Role.TRAIN, 10, ENC, "t") for g in "ABC"}
+    tasks = {g: engine.next_task(s.session_id, None, 5) for g, s in sessions.items()}
+
+    def broken() -> Iterator[TensorSlice]:  # the spool file fails to read half way
+        yield TensorSlice(SPECS[0], 0, np.ones(10, np.float32))
+        raise OSError("I/O error reading the spool")
+
+    for group, replay in (("A", replay_of(1)), ("B", broken)):
+        t = tasks[group]
+        try:
+            engine.accept_update(
+                sessions[group].session_id,
+                None,
+                t.task_id,
+                1,
+                10,
+                {},
+                replay,
+                80,
+                t.model_version,
+            )
+        except Rejection as refused:  # answered INTERNAL: the coordinator's disk, not B
+            assert group == "B" and refused.reason == "INTERNAL"
+    time.sleep(4)  # the round's deadline passes with A's update (min_updates 1) and B's half
+    assert died == [] and driver.is_alive()
+    assert engine.completed_rounds() == 0  # the round was retried, not averaged
+    engine.stop()
+    driver.join(10)
