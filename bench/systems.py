@@ -563,6 +563,12 @@ def main() -> int:
         default=None,
         help="the coordinator's largest tensor part per download message (default: its own)",
     )
+    ap.add_argument(
+        "--max-workers",
+        type=int,
+        default=None,
+        help="the coordinator's RPC threads (default: bench_coordinator.py's 2 x nodes + 32)",
+    )
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument(
         "--flower",
@@ -623,6 +629,7 @@ def main() -> int:
                         if args.download_chunk_bytes is None
                         else ["--download-chunk-bytes", str(args.download_chunk_bytes)]
                     ),
+                    *([] if args.max_workers is None else ["--max-workers", str(args.max_workers)]),
                 ]
                 results["scenarios"][s] = run_scenario(
                     s, SCENARIOS[s], args.work, pkidir, args.timeout, coord_args

@@ -122,7 +122,7 @@ class CoordinatorConfig:
     memory_shrinkage: float = GPOConfig.memory_shrinkage
     memory_temperature: float = GPOConfig.memory_temperature
     # service
-    max_workers: int = 64
+    max_workers: int | None = None  # RPC threads; None: rpc_threads_for(the allow-list)
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS  # memory: O(this), not O(nodes)
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES  # memory: O(this x nodes)
     max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # memory: O(this)
@@ -143,8 +143,9 @@ class CoordinatorConfig:
         _check_listen(self.listen)
         if not isinstance(self.encoder, str) or not self.encoder.strip():
             raise _refuse("encoder", f"encoder must name a text encoder, got {self.encoder!r}")
+        if self.max_workers is not None:
+            _check_int("max_workers", self.max_workers, 1, MAX_WORKERS)
         for key, low, high in (
-            ("max_workers", 1, MAX_WORKERS),
             ("max_concurrent_uploads", 0, MAX_COUNT),
             ("max_concurrent_downloads", 0, MAX_COUNT),
         ):
@@ -179,6 +180,13 @@ class CoordinatorConfig:
                 "are no certificates to revoke"
             )
         return RevocationWatch(self.tls_crl, tls.ca)
+
+
+def rpc_threads_for(nodes: int) -> int:
+    """RPC threads enough for `nodes` connected nodes: each holds one in its long poll, and a
+    transfer or a heartbeat needs another. With fewer, polls take every thread, heartbeats
+    queue behind them and sessions expire (64 threads and 128 nodes: no round ever ran)."""
+    return min(MAX_WORKERS, max(64, 2 * nodes + 32))
 
 
 def model_config(cfg: CoordinatorConfig, embed_dim: int) -> GPOConfig:
@@ -236,12 +244,22 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         gpo.to_dict(),
         on_round=on_round,
     )
+    workers = cfg.max_workers or rpc_threads_for(len(allow_list))
+    if workers < len(allow_list) + 8:
+        log.warning(
+            "max_workers = %d RPC threads for %d allow-listed nodes: each connected node holds "
+            "one in its long poll, so with most of them connected heartbeats wait and sessions "
+            "expire; leave max_workers unset (%d for these nodes)",
+            workers,
+            len(allow_list),
+            rpc_threads_for(len(allow_list)),
+        )
     server, port = start_server(
         engine,
         cfg.listen,
         tls,
         allow_list,
-        max_workers=cfg.max_workers,
+        max_workers=workers,
         upload_slots=cfg.max_concurrent_uploads,
         upload_chunk_bytes=cfg.upload_chunk_bytes,
         download_slots=cfg.max_concurrent_downloads,

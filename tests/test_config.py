@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth import AllowList
-from coordinator.service import CoordinatorConfig, model_config
+from coordinator.service import CoordinatorConfig, model_config, rpc_threads_for
 from group_node.node import NodeConfig
 from pluralfed.config import load_config
 from pluralfed.errors import InputError
@@ -109,3 +109,12 @@ def test_bad_model_settings_are_refused(tmp_path: Path) -> None:
     path.write_text("members = 3\n")
     good = load_config(CoordinatorConfig, path, "X_", {}, environ={})
     assert model_config(good, 384).members == 3
+
+
+def test_rpc_threads_follow_the_allow_list_unless_set() -> None:
+    """A fixed 64 threads could not serve 128 nodes: their long polls took every thread, the
+    heartbeats queued, sessions expired and no round ran (`bench/systems.py --scenarios D
+    --d-nodes 128 --max-workers 64`, session 14). Unset, the count follows the allow-list."""
+    assert CoordinatorConfig().max_workers is None
+    assert [rpc_threads_for(n) for n in (0, 16, 128, 10**6)] == [64, 64, 288, 10_000]
+    assert CoordinatorConfig(max_workers=8).max_workers == 8

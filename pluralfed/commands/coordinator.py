@@ -64,7 +64,8 @@ HELP = {
     "memory_weight": "context memory at prediction: mix of the group's own answers, 0..1 (0 = off)",
     "memory_shrinkage": "matching context questions at which the memory mix is half its weight",
     "memory_temperature": "softmax temperature over question similarity in the context memory",
-    "max_workers": "RPC worker threads (each waiting node holds one during its long poll)",
+    "max_workers": "RPC worker threads (each waiting node holds one during its long poll; "
+    "default: 2 x allow-listed nodes + 32, at least 64)",
     "max_concurrent_uploads": "updates read at once; the others wait their turn, which bounds "
     "the coordinator's memory whatever the number of nodes (0 = no bound)",
     "max_concurrent_downloads": "model downloads sent at once; the others wait their turn, "
