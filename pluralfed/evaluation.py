@@ -21,6 +21,7 @@ from pluralfed.episodes import (
     make_batch,
     with_uniform_answers,
 )
+from pluralfed.errors import InputError
 from pluralfed.metrics import Summary, alignment_score, group_prior, summarize, uniform_prediction
 from pluralfed.model import GPO
 from pluralfed.protocol import EVAL_MAX_CONTEXT
@@ -79,10 +80,12 @@ def predict_targets(
 def evaluate_group(
     model: GPO, split: GroupSplit, max_context: int = EVAL_MAX_CONTEXT, seed: int = 0
 ) -> GroupEvaluation:
+    """PROTOCOL.md figures for one group. A group without test or train questions is the data's
+    fault, not the model's: an InputError, so callers can tell it from a failed prediction."""
     if not split.test:
-        raise ValueError(f"group {split.name!r} has no test questions")
+        raise InputError(f"group {split.name!r} has no test questions")
     if not split.train:
-        raise ValueError(f"group {split.name!r} has no train questions to use as context")
+        raise InputError(f"group {split.name!r} has no train questions to use as context")
     context = evaluation_context(split.train, max_context, seed)
     truths = [t.item.distribution for t in split.test]
 

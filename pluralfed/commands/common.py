@@ -6,7 +6,7 @@ import argparse
 import json
 import resource
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--held-out",
         help="groups never trained on, evaluated few-shot. Default: PROTOCOL.md's 6 held-out "
-        "groups when the data has them, else none",
+        "groups when the data has them and --groups is not given, else none",
     )
 
 
@@ -106,6 +106,34 @@ def open_encoder(args: argparse.Namespace) -> TextEncoder:
     if not args.no_cache:
         encoder = CachedEncoder(encoder, args.cache_dir or default_cache_dir())
     return encoder
+
+
+def refuse_groups_without_context(
+    splits: Mapping[str, GroupSplit], groups: Sequence[str], what: str
+) -> None:
+    """Refuse, before any training, groups that have test questions but no train questions: they
+    cannot be evaluated few-shot (no context), and finding out only at evaluation loses the run."""
+    bad = [g for g in groups if splits[g].test and not splits[g].train]
+    if bad:
+        raise InputError(
+            f"{what}: group(s) {', '.join(repr(g) for g in bad)} have test questions but no train "
+            "questions (PROTOCOL.md split) to use as context, so they cannot be evaluated; "
+            "leave them out"
+        )
+
+
+def check_output_path(path: Path, option: str, *, folder: bool) -> None:
+    """Refuse an output path that cannot be written (a file where a folder must be, or the
+    reverse) before any work is done, rather than with a traceback after it."""
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise InputError(f"{option} {path}: is a folder, expected a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{option} {path}: {parent} is not a folder")
+            break
 
 
 def evaluate_sets(

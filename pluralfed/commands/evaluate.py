@@ -13,9 +13,11 @@ from pluralfed.commands.common import (
     add_encoder_args,
     add_runtime_args,
     apply_threads,
+    check_output_path,
     evaluate_sets,
     open_encoder,
     positive_int,
+    refuse_groups_without_context,
     reports_to_json,
     write_json,
 )
@@ -59,6 +61,8 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
+    if args.out is not None:
+        check_output_path(args.out, "--out", folder=False)
     ckpt = load_checkpoint(args.checkpoint)
     try:
         ckpt.model.cfg = GPOConfig.from_dict({**ckpt.model.cfg.to_dict(), **memory_overrides(args)})
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             sets = {"all groups": sorted(data.groups)}
     all_groups = [g for groups in sets.values() for g in groups]
     splits = embed_groups(data, all_groups, encoder)
+    refuse_groups_without_context(splits, all_groups, "--groups" if requested else str(args.data))
     reports = evaluate_sets(
         ckpt.model,
         {name: {g: splits[g] for g in groups if splits[g].test} for name, groups in sets.items()},

@@ -16,11 +16,13 @@ from pluralfed.commands.common import (
     add_encoder_args,
     add_runtime_args,
     apply_threads,
+    check_output_path,
     evaluate_sets,
     open_encoder,
     parse_range,
     peak_rss_mib,
     positive_int,
+    refuse_groups_without_context,
     reports_to_json,
     write_json,
 )
@@ -171,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise InputError(f"training settings: {err}") from err
+    check_output_path(args.out, "--out", folder=True)
     console = Console(stderr=True)
     data = load_survey(args.data)
     train_default, held_default = default_groups(data)
@@ -185,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     for g in train_groups:
         if len(splits[g].train) < 2:
             raise InputError(f"group {g!r} has {len(splits[g].train)} train questions, needs 2+")
+    refuse_groups_without_context(splits, held_out, "--held-out")
     eval_sets = {
         TRAIN_SET: {g: splits[g] for g in train_groups if splits[g].test},
         HELD_OUT_SET: {g: splits[g] for g in held_out if splits[g].test},

@@ -1,0 +1,141 @@
+"""`train` and `evaluate` refuse inputs they cannot finish with before doing any work: groups with
+nothing to use as context, and --out paths that cannot be written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinymodel import CFG, random_item
+
+from pluralfed.cli import build_parser, main
+from pluralfed.data import is_test_question
+from pluralfed.episodes import GroupSplit
+from pluralfed.errors import InputError
+from pluralfed.evaluation import evaluate_group
+from pluralfed.training import build_model
+
+TINY = ["--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "16", "--mlp-layers", "1"]
+TINY += ["--members", "1", "--threads", "1"]
+
+
+def _questions(n: int, test: bool) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        q = f"Question number {i} about a topic?"
+        if is_test_question(q) == test:
+            out.append(q)
+        i += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Groups A and B with train and test questions; C with test questions only."""
+    train, test = _questions(8, False), _questions(3, True)
+    rows = [(g, q, [0.6, 0.4]) for g in "AB" for q in train + test]
+    rows += [("C", q, [0.3, 0.7]) for q in test]
+    path = tmp_path_factory.mktemp("survey") / "s.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"group": g, "question": q, "options": ["Yes", "No"], "distribution": d})
+            + "\n"
+            for g, q, d in rows
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(survey: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "ck"
+    cache = tmp_path_factory.mktemp("cache")
+    args = ["train", "--data", str(survey), "--groups", "A,B", "--out", str(out), *TINY]
+    assert main([*args, "--epochs", "1", "--eval-every", "0", "--cache-dir", str(cache)]) == 0
+    return out
+
+
+def test_evaluate_group_without_context_is_an_input_error() -> None:
+    rng = np.random.default_rng(0)
+    model = build_model(CFG, 0)
+    only_test = GroupSplit("C", train=[], test=[random_item(rng, 2, "q")])
+    with pytest.raises(InputError, match="group 'C' has no train questions"):
+        evaluate_group(model, only_test)
+    with pytest.raises(InputError, match="group 'C' has no test questions"):
+        evaluate_group(model, GroupSplit("C", train=only_test.test, test=[]))
+
+
+def test_train_refuses_a_held_out_group_without_train_questions_before_training(
+    survey: Path, tmp_path: Path, session_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ck"
+    args = ["train", "--data", str(survey), "--groups", "A,B", "--held-out", "C", *TINY]
+    code = main([*args, "--out", str(out), "--epochs", "1", "--cache-dir", str(session_cache_dir)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--held-out: group(s) 'C' have test questions but no train questions" in err
+    assert "Traceback" not in err
+    assert not out.exists()  # refused before any training
+
+
+def test_evaluate_refuses_a_group_without_train_questions(
+    survey: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(survey), "--threads", "1"]
+    assert main([*args, "--groups", "A,C", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--groups: group(s) 'C' have test questions but no train questions" in err
+    assert not out.exists()
+    assert main([*args, "--groups", "A,B", "--out", str(out)]) == 0  # without C: fine
+    assert json.loads(out.read_text())["reports"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "--data", "d.jsonl", "--out", "afile"],
+            "--out afile: exists and is not a folder",
+        ),
+        (
+            ["train", "--data", "d.jsonl", "--out", "afile/ck"],
+            "--out afile/ck: afile is not a folder",
+        ),
+        (
+            ["evaluate", "--checkpoint", "c", "--data", "d.jsonl", "--out", "afile/x.json"],
+            "--out afile/x.json: afile is not a folder",
+        ),
+        (
+            ["evaluate", "--checkpoint", "c", "--data", "d.jsonl", "--out", "adir"],
+            "--out adir: is a folder, expected a file name",
+        ),
+    ],
+)
+def test_out_that_cannot_be_written_is_refused_up_front(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Checked before the data or the checkpoint is even read (neither exists here), rather
+    than as a FileExistsError traceback once the work is done."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_train_help_says_when_held_out_groups_are_chosen() -> None:
+    """With --groups given no held-out group is chosen by default; the help must say so."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    held = next(a for a in sub._actions if a.dest == "held_out")
+    assert held.help is not None
+    assert "when the data has them and --groups is not given, else none" in held.help
