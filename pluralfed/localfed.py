@@ -8,13 +8,15 @@ service, the same as in a deployment; only the addresses are local.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +46,25 @@ class LocalFederation:
     # <out_dir>/personalized/<node id>/ (group nodes' `personalize_steps`); 0 = off
     personalize_steps: int = 0
 
+    def __post_init__(self) -> None:
+        # every node would refuse 0 threads at start, and the coordinator would wait for them
+        if self.threads_per_node < 1:
+            raise InputError(f"threads per node must be at least 1, got {self.threads_per_node}")
+
+
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string. Not json.dumps: it writes characters beyond U+FFFF as
+    surrogate-pair escapes, which TOML refuses, and leaves DEL unescaped, which TOML forbids."""
+    out = []
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
 
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -52,20 +73,44 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    return toml_string(str(value))
 
 
 def write_toml(path: Path, flat: dict[str, Any], tables: dict[str, dict[str, Any]]) -> None:
     lines = [f"{k} = {_toml_value(v)}" for k, v in flat.items() if v is not None]
     for name, table in tables.items():
         lines += ["", f"[{name}]"] + [
-            f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items()
+            f"{toml_string(k)} = {_toml_value(v)}" for k, v in table.items()
         ]
     path.write_text("\n".join(lines) + "\n", "utf-8")
 
 
 def node_id(group: str) -> str:
+    """The node id a group gets when no other group's id collides with it (see `node_ids`)."""
     return "node-" + group_slug(group)[:58]
+
+
+def node_ids(groups: Iterable[str], reserved: Iterable[str] = ()) -> dict[str, str]:
+    """group -> node id, unique even when slugs collide ('Korea, South' and 'Korea South'): as in
+    `data.group_file_names`, colliding names (and names whose id is `reserved`, e.g. the
+    healthcheck's) get a short hash of the exact name, so no group drops out of the allow-list."""
+    names = list(dict.fromkeys(groups))
+    taken = set(reserved)
+    plain = Counter(node_id(g) for g in names)
+    out: dict[str, str] = {}
+    for g in names:
+        nid = node_id(g)
+        if plain[nid] > 1 or nid in taken:
+            digest = hashlib.sha256(g.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            nid = f"node-{group_slug(g)[:49]}-{digest}"
+        out[g] = nid
+    clash = [nid for nid, n in Counter([*out.values(), *taken]).items() if n > 1]
+    if clash:  # a hashed id equal to another group's plain one: vanishingly rare, but refuse
+        raise InputError(
+            f"groups {[g for g in names if out[g] in clash]} get the same node id {clash[0]!r}; "
+            "rename one"
+        )
+    return out
 
 
 class Processes:
@@ -105,6 +150,7 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
     if len(set(groups)) != len(groups):
         raise InputError("a group is listed twice (training and held-out must not overlap)")
     subset = select_groups(data, groups)
+    ids = node_ids(groups)
     certs = out / "certs"
     if not (certs / "ca" / "ca.pem").exists():
         create_ca(certs / "ca")
@@ -112,9 +158,9 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
             certs / "ca", certs / "coordinator", "coordinator", ["localhost", "127.0.0.1"]
         )
     for g in groups:
-        if not (certs / "nodes" / node_id(g) / "cert.pem").exists():
-            issue_node_cert(certs / "ca", certs / "nodes" / node_id(g), node_id(g))
-    files = write_group_files(subset, out / "data")
+        if not (certs / "nodes" / ids[g] / "cert.pem").exists():
+            issue_node_cert(certs / "ca", certs / "nodes" / ids[g], ids[g])
+    files = write_group_files(subset, out / "data", inputs=[data.source] if data.source else [])
     state_dir = out / "coordinator"
     coord_cfg = out / "coordinator.toml"
     settings = {
@@ -127,10 +173,10 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
         "min_updates": len(run.training_groups),
         **run.coordinator_settings,
     }
-    write_toml(coord_cfg, settings, {"allow_list": {node_id(g): g for g in groups}})
+    write_toml(coord_cfg, settings, {"allow_list": {ids[g]: g for g in groups}})
     node_cfgs = {}
     for g in groups:
-        path = out / "nodes" / f"{node_id(g)}.toml"
+        path = out / "nodes" / f"{ids[g]}.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_toml(
             path,
@@ -142,12 +188,12 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
                 "threads": run.threads_per_node,
                 "insecure": run.insecure,
                 "tls_server_name": "localhost",
-                **({} if run.insecure else {"tls_dir": str(certs / "nodes" / node_id(g))}),
+                **({} if run.insecure else {"tls_dir": str(certs / "nodes" / ids[g])}),
                 **({"cache_dir": str(run.cache_dir)} if run.cache_dir else {}),
                 **(
                     {
                         "personalize_steps": run.personalize_steps,
-                        "personalized_dir": str(out / "personalized" / node_id(g)),
+                        "personalized_dir": str(out / "personalized" / ids[g]),
                     }
                     if run.personalize_steps and g in run.training_groups
                     else {}
@@ -156,7 +202,12 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
             {},
         )
         node_cfgs[g] = path
-    return {"coordinator_config": coord_cfg, "node_configs": node_cfgs, "state_dir": state_dir}
+    return {
+        "coordinator_config": coord_cfg,
+        "node_configs": node_cfgs,
+        "node_ids": ids,
+        "state_dir": state_dir,
+    }
 
 
 def child_env(threads: int) -> dict[str, str]:
@@ -171,7 +222,34 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def wait_for_port(state_dir: Path, coordinator: subprocess.Popen[bytes], timeout_s: float) -> int:
+def log_tail(path: Path, lines: int = 3, width: int = 400) -> str:
+    """The last non-blank lines of a child's log, indented, to quote in an error: the reason a
+    process stopped is nearly always there, and it saves opening the file."""
+    try:
+        text = path.read_text("utf-8", errors="replace")
+    except OSError:
+        return f"  (cannot read {path})"
+    tail = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+    if not tail:
+        return f"  ({path} is empty)"
+    return "\n".join("  " + (t if len(t) <= width else t[:width] + " ...") for t in tail)
+
+
+def _exited(what: str, code: int, log_path: Path | None) -> InputError:
+    if log_path is None:
+        return InputError(f"{what} exited with code {code}")
+    return InputError(
+        f"{what} exited with code {code}; the end of {log_path}:\n{log_tail(log_path)}"
+    )
+
+
+def wait_for_port(
+    state_dir: Path,
+    coordinator: subprocess.Popen[bytes],
+    timeout_s: float,
+    log_path: Path | None = None,
+) -> int:
+    """The port the coordinator listens on; InputError quoting `log_path` if it exits first."""
     port_file = state_dir / "coordinator.port"
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -180,17 +258,76 @@ def wait_for_port(state_dir: Path, coordinator: subprocess.Popen[bytes], timeout
             if text:
                 return int(text)
         if coordinator.poll() is not None:
-            raise RuntimeError(
-                f"the coordinator exited with code {coordinator.returncode} at start"
-            )
+            raise _exited("the coordinator", coordinator.returncode, log_path)
         time.sleep(0.1)
-    raise RuntimeError("the coordinator did not start listening in time")
+    raise InputError(
+        f"the coordinator did not start listening in {timeout_s:.0f} s"
+        + (f"; the end of {log_path}:\n{log_tail(log_path)}" if log_path else "")
+    )
+
+
+# once every training node has failed, how long the coordinator may still take to exit by itself
+# (a node whose personalization fails exits 1 after a finished run, just before the coordinator)
+NODES_FAILED_GRACE_S = 5.0
+
+
+def wait_for_coordinator(
+    procs: Processes, training: Sequence[str], state_dir: Path, timeout_s: float, started: float
+) -> int:
+    """The coordinator's exit code. Without its training nodes the coordinator would wait for its
+    quorum until the timeout, so once every one of them has exited with an error (and no results
+    were written since `started`, a time.time()) this stops, quoting the first one's log."""
+    coordinator = procs.children["coordinator"]
+    deadline = time.monotonic() + timeout_s
+    failed_since: float | None = None
+    reported: set[str] = set()
+    while True:
+        code = coordinator.poll()
+        if code is not None:
+            return code
+        now = time.monotonic()
+        codes = {n: procs.children[n].poll() for n in training}
+        for name, node_code in codes.items():
+            if node_code and name not in reported:
+                reported.add(name)
+                log.warning(
+                    "node %s exited with code %d:\n%s",
+                    name,
+                    node_code,
+                    log_tail(procs.log_dir / f"{name}.log", 1),
+                )
+        if training and all(codes.values()) and not _results_since(state_dir, started):
+            failed_since = failed_since or now
+            if now - failed_since >= NODES_FAILED_GRACE_S:
+                name = training[0]
+                raise _exited(
+                    f"every training node stopped before the run finished: node {name}",
+                    codes[name] or 0,
+                    procs.log_dir / f"{name}.log",
+                )
+        if now >= deadline:
+            coord_log = procs.log_dir / "coordinator.log"
+            raise InputError(
+                f"the federation did not finish in {timeout_s:.0f} s (--timeout); the end of "
+                f"{coord_log}:\n{log_tail(coord_log)}"
+            )
+        time.sleep(0.2)
+
+
+def _results_since(state_dir: Path, started: float) -> bool:
+    """Did the coordinator write results.json (the run finished) after `started`?"""
+    try:
+        return (state_dir / "results.json").stat().st_mtime >= started
+    except OSError:
+        return False
 
 
 def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
     """Run the federation to its end; returns the coordinator's results.json."""
+    started = time.time()
     run.out_dir.mkdir(parents=True, exist_ok=True)
     files = prepare(run, data)
+    ids: dict[str, str] = files["node_ids"]
     state_dir: Path = files["state_dir"]
     if (state_dir / "state.json").exists():  # coordinator/state.py's STATE_FILE
         log.warning(
@@ -209,21 +346,17 @@ def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
             [*cli, "coordinator", "--config", str(files["coordinator_config"])],
             child_env(1),
         )
-        port = wait_for_port(state_dir, coordinator, 120)
+        port = wait_for_port(state_dir, coordinator, 120, logs / "coordinator.log")
         for g, cfg in files["node_configs"].items():
             procs.start(
-                node_id(g),
+                ids[g],
                 [*cli, "node", "run", "--config", str(cfg), "--coordinator", f"127.0.0.1:{port}"],
                 child_env(run.threads_per_node),
             )
-        try:
-            code = coordinator.wait(run.timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the federation did not finish in {run.timeout_s:.0f} s") from None
+        training = [ids[g] for g in run.training_groups]
+        code = wait_for_coordinator(procs, training, state_dir, run.timeout_s, started)
         if code != 0:
-            raise RuntimeError(
-                f"the coordinator exited with code {code}; see {logs / 'coordinator.log'}"
-            )
+            raise _exited("the coordinator", code, logs / "coordinator.log")
         # nodes that personalize fine-tune after the coordinator is gone: give them time
         grace_s = 30.0 + (run.timeout_s if run.personalize_steps else 0.0)
         for name, proc in procs.children.items():

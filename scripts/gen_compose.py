@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pluralfed.data import group_file_names, load_survey  # noqa: E402
-from pluralfed.localfed import node_id  # noqa: E402
+from pluralfed.errors import InputError  # noqa: E402
+from pluralfed.localfed import node_ids, toml_string  # noqa: E402
 from pluralfed.protocol import HELD_OUT_GROUPS, TRAINING_GROUPS  # noqa: E402
 from pluralfed.synthetic import generate_synthetic  # noqa: E402
 
@@ -47,45 +48,78 @@ HEADER = """\
 """
 
 
+HEALTHCHECK_ID = "node-healthcheck"  # the coordinator's health check connects as this node
+
+# A JSON-lines file starts with "{" once a UTF-8 byte-order mark and blank space are skipped (the
+# loader skips both); anything else is taken for the GlobalOpinionQA CSV.
+SNIFF_JSONL = (
+    "head -c 65536 /input/data | tr -d ' \\t\\r\\n\\357\\273\\277' | head -c 1 | grep -q '{'"
+)
+
+
 def quote_yaml(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A double-quoted YAML string whose `$` compose does not interpolate."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$") + '"'
 
 
-def setup_script(groups: list[str], synthetic: dict[str, int] | None) -> str:
-    """Runs in the setup container. Everything a service mounts is a folder made here (a bind
-    mount of a file that does not exist yet would become an empty folder)."""
+def check_group_names(groups: list[str]) -> None:
+    """Group names go into YAML lines and a shell script: a control character (a newline) would
+    break both, so refuse it here rather than in the setup container."""
+    for g in groups:
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in g):
+            raise InputError(
+                f"group {g!r} holds control characters; it cannot go into a compose file"
+            )
+
+
+def setup_script(groups: list[str], ids: dict[str, str], synthetic: dict[str, int] | None) -> str:
+    """Runs in the setup container, as plain sh (`render` doubles `$` for compose). Everything a
+    service mounts is a folder made here (a bind mount of a file that does not exist yet would
+    become an empty folder). Group names reach the shell only through shlex.quote."""
     files = group_file_names(groups)
-    ids = ",".join(node_id(g) for g in [*groups, "healthcheck"])
+    all_ids = ",".join([*(ids[g] for g in groups), HEALTHCHECK_ID])
     lines = [
         "set -eu",
         "mkdir -p /out/certs /out/data /out/coordinator",
         "if [ ! -f /out/certs/ca/ca.pem ]; then",
-        f"  pluralfed certs federation --out /out/certs --nodes {ids} --san coordinator,localhost,127.0.0.1",
+        f"  pluralfed certs federation --out /out/certs --nodes {all_ids} --san coordinator,localhost,127.0.0.1",
         "fi",
-        'if [ -s /input/data ]; then src=/out/input.$$(head -c 1 /input/data | grep -q "{" && echo jsonl || echo csv); cp /input/data "$$src"',
+        f'if [ -s /input/data ]; then src=/out/input.$({SNIFF_JSONL} && echo jsonl || echo csv); cp /input/data "$src"',
     ]
     if synthetic is not None:
         lines.append(
             "else src=/out/demo-data.jsonl; "
-            f"pluralfed data synth --out $$src --groups {synthetic['groups']} "
+            f"pluralfed data synth --out $src --groups {synthetic['groups']} "
             f"--questions {synthetic['questions']} --seed {synthetic['seed']}; fi"
         )
     else:
         lines.append('else echo "set PLURALFED_DATA to the survey file" >&2; exit 2; fi')
     lines.append(
-        "pluralfed data split $$src --out-dir /out/data --groups "
+        "pluralfed data split $src --out-dir /out/data --groups "
         + " ".join(shlex.quote(g) for g in groups)
     )
     for g in groups:
         lines.append(
-            f"mkdir -p /out/nodes/{node_id(g)} && mv /out/data/{files[g]} /out/nodes/{node_id(g)}/data.jsonl"
+            f"mkdir -p /out/nodes/{ids[g]} && mv /out/data/{files[g]} /out/nodes/{ids[g]}/data.jsonl"
         )
-    allow = "\\n".join(f'"{node_id(g)}" = "{g}"' for g in groups)
+    allow = ["[allow_list]", *(f"{toml_string(ids[g])} = {toml_string(g)}" for g in groups)]
     lines.append(
-        f"mkdir -p /out/config && printf '[allow_list]\\n{allow}\\n' > /out/config/allow-list.toml"
+        "mkdir -p /out/config && printf '%s\\n' "
+        + " ".join(shlex.quote(line) for line in allow)
+        + " > /out/config/allow-list.toml"
     )
     lines.append("chown -R 10001:10001 /out")
     return "\n".join(lines)
+
+
+def held_out_groups(names: list[str], held_out: int) -> list[str]:
+    """The last `held_out` names; at least one group must be left to train."""
+    if not 0 <= held_out < len(names):
+        raise InputError(
+            f"--held-out must be 0 or more and less than the number of groups ({len(names)}), "
+            f"got {held_out}"
+        )
+    return names[len(names) - held_out :] if held_out else []
 
 
 def render(args: argparse.Namespace) -> str:
@@ -95,7 +129,7 @@ def render(args: argparse.Namespace) -> str:
             n_groups=args.synthetic_groups, n_questions=args.synthetic_questions, seed=0
         )
         names = sorted(data.groups)
-        held = names[len(names) - args.held_out :] if args.held_out else []
+        held = held_out_groups(names, args.held_out)
         train = [g for g in names if g not in held]
         synthetic = {
             "groups": args.synthetic_groups,
@@ -107,9 +141,11 @@ def render(args: argparse.Namespace) -> str:
     else:
         data = load_survey(args.data)
         names = sorted(data.groups)
-        held = names[len(names) - args.held_out :] if args.held_out else []
+        held = held_out_groups(names, args.held_out)
         train = [g for g in names if g not in held]
     groups = [*train, *held]
+    check_group_names(groups)
+    ids = node_ids(groups, reserved=[HEALTHCHECK_ID])
     described = " ".join(a for a in sys.argv[1:]) or "defaults"
     out = [HEADER.format(args=described)]
     out.append(
@@ -124,7 +160,10 @@ def render(args: argparse.Namespace) -> str:
         '    entrypoint: ["/bin/sh", "-c"]\n'
         "    command:\n"
         "      - |\n"
-        + "\n".join("        " + line for line in setup_script(groups, synthetic).splitlines())
+        + "\n".join(
+            "        " + line.replace("$", "$$")  # compose would interpolate a single $
+            for line in setup_script(groups, ids, synthetic).splitlines()
+        )
         + "\n"
         "    volumes:\n"
         "      - ./runs/compose:/out\n"
@@ -168,7 +207,7 @@ def render(args: argparse.Namespace) -> str:
         "    restart: on-failure\n"
     )
     for g in groups:
-        nid = node_id(g)
+        nid = ids[g]
         role = "train" if g in train else "evaluate-only"
         out.append(
             f"  {nid}:\n"
@@ -187,7 +226,7 @@ def render(args: argparse.Namespace) -> str:
             f"      - cache-{nid}:/home/pluralfed/.cache/pluralfed\n"
         )
     out.append("volumes:")
-    out.extend(f"  cache-{node_id(g)}:" for g in groups)
+    out.extend(f"  cache-{ids[g]}:" for g in groups)
     return "\n".join(out) + "\n"
 
 
@@ -209,7 +248,12 @@ def main() -> int:
         "--held-out", type=int, default=1, help="evaluate-only nodes (the last groups by name)"
     )
     args = p.parse_args()
-    sys.stdout.write(render(args))
+    try:
+        text = render(args)
+    except InputError as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
     return 0
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import uuid
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+RECORD = b'{"group": "Mali", "question": "Q?", "options": ["Yes", "No"], "distribution": [1, 2]}\n'
 
 
 def test_committed_compose_file_is_the_generators_default() -> None:
@@ -39,6 +42,95 @@ def test_nodes_mount_only_their_own_key_and_data() -> None:
             f"- ./runs/compose/nodes/{name}:/data:ro",
         ]
     assert '"127.0.0.1:7443:7443"' in text  # published on loopback only
+
+
+def _gen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gen_compose.py"), *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def _setup_script(compose: str) -> str:
+    """The setup service's shell script as sh sees it (compose turns $$ into $)."""
+    lines = compose.split("      - |\n", 1)[1].split("\n    volumes:", 1)[0].splitlines()
+    return "\n".join(line.removeprefix("        ") for line in lines).replace("$$", "$")
+
+
+NASTY = ["Cote d'Ivoire", "Korea, South", "Korea South", 'A "$HOME" \\ 100%', "Mali"]
+
+
+def test_gen_compose_quotes_group_names_for_sh_toml_and_compose(tmp_path: Path) -> None:
+    """Apostrophes, quotes, $, backslashes and colliding slugs: the setup script still parses,
+    writes an allow-list naming every group under its own node id, and the services match it."""
+    data = tmp_path / "own.jsonl"
+    rec = {"question": "Q1?", "options": ["Yes", "No"], "distribution": [1, 2]}
+    data.write_text("".join(json.dumps({"group": g, **rec}) + "\n" for g in NASTY))
+    proc = _gen("--data", str(data), "--held-out", "1")
+    assert proc.returncode == 0, proc.stderr
+    compose = proc.stdout
+    script = _setup_script(compose)
+    assert subprocess.run(["sh", "-n", "-c", script]).returncode == 0
+    allow_line = next(line for line in script.splitlines() if "allow-list.toml" in line)
+    out = tmp_path / "out"
+    subprocess.run(["sh", "-c", allow_line.replace("/out/", f"{out}/")], check=True)
+    allow = tomllib.loads((out / "config" / "allow-list.toml").read_text())["allow_list"]
+    assert sorted(allow.values()) == sorted(NASTY)
+    services = [line[2:-1] for line in compose.splitlines() if line.startswith("  node-")]
+    assert sorted(services) == sorted(allow)  # one service per node id, none twice
+    for nid, group in allow.items():
+        block = compose.split(f"\n  {nid}:\n", 1)[1].split("\n\n", 1)[0]
+        env = next(line for line in block.splitlines() if "PLURALFED_NODE_GROUP:" in line)
+        value = json.loads(env.split(": ", 1)[1]).replace("$$", "$")  # YAML "..." as here
+        assert value == group
+    assert f"--nodes {','.join([*allow, 'node-healthcheck'])} " in script
+    split = shlex.split(next(line for line in script.splitlines() if "data split" in line))
+    assert sorted(split[split.index("--groups") + 1 :]) == sorted(NASTY)
+
+
+@pytest.mark.parametrize("held_out", ["-1", "3", "5"])
+def test_gen_compose_held_out_must_leave_a_training_group(held_out: str) -> None:
+    proc = _gen("--synthetic-groups", "3", "--held-out", held_out)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        "gen_compose.py: error: --held-out must be 0 or more and less than the number of "
+        f"groups (3), got {held_out}\n"
+    )
+    assert _gen("--synthetic-groups", "3", "--held-out", "0").returncode == 0
+
+
+def test_gen_compose_bad_data_is_a_clean_error(tmp_path: Path) -> None:
+    proc = _gen("--data", str(tmp_path / "missing.jsonl"))
+    assert proc.returncode == 2
+    assert proc.stderr == f"gen_compose.py: error: {tmp_path / 'missing.jsonl'}: file not found\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (b"\xef\xbb\xbf" + RECORD, "jsonl"),  # a byte-order mark, which the loader accepts
+        (b"\n  \t\r\n" + RECORD, "jsonl"),  # blank lines first
+        (RECORD, "jsonl"),
+        (b"\xef\xbb\xbfquestion,selections,options\n", "csv"),
+        (b"question,selections,options\n", "csv"),
+    ],
+)
+def test_setup_script_tells_jsonl_from_csv(tmp_path: Path, content: bytes, kind: str) -> None:
+    script = _setup_script((REPO / "docker-compose.yml").read_text())
+    line = next(line for line in script.splitlines() if "/input/data ]" in line)
+    sniff = line.split("src=/out/input.$(", 1)[1].split(" && echo jsonl", 1)[0]
+    (tmp_path / "data").write_bytes(content)
+    found = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f"{sniff.replace('/input/data', str(tmp_path / 'data'))} && echo jsonl || echo csv",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert found == kind
 
 
 def _docker_ready() -> str | None:

@@ -228,6 +228,10 @@ def test_days_up_to_9999_still_accepted(tmp_path: Path) -> None:
         (["train", "--data", "d", "--out", "o", "--max-context", "0"], "argument --max-context"),
         (["evaluate", "--checkpoint", "c", "--data", "d", "--max-context", "-3"], "at least 1"),
         (["federate", "--seed", "-1"], "argument --seed"),
+        (
+            ["federate", "--threads-per-node", "0"],
+            "argument --threads-per-node: must be at least 1",
+        ),
     ],
 )
 def test_cli_rejects_negative_seed_and_context_while_parsing(

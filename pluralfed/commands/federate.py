@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pluralfed.commands.common import non_negative_int
+from pluralfed.commands.common import check_output_path, non_negative_int, positive_int
 from pluralfed.commands.coordinator import HELP as COORDINATOR_HELP
 from pluralfed.data import load_survey, write_jsonl
 from pluralfed.errors import InputError
@@ -37,7 +37,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--local-steps", type=int, default=6, help=COORDINATOR_HELP["local_steps"])
     p.add_argument("--eval-every", type=int, default=10, help=COORDINATOR_HELP["eval_every"])
     p.add_argument("--seed", type=non_negative_int, default=0, help=COORDINATOR_HELP["seed"])
-    p.add_argument("--threads-per-node", type=int, default=1, help="torch threads per node")
+    p.add_argument(
+        "--threads-per-node",
+        type=positive_int,
+        default=1,
+        help="torch threads per node, 1 or more (default: %(default)s)",
+    )
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="text encoder")
     p.add_argument("--cache-dir", type=Path, help="embedding cache shared by the nodes")
     p.add_argument("--insecure", action="store_true", help="plain text instead of mutual TLS")
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.personalize_steps < 0:
         raise InputError(f"--personalize-steps must be 0 or more, got {args.personalize_steps}")
+    check_output_path(args.out, "--out", folder=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         data = generate_synthetic(

@@ -1,0 +1,172 @@
+"""`pluralfed federate`'s launcher (pluralfed/localfed.py): node ids that stay unique, and failing
+processes that end the run at once with their own words instead of a wait until --timeout."""
+
+from __future__ import annotations
+
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pluralfed import localfed
+from pluralfed.cli import main
+from pluralfed.data import SurveyData, SurveyItem
+from pluralfed.errors import InputError
+from pluralfed.localfed import (
+    LocalFederation,
+    Processes,
+    node_id,
+    node_ids,
+    prepare,
+    toml_string,
+    wait_for_coordinator,
+    wait_for_port,
+)
+from pluralfed.tls import NODE_ID_PATTERN
+
+ITEM = SurveyItem("Q?", ("Yes", "No"), np.array([0.5, 0.5]))
+
+
+# --------------------------------------------------------------------------------------------------
+# node ids
+
+
+def test_node_ids_stay_unique_when_slugs_collide() -> None:
+    ids = node_ids(["Korea, South", "Korea South", "Mali", "x" * 80, "x" * 79 + "y"])
+    assert len(set(ids.values())) == 5
+    assert ids["Mali"] == node_id("Mali") == "node-mali"  # no collision: the plain id
+    assert ids["Korea, South"].startswith("node-korea-south-")
+    # a name's id does not depend on which other names collide with it
+    assert node_ids(["Korea South", "Korea-South"])["Korea South"] == ids["Korea South"]
+    assert all(NODE_ID_PATTERN.fullmatch(i) for i in ids.values())
+    reserved = node_ids(["Healthcheck", "Mali"], reserved=["node-healthcheck"])
+    assert reserved["Healthcheck"] != "node-healthcheck" and reserved["Mali"] == "node-mali"
+
+
+def test_prepare_allows_every_group_even_when_slugs_collide(tmp_path: Path) -> None:
+    groups = ["Korea, South", "Korea South", "Mali"]
+    data = SurveyData(groups={g: [ITEM] for g in groups}, source="mem")
+    info = prepare(LocalFederation(out_dir=tmp_path, training_groups=groups), data)
+    cfg = tomllib.loads(Path(info["coordinator_config"]).read_text())
+    assert sorted(cfg["allow_list"].values()) == sorted(groups)
+    assert cfg["min_nodes"] == 3
+    assert len({p.name for p in info["node_configs"].values()}) == 3
+    for g, path in info["node_configs"].items():
+        node = tomllib.loads(path.read_text())
+        assert node["group"] == g
+        assert cfg["allow_list"][Path(node["tls_dir"]).name] == g
+
+
+def test_toml_strings_take_any_group_name() -> None:
+    for text in ["Côte d'Ivoire", 'say "hi" \\ there', "emoji \U0001f600", "tab\tdel\x7f\x00"]:
+        assert tomllib.loads(f"k = {toml_string(text)}")["k"] == text
+
+
+def test_threads_per_node_must_be_at_least_one(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="threads per node must be at least 1, got 0"):
+        LocalFederation(out_dir=tmp_path, training_groups=["A"], threads_per_node=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# failing processes
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+FAIL_AT_START = (
+    "import sys; print('starting'); print('error: threads must be 1..1024, got 0'); sys.exit(2)"
+)
+
+
+def test_every_training_node_failing_ends_the_wait_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(localfed, "NODES_FAILED_GRACE_S", 0.2)
+    procs = Processes(tmp_path)
+    try:
+        procs.start("coordinator", _py("import time; time.sleep(60)"), {})
+        for name in ("node-a", "node-b"):
+            procs.start(name, _py(FAIL_AT_START), {})
+        procs.start("node-held", _py("import time; time.sleep(60)"), {})  # evaluate-only
+        started = time.monotonic()
+        with pytest.raises(InputError) as err:
+            wait_for_coordinator(procs, ["node-a", "node-b"], tmp_path, 60, time.time())
+        assert time.monotonic() - started < 20
+    finally:
+        procs.stop_all(grace_s=2)
+    text = str(err.value)
+    assert text.startswith(
+        "every training node stopped before the run finished: node node-a exited with code 2"
+    )
+    assert str(tmp_path / "node-a.log") in text
+    assert text.endswith("  starting\n  error: threads must be 1..1024, got 0")
+
+
+def test_nodes_that_finished_do_not_end_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes exit 0 once they hear SHUTDOWN, and may fail personalizing after a finished run
+    (results.json written): in both cases the coordinator is left to finish."""
+    monkeypatch.setattr(localfed, "NODES_FAILED_GRACE_S", 0.0)
+    started = time.time()
+    (tmp_path / "results.json").write_text("{}")
+    procs = Processes(tmp_path)
+    try:
+        procs.start("coordinator", _py("import time; time.sleep(1.5)"), {})
+        procs.start("node-a", _py("pass"), {})
+        procs.start("node-b", _py("import sys; sys.exit(1)"), {})
+        assert wait_for_coordinator(procs, ["node-a", "node-b"], tmp_path, 60, started) == 0
+        procs.start("coordinator", _py("import time; time.sleep(1.5)"), {})
+        assert wait_for_coordinator(procs, ["node-b"], tmp_path, 60, started) == 0
+    finally:
+        procs.stop_all(grace_s=2)
+
+
+def test_timeout_is_a_clear_error(tmp_path: Path) -> None:
+    procs = Processes(tmp_path)
+    try:
+        procs.start(
+            "coordinator",
+            _py("print('waiting for 2 nodes', flush=True); import time; time.sleep(60)"),
+            {},
+        )
+        procs.start("node-a", _py("import time; time.sleep(60)"), {})
+        with pytest.raises(InputError, match=r"did not finish in 1 s \(--timeout\)") as err:
+            wait_for_coordinator(procs, ["node-a"], tmp_path, 1, time.time())
+    finally:
+        procs.stop_all(grace_s=2)
+    assert str(err.value).endswith("  waiting for 2 nodes")
+
+
+def test_coordinator_exiting_at_start_quotes_its_log(tmp_path: Path) -> None:
+    procs = Processes(tmp_path)
+    try:
+        coordinator = procs.start("coordinator", _py(FAIL_AT_START), {})
+        with pytest.raises(InputError) as err:
+            wait_for_port(tmp_path, coordinator, 60, tmp_path / "coordinator.log")
+    finally:
+        procs.stop_all(grace_s=2)
+    assert str(err.value).startswith("the coordinator exited with code 2; the end of ")
+    assert str(err.value).endswith("error: threads must be 1..1024, got 0")
+
+
+def test_federate_with_a_bad_coordinator_setting_is_a_clean_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["federate", "--synthetic-groups", "3", "--synthetic-questions", "20", "--rounds", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--set", "bogus_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "the coordinator exited with code 2" in err
+    assert "unknown settings ['bogus_key']" in err and "Traceback" not in err
+
+
+def test_federate_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("")
+    assert main(["federate", "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
