@@ -78,14 +78,28 @@ def check_finite_number(
         raise ConfigValueError(key, f"{key} must be in {interval}, got {number:g}", what)
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(
+    table: Mapping[str, Any],
+    prefix: str = "",
+    table_name: str = "",
+    spelled: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Table keys joined with "_", "-" read as "_". Two spellings of one setting (`tls_dir` and
+    `[tls] dir`, `local_steps` and `local-steps`) are refused, naming both: otherwise the later
+    one would silently win. `spelled` maps each setting to the key as written."""
+    spelled = {} if spelled is None else spelled
     out: dict[str, Any] = {}
     for key, value in table.items():
         name = f"{prefix}{key}".replace("-", "_")
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}_"))
-        else:
-            out[name] = value
+            inner = f"{table_name}.{key}" if table_name else key
+            out.update(_flatten(value, f"{name}_", inner, spelled))
+            continue
+        written = f"[{table_name}] {key}" if table_name else key
+        if name in spelled:
+            raise InputError(f"{spelled[name]!r} and {written!r} both set {name}; keep one")
+        spelled[name] = written
+        out[name] = value
     return out
 
 
@@ -165,7 +179,10 @@ def load_config(
             raise InputError(f"{file}: cannot read config: {err}") from err
         except tomllib.TOMLDecodeError as err:
             raise InputError(f"{file}: not valid TOML: {err}") from err
-        flat = _flatten({k: v for k, v in raw.items() if k not in skip_tables})
+        try:
+            flat = _flatten({k: v for k, v in raw.items() if k not in skip_tables})
+        except InputError as err:
+            raise InputError(f"{file}: {err}") from None
         unknown = sorted(set(flat) - fields)
         if unknown:
             raise InputError(f"{file}: unknown settings {unknown}; known: {sorted(fields)}")

@@ -288,6 +288,15 @@ def is_blank(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
+def _check_utf8(where: str, what: str, text: str) -> None:
+    """Refuse text Python holds but UTF-8 cannot encode (a lone surrogate such as JSON's
+    "\\ud800"): it passes every other check and would crash later, when hashed or written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{where}: {what} is not valid UTF-8 text") from None
+
+
 def _check_options(where: str, options: Any, *, allow_numbers: bool) -> tuple[str, ...]:
     """Non-empty, distinct, non-empty option strings (numbers turned into strings if allowed)."""
     if not isinstance(options, list | tuple):
@@ -302,6 +311,7 @@ def _check_options(where: str, options: Any, *, allow_numbers: bool) -> tuple[st
             raise InputError(f"{where}: options[{i}] must be a string, got {o!r}")
         if is_blank(o):
             raise InputError(f"{where}: options[{i}] is empty")
+        _check_utf8(where, f"options[{i}]", o)
         if o in out:
             raise InputError(f"{where}: option {o!r} appears twice")
         out.append(o)
@@ -313,7 +323,15 @@ def _check_question(where: str, question: Any) -> str:
         raise InputError(f"{where}: question must be a string, got {type(question).__name__}")
     if is_blank(question):
         raise InputError(f"{where}: question is empty")
+    _check_utf8(where, "question", question)
     return question
+
+
+def _check_group(where: str, group: Any) -> str:
+    if not isinstance(group, str) or is_blank(group):
+        raise InputError(f"{where}: group must be a non-empty string, got {group!r}")
+    _check_utf8(where, "group", group)
+    return group
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,6 +371,7 @@ def _parse_goqa_record(
     for group, values in sel.items():
         if not isinstance(group, str) or is_blank(group):
             raise InputError(f"{where}: group name must be a non-empty string, got {group!r}")
+        _check_utf8(where, f"group {group!r}", group)
         pairs.append((group, _check_values(where, f"selections[{group!r}]", values, len(opts))))
     return opts, pairs
 
@@ -510,15 +529,15 @@ def load_jsonl(path: str | Path, groups: Iterable[str] | None = None) -> SurveyD
         if missing:
             raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
         col.records += 1
-        group = rec["group"]
-        if not isinstance(group, str) or is_blank(group):
-            raise InputError(f"{where}: group must be a non-empty string, got {group!r}")
+        group = _check_group(where, rec["group"])
         question = _check_question(where, rec["question"])
         opts = _check_options(where, rec["options"], allow_numbers=False)
         values = _check_values(where, "distribution", rec["distribution"], len(opts))
         qid = rec.get("question_id")
         if qid is not None and (not isinstance(qid, str) or not qid):
             raise InputError(f"{where}: question_id must be a non-empty string, got {qid!r}")
+        if qid is not None:
+            _check_utf8(where, "question_id", qid)
         col.add(where, lineno, group, question, opts, values, qid)
     return col.finish()
 
@@ -553,8 +572,9 @@ def write_jsonl(data: SurveyData, path: str | Path) -> int:
                 f.write("\n")
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
+    finally:  # on any error (also one that is not the disk's): no stray temp file
+        tmp.unlink(missing_ok=True)
     return n_items
 
 
@@ -661,15 +681,35 @@ def group_file_names(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def write_group_files(data: SurveyData, out_dir: str | Path) -> dict[str, Path]:
+def _same_file(a: Path, b: Path) -> bool:
+    """True if the two paths name one file (also through a symlink or a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def write_group_files(
+    data: SurveyData, out_dir: str | Path, inputs: Iterable[str | Path] = ()
+) -> dict[str, Path]:
     """One JSON-lines file per group in `out_dir`, plus `groups.json` (group name -> file name), so
-    each group node gets only its own group's data. Returns group -> path."""
+    each group node gets only its own group's data. Returns group -> path. Refuses, before writing
+    anything, to write over one of `inputs` (splitting a file into its own folder would replace it
+    with one group's rows)."""
     out_dir = Path(out_dir)
+    files = group_file_names(data.groups)
+    targets = [out_dir / name for name in (*files.values(), GROUPS_MANIFEST)]
+    for inp in map(Path, inputs):
+        for target in targets:
+            if _same_file(target, inp):
+                also = "" if target == inp else f" {inp}"
+                raise InputError(f"{target}: output would overwrite the input{also}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{out_dir}: cannot create directory: {err.strerror or err}") from None
-    files = group_file_names(data.groups)
     paths: dict[str, Path] = {}
     for group, items in data.groups.items():
         one = SurveyData(groups={group: items}, source=data.source)

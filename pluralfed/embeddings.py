@@ -561,8 +561,14 @@ class CachedEncoder:
                 for key, blob, crc in con.execute(query, list(chunk)):
                     if len(blob) != 4 * dim or zlib.crc32(blob) != crc:
                         bad.append(key)
+                        continue
+                    vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+                    # the CRC only says the bytes are what was written; fresh vectors are
+                    # refused when not finite, so a cached one that is not is corrupt too
+                    if not np.isfinite(vec).all():
+                        bad.append(key)
                     else:
-                        found[key] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+                        found[key] = vec
             if bad:
                 warnings.warn(
                     f"embedding cache {self.path}: {len(bad)} corrupt entries dropped, recomputing",

@@ -266,6 +266,15 @@ def test_jsonl_round_trip(goqa: SurveyData, tmp_path: Path) -> None:
     assert again.read_bytes() == path.read_bytes()
 
 
+def test_write_jsonl_leaves_no_temp_file_on_any_error(tmp_path: Path) -> None:
+    """Not only OSError: text UTF-8 cannot encode (built in code, past the loaders) fails
+    mid-write, and the half-written temp file must go too."""
+    bad = SurveyData(groups={"A": [SurveyItem("Q\ud800", ("x",), np.array([1.0]))]})
+    with pytest.raises(UnicodeEncodeError):
+        write_jsonl(bad, tmp_path / "out.jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_write_jsonl_refuses_nothing_and_unwritable(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="nothing to write"):
         write_jsonl(SurveyData(groups={}), tmp_path / "e.jsonl")
@@ -398,6 +407,17 @@ CSV_CASES: dict[str, tuple[str, int, str]] = {
         5,
         "question is empty",
     ),
+    # a Python literal may spell a lone surrogate, which no UTF-8 file can hold or write
+    "group lone surrogate": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{'A\\ud800': [1.0]}", "['x']"),
+        5,
+        "group 'A\\ud800' is not valid UTF-8 text",
+    ),
+    "option lone surrogate": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [1.0, 1.0]}), "['x', 'y\\udc80']"),
+        5,
+        "options[1] is not valid UTF-8 text",
+    ),
 }
 
 
@@ -485,6 +505,12 @@ JSONL_CASES: dict[str, tuple[str, str]] = {
         "distribution[1] is not finite",
     ),
     "question_id not a string": (jl_with(question_id=7), "question_id must be a non-empty string"),
+    # json.dumps writes these as the escapes "\\ud800" etc., which json.loads reads back as lone
+    # surrogates: valid JSON, but not text UTF-8 can encode (hashing or writing it would crash)
+    "question lone surrogate": (jl_with(question="Q\ud800?"), "question is not valid UTF-8"),
+    "option lone surrogate": (jl_with(options=["x", "y\udc80"]), "options[1] is not valid UTF-8"),
+    "group lone surrogate": (jl_with(group="M\udc80li"), "group is not valid UTF-8 text"),
+    "question_id lone surrogate": (jl_with(question_id="q\ud800"), "question_id is not valid"),
 }
 
 
@@ -657,6 +683,26 @@ def test_cli_convert_and_split(
     egypt = load_jsonl(tmp_path / "nodes" / manifest["Egypt"])
     assert list(egypt.groups) == ["Egypt"] and len(egypt.groups["Egypt"]) == 154
     assert "wrote 14 group files" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("input_name", ["mali.jsonl", GROUPS_MANIFEST])
+def test_cli_split_refuses_to_overwrite_its_input(tmp_path: Path, input_name: str) -> None:
+    """Splitting a file into its own folder would replace it with one group's rows (or with
+    the groups.json manifest): refused before anything is written."""
+    text = jl(group="Mali", question="Q?", options=["x", "y"], distribution=[1, 2]) + jl(
+        group="Chad", question="Q?", options=["x", "y"], distribution=[2, 1]
+    )
+    src = write(tmp_path, input_name, text)
+    with pytest.raises(InputError, match=rf"^{tmp_path / input_name}: output would overwrite"):
+        run_cli(["data", "split", str(src), "--out-dir", str(tmp_path)])
+    assert src.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [input_name]  # nothing else written
+    # the same file by another name (a symlink into the output folder) is refused too
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mali.jsonl").symlink_to(src)
+    with pytest.raises(InputError, match="output would overwrite"):
+        run_cli(["data", "split", str(src), "--out-dir", str(tmp_path / "out")])
+    assert src.read_text() == text
 
 
 def test_cli_errors(goqa_csv: Path, tmp_path: Path) -> None:

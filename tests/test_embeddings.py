@@ -6,6 +6,7 @@ import hashlib
 import multiprocessing
 import os
 import sqlite3
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -344,6 +345,27 @@ def test_cache_refuses_non_finite_vectors(tmp_path: Path) -> None:
     inner = FakeEncoder()  # same identity: nothing bad was stored
     CachedEncoder(inner, tmp_path).encode(["a"])
     assert inner.calls == [["a"]]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_cache_drops_non_finite_rows_with_a_valid_crc(tmp_path: Path, bad: float) -> None:
+    """The CRC only says the bytes are as written; a non-finite cached vector is corrupt too."""
+    cached = CachedEncoder(FakeEncoder(), tmp_path)
+    cached.encode(["a", "b"])
+    key = hashlib.sha256(b"a").digest()
+    blob = np.array([bad, *range(7)], dtype="<f4").tobytes()
+    with sqlite3.connect(cached.path) as con:
+        con.execute(
+            "UPDATE vectors SET vec = ?, crc = ? WHERE key = ?", (blob, zlib.crc32(blob), key)
+        )
+    inner = FakeEncoder()
+    with pytest.warns(CacheWarning, match="1 corrupt entries"):
+        got = CachedEncoder(inner, tmp_path).encode(["a", "b"])
+    assert inner.calls == [["a"]]
+    np.testing.assert_array_equal(got, np.stack([inner.vector("a"), inner.vector("b")]))
+    again = FakeEncoder()  # the recomputed vector replaced the bad row
+    CachedEncoder(again, tmp_path).encode(["a"])
+    assert again.calls == []
 
 
 def _concurrent_worker(cache_dir: str, worker: int) -> None:

@@ -165,7 +165,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_split(args: argparse.Namespace) -> int:
     data = survey.load_survey(args.input, _wanted_groups(args))
-    paths = survey.write_group_files(data, args.out_dir)
+    paths = survey.write_group_files(data, args.out_dir, inputs=(args.input,))
     for group, path in paths.items():
         print(f"{group}: {len(data.groups[group])} distributions -> {path}")
     print(f"wrote {len(paths)} group files and {args.out_dir / survey.GROUPS_MANIFEST}")
