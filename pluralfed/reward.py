@@ -60,6 +60,7 @@ import hashlib
 import math
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -191,6 +192,32 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+class WorkLock:
+    """A re-entrant lock that counts, per thread, the seconds the thread held it (outermost
+    acquisitions only)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._local = threading.local()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            self._local.since = time.perf_counter()
+        self._local.depth = depth + 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._local.depth -= 1
+        if self._local.depth == 0:
+            held = time.perf_counter() - self._local.since
+            self._local.held = getattr(self._local, "held", 0.0) + held
+        self._lock.release()
+
+    def held_seconds(self) -> float:
+        return float(getattr(self._local, "held", 0.0))
+
+
 class RewardModel:
     """A GPO checkpoint as a reward model. Thread-safe: concurrent calls take turns."""
 
@@ -229,7 +256,12 @@ class RewardModel:
         self._groups: dict[str, GroupContext] = {}
         self._memory: OrderedDict[bytes, np.ndarray] = OrderedDict()  # text_key(text) -> vector
         self._memory_size = embed_memory
-        self._lock = threading.RLock()
+        self._lock = WorkLock()
+
+    def work_seconds(self) -> float:
+        """Seconds this thread has held the model so far: a call's own work, without the time it
+        queued behind other calls (what the server's cost estimate must learn from)."""
+        return self._lock.held_seconds()
 
     @classmethod
     def from_checkpoint(
@@ -307,7 +339,8 @@ class RewardModel:
                     encoder = encoder.inner
                 vectors = np.asarray(encoder.encode([t for _, t in missing]), dtype=np.float32)
                 for (k, _), v in zip(missing, vectors, strict=True):
-                    self._memory[k] = v
+                    # a copy: a row kept as a view would keep its whole batch's array alive
+                    self._memory[k] = v.copy()
             out = np.stack([self._memory[k] for k in keys]) if texts else None
             for k in keys:
                 self._memory.move_to_end(k)

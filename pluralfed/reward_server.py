@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -261,17 +260,19 @@ class RewardServicer(pb_grpc.RewardServicer):
         self._deadline(context, self.cost.estimate(new_texts, tokens), "to start")
 
         try:
-            t0 = time.perf_counter()
+            # the cost model learns from the time this call held the model, not the time it
+            # queued behind other calls: waits counted as work refused every later call
+            w0 = self.model.work_seconds()
             # a client's texts stay off the disk cache: any client could grow it without bound
             if inline is not None:
                 ctx = self.model.context(inline, disk_cache=False)
             self.model.embed_texts(target_texts, disk_cache=False)
-            embed_s = time.perf_counter() - t0
+            w1 = self.model.work_seconds()
+            embed_s = w1 - w0
             self._deadline(context, self.cost.estimate(0, tokens), "after embedding")
-            t1 = time.perf_counter()
             assert ctx is not None
             probs = self.model.score_batch(ctx, questions, disk_cache=False)
-            model_s = time.perf_counter() - t1
+            model_s = self.model.work_seconds() - w1
         except InputError as err:  # defence in depth: the validation above should catch all
             self.stats.add(refused_invalid=1)
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))

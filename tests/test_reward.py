@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -918,3 +919,36 @@ def test_cli_score_rejects_a_bad_timeout(
     args = ["reward", "score", "--server", "127.0.0.1:1", "--tls-dir", tls_dir, "--group", "G"]
     code = cli_main([*args, "--question", "Q?", "--answer", "Y", "--timeout", timeout])
     assert code == 2 and "--timeout must be a positive number" in capsys.readouterr().err
+
+
+def test_remembered_vectors_do_not_keep_their_batch_alive(
+    world: dict, session_cache_dir: Path
+) -> None:
+    # each remembered vector was a view of its encoder batch: one old text re-sent per call
+    # kept every batch alive, ~7.5 MB a call past the stated limit (review, session 14)
+    model = RewardModel.from_checkpoint(world["ckpt"], cache_dir=session_cache_dir, embed_memory=8)
+    model.embed_texts([f"batch text {i}" for i in range(6)], disk_cache=False)
+    assert all(v.base is None for v in model._memory.values())
+
+
+def test_work_seconds_leave_out_the_wait_for_the_model(
+    world: dict, session_cache_dir: Path
+) -> None:
+    # the server's cost estimate learnt queueing behind concurrent calls as work per text and
+    # then refused ordinary calls as "deadline too close" until restarted (review, session 14)
+    model = RewardModel.from_checkpoint(world["ckpt"], cache_dir=session_cache_dir)
+    held = threading.Event()
+
+    def hold_the_model() -> None:
+        with model._lock:
+            held.set()
+            time.sleep(1.0)
+
+    other = threading.Thread(target=hold_the_model)
+    other.start()
+    held.wait(5)
+    started, before = time.perf_counter(), model.work_seconds()
+    model.embed_texts(["a text waiting for the model"], disk_cache=False)
+    waited, worked = time.perf_counter() - started, model.work_seconds() - before
+    other.join()
+    assert waited > 0.8 and worked < 0.5, (waited, worked)
