@@ -254,8 +254,8 @@ class RevocationWatch:
     Loaded and verified at start, where a bad file is an error. Then re-read when the file changes
     (checked at most every `interval` seconds, on the calls themselves), so a revocation takes
     effect without a restart, on connections already open too. A changed file that does not load
-    (half-copied, from another CA, deleted) is logged and the list in force stays: revocations
-    never lapse through a bad edit.
+    (half-copied, from another CA, deleted, or signed before the list in force) is logged and the
+    list in force stays: revocations never lapse through a bad edit.
     """
 
     def __init__(self, crl_path: str | Path, ca_path: str | Path, interval: float = 1.0) -> None:
@@ -285,7 +285,9 @@ class RevocationWatch:
             if stamp != self._stamp:
                 self._stamp = stamp
                 try:
-                    self._current = load_revocation_list(self.path, self.ca_path)
+                    self._current = load_revocation_list(
+                        self.path, self.ca_path, in_force=self._current
+                    )
                     log.info("revocation list %s reloaded: %d revoked", self.path, len(self))
                 except InputError as err:
                     log.error("%s; the previous list (%d revoked) stays in force", err, len(self))

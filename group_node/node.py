@@ -351,7 +351,9 @@ class NodeClient:
         if only_if_reconnected and connections <= self._checked_connection:
             return
         try:
-            self._revocations = load_revocation_list(self.config.tls_crl, self._files.ca)
+            self._revocations = load_revocation_list(
+                self.config.tls_crl, self._files.ca, in_force=self._revocations
+            )
         except InputError as err:
             log.warning("%s; the revocation list read before stays in force", err)
         check_server_not_revoked(

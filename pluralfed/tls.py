@@ -541,14 +541,23 @@ def _check_crl(
     )
 
 
-def load_revocation_list(crl_path: PathLike, ca_path: PathLike) -> RevocationList:
+def load_revocation_list(
+    crl_path: PathLike, ca_path: PathLike, in_force: RevocationList | None = None
+) -> RevocationList:
     """Read and verify a CRL against the CA certificate the server trusts (its ``ca.pem``).
 
-    A CRL past its next update is still enforced (revocations must not lapse), with a warning."""
+    A CRL past its next update is still enforced (revocations must not lapse), with a warning.
+    With `in_force` (a reload), a list the CA signed before that one is refused: an old copy put
+    back (a restored backup) would otherwise let every certificate revoked since back in."""
     crl_file, ca_file = Path(crl_path), Path(ca_path)
     crl = _parse_crl(_read(crl_file, "revocation list"), crl_file)
     cas = _parse_certs(_read(ca_file, "CA certificate"), ca_file, "CA certificate")
     _check_crl(crl, cas, crl_file, ca_file)
+    if in_force is not None and crl.last_update_utc < in_force.this_update:
+        raise InputError(
+            f"revocation list {crl_file} was signed {_fmt(crl.last_update_utc)}, before the one "
+            f"in force ({_fmt(in_force.this_update)}): an older list is not taken back"
+        )
     next_update = crl.next_update_utc
     if next_update is not None and _now() > next_update:
         log.warning(

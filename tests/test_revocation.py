@@ -495,3 +495,19 @@ def test_the_revocation_check_keeps_the_files_read_at_start(pki: Path) -> None:
         client.close()
     with pytest.raises(InputError, match=r"key\.pem for the revocation check"):
         NodeClient(config)  # a bad file at start is a clear error
+
+
+def test_an_older_list_put_back_does_not_unrevoke(pki: Path) -> None:
+    """Any list the CA signed was taken on reload, an old copy too (a restored backup): the
+    certificates revoked since came back in (review, session 14)."""
+    crl, _ = tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    old = crl.read_bytes()
+    time.sleep(1.1)  # a list's date has whole seconds
+    tls.revoke_certificates(pki / "ca", [pki / "node-b" / "cert.pem"])
+    watch = RevocationWatch(crl, pki / "ca" / "ca.pem", interval=0.0)
+    b_serial = tls._parse_certs((pki / "node-b" / "cert.pem").read_bytes(), crl, "c")[0]
+    assert watch.current().is_revoked(b_serial.serial_number)
+    crl.write_bytes(old)
+    assert watch.current().is_revoked(b_serial.serial_number)  # the newer list stays in force
+    with pytest.raises(InputError, match="before the one in force"):
+        tls.load_revocation_list(crl, pki / "ca" / "ca.pem", in_force=watch.current())
