@@ -92,6 +92,9 @@ from pluralfed.model import GPO, GPOConfig
 from pluralfed.protocol import EVAL_MAX_CONTEXT
 
 MAX_CONTEXT_ITEMS = EVAL_MAX_CONTEXT
+# the most model time one reward-service call may ask for: calls take the model in turns, so
+# one call of minutes (no deadline, every list at its limit) would stall every client
+DEFAULT_MAX_CALL_S = 120.0
 PROB_FLOOR = 1e-6
 LOG_FLOOR = math.log(PROB_FLOOR)
 RewardKind = Literal["logprob", "prob"]

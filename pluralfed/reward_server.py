@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from concurrent import futures
@@ -31,7 +32,14 @@ from pluralfed.embeddings import option_text
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import reward_pb2_grpc as pb_grpc
-from pluralfed.reward import MAX_CONTEXT_ITEMS, GroupContext, RewardKind, RewardModel, to_rewards
+from pluralfed.reward import (
+    DEFAULT_MAX_CALL_S,
+    MAX_CONTEXT_ITEMS,
+    GroupContext,
+    RewardKind,
+    RewardModel,
+    to_rewards,
+)
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import grpc_options
 
@@ -189,11 +197,30 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
 
 
 class RewardServicer(pb_grpc.RewardServicer):
-    def __init__(self, model: RewardModel, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        model: RewardModel,
+        limits: Limits | None = None,
+        max_call_s: float = DEFAULT_MAX_CALL_S,
+    ) -> None:
+        if not (math.isfinite(max_call_s) and max_call_s > 0):
+            raise InputError(f"max_call_s must be a positive number of seconds, got {max_call_s}")
         self.model = model
         self.limits = limits or Limits()
+        self.max_call_s = max_call_s
         self.cost = CostModel()
         self.stats = Stats()
+
+    def _within_call_limit(self, context: grpc.ServicerContext, need_s: float) -> None:
+        if need_s > self.max_call_s:
+            self.stats.add(refused_deadline=1)
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the call needs about {need_s:.0f} s of the model, more than this server's "
+                f"{self.max_call_s:g} s per call: send fewer questions, answers or context "
+                "items per call",
+            )
 
     def _deadline(self, context: grpc.ServicerContext, need_s: float, stage: str) -> None:
         remaining = context.time_remaining()
@@ -257,7 +284,9 @@ class RewardServicer(pb_grpc.RewardServicer):
         target_tokens = len(target_texts)
         tokens = context_tokens + target_tokens
         new_texts = self.model.uncached(texts)
-        self._deadline(context, self.cost.estimate(new_texts, tokens), "to start")
+        need_s = self.cost.estimate(new_texts, tokens)
+        self._within_call_limit(context, need_s)
+        self._deadline(context, need_s, "to start")
 
         try:
             # the cost model learns from the time this call held the model, not the time it
@@ -314,10 +343,13 @@ def start_reward_server(
     limits: Limits | None = None,
     max_workers: int = 8,
     revocations: RevocationWatch | None = None,
+    max_call_s: float = DEFAULT_MAX_CALL_S,
 ) -> tuple[grpc.Server, int, RewardServicer]:
     """Serve on `address` (host:port; port 0 picks one) with mutual TLS. Returns (server, port,
     servicer). At most `max_workers` calls run at once and 4x that wait; more get
-    RESOURCE_EXHAUSTED. With `revocations`, certificates the CA revoked are refused."""
+    RESOURCE_EXHAUSTED. With `revocations`, certificates the CA revoked are refused. A call the
+    cost model expects to need more than `max_call_s` seconds of the model is refused
+    (RESOURCE_EXHAUSTED), deadline or not."""
     limits = limits or Limits()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward"),
@@ -325,7 +357,7 @@ def start_reward_server(
         options=grpc_options(limits.max_message_bytes),
         maximum_concurrent_rpcs=max_workers * 4,
     )
-    servicer = RewardServicer(model, limits)
+    servicer = RewardServicer(model, limits, max_call_s)
     pb_grpc.add_RewardServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     for service in ("", SERVICE_NAME):

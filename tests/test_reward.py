@@ -618,6 +618,25 @@ def test_service_refuses_work_it_cannot_finish_in_time(
     assert servicer.stats.refused_deadline == before + 1
 
 
+def test_service_refuses_a_call_of_more_model_time_than_its_limit_without_a_deadline(
+    client: RewardClient, server: tuple[int, RewardServicer], world: dict
+) -> None:
+    """Calls take the model in turns: a call without a deadline that needs minutes of it would
+    stall every other client (review, session 14), so the server has its own limit per call."""
+    servicer = server[1]
+    saved = servicer.cost.per_text, servicer.max_call_s
+    servicer.cost.per_text, servicer.max_call_s = 10.0, 5.0  # 10 s per new text, 5 s a call
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.score(world["groups"][0], [("Another unseen question?", ["Yes", "No"])])
+    finally:
+        servicer.cost.per_text, servicer.max_call_s = saved
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than this server's 5 s per call" in (err.value.details() or "")
+    with pytest.raises(InputError, match="max_call_s"):
+        RewardServicer(servicer.model, max_call_s=math.nan)
+
+
 def test_service_message_size_cap(server: tuple[int, RewardServicer], pki: dict) -> None:
     # a client without a send cap: the server's 4 MiB receive cap refuses the message
     channel = tls.secure_channel(

@@ -21,6 +21,7 @@ from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, 
 from pluralfed.errors import InputError
 from pluralfed.prepare import parse_group_list
 from pluralfed.reward import (
+    DEFAULT_MAX_CALL_S,
     MAX_CONTEXT_ITEMS,
     REWARD_KINDS,
     RewardModel,
@@ -143,6 +144,13 @@ def register(subparsers: Any) -> None:
         help="calls served at once; 4x as many may wait, more are refused (default: %(default)s)",
     )
     s.add_argument(
+        "--max-call-seconds",
+        type=float,
+        default=DEFAULT_MAX_CALL_S,
+        help="refuse a call expected to need more of the model than this (calls take the "
+        "model in turns; default: %(default)s)",
+    )
+    s.add_argument(
         "--port-file",
         type=Path,
         help="write the bound port here once serving (useful with --listen HOST:0)",
@@ -236,6 +244,8 @@ def run_serve(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     if args.max_workers < 1:
         raise InputError(f"--max-workers must be at least 1, got {args.max_workers}")
+    if not (math.isfinite(args.max_call_seconds) and args.max_call_seconds > 0):
+        raise InputError(f"--max-call-seconds must be positive, got {args.max_call_seconds}")
     tls = _tls(args, "reward server")
     allow_list = AllowList.from_toml(args.allow_list)
     revocations = RevocationWatch(args.tls_crl, tls.ca) if args.tls_crl is not None else None
@@ -248,7 +258,13 @@ def run_serve(args: argparse.Namespace) -> int:
     elif args.groups:
         raise InputError("--groups needs --groups-data")
     server, port, _ = start_reward_server(
-        model, args.listen, tls, allow_list, max_workers=args.max_workers, revocations=revocations
+        model,
+        args.listen,
+        tls,
+        allow_list,
+        max_workers=args.max_workers,
+        revocations=revocations,
+        max_call_s=args.max_call_seconds,
     )
     if args.port_file is not None:
         args.port_file.write_text(f"{port}\n", encoding="utf-8")
