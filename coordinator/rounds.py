@@ -320,6 +320,7 @@ class NodeSession:
     joined_at: float
     last_seen: float
     answered: set[str] = field(default_factory=set)  # task ids this session has answered
+    polls: int = 0  # GetTask calls so far: a newer one ends the wait of an older one
 
 
 class GlobalModel(NamedTuple):
@@ -612,15 +613,22 @@ class RoundEngine:
         """Long poll: the node's next task, or WAIT after `wait_s` with nothing for it.
 
         `alive` tells whether the caller is still connected: a node that dies while it waits
-        must not be kept alive (its session refreshed) by its own abandoned poll."""
+        must not be kept alive (its session refreshed) by its own abandoned poll. A session
+        waits in one poll at a time: a newer poll answers an older one WAIT, so no node can hold
+        more than one RPC thread by polling (a node asks again after a lost reply, too)."""
         deadline = time.time() + max(0.0, min(wait_s, 300.0))
         with self._changed:
-            self._session(session_id, group)  # the call itself shows the node is alive
+            s = self._session(session_id, group)  # the call itself shows the node is alive
+            s.polls += 1
+            mine = s.polls
+            self._changed.notify_all()  # an older poll of this session stops waiting
             while True:
                 if alive is not None and not alive():
                     return TaskSpec(TaskKind.WAIT)  # nobody is listening any more
                 # waiting is no sign of life: a node cut off mid-poll must be able to expire
                 s = self._session(session_id, group, touch=False)
+                if s.polls != mine:
+                    return TaskSpec(TaskKind.WAIT)  # a newer poll of this session waits now
                 if self._done:
                     # the final model stays downloadable while nodes linger: nodes that
                     # personalize fetch it before they leave

@@ -154,3 +154,27 @@ def test_an_update_that_breaks_off_half_folded_makes_the_round_retry_not_the_dri
     assert engine.completed_rounds() == 0  # the round was retried, not averaged
     engine.stop()
     driver.join(10)
+
+
+def test_a_session_waits_in_one_poll_at_a_time(tmp_path: Path) -> None:
+    """Each waiting poll holds an RPC thread: one node opening many long polls could take them
+    all. A newer poll of the same session answers the older one WAIT at once."""
+    settings = RoundSettings(rounds=1, min_nodes=2, eval_every=0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")  # no quorum: nothing to hand out
+    answers: list[tuple[TaskKind, float]] = []
+
+    def poll(wait_s: float) -> None:
+        started = time.monotonic()
+        answers.append((engine.next_task(s.session_id, None, wait_s).kind, started))
+
+    older = threading.Thread(target=poll, args=(10.0,))
+    older.start()
+    time.sleep(0.3)
+    newer = threading.Thread(target=poll, args=(1.0,))
+    newer.start()
+    older.join(2.0)
+    assert not older.is_alive()  # before: it waited its full 10 s beside the newer one
+    assert answers and answers[0][0] == TaskKind.WAIT
+    engine.stop()
+    newer.join(15)

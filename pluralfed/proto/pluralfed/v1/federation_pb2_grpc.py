@@ -90,7 +90,8 @@ class FederationServicer:
         """Long poll for the next task: the coordinator holds the call until a task exists for this
         node or `wait` elapses, and then answers WAIT. Nodes never busy-poll. Asking again before a
         handed-out task is finished returns that same task (same task_id), so a node that lost a
-        reply or restarted mid-task picks it up again.
+        reply or restarted mid-task picks it up again. A session waits in one poll at a time: a
+        newer GetTask answers an older one still waiting WAIT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -87,7 +87,8 @@ class FederationStub:
     """Long poll for the next task: the coordinator holds the call until a task exists for this
     node or `wait` elapses, and then answers WAIT. Nodes never busy-poll. Asking again before a
     handed-out task is finished returns that same task (same task_id), so a node that lost a
-    reply or restarted mid-task picks it up again.
+    reply or restarted mid-task picks it up again. A session waits in one poll at a time: a
+    newer GetTask answers an older one still waiting WAIT.
     """
     DownloadModel: _grpc.UnaryStreamMultiCallable[_federation_pb2.DownloadModelRequest, _federation_pb2.ModelChunk]
     """Streams one model version: a ModelHeader, then TensorChunks in the header's tensor order,
@@ -134,7 +135,8 @@ class FederationAsyncStub(FederationStub):
     """Long poll for the next task: the coordinator holds the call until a task exists for this
     node or `wait` elapses, and then answers WAIT. Nodes never busy-poll. Asking again before a
     handed-out task is finished returns that same task (same task_id), so a node that lost a
-    reply or restarted mid-task picks it up again.
+    reply or restarted mid-task picks it up again. A session waits in one poll at a time: a
+    newer GetTask answers an older one still waiting WAIT.
     """
     DownloadModel: _aio.UnaryStreamMultiCallable[_federation_pb2.DownloadModelRequest, _federation_pb2.ModelChunk]  # type: ignore[assignment]
     """Streams one model version: a ModelHeader, then TensorChunks in the header's tensor order,
@@ -190,7 +192,8 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         """Long poll for the next task: the coordinator holds the call until a task exists for this
         node or `wait` elapses, and then answers WAIT. Nodes never busy-poll. Asking again before a
         handed-out task is finished returns that same task (same task_id), so a node that lost a
-        reply or restarted mid-task picks it up again.
+        reply or restarted mid-task picks it up again. A session waits in one poll at a time: a
+        newer GetTask answers an older one still waiting WAIT.
         """
 
     @_abc_1.abstractmethod
