@@ -324,6 +324,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
         download_slots: StreamSlots | None = None,
         download_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        transfer_grace_s: float = TRANSFER_GRACE_S,
     ) -> None:
         self.engine = engine
         self.upload_slots = upload_slots or StreamSlots(DEFAULT_MAX_CONCURRENT_UPLOADS)
@@ -335,7 +336,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.insecure = insecure
         self.bytes_out = 0
         self.deadlines = StreamDeadlines()
-        self.transfer_grace_s = TRANSFER_GRACE_S
+        self.transfer_grace_s = transfer_grace_s
         # (kind, session) of each running upload and download: one of each per node at a time,
         # so no one node can take every slot
         self._running: set[tuple[str, str]] = set()
@@ -789,8 +790,8 @@ def start_server(
         upload_chunk_bytes,
         download_slots,
         download_chunk_bytes,
+        transfer_grace_s,
     )
-    servicer.transfer_grace_s = transfer_grace_s
     limit_malloc_arenas()  # before the RPC threads start
     interceptor = AuthInterceptor(allow_list, insecure=tls is None, revocations=revocations)
     server = grpc.server(
