@@ -398,7 +398,14 @@ class RoundEngine:
             self.state = resumed
             self._check_resumed(initial_weights, model_config)
             if resumed.optimizer_state:
-                self.optimizer.load_state_dict(resumed.optimizer_state)
+                try:
+                    self.optimizer.load_state_dict(resumed.optimizer_state)
+                except InputError as err:
+                    raise InputError(
+                        f"{self.state_dir}: cannot resume this run with server_optimizer "
+                        f"{settings.server_optimizer!r}: {err}. Resume it with the optimizer it "
+                        "was started with, or start a new run in another state folder"
+                    ) from err
             log.info(
                 "resumed run %s after round %d from %s",
                 resumed.run_id,

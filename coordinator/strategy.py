@@ -41,7 +41,9 @@ from pluralfed.wire import (
 
 Array = npt.NDArray[Any]
 Weights = Mapping[str, Array]
-StateValue = Array | float | int
+StateValue = Array | float | int | str
+# the key under which every optimizer's state names the optimizer that wrote it
+OPTIMIZER_KEY = "optimizer"
 
 
 class AggregationError(RuntimeError):
@@ -480,8 +482,11 @@ class ServerOptimizer(Protocol):
     """Turns the round's averaged weights into the next global model.
 
     State (moments, step count) exports as a flat dict of numpy arrays and scalars, e.g. to go
-    into a checkpoint next to the model, and loads back into a fresh optimizer.
+    into a checkpoint next to the model, and loads back into a fresh optimizer of the same
+    `name` (the state says which optimizer wrote it; another one refuses it).
     """
+
+    name: str
 
     def apply(self, global_weights: Weights, averaged: Weights) -> dict[str, Array]: ...
 
@@ -495,6 +500,8 @@ class FedAvgOptimizer:
 
     server_lr < 1 damps each round's move (FedAvg with a server learning rate, no momentum).
     """
+
+    name = "fedavg"
 
     def __init__(self, server_lr: float = 1.0) -> None:
         if not (math.isfinite(server_lr) and server_lr > 0):
@@ -519,10 +526,30 @@ class FedAvgOptimizer:
         return out
 
     def state_dict(self) -> dict[str, StateValue]:
-        return {"step": self.step}
+        return {OPTIMIZER_KEY: self.name, "step": self.step}
 
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
+        _check_written_by(state, self.name)
+        for key in state:
+            if key not in (OPTIMIZER_KEY, "step"):
+                kind = "moments of an adaptive optimizer, " if key[:2] in ("m/", "v/") else ""
+                raise InputError(
+                    f"optimizer state: unexpected entry {key!r} ({kind}not {self.name})"
+                )
         self.step = _state_step(state)
+
+
+def _check_written_by(state: Mapping[str, StateValue], name: str) -> None:
+    """InputError unless `state` was saved by the optimizer `name` (or names none: saved before
+    states named their optimizer). Loading another optimizer's state would silently drop or
+    misread it, e.g. a run resumed with FedAvg after FedAdam lost its moments without a word."""
+    written_by = state.get(OPTIMIZER_KEY)
+    if written_by is None:
+        return
+    if written_by != name:
+        raise InputError(
+            f"optimizer state: saved by server optimizer {written_by!r}, cannot be loaded by {name!r}"
+        )
 
 
 def _state_step(state: Mapping[str, StateValue]) -> int:
@@ -545,6 +572,8 @@ class _AdaptiveOptimizer:
     small: the largest per-coordinate move is about server_lr * |m| / tau. Moments are float64,
     one pair per floating-point tensor; other tensors take the average as is.
     """
+
+    name: str
 
     def __init__(
         self,
@@ -607,19 +636,20 @@ class _AdaptiveOptimizer:
         return out
 
     def state_dict(self) -> dict[str, StateValue]:
-        """{"step": int, "m/<tensor>": array, "v/<tensor>": array} (copies)."""
-        state: dict[str, StateValue] = {"step": self.step}
+        """{"optimizer": name, "step": int, "m/<tensor>": array, "v/<tensor>": array} (copies)."""
+        state: dict[str, StateValue] = {OPTIMIZER_KEY: self.name, "step": self.step}
         for name in self._m:
             state[f"m/{name}"] = self._m[name].copy()
             state[f"v/{name}"] = self._v[name].copy()
         return state
 
     def load_state_dict(self, state: Mapping[str, StateValue]) -> None:
+        _check_written_by(state, self.name)
         step = _state_step(state)
         m: dict[str, Array] = {}
         v: dict[str, Array] = {}
         for key, value in state.items():
-            if key == "step":
+            if key in ("step", OPTIMIZER_KEY):
                 continue
             kind, _, name = key.partition("/")
             if kind not in ("m", "v") or not name or not isinstance(value, np.ndarray):
@@ -636,12 +666,16 @@ class _AdaptiveOptimizer:
 class FedAdagrad(_AdaptiveOptimizer):
     """FedAdagrad: v <- v + D**2 (steps shrink as squared pseudo-gradients accumulate)."""
 
+    name = "fedadagrad"
+
     def _second_moment(self, v: Array, d2: Array) -> Array:
         return v + d2
 
 
 class FedAdam(_AdaptiveOptimizer):
     """FedAdam: v <- beta2 * v + (1 - beta2) * D**2."""
+
+    name = "fedadam"
 
     def _second_moment(self, v: Array, d2: Array) -> Array:
         return self.beta2 * v + (1.0 - self.beta2) * d2
@@ -653,6 +687,8 @@ class FedYogi(_AdaptiveOptimizer):
     Like Adam, but v moves additively and only as far as D**2 is from it, so a sudden large
     pseudo-gradient raises the step size less abruptly (more stable across heterogeneous groups).
     """
+
+    name = "fedyogi"
 
     def _second_moment(self, v: Array, d2: Array) -> Array:
         return v - (1.0 - self.beta2) * d2 * np.sign(v - d2)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind
+from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
 from pluralfed.wire import TensorSlice, specs_of
 
@@ -87,6 +88,32 @@ def test_an_evaluation_due_when_the_coordinator_stopped_runs_after_it_resumes(
     serve(resumed)
     driver.join(20)
     assert resumed.done and evaluated(resumed) == [1, 2, 3]  # before: [2, 3]
+
+
+@pytest.mark.parametrize(
+    ("started", "resumed_with"),
+    [("fedadam", "fedavg"), ("fedavg", "fedyogi"), ("fedyogi", "fedadam")],
+)
+def test_a_run_resumed_with_another_server_optimizer_is_refused(
+    tmp_path: Path, started: str, resumed_with: str
+) -> None:
+    """Before, the new optimizer took what it could of the old one's state: FedAvg dropped
+    FedAdam's moments, FedAdam started from zero moments, without a word."""
+    first = RoundEngine(
+        RoundSettings(rounds=2, eval_every=0, server_optimizer=started), WEIGHTS, tmp_path, ENC, {}
+    )
+    driver = start(first)
+    serve(first, stop_after_round=1)
+    driver.join(20)
+    assert first.completed_rounds() == 1
+    changed = RoundSettings(rounds=2, eval_every=0, server_optimizer=resumed_with)
+    with pytest.raises(InputError, match=f"saved by server optimizer '{started}'") as err:
+        RoundEngine(changed, WEIGHTS, tmp_path, ENC, {})
+    assert str(tmp_path) in str(err.value) and resumed_with in str(err.value)
+    # the same optimizer resumes (a different learning rate is a legitimate change)
+    same = RoundSettings(rounds=2, eval_every=0, server_optimizer=started, server_lr=0.5)
+    resumed = RoundEngine(same, WEIGHTS, tmp_path, ENC, {})
+    assert resumed.optimizer.state_dict()["step"] == 1
 
 
 def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path) -> None:

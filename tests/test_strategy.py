@@ -432,7 +432,7 @@ def test_adam_first_step_by_hand() -> None:
 
 
 @pytest.mark.parametrize("cls", [FedAdam, FedYogi, FedAdagrad])
-def test_optimizer_state_round_trip(cls: type) -> None:
+def test_optimizer_state_round_trip(cls: type[FedAdam]) -> None:
     rng = np.random.default_rng(11)
     g: dict[str, np.ndarray] = {
         "w": rng.normal(size=(3, 2)).astype(np.float32),
@@ -452,8 +452,10 @@ def test_optimizer_state_round_trip(cls: type) -> None:
     g1 = original.apply(g, avg(1))
     state = original.state_dict()
     assert state["step"] == 1
-    assert set(state) == {"step", "m/w", "v/w", "m/bf", "v/bf"}  # ints have no moments
-    assert all(isinstance(v, np.ndarray) for k, v in state.items() if k != "step")
+    # ints have no moments
+    assert set(state) == {"optimizer", "step", "m/w", "v/w", "m/bf", "v/bf"}
+    assert state["optimizer"] == cls.name
+    assert all(isinstance(v, np.ndarray) for k, v in state.items() if "/" in k)
 
     restored = cls(server_lr=0.05)
     restored.load_state_dict(state)
@@ -472,6 +474,29 @@ def test_optimizer_state_round_trip(cls: type) -> None:
     mismatched.load_state_dict({"step": 1, "m/w": np.zeros(2), "v/w": np.zeros(2)})
     with pytest.raises(InputError, match="does not fit"):
         mismatched.apply(g, avg(3))
+
+
+def test_an_optimizer_refuses_another_optimizers_state() -> None:
+    g = {"w": np.ones(3, np.float32)}
+    adam = FedAdam()
+    adam.apply(g, {"w": np.zeros(3, np.float32)})
+    with pytest.raises(InputError, match=r"saved by server optimizer 'fedadam'.*'fedyogi'"):
+        FedYogi().load_state_dict(adam.state_dict())
+    with pytest.raises(InputError, match=r"saved by server optimizer 'fedadam'.*'fedavg'"):
+        FedAvgOptimizer().load_state_dict(adam.state_dict())
+    fedavg = FedAvgOptimizer()
+    fedavg.apply(g, {"w": np.zeros(3, np.float32)})
+    assert fedavg.state_dict() == {"optimizer": "fedavg", "step": 1}
+    with pytest.raises(InputError, match="saved by server optimizer 'fedavg'"):
+        FedAdam().load_state_dict(fedavg.state_dict())
+    # a state saved before states named their optimizer: FedAvg still refuses moments
+    legacy = {k: v for k, v in adam.state_dict().items() if k != "optimizer"}
+    with pytest.raises(InputError, match="moments of an adaptive optimizer"):
+        FedAvgOptimizer().load_state_dict(legacy)
+    FedAdam().load_state_dict(legacy)
+    restored = FedAvgOptimizer()
+    restored.load_state_dict({"step": 4})
+    assert restored.step == 4
 
 
 def test_failed_apply_leaves_the_state_alone() -> None:
