@@ -339,7 +339,7 @@ class TaskSpec:
     task_id: str = ""
     round: int = 0
     model_version: str = ""
-    deadline: float = 0.0  # unix seconds
+    deadline: float = 0.0  # time.monotonic() seconds (the transport sends it as a timestamp)
     settings: RoundSettings | None = None
 
 
@@ -358,7 +358,7 @@ class _OpenTask:
     bytes_in: int = 0
     node_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)  # group -> its update's weight
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
 
 
 class RoundEngine:
@@ -460,7 +460,7 @@ class RoundEngine:
         return self._done
 
     def live_sessions(self, role: Role | None = None) -> list[NodeSession]:
-        now = time.time()
+        now = time.monotonic()
         with self._lock:
             return [
                 s
@@ -472,7 +472,7 @@ class RoundEngine:
     def _session(self, session_id: str, group: str | None, touch: bool = True) -> NodeSession:
         """The caller's session; `touch` marks it seen. An expired one is gone: join again."""
         s = self._sessions.get(session_id)
-        now = time.time()
+        now = time.monotonic()
         if s is not None and now - s.last_seen > self.settings.session_timeout_s:
             del self._sessions[session_id]
             self._changed.notify_all()
@@ -524,7 +524,7 @@ class RoundEngine:
             replaced = [old for old in self._sessions.values() if old.group == group]
             for old in replaced:  # a restarted node replaces its old session
                 del self._sessions[old.session_id]
-            now = time.time()
+            now = time.monotonic()
             session = NodeSession(
                 session_id=uuid.uuid4().hex,
                 group=group,
@@ -623,7 +623,7 @@ class RoundEngine:
         must not be kept alive (its session refreshed) by its own abandoned poll. A session
         waits in one poll at a time: a newer poll answers an older one WAIT, so no node can hold
         more than one RPC thread by polling (a node asks again after a lost reply, too)."""
-        deadline = time.time() + max(0.0, min(wait_s, 300.0))
+        deadline = time.monotonic() + max(0.0, min(wait_s, 300.0))
         with self._changed:
             s = self._session(session_id, group)  # the call itself shows the node is alive
             s.polls += 1
@@ -650,7 +650,7 @@ class RoundEngine:
                     return TaskSpec(
                         t.kind, t.task_id, t.round, t.model_version, t.deadline, self.settings
                     )
-                remaining = deadline - time.time()
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return TaskSpec(TaskKind.WAIT)
                 self._changed.wait(min(remaining, self.settings.heartbeat_interval_s))
@@ -709,7 +709,7 @@ class RoundEngine:
                 f"{s.group}'s update for round {round_} was already refused ({outcome})",
                 reason="ALREADY_REJECTED",
             )
-        if time.time() > t.deadline:
+        if time.monotonic() > t.deadline:
             raise Rejection(
                 "DEADLINE_EXCEEDED",
                 f"round {round_} closed before the update from {s.group}",
@@ -726,12 +726,12 @@ class RoundEngine:
         return t
 
     def transfer_deadline(self) -> float:
-        """Until when (unix seconds) a model download or an update upload is of use: the open
+        """Until when (time.monotonic() seconds) a model download or an update upload is of use: the open
         task's deadline, or a round's length from now when none is open (the final model)."""
         with self._changed:
             if self._task is not None:
                 return self._task.deadline
-        return time.time() + max(self.settings.round_timeout_s, self.settings.eval_timeout_s)
+        return time.monotonic() + max(self.settings.round_timeout_s, self.settings.eval_timeout_s)
 
     def accept_update(
         self,
@@ -895,7 +895,7 @@ class RoundEngine:
                     f"evaluation from {s.group} is of model version {quoted(model_version)}, not "
                     f"the task's {t.model_version!r}",
                 )
-            if time.time() > t.deadline:
+            if time.monotonic() > t.deadline:
                 raise Rejection(
                     "DEADLINE_EXCEEDED",
                     f"evaluation round {round_} closed before {s.group}'s report",
@@ -992,7 +992,7 @@ class RoundEngine:
         return any(e["round"] == round_ for e in self.state.evaluations)
 
     def _wait_for_quorum(self) -> bool:
-        started = time.time()
+        started = time.monotonic()
         announced = False
         with self._changed:
             while not self._stop.is_set():
@@ -1005,7 +1005,7 @@ class RoundEngine:
                     )
                     announced = True
                 limit = self.settings.quorum_timeout_s
-                if limit is not None and time.time() - started > limit:
+                if limit is not None and time.monotonic() - started > limit:
                     log.error("no quorum after %.0f s; stopping", limit)
                     self._stop.set()
                     return False
@@ -1036,7 +1036,7 @@ class RoundEngine:
             task_id=uuid.uuid4().hex,
             round=round_,
             model_version=self.model_version,
-            deadline=time.time() + timeout,
+            deadline=time.monotonic() + timeout,
             selected={s.session_id: s.group for s in sessions},
             aggregate=aggregate,
         )
@@ -1058,7 +1058,7 @@ class RoundEngine:
                 self._give_up_on_silent(t)
                 if len(t.answered) + len(t.folding) >= len(t.selected):
                     return
-                remaining = t.deadline - time.time()
+                remaining = t.deadline - time.monotonic()
                 if remaining <= 0:
                     missing = sorted(set(t.selected.values()) - set(t.answered) - t.folding)
                     log.warning(
@@ -1070,7 +1070,7 @@ class RoundEngine:
     def _give_up_on_silent(self, t: _OpenTask) -> None:
         """Nodes of `t` whose session expired (no call for session_timeout_s: heartbeats keep a
         working node's alive) are that task's missing answers: waiting longer cannot help."""
-        now = time.time()
+        now = time.monotonic()
         for session_id, group in list(t.selected.items()):
             s = self._sessions.get(session_id)
             if s is None and self._take_over(t, session_id, group):
@@ -1137,7 +1137,7 @@ class RoundEngine:
                 "participants": sorted(g for g, o in t.answered.items() if o == "accepted"),
                 "selected": sorted(t.selected.values()),
                 "outcomes": dict(sorted(t.answered.items())),
-                "seconds": time.time() - t.started,
+                "seconds": time.monotonic() - t.started,
                 "bytes_in": t.bytes_in,
                 "bytes_out_model": sum(s.nbytes for s in self.specs) * len(t.selected),
                 "total_weight": t.aggregate.total_weight,
@@ -1175,7 +1175,7 @@ class RoundEngine:
                 "kind": "evaluation",
                 "groups": sorted(t.evaluations),
                 "missing": sorted(set(t.selected.values()) - set(t.evaluations)),
-                "seconds": time.time() - t.started,
+                "seconds": time.monotonic() - t.started,
                 "reports": {name: rep.to_dict() for name, rep in reports.items()},
                 "per_group": {
                     g: {"role": role.value, "num_questions": e.num_questions, **e.metrics()}

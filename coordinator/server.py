@@ -435,7 +435,7 @@ class FederationServicer(pb_grpc.FederationServicer):
     def _transfer_seconds(self) -> float:
         """How long a transfer may run: until the open task's deadline (after it the update is
         stale, the model of no use), with some grace."""
-        return self.engine.transfer_deadline() - time.time() + self.transfer_grace_s
+        return self.engine.transfer_deadline() - time.monotonic() + self.transfer_grace_s
 
     @contextlib.contextmanager
     def _one_per_session(self, kind: str, session_id: str) -> Iterator[bool]:
@@ -723,8 +723,12 @@ def task_to_proto(spec: TaskSpec) -> pb.Task:
         task.evaluation.max_context = st.max_context
         task.evaluation.seed = st.seed
     if spec.deadline > 0:
-        task.deadline.FromMilliseconds(int(spec.deadline * 1000))
-        task.time_budget.FromMilliseconds(max(0, int((spec.deadline - time.time()) * 1000)))
+        # the engine keeps deadlines on the monotonic clock (a wall-clock step must not end or
+        # stretch a round); the wire carries a timestamp and, for nodes whose clock differs,
+        # the time left
+        left = max(0.0, spec.deadline - time.monotonic())
+        task.deadline.FromMilliseconds(int((time.time() + left) * 1000))
+        task.time_budget.FromMilliseconds(int(left * 1000))
     return task
 
 

@@ -484,6 +484,8 @@ class GroupNode:
         self._refused: set[str] = set()
         # the final model, downloaded at SHUTDOWN when this node personalizes
         self._final: tuple[pb.Task, dict] | None = None
+        # when the current task arrived (monotonic clock), which its time budget counts from
+        self._task_received = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -522,9 +524,9 @@ class GroupNode:
                             err.details() if hasattr(err, "details") else err,
                         )
                         return 2
-                    unreachable_since = unreachable_since or time.time()
+                    unreachable_since = unreachable_since or time.monotonic()
                     limit = self.config.give_up_after_s
-                    if limit is not None and time.time() - unreachable_since > limit:
+                    if limit is not None and time.monotonic() - unreachable_since > limit:
                         log.error(
                             "%s: coordinator unreachable for %.0f s; giving up",
                             self.config.group,
@@ -569,6 +571,7 @@ class GroupNode:
             while not self._stop.is_set():
                 try:
                     task = self.client.get_task(self.config.poll_wait_s)
+                    self._task_received = time.monotonic()
                 except grpc.RpcError as err:
                     if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                         raise SessionLost(err.details()) from err
@@ -666,8 +669,19 @@ class GroupNode:
         return 0
 
     def _time_left(self, task: pb.Task) -> float:
-        left = task.deadline.ToMilliseconds() / 1000 - time.time() + 5.0
-        return min(MAX_TASK_TIME_S, max(5.0, left))
+        """Seconds a transfer for `task` may take: until its deadline, plus 5 s, at least 5 s.
+
+        Counted from the task's time budget on this node's monotonic clock: the deadline is a
+        timestamp by the coordinator's clock, which in another organization may be minutes off
+        (a node ahead of it cut its downloads to 5 s). The timestamp serves only a coordinator
+        that sends no budget.
+        """
+        if task.HasField("time_budget"):
+            elapsed = time.monotonic() - self._task_received
+            left = task.time_budget.ToMilliseconds() / 1000 - elapsed
+        else:
+            left = task.deadline.ToMilliseconds() / 1000 - time.time()
+        return min(MAX_TASK_TIME_S, max(5.0, left + 5.0))
 
     def _load(self, task: pb.Task) -> None:
         self._state = pb.NODE_STATE_DOWNLOADING

@@ -205,3 +205,29 @@ def test_a_session_waits_in_one_poll_at_a_time(tmp_path: Path) -> None:
     assert answers and answers[0][0] == TaskKind.WAIT
     engine.stop()
     newer.join(15)
+
+
+def test_a_wall_clock_step_neither_ends_a_round_nor_expires_sessions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deadlines and session silence are measured on the monotonic clock. Before, an NTP step
+    of the wall clock by an hour made the open round's update STALE and every session expired."""
+    settings = RoundSettings(rounds=1, eval_every=0, round_timeout_s=60, session_timeout_s=30)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    t = engine.next_task(s.session_id, None, 5)
+    assert t.kind == TaskKind.TRAIN
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600.0)
+    assert [x.group for x in engine.live_sessions()] == ["A"]
+    engine.accept_update(
+        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
+    )
+    monkeypatch.setattr(time, "time", lambda: wall() - 3600.0)
+    deadline = time.monotonic() + 10
+    while engine.completed_rounds() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.completed_rounds() == 1
+    engine.stop()
+    driver.join(10)

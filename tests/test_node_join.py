@@ -218,3 +218,29 @@ def test_node_waits_as_long_as_wait_answers_say_before_asking_again(tmp_path: Pa
         finally:
             node.client.close()
     assert 2 <= servicer.polls <= 5, servicer.polls
+
+
+@pytest.mark.parametrize("coordinator_clock_off_s", [-600.0, 0.0, 600.0])
+def test_transfer_timeouts_follow_the_tasks_time_budget_not_the_coordinators_clock(
+    tmp_path: Path, coordinator_clock_off_s: float
+) -> None:
+    """A coordinator in another organization whose clock is 10 minutes off: before, a node
+    behind it gave every transfer 5 s (its downloads of a large model failed), one ahead ~10
+    minutes more than the round had."""
+    config = NodeConfig(
+        coordinator="127.0.0.1:1", group="G", data=tmp_path / "g.csv", insecure=True
+    )
+    node = GroupNode(config, worker=None)  # type: ignore[arg-type]  # no task is run
+    try:
+        task = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="t")
+        task.deadline.FromMilliseconds(int((time.time() + coordinator_clock_off_s + 60) * 1000))
+        task.time_budget.FromMilliseconds(60_000)
+        node._task_received = time.monotonic() - 20.0  # the task came 20 s ago
+        assert node._time_left(task) == pytest.approx(45.0, abs=0.5)  # 60 - 20 + 5 s grace
+        # a coordinator that sends only the timestamp: that is all there is to go by
+        task.ClearField("time_budget")
+        assert node._time_left(task) == pytest.approx(
+            max(5.0, 65.0 + coordinator_clock_off_s), abs=0.5
+        )
+    finally:
+        node.client.close()
