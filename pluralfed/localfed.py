@@ -266,21 +266,29 @@ def wait_for_port(
     )
 
 
-# once every training node has failed, how long the coordinator may still take to exit by itself
+# once too few training nodes are left, how long the coordinator may still take to exit by itself
 # (a node whose personalization fails exits 1 after a finished run, just before the coordinator)
 NODES_FAILED_GRACE_S = 5.0
 
 
 def wait_for_coordinator(
-    procs: Processes, training: Sequence[str], state_dir: Path, timeout_s: float, started: float
+    procs: Processes,
+    training: Sequence[str],
+    state_dir: Path,
+    timeout_s: float,
+    started: float,
+    quorum: int | None = None,
 ) -> int:
-    """The coordinator's exit code. Without its training nodes the coordinator would wait for its
-    quorum until the timeout, so once every one of them has exited with an error (and no results
-    were written since `started`, a time.time()) this stops, quoting the first one's log."""
+    """The coordinator's exit code. Without a quorum of training nodes (`quorum`, the
+    coordinator's min_nodes; default: all of them) the coordinator would wait until the timeout,
+    so once so many have exited with an error that the rest are fewer than the quorum (and no
+    results were written since `started`, a time.time()) this stops, quoting the first failed
+    one's log."""
     coordinator = procs.children["coordinator"]
+    needed = len(training) if quorum is None else quorum
     deadline = time.monotonic() + timeout_s
     failed_since: float | None = None
-    reported: set[str] = set()
+    reported: list[str] = []
     while True:
         code = coordinator.poll()
         if code is not None:
@@ -289,21 +297,31 @@ def wait_for_coordinator(
         codes = {n: procs.children[n].poll() for n in training}
         for name, node_code in codes.items():
             if node_code and name not in reported:
-                reported.add(name)
+                reported.append(name)
                 log.warning(
                     "node %s exited with code %d:\n%s",
                     name,
                     node_code,
                     log_tail(procs.log_dir / f"{name}.log", 1),
                 )
-        if training and all(codes.values()) and not _results_since(state_dir, started):
+        failed = [n for n in reported if codes[n]]
+        if (
+            failed
+            and len(training) - len(failed) < needed
+            and not _results_since(state_dir, started)
+        ):
             failed_since = failed_since or now
             if now - failed_since >= NODES_FAILED_GRACE_S:
-                name = training[0]
+                name = failed[0]
+                what = (
+                    "every training node stopped before the run finished"
+                    if len(failed) == len(training)
+                    else f"{len(failed)} of {len(training)} training nodes stopped, and the "
+                    f"other {len(training) - len(failed)} are fewer than the coordinator's "
+                    f"quorum of {needed} (min_nodes): the run cannot finish"
+                )
                 raise _exited(
-                    f"every training node stopped before the run finished: node {name}",
-                    codes[name] or 0,
-                    procs.log_dir / f"{name}.log",
+                    f"{what}: node {name}", codes[name] or 0, procs.log_dir / f"{name}.log"
                 )
         if now >= deadline:
             coord_log = procs.log_dir / "coordinator.log"
@@ -354,7 +372,15 @@ def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
                 child_env(run.threads_per_node),
             )
         training = [ids[g] for g in run.training_groups]
-        code = wait_for_coordinator(procs, training, state_dir, run.timeout_s, started)
+        quorum = run.coordinator_settings.get("min_nodes", len(training))
+        code = wait_for_coordinator(
+            procs,
+            training,
+            state_dir,
+            run.timeout_s,
+            started,
+            quorum=quorum if isinstance(quorum, int) else None,
+        )
         if code != 0:
             raise _exited("the coordinator", code, logs / "coordinator.log")
         # nodes that personalize fine-tune after the coordinator is gone: give them time

@@ -107,6 +107,36 @@ def test_every_training_node_failing_ends_the_wait_at_once(
     assert text.endswith("  starting\n  error: threads must be 1..1024, got 0")
 
 
+def test_too_few_training_nodes_left_for_the_quorum_ends_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, only all training nodes failing ended the wait: with one of three failed and a
+    quorum of three (what `federate` sets), it waited out --timeout for a run that could not go on."""
+    monkeypatch.setattr(localfed, "NODES_FAILED_GRACE_S", 0.2)
+    procs = Processes(tmp_path)
+    try:
+        procs.start("coordinator", _py("import time; time.sleep(60)"), {})
+        procs.start("node-a", _py("import time; time.sleep(60)"), {})
+        procs.start("node-b", _py(FAIL_AT_START), {})
+        procs.start("node-c", _py("import time; time.sleep(60)"), {})
+        training = ["node-a", "node-b", "node-c"]
+        started = time.monotonic()
+        with pytest.raises(InputError) as err:
+            wait_for_coordinator(procs, training, tmp_path, 60, time.time(), quorum=3)
+        assert time.monotonic() - started < 20
+        # a quorum the others still make: the wait goes on (here, to its timeout)
+        with pytest.raises(InputError, match="did not finish in 2 s"):
+            wait_for_coordinator(procs, training, tmp_path, 2, time.time(), quorum=2)
+    finally:
+        procs.stop_all(grace_s=2)
+    text = str(err.value)
+    assert text.startswith(
+        "1 of 3 training nodes stopped, and the other 2 are fewer than the coordinator's quorum "
+        "of 3 (min_nodes): the run cannot finish: node node-b exited with code 2"
+    )
+    assert text.endswith("  starting\n  error: threads must be 1..1024, got 0")
+
+
 def test_nodes_that_finished_do_not_end_the_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
