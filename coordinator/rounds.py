@@ -329,6 +329,7 @@ class GlobalModel(NamedTuple):
     version: str
     round: int  # completed rounds that made it
     weights: Mapping[str, np.ndarray]
+    digest: bytes = b""  # digest_of(weights) when known: hashing a large model once is enough
 
 
 @dataclass(frozen=True)
@@ -442,7 +443,8 @@ class RoundEngine:
             )
 
     def _refresh_version(self) -> None:
-        digest = digest_of(self.state.weights).hex()[:12]
+        self.model_digest = digest_of(self.state.weights)
+        digest = self.model_digest.hex()[:12]
         self.model_version = f"{self.state.run_id}-r{self.state.completed_rounds}-{digest}"
 
     @property
@@ -665,7 +667,12 @@ class RoundEngine:
                     "NOT_FOUND",
                     f"model version {quoted(version)} is not current ({self.model_version!r})",
                 )
-            return GlobalModel(self.model_version, self.state.completed_rounds, self.state.weights)
+            return GlobalModel(
+                self.model_version,
+                self.state.completed_rounds,
+                self.state.weights,
+                self.model_digest,
+            )
 
     def check_update(
         self, session_id: str, group: str | None, task_id: str, round_: int, base_model_version: str

@@ -146,7 +146,7 @@ class ModelDownload:
             model_version=model.version,
             round=model.round,
             total_bytes=sum(s.nbytes for s in specs),
-            digest=digest_of(model.weights),
+            digest=model.digest or digest_of(model.weights),
             wire_format=WIRE_FORMAT,
         )
         for s in specs:
