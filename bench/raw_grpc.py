@@ -1,8 +1,10 @@
 """The floor for the systems benchmark: raw gRPC mutual-TLS throughput on loopback.
 
 A tiny generic service with one client-streaming RPC that takes raw 1 MiB byte messages (no
-protobuf, no digest, no spooling) and answers with the byte count; same certificates, chunk size
-and message limits as pluralfed. Server and client are separate processes.
+protobuf, no digest, no spooling) and answers with the byte count and the server process's CPU
+time so far; same certificates, chunk size and message limits as pluralfed. Server and client are
+separate processes. Besides the time, the client reports the CPU both processes spent per GB
+moved: what the wire itself costs, against which the systems bench sets pluralfed's.
 
     python bench/raw_grpc.py server --pki DIR --port-file F
     python bench/raw_grpc.py client --pki DIR --port P --sizes 4800000,38400000 --repeat 3 --out F
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -40,7 +43,7 @@ def serve(pki: Path, port_file: Path, seconds: float) -> int:
         n = 0
         for msg in requests:
             n += len(msg)
-        return n.to_bytes(8, "little")
+        return n.to_bytes(8, "little") + struct.pack("<d", time.process_time())
 
     handler = grpc.method_handlers_generic_handler(
         "bench.Raw",
@@ -75,16 +78,21 @@ def client(pki: Path, port: int, sizes: list[int], repeat: int, out: Path) -> in
             yield chunk if n == DEFAULT_CHUNK_BYTES else chunk[:n]
             left -= n
 
+    def server_cpu() -> float:
+        return float(struct.unpack("<d", push(iter(()), timeout=60)[8:])[0])
+
     push(stream(DEFAULT_CHUNK_BYTES), timeout=60)  # connect + handshake + warm-up
     results = []
     for size in sizes:
         times = []
         lo0 = loopback_bytes()
+        cpu0, server0 = time.process_time(), server_cpu()
         for _ in range(repeat):
             t0 = time.perf_counter()
-            got = int.from_bytes(push(stream(size), timeout=600), "little")
+            got = int.from_bytes(push(stream(size), timeout=600)[:8], "little")
             times.append(time.perf_counter() - t0)
             assert got == size, (got, size)
+        client_cpu, server_cpu_s = time.process_time() - cpu0, server_cpu() - server0
         lo_per_byte = (loopback_bytes() - lo0) / (size * repeat)
         best = min(times)
         results.append(
@@ -94,6 +102,10 @@ def client(pki: Path, port: int, sizes: list[int], repeat: int, out: Path) -> in
                 "best_s": best,
                 "best_MBps": size / best / 1e6,
                 "loopback_bytes_per_payload_byte": lo_per_byte,
+                # both processes' CPU over all repeats, per GB moved
+                "client_cpu_s_per_GB": client_cpu / (size * repeat / 1e9),
+                "server_cpu_s_per_GB": server_cpu_s / (size * repeat / 1e9),
+                "cpu_s_per_GB": (client_cpu + server_cpu_s) / (size * repeat / 1e9),
             }
         )
     write_json(out, {"results": results, "usage": usage()})

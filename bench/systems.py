@@ -271,6 +271,9 @@ def summarize(
     wire = cu["rounds_done"].get("lo_tx", -1) - cu["ready"].get("lo_tx", -1)
     payload_total = sum(payload_round)
     rounds = len(hist)
+    # all the CPU the federation spent in its rounds (coordinator + every node process): on a
+    # machine of C cores no round can be shorter than its share of it divided by C
+    cpu_rounds = cpu(cu["rounds_done"]) - cpu(cu["ready"]) + node_cpu_run
     return {
         "scenario": name,
         **cfg,
@@ -310,6 +313,9 @@ def summarize(
         "node_cpu_per_node_round_s": node_cpu_run / (n * rounds) if rounds else float("nan"),
         "node_cpu_download_s_per_100MB": median(cpu_down) if cpu_down else float("nan"),
         "node_cpu_upload_s_per_100MB": median(cpu_up) if cpu_up else float("nan"),
+        "cpu_s_per_round": cpu_rounds / rounds if rounds else float("nan"),
+        "cpu_floor_s": cpu_rounds / rounds / (os.cpu_count() or 1) if rounds else float("nan"),
+        "cpu_s_per_GB": cpu_rounds / (payload_total / 1e9) if payload_total else float("nan"),
         "node_proc_peak_rss_mib_max": max(f["end"]["maxrss_mib"] for f in nodes),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
@@ -331,6 +337,9 @@ def attach_raw(s: dict[str, Any], raw: dict[int, dict[str, Any]]) -> None:
         s["raw_s_round_uploads"] = rnd["best_s"]
         s["upload_agg_frac_of_raw"] = s["upload_MBps_aggregate_median"] / rnd["best_MBps"]
         # the round moves the model down to every node and every update up: 2 x n x model bytes
+        if "cpu_s_per_GB" in rnd and "cpu_s_per_GB" in s:  # raw runs before session 15 lack it
+            s["raw_cpu_s_per_GB"] = rnd["cpu_s_per_GB"]
+            s["cpu_x_raw"] = s["cpu_s_per_GB"] / rnd["cpu_s_per_GB"]
         raw_round_s = s["payload_bytes_per_round"] / (rnd["best_MBps"] * 1e6)
         s["raw_s_round_bytes"] = raw_round_s
         s["round_x_raw"] = s["round_s_median"] / raw_round_s
@@ -369,6 +378,9 @@ COLUMNS = [
     ("upload_MBps_aggregate_median", "upload MB/s (agg)", 0),
     ("upload_agg_frac_of_raw", "upload / raw", 2),
     ("round_x_raw", "round / raw", 1),
+    ("cpu_s_per_round", "CPU s/round (all)", 2),
+    ("cpu_floor_s", "CPU floor s", 2),
+    ("cpu_x_raw", "CPU/GB / raw", 1),
     ("loadavg_before", "load before", 0),
 ]
 
@@ -465,8 +477,20 @@ def report(results: dict[str, Any]) -> str:
         "",
         table(
             raw_rows,
-            [("bytes", "bytes", 0), ("best_s", "seconds", 3), ("best_MBps", "MB/s", 0)],
+            [
+                ("bytes", "bytes", 0),
+                ("best_s", "seconds", 3),
+                ("best_MBps", "MB/s", 0),
+                ("client_cpu_s_per_GB", "client CPU s/GB", 2),
+                ("server_cpu_s_per_GB", "server CPU s/GB", 2),
+            ],
         ),
+        "",
+        "CPU: `CPU s/round (all)` is what the coordinator and every node process spent per round "
+        f"(their CPU from ready to done over the rounds); `CPU floor s` is that over the {os.cpu_count()} "
+        "cores, a round time no scheduling can beat with this much work per round; `CPU/GB / "
+        "raw` sets the CPU per GB moved against the raw stream's (client + server, the round's "
+        "bytes in one stream). Node CPU includes the no-op training (one vector add per round).",
     ]
     fl_table, fl_rows = flower_ratios(results)
     results["flower_ratios"] = fl_rows
