@@ -413,6 +413,16 @@ class RoundEngine:
                 resumed.completed_rounds,
                 self.state_dir,
             )
+            if resumed.completed_rounds >= settings.rounds:
+                log.warning(
+                    "%s holds run %s, which has done %d rounds (rounds = %d here): nothing is "
+                    "left to train, only the final evaluation runs again; for a fresh run use "
+                    "an empty state folder",
+                    self.state_dir,
+                    resumed.run_id,
+                    resumed.completed_rounds,
+                    settings.rounds,
+                )
         else:
             self.state = RunState(
                 run_id=uuid.uuid4().hex[:12],

@@ -78,12 +78,27 @@ def setup_script(groups: list[str], ids: dict[str, str], synthetic: dict[str, in
     become an empty folder). Group names reach the shell only through shlex.quote."""
     files = group_file_names(groups)
     all_ids = ",".join([*(ids[g] for g in groups), HEALTHCHECK_ID])
+    data_identity = (
+        "synthetic " + " ".join(f"{k}={v}" for k, v in sorted(synthetic.items()))
+        if synthetic is not None
+        else "none"
+    )
     lines = [
         "set -eu",
         "mkdir -p /out/certs /out/data /out/coordinator",
         "if [ ! -f /out/certs/ca/ca.pem ]; then",
         f"  pluralfed certs federation --out /out/certs --nodes {all_ids} --san coordinator,localhost,127.0.0.1",
         "fi",
+        # ./runs/compose may hold an earlier federation's certificates: add the nodes it lacks
+        f"for id in {all_ids.replace(',', ' ')}; do [ -f /out/certs/nodes/$id/cert.pem ] || "
+        "pluralfed certs node --ca /out/certs/ca --out /out/certs/nodes --id $id; done",
+        # ... and its run: resumed only by the same federation (nodes and data), never another
+        f'want="nodes={all_ids} data=$(if [ -s /input/data ]; then sha256sum < /input/data | '
+        f'cut -c1-64; else echo {shlex.quote(data_identity)}; fi)"',
+        'if [ -f /out/coordinator/state.json ] && [ "$(cat /out/coordinator/federation.txt '
+        '2>/dev/null)" != "$want" ]; then echo "./runs/compose/coordinator holds the run of '
+        "another federation (other nodes or data), which the coordinator would resume: remove "
+        'it for a fresh run (sudo rm -rf runs/compose/coordinator)" >&2; exit 2; fi',
         f'if [ -s /input/data ]; then src=/out/input.$({SNIFF_JSONL} && echo jsonl || echo csv); cp /input/data "$src"',
     ]
     if synthetic is not None:
@@ -108,6 +123,7 @@ def setup_script(groups: list[str], ids: dict[str, str], synthetic: dict[str, in
         + " ".join(shlex.quote(line) for line in allow)
         + " > /out/config/allow-list.toml"
     )
+    lines.append("printf '%s\\n' \"$want\" > /out/coordinator/federation.txt")
     lines.append("chown -R 10001:10001 /out")
     return "\n".join(lines)
 

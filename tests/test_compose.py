@@ -133,6 +133,63 @@ def test_setup_script_tells_jsonl_from_csv(tmp_path: Path, content: bytes, kind:
     assert found == kind
 
 
+def _run_setup_lines(
+    compose: str, out: Path, data: Path, *needles: str
+) -> subprocess.CompletedProcess[str]:
+    """The setup script's lines holding any of `needles` (or being one), run by sh against `out` and `data`
+    instead of /out and /input/data, with this checkout's `pluralfed` on the PATH."""
+    lines = [
+        line
+        for line in _setup_script(compose).splitlines()
+        if any(line.strip() == n or (len(n) > 2 and n in line) for n in needles)
+    ]
+    script = "set -eu\n" + "\n".join(lines).replace("/out/", f"{out}/")
+    script = script.replace("/input/data", str(data))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env)
+
+
+def test_a_second_setup_tops_up_certificates_and_refuses_another_federations_run(
+    tmp_path: Path,
+) -> None:
+    """Before, ./runs/compose from a first `docker compose up` kept its certificates (a new
+    federation's nodes crash-looped: no ca.pem) and its run (the coordinator resumed the demo's
+    finished run for the new data, and waited for ever)."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    data.write_bytes(b"")  # empty: the synthetic demo
+    demo = (REPO / "docker-compose.yml").read_text()
+    certs = ("mkdir -p /out/certs", "ca.pem ]; then", "certs federation", "fi", "for id in")
+    guard = ("want=", "federation.txt")
+    assert _run_setup_lines(demo, out, data, *certs).returncode == 0
+    assert _run_setup_lines(demo, out, data, *guard).returncode == 0  # no run yet: marks it
+    (out / "coordinator" / "state.json").write_text("{}")  # the coordinator ran
+    assert _run_setup_lines(demo, out, data, *guard).returncode == 0  # the same one resumes
+
+    rec = {"question": "Q1?", "options": ["Yes", "No"], "distribution": [1, 2]}
+    data.write_text("".join(json.dumps({"group": g, **rec}) + "\n" for g in ["Mali", "Peru"]))
+    own = tmp_path / "own.jsonl"
+    shutil.copy(data, own)
+    other = _gen("--data", str(own))
+    assert other.returncode == 0, other.stderr
+    refused = _run_setup_lines(other.stdout, out, data, *guard)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "./runs/compose/coordinator holds the run of another federation (other nodes or data), "
+        "which the coordinator would resume: remove it for a fresh run (sudo rm -rf "
+        "runs/compose/coordinator)\n"
+    )
+    made = _run_setup_lines(other.stdout, out, data, *certs)
+    assert made.returncode == 0, made.stderr
+    for node in ("node-mali", "node-peru", "node-aldoria"):
+        assert (out / "certs" / "nodes" / node / "cert.pem").is_file(), node
+    (out / "coordinator" / "state.json").unlink()
+    assert _run_setup_lines(other.stdout, out, data, *guard).returncode == 0
+    (out / "coordinator" / "state.json").write_text("{}")
+    assert _run_setup_lines(other.stdout, out, data, *guard).returncode == 0
+    data.write_text(data.read_text().replace("Q1?", "Q2?"))  # other data, same groups
+    assert _run_setup_lines(other.stdout, out, data, *guard).returncode == 2
+
+
 def _docker_ready() -> str | None:
     """None if docker and the image are there, else why not."""
     if shutil.which("docker") is None:

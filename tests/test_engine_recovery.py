@@ -4,6 +4,7 @@ process (the review of session 14 found each of these)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -114,6 +115,23 @@ def test_a_run_resumed_with_another_server_optimizer_is_refused(
     same = RoundSettings(rounds=2, eval_every=0, server_optimizer=started, server_lr=0.5)
     resumed = RoundEngine(same, WEIGHTS, tmp_path, ENC, {})
     assert resumed.optimizer.state_dict()["step"] == 1
+
+
+def test_resuming_a_finished_run_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`ROUNDS=3 docker compose up` after a 20-round run re-showed the old run without a word."""
+    settings = RoundSettings(rounds=2, eval_every=0)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first)
+    driver.join(20)
+    assert first.done
+    with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+        RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    assert [r.getMessage() for r in caplog.records if "nothing is left" in r.getMessage()] == [
+        f"{tmp_path} holds run {first.run_id}, which has done 2 rounds (rounds = 1 here): "
+        "nothing is left to train, only the final evaluation runs again; for a fresh run use "
+        "an empty state folder"
+    ]
 
 
 def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path) -> None:
