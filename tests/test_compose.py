@@ -118,7 +118,7 @@ def test_gen_compose_bad_data_is_a_clean_error(tmp_path: Path) -> None:
 )
 def test_setup_script_tells_jsonl_from_csv(tmp_path: Path, content: bytes, kind: str) -> None:
     script = _setup_script((REPO / "docker-compose.yml").read_text())
-    line = next(line for line in script.splitlines() if "/input/data ]" in line)
+    line = next(line for line in script.splitlines() if "src=/out/input.$(" in line)
     sniff = line.split("src=/out/input.$(", 1)[1].split(" && echo jsonl", 1)[0]
     (tmp_path / "data").write_bytes(content)
     found = subprocess.run(
