@@ -194,9 +194,26 @@ def test_an_update_that_breaks_off_half_folded_makes_the_round_retry_not_the_dri
             )
         except Rejection as refused:  # answered INTERNAL: the coordinator's disk, not B
             assert group == "B" and refused.reason == "INTERNAL"
-    time.sleep(4)  # the round's deadline passes with A's update (min_updates 1) and B's half
+    # the round's deadline passes with A's update (min_updates 1) and B's half: the round is
+    # retried, as a new task, not averaged (and the driver did not die or hang)
+    first_try = tasks["C"].task_id
+    retry = tasks["C"]
+    give_up = time.monotonic() + 20
+    while retry.task_id == first_try and time.monotonic() < give_up:
+        retry = engine.next_task(sessions["C"].session_id, None, 1)
     assert died == [] and driver.is_alive()
-    assert engine.completed_rounds() == 0  # the round was retried, not averaged
+    assert retry.kind == TaskKind.TRAIN and retry.round == 1 and retry.task_id != first_try
+    assert engine.completed_rounds() == 0
+    for group, s in sessions.items():
+        t = retry if group == "C" else engine.next_task(s.session_id, None, 5)
+        assert t.task_id == retry.task_id
+        engine.accept_update(
+            s.session_id, None, t.task_id, 1, 10, {}, replay_of(2), 80, t.model_version
+        )
+    while engine.completed_rounds() < 1 and time.monotonic() < give_up:
+        time.sleep(0.02)
+    assert engine.completed_rounds() == 1
+    assert all((w == 2.0).all() for w in engine.state.weights.values())  # none of B's half
     engine.stop()
     driver.join(10)
 

@@ -153,6 +153,11 @@ def test_nodes_that_finished_do_not_end_the_wait(
         assert wait_for_coordinator(procs, ["node-a", "node-b"], tmp_path, 60, started) == 0
         procs.start("coordinator", _py("import time; time.sleep(1.5)"), {})
         assert wait_for_coordinator(procs, ["node-b"], tmp_path, 60, started) == 0
+        # no results yet: a node that exited 0 has not failed, so the wait goes on to --timeout
+        (tmp_path / "results.json").unlink()
+        procs.start("coordinator", _py("import time; time.sleep(60)"), {})
+        with pytest.raises(InputError, match=r"did not finish in 2 s"):
+            wait_for_coordinator(procs, ["node-a"], tmp_path, 2, time.time(), quorum=1)
     finally:
         procs.stop_all(grace_s=2)
 

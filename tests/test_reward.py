@@ -970,4 +970,6 @@ def test_work_seconds_leave_out_the_wait_for_the_model(
     model.embed_texts(["a text waiting for the model"], disk_cache=False)
     waited, worked = time.perf_counter() - started, model.work_seconds() - before
     other.join()
-    assert waited > 0.8 and worked < 0.5, (waited, worked)
+    # the second of waiting behind the other thread is not work, however slow the machine
+    # (a bound on `worked` alone failed at a load of 9 on 2 cores)
+    assert waited > 0.8 and waited - worked > 0.8, (waited, worked)

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fedharness import HOST, FakeNode, reject_name, update_messages
+from fedharness import HOST, FakeNode, reject_name, update_messages, wait_until
 
 import coordinator.server as server_module
 from coordinator.auth import AllowList
@@ -73,8 +73,7 @@ def test_a_stalled_upload_frees_its_slot_at_the_rounds_deadline(tmp_path: Path) 
         ta = fed.a.wait_task(pb.TASK_KIND_TRAIN)
         mine = update_messages(fed.a.session_id, ta, {"w": np.ones(1000, np.float32)}, 10)
         held = fed.a.stub.UploadUpdate.future(stalled(mine, release))
-        time.sleep(0.5)
-        assert slots.active == 1
+        wait_until(lambda: slots.active == 1, 10, "the stalled upload to take the slot")
         # a second upload of the same session at the same time is ignored, not queued
         second = fed.a.stub.UploadUpdate(iter(mine), timeout=10)
         assert reject_name(second) == "DUPLICATE" and "already being read" in second.message

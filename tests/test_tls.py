@@ -558,9 +558,11 @@ def test_cli_every_option_has_help() -> None:
                 assert action.help, f"certs {name} {action.option_strings or action.dest}: no help"
 
 
-def test_cli_bad_days() -> None:
-    with pytest.raises(SystemExit):
-        run("init", "--out", "x", "--days", "0")
+def test_cli_bad_days(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        run("init", "--out", str(tmp_path / "ca"), "--days", "0")
+    assert exit_.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "ca").exists()
 
 
 def test_generated_key_is_p256(pki: Path) -> None:

@@ -228,7 +228,7 @@ def test_get_task_without_wait_is_held_for_the_coordinators_default(
 ) -> None:
     """The protocol: the coordinator uses its own default when `wait` is unset. Before, an unset
     wait meant 0 s: WAIT at once with retry_after 0, a node busy-polling the coordinator."""
-    monkeypatch.setattr(server_module, "DEFAULT_WAIT_S", 1.0, raising=False)
+    monkeypatch.setattr(server_module, "DEFAULT_WAIT_S", 1.0)
     with quiet.node("node-good-a") as node:
         node.join(ENCODER, 10)
         started = time.monotonic()
