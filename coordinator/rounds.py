@@ -440,16 +440,24 @@ class RoundEngine:
     # ---------------------------------------------------------------- bookkeeping
 
     def _check_resumed(self, initial: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
+        fresh = "resume it with the same settings, or start a new run in another state folder"
         if self.state.encoder_identity != self.encoder_identity:
-            raise ValueError(
+            raise InputError(
                 f"{self.state_dir}: the saved run used encoder {self.state.encoder_identity!r}, "
-                f"this coordinator is configured with {self.encoder_identity!r}"
+                f"this coordinator is configured with {self.encoder_identity!r}; {fresh}"
             )
-        if specs_of(self.state.weights) != specs_of(initial) or dict(config) != dict(
-            self.state.model_config
-        ):
-            raise ValueError(
-                f"{self.state_dir}: the saved run's model differs from the configured one"
+        saved = dict(self.state.model_config)
+        differ = sorted(k for k in {*saved, *config} if saved.get(k) != config.get(k))
+        if differ:
+            changes = ", ".join(f"{k} {saved.get(k)!r} -> {config.get(k)!r}" for k in differ)
+            raise InputError(
+                f"{self.state_dir}: the saved run's model differs from the configured one "
+                f"({changes}); {fresh}"
+            )
+        if specs_of(self.state.weights) != specs_of(initial):
+            raise InputError(
+                f"{self.state_dir}: the saved run's weights do not fit the configured model; "
+                f"{fresh}"
             )
 
     def _refresh_version(self) -> None:

@@ -215,6 +215,8 @@ def _short(name: str) -> str:
 def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Console) -> int:
     settings = cfg.round_settings()
     tls = cfg.tls_files()
+    if tls is not None:  # checked before the run's state is made: a bad file starts no run
+        tls.server_credentials()
     revocations = cfg.revocations(tls)
     encoder = make_encoder(cfg.encoder)
     gpo = model_config(cfg, encoder.dim)

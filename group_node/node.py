@@ -26,6 +26,7 @@ import grpc
 from group_node.worker import GroupWorker, TaskFailed
 from pluralfed import __version__
 from pluralfed.checkpoint import save_checkpoint
+from pluralfed.config import ConfigValueError
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -72,11 +73,17 @@ MIN_BACKOFF_S, MAX_BACKOFF_S = 0.01, 3600.0
 _HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+def _refuse(key: str, message: str, *, related: tuple[str, ...] = ()) -> ConfigValueError:
+    """A node config error naming `key`, so that `load_config` can say where it was set (file,
+    environment variable or option)."""
+    return ConfigValueError(key, message, "node config", related=related)
+
+
 def _check_seconds(name: str, value: float, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InputError(f"node config: {name} must be a number of seconds, got {value!r}")
+        raise _refuse(name, f"{name} must be a number of seconds, got {value!r}")
     if not (math.isfinite(value) and low <= value <= high):
-        raise InputError(f"node config: {name} must be {low:g}..{high:g} seconds, got {value!r}")
+        raise _refuse(name, f"{name} must be {low:g}..{high:g} seconds, got {value!r}")
 
 
 def check_address(address: str) -> None:
@@ -100,8 +107,9 @@ def check_address(address: str) -> None:
     if not problem and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         problem = f"port {port!r} is not a number in 1..65535"
     if problem:
-        raise InputError(
-            f"node config: coordinator must be host:port or [IPv6]:port, got {address!r}: {problem}"
+        raise _refuse(
+            "coordinator",
+            f"coordinator must be host:port or [IPv6]:port, got {address!r}: {problem}",
         )
 
 
@@ -145,37 +153,41 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         if not self.group.strip():
-            raise InputError(
-                "node config: group is required (the group whose data this node holds)"
-            )
+            raise _refuse("group", "group is required (the group whose data this node holds)")
         if self.role not in ("train", "evaluate-only"):
-            raise InputError(f"node config: role must be train or evaluate-only, got {self.role!r}")
+            raise _refuse("role", f"role must be train or evaluate-only, got {self.role!r}")
         if self.data is None:
-            raise InputError("node config: data is required (a CSV or JSONL file with the group)")
+            raise _refuse("data", "data is required (a CSV or JSONL file with the group)")
         if not self.group.isprintable():
-            raise InputError(f"node config: group {self.group!r} holds control characters")
+            raise _refuse("group", f"group {self.group!r} holds control characters")
         if not 1 <= self.threads <= MAX_THREADS:
-            raise InputError(f"node config: threads must be 1..{MAX_THREADS}, got {self.threads}")
+            raise _refuse("threads", f"threads must be 1..{MAX_THREADS}, got {self.threads}")
         if not 0 <= self.personalize_steps <= MAX_PERSONALIZE_STEPS:
-            raise InputError(
-                f"node config: personalize_steps must be 0..{MAX_PERSONALIZE_STEPS}, got "
-                f"{self.personalize_steps}"
+            raise _refuse(
+                "personalize_steps",
+                f"personalize_steps must be 0..{MAX_PERSONALIZE_STEPS}, got {self.personalize_steps}",
             )
         if self.personalize_steps and self.personalized_dir is None:
-            raise InputError(
-                "node config: personalize_steps is set, so personalized_dir is required (the "
-                "folder where the personalized checkpoint is written)"
+            raise _refuse(
+                "personalized_dir",
+                "personalize_steps is set, so personalized_dir is required (the folder where "
+                "the personalized checkpoint is written)",
+                related=("personalize_steps",),
             )
         check_address(self.coordinator)
         if self.insecure and self.tls_crl is not None:
-            raise InputError("node config: tls_crl needs TLS; it cannot go with insecure")
+            raise _refuse(
+                "tls_crl", "tls_crl needs TLS; it cannot go with insecure", related=("insecure",)
+            )
         _check_seconds("poll_wait_s", self.poll_wait_s, MIN_POLL_WAIT_S, MAX_POLL_WAIT_S)
         _check_seconds("backoff_initial_s", self.backoff_initial_s, MIN_BACKOFF_S, MAX_BACKOFF_S)
         _check_seconds("backoff_max_s", self.backoff_max_s, MIN_BACKOFF_S, MAX_BACKOFF_S)
         if self.backoff_max_s < self.backoff_initial_s:
-            raise InputError(
-                f"node config: backoff_max_s ({self.backoff_max_s:g}) must be at least "
-                f"backoff_initial_s ({self.backoff_initial_s:g})"
+            raise _refuse(
+                "backoff_max_s",
+                f"backoff_max_s ({self.backoff_max_s:g}) must be at least backoff_initial_s "
+                f"({self.backoff_initial_s:g})",
+                related=("backoff_initial_s",),
             )
         limit = self.give_up_after_s
         if limit is not None and (
@@ -183,9 +195,10 @@ class NodeConfig:
             or not isinstance(limit, int | float)
             or not (math.isfinite(limit) and limit > 0)
         ):
-            raise InputError(
-                "node config: give_up_after_s must be a finite number of seconds > 0 (leave it "
-                f"unset to retry forever), got {limit!r}"
+            raise _refuse(
+                "give_up_after_s",
+                "give_up_after_s must be a finite number of seconds > 0 (leave it unset to retry "
+                f"forever), got {limit!r}",
             )
 
     def tls_files(self) -> TlsFiles | None:

@@ -641,16 +641,20 @@ def _fmt(moment: dt.datetime) -> str:
 
 
 def _read(path: Path, what: str) -> bytes:
-    if not path.exists():
-        raise InputError(f"{what} file not found: {path}")
-    if not path.is_file():
-        raise InputError(f"{what} path is not a regular file: {path}")
+    shown = path if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
     try:
+        if not path.exists():
+            raise InputError(f"{what} file not found: {shown}")
+        if not path.is_file():
+            raise InputError(f"{what} path is not a regular file: {shown}")
         return path.read_bytes()
-    except PermissionError:
-        raise InputError(f"{what} file is not readable (permission denied): {path}") from None
+    except PermissionError:  # the file's, or a folder's on the way to it (exists() raises too)
+        raise InputError(
+            f"{what} file is not readable (permission denied) by this process (uid "
+            f"{os.getuid()}): {shown}"
+        ) from None
     except OSError as err:
-        raise InputError(f"{what} file could not be read: {path}: {err.strerror}") from None
+        raise InputError(f"{what} file could not be read: {shown}: {err.strerror}") from None
 
 
 def _parse_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:

@@ -266,3 +266,16 @@ def test_a_wall_clock_step_neither_ends_a_round_nor_expires_sessions(
     assert engine.completed_rounds() == 1
     engine.stop()
     driver.join(10)
+
+
+def test_resuming_with_another_model_names_what_changed(tmp_path: Path) -> None:
+    """Before: a ValueError (a traceback from the CLI) saying only that the model differs."""
+    RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, ENC, {"d_model": 64, "members": 3})
+    with pytest.raises(InputError) as err:
+        RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, ENC, {"d_model": 64, "members": 1})
+    assert str(err.value) == (
+        f"{tmp_path}: the saved run's model differs from the configured one (members 3 -> 1); "
+        "resume it with the same settings, or start a new run in another state folder"
+    )
+    with pytest.raises(InputError, match="the saved run used encoder 'enc', this coordinator"):
+        RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, "other", {"d_model": 64})

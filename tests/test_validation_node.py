@@ -101,6 +101,7 @@ def small_weights(cfg: GPOConfig = SMALL) -> dict[str, np.ndarray]:
         ("COORDINATOR", "a b:7443", "not a host name"),
         ("THREADS", "100000000", "threads must be 1..1024, got 100000000"),
         ("GROUP", "Fran\0ce", "holds control characters"),
+        ("ROLE", "trainer", "role must be train or evaluate-only, got 'trainer'"),
     ],
 )
 def test_bad_node_timing_and_address_are_refused_naming_the_key(
@@ -109,7 +110,10 @@ def test_bad_node_timing_and_address_are_refused_naming_the_key(
     with pytest.raises(InputError) as err:
         load_config(NodeConfig, None, ENV, {}, environ={**BASE_ENV, ENV + key: value})
     assert message in str(err.value)
-    assert str(err.value).startswith("node config: ")
+    # where the value was set (before, role, threads and the rest said only "node config")
+    assert str(err.value).startswith(f"environment {ENV}{key}: ")
+    with pytest.raises(InputError, match=r"^node config: "):  # made in code: no source to name
+        load_config(NodeConfig, None, ENV, {}, environ={})
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,9 @@ def open_encoder(cfg: NodeConfig) -> TextEncoder:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load(args)
+    files = cfg.tls_files()
+    if files is not None:  # a bad certificate is found before the data is embedded, not after
+        files.channel_credentials()
     torch.set_num_threads(cfg.threads)
     assert cfg.data is not None
     data = load_survey(cfg.data, groups=[cfg.group])

@@ -1,0 +1,88 @@
+"""Services check their certificates before they do any work: a coordinator with a bad TLS
+folder starts no run (it had written one, which a corrected restart then resumed), a node finds
+a bad certificate before embedding its data (13 s in, before), and a TLS file that cannot be
+read is an error naming it, not a traceback (review, session 15)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pluralfed import tls
+from pluralfed.cli import main
+from pluralfed.errors import InputError
+
+
+def test_a_coordinator_with_bad_tls_files_starts_no_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-a" = "A"\n')
+    state = tmp_path / "state"
+    code = main(
+        [
+            "coordinator",
+            "--allow-list-file",
+            str(allow),
+            "--tls-dir",
+            str(tmp_path / "no-such-folder"),
+            "--state-dir",
+            str(state),
+            "--listen",
+            "127.0.0.1:0",
+        ]
+    )
+    assert code == 2
+    assert "CA certificate file not found: " + str(tmp_path / "no-such-folder" / "ca.pem") in (
+        capsys.readouterr().err
+    )
+    assert not (state / "state.json").exists()
+
+
+def test_a_node_checks_its_certificates_before_its_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "node",
+            "run",
+            "--group",
+            "A",
+            "--data",
+            str(tmp_path / "missing.jsonl"),  # would be the first error after embedding
+            "--coordinator",
+            "127.0.0.1:1",
+            "--tls-dir",
+            str(tmp_path / "certs"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "CA certificate file not found: " + str(tmp_path / "certs" / "ca.pem") in err
+    assert "missing.jsonl" not in err
+
+
+def test_an_unreadable_tls_file_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tests run as root, who reads any file: the folder that is not searchable (mode 0700 of
+    another user, as `certs federation` makes them) is played by Path.exists raising."""
+    path = tmp_path / "certs" / "ca.pem"
+
+    def denied(self: Path, *args: object, **kwargs: object) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)
+    with pytest.raises(InputError, match=r"^CA certificate file is not readable") as err:
+        tls.load_channel_credentials(path.with_name("cert.pem"), path.with_name("key.pem"), path)
+    assert str(path) in str(err.value) and "uid" in str(err.value)
+
+
+def test_a_relative_tls_path_says_what_it_is_relative_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as err:
+        tls.load_channel_credentials("c/cert.pem", "c/key.pem", "c/ca.pem")
+    assert str(err.value) == f"CA certificate file not found: c/ca.pem (relative to {tmp_path})"
