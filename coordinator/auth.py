@@ -369,7 +369,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             _refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"certificate identity {identity!r} is not in the coordinator's allow-list",
+                f"certificate identity {identity!r} is not in this server's allow-list",
                 method=method,
                 identity=identity,
                 reason="identity not in allow-list",

@@ -268,7 +268,7 @@ def test_not_in_allow_list(
     ):
         err = rpc_error(who, channel)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert err.details() == "certificate identity 'node-x' is not in the coordinator's allow-list"
+    assert err.details() == "certificate identity 'node-x' is not in this server's allow-list"
     assert calls.count == before, "the servicer ran for a refused call"
     (record,) = [r for r in caplog.records if r.name == "coordinator.auth"]
     assert record.levelno == logging.WARNING

@@ -209,6 +209,40 @@ def test_revoked_certificate_is_refused_on_an_open_connection(
         assert who_b(b"", timeout=5) == b"Borvenia"
 
 
+def test_node_check_says_a_revoked_certificate_needs_replacing(
+    pki: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    """Its hint for PERMISSION_DENIED was "check the allow-list and --group" (review, session
+    15), where only a new certificate helps."""
+    from pluralfed.cli import main
+
+    crl, _ = tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    watch = RevocationWatch(crl, pki / "ca" / "ca.pem", interval=0.0)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[AuthInterceptor(AllowList(ALLOWED), revocations=watch)],
+    )
+    join = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: pb.JoinReply(),  # never reached: the guard refuses first
+        request_deserializer=pb.JoinRequest.FromString,
+        response_serializer=pb.JoinReply.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("pluralfed.v1.Federation", {"Join": join})]
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0", tls.TlsFiles.from_dir(pki / "server").server_credentials()
+    )
+    server.start()
+    request.addfinalizer(lambda: server.stop(None))
+    argv = ["node", "check", "--group", "Aldoria", "--data", str(pki / "unused.jsonl")]
+    argv += ["--coordinator", f"127.0.0.1:{port}", "--tls-dir", str(pki / "node-a")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: PERMISSION_DENIED: the certificate of 'node-a'" in err
+    assert "meaning: the CA revoked this node's certificate: ask the operator for a new one" in err
+
+
 # ------------------------------------------------------------------------------------------------
 # the node's side: a revoked coordinator certificate
 

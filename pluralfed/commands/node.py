@@ -124,8 +124,11 @@ def check(args: argparse.Namespace) -> int:
             grpc.StatusCode.FAILED_PRECONDITION: "protocol or encoder mismatch with the coordinator",
             grpc.StatusCode.DEADLINE_EXCEEDED: "no answer in time: network path or coordinator load",
         }
+        hint = hints.get(code, "see the coordinator log")
+        if code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (err.details() or ""):
+            hint = "the CA revoked this node's certificate: ask the operator for a new one"
         print(f"FAILED: {code.name}: {err.details()}", file=sys.stderr)
-        print(f"  meaning: {hints.get(code, 'see the coordinator log')}", file=sys.stderr)
+        print(f"  meaning: {hint}", file=sys.stderr)
         return 1
     except ServerCheckFailed as err:
         print(f"FAILED: {err}", file=sys.stderr)
