@@ -271,6 +271,53 @@ def wait_for_port(
 NODES_FAILED_GRACE_S = 5.0
 
 
+class Progress:
+    """Logs each round and evaluation as the coordinator records them (its metrics.jsonl):
+    without it a local federation ran for minutes without a word. Rows already there when it
+    starts (a resumed run's) are not repeated."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "metrics.jsonl"
+        self._stamp: int | None = None
+        self._seen: set[tuple[str, int]] = set()
+        self.poll(quiet=True)
+
+    def poll(self, *, quiet: bool = False) -> None:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+            if stamp == self._stamp:
+                return
+            rows = [json.loads(line) for line in self.path.read_text("utf-8").splitlines()]
+        except (OSError, ValueError):  # not written yet, or being replaced: the next poll
+            return
+        self._stamp = stamp
+        for row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+                continue
+            key = (str(row.get("kind")), row["round"])
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            if not quiet:
+                log.info("%s", _describe(row))
+
+
+def _describe(row: dict[str, Any]) -> str:
+    if row.get("kind") == "evaluation":
+        reports = row.get("reports") or {}
+        figures = "  ".join(
+            f"{name}: {rep['model']['alignment']:.4f} (worst {rep['model']['worst']:.4f})"
+            for name, rep in reports.items()
+            if isinstance(rep, dict) and isinstance(rep.get("model"), dict)
+        )
+        return f"evaluation after round {row['round']}: {figures}"
+    participants, selected = row.get("participants") or [], row.get("selected") or []
+    return (
+        f"round {row['round']} done: {len(participants)}/{len(selected)} updates, "
+        f"{float(row.get('seconds', 0.0)):.1f} s"
+    )
+
+
 def wait_for_coordinator(
     procs: Processes,
     training: Sequence[str],
@@ -278,6 +325,7 @@ def wait_for_coordinator(
     timeout_s: float,
     started: float,
     quorum: int | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """The coordinator's exit code. Without a quorum of training nodes (`quorum`, the
     coordinator's min_nodes; default: all of them) the coordinator would wait until the timeout,
@@ -329,6 +377,8 @@ def wait_for_coordinator(
                 f"the federation did not finish in {timeout_s:.0f} s (--timeout); the end of "
                 f"{coord_log}:\n{log_tail(coord_log)}"
             )
+        if progress is not None:
+            progress.poll()
         time.sleep(0.2)
 
 
@@ -380,6 +430,7 @@ def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
             run.timeout_s,
             started,
             quorum=quorum if isinstance(quorum, int) else None,
+            progress=Progress(state_dir),
         )
         if code != 0:
             raise _exited("the coordinator", code, logs / "coordinator.log")

@@ -3,6 +3,9 @@ processes that end the run at once with their own words instead of a wait until 
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sys
 import time
 import tomllib
@@ -18,6 +21,7 @@ from pluralfed.errors import InputError
 from pluralfed.localfed import (
     LocalFederation,
     Processes,
+    Progress,
     node_id,
     node_ids,
     prepare,
@@ -205,3 +209,41 @@ def test_federate_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["federate", "--out", str(tmp_path / "afile")]) == 2
     assert "--out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_progress_logs_each_new_round_and_evaluation_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`make demo` printed nothing for five minutes; a resumed run's old rows are not repeated."""
+    metrics = tmp_path / "metrics.jsonl"
+
+    def write(rows: list[dict]) -> None:
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.utime(metrics, ns=(time.time_ns(), time.time_ns() + len(rows)))  # a new stamp
+
+    old = {"kind": "round", "round": 1, "participants": ["a"], "selected": ["a"], "seconds": 1.0}
+    write([old])
+    progress = Progress(tmp_path)
+    new = {
+        "kind": "round",
+        "round": 2,
+        "participants": ["a"],
+        "selected": ["a", "b"],
+        "seconds": 2.5,
+    }
+    model = {"alignment": 0.75, "worst": 0.7}
+    evaluation = {
+        "kind": "evaluation",
+        "round": 2,
+        "reports": {"held-out groups": {"model": model}},
+    }
+    with caplog.at_level(logging.INFO, logger="pluralfed.localfed"):
+        write([old, new, evaluation])
+        progress.poll()
+        progress.poll()  # nothing new: nothing logged
+        metrics.write_text("{half a row")  # being replaced: skipped, not an error
+        progress.poll()
+    assert [r.getMessage() for r in caplog.records] == [
+        "round 2 done: 1/2 updates, 2.5 s",
+        "evaluation after round 2: held-out groups: 0.7500 (worst 0.7000)",
+    ]
