@@ -1,0 +1,194 @@
+"""load_checkpoint refuses a checkpoint it cannot use whole, with an InputError that names the file
+and what is wrong in it: a missing file, model.json that is not JSON, of another format_version or
+without its fields, model.safetensors that does not read, holds other tensors than the config's,
+a tensor of another dtype or shape, or non-finite weights. Each case saves a real checkpoint
+(save_checkpoint) and edits it one way, as a hand edit, a bad copy or another program would."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load, save
+from test_validation_config import SMALL
+
+from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from pluralfed.errors import InputError
+from pluralfed.training import build_model
+
+pytestmark = pytest.mark.timeout(60)
+
+TENSOR = "members.0.head.weight"  # float32, shape (2, 8) in SMALL
+
+
+def saved(folder: Path) -> Path:
+    save_checkpoint(folder, build_model(SMALL, 0), "enc", {"note": "test"})
+    return folder
+
+
+def meta_edit(change: Callable[[dict[str, Any]], object]) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        meta = json.loads((folder / META_FILE).read_text("utf-8"))
+        change(meta)
+        (folder / META_FILE).write_text(json.dumps(meta), "utf-8")
+
+    return edit
+
+
+def tensors_edit(change: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        tensors = load((folder / WEIGHTS_FILE).read_bytes())
+        change(tensors)
+        (folder / WEIGHTS_FILE).write_bytes(save(tensors))
+
+    return edit
+
+
+def write(name: str, data: bytes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        (folder / name).write_bytes(data)
+
+    return edit
+
+
+def cut_short(folder: Path) -> None:
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    (folder / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+
+
+def with_value(value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[TENSOR] = tensors[TENSOR].clone()
+        tensors[TENSOR][1, 3] = value
+
+    return change
+
+
+F32 = "torch.float32"
+# id -> (the edit, the file the refusal names, the rest of the message as a regex)
+CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    "no model.json": (lambda f: (f / META_FILE).unlink(), META_FILE, "checkpoint file not found$"),
+    "no weights file": (
+        lambda f: (f / WEIGHTS_FILE).unlink(),
+        WEIGHTS_FILE,
+        "checkpoint file not found$",
+    ),
+    "model.json not JSON": (write(META_FILE, b"{not json"), META_FILE, "not valid JSON: "),
+    "model.json not UTF-8": (write(META_FILE, b'{"a": "\xff"}'), META_FILE, "not valid JSON: "),
+    "model.json a list": (write(META_FILE, b"[]"), META_FILE, "expected a JSON object$"),
+    "format_version 2": (
+        meta_edit(lambda m: m.update(format_version=2)),
+        META_FILE,
+        "format_version 2, expected 1$",
+    ),
+    "format_version '1'": (
+        meta_edit(lambda m: m.update(format_version="1")),
+        META_FILE,
+        "format_version '1', expected 1$",
+    ),
+    "no format_version": (
+        meta_edit(lambda m: m.pop("format_version")),
+        META_FILE,
+        "format_version None, expected 1$",
+    ),
+    "no config": (
+        meta_edit(lambda m: m.pop("config")),
+        META_FILE,
+        "field 'config' missing or not a dict$",
+    ),
+    "config a list": (
+        meta_edit(lambda m: m.update(config=[])),
+        META_FILE,
+        "field 'config' missing or not a dict$",
+    ),
+    "no encoder": (
+        meta_edit(lambda m: m.pop("encoder")),
+        META_FILE,
+        "field 'encoder' missing or not a str$",
+    ),
+    "encoder a number": (
+        meta_edit(lambda m: m.update(encoder=7)),
+        META_FILE,
+        "field 'encoder' missing or not a str$",
+    ),
+    "no metadata": (
+        meta_edit(lambda m: m.pop("metadata")),
+        META_FILE,
+        "field 'metadata' missing or not a dict$",
+    ),
+    "weights not safetensors": (
+        write(WEIGHTS_FILE, b"not a safetensors file"),
+        WEIGHTS_FILE,
+        "not a readable safetensors file: ",
+    ),
+    "weights cut short": (cut_short, WEIGHTS_FILE, "not a readable safetensors file: "),
+    "a tensor missing": (
+        tensors_edit(lambda t: t.pop("members.0.head.bias")),
+        WEIGHTS_FILE,
+        re.escape("tensors do not fit the config (missing ['members.0.head.bias'], unexpected [])")
+        + "$",
+    ),
+    "an extra tensor": (
+        tensors_edit(lambda t: t.update({"members.0.extra": torch.zeros(3)})),
+        WEIGHTS_FILE,
+        re.escape("tensors do not fit the config (missing [], unexpected ['members.0.extra'])")
+        + "$",
+    ),
+    "float64 1e300": (
+        tensors_edit(lambda t: t.update({TENSOR: torch.full((2, 8), 1e300, dtype=torch.float64)})),
+        WEIGHTS_FILE,
+        re.escape(f"tensor {TENSOR} is torch.float64[2, 8], expected {F32}[2, 8]") + "$",
+    ),
+    "float16": (
+        tensors_edit(lambda t: t.update({TENSOR: t[TENSOR].half()})),
+        WEIGHTS_FILE,
+        re.escape(f"tensor {TENSOR} is torch.float16[2, 8], expected {F32}[2, 8]") + "$",
+    ),
+    "another shape": (
+        tensors_edit(lambda t: t.update({TENSOR: torch.zeros(2, 9)})),
+        WEIGHTS_FILE,
+        re.escape(f"tensor {TENSOR} is {F32}[2, 9], expected {F32}[2, 8]") + "$",
+    ),
+    "transposed": (
+        tensors_edit(lambda t: t.update({TENSOR: t[TENSOR].T.contiguous()})),
+        WEIGHTS_FILE,
+        re.escape(f"tensor {TENSOR} is {F32}[8, 2], expected {F32}[2, 8]") + "$",
+    ),
+    "a NaN weight": (
+        tensors_edit(with_value(float("nan"))),
+        WEIGHTS_FILE,
+        re.escape(f"tensor {TENSOR} has non-finite values") + "$",
+    ),
+    "an infinite weight": (
+        tensors_edit(with_value(float("-inf"))),
+        WEIGHTS_FILE,
+        re.escape(f"tensor {TENSOR} has non-finite values") + "$",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_bad_checkpoint_is_refused_naming_the_file(tmp_path: Path, case: str) -> None:
+    edit, file_name, message = CASES[case]
+    folder = saved(tmp_path / "ckpt")
+    edit(folder)
+    with pytest.raises(InputError, match="^" + re.escape(f"{folder / file_name}: ") + message):
+        load_checkpoint(folder)
+
+
+def test_the_unedited_checkpoint_loads_whole(tmp_path: Path) -> None:
+    """The control: the checkpoint every case starts from loads, weights and all."""
+    model = build_model(SMALL, 0)
+    folder = saved(tmp_path / "ckpt")
+    ckpt = load_checkpoint(folder)
+    assert ckpt.model.cfg == SMALL and ckpt.encoder == "enc" and ckpt.metadata == {"note": "test"}
+    want, got = model.state_dict(), ckpt.model.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name].numpy(), want[name].numpy(), err_msg=name)

@@ -1,0 +1,76 @@
+"""`pluralfed coordinator` refuses to start without an allow-list (README: "The coordinator refuses
+to start without an allow-list"): with neither --config nor --allow-list-file it exits 2 with one
+error line, before it makes any state or listens, whether it would serve TLS or plain text. The
+real CLI in a child process, as an operator runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from fedharness import CLI, HOST, Pki, env_for_children, scaled
+
+pytestmark = pytest.mark.timeout(120)
+
+REFUSAL = (
+    "pluralfed coordinator: error: no allow-list: give --allow-list-file or an [allow_list] "
+    "table in --config\n"
+)
+
+
+def coordinator(args: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "coordinator", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    """The child's environment without any coordinator setting (an allow_list_file there would
+    be an allow-list)."""
+    return {
+        k: v for k, v in env_for_children().items() if not k.startswith("PLURALFED_COORDINATOR_")
+    }
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize("transport", ["tls", "insecure"])
+def test_the_coordinator_refuses_to_start_without_an_allow_list(
+    tmp_path: Path, env: dict[str, str], pki: Pki, transport: str
+) -> None:
+    state = tmp_path / "state"
+    security = ["--tls-dir", str(pki.server)] if transport == "tls" else ["--insecure"]
+    done = coordinator(["--listen", f"{HOST}:0", "--state-dir", str(state), *security], env)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", REFUSAL)
+    assert not state.exists()  # no run made, never listened (it writes coordinator.port there)
+
+
+def test_an_allow_list_file_is_enough_to_pass_that_check(
+    tmp_path: Path, env: dict[str, str], pki: Pki
+) -> None:
+    """The control: the same command with an allow-list file gets past the check (here to
+    --print-config, which prints the settings and exits without starting)."""
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-a" = "A"\n', "utf-8")
+    state = tmp_path / "state"
+    args = ["--listen", f"{HOST}:0", "--state-dir", str(state), "--tls-dir", str(pki.server)]
+    done = coordinator([*args, "--allow-list-file", str(allow), "--print-config"], env)
+    assert done.returncode == 0, done.stderr
+    assert "no allow-list" not in done.stderr and str(state) in done.stdout
+    # and the variable an operator may set instead of the option counts the same
+    by_env = {**env, "PLURALFED_COORDINATOR_ALLOW_LIST_FILE": str(allow)}
+    done = coordinator([*args, "--print-config"], by_env)
+    assert done.returncode == 0, done.stderr
+    assert os.fspath(allow) in done.stdout

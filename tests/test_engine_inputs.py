@@ -1,0 +1,254 @@
+"""What the round engine refuses from nodes and from its own state folder, each with the refusal
+that says why, and nothing of it taken: update metric names that are empty, not printable or too
+long; a training node that joins without examples; an evaluation report from a session the
+evaluation did not ask; a run resumed with another text encoder or model, or from a state.json of
+another version. Real RoundEngine, driven in process as tests/test_engine_recovery.py does."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fedharness import scaled, wait_until
+from test_engine_recovery import ENC, WEIGHTS, replay_of, serve, start
+
+from coordinator.rounds import (
+    MAX_METRIC_NAME,
+    NodeSession,
+    Rejection,
+    Role,
+    RoundEngine,
+    RoundSettings,
+    TaskKind,
+    TaskSpec,
+)
+from coordinator.state import STATE_FILE, STATE_VERSION
+from pluralfed.errors import InputError
+from pluralfed.evaluation import GroupEvaluation
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def driven(tmp_path: Path) -> Iterator[tuple[RoundEngine, threading.Thread]]:
+    """An engine of one training round (then its final evaluation) for two nodes, running."""
+    settings = RoundSettings(
+        rounds=1,
+        min_nodes=2,
+        eval_every=0,
+        round_timeout_s=scaled(60),
+        eval_timeout_s=scaled(60),
+    )
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    try:
+        yield engine, driver
+    finally:
+        engine.stop()
+        driver.join(scaled(10))
+
+
+def upload(
+    engine: RoundEngine, s: NodeSession, t: TaskSpec, metrics: Mapping[str, float], value: float
+) -> None:
+    engine.accept_update(
+        s.session_id, None, t.task_id, t.round, 10, metrics, replay_of(value), 80, t.model_version
+    )
+
+
+def refusal(call: Any, *args: Any) -> Rejection:
+    with pytest.raises(Rejection) as err:
+        call(*args)
+    return err.value
+
+
+# ------------------------------------------------------------------------------- update metrics
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("", "''"),
+        ("lo\nss", r"'lo\nss'"),
+        ("\x1b[31mloss", r"'\x1b[31mloss'"),
+        ("loss\u200b", r"'loss\u200b'"),
+        ("m" * (MAX_METRIC_NAME + 1), repr("m" * MAX_METRIC_NAME)),
+    ],
+    ids=["empty", "newline", "terminal escape", "zero-width space", "65 characters"],
+)
+def test_update_metric_names_must_be_short_and_printable(
+    driven: tuple[RoundEngine, threading.Thread], name: str, shown: str
+) -> None:
+    engine, _ = driven
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    task = engine.next_task(a.session_id, None, scaled(5))
+    assert task.kind == TaskKind.TRAIN
+    assert engine.next_task(b.session_id, None, scaled(5)).task_id == task.task_id
+
+    refused = refusal(upload, engine, a, task, {name: 0.5, "loss": 0.5}, 1.0)
+    message = f"update from A: metric name {shown} must be 1 to 64 printable characters"
+    assert (refused.code, refused.reason, refused.message) == (
+        "INVALID_ARGUMENT",
+        "MALFORMED",
+        message,
+    )
+    # final: A's round is decided, its good copy is not taken
+    assert refusal(upload, engine, a, task, {"loss": 0.5}, 1.0).reason == "ALREADY_REJECTED"
+
+    longest = "m" * MAX_METRIC_NAME  # the control: a name of the longest length is taken
+    upload(engine, b, task, {longest: 1.0}, 3.0)
+    wait_until(lambda: engine.completed_rounds() == 1, 30, "round 1 to complete")
+    record = engine.state.history[0]
+    assert record["participants"] == ["B"] and record["node_metrics"] == {"B": {longest: 1.0}}
+    assert record["outcomes"]["A"] == f"rejected: {message}"
+    for weights in engine.state.weights.values():  # the average of B's update alone
+        np.testing.assert_array_equal(weights, np.full(10, 3.0, np.float32))
+
+
+# ------------------------------------------------------------------------------- join
+
+
+@pytest.mark.parametrize("examples", [0, -1])
+def test_a_training_node_without_examples_may_not_join(tmp_path: Path, examples: int) -> None:
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    refused = refusal(engine.join, "A", Role.TRAIN, examples, ENC, "t")
+    assert (refused.code, refused.message) == (
+        "INVALID_ARGUMENT",
+        "training node 'A' reports no examples",
+    )
+    assert engine.live_sessions() == []
+    # the controls: one example is enough to train, an evaluate-only node needs none
+    assert engine.join("A", Role.TRAIN, 1, ENC, "t").num_examples == 1
+    engine.join("J", Role.EVALUATE_ONLY, 0, ENC, "t")
+    assert sorted(s.group for s in engine.live_sessions()) == ["A", "J"]
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def report(engine: RoundEngine, s: NodeSession, t: TaskSpec, group: str) -> None:
+    evaluation = GroupEvaluation(group, 5, 0.5, 0.4, 0.3, 0.3)
+    engine.accept_evaluation(s.session_id, None, t.task_id, t.round, evaluation, t.model_version)
+
+
+def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
+    driven: tuple[RoundEngine, threading.Thread],
+) -> None:
+    engine, driver = driven
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    for s, value in ((a, 1.0), (b, 3.0)):
+        task = engine.next_task(s.session_id, None, scaled(5))
+        assert task.kind == TaskKind.TRAIN
+        upload(engine, s, task, {}, value)
+    evaluation = engine.next_task(a.session_id, None, scaled(5))
+    assert evaluation.kind == TaskKind.EVALUATE  # the final evaluation, open for A and B
+
+    # nodes that joined after it opened were not asked, in either role
+    late_judge = engine.join("J", Role.EVALUATE_ONLY, 0, ENC, "t")
+    late_trainer = engine.join("C", Role.TRAIN, 10, ENC, "t")
+    for late in (late_judge, late_trainer):
+        refused = refusal(report, engine, late, evaluation, late.group)
+        assert (refused.code, refused.message) == (
+            "FAILED_PRECONDITION",
+            f"{late.group} was not asked to evaluate",
+        )
+
+    report(engine, a, evaluation, "A")
+    report(engine, b, engine.next_task(b.session_id, None, scaled(5)), "B")
+    driver.join(scaled(20))
+    assert engine.done
+    record = engine.state.evaluations[-1]
+    assert record["groups"] == ["A", "B"] and record["missing"] == []
+    assert sorted(record["per_group"]) == ["A", "B"]
+
+
+# ------------------------------------------------------------------------------- resuming
+
+SETTINGS = RoundSettings(rounds=2, eval_every=0)
+CONFIG = {"d_model": 8, "n_heads": 2}
+
+
+def saved_run(folder: Path) -> tuple[str, dict[str, bytes]]:
+    """A run stopped after round 1 in `folder`: its run id and its files' bytes."""
+    first = RoundEngine(SETTINGS, WEIGHTS, folder, ENC, CONFIG)
+    driver = start(first)
+    serve(first, stop_after_round=1)
+    driver.join(scaled(20))
+    assert first.completed_rounds() == 1
+    return first.run_id, files_of(folder)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+FRESH = "; resume it with the same settings, or start a new run in another state folder"
+OTHER_MODEL = "the saved run's model differs from the configured one"
+OTHER_WEIGHTS = "the saved run's weights do not fit the configured model"
+
+
+@pytest.mark.parametrize(
+    ("encoder", "config", "weights", "message"),
+    [
+        (
+            "other-encoder",
+            CONFIG,
+            WEIGHTS,
+            "the saved run used encoder 'enc', this coordinator is configured with 'other-encoder'",
+        ),
+        (ENC, {**CONFIG, "d_model": 16}, WEIGHTS, f"{OTHER_MODEL} (d_model 8 -> 16)"),
+        (ENC, {}, WEIGHTS, f"{OTHER_MODEL} (d_model 8 -> None, n_heads 2 -> None)"),
+        (ENC, CONFIG, {**WEIGHTS, "b": np.zeros(11, np.float32)}, OTHER_WEIGHTS),
+        (ENC, CONFIG, {**WEIGHTS, "b": np.zeros(10, np.float64)}, OTHER_WEIGHTS),
+        (ENC, CONFIG, {"a": WEIGHTS["a"]}, OTHER_WEIGHTS),
+    ],
+    ids=[
+        "encoder",
+        "model config",
+        "no model config",
+        "a tensor's shape",
+        "a tensor's dtype",
+        "a tensor fewer",
+    ],
+)
+def test_a_run_resumed_with_another_encoder_or_model_is_refused(
+    tmp_path: Path,
+    encoder: str,
+    config: dict[str, Any],
+    weights: dict[str, np.ndarray],
+    message: str,
+) -> None:
+    run_id, before = saved_run(tmp_path)
+    expected = f"{tmp_path}: {message}{FRESH}"
+    with pytest.raises(InputError, match="^" + re.escape(expected) + "$"):
+        RoundEngine(SETTINGS, weights, tmp_path, encoder, config)
+    assert files_of(tmp_path) == before  # the saved run is left as it was
+    # the control: the same encoder and model resume it
+    resumed = RoundEngine(SETTINGS, WEIGHTS, tmp_path, ENC, CONFIG)
+    assert (resumed.run_id, resumed.completed_rounds()) == (run_id, 1)
+
+
+@pytest.mark.parametrize("version", [STATE_VERSION + 1, 0, str(STATE_VERSION), None])
+def test_a_state_of_another_version_is_refused(tmp_path: Path, version: object) -> None:
+    saved_run(tmp_path)
+    path = tmp_path / STATE_FILE
+    raw = json.loads(path.read_text("utf-8"))
+    assert raw["version"] == STATE_VERSION
+    if version is None:
+        del raw["version"]
+    else:
+        raw["version"] = version
+    path.write_text(json.dumps(raw), "utf-8")
+    before = files_of(tmp_path)
+    expected = f"{path}: state version {version!r}, expected {STATE_VERSION}"
+    with pytest.raises(InputError, match="^" + re.escape(expected) + "$"):
+        RoundEngine(SETTINGS, WEIGHTS, tmp_path, ENC, CONFIG)
+    assert files_of(tmp_path) == before
