@@ -41,9 +41,9 @@ from coordinator.strategy import (
 )
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.errors import InputError
-from pluralfed.evaluation import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.fsutil import atomic_write_bytes
-from pluralfed.training import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
+from pluralfed.metrics import GroupEvaluation, SetReport, summarize_groups
+from pluralfed.protocol import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
 from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
 
 log = logging.getLogger("pluralfed.coordinator")

@@ -49,7 +49,7 @@ from coordinator.rounds import (
     clipped,
 )
 from pluralfed import __version__
-from pluralfed.evaluation import GroupEvaluation
+from pluralfed.metrics import GroupEvaluation
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles

@@ -31,6 +31,7 @@ from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
+from pluralfed.protocol import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
 from pluralfed.tls import (
     RevocationList,
     ServerCheckFailed,
@@ -41,7 +42,7 @@ from pluralfed.tls import (
     revocation_check_context,
     secure_channel,
 )
-from pluralfed.training import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE, TrainingSettings
+from pluralfed.training import TrainingSettings
 from pluralfed.transport import (
     PROTOCOL_VERSION,
     BulkStreamCalls,

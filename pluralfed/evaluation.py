@@ -2,13 +2,12 @@
 
 A node evaluates its own group and reports a `GroupEvaluation` (plain numbers); whoever combines
 them (the coordinator, or the centralized CLI) calls `summarize_groups`. Raw answers never move.
+Those result types live in the torch-free `pluralfed.metrics`, so the coordinator needs no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,44 +21,17 @@ from pluralfed.episodes import (
     with_uniform_answers,
 )
 from pluralfed.errors import InputError
-from pluralfed.metrics import Summary, alignment_score, group_prior, summarize, uniform_prediction
+from pluralfed.metrics import (  # re-exported: the evaluation's results live with the metrics
+    GROUP_METRICS,
+    GroupEvaluation,
+    SetReport,
+    alignment_score,
+    group_prior,
+    summarize_groups,
+    uniform_prediction,
+)
 from pluralfed.model import GPO
 from pluralfed.protocol import EVAL_MAX_CONTEXT
-
-# the per-group figures a node reports; each is a mean over the group's test questions
-GROUP_METRICS: tuple[str, ...] = ("model", "uniform_context", "uniform_baseline", "prior_baseline")
-
-
-@dataclass(frozen=True)
-class GroupEvaluation:
-    group: str
-    num_questions: int
-    model: float  # alignment with the group's own context
-    uniform_context: float  # same context questions, answers replaced by uniform
-    uniform_baseline: float
-    prior_baseline: float
-
-    @property
-    def context_gain(self) -> float:
-        return self.model - self.uniform_context
-
-    def metrics(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in GROUP_METRICS}
-
-    @classmethod
-    def from_metrics(
-        cls, group: str, num_questions: int, metrics: Mapping[str, float]
-    ) -> GroupEvaluation:
-        missing = [m for m in GROUP_METRICS if m not in metrics]
-        if missing:
-            raise ValueError(f"evaluation of group {group!r} lacks metrics {missing}")
-        values = {m: float(metrics[m]) for m in GROUP_METRICS}
-        bad = [m for m, v in values.items() if not (np.isfinite(v) and -1e-9 <= v <= 1 + 1e-9)]
-        if bad:
-            raise ValueError(f"evaluation of group {group!r}: metrics {bad} are not in [0, 1]")
-        if num_questions <= 0:
-            raise ValueError(f"evaluation of group {group!r} covers no questions")
-        return cls(group=group, num_questions=num_questions, **values)
 
 
 @torch.inference_mode()
@@ -107,40 +79,11 @@ def evaluate_group(
     )
 
 
-@dataclass(frozen=True)
-class SetReport:
-    """PROTOCOL.md figures for one set of groups (training groups' test questions, or held-out)."""
-
-    model: Summary
-    context_gain: float
-    uniform_baseline: Summary
-    prior_baseline: Summary
-    per_group: dict[str, float]
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> SetReport:
-        return cls(
-            model=Summary(**raw["model"]),
-            context_gain=float(raw["context_gain"]),
-            uniform_baseline=Summary(**raw["uniform_baseline"]),
-            prior_baseline=Summary(**raw["prior_baseline"]),
-            per_group=dict(raw["per_group"]),
-        )
-
-
-def summarize_groups(evals: Sequence[GroupEvaluation]) -> SetReport:
-    if not evals:
-        raise ValueError("no group evaluations to summarize")
-    by_group = {e.group: e for e in evals}
-    model = summarize({g: e.model for g, e in by_group.items()})
-    uniform_context = summarize({g: e.uniform_context for g, e in by_group.items()})
-    return SetReport(
-        model=model,
-        context_gain=model.alignment - uniform_context.alignment,
-        uniform_baseline=summarize({g: e.uniform_baseline for g, e in by_group.items()}),
-        prior_baseline=summarize({g: e.prior_baseline for g, e in by_group.items()}),
-        per_group={g: e.model for g, e in by_group.items()},
-    )
+__all__ = [
+    "GROUP_METRICS",
+    "GroupEvaluation",
+    "SetReport",
+    "evaluate_group",
+    "predict_targets",
+    "summarize_groups",
+]

@@ -21,3 +21,9 @@ FEDERATED_ROUNDS = 100
 LOCAL_STEPS = 6
 CENTRALIZED_EPOCHS = 100
 EVAL_EVERY = 10
+
+# embeddings are unit vectors: a std of 1 per dimension would drown them many times over
+MAX_EMBEDDING_NOISE = 1.0
+# The update metric (UpdateHeader.metrics) with `LocalTrainer.alignment_before`: what a
+# fairness-aware coordinator weighs updates by (coordinator `fairness_q`).
+ALIGNMENT_BEFORE = "alignment_before"

@@ -20,7 +20,12 @@ from pluralfed.episodes import (
 )
 from pluralfed.metrics import alignment_score
 from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax
-from pluralfed.protocol import CONTEXT_RANGE, LEARNING_RATE, TARGET_RANGE
+from pluralfed.protocol import (
+    CONTEXT_RANGE,
+    LEARNING_RATE,
+    MAX_EMBEDDING_NOISE,
+    TARGET_RANGE,
+)
 
 # torch.manual_seed takes 64-bit seeds only and treats a negative one as this much more, so
 # reducing modulo it keeps every seed torch accepted as it was and lets larger ones through
@@ -41,10 +46,6 @@ def build_model(config: GPOConfig, seed: int) -> GPO:
     model = GPO(config)
     torch.random.set_rng_state(generator_state)
     return model
-
-
-# embeddings are unit vectors: a std of 1 per dimension would drown them many times over
-MAX_EMBEDDING_NOISE = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,6 @@ class TrainingSettings:
             raise ValueError(
                 f"embedding_noise must be in 0..{MAX_EMBEDDING_NOISE}, got {self.embedding_noise!r}"
             )
-
-
-# The update metric (UpdateHeader.metrics) with `LocalTrainer.alignment_before`: what a
-# fairness-aware coordinator weighs updates by (coordinator `fairness_q`).
-ALIGNMENT_BEFORE = "alignment_before"
 
 
 def target_alignment(means: torch.Tensor, batch: EpisodeBatch) -> float:

@@ -37,7 +37,8 @@ from pluralfed.evaluation import predict_targets
 from pluralfed.metrics import alignment_score
 from pluralfed.model import GPO
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
-from pluralfed.training import ALIGNMENT_BEFORE, LocalTrainer, TrainingSettings, build_model
+from pluralfed.protocol import ALIGNMENT_BEFORE
+from pluralfed.training import LocalTrainer, TrainingSettings, build_model
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -39,7 +39,7 @@ from coordinator.rounds import HELD_OUT_SET, TRAIN_SET
 from coordinator.state import load_state
 from pluralfed.checkpoint import load_checkpoint
 from pluralfed.localfed import node_id
-from pluralfed.training import ALIGNMENT_BEFORE
+from pluralfed.protocol import ALIGNMENT_BEFORE
 from pluralfed.wire import digest_of, load_metadata, load_tensors, state_dict_to_numpy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -1,0 +1,43 @@
+"""The architecture's boundaries, checked on the real imports: transport knows nothing of ML
+(the coordinator's server and round engine load without torch), and aggregation knows nothing of
+gRPC (the strategy loads without grpc or protobuf). Each check runs in a fresh interpreter, so
+what other tests imported cannot hide a dependency."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + f"print(' '.join(w for w in {watched!r} if w in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["coordinator.server", "coordinator.rounds", "coordinator.auth", "pluralfed.transport"],
+)
+def test_transport_and_round_logic_load_without_ml(module: str) -> None:
+    assert loaded_after_import([module], ["torch", "transformers"]) == []
+
+
+def test_aggregation_loads_without_grpc() -> None:
+    assert loaded_after_import(["coordinator.strategy"], ["grpc", "google.protobuf"]) == []
+
+
+def test_the_check_sees_an_ml_import() -> None:
+    # the node's worker trains: it must show torch, or the checks above prove nothing
+    assert loaded_after_import(["group_node.worker"], ["torch"]) == ["torch"]
