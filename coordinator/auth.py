@@ -18,7 +18,9 @@ runs. This module guards the synchronous ``grpc.server``; a ``grpc.aio`` server 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import math
 import os
 import threading
 import time
@@ -38,6 +40,7 @@ from pluralfed.tls import (
     RevocationList,
     identity_from_auth_context,
     load_revocation_list,
+    peer_certificate,
     peer_serial,
 )
 
@@ -171,6 +174,48 @@ def _unbind(context: grpc.ServicerContext) -> None:
         _calls.pop(context, None)
 
 
+class RefusalLog:
+    """Logs the first refusal of each (caller, reason) and then at most one a minute, with a count
+    of those left out: a client refused in a loop (a revoked certificate, say) must not be able to
+    fill the coordinator's disk with log lines."""
+
+    MAX_KEYS = 4096  # callers x reasons remembered; beyond, the memory starts afresh
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def log(self, method: str, identity: str | None, peer: str, reason: str) -> None:
+        caller = identity or peer.rsplit(":", 1)[0]  # a peer's port changes with each connection
+        key, now = (caller, reason), time.monotonic()
+        with self._lock:
+            last, left_out = self._seen.get(key, (-math.inf, 0))
+            if now - last < self.interval_s:
+                self._seen[key] = (last, left_out + 1)
+                return
+            if len(self._seen) >= self.MAX_KEYS:
+                self._seen.clear()
+            self._seen[key] = (now, 0)
+        more = f" ({left_out} more like it in the last {now - last:.0f} s)" if left_out else ""
+        log.warning(
+            "refused %s: identity=%s peer=%s reason=%s%s",
+            method,
+            identity or "-",
+            peer,
+            reason,
+            more,
+        )
+
+    def forget(self) -> None:
+        """Log the next refusal of every caller again (tests that look for one)."""
+        with self._lock:
+            self._seen.clear()
+
+
+_refusals = RefusalLog()
+
+
 def _refuse(
     context: grpc.ServicerContext,
     code: grpc.StatusCode,
@@ -180,9 +225,7 @@ def _refuse(
     identity: str | None,
     reason: str,
 ) -> NoReturn:
-    log.warning(
-        "refused %s: identity=%s peer=%s reason=%s", method, identity or "-", context.peer(), reason
-    )
+    _refusals.log(method, identity, context.peer(), reason)
     context.abort(code, message)
     raise AssertionError("context.abort returned")  # grpc's abort always raises
 
@@ -297,6 +340,43 @@ class RevocationWatch:
         return len(self._current.serials)
 
 
+class CallLimit:
+    """At most `limit` calls in flight per node, so one node (hostile or broken) cannot take every
+    RPC thread: a call that would pass the limit is refused at once, holding no thread.
+
+    A call counts while its context is active, so a call whose end this guard never saw (a response
+    stream gRPC dropped before its first message) stops counting when gRPC ends it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the calls allowed per node must be at least 1, got {limit}")
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._calls: dict[str, weakref.WeakSet[Any]] = {}
+
+    def enter(self, node: str, context: Any) -> bool:
+        """Count this call for `node`; False (nothing counted) if the node is at its limit."""
+        with self._lock:
+            calls = self._calls.setdefault(node, weakref.WeakSet())
+            for ended in [c for c in calls if not c.is_active()]:
+                calls.discard(ended)
+            if len(calls) >= self.limit:
+                return False
+            calls.add(context)
+            return True
+
+    def leave(self, node: str, context: Any) -> None:
+        with self._lock:
+            calls = self._calls.get(node)
+            if calls is not None:
+                calls.discard(context)
+
+    def in_flight(self, node: str) -> int:
+        with self._lock:
+            return sum(1 for c in self._calls.get(node, ()) if c.is_active())
+
+
 class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Install on the coordinator's server: ``grpc.server(pool, interceptors=[AuthInterceptor(al)])``.
 
@@ -304,8 +384,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     identity; they still need the TLS handshake. `allow_common_name` also accepts the subject CN of a
     certificate without a pluralfed node URI (externally issued certificates). With `revocations`,
     a certificate whose serial the CA has revoked is refused (PERMISSION_DENIED) even though its
-    identity is allow-listed. `insecure=True` is for demos without certificates only: nothing is
-    checked and `require_self` trusts claimed names.
+    identity is allow-listed. With `max_calls_per_node`, a node with that many calls in flight has
+    the next refused (RESOURCE_EXHAUSTED) before any handler runs. `insecure=True` is for demos
+    without certificates only: nothing is checked and `require_self` trusts claimed names.
     """
 
     def __init__(
@@ -316,8 +397,10 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         allow_common_name: bool = False,
         insecure: bool = False,
         revocations: RevocationWatch | None = None,
+        max_calls_per_node: int | None = None,
     ) -> None:
         self.allow_list = allow_list
+        self.call_limit = CallLimit(max_calls_per_node) if max_calls_per_node else None
         self.revocations = revocations
         self.exempt_methods = frozenset(exempt_methods)
         self.allow_common_name = allow_common_name
@@ -362,6 +445,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 identity=None,
                 reason="verified certificate carries no pluralfed node identity",
             )
+        self._check_not_expired(context, auth_context, method, identity)
         if self.revocations is not None:
             self._check_not_revoked(context, auth_context, method, identity)
         node = self.allow_list.node_for(identity)
@@ -375,6 +459,24 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 reason="identity not in allow-list",
             )
         return Principal(node=node, identity=identity, insecure=False, known_nodes=known)
+
+    def _check_not_expired(
+        self, context: grpc.ServicerContext, auth_context: Any, method: str, identity: str
+    ) -> None:
+        """TLS checks validity at the handshake only; a connection kept open (keepalive) must not
+        outlive its certificate."""
+        cert = peer_certificate(auth_context)
+        if cert is not None and cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
+            expired = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+            _refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the certificate of {identity!r} expired at {expired}: renew it "
+                "(`pluralfed certs node`) and connect again",
+                method=method,
+                identity=identity,
+                reason=f"certificate expired at {expired}",
+            )
 
     def _check_not_revoked(
         self, context: grpc.ServicerContext, auth_context: Any, method: str, identity: str
@@ -441,6 +543,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self, behaviour: Callable[[Any, Any], Any], arg: Any, context: Any, method: str
     ) -> Any:
         who = self.authenticate(context, method)
+        self._enter(who, context, method)
         _bind(context, who)
         token = current_node.set(who.node)
         try:
@@ -448,27 +551,50 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         finally:
             current_node.reset(token)
             _unbind(context)
+            self._leave(who, context)
 
     def _stream(
         self, behaviour: Callable[[Any, Any], Iterable[Any]], arg: Any, context: Any, method: str
     ) -> Iterator[Any]:
         # Authenticate before the servicer is even called, not lazily on the first response.
         who = self.authenticate(context, method)
+        self._enter(who, context, method)
         _bind(context, who)
         token = current_node.set(who.node)
         try:
             responses = iter(behaviour(arg, context))
         except BaseException:
             _unbind(context)
+            self._leave(who, context)
             raise
         finally:
             current_node.reset(token)
-        return _bound_iterator(responses, who, context)
+        return _bound_iterator(responses, who, context, lambda: self._leave(who, context))
+
+    def _enter(self, who: Principal, context: Any, method: str) -> None:
+        if self.call_limit is None or who.node is None:
+            return
+        if not self.call_limit.enter(who.node, context):
+            _refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.call_limit.limit} calls of this node are already in flight: "
+                "finish or cancel one first",
+                method=method,
+                identity=who.identity,
+                reason=f"more than {self.call_limit.limit} calls in flight",
+            )
+
+    def _leave(self, who: Principal, context: Any) -> None:
+        if self.call_limit is not None and who.node is not None:
+            self.call_limit.leave(who.node, context)
 
 
-def _bound_iterator(responses: Iterator[Any], who: Principal, context: Any) -> Iterator[Any]:
+def _bound_iterator(
+    responses: Iterator[Any], who: Principal, context: Any, done: Callable[[], None]
+) -> Iterator[Any]:
     """Run each step of a response stream with `current_node` set (set and reset per step, so the
-    variable never leaks into the server thread between responses)."""
+    variable never leaks into the server thread between responses); `done` runs when it ends."""
     try:
         while True:
             token = current_node.set(who.node)
@@ -484,3 +610,4 @@ def _bound_iterator(responses: Iterator[Any], who: Principal, context: Any) -> I
         if close is not None:
             close()
         _unbind(context)
+        done()

@@ -193,6 +193,10 @@ SERVER_OPTIMIZERS = ("fedavg", "fedadagrad", "fedadam", "fedyogi")
 WEIGHTINGS = ("examples", "uniform")
 
 
+# the longest group name a node may join with (and the allow-list may hold)
+MAX_GROUP_NAME = 200
+
+
 @dataclass(frozen=True)
 class RoundSettings:
     rounds: int = 100
@@ -218,6 +222,9 @@ class RoundSettings:
     session_timeout_s: float = 60.0
     heartbeat_interval_s: float = 5.0
     quorum_timeout_s: float | None = None  # give up waiting for a quorum after this long
+    # The groups that may only evaluate (held out); every other group may only train. None: each
+    # node's Join says its role (nothing then stops a held-out group from training).
+    evaluate_only: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         """Refuse (ConfigValueError naming the field) every value no run could use, whether the
@@ -285,6 +292,22 @@ class RoundSettings:
                 f"{self.server_optimizer!r}",
                 SETTINGS,
             )
+        if self.evaluate_only is not None:
+            names = self.evaluate_only
+            if not isinstance(names, tuple) or not all(
+                isinstance(n, str) and 0 < len(n.strip()) <= MAX_GROUP_NAME for n in names
+            ):
+                raise ConfigValueError(
+                    "evaluate_only",
+                    f"evaluate_only must be a list of group names (1..{MAX_GROUP_NAME} "
+                    f"characters), got {names!r}",
+                    SETTINGS,
+                )
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ConfigValueError(
+                    "evaluate_only", f"evaluate_only names {twice} more than once", SETTINGS
+                )
         # across fields
         if self.min_updates > self.min_nodes:
             raise ConfigValueError(
@@ -532,6 +555,15 @@ class RoundEngine:
             )
         checked_text("software_version", software_version, MAX_VERSION_TEXT)
         extras = checked_labels(labels or {})
+        allowed = self.settings.evaluate_only
+        if allowed is not None:
+            expected = Role.EVALUATE_ONLY if group in allowed else Role.TRAIN
+            if role != expected:
+                raise Rejection(
+                    "PERMISSION_DENIED",
+                    f"group {group!r} may only join as {expected.value} in this federation (the "
+                    f"coordinator's evaluate_only); it asked to join as {role.value}",
+                )
         if role == Role.TRAIN and num_examples < 1:
             raise Rejection("INVALID_ARGUMENT", f"training node {group!r} reports no examples")
         if num_examples > MAX_NODE_EXAMPLES:

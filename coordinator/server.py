@@ -37,6 +37,7 @@ from coordinator.auth import (
 )
 from coordinator.rounds import (
     MAX_FREE_TEXT,
+    MAX_GROUP_NAME,
     MAX_NODE_EXAMPLES,
     GlobalModel,
     Rejection,
@@ -82,7 +83,6 @@ from pluralfed.wire import (
 
 log = logging.getLogger("pluralfed.coordinator")
 
-MAX_GROUP_NAME = 200
 MAX_WAIT_S = 60.0
 # how long a GetTask without `wait` is held (the protocol: the coordinator's default), so that a
 # node leaving it unset does not busy-poll on WAIT answers with a zero retry_after
@@ -98,6 +98,9 @@ MEAN_ALIGNMENT_TOLERANCE = 1e-9
 DEFAULT_MAX_CONCURRENT_UPLOADS = 4
 # downloads sent at once (CoordinatorConfig.max_concurrent_downloads); more wait for a slot
 DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
+# Calls one node may have in flight (a long poll, a heartbeat, a transfer, an evaluation report,
+# and room for the calls of a connection it is replacing): one node cannot take every RPC thread.
+MAX_CALLS_PER_NODE = 8
 
 _TASK_KINDS = {
     TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
@@ -337,9 +340,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.bytes_out = 0
         self.deadlines = StreamDeadlines()
         self.transfer_grace_s = transfer_grace_s
-        # (kind, session) of each running upload and download: one of each per node at a time,
-        # so no one node can take every slot
-        self._running: set[tuple[str, str]] = set()
+        # (kind, node) of each running upload and download -> (its session, its call): one of
+        # each per node at a time, so no one node can take every slot (in insecure mode, where no
+        # node is proven, per session)
+        self._running: dict[tuple[str, str], tuple[str, grpc.ServicerContext]] = {}
         self._running_lock = threading.Lock()
         self._download_lock = threading.Lock()
         self._current_download: ModelDownload | None = None
@@ -351,7 +355,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         group = request.group.strip()
         if not group or len(group) > MAX_GROUP_NAME:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "group must be 1..200 characters")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"group must be 1..{MAX_GROUP_NAME} characters"
+            )
         require_self(context, group)
         if request.protocol_version != PROTOCOL_VERSION:
             context.abort(
@@ -416,7 +422,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Rejection as r:
             _abort(context, r)
         download = self._download_of(model)
-        with self._one_per_session("download", request.session_id) as alone:
+        with self._one_per_node(
+            "download", self._caller(context), request.session_id, context
+        ) as alone:
             if not alone:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -438,18 +446,33 @@ class FederationServicer(pb_grpc.FederationServicer):
         return self.engine.transfer_deadline() - time.monotonic() + self.transfer_grace_s
 
     @contextlib.contextmanager
-    def _one_per_session(self, kind: str, session_id: str) -> Iterator[bool]:
-        """True if this session has no other `kind` stream running (then this one is it)."""
-        key = (kind, session_id)
+    def _one_per_node(
+        self, kind: str, caller: str | None, session_id: str, context: grpc.ServicerContext
+    ) -> Iterator[bool]:
+        """True if this node has no other `kind` stream of this session running (then this one is
+        it). A stream of an earlier session of the node is cancelled: the node joined again, and
+        a new session must not leave its old streams holding slots (one node re-joining could
+        otherwise hold every slot)."""
+        key = (kind, caller or session_id)
         with self._running_lock:
-            first = key not in self._running
-            self._running.add(key)
+            running = self._running.get(key)
+            first = running is None or running[0] != session_id
+            if first:
+                self._running[key] = (session_id, context)
+        if first and running is not None:
+            log.info(
+                "%s of %s cancelled: the node joined again, a stream of its new session replaces it",
+                kind,
+                key[1],
+            )
+            running[1].cancel()
         try:
             yield first
         finally:
             if first:
                 with self._running_lock:
-                    self._running.discard(key)
+                    if self._running.get(key, (None, None))[1] is context:
+                        del self._running[key]
 
     def _download_of(self, model: GlobalModel) -> ModelDownload:
         """The download stream of this model version, built by the first download that needs it;
@@ -482,7 +505,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             refusal = self._refuse_upload(h, caller, context)
             if refusal is not None:
                 return refusal
-            with self._one_per_session("upload", h.session_id) as alone:
+            with self._one_per_node("upload", caller, h.session_id, context) as alone:
                 if not alone:
                     return _reject(
                         "DUPLICATE",
@@ -770,6 +793,7 @@ def start_server(
     download_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     revocations: RevocationWatch | None = None,
     transfer_grace_s: float = TRANSFER_GRACE_S,
+    max_calls_per_node: int = MAX_CALLS_PER_NODE,
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
@@ -782,6 +806,7 @@ def start_server(
     range); smaller parts lower what gRPC holds for the downloads being sent, at some speed.
     revocations: node certificates the CA revoked are refused, even if allow-listed.
     transfer_grace_s: how long past its round's deadline an upload or download may still run.
+    max_calls_per_node: a node's calls in flight beyond this are refused RESOURCE_EXHAUSTED.
     """
     if isinstance(upload_slots, int):
         upload_slots = StreamSlots(upload_slots)
@@ -797,7 +822,12 @@ def start_server(
         transfer_grace_s,
     )
     limit_malloc_arenas()  # before the RPC threads start
-    interceptor = AuthInterceptor(allow_list, insecure=tls is None, revocations=revocations)
+    interceptor = AuthInterceptor(
+        allow_list,
+        insecure=tls is None,
+        revocations=revocations,
+        max_calls_per_node=max_calls_per_node,
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=[interceptor, BulkStreamCodecs()],

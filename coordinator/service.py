@@ -110,6 +110,7 @@ class CoordinatorConfig:
     session_timeout_s: float = 60.0
     heartbeat_interval_s: float = 5.0
     quorum_timeout_s: float | None = None
+    evaluate_only: tuple[str, ...] | None = None  # held-out groups: they may only evaluate
     # model
     d_model: int = 128
     mlp_layers: int = 4
@@ -212,8 +213,27 @@ def _short(name: str) -> str:
     return "training" if name == TRAIN_SET else "held-out" if name == HELD_OUT_SET else name
 
 
+def check_roles(cfg: CoordinatorConfig, allow_list: AllowList) -> None:
+    """Every evaluate-only group must be one the allow-list admits, and some group must be left
+    to train: a typo would otherwise let the held-out group train after all."""
+    if cfg.evaluate_only is None:
+        return
+    unknown = sorted(set(cfg.evaluate_only) - allow_list.node_names)
+    if unknown:
+        raise _refuse(
+            "evaluate_only",
+            f"evaluate_only names {unknown}, which the allow-list does not admit (it admits "
+            f"{sorted(allow_list.node_names)})",
+        )
+    if allow_list.node_names and allow_list.node_names <= set(cfg.evaluate_only):
+        raise _refuse(
+            "evaluate_only", "evaluate_only names every allow-listed group: none could train"
+        )
+
+
 def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Console) -> int:
     settings = cfg.round_settings()
+    check_roles(cfg, allow_list)
     tls = cfg.tls_files()
     if tls is not None:  # checked before the run's state is made: a bad file starts no run
         tls.server_credentials()

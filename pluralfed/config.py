@@ -1,7 +1,7 @@
 """Layered configuration for services: defaults < TOML file < environment < command line.
 
 A config is a flat dataclass of simple fields (str, int, float, bool, Path, optional ones, and
-tuples of two ints). The TOML file may group keys in tables; a table's keys are joined with "_"
+tuples of two ints, tuples of names). The TOML file may group keys in tables; a table's keys are joined with "_"
 (`[tls] dir = ...` sets `tls_dir`). Environment variables are PREFIX + the upper-case field
 name (`PLURALFED_NODE_TLS_DIR`). Every value is checked and a bad one names its source.
 """
@@ -9,6 +9,7 @@ name (`PLURALFED_NODE_TLS_DIR`). Every value is checked and a bad one names its 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import os
@@ -111,6 +112,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             return None
         return _coerce(value, args[0], where)
+    if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):  # a list of names
+        if isinstance(value, str):  # an option or environment variable: a JSON array
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+            if not isinstance(value, list):
+                raise InputError(f'{where}: expected a JSON array like ["China", "Japan"]')
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise InputError(f'{where}: expected a list of names like ["China", "Japan"]')
+        return tuple(value)
     if origin is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",")]

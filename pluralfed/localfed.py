@@ -171,6 +171,7 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
         **({} if run.insecure else {"tls_dir": str(certs / "coordinator")}),
         "min_nodes": len(run.training_groups),
         "min_updates": len(run.training_groups),
+        "evaluate_only": list(run.held_out_groups),
         **run.coordinator_settings,
     }
     write_toml(coord_cfg, settings, {"allow_list": {ids[g]: g for g in groups}})

@@ -997,18 +997,17 @@ def identity_from_auth_context(
     """The node id a verified client certificate proves, from gRPC's ``context.auth_context()``.
 
     Only a TLS peer counts. The identity is the ``pluralfed://node/<id>`` URI SAN (only node
-    certificates carry it); exactly one distinct such SAN is required. With `allow_common_name`, a
-    certificate without it falls back to its subject CN (for externally issued node certificates).
-    Returns None when there is no usable identity.
+    certificates carry it), read from the certificate itself: a DNS or e-mail SAN that spells the
+    same text is not an identity (gRPC lists every kind of SAN together). Exactly one distinct
+    such SAN is required. With `allow_common_name`, a certificate without it falls back to its
+    subject CN (for externally issued node certificates). Returns None when there is no usable
+    identity.
     """
     if "ssl" not in _values(auth_context, "transport_security_type"):
         return None
-    ids = set()
-    for san in _values(auth_context, "x509_subject_alternative_name") + _values(
-        auth_context, "peer_uri"
-    ):
-        if san.startswith(NODE_URI_PREFIX):
-            ids.add(san[len(NODE_URI_PREFIX) :])
+    cert = peer_certificate(auth_context)
+    uris = _uri_sans(cert) if cert is not None else tuple(_values(auth_context, "peer_uri"))
+    ids = {uri[len(NODE_URI_PREFIX) :] for uri in uris if uri.startswith(NODE_URI_PREFIX)}
     if len(ids) > 1:
         log.warning("client certificate carries several node identities %s; refusing", sorted(ids))
         return None
@@ -1023,21 +1022,35 @@ def identity_from_auth_context(
     return None
 
 
-def peer_serial(auth_context: Mapping[str, Iterable[bytes]]) -> int | None:
-    """The serial number of the verified client certificate (gRPC's ``x509_pem_cert``), or None."""
+def peer_certificate(auth_context: Mapping[str, Iterable[bytes]]) -> x509.Certificate | None:
+    """The verified client certificate (gRPC's ``x509_pem_cert``), or None."""
     pems = auth_context.get("x509_pem_cert") or ()
     for pem in pems:
-        return _serial_of_pem(bytes(pem))
+        return _certificate_of_pem(bytes(pem))
     return None
 
 
+def peer_serial(auth_context: Mapping[str, Iterable[bytes]]) -> int | None:
+    """The serial number of the verified client certificate, or None."""
+    cert = peer_certificate(auth_context)
+    return None if cert is None else cert.serial_number
+
+
 @functools.lru_cache(maxsize=1024)
-def _serial_of_pem(pem: bytes) -> int | None:
+def _certificate_of_pem(pem: bytes) -> x509.Certificate | None:
     # every call of a connection brings the same certificate: parse it once
     try:
-        return x509.load_pem_x509_certificate(pem).serial_number
+        return x509.load_pem_x509_certificate(pem)
     except ValueError:
         return None
+
+
+def _uri_sans(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return ()
+    return tuple(sans.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ The committed docker-compose.yml is this script's default output (a test checks 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -207,6 +208,7 @@ def render(args: argparse.Namespace) -> str:
         f"      PLURALFED_COORDINATOR_MIN_NODES: {len(train)}\n"
         f"      PLURALFED_COORDINATOR_MIN_UPDATES: {max(1, len(train) - 1)}\n"
         "      PLURALFED_COORDINATOR_ROUND_TIMEOUT_S: 120\n"
+        f"      PLURALFED_COORDINATOR_EVALUATE_ONLY: {quote_yaml(json.dumps(held))}\n"
         "    volumes:\n"
         "      - ./runs/compose/certs/coordinator:/certs:ro\n"
         "      - ./runs/compose/certs/nodes/node-healthcheck:/health-certs:ro\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,12 @@ def goqa_csv() -> Path:
 def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One embedding cache for the whole test session, so the shared data is embedded once."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _log_every_refusal() -> None:
+    """The coordinator logs a caller's repeated refusals once a minute; a test looking for its
+    refusal in the log must not miss it because an earlier test in this process was refused."""
+    auth = sys.modules.get("coordinator.auth")
+    if auth is not None:
+        auth._refusals.forget()

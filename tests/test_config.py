@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth import AllowList
-from coordinator.service import CoordinatorConfig, model_config, rpc_threads_for
+from coordinator.service import CoordinatorConfig, check_roles, model_config, rpc_threads_for
 from group_node.node import NodeConfig
 from pluralfed.config import load_config
 from pluralfed.errors import InputError
@@ -33,6 +33,8 @@ def test_example_coordinator_config_loads_and_documents_every_field() -> None:
     assert cfg.min_nodes == 8 and cfg.context_range == (9, 90)
     cfg.round_settings()  # valid as a whole
     assert len(AllowList.from_toml(path)) == 14
+    check_roles(cfg, AllowList.from_toml(path))  # its held-out groups are allow-listed
+    assert cfg.evaluate_only is not None and len(cfg.evaluate_only) == 6
     text = path.read_text()
     for f in dataclasses.fields(CoordinatorConfig):
         key = f.name.removeprefix("tls_") if f.name.startswith("tls_") else f.name

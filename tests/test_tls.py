@@ -372,25 +372,56 @@ def test_identity_from_uri_san() -> None:
     assert tls.identity_from_auth_context(auth) == "node-a"
 
 
+def _cert_with_sans(*names: x509.GeneralName) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node-a")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_identity_is_only_a_uri_san_of_the_certificate() -> None:
+    """gRPC lists DNS, e-mail and URI SANs together: a DNS or e-mail SAN spelling a node's URI
+    (which an external CA may sign) must not make its holder that node."""
+    spelled = "pluralfed://node/node-a"
+    for other in (x509.DNSName(spelled), x509.RFC822Name(spelled)):
+        pem = _cert_with_sans(other)
+        auth = ctx(x509_pem_cert=[pem], x509_subject_alternative_name=[spelled.encode()])
+        assert tls.identity_from_auth_context(auth) is None, other
+    real = _cert_with_sans(x509.UniformResourceIdentifier(spelled), x509.DNSName("node-a.example"))
+    auth = ctx(x509_pem_cert=[real], x509_subject_alternative_name=[spelled.encode()])
+    assert tls.identity_from_auth_context(auth) == "node-a"
+
+
 def test_identity_needs_tls() -> None:
     auth = {
         "transport_security_type": [b"insecure"],
-        "x509_subject_alternative_name": [b"pluralfed://node/a"],
+        "peer_uri": [b"pluralfed://node/a"],
     }
     assert tls.identity_from_auth_context(auth) is None
     assert tls.identity_from_auth_context({}) is None
 
 
 def test_identity_ignores_dns_sans_and_cn_by_default() -> None:
-    auth = ctx(x509_common_name=[b"node-a"], x509_subject_alternative_name=[b"localhost"])
+    auth = ctx(x509_common_name=[b"node-a"], peer_uri=[])
     assert tls.identity_from_auth_context(auth) is None
     assert tls.identity_from_auth_context(auth, allow_common_name=True) == "node-a"
 
 
 def test_identity_ambiguous_or_invalid() -> None:
-    two = ctx(x509_subject_alternative_name=[b"pluralfed://node/a", b"pluralfed://node/b"])
+    two = ctx(peer_uri=[b"pluralfed://node/a", b"pluralfed://node/b"])
     assert tls.identity_from_auth_context(two) is None
-    bad = ctx(x509_subject_alternative_name=[b"pluralfed://node/../etc"])
+    bad = ctx(peer_uri=[b"pluralfed://node/../etc"])
     assert tls.identity_from_auth_context(bad) is None
     assert (
         tls.identity_from_auth_context(ctx(x509_common_name=[b"a b"]), allow_common_name=True)

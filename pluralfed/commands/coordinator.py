@@ -54,6 +54,8 @@ HELP = {
     "session_timeout_s": "a node silent this long no longer counts towards the quorum",
     "heartbeat_interval_s": "how often nodes send heartbeats",
     "quorum_timeout_s": "give up if no quorum after this long (default: wait forever)",
+    "evaluate_only": "the held-out groups, which may only evaluate; every other group may only "
+    'train (a TOML array, or a JSON array like \'["China", "Japan"]\'; default: each node says)',
     "d_model": "model width",
     "mlp_layers": "input MLP layers",
     "n_layers": "transformer encoder layers",

@@ -1,0 +1,244 @@
+"""What one allow-listed node may take from the coordinator, and what it may claim: a node with a
+valid certificate must not be able to hold every RPC thread (upload streams that never send a
+header), hold every stream slot (by joining again before each stalled upload), pick a role the
+federation did not give it, or keep calling on an open connection after its certificate
+expired; nor fill the log by being refused in a loop. Real coordinator server, real nodes'
+RPCs over mutual TLS on 127.0.0.1 (security review, session 16)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from fedharness import HOST, FakeNode, Pki, reject_name, rpc_error, update_messages, wait_until
+
+from coordinator.auth import AllowList, RefusalLog
+from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings
+from coordinator.server import MAX_CALLS_PER_NODE, StreamSlots, start_server
+from coordinator.service import CoordinatorConfig, check_roles
+from pluralfed.config import ConfigValueError, load_config
+from pluralfed.errors import InputError
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.tls import TlsFiles
+
+pytestmark = pytest.mark.timeout(120)
+
+ENC = "enc"
+NODES = {"node-a": "A", "node-b": "B", "node-h": "H"}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    pki = Pki(tmp_path_factory.mktemp("pki"))
+    for identity in NODES:
+        pki.node(identity)
+    return pki
+
+
+class Coordinator:
+    def __init__(self, tmp: Path, pki: Pki, settings: RoundSettings, **server: Any) -> None:
+        self.engine = RoundEngine(settings, {"w": np.zeros(1000, np.float32)}, tmp, ENC, {})
+        self.server, self.port = start_server(
+            self.engine,
+            f"{HOST}:0",
+            TlsFiles.from_dir(pki.server),
+            AllowList(NODES),
+            max_workers=32,
+            **server,
+        )
+        threading.Thread(target=self.engine.run, daemon=True).start()
+
+    def node(self, pki: Pki, identity: str) -> FakeNode:
+        return FakeNode(self.port, NODES[identity], tls_dir=pki.node(identity))
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.server.stop(None)
+
+
+def silent(release: threading.Event) -> Iterator[pb.UpdateChunk]:
+    release.wait(60)  # not even a header: a hostile node holding the stream open
+    yield from ()
+
+
+def test_one_node_cannot_hold_every_rpc_thread(tmp_path: Path, pki: Pki) -> None:
+    settings = RoundSettings(rounds=1, min_nodes=3, eval_every=0, session_timeout_s=60.0)
+    coord = Coordinator(tmp_path, pki, settings)
+    release = threading.Event()
+    attacker, honest = coord.node(pki, "node-a"), coord.node(pki, "node-b")
+    streams = []
+    try:
+        honest.join(ENC)
+        # before: 64 header-less uploads took every RPC thread; B's heartbeat timed out and its
+        # session expired
+        streams = [attacker.stub.UploadUpdate.future(silent(release)) for _ in range(40)]
+        wait_until(
+            lambda: sum(s.done() for s in streams) >= len(streams) - MAX_CALLS_PER_NODE,
+            30,
+            "the calls past the limit to be refused",
+        )
+        time.sleep(0.5)  # and no more than those
+        refused = [s for s in streams if s.done()]
+        assert len(refused) == len(streams) - MAX_CALLS_PER_NODE
+        for call in refused:
+            err = call.exception()
+            assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "calls of this node are already in flight" in err.details()
+        started = time.monotonic()
+        for _ in range(5):
+            assert not honest.heartbeat().cancel_task
+        assert time.monotonic() - started < 5.0
+        # once the node's streams end, it may call again
+        release.set()
+        wait_until(lambda: all(s.done() for s in streams), 30, "the silent streams to end")
+        assert attacker.join(ENC).session_id
+    finally:
+        release.set()
+        attacker.close()
+        honest.close()
+        coord.close()
+
+
+def header_then_silence(first: pb.UpdateChunk, release: threading.Event) -> Iterator[Any]:
+    yield first
+    release.wait(60)
+
+
+def test_joining_again_does_not_keep_the_old_sessions_streams(tmp_path: Path, pki: Pki) -> None:
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, min_updates=1, eval_every=0, round_timeout_s=20.0
+    )
+    slots = StreamSlots(4)
+    coord = Coordinator(tmp_path, pki, settings, upload_slots=slots)
+    release = threading.Event()
+    a, b = coord.node(pki, "node-a"), coord.node(pki, "node-b")
+    try:
+        a.join(ENC)
+        b.join(ENC)
+        tb = b.wait_task(pb.TASK_KIND_TRAIN)
+        stalled = []
+        for i in range(4):
+            if i:
+                a.join(ENC)  # a new session, which takes the old one's place in the round
+            ta = a.wait_task(pb.TASK_KIND_TRAIN)
+            mine = update_messages(a.session_id, ta, {"w": np.ones(1000, np.float32)}, 10)
+            stalled.append(a.stub.UploadUpdate.future(header_then_silence(mine[0], release)))
+            wait_until(
+                lambda: sum(not s.done() for s in stalled) == 1 and slots.active == 1,
+                20,
+                "the new session's upload to replace the old one's",
+            )
+        # before: each session kept its stalled upload, 4 of 4 slots; B's update was never read
+        assert slots.active == 1
+        for old in stalled[:-1]:
+            err = old.exception(timeout=10)
+            assert err is not None and err.code() == grpc.StatusCode.CANCELLED
+        theirs = update_messages(b.session_id, tb, {"w": np.full(1000, 2.0, np.float32)}, 10)
+        reply = b.upload(theirs)
+        assert reply.accepted, reject_name(reply)
+        # the same session twice is still one upload, the second ignored
+        again = a.stub.UploadUpdate(iter(mine), timeout=10)
+        assert reject_name(again) == "DUPLICATE"
+    finally:
+        release.set()
+        a.close()
+        b.close()
+        coord.close()
+
+
+def test_a_node_joins_only_in_the_role_the_federation_gave_it(tmp_path: Path, pki: Pki) -> None:
+    settings = RoundSettings(rounds=1, min_nodes=1, eval_every=0, evaluate_only=("H",))
+    coord = Coordinator(tmp_path, pki, settings)
+    held_out, trainer = coord.node(pki, "node-h"), coord.node(pki, "node-a")
+    try:
+        # before: a held-out group joined as a trainer claiming 1,000,000 examples and its
+        # update was averaged in
+        err = rpc_error(held_out.join, ENC, 1_000_000)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'H' may only join as evaluate-only" in err.details()
+        err = rpc_error(trainer.join, ENC, role=pb.ROLE_EVALUATE_ONLY)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'A' may only join as train" in err.details()
+        assert held_out.join(ENC, role=pb.ROLE_EVALUATE_ONLY).session_id
+        assert trainer.join(ENC).session_id
+    finally:
+        held_out.close()
+        trainer.close()
+        coord.close()
+
+
+def test_without_evaluate_only_each_node_says_its_role(tmp_path: Path) -> None:
+    engine = RoundEngine(RoundSettings(), {"w": np.zeros(2, np.float32)}, tmp_path, ENC, {})
+    assert engine.join("H", Role.TRAIN, 5, ENC, "test").role == Role.TRAIN
+    assert engine.join("H", Role.EVALUATE_ONLY, 0, ENC, "test").role == Role.EVALUATE_ONLY
+    strict = RoundEngine(
+        RoundSettings(evaluate_only=()), {"w": np.zeros(2, np.float32)}, tmp_path / "s", ENC, {}
+    )
+    with pytest.raises(Rejection, match="may only join as train"):
+        strict.join("H", Role.EVALUATE_ONLY, 0, ENC, "test")
+
+
+def test_evaluate_only_is_checked_where_it_is_set(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text('evaluate_only = ["China", "New Zealand"]\n')
+    loaded = load_config(CoordinatorConfig, config, "PLURALFED_COORDINATOR_", {}, environ={})
+    assert loaded.evaluate_only == ("China", "New Zealand")
+    env = {"PLURALFED_COORDINATOR_EVALUATE_ONLY": '["Korea, South"]'}
+    from_env = load_config(CoordinatorConfig, None, "PLURALFED_COORDINATOR_", {}, environ=env)
+    assert from_env.evaluate_only == ("Korea, South",)
+    with pytest.raises(InputError, match=r"PLURALFED_COORDINATOR_EVALUATE_ONLY.*JSON array"):
+        load_config(
+            CoordinatorConfig,
+            None,
+            "PLURALFED_COORDINATOR_",
+            {},
+            environ={"PLURALFED_COORDINATOR_EVALUATE_ONLY": "China, Japan"},
+        )
+    with pytest.raises(ConfigValueError, match="more than once"):
+        RoundSettings(evaluate_only=("H", "H"))
+    allow = AllowList({"node-a": "A", "node-h": "H"})
+    with pytest.raises(ConfigValueError, match=r"\['Hh'\], which the allow-list does not admit"):
+        check_roles(CoordinatorConfig(evaluate_only=("Hh",)), allow)
+    with pytest.raises(ConfigValueError, match="none could train"):
+        check_roles(CoordinatorConfig(evaluate_only=("A", "H")), allow)
+    check_roles(CoordinatorConfig(evaluate_only=("H",)), allow)
+
+
+def test_an_expired_certificate_is_refused_on_an_open_connection(tmp_path: Path, pki: Pki) -> None:
+    coord = Coordinator(tmp_path, pki, RoundSettings(rounds=1, min_nodes=3, eval_every=0))
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
+    short = pki.node("node-a", folder="node-a-short", not_after=expires)
+    node = FakeNode(coord.port, "A", tls_dir=short)
+    try:
+        assert node.join(ENC).session_id
+        time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1.5)
+        # before: the connection kept open by keepalive outlived the certificate
+        err = rpc_error(node.join, ENC)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "expired at" in err.details() and "renew it" in err.details()
+    finally:
+        node.close()
+        coord.close()
+
+
+def test_repeated_refusals_are_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    refusals = RefusalLog(interval_s=0.5)
+    with caplog.at_level(logging.WARNING, logger="coordinator.auth"):
+        for _ in range(1000):
+            refusals.log("/m", "node-r", "ipv4:127.0.0.1:5000", "certificate revoked")
+        refusals.log("/m", "node-s", "ipv4:127.0.0.1:5001", "certificate revoked")  # another
+        time.sleep(0.6)
+        refusals.log("/m", "node-r", "ipv4:127.0.0.1:5002", "certificate revoked")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "identity=node-r" in lines[0] and "more like it" not in lines[0]
+    assert "identity=node-s" in lines[1]
+    assert "(999 more like it in the last" in lines[2]
