@@ -31,7 +31,7 @@ from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
-from pluralfed.protocol import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
+from pluralfed.protocol import ALIGNMENT_BEFORE, LOCAL_OPTIMIZER, MAX_EMBEDDING_NOISE
 from pluralfed.tls import (
     RevocationList,
     ServerCheckFailed,
@@ -248,6 +248,11 @@ def training_settings(hp: pb.Hyperparameters, task: str) -> TrainingSettings:
     if not (math.isfinite(noise) and 0 <= noise <= MAX_EMBEDDING_NOISE):
         raise InputError(
             f"{task} hyperparameters: embedding_noise {noise!r} is not in 0..{MAX_EMBEDDING_NOISE}"
+        )
+    if hp.optimizer not in ("", LOCAL_OPTIMIZER):
+        raise InputError(
+            f"{task} hyperparameters: optimizer {hp.optimizer[:40]!r} is not one this node has "
+            f"(only {LOCAL_OPTIMIZER!r})"
         )
     return TrainingSettings(
         learning_rate=lr,
@@ -749,7 +754,9 @@ class GroupNode:
         def work() -> None:
             self._load(task)
             self._state = pb.NODE_STATE_TRAINING
-            result = self.worker.train(steps, settings)
+            result = self.worker.train(
+                steps, settings, task.hyperparameters.keep_local_optimizer_state
+            )
             self._state = pb.NODE_STATE_UPLOADING
             weights = self.worker.weights()
             metrics = {

@@ -133,14 +133,21 @@ class GroupWorker:
         except RuntimeError as err:  # torch's "Error(s) in loading state_dict"
             raise InputError(f"the federation's model weights do not load: {err}") from None
 
-    def train(self, steps: int, settings: TrainingSettings) -> LocalResult:
+    def train(
+        self, steps: int, settings: TrainingSettings, keep_optimizer_state: bool = True
+    ) -> LocalResult:
+        """`steps` local steps from the loaded model; the Adam state of the previous task is kept
+        (the paper's nodes keep it) unless `keep_optimizer_state` is False."""
         if self.model is None:
             raise RuntimeError("no global model loaded")
         if self.trainer is None:
             self.trainer = LocalTrainer(self.model, settings, seed=node_seed(self.seed, self.group))
         else:
             self.trainer.settings = settings
-            self.trainer.set_learning_rate(settings.learning_rate)
+            if keep_optimizer_state:
+                self.trainer.set_learning_rate(settings.learning_rate)
+            else:
+                self.trainer.reset_optimizer()
         self._check_trainable()
         started = time.perf_counter()
         try:

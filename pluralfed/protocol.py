@@ -27,3 +27,7 @@ MAX_EMBEDDING_NOISE = 1.0
 # The update metric (UpdateHeader.metrics) with `LocalTrainer.alignment_before`: what a
 # fairness-aware coordinator weighs updates by (coordinator `fairness_q`).
 ALIGNMENT_BEFORE = "alignment_before"
+# The nodes' local optimizer (Hyperparameters.optimizer) and whether a node keeps its state from
+# one TRAIN task to the next, as the paper's nodes do (Hyperparameters.keep_local_optimizer_state).
+LOCAL_OPTIMIZER = "adam"
+KEEP_LOCAL_OPTIMIZER_STATE = True

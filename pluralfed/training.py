@@ -121,6 +121,11 @@ class LocalTrainer:
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
+    def reset_optimizer(self) -> None:
+        """A fresh Adam (no moments), for a task that asks not to keep the local optimizer state;
+        the episode sampling goes on where it was, so tasks still draw new episodes."""
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.settings.learning_rate)
+
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -136,6 +136,7 @@ def _hp(**fields: object) -> pb.Hyperparameters:
         (_hp(embedding_noise=2.0), "embedding_noise 2.0"),
         (_hp(embedding_noise=float("nan")), "embedding_noise nan"),
         (_hp(learning_rate=float("inf")), "learning_rate inf"),
+        (_hp(optimizer="sgd"), "optimizer 'sgd' is not one this node has (only 'adam')"),
     ],
 )
 def test_a_node_refuses_a_train_task_with_bad_settings(

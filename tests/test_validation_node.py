@@ -34,7 +34,7 @@ from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
-from pluralfed.training import build_model
+from pluralfed.training import TrainingSettings, build_model
 from pluralfed.transport import (
     PROTOCOL_VERSION,
     chunk_from_proto,
@@ -173,6 +173,26 @@ class FakeEncoder:
 def worker() -> GroupWorker:
     items = [SurveyItem(f"Question {i}?", ("a", "b"), np.array([0.3, 0.7])) for i in range(8)]
     return GroupWorker("G", SurveyData({"G": items}), FakeEncoder())
+
+
+def test_a_task_may_ask_for_a_fresh_local_optimizer() -> None:
+    """Hyperparameters.keep_local_optimizer_state: True keeps Adam's moments across TRAIN tasks
+    (the paper's nodes; what the coordinator sends), False starts each task afresh. Before, the
+    node ignored the field and always kept them."""
+    w = worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    settings = TrainingSettings(context_range=(2, 3), target_range=(2, 3))
+
+    def adam_steps() -> set[float]:
+        assert w.trainer is not None
+        return {float(st["step"]) for st in w.trainer.optimizer.state.values()}
+
+    w.train(2, settings)
+    assert adam_steps() == {2.0}
+    w.train(3, settings, keep_optimizer_state=True)
+    assert adam_steps() == {5.0}
+    w.train(3, settings, keep_optimizer_state=False)
+    assert adam_steps() == {3.0}
 
 
 def test_worker_refuses_weights_that_do_not_fit_the_config() -> None:

@@ -595,7 +595,10 @@ class Hyperparameters(_message.Message):
     learning_rate: _builtins.float
     """Local optimizer learning rate."""
     seed: _builtins.int
-    """Seed for this task's episode sampling, so that a round can be reproduced."""
+    """The run's seed (the coordinator's `seed`). The node chooses its own episode sampling: the
+    reference node seeds it from its own config's seed and group name, so a round can be
+    reproduced when every node keeps its seed.
+    """
     optimizer: _builtins.str
     """Local optimizer, e.g. "adam"; empty means the node's default ("adam")."""
     keep_local_optimizer_state: _builtins.bool
