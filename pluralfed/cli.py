@@ -13,20 +13,47 @@ import sys
 
 from pluralfed.errors import InputError
 
-# module path of every subcommand, in the order `--help` lists them
-COMMAND_MODULES: tuple[str, ...] = (
-    "pluralfed.commands.data",
-    "pluralfed.commands.train",
-    "pluralfed.commands.evaluate",
-    "pluralfed.commands.certs",
-    "pluralfed.commands.coordinator",
-    "pluralfed.commands.node",
-    "pluralfed.commands.federate",
-    "pluralfed.commands.reward",
-)
+# every subcommand: its module and one line of help, in the order `--help` lists them
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": (
+        "pluralfed.commands.data",
+        "make, inspect, convert and split survey data files",
+    ),
+    "train": (
+        "pluralfed.commands.train",
+        "centralized training on pooled data (the baseline federated training is compared to)",
+    ),
+    "evaluate": (
+        "pluralfed.commands.evaluate",
+        "evaluate a checkpoint few-shot on any groups",
+    ),
+    "certs": (
+        "pluralfed.commands.certs",
+        "create and inspect TLS certificates (CA, coordinator, nodes)",
+    ),
+    "coordinator": (
+        "pluralfed.commands.coordinator",
+        "run the coordinator: rounds, FedAvg, federated evaluation",
+    ),
+    "node": (
+        "pluralfed.commands.node",
+        "run a group node (or check its connection)",
+    ),
+    "federate": (
+        "pluralfed.commands.federate",
+        "run a whole federation locally: coordinator and nodes as separate processes",
+    ),
+    "reward": (
+        "pluralfed.commands.reward",
+        "use a checkpoint as a reward model: serve it over gRPC, or score answers",
+    ),
+}
+COMMAND_MODULES: tuple[str, ...] = tuple(module for module, _ in COMMANDS.values())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand's options, or only `command`'s (the others get their
+    line of help): a command imports what it needs, so `certs` or `--help` load no torch."""
     parser = argparse.ArgumentParser(
         prog="pluralfed",
         description="Federated training of a group preference predictor (GPO).",
@@ -34,13 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module_name).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand `argv` names (its first word that is one), or None."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(chosen_command(argv) or "")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -41,3 +41,35 @@ def test_aggregation_loads_without_grpc() -> None:
 def test_the_check_sees_an_ml_import() -> None:
     # the node's worker trains: it must show torch, or the checks above prove nothing
     assert loaded_after_import(["group_node.worker"], ["torch"]) == ["torch"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["certs", "--help"], ["data", "--help"]])
+def test_light_commands_load_no_torch(argv: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from pluralfed import cli\n"
+        "try:\n"
+        f"    cli.main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == "False", out.stdout[-500:]
+
+
+def test_each_commands_one_line_help_is_its_own() -> None:
+    """`pluralfed --help` lists the commands without importing them: the lines it shows must be
+    the ones each command registers."""
+    import argparse
+    import importlib
+
+    from pluralfed.cli import COMMANDS
+
+    for name, (module, line) in COMMANDS.items():
+        subparsers = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(subparsers)
+        [action] = subparsers._choices_actions
+        assert (action.dest, action.help) == (name, line)

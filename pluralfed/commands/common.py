@@ -8,15 +8,15 @@ import resource
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
-from pluralfed.episodes import GroupSplit
 from pluralfed.errors import InputError
-from pluralfed.evaluation import SetReport, evaluate_group, summarize_groups
-from pluralfed.model import GPO
+
+if TYPE_CHECKING:  # torch and the encoder load only when a command needs them (not for --help)
+    from pluralfed.embeddings import TextEncoder
+    from pluralfed.episodes import GroupSplit
+    from pluralfed.metrics import SetReport
+    from pluralfed.model import GPO
 
 
 def _int_arg(text: str) -> int:
@@ -98,10 +98,14 @@ def apply_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
             raise InputError(f"--threads must be at least 1, got {threads}")
+        import torch
+
         torch.set_num_threads(threads)
 
 
 def open_encoder(args: argparse.Namespace) -> TextEncoder:
+    from pluralfed.embeddings import CachedEncoder, default_cache_dir, make_encoder
+
     encoder: TextEncoder = make_encoder(args.encoder)
     if not args.no_cache:
         encoder = CachedEncoder(encoder, args.cache_dir or default_cache_dir())
@@ -140,6 +144,8 @@ def evaluate_sets(
     model: GPO, sets: Mapping[str, Mapping[str, GroupSplit]], max_context: int, seed: int
 ) -> dict[str, SetReport]:
     """Evaluate every non-empty set of groups: {set name: report}."""
+    from pluralfed.evaluation import evaluate_group, summarize_groups
+
     return {
         name: summarize_groups(
             [evaluate_group(model, s, max_context, seed) for s in groups.values()]
