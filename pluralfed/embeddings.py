@@ -295,7 +295,8 @@ class HFTextEncoder:
                 ) from e
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-                model = AutoModel.from_pretrained(source, **kwargs)
+                # safetensors only: a pickled (.bin) checkpoint is refused, never unpickled
+                model = AutoModel.from_pretrained(source, use_safetensors=True, **kwargs)
             except (OSError, ValueError, KeyError) as e:
                 raise InputError(self._load_failure_message(e)) from e
             model.to(device=device, dtype=torch.float32)
@@ -307,8 +308,9 @@ class HFTextEncoder:
         if self._local_dir is not None:
             return (
                 f"could not load the text encoder from {self._local_dir}: {first_line}. "
-                "The folder must hold config.json, tokenizer files and weights as written by "
-                "save_pretrained()"
+                "The folder must hold config.json, tokenizer files and weights in safetensors "
+                "(model.safetensors) as written by save_pretrained(); pickled weights "
+                "(pytorch_model.bin) are never loaded"
             )
         offline = (
             self.local_files_only

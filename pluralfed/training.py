@@ -190,9 +190,9 @@ def train_centralized(
     epochs: int,
     on_epoch: EpochCallback | None = None,
 ) -> list[float]:
-    """The paper's centralized baseline: every epoch, one step per group batch, groups shuffled.
-
-    With `groups_per_step` > 1 several groups share one step (fewer, larger steps).
+    """Centralized training: every epoch, the groups shuffled, one step per batch of
+    `groups_per_step` groups. The paper's code batches all 8 training groups into one step
+    (groups_per_step = 8: 100 epochs are 100 steps); 1 steps on a group at a time (800 steps).
     Returns the mean loss of each epoch.
     """
     names = sorted(groups)

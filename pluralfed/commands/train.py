@@ -130,7 +130,8 @@ def register(subparsers: Any) -> None:
         "--groups-per-step",
         type=int,
         default=1,
-        help="groups batched into one optimizer step (default: %(default)s, as the paper)",
+        help="groups batched into one optimizer step (default: %(default)s, a group at a time; "
+        "the paper's code batches all 8 training groups into one step per epoch: 8)",
     )
     p.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate")
     p.add_argument("--context-range", default="9,90", help="context questions per episode, lo,hi")
