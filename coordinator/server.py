@@ -323,7 +323,6 @@ class FederationServicer(pb_grpc.FederationServicer):
     def __init__(
         self,
         engine: RoundEngine,
-        insecure: bool = False,
         upload_slots: StreamSlots | None = None,
         upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES,
         download_slots: StreamSlots | None = None,
@@ -337,8 +336,6 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.upload_chunk_bytes = check_chunk_bytes(upload_chunk_bytes)
         # the largest tensor part a download message carries
         self.download_chunk_bytes = check_chunk_bytes(download_chunk_bytes, "download_chunk_bytes")
-        self.insecure = insecure
-        self.bytes_out = 0
         self.deadlines = StreamDeadlines()
         self.transfer_grace_s = transfer_grace_s
         # (kind, node) of each running upload and download -> (its session, its call): one of
@@ -439,7 +436,6 @@ class FederationServicer(pb_grpc.FederationServicer):
                     yield from download.messages()
                 finally:  # also when the node goes away mid-stream (gRPC closes this generator)
                     self.download_slots.release()
-        self.bytes_out += download.data_bytes
 
     def _transfer_seconds(self) -> float:
         """How long a transfer may run: until the open task's deadline (after it the update is
@@ -815,7 +811,6 @@ def start_server(
         download_slots = StreamSlots(download_slots)
     servicer = FederationServicer(
         engine,
-        tls is None,
         upload_slots,
         upload_chunk_bytes,
         download_slots,

@@ -11,7 +11,10 @@ Pure numpy: no gRPC, no torch, so every rule here is testable on its own.
 - `qfedavg_weight(s)`: fairness-aware weights in the spirit of q-FedAvg (Li et al., "Fair
   Resource Allocation in Federated Learning", ICLR 2020); `fairness_weight` is the one the
   coordinator uses (`fairness_q`), with 1 - alignment as the loss.
-- `update_norm` / `clip_by_norm`: an optional bound on how far one update may move the model.
+- `streaming_update_norm`: how far one spooled update moves the model; the coordinator refuses an
+  update past its `norm_bound`. `update_norm` is the same for a whole update in memory, and
+  `clip_by_norm` / `clip_scale` (and `StreamingFedAvg.add(scale=)`) would clip instead of
+  refusing: the coordinator does not use them, they are here for a strategy that wants to.
 
 Sums are kept in float64: the accumulator costs 2x a float32 model (a few MB here) and in exchange
 the average is independent of arrival order to ~1e-16 and equals `fedavg` exactly, which keeps
