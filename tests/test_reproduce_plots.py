@@ -14,7 +14,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 try:
-    from reproduce import SETS, _curve, own_models, plots
+    from reproduce import (
+        PAPER_CENTRAL,
+        PER_GROUP_CENTRAL,
+        SETS,
+        STRONGER,
+        _curve,
+        current_label,
+        own_models,
+        plots,
+        verdicts,
+    )
 finally:
     sys.path.pop(0)
 
@@ -86,3 +96,28 @@ def test_own_model_rows_keep_each_groups_figure(tmp_path: Path) -> None:
     federated = run({10: 0.70, 20: 0.75}, per_group=scores)
     plots({"federated": [federated], "own model": [row]}, tmp_path)  # one set's groups only
     assert (tmp_path / "per_group.png").stat().st_size > 0
+
+
+def test_claims_are_judged_against_the_papers_baseline_and_the_stronger_one() -> None:
+    """The paper's centralized baseline is its code's 100 steps of all 8 groups (review, session
+    16: the report had judged the claims against 800 single-group steps labelled "paper")."""
+
+    def row(alignment: float, fairness: float, r95: int) -> dict[str, Any]:
+        return {SETS[1]: {"alignment": [alignment], "fairness": [fairness], "rounds_to_95": [r95]}}
+
+    table = {
+        "federated": row(0.75, 0.955, 20),
+        PAPER_CENTRAL: row(0.72, 0.947, 40),
+        PER_GROUP_CENTRAL: row(0.76, 0.955, 20),
+    }
+    claims = verdicts(table)
+    assert claims["alignment"].startswith("holds") and "+4.2%" in claims["alignment"]
+    assert claims["convergence"].startswith("holds") and "+50% fewer" in claims["convergence"]
+    assert claims["alignment" + STRONGER].startswith("does not hold")
+    assert claims["convergence" + STRONGER].startswith("does not hold")
+    del table[PAPER_CENTRAL]
+    assert "alignment" not in verdicts(table)  # no paper baseline: not judged against another
+    # reports written before keep their rows, under the name that says what they are
+    old = "centralized (paper, 100 epochs), ensemble of 3 (members=3) + context memory"
+    assert current_label(old) == PER_GROUP_CENTRAL + ", ensemble of 3 (members=3) + context memory"
+    assert current_label("federated") == "federated"
