@@ -68,6 +68,7 @@ from typing import Any
 import numpy as np
 
 from pluralfed.errors import InputError
+from pluralfed.fsutil import atomic_write_bytes
 
 GOQA_REQUIRED_COLUMNS: tuple[str, ...] = ("question", "selections", "options")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json")
@@ -570,6 +571,8 @@ def write_jsonl(data: SurveyData, path: str | Path) -> int:
             for rec in iter_jsonl_records(data):
                 f.write(json.dumps(rec, ensure_ascii=False, allow_nan=False))
                 f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # the data on disk before the rename makes it the file
         os.replace(tmp, path)
     except OSError as err:
         raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
@@ -717,7 +720,8 @@ def write_group_files(
         write_jsonl(one, paths[group])
     manifest = out_dir / GROUPS_MANIFEST
     try:
-        manifest.write_text(json.dumps(files, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        text = json.dumps(files, indent=2, ensure_ascii=False) + "\n"
+        atomic_write_bytes(manifest, text.encode("utf-8"))  # never half a manifest
     except OSError as err:
         raise InputError(f"{manifest}: cannot write: {err.strerror or err}") from None
     return paths

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pluralfed.errors import InputError
+from pluralfed.fsutil import atomic_write_bytes
 
 if TYPE_CHECKING:  # torch and the encoder load only when a command needs them (not for --help)
     from pluralfed.embeddings import TextEncoder
@@ -166,8 +167,8 @@ def peak_rss_mib() -> float:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n", "utf-8")
+    """Atomically: a run's metrics are never left half written by a crash or a full disk."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def parse_range(text: str, what: str) -> tuple[int, int]:
