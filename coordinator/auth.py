@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 
@@ -216,6 +216,13 @@ class RefusalLog:
 _refusals = RefusalLog()
 
 
+def present(behaviour: Callable[..., Any] | None, method: str) -> Callable[..., Any]:
+    """The behaviour of a handler's kind (gRPC fills exactly the one its streaming flags name)."""
+    if behaviour is None:
+        raise RuntimeError(f"the handler of {method} has no behaviour for its kind")
+    return behaviour
+
+
 def _refuse(
     context: grpc.ServicerContext,
     code: grpc.StatusCode,
@@ -377,7 +384,7 @@ class CallLimit:
             return sum(1 for c in self._calls.get(node, ()) if c.is_active())
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(grpc.ServerInterceptor):
     """Install on the coordinator's server: ``grpc.server(pool, interceptors=[AuthInterceptor(al)])``.
 
     `exempt_methods` (full names like ``/grpc.health.v1.Health/Check``) run without an allow-listed
@@ -419,7 +426,8 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         known = self.allow_list.node_names
         if self.insecure:
             return Principal(node=None, identity=None, insecure=True, known_nodes=known)
-        auth_context = context.auth_context()
+        # gRPC gives each property as a list of bytes (its type stubs say bytes)
+        auth_context = cast(Mapping[str, Iterable[bytes]], context.auth_context())
         identity = identity_from_auth_context(
             auth_context, allow_common_name=self.allow_common_name
         )
@@ -520,21 +528,21 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             "response_serializer": handler.response_serializer,
         }
         if handler.request_streaming and handler.response_streaming:
-            behaviour = handler.stream_stream
+            behaviour = present(handler.stream_stream, method)
             return grpc.stream_stream_rpc_method_handler(
                 lambda requests, ctx: self._stream(behaviour, requests, ctx, method), **kwargs
             )
         if handler.request_streaming:
-            behaviour = handler.stream_unary
+            behaviour = present(handler.stream_unary, method)
             return grpc.stream_unary_rpc_method_handler(
                 lambda requests, ctx: self._unary(behaviour, requests, ctx, method), **kwargs
             )
         if handler.response_streaming:
-            behaviour = handler.unary_stream
+            behaviour = present(handler.unary_stream, method)
             return grpc.unary_stream_rpc_method_handler(
                 lambda request, ctx: self._stream(behaviour, request, ctx, method), **kwargs
             )
-        behaviour = handler.unary_unary
+        behaviour = present(handler.unary_unary, method)
         return grpc.unary_unary_rpc_method_handler(
             lambda request, ctx: self._unary(behaviour, request, ctx, method), **kwargs
         )

@@ -33,6 +33,7 @@ from coordinator.auth import (
     AuthInterceptor,
     RevocationWatch,
     authenticated_node,
+    present,
     require_self,
 )
 from coordinator.rounds import (
@@ -185,13 +186,13 @@ class BulkStreamCodecs(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler is not None and method == DOWNLOAD_METHOD:
             return grpc.unary_stream_rpc_method_handler(
-                handler.unary_stream,
+                present(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=serialize_message,
             )
         if handler is not None and method == UPLOAD_METHOD:
             return grpc.stream_unary_rpc_method_handler(
-                handler.stream_unary,
+                present(handler.stream_unary, method),
                 request_deserializer=decode_update_chunk,
                 response_serializer=handler.response_serializer,
             )
@@ -484,7 +485,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             )
             return self._current_download
 
-    def UploadUpdate(  # type: ignore[override]  # tensor parts arrive as Chunks: BulkStreamCodecs
+    def UploadUpdate(  # tensor parts arrive as Chunks: BulkStreamCodecs
         self, request_iterator: Iterator[pb.UpdateChunk | Chunk], context: grpc.ServicerContext
     ) -> pb.UploadReply:
         """Every refusal of the update itself is an UploadReply (accepted=false, reason), as the

@@ -18,6 +18,7 @@ import re
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -707,11 +708,11 @@ class GroupNode:
         weights = self.client.download(task.model_version, timeout=self._time_left(task))
         self.worker.load_global(self.client.model_config, weights)
 
-    def _call(self, what: str, fn: object, task: pb.Task) -> None:
+    def _call(self, what: str, fn: Callable[[], None], task: pb.Task) -> None:
         """Run one task step; a refusal of this one task (stale, duplicate) is logged, not fatal,
         and so is a task that failed here (TaskFailed), which the coordinator is told about."""
         try:
-            fn()  # type: ignore[operator]
+            fn()
         except TaskFailed as err:
             log.error("%s: %s failed: %s", self.config.group, what, err)
             self._refused.add(task.task_id)

@@ -447,7 +447,7 @@ def load_global_opinions_hub(
     """Fetch GlobalOpinionQA from the Hugging Face hub with `datasets` (optional dependency), for
     users without a local copy. Records are checked like the CSV; 'line' N is the N-th row."""
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError:
         raise InputError(
             "loading from the hub needs the `datasets` package (pip install datasets); "

@@ -21,7 +21,8 @@ from pluralfed.tls import TlsFiles, secure_channel
 def check(target: str, tls_dir: Path, server_name: str | None = None, timeout: float = 5.0) -> bool:
     with secure_channel(target, TlsFiles.from_dir(tls_dir), server_name_override=server_name) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        request = health_pb2.HealthCheckRequest(service="")
+        reply = stub.Check(request, timeout=timeout)  # type: ignore[attr-defined]  # no stub
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 

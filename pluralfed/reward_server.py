@@ -448,7 +448,8 @@ class RewardClient:
 
     def health(self, timeout: float | None = 5.0) -> bool:
         stub = health_pb2_grpc.HealthStub(self.channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        reply = stub.Check(request, timeout=timeout)  # type: ignore[attr-defined]  # no stub
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def close(self) -> None:
