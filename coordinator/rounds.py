@@ -39,6 +39,7 @@ from coordinator.strategy import (
     make_server_optimizer,
     streaming_update_norm,
 )
+from pluralfed import protocol
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_bytes
@@ -183,10 +184,11 @@ def checked_update_metrics(group: str, metrics: Mapping[str, float]) -> dict[str
 # no run could use is refused when the settings are made, not rounds later.
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
-NODE_MAX_LOCAL_STEPS = 100_000  # group_node.node.MAX_LOCAL_STEPS
-NODE_MAX_LEARNING_RATE = 1.0  # nodes refuse a learning rate outside (0, 1]
-NODE_MIN_HEARTBEAT_S = 0.5  # nodes never beat faster, whatever the Join reply says
-NODE_MAX_HEARTBEAT_S = 3600.0  # group_node.node.MAX_HEARTBEAT_INTERVAL_S: nodes refuse more
+# what nodes accept (pluralfed.protocol, which the node checks against too)
+NODE_MAX_LOCAL_STEPS = protocol.MAX_LOCAL_STEPS
+NODE_MAX_LEARNING_RATE = protocol.MAX_LEARNING_RATE
+NODE_MIN_HEARTBEAT_S = protocol.MIN_HEARTBEAT_S
+NODE_MAX_HEARTBEAT_S = protocol.MAX_HEARTBEAT_S
 MAX_COUNT = 1_000_000  # rounds, nodes, updates: far above any real federation
 MAX_DURATION_S = 365 * 24 * 3600.0  # a deadline must stay a representable timestamp
 SERVER_OPTIMIZERS = ("fedavg", "fedadagrad", "fedadam", "fedyogi")

@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from group_node.worker import GroupWorker, TaskFailed
-from pluralfed import __version__
+from pluralfed import __version__, protocol
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.config import ConfigValueError
 from pluralfed.errors import InputError
@@ -212,12 +212,12 @@ class NodeConfig:
 FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 
 
-MAX_LOCAL_STEPS = 100_000
+MAX_LOCAL_STEPS = protocol.MAX_LOCAL_STEPS
 REFUSED_TASK_POLL_S = 5.0  # how often a node asks again while its refused task is still open
 MAX_RETRY_AFTER_S = 60.0  # the longest WAIT.retry_after a node honours (then it asks anyway)
 # longest heartbeat interval a node takes from Join, and longest it gives one task step (a
 # deadline further out is a coordinator bug; gRPC fails a call with a far deadline at once)
-MAX_HEARTBEAT_INTERVAL_S = 3600.0
+MAX_HEARTBEAT_INTERVAL_S = protocol.MAX_HEARTBEAT_S
 MAX_TASK_TIME_S = 24 * 3600.0
 
 
@@ -237,8 +237,11 @@ def training_settings(hp: pb.Hyperparameters, task: str) -> TrainingSettings:
     """The run's learning rate, episode sizes and embedding noise from a task's hyperparameters
     (`task`: TRAIN, or SHUTDOWN for personalization), checked before any of it is used."""
     lr = hp.learning_rate
-    if not (math.isfinite(lr) and 0 < lr <= 1):
-        raise InputError(f"{task} hyperparameters: learning_rate {lr!r} is not in (0, 1]")
+    if not (math.isfinite(lr) and 0 < lr <= protocol.MAX_LEARNING_RATE):
+        raise InputError(
+            f"{task} hyperparameters: learning_rate {lr!r} is not in "
+            f"(0, {protocol.MAX_LEARNING_RATE:g}]"
+        )
     ranges = {"context_range": hp.context_range, "target_range": hp.target_range}
     for name, r in ranges.items():
         if not 1 <= r.min <= r.max:
@@ -409,7 +412,7 @@ class NodeClient:
                 f"{where}: JoinReply.heartbeat_interval {interval:g} s is over "
                 f"{MAX_HEARTBEAT_INTERVAL_S:g} s"
             )
-        self.heartbeat_interval_s = max(interval, 0.5)
+        self.heartbeat_interval_s = max(interval, protocol.MIN_HEARTBEAT_S)
         try:
             self.upload_chunk_bytes = upload_chunk_bytes(reply.max_chunk_bytes)
         except ValueError as err:

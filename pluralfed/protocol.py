@@ -31,3 +31,10 @@ ALIGNMENT_BEFORE = "alignment_before"
 # one TRAIN task to the next, as the paper's nodes do (Hyperparameters.keep_local_optimizer_state).
 LOCAL_OPTIMIZER = "adam"
 KEEP_LOCAL_OPTIMIZER_STATE = True
+
+# What a node takes from a coordinator (it refuses a task or a Join reply outside these), and so
+# what a coordinator may set: one definition for both sides.
+MAX_LOCAL_STEPS = 100_000
+MAX_LEARNING_RATE = 1.0  # learning rates in (0, 1]
+MIN_HEARTBEAT_S = 0.5  # a node never beats faster, whatever the Join reply says
+MAX_HEARTBEAT_S = 3600.0  # a node refuses a longer interval
