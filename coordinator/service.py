@@ -294,6 +294,13 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         f"coordinator run {engine.run_id} on port {port}: {settings.rounds} rounds, quorum "
         f"{settings.min_nodes}, {len(allow_list)} nodes allowed, state in {cfg.state_dir}"
     )
+    if cfg.evaluate_only is None:
+        log.info("roles: each node's Join says whether it trains (evaluate_only is not set)")
+    else:
+        log.info(
+            "roles: %s only evaluate, every other allow-listed group trains",
+            sorted(cfg.evaluate_only) or "no group",
+        )
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
