@@ -26,10 +26,8 @@ import grpc
 
 from group_node.worker import GroupWorker, TaskFailed
 from pluralfed import __version__, protocol
-from pluralfed.checkpoint import save_checkpoint
 from pluralfed.config import ConfigValueError
 from pluralfed.errors import InputError
-from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.protocol import ALIGNMENT_BEFORE, LOCAL_OPTIMIZER, MAX_EMBEDDING_NOISE
@@ -292,7 +290,7 @@ def model_config_of(text: str, where: str) -> dict[str, object]:
     if not isinstance(raw, dict):
         raise InputError(f"{what} is a JSON {type(raw).__name__}, not an object")
     try:
-        GPOConfig.from_dict(raw)
+        GroupWorker.check_model_config(raw)
     except (TypeError, ValueError, ArithmeticError) as err:
         raise InputError(f"{what} is not a valid model config: {err}") from None
     return raw
@@ -661,22 +659,7 @@ class GroupNode:
             settings = training_settings(task.hyperparameters, "SHUTDOWN")
             self.worker.load_global(self.client.model_config, weights)
             started = time.perf_counter()
-            model = self.worker.personalized(steps, settings)
-            save_checkpoint(
-                folder,
-                model,
-                self.worker.encoder.identity,
-                {
-                    "mode": "personalized",
-                    "group": self.config.group,
-                    # `pluralfed evaluate --checkpoint` evaluates these groups by default
-                    "training_groups": [self.config.group],
-                    "base_model_version": task.model_version,
-                    "base_round": task.round,
-                    "steps": steps,
-                    "learning_rate": settings.learning_rate,
-                },
-            )
+            self.worker.save_personalized(folder, steps, settings, task.model_version, task.round)
         except (InputError, OSError, ValueError) as err:
             log.error("%s: personalization failed: %s", self.config.group, err)
             return 1

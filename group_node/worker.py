@@ -11,11 +11,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pluralfed.checkpoint import save_checkpoint
 from pluralfed.data import SurveyData
 from pluralfed.embeddings import TextEncoder
 from pluralfed.episodes import GroupSplit
@@ -182,6 +184,38 @@ class GroupWorker:
         self._check_trainable()
         seed = node_seed(self.seed + 1, self.group)
         return fine_tuned_copy(self.model, self.split.train, steps, settings, seed)
+
+    def save_personalized(
+        self,
+        folder: Path,
+        steps: int,
+        settings: TrainingSettings,
+        base_model_version: str,
+        base_round: int,
+    ) -> None:
+        """Fine-tune the loaded model on this group's TRAIN questions and save it as a checkpoint
+        in `folder` (it stays on this machine: the node never sends it)."""
+        model = self.personalized(steps, settings)
+        save_checkpoint(
+            folder,
+            model,
+            self.encoder.identity,
+            {
+                "mode": "personalized",
+                "group": self.group,
+                # `pluralfed evaluate --checkpoint` evaluates these groups by default
+                "training_groups": [self.group],
+                "base_model_version": base_model_version,
+                "base_round": base_round,
+                "steps": steps,
+                "learning_rate": settings.learning_rate,
+            },
+        )
+
+    @staticmethod
+    def check_model_config(raw: dict[str, Any]) -> None:
+        """ValueError (or TypeError) unless `raw` is a model config this node can build."""
+        GPOConfig.from_dict(raw)
 
     def _check_trainable(self) -> None:
         if len(self.split.train) < 2:
