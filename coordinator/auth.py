@@ -34,6 +34,7 @@ from typing import Any, NoReturn, cast
 
 import grpc
 
+from coordinator.validation import quoted
 from pluralfed.errors import InputError
 from pluralfed.tls import (
     NODE_ID_PATTERN,
@@ -256,12 +257,6 @@ def principal(context: grpc.ServicerContext) -> Principal:
     return found
 
 
-def _quoted(text: str, limit: int = 80) -> str:
-    """A name a caller claimed, as a status message or log line shows it: repr-escaped and cut
-    (a message may carry any string, up to a megabyte; gRPC drops a status over 16 KiB)."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
-
-
 def authenticated_node(context: grpc.ServicerContext) -> str | None:
     """The node name the caller's certificate proved (None in insecure mode, where nothing is proved)."""
     return principal(context).node
@@ -279,10 +274,10 @@ def require_self(context: grpc.ServicerContext, claimed_name: str) -> str:
             _refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"unknown node {_quoted(claimed_name)}",
+                f"unknown node {quoted(claimed_name)}",
                 method="(require_self)",
                 identity=None,
-                reason=f"insecure mode: claimed node {_quoted(claimed_name)} is not in the "
+                reason=f"insecure mode: claimed node {quoted(claimed_name)} is not in the "
                 "allow-list",
             )
         return claimed_name
@@ -290,10 +285,10 @@ def require_self(context: grpc.ServicerContext, claimed_name: str) -> str:
         _refuse(
             context,
             grpc.StatusCode.PERMISSION_DENIED,
-            f"authenticated as node {who.node!r}; may not act as {_quoted(claimed_name)}",
+            f"authenticated as node {who.node!r}; may not act as {quoted(claimed_name)}",
             method="(require_self)",
             identity=who.identity,
-            reason=f"node {who.node!r} claimed to be {_quoted(claimed_name)}",
+            reason=f"node {who.node!r} claimed to be {quoted(claimed_name)}",
         )
     return claimed_name
 

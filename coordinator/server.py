@@ -37,15 +37,17 @@ from coordinator.auth import (
     require_self,
 )
 from coordinator.rounds import (
-    MAX_FREE_TEXT,
     MAX_GROUP_NAME,
-    MAX_NODE_EXAMPLES,
     GlobalModel,
-    Rejection,
     Role,
     RoundEngine,
     TaskKind,
     TaskSpec,
+)
+from coordinator.validation import (
+    MAX_FREE_TEXT,
+    MAX_NODE_EXAMPLES,
+    Rejection,
     checked_metrics,
     checked_text,
     clipped,

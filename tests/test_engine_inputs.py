@@ -19,7 +19,6 @@ from fedharness import scaled, wait_until
 from test_engine_recovery import ENC, WEIGHTS, replay_of, serve, start
 
 from coordinator.rounds import (
-    MAX_METRIC_NAME,
     NodeSession,
     Rejection,
     Role,
@@ -29,6 +28,7 @@ from coordinator.rounds import (
     TaskSpec,
 )
 from coordinator.state import STATE_FILE, STATE_VERSION
+from coordinator.validation import MAX_METRIC_NAME
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
 
