@@ -28,6 +28,7 @@ from coordinator.rounds import RoundEngine, RoundSettings  # noqa: E402
 from coordinator.server import (  # noqa: E402
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     DEFAULT_MAX_CONCURRENT_UPLOADS,
+    limit_malloc_arenas,
     start_server,
 )
 from pluralfed.tls import TlsFiles  # noqa: E402
@@ -92,6 +93,7 @@ def main() -> int:
     ids = node_ids(args.nodes)
     allow = AllowList({i: i for i in ids}, source="bench")
     workers = args.max_workers or 2 * args.nodes + 32
+    limit_malloc_arenas()  # as the coordinator process does
     server, port = start_server(
         engine,
         f"{HOST}:0",

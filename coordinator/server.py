@@ -820,7 +820,6 @@ def start_server(
         download_chunk_bytes,
         transfer_grace_s,
     )
-    limit_malloc_arenas()  # before the RPC threads start
     interceptor = AuthInterceptor(
         allow_list,
         insecure=tls is None,

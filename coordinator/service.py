@@ -27,6 +27,7 @@ from coordinator.rounds import (
 from coordinator.server import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     DEFAULT_MAX_CONCURRENT_UPLOADS,
+    limit_malloc_arenas,
     start_server,
 )
 from pluralfed.checkpoint import save_checkpoint
@@ -276,6 +277,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
             len(allow_list),
             rpc_threads_for(len(allow_list)),
         )
+    limit_malloc_arenas()  # a process setting, before the RPC threads start
     server, port = start_server(
         engine,
         cfg.listen,
