@@ -24,9 +24,39 @@ from pluralfed.wire import (
     specs_of,
 )
 
-# field numbers of the `tensor` part (ModelChunk, UpdateChunk) and of TensorChunk.data
+# Field numbers the fast paths below read and write without protobuf: the `tensor` part of
+# ModelChunk and UpdateChunk, and TensorChunk's fields. Checked against federation.proto at
+# import (`_check_field_numbers`), so a renumbered proto fails loudly, not with garbled tensors.
 TENSOR_PART_FIELD = 2
-_DATA_FIELD = 5
+_NAME_FIELD, _DTYPE_FIELD, _SHAPE_FIELD, _OFFSET_FIELD, _DATA_FIELD = 1, 2, 3, 4, 5
+
+
+def _check_field_numbers() -> None:
+    numbers = {
+        "ModelChunk.tensor": pb.ModelChunk.DESCRIPTOR.fields_by_name["tensor"].number,
+        "UpdateChunk.tensor": pb.UpdateChunk.DESCRIPTOR.fields_by_name["tensor"].number,
+        **{
+            f"TensorChunk.{name}": pb.TensorChunk.DESCRIPTOR.fields_by_name[name].number
+            for name in ("name", "dtype", "shape", "offset", "data")
+        },
+    }
+    expected = {
+        "ModelChunk.tensor": TENSOR_PART_FIELD,
+        "UpdateChunk.tensor": TENSOR_PART_FIELD,
+        "TensorChunk.name": _NAME_FIELD,
+        "TensorChunk.dtype": _DTYPE_FIELD,
+        "TensorChunk.shape": _SHAPE_FIELD,
+        "TensorChunk.offset": _OFFSET_FIELD,
+        "TensorChunk.data": _DATA_FIELD,
+    }
+    if numbers != expected:
+        raise RuntimeError(
+            f"federation.proto's field numbers {numbers} are not the ones pluralfed.transport's "
+            f"fast paths encode ({expected}): update them together"
+        )
+
+
+_check_field_numbers()
 
 PROTOCOL_VERSION = 2
 # the two bulk streams, whose (de)serializers both sides swap for the fast paths below
@@ -218,24 +248,24 @@ def _tensor_part_chunk(raw: bytes) -> Chunk:
     while pos < end:
         key, pos = _read_short_varint(buf, pos, end)
         field, wire_type = key >> 3, key & 7
-        if field in seen and field != 3:
+        if field in seen and field != _SHAPE_FIELD:
             raise _NotFastPath  # a repeated singular field: protobuf's merge rules apply
         seen.add(field)
-        if wire_type == 0 and field in (2, 3, 4):
+        if wire_type == 0 and field in (_DTYPE_FIELD, _SHAPE_FIELD, _OFFSET_FIELD):
             value, pos = _read_varint(buf, pos, end)
-            if field == 2:
+            if field == _DTYPE_FIELD:
                 dtype = value
-            elif field == 3:
+            elif field == _SHAPE_FIELD:
                 shape.append(value)
             else:
                 offset = value
-        elif wire_type == 2 and field in (1, 3, 5):
+        elif wire_type == 2 and field in (_NAME_FIELD, _SHAPE_FIELD, _DATA_FIELD):
             size, pos = _read_short_varint(buf, pos, end)
             if pos + size > end:
                 raise _NotFastPath
-            if field == 1:
+            if field == _NAME_FIELD:
                 name = bytes(buf[pos : pos + size])
-            elif field == 5:
+            elif field == _DATA_FIELD:
                 data = buf[pos : pos + size]
             else:  # packed shape
                 stop = pos + size

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError, Message
 
+from pluralfed import transport
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.transport import (
     chunk_from_proto,
@@ -425,3 +426,12 @@ def _decoded_or_none(raw: bytes) -> Message | Chunk | None:
         return decode_update_chunk(raw)
     except DecodeError:
         return None
+
+
+def test_the_fast_paths_field_numbers_are_checked_against_the_proto(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    transport._check_field_numbers()  # as at import: the numbers agree
+    monkeypatch.setattr(transport, "_DATA_FIELD", 6)  # as if federation.proto had renumbered
+    with pytest.raises(RuntimeError, match=r"'TensorChunk.data': 5.*update them together"):
+        transport._check_field_numbers()
