@@ -44,8 +44,13 @@ from pluralfed.tls import (
     peer_certificate,
     peer_serial,
 )
+from pluralfed.transport import StreamDeadlines
 
 log = logging.getLogger(__name__)
+
+# How long a call may take to send its one request (Join, GetTask, Heartbeat, ...): a client sends
+# it with the call, so this only ever cuts a peer holding a thread with a call it never completes.
+REQUEST_TIMEOUT_S = 10.0
 
 # Methods any TLS peer may call without an allow-listed identity: serving status reveals nothing.
 HEALTH_METHODS: frozenset[str] = frozenset(
@@ -403,6 +408,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
     ) -> None:
         self.allow_list = allow_list
         self.call_limit = CallLimit(max_calls_per_node) if max_calls_per_node else None
+        self.request_deadlines = StreamDeadlines(
+            f"a call sent no request within {REQUEST_TIMEOUT_S:g} s: cancelled"
+        )
         self.revocations = revocations
         self.exempt_methods = frozenset(exempt_methods)
         self.allow_common_name = allow_common_name
@@ -513,15 +521,26 @@ class AuthInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method in self.exempt_methods:
+        if handler is None:
             return handler
-        return self._guard(handler, method)
+        return self._guard(handler, method, exempt=method in self.exempt_methods)
 
-    def _guard(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _guard(
+        self, handler: grpc.RpcMethodHandler, method: str, *, exempt: bool
+    ) -> grpc.RpcMethodHandler:
+        """The handler with the caller checked (unless `exempt`) before its behaviour runs.
+
+        A method with one request is served as a request stream (the same bytes on the wire):
+        gRPC's own unary handling holds a thread until the request arrives, before any check,
+        so a peer that never sent it held the thread for good (and enough such calls, every
+        thread). Served so, the caller is checked and counted first, and the request is read
+        under a deadline (REQUEST_TIMEOUT_S)."""
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        if handler.request_streaming and exempt:
+            return handler
         if handler.request_streaming and handler.response_streaming:
             behaviour = present(handler.stream_stream, method)
             return grpc.stream_stream_rpc_method_handler(
@@ -533,14 +552,37 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 lambda requests, ctx: self._unary(behaviour, requests, ctx, method), **kwargs
             )
         if handler.response_streaming:
-            behaviour = present(handler.unary_stream, method)
-            return grpc.unary_stream_rpc_method_handler(
-                lambda request, ctx: self._stream(behaviour, request, ctx, method), **kwargs
+            one = self._one_request(present(handler.unary_stream, method))
+            if exempt:
+                return grpc.stream_stream_rpc_method_handler(one, **kwargs)
+            return grpc.stream_stream_rpc_method_handler(
+                lambda requests, ctx: self._stream(one, requests, ctx, method), **kwargs
             )
-        behaviour = present(handler.unary_unary, method)
-        return grpc.unary_unary_rpc_method_handler(
-            lambda request, ctx: self._unary(behaviour, request, ctx, method), **kwargs
+        one = self._one_request(present(handler.unary_unary, method))
+        if exempt:
+            return grpc.stream_unary_rpc_method_handler(one, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(
+            lambda requests, ctx: self._unary(one, requests, ctx, method), **kwargs
         )
+
+    def _one_request(self, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """`behaviour` of a one-request method, fed from a request stream: the request is read
+        under REQUEST_TIMEOUT_S (the call is cancelled past it); a stream without one is refused."""
+
+        def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            with self.request_deadlines.watch(context, REQUEST_TIMEOUT_S):
+                try:
+                    request = next(requests)
+                except StopIteration:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carries no request")
+                except grpc.RpcError:  # cancelled: no request within REQUEST_TIMEOUT_S
+                    context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no request within {REQUEST_TIMEOUT_S:g} s",
+                    )
+            return behaviour(request, context)
+
+        return call
 
     def _unary(
         self, behaviour: Callable[[Any, Any], Any], arg: Any, context: Any, method: str

@@ -411,6 +411,12 @@ class RoundEngine:
                 and (role is None or s.role == role)
             ]
 
+    def has_session(self, session_id: str) -> bool:
+        """Whether `session_id` is a session the engine still knows (a node's join replaces its
+        earlier session, so that one is gone)."""
+        with self._lock:
+            return session_id in self._sessions
+
     def _session(self, session_id: str, group: str | None, touch: bool = True) -> NodeSession:
         """The caller's session; `touch` marks it seen. An expired one is gone: join again."""
         s = self._sessions.get(session_id)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import heapq
-import itertools
 import json
 import logging
 import math
@@ -64,6 +62,7 @@ from pluralfed.transport import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     UPLOAD_METHOD,
+    StreamDeadlines,
     check_chunk_bytes,
     chunk_from_proto,
     decode_update_chunk,
@@ -205,58 +204,6 @@ class BulkStreamCodecs(grpc.ServerInterceptor):
 TRANSFER_GRACE_S = 10.0
 
 
-class StreamDeadlines:
-    """Cancels bulk streams (uploads, downloads) still running at their deadline, from one
-    thread. A node that stops sending an upload or reading a download would otherwise hold a
-    stream slot and an RPC thread for ever, and every later round would wait on it."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int]] = []  # (monotonic deadline, token)
-        self._contexts: dict[int, grpc.RpcContext] = {}
-        self._tokens = itertools.count()
-        self._thread: threading.Thread | None = None
-        self.cancelled = 0  # streams cut so far (for tests and diagnostics)
-
-    @contextlib.contextmanager
-    def watch(self, context: grpc.RpcContext, seconds: float) -> Iterator[None]:
-        """Cancel `context`'s RPC if the block is still running `seconds` from now."""
-        token = next(self._tokens)
-        with self._cond:
-            self._contexts[token] = context
-            heapq.heappush(self._heap, (time.monotonic() + max(0.0, seconds), token))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="stream-deadlines", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._contexts.pop(token, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._heap and self._heap[0][1] not in self._contexts:
-                    heapq.heappop(self._heap)  # finished in time
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                deadline, token = self._heap[0]
-                left = deadline - time.monotonic()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                heapq.heappop(self._heap)
-                context = self._contexts.pop(token)
-                self.cancelled += 1
-            log.warning("a bulk stream outlived its round's deadline: cancelled")
-            context.cancel()  # the servicer's read (or send) fails at once; its slot is freed
-
-
 class StreamSlots:
     """At most `limit` bulk streams (uploads being read, or downloads being sent) at once; the
     others wait, first come first served.
@@ -339,7 +286,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.upload_chunk_bytes = check_chunk_bytes(upload_chunk_bytes)
         # the largest tensor part a download message carries
         self.download_chunk_bytes = check_chunk_bytes(download_chunk_bytes, "download_chunk_bytes")
-        self.deadlines = StreamDeadlines()
+        self.deadlines = StreamDeadlines("a bulk stream outlived its round's deadline: cancelled")
         self.transfer_grace_s = transfer_grace_s
         # (kind, node) of each running upload and download -> (its session, its call): one of
         # each per node at a time, so no one node can take every slot (in insecure mode, where no
@@ -429,7 +376,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             if not alone:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "a download for this session is already running: one at a time",
+                    "a download of this node is already running: one at a time",
                 )
             with self.deadlines.watch(context, self._transfer_seconds()):
                 if not self.download_slots.acquire(context.is_active):
@@ -449,14 +396,20 @@ class FederationServicer(pb_grpc.FederationServicer):
     def _one_per_node(
         self, kind: str, caller: str | None, session_id: str, context: grpc.ServicerContext
     ) -> Iterator[bool]:
-        """True if this node has no other `kind` stream of this session running (then this one is
-        it). A stream of an earlier session of the node is cancelled: the node joined again, and
-        a new session must not leave its old streams holding slots (one node re-joining could
-        otherwise hold every slot)."""
+        """True if this stream may run: the node has no other `kind` stream of a session the
+        engine still knows. A stream of an earlier session of the node (it joined again since)
+        is cancelled, so a new session does not leave old streams holding slots (one node
+        re-joining could otherwise hold every slot); a stream of a session already replaced
+        never cancels its newer one's."""
         key = (kind, caller or session_id)
         with self._running_lock:
             running = self._running.get(key)
-            first = running is None or running[0] != session_id
+            if running is None:
+                first = True
+            elif running[0] == session_id:
+                first = False  # a second stream of the same session
+            else:  # two sessions of one node: only the one the engine still knows runs
+                first = self.engine.has_session(session_id)
             if first:
                 self._running[key] = (session_id, context)
         if first and running is not None:
@@ -509,7 +462,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if not alone:
                     return _reject(
                         "DUPLICATE",
-                        "an upload from this session is already being read: this copy is ignored",
+                        "an upload of this node is already being read: this copy is ignored",
                     )
                 # refused uploads never wait; an admitted one is read only once it holds a slot
                 if not self.upload_slots.acquire(context.is_active):

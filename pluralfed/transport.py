@@ -3,6 +3,12 @@ mapping between `pluralfed.wire.Chunk` and the protobuf `TensorChunk`."""
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
+import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -23,6 +29,8 @@ from pluralfed.wire import (
     iter_chunks,
     specs_of,
 )
+
+log = logging.getLogger(__name__)
 
 # Field numbers the fast paths below read and write without protobuf: the `tensor` part of
 # ModelChunk and UpdateChunk, and TensorChunk's fields. Checked against federation.proto at
@@ -449,3 +457,56 @@ def update_stream(
     for chunk in iter_chunks(weights, chunk_bytes):
         yield serialized_tensor_part(chunk)
     yield pb.UpdateChunk(trailer=pb.StreamTrailer(digest=digest_of(weights)))
+
+
+class StreamDeadlines:
+    """Cancels calls still running at their deadline, from one thread: a peer that stops
+    sending (an upload, or a request it never sends) or reading (a download) would otherwise
+    hold an RPC thread, and a stream slot, for ever. `message` is logged for each call cut."""
+
+    def __init__(self, message: str = "a call outlived its deadline: cancelled") -> None:
+        self.message = message
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []  # (monotonic deadline, token)
+        self._contexts: dict[int, grpc.RpcContext] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.cancelled = 0  # streams cut so far (for tests and diagnostics)
+
+    @contextlib.contextmanager
+    def watch(self, context: grpc.RpcContext, seconds: float) -> Iterator[None]:
+        """Cancel `context`'s RPC if the block is still running `seconds` from now."""
+        token = next(self._tokens)
+        with self._cond:
+            self._contexts[token] = context
+            heapq.heappush(self._heap, (time.monotonic() + max(0.0, seconds), token))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="stream-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._contexts.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._contexts:
+                    heapq.heappop(self._heap)  # finished in time
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token = self._heap[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                context = self._contexts.pop(token)
+                self.cancelled += 1
+            log.warning(self.message)
+            context.cancel()  # the servicer's read (or send) fails at once; its slot is freed

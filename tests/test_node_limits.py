@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from fedharness import HOST, FakeNode, Pki, reject_name, rpc_error, update_messages, wait_until
 
+import coordinator.auth as auth_module
 from coordinator.auth import AllowList, RefusalLog
 from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings
-from coordinator.server import MAX_CALLS_PER_NODE, StreamSlots, start_server
+from coordinator.server import MAX_CALLS_PER_NODE, FederationServicer, StreamSlots, start_server
 from coordinator.service import CoordinatorConfig, check_roles
 from pluralfed.config import ConfigValueError, load_config
 from pluralfed.errors import InputError
@@ -207,8 +208,10 @@ def test_evaluate_only_is_checked_where_it_is_set(tmp_path: Path) -> None:
     allow = AllowList({"node-a": "A", "node-h": "H"})
     with pytest.raises(ConfigValueError, match=r"\['Hh'\], which the allow-list does not admit"):
         check_roles(CoordinatorConfig(evaluate_only=("Hh",)), allow)
-    with pytest.raises(ConfigValueError, match="none could train"):
+    with pytest.raises(ConfigValueError, match=r"leaves 0 allow-listed group\(s\) to train"):
         check_roles(CoordinatorConfig(evaluate_only=("A", "H")), allow)
+    with pytest.raises(ConfigValueError, match=r"fewer than min_nodes \(2\)"):
+        check_roles(CoordinatorConfig(evaluate_only=("H",), min_nodes=2, min_updates=1), allow)
     check_roles(CoordinatorConfig(evaluate_only=("H",)), allow)
 
 
@@ -242,3 +245,91 @@ def test_repeated_refusals_are_logged_once_a_minute(caplog: pytest.LogCaptureFix
     assert "identity=node-r" in lines[0] and "more like it" not in lines[0]
     assert "identity=node-s" in lines[1]
     assert "(999 more like it in the last" in lines[2]
+
+
+def no_request(release: threading.Event) -> Iterator[bytes]:
+    release.wait(60)  # the call's headers, and never its request
+    yield from ()
+
+
+@pytest.mark.parametrize("identity", ["node-a", "node-stranger"])
+def test_calls_that_never_send_their_request_hold_no_thread(
+    tmp_path: Path, pki: Pki, identity: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC's own unary handling waits for the request before any check runs: 40 Heartbeats
+    that never sent theirs held every RPC thread, from an allow-listed certificate or from one
+    the allow-list does not name (session 16 review). Now the caller is checked and counted
+    first, and the request is awaited at most REQUEST_TIMEOUT_S."""
+    monkeypatch.setattr(auth_module, "REQUEST_TIMEOUT_S", 2.0)
+    coord = Coordinator(tmp_path, pki, RoundSettings(rounds=1, min_nodes=3, eval_every=0))
+    release = threading.Event()
+    honest = coord.node(pki, "node-b")
+    attacker = FakeNode(coord.port, "A", tls_dir=pki.node(identity))
+    try:
+        honest.join(ENC)
+        heartbeat = attacker.channel.stream_unary(
+            "/pluralfed.v1.Federation/Heartbeat",
+            request_serializer=lambda m: m,
+            response_deserializer=lambda b: b,
+        )
+        calls = [heartbeat.future(no_request(release)) for _ in range(40)]
+        started = time.monotonic()
+        for _ in range(3):
+            assert not honest.heartbeat().cancel_task
+        assert time.monotonic() - started < 5.0
+        wait_until(lambda: all(c.done() for c in calls), 30, "every held call to end")
+        codes = {c.exception().code() for c in calls}  # type: ignore[union-attr]
+        if identity == "node-a":  # allow-listed: 8 wait for their request (then cut), 32 refused
+            assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+        else:  # refused before anything waits
+            assert codes == {grpc.StatusCode.PERMISSION_DENIED}
+    finally:
+        release.set()
+        attacker.close()
+        honest.close()
+        coord.close()
+
+
+def test_a_replaced_sessions_upload_never_cancels_the_current_one(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload of session S1 checked just before its node joined again (S2) and started S2's
+    upload must not cancel S2's: only the session the engine still knows runs (review)."""
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, min_updates=1, eval_every=0, round_timeout_s=30.0
+    )
+    slowed_session: dict[str, str] = {}
+    checked = FederationServicer._refuse_upload
+
+    def slow_check(self: FederationServicer, h: Any, caller: Any, context: Any) -> Any:
+        refusal = checked(self, h, caller, context)
+        if h.session_id == slowed_session.get("id") and not slowed_session.get("slowed"):
+            slowed_session["slowed"] = "yes"
+            time.sleep(3)  # S1's upload is past its check; the node joins again meanwhile
+        return refusal
+
+    monkeypatch.setattr(FederationServicer, "_refuse_upload", slow_check)
+    coord = Coordinator(tmp_path, pki, settings, upload_slots=StreamSlots(4))
+    release = threading.Event()
+    a, b = coord.node(pki, "node-a"), coord.node(pki, "node-b")
+    try:
+        a.join(ENC)
+        b.join(ENC)
+        task = a.wait_task(pb.TASK_KIND_TRAIN)
+        slowed_session["id"] = a.session_id
+        old = update_messages(a.session_id, task, {"w": np.ones(1000, np.float32)}, 10)
+        first = a.stub.UploadUpdate.future(header_then_silence(old[0], release))
+        time.sleep(0.5)
+        a.join(ENC)
+        task = a.wait_task(pb.TASK_KIND_TRAIN)
+        current = update_messages(a.session_id, task, {"w": np.ones(1000, np.float32)}, 10)
+        second = a.stub.UploadUpdate.future(header_then_silence(current[0], release))
+        reply = first.result(timeout=20)
+        assert reject_name(reply) == "DUPLICATE"  # the replaced session's upload steps aside
+        time.sleep(0.5)
+        assert not second.done(), "the current session's upload was cancelled"
+    finally:
+        release.set()
+        a.close()
+        b.close()
+        coord.close()
