@@ -215,8 +215,9 @@ def _short(name: str) -> str:
 
 
 def check_roles(cfg: CoordinatorConfig, allow_list: AllowList) -> None:
-    """Every evaluate-only group must be one the allow-list admits, and some group must be left
-    to train: a typo would otherwise let the held-out group train after all."""
+    """Every evaluate-only group must be one the allow-list admits (a typo would otherwise let
+    the held-out group train after all), and enough groups must be left to train to make the
+    quorum (min_nodes), or the run would wait for ever."""
     if cfg.evaluate_only is None:
         return
     unknown = sorted(set(cfg.evaluate_only) - allow_list.node_names)
@@ -226,9 +227,14 @@ def check_roles(cfg: CoordinatorConfig, allow_list: AllowList) -> None:
             f"evaluate_only names {unknown}, which the allow-list does not admit (it admits "
             f"{sorted(allow_list.node_names)})",
         )
-    if allow_list.node_names and allow_list.node_names <= set(cfg.evaluate_only):
-        raise _refuse(
-            "evaluate_only", "evaluate_only names every allow-listed group: none could train"
+    trainers = allow_list.node_names - set(cfg.evaluate_only)
+    if len(trainers) < cfg.min_nodes:
+        raise ConfigValueError(
+            "evaluate_only",
+            f"evaluate_only leaves {len(trainers)} allow-listed group(s) to train, fewer than "
+            f"min_nodes ({cfg.min_nodes}): no round could ever start",
+            "coordinator config",
+            related=("min_nodes",),
         )
 
 

@@ -305,6 +305,15 @@ class HFTextEncoder:
 
     def _load_failure_message(self, err: BaseException) -> str:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "model.safetensors" in str(err) or "use_safetensors" in str(err):  # .bin only
+            where = self._local_dir if self._local_dir is not None else repr(self.name_or_path)
+            return (
+                f"could not load the text encoder from {where}: it has no safetensors weights "
+                "(model.safetensors). pluralfed loads only those: pickled weights "
+                "(pytorch_model.bin) are never loaded. Convert the model once where you trust "
+                "it (AutoModel.from_pretrained(...).save_pretrained(folder, "
+                "safe_serialization=True)) and pass that folder"
+            )
         if self._local_dir is not None:
             return (
                 f"could not load the text encoder from {self._local_dir}: {first_line}. "

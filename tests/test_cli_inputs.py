@@ -139,3 +139,17 @@ def test_train_help_says_when_held_out_groups_are_chosen() -> None:
     held = next(a for a in sub._actions if a.dest == "held_out")
     assert held.help is not None
     assert "when the data has them and --groups is not given, else none" in held.help
+
+
+def test_write_json_follows_a_symlink_and_writes_through_a_device(tmp_path: Path) -> None:
+    """--out may be a symlink (its target gets the JSON, the link stays) or a device such as
+    /dev/stdout, which an atomic replace cannot handle (review, session 16)."""
+    from pluralfed.commands.common import write_json
+
+    target = tmp_path / "real.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_json(link, {"a": 1})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+    write_json(Path("/dev/null"), {"b": 2})  # a character device: written through, not replaced
+    assert Path("/dev/null").is_char_device()

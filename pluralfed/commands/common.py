@@ -167,8 +167,16 @@ def peak_rss_mib() -> float:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomically: a run's metrics are never left half written by a crash or a full disk."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+    """Atomically, so a run's metrics are never left half written by a crash or a full disk: a
+    symlink is followed (its target replaced, not the link), and a device or pipe such as
+    /dev/stdout, which cannot be replaced, is written through."""
+    data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        with open(target, "wb") as out:
+            out.write(data)
+    else:
+        atomic_write_bytes(target, data)
 
 
 def parse_range(text: str, what: str) -> tuple[int, int]:
