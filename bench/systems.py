@@ -535,7 +535,7 @@ def report(results: dict[str, Any]) -> str:
             f"download chunks {s.get('download_chunk_bytes', 1 << 20) // 1024} KiB, "
             f"max_concurrent_downloads {s.get('max_concurrent_downloads', 'none')}, "
             f"coordinator RSS after imports {s['coord_rss_after_imports_mib']:.0f}"
-            f" MiB (torch is imported via coordinator.rounds -> pluralfed.evaluation), node CPU per "
+            f" MiB, node CPU per "
             f"node-round {s['node_cpu_per_node_round_s'] * 1000:.0f} ms ({node_cpu_per_100mb(s)}), "
             f"socket/payload "
             f"{s['socket_over_payload']:.3f}, single-upload {s['upload_MBps_single_median']:.0f} "
