@@ -10,7 +10,9 @@ For each seed it runs
     (100 optimizer steps; PROTOCOL's "100 epochs of one step per group batch");
   - centralized, 800 steps: 100 epochs of one step per group, a group at a time (800 steps);
   - centralized (equal steps, optional --equal-steps): as many optimizer steps as the federation
-    took in total (100 x 6 x 8 = 4,800), evaluated at the same fractions of training.
+    took in total (100 x 6 x 8 = 4,800), evaluated at the same fractions of training;
+  - centralized (optional --equal-batched-steps): as many steps as the federation's model took in
+    sequence, 100 rounds x 6, each on a batch of all 8 groups (600 steps).
 Then it evaluates every final checkpoint again with the context memory on (--memory-weight,
 pluralfed/model.py; inference only, the same trained weights), as "<run> + context memory".
 Runs already in runs.json are kept unless run again (so variants can be added one by one),
@@ -143,6 +145,7 @@ def model_options(settings: list[str]) -> list[str]:
 PAPER_CENTRAL = "centralized (paper: 100 steps, all 8 groups per step)"
 PER_GROUP_CENTRAL = "centralized (800 steps, one group per step)"
 EQUAL_CENTRAL = "centralized (equal steps)"
+EQUAL_BATCHED_CENTRAL = "centralized (600 steps, all 8 groups per step)"
 # labels of earlier reports, read from runs.json under their current names
 RENAMED = {"centralized (paper, 100 epochs)": PER_GROUP_CENTRAL}
 STRONGER = " (800-step baseline)"  # claims judged against PER_GROUP_CENTRAL
@@ -546,6 +549,11 @@ def main() -> int:
         action="store_true",
         help="also centralized with the federation's optimizer steps",
     )
+    p.add_argument(
+        "--equal-batched-steps",
+        action="store_true",
+        help="also centralized with rounds x local steps steps, each on all 8 groups",
+    )
     p.add_argument("--skip-federated", action="store_true")
     p.add_argument(
         "--set",
@@ -628,6 +636,17 @@ def main() -> int:
             record(
                 f"{EQUAL_CENTRAL}{variant}",
                 centralized(args, seed, args.out / f"{central_prefix}-eq-s{seed}", epochs=epochs),
+            )
+        if args.equal_batched_steps:
+            record(
+                f"{EQUAL_BATCHED_CENTRAL}{variant}",
+                centralized(
+                    args,
+                    seed,
+                    args.out / f"{central_prefix}-eqb-s{seed}",
+                    epochs=args.rounds * args.local_steps,
+                    groups_per_step=CENTRAL_KINDS["paper"],
+                ),
             )
         saved.write_text(json.dumps(runs, indent=1))
     if args.memory_weight > 0:
