@@ -88,7 +88,7 @@ NODE_MIN_HEARTBEAT_S = protocol.MIN_HEARTBEAT_S
 NODE_MAX_HEARTBEAT_S = protocol.MAX_HEARTBEAT_S
 MAX_COUNT = 1_000_000  # rounds, nodes, updates: far above any real federation
 MAX_DURATION_S = 365 * 24 * 3600.0  # a deadline must stay a representable timestamp
-SERVER_OPTIMIZERS = ("fedavg", "fedadagrad", "fedadam", "fedyogi")
+SERVER_OPTIMIZERS = ("fedavg", "fedadagrad", "fedadam", "fedyogi", "adam")
 WEIGHTINGS = ("examples", "uniform")
 
 
@@ -115,6 +115,9 @@ class RoundSettings:
     # q-FedAvg: each update's weight times (1 - its node's alignment_before) ** q; 0: FedAvg
     fairness_q: float = 0.0
     server_optimizer: str = "fedavg"
+    # the nodes' optimizer: adam (the paper's), or sgd (each node's delta is then -learning_rate
+    # x its gradients, for server_optimizer = "adam": centralized Adam on the groups' mean gradient)
+    local_optimizer: str = protocol.LOCAL_OPTIMIZER
     server_lr: float | None = None  # None: the optimizer's default (1.0 for fedavg)
     norm_bound: float | None = None  # max L2 norm of (update - global); None: no bound
     seed: int = 0
@@ -207,6 +210,13 @@ class RoundSettings:
                 raise ConfigValueError(
                     "evaluate_only", f"evaluate_only names {twice} more than once", SETTINGS
                 )
+        if self.local_optimizer not in protocol.LOCAL_OPTIMIZERS:
+            raise ConfigValueError(
+                "local_optimizer",
+                f"local_optimizer must be one of {', '.join(protocol.LOCAL_OPTIMIZERS)}, got "
+                f"{self.local_optimizer!r}",
+                SETTINGS,
+            )
         # across fields
         if self.min_updates > self.min_nodes:
             raise ConfigValueError(

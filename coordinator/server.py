@@ -54,7 +54,7 @@ from pluralfed import __version__
 from pluralfed.metrics import GroupEvaluation
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
-from pluralfed.protocol import KEEP_LOCAL_OPTIMIZER_STATE, LOCAL_OPTIMIZER
+from pluralfed.protocol import KEEP_LOCAL_OPTIMIZER_STATE
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import (
     DEFAULT_UPLOAD_CHUNK_BYTES,
@@ -694,7 +694,7 @@ def task_to_proto(spec: TaskSpec) -> pb.Task:
         hp.context_range.min, hp.context_range.max = st.context_range
         hp.target_range.min, hp.target_range.max = st.target_range
         hp.seed = st.seed
-        hp.optimizer = LOCAL_OPTIMIZER
+        hp.optimizer = st.local_optimizer
         hp.keep_local_optimizer_state = KEEP_LOCAL_OPTIMIZER_STATE
         task.evaluation.max_context = st.max_context
         task.evaluation.seed = st.seed

@@ -105,6 +105,7 @@ class CoordinatorConfig:
     weighting: str = "examples"
     fairness_q: float = 0.0
     server_optimizer: str = "fedavg"
+    local_optimizer: str = "adam"
     server_lr: float | None = None
     norm_bound: float | None = None
     seed: int = 0

@@ -609,6 +609,10 @@ class _AdaptiveOptimizer:
     def _second_moment(self, v: Array, d2: Array) -> Array:
         raise NotImplementedError
 
+    def _direction(self, m: Array, v: Array) -> Array:
+        """The move per unit of server_lr (this is step self.step + 1)."""
+        return m / (np.sqrt(v) + self.tau)
+
     def apply(self, global_weights: Weights, averaged: Weights) -> dict[str, Array]:
         """The next global model; state changes only once every tensor is computed."""
         specs = _check_same_model(global_weights, averaged, "averaged weights")
@@ -631,7 +635,7 @@ class _AdaptiveOptimizer:
                 old_v = np.full_like(d, self.initial_accumulator)
             m = self.beta1 * old_m + (1.0 - self.beta1) * d
             v = self._second_moment(old_v, d * d)
-            new = g + self.server_lr * m / (np.sqrt(v) + self.tau)
+            new = g + self.server_lr * self._direction(m, v)
             new_m[spec.name], new_v[spec.name] = m, v
             out[spec.name] = _from_float64(new.reshape(-1), spec)
         self._m, self._v = new_m, new_v
@@ -697,13 +701,39 @@ class FedYogi(_AdaptiveOptimizer):
         return v - (1.0 - self.beta2) * d2 * np.sign(v - d2)
 
 
+class ServerAdam(FedAdam):
+    """Adam as torch runs it (bias-corrected moments, beta2 0.999, eps 1e-8), on the averaged
+    deltas. With nodes that take one plain gradient step (local_optimizer = "sgd", learning rate
+    1), the delta is minus the mean of the groups' gradients, and this is centralized Adam on a
+    batch of every group, step for step, without the data leaving the nodes."""
+
+    name = "adam"
+
+    def __init__(
+        self,
+        server_lr: float = 3e-4,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        tau: float = 1e-8,
+        initial_accumulator: float | None = 0.0,
+    ) -> None:
+        super().__init__(server_lr, beta1, beta2, tau, initial_accumulator)
+
+    def _direction(self, m: Array, v: Array) -> Array:
+        t = self.step + 1
+        m_hat = m / (1.0 - self.beta1**t)
+        v_hat = v / (1.0 - self.beta2**t)
+        return m_hat / (np.sqrt(v_hat) + self.tau)
+
+
 def make_server_optimizer(name: str, **kwargs: float) -> ServerOptimizer:
-    """A server optimizer by name: fedavg, fedadagrad, fedadam or fedyogi."""
+    """A server optimizer by name: fedavg, fedadagrad, fedadam, fedyogi or adam."""
     kinds: dict[str, type[FedAvgOptimizer] | type[_AdaptiveOptimizer]] = {
         "fedavg": FedAvgOptimizer,
         "fedadagrad": FedAdagrad,
         "fedadam": FedAdam,
         "fedyogi": FedYogi,
+        "adam": ServerAdam,
     }
     try:
         kind = kinds[name.lower()]
@@ -719,6 +749,7 @@ __all__ = [
     "FedAdam",
     "FedAvgOptimizer",
     "FedYogi",
+    "ServerAdam",
     "ServerOptimizer",
     "StreamingFedAvg",
     "clip_by_norm",

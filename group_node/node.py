@@ -30,7 +30,12 @@ from pluralfed.config import ConfigValueError
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
-from pluralfed.protocol import ALIGNMENT_BEFORE, LOCAL_OPTIMIZER, MAX_EMBEDDING_NOISE
+from pluralfed.protocol import (
+    ALIGNMENT_BEFORE,
+    LOCAL_OPTIMIZER,
+    LOCAL_OPTIMIZERS,
+    MAX_EMBEDDING_NOISE,
+)
 from pluralfed.tls import (
     RevocationList,
     ServerCheckFailed,
@@ -251,16 +256,17 @@ def training_settings(hp: pb.Hyperparameters, task: str) -> TrainingSettings:
         raise InputError(
             f"{task} hyperparameters: embedding_noise {noise!r} is not in 0..{MAX_EMBEDDING_NOISE}"
         )
-    if hp.optimizer not in ("", LOCAL_OPTIMIZER):
+    if hp.optimizer not in ("", *LOCAL_OPTIMIZERS):
         raise InputError(
             f"{task} hyperparameters: optimizer {hp.optimizer[:40]!r} is not one this node has "
-            f"(only {LOCAL_OPTIMIZER!r})"
+            f"(only {', '.join(repr(o) for o in LOCAL_OPTIMIZERS)})"
         )
     return TrainingSettings(
         learning_rate=lr,
         context_range=(hp.context_range.min, hp.context_range.max),
         target_range=(hp.target_range.min, hp.target_range.max),
         embedding_noise=noise,
+        optimizer=hp.optimizer or LOCAL_OPTIMIZER,
     )
 
 

@@ -30,6 +30,7 @@ ALIGNMENT_BEFORE = "alignment_before"
 # The nodes' local optimizer (Hyperparameters.optimizer) and whether a node keeps its state from
 # one TRAIN task to the next, as the paper's nodes do (Hyperparameters.keep_local_optimizer_state).
 LOCAL_OPTIMIZER = "adam"
+LOCAL_OPTIMIZERS = ("adam", "sgd")  # what a node can run
 KEEP_LOCAL_OPTIMIZER_STATE = True
 
 # What a node takes from a coordinator (it refuses a task or a Join reply outside these), and so

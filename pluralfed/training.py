@@ -23,6 +23,7 @@ from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax
 from pluralfed.protocol import (
     CONTEXT_RANGE,
     LEARNING_RATE,
+    LOCAL_OPTIMIZERS,
     MAX_EMBEDDING_NOISE,
     TARGET_RANGE,
 )
@@ -57,6 +58,9 @@ class TrainingSettings:
     # std of the Gaussian shift added to each question's embeddings in training (0 = none; see
     # `jitter_questions`)
     embedding_noise: float = 0.0
+    # the local optimizer: "adam" (the paper's), or "sgd" (one plain gradient step per step, for
+    # a server optimizer that treats the averaged deltas as gradients; see coordinator `adam`)
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -71,6 +75,10 @@ class TrainingSettings:
                 raise ValueError(
                     f"{name} must be a range low..high with 1 <= low <= high, got {lo}..{hi}"
                 )
+        if self.optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(LOCAL_OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         if self.groups_per_step < 1:
             raise ValueError(f"groups_per_step must be at least 1, got {self.groups_per_step}")
         if not (
@@ -101,6 +109,12 @@ def target_alignment(means: torch.Tensor, batch: EpisodeBatch) -> float:
     return float(np.mean(scores))
 
 
+def make_optimizer(model: GPO, settings: TrainingSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=settings.learning_rate)
+    return torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+
+
 class LocalTrainer:
     """Adam on one model; the optimizer state lives here across rounds, as the paper's nodes keep it."""
 
@@ -108,7 +122,7 @@ class LocalTrainer:
         self.model = model
         self.settings = settings
         self.rng = np.random.default_rng(check_seed(seed))
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+        self.optimizer = make_optimizer(model, settings)
         self.steps_done = 0
         # alignment of the last `train_steps` call's first episode under the weights it started
         # from (before any of its steps): a fairness-aware coordinator weighs updates by it
@@ -122,9 +136,9 @@ class LocalTrainer:
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def reset_optimizer(self) -> None:
-        """A fresh Adam (no moments), for a task that asks not to keep the local optimizer state;
-        the episode sampling goes on where it was, so tasks still draw new episodes."""
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.settings.learning_rate)
+        """A fresh optimizer (no moments), for a task that asks not to keep the local optimizer
+        state; the episode sampling goes on where it was, so tasks still draw new episodes."""
+        self.optimizer = make_optimizer(self.model, self.settings)
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -136,7 +136,7 @@ def _hp(**fields: object) -> pb.Hyperparameters:
         (_hp(embedding_noise=2.0), "embedding_noise 2.0"),
         (_hp(embedding_noise=float("nan")), "embedding_noise nan"),
         (_hp(learning_rate=float("inf")), "learning_rate inf"),
-        (_hp(optimizer="sgd"), "optimizer 'sgd' is not one this node has (only 'adam')"),
+        (_hp(optimizer="lbfgs"), "optimizer 'lbfgs' is not one this node has (only 'adam', 'sgd')"),
     ],
 )
 def test_a_node_refuses_a_train_task_with_bad_settings(
@@ -157,3 +157,13 @@ def test_a_node_refuses_a_train_task_without_steps() -> None:
 def test_a_task_without_the_field_means_no_noise() -> None:
     """Coordinators from before the setting send no field: nodes train as before."""
     assert training_settings(_hp(), "TRAIN").embedding_noise == 0.0
+
+
+def test_a_node_runs_the_optimizer_the_task_names() -> None:
+    assert training_settings(_hp(), "TRAIN").optimizer == "adam"  # an older coordinator: Adam
+    assert training_settings(_hp(optimizer="sgd"), "TRAIN").optimizer == "sgd"
+    settings = CoordinatorConfig(local_optimizer="sgd").round_settings()
+    hp = task_to_proto(TaskSpec(TaskKind.TRAIN, "t1", 3, "v3", settings=settings)).hyperparameters
+    assert hp.optimizer == "sgd"
+    with pytest.raises(InputError, match="local_optimizer must be one of adam, sgd"):
+        CoordinatorConfig(local_optimizer="lbfgs")

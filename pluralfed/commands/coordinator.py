@@ -47,7 +47,10 @@ HELP = {
     "weighting": "FedAvg weights: examples (number of training questions) or uniform",
     "fairness_q": "q-FedAvg: weigh each update also by (1 - its node's alignment before "
     "training) ** q, toward the groups the model serves worst (0 = plain FedAvg; 0..10)",
-    "server_optimizer": "fedavg, fedadagrad, fedadam or fedyogi",
+    "server_optimizer": "fedavg, fedadagrad, fedadam, fedyogi, or adam (torch's Adam on the "
+    "averaged deltas, bias-corrected; with local_optimizer = sgd, learning_rate = 1 and 1 local "
+    "step it is centralized Adam on the groups' mean gradient)",
+    "local_optimizer": "the nodes' optimizer: adam (the paper's) or sgd (plain gradient steps)",
     "server_lr": "server learning rate (default: the optimizer's own)",
     "norm_bound": "refuse updates that move the model further than this (L2)",
     "seed": "seed of the initial model and of the nodes' episode sampling",
