@@ -8,6 +8,7 @@ to a rejoin with exponential backoff. Only model tensors and aggregate metrics l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -268,6 +269,16 @@ def training_settings(hp: pb.Hyperparameters, task: str) -> TrainingSettings:
         embedding_noise=noise,
         optimizer=hp.optimizer or LOCAL_OPTIMIZER,
     )
+
+
+def personalization_settings(hp: pb.Hyperparameters) -> TrainingSettings:
+    """How a node fine-tunes the final model on its own data: the run's settings, with Adam. A run
+    whose nodes take plain gradient steps (local_optimizer = "sgd") sends a learning rate that
+    scales a gradient for the server's Adam, not one to fine-tune with: then the protocol's."""
+    settings = training_settings(hp, "SHUTDOWN")
+    if settings.optimizer == "adam":
+        return settings
+    return dataclasses.replace(settings, optimizer="adam", learning_rate=protocol.LEARNING_RATE)
 
 
 def local_steps_of(hp: pb.Hyperparameters) -> int:
@@ -662,7 +673,7 @@ class GroupNode:
         folder = self.config.personalized_dir
         assert folder is not None  # NodeConfig requires it with personalize_steps
         try:
-            settings = training_settings(task.hyperparameters, "SHUTDOWN")
+            settings = personalization_settings(task.hyperparameters)
             self.worker.load_global(self.client.model_config, weights)
             started = time.perf_counter()
             self.worker.save_personalized(folder, steps, settings, task.model_version, task.round)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from group_node.node import training_settings
+from group_node.node import personalization_settings, training_settings
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 
@@ -42,3 +42,14 @@ def test_bad_settings_are_refused_naming_the_field(hp: pb.Hyperparameters, messa
     with pytest.raises(InputError) as err:
         training_settings(hp, "SHUTDOWN")
     assert message in str(err.value)
+
+
+def test_personalization_fine_tunes_with_adam_whatever_the_runs_local_optimizer() -> None:
+    """A run of plain gradient steps (local_optimizer = "sgd", learning rate 1 as a gradient
+    scale for the server's Adam) must not fine-tune with SGD at learning rate 1."""
+    assert personalization_settings(hyperparameters()).optimizer == "adam"
+    assert personalization_settings(hyperparameters()).learning_rate == 3e-4
+    sgd = hyperparameters(lr=1.0)
+    sgd.optimizer = "sgd"
+    settings = personalization_settings(sgd)
+    assert (settings.optimizer, settings.learning_rate) == ("adam", 3e-4)
