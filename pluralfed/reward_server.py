@@ -334,6 +334,12 @@ class RewardServicer(pb_grpc.RewardServicer):
         return reply
 
 
+def default_calls_per_client(max_workers: int) -> int:
+    """Half the workers (at least one): two clients at their limit still leave none idle, and
+    no single client can hold them all."""
+    return max(1, max_workers // 2)
+
+
 def start_reward_server(
     model: RewardModel,
     address: str,
@@ -344,16 +350,31 @@ def start_reward_server(
     max_workers: int = 8,
     revocations: RevocationWatch | None = None,
     max_call_s: float = DEFAULT_MAX_CALL_S,
+    max_calls_per_client: int | None = None,
 ) -> tuple[grpc.Server, int, RewardServicer]:
     """Serve on `address` (host:port; port 0 picks one) with mutual TLS. Returns (server, port,
     servicer). At most `max_workers` calls run at once and 4x that wait; more get
-    RESOURCE_EXHAUSTED. With `revocations`, certificates the CA revoked are refused. A call the
-    cost model expects to need more than `max_call_s` seconds of the model is refused
+    RESOURCE_EXHAUSTED. One client (one certificate identity) has at most
+    `max_calls_per_client` calls in flight (default: half the workers), so a client that opens
+    many calls cannot take every worker from the others; its next call is refused
+    RESOURCE_EXHAUSTED at once. With `revocations`, certificates the CA revoked are refused. A
+    call the cost model expects to need more than `max_call_s` seconds of the model is refused
     (RESOURCE_EXHAUSTED), deadline or not."""
     limits = limits or Limits()
+    if max_workers < 1:
+        raise InputError(f"max_workers must be at least 1, got {max_workers}")
+    per_client = (
+        default_calls_per_client(max_workers)
+        if max_calls_per_client is None
+        else max_calls_per_client
+    )
+    if per_client < 1:
+        raise InputError(f"max_calls_per_client must be at least 1, got {max_calls_per_client}")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward"),
-        interceptors=[AuthInterceptor(allow_list, revocations=revocations)],
+        interceptors=[
+            AuthInterceptor(allow_list, revocations=revocations, max_calls_per_node=per_client)
+        ],
         options=grpc_options(limits.max_message_bytes),
         maximum_concurrent_rpcs=max_workers * 4,
     )
@@ -368,11 +389,14 @@ def start_reward_server(
         raise OSError(f"cannot listen on {address}")
     server.start()
     log.info(
-        "reward service on %s (port %d, mutual TLS, %d groups, max message %d bytes)",
+        "reward service on %s (port %d, mutual TLS, %d groups, max message %d bytes, "
+        "%d calls at once, %d per client)",
         address,
         port,
         len(model.groups),
         limits.max_message_bytes,
+        max_workers,
+        per_client,
     )
     return server, port, servicer
 

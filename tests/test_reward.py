@@ -676,6 +676,56 @@ def test_unauthorised_clients_are_refused(server: tuple[int, RewardServicer], pk
     assert servicer.stats.calls == calls  # no refused call reached the servicer
 
 
+def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: dict) -> None:
+    """Calls take the model in turns, so calls from one client that pile up behind it would hold
+    every worker; past its share of them the client's next call is refused at once, and another
+    client is still served (security review, session 16)."""
+    root = pki["root"]
+    other = tls.issue_node_cert(root / "ca", root / "other-client", "trainer-2")
+    allow = AllowList({"trainer-1": "RL trainer", "trainer-2": "another trainer"})
+    srv, port, servicer = start_reward_server(
+        rm, "127.0.0.1:0", pki["server"], allow, max_workers=4, max_calls_per_client=2
+    )
+    calls = servicer.stats.calls
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_model() -> None:
+        with rm._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_model)
+    holder.start()
+    held.wait(5)
+    group, question = world["groups"][0], [("Who waits behind the model?", ["Yes", "No"])]
+    try:
+        with (
+            RewardClient(f"127.0.0.1:{port}", pki["client"]) as first,
+            RewardClient(f"127.0.0.1:{port}", other) as second,
+        ):
+            pending = [
+                first.stub.Score.future(score_request(group, question), timeout=30)
+                for _ in range(2)
+            ]
+            deadline = time.monotonic() + 10
+            while servicer.stats.calls < calls + 2 and time.monotonic() < deadline:
+                time.sleep(0.02)  # both calls are in the servicer, waiting for the model
+            with pytest.raises(grpc.RpcError) as err:
+                first.score(group, question, timeout=TIMEOUT)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            waiting = second.stub.Score.future(score_request(group, question), timeout=30)
+            release.set()
+            assert len(waiting.result().scores) == 1  # the other client was taken in
+            assert all(len(f.result().scores) == 1 for f in pending)
+            assert len(first.score(group, question, timeout=TIMEOUT).scores) == 1  # freed again
+    finally:
+        release.set()
+        holder.join()
+        srv.stop(grace=None).wait()
+    with pytest.raises(InputError, match="max_calls_per_client"):
+        start_reward_server(rm, "127.0.0.1:0", pki["server"], allow, max_calls_per_client=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 

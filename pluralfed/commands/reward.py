@@ -144,6 +144,12 @@ def register(subparsers: Any) -> None:
         help="calls served at once; 4x as many may wait, more are refused (default: %(default)s)",
     )
     s.add_argument(
+        "--max-calls-per-client",
+        type=int,
+        help="calls one client certificate may have in flight; more are refused at once "
+        "(default: half of --max-workers, at least 1)",
+    )
+    s.add_argument(
         "--max-call-seconds",
         type=float,
         default=DEFAULT_MAX_CALL_S,
@@ -244,6 +250,10 @@ def run_serve(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     if args.max_workers < 1:
         raise InputError(f"--max-workers must be at least 1, got {args.max_workers}")
+    if args.max_calls_per_client is not None and args.max_calls_per_client < 1:
+        raise InputError(
+            f"--max-calls-per-client must be at least 1, got {args.max_calls_per_client}"
+        )
     if not (math.isfinite(args.max_call_seconds) and args.max_call_seconds > 0):
         raise InputError(f"--max-call-seconds must be positive, got {args.max_call_seconds}")
     tls = _tls(args, "reward server")
@@ -265,6 +275,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         revocations=revocations,
         max_call_s=args.max_call_seconds,
+        max_calls_per_client=args.max_calls_per_client,
     )
     if args.port_file is not None:
         args.port_file.write_text(f"{port}\n", encoding="utf-8")
