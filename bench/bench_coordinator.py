@@ -23,7 +23,6 @@ from sysbench_common import ENCODER_ID, HOST, node_ids, synthetic_model, usage, 
 
 before_imports = usage()
 
-from coordinator.auth import AllowList  # noqa: E402
 from coordinator.rounds import RoundEngine, RoundSettings  # noqa: E402
 from coordinator.server import (  # noqa: E402
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
@@ -31,6 +30,7 @@ from coordinator.server import (  # noqa: E402
     limit_malloc_arenas,
     start_server,
 )
+from pluralfed.auth import AllowList  # noqa: E402
 from pluralfed.tls import TlsFiles  # noqa: E402
 from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES  # noqa: E402
 from pluralfed.wire import DEFAULT_CHUNK_BYTES  # noqa: E402

@@ -1,7 +1,7 @@
 """The coordinator's gRPC transport: protobuf messages in, `RoundEngine` calls out.
 
 Nothing here knows about models or training. Authentication happened before any handler runs
-(`coordinator.auth.AuthInterceptor`); handlers only check that a node acts as itself and turn
+(`pluralfed.auth.AuthInterceptor`); handlers only check that a node acts as itself and turn
 messages into engine calls, engine refusals into gRPC statuses.
 """
 
@@ -26,14 +26,6 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.auth import (
-    AllowList,
-    AuthInterceptor,
-    RevocationWatch,
-    authenticated_node,
-    present,
-    require_self,
-)
 from coordinator.rounds import (
     MAX_GROUP_NAME,
     GlobalModel,
@@ -51,6 +43,14 @@ from coordinator.validation import (
     clipped,
 )
 from pluralfed import __version__
+from pluralfed.auth import (
+    AllowList,
+    AuthInterceptor,
+    RevocationWatch,
+    authenticated_node,
+    present,
+    require_self,
+)
 from pluralfed.metrics import GroupEvaluation
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc

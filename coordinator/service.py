@@ -15,7 +15,6 @@ from typing import Any
 
 from rich.console import Console
 
-from coordinator.auth import AllowList, RevocationWatch
 from coordinator.rounds import (
     HELD_OUT_SET,
     MAX_COUNT,
@@ -30,6 +29,7 @@ from coordinator.server import (
     limit_malloc_arenas,
     start_server,
 )
+from pluralfed.auth import AllowList, RevocationWatch
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.embeddings import make_encoder

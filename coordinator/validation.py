@@ -8,6 +8,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from pluralfed.errors import MAX_QUOTED, quoted
+
+__all__ = ["MAX_QUOTED", "Rejection", "quoted"]  # quoted: what node text looks like in a refusal
+
 
 class Rejection(Exception):
     """A request the engine refuses. `code` names the gRPC status for ordinary calls; `reason`
@@ -26,10 +30,6 @@ MAX_UPDATE_METRICS = 32
 # by orders of magnitude through an absurd number (it must also repeat its Join's count).
 MAX_NODE_EXAMPLES = 10_000_000
 MAX_METRIC_NAME = 64
-# Node-supplied text quoted back in a status, an upload reply or a log line is cut to this many
-# characters: gRPC drops a status message over 16 KiB (the node sees RESOURCE_EXHAUSTED, not why
-# it was refused), and a node must not make the coordinator log megabytes.
-MAX_QUOTED = 80
 # the most of a refusal's text kept in a round's outcomes (metrics.jsonl) and in the log
 MAX_REASON_TEXT = 500
 # JoinRequest.software_version, labels (logged), and free text (Leave.reason, Heartbeat.message)
@@ -38,14 +38,6 @@ MAX_LABELS = 32
 MAX_LABEL_KEY = 64
 MAX_LABEL_VALUE = 256
 MAX_FREE_TEXT = 1000
-
-
-def quoted(text: str, limit: int = MAX_QUOTED) -> str:
-    """`text` (from a node) as a message or log line may show it: repr-escaped, so a newline or a
-    terminal escape cannot forge a log line, and at most `limit` characters of it."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def clipped(text: str, limit: int = MAX_REASON_TEXT) -> str:

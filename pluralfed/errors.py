@@ -3,3 +3,17 @@
 
 class InputError(ValueError):
     """Bad input from outside (a data file, a config, a certificate, a message): says what and where."""
+
+
+# Text from outside quoted back in a status, an upload reply or a log line is cut to this many
+# characters: gRPC drops a status message over 16 KiB (the caller sees RESOURCE_EXHAUSTED, not why
+# it was refused), and a caller must not make a server log megabytes.
+MAX_QUOTED = 80
+
+
+def quoted(text: str, limit: int = MAX_QUOTED) -> str:
+    """`text` (from a node or any other caller) as a message or log line may show it: repr-escaped, so a newline or a
+    terminal escape cannot forge a log line, and at most `limit` characters of it."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"

@@ -1,6 +1,6 @@
 """The reward model as a gRPC service (`pluralfed.v1.Reward`, protos/pluralfed/v1/reward.proto).
 
-Security is the federation's: mutual TLS (`pluralfed.tls.TlsFiles`), and `coordinator.auth`'s
+Security is the federation's: mutual TLS (`pluralfed.tls.TlsFiles`), and `pluralfed.auth`'s
 `AuthInterceptor` maps each client certificate's identity to a name through an `AllowList`
 (unknown identities: PERMISSION_DENIED; the health service is exempt).
 
@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.auth import AllowList, AuthInterceptor, RevocationWatch
+from pluralfed.auth import AllowList, AuthInterceptor, RevocationWatch
 from pluralfed.data import SurveyItem, is_blank, normalise_distribution
 from pluralfed.embeddings import option_text
 from pluralfed.errors import InputError

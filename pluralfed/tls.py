@@ -2,7 +2,7 @@
 
 Identity model (like OpenFL): every group node holds a certificate issued by the federation's CA; the
 coordinator requires it in the TLS handshake (mutual TLS) and maps the certificate's identity to a node
-name through its allow-list (`coordinator.auth.AllowList`).
+name through its allow-list (`pluralfed.auth.AllowList`).
 
 Certificate layout (EC P-256 keys, SHA-256 signatures):
 
@@ -21,7 +21,7 @@ directory.
 
 Revocation: the CA keeps a CRL it signs, ``crl.pem`` in its directory (`revoke_certificates`). gRPC's
 Python API takes no CRL, so servers check it themselves, call by call, by the serial number of the
-verified client certificate (`load_revocation_list`, `peer_serial`; `coordinator.auth.RevocationWatch`).
+verified client certificate (`load_revocation_list`, `peer_serial`; `pluralfed.auth.RevocationWatch`).
 
 Connecting by IP address when the coordinator's certificate only names a DNS host: either issue the
 server certificate with the IP as a SAN (``--san 10.0.0.5``; preferred), or have the client check the

@@ -35,6 +35,6 @@ def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _log_every_refusal() -> None:
     """The coordinator logs a caller's repeated refusals once a minute; a test looking for its
     refusal in the log must not miss it because an earlier test in this process was refused."""
-    auth = sys.modules.get("coordinator.auth")
+    auth = sys.modules.get("pluralfed.auth")
     if auth is not None:
         auth._refusals.forget()

@@ -19,9 +19,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator import auth
-from coordinator.auth import AllowList, AuthInterceptor
-from pluralfed import tls
+from pluralfed import auth, tls
+from pluralfed.auth import AllowList, AuthInterceptor
 from pluralfed.errors import InputError
 
 pytestmark = pytest.mark.timeout(60)
@@ -220,7 +219,7 @@ def test_require_self(pki: Path, secure_port: int, caplog: pytest.LogCaptureFixt
     with node_channel(pki, secure_port, "node-a") as channel:
         act_as = channel.unary_unary("/test.Echo/ActAs")
         assert act_as(b"Nigeria", timeout=TIMEOUT) == b"acting as Nigeria"
-        with caplog.at_level(logging.WARNING, logger="coordinator.auth"):
+        with caplog.at_level(logging.WARNING, logger="pluralfed.auth"):
             err = rpc_error(act_as, b"Egypt")
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert err.details() == "authenticated as node 'Nigeria'; may not act as 'Egypt'"
@@ -264,13 +263,13 @@ def test_not_in_allow_list(
     before = calls.count
     with (
         node_channel(pki, secure_port, "node-x") as channel,
-        caplog.at_level(logging.WARNING, logger="coordinator.auth"),
+        caplog.at_level(logging.WARNING, logger="pluralfed.auth"),
     ):
         err = rpc_error(who, channel)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert err.details() == "certificate identity 'node-x' is not in this server's allow-list"
     assert calls.count == before, "the servicer ran for a refused call"
-    (record,) = [r for r in caplog.records if r.name == "coordinator.auth"]
+    (record,) = [r for r in caplog.records if r.name == "pluralfed.auth"]
     assert record.levelno == logging.WARNING
     message = record.getMessage()
     assert "/test.Echo/Who" in message and "identity=node-x" in message
@@ -385,7 +384,7 @@ def test_server_certificate_with_wrong_san(pki: Path, secure_port: int) -> None:
 
 
 def test_insecure_mode(calls: Calls, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="coordinator.auth"):
+    with caplog.at_level(logging.WARNING, logger="pluralfed.auth"):
         interceptor = AuthInterceptor(AllowList(ALLOWED), insecure=True)
     assert any("INSECURE MODE" in r.getMessage() for r in caplog.records)
     server, port = start_server(interceptor, None, calls)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.auth import AllowList
 from coordinator.service import CoordinatorConfig, check_roles, model_config, rpc_threads_for
 from group_node.node import NodeConfig
+from pluralfed.auth import AllowList
 from pluralfed.config import load_config
 from pluralfed.errors import InputError
 

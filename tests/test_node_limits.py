@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from fedharness import HOST, FakeNode, Pki, reject_name, rpc_error, update_messages, wait_until
 
-import coordinator.auth as auth_module
-from coordinator.auth import AllowList, RefusalLog
+import pluralfed.auth as auth_module
 from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings
 from coordinator.server import MAX_CALLS_PER_NODE, FederationServicer, StreamSlots, start_server
 from coordinator.service import CoordinatorConfig, check_roles
+from pluralfed.auth import AllowList, RefusalLog
 from pluralfed.config import ConfigValueError, load_config
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -234,7 +234,7 @@ def test_an_expired_certificate_is_refused_on_an_open_connection(tmp_path: Path,
 
 def test_repeated_refusals_are_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
     refusals = RefusalLog(interval_s=0.5)
-    with caplog.at_level(logging.WARNING, logger="coordinator.auth"):
+    with caplog.at_level(logging.WARNING, logger="pluralfed.auth"):
         for _ in range(1000):
             refusals.log("/m", "node-r", "ipv4:127.0.0.1:5000", "certificate revoked")
         refusals.log("/m", "node-s", "ipv4:127.0.0.1:5001", "certificate revoked")  # another

@@ -23,9 +23,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.auth import AllowList, AuthInterceptor, RevocationWatch, authenticated_node
 from coordinator.service import CoordinatorConfig
 from pluralfed import tls
+from pluralfed.auth import AllowList, AuthInterceptor, RevocationWatch, authenticated_node
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 
@@ -201,7 +201,7 @@ def test_revoked_certificate_is_refused_on_an_open_connection(
         crl_bytes = crl.read_bytes()
         time.sleep(0.01)  # a new modification time
         crl.write_bytes(crl_bytes[: len(crl_bytes) // 2])
-        log_errors = caplog.at_level(logging.ERROR, logger="coordinator.auth")
+        log_errors = caplog.at_level(logging.ERROR, logger="pluralfed.auth")
         with log_errors, pytest.raises(grpc.RpcError) as still:
             who_old_a(b"", timeout=5)
         assert still.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -25,8 +25,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.auth import AllowList
 from pluralfed import tls
+from pluralfed.auth import AllowList
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.cli import main as cli_main
 from pluralfed.data import SurveyItem, is_test_question, write_jsonl

@@ -33,9 +33,9 @@ from fedharness import (
     weighted_average,
 )
 
-from coordinator.auth import AllowList
 from coordinator.rounds import RoundEngine, RoundSettings
 from coordinator.server import StreamSlots, start_server
+from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.tls import TlsFiles
 

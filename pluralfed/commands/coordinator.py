@@ -8,8 +8,8 @@ from typing import Any
 
 from rich.console import Console
 
-from coordinator.auth import AllowList
 from coordinator.service import CoordinatorConfig, dump_config, model_config, run_coordinator
+from pluralfed.auth import AllowList
 from pluralfed.config import add_config_args, load_config, overrides_from_args
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig

@@ -244,7 +244,7 @@ def _tls(args: argparse.Namespace, who: str) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from coordinator.auth import AllowList, RevocationWatch
+    from pluralfed.auth import AllowList, RevocationWatch
     from pluralfed.reward_server import start_reward_server
 
     apply_threads(args.threads)

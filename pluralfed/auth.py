@@ -1,4 +1,5 @@
-"""Authentication of group nodes, in one place: a gRPC server interceptor that guards every method.
+"""Authentication of callers, in one place: a gRPC server interceptor that guards every method of
+the coordinator (callers are group nodes) and of the reward service (callers are its clients).
 
 Layers, outermost first:
 
@@ -34,8 +35,7 @@ from typing import Any, NoReturn, cast
 
 import grpc
 
-from coordinator.validation import quoted
-from pluralfed.errors import InputError
+from pluralfed.errors import InputError, quoted
 from pluralfed.tls import (
     NODE_ID_PATTERN,
     RevocationList,
