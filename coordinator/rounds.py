@@ -57,6 +57,7 @@ from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_bytes
 from pluralfed.metrics import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.protocol import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
+from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
 from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
 
 log = logging.getLogger("pluralfed.coordinator")
@@ -304,7 +305,7 @@ class RoundEngine:
         state_dir: Path,
         encoder_identity: str,
         model_config: Mapping[str, Any],
-        on_round: Callable[[dict[str, Any]], None] | None = None,
+        on_round: Callable[[RoundRecord | EvaluationRecord], None] | None = None,
     ) -> None:
         self.settings = settings
         self.encoder_identity = encoder_identity
@@ -1103,7 +1104,7 @@ class RoundEngine:
             self.state.weights = self.optimizer.apply(self.state.weights, averaged)
             self.state.completed_rounds = t.round
             self.state.optimizer_state = self.optimizer.state_dict()
-            record = {
+            record: RoundRecord = {
                 "round": t.round,
                 "task_id": t.task_id,
                 "participants": sorted(g for g, o in t.answered.items() if o == "accepted"),
@@ -1121,13 +1122,7 @@ class RoundEngine:
             save_state(self.state_dir, self.state)
             self._refresh_version()
             self._write_metrics()
-        log.info(
-            "round %d done: %d/%d updates in %.1f s",
-            t.round,
-            accepted,
-            len(t.selected),
-            record["seconds"],
-        )
+        log.info("%s", describe_record(record, st.rounds))
         if self._on_round:
             self._on_round(record)
 
@@ -1142,7 +1137,7 @@ class RoundEngine:
                     log.warning("evaluation at round %d: no reports", t.round)
                 return
             reports = combine_evaluations(t.evaluations.values())
-            record = {
+            record: EvaluationRecord = {
                 "round": t.round,
                 "kind": "evaluation",
                 "groups": sorted(t.evaluations),
@@ -1157,11 +1152,7 @@ class RoundEngine:
             self.state.evaluations.append(record)
             save_state(self.state_dir, self.state)
             self._write_metrics()
-        figures = "  ".join(
-            f"{name.split(' ')[0]} {rep.model.alignment:.4f} (worst {rep.model.worst:.4f})"
-            for name, rep in reports.items()
-        )
-        log.info("evaluation after round %d: %s", t.round, figures)
+        log.info("%s", describe_record(record))
         if self._on_round:
             self._on_round(record)
 
@@ -1172,7 +1163,7 @@ class RoundEngine:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
         atomic_write_bytes(self.state_dir / "metrics.jsonl", text.encode("utf-8"))
 
-    def final_reports(self) -> dict[str, Any] | None:
+    def final_evaluation(self) -> EvaluationRecord | None:
         return self.state.evaluations[-1] if self.state.evaluations else None
 
     def describe(self) -> dict[str, Any]:

@@ -11,15 +11,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from coordinator.rounds import (
-    HELD_OUT_SET,
     MAX_COUNT,
     MAX_DURATION_S,
-    TRAIN_SET,
     RoundEngine,
     RoundSettings,
 )
@@ -37,6 +34,7 @@ from pluralfed.errors import InputError
 from pluralfed.evaluation import SetReport
 from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
+from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
 from pluralfed.report import print_reports
 from pluralfed.tls import TlsFiles, resolve_tls_files
 from pluralfed.training import build_model
@@ -211,10 +209,6 @@ def model_config(cfg: CoordinatorConfig, embed_dim: int) -> GPOConfig:
         raise InputError(f"coordinator config: {err}") from err
 
 
-def _short(name: str) -> str:
-    return "training" if name == TRAIN_SET else "held-out" if name == HELD_OUT_SET else name
-
-
 def check_roles(cfg: CoordinatorConfig, allow_list: AllowList) -> None:
     """Every evaluate-only group must be one the allow-list admits (a typo would otherwise let
     the held-out group train after all), and enough groups must be left to train to make the
@@ -251,20 +245,9 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     weights = state_dict_to_numpy(build_model(gpo, cfg.seed).state_dict())
     started = time.time()
 
-    def on_round(record: dict[str, Any]) -> None:
-        if record.get("kind") == "evaluation":
-            figures = "  ".join(
-                f"{_short(n)} {r['model']['alignment']:.4f} (worst {r['model']['worst']:.4f}, "
-                f"FI {r['model']['fairness']:.3f})"
-                for n, r in record["reports"].items()
-            )
-            console.print(f"[bold]evaluation after round {record['round']}[/bold]: {figures}")
-        else:
-            console.print(
-                f"round {record['round']:4d}/{settings.rounds}: "
-                f"{len(record['participants'])}/{len(record['selected'])} updates, "
-                f"{record['seconds']:.1f} s, {record['bytes_in'] / 1e6:.1f} MB in"
-            )
+    def on_round(record: RoundRecord | EvaluationRecord) -> None:
+        line = describe_record(record, settings.rounds)
+        console.print(f"[bold]{line}[/bold]" if record.get("kind") == "evaluation" else line)
 
     engine = RoundEngine(
         settings,
@@ -341,7 +324,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
                 "settings": asdict(settings),
             },
         )
-        last = engine.final_reports()
+        last = engine.final_evaluation()
         results = {
             "run_id": engine.run_id,
             "rounds": engine.state.completed_rounds,

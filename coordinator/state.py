@@ -17,6 +17,7 @@ import numpy as np
 
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_json, commit_file
+from pluralfed.records import EvaluationRecord, RoundRecord
 from pluralfed.wire import load_tensors, save_tensors
 
 STATE_FILE = "state.json"
@@ -30,8 +31,8 @@ class RunState:
     weights: dict[str, np.ndarray]
     model_config: dict[str, Any]
     encoder_identity: str
-    history: list[dict[str, Any]] = field(default_factory=list)
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
+    evaluations: list[EvaluationRecord] = field(default_factory=list)
     optimizer_state: dict[str, Any] = field(default_factory=dict)
 
 

@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from pluralfed.data import SurveyData, group_slug, select_groups, write_group_files
 from pluralfed.errors import InputError
+from pluralfed.records import describe_record
 from pluralfed.tls import create_ca, issue_node_cert, issue_server_cert
 
 log = logging.getLogger("pluralfed.localfed")
@@ -300,23 +301,7 @@ class Progress:
                 continue
             self._seen.add(key)
             if not quiet:
-                log.info("%s", _describe(row))
-
-
-def _describe(row: dict[str, Any]) -> str:
-    if row.get("kind") == "evaluation":
-        reports = row.get("reports") or {}
-        figures = "  ".join(
-            f"{name}: {rep['model']['alignment']:.4f} (worst {rep['model']['worst']:.4f})"
-            for name, rep in reports.items()
-            if isinstance(rep, dict) and isinstance(rep.get("model"), dict)
-        )
-        return f"evaluation after round {row['round']}: {figures}"
-    participants, selected = row.get("participants") or [], row.get("selected") or []
-    return (
-        f"round {row['round']} done: {len(participants)}/{len(selected)} updates, "
-        f"{float(row.get('seconds', 0.0)):.1f} s"
-    )
+                log.info("%s", describe_record(row))
 
 
 def wait_for_coordinator(

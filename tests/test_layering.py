@@ -28,7 +28,13 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
 
 @pytest.mark.parametrize(
     "module",
-    ["coordinator.server", "coordinator.rounds", "pluralfed.auth", "pluralfed.transport"],
+    [
+        "coordinator.server",
+        "coordinator.rounds",
+        "pluralfed.auth",
+        "pluralfed.records",
+        "pluralfed.transport",
+    ],
 )
 def test_transport_and_round_logic_load_without_ml(module: str) -> None:
     assert loaded_after_import([module], ["torch", "transformers"]) == []

@@ -244,6 +244,6 @@ def test_progress_logs_each_new_round_and_evaluation_once(
         metrics.write_text("{half a row")  # being replaced: skipped, not an error
         progress.poll()
     assert [r.getMessage() for r in caplog.records] == [
-        "round 2 done: 1/2 updates, 2.5 s",
-        "evaluation after round 2: held-out groups: 0.7500 (worst 0.7000)",
+        "round 2 done: 1/2 updates in 2.5 s",
+        "evaluation after round 2: held-out 0.7500 (worst 0.7000)",
     ]

@@ -1,0 +1,57 @@
+"""The one-line summaries of round and evaluation records (coordinator log and console,
+localfed progress), from whole records and from malformed rows read off disk."""
+
+from __future__ import annotations
+
+from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
+
+ROUND: RoundRecord = {
+    "round": 3,
+    "task_id": "t3",
+    "participants": ["Argentina", "Germany"],
+    "selected": ["Argentina", "Germany", "India"],
+    "outcomes": {"Argentina": "accepted", "Germany": "accepted", "India": "no answer"},
+    "seconds": 12.345,
+    "bytes_in": 9_600_000,
+    "bytes_out_model": 14_400_000,
+    "total_weight": 2.0,
+    "update_weights": {"Argentina": 1.0, "Germany": 1.0},
+    "node_metrics": {},
+    "finished_at": 0.0,
+}
+
+EVALUATION: EvaluationRecord = {
+    "round": 10,
+    "kind": "evaluation",
+    "groups": ["Brazil"],
+    "missing": [],
+    "seconds": 1.0,
+    "reports": {
+        "training groups (test questions)": {
+            "model": {"alignment": 0.76543, "worst": 0.7, "fairness": 0.9712}
+        },
+        "held-out groups": {"model": {"alignment": 0.75, "worst": 0.68, "fairness": 0.95}},
+    },
+    "per_group": {},
+}
+
+
+def test_round_and_evaluation_lines() -> None:
+    assert describe_record(ROUND, 100) == "round 3/100 done: 2/3 updates in 12.3 s, 9.6 MB in"
+    assert describe_record(ROUND) == "round 3 done: 2/3 updates in 12.3 s, 9.6 MB in"
+    assert describe_record(EVALUATION) == (
+        "evaluation after round 10: training 0.7654 (worst 0.7000, FI 0.971)  "
+        "held-out 0.7500 (worst 0.6800, FI 0.950)"
+    )
+
+
+def test_malformed_rows_are_summarised_not_fatal() -> None:
+    assert describe_record({"round": 1}) == "round 1 done: ?/? updates in ? s"
+    row = {"round": 2, "participants": "a", "seconds": "slow", "bytes_in": None}
+    assert describe_record(row) == "round 2 done: ?/? updates in ? s"
+    evaluation = {
+        "kind": "evaluation",
+        "round": 4,
+        "reports": {"held-out groups": {"model": {"alignment": "high", "fairness": None}}, "x": 1},
+    }
+    assert describe_record(evaluation) == "evaluation after round 4: held-out ? (worst ?, FI ?)"
