@@ -36,10 +36,11 @@ from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
 from pluralfed.report import print_reports
+from pluralfed.tensorfiles import numpy_to_state_dict, state_dict_to_numpy
 from pluralfed.tls import TlsFiles, resolve_tls_files
 from pluralfed.training import build_model
 from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES, check_chunk_bytes
-from pluralfed.wire import DEFAULT_CHUNK_BYTES, numpy_to_state_dict, state_dict_to_numpy
+from pluralfed.wire import DEFAULT_CHUNK_BYTES
 
 log = logging.getLogger("pluralfed.coordinator")
 

@@ -18,7 +18,7 @@ import numpy as np
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_json, commit_file
 from pluralfed.records import EvaluationRecord, RoundRecord
-from pluralfed.wire import load_tensors, save_tensors
+from pluralfed.tensorfiles import load_tensors, save_tensors
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1

@@ -37,6 +37,7 @@ from pluralfed.protocol import (
     LOCAL_OPTIMIZERS,
     MAX_EMBEDDING_NOISE,
 )
+from pluralfed.tensorfiles import save_tensors
 from pluralfed.tls import (
     RevocationList,
     ServerCheckFailed,
@@ -56,7 +57,7 @@ from pluralfed.transport import (
     update_stream,
     upload_chunk_bytes,
 )
-from pluralfed.wire import DEFAULT_CHUNK_BYTES, WireError, digest_of, save_tensors
+from pluralfed.wire import DEFAULT_CHUNK_BYTES, WireError, digest_of
 
 log = logging.getLogger("pluralfed.node")
 

@@ -25,8 +25,8 @@ from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation, evaluate_group
 from pluralfed.model import GPO, GPOConfig
 from pluralfed.prepare import embed_groups
+from pluralfed.tensorfiles import numpy_to_state_dict, state_dict_to_numpy
 from pluralfed.training import LocalTrainer, TrainingSettings, fine_tuned_copy
-from pluralfed.wire import numpy_to_state_dict, state_dict_to_numpy
 
 log = logging.getLogger("pluralfed.node")
 

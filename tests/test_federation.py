@@ -40,7 +40,8 @@ from coordinator.state import load_state
 from pluralfed.checkpoint import load_checkpoint
 from pluralfed.localfed import node_id
 from pluralfed.protocol import ALIGNMENT_BEFORE
-from pluralfed.wire import digest_of, load_metadata, load_tensors, state_dict_to_numpy
+from pluralfed.tensorfiles import load_metadata, load_tensors, state_dict_to_numpy
+from pluralfed.wire import digest_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

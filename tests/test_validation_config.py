@@ -36,8 +36,8 @@ from pluralfed.commands import coordinator as coordinator_command
 from pluralfed.config import ConfigValueError, load_config
 from pluralfed.errors import InputError
 from pluralfed.model import GPO, GPOConfig
+from pluralfed.tensorfiles import save_tensors
 from pluralfed.training import build_model
-from pluralfed.wire import save_tensors
 
 SMALL = GPOConfig(embed_dim=8, d_model=8, mlp_layers=1, n_layers=1, n_heads=2, d_ff=8)
 

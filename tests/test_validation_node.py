@@ -34,6 +34,7 @@ from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
+from pluralfed.tensorfiles import load_tensors, save_tensors, state_dict_to_numpy
 from pluralfed.training import TrainingSettings, build_model
 from pluralfed.transport import (
     PROTOCOL_VERSION,
@@ -52,10 +53,7 @@ from pluralfed.wire import (
     WireError,
     digest_of,
     float32_to_bfloat16,
-    load_tensors,
-    save_tensors,
     specs_of,
-    state_dict_to_numpy,
 )
 
 pytestmark = pytest.mark.timeout(60)

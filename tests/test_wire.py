@@ -11,7 +11,7 @@ import blake3
 import numpy as np
 import pytest
 
-from pluralfed import wire
+from pluralfed import tensorfiles, wire
 from pluralfed.errors import InputError
 from pluralfed.wire import (
     Chunk,
@@ -530,7 +530,7 @@ def test_state_dict_round_trip_with_bfloat16() -> None:
         "m": torch.tensor([True, False]),
         "s": torch.tensor(1.5, dtype=torch.float64),
     }
-    arrays = wire.state_dict_to_numpy(sd)
+    arrays = tensorfiles.state_dict_to_numpy(sd)
     assert arrays["bf"].dtype == np.uint16
     assert [s.dtype for s in wire.specs_of(arrays)] == [
         "float32",
@@ -540,7 +540,7 @@ def test_state_dict_round_trip_with_bfloat16() -> None:
         "bool",
         "float64",
     ]
-    back = wire.numpy_to_state_dict(
+    back = tensorfiles.numpy_to_state_dict(
         wire.assemble(wire.iter_chunks(arrays, 3), wire.digest_of(arrays))
     )
     for name, tensor in sd.items():
@@ -572,9 +572,9 @@ def test_float32_to_bfloat16_rounds_like_torch() -> None:
 def test_save_and_load_tensors_keep_order_dtypes_and_metadata(tmp_path: Path) -> None:
     model = dict(reversed(list(sample_model().items())))  # an order safetensors would not keep
     path = tmp_path / "model.safetensors"
-    wire.save_tensors(path, model, metadata={"round": "3"})
-    assert_models_equal(wire.load_tensors(path), model)
-    assert wire.load_metadata(path) == {"round": "3"}
+    tensorfiles.save_tensors(path, model, metadata={"round": "3"})
+    assert_models_equal(tensorfiles.load_tensors(path), model)
+    assert tensorfiles.load_metadata(path) == {"round": "3"}
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temp file left
 
 
@@ -582,4 +582,4 @@ def test_load_tensors_refuses_garbage(tmp_path: Path) -> None:
     path = tmp_path / "x.safetensors"
     path.write_bytes(b"not a safetensors file at all")
     with pytest.raises(InputError, match="safetensors"):
-        wire.load_tensors(path)
+        tensorfiles.load_tensors(path)
