@@ -88,11 +88,11 @@ def bench_api(args: argparse.Namespace, questions: list[tuple[str, list[str]]]) 
 
 
 def make_pki(root: Path) -> dict[str, Path]:
-    from pluralfed import tls
+    from pluralfed.pki import create_ca, issue_node_cert, issue_server_cert
 
-    tls.create_ca(root / "ca")
-    tls.issue_server_cert(root / "ca", root / "server", "reward", ["127.0.0.1", "localhost"])
-    tls.issue_node_cert(root / "ca", root / "client", "bench-client")
+    create_ca(root / "ca")
+    issue_server_cert(root / "ca", root / "server", "reward", ["127.0.0.1", "localhost"])
+    issue_node_cert(root / "ca", root / "client", "bench-client")
     allow = root / "allow.toml"
     allow.write_text('[allow_list]\n"bench-client" = "throughput bench"\n', encoding="utf-8")
     return {"server": root / "server", "client": root / "client", "allow": allow}

@@ -39,18 +39,19 @@ def pki(root: Path, node_ids: list[str]) -> dict[str, Path]:
     """CA, coordinator certificate (127.0.0.1, localhost) and one certificate per node id, made
     once and reused. Returns the folders: 'ca', 'coordinator' and one per node id."""
     from pluralfed import tls  # light: cryptography + grpc
+    from pluralfed.pki import create_ca, issue_node_cert, issue_server_cert
 
     root.mkdir(parents=True, exist_ok=True)
     ca, server = root / "ca", root / "coordinator"
     if not (ca / tls.CA_CERT_FILE).exists():
-        tls.create_ca(ca, common_name="pluralfed bench CA")
+        create_ca(ca, common_name="pluralfed bench CA")
     if not (server / tls.CERT_FILE).exists():
-        tls.issue_server_cert(ca, server, "coordinator", ["localhost", HOST])
+        issue_server_cert(ca, server, "coordinator", ["localhost", HOST])
     folders = {"ca": ca, "coordinator": server}
     for nid in node_ids:
         out = root / "nodes" / nid
         if not (out / tls.CERT_FILE).exists():
-            tls.issue_node_cert(ca, out, nid)
+            issue_node_cert(ca, out, nid)
         folders[nid] = out
     return folders
 

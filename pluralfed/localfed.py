@@ -23,8 +23,8 @@ from typing import IO, Any
 
 from pluralfed.data import SurveyData, group_slug, select_groups, write_group_files
 from pluralfed.errors import InputError
+from pluralfed.pki import create_ca, issue_node_cert, issue_server_cert
 from pluralfed.records import describe_record
-from pluralfed.tls import create_ca, issue_node_cert, issue_server_cert
 
 log = logging.getLogger("pluralfed.localfed")
 

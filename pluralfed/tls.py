@@ -1,27 +1,18 @@
-"""TLS material for a federation: a private CA, the coordinator's server certificate, node certificates.
+"""Runtime TLS of a federation: what the coordinator, the nodes and the reward service do with their
+certificates (load and check them, open mutual-TLS channels, check revocation lists, learn who a peer
+is). Making the certificates is the operator's job, in `pluralfed.pki`.
 
 Identity model (like OpenFL): every group node holds a certificate issued by the federation's CA; the
 coordinator requires it in the TLS handshake (mutual TLS) and maps the certificate's identity to a node
-name through its allow-list (`pluralfed.auth.AllowList`).
+name through its allow-list (`pluralfed.auth.AllowList`). The identity is the URI SAN
+``pluralfed://node/<node_id>`` (`node_uri`): only node certificates carry it, so no other certificate
+of the same CA can be taken for a node (gRPC's TLS also rejects a client certificate without
+clientAuth in the handshake; the URI is defence in depth).
 
-Certificate layout (EC P-256 keys, SHA-256 signatures):
-
-* CA: ``CN=<ca name>``, BasicConstraints CA:true pathlen 0, KeyUsage keyCertSign+cRLSign.
-* Coordinator: ``CN=<name>``, SubjectAltName = the given DNS names / IP addresses (the names clients dial),
-  ExtendedKeyUsage serverAuth.
-* Node: ``CN=<node_id>`` and SubjectAltName ``URI:pluralfed://node/<node_id>``, ExtendedKeyUsage clientAuth.
-  The *identity* the coordinator trusts is the URI SAN: only node certificates carry it, so no other
-  certificate of the same CA can be taken for a node (gRPC's TLS also rejects a client certificate
-  without clientAuth in the handshake; the URI is defence in depth). The CN repeats the id for humans and
-  for tools that only show the subject.
-
-Files: a CA directory holds ``ca.pem`` + ``ca.key``; every party's directory holds ``ca.pem`` (the CA
-certificate, to verify the peer), ``cert.pem`` and ``key.pem`` (mode 0600). The CA key never leaves the CA
-directory.
-
-Revocation: the CA keeps a CRL it signs, ``crl.pem`` in its directory (`revoke_certificates`). gRPC's
-Python API takes no CRL, so servers check it themselves, call by call, by the serial number of the
-verified client certificate (`load_revocation_list`, `peer_serial`; `pluralfed.auth.RevocationWatch`).
+Revocation: gRPC's Python API takes no CRL, so servers check the CA's list themselves, call by call, by
+the serial number of the verified client certificate (`load_revocation_list`, `peer_serial`;
+`pluralfed.auth.RevocationWatch`); a node checks the coordinator's the same way
+(`check_server_not_revoked`).
 
 Connecting by IP address when the coordinator's certificate only names a DNS host: either issue the
 server certificate with the IP as a SAN (``--san 10.0.0.5``; preferred), or have the client check the
@@ -33,18 +24,14 @@ server_name_override="coordinator.example.org")``).
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import functools
-import hashlib
-import ipaddress
 import logging
 import os
 import re
 import socket
 import ssl
 import stat
-import tempfile
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,10 +41,10 @@ from typing import Literal
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pluralfed.errors import InputError
 
@@ -71,11 +58,7 @@ CRL_FILE = "crl.pem"  # in the CA folder: the certificates the CA has revoked
 
 NODE_URI_PREFIX = "pluralfed://node/"
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_PATTERN = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?")
 
-# Issued certificates start a little in the past so a peer whose clock runs slightly behind accepts them.
-CLOCK_SKEW = dt.timedelta(minutes=5)
 EXPIRY_WARNING = dt.timedelta(days=30)
 TARGET_NAME_OVERRIDE_OPTION = "grpc.ssl_target_name_override"
 
@@ -104,21 +87,24 @@ class TlsFiles:
         return load_channel_credentials(self.cert, self.key, self.ca)
 
 
-@dataclass(frozen=True)
-class CaFiles:
-    """A CA directory: its certificate (to distribute) and its key (to keep)."""
-
-    cert: Path
-    key: Path
-
-    @classmethod
-    def from_dir(cls, directory: PathLike) -> CaFiles:
-        d = Path(directory)
-        return cls(cert=d / CA_CERT_FILE, key=d / CA_KEY_FILE)
+def resolve_tls_files(
+    who: str, tls_dir: Path | None, ca: Path | None, cert: Path | None, key: Path | None
+) -> TlsFiles:
+    """A service's TLS files from a folder (ca.pem, cert.pem, key.pem), single paths overriding."""
+    base = TlsFiles.from_dir(tls_dir) if tls_dir is not None else None
+    ca = ca or (base.ca if base else None)
+    cert = cert or (base.cert if base else None)
+    key = key or (base.key if base else None)
+    if ca is None or cert is None or key is None:
+        raise InputError(
+            f"{who} config: mutual TLS needs tls_dir (with ca.pem, cert.pem, key.pem) or "
+            "tls_ca, tls_cert and tls_key; plain text only with insecure = true"
+        )
+    return TlsFiles(ca=ca, cert=cert, key=key)
 
 
 # --------------------------------------------------------------------------------------------------
-# validation of names
+# identities
 
 
 def validate_node_id(node_id: str, *, where: str = "node id") -> str:
@@ -133,365 +119,8 @@ def validate_node_id(node_id: str, *, where: str = "node id") -> str:
     return node_id
 
 
-def parse_san(value: str) -> x509.GeneralName:
-    """One SubjectAltName: an IP address if it parses as one (``[::1]`` too), else a DNS name."""
-    text = value.strip()
-    if not text:
-        raise InputError("SAN: empty name")
-    candidate = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    try:
-        return x509.IPAddress(ipaddress.ip_address(candidate))
-    except ValueError:
-        pass
-    if len(text) > 253 or _DNS_PATTERN.fullmatch(text) is None:
-        raise InputError(f"SAN: {value!r} is neither an IP address nor a valid DNS name")
-    return x509.DNSName(text.rstrip(".").lower())
-
-
-# --------------------------------------------------------------------------------------------------
-# writing files
-
-
-def _write_file(path: Path, data: bytes, *, mode: int, force: bool) -> None:
-    """Write atomically (temp file + rename) with `mode` from the start, so a key is never readable by
-    others, not even briefly, and a crash never leaves a half-written file. Without `force`, never
-    replaces an existing file (hard-link publishing fails if the name exists)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise InputError(
-                    f"{path} already exists; refusing to overwrite (use --force)"
-                ) from None
-            except OSError:  # file system without hard links: check, then rename
-                if path.exists():
-                    raise InputError(
-                        f"{path} already exists; refusing to overwrite (use --force)"
-                    ) from None
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the new directory entry durable too, so a crash cannot lose a key just reported written."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def check_no_overwrite(paths: Iterable[Path], force: bool) -> None:
-    """Check every target before writing any, so a refusal never leaves a half-issued directory."""
-    if force:
-        return
-    existing = [str(p) for p in paths if p.exists()]
-    if existing:
-        raise InputError(
-            f"refusing to overwrite existing file(s): {', '.join(existing)} (use --force)"
-        )
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),  # gRPC cannot read encrypted keys; protect with file mode instead
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _write_ca_copy(ca_cert_pem: bytes, path: Path, force: bool) -> None:
-    """Each party's directory gets the CA certificate; an identical existing copy is fine."""
-    if path.exists() and path.read_bytes() == ca_cert_pem:
-        return
-    _write_file(path, ca_cert_pem, mode=0o644, force=force)
-
-
-# --------------------------------------------------------------------------------------------------
-# issuing
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-# the last moment a certificate or CRL date can name (GeneralizedTime and `datetime` both end here)
-LAST_DATE = dt.datetime.max.replace(tzinfo=dt.UTC)
-
-
-def days_problem(days: int) -> str | None:
-    """What is wrong with `days` of validity from now, or None: at least 1, and ending by
-    9999-12-31, the last date a certificate can hold."""
-    if days < 1:
-        return f"must be at least 1, got {days}"
-    latest = (LAST_DATE - _now()).days
-    if days > latest:
-        return (
-            f"{days} days from now is past {LAST_DATE:%Y-%m-%d}, the last date a certificate can "
-            f"hold; give at most {latest}"
-        )
-    return None
-
-
-def check_days(days: int, what: str = "days") -> int:
-    """`days`, or an InputError naming `what` (see `days_problem`). Callers check before writing
-    anything, so that a bad value never leaves half a federation behind (a CA, no certificates)."""
-    problem = days_problem(days)
-    if problem is not None:
-        raise InputError(f"{what}: {problem}")
-    return days
-
-
-def _days_after(moment: dt.datetime, days: int, what: str) -> dt.datetime:
-    """`moment` + `days`, with `check_days`'s InputError rather than an OverflowError."""
-    check_days(days, what)
-    try:
-        return moment + dt.timedelta(days=days)
-    except OverflowError:  # defensive: check_days read the clock after `moment` was taken
-        raise InputError(f"{what}: {days} days from now is past {LAST_DATE:%Y-%m-%d}") from None
-
-
-def _validity(
-    days: int, not_before: dt.datetime | None, not_after: dt.datetime | None
-) -> tuple[dt.datetime, dt.datetime]:
-    start = _aware(not_before) if not_before is not None else _now() - CLOCK_SKEW
-    end = (
-        _aware(not_after) if not_after is not None else _days_after(_now(), days, "validity: days")
-    )
-    if end <= start:
-        raise InputError(
-            f"validity: not_after {end:%Y-%m-%d %H:%M} is not after {start:%Y-%m-%d %H:%M}"
-        )
-    return start, end
-
-
-def _aware(moment: dt.datetime) -> dt.datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def create_ca(
-    out_dir: PathLike,
-    common_name: str = "pluralfed CA",
-    days: int = 3650,
-    *,
-    not_before: dt.datetime | None = None,
-    not_after: dt.datetime | None = None,
-    force: bool = False,
-) -> CaFiles:
-    """Create the federation's CA: ``ca.pem`` (give to every party) and ``ca.key`` (mode 0600, keep)."""
-    if not common_name.strip() or len(common_name) > 64:
-        raise InputError(f"CA name: must be 1-64 characters, got {common_name!r}")
-    files = CaFiles.from_dir(out_dir)
-    check_no_overwrite([files.cert, files.key], force)
-    start, end = _validity(days, not_before, not_after)
-    key = ec.generate_private_key(ec.SECP256R1())
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    _write_file(files.key, _key_pem(key), mode=0o600, force=force)
-    _write_file(files.cert, _cert_pem(cert), mode=0o644, force=force)
-    log.debug("created CA %r in %s (valid until %s)", common_name, out_dir, _fmt(end))
-    return files
-
-
-def _load_ca(ca_dir: PathLike) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bytes]:
-    files = CaFiles.from_dir(ca_dir)
-    if not files.key.is_file():
-        raise InputError(
-            f"CA key not found at {files.key}: pass the directory made by `pluralfed certs init` "
-            "(the CA key is kept only there)"
-        )
-    cert_pem = _read(files.cert, "CA certificate")
-    certs = _parse_certs(cert_pem, files.cert, "CA certificate")
-    cert = certs[0]
-    key = _parse_key(_read(files.key, "CA key"), files.key)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise InputError(f"{files.key}: CA key is not an EC key")
-    _check_key_matches(cert, key, files.cert, files.key)
-    _check_is_ca(cert, files.cert)
-    _check_current(cert, files.cert, "CA certificate")
-    return cert, key, _cert_pem(cert)
-
-
-def _issue_leaf(
-    ca_dir: PathLike,
-    out_dir: PathLike,
-    *,
-    common_name: str,
-    sans: Sequence[x509.GeneralName],
-    eku: x509.ObjectIdentifier,
-    days: int,
-    not_before: dt.datetime | None,
-    not_after: dt.datetime | None,
-    force: bool,
-) -> TlsFiles:
-    files = TlsFiles.from_dir(out_dir)
-    check_no_overwrite([files.cert, files.key], force)
-    ca_cert, ca_key, ca_pem = _load_ca(ca_dir)
-    if not force and files.ca.exists() and files.ca.read_bytes() != ca_pem:
-        raise InputError(
-            f"{files.ca} already exists and holds a different CA certificate than {ca_dir}; "
-            "refusing to overwrite (use --force)"
-        )
-    start, end = _validity(days, not_before, not_after)
-    if not_after is None and end > ca_cert.not_valid_after_utc:
-        log.warning(
-            "certificate for %r would outlive the CA; ending it with the CA on %s",
-            common_name,
-            _fmt(ca_cert.not_valid_after_utc),
-        )
-        end = ca_cert.not_valid_after_utc
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    _write_file(files.key, _key_pem(key), mode=0o600, force=force)
-    _write_file(files.cert, _cert_pem(cert), mode=0o644, force=force)
-    _write_ca_copy(ca_pem, files.ca, force)
-    return files
-
-
-def issue_server_cert(
-    ca_dir: PathLike,
-    out_dir: PathLike,
-    name: str,
-    sans: Sequence[str],
-    days: int = 825,
-    *,
-    not_before: dt.datetime | None = None,
-    not_after: dt.datetime | None = None,
-    force: bool = False,
-) -> TlsFiles:
-    """The coordinator's certificate: clients check the name they dial against `sans`, so list every
-    DNS name and IP address they use. Writes ``cert.pem``, ``key.pem`` and ``ca.pem`` into `out_dir`."""
-    validate_node_id(name, where="server name")
-    if not sans:
-        raise InputError("server SANs: give at least one DNS name or IP address clients will dial")
-    general_names: list[x509.GeneralName] = []
-    for value in sans:
-        parsed = parse_san(value)
-        if parsed not in general_names:
-            general_names.append(parsed)
-    files = _issue_leaf(
-        ca_dir,
-        out_dir,
-        common_name=name,
-        sans=general_names,
-        eku=ExtendedKeyUsageOID.SERVER_AUTH,
-        days=days,
-        not_before=not_before,
-        not_after=not_after,
-        force=force,
-    )
-    log.debug("issued server certificate %r for %s in %s", name, ", ".join(sans), out_dir)
-    return files
-
-
 def node_uri(node_id: str) -> str:
     return f"{NODE_URI_PREFIX}{node_id}"
-
-
-def issue_node_cert(
-    ca_dir: PathLike,
-    out_dir: PathLike,
-    node_id: str,
-    days: int = 825,
-    *,
-    not_before: dt.datetime | None = None,
-    not_after: dt.datetime | None = None,
-    force: bool = False,
-) -> TlsFiles:
-    """A group node's client certificate: identity ``URI:pluralfed://node/<node_id>`` (and CN=node_id).
-    Writes ``cert.pem``, ``key.pem`` and ``ca.pem`` into `out_dir`."""
-    validate_node_id(node_id)
-    files = _issue_leaf(
-        ca_dir,
-        out_dir,
-        common_name=node_id,
-        sans=[x509.UniformResourceIdentifier(node_uri(node_id))],
-        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
-        days=days,
-        not_before=not_before,
-        not_after=not_after,
-        force=force,
-    )
-    log.debug("issued node certificate %r in %s", node_id, out_dir)
-    return files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,7 +140,7 @@ class RevocationList:
         return serial in self.serials
 
 
-def _parse_crl(data: bytes, path: Path) -> x509.CertificateRevocationList:
+def parse_crl(data: bytes, path: Path) -> x509.CertificateRevocationList:
     try:
         return x509.load_pem_x509_crl(data)
     except ValueError:
@@ -521,7 +150,7 @@ def _parse_crl(data: bytes, path: Path) -> x509.CertificateRevocationList:
         ) from None
 
 
-def _check_crl(
+def check_crl(
     crl: x509.CertificateRevocationList,
     cas: Sequence[x509.Certificate],
     crl_path: Path,
@@ -550,21 +179,21 @@ def load_revocation_list(
     With `in_force` (a reload), a list the CA signed before that one is refused: an old copy put
     back (a restored backup) would otherwise let every certificate revoked since back in."""
     crl_file, ca_file = Path(crl_path), Path(ca_path)
-    crl = _parse_crl(_read(crl_file, "revocation list"), crl_file)
-    cas = _parse_certs(_read(ca_file, "CA certificate"), ca_file, "CA certificate")
-    _check_crl(crl, cas, crl_file, ca_file)
+    crl = parse_crl(read_file(crl_file, "revocation list"), crl_file)
+    cas = parse_certs(read_file(ca_file, "CA certificate"), ca_file, "CA certificate")
+    check_crl(crl, cas, crl_file, ca_file)
     if in_force is not None and crl.last_update_utc < in_force.this_update:
         raise InputError(
-            f"revocation list {crl_file} was signed {_fmt(crl.last_update_utc)}, before the one "
-            f"in force ({_fmt(in_force.this_update)}): an older list is not taken back"
+            f"revocation list {crl_file} was signed {format_time(crl.last_update_utc)}, before the one "
+            f"in force ({format_time(in_force.this_update)}): an older list is not taken back"
         )
     next_update = crl.next_update_utc
-    if next_update is not None and _now() > next_update:
+    if next_update is not None and utc_now() > next_update:
         log.warning(
             "revocation list %s was due for renewal on %s; still enforced. Renew it with "
             "`pluralfed certs revoke --ca DIR` (no certificate: re-signs the same list)",
             crl_file,
-            _fmt(next_update),
+            format_time(next_update),
         )
     return RevocationList(
         path=crl_file,
@@ -574,73 +203,19 @@ def load_revocation_list(
     )
 
 
-def parse_serial(text: str) -> int:
-    """A certificate serial number as `pluralfed certs show` prints it (hex, colons allowed)."""
-    digits = text.strip().replace(":", "").lower().removeprefix("0x")
-    try:
-        serial = int(digits, 16)
-    except ValueError:
-        raise InputError(f"serial {text!r} is not a hexadecimal number") from None
-    if not 0 < serial < 1 << 159:  # RFC 5280: positive, at most 20 octets
-        raise InputError(f"serial {text!r} is out of range for a certificate serial number")
-    return serial
-
-
-def revoke_certificates(
-    ca_dir: PathLike,
-    certs: Sequence[PathLike] = (),
-    serials: Sequence[int] = (),
-    *,
-    days: int = 30,
-) -> tuple[Path, list[int]]:
-    """Add certificates (files of this CA, or bare serial numbers) to the CA's revocation list
-    ``<ca_dir>/crl.pem`` and sign it again, valid `days` more days. Returns the CRL's path and the
-    serials newly revoked; already revoked ones are kept as they were (same revocation date).
-    Nothing is written when a certificate is unreadable or from another CA."""
-    check_days(days)
-    ca_cert, ca_key, _ = _load_ca(ca_dir)
-    files = CaFiles.from_dir(ca_dir)
-    crl_path = files.cert.parent / CRL_FILE
-    revoked: dict[int, dt.datetime] = {}
-    if crl_path.exists():
-        old = _parse_crl(_read(crl_path, "revocation list"), crl_path)
-        _check_crl(old, [ca_cert], crl_path, files.cert)
-        revoked = {r.serial_number: r.revocation_date_utc for r in old}
-    wanted = list(serials)
-    for cert_path in certs:
-        p = Path(cert_path)
-        cert = _parse_certs(_read(p, "certificate"), p, "certificate")[0]
-        _check_chain(cert, [ca_cert], p, files.cert)
-        wanted.append(cert.serial_number)
-    now = _now()
-    next_update = _days_after(now, days, "days")
-    added = [s for s in dict.fromkeys(wanted) if s not in revoked]
-    revoked.update({s: now for s in added})
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now)
-        .next_update(next_update)
-    )
-    for serial, when in sorted(revoked.items()):
-        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
-        builder = builder.add_revoked_certificate(entry.build())
-    crl = builder.sign(ca_key, hashes.SHA256())
-    _write_file(crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644, force=True)
-    for serial in added:
-        log.info("revoked certificate serial %x in %s", serial, crl_path)
-    return crl_path, added
-
-
 # --------------------------------------------------------------------------------------------------
 # loading and validating
 
 
-def _fmt(moment: dt.datetime) -> str:
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def format_time(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_file(path: Path, what: str) -> bytes:
     shown = path if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
     try:
         if not path.exists():
@@ -657,7 +232,7 @@ def _read(path: Path, what: str) -> bytes:
         raise InputError(f"{what} file could not be read: {shown}: {err.strerror}") from None
 
 
-def _parse_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
+def parse_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -669,7 +244,7 @@ def _parse_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
     return certs
 
 
-def _parse_key(data: bytes, path: Path) -> PrivateKeyTypes:
+def parse_key(data: bytes, path: Path) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -687,7 +262,7 @@ def _spki(public: PublicKeyTypes) -> bytes:
     )
 
 
-def _check_key_matches(
+def check_key_matches(
     cert: x509.Certificate, key: PrivateKeyTypes, cert_path: Path, key_path: Path
 ) -> None:
     if _spki(key.public_key()) != _spki(cert.public_key()):
@@ -697,26 +272,26 @@ def _check_key_matches(
         )
 
 
-def _check_current(
+def check_current(
     cert: x509.Certificate, path: Path, what: str, now: dt.datetime | None = None
 ) -> None:
-    now = now or _now()
+    now = now or utc_now()
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     if now < start:
         raise InputError(
-            f"{what} {path} is not valid yet: valid from {_fmt(start)} until {_fmt(end)}, "
-            f"now is {_fmt(now)} (check the clock)"
+            f"{what} {path} is not valid yet: valid from {format_time(start)} until {format_time(end)}, "
+            f"now is {format_time(now)} (check the clock)"
         )
     if now > end:
         raise InputError(
-            f"{what} {path} has expired: valid from {_fmt(start)} until {_fmt(end)}, "
-            f"now is {_fmt(now)} (issue a new one)"
+            f"{what} {path} has expired: valid from {format_time(start)} until {format_time(end)}, "
+            f"now is {format_time(now)} (issue a new one)"
         )
     if end - now < EXPIRY_WARNING:
-        log.warning("%s %s expires soon, on %s", what, path, _fmt(end))
+        log.warning("%s %s expires soon, on %s", what, path, format_time(end))
 
 
-def _check_is_ca(cert: x509.Certificate, path: Path) -> None:
+def check_is_ca(cert: x509.Certificate, path: Path) -> None:
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -725,7 +300,7 @@ def _check_is_ca(cert: x509.Certificate, path: Path) -> None:
         raise InputError(f"CA certificate file {path}: {cert.subject.rfc4514_string()} is not a CA")
 
 
-def _check_chain(
+def check_chain(
     cert: x509.Certificate, cas: Sequence[x509.Certificate], cert_path: Path, ca_path: Path
 ) -> None:
     for ca in cas:
@@ -783,20 +358,20 @@ class _Material:
 
 def _load_validated(cert: PathLike, key: PathLike, ca: PathLike, role: Role) -> _Material:
     cert_path, key_path, ca_path = Path(cert), Path(key), Path(ca)
-    ca_pem = _read(ca_path, "CA certificate")
-    cert_pem = _read(cert_path, "certificate")
-    key_pem = _read(key_path, "private key")
-    cas = _parse_certs(ca_pem, ca_path, "CA certificate")
-    leaf = _parse_certs(cert_pem, cert_path, "certificate")[0]
-    private_key = _parse_key(key_pem, key_path)
+    ca_pem = read_file(ca_path, "CA certificate")
+    cert_pem = read_file(cert_path, "certificate")
+    key_pem = read_file(key_path, "private key")
+    cas = parse_certs(ca_pem, ca_path, "CA certificate")
+    leaf = parse_certs(cert_pem, cert_path, "certificate")[0]
+    private_key = parse_key(key_pem, key_path)
     _warn_key_permissions(key_path)
-    _check_key_matches(leaf, private_key, cert_path, key_path)
+    check_key_matches(leaf, private_key, cert_path, key_path)
     for ca_cert in cas:
-        _check_is_ca(ca_cert, ca_path)
-    _check_chain(leaf, cas, cert_path, ca_path)
-    _check_current(leaf, cert_path, "certificate")
+        check_is_ca(ca_cert, ca_path)
+    check_chain(leaf, cas, cert_path, ca_path)
+    check_current(leaf, cert_path, "certificate")
     for ca_cert in cas:
-        _check_current(ca_cert, ca_path, "CA certificate")
+        check_current(ca_cert, ca_path, "CA certificate")
     _check_eku(leaf, cert_path, role)
     return _Material(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, cert=leaf)
 
@@ -1051,111 +626,3 @@ def _uri_sans(cert: x509.Certificate) -> tuple[str, ...]:
     except (x509.ExtensionNotFound, ValueError):
         return ()
     return tuple(sans.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-# --------------------------------------------------------------------------------------------------
-# inspection
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    """SHA-256 over the DER certificate, colon-separated hex (as `openssl x509 -fingerprint -sha256`)."""
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
-
-
-def _san_strings(cert: x509.Certificate) -> list[str]:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    out: list[str] = []
-    for name in sans:
-        if isinstance(name, x509.DNSName):
-            out.append(f"DNS:{name.value}")
-        elif isinstance(name, x509.IPAddress):
-            out.append(f"IP:{name.value}")
-        elif isinstance(name, x509.UniformResourceIdentifier):
-            out.append(f"URI:{name.value}")
-        else:
-            out.append(f"{type(name).__name__}:{name.value}")
-    return out
-
-
-def describe_certificate(path: PathLike) -> str:
-    """Human-readable summary of every certificate in a PEM file (for `pluralfed certs show`),
-    or of a revocation list (`crl.pem`)."""
-    p = Path(path)
-    data = _read(p, "certificate")
-    if b"-----BEGIN X509 CRL-----" in data:
-        return _describe_crl(_parse_crl(data, p), p)
-    certs = _parse_certs(data, p, "certificate")
-    now = _now()
-    blocks = []
-    for cert in certs:
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-        status = "valid" if start <= now <= end else ("NOT YET VALID" if now < start else "EXPIRED")
-        try:
-            ekus = [
-                getattr(oid, "_name", oid.dotted_string)
-                for oid in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-            ]
-        except x509.ExtensionNotFound:
-            ekus = []
-        try:
-            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        node_ids = [
-            s[len("URI:" + NODE_URI_PREFIX) :]
-            for s in _san_strings(cert)
-            if s.startswith("URI:" + NODE_URI_PREFIX)
-        ]
-        lines = [
-            f"file:        {p}",
-            f"subject:     {cert.subject.rfc4514_string()}",
-            f"issuer:      {cert.issuer.rfc4514_string()}",
-            f"serial:      {cert.serial_number:x}",
-            f"CA:          {'yes' if is_ca else 'no'}",
-            f"SANs:        {', '.join(_san_strings(cert)) or '(none)'}",
-            f"key usage:   {', '.join(ekus) or '(any)'}",
-            f"node id:     {', '.join(node_ids) or '(none)'}",
-            f"not before:  {_fmt(start)}",
-            f"not after:   {_fmt(end)}",
-            f"status:      {status}",
-            f"SHA-256:     {fingerprint(cert)}",
-        ]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
-
-
-def _describe_crl(crl: x509.CertificateRevocationList, path: Path) -> str:
-    next_update = crl.next_update_utc
-    overdue = next_update is not None and _now() > next_update
-    lines = [
-        f"file:        {path}",
-        "kind:        revocation list (CRL)",
-        f"issuer:      {crl.issuer.rfc4514_string()}",
-        f"this update: {_fmt(crl.last_update_utc)}",
-        f"next update: {_fmt(next_update) if next_update else '(none)'}"
-        + ("  OVERDUE: renew with `pluralfed certs revoke --ca DIR`" if overdue else ""),
-        f"revoked:     {len(crl)}",
-    ]
-    for entry in sorted(crl, key=lambda e: e.revocation_date_utc):
-        lines.append(f"  serial {entry.serial_number:x}  since {_fmt(entry.revocation_date_utc)}")
-    return "\n".join(lines)
-
-
-def resolve_tls_files(
-    who: str, tls_dir: Path | None, ca: Path | None, cert: Path | None, key: Path | None
-) -> TlsFiles:
-    """A service's TLS files from a folder (ca.pem, cert.pem, key.pem), single paths overriding."""
-    base = TlsFiles.from_dir(tls_dir) if tls_dir is not None else None
-    ca = ca or (base.ca if base else None)
-    cert = cert or (base.cert if base else None)
-    key = key or (base.key if base else None)
-    if ca is None or cert is None or key is None:
-        raise InputError(
-            f"{who} config: mutual TLS needs tls_dir (with ca.pem, cert.pem, key.pem) or "
-            "tls_ca, tls_cert and tls_key; plain text only with insecure = true"
-        )
-    return TlsFiles(ca=ca, cert=cert, key=key)

@@ -37,6 +37,7 @@ import pytest
 from pluralfed import tls
 from pluralfed.data import SurveyData, write_group_files
 from pluralfed.localfed import child_env, node_id, write_toml
+from pluralfed.pki import create_ca, issue_node_cert, issue_server_cert
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.transport import (
@@ -244,9 +245,9 @@ class Pki:
     def __init__(self, root: Path, ca_name: str = "pluralfed test CA") -> None:
         self.root = Path(root)
         self.ca = self.root / "ca"
-        tls.create_ca(self.ca, common_name=ca_name)
+        create_ca(self.ca, common_name=ca_name)
         self.server = self.root / "coordinator"
-        tls.issue_server_cert(self.ca, self.server, "coordinator", ["localhost", HOST])
+        issue_server_cert(self.ca, self.server, "coordinator", ["localhost", HOST])
 
     def node(
         self,
@@ -259,7 +260,7 @@ class Pki:
         """The folder (ca.pem, cert.pem, key.pem) of a node certificate for `identity`."""
         out = self.root / "nodes" / (folder or identity)
         if not (out / tls.CERT_FILE).exists():
-            tls.issue_node_cert(self.ca, out, identity, not_before=not_before, not_after=not_after)
+            issue_node_cert(self.ca, out, identity, not_before=not_before, not_after=not_after)
         return out
 
 

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pluralfed import auth, tls
 from pluralfed.auth import AllowList, AuthInterceptor
 from pluralfed.errors import InputError
+from pluralfed.pki import _issue_leaf, create_ca, issue_node_cert, issue_server_cert
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,12 +87,12 @@ def make_handler(calls: Calls) -> grpc.GenericRpcHandler:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pki")
     ca = root / "ca"
-    tls.create_ca(ca)
-    tls.issue_server_cert(ca, root / "server", "coordinator", ["localhost", "127.0.0.1"])
-    tls.issue_server_cert(ca, root / "server-elsewhere", "coordinator", ["coord.example.org"])
+    create_ca(ca)
+    issue_server_cert(ca, root / "server", "coordinator", ["localhost", "127.0.0.1"])
+    issue_server_cert(ca, root / "server-elsewhere", "coordinator", ["coord.example.org"])
     for node_id in ("node-a", "node-b", "node-x"):
-        tls.issue_node_cert(ca, root / node_id, node_id)
-    tls.issue_node_cert(
+        issue_node_cert(ca, root / node_id, node_id)
+    issue_node_cert(
         ca,
         root / "node-old",
         "node-old",
@@ -99,7 +100,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         not_after=NOW - dt.timedelta(days=1),
     )
     # a clientAuth certificate of our CA with only a CN (as an external tool might issue it)
-    tls._issue_leaf(
+    _issue_leaf(
         ca,
         root / "node-cn",
         common_name="node-cn",
@@ -111,8 +112,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         force=False,
     )
     # another federation, with a node claiming the same identity as ours
-    tls.create_ca(root / "other-ca", common_name="other CA")
-    tls.issue_node_cert(root / "other-ca", root / "other-node-a", "node-a")
+    create_ca(root / "other-ca", common_name="other CA")
+    issue_node_cert(root / "other-ca", root / "other-node-a", "node-a")
     return root
 
 

@@ -37,9 +37,9 @@ from fedharness import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pluralfed import tls
 from pluralfed.embeddings import make_encoder
 from pluralfed.localfed import write_toml
+from pluralfed.pki import revoke_certificates
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.transport import PROTOCOL_VERSION
 
@@ -93,7 +93,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     other = Pki(root / "other", ca_name="another federation's CA")
     other.node("node-aldoria")
     pki.node("node-aldoria", folder="node-aldoria-stolen")  # revoked by a test, mid-run
-    crl, _ = tls.revoke_certificates(pki.ca)  # the CA's revocation list, empty at start
+    crl, _ = revoke_certificates(pki.ca)  # the CA's revocation list, empty at start
     with Procs(root / "logs") as procs:
         settings = {**SETTINGS, "tls_crl": str(crl)}
         secure = start_coordinator(procs, root, pki, ALLOW, settings, wait=False)
@@ -168,7 +168,7 @@ def test_revoked_certificate_is_refused_by_the_running_coordinator(setup: Setup)
     stolen = setup.pki.node("node-aldoria", folder="node-aldoria-stolen")
     with FakeNode(setup.coordinator.port, "Aldoria", tls_dir=stolen) as thief:
         assert thief.join(setup.encoder).session_id  # not revoked yet
-        tls.revoke_certificates(setup.pki.ca, [stolen / "cert.pem"])
+        revoke_certificates(setup.pki.ca, [stolen / "cert.pem"])
         err = wait_until(
             lambda: _refusal(thief, setup.encoder),
             10,

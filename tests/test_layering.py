@@ -32,12 +32,19 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
         "coordinator.server",
         "coordinator.rounds",
         "pluralfed.auth",
+        "pluralfed.pki",
         "pluralfed.records",
+        "pluralfed.tls",
         "pluralfed.transport",
     ],
 )
 def test_transport_and_round_logic_load_without_ml(module: str) -> None:
     assert loaded_after_import([module], ["torch", "transformers"]) == []
+
+
+def test_runtime_tls_loads_without_the_pki_tooling() -> None:
+    # pki builds on tls, never the other way: services load no certificate-making code
+    assert loaded_after_import(["pluralfed.tls"], ["pluralfed.pki"]) == []
 
 
 def test_aggregation_loads_without_grpc() -> None:

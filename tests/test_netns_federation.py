@@ -53,8 +53,8 @@ from netns import (
     remove_leftovers,
 )
 
-from pluralfed import tls
 from pluralfed.localfed import node_id, write_toml
+from pluralfed.pki import create_ca, issue_node_cert, issue_server_cert
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -126,13 +126,13 @@ def pki(
     namespaces_allowed: None, tmp_path_factory: pytest.TempPathFactory, fed_data: FedData
 ) -> NetPki:
     root = tmp_path_factory.mktemp("netns-pki")
-    tls.create_ca(root / "ca", common_name="pluralfed netns test CA")
-    tls.issue_server_cert(root / "ca", root / "server-ip", "coordinator", [COORD_IP])
-    tls.issue_server_cert(root / "ca", root / "server-dns", "coordinator", [COORD_DNS])
+    create_ca(root / "ca", common_name="pluralfed netns test CA")
+    issue_server_cert(root / "ca", root / "server-ip", "coordinator", [COORD_IP])
+    issue_server_cert(root / "ca", root / "server-dns", "coordinator", [COORD_DNS])
     nodes = {}
     for g in fed_data.groups:
         nodes[g] = root / "nodes" / node_id(g)
-        tls.issue_node_cert(root / "ca", nodes[g], node_id(g))
+        issue_node_cert(root / "ca", nodes[g], node_id(g))
     return NetPki(root / "ca", root / "server-ip", root / "server-dns", nodes)
 
 

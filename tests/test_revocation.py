@@ -27,6 +27,13 @@ from coordinator.service import CoordinatorConfig
 from pluralfed import tls
 from pluralfed.auth import AllowList, AuthInterceptor, RevocationWatch, authenticated_node
 from pluralfed.errors import InputError
+from pluralfed.pki import (
+    create_ca,
+    issue_node_cert,
+    issue_server_cert,
+    parse_serial,
+    revoke_certificates,
+)
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,19 +43,19 @@ ALLOWED = {"node-a": "Aldoria", "node-b": "Borvenia"}
 
 @pytest.fixture()
 def pki(tmp_path: Path) -> Path:
-    tls.create_ca(tmp_path / "ca")
-    tls.issue_server_cert(tmp_path / "ca", tmp_path / "server", "coordinator", ["127.0.0.1"])
+    create_ca(tmp_path / "ca")
+    issue_server_cert(tmp_path / "ca", tmp_path / "server", "coordinator", ["127.0.0.1"])
     for node_id in ALLOWED:
-        tls.issue_node_cert(tmp_path / "ca", tmp_path / node_id, node_id)
+        issue_node_cert(tmp_path / "ca", tmp_path / node_id, node_id)
     # the same identity again: the certificate a node gets after its old key was stolen
-    tls.issue_node_cert(tmp_path / "ca", tmp_path / "node-a-new", "node-a")
-    tls.create_ca(tmp_path / "other-ca")  # same default CA name, another key
-    tls.issue_node_cert(tmp_path / "other-ca", tmp_path / "other-node-a", "node-a")
+    issue_node_cert(tmp_path / "ca", tmp_path / "node-a-new", "node-a")
+    create_ca(tmp_path / "other-ca")  # same default CA name, another key
+    issue_node_cert(tmp_path / "other-ca", tmp_path / "other-node-a", "node-a")
     return tmp_path
 
 
 def serial(folder: Path) -> int:
-    return tls._parse_certs((folder / "cert.pem").read_bytes(), folder, "cert")[0].serial_number
+    return tls.parse_certs((folder / "cert.pem").read_bytes(), folder, "cert")[0].serial_number
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,7 +63,7 @@ def serial(folder: Path) -> int:
 
 
 def test_revoke_writes_a_list_the_ca_signed_and_keeps_earlier_entries(pki: Path) -> None:
-    crl, added = tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    crl, added = revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
     assert crl == pki / "ca" / tls.CRL_FILE
     assert added == [serial(pki / "node-a")]
     first = tls.load_revocation_list(crl, pki / "ca" / "ca.pem")
@@ -66,8 +73,8 @@ def test_revoke_writes_a_list_the_ca_signed_and_keeps_earlier_entries(pki: Path)
     # by serial, as `certs show` prints it (with colons too), and the same certificate again
     text = f"{serial(pki / 'node-b'):x}"
     as_colons = ":".join(text[i : i + 2] for i in range(0, len(text), 2))
-    crl, added = tls.revoke_certificates(
-        pki / "ca", [pki / "node-a" / "cert.pem"], [tls.parse_serial(as_colons)], days=7
+    crl, added = revoke_certificates(
+        pki / "ca", [pki / "node-a" / "cert.pem"], [parse_serial(as_colons)], days=7
     )
     assert added == [serial(pki / "node-b")]
     second = tls.load_revocation_list(crl, pki / "ca" / "ca.pem")
@@ -79,19 +86,19 @@ def test_revoke_writes_a_list_the_ca_signed_and_keeps_earlier_entries(pki: Path)
 
 def test_revoke_refuses_another_cas_certificate_and_writes_nothing(pki: Path) -> None:
     with pytest.raises(InputError, match="was not issued by the CA"):
-        tls.revoke_certificates(
+        revoke_certificates(
             pki / "ca", [pki / "node-a" / "cert.pem", pki / "other-node-a" / "cert.pem"]
         )
     assert not (pki / "ca" / tls.CRL_FILE).exists()
     for bad in ("zz", "0", "-5", "ab" * 30):
         with pytest.raises(InputError, match="serial"):
-            tls.parse_serial(bad)
+            parse_serial(bad)
 
 
 def test_a_list_not_signed_by_the_trusted_ca_is_refused(pki: Path) -> None:
-    tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
     ours, theirs = pki / "ca" / tls.CRL_FILE, pki / "other-ca" / tls.CRL_FILE
-    tls.revoke_certificates(pki / "other-ca", [pki / "other-node-a" / "cert.pem"])
+    revoke_certificates(pki / "other-ca", [pki / "other-node-a" / "cert.pem"])
     # the other CA has the same name, so only the signature tells them apart
     with pytest.raises(InputError, match="is not signed by the CA"):
         tls.load_revocation_list(theirs, pki / "ca" / "ca.pem")
@@ -107,9 +114,9 @@ def test_a_list_not_signed_by_the_trusted_ca_is_refused(pki: Path) -> None:
 def test_an_overdue_list_is_still_enforced_with_a_warning(
     pki: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    crl, _ = tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"], days=1)
-    later = tls._now() + dt.timedelta(days=2)
-    monkeypatch.setattr(tls, "_now", lambda: later)
+    crl, _ = revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"], days=1)
+    later = tls.utc_now() + dt.timedelta(days=2)
+    monkeypatch.setattr(tls, "utc_now", lambda: later)
     with caplog.at_level(logging.WARNING, logger="pluralfed.tls"):
         overdue = tls.load_revocation_list(crl, pki / "ca" / "ca.pem")
     assert overdue.is_revoked(serial(pki / "node-a"))
@@ -155,7 +162,7 @@ def _who(request: bytes, context: grpc.ServicerContext) -> bytes:
 @pytest.fixture()
 def guarded(pki: Path) -> Iterator[tuple[int, Path]]:
     """A server whose guard checks the CA's list (empty at first), re-read on every call."""
-    crl, _ = tls.revoke_certificates(pki / "ca")
+    crl, _ = revoke_certificates(pki / "ca")
     watch = RevocationWatch(crl, pki / "ca" / "ca.pem", interval=0.0)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
@@ -187,7 +194,7 @@ def test_revoked_certificate_is_refused_on_an_open_connection(
     b, who_b = _caller(port, pki / "node-b")
     with old_a, new_a, b:
         assert who_old_a(b"", timeout=5) == b"Aldoria"  # connection open before the revocation
-        tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+        revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
         with pytest.raises(grpc.RpcError) as refused:
             who_old_a(b"", timeout=5)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -216,7 +223,7 @@ def test_node_check_says_a_revoked_certificate_needs_replacing(
     15), where only a new certificate helps."""
     from pluralfed.cli import main
 
-    crl, _ = tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    crl, _ = revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
     watch = RevocationWatch(crl, pki / "ca" / "ca.pem", interval=0.0)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2),
@@ -261,7 +268,7 @@ def test_node_refuses_a_coordinator_whose_certificate_was_revoked(
     from group_node.node import NodeClient, NodeConfig
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
-        crl, _ = tls.revoke_certificates(fed.pki.ca, [])  # an empty list, as an operator starts
+        crl, _ = revoke_certificates(fed.pki.ca, [])  # an empty list, as an operator starts
         config = NodeConfig(
             coordinator=f"{HOST}:{fed.port}",
             group="Good A",
@@ -283,7 +290,7 @@ def test_node_refuses_a_coordinator_whose_certificate_was_revoked(
             # model's config, which the coordinator sends in its reply)
             with pytest.raises(InputError, match=r"JoinReply\.model_config_json"):
                 client.join(10, ENCODER)
-            tls.revoke_certificates(fed.pki.ca, [fed.pki.server / "cert.pem"])
+            revoke_certificates(fed.pki.ca, [fed.pki.server / "cert.pem"])
             with pytest.raises(InputError, match=f"revoked.*serial {coordinator_serial:x}"):
                 client.join(10, ENCODER)
             crl.write_text("half-copied")  # a bad list later: the revocation stays in force
@@ -367,7 +374,7 @@ def test_node_never_joins_unchecked_and_checks_again_after_a_reconnect(tmp_path:
     from group_node.node import NodeClient, NodeConfig
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
-        crl, _ = tls.revoke_certificates(fed.pki.ca, [])
+        crl, _ = revoke_certificates(fed.pki.ca, [])
 
         def client_via(relay: Relay) -> NodeClient:
             return NodeClient(
@@ -398,7 +405,7 @@ def test_node_never_joins_unchecked_and_checks_again_after_a_reconnect(tmp_path:
                 client.join(10, ENCODER)  # joined (the toy model's config aside)
             assert client.session_id
             assert client.get_task(0.1).kind == pb.TASK_KIND_WAIT  # same connection: no check
-            tls.revoke_certificates(fed.pki.ca, [fed.pki.server / "cert.pem"])
+            revoke_certificates(fed.pki.ca, [fed.pki.server / "cert.pem"])
             relay.cut()
             refused = None
             for _ in range(50):  # gRPC connects again on the next call (or the one after)
@@ -425,7 +432,7 @@ def test_node_whose_check_cannot_complete_retries_as_if_unreachable(
 
     from group_node.node import GroupNode, NodeConfig
 
-    crl, _ = tls.revoke_certificates(pki / "ca", [])
+    crl, _ = revoke_certificates(pki / "ca", [])
     resetting = Relay(1, drop_first=10**9)  # resets every connection
     config = NodeConfig(
         coordinator=f"127.0.0.1:{resetting.port}",
@@ -487,7 +494,7 @@ def test_certificate_check_goes_through_the_proxy_grpc_would_use(
     proxy = ConnectProxy()
     try:
         with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
-            crl, _ = tls.revoke_certificates(fed.pki.ca, [])
+            crl, _ = revoke_certificates(fed.pki.ca, [])
             files = tls.TlsFiles.from_dir(fed.pki.node("node-good-a"))
             revocations = tls.load_revocation_list(crl, files.ca)
             address = f"127.0.0.1:{fed.port}"
@@ -512,7 +519,7 @@ def test_the_revocation_check_keeps_the_files_read_at_start(pki: Path) -> None:
     it with a bare ssl.SSLError. Now the check's context is made once, at start."""
     from group_node.node import NodeClient, NodeConfig
 
-    crl, _ = tls.revoke_certificates(pki / "ca")
+    crl, _ = revoke_certificates(pki / "ca")
     folder = pki / "node-a"
     (folder / "ca.pem").write_bytes((pki / "ca" / "ca.pem").read_bytes())
     with socket.socket() as probe:  # a port nobody listens on
@@ -535,12 +542,12 @@ def test_the_revocation_check_keeps_the_files_read_at_start(pki: Path) -> None:
 def test_an_older_list_put_back_does_not_unrevoke(pki: Path) -> None:
     """Any list the CA signed was taken on reload, an old copy too (a restored backup): the
     certificates revoked since came back in (review, session 14)."""
-    crl, _ = tls.revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    crl, _ = revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
     old = crl.read_bytes()
     time.sleep(1.1)  # a list's date has whole seconds
-    tls.revoke_certificates(pki / "ca", [pki / "node-b" / "cert.pem"])
+    revoke_certificates(pki / "ca", [pki / "node-b" / "cert.pem"])
     watch = RevocationWatch(crl, pki / "ca" / "ca.pem", interval=0.0)
-    b_serial = tls._parse_certs((pki / "node-b" / "cert.pem").read_bytes(), crl, "c")[0]
+    b_serial = tls.parse_certs((pki / "node-b" / "cert.pem").read_bytes(), crl, "c")[0]
     assert watch.current().is_revoked(b_serial.serial_number)
     crl.write_bytes(old)
     assert watch.current().is_revoked(b_serial.serial_number)  # the newer list stays in force

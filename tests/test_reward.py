@@ -33,6 +33,7 @@ from pluralfed.data import SurveyItem, is_test_question, write_jsonl
 from pluralfed.embeddings import CachedEncoder, default_encoder
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
+from pluralfed.pki import create_ca, issue_node_cert, issue_server_cert, revoke_certificates
 from pluralfed.prepare import embed_groups
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import reward_pb2_grpc as pb_grpc
@@ -112,13 +113,13 @@ def _targets(world: dict, group: str, n: int = 5) -> list[tuple[str, list[str]]]
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.TlsFiles]:
     root = tmp_path_factory.mktemp("pki")
-    tls.create_ca(root / "ca")
-    tls.create_ca(root / "other-ca", common_name="someone else")
+    create_ca(root / "ca")
+    create_ca(root / "other-ca", common_name="someone else")
     return {
-        "server": tls.issue_server_cert(root / "ca", root / "server", "reward", ["127.0.0.1"]),
-        "client": tls.issue_node_cert(root / "ca", root / "client", "trainer-1"),
-        "stranger": tls.issue_node_cert(root / "ca", root / "stranger", "not-listed"),
-        "foreign": tls.issue_node_cert(root / "other-ca", root / "foreign", "trainer-1"),
+        "server": issue_server_cert(root / "ca", root / "server", "reward", ["127.0.0.1"]),
+        "client": issue_node_cert(root / "ca", root / "client", "trainer-1"),
+        "stranger": issue_node_cert(root / "ca", root / "stranger", "not-listed"),
+        "foreign": issue_node_cert(root / "other-ca", root / "foreign", "trainer-1"),
         "root": root,  # type: ignore[dict-item]
     }
 
@@ -681,7 +682,7 @@ def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: 
     every worker; past its share of them the client's next call is refused at once, and another
     client is still served (security review, session 16)."""
     root = pki["root"]
-    other = tls.issue_node_cert(root / "ca", root / "other-client", "trainer-2")
+    other = issue_node_cert(root / "ca", root / "other-client", "trainer-2")
     allow = AllowList({"trainer-1": "RL trainer", "trainer-2": "another trainer"})
     srv, port, servicer = start_reward_server(
         rm, "127.0.0.1:0", pki["server"], allow, max_workers=4, max_calls_per_client=2
@@ -785,8 +786,8 @@ def test_cli_serve_subprocess(
     # a second certificate of trainer-1, revoked by the CA (its key was lost): refused
     ca = tmp_path / "ca"
     shutil.copytree(pki["root"] / "ca", ca)
-    revoked = tls.issue_node_cert(ca, tmp_path / "revoked", "trainer-1")
-    crl, _ = tls.revoke_certificates(ca, [revoked.cert])
+    revoked = issue_node_cert(ca, tmp_path / "revoked", "trainer-1")
+    crl, _ = revoke_certificates(ca, [revoked.cert])
     port_file = tmp_path / "port"
     env = {**os.environ, "PLURALFED_CACHE_DIR": str(session_cache_dir), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

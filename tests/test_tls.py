@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pluralfed import tls
 from pluralfed.commands import certs
 from pluralfed.errors import InputError
+from pluralfed.pki import create_ca, fingerprint, issue_node_cert, issue_server_cert, parse_san
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -44,13 +45,13 @@ def sans(cert: x509.Certificate) -> x509.SubjectAlternativeName:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """CA, coordinator (localhost, 127.0.0.1, ::1), node-a, plus a second CA with its own node."""
     root = tmp_path_factory.mktemp("pki")
-    tls.create_ca(root / "ca")
-    tls.issue_server_cert(
+    create_ca(root / "ca")
+    issue_server_cert(
         root / "ca", root / "server", "coordinator", ["localhost", "127.0.0.1", "::1"]
     )
-    tls.issue_node_cert(root / "ca", root / "node-a", "node-a")
-    tls.create_ca(root / "other-ca", common_name="other CA")
-    tls.issue_node_cert(root / "other-ca", root / "other-node", "node-a")
+    issue_node_cert(root / "ca", root / "node-a", "node-a")
+    create_ca(root / "other-ca", common_name="other CA")
+    issue_node_cert(root / "other-ca", root / "other-node", "node-a")
     return root
 
 
@@ -75,12 +76,12 @@ def test_create_ca(pki: Path) -> None:
 
 
 def test_create_ca_refuses_to_overwrite(tmp_path: Path) -> None:
-    tls.create_ca(tmp_path)
+    create_ca(tmp_path)
     key_before = (tmp_path / "ca.key").read_bytes()
     with pytest.raises(InputError, match=r"refusing to overwrite.*ca\.key.*--force"):
-        tls.create_ca(tmp_path)
+        create_ca(tmp_path)
     assert (tmp_path / "ca.key").read_bytes() == key_before
-    tls.create_ca(tmp_path, force=True)
+    create_ca(tmp_path, force=True)
     assert (tmp_path / "ca.key").read_bytes() != key_before
     assert mode(tmp_path / "ca.key") == 0o600
 
@@ -112,7 +113,7 @@ def test_server_cert_sans_and_eku(pki: Path) -> None:
     ],
 )
 def test_parse_san(value: str, expected: x509.GeneralName) -> None:
-    assert tls.parse_san(value) == expected
+    assert parse_san(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -120,12 +121,12 @@ def test_parse_san(value: str, expected: x509.GeneralName) -> None:
 )
 def test_parse_san_rejects(value: str) -> None:
     with pytest.raises(InputError, match="SAN"):
-        tls.parse_san(value)
+        parse_san(value)
 
 
 def test_server_cert_needs_sans(pki: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="at least one"):
-        tls.issue_server_cert(pki / "ca", tmp_path, "coordinator", [])
+        issue_server_cert(pki / "ca", tmp_path, "coordinator", [])
 
 
 def test_node_cert_identity(pki: Path) -> None:
@@ -141,57 +142,57 @@ def test_node_cert_identity(pki: Path) -> None:
 @pytest.mark.parametrize("node_id", ["", "a/b", "../x", ".hidden", "-x", "a b", "x" * 65, "é"])
 def test_node_id_validated(pki: Path, tmp_path: Path, node_id: str) -> None:
     with pytest.raises(InputError, match="node id"):
-        tls.issue_node_cert(pki / "ca", tmp_path, node_id)
+        issue_node_cert(pki / "ca", tmp_path, node_id)
     assert not (tmp_path / "key.pem").exists()
 
 
 def test_node_id_64_chars_ok(pki: Path, tmp_path: Path) -> None:
-    tls.issue_node_cert(pki / "ca", tmp_path, "n" * 64)
+    issue_node_cert(pki / "ca", tmp_path, "n" * 64)
 
 
 def test_issue_needs_ca_key(pki: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"CA key not found at .*server/ca\.key"):
-        tls.issue_node_cert(pki / "server", tmp_path, "node-z")
+        issue_node_cert(pki / "server", tmp_path, "node-z")
 
 
 def test_issue_refuses_to_overwrite(pki: Path, tmp_path: Path) -> None:
-    tls.issue_node_cert(pki / "ca", tmp_path, "node-z")
+    issue_node_cert(pki / "ca", tmp_path, "node-z")
     before = (tmp_path / "key.pem").read_bytes()
     with pytest.raises(InputError, match="refusing to overwrite"):
-        tls.issue_node_cert(pki / "ca", tmp_path, "node-z")
+        issue_node_cert(pki / "ca", tmp_path, "node-z")
     assert (tmp_path / "key.pem").read_bytes() == before
     # a ca.pem from another federation in the target directory is not silently replaced either
     other = tmp_path / "fresh"
     other.mkdir()
     (other / "ca.pem").write_bytes((pki / "other-ca" / "ca.pem").read_bytes())
     with pytest.raises(InputError, match="different CA"):
-        tls.issue_node_cert(pki / "ca", other, "node-z")
+        issue_node_cert(pki / "ca", other, "node-z")
     assert not (other / "key.pem").exists()
 
 
 def test_backdated_issuance(pki: Path, tmp_path: Path) -> None:
     start, end = NOW - dt.timedelta(days=10), NOW - dt.timedelta(days=1)
-    tls.issue_node_cert(pki / "ca", tmp_path, "old", not_before=start, not_after=end)
+    issue_node_cert(pki / "ca", tmp_path, "old", not_before=start, not_after=end)
     cert = load_cert(tmp_path / "cert.pem")
     assert abs(cert.not_valid_before_utc - start) < dt.timedelta(seconds=1)
     assert abs(cert.not_valid_after_utc - end) < dt.timedelta(seconds=1)
     with pytest.raises(InputError, match="not after"):
-        tls.issue_node_cert(pki / "ca", tmp_path / "x", "x", not_before=end, not_after=start)
+        issue_node_cert(pki / "ca", tmp_path / "x", "x", not_before=end, not_after=start)
 
 
 def test_leaf_does_not_outlive_ca(tmp_path: Path) -> None:
-    tls.create_ca(tmp_path / "ca", days=30)
-    tls.issue_node_cert(tmp_path / "ca", tmp_path / "n", "n", days=825)
+    create_ca(tmp_path / "ca", days=30)
+    issue_node_cert(tmp_path / "ca", tmp_path / "n", "n", days=825)
     ca, leaf = load_cert(tmp_path / "ca" / "ca.pem"), load_cert(tmp_path / "n" / "cert.pem")
     assert leaf.not_valid_after_utc == ca.not_valid_after_utc
 
 
 def test_expired_ca_cannot_issue(tmp_path: Path) -> None:
-    tls.create_ca(
+    create_ca(
         tmp_path / "ca", not_before=NOW - dt.timedelta(days=9), not_after=NOW - dt.timedelta(days=1)
     )
     with pytest.raises(InputError, match="has expired"):
-        tls.issue_node_cert(tmp_path / "ca", tmp_path / "n", "n")
+        issue_node_cert(tmp_path / "ca", tmp_path / "n", "n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_load_key_mismatch(pki: Path) -> None:
 
 
 def test_load_expired(pki: Path, tmp_path: Path) -> None:
-    tls.issue_node_cert(
+    issue_node_cert(
         pki / "ca",
         tmp_path,
         "node-old",
@@ -296,7 +297,7 @@ def test_load_expired(pki: Path, tmp_path: Path) -> None:
 
 
 def test_load_not_yet_valid(pki: Path, tmp_path: Path) -> None:
-    tls.issue_node_cert(
+    issue_node_cert(
         pki / "ca",
         tmp_path,
         "node-future",
@@ -468,7 +469,7 @@ def test_cli_init_server_node_show(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "DNS:localhost, IP:127.0.0.1, DNS:coord.example.org" in out
     assert "URI:pluralfed://node/n3" in out and "node id:     n3" in out
     assert "status:      valid" in out
-    assert tls.fingerprint(srv) in out and len(tls.fingerprint(srv)) == 95
+    assert fingerprint(srv) in out and len(fingerprint(srv)) == 95
 
 
 def test_cli_node_all_or_nothing(tmp_path: Path) -> None:
@@ -490,7 +491,7 @@ def test_cli_node_all_or_nothing(tmp_path: Path) -> None:
 def test_cli_show_expired_and_garbage(
     pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tls.issue_node_cert(
+    issue_node_cert(
         pki / "ca",
         tmp_path,
         "old",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tinymodel import CFG, random_item
 
-from pluralfed import tls
+from pluralfed import pki, tls
 from pluralfed.cli import main
 from pluralfed.commands import certs
 from pluralfed.data import is_blank, load_survey, normalise_distribution
@@ -194,25 +194,25 @@ def test_cli_days_past_9999_refused(
 
 def test_days_past_9999_refused_by_library(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="past 9999-12-31"):
-        tls.create_ca(tmp_path / "ca", days=99999999)
+        pki.create_ca(tmp_path / "ca", days=99999999)
     assert not (tmp_path / "ca" / "ca.key").exists()
-    tls.create_ca(tmp_path / "ca")
+    pki.create_ca(tmp_path / "ca")
     with pytest.raises(InputError, match="past 9999-12-31"):
-        tls.issue_node_cert(tmp_path / "ca", tmp_path / "n", "n1", days=10**12)
+        pki.issue_node_cert(tmp_path / "ca", tmp_path / "n", "n1", days=10**12)
     with pytest.raises(InputError, match="past 9999-12-31"):
-        tls.revoke_certificates(tmp_path / "ca", days=99999999)
+        pki.revoke_certificates(tmp_path / "ca", days=99999999)
     assert not (tmp_path / "ca" / tls.CRL_FILE).exists()
     assert not (tmp_path / "n" / "key.pem").exists()
 
 
 def test_days_up_to_9999_still_accepted(tmp_path: Path) -> None:
-    latest = (tls.LAST_DATE - tls._now()).days - 1  # a day's slack for midnight
-    tls.check_days(latest)
-    tls.create_ca(tmp_path / "ca", days=latest)
-    crl, _ = tls.revoke_certificates(tmp_path / "ca", days=latest)
+    latest = (pki.LAST_DATE - tls.utc_now()).days - 1  # a day's slack for midnight
+    pki.check_days(latest)
+    pki.create_ca(tmp_path / "ca", days=latest)
+    crl, _ = pki.revoke_certificates(tmp_path / "ca", days=latest)
     assert tls.load_revocation_list(crl, tmp_path / "ca" / "ca.pem").serials == frozenset()
     with pytest.raises(InputError, match="at least 1"):
-        tls.check_days(0, "--days")
+        pki.check_days(0, "--days")
 
 
 # --------------------------------------------------------------------------------------------------

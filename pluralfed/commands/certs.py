@@ -1,4 +1,4 @@
-"""`pluralfed certs`: make and inspect the TLS material of a federation (see `pluralfed.tls`)."""
+"""`pluralfed certs`: make and inspect the TLS material of a federation (see `pluralfed.pki`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Iterable
 from pathlib import Path
 
-from pluralfed import tls
+from pluralfed import pki, tls
 from pluralfed.errors import InputError
 
 DEFAULT_SANS = ("localhost", "127.0.0.1")
@@ -52,33 +52,33 @@ def _node_ids(values: Iterable[str], option: str) -> list[str]:
 
 def _days(text: str) -> int:
     """A --days value: a whole number of days, at least 1 and ending by 9999-12-31
-    (`tls.check_days`), refused while parsing, before anything is written."""
+    (`pki.check_days`), refused while parsing, before anything is written."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    problem = tls.days_problem(value)
+    problem = pki.days_problem(value)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return value
 
 
-def _print_files(label: str, files: tls.TlsFiles | tls.CaFiles) -> None:
-    if isinstance(files, tls.CaFiles):
+def _print_files(label: str, files: tls.TlsFiles | pki.CaFiles) -> None:
+    if isinstance(files, pki.CaFiles):
         print(f"{label}: {files.cert} (distribute), {files.key} (keep secret)")
     else:
         print(f"{label}: {files.cert}, {files.key} (0600), {files.ca}")
 
 
 def run_init(args: argparse.Namespace) -> int:
-    files = tls.create_ca(args.out, common_name=args.ca_name, days=args.days, force=args.force)
+    files = pki.create_ca(args.out, common_name=args.ca_name, days=args.days, force=args.force)
     _print_files("CA", files)
     return 0
 
 
 def run_server(args: argparse.Namespace) -> int:
     sans = _split(args.san) or list(DEFAULT_SANS)
-    files = tls.issue_server_cert(
+    files = pki.issue_server_cert(
         args.ca, args.out, args.name, sans, days=args.days, force=args.force
     )
     _print_files(f"server {args.name!r} [{', '.join(sans)}]", files)
@@ -89,9 +89,9 @@ def run_node(args: argparse.Namespace) -> int:
     ids = _node_ids([*(args.id or []), *_split(args.ids)], "--id/--ids")
     out = Path(args.out)
     targets = [out / i / name for i in ids for name in (tls.CERT_FILE, tls.KEY_FILE)]
-    tls.check_no_overwrite(targets, args.force)  # all or nothing
+    pki.check_no_overwrite(targets, args.force)  # all or nothing
     for node_id in ids:
-        files = tls.issue_node_cert(
+        files = pki.issue_node_cert(
             args.ca, out / node_id, node_id, days=args.days, force=args.force
         )
         _print_files(f"node {node_id!r}", files)
@@ -99,13 +99,13 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    print("\n\n".join(tls.describe_certificate(path) for path in args.files))
+    print("\n\n".join(pki.describe_certificate(path) for path in args.files))
     return 0
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    serials = [tls.parse_serial(text) for text in _split(args.serial)]
-    crl, added = tls.revoke_certificates(args.ca, args.cert or [], serials, days=args.days)
+    serials = [pki.parse_serial(text) for text in _split(args.serial)]
+    crl, added = pki.revoke_certificates(args.ca, args.cert or [], serials, days=args.days)
     total = len(tls.load_revocation_list(crl, Path(args.ca) / tls.CA_CERT_FILE).serials)
     for serial in added:
         print(f"revoked: serial {serial:x}")
@@ -122,28 +122,28 @@ def run_federation(args: argparse.Namespace) -> int:
     ids = _node_ids(_split(args.nodes), "--nodes")
     sans = _split(args.san) or list(DEFAULT_SANS)
     for san in sans:
-        tls.parse_san(san)  # fail before writing anything
+        pki.parse_san(san)  # fail before writing anything
     tls.validate_node_id(args.server_name, where="--server-name")
-    tls.check_days(args.ca_days, "--ca-days")
-    tls.check_days(args.days, "--days")
+    pki.check_days(args.ca_days, "--ca-days")
+    pki.check_days(args.days, "--days")
     out = Path(args.out)
     ca_dir, server_dir, nodes_dir = out / "ca", out / "coordinator", out / "nodes"
     party_dirs = [server_dir, *(nodes_dir / i for i in ids)]
     targets = [ca_dir / tls.CA_CERT_FILE, ca_dir / tls.CA_KEY_FILE]
     targets += [d / f for d in party_dirs for f in (tls.CA_CERT_FILE, tls.CERT_FILE, tls.KEY_FILE)]
-    tls.check_no_overwrite(targets, args.force)
+    pki.check_no_overwrite(targets, args.force)
     for directory in (out, ca_dir, nodes_dir, *party_dirs):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     _print_files(
         "CA",
-        tls.create_ca(ca_dir, common_name=args.ca_name, days=args.ca_days, force=args.force),
+        pki.create_ca(ca_dir, common_name=args.ca_name, days=args.ca_days, force=args.force),
     )
-    server = tls.issue_server_cert(
+    server = pki.issue_server_cert(
         ca_dir, server_dir, args.server_name, sans, days=args.days, force=args.force
     )
     _print_files(f"coordinator [{', '.join(sans)}]", server)
     for node_id in ids:
-        node = tls.issue_node_cert(
+        node = pki.issue_node_cert(
             ca_dir, nodes_dir / node_id, node_id, days=args.days, force=args.force
         )
         _print_files(f"node {node_id!r}", node)
