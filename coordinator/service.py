@@ -235,6 +235,8 @@ def check_roles(cfg: CoordinatorConfig, allow_list: AllowList) -> None:
 
 
 def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Console) -> int:
+    """Run (or resume) the federation to its end: 0 when every round and the final evaluation
+    are done, 1 when stopped before (a resume goes on from the last checkpoint)."""
     settings = cfg.round_settings()
     check_roles(cfg, allow_list)
     tls = cfg.tls_files()
@@ -243,7 +245,6 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     revocations = cfg.revocations(tls)
     encoder = make_encoder(cfg.encoder)
     gpo = model_config(cfg, encoder.dim)
-    weights = state_dict_to_numpy(build_model(gpo, cfg.seed).state_dict())
     started = time.time()
 
     def on_round(record: RoundRecord | EvaluationRecord) -> None:
@@ -252,29 +253,19 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
 
     engine = RoundEngine(
         settings,
-        weights,
+        state_dict_to_numpy(build_model(gpo, cfg.seed).state_dict()),
         cfg.state_dir,
         encoder.identity,
         gpo.to_dict(),
         on_round=on_round,
     )
-    workers = cfg.max_workers or rpc_threads_for(len(allow_list))
-    if workers < len(allow_list) + 8:
-        log.warning(
-            "max_workers = %d RPC threads for %d allow-listed nodes: each connected node holds "
-            "one in its long poll, so with most of them connected heartbeats wait and sessions "
-            "expire; leave max_workers unset (%d for these nodes)",
-            workers,
-            len(allow_list),
-            rpc_threads_for(len(allow_list)),
-        )
     limit_malloc_arenas()  # a process setting, before the RPC threads start
     server, port = start_server(
         engine,
         cfg.listen,
         tls,
         allow_list,
-        max_workers=workers,
+        max_workers=_rpc_threads(cfg, allow_list),
         upload_slots=cfg.max_concurrent_uploads,
         upload_chunk_bytes=cfg.upload_chunk_bytes,
         download_slots=cfg.max_concurrent_downloads,
@@ -287,6 +278,35 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         f"coordinator run {engine.run_id} on port {port}: {settings.rounds} rounds, quorum "
         f"{settings.min_nodes}, {len(allow_list)} nodes allowed, state in {cfg.state_dir}"
     )
+    _log_roles(cfg)
+    stopping = _drive(engine)
+    if engine.done:
+        final = _write_final(engine, cfg, gpo, encoder.identity, started, console)
+        console.print(
+            f"federation finished: {engine.state.completed_rounds} rounds; model in {final}, "
+            f"metrics in {cfg.state_dir / 'metrics.jsonl'}"
+        )
+        _linger(engine, cfg.linger_s, stopping)
+    server.stop(grace=2.0).wait()
+    return 0 if engine.done else 1
+
+
+def _rpc_threads(cfg: CoordinatorConfig, allow_list: AllowList) -> int:
+    """The configured RPC threads, or enough for the allow-list; warns when too few."""
+    workers = cfg.max_workers or rpc_threads_for(len(allow_list))
+    if workers < len(allow_list) + 8:
+        log.warning(
+            "max_workers = %d RPC threads for %d allow-listed nodes: each connected node holds "
+            "one in its long poll, so with most of them connected heartbeats wait and sessions "
+            "expire; leave max_workers unset (%d for these nodes)",
+            workers,
+            len(allow_list),
+            rpc_threads_for(len(allow_list)),
+        )
+    return workers
+
+
+def _log_roles(cfg: CoordinatorConfig) -> None:
     if cfg.evaluate_only is None:
         log.info("roles: each node's Join says whether it trains (evaluate_only is not set)")
     else:
@@ -294,6 +314,11 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
             "roles: %s only evaluate, every other allow-listed group trains",
             sorted(cfg.evaluate_only) or "no group",
         )
+
+
+def _drive(engine: RoundEngine) -> threading.Event:
+    """Run the rounds on their own thread until done or stopped by SIGINT/SIGTERM (the main
+    thread stays free to take the signal). Returns the event a signal sets."""
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -307,46 +332,54 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     driver.start()
     while driver.is_alive():
         driver.join(0.5)
-    if engine.done:
-        final = cfg.state_dir / "final"
-        model = build_model(gpo, cfg.seed)
-        model.load_state_dict(numpy_to_state_dict(engine.state.weights))
-        save_checkpoint(
-            final,
-            model,
-            encoder.identity,
-            {
-                "mode": "federated",
-                "run_id": engine.run_id,
-                "rounds": engine.state.completed_rounds,
-                "training_groups": sorted(
-                    {g for r in engine.state.history for g in r["participants"]}
-                ),
-                "settings": asdict(settings),
-            },
-        )
-        last = engine.final_evaluation()
-        results = {
+    return stopping
+
+
+def _write_final(
+    engine: RoundEngine,
+    cfg: CoordinatorConfig,
+    gpo: GPOConfig,
+    encoder_identity: str,
+    started: float,
+    console: Console,
+) -> Path:
+    """The finished run's model (`final/`, a checkpoint `pluralfed evaluate` and the reward
+    service load) and `results.json`; prints the final evaluation. Returns the model's folder."""
+    final = cfg.state_dir / "final"
+    model = build_model(gpo, cfg.seed)
+    model.load_state_dict(numpy_to_state_dict(engine.state.weights))
+    save_checkpoint(
+        final,
+        model,
+        encoder_identity,
+        {
+            "mode": "federated",
             "run_id": engine.run_id,
             "rounds": engine.state.completed_rounds,
-            "wall_seconds": time.time() - started,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "final_evaluation": last,
-            "evaluations": engine.state.evaluations,
-        }
-        atomic_write_json(cfg.state_dir / "results.json", results)
-        if last:
-            print_reports({n: SetReport.from_dict(r) for n, r in last["reports"].items()}, console)
-        console.print(
-            f"federation finished: {engine.state.completed_rounds} rounds; model in {final}, "
-            f"metrics in {cfg.state_dir / 'metrics.jsonl'}"
-        )
-        # let nodes hear SHUTDOWN (and leave) before the server goes away
-        linger_until = time.time() + cfg.linger_s
-        while engine.live_sessions() and time.time() < linger_until and not stopping.is_set():
-            time.sleep(0.2)
-    server.stop(grace=2.0).wait()
-    return 0 if engine.done else 1
+            "training_groups": sorted({g for r in engine.state.history for g in r["participants"]}),
+            "settings": asdict(engine.settings),
+        },
+    )
+    last = engine.final_evaluation()
+    results = {
+        "run_id": engine.run_id,
+        "rounds": engine.state.completed_rounds,
+        "wall_seconds": time.time() - started,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_evaluation": last,
+        "evaluations": engine.state.evaluations,
+    }
+    atomic_write_json(cfg.state_dir / "results.json", results)
+    if last:
+        print_reports({n: SetReport.from_dict(r) for n, r in last["reports"].items()}, console)
+    return final
+
+
+def _linger(engine: RoundEngine, linger_s: float, stopping: threading.Event) -> None:
+    """Let nodes hear SHUTDOWN (and leave) before the server goes away."""
+    linger_until = time.time() + linger_s
+    while engine.live_sessions() and time.time() < linger_until and not stopping.is_set():
+        time.sleep(0.2)
 
 
 def dump_config(cfg: CoordinatorConfig) -> str:
