@@ -179,22 +179,9 @@ class RoundSettings:
                 f"eval_at_start must be true or false, got {self.eval_at_start!r}",
                 SETTINGS,
             )
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigValueError(
-                "weighting",
-                f"weighting must be examples or uniform, got {self.weighting!r}",
-                SETTINGS,
-            )
-        if (
-            not isinstance(self.server_optimizer, str)
-            or self.server_optimizer.lower() not in SERVER_OPTIMIZERS
-        ):
-            raise ConfigValueError(
-                "server_optimizer",
-                f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got "
-                f"{self.server_optimizer!r}",
-                SETTINGS,
-            )
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS, any_case=True)
+        _check_choice("local_optimizer", self.local_optimizer, protocol.LOCAL_OPTIMIZERS)
         if self.evaluate_only is not None:
             names = self.evaluate_only
             if not isinstance(names, tuple) or not all(
@@ -211,13 +198,6 @@ class RoundSettings:
                 raise ConfigValueError(
                     "evaluate_only", f"evaluate_only names {twice} more than once", SETTINGS
                 )
-        if self.local_optimizer not in protocol.LOCAL_OPTIMIZERS:
-            raise ConfigValueError(
-                "local_optimizer",
-                f"local_optimizer must be one of {', '.join(protocol.LOCAL_OPTIMIZERS)}, got "
-                f"{self.local_optimizer!r}",
-                SETTINGS,
-            )
         # across fields
         if self.min_updates > self.min_nodes:
             raise ConfigValueError(
@@ -241,6 +221,17 @@ SETTINGS = "round settings"
 
 def _check_float(key: str, value: object, low: float, high: float, low_open: bool = False) -> None:
     check_finite_number(key, value, low, high, low_open=low_open, what=SETTINGS)
+
+
+def _check_choice(
+    key: str, value: object, choices: Iterable[str], *, any_case: bool = False
+) -> None:
+    names = list(choices)
+    given = value.lower() if any_case and isinstance(value, str) else value
+    if not isinstance(value, str) or given not in names:
+        raise ConfigValueError(
+            key, f"{key} must be one of {', '.join(names)}, got {value!r}", SETTINGS
+        )
 
 
 @dataclass

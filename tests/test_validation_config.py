@@ -362,6 +362,9 @@ def test_round_settings_built_directly_refuse_non_finite_floats(field: str, valu
         ({"context_range": [9, 90]}, "context_range"),
         ({"target_range": (9, 2**32)}, "target_range"),
         ({"server_optimizer": "sgd"}, "server_optimizer"),
+        ({"server_optimizer": None}, "server_optimizer"),
+        ({"weighting": 3}, "weighting"),
+        ({"local_optimizer": "rmsprop"}, "local_optimizer"),
         ({"eval_at_start": 1}, "eval_at_start"),
         ({"min_nodes": 2, "min_updates": 3}, "min_updates"),
         ({"heartbeat_interval_s": 60.0}, "session_timeout_s"),
@@ -376,6 +379,12 @@ def test_round_settings_made_in_code_get_the_configs_checks(
     with pytest.raises(ConfigValueError, match=rf"^round settings: {key}") as err:
         RoundSettings(**changes)
     assert err.value.key == key
+
+
+def test_server_optimizer_names_are_taken_in_any_case() -> None:
+    assert RoundSettings(server_optimizer="FedAdam").server_optimizer == "FedAdam"
+    with pytest.raises(ConfigValueError, match="must be one of examples, uniform, got 'Uniform'"):
+        RoundSettings(weighting="Uniform")  # only the optimizer's name is case-blind
 
 
 @pytest.mark.parametrize(
