@@ -677,6 +677,24 @@ def test_unauthorised_clients_are_refused(server: tuple[int, RewardServicer], pk
     assert servicer.stats.calls == calls  # no refused call reached the servicer
 
 
+def hold_the_model(
+    model: RewardModel, *, until: threading.Event | None = None, seconds: float = 30.0
+) -> threading.Thread:
+    """A thread holding the model (as a call working on it does) for `seconds` or until
+    `until` is set; returns once it holds it."""
+    held = threading.Event()
+
+    def hold() -> None:
+        with model._lock:
+            held.set()
+            (until or threading.Event()).wait(seconds)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(5)
+    return thread
+
+
 def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: dict) -> None:
     """Calls take the model in turns, so calls from one client that pile up behind it would hold
     every worker; past its share of them the client's next call is refused at once, and another
@@ -688,16 +706,8 @@ def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: 
         rm, "127.0.0.1:0", pki["server"], allow, max_workers=4, max_calls_per_client=2
     )
     calls = servicer.stats.calls
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_model() -> None:
-        with rm._lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_the_model)
-    holder.start()
-    held.wait(5)
+    release = threading.Event()
+    holder = hold_the_model(rm, until=release)
     group, question = world["groups"][0], [("Who waits behind the model?", ["Yes", "No"])]
     try:
         with (
@@ -1007,16 +1017,7 @@ def test_work_seconds_leave_out_the_wait_for_the_model(
     # the server's cost estimate learnt queueing behind concurrent calls as work per text and
     # then refused ordinary calls as "deadline too close" until restarted (review, session 14)
     model = RewardModel.from_checkpoint(world["ckpt"], cache_dir=session_cache_dir)
-    held = threading.Event()
-
-    def hold_the_model() -> None:
-        with model._lock:
-            held.set()
-            time.sleep(1.0)
-
-    other = threading.Thread(target=hold_the_model)
-    other.start()
-    held.wait(5)
+    other = hold_the_model(model, seconds=1.0)
     started, before = time.perf_counter(), model.work_seconds()
     model.embed_texts(["a text waiting for the model"], disk_cache=False)
     waited, worked = time.perf_counter() - started, model.work_seconds() - before
