@@ -318,6 +318,7 @@ class RoundEngine:
         self.optimizer: ServerOptimizer = make_server_optimizer(
             settings.server_optimizer, **optimizer_args
         )
+        self._evaluate_again = False  # a finished run, started again: evaluate it again
         resumed = load_state(self.state_dir)
         if resumed is not None:
             self.state = resumed
@@ -338,14 +339,19 @@ class RoundEngine:
                 self.state_dir,
             )
             if resumed.completed_rounds >= settings.rounds:
+                # a finished run started again evaluates its final model again (with the nodes
+                # that join this time, e.g. a held-out group added since), so nodes started with
+                # it hear the run's end instead of waiting for a coordinator that left at once
+                self._evaluate_again = True
                 log.warning(
                     "%s holds run %s, which has done %d rounds (rounds = %d here): nothing is "
-                    "left to train, only the final evaluation runs again; for a fresh run use "
-                    "an empty state folder",
+                    "left to train; the final evaluation runs %sonce the nodes are back (for a "
+                    "fresh run use an empty state folder)",
                     self.state_dir,
                     resumed.run_id,
                     resumed.completed_rounds,
                     settings.rounds,
+                    "again " if self._has_eval(resumed.completed_rounds) else "",
                 )
         else:
             self.state = RunState(
@@ -933,7 +939,7 @@ class RoundEngine:
         finished = self.state.completed_rounds >= st.rounds
         if (
             finished
-            and not self._has_eval(st.rounds)
+            and (self._evaluate_again or not self._has_eval(st.rounds))
             and not self._stop.is_set()
             # resumed after the last round: wait for the nodes to be back (after a final
             # evaluation tried here and unanswered, once more with whoever is left)
@@ -1140,6 +1146,14 @@ class RoundEngine:
                     for g, (role, e) in sorted(t.evaluations.items())
                 },
             }
+            earlier = [e for e in self.state.evaluations if e["round"] == t.round]
+            if earlier:  # evaluated again (a finished run started again): the new one counts
+                log.info(
+                    "evaluation after round %d replaces the earlier one (%s)",
+                    t.round,
+                    describe_record(earlier[-1]),
+                )
+                self.state.evaluations = [e for e in self.state.evaluations if e not in earlier]
             self.state.evaluations.append(record)
             save_state(self.state_dir, self.state)
             self._write_metrics()

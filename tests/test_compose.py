@@ -243,6 +243,30 @@ def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
             [*compose, "ps"], cwd=tmp_path, capture_output=True, text=True, timeout=60
         ).stdout
         assert "Exit 0" in ps and "Exit 1" not in ps, ps
+        # a second `up` on the finished run evaluates it again and ends (before: the
+        # coordinator left at once, compose failed on its health check and the nodes it had
+        # started retried for ever)
+        again = subprocess.run(
+            [*compose, "up", "--no-build", "--no-color"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        log = again.stdout + again.stderr
+        assert again.returncode == 0, log[-4000:]
+        assert "evaluation after round 3 replaces the earlier one" in log, log[-4000:]
+        rows = [json.loads(line) for line in (state / "metrics.jsonl").open()]
+        assert [r["round"] for r in rows if r["kind"] == "evaluation"] == [3]
+        running = subprocess.run(
+            ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert running.stdout.strip() == "", "containers still running after the run's end"
     finally:
         subprocess.run(
             [*compose, "down", "-v", "--remove-orphans"],

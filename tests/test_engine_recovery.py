@@ -4,6 +4,7 @@ process (the review of session 14 found each of these)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind
+from coordinator.state import load_state
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
 from pluralfed.wire import TensorSlice, specs_of
@@ -35,9 +37,10 @@ def start(engine: RoundEngine) -> threading.Thread:
     return driver
 
 
-def serve(engine: RoundEngine, stop_after_round: int | None = None) -> None:
-    """One training node answering every task until SHUTDOWN; with stop_after_round, the
-    coordinator is stopped (as by Ctrl-C) right after that round is checkpointed."""
+def serve(engine: RoundEngine, stop_after_round: int | None = None, alignment: float = 0.5) -> None:
+    """One training node answering every task until SHUTDOWN (reporting `alignment` when it
+    evaluates); with stop_after_round, the coordinator is stopped (as by Ctrl-C) right after
+    that round is checkpointed."""
     s = engine.join("A", Role.TRAIN, 10, ENC, "t")
     while not engine.done:
         t = engine.next_task(s.session_id, None, 0.5)
@@ -64,7 +67,7 @@ def serve(engine: RoundEngine, stop_after_round: int | None = None) -> None:
                 None,
                 t.task_id,
                 t.round,
-                GroupEvaluation("A", 5, 0.5, 0.4, 0.3, 0.3),
+                GroupEvaluation("A", 5, alignment, 0.4, 0.3, 0.3),
                 t.model_version,
             )
         elif t.kind == TaskKind.SHUTDOWN:
@@ -129,9 +132,40 @@ def test_resuming_a_finished_run_says_so(tmp_path: Path, caplog: pytest.LogCaptu
         RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
     assert [r.getMessage() for r in caplog.records if "nothing is left" in r.getMessage()] == [
         f"{tmp_path} holds run {first.run_id}, which has done 2 rounds (rounds = 1 here): "
-        "nothing is left to train, only the final evaluation runs again; for a fresh run use "
-        "an empty state folder"
+        "nothing is left to train; the final evaluation runs again once the nodes are back (for "
+        "a fresh run use an empty state folder)"
     ]
+
+
+def test_a_finished_run_started_again_evaluates_its_final_model_again(tmp_path: Path) -> None:
+    """A second `docker compose up` on a finished run: the coordinator printed the old results
+    and left within a second, before its health check passed, so compose failed and the nodes
+    it had started retried for ever. Now it waits for the nodes, evaluates the final model
+    again (the new evaluation replaces the old one, never a round twice) and ends the run."""
+    settings = RoundSettings(rounds=2, eval_every=1)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first, alignment=0.5)
+    driver.join(20)
+    assert first.done and evaluated(first) == [1, 2]
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(again)
+    time.sleep(0.3)
+    assert not again.done  # waiting for the nodes, not gone
+    serve(again, alignment=0.6)  # returns on SHUTDOWN
+    driver.join(20)
+    assert again.done and evaluated(again) == [1, 2] and again.completed_rounds() == 2
+    final = again.final_evaluation()
+    assert final is not None and final["per_group"]["A"]["model"] == 0.6
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [(r["kind"], r["round"]) for r in rows] == [
+        ("round", 1),
+        ("evaluation", 1),
+        ("round", 2),
+        ("evaluation", 2),
+    ]
+    saved = load_state(tmp_path)
+    assert saved is not None and saved.evaluations[-1]["per_group"]["A"]["model"] == 0.6
 
 
 def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path) -> None:
