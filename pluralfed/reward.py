@@ -353,6 +353,11 @@ class RewardModel:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
         return out
 
+    def warm_up(self) -> None:
+        """Load the text encoder and run it once (it loads on first use otherwise), so that a
+        service's first call costs what later ones do; nothing is cached."""
+        self.embed_texts(["warm-up"], disk_cache=False, remember=False)
+
     def uncached(self, texts: Iterable[str]) -> int:
         """How many of texts are not in memory (a hint for how long embedding them will take)."""
         with self._lock:

@@ -162,6 +162,11 @@ class CostModel:
     per_token: float = 5e-5
     overhead: float = 1e-3
     alpha: float = 0.2
+    # one call's figure counts as at most this many times the current estimate: a call that
+    # paid a one-off cost (loading the encoder, a page-in) must not make the server refuse
+    # ordinary calls as too slow for the next many calls (walkthrough review, session 17); a
+    # server that really became slower still gets there, by up to 1 + alpha x (this - 1) a call
+    max_step: float = 4.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def estimate(self, texts: int, tokens: int) -> float:
@@ -170,9 +175,11 @@ class CostModel:
     def observe(self, texts: int, embed_s: float, tokens: int, model_s: float) -> None:
         with self.lock:
             if texts:
-                self.per_text += self.alpha * (embed_s / texts - self.per_text)
+                sample = min(embed_s / texts, self.per_text * self.max_step)
+                self.per_text += self.alpha * (sample - self.per_text)
             if tokens:
-                self.per_token += self.alpha * (model_s / tokens - self.per_token)
+                sample = min(model_s / tokens, self.per_token * self.max_step)
+                self.per_token += self.alpha * (sample - self.per_token)
 
 
 @dataclass
@@ -378,6 +385,9 @@ def start_reward_server(
         options=grpc_options(limits.max_message_bytes),
         maximum_concurrent_rpcs=max_workers * 4,
     )
+    # the encoder loads on first use: load it now, so no client's call waits for it (or is
+    # refused because the wait looked like the cost of its texts)
+    model.warm_up()
     servicer = RewardServicer(model, limits, max_call_s)
     pb_grpc.add_RewardServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

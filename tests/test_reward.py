@@ -51,6 +51,7 @@ from pluralfed.reward import (
 )
 from pluralfed.reward_server import (
     SERVICE_NAME,
+    CostModel,
     Limits,
     RewardClient,
     RewardServicer,
@@ -693,6 +694,44 @@ def hold_the_model(
     thread.start()
     assert held.wait(5)
     return thread
+
+
+def test_one_slow_call_does_not_teach_the_cost_model_that_every_call_is_slow() -> None:
+    """The encoder loaded during the first call and its seconds were learnt as the cost of
+    that call's 2 texts: every later call with a context was then refused as needing ~95 s
+    (walkthrough review, session 17)."""
+    cost = CostModel()
+    before = cost.per_text
+    cost.observe(texts=2, embed_s=5.0, tokens=0, model_s=0.0)  # 2.5 s a text, once
+    assert cost.per_text <= before * (1 + cost.alpha * (cost.max_step - 1)) + 1e-12
+    for _ in range(40):  # a server that really is that slow gets there
+        cost.observe(texts=2, embed_s=5.0, tokens=0, model_s=0.0)
+    assert cost.per_text == pytest.approx(2.5, rel=0.01)
+
+
+def test_the_service_loads_its_encoder_before_the_first_call(
+    world: dict, pki: dict, session_cache_dir: Path
+) -> None:
+    class CountingEncoder:
+        def __init__(self, inner: CachedEncoder) -> None:
+            self.inner, self.calls = inner, 0
+            self.identity, self.dim = inner.identity, inner.dim
+
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            self.calls += 1
+            return self.inner.encode(texts)
+
+    encoder = CountingEncoder(
+        CachedEncoder(default_encoder(show_progress=False), session_cache_dir)
+    )
+    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)  # type: ignore[arg-type]
+    srv, _, _ = start_reward_server(
+        model, "127.0.0.1:0", pki["server"], AllowList({"trainer-1": "RL trainer"})
+    )
+    try:
+        assert encoder.calls == 1 and model.uncached(["warm-up"]) == 1  # used, not kept
+    finally:
+        srv.stop(grace=None).wait()
 
 
 def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: dict) -> None:
