@@ -63,6 +63,7 @@ from pluralfed.transport import (
     PROTOCOL_VERSION,
     UPLOAD_METHOD,
     StreamDeadlines,
+    bind_port,
     check_chunk_bytes,
     chunk_from_proto,
     decode_update_chunk,
@@ -790,12 +791,7 @@ def start_server(
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("pluralfed.v1.Federation", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, tls.server_credentials())
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    port = bind_port(server, address, None if tls is None else tls.server_credentials())
     server.start()
     if tls is None:
         log.warning(

@@ -41,7 +41,7 @@ from pluralfed.reward import (
     to_rewards,
 )
 from pluralfed.tls import TlsFiles
-from pluralfed.transport import grpc_options
+from pluralfed.transport import EXCLUSIVE_PORT, bind_port, grpc_options
 
 log = logging.getLogger("pluralfed.reward")
 
@@ -382,7 +382,7 @@ def start_reward_server(
         interceptors=[
             AuthInterceptor(allow_list, revocations=revocations, max_calls_per_node=per_client)
         ],
-        options=grpc_options(limits.max_message_bytes),
+        options=[*grpc_options(limits.max_message_bytes), EXCLUSIVE_PORT],
         maximum_concurrent_rpcs=max_workers * 4,
     )
     # the encoder loads on first use: load it now, so no client's call waits for it (or is
@@ -394,9 +394,7 @@ def start_reward_server(
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_secure_port(address, tls.server_credentials())
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    port = bind_port(server, address, tls.server_credentials())
     server.start()
     log.info(
         "reward service on %s (port %d, mutual TLS, %d groups, max message %d bytes, "

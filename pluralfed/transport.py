@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -130,6 +131,30 @@ def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, 
     ]
 
 
+# gRPC sets SO_REUSEPORT by default, so a second server on a busy port starts without an error
+# and the kernel splits the clients between the two (two coordinators would each get some of
+# the nodes). Off, the second server's bind fails (`bind_port`).
+EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
+
+def bind_port(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Listen on `address` (host:port; port 0 picks one), with TLS unless `credentials` is None.
+    Returns the port; a busy or unusable address is an InputError that says so."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC: "Failed to bind to address ..."
+        port = 0
+    if port == 0:
+        raise InputError(
+            f"cannot listen on {address}: the port is in use (another coordinator or service "
+            "still running?) or the address is not one of this machine's"
+        )
+    return port
+
+
 def server_grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """`grpc_options` plus a small fixed receive window per stream (no BDP probing).
 
@@ -142,6 +167,7 @@ def server_grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tupl
     """
     return [
         *grpc_options(max_message_bytes),
+        EXCLUSIVE_PORT,
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", SERVER_STREAM_WINDOW_BYTES),
     ]

@@ -734,6 +734,16 @@ def test_the_service_loads_its_encoder_before_the_first_call(
         srv.stop(grace=None).wait()
 
 
+def test_a_second_reward_service_on_the_same_port_is_refused(
+    rm: RewardModel, server: tuple[int, RewardServicer], pki: dict
+) -> None:
+    """Both started before, and the kernel split the clients' calls between them (walkthrough
+    review, session 17)."""
+    allow = AllowList({"trainer-1": "RL trainer"})
+    with pytest.raises(InputError, match=f"cannot listen on 127.0.0.1:{server[0]}: the port is"):
+        start_reward_server(rm, f"127.0.0.1:{server[0]}", pki["server"], allow)
+
+
 def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: dict) -> None:
     """Calls take the model in turns, so calls from one client that pile up behind it would hold
     every worker; past its share of them the client's next call is refused at once, and another

@@ -5,11 +5,13 @@ read is an error naming it, not a traceback (review, session 15)."""
 
 from __future__ import annotations
 
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
-from pluralfed import tls
+from pluralfed import pki, tls
 from pluralfed.cli import main
 from pluralfed.errors import InputError
 
@@ -86,3 +88,37 @@ def test_a_relative_tls_path_says_what_it_is_relative_to(
     with pytest.raises(InputError) as err:
         tls.load_channel_credentials("c/cert.pem", "c/key.pem", "c/ca.pem")
     assert str(err.value) == f"CA certificate file not found: c/ca.pem (relative to {tmp_path})"
+
+
+def test_a_coordinator_on_a_busy_port_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gRPC's default SO_REUSEPORT let a second coordinator (or reward service) start on a busy
+    port, and the kernel split the clients between the two (walkthrough review, session 17)."""
+    occupant = grpc.server(futures.ThreadPoolExecutor(1))  # gRPC's defaults: port reuse on
+    port = occupant.add_insecure_port("127.0.0.1:0")
+    occupant.start()
+    pki.create_ca(tmp_path / "ca")
+    server = pki.issue_server_cert(tmp_path / "ca", tmp_path / "server", "c", ["127.0.0.1"])
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-a" = "A"\n')
+    try:
+        code = main(
+            [
+                "coordinator",
+                "--allow-list-file",
+                str(allow),
+                "--tls-dir",
+                str(server.cert.parent),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--quorum-timeout-s",
+                "1",  # a coordinator that did start (the bug) ends soon, failing the test
+            ]
+        )
+    finally:
+        occupant.stop(None)
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in capsys.readouterr().err
