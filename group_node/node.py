@@ -158,13 +158,20 @@ class NodeConfig:
     personalize_steps: int = 0
     personalized_dir: Path | None = None
 
+    def data_file(self) -> Path:
+        """The group's data file, which running needs (checking the connection does not)."""
+        if self.data is None:
+            raise InputError(
+                "node config: data is required to run (a CSV or JSONL file with the group; "
+                "data in the config file, PLURALFED_NODE_DATA or --data)"
+            )
+        return self.data
+
     def __post_init__(self) -> None:
         if not self.group.strip():
             raise _refuse("group", "group is required (the group whose data this node holds)")
         if self.role not in ("train", "evaluate-only"):
             raise _refuse("role", f"role must be train or evaluate-only, got {self.role!r}")
-        if self.data is None:
-            raise _refuse("data", "data is required (a CSV or JSONL file with the group)")
         if not self.group.isprintable():
             raise _refuse("group", f"group {self.group!r} holds control characters")
         if not 1 <= self.threads <= MAX_THREADS:

@@ -122,3 +122,18 @@ def test_a_coordinator_on_a_busy_port_says_so(
         occupant.stop(None)
     assert code == 2
     assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in capsys.readouterr().err
+
+
+def test_node_check_needs_no_data_but_node_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A partner checking the connection before its data is ready had to make up a data path
+    (walkthrough review, session 17)."""
+    pki.create_ca(tmp_path / "ca")
+    node = pki.issue_node_cert(tmp_path / "ca", tmp_path / "node", "node-a")
+    common = ["--group", "A", "--coordinator", "127.0.0.1:1", "--tls-dir", str(node.cert.parent)]
+    assert main(["node", "check", *common]) == 1  # got as far as connecting
+    err = capsys.readouterr().err
+    assert "FAILED: UNAVAILABLE" in err and "data" not in err
+    assert main(["node", "run", *common]) == 2
+    assert "node config: data is required to run" in capsys.readouterr().err

@@ -84,12 +84,12 @@ def open_encoder(cfg: NodeConfig) -> TextEncoder:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load(args)
+    cfg.data_file()  # required to run
     files = cfg.tls_files()
     if files is not None:  # a bad certificate is found before the data is embedded, not after
         files.channel_credentials()
     torch.set_num_threads(cfg.threads)
-    assert cfg.data is not None
-    data = load_survey(cfg.data, groups=[cfg.group])
+    data = load_survey(cfg.data_file(), groups=[cfg.group])
     worker = GroupWorker(cfg.group, data, open_encoder(cfg), seed=cfg.seed)
     node = GroupNode(cfg, worker)
     for sig in (signal.SIGINT, signal.SIGTERM):
