@@ -247,8 +247,13 @@ def add_config_args(
         if hints[name] is bool:
             group.add_argument(flag, action="store_const", const=True, default=None, help=text)
         else:
+            # a help text that says its own default (e.g. "default: wait forever") keeps it
+            said = "(default:" in text
             group.add_argument(
-                flag, default=None, metavar=name.upper(), help=f"{text} (default: {shown})"
+                flag,
+                default=None,
+                metavar=name.upper(),
+                help=text if said else f"{text} (default: {shown})",
             )
 
 

@@ -32,18 +32,45 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", type=Path, help="survey data (CSV or JSONL); default: synthetic demo")
     p.add_argument("--groups", help="training groups (';' or ',' separated); default as `train`")
     p.add_argument("--held-out", help="evaluate-only groups; default as `train`")
-    p.add_argument("--out", type=Path, default=Path("runs/federation"), help="output folder")
-    p.add_argument("--rounds", type=int, default=100, help=COORDINATOR_HELP["rounds"])
-    p.add_argument("--local-steps", type=int, default=6, help=COORDINATOR_HELP["local_steps"])
-    p.add_argument("--eval-every", type=int, default=10, help=COORDINATOR_HELP["eval_every"])
-    p.add_argument("--seed", type=non_negative_int, default=0, help=COORDINATOR_HELP["seed"])
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/federation"),
+        help="output folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=100,
+        help=COORDINATOR_HELP["rounds"] + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=6,
+        help=COORDINATOR_HELP["local_steps"] + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=10,
+        help=COORDINATOR_HELP["eval_every"] + " (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help=COORDINATOR_HELP["seed"] + " (default: %(default)s)",
+    )
     p.add_argument(
         "--threads-per-node",
         type=positive_int,
         default=1,
         help="torch threads per node, 1 or more (default: %(default)s)",
     )
-    p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="text encoder")
+    p.add_argument(
+        "--encoder", default="all-MiniLM-L6-v2", help="text encoder (default: %(default)s)"
+    )
     p.add_argument("--cache-dir", type=Path, help="embedding cache shared by the nodes")
     p.add_argument("--insecure", action="store_true", help="plain text instead of mutual TLS")
     p.add_argument(
@@ -61,9 +88,24 @@ def register(subparsers: Any) -> None:
         help="after the run, each training node fine-tunes the final model this many steps on "
         "its own data and keeps it in OUT/personalized/<node>/ (default: 0, off)",
     )
-    p.add_argument("--synthetic-groups", type=int, default=10, help="groups in the demo data")
-    p.add_argument("--synthetic-questions", type=int, default=200, help="questions in the demo")
-    p.add_argument("--timeout", type=float, default=7200, help="give up after this many seconds")
+    p.add_argument(
+        "--synthetic-groups",
+        type=int,
+        default=10,
+        help="groups in the demo data (default: %(default)s)",
+    )
+    p.add_argument(
+        "--synthetic-questions",
+        type=int,
+        default=200,
+        help="questions in the demo (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=7200,
+        help="give up after this many seconds (default: %(default)s)",
+    )
     p.set_defaults(func=run)
 
 

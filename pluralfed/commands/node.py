@@ -62,10 +62,21 @@ def register(subparsers: Any) -> None:
         "then options.",
     )
     sub = p.add_subparsers(dest="node_command", metavar="ACTION", required=True)
-    run_p = sub.add_parser("run", help="join the federation and work until it finishes")
+    run_p = sub.add_parser(
+        "run",
+        help="join the federation and work until it finishes",
+        description="Embed this group's data locally, join the coordinator over mutual TLS and "
+        "train or evaluate on every task until the run ends (the coordinator's SHUTDOWN). A "
+        "lost connection is retried with back-off; only model weights and aggregate metrics "
+        "leave the node.",
+    )
     check_p = sub.add_parser(
         "check",
         help="TLS handshake and join, without data or training: is this node set up right?",
+        description="Connect to the coordinator with this node's certificate, join as its group "
+        "and leave again, without reading data or training; on failure say what the error "
+        "means (address, certificates, allow-list, revocation). Exit 0 when the node is set up "
+        "right.",
     )
     for q in (run_p, check_p):
         q.add_argument("--config", type=Path, help="TOML config file")
