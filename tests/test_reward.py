@@ -835,6 +835,9 @@ def test_cli_score_local_and_through_the_server(
     assert code == 2 and "NOT_FOUND" in err and "Atlantis" in err
     code, _, err = run(g, *answer_args, "--answer", answers[0], *local)
     assert code == 2 and "duplicate" in err
+    # memory settings a service would ignore are refused, not silently dropped
+    code, _, err = run(g, *answer_args, *remote, "--memory-weight", "0.9")
+    assert code == 2 and "--memory-weight: the service scores with its own" in err
 
 
 def test_cli_serve_subprocess(

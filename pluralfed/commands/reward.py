@@ -330,6 +330,13 @@ def run_score(args: argparse.Namespace) -> int:
 
         if args.checkpoint is not None:
             raise InputError("give --checkpoint (local) or --server, not both")
+        memory = memory_overrides(args)
+        if memory:  # silently ignored before (walkthrough review, session 17)
+            options = ", ".join("--" + name.replace("_", "-") for name in sorted(memory))
+            raise InputError(
+                f"{options}: the service scores with its own context-memory settings "
+                "(`reward serve` options); these apply to local scoring (--checkpoint)"
+            )
         group: Any = args.group
         if args.data is not None:
             data = load_survey(args.data, [args.group])
