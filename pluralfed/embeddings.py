@@ -17,6 +17,7 @@ import math
 import os
 import re
 import sqlite3
+import sys
 import threading
 import warnings
 import zlib
@@ -276,6 +277,11 @@ class HFTextEncoder:
             )
         return Path(found).parent
 
+    def _bars(self) -> bool:
+        """Progress bars: if asked for and stderr is a terminal (in a log file or `docker logs`
+        a bar is only noise)."""
+        return self.show_progress and sys.stderr.isatty()
+
     def _load(self) -> None:
         with self._lock:
             if self._model is not None:
@@ -293,12 +299,21 @@ class HFTextEncoder:
                 raise InputError(
                     f"bad torch device {self.device!r} for the text encoder: {e}"
                 ) from e
+            from transformers.utils import logging as hf_logging
+
+            # transformers' "Loading weights" bar only where someone watches (not in log files)
+            bar_was_on = hf_logging.is_progress_bar_enabled()
+            if not self._bars():
+                hf_logging.disable_progress_bar()
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
                 # safetensors only: a pickled (.bin) checkpoint is refused, never unpickled
                 model = AutoModel.from_pretrained(source, use_safetensors=True, **kwargs)
             except (OSError, ValueError, KeyError) as e:
                 raise InputError(self._load_failure_message(e)) from e
+            finally:
+                if bar_was_on:
+                    hf_logging.enable_progress_bar()
             model.to(device=device, dtype=torch.float32)
             model.eval()
             self._tokenizer, self._model = tokenizer, model
@@ -359,7 +374,7 @@ class HFTextEncoder:
                 total=len(items),
                 unit="text",
                 desc=f"embedding ({self.label})",
-                disable=not self.show_progress or n_batches <= _PROGRESS_MIN_BATCHES,
+                disable=not self._bars() or n_batches <= _PROGRESS_MIN_BATCHES,
                 leave=False,
             ) as bar,
         ):

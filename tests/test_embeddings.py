@@ -450,3 +450,14 @@ def test_embed_items_matches_per_text_encodes(encoder: HFTextEncoder) -> None:
         for opt, row in zip(item.options, arr, strict=True):
             single = encoder.encode([option_text(item.question, opt)])[0]
             np.testing.assert_allclose(row, single, atol=2e-5, rtol=1e-4)
+
+
+def test_no_progress_bars_into_a_log_file(capfd: pytest.CaptureFixture[str]) -> None:
+    """Every node's and service's log began with transformers' "Loading weights" bar, and a
+    node's with the embedding bar, in files and `docker logs` alike (walkthrough review,
+    session 17). Here stderr is pytest's capture, not a terminal."""
+    encoder = default_encoder()  # progress bars asked for
+    texts = [f"question {i}?" for i in range(encoder.batch_size * 6)]  # a bar-sized job
+    assert encoder.encode(texts).shape == (len(texts), 384)
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "embedding (" not in err
