@@ -45,6 +45,7 @@ from pluralfed.tls import (
     CRL_FILE,
     NODE_URI_PREFIX,
     PathLike,
+    RevocationList,
     TlsFiles,
     check_chain,
     check_crl,
@@ -528,9 +529,10 @@ def _san_strings(cert: x509.Certificate) -> list[str]:
     return out
 
 
-def describe_certificate(path: PathLike) -> str:
+def describe_certificate(path: PathLike, revocations: RevocationList | None = None) -> str:
     """Human-readable summary of every certificate in a PEM file (for `pluralfed certs show`),
-    or of a revocation list (`crl.pem`)."""
+    or of a revocation list (`crl.pem`). With `revocations` (the CA's list), a revoked
+    certificate says so; without, its status speaks of its dates only."""
     p = Path(path)
     data = read_file(p, "certificate")
     if b"-----BEGIN X509 CRL-----" in data:
@@ -541,6 +543,12 @@ def describe_certificate(path: PathLike) -> str:
     for cert in certs:
         start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
         status = "valid" if start <= now <= end else ("NOT YET VALID" if now < start else "EXPIRED")
+        if revocations is None:
+            status += " (dates only: revocation not checked, see --ca)"
+        elif revocations.is_revoked(cert.serial_number):
+            status = f"REVOKED (in {revocations.path})"
+        else:
+            status += f" (not revoked in {revocations.path})"
         try:
             ekus = [
                 getattr(oid, "_name", oid.dotted_string)

@@ -468,8 +468,16 @@ def test_cli_init_server_node_show(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "subject:     CN=coord" in out
     assert "DNS:localhost, IP:127.0.0.1, DNS:coord.example.org" in out
     assert "URI:pluralfed://node/n3" in out and "node id:     n3" in out
-    assert "status:      valid" in out
+    assert "status:      valid (dates only: revocation not checked, see --ca)" in out
     assert fingerprint(srv) in out and len(fingerprint(srv)) == 95
+    # with the CA folder, the status says whether the CA revoked it (before, a revoked
+    # certificate showed "valid"; walkthrough review, session 17)
+    n3 = str(tmp_path / "nodes" / "n3" / "cert.pem")
+    assert run("show", n3, "--ca", str(tmp_path / "ca")) == 0
+    assert "status:      valid (not revoked in" in capsys.readouterr().out
+    assert run("revoke", "--ca", str(tmp_path / "ca"), "--cert", n3) == 0
+    assert run("show", n3, "--ca", str(tmp_path / "ca")) == 0
+    assert f"status:      REVOKED (in {tmp_path / 'ca' / 'crl.pem'})" in capsys.readouterr().out
 
 
 def test_cli_node_all_or_nothing(tmp_path: Path) -> None:

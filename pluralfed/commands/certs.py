@@ -99,7 +99,15 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    print("\n\n".join(pki.describe_certificate(path) for path in args.files))
+    revocations = None
+    if args.ca is not None:
+        crl = Path(args.ca) / tls.CRL_FILE
+        if crl.exists():
+            revocations = tls.load_revocation_list(crl, Path(args.ca) / tls.CA_CERT_FILE)
+        else:  # the CA has revoked nothing yet: an empty list, as `revoke` would start it
+            print(f"(no {crl}: the CA has revoked no certificate)")
+            revocations = tls.RevocationList(crl, frozenset(), tls.utc_now(), None)
+    print("\n\n".join(pki.describe_certificate(path, revocations) for path in args.files))
     return 0
 
 
@@ -257,6 +265,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "files", nargs="+", type=Path, metavar="FILE", help="PEM certificate or CRL file"
+    )
+    p.add_argument(
+        "--ca",
+        type=Path,
+        help="the CA folder: also say whether its revocation list (crl.pem) revokes each "
+        "certificate (without it the status speaks of the dates only)",
     )
     p.set_defaults(func=run_show)
 
