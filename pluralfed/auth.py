@@ -53,9 +53,10 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 10.0
 
 # Methods any TLS peer may call without an allow-listed identity: serving status reveals nothing.
-HEALTH_METHODS: frozenset[str] = frozenset(
-    {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"}
-)
+# Only Check, a one-shot call: Watch is a stream that holds an RPC thread for as long as the
+# peer keeps it open, so exempt Watches from any certificate of the CA (even a revoked one) could
+# hold every thread (review, session 17); Watch goes through the guard and the per-caller limit.
+HEALTH_METHODS: frozenset[str] = frozenset({"/grpc.health.v1.Health/Check"})
 DEFAULT_EXEMPT_METHODS = HEALTH_METHODS
 MAX_NODE_NAME = 200
 
@@ -348,8 +349,9 @@ class RevocationWatch:
 
 
 class CallLimit:
-    """At most `limit` calls in flight per node, so one node (hostile or broken) cannot take every
-    RPC thread: a call that would pass the limit is refused at once, holding no thread.
+    """At most `limit` calls in flight per caller (a node, or a reward-service client), so one
+    caller (hostile or broken) cannot take every RPC thread: a call that would pass the limit is
+    refused at once, holding no thread.
 
     A call counts while its context is active, so a call whose end this guard never saw (a response
     stream gRPC dropped before its first message) stops counting when gRPC ends it.
@@ -385,7 +387,8 @@ class CallLimit:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Install on the coordinator's server: ``grpc.server(pool, interceptors=[AuthInterceptor(al)])``.
+    """Install on a server (the coordinator's, the reward service's):
+    ``grpc.server(pool, interceptors=[AuthInterceptor(al)])``.
 
     `exempt_methods` (full names like ``/grpc.health.v1.Health/Check``) run without an allow-listed
     identity; they still need the TLS handshake. `allow_common_name` also accepts the subject CN of a
@@ -623,7 +626,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             _refuse(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.call_limit.limit} calls of this node are already in flight: "
+                f"{self.call_limit.limit} calls with this certificate are already in flight: "
                 "finish or cancel one first",
                 method=method,
                 identity=who.identity,

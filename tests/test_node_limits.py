@@ -92,7 +92,7 @@ def test_one_node_cannot_hold_every_rpc_thread(tmp_path: Path, pki: Pki) -> None
         for call in refused:
             err = call.exception()
             assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "calls of this node are already in flight" in err.details()
+            assert "calls with this certificate are already in flight" in err.details()
         started = time.monotonic()
         for _ in range(5):
             assert not honest.heartbeat().cancel_task
