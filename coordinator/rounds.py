@@ -318,7 +318,8 @@ class RoundEngine:
         self.optimizer: ServerOptimizer = make_server_optimizer(
             settings.server_optimizer, **optimizer_args
         )
-        self._evaluate_again = False  # a finished run, started again: evaluate it again
+        self.finished_at_start = False  # a finished run, started again
+        self.evaluated_again = False  # ... whose final evaluation this process replaced
         resumed = load_state(self.state_dir)
         if resumed is not None:
             self.state = resumed
@@ -339,10 +340,10 @@ class RoundEngine:
                 self.state_dir,
             )
             if resumed.completed_rounds >= settings.rounds:
-                # a finished run started again evaluates its final model again (with the nodes
-                # that join this time, e.g. a held-out group added since), so nodes started with
-                # it hear the run's end instead of waiting for a coordinator that left at once
-                self._evaluate_again = True
+                # a finished run started again evaluates its final model again once its nodes
+                # are back, so nodes started with it hear the run's end (a coordinator that left
+                # at once left them retrying for ever)
+                self.finished_at_start = True
                 log.warning(
                     "%s holds run %s, which has done %d rounds (rounds = %d here): nothing is "
                     "left to train; the final evaluation runs %sonce the nodes are back (for a "
@@ -917,6 +918,13 @@ class RoundEngine:
     def run(self) -> None:
         """Drive rounds until the configured number completed (or stop())."""
         st = self.settings
+        if self.finished_at_start and self._has_eval(self.state.completed_rounds):
+            self._evaluate_again()
+            with self._changed:
+                self._done = True  # finished before; whatever happened to the evaluation
+                self._task = None
+                self._changed.notify_all()
+            return
         fresh = self.state.completed_rounds == 0 and not self._has_eval(0)
         # (evaluating before anyone joined would evaluate nothing: wait for the quorum first)
         if st.eval_at_start and fresh and self._wait_for_quorum():
@@ -939,7 +947,7 @@ class RoundEngine:
         finished = self.state.completed_rounds >= st.rounds
         if (
             finished
-            and (self._evaluate_again or not self._has_eval(st.rounds))
+            and not self._has_eval(st.rounds)
             and not self._stop.is_set()
             # resumed after the last round: wait for the nodes to be back (after a final
             # evaluation tried here and unanswered, once more with whoever is left)
@@ -951,6 +959,32 @@ class RoundEngine:
             self._done = finished and (self._has_eval(st.rounds) or not self._stop.is_set())
             self._task = None
             self._changed.notify_all()
+
+    def _evaluate_again(self) -> None:
+        """Evaluate a finished run's final model again, once every group of its last evaluation
+        has a node here again, or with whoever came within eval_timeout_s. The new evaluation
+        replaces the old only if it covers every group the old one did (a partial one would
+        drop, say, the held-out figures); otherwise the old one stays and the log says why."""
+        last = [e for e in self.state.evaluations if e["round"] == self.state.completed_rounds]
+        wanted = set(last[-1]["groups"])
+        limit = self.settings.eval_timeout_s
+        started = time.monotonic()
+        with self._changed:
+            while not self._stop.is_set():
+                here = {s.group for s in self.live_sessions()}
+                if wanted <= here or (time.monotonic() - started > limit and here):
+                    break
+                if time.monotonic() - started > limit:
+                    log.warning(
+                        "no node came back within %.0f s to evaluate the finished run again: "
+                        "its evaluation stays as it was",
+                        limit,
+                    )
+                    return
+                self._changed.wait(1.0)
+            else:
+                return
+        self._evaluation_round()
 
     def _eval_due(self, round_: int) -> bool:
         """Round `round_` is evaluated (every eval_every rounds, and the last) and is not yet."""
@@ -1147,13 +1181,25 @@ class RoundEngine:
                 },
             }
             earlier = [e for e in self.state.evaluations if e["round"] == t.round]
-            if earlier:  # evaluated again (a finished run started again): the new one counts
+            if earlier:  # evaluated again (a finished run started again)
+                left_out = sorted(set(earlier[-1]["groups"]) - set(record["groups"]))
+                if left_out:
+                    log.warning(
+                        "evaluation after round %d again: %s, without %s, which the earlier "
+                        "evaluation had: the earlier one stays (%s)",
+                        t.round,
+                        describe_record(record),
+                        left_out,
+                        describe_record(earlier[-1]),
+                    )
+                    return
                 log.info(
                     "evaluation after round %d replaces the earlier one (%s)",
                     t.round,
                     describe_record(earlier[-1]),
                 )
                 self.state.evaluations = [e for e in self.state.evaluations if e not in earlier]
+                self.evaluated_again = True
             self.state.evaluations.append(record)
             save_state(self.state_dir, self.state)
             self._write_metrics()

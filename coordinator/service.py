@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -281,11 +282,17 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     _log_roles(cfg)
     stopping = _drive(engine)
     if engine.done:
-        final = _write_final(engine, cfg, gpo, encoder.identity, started, console)
-        console.print(
-            f"federation finished: {engine.state.completed_rounds} rounds; model in {final}, "
-            f"metrics in {cfg.state_dir / 'metrics.jsonl'}"
-        )
+        if engine.finished_at_start and not engine.evaluated_again:
+            console.print(  # nothing new: final/ and results.json stay as the run left them
+                f"run {engine.run_id} had finished: {engine.state.completed_rounds} rounds; "
+                f"model in {cfg.state_dir / 'final'}, results in {cfg.state_dir / 'results.json'}"
+            )
+        else:
+            final = _write_final(engine, cfg, gpo, encoder.identity, started, console)
+            console.print(
+                f"federation finished: {engine.state.completed_rounds} rounds; model in {final}, "
+                f"metrics in {cfg.state_dir / 'metrics.jsonl'}"
+            )
         _linger(engine, cfg.linger_s, stopping)
     server.stop(grace=2.0).wait()
     return 0 if engine.done else 1
@@ -361,7 +368,7 @@ def _write_final(
         },
     )
     last = engine.final_evaluation()
-    results = {
+    results: dict[str, Any] = {
         "run_id": engine.run_id,
         "rounds": engine.state.completed_rounds,
         "wall_seconds": time.time() - started,
@@ -369,10 +376,29 @@ def _write_final(
         "final_evaluation": last,
         "evaluations": engine.state.evaluations,
     }
+    if engine.evaluated_again:  # the run's own time and memory, not this re-evaluation's
+        results.update(_run_figures(cfg.state_dir / "results.json"))
+        results["evaluated_again_at"] = time.time()
     atomic_write_json(cfg.state_dir / "results.json", results)
     if last:
         print_reports({n: SetReport.from_dict(r) for n, r in last["reports"].items()}, console)
     return final
+
+
+def _run_figures(path: Path) -> dict[str, float]:
+    """wall_seconds and peak_rss_mib of the results.json the run wrote when it finished (none if
+    it cannot be read: the re-evaluation's own figures then stand)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict):
+        return {}
+    return {
+        k: float(earlier[k])
+        for k in ("wall_seconds", "peak_rss_mib")
+        if isinstance(earlier.get(k), int | float) and not isinstance(earlier.get(k), bool)
+    }
 
 
 def _linger(engine: RoundEngine, linger_s: float, stopping: threading.Event) -> None:

@@ -385,8 +385,8 @@ def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
     state_dir: Path = files["state_dir"]
     if (state_dir / "state.json").exists():  # coordinator/state.py's STATE_FILE
         log.warning(
-            "%s holds an earlier run: the coordinator resumes it (a run already finished only "
-            "ends again); for a fresh run use another --out or empty this one",
+            "%s holds an earlier run: the coordinator resumes it (a run already finished is "
+            "only evaluated again); for a fresh run use another --out or empty this one",
             state_dir,
         )
     (state_dir / "coordinator.port").unlink(missing_ok=True)

@@ -259,6 +259,13 @@ def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
         assert "evaluation after round 3 replaces the earlier one" in log, log[-4000:]
         rows = [json.loads(line) for line in (state / "metrics.jsonl").open()]
         assert [r["round"] for r in rows if r["kind"] == "evaluation"] == [3]
+        again_results = json.loads((state / "results.json").read_text())
+        assert set(again_results["final_evaluation"]["reports"]) == {
+            "training groups (test questions)",
+            "held-out groups",
+        }  # every node back, the held-out one too
+        assert again_results["wall_seconds"] == results["wall_seconds"]  # the run's, kept
+        assert "evaluated_again_at" in again_results
         running = subprocess.run(
             ["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={project}"],
             capture_output=True,

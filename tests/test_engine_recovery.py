@@ -147,14 +147,15 @@ def test_a_finished_run_started_again_evaluates_its_final_model_again(tmp_path: 
     driver = start(first)
     serve(first, alignment=0.5)
     driver.join(20)
-    assert first.done and evaluated(first) == [1, 2]
+    assert first.done and evaluated(first) == [1, 2] and not first.finished_at_start
     again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    assert again.finished_at_start
     driver = start(again)
     time.sleep(0.3)
     assert not again.done  # waiting for the nodes, not gone
     serve(again, alignment=0.6)  # returns on SHUTDOWN
     driver.join(20)
-    assert again.done and evaluated(again) == [1, 2] and again.completed_rounds() == 2
+    assert again.done and again.evaluated_again and evaluated(again) == [1, 2]
     final = again.final_evaluation()
     assert final is not None and final["per_group"]["A"]["model"] == 0.6
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
@@ -166,6 +167,83 @@ def test_a_finished_run_started_again_evaluates_its_final_model_again(tmp_path: 
     ]
     saved = load_state(tmp_path)
     assert saved is not None and saved.evaluations[-1]["per_group"]["A"]["model"] == 0.6
+
+
+def _finish_with_a_held_out_group(tmp_path: Path, settings: RoundSettings) -> None:
+    """A run of training group A and evaluate-only group H, evaluated at its end by both."""
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    held = threading.Thread(target=evaluate_only, args=(first, "H", 0.4), daemon=True)
+    held.start()
+    serve(first)
+    driver.join(20)
+    held.join(20)
+    final = first.final_evaluation()
+    assert first.done and final is not None and final["groups"] == ["A", "H"]
+
+
+def evaluate_only(engine: RoundEngine, group: str, alignment: float) -> None:
+    """An evaluate-only node answering every EVALUATE task until SHUTDOWN."""
+    s = engine.join(group, Role.EVALUATE_ONLY, 0, ENC, "t")
+    while True:
+        t = engine.next_task(s.session_id, None, 0.5)
+        if t.kind == TaskKind.EVALUATE:
+            evaluation = GroupEvaluation(group, 5, alignment, 0.4, 0.3, 0.3)
+            engine.accept_evaluation(
+                s.session_id, None, t.task_id, t.round, evaluation, t.model_version
+            )
+        elif t.kind == TaskKind.SHUTDOWN:
+            return
+
+
+def test_evaluating_again_waits_for_every_group_of_the_last_evaluation(tmp_path: Path) -> None:
+    """Review, session 17: the evaluation opened as soon as the training quorum was back, so a
+    held-out node a moment later was left out and the held-out figures were replaced by none."""
+    settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=10)
+    _finish_with_a_held_out_group(tmp_path, settings)
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(again)
+    trainer = threading.Thread(target=serve, args=(again,), kwargs={"alignment": 0.7})
+    trainer.start()
+    time.sleep(1.5)  # the training node alone: the quorum, but not every group
+    assert again.state.evaluations[-1]["groups"] == ["A", "H"] and not again.evaluated_again
+    evaluate_only(again, "H", 0.45)
+    driver.join(20)
+    trainer.join(20)
+    final = again.final_evaluation()
+    assert again.evaluated_again and final is not None and final["groups"] == ["A", "H"]
+    assert final["per_group"]["H"]["model"] == 0.45 and "held-out groups" in final["reports"]
+
+
+def test_a_partial_evaluation_again_leaves_the_earlier_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the training node comes back: after eval_timeout_s it evaluates with it, and the
+    earlier evaluation, which had the held-out group too, stays."""
+    settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=1)
+    _finish_with_a_held_out_group(tmp_path, settings)
+    before = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {}).final_evaluation()
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(again)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+        serve(again, alignment=0.9)
+        driver.join(20)
+    assert again.done and not again.evaluated_again
+    assert again.final_evaluation() == before
+    assert any("without ['H']" in r.getMessage() for r in caplog.records)
+
+
+def test_a_finished_run_nobody_comes_back_to_ends_after_eval_timeout(tmp_path: Path) -> None:
+    settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=1)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first)
+    driver.join(20)
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(again)
+    driver.join(10)
+    assert not driver.is_alive() and again.done and not again.evaluated_again
+    assert again.final_evaluation() == first.final_evaluation()
 
 
 def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path) -> None:
