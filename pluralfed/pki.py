@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -53,6 +54,7 @@ from pluralfed.tls import (
     check_is_ca,
     check_key_matches,
     format_time,
+    load_revocation_list,
     node_uri,
     parse_certs,
     parse_crl,
@@ -529,10 +531,41 @@ def _san_strings(cert: x509.Certificate) -> list[str]:
     return out
 
 
-def describe_certificate(path: PathLike, revocations: RevocationList | None = None) -> str:
+@dataclass(frozen=True)
+class CaView:
+    """A CA folder as `certs show --ca` reads it: the CA certificate and its revocation list
+    (empty if the CA has revoked nothing yet, i.e. has no crl.pem)."""
+
+    cert: x509.Certificate
+    revocations: RevocationList
+
+    @classmethod
+    def open(cls, directory: PathLike) -> CaView:
+        d = Path(directory)
+        ca_path = d / CA_CERT_FILE
+        if not ca_path.is_file():
+            raise InputError(f"{d}: not a CA folder (no {CA_CERT_FILE})")
+        cert = parse_certs(read_file(ca_path, "CA certificate"), ca_path, "CA certificate")[0]
+        crl = d / CRL_FILE
+        if crl.exists():
+            revocations = load_revocation_list(crl, ca_path)
+        else:
+            revocations = RevocationList(crl, frozenset(), utc_now(), None)
+        return cls(cert, revocations)
+
+    def issued(self, cert: x509.Certificate) -> bool:
+        """Whether this CA signed `cert` (a serial means nothing under another CA)."""
+        try:
+            cert.verify_directly_issued_by(self.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+
+def describe_certificate(path: PathLike, ca: CaView | None = None) -> str:
     """Human-readable summary of every certificate in a PEM file (for `pluralfed certs show`),
-    or of a revocation list (`crl.pem`). With `revocations` (the CA's list), a revoked
-    certificate says so; without, its status speaks of its dates only."""
+    or of a revocation list (`crl.pem`). With `ca` (the CA folder), the status says whether
+    that CA issued the certificate and revoked it; without, it speaks of the dates only."""
     p = Path(path)
     data = read_file(p, "certificate")
     if b"-----BEGIN X509 CRL-----" in data:
@@ -543,12 +576,14 @@ def describe_certificate(path: PathLike, revocations: RevocationList | None = No
     for cert in certs:
         start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
         status = "valid" if start <= now <= end else ("NOT YET VALID" if now < start else "EXPIRED")
-        if revocations is None:
+        if ca is None:
             status += " (dates only: revocation not checked, see --ca)"
-        elif revocations.is_revoked(cert.serial_number):
-            status = f"REVOKED (in {revocations.path})"
+        elif not ca.issued(cert):
+            status = f"NOT ISSUED by the CA of {ca.revocations.path.parent}"
+        elif ca.revocations.is_revoked(cert.serial_number):
+            status = f"REVOKED (in {ca.revocations.path})"
         else:
-            status += f" (not revoked in {revocations.path})"
+            status += f" (not revoked in {ca.revocations.path.parent})"
         try:
             ekus = [
                 getattr(oid, "_name", oid.dotted_string)

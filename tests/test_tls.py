@@ -478,6 +478,13 @@ def test_cli_init_server_node_show(tmp_path: Path, capsys: pytest.CaptureFixture
     assert run("revoke", "--ca", str(tmp_path / "ca"), "--cert", n3) == 0
     assert run("show", n3, "--ca", str(tmp_path / "ca")) == 0
     assert f"status:      REVOKED (in {tmp_path / 'ca' / 'crl.pem'})" in capsys.readouterr().out
+    # a mistyped folder, or another CA, is no all-clear (diff review, session 17)
+    with pytest.raises(InputError, match="not a CA folder"):
+        run("show", n3, "--ca", str(tmp_path / "typo"))
+    run("init", "--out", str(tmp_path / "other-ca"))
+    capsys.readouterr()
+    assert run("show", n3, "--ca", str(tmp_path / "other-ca")) == 0
+    assert "status:      NOT ISSUED by the CA of" in capsys.readouterr().out
 
 
 def test_cli_node_all_or_nothing(tmp_path: Path) -> None:

@@ -99,15 +99,14 @@ def run_node(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    revocations = None
+    ca = None
     if args.ca is not None:
-        crl = Path(args.ca) / tls.CRL_FILE
-        if crl.exists():
-            revocations = tls.load_revocation_list(crl, Path(args.ca) / tls.CA_CERT_FILE)
-        else:  # the CA has revoked nothing yet: an empty list, as `revoke` would start it
-            print(f"(no {crl}: the CA has revoked no certificate)")
-            revocations = tls.RevocationList(crl, frozenset(), tls.utc_now(), None)
-    print("\n\n".join(pki.describe_certificate(path, revocations) for path in args.files))
+        ca = pki.CaView.open(args.ca)  # refuses a folder that is not a CA's
+        if ca.revocations.serials or ca.revocations.path.exists():
+            print(f"(revocation list: {ca.revocations.path})")
+        else:
+            print(f"(no {ca.revocations.path}: this CA has revoked no certificate)")
+    print("\n\n".join(pki.describe_certificate(path, ca) for path in args.files))
     return 0
 
 
@@ -269,8 +268,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--ca",
         type=Path,
-        help="the CA folder: also say whether its revocation list (crl.pem) revokes each "
-        "certificate (without it the status speaks of the dates only)",
+        help="the CA folder (ca.pem, crl.pem): also say whether this CA issued each "
+        "certificate and whether its revocation list revokes it (without it the status speaks "
+        "of the dates only)",
     )
     p.set_defaults(func=run_show)
 
