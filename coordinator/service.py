@@ -3,15 +3,17 @@ and the final checkpoint and results."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import resource
 import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 
@@ -240,6 +242,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     are done, 1 when stopped before (a resume goes on from the last checkpoint)."""
     settings = cfg.round_settings()
     check_roles(cfg, allow_list)
+    state_lock = lock_state_dir(cfg.state_dir)  # held until this process ends
     tls = cfg.tls_files()
     if tls is not None:  # checked before the run's state is made: a bad file starts no run
         tls.server_credentials()
@@ -295,7 +298,31 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
             )
         _linger(engine, cfg.linger_s, stopping)
     server.stop(grace=2.0).wait()
+    state_lock.close()
     return 0 if engine.done else 1
+
+
+def lock_state_dir(state_dir: Path) -> TextIO:
+    """Take the state folder for this process (an exclusive lock on its `coordinator.lock`,
+    released when the process ends). A second coordinator on the same folder would resume the
+    same run and delete the first one's upload spools before anything else failed."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = (state_dir / "coordinator.lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise InputError(
+            f"{state_dir} is in use by another coordinator (pid {holder}); stop it first, or "
+            "give this one another state folder"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def _rpc_threads(cfg: CoordinatorConfig, allow_list: AllowList) -> int:

@@ -169,16 +169,23 @@ class CostModel:
     max_step: float = 4.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __post_init__(self) -> None:
+        # the bound is taken from the larger of the estimate and these starting figures, so
+        # calls that cost nothing (texts another call just embedded) cannot drive the estimate
+        # down to where real costs take many calls to be learnt again
+        self._floor_text, self._floor_token = self.per_text, self.per_token
+
     def estimate(self, texts: int, tokens: int) -> float:
         return self.overhead + texts * self.per_text + tokens * self.per_token
 
     def observe(self, texts: int, embed_s: float, tokens: int, model_s: float) -> None:
         with self.lock:
             if texts:
-                sample = min(embed_s / texts, self.per_text * self.max_step)
-                self.per_text += self.alpha * (sample - self.per_text)
+                cap = max(self.per_text, self._floor_text) * self.max_step
+                self.per_text += self.alpha * (min(embed_s / texts, cap) - self.per_text)
             if tokens:
-                sample = min(model_s / tokens, self.per_token * self.max_step)
+                cap = max(self.per_token, self._floor_token) * self.max_step
+                sample = min(model_s / tokens, cap)
                 self.per_token += self.alpha * (sample - self.per_token)
 
 
@@ -385,16 +392,16 @@ def start_reward_server(
         options=[*grpc_options(limits.max_message_bytes), EXCLUSIVE_PORT],
         maximum_concurrent_rpcs=max_workers * 4,
     )
-    # the encoder loads on first use: load it now, so no client's call waits for it (or is
-    # refused because the wait looked like the cost of its texts)
-    model.warm_up()
     servicer = RewardServicer(model, limits, max_call_s)
     pb_grpc.add_RewardServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = bind_port(server, address, tls.server_credentials())
+    port = bind_port(server, address, tls.server_credentials())  # a busy port: said at once
+    # the encoder loads on first use: load it now, so no client's call waits for it (or is
+    # refused because the wait looked like the cost of its texts)
+    model.warm_up()
     server.start()
     log.info(
         "reward service on %s (port %d, mutual TLS, %d groups, max message %d bytes, "

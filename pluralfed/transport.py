@@ -139,7 +139,9 @@ EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
 
 def bind_port(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     """Listen on `address` (host:port; port 0 picks one), with TLS unless `credentials` is None.
-    Returns the port; a busy or unusable address is an InputError that says so."""
+    Returns the port; a busy or unusable address is an InputError that says so. (A host name
+    that resolves to several addresses counts as bound when one of them binds, as in gRPC:
+    listen on an IP address to be sure no other server shares the port.)"""
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -150,7 +152,8 @@ def bind_port(server: grpc.Server, address: str, credentials: grpc.ServerCredent
     if port == 0:
         raise InputError(
             f"cannot listen on {address}: the port is in use (another coordinator or service "
-            "still running?) or the address is not one of this machine's"
+            "still running?), the address is not one of this machine's, or the port is not "
+            "permitted (gRPC's log line above says which)"
         )
     return port
 

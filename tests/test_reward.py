@@ -707,6 +707,16 @@ def test_one_slow_call_does_not_teach_the_cost_model_that_every_call_is_slow() -
     for _ in range(40):  # a server that really is that slow gets there
         cost.observe(texts=2, embed_s=5.0, tokens=0, model_s=0.0)
     assert cost.per_text == pytest.approx(2.5, rel=0.01)
+    # calls that cost nothing (texts a concurrent call just embedded) cannot push the estimate
+    # so low that real costs take many calls to come back (diff review, session 17)
+    cost = CostModel()
+    for _ in range(60):
+        cost.observe(texts=10, embed_s=0.0, tokens=0, model_s=0.0)
+    calls = 0
+    while cost.per_text < 0.025:  # half of a real 50 ms a text
+        cost.observe(texts=10, embed_s=0.5, tokens=0, model_s=0.0)
+        calls += 1
+    assert calls <= 5, calls
 
 
 def test_the_service_loads_its_encoder_before_the_first_call(

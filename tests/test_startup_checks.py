@@ -5,12 +5,14 @@ read is an error naming it, not a traceback (review, session 15)."""
 
 from __future__ import annotations
 
+import os
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
 
+from coordinator.service import lock_state_dir
 from pluralfed import pki, tls
 from pluralfed.cli import main
 from pluralfed.errors import InputError
@@ -137,3 +139,36 @@ def test_node_check_needs_no_data_but_node_run_does(
     assert "FAILED: UNAVAILABLE" in err and "data" not in err
     assert main(["node", "run", *common]) == 2
     assert "node config: data is required to run" in capsys.readouterr().err
+
+
+def test_a_second_coordinator_on_the_same_state_folder_is_refused_before_touching_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It would resume the same run and delete the first one's upload spools before failing on
+    the busy port (diff review, session 17)."""
+    state = tmp_path / "state"
+    first = lock_state_dir(state)
+    try:
+        spool = state / "spool"
+        spool.mkdir()
+        (spool / "node-a.spool").write_bytes(b"an upload in flight")
+        with pytest.raises(
+            InputError, match=rf"in use by another coordinator \(pid {os.getpid()}\)"
+        ):
+            lock_state_dir(state)
+        code = main(
+            ["coordinator", "--allow-list-file", str(_allow(tmp_path)), "--insecure",
+             "--state-dir", str(state), "--listen", "127.0.0.1:0"]
+        )  # fmt: skip
+        assert code == 2 and "in use by another coordinator" in capsys.readouterr().err
+        assert (spool / "node-a.spool").read_bytes() == b"an upload in flight"
+        assert not (state / "state.json").exists()
+    finally:
+        first.close()
+    lock_state_dir(state).close()  # free again once the first is gone
+
+
+def _allow(tmp_path: Path) -> Path:
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-a" = "A"\n')
+    return allow
