@@ -47,7 +47,11 @@ def main() -> int:
         )
         if resolved.returncode != 0:
             print(resolved.stderr, file=sys.stderr)
-            print(f"torch_cpu_source: pip cannot resolve torch=={version}", file=sys.stderr)
+            print(
+                f"torch_cpu_source: pip could not say which torch=={version} it would install "
+                "(its error is above; `pip install --dry-run --report` needs pip 22.2 or newer)",
+                file=sys.stderr,
+            )
             return 1
         cuda = cuda_packages(json.loads(report_path.read_text()))
     if cuda:

@@ -5,9 +5,13 @@ walkthrough review, session 17)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "torch_cpu_source.py"
 
@@ -40,3 +44,30 @@ def test_the_script_answers_with_pip_options_or_nothing() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout in ("", f"--extra-index-url\n{_module().CPU_INDEX}\n"), done.stdout
+
+
+def test_the_cpu_index_is_added_exactly_when_pip_would_take_the_cuda_build(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = _module()
+
+    def resolving_to(*names: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+        def run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+            report = Path(cmd[cmd.index("--report") + 1])
+            report.write_text(json.dumps(_report(*names)))
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+
+        return run
+
+    monkeypatch.setattr(sys, "argv", ["torch_cpu_source.py", "2.13.0"])
+    monkeypatch.setattr(module.subprocess, "run", resolving_to("torch", "nvidia-cudnn-cu13"))
+    assert module.main() == 0
+    assert capsys.readouterr().out == f"--extra-index-url\n{module.CPU_INDEX}\n"
+    monkeypatch.setattr(module.subprocess, "run", resolving_to("torch", "sympy"))
+    assert module.main() == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(
+        module.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2, "", "no")
+    )
+    assert module.main() == 1
+    assert "pip could not say which torch==2.13.0" in capsys.readouterr().err
