@@ -49,11 +49,10 @@ from coordinator.validation import (
     checked_text,
     checked_update_metrics,
     clipped,
-    quoted,
 )
 from pluralfed import protocol
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
-from pluralfed.errors import InputError
+from pluralfed.errors import InputError, quoted
 from pluralfed.fsutil import atomic_write_bytes
 from pluralfed.metrics import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.protocol import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE

@@ -8,9 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from pluralfed.errors import MAX_QUOTED, quoted
-
-__all__ = ["MAX_QUOTED", "Rejection", "quoted"]  # quoted: what node text looks like in a refusal
+from pluralfed.errors import quoted
 
 
 class Rejection(Exception):

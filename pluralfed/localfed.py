@@ -281,7 +281,7 @@ class Progress:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "metrics.jsonl"
         self._stamp: int | None = None
-        self._seen: set[tuple[str, int]] = set()
+        self._seen: set[tuple[str, int, str]] = set()
         self.poll(quiet=True)
 
     def poll(self, *, quiet: bool = False) -> None:
@@ -296,7 +296,8 @@ class Progress:
         for row in rows:
             if not isinstance(row, dict) or not isinstance(row.get("round"), int):
                 continue
-            key = (str(row.get("kind")), row["round"])
+            # an evaluation of a finished run made again replaces the old row of its round
+            key = (str(row.get("kind")), row["round"], str(row.get("seconds")))
             if key in self._seen:
                 continue
             self._seen.add(key)

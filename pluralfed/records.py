@@ -7,6 +7,7 @@ Torch-free and grpc-free: the round engine writes these records, launchers read 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
@@ -32,12 +33,6 @@ class RoundRecord(TypedDict):
     finished_at: float  # Unix time
 
 
-class GroupResult(TypedDict, total=False):
-    role: str  # "train" or "evaluate-only"
-    num_questions: int
-    # and the group's metrics (alignment, context_gain, ...)
-
-
 class EvaluationRecord(TypedDict):
     """One evaluation of the global model (state.json "evaluations"; metrics.jsonl kind
     "evaluation")."""
@@ -48,7 +43,8 @@ class EvaluationRecord(TypedDict):
     missing: list[str]  # groups asked that did not
     seconds: float
     reports: dict[str, ReportDict]  # set name (training groups, held-out groups) -> report
-    per_group: dict[str, dict[str, Any]]  # group -> role, num_questions and its metrics
+    # group -> {"role": "train" or "evaluate-only", "num_questions": ..., and its metrics}
+    per_group: dict[str, dict[str, Any]]
 
 
 def short_set_name(name: str) -> str:
@@ -59,7 +55,7 @@ def short_set_name(name: str) -> str:
 def _figure(value: object, digits: int) -> str:
     """A number as the summary shows it, or "?" for anything else (a launcher reads records
     from a file another process writes, and must not fail on one)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return f"{value:.{digits}f}"
     return "?"
 
@@ -68,7 +64,8 @@ def describe_record(record: Mapping[str, Any], rounds: int | None = None) -> str
     """One line for a round or evaluation record; `rounds`, the run's, adds "n/rounds"."""
     if record.get("kind") == "evaluation":
         figures = []
-        for name, rep in (record.get("reports") or {}).items():
+        reports = record.get("reports")
+        for name, rep in (reports if isinstance(reports, Mapping) else {}).items():
             model = rep.get("model") if isinstance(rep, Mapping) else None
             if isinstance(model, Mapping):
                 text = f"{short_set_name(str(name))} {_figure(model.get('alignment'), 4)} (worst "
@@ -83,6 +80,6 @@ def describe_record(record: Mapping[str, Any], rounds: int | None = None) -> str
     asked = len(selected) if isinstance(selected, list) else "?"
     line = f"round {record.get('round')}{of} done: {done}/{asked} updates in "
     line += f"{_figure(record.get('seconds'), 1)} s"
-    if isinstance(record.get("bytes_in"), (int, float)):
+    if isinstance(record.get("bytes_in"), int | float) and math.isfinite(record["bytes_in"]):
         line += f", {record['bytes_in'] / 1e6:.1f} MB in"
     return line

@@ -384,6 +384,12 @@ def start_reward_server(
     )
     if per_client < 1:
         raise InputError(f"max_calls_per_client must be at least 1, got {max_calls_per_client}")
+    if per_client >= max_workers:
+        log.warning(
+            "max_calls_per_client %d >= max_workers %d: one client can take every worker",
+            per_client,
+            max_workers,
+        )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward"),
         interceptors=[

@@ -55,3 +55,9 @@ def test_malformed_rows_are_summarised_not_fatal() -> None:
         "reports": {"held-out groups": {"model": {"alignment": "high", "fairness": None}}, "x": 1},
     }
     assert describe_record(evaluation) == "evaluation after round 4: held-out ? (worst ?, FI ?)"
+    assert describe_record({"kind": "evaluation", "round": 5, "reports": [1, 2]}) == (
+        "evaluation after round 5: "
+    )
+    assert describe_record({"round": 6, "seconds": float("nan"), "bytes_in": float("inf")}) == (
+        "round 6 done: ?/? updates in ? s"
+    )
