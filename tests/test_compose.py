@@ -216,8 +216,10 @@ def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
     project = f"pftest{uuid.uuid4().hex[:8]}"
     compose = ["docker", "compose", "-p", project]
     env = {**os.environ, "ROUNDS": "3", "EVAL_EVERY": "3"}
-    try:
-        up = subprocess.run(
+
+    def up() -> str:
+        """`docker compose up` to its end; its output, once it succeeded."""
+        done = subprocess.run(
             [*compose, "up", "--no-build", "--no-color"],
             cwd=tmp_path,
             env=env,
@@ -225,8 +227,11 @@ def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
             text=True,
             timeout=1200,
         )
-        log = up.stdout + up.stderr
-        assert up.returncode == 0, log[-4000:]
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return done.stdout + done.stderr
+
+    try:
+        log = up()
         state = tmp_path / "runs" / "compose" / "coordinator"
         rows = [json.loads(line) for line in (state / "metrics.jsonl").open()]
         rounds = [r["round"] for r in rows if r["kind"] == "round"]
@@ -246,16 +251,7 @@ def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
         # a second `up` on the finished run evaluates it again and ends (before: the
         # coordinator left at once, compose failed on its health check and the nodes it had
         # started retried for ever)
-        again = subprocess.run(
-            [*compose, "up", "--no-build", "--no-color"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        log = again.stdout + again.stderr
-        assert again.returncode == 0, log[-4000:]
+        log = up()
         assert "evaluation after round 3 replaces the earlier one" in log, log[-4000:]
         rows = [json.loads(line) for line in (state / "metrics.jsonl").open()]
         assert [r["round"] for r in rows if r["kind"] == "evaluation"] == [3]
