@@ -153,3 +153,14 @@ def test_write_json_follows_a_symlink_and_writes_through_a_device(tmp_path: Path
     assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
     write_json(Path("/dev/null"), {"b": 2})  # a character device: written through, not replaced
     assert Path("/dev/null").is_char_device()
+
+
+def test_train_takes_the_coordinators_names_for_layers_and_heads() -> None:
+    """`train --layers` and the coordinator's `--n-layers` named one setting two ways
+    (walkthrough review, session 17): train takes both."""
+    from pluralfed.cli import build_parser
+
+    args = build_parser("train").parse_args(
+        ["train", "--data", "x.csv", "--out", "o", "--n-layers", "3", "--n-heads", "2"]
+    )
+    assert (args.layers, args.heads) == (3, 2)

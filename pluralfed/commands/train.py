@@ -48,8 +48,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (defaults: the paper's reference settings, but --members)")
     g.add_argument("--d-model", type=int, default=d.d_model, help="width (default: %(default)s)")
     g.add_argument("--mlp-layers", type=int, default=d.mlp_layers, help="input MLP layers")
-    g.add_argument("--layers", type=int, default=d.n_layers, help="encoder layers")
-    g.add_argument("--heads", type=int, default=d.n_heads, help="attention heads")
+    # --n-layers / --n-heads: the coordinator's names for the same settings (n_layers, n_heads)
+    g.add_argument("--layers", "--n-layers", type=int, default=d.n_layers, help="encoder layers")
+    g.add_argument("--heads", "--n-heads", type=int, default=d.n_heads, help="attention heads")
     g.add_argument("--d-ff", type=int, default=d.d_ff, help="feed-forward width")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout")
     g.add_argument(
