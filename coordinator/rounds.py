@@ -317,7 +317,8 @@ class RoundEngine:
         self.optimizer: ServerOptimizer = make_server_optimizer(
             settings.server_optimizer, **optimizer_args
         )
-        self.finished_at_start = False  # a finished run, started again
+        # a run finished (final evaluation included) before this process started it again
+        self.finished_at_start = False
         self.evaluated_again = False  # ... whose final evaluation this process replaced
         resumed = load_state(self.state_dir)
         if resumed is not None:
@@ -342,7 +343,7 @@ class RoundEngine:
                 # a finished run started again evaluates its final model again once its nodes
                 # are back, so nodes started with it hear the run's end (a coordinator that left
                 # at once left them retrying for ever)
-                self.finished_at_start = True
+                self.finished_at_start = self._has_eval(resumed.completed_rounds)
                 log.warning(
                     "%s holds run %s, which has done %d rounds (rounds = %d here): nothing is "
                     "left to train; the final evaluation runs %sonce the nodes are back (for a "
@@ -351,7 +352,7 @@ class RoundEngine:
                     resumed.run_id,
                     resumed.completed_rounds,
                     settings.rounds,
-                    "again " if self._has_eval(resumed.completed_rounds) else "",
+                    "again " if self.finished_at_start else "",
                 )
         else:
             self.state = RunState(
@@ -917,7 +918,7 @@ class RoundEngine:
     def run(self) -> None:
         """Drive rounds until the configured number completed (or stop())."""
         st = self.settings
-        if self.finished_at_start and self._has_eval(self.state.completed_rounds):
+        if self.finished_at_start:
             self._evaluate_again()
             with self._changed:
                 self._done = True  # finished before; whatever happened to the evaluation

@@ -262,6 +262,9 @@ def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path
     # before: done (results written, "federation finished", exit 0) without a final evaluation
     assert engine.completed_rounds() == 1 and not engine.done
     resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    # not a finished run evaluated again: its final evaluation is new, so the coordinator
+    # writes final/ and results.json for it
+    assert not resumed.finished_at_start
     driver = start(resumed)
     serve(resumed)
     driver.join(20)
