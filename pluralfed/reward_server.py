@@ -2,7 +2,8 @@
 
 Security is the federation's: mutual TLS (`pluralfed.tls.TlsFiles`), and `pluralfed.auth`'s
 `AuthInterceptor` maps each client certificate's identity to a name through an `AllowList`
-(unknown identities: PERMISSION_DENIED; the health service is exempt).
+(unknown identities: PERMISSION_DENIED; the health Check is exempt), and each client has at
+most `max_calls_per_client` calls in flight.
 
 Every field is validated before any work, and the first bad one is named in an INVALID_ARGUMENT
 message. Calls are deadline-aware: the servicer estimates the work (texts to embed, tokens for the
@@ -162,7 +163,8 @@ class CostModel:
     per_token: float = 5e-5
     overhead: float = 1e-3
     alpha: float = 0.2
-    # one call's figure counts as at most this many times the current estimate: a call that
+    # one call's figure counts as at most this many times the current estimate (or the starting
+    # figure, if larger; see __post_init__): a call that
     # paid a one-off cost (loading the encoder, a page-in) must not make the server refuse
     # ordinary calls as too slow for the next many calls (walkthrough review, session 17); a
     # server that really became slower still gets there, by up to 1 + alpha x (this - 1) a call
