@@ -32,7 +32,10 @@ from coordinator.server import (  # noqa: E402
 )
 from pluralfed.auth import AllowList  # noqa: E402
 from pluralfed.tls import TlsFiles  # noqa: E402
-from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES  # noqa: E402
+from pluralfed.transport import (  # noqa: E402
+    DEFAULT_UPLOAD_CHUNK_BYTES,
+    SERVER_STREAM_WINDOW_BYTES,
+)
 from pluralfed.wire import DEFAULT_CHUNK_BYTES  # noqa: E402
 
 
@@ -72,6 +75,12 @@ def main() -> int:
         default=DEFAULT_CHUNK_BYTES,
         help="largest tensor part per download message",
     )
+    ap.add_argument(
+        "--upload-window-bytes",
+        type=int,
+        default=SERVER_STREAM_WINDOW_BYTES,
+        help="gRPC receive window per upload stream",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     after_imports = usage()
@@ -104,6 +113,7 @@ def main() -> int:
         upload_chunk_bytes=args.upload_chunk_bytes,
         download_slots=args.max_concurrent_downloads,
         download_chunk_bytes=args.download_chunk_bytes,
+        upload_window_bytes=args.upload_window_bytes,
     )
     (args.state_dir / "coordinator.port").write_text(f"{port}\n")
     ready = usage()
@@ -132,6 +142,7 @@ def main() -> int:
             "max_concurrent_uploads": args.max_concurrent_uploads,
             "upload_chunk_bytes": args.upload_chunk_bytes,
             "download_chunk_bytes": args.download_chunk_bytes,
+            "upload_window_bytes": args.upload_window_bytes,
             "max_concurrent_downloads": args.max_concurrent_downloads,
             "model_bytes": sum(s.nbytes for s in engine.specs),
             "tensors": len(engine.specs),

@@ -157,7 +157,10 @@ def run_scenario(
     pkidir: Path,
     timeout: float,
     coord_args: list[str] | None = None,
+    rtt_ms: float = 0.0,
 ) -> dict[str, Any]:
+    """Run one scenario: bench_coordinator.py and no-op node processes. With rtt_ms > 0 the
+    nodes reach the coordinator through bench/delay_proxy.py (half the round trip each way)."""
     wd = work / name
     shutil.rmtree(wd, ignore_errors=True)
     wd.mkdir(parents=True)
@@ -188,6 +191,21 @@ def run_scenario(
             wd / "coordinator.log",
         )
         port = wait_file(state / "coordinator.port", 120, [coord])
+        if rtt_ms > 0:
+            proxy = procs.start(
+                [
+                    PY,
+                    str(HERE / "delay_proxy.py"),
+                    "--target-port",
+                    port,
+                    "--one-way-ms",
+                    str(rtt_ms / 2),
+                    "--port-file",
+                    str(wd / "proxy.port"),
+                ],
+                wd / "proxy.log",
+            )
+            port = wait_file(wd / "proxy.port", 60, [coord, proxy])
         node_procs = []
         per = cfg["per_proc"]
         for k in range(0, len(ids), per):
@@ -302,6 +320,7 @@ def summarize(
         "max_concurrent_uploads": c.get("max_concurrent_uploads", "n/a"),
         "upload_chunk_bytes": c.get("upload_chunk_bytes", 1 << 20),
         "download_chunk_bytes": c.get("download_chunk_bytes", 1 << 20),
+        "upload_window_bytes": c.get("upload_window_bytes", 64 << 10),
         "max_concurrent_downloads": c.get("max_concurrent_downloads", "none"),
         "coord_cpu_rounds_s": cpu(cu["rounds_done"]) - cpu(cu["ready"]),
         "coord_cpu_total_s": cpu(cu["end"]),
@@ -533,6 +552,7 @@ def report(results: dict[str, Any]) -> str:
             f"{s['max_workers']}, max_concurrent_uploads {s.get('max_concurrent_uploads', 'n/a')}, "
             f"upload chunks {s.get('upload_chunk_bytes', 1 << 20) // 1024} KiB, "
             f"download chunks {s.get('download_chunk_bytes', 1 << 20) // 1024} KiB, "
+            f"upload window {s.get('upload_window_bytes', 64 << 10) // 1024} KiB, "
             f"max_concurrent_downloads {s.get('max_concurrent_downloads', 'none')}, "
             f"coordinator RSS after imports {s['coord_rss_after_imports_mib']:.0f}"
             f" MiB, node CPU per "
@@ -586,6 +606,12 @@ def main() -> int:
         type=int,
         default=None,
         help="the coordinator's largest tensor part per download message (default: its own)",
+    )
+    ap.add_argument(
+        "--upload-window-bytes",
+        type=int,
+        default=None,
+        help="the coordinator's receive window per upload stream (default: its own)",
     )
     ap.add_argument(
         "--max-workers",
@@ -652,6 +678,11 @@ def main() -> int:
                         []
                         if args.download_chunk_bytes is None
                         else ["--download-chunk-bytes", str(args.download_chunk_bytes)]
+                    ),
+                    *(
+                        []
+                        if args.upload_window_bytes is None
+                        else ["--upload-window-bytes", str(args.upload_window_bytes)]
                     ),
                     *([] if args.max_workers is None else ["--max-workers", str(args.max_workers)]),
                 ]

@@ -61,10 +61,12 @@ from pluralfed.transport import (
     DOWNLOAD_METHOD,
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    SERVER_STREAM_WINDOW_BYTES,
     UPLOAD_METHOD,
     StreamDeadlines,
     bind_port,
     check_chunk_bytes,
+    check_window_bytes,
     chunk_from_proto,
     decode_update_chunk,
     dtype_to_proto,
@@ -748,6 +750,7 @@ def start_server(
     revocations: RevocationWatch | None = None,
     transfer_grace_s: float = TRANSFER_GRACE_S,
     max_calls_per_node: int = MAX_CALLS_PER_NODE,
+    upload_window_bytes: int = SERVER_STREAM_WINDOW_BYTES,
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
@@ -761,7 +764,11 @@ def start_server(
     revocations: node certificates the CA revoked are refused, even if allow-listed.
     transfer_grace_s: how long past its round's deadline an upload or download may still run.
     max_calls_per_node: a node's calls in flight beyond this are refused RESOURCE_EXHAUSTED.
+    upload_window_bytes: gRPC's receive window per stream (ValueError if out of range): what
+    an upload may have in flight, so about its speed per round trip over a link with latency,
+    and about what each connected node may have the coordinator buffer.
     """
+    check_window_bytes(upload_window_bytes)
     if isinstance(upload_slots, int):
         upload_slots = StreamSlots(upload_slots)
     if isinstance(download_slots, int):
@@ -783,7 +790,7 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=[interceptor, BulkStreamCodecs()],
-        options=server_grpc_options(),
+        options=server_grpc_options(upload_window_bytes),
         maximum_concurrent_rpcs=max_workers * 4,
     )
     pb_grpc.add_FederationServicer_to_server(servicer, server)

@@ -42,7 +42,12 @@ from pluralfed.report import print_reports
 from pluralfed.tensorfiles import numpy_to_state_dict, state_dict_to_numpy
 from pluralfed.tls import TlsFiles, resolve_tls_files
 from pluralfed.training import build_model
-from pluralfed.transport import DEFAULT_UPLOAD_CHUNK_BYTES, check_chunk_bytes
+from pluralfed.transport import (
+    DEFAULT_UPLOAD_CHUNK_BYTES,
+    SERVER_STREAM_WINDOW_BYTES,
+    check_chunk_bytes,
+    check_window_bytes,
+)
 from pluralfed.wire import DEFAULT_CHUNK_BYTES
 
 log = logging.getLogger("pluralfed.coordinator")
@@ -132,6 +137,7 @@ class CoordinatorConfig:
     upload_chunk_bytes: int = DEFAULT_UPLOAD_CHUNK_BYTES  # memory: O(this x nodes)
     max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # memory: O(this)
     download_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory: O(this x concurrent downloads)
+    upload_window_bytes: int = SERVER_STREAM_WINDOW_BYTES  # memory: O(this x nodes); speed far off
     linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
 
     def __post_init__(self) -> None:
@@ -145,6 +151,10 @@ class CoordinatorConfig:
                 check_chunk_bytes(getattr(self, key), key)
             except ValueError as err:
                 raise _refuse(key, str(err)) from None
+        try:
+            check_window_bytes(self.upload_window_bytes)
+        except ValueError as err:
+            raise _refuse("upload_window_bytes", str(err)) from None
         _check_listen(self.listen)
         if not isinstance(self.encoder, str) or not self.encoder.strip():
             raise _refuse("encoder", f"encoder must name a text encoder, got {self.encoder!r}")
@@ -275,6 +285,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         download_slots=cfg.max_concurrent_downloads,
         download_chunk_bytes=cfg.download_chunk_bytes,
         revocations=revocations,
+        upload_window_bytes=cfg.upload_window_bytes,
     )
     # where local launchers (and operators using port 0) find the bound port
     atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())

@@ -74,8 +74,10 @@ UPLOAD_METHOD = "/pluralfed.v1.Federation/UploadUpdate"
 # Chunking moves models of any size; one message is a chunk plus a little framing. The limit is
 # set explicitly (on both sides) so that a peer cannot make the other buffer huge messages.
 MAX_MESSAGE_BYTES = DEFAULT_CHUNK_BYTES + 64 * 1024
-# the coordinator's receive window per stream (`server_grpc_options`)
+# The coordinator's receive window per upload stream (`server_grpc_options`), and the range a
+# coordinator config may set (`upload_window_bytes`). Memory: at most about this per node.
 SERVER_STREAM_WINDOW_BYTES = 64 * 1024
+MAX_STREAM_WINDOW_BYTES = 16 << 20
 # Upload chunk sizes a coordinator may ask for (JoinReply.max_chunk_bytes). gRPC keeps a read
 # buffer of about one message on every connection after it has received one, so the upload
 # chunk size times the number of nodes is part of the coordinator's memory (systems bench C).
@@ -158,8 +160,22 @@ def bind_port(server: grpc.Server, address: str, credentials: grpc.ServerCredent
     return port
 
 
-def server_grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """`grpc_options` plus a small fixed receive window per stream (no BDP probing).
+def check_window_bytes(value: int, what: str = "upload_window_bytes") -> int:
+    """`value` if it is a receive window the coordinator may use, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be a whole number of bytes, got {value!r}")
+    if not SERVER_STREAM_WINDOW_BYTES <= value <= MAX_STREAM_WINDOW_BYTES:
+        raise ValueError(
+            f"{what} must be {SERVER_STREAM_WINDOW_BYTES}..{MAX_STREAM_WINDOW_BYTES} bytes, "
+            f"got {value}"
+        )
+    return value
+
+
+def server_grpc_options(
+    window_bytes: int = SERVER_STREAM_WINDOW_BYTES, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> list[tuple[str, int]]:
+    """`grpc_options` plus a fixed receive window per stream (no BDP probing).
 
     With BDP probing, gRPC grows every stream's window to several MB, so a coordinator busy
     with many uploads buffered megabytes per node: memory grew with the number of nodes. The
@@ -167,12 +183,16 @@ def server_grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tupl
     buffer: with one message (1 MiB) of lookahead, 256 waiting uploads held ~256 MiB. gRPC still
     lets a stream being read receive the whole message it is reading, so 64 KiB keeps loopback
     uploads as fast (systems bench C and D round times unchanged) while bounding waiting ones.
+
+    Over a link with latency an upload moves about max(window, one chunk) per round trip, so a
+    coordinator whose nodes are far away trades memory for speed with `window_bytes`
+    (`bench/wan.py` measures it).
     """
     return [
         *grpc_options(max_message_bytes),
         EXCLUSIVE_PORT,
         ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", SERVER_STREAM_WINDOW_BYTES),
+        ("grpc.http2.lookahead_bytes", check_window_bytes(window_bytes, "window_bytes")),
     ]
 
 

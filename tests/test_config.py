@@ -102,6 +102,20 @@ def test_bad_chunk_size_is_refused(tmp_path: Path, key: str, value: str) -> None
     assert getattr(load_config(CoordinatorConfig, path, "X_", {}, environ={}), key) == 65536
 
 
+@pytest.mark.parametrize("value", ["0", "65535", "16777217", "'1M'", "true"])
+def test_bad_upload_window_is_refused(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"upload_window_bytes = {value}\n")
+    with pytest.raises(
+        InputError,
+        match=r"c\.toml: upload_window_bytes(: expected an integer| must be 65536\.\.16777216 bytes)",
+    ):
+        load_config(CoordinatorConfig, path, "X_", {}, environ={})
+    path.write_text("upload_window_bytes = 4194304\n")
+    cfg = load_config(CoordinatorConfig, path, "X_", {}, environ={})
+    assert cfg.upload_window_bytes == 4194304
+
+
 def test_bad_model_settings_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("members = 0\n")

@@ -38,6 +38,7 @@ from coordinator.server import StreamSlots, start_server
 from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.tls import TlsFiles
+from pluralfed.transport import SERVER_STREAM_WINDOW_BYTES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -159,6 +160,7 @@ def federation(
     *,
     upload_slots: StreamSlots | None = None,
     download_slots: StreamSlots | None = None,
+    upload_window_bytes: int = SERVER_STREAM_WINDOW_BYTES,
 ) -> Iterator[tuple[RoundEngine, dict[str, FakeNode]]]:
     """The real engine and gRPC server (mutual TLS on 127.0.0.1, rounds driven in a thread) for
     one round of all NODES, with the given slots (default: 4 each), and a connected FakeNode
@@ -184,6 +186,7 @@ def federation(
         max_workers=32,
         upload_slots=upload_slots or StreamSlots(4),
         download_slots=download_slots or StreamSlots(4),
+        upload_window_bytes=upload_window_bytes,
     )
     driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
     driver.start()
@@ -257,6 +260,58 @@ def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
             [updates[i] for i in NODES], [float(examples[i]) for i in NODES]
         )
         assert_weights_close(engine.state.weights, expected, "global model after the round")
+
+
+@pytest.mark.parametrize("window", [SERVER_STREAM_WINDOW_BYTES, 1 << 20])
+def test_an_upload_waiting_for_its_slot_sends_about_the_window(tmp_path: Path, window: int) -> None:
+    """`upload_window_bytes` is gRPC's receive window on the real server: an upload waiting for
+    a slot has sent its header and about one window, then waits (what it may have the
+    coordinator buffer; over a long link, about what an upload moves per round trip)."""
+    slots = StreamSlots(1)
+    chunk = 16 * 1024
+    weights = {"w": np.random.default_rng(0).normal(size=(4, 2**18)).astype(np.float32)}  # 4 MiB
+    with federation(tmp_path, weights, upload_slots=slots, upload_window_bytes=window) as (
+        engine,
+        nodes,
+    ):
+        for n in nodes.values():
+            n.join(ENCODER, 10)
+        tasks = {i: n.wait_task(pb.TASK_KIND_TRAIN, timeout=30) for i, n in nodes.items()}
+        g0 = nodes["node-0"].download(tasks["node-0"].model_version)
+        release = threading.Event()
+        holder = nodes["node-0"].stub.UploadUpdate.future(
+            held(update_messages(nodes["node-0"].session_id, tasks["node-0"], g0, 10), release),
+            timeout=60,
+        )
+        wait_until(lambda: slots.active == 1, 10, "node-0 to hold the slot", poll_s=0.02)
+        messages = update_messages(
+            nodes["node-1"].session_id, tasks["node-1"], nudged(g0, 1), 10, chunk_bytes=chunk
+        )
+        assert sum(m.ByteSize() for m in messages) > window + 8 * chunk  # it cannot all fit
+        sent = 0
+
+        def counted() -> Iterator[pb.UpdateChunk]:
+            nonlocal sent
+            for m in messages:
+                yield m
+                sent += m.ByteSize()
+
+        waiter = nodes["node-1"].stub.UploadUpdate.future(counted(), timeout=60)
+        wait_until(lambda: slots.waiting == 1, 10, "node-1 to wait for the slot", poll_s=0.02)
+        last, still = -1, 0
+        while still < 3:  # until the sender is blocked by flow control
+            still = still + 1 if sent == last else 0
+            last = sent
+            time.sleep(scaled(0.3))
+        header = messages[0].ByteSize()
+        # About the window (`sent` counts a message once gRPC asks for the next one, so one
+        # chunk late), not the whole upload. gRPC's flow control lets somewhat more in than the
+        # window it is given: 16 KB more at 64 KiB, 0.2-0.5 MB at 1 MiB (on a busy machine).
+        assert window - 2 * chunk <= sent - header <= 2 * window + 512 * 1024, (sent, window)
+        release.set()
+        assert reject_name(holder.result(timeout=60)) == "ACCEPTED"
+        assert reject_name(waiter.result(timeout=60)) == "ACCEPTED"
+        assert engine.state.completed_rounds == 0  # 4 of 6 updates still to come
 
 
 def test_downloads_beyond_the_bound_wait_and_abandoned_ones_give_back_their_slot(

@@ -79,6 +79,9 @@ HELP = {
     "about one chunk of read buffer per connected node (4096..1048576)",
     "download_chunk_bytes": "largest tensor part in one download message; smaller parts lower "
     "what gRPC holds for the downloads being sent, at some speed (4096..1048576)",
+    "upload_window_bytes": "gRPC receive window per upload stream: an upload moves about "
+    "max(this, one chunk) per network round trip, and each node may have the coordinator "
+    "buffer about this much; raise it for nodes far away (65536..16777216)",
     "linger_s": "seconds to keep serving after the last round so nodes hear the end",
 }
 
