@@ -88,15 +88,17 @@ DEFAULT_UPLOAD_CHUNK_BYTES = 512 * 1024
 MAX_MODEL_BYTES = 4 << 30
 
 
-def check_chunk_bytes(value: int, what: str = "upload_chunk_bytes") -> int:
-    """`value` if it is a chunk size both sides accept, else ValueError saying what is wrong."""
+def _check_byte_count(value: int, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{what} must be a whole number of bytes, got {value!r}")
-    if not MIN_CHUNK_BYTES <= value <= DEFAULT_CHUNK_BYTES:
-        raise ValueError(
-            f"{what} must be {MIN_CHUNK_BYTES}..{DEFAULT_CHUNK_BYTES} bytes, got {value}"
-        )
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be {low}..{high} bytes, got {value}")
     return value
+
+
+def check_chunk_bytes(value: int, what: str = "upload_chunk_bytes") -> int:
+    """`value` if it is a chunk size both sides accept, else ValueError saying what is wrong."""
+    return _check_byte_count(value, what, MIN_CHUNK_BYTES, DEFAULT_CHUNK_BYTES)
 
 
 def upload_chunk_bytes(advertised: int) -> int:
@@ -162,14 +164,7 @@ def bind_port(server: grpc.Server, address: str, credentials: grpc.ServerCredent
 
 def check_window_bytes(value: int, what: str = "upload_window_bytes") -> int:
     """`value` if it is a receive window the coordinator may use, else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} must be a whole number of bytes, got {value!r}")
-    if not SERVER_STREAM_WINDOW_BYTES <= value <= MAX_STREAM_WINDOW_BYTES:
-        raise ValueError(
-            f"{what} must be {SERVER_STREAM_WINDOW_BYTES}..{MAX_STREAM_WINDOW_BYTES} bytes, "
-            f"got {value}"
-        )
-    return value
+    return _check_byte_count(value, what, SERVER_STREAM_WINDOW_BYTES, MAX_STREAM_WINDOW_BYTES)
 
 
 def server_grpc_options(
