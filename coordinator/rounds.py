@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from coordinator.state import RunState, load_state, save_state
+from coordinator.state import CheckpointError, RunState, load_state, save_state
 from coordinator.strategy import (
     MAX_FAIRNESS_Q,
     AggregationError,
@@ -320,6 +320,8 @@ class RoundEngine:
         # a run finished (final evaluation included) before this process started it again
         self.finished_at_start = False
         self.evaluated_again = False  # ... whose final evaluation this process replaced
+        self._joined: set[str] = set()  # groups that joined this process
+        self._told_end: set[str] = set()  # groups whose node was handed SHUTDOWN
         resumed = load_state(self.state_dir)
         if resumed is not None:
             self.state = resumed
@@ -511,6 +513,7 @@ class RoundEngine:
                 elif t is not None:  # back in another role: the round stops waiting for it
                     self._give_up_on(t, old, "left")
             self._sessions[session.session_id] = session
+            self._joined.add(group)
             self._changed.notify_all()
         log.info(
             "node %s joined as %s (%d examples, version %r%s)",
@@ -605,6 +608,7 @@ class RoundEngine:
                 if self._done:
                     # the final model stays downloadable while nodes linger: nodes that
                     # personalize fetch it before they leave
+                    self._told_end.add(s.group)
                     return TaskSpec(
                         TaskKind.SHUTDOWN,
                         round=self.state.completed_rounds,
@@ -703,6 +707,17 @@ class RoundEngine:
             if self._task is not None:
                 return self._task.deadline
         return time.monotonic() + max(self.settings.round_timeout_s, self.settings.eval_timeout_s)
+
+    def open_task_id(self, session_id: str) -> str | None:
+        """The open task's id ("" when none is open) while `session_id` is live; None once it
+        left, was replaced or fell silent past session_timeout_s. The transport cancels a
+        transfer when this stops matching what it started with: no session can answer for it
+        any more, or its task closed. Does not touch the session: a stream is no sign of life."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None or time.monotonic() - s.last_seen > self.settings.session_timeout_s:
+                return None
+            return "" if self._task is None else self._task.task_id
 
     def accept_update(
         self,
@@ -916,7 +931,9 @@ class RoundEngine:
             self._changed.notify_all()
 
     def run(self) -> None:
-        """Drive rounds until the configured number completed (or stop())."""
+        """Drive rounds until the configured number completed (or stop()). Raises
+        CheckpointError when the state cannot be written (state.json keeps the last
+        checkpoint): a run that cannot checkpoint must not go on."""
         st = self.settings
         if self.finished_at_start:
             self._evaluate_again()
@@ -931,7 +948,7 @@ class RoundEngine:
             self._evaluation_round()
         tried_final = False
         r = self.state.completed_rounds
-        if 0 < r < st.rounds and self._eval_due(r) and self._wait_for_quorum():
+        if 0 < r < st.rounds and self._eval_due(r) and self._wait_for_evaluators():
             self._evaluation_round()  # due when the coordinator stopped last time, before it ran
         while self.state.completed_rounds < st.rounds and not self._stop.is_set():
             if not self._wait_for_quorum():
@@ -949,9 +966,10 @@ class RoundEngine:
             finished
             and not self._has_eval(st.rounds)
             and not self._stop.is_set()
-            # resumed after the last round: wait for the nodes to be back (after a final
-            # evaluation tried here and unanswered, once more with whoever is left)
-            and (tried_final or self._wait_for_quorum())
+            # resumed after the last round: wait for the nodes to be back, the groups of the
+            # run's evaluations too (after a final evaluation tried here and unanswered, once
+            # more with whoever is left)
+            and (tried_final or self._wait_for_evaluators())
         ):
             self._evaluation_round()
         with self._changed:
@@ -994,6 +1012,54 @@ class RoundEngine:
 
     def _has_eval(self, round_: int) -> bool:
         return any(e["round"] == round_ for e in self.state.evaluations)
+
+    def _evaluated_groups(self) -> set[str]:
+        """The groups the run's evaluations so far had (reported, or asked and silent)."""
+        groups: set[str] = set()
+        for e in self.state.evaluations:
+            groups.update(e.get("groups", ()), e.get("missing", ()))
+        return groups
+
+    def _wait_for_evaluators(self) -> bool:
+        """Before an evaluation a stopped coordinator owed (after a restart): the quorum, then
+        up to eval_timeout_s for a node of every group the run's evaluations had, the held-out
+        groups (evaluate_only) and the last round's trainers, since nodes reconnect one by one
+        and the quorum alone would leave the later ones, say the held-out figures, out; then
+        whoever is here. False if stopped."""
+        if not self._wait_for_quorum():
+            return False
+        wanted = self._evaluated_groups() | set(self.settings.evaluate_only or ())
+        if self.state.history:
+            wanted.update(self.state.history[-1]["participants"])
+        limit = self.settings.eval_timeout_s
+        started = time.monotonic()
+        announced = False
+        with self._changed:
+            while not self._stop.is_set():
+                absent = sorted(wanted - {s.group for s in self.live_sessions()})
+                if not absent:
+                    return True
+                if time.monotonic() - started > limit:
+                    log.warning(
+                        "evaluating without %s: not back within eval_timeout_s (%.0f s)",
+                        absent,
+                        limit,
+                    )
+                    return True
+                if not announced:
+                    log.info("waiting up to %.0f s for %s to evaluate too", limit, absent)
+                    announced = True
+                self._changed.wait(1.0)
+        return False
+
+    def unaware_of_end(self) -> list[str]:
+        """Groups of the run (joined this process, trained or evaluated in it) whose node has
+        not been handed SHUTDOWN: a node between reconnects would otherwise retry for ever."""
+        with self._lock:
+            groups = set(self._joined) | self._evaluated_groups()
+            for r in self.state.history:
+                groups.update(r["participants"], r.get("selected", ()))
+            return sorted(groups - self._told_end)
 
     def _wait_for_quorum(self) -> bool:
         started = time.monotonic()
@@ -1172,7 +1238,10 @@ class RoundEngine:
                 "round": t.round,
                 "kind": "evaluation",
                 "groups": sorted(t.evaluations),
-                "missing": sorted(set(t.selected.values()) - set(t.evaluations)),
+                # asked and silent, or absent though earlier evaluations had them
+                "missing": sorted(
+                    (set(t.selected.values()) | self._evaluated_groups()) - set(t.evaluations)
+                ),
                 "seconds": time.monotonic() - t.started,
                 "reports": {name: rep.to_dict() for name, rep in reports.items()},
                 "per_group": {
@@ -1212,7 +1281,11 @@ class RoundEngine:
         rows = [{"kind": "round", **r} for r in self.state.history] + list(self.state.evaluations)
         rows.sort(key=lambda r: (r["round"], r.get("kind") == "evaluation"))
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        atomic_write_bytes(self.state_dir / "metrics.jsonl", text.encode("utf-8"))
+        path = self.state_dir / "metrics.jsonl"
+        try:
+            atomic_write_bytes(path, text.encode("utf-8"))
+        except OSError as err:  # a full disk: as for the checkpoint itself, the run stops
+            raise CheckpointError(f"cannot write {path}: {err}") from err
 
     def final_evaluation(self) -> EvaluationRecord | None:
         return self.state.evaluations[-1] if self.state.evaluations else None

@@ -29,8 +29,9 @@ from coordinator.server import (
     limit_malloc_arenas,
     start_server,
 )
+from coordinator.state import CheckpointError
 from pluralfed.auth import AllowList, RevocationWatch
-from pluralfed.checkpoint import save_checkpoint
+from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, save_checkpoint
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.embeddings import make_encoder
 from pluralfed.errors import InputError
@@ -53,6 +54,9 @@ from pluralfed.wire import DEFAULT_CHUNK_BYTES
 log = logging.getLogger("pluralfed.coordinator")
 
 MAX_WORKERS = 10_000  # RPC threads
+# exit code of a coordinator that could not write its state folder (a full disk): not 1, a stop
+# a resume continues from, nor 2, a refused input; the log's last line names the file
+EXIT_CANNOT_WRITE = 3
 
 
 def _refuse(key: str, message: str) -> ConfigValueError:
@@ -249,7 +253,9 @@ def check_roles(cfg: CoordinatorConfig, allow_list: AllowList) -> None:
 
 def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Console) -> int:
     """Run (or resume) the federation to its end: 0 when every round and the final evaluation
-    are done, 1 when stopped before (a resume goes on from the last checkpoint)."""
+    are done, 1 when stopped before (a resume goes on from the last checkpoint),
+    EXIT_CANNOT_WRITE when the state folder could not be written (state.json keeps the last
+    checkpoint, so a restart with room on the disk resumes from it)."""
     settings = cfg.round_settings()
     check_roles(cfg, allow_list)
     state_lock = lock_state_dir(cfg.state_dir)  # held until this process ends
@@ -265,14 +271,18 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         line = describe_record(record, settings.rounds)
         console.print(f"[bold]{line}[/bold]" if record.get("kind") == "evaluation" else line)
 
-    engine = RoundEngine(
-        settings,
-        state_dict_to_numpy(build_model(gpo, cfg.seed).state_dict()),
-        cfg.state_dir,
-        encoder.identity,
-        gpo.to_dict(),
-        on_round=on_round,
-    )
+    try:
+        engine = RoundEngine(
+            settings,
+            state_dict_to_numpy(build_model(gpo, cfg.seed).state_dict()),
+            cfg.state_dir,
+            encoder.identity,
+            gpo.to_dict(),
+            on_round=on_round,
+        )
+    except CheckpointError as err:
+        state_lock.close()
+        return _cannot_write(cfg.state_dir, err)
     limit_malloc_arenas()  # a process setting, before the RPC threads start
     server, port = start_server(
         engine,
@@ -294,23 +304,92 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         f"{settings.min_nodes}, {len(allow_list)} nodes allowed, state in {cfg.state_dir}"
     )
     _log_roles(cfg)
-    stopping = _drive(engine)
+    stopping, failed = _drive(engine)
+    if failed:
+        server.stop(grace=2.0).wait()
+        state_lock.close()
+        return _cannot_write(cfg.state_dir, failed[0])
     if engine.done:
-        if engine.finished_at_start and not engine.evaluated_again:
-            console.print(  # nothing new: final/ and results.json stay as the run left them
-                f"run {engine.run_id} had finished: {engine.state.completed_rounds} rounds; "
-                f"model in {cfg.state_dir / 'final'}, results in {cfg.state_dir / 'results.json'}"
-            )
-        else:
-            final = _write_final(engine, cfg, gpo, encoder.identity, started, console)
-            console.print(
-                f"federation finished: {engine.state.completed_rounds} rounds; model in {final}, "
-                f"metrics in {cfg.state_dir / 'metrics.jsonl'}"
-            )
+        try:
+            _finish(engine, cfg, gpo, encoder.identity, started, console)
+        except (CheckpointError, OSError) as err:
+            server.stop(grace=2.0).wait()
+            state_lock.close()
+            return _cannot_write(cfg.state_dir, err)
         _linger(engine, cfg.linger_s, stopping)
     server.stop(grace=2.0).wait()
     state_lock.close()
     return 0 if engine.done else 1
+
+
+def _cannot_write(state_dir: Path, err: BaseException) -> int:
+    """One line saying which write failed and how to go on; EXIT_CANNOT_WRITE."""
+    log.error(
+        "stopping: cannot write the run's state in %s (%s); state.json still holds the last "
+        "checkpoint: make room or fix the folder, then start the coordinator again to resume",
+        state_dir,
+        err,
+    )
+    return EXIT_CANNOT_WRITE
+
+
+def _finish(
+    engine: RoundEngine,
+    cfg: CoordinatorConfig,
+    gpo: GPOConfig,
+    encoder_identity: str,
+    started: float,
+    console: Console,
+) -> None:
+    """final/ and results.json of a finished run: written for a new final evaluation, and
+    written again for a run finished before this start whose files are missing or older than
+    its final evaluation (a coordinator killed between saving that evaluation and writing
+    them). Never says they exist when they do not."""
+    if engine.finished_at_start and not engine.evaluated_again:
+        stale = _stale_outputs(engine, cfg.state_dir)
+        if not stale:
+            console.print(  # nothing new: final/ and results.json stay as the run left them
+                f"run {engine.run_id} had finished: {engine.state.completed_rounds} rounds; "
+                f"model in {cfg.state_dir / 'final'}, results in {cfg.state_dir / 'results.json'}"
+            )
+            return
+        log.warning(
+            "%s: %s of the finished run missing or older than its final evaluation (the "
+            "coordinator stopped before writing them): writing them now",
+            cfg.state_dir,
+            " and ".join(stale),
+        )
+        final = _write_final(engine, cfg, gpo, encoder_identity, started, console, again=True)
+        console.print(
+            f"run {engine.run_id} had finished: {engine.state.completed_rounds} rounds; model "
+            f"written again to {final}, results to {cfg.state_dir / 'results.json'}"
+        )
+        return
+    final = _write_final(engine, cfg, gpo, encoder_identity, started, console)
+    console.print(
+        f"federation finished: {engine.state.completed_rounds} rounds; model in {final}, "
+        f"metrics in {cfg.state_dir / 'metrics.jsonl'}"
+    )
+
+
+def _stale_outputs(engine: RoundEngine, state_dir: Path) -> list[str]:
+    """Which of final/ and results.json are missing, or (results.json) not of this run's
+    final evaluation as state.json holds it."""
+    stale = []
+    final = state_dir / "final"
+    if not ((final / WEIGHTS_FILE).is_file() and (final / META_FILE).is_file()):
+        stale.append("final/")
+    try:
+        results = json.loads((state_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        results = None
+    if (
+        not isinstance(results, dict)
+        or results.get("run_id") != engine.run_id
+        or results.get("final_evaluation") != engine.final_evaluation()
+    ):
+        stale.append("results.json")
+    return stale
 
 
 def lock_state_dir(state_dir: Path) -> TextIO:
@@ -361,10 +440,20 @@ def _log_roles(cfg: CoordinatorConfig) -> None:
         )
 
 
-def _drive(engine: RoundEngine) -> threading.Event:
+def _drive(engine: RoundEngine) -> tuple[threading.Event, list[Exception]]:
     """Run the rounds on their own thread until done or stopped by SIGINT/SIGTERM (the main
-    thread stays free to take the signal). Returns the event a signal sets."""
+    thread stays free to take the signal). Returns the event a signal sets, and the error
+    that ended the rounds if the state could not be written (the caller reports it, not the
+    thread's traceback)."""
     stopping = threading.Event()
+    failed: list[Exception] = []
+
+    def rounds() -> None:
+        try:
+            engine.run()
+        except (CheckpointError, OSError) as err:
+            failed.append(err)
+            engine.stop()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.warning("signal %d: stopping; an open round is abandoned (a resume retries it)", signum)
@@ -373,11 +462,11 @@ def _drive(engine: RoundEngine) -> threading.Event:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
+    driver = threading.Thread(target=rounds, name="rounds", daemon=True)
     driver.start()
     while driver.is_alive():
         driver.join(0.5)
-    return stopping
+    return stopping, failed
 
 
 def _write_final(
@@ -387,24 +476,33 @@ def _write_final(
     encoder_identity: str,
     started: float,
     console: Console,
+    again: bool = False,
 ) -> Path:
     """The finished run's model (`final/`, a checkpoint `pluralfed evaluate` and the reward
-    service load) and `results.json`; prints the final evaluation. Returns the model's folder."""
+    service load) and `results.json`; prints the final evaluation. Returns the model's folder.
+    `again`: the run finished before this process (which only writes what is missing), so its
+    time and memory are the earlier results.json's, or unknown (wall_seconds then spans its
+    rounds)."""
     final = cfg.state_dir / "final"
     model = build_model(gpo, cfg.seed)
     model.load_state_dict(numpy_to_state_dict(engine.state.weights))
-    save_checkpoint(
-        final,
-        model,
-        encoder_identity,
-        {
-            "mode": "federated",
-            "run_id": engine.run_id,
-            "rounds": engine.state.completed_rounds,
-            "training_groups": sorted({g for r in engine.state.history for g in r["participants"]}),
-            "settings": asdict(engine.settings),
-        },
-    )
+    try:  # a full disk's OSError names no file
+        save_checkpoint(
+            final,
+            model,
+            encoder_identity,
+            {
+                "mode": "federated",
+                "run_id": engine.run_id,
+                "rounds": engine.state.completed_rounds,
+                "training_groups": sorted(
+                    {g for r in engine.state.history for g in r["participants"]}
+                ),
+                "settings": asdict(engine.settings),
+            },
+        )
+    except OSError as err:
+        raise CheckpointError(f"cannot write {final}: {err}") from err
     last = engine.final_evaluation()
     results: dict[str, Any] = {
         "run_id": engine.run_id,
@@ -417,10 +515,38 @@ def _write_final(
     if engine.evaluated_again:  # the run's own time and memory, not this re-evaluation's
         results.update(_run_figures(cfg.state_dir / "results.json"))
         results["evaluated_again_at"] = time.time()
-    atomic_write_json(cfg.state_dir / "results.json", results)
+    elif again:
+        figures = _run_figures(cfg.state_dir / "results.json")
+        results["wall_seconds"] = figures.get("wall_seconds", _rounds_seconds(engine))
+        results["peak_rss_mib"] = figures.get("peak_rss_mib")  # None: not known any more
+        results["written_again_at"] = time.time()
+    try:
+        atomic_write_json(cfg.state_dir / "results.json", results)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {cfg.state_dir / 'results.json'}: {err}") from err
     if last:
         print_reports({n: SetReport.from_dict(r) for n, r in last["reports"].items()}, console)
     return final
+
+
+def _rounds_seconds(engine: RoundEngine) -> float:
+    """From the start of the run's first round to the end of its last, with the final
+    evaluation: the run's time as far as state.json tells it."""
+    history = engine.state.history
+    if not history:
+        return 0.0
+    first, last = history[0], history[-1]
+    final = engine.final_evaluation()
+    try:  # records are checked only for what the engine reads: these may lack
+        tail = float(final.get("seconds", 0.0)) if final else 0.0
+        return (
+            float(last["finished_at"])
+            - float(first["finished_at"])
+            + float(first["seconds"])
+            + tail
+        )
+    except (KeyError, TypeError, ValueError):
+        return 0.0
 
 
 def _run_figures(path: Path) -> dict[str, float]:
@@ -440,10 +566,26 @@ def _run_figures(path: Path) -> dict[str, float]:
 
 
 def _linger(engine: RoundEngine, linger_s: float, stopping: threading.Event) -> None:
-    """Let nodes hear SHUTDOWN (and leave) before the server goes away."""
-    linger_until = time.time() + linger_s
-    while engine.live_sessions() and time.time() < linger_until and not stopping.is_set():
+    """Keep serving SHUTDOWN for up to linger_s so that every node of the run hears the end,
+    also one not connected right now (between reconnects, or its session expired), which would
+    otherwise retry for ever; and let connected ones finish (fetch the final model, leave).
+    Ends earlier once every group of the run has been told and no node is connected."""
+    until = time.monotonic() + linger_s
+    unaware = engine.unaware_of_end()
+    if unaware and linger_s > 0:
+        log.info("serving the run's end for up to %.0f s, until %s hear it", linger_s, unaware)
+    while (
+        (unaware or engine.live_sessions()) and time.monotonic() < until and not stopping.is_set()
+    ):
         time.sleep(0.2)
+        unaware = engine.unaware_of_end()
+    if unaware and not stopping.is_set():
+        log.warning(
+            "%s did not hear the run's end within linger_s (%.0f s): their nodes retry until "
+            "stopped by hand",
+            unaware,
+            linger_s,
+        )
 
 
 def dump_config(cfg: CoordinatorConfig) -> str:

@@ -3,12 +3,16 @@
 Written after every round so that a coordinator killed at any moment restarts where it was:
 weights go to a new safetensors file first, then `state.json` (the commit point) is renamed over
 the old one naming that file, then the previous weights file is removed. A crash between any two
-steps leaves a consistent state.json pointing at complete weights.
+steps leaves a consistent state.json pointing at complete weights. state.json records the
+BLAKE3 digest of the weights (and optimizer) file it names, so a file changed on disk afterwards
+(a flipped bit that keeps the values finite) is refused on resume, not sent to every node.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,18 @@ from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_json, commit_file
 from pluralfed.records import EvaluationRecord, RoundRecord
 from pluralfed.tensorfiles import load_tensors, save_tensors
+from pluralfed.wire import digest_of
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
+# what a run leaves in its state folder besides state.json (weights-r00000 is only the initial
+# model of a start killed before its first state.json, which the seed makes again)
+RUN_FILES = ("weights-r*.safetensors", "optimizer-r*.safetensors", "metrics.jsonl", "results.json")
+
+
+class CheckpointError(Exception):
+    """The run's state could not be written (a full disk, a read-only folder): the run cannot go
+    on, but state.json, renamed into place only once complete, still holds the last checkpoint."""
 
 
 @dataclass
@@ -44,39 +57,73 @@ def _optimizer_name(state: RunState) -> str:
     return f"optimizer-r{state.completed_rounds:05d}.safetensors"
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Any failure to write `path` as a CheckpointError naming it (safetensors' own I/O error
+    names no file)."""
+    try:
+        yield
+    except Exception as err:
+        raise CheckpointError(f"cannot write {path}: {err}") from err
+
+
+def _save_tensor_file(folder: Path, name: str, tensors: Mapping[str, np.ndarray]) -> str:
+    """Write `tensors` to `folder/name` (a temp file first, removed if the write fails);
+    returns their digest's hex, which state.json records."""
+    tmp = folder / f".{name}.tmp"
+    with _writing(folder / name):
+        try:
+            save_tensors(tmp, tensors)
+            commit_file(tmp, folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return digest_of(tensors).hex()
+
+
 def save_state(folder: Path, state: RunState) -> None:
+    """Checkpoint `state`; raises CheckpointError naming the file that could not be written
+    (state.json is then still the previous checkpoint)."""
     folder = Path(folder)
     weights_file = _weights_name(state)
-    tmp = folder / f".{weights_file}.tmp"
-    save_tensors(tmp, state.weights)
-    commit_file(tmp, folder / weights_file)
+    weights_digest = _save_tensor_file(folder, weights_file, state.weights)
     arrays = {k: v for k, v in state.optimizer_state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in state.optimizer_state.items() if not isinstance(v, np.ndarray)}
-    optimizer_file = None
+    optimizer_file = optimizer_digest = None
     if arrays:
         optimizer_file = _optimizer_name(state)
-        tmp = folder / f".{optimizer_file}.tmp"
-        save_tensors(tmp, arrays)
-        commit_file(tmp, folder / optimizer_file)
-    atomic_write_json(
-        folder / STATE_FILE,
-        {
-            "version": STATE_VERSION,
-            "run_id": state.run_id,
-            "completed_rounds": state.completed_rounds,
-            "weights_file": weights_file,
-            "optimizer_file": optimizer_file,
-            "optimizer_scalars": scalars,
-            "model_config": state.model_config,
-            "encoder_identity": state.encoder_identity,
-            "history": state.history,
-            "evaluations": state.evaluations,
-        },
-    )
+        optimizer_digest = _save_tensor_file(folder, optimizer_file, arrays)
+    with _writing(folder / STATE_FILE):
+        atomic_write_json(
+            folder / STATE_FILE,
+            {
+                "version": STATE_VERSION,
+                "run_id": state.run_id,
+                "completed_rounds": state.completed_rounds,
+                "weights_file": weights_file,
+                "weights_digest": weights_digest,
+                "optimizer_file": optimizer_file,
+                "optimizer_digest": optimizer_digest,
+                "optimizer_scalars": scalars,
+                "model_config": state.model_config,
+                "encoder_identity": state.encoder_identity,
+                "history": state.history,
+                "evaluations": state.evaluations,
+            },
+        )
     keep = {weights_file, optimizer_file}
     for old in [*folder.glob("weights-r*.safetensors"), *folder.glob("optimizer-r*.safetensors")]:
         if old.name not in keep:
             old.unlink(missing_ok=True)
+
+
+def run_leftovers(folder: Path) -> list[str]:
+    """What of an earlier run `folder` holds (sorted names; `final/` for its model)."""
+    found = {p.name for pattern in RUN_FILES for p in folder.glob(pattern)}
+    found.discard("weights-r00000.safetensors")
+    if (folder / "final").exists():
+        found.add("final/")
+    return sorted(found)
 
 
 def _file_in(folder: Path, raw: dict[str, Any], key: str, path: Path) -> Path:
@@ -113,6 +160,74 @@ def _records(raw: dict[str, Any], key: str, path: Path, needs: dict[str, type]) 
     return value
 
 
+def _check_digest(
+    raw: dict[str, Any], key: str, tensors: Mapping[str, np.ndarray], where: Path, path: Path
+) -> None:
+    """The digest state.json recorded for a tensor file (older state.json files have none)."""
+    recorded = raw.get(key)
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        raise InputError(f"{path}: field {key!r} must be a BLAKE3 digest (64 hex digits)")
+    if digest_of(tensors).hex() != recorded.lower():
+        raise InputError(
+            f"{where}: its contents do not match the digest {path} recorded for it ({key}): "
+            "the file was damaged or changed after it was written; restore it from a backup, "
+            "or start a new run in another state folder"
+        )
+
+
+def _check_consistent(
+    raw: dict[str, Any], history: list[Any], evaluations: list[Any], path: Path
+) -> None:
+    """state.json's fields agree with each other, as save_state writes them: one record per
+    completed round, 1..completed_rounds in order, the weights file of that round, evaluations
+    of rounds done, each once. Anything else was edited or damaged, and resuming from it would
+    lose or repeat rounds."""
+    done = raw["completed_rounds"]
+    rounds = [r["round"] for r in history]
+    for i, round_ in enumerate(rounds):
+        if round_ != i + 1:
+            what = "a second record of round" if round_ in rounds[:i] else "round"
+            raise InputError(
+                f"{path}: history[{i}] is {what} {round_}, expected round {i + 1} (history "
+                f"must hold rounds 1..completed_rounds once each, in order)"
+            )
+    if len(rounds) != done:
+        raise InputError(
+            f"{path}: field 'completed_rounds' is {done}, but 'history' holds "
+            f"{len(rounds)} round record(s)"
+        )
+    expected = f"weights-r{done:05d}.safetensors"
+    if raw["weights_file"] != expected:
+        raise InputError(
+            f"{path}: field 'weights_file' is {raw['weights_file']!r}, expected {expected!r} "
+            f"for completed_rounds {done}"
+        )
+    optimizer = raw.get("optimizer_file")
+    if optimizer and optimizer != f"optimizer-r{done:05d}.safetensors":
+        raise InputError(
+            f"{path}: field 'optimizer_file' is {optimizer!r}, expected "
+            f"'optimizer-r{done:05d}.safetensors' for completed_rounds {done}"
+        )
+    seen: set[int] = set()
+    for i, record in enumerate(evaluations):
+        if record["round"] > done:
+            raise InputError(
+                f"{path}: evaluations[{i}] is of round {record['round']}, beyond "
+                f"completed_rounds {done}"
+            )
+        if record["round"] in seen:
+            raise InputError(
+                f"{path}: evaluations[{i}] is a second evaluation of round {record['round']}"
+            )
+        seen.add(record["round"])
+        for key in ("groups", "missing"):
+            names = record.get(key, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise InputError(f"{path}: evaluations[{i}] field {key!r} must be a list of names")
+
+
 def _finite(tensors: dict[str, np.ndarray], where: Path) -> dict[str, np.ndarray]:
     for name, array in tensors.items():
         if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
@@ -122,10 +237,20 @@ def _finite(tensors: dict[str, np.ndarray], where: Path) -> dict[str, np.ndarray
 
 def load_state(folder: Path) -> RunState | None:
     """The saved state, or None if the folder holds no run yet. Every field is checked, since
-    the run continues from it: a bad state.json is refused with what and where, never half used."""
+    the run continues from it: a bad state.json is refused with what and where, never half used.
+    A folder with another run's files but no state.json is refused too: starting afresh there
+    would delete that run's weights at once and overwrite its metrics and results."""
     folder = Path(folder)
     path = folder / STATE_FILE
     if not path.exists():
+        leftovers = run_leftovers(folder)
+        if leftovers:
+            raise InputError(
+                f"{folder} holds files of an earlier run ({', '.join(leftovers)}) but no "
+                f"{STATE_FILE}, so that run cannot be resumed, and a new run there would delete "
+                "or overwrite them: restore its state.json, or move those files away, or give "
+                "the coordinator another state folder"
+            )
         return None
     try:
         raw = json.loads(path.read_text("utf-8"))
@@ -154,15 +279,19 @@ def load_state(folder: Path) -> RunState | None:
     # what the engine and the final report read from each record
     history = _records(raw, "history", path, {"round": int, "participants": list})
     evaluations = _records(raw, "evaluations", path, {"round": int, "reports": dict})
+    _check_consistent(raw, history, evaluations, path)
     weights_path = _file_in(folder, raw, "weights_file", path)
     optimizer_path = (
         _file_in(folder, raw, "optimizer_file", path) if raw.get("optimizer_file") else None
     )
     try:
         weights = _finite(load_tensors(weights_path), weights_path)
+        _check_digest(raw, "weights_digest", weights, weights_path, path)
         optimizer_state: dict[str, Any] = dict(scalars)
         if optimizer_path is not None:
-            optimizer_state.update(_finite(load_tensors(optimizer_path), optimizer_path))
+            arrays = _finite(load_tensors(optimizer_path), optimizer_path)
+            _check_digest(raw, "optimizer_digest", arrays, optimizer_path, path)
+            optimizer_state.update(arrays)
     except InputError:
         raise
     except (KeyError, TypeError, ValueError, OSError) as err:

@@ -1,0 +1,573 @@
+"""The coordinator after faults the fault-injection review found (report F1-F4, F9, F11, F12):
+a kill between the final evaluation and its files, a restart before every group is back, a
+node that is not connected when the run ends, a state folder without state.json, a full disk
+while checkpointing, and a damaged or inconsistent checkpoint. Real RoundEngine and
+run_coordinator, in process (a fake text encoder and a tiny model keep it fast)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import re
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+from test_engine_recovery import ENC, WEIGHTS, evaluated, replay_of, serve, start
+
+import coordinator.service as service
+import coordinator.state as state_module
+from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind
+from coordinator.service import EXIT_CANNOT_WRITE, CoordinatorConfig, run_coordinator
+from coordinator.state import STATE_FILE, CheckpointError, load_state
+from pluralfed.auth import AllowList
+from pluralfed.errors import InputError
+from pluralfed.evaluation import GroupEvaluation
+from pluralfed.tensorfiles import load_tensors, save_tensors
+from pluralfed.wire import TensorSlice, specs_of
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def finished_run(folder: Path, rounds: int = 2, eval_every: int = 1) -> RoundEngine:
+    engine = RoundEngine(
+        RoundSettings(rounds=rounds, eval_every=eval_every), WEIGHTS, folder, ENC, {}
+    )
+    driver = start(engine)
+    serve(engine)
+    driver.join(20)
+    assert engine.done
+    return engine
+
+
+# ---------------------------------------------------------------------------- F4
+
+
+@pytest.mark.parametrize(
+    "leftover",
+    [
+        "weights-r00003.safetensors",
+        "metrics.jsonl",
+        "results.json",
+        "final/",
+        "optimizer-r00002.safetensors",
+    ],
+)
+def test_a_state_folder_with_a_run_but_no_state_json_is_refused(
+    tmp_path: Path, leftover: str
+) -> None:
+    """Before: a new run started there and deleted the earlier run's weights at once."""
+    if leftover == "final/":
+        (tmp_path / "final").mkdir()
+        (tmp_path / "final" / "model.json").write_text("{}")
+    else:
+        (tmp_path / leftover).write_bytes(b"the earlier run's")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(InputError) as err:
+        RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, ENC, {})
+    message = str(err.value)
+    assert message.startswith(
+        f"{tmp_path} holds files of an earlier run ({leftover}) but no state.json"
+    )
+    assert not (tmp_path / STATE_FILE).exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name != "spool") == before
+
+
+def test_a_start_killed_before_its_first_state_json_starts_again(tmp_path: Path) -> None:
+    """Only the initial model (weights-r00000, which the seed makes again) and the spool: a
+    start killed before its first state.json, not a run."""
+    save_tensors(tmp_path / "weights-r00000.safetensors", WEIGHTS)
+    (tmp_path / "spool").mkdir()
+    engine = RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, ENC, {})
+    assert engine.state.completed_rounds == 0 and (tmp_path / STATE_FILE).exists()
+
+
+# ---------------------------------------------------------------------------- F11
+
+
+def test_a_weights_file_changed_after_its_checkpoint_is_refused_naming_it(tmp_path: Path) -> None:
+    """Before: a flipped bit that kept the values finite was resumed from and sent to every
+    node as the global model."""
+    finished_run(tmp_path)
+    raw = json.loads((tmp_path / STATE_FILE).read_text())
+    assert len(raw["weights_digest"]) == 64
+    path = tmp_path / raw["weights_file"]
+    weights = load_tensors(path)
+    weights["a"] = weights["a"].copy()
+    weights["a"][3] = np.float32(-2.9e37)  # finite: only the digest can tell
+    save_tensors(path, weights)
+    with pytest.raises(InputError) as err:
+        load_state(tmp_path)
+    assert str(err.value).startswith(
+        f"{path}: its contents do not match the digest {tmp_path / STATE_FILE} recorded"
+    )
+
+
+def test_a_state_json_without_digests_still_loads(tmp_path: Path) -> None:
+    """state.json files written before the digest was recorded resume as before."""
+    finished_run(tmp_path)
+    raw = json.loads((tmp_path / STATE_FILE).read_text())
+    del raw["weights_digest"], raw["optimizer_digest"]
+    (tmp_path / STATE_FILE).write_text(json.dumps(raw))
+    state = load_state(tmp_path)
+    assert state is not None and state.completed_rounds == 2
+
+
+def test_the_optimizer_file_is_checked_too(tmp_path: Path) -> None:
+    settings = RoundSettings(rounds=1, eval_every=0, server_optimizer="fedadam")
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    serve(engine)
+    driver.join(20)
+    raw = json.loads((tmp_path / STATE_FILE).read_text())
+    path = tmp_path / raw["optimizer_file"]
+    arrays = {k: v + 1 for k, v in load_tensors(path).items()}
+    save_tensors(path, arrays)
+    with pytest.raises(InputError, match="optimizer_digest"):
+        load_state(tmp_path)
+
+
+# ---------------------------------------------------------------------------- F12
+
+
+def _edited(folder: Path, edit: Any) -> Path:
+    finished_run(folder, rounds=3)
+    raw = json.loads((folder / STATE_FILE).read_text())
+    edit(raw)
+    (folder / STATE_FILE).write_text(json.dumps(raw))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda raw: raw.update(completed_rounds=5),
+            "'completed_rounds' is 5, but 'history' holds 3",
+        ),
+        (
+            lambda raw: raw["history"].insert(3, raw["history"][2]),
+            r"history\[3\] is a second record of round 3, expected round 4",
+        ),
+        (lambda raw: raw["history"].pop(1), r"history\[1\] is round 3, expected round 2"),
+        (lambda raw: raw["history"].clear(), "'completed_rounds' is 3, but 'history' holds 0"),
+        (
+            lambda raw: raw.update(weights_file="weights-r00002.safetensors"),
+            "'weights_file' is 'weights-r00002.safetensors', expected 'weights-r00003",
+        ),
+        (
+            lambda raw: raw["evaluations"].append({**raw["evaluations"][-1], "round": 4}),
+            r"evaluations\[3\] is of round 4, beyond completed_rounds 3",
+        ),
+        (
+            lambda raw: raw["evaluations"].append(raw["evaluations"][0]),
+            r"evaluations\[3\] is a second evaluation of round 1",
+        ),
+        (
+            lambda raw: raw["evaluations"][0].update(groups="A"),
+            r"evaluations\[0\] field 'groups' must be a list",
+        ),
+    ],
+)
+def test_an_inconsistent_state_json_is_refused_naming_the_field(
+    tmp_path: Path, edit: Any, expected: str
+) -> None:
+    """Before: completed_rounds 5 with rounds 1..3 went on at round 6 (4 and 5 never
+    happened anywhere); a round recorded twice was written twice into metrics.jsonl."""
+    folder = _edited(tmp_path, edit)
+    before = files(folder)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(folder / STATE_FILE))}: .*{expected}"):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, folder, ENC, {})
+    assert files(folder) == before  # nothing deleted or rewritten
+
+
+# ---------------------------------------------------------------------------- F2
+
+
+def held_out(engine: RoundEngine, group: str, stop: threading.Event) -> None:
+    """An evaluate-only node answering EVALUATE tasks until SHUTDOWN (or `stop`)."""
+    s = engine.join(group, Role.EVALUATE_ONLY, 0, ENC, "t")
+    while not stop.is_set():
+        t = engine.next_task(s.session_id, None, 0.3)
+        if t.kind == TaskKind.EVALUATE:
+            evaluation = GroupEvaluation(group, 5, 0.45, 0.4, 0.3, 0.3)
+            try:
+                engine.accept_evaluation(
+                    s.session_id, None, t.task_id, t.round, evaluation, t.model_version
+                )
+            except Rejection:  # the coordinator stopped (and closed the task) meanwhile
+                continue
+        elif t.kind == TaskKind.SHUTDOWN:
+            return
+
+
+def _stopped_before_the_final_evaluation(folder: Path, settings: RoundSettings) -> None:
+    """Rounds 1 and 2 of a run of A (training) and H (held out), evaluated after round 1 by
+    both; the coordinator is stopped right after round 2's checkpoint."""
+    first = RoundEngine(settings, WEIGHTS, folder, ENC, {})
+    driver = start(first)
+    stop = threading.Event()
+    h = threading.Thread(target=held_out, args=(first, "H", stop), daemon=True)
+    h.start()
+    serve(first, stop_after_round=2)
+    driver.join(20)
+    stop.set()
+    h.join(5)
+    assert first.completed_rounds() == 2 and evaluated(first) == [1]
+    assert first.state.evaluations[0]["groups"] == ["A", "H"]
+
+
+def test_the_final_evaluation_after_a_restart_waits_for_the_held_out_group(tmp_path: Path) -> None:
+    """Review F2: it opened as soon as the training quorum was back, so the held-out node,
+    a moment later, was left out (and not even listed as missing)."""
+    settings = RoundSettings(rounds=2, eval_every=1, eval_timeout_s=15)
+    _stopped_before_the_final_evaluation(tmp_path, settings)
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    trainer = threading.Thread(target=serve, args=(resumed,), daemon=True)
+    trainer.start()
+    time.sleep(1.5)  # the quorum is back, the held-out node not yet
+    assert evaluated(resumed) == [1]
+    held_out(resumed, "H", threading.Event())
+    driver.join(20)
+    trainer.join(20)
+    final = resumed.final_evaluation()
+    assert resumed.done and final is not None and final["round"] == 2
+    assert final["groups"] == ["A", "H"] and "held-out groups" in final["reports"]
+
+
+def test_an_evaluation_lists_as_missing_the_groups_earlier_ones_had(tmp_path: Path) -> None:
+    """The held-out node never comes back: after eval_timeout_s the final evaluation runs with
+    whoever came, and its record says H is missing (before: missing [])."""
+    settings = RoundSettings(rounds=2, eval_every=1, eval_timeout_s=1)
+    _stopped_before_the_final_evaluation(tmp_path, settings)
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    serve(resumed)
+    driver.join(20)
+    final = resumed.final_evaluation()
+    assert resumed.done and final is not None and final["round"] == 2
+    assert final["groups"] == ["A"] and final["missing"] == ["H"]
+
+
+# ---------------------------------------------------------------------------- F3
+
+
+def test_the_coordinator_lingers_for_a_node_not_connected_when_the_run_ends(
+    tmp_path: Path,
+) -> None:
+    """Review F3: lingering stopped as soon as no node was connected, so a node between
+    reconnects never heard SHUTDOWN and retried for ever."""
+    settings = RoundSettings(rounds=1, eval_every=0, min_nodes=2, min_updates=2)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    a, b = (engine.join(g, Role.TRAIN, 10, ENC, "t") for g in "AB")
+    for s in (a, b):
+        t = engine.next_task(s.session_id, None, 5)
+        engine.accept_update(
+            s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
+        )
+    for s in (a, b):  # the final evaluation: both report
+        t = engine.next_task(s.session_id, None, 5)
+        assert t.kind == TaskKind.EVALUATE
+        e = GroupEvaluation(s.group, 5, 0.5, 0.4, 0.3, 0.3)
+        engine.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+    driver.join(10)
+    assert engine.next_task(a.session_id, None, 1).kind == TaskKind.SHUTDOWN
+    engine.leave(a.session_id, None, "finished")
+    engine.leave(b.session_id, None, "reconnecting")  # B is between reconnects: no session
+    assert engine.live_sessions() == [] and engine.unaware_of_end() == ["B"]
+    lingered = threading.Thread(target=service._linger, args=(engine, 20.0, threading.Event()))
+    started = time.monotonic()
+    lingered.start()
+    time.sleep(1.0)
+    assert lingered.is_alive()  # before: gone at once, nobody being connected
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    assert engine.next_task(b.session_id, None, 1).kind == TaskKind.SHUTDOWN
+    engine.leave(b.session_id, None, "finished")
+    lingered.join(5)
+    assert not lingered.is_alive() and time.monotonic() - started < 5  # everyone heard it
+
+
+def test_lingering_ends_after_linger_s_and_names_who_never_heard(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = finished_run(tmp_path)  # A heard SHUTDOWN
+    assert engine.unaware_of_end() == []
+    engine._joined.add("B")  # a group that joined and is gone
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+        service._linger(engine, 1.0, threading.Event())
+    assert 0.9 < time.monotonic() - started < 3
+    assert any("['B'] did not hear the run's end" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------- F9
+
+
+def _no_space_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
+    """Every tensor file write after the first `writes` fails as on a full disk."""
+    real = state_module.save_tensors
+    count = [0]
+
+    def save(path: Path, tensors: Any) -> None:
+        count[0] += 1
+        if count[0] > writes:
+            Path(path).write_bytes(b"half")  # a partial temp file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, tensors)
+
+    monkeypatch.setattr(state_module, "save_tensors", save)
+
+
+def test_a_full_disk_while_checkpointing_ends_the_rounds_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = RoundSettings(rounds=3, eval_every=0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})  # writes round 0's checkpoint
+    state_before = (tmp_path / STATE_FILE).read_bytes()
+    _no_space_after(monkeypatch, 0)
+    failed: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            engine.run()
+        except BaseException as err:
+            failed.append(err)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    t = engine.next_task(s.session_id, None, 5)
+    engine.accept_update(
+        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
+    )
+    driver.join(10)
+    assert len(failed) == 1 and isinstance(failed[0], CheckpointError)
+    assert str(failed[0]) == (
+        f"cannot write {tmp_path / 'weights-r00001.safetensors'}: [Errno 28] No space left on device"
+    )
+    assert (tmp_path / STATE_FILE).read_bytes() == state_before  # intact
+    assert sorted(p.name for p in tmp_path.glob(".*tmp")) == []  # no temp file left
+    state = load_state(tmp_path)
+    assert state is not None and state.completed_rounds == 0
+
+
+def fake_encoder(_name: str) -> SimpleNamespace:
+    return SimpleNamespace(dim=16, identity="fake-encoder")
+
+
+class Captured(RoundEngine):
+    """RoundEngine that lets the test reach the coordinator's engine (to act as its nodes)."""
+
+    last: RoundEngine | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        Captured.last = self
+
+
+def tiny_config(state_dir: Path, **changes: Any) -> CoordinatorConfig:
+    settings: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "state_dir": state_dir,
+        "insecure": True,
+        "encoder": "fake",
+        "rounds": 1,
+        "eval_every": 0,
+        "eval_timeout_s": 1.0,
+        "linger_s": 0.0,
+        "d_model": 32,
+        "n_layers": 1,
+        "n_heads": 4,
+        "d_ff": 32,
+        "mlp_layers": 1,
+        "members": 1,
+        **changes,
+    }
+    return CoordinatorConfig(**settings)
+
+
+def node(engine_ready: threading.Event) -> None:
+    """One training node of Captured.last: sends the model back unchanged, evaluates, stops at
+    SHUTDOWN (or when the rounds end without one)."""
+    assert engine_ready.wait(30)
+    engine = Captured.last
+    assert engine is not None
+    s = engine.join("A", Role.TRAIN, 10, "fake-encoder", "t")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        t = engine.next_task(s.session_id, None, 0.3)
+        if t.kind == TaskKind.TRAIN:
+            model = engine.model_for(s.session_id, None, t.model_version)
+            slices = [
+                TensorSlice(spec, 0, np.asarray(model.weights[spec.name]).reshape(-1))
+                for spec in specs_of(model.weights)
+            ]
+            try:
+                engine.accept_update(
+                    s.session_id,
+                    None,
+                    t.task_id,
+                    t.round,
+                    10,
+                    {},
+                    partial(iter, slices),
+                    80,
+                    t.model_version,
+                )
+            except Exception:
+                return
+        elif t.kind == TaskKind.EVALUATE:
+            e = GroupEvaluation("A", 5, 0.5, 0.4, 0.3, 0.3)
+            engine.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+        elif t.kind == TaskKind.SHUTDOWN:
+            return
+
+
+def coordinate(
+    monkeypatch: pytest.MonkeyPatch, cfg: CoordinatorConfig, with_node: bool = True
+) -> int:
+    """run_coordinator as the CLI runs it, with the fake encoder and (with_node) one node."""
+    monkeypatch.setattr(service, "make_encoder", fake_encoder)
+    ready = threading.Event()
+
+    class Ready(Captured):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            ready.set()
+
+    monkeypatch.setattr(service, "RoundEngine", Ready)
+    helper = threading.Thread(target=node, args=(ready,), daemon=True)
+    if with_node:
+        helper.start()
+    code = run_coordinator(cfg, AllowList({"node-a": "A"}), Console(stderr=True))
+    if with_node:
+        helper.join(10)
+    return code
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers() -> Any:
+    """run_coordinator installs SIGINT/SIGTERM handlers: give pytest its own back."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review F9: a bare traceback of the rounds thread, no file named, and exit code 1 (the
+    same as Ctrl-C)."""
+    state_dir = tmp_path / "state"
+    _no_space_after(monkeypatch, 1)  # round 0's checkpoint fits, round 1's does not
+    with caplog.at_level(logging.ERROR, logger="pluralfed.coordinator"):
+        code = coordinate(monkeypatch, tiny_config(state_dir))
+    assert code == EXIT_CANNOT_WRITE == 3
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        f"stopping: cannot write the run's state in {state_dir} (cannot write "
+        f"{state_dir / 'weights-r00001.safetensors'}: [Errno 28] No space left on device); "
+        "state.json still holds the last checkpoint: make room or fix the folder, then start "
+        "the coordinator again to resume"
+    ]
+    state = load_state(state_dir)
+    assert state is not None and state.completed_rounds == 0
+
+
+# ---------------------------------------------------------------------------- F1
+
+
+@pytest.mark.parametrize("lost", [["final", "results.json"], ["final"], ["results.json"]])
+def test_a_finished_run_missing_its_outputs_gets_them_written_on_restart(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    lost: list[str],
+) -> None:
+    """Review F1: killed after the final evaluation was saved but before final/ and
+    results.json were written, every restart exited 0 naming files that did not exist."""
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    results = json.loads((state_dir / "results.json").read_text())
+    for name in lost:  # what the kill left unwritten
+        path = state_dir / name
+        if path.is_dir():
+            for f in path.iterdir():
+                f.unlink()
+            path.rmdir()
+        else:
+            path.unlink()
+    capsys.readouterr()
+    # nobody comes back to evaluate again (eval_timeout_s 1): the outputs are written anyway
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    assert (state_dir / "final" / "model.safetensors").is_file()
+    assert (state_dir / "final" / "model.json").is_file()
+    again = json.loads((state_dir / "results.json").read_text())
+    assert again["final_evaluation"] == results["final_evaluation"]
+    assert again["run_id"] == results["run_id"]
+    if "results.json" not in lost:  # the run's own figures are kept
+        assert again["wall_seconds"] == results["wall_seconds"]
+    assert "written again" in capsys.readouterr().err
+
+
+def test_results_older_than_the_final_evaluation_are_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill after an evaluation again replaced the final one but before results.json was
+    rewritten: results.json must not keep showing the replaced evaluation."""
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    path = state_dir / "results.json"
+    stale = json.loads(path.read_text())
+    stale["final_evaluation"]["seconds"] = -1.0
+    path.write_text(json.dumps(stale))
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    state = load_state(state_dir)
+    assert state is not None
+    assert json.loads(path.read_text())["final_evaluation"] == state.evaluations[-1]
+
+
+def test_a_finished_run_with_its_outputs_leaves_them_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    before = files(state_dir / "final") | {
+        "results.json": (state_dir / "results.json").read_bytes()
+    }
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    after = files(state_dir / "final") | {"results.json": (state_dir / "results.json").read_bytes()}
+    assert after == before
+
+
+def test_a_full_disk_while_writing_the_final_files_is_reported_and_mended_by_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_dir = tmp_path / "state"
+
+    def full(path: Path, _obj: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.ERROR):
+        patched.setattr(service, "atomic_write_json", full)
+        assert coordinate(monkeypatch, tiny_config(state_dir)) == EXIT_CANNOT_WRITE
+    assert f"cannot write {state_dir / 'results.json'}: [Errno 28]" in caplog.text
+    assert not (state_dir / "results.json").exists()
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    assert json.loads((state_dir / "results.json").read_text())["rounds"] == 1
