@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import logging
 import math
@@ -272,6 +273,81 @@ class StreamSlots:
                 self._active -= 1
 
 
+# how often running transfers are checked for a session that ended or a task that closed
+STALE_CHECK_S = 0.25
+
+
+class StaleTransfers:
+    """Cancels a running upload or download (or one waiting for its slot) once it can no longer
+    be of use: its session left, was replaced or expired, or the task it was for closed.
+
+    The deadline watch alone (`StreamDeadlines`) cut a stalled stream only at the deadline
+    fixed when it started: a node cut off without a TCP reset (a partition, a NAT dropping its
+    packets) held its slot up to a round's length into later rounds, and healthy uploads queued
+    behind it. Checked from one thread every `poll_s`, so a slot is free within about that long.
+    """
+
+    def __init__(self, engine: RoundEngine, poll_s: float = STALE_CHECK_S) -> None:
+        self.engine = engine
+        self.poll_s = poll_s
+        self._cond = threading.Condition()
+        # token -> (call, session id, task id it started with, what it is, for the log)
+        self._watched: dict[int, tuple[grpc.ServicerContext, str, str, str]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+        self.cancelled = 0  # transfers cut so far (for tests and diagnostics)
+
+    @contextlib.contextmanager
+    def watch(
+        self, context: grpc.ServicerContext, session_id: str, task_id: str, what: str
+    ) -> Iterator[Callable[[], None]]:
+        """Cancel `context`'s RPC once `engine.open_task_id(session_id)` is no longer `task_id`
+        ("": no task, e.g. the final model's download). Yields a function that ends the watch
+        early: an upload whose bytes are all in may still count, so it is not cut while the
+        engine takes it."""
+        token = next(self._tokens)
+        with self._cond:
+            self._watched[token] = (context, session_id, task_id, what)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="stale-transfers", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+        def unwatch() -> None:
+            with self._cond:
+                self._watched.pop(token, None)
+
+        try:
+            yield unwatch
+        finally:
+            unwatch()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._watched:
+                    self._cond.wait()
+                watched = list(self._watched.items())
+            for token, (context, session_id, task_id, what) in watched:
+                try:
+                    now = self.engine.open_task_id(session_id)
+                except Exception:  # a bug must not end the watch of every later stream
+                    log.exception("cannot tell whether the %s is still of use", what)
+                    continue
+                if now == task_id:
+                    continue
+                why = "its session ended or expired" if now is None else "its round closed"
+                with self._cond:  # not if it ended meanwhile (an upload being taken)
+                    if self._watched.pop(token, None) is None:
+                        continue
+                    self.cancelled += 1
+                    context.cancel()  # its read (or send) fails at once: the slot is freed
+                log.warning("%s cancelled: %s", what, why)
+            time.sleep(self.poll_s)
+
+
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(
         self,
@@ -291,6 +367,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.download_chunk_bytes = check_chunk_bytes(download_chunk_bytes, "download_chunk_bytes")
         self.deadlines = StreamDeadlines("a bulk stream outlived its round's deadline: cancelled")
         self.transfer_grace_s = transfer_grace_s
+        # ... and streams of a session or task that ended are cut at once, not at that deadline
+        self.stale = StaleTransfers(engine)
         # (kind, node) of each running upload and download -> (its session, its call): one of
         # each per node at a time, so no one node can take every slot (in insecure mode, where no
         # node is proven, per session)
@@ -373,15 +451,21 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Rejection as r:
             _abort(context, r)
         download = self._download_of(model)
-        with self._one_per_node(
-            "download", self._caller(context), request.session_id, context
-        ) as alone:
+        caller = self._caller(context)
+        with self._one_per_node("download", caller, request.session_id, context) as alone:
             if not alone:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "a download of this node is already running: one at a time",
                 )
-            with self.deadlines.watch(context, self._transfer_seconds()):
+            # of use while the task open now is (with none open, the final model: while the
+            # node is here), and only while its session lives
+            task_id = self.engine.open_task_id(request.session_id) or ""
+            what = f"download of model {model.version} by {caller or request.session_id}"
+            with (
+                self.deadlines.watch(context, self._transfer_seconds()),
+                self.stale.watch(context, request.session_id, task_id, what),
+            ):
                 if not self.download_slots.acquire(context.is_active):
                     log.info("download cancelled while waiting for a slot")
                     return
@@ -467,16 +551,17 @@ class FederationServicer(pb_grpc.FederationServicer):
                         "DUPLICATE",
                         "an upload of this node is already being read: this copy is ignored",
                     )
-                # refused uploads never wait; an admitted one is read only once it holds a slot
-                if not self.upload_slots.acquire(context.is_active):
-                    log.info(
-                        "upload from %s cancelled while waiting for a slot", caller or h.session_id
-                    )
-                    return _reject("STALE", "the upload was cancelled while waiting")
-                try:
-                    return self._read_update(h, caller, request_iterator, context)
-                finally:
-                    self.upload_slots.release()
+                who = caller or h.session_id
+                what = f"upload from {who} for round {h.round}"
+                with self.stale.watch(context, h.session_id, h.task_id, what) as unwatch:
+                    # refused uploads never wait; an admitted one is read once it holds a slot
+                    if not self.upload_slots.acquire(context.is_active):
+                        log.info("upload from %s cancelled while waiting for a slot", who)
+                        return _reject("STALE", "the upload was cancelled while waiting")
+                    try:
+                        return self._read_update(h, caller, request_iterator, context, unwatch)
+                    finally:
+                        self.upload_slots.release()
 
     def _refuse_upload(
         self, h: pb.UpdateHeader, caller: str | None, context: grpc.ServicerContext
@@ -498,8 +583,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         caller: str | None,
         request_iterator: Iterator[pb.UpdateChunk | Chunk],
         context: grpc.ServicerContext,
+        received: Callable[[], None] = lambda: None,
     ) -> pb.UploadReply:
-        """Read, check and spool an admitted upload, then hand it to the engine."""
+        """Read, check and spool an admitted upload, then hand it to the engine. `received` is
+        called once every byte is in (before the engine takes the update)."""
         # the round may have closed while the upload waited for its slot
         refusal = self._refuse_upload(h, caller, context)
         if refusal is not None:
@@ -527,6 +614,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 return _reject("MALFORMED", message)
             if next(request_iterator, None) is not None:
                 raise WireError("messages after the trailer")
+            received()
             spool.finish(
                 trailer.digest,
                 total_bytes=h.total_bytes or None,

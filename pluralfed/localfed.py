@@ -8,15 +8,18 @@ service, the same as in a deployment; only the addresses are local.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -114,6 +117,87 @@ def node_ids(groups: Iterable[str], reserved: Iterable[str] = ()) -> dict[str, s
     return out
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT told the launcher to stop (see `stop_on_signals`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number (SIGTERM 143, SIGINT 130), as a shell reports a process the
+        signal ended: a supervisor can tell a stop from a finished (0) or failed run."""
+        return 128 + self.signum
+
+
+class _SignalState:
+    """What `stop_on_signals` saw: the first stop signal, whether `Stopped` was raised for it,
+    and how many `_signals_held` blocks are running (a signal waits for the last to end)."""
+
+    received: int | None
+    raised: bool
+    held: int
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.received, self.raised, self.held = None, False, 0
+
+    def raise_pending(self) -> None:
+        if self.received is not None and not self.raised and not self.held:
+            self.raised = True
+            raise Stopped(self.received)
+
+
+_signals = _SignalState()
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    if _signals.received is None:
+        _signals.received = signum
+    # later signals are ignored: raised in the middle of the cleanup, they would cut it short
+    _signals.raise_pending()
+
+
+# the signals that stop a local federation, and how long its processes then have to exit
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_GRACE_S = 5.0
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise `Stopped` in the main thread, once, so that
+    the `finally` of `run_local` stops every process it started. Python's default SIGTERM
+    action ends the process without running it: the coordinator and every node were left
+    running, orphans still writing into the run's folder. (Outside the main thread, where no
+    handler can be set, nothing changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _signals.reset()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _signals.reset()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A stop signal in the block is raised at its end: starting a child (it is not yet in
+    `Processes.children`, so nothing would stop it) or stopping them all (not to be cut short)."""
+    _signals.held += 1
+    try:
+        yield
+    finally:
+        _signals.held -= 1
+    _signals.raise_pending()
+
+
 class Processes:
     """The child processes of a run, their logs, and a way to stop them all."""
 
@@ -125,23 +209,28 @@ class Processes:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         out = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(out)
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.children[name] = proc
+        with _signals_held():
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.children[name] = proc
         return proc
 
     def stop_all(self, grace_s: float = 10.0) -> None:
-        for proc in self.children.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.time() + grace_s
-        for proc in self.children.values():
-            try:
-                proc.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for f in self._logs:
-            f.close()
+        """SIGTERM to every child still running, then SIGKILL to those still there after
+        `grace_s` (the coordinator's state survives a kill: it writes it atomically)."""
+        with _signals_held():
+            for proc in self.children.values():
+                if proc.poll() is None:
+                    proc.terminate()
+            deadline = time.time() + grace_s
+            for name, proc in self.children.items():
+                try:
+                    proc.wait(max(0.1, deadline - time.time()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %.0f s: killed", name, grace_s)
+                    proc.kill()
+                    proc.wait()
+            for f in self._logs:
+                f.close()
 
 
 def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
@@ -434,6 +523,12 @@ def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
                     log.warning(
                         "node %s exited with code %d; see %s", name, node_code, logs / f"{name}.log"
                     )
+    except Stopped as stop:
+        log.warning(
+            "%s: stopping the coordinator and the nodes (%d processes)", stop, len(procs.children)
+        )
+        procs.stop_all(STOP_GRACE_S)
+        raise
     finally:
         procs.stop_all()
     results: dict[str, Any] = json.loads((state_dir / "results.json").read_text("utf-8"))

@@ -3,9 +3,12 @@ processes that end the run at once with their own words instead of a wait until 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 import tomllib
@@ -247,3 +250,81 @@ def test_progress_logs_each_new_round_and_evaluation_once(
         "round 2 done: 1/2 updates in 2.5 s",
         "evaluation after round 2: held-out 0.7500 (worst 0.7000)",
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# stopping by signal: every process the launcher started stops with it (no orphans)
+
+
+def test_a_stop_signal_raises_stopped_once_and_waits_for_held_blocks() -> None:
+    with pytest.raises(localfed.Stopped) as term, localfed.stop_on_signals():
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(5)  # not reached: the handler raises in the main thread
+    assert term.value.exit_code == 143 and str(term.value) == "stopped by SIGTERM"
+    # starting or stopping children is not cut short: the signal is raised after it, and a
+    # second signal meanwhile changes nothing
+    finished = []
+    with pytest.raises(localfed.Stopped) as interrupt, localfed.stop_on_signals():
+        with localfed._signals_held():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            finished.append("held block")
+        finished.append("not reached")
+    assert finished == ["held block"] and interrupt.value.exit_code == 130
+    # outside the block the previous handlers are back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _children(pid: int) -> set[int]:
+    """The live (not zombie) child processes of `pid`, read from /proc."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_to_federate_stops_the_coordinator_and_every_node(
+    tmp_path: Path, signum: signal.Signals, code: int
+) -> None:
+    """Before, SIGTERM ended `pluralfed federate` at once and left the coordinator and every
+    node running (parent 1), still writing into --out."""
+    tiny = ["d_model=32", "n_layers=2", "d_ff=32", "mlp_layers=2", "members=1"]
+    argv = [sys.executable, "-m", "pluralfed.cli", "federate", "--out", str(tmp_path / "run")]
+    argv += ["--rounds", "300", "--synthetic-groups", "3", "--synthetic-questions", "40"]
+    argv += ["--local-steps", "1", "--eval-every", "0", *[f"--set={s}" for s in tiny]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # its own session: whatever happens, the teardown can stop all that it started
+    launcher = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while len(children := _children(launcher.pid)) < 4:  # coordinator + 3 nodes
+            assert launcher.poll() is None, launcher.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the federation did not start"
+            time.sleep(0.1)
+        launcher.send_signal(signum)
+        output = launcher.communicate(timeout=60)[0].decode()
+        assert launcher.returncode == code, output
+        assert f"stopped by {signum.name}: the coordinator and the nodes were stopped" in output
+        assert not [pid for pid in children if _alive(pid)], output
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()

@@ -30,16 +30,25 @@ NODES = {"node-a": "A", "node-b": "B"}
 
 
 class Federation:
-    def __init__(self, tmp: Path, weights: dict[str, np.ndarray], **slots: Any) -> None:
-        settings = RoundSettings(
-            rounds=2,
-            min_nodes=2,
-            round_timeout_s=3.0,
-            eval_every=0,
-            heartbeat_interval_s=1.0,
-            session_timeout_s=120.0,
+    def __init__(
+        self,
+        tmp: Path,
+        weights: dict[str, np.ndarray],
+        settings: dict[str, Any] | None = None,
+        **slots: Any,
+    ) -> None:
+        round_settings = RoundSettings(
+            **{
+                "rounds": 2,
+                "min_nodes": 2,
+                "round_timeout_s": 3.0,
+                "eval_every": 0,
+                "heartbeat_interval_s": 1.0,
+                "session_timeout_s": 120.0,
+                **(settings or {}),
+            }
         )
-        self.engine = RoundEngine(settings, weights, tmp / "state", ENC, {})
+        self.engine = RoundEngine(round_settings, weights, tmp / "state", ENC, {})
         self.server, port = start_server(
             self.engine,
             f"{HOST}:0",
@@ -95,20 +104,24 @@ def test_a_stalled_upload_frees_its_slot_at_the_rounds_deadline(tmp_path: Path) 
 
 def test_a_download_nobody_reads_frees_its_slot_and_one_runs_per_node(tmp_path: Path) -> None:
     slots = StreamSlots(1)
-    fed = Federation(tmp_path, {"w": np.zeros(2_000_000, np.float32)}, download_slots=slots)
+    # 5 s rounds: B's download in the retried round must end before that round closes (a
+    # download of a closed round is cut), also on a busy machine; 32 MB: more than gRPC's
+    # buffers and windows take in for a node that stops reading (8 MB sometimes all went)
+    weights = {"w": np.zeros(8_000_000, np.float32)}
+    fed = Federation(tmp_path, weights, {"round_timeout_s": 5.0}, download_slots=slots)
     try:
         tb = fed.b.wait_task(pb.TASK_KIND_TRAIN)
         request = pb.DownloadModelRequest(
             session_id=fed.a.session_id, model_version=tb.model_version
         )
         stuck = fed.a.stub.DownloadModel(request)
-        next(stuck)  # the header: a slot is taken; A reads no more (8 MB stay unsent)
+        next(stuck)  # the header: a slot is taken; A reads no more (most of it stays unsent)
         assert slots.active == 1
         with pytest.raises(grpc.RpcError) as second:
             next(fed.a.stub.DownloadModel(request, timeout=10))
         assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # at round 1's deadline (3 s) + grace the stuck download is cut; before, it held the
-        # slot for ever and no node got the model again
+        # when round 1 closes at its deadline (5 s) the stuck download is cut; before, it held
+        # the slot for ever and no node got the model again
         deadline = time.time() + 15
         while slots.active and time.time() < deadline:
             time.sleep(0.1)
@@ -141,5 +154,165 @@ def test_an_update_the_coordinator_cannot_store_is_answered_internal(
         ta = fed.a.wait_task(pb.TASK_KIND_TRAIN)
         reply = fed.a.upload(update_messages(fed.a.session_id, ta, {"w": np.ones(100)}, 10))
         assert reject_name(reply) == "INTERNAL" and "No space left" in reply.message
+    finally:
+        fed.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# streams of a session that expired, or of a round that closed, are cut at once (not at the
+# deadline fixed when they started: a node cut off without a TCP reset held its slot up to a
+# round's length into later rounds, and healthy uploads queued behind it)
+
+LONG_ROUND = {"round_timeout_s": 60.0}  # far past what any wait below allows
+# an evaluation report's figures (pluralfed.metrics.GroupEvaluation)
+METRICS = {"model": 0.5, "uniform_context": 0.4, "uniform_baseline": 0.3, "prior_baseline": 0.35}
+
+
+class KeepAlive:
+    """Heartbeats for `node` every half second, as a working node's heartbeat thread does."""
+
+    def __init__(self, node: FakeNode) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(node,), daemon=True)
+        self._thread.start()
+
+    def _beat(self, node: FakeNode) -> None:
+        while not self._stop.wait(0.5):
+            node.heartbeat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_an_upload_of_an_expired_session_frees_its_slot_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    slots = StreamSlots(1)
+    settings = {**LONG_ROUND, "session_timeout_s": 2.0, "min_updates": 1}
+    fed = Federation(tmp_path, {"w": np.zeros(1000, np.float32)}, settings, upload_slots=slots)
+    release = threading.Event()
+    beats = KeepAlive(fed.b)
+    try:
+        ta = fed.a.wait_task(pb.TASK_KIND_TRAIN)
+        tb = fed.b.wait_task(pb.TASK_KIND_TRAIN)
+        mine = update_messages(fed.a.session_id, ta, {"w": np.ones(1000, np.float32)}, 10)
+        held = fed.a.stub.UploadUpdate.future(stalled(mine, release))  # then A falls silent
+        wait_until(lambda: slots.active == 1, 10, "the stalled upload to take the slot")
+        started = time.monotonic()
+        theirs = update_messages(fed.b.session_id, tb, {"w": np.full(1000, 2.0, np.float32)}, 10)
+        # B waits for the slot; A's session expires after 2 s and its upload is cut then.
+        # Before, the slot stayed A's until the round's deadline (60 s) plus grace.
+        reply = fed.b.stub.UploadUpdate(iter(theirs), timeout=20)
+        assert reply.accepted, reply.message
+        assert time.monotonic() - started < 2.0 + 4.0
+        assert held.exception(timeout=10) is not None  # A's stalled RPC was cancelled
+        assert "for round 1 cancelled: its session ended or expired" in caplog.text
+        wait_until(lambda: fed.engine.completed_rounds() == 1, 10, "round 1 with B's update")
+    finally:
+        release.set()
+        beats.stop()
+        fed.close()
+
+
+def test_a_stalled_upload_is_cut_when_its_round_closes(tmp_path: Path) -> None:
+    """A's session stays live (long session timeout), but the round it uploads for closes:
+    every node reported its task failed, so the round is retried. A's stream of the closed
+    round is cut at once and the retried round's upload is read."""
+    slots = StreamSlots(1)
+    fed = Federation(tmp_path, {"w": np.zeros(1000, np.float32)}, LONG_ROUND, upload_slots=slots)
+    release = threading.Event()
+    try:
+        ta = fed.a.wait_task(pb.TASK_KIND_TRAIN)
+        tb = fed.b.wait_task(pb.TASK_KIND_TRAIN)
+        mine = update_messages(fed.a.session_id, ta, {"w": np.ones(1000, np.float32)}, 10)
+        held = fed.a.stub.UploadUpdate.future(stalled(mine, release))
+        wait_until(lambda: slots.active == 1, 10, "the stalled upload to take the slot")
+        for node, task in ((fed.a, ta), (fed.b, tb)):
+            node.heartbeat(state=pb.NODE_STATE_FAILED, task_id=task.task_id, message="test")
+        closed = time.monotonic()
+        wait_until(lambda: slots.active == 0, 10, "the closed round's upload to be cut")
+        assert time.monotonic() - closed < 3.0  # before: held until the 60 s deadline
+        assert held.exception(timeout=10) is not None
+        retried = fed.b.wait_task(pb.TASK_KIND_TRAIN)
+        assert retried.round == 1 and retried.task_id != tb.task_id
+        theirs = update_messages(fed.b.session_id, retried, {"w": np.ones(1000, np.float32)}, 10)
+        assert fed.b.stub.UploadUpdate(iter(theirs), timeout=10).accepted
+    finally:
+        release.set()
+        fed.close()
+
+
+def test_a_download_of_an_expired_session_frees_its_slot_at_once(tmp_path: Path) -> None:
+    slots = StreamSlots(1)
+    settings = {**LONG_ROUND, "session_timeout_s": 2.0}
+    # 32 MB: more than gRPC's buffers and windows hold for a node that stops reading
+    weights = {"w": np.zeros(8_000_000, np.float32)}
+    fed = Federation(tmp_path, weights, settings, download_slots=slots)
+    beats = KeepAlive(fed.b)
+    try:
+        ta = fed.a.wait_task(pb.TASK_KIND_TRAIN)
+        tb = fed.b.wait_task(pb.TASK_KIND_TRAIN)
+        request = pb.DownloadModelRequest(
+            session_id=fed.a.session_id, model_version=ta.model_version
+        )
+        stuck = fed.a.stub.DownloadModel(request)
+        next(stuck)  # the header: A holds the slot, reads no more and falls silent
+        assert slots.active == 1
+        started = time.monotonic()
+        wait_until(lambda: slots.active == 0, 10, "the expired session's download to be cut")
+        assert time.monotonic() - started < 2.0 + 3.0  # before: the 60 s round's deadline
+        with pytest.raises(grpc.RpcError) as cut:
+            sum(1 for _ in stuck)
+        assert cut.value.code() == grpc.StatusCode.CANCELLED
+        theirs = pb.DownloadModelRequest(
+            session_id=fed.b.session_id, model_version=tb.model_version
+        )
+        assert sum(1 for _ in fed.b.stub.DownloadModel(theirs, timeout=20)) > 2
+    finally:
+        beats.stop()
+        fed.close()
+
+
+def slow_download(node: FakeNode, version: str) -> int:
+    """Download `version` as a slow node would, pausing after the header while the stale-stream
+    watch looks at it a few times; the number of messages received."""
+    request = pb.DownloadModelRequest(session_id=node.session_id, model_version=version)
+    stream = node.stub.DownloadModel(request, timeout=30)
+    next(stream)
+    time.sleep(4 * server_module.STALE_CHECK_S)
+    return 1 + sum(1 for _ in stream)
+
+
+def test_evaluation_and_final_model_downloads_run_to_their_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cutting streams of closed tasks spares the ones still of use: an evaluation's download
+    while it is open, and the final model's while nodes linger after the run (no task open)."""
+    settings = {"rounds": 1, "eval_every": 1, "eval_timeout_s": 60.0}
+    weights = {"w": np.zeros(500_000, np.float32)}
+    fed = Federation(tmp_path, weights, settings)
+    try:
+        for node in (fed.a, fed.b):
+            task = node.wait_task(pb.TASK_KIND_TRAIN)
+            update = {"w": np.ones(500_000, np.float32)}
+            assert node.upload(update_messages(node.session_id, task, update, 10)).accepted
+        for node in (fed.a, fed.b):
+            task = node.wait_task(pb.TASK_KIND_EVALUATE)
+            assert slow_download(node, task.model_version) > 2
+            report = pb.EvaluationReport(
+                session_id=node.session_id,
+                task_id=task.task_id,
+                round=task.round,
+                group=node.group,
+                model_version=task.model_version,
+                metrics=pb.GroupMetrics(num_questions=12, mean_alignment=0.5, metrics=METRICS),
+            )
+            node.stub.ReportEvaluation(report, timeout=30)
+        final = fed.a.wait_task(pb.TASK_KIND_SHUTDOWN)
+        assert fed.engine.done and final.model_version
+        assert slow_download(fed.a, final.model_version) > 2
+        np.testing.assert_array_equal(fed.a.download(final.model_version)["w"], 1.0)
+        assert "cancelled" not in caplog.text
     finally:
         fed.close()

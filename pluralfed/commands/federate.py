@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from pluralfed.commands.coordinator import HELP as COORDINATOR_HELP
 from pluralfed.data import load_survey, write_jsonl
 from pluralfed.errors import InputError
 from pluralfed.evaluation import SetReport
-from pluralfed.localfed import LocalFederation, run_local
+from pluralfed.localfed import LocalFederation, Stopped, run_local, stop_on_signals
 from pluralfed.prepare import default_groups, parse_group_list
 from pluralfed.report import print_reports
 from pluralfed.synthetic import generate_synthetic
@@ -27,7 +28,8 @@ def register(subparsers: Any) -> None:
         "starts the coordinator and one node process per group (mutual TLS on loopback), runs "
         "all rounds and prints the PROTOCOL.md figures. Without --data it runs on synthetic "
         "demo data. Everything lands in --out: certs/, data/, logs/, coordinator/ (metrics.jsonl, "
-        "results.json, final/ checkpoint).",
+        "results.json, final/ checkpoint). SIGTERM or SIGINT stops the coordinator and every "
+        "node, and exits 143 or 130; the same command resumes the run.",
     )
     p.add_argument("--data", type=Path, help="survey data (CSV or JSONL); default: synthetic demo")
     p.add_argument("--groups", help="training groups (';' or ',' separated); default as `train`")
@@ -120,6 +122,21 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`_federate`, stopped by SIGTERM or SIGINT with every process it started (no orphans
+    left running), exiting 143 or 130 so a supervisor can tell a stop from a finished run."""
+    try:
+        with stop_on_signals():
+            return _federate(args)
+    except Stopped as stop:
+        print(
+            f"pluralfed federate: {stop}: the coordinator and the nodes were stopped; the same "
+            f"command (--out {args.out}) resumes the run",
+            file=sys.stderr,
+        )
+        return stop.exit_code
+
+
+def _federate(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.personalize_steps < 0:
         raise InputError(f"--personalize-steps must be 0 or more, got {args.personalize_steps}")
