@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import ipaddress
 import json
@@ -16,16 +17,19 @@ import logging
 import math
 import random
 import re
+import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+from cryptography import x509
 
-from group_node.worker import GroupWorker, TaskFailed
+from group_node.worker import GroupWorker, LocalResult, TaskFailed
 from pluralfed import __version__, protocol
 from pluralfed.config import ConfigValueError
 from pluralfed.errors import InputError
@@ -43,10 +47,14 @@ from pluralfed.tls import (
     ServerCheckFailed,
     TlsFiles,
     check_server_not_revoked,
+    format_time,
     load_revocation_list,
+    parse_certs,
+    read_file,
     resolve_tls_files,
     revocation_check_context,
     secure_channel,
+    utc_now,
 )
 from pluralfed.training import TrainingSettings
 from pluralfed.transport import (
@@ -227,6 +235,26 @@ FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 MAX_LOCAL_STEPS = protocol.MAX_LOCAL_STEPS
 REFUSED_TASK_POLL_S = 5.0  # how often a node asks again while its refused task is still open
 MAX_RETRY_AFTER_S = 60.0  # the longest WAIT.retry_after a node honours (then it asks anyway)
+# An upload the coordinator could not store (REJECT_REASON_INTERNAL, e.g. its disk is full)
+# leaves the task open, and the coordinator offers it again at once: the node sends the same
+# update again only after this back-off, doubled after each such refusal up to the cap, so a
+# coordinator in trouble is not hit by an upload several times a second (it may recover).
+UPLOAD_RETRY_INITIAL_S = REFUSED_TASK_POLL_S
+UPLOAD_RETRY_MAX_S = 120.0
+# refusals that answer the task for good ("one upload decides a round"): never sent again
+FINAL_REJECTIONS = frozenset(
+    {
+        pb.REJECT_REASON_STALE,
+        pb.REJECT_REASON_UNKNOWN_TASK,
+        pb.REJECT_REASON_MALFORMED,
+        pb.REJECT_REASON_DIGEST_MISMATCH,
+        pb.REJECT_REASON_NON_FINITE,
+        pb.REJECT_REASON_NORM_BOUND,
+        pb.REJECT_REASON_DUPLICATE,
+        pb.REJECT_REASON_ALREADY_REJECTED,
+    }
+)
+LEAVE_TIMEOUT_S = 5.0  # the Leave of a stopping node: well within Docker's 10 s stop timeout
 # longest heartbeat interval a node takes from Join, and longest it gives one task step (a
 # deadline further out is a coordinator bug; gRPC fails a call with a far deadline at once)
 MAX_HEARTBEAT_INTERVAL_S = protocol.MAX_HEARTBEAT_S
@@ -321,8 +349,57 @@ def model_config_of(text: str, where: str) -> dict[str, object]:
     return raw
 
 
+def reject_reason_name(reason: int) -> str:
+    """The enum name of an UploadReply.reason; a number a newer coordinator added, as is."""
+    try:
+        return pb.RejectReason.Name(reason)  # type: ignore[arg-type]
+    except ValueError:
+        return f"reject reason {reason}"
+
+
+def validity_problem(
+    certs: list[tuple[Path, str, x509.Certificate]], now: dt.datetime | None = None
+) -> str | None:
+    """Why one of this node's certificates cannot make a TLS connection now, or None.
+    `certs` holds (file, what, x509 certificate). A failed connection says only UNAVAILABLE
+    (gRPC keeps the handshake's reason to itself); a certificate that expired while the node ran
+    (or a clock that jumped) is a cause the node can name without the network."""
+    now = now or utc_now()
+    for path, what, cert in certs:
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        valid = f"valid from {format_time(start)} until {format_time(end)}"
+        if now < start:
+            return (
+                f"this node's {what} {path} is not valid yet ({valid}; now is "
+                f"{format_time(now)}): check this machine's clock"
+            )
+        if now > end:
+            return (
+                f"this node's {what} {path} has expired ({valid}; now is {format_time(now)}): "
+                "ask the federation's operator for a new one, then restart the node"
+            )
+    return None
+
+
 class SessionLost(Exception):
     """The coordinator no longer knows our session (it restarted or dropped us): join again."""
+
+
+class NodeStopped(Exception):
+    """A call was cancelled because the node is stopping (`GroupNode.stop`)."""
+
+
+@dataclass
+class UnsentUpdate:
+    """A trained update the coordinator could not store, and when to send it again."""
+
+    task_id: str
+    model_version: str
+    weights: dict
+    metrics: dict[str, float]
+    result: LocalResult
+    backoff_s: float
+    retry_at: float  # monotonic clock
 
 
 class NodeClient:
@@ -332,6 +409,19 @@ class NodeClient:
         self.config = config
         files = config.tls_files()
         self._files = files
+        # the certificates this node presents and trusts, as loaded at start: a failed
+        # connection checks their validity dates (`certificate_problem`) without any I/O
+        self._certs: list[tuple[Path, str, x509.Certificate]] = []
+        if files is not None:
+            for path, what in ((files.cert, "certificate"), (files.ca, "CA certificate")):
+                certs = parse_certs(read_file(path, what), path, what)
+                # the node's own: the first; the CA file may hold several CAs
+                self._certs += [(path, what, c) for c in certs[: 1 if path == files.cert else None]]
+        # RPCs in flight that `cancel_calls` cancels (a stopping node does not sit out a long
+        # poll or a transfer); once cancelled, every later one is cancelled as it starts
+        self._calls: set[grpc.Future] = set()
+        self._calls_lock = threading.Lock()
+        self._cancelled = False
         self._revocations: RevocationList | None = None
         self._check_context: ssl.SSLContext | None = None
         if files is not None and config.tls_crl is not None:  # a bad list: refused at start
@@ -367,6 +457,41 @@ class NodeClient:
         self.model_config: dict[str, object] = {}
         self.heartbeat_interval_s = 5.0
         self.upload_chunk_bytes = DEFAULT_CHUNK_BYTES
+
+    def certificate_problem(self) -> str | None:
+        """After a failed connection: this node's certificate or the CA's is expired or not
+        valid yet (which file, its dates), or None."""
+        return validity_problem(self._certs)
+
+    @contextlib.contextmanager
+    def _tracked(self, call: Any) -> Iterator[None]:
+        """`call` (a grpc.Future or response stream) may be cancelled by `cancel_calls`."""
+        with self._calls_lock:
+            self._calls.add(call)
+            if self._cancelled:
+                call.cancel()
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                self._calls.discard(call)
+
+    def _result(self, call: Any) -> Any:
+        """The result of a unary-response call started with `.future`, cancellable."""
+        with self._tracked(call):
+            try:
+                return call.result()
+            except grpc.FutureCancelledError:
+                raise NodeStopped("call cancelled: the node is stopping") from None
+
+    def cancel_calls(self) -> None:
+        """Cancel the RPCs in flight and every one started from now on (the node stops). Leave
+        and Heartbeat are not cancelled: they are short, and Leave is what a stop sends."""
+        with self._calls_lock:
+            self._cancelled = True
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
 
     def close(self) -> None:
         if self._revocations is not None:
@@ -413,16 +538,18 @@ class NodeClient:
     def join(self, num_examples: int, encoder_id: str, timeout: float = 30.0) -> pb.JoinReply:
         self._check_coordinator_certificate()
         role = pb.ROLE_TRAIN if self.config.role == "train" else pb.ROLE_EVALUATE_ONLY
-        reply = self.stub.Join(
-            pb.JoinRequest(
-                group=self.config.group,
-                role=role,
-                num_train_examples=num_examples,
-                software_version=__version__,
-                protocol_version=PROTOCOL_VERSION,
-                encoder_id=encoder_id,
-            ),
-            timeout=timeout,
+        reply: pb.JoinReply = self._result(
+            self.stub.Join.future(
+                pb.JoinRequest(
+                    group=self.config.group,
+                    role=role,
+                    num_train_examples=num_examples,
+                    software_version=__version__,
+                    protocol_version=PROTOCOL_VERSION,
+                    encoder_id=encoder_id,
+                ),
+                timeout=timeout,
+            )
         )
         where = f"coordinator {self.config.coordinator}"
         self.session_id = reply.session_id
@@ -446,7 +573,8 @@ class NodeClient:
         self._check_coordinator_certificate(only_if_reconnected=True)
         req = pb.GetTaskRequest(session_id=self.session_id)
         req.wait.FromMilliseconds(int(wait_s * 1000))
-        return self.stub.GetTask(req, timeout=wait_s + 30)
+        task: pb.Task = self._result(self.stub.GetTask.future(req, timeout=wait_s + 30))
+        return task
 
     def download(self, version: str, timeout: float) -> dict:
         """Model `version`, checked against its header (InputError saying what is wrong)."""
@@ -457,9 +585,10 @@ class NodeClient:
         )
         where = f"coordinator {self.config.coordinator}: model {version!r} download"
         try:
-            return receive_model(
-                stream, lambda message: InputError(f"{where}: {message}"), model_version=version
-            )
+            with self._tracked(stream):
+                return receive_model(
+                    stream, lambda message: InputError(f"{where}: {message}"), model_version=version
+                )
         except WireError as err:
             raise InputError(f"{where}: {err}") from None
 
@@ -480,25 +609,29 @@ class NodeClient:
             num_examples=num_examples,
             metrics=metrics,
         )
-        reply: pb.UploadReply = self._upload_update(
-            update_stream(header, weights, self.upload_chunk_bytes), timeout=timeout
+        reply: pb.UploadReply = self._result(
+            self._upload_update.future(
+                update_stream(header, weights, self.upload_chunk_bytes), timeout=timeout
+            )
         )
         return reply
 
     def report(self, task: pb.Task, group: str, metrics: dict[str, float], n: int) -> None:
         self._check_coordinator_certificate(only_if_reconnected=True)
-        self.stub.ReportEvaluation(
-            pb.EvaluationReport(
-                session_id=self.session_id,
-                task_id=task.task_id,
-                round=task.round,
-                group=group,
-                model_version=task.model_version,
-                metrics=pb.GroupMetrics(
-                    num_questions=n, mean_alignment=metrics["model"], metrics=metrics
+        self._result(
+            self.stub.ReportEvaluation.future(
+                pb.EvaluationReport(
+                    session_id=self.session_id,
+                    task_id=task.task_id,
+                    round=task.round,
+                    group=group,
+                    model_version=task.model_version,
+                    metrics=pb.GroupMetrics(
+                        num_questions=n, mean_alignment=metrics["model"], metrics=metrics
+                    ),
                 ),
-            ),
-            timeout=60,
+                timeout=60,
+            )
         )
 
     def heartbeat(
@@ -511,8 +644,8 @@ class NodeClient:
             timeout=10,
         )
 
-    def leave(self, reason: str) -> None:
-        self.stub.Leave(pb.LeaveRequest(session_id=self.session_id, reason=reason), timeout=10)
+    def leave(self, reason: str, timeout: float = 10.0) -> None:
+        self.stub.Leave(pb.LeaveRequest(session_id=self.session_id, reason=reason), timeout=timeout)
 
 
 class GroupNode:
@@ -525,21 +658,47 @@ class GroupNode:
         self._stop = threading.Event()
         self._state: pb.NodeState.ValueType = pb.NODE_STATE_IDLE
         self.rounds_trained = 0
-        # TRAIN tasks refused for bad settings: the coordinator offers a task until it is
-        # answered, so a refused one comes back until its round closes
+        # TRAIN tasks refused for bad settings, or whose update was rejected for good: the
+        # coordinator offers a task until it is answered, so one may come back until its round
+        # closes
         self._refused: set[str] = set()
+        # the update the coordinator could not store (REJECT_REASON_INTERNAL), kept to be sent
+        # again, not trained again, once the back-off after that refusal has passed
+        self._unsent: UnsentUpdate | None = None
+        # how a stop ends the run: set by the first `stop`
+        self._exit_code = 0
+        self._stop_reason = ""
         # the final model, downloaded at SHUTDOWN when this node personalizes
         self._final: tuple[pb.Task, dict] | None = None
         # when the current task arrived (monotonic clock), which its time budget counts from
         self._task_received = time.monotonic()
 
-    def stop(self) -> None:
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop soon (on signal `signum`): cancel the RPCs in flight, so a long poll of up to
+        poll_wait_s or a transfer does not delay it, then `run` leaves (so an open round stops
+        waiting for this node) and returns 128 + signum, the shell's code for a death by that
+        signal (143 SIGTERM, 130 SIGINT), never 0, which says the federation finished. Local
+        training in progress finishes first. Not for a signal handler: it takes locks."""
+        if not self._stop.is_set():
+            name = signal.Signals(signum).name
+            self._exit_code, self._stop_reason = 128 + signum, f"stopped by signal {name}"
+            log.info("%s: %s; stopping", self.config.group, name)
         self._stop.set()
+        self.client.cancel_calls()
+
+    def _stopped(self) -> int:
+        """After `stop`: leave (briefly; the coordinator may be gone) and say so."""
+        if self.client.session_id:
+            with contextlib.suppress(grpc.RpcError):
+                self.client.leave(self._stop_reason, timeout=LEAVE_TIMEOUT_S)
+        log.info("%s: %s (exit code %d)", self.config.group, self._stop_reason, self._exit_code)
+        return self._exit_code
 
     def run(self) -> int:
         """Returns 0 when the federation finished, 2 on a configuration problem or a message
-        from the coordinator that breaks the protocol (retrying cannot help either), 1 when the
-        coordinator stayed unreachable or a requested personalization failed."""
+        from the coordinator that breaks the protocol (retrying cannot help either, nor with a
+        certificate that expired), 1 when the coordinator stayed unreachable or a requested
+        personalization failed, 128 + the signal's number after `stop`."""
         backoff = self.config.backoff_initial_s
         unreachable_since: float | None = None
         try:
@@ -558,7 +717,11 @@ class GroupNode:
                         with contextlib.suppress(grpc.RpcError):
                             self.client.leave("stopped on an error")  # its text stays here
                     return 2
-                except (grpc.RpcError, ServerCheckFailed) as err:
+                except (grpc.RpcError, ServerCheckFailed, NodeStopped) as err:
+                    if self._stop.is_set():  # a call that `stop` cancelled: no failure
+                        break
+                    if isinstance(err, NodeStopped):
+                        raise
                     # (the tls_crl check of the coordinator's certificate that could not be
                     # made counts as an unreachable coordinator: never joined unchecked)
                     code = err.code() if isinstance(err, grpc.RpcError) else None
@@ -568,6 +731,16 @@ class GroupNode:
                             self.config.group,
                             code.name if code else "?",
                             err.details() if hasattr(err, "details") else err,
+                        )
+                        return 2
+                    problem = self.client.certificate_problem()
+                    if problem is not None:  # no handshake can succeed: retrying cannot help
+                        log.error(
+                            "%s: cannot connect to %s (%s): %s",
+                            self.config.group,
+                            self.config.coordinator,
+                            code.name if code else err,
+                            problem,
                         )
                         return 2
                     unreachable_since = unreachable_since or time.monotonic()
@@ -588,7 +761,7 @@ class GroupNode:
                     )
                     self._stop.wait(delay)
                     backoff = min(backoff * 2, self.config.backoff_max_s)
-            return 0
+            return self._stopped()
         finally:
             self.client.close()
 
@@ -631,6 +804,9 @@ class GroupNode:
                     return True
                 if task.kind == pb.TASK_KIND_TRAIN and task.task_id in self._refused:
                     self._stop.wait(REFUSED_TASK_POLL_S)  # not again at once: wait the round out
+                elif task.kind == pb.TASK_KIND_TRAIN and (wait := self._upload_backoff(task)):
+                    # ask again meanwhile (the round may close or the run end), as for a refusal
+                    self._stop.wait(min(wait, REFUSED_TASK_POLL_S))
                 elif task.kind == pb.TASK_KIND_TRAIN:
                     self._train(task)
                 elif task.kind == pb.TASK_KIND_EVALUATE:
@@ -642,6 +818,14 @@ class GroupNode:
             return False
         finally:
             stop_beats.set()
+
+    def _upload_backoff(self, task: pb.Task) -> float:
+        """Seconds before the update of `task` the coordinator could not store may be sent
+        again; 0 to go ahead."""
+        unsent = self._unsent
+        if unsent is None or unsent.task_id != task.task_id:
+            return 0.0
+        return max(0.0, unsent.retry_at - time.monotonic())
 
     def _fetch_final(self, task: pb.Task) -> None:
         """Download the final model named by SHUTDOWN (before leaving: the coordinator serves
@@ -763,22 +947,34 @@ class GroupNode:
                 self.client.heartbeat(pb.NODE_STATE_FAILED, task.task_id, str(err)[:1000])
             return
 
+        unsent = self._unsent
+        if unsent is not None and (unsent.task_id, unsent.model_version) != (
+            task.task_id,
+            task.model_version,
+        ):
+            unsent = self._unsent = None  # another task: that update is of no use any more
+
         def work() -> None:
-            self._load(task)
-            self._state = pb.NODE_STATE_TRAINING
-            result = self.worker.train(
-                steps, settings, task.hyperparameters.keep_local_optimizer_state
-            )
-            self._state = pb.NODE_STATE_UPLOADING
-            weights = self.worker.weights()
-            metrics = {
-                "loss": result.mean_loss,
-                "steps": float(result.steps),
-                "seconds": result.seconds,
-                ALIGNMENT_BEFORE: result.alignment_before,
-            }
-            if self.config.save_updates_dir is not None:
-                self._save_update(task, weights, metrics)
+            if unsent is None:
+                self._load(task)
+                self._state = pb.NODE_STATE_TRAINING
+                result = self.worker.train(
+                    steps, settings, task.hyperparameters.keep_local_optimizer_state
+                )
+                self._state = pb.NODE_STATE_UPLOADING
+                weights = self.worker.weights()
+                metrics = {
+                    "loss": result.mean_loss,
+                    "steps": float(result.steps),
+                    "seconds": result.seconds,
+                    ALIGNMENT_BEFORE: result.alignment_before,
+                }
+                if self.config.save_updates_dir is not None:
+                    self._save_update(task, weights, metrics)
+            else:  # the same update again: training twice would also step the optimizer twice
+                self._state = pb.NODE_STATE_UPLOADING
+                weights, metrics, result = unsent.weights, unsent.metrics, unsent.result
+                log.info("%s: round %d: sending the update again", self.config.group, task.round)
             reply = self.client.upload(
                 task,
                 weights,
@@ -787,14 +983,33 @@ class GroupNode:
                 timeout=self._time_left(task),
             )
             if not reply.accepted:
+                final = reply.reason in FINAL_REJECTIONS
+                if final:
+                    self._unsent = None
+                    self._refused.add(task.task_id)
+                else:  # the coordinator could not store it: the task stays open
+                    backoff = UPLOAD_RETRY_INITIAL_S
+                    if unsent is not None:
+                        backoff = min(unsent.backoff_s * 2, UPLOAD_RETRY_MAX_S)
+                    self._unsent = UnsentUpdate(
+                        task.task_id,
+                        task.model_version,
+                        weights,
+                        metrics,
+                        result,
+                        backoff,
+                        time.monotonic() + backoff,
+                    )
                 log.warning(
-                    "%s: round %d update not counted: %s (%s)",
+                    "%s: round %d update not counted: %s (%s)%s",
                     self.config.group,
                     task.round,
-                    pb.RejectReason.Name(reply.reason),
+                    reject_reason_name(reply.reason),
                     reply.message,
+                    "" if final else f"; sending it again in {backoff:g} s if the round is open",
                 )
                 return
+            self._unsent = None
             self.rounds_trained += 1
             log.info(
                 "%s: round %d trained (%d steps, lr %g, embedding noise %g, loss %.4f, %.1f s) "

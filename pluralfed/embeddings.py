@@ -577,6 +577,43 @@ class CachedEncoder:
         key_of = {t: hashlib.sha256(t.encode("utf-8")).digest() for t in items}
         unique = list(key_of)
         keys = [key_of[t] for t in unique]
+        computed: dict[bytes, np.ndarray] = {}  # fresh vectors: kept if the cache is rebuilt
+        for attempt in range(2):
+            try:
+                found = self._lookup_or_compute(unique, keys, computed)
+                break
+            except sqlite3.DatabaseError as e:
+                # corrupt pages that the open-time check did not read ("database disk image
+                # is malformed"): the same rebuild as for a file that does not open
+                if isinstance(e, sqlite3.OperationalError):  # locked, disk full: not the file
+                    raise InputError(f"cannot use the embedding cache {self.path}: {e}") from e
+                if attempt:
+                    raise InputError(
+                        f"embedding cache {self.path} is still unusable after rebuilding it "
+                        f"({e}): delete it, or point PLURALFED_CACHE_DIR elsewhere"
+                    ) from e
+                warnings.warn(
+                    f"embedding cache {self.path} is corrupt ({e}); rebuilding it",
+                    CacheWarning,
+                    stacklevel=2,
+                )
+                self._discard_file()
+        fresh = len(computed)
+        self.hits += len(unique) - fresh
+        self.misses += fresh
+        return np.stack([found[key_of[t]] for t in items]).astype(np.float32, copy=False)
+
+    def _discard_file(self) -> None:
+        """Delete the cache file and its WAL/SHM/journal, to be created anew (a cache)."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+
+    def _lookup_or_compute(
+        self, unique: list[str], keys: list[bytes], computed: dict[bytes, np.ndarray]
+    ) -> dict[bytes, np.ndarray]:
+        """Vectors by key: from the cache, else from `computed`, else from the inner encoder
+        (added to `computed`); every one not in the cache is written to it."""
+        dim = self.dim
         found: dict[bytes, np.ndarray] = {}
         con = self._connect()
         try:
@@ -602,9 +639,7 @@ class CachedEncoder:
                     stacklevel=2,
                 )
                 self._write(con, delete=bad, insert=[])
-            missing = [i for i, k in enumerate(keys) if k not in found]
-            self.hits += len(unique) - len(missing)
-            self.misses += len(missing)
+            missing = [i for i, k in enumerate(keys) if k not in found and k not in computed]
             if missing:
                 new = np.asarray(self.inner.encode([unique[i] for i in missing]), dtype=np.float32)
                 if new.shape != (len(missing), dim):
@@ -618,15 +653,19 @@ class CachedEncoder:
                         f"encoder returned non-finite values for {int((~finite).sum())} texts, "
                         f"e.g. {example[:80]!r}"
                     )
-                rows = []
                 for i, vec in zip(missing, new, strict=True):
+                    computed[keys[i]] = vec
+            rows = []
+            for key in keys:
+                if key not in found:
+                    vec = found[key] = computed[key]
                     blob = vec.astype("<f4").tobytes()
-                    rows.append((keys[i], blob, zlib.crc32(blob)))
-                    found[keys[i]] = vec
+                    rows.append((key, blob, zlib.crc32(blob)))
+            if rows:
                 self._write(con, delete=[], insert=rows)
         finally:
             con.close()
-        return np.stack([found[key_of[t]] for t in items]).astype(np.float32, copy=False)
+        return found
 
     @staticmethod
     def _write(
@@ -638,7 +677,8 @@ class CachedEncoder:
             con.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?, ?)", insert)
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:  # SQLite ends it by itself on some errors (a corrupt page)
+                con.execute("ROLLBACK")
             raise
 
 

@@ -349,6 +349,29 @@ def test_cache_drops_corrupt_rows(tmp_path: Path, damage: str) -> None:
     np.testing.assert_array_equal(got, np.stack([inner.vector("a"), inner.vector("b")]))
 
 
+def test_cache_rebuilds_a_file_with_corrupt_pages(tmp_path: Path) -> None:
+    """Garbage over pages the open-time check does not read (review F13: it crashed the node
+    with sqlite's "database disk image is malformed", naming no file): rebuilt, with a warning
+    naming the file, and every vector right."""
+    texts = [f"text {i}" for i in range(2000)]  # ~180 KB: the garbage lands on vector pages
+    cached = CachedEncoder(FakeEncoder(), tmp_path)
+    cached.encode(texts)
+    data = bytearray(cached.path.read_bytes())
+    assert len(data) > 60_000
+    data[50_000:60_000] = b"\xab" * 10_000
+    cached.path.write_bytes(bytes(data))
+    inner = FakeEncoder()
+    with pytest.warns(
+        CacheWarning, match=rf"{cached.path.name} is corrupt .*malformed.*rebuilding"
+    ):
+        got = CachedEncoder(inner, tmp_path).encode(texts)
+    np.testing.assert_array_equal(got, np.stack([inner.vector(t) for t in texts]))
+    assert inner.n_encoded == len(texts)  # each once, though the first read failed midway
+    again = FakeEncoder()  # the rebuilt file serves them all
+    CachedEncoder(again, tmp_path).encode(texts)
+    assert again.calls == []
+
+
 def test_cache_refuses_non_finite_vectors(tmp_path: Path) -> None:
     class NaNEncoder(FakeEncoder):
         def encode(self, texts: Sequence[str]) -> np.ndarray:

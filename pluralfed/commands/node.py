@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pluralfed.errors import InputError
 from pluralfed.tls import ServerCheckFailed
 
 ENV_PREFIX = "PLURALFED_NODE_"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 HELP = {
     "coordinator": "coordinator address, host:port (outbound; the only connection a node makes)",
@@ -68,7 +70,10 @@ def register(subparsers: Any) -> None:
         description="Embed this group's data locally, join the coordinator over mutual TLS and "
         "train or evaluate on every task until the run ends (the coordinator's SHUTDOWN). A "
         "lost connection is retried with back-off; only model weights and aggregate metrics "
-        "leave the node.",
+        "leave the node. Exit codes: 0 the run finished; 1 the coordinator stayed unreachable "
+        "(give_up_after_s) or personalization failed; 2 a setup problem (config, data, "
+        "certificate expired or not yet valid, refused by the coordinator); 143 stopped by "
+        "SIGTERM, 130 by SIGINT (Ctrl-C), after leaving the federation.",
     )
     check_p = sub.add_parser(
         "check",
@@ -103,9 +108,23 @@ def run(args: argparse.Namespace) -> int:
     data = load_survey(cfg.data_file(), groups=[cfg.group])
     worker = GroupWorker(cfg.group, data, open_encoder(cfg), seed=cfg.seed)
     node = GroupNode(cfg, worker)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: node.stop())
+    stop_on_signals(node)
     return node.run()
+
+
+def stop_on_signals(node: GroupNode) -> None:
+    """SIGINT/SIGTERM stop `node` at once (`GroupNode.stop`: its run returns 130/143). A second
+    signal takes the default action, so a stop that hangs can still be forced."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # stop() cancels gRPC calls and takes locks the interrupted main thread may hold: not
+        # in the handler itself
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        threading.Thread(target=node.stop, args=(signum,), name="stop", daemon=True).start()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
 
 
 def check(args: argparse.Namespace) -> int:
@@ -138,6 +157,9 @@ def check(args: argparse.Namespace) -> int:
         hint = hints.get(code, "see the coordinator log")
         if code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (err.details() or ""):
             hint = "the CA revoked this node's certificate: ask the operator for a new one"
+        problem = client.certificate_problem() if code == grpc.StatusCode.UNAVAILABLE else None
+        if problem is not None:
+            hint = problem
         print(f"FAILED: {code.name}: {err.details()}", file=sys.stderr)
         print(f"  meaning: {hint}", file=sys.stderr)
         return 1

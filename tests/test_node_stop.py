@@ -1,0 +1,256 @@
+"""How a running node ends or waits, against stand-in coordinators (real gRPC servers on
+127.0.0.1) and a real GroupWorker (fault-injection review F5, F7, F10):
+
+- an upload the coordinator could not store (INTERNAL, e.g. its disk is full) is sent again,
+  the same update, after a growing back-off, not downloaded, trained and uploaded in a tight loop;
+- SIGTERM/SIGINT stops a node within a second even in its 30 s long poll, sends Leave ("stopped
+  by signal ...") and exits 143/130, never 0 ("the federation finished");
+- a node that cannot connect while its own certificate expired (or is not valid yet) says so,
+  naming the file and its dates, and stops, instead of "coordinator unreachable" for ever.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from fedharness import HOST, Pki, free_port, stand_in_coordinator
+from test_validation_node import SMALL, StandIn, model_messages, small_weights, worker
+
+import group_node.node as node_module
+import pluralfed.commands.node as commands_node
+from group_node.node import GroupNode, NodeConfig
+from pluralfed.cli import main
+from pluralfed.commands.node import stop_on_signals
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.tls import CERT_FILE
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class CannotStore(StandIn):
+    """Offers TRAIN task t-1 until an upload of it is accepted (then SHUTDOWN, or after
+    `open_s`), refusing the first uploads with the given reasons, as a coordinator whose disk
+    is full refuses with INTERNAL and leaves the task open."""
+
+    def __init__(self, refusals: list[pb.RejectReason.ValueType], open_s: float = 30.0) -> None:
+        super().__init__(json.dumps(SMALL.to_dict()), model_messages(small_weights()))
+        self.refusals = list(refusals)
+        self.closes_at = time.monotonic() + open_s
+        self.offers = self.downloads = 0
+        self.uploads: list[float] = []  # when each upload arrived (monotonic)
+        self.done = False
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        if self.done or time.monotonic() >= self.closes_at:
+            return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+        self.offers += 1
+        task = super().GetTask(request, context)
+        task.hyperparameters.local_steps = 2
+        task.time_budget.FromMilliseconds(60_000)
+        return task
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        self.downloads += 1
+        yield from super().DownloadModel(request, context)
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        for _ in request_iterator:
+            pass
+        self.uploads.append(time.monotonic())
+        if self.refusals:
+            reason = self.refusals.pop(0)
+            return pb.UploadReply(accepted=False, reason=reason, message="No space left on device")
+        self.done = True
+        return pb.UploadReply(accepted=True)
+
+
+def node_config(port: int, tmp_path: Path, **kw: object) -> NodeConfig:
+    return NodeConfig(
+        coordinator=f"{HOST}:{port}", group="G", data=tmp_path / "g.csv", insecure=True, **kw
+    )  # type: ignore[arg-type]
+
+
+def test_an_update_the_coordinator_could_not_store_is_sent_again_after_a_growing_back_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review F5: before, every INTERNAL refusal was followed at once by the same task's
+    download, training and upload: 142 uploads of one node in 24 s."""
+    monkeypatch.setattr(node_module, "UPLOAD_RETRY_INITIAL_S", 0.3)
+    monkeypatch.setattr(node_module, "UPLOAD_RETRY_MAX_S", 0.5)
+    servicer = CannotStore([pb.REJECT_REASON_INTERNAL] * 3)
+    with stand_in_coordinator(servicer) as port:
+        node = GroupNode(node_config(port, tmp_path), worker())
+        with caplog.at_level(logging.INFO, logger="pluralfed.node"):
+            assert node.run() == 0  # it never gave up: the 4th upload counted, the run finished
+    assert len(servicer.uploads) == 4 and node.rounds_trained == 1
+    assert servicer.downloads == 1  # trained once: the same update was sent again
+    gaps = [b - a for a, b in zip(servicer.uploads, servicer.uploads[1:], strict=False)]
+    for gap, backoff in zip(gaps, (0.3, 0.5, 0.5), strict=True):  # 0.3, doubled, capped
+        assert gap >= backoff - 0.05, gaps
+    assert servicer.offers <= 12  # asked again while waiting, but not in a tight loop
+    messages = [r.getMessage() for r in caplog.records]
+    assert (
+        "G: round 1 update not counted: REJECT_REASON_INTERNAL (No space left on device); "
+        "sending it again in 0.3 s if the round is open" in messages
+    )
+    assert messages.count("G: round 1: sending the update again") == 3
+
+
+def test_an_update_rejected_for_good_is_not_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One upload decides a round: a coordinator that still offers the task is waited out."""
+    monkeypatch.setattr(node_module, "REFUSED_TASK_POLL_S", 0.2)
+    servicer = CannotStore([pb.REJECT_REASON_NORM_BOUND], open_s=1.5)
+    with stand_in_coordinator(servicer) as port:
+        node = GroupNode(node_config(port, tmp_path), worker())
+        assert node.run() == 0
+    assert len(servicer.uploads) == 1 and servicer.downloads == 1
+    assert 2 <= servicer.offers <= 12
+
+
+class LongPoll(StandIn):
+    """Holds every GetTask for its full `wait` (then WAIT), as a coordinator with no task does."""
+
+    def __init__(self) -> None:
+        super().__init__("", [])
+        self.polling = threading.Event()
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        self.polling.set()
+        until = time.monotonic() + request.wait.ToMilliseconds() / 1000
+        while context.is_active() and time.monotonic() < until:
+            time.sleep(0.02)
+        return pb.Task(kind=pb.TASK_KIND_WAIT)
+
+
+def test_a_stopped_node_cancels_its_long_poll_leaves_and_says_it_was_stopped(
+    tmp_path: Path,
+) -> None:
+    """Review F7: before, a stop waited for the long poll (up to poll_wait_s, 30 s), sent no
+    Leave (the open round waited for the node until its session expired) and exited 0."""
+    servicer = LongPoll()
+    with stand_in_coordinator(servicer) as port:
+        node = GroupNode(node_config(port, tmp_path, poll_wait_s=30.0), worker())
+        stopped: list[float] = []
+
+        def stop() -> None:
+            servicer.polling.wait(20)
+            stopped.append(time.monotonic())
+            node.stop(signal.SIGTERM)
+
+        threading.Thread(target=stop, daemon=True).start()
+        code = node.run()
+        took = time.monotonic() - stopped[0]
+    assert code == 143
+    assert took < 2.0, took
+    assert servicer.left == ["stopped by signal SIGTERM"]
+
+
+def test_sigint_stops_a_node_in_its_long_poll_with_exit_code_130(tmp_path: Path) -> None:
+    """The real signal path of `pluralfed node run`: the handler, the node's main thread
+    blocked in the poll, and a second signal left to its default action."""
+    servicer = LongPoll()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with stand_in_coordinator(servicer) as port:
+        node = GroupNode(node_config(port, tmp_path, poll_wait_s=30.0), worker())
+        try:
+            stop_on_signals(node)
+
+            def interrupt() -> None:
+                servicer.polling.wait(20)
+                signal.raise_signal(signal.SIGINT)
+
+            threading.Thread(target=interrupt, daemon=True).start()
+            started = time.monotonic()
+            code = node.run()
+            took = time.monotonic() - started
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # a second one: at once
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+    assert code == 130 and took < 5.0, took
+    assert servicer.left == ["stopped by signal SIGINT"]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize("when", ["expired", "not valid yet"])
+def test_a_node_whose_certificate_is_no_longer_valid_says_so_when_it_cannot_connect(
+    tmp_path: Path,
+    pki: Pki,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    when: str,
+) -> None:
+    """Review F10: a certificate that expired while the node ran (the coordinator down, or its
+    handshake refused): before, "coordinator unreachable; retrying" for ever."""
+    folder = pki.node("node-g")
+    cert = x509.load_pem_x509_certificate((folder / CERT_FILE).read_bytes())
+    now = (
+        cert.not_valid_after_utc + dt.timedelta(days=1)
+        if when == "expired"
+        else cert.not_valid_before_utc - dt.timedelta(hours=1)
+    )
+    config = NodeConfig(
+        coordinator=f"{HOST}:{free_port()}",  # nobody listens: UNAVAILABLE
+        group="G",
+        data=tmp_path / "g.csv",
+        tls_dir=folder,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.1,
+        give_up_after_s=2.0,  # without the check: exit 1 after 2 s of "unreachable"
+    )
+    node = GroupNode(config, worker())  # loads the files now, while they are valid
+    monkeypatch.setattr(node_module, "utc_now", lambda: now)
+    with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+        assert node.run() == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    path = folder / CERT_FILE
+    start = cert.not_valid_before_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    end = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert error.startswith(f"G: cannot connect to {config.coordinator} (UNAVAILABLE): ")
+    assert (
+        f"this node's certificate {path} {'has expired' if when == 'expired' else 'is not valid yet'}"
+        in error
+    )
+    assert f"valid from {start} until {end}" in error
+
+
+def test_node_check_names_an_expired_certificate(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = pki.node("node-g")
+    cert = x509.load_pem_x509_certificate((folder / CERT_FILE).read_bytes())
+    real_client = node_module.NodeClient
+
+    def expired_later(config: NodeConfig) -> node_module.NodeClient:
+        client = real_client(config)  # the files are valid when they are loaded
+        monkeypatch.setattr(
+            node_module, "utc_now", lambda: cert.not_valid_after_utc + dt.timedelta(days=1)
+        )
+        return client
+
+    monkeypatch.setattr(commands_node, "NodeClient", expired_later)
+    argv = ["node", "check", "--group", "G", "--tls-dir", str(folder)]
+    assert main([*argv, "--coordinator", f"{HOST}:{free_port()}"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: UNAVAILABLE" in err
+    assert f"meaning: this node's certificate {folder / CERT_FILE} has expired" in err
