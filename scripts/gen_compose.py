@@ -166,7 +166,9 @@ def render(args: argparse.Namespace) -> str:
     described = " ".join(a for a in sys.argv[1:]) or "defaults"
     out = [HEADER.format(args=described)]
     out.append(
-        "x-node: &node\n  image: pluralfed:latest\n  restart: on-failure\n"
+        # init: docker's init runs as PID 1 and passes signals on, so `docker compose stop`
+        # reaches the node at once, even before it has set its own handlers
+        "x-node: &node\n  image: pluralfed:latest\n  init: true\n  restart: on-failure\n"
         "  depends_on:\n    coordinator:\n      condition: service_healthy\n"
     )
     out.append("services:")
@@ -189,6 +191,7 @@ def render(args: argparse.Namespace) -> str:
     out.append(
         "  coordinator:\n"
         "    image: pluralfed:latest\n"
+        "    init: true\n"
         "    build:\n"
         "      context: .\n"
         "      network: none\n"
