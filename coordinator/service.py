@@ -142,7 +142,9 @@ class CoordinatorConfig:
     max_concurrent_downloads: int = DEFAULT_MAX_CONCURRENT_DOWNLOADS  # memory: O(this)
     download_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # memory: O(this x concurrent downloads)
     upload_window_bytes: int = SERVER_STREAM_WINDOW_BYTES  # memory: O(this x nodes); speed far off
-    linger_s: float = 15.0  # keep answering after the last round so nodes hear SHUTDOWN
+    # keep answering after the last round so nodes hear SHUTDOWN: longer than a node's longest
+    # reconnect back-off (backoff_max_s 15 s, with jitter up to 22.5 s)
+    linger_s: float = 30.0
 
     def __post_init__(self) -> None:
         """Refuse each value no run could use, naming its key, when the config is loaded: the

@@ -278,6 +278,14 @@ def load_state(folder: Path) -> RunState | None:
         raise InputError(f"{path}: field 'optimizer_scalars' must be an object")
     # what the engine and the final report read from each record
     history = _records(raw, "history", path, {"round": int, "participants": list})
+    for r in history:  # the end of a run reads them as group names
+        for key in ("participants", "selected"):
+            names = r.get(key, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise InputError(
+                    f"{path}: field 'history', round {r['round']}: {key!r} must be a list of "
+                    "group names"
+                )
     evaluations = _records(raw, "evaluations", path, {"round": int, "reports": dict})
     _check_consistent(raw, history, evaluations, path)
     weights_path = _file_in(folder, raw, "weights_file", path)

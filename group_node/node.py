@@ -246,7 +246,8 @@ FINAL_REJECTIONS = frozenset(
     {
         pb.REJECT_REASON_STALE,
         pb.REJECT_REASON_UNKNOWN_TASK,
-        pb.REJECT_REASON_MALFORMED,
+        # not MALFORMED: the coordinator refuses a stream cut before its trailer as MALFORMED
+        # and keeps the task open; a MALFORMED it meant for good answers ALREADY_REJECTED next
         pb.REJECT_REASON_DIGEST_MISMATCH,
         pb.REJECT_REASON_NON_FINITE,
         pb.REJECT_REASON_NORM_BOUND,
@@ -415,8 +416,14 @@ class NodeClient:
         if files is not None:
             for path, what in ((files.cert, "certificate"), (files.ca, "CA certificate")):
                 certs = parse_certs(read_file(path, what), path, what)
-                # the node's own: the first; the CA file may hold several CAs
-                self._certs += [(path, what, c) for c in certs[: 1 if path == files.cert else None]]
+                # the node's own: the first. The CA file may hold several CAs (a rotation): the
+                # newest-expiring one stands for them, since one valid CA is enough
+                first = (
+                    certs[0]
+                    if path == files.cert
+                    else max(certs, key=lambda c: c.not_valid_after_utc)
+                )
+                self._certs.append((path, what, first))
         # RPCs in flight that `cancel_calls` cancels (a stopping node does not sit out a long
         # poll or a transfer); once cancelled, every later one is cancelled as it starts
         self._calls: set[grpc.Future] = set()
@@ -915,6 +922,13 @@ class GroupNode:
                 self.client.heartbeat(pb.NODE_STATE_FAILED, task.task_id, str(err)[:1000])
         except grpc.RpcError as err:
             code = err.code()
+            if code == grpc.StatusCode.CANCELLED and not self._stop.is_set():
+                # the coordinator cut the transfer: its round closed or it took our session
+                # for gone; the next GetTask says which (a new task, or rejoin)
+                log.warning(
+                    "%s: %s cut by the coordinator (its round closed?)", self.config.group, what
+                )
+                return
             if code in (
                 grpc.StatusCode.NOT_FOUND,  # the model version moved on: the task is superseded
                 grpc.StatusCode.FAILED_PRECONDITION,

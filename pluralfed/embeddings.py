@@ -436,6 +436,10 @@ def make_encoder(spec: str | None = None, **kw: Any) -> HFTextEncoder:
 # Disk cache
 
 
+# SQLite's primary result codes of a damaged or foreign file (SQLITE_CORRUPT, SQLITE_NOTADB)
+_CORRUPT_FILE_CODES = frozenset({11, 26})
+
+
 class CacheWarning(UserWarning):
     """The embedding cache was unusable (corrupt or incompatible) and was rebuilt or repaired."""
 
@@ -585,7 +589,9 @@ class CachedEncoder:
             except sqlite3.DatabaseError as e:
                 # corrupt pages that the open-time check did not read ("database disk image
                 # is malformed"): the same rebuild as for a file that does not open
-                if isinstance(e, sqlite3.OperationalError):  # locked, disk full: not the file
+                # only a damaged file is rebuilt; locked, disk full or a bug here is not the
+                # file's fault, and deleting the cache would not help
+                if getattr(e, "sqlite_errorcode", 0) & 0xFF not in _CORRUPT_FILE_CODES:
                     raise InputError(f"cannot use the embedding cache {self.path}: {e}") from e
                 if attempt:
                     raise InputError(

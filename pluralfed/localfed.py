@@ -117,8 +117,9 @@ def node_ids(groups: Iterable[str], reserved: Iterable[str] = ()) -> dict[str, s
     return out
 
 
-class Stopped(Exception):
-    """SIGTERM or SIGINT told the launcher to stop (see `stop_on_signals`)."""
+class Stopped(BaseException):
+    """SIGTERM or SIGINT told the launcher to stop (see `stop_on_signals`). A BaseException,
+    like KeyboardInterrupt, so that no `except Exception` on the way swallows the stop."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")

@@ -175,6 +175,14 @@ def _edited(folder: Path, edit: Any) -> Path:
             r"evaluations\[3\] is a second evaluation of round 1",
         ),
         (
+            lambda raw: raw["history"][1].update(selected=5),
+            r"'history', round 2: 'selected' must be a list of group names",
+        ),
+        (
+            lambda raw: raw["history"][0].update(participants=["A", 7]),
+            r"'history', round 1: 'participants' must be a list of group names",
+        ),
+        (
             lambda raw: raw["evaluations"][0].update(groups="A"),
             r"evaluations\[0\] field 'groups' must be a list",
         ),

@@ -328,3 +328,17 @@ def test_a_stop_signal_to_federate_stops_the_coordinator_and_every_node(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
+
+
+def test_a_stop_is_not_an_exception() -> None:
+    """`except Exception` anywhere on the way must not swallow a stop (then every later signal
+    was ignored): Stopped is a BaseException, like KeyboardInterrupt."""
+    from pluralfed.localfed import Stopped
+
+    try:
+        try:
+            raise Stopped(signal.SIGTERM)
+        except Exception:  # what a data loader's error handling does
+            pytest.fail("Stopped was caught as an Exception")
+    except Stopped as stop:
+        assert stop.signum == signal.SIGTERM

@@ -123,6 +123,45 @@ def test_an_update_rejected_for_good_is_not_sent_again(
     assert 2 <= servicer.offers <= 12
 
 
+class CutsFirstUpload(CannotStore):
+    """Cuts the first upload mid-stream (context.cancel()), as the coordinator's
+    StaleTransfers does when a round closes; counts Joins."""
+
+    def __init__(self) -> None:
+        super().__init__([], open_s=20)
+        self.joins = 0
+        self.cut = False
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self.joins += 1
+        return super().Join(request, context)
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        if not self.cut:
+            self.cut = True
+            next(request_iterator)
+            context.cancel()
+            return pb.UploadReply(accepted=False)
+        return super().UploadUpdate(request_iterator, context)
+
+
+def test_a_transfer_the_coordinator_cuts_is_no_reason_to_rejoin(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cut transfer (CANCELLED from the coordinator) is not an unreachable coordinator: the
+    node keeps its session and asks for its next task, which here is the same one again."""
+    servicer = CutsFirstUpload()
+    with stand_in_coordinator(servicer) as port, caplog.at_level(logging.INFO):
+        node = GroupNode(node_config(port, tmp_path, backoff_initial_s=0.5), worker())
+        assert node.run() == 0
+    assert servicer.joins == 1
+    assert servicer.done and len(servicer.uploads) == 1  # the second upload, accepted
+    assert "update cut by the coordinator" in caplog.text
+    assert "unreachable" not in caplog.text
+
+
 class LongPoll(StandIn):
     """Holds every GetTask for its full `wait` (then WAIT), as a coordinator with no task does."""
 

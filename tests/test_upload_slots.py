@@ -299,7 +299,7 @@ def test_an_upload_waiting_for_its_slot_sends_about_the_window(tmp_path: Path, w
         waiter = nodes["node-1"].stub.UploadUpdate.future(counted(), timeout=60)
         wait_until(lambda: slots.waiting == 1, 10, "node-1 to wait for the slot", poll_s=0.02)
         last, still = -1, 0
-        while still < 3:  # until the sender is blocked by flow control
+        while still < 5:  # until the sender is blocked by flow control
             still = still + 1 if sent == last else 0
             last = sent
             time.sleep(scaled(0.3))
