@@ -393,8 +393,10 @@ class RoundEngine:
                 f"{fresh}"
             )
 
-    def _refresh_version(self) -> None:
-        self.model_digest = digest_of(self.state.weights)
+    def _refresh_version(self, weights_digest: bytes | None = None) -> None:
+        """The model's version and digest, after its weights changed (`weights_digest`: theirs,
+        if known: hashing a large model once per round is enough)."""
+        self.model_digest = weights_digest or digest_of(self.state.weights)
         digest = self.model_digest.hex()[:12]
         self.model_version = f"{self.state.run_id}-r{self.state.completed_rounds}-{digest}"
 
@@ -1216,8 +1218,9 @@ class RoundEngine:
                 "finished_at": time.time(),
             }
             self.state.history.append(record)
-            save_state(self.state_dir, self.state)
-            self._refresh_version()
+            digest = digest_of(self.state.weights)
+            save_state(self.state_dir, self.state, digest)
+            self._refresh_version(digest)
             self._write_metrics()
         log.info("%s", describe_record(record, st.rounds))
         if self._on_round:
@@ -1270,7 +1273,7 @@ class RoundEngine:
                 self.state.evaluations = [e for e in self.state.evaluations if e not in earlier]
                 self.evaluated_again = True
             self.state.evaluations.append(record)
-            save_state(self.state_dir, self.state)
+            save_state(self.state_dir, self.state, self.model_digest)
             self._write_metrics()
         log.info("%s", describe_record(record))
         if self._on_round:

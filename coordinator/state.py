@@ -67,9 +67,11 @@ def _writing(path: Path) -> Iterator[None]:
         raise CheckpointError(f"cannot write {path}: {err}") from err
 
 
-def _save_tensor_file(folder: Path, name: str, tensors: Mapping[str, np.ndarray]) -> str:
+def _save_tensor_file(
+    folder: Path, name: str, tensors: Mapping[str, np.ndarray], digest: bytes | None = None
+) -> str:
     """Write `tensors` to `folder/name` (a temp file first, removed if the write fails);
-    returns their digest's hex, which state.json records."""
+    returns their digest's hex (`digest` if the caller has it), which state.json records."""
     tmp = folder / f".{name}.tmp"
     with _writing(folder / name):
         try:
@@ -78,15 +80,16 @@ def _save_tensor_file(folder: Path, name: str, tensors: Mapping[str, np.ndarray]
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    return digest_of(tensors).hex()
+    return (digest or digest_of(tensors)).hex()
 
 
-def save_state(folder: Path, state: RunState) -> None:
+def save_state(folder: Path, state: RunState, weights_digest: bytes | None = None) -> None:
     """Checkpoint `state`; raises CheckpointError naming the file that could not be written
-    (state.json is then still the previous checkpoint)."""
+    (state.json is then still the previous checkpoint). `weights_digest`: `digest_of` the
+    weights, when the caller has it already (the round engine hashes them for the version)."""
     folder = Path(folder)
     weights_file = _weights_name(state)
-    weights_digest = _save_tensor_file(folder, weights_file, state.weights)
+    weights_hex = _save_tensor_file(folder, weights_file, state.weights, weights_digest)
     arrays = {k: v for k, v in state.optimizer_state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in state.optimizer_state.items() if not isinstance(v, np.ndarray)}
     optimizer_file = optimizer_digest = None
@@ -101,7 +104,7 @@ def save_state(folder: Path, state: RunState) -> None:
                 "run_id": state.run_id,
                 "completed_rounds": state.completed_rounds,
                 "weights_file": weights_file,
-                "weights_digest": weights_digest,
+                "weights_digest": weights_hex,
                 "optimizer_file": optimizer_file,
                 "optimizer_digest": optimizer_digest,
                 "optimizer_scalars": scalars,
