@@ -32,7 +32,7 @@ from cryptography import x509
 from group_node.worker import GroupWorker, LocalResult, TaskFailed
 from pluralfed import __version__, protocol
 from pluralfed.config import ConfigValueError
-from pluralfed.errors import InputError
+from pluralfed.errors import InputError, signal_exit_code
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.protocol import (
@@ -688,7 +688,8 @@ class GroupNode:
         training in progress finishes first. Not for a signal handler: it takes locks."""
         if not self._stop.is_set():
             name = signal.Signals(signum).name
-            self._exit_code, self._stop_reason = 128 + signum, f"stopped by signal {name}"
+            self._exit_code = signal_exit_code(signum)
+            self._stop_reason = f"stopped by signal {name}"
             log.info("%s: %s; stopping", self.config.group, name)
         self._stop.set()
         self.client.cancel_calls()

@@ -1,4 +1,17 @@
-"""Errors that carry a clear message about what was wrong and where."""
+"""Errors that carry a clear message about what was wrong and where, and the exit codes of a
+stop by signal."""
+
+import signal
+
+# the signals that stop a node or a local federation; a process stopped by one exits with
+# `signal_exit_code`, never 0 (which says the federation finished)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def signal_exit_code(signum: int) -> int:
+    """128 + the signal's number (SIGTERM 143, SIGINT 130), as a shell reports a process that
+    signal ended: a supervisor can tell a stop from a finished (0) or failed run."""
+    return 128 + signum
 
 
 class InputError(ValueError):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pluralfed.data import SurveyData, group_slug, select_groups, write_group_files
-from pluralfed.errors import InputError
+from pluralfed.errors import STOP_SIGNALS, InputError, signal_exit_code
 from pluralfed.pki import create_ca, issue_node_cert, issue_server_cert
 from pluralfed.records import describe_record
 
@@ -127,9 +127,7 @@ class Stopped(BaseException):
 
     @property
     def exit_code(self) -> int:
-        """128 + the signal's number (SIGTERM 143, SIGINT 130), as a shell reports a process the
-        signal ended: a supervisor can tell a stop from a finished (0) or failed run."""
-        return 128 + self.signum
+        return signal_exit_code(self.signum)
 
 
 class _SignalState:
@@ -162,8 +160,7 @@ def _on_signal(signum: int, _frame: object) -> None:
     _signals.raise_pending()
 
 
-# the signals that stop a local federation, and how long its processes then have to exit
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# how long a local federation's processes have to exit once it is stopped
 STOP_GRACE_S = 5.0
 
 

@@ -17,11 +17,10 @@ from group_node.worker import GroupWorker
 from pluralfed.config import add_config_args, load_config, overrides_from_args
 from pluralfed.data import load_survey
 from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
-from pluralfed.errors import InputError
+from pluralfed.errors import STOP_SIGNALS, InputError
 from pluralfed.tls import ServerCheckFailed
 
 ENV_PREFIX = "PLURALFED_NODE_"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 HELP = {
     "coordinator": "coordinator address, host:port (outbound; the only connection a node makes)",
