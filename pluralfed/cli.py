@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from collections.abc import MutableMapping
 
 from pluralfed.errors import InputError
 
@@ -74,8 +76,27 @@ def chosen_command(argv: list[str]) -> str | None:
     return next((word for word in argv if word in COMMANDS), None)
 
 
+# gRPC core logs a line (INFO) for every failed TLS handshake, unthrottled: any peer that can
+# reach the coordinator's port could grow its log without limit, which the coordinator's own
+# refusal log (once per caller and reason, then once a minute) exists to prevent. So below ERROR
+# gRPC core stays quiet unless asked: `pluralfed -v`, or GRPC_VERBOSITY set by the operator.
+GRPC_CORE_VERBOSITY = "ERROR"
+
+
+def quiet_grpc_core(argv: list[str], environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set GRPC_VERBOSITY for this process and its children unless the operator chose one or
+    asked for debug logging. gRPC reads it once, when imported: so before any command runs."""
+    command = chosen_command(argv)
+    before = argv[: argv.index(command)] if command else argv
+    if "-v" in before or "--verbose" in before:
+        return
+    environ.setdefault("GRPC_VERBOSITY", GRPC_CORE_VERBOSITY)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "grpc" not in sys.modules:  # imported already (in-process callers): too late to matter
+        quiet_grpc_core(argv)
     parser = build_parser(chosen_command(argv) or "")
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -366,8 +366,10 @@ def start_coordinator(
     name: str = "coordinator",
     cache_dir: Path | None = None,
     wait: bool = True,
+    verbose: bool = False,
 ) -> Coordinator:
-    """Write `work/<name>.toml` and start `pluralfed coordinator` with it (pki=None: insecure)."""
+    """Write `work/<name>.toml` and start `pluralfed coordinator` with it (pki=None: insecure;
+    verbose: `pluralfed -v`, debug logging)."""
     state_dir = work / name
     config = work / f"{name}.toml"
     work.mkdir(parents=True, exist_ok=True)
@@ -377,17 +379,27 @@ def start_coordinator(
         {"allow_list": dict(allow_list)},
     )
     coordinator = Coordinator(
-        _launch(procs, name, config, state_dir, cache_dir), config, state_dir, 0
+        _launch(procs, name, config, state_dir, cache_dir, verbose), config, state_dir, 0
     )
     if wait:
         coordinator.port = wait_for_port(coordinator)
     return coordinator
 
 
-def _launch(procs: Procs, name: str, config: Path, state_dir: Path, cache_dir: Path | None) -> Proc:
+def _launch(
+    procs: Procs,
+    name: str,
+    config: Path,
+    state_dir: Path,
+    cache_dir: Path | None,
+    verbose: bool = False,
+) -> Proc:
     (state_dir / "coordinator.port").unlink(missing_ok=True)  # so a new one means "listening"
+    options = ["-v"] if verbose else []
     return procs.start(
-        name, [*CLI, "coordinator", "--config", str(config)], env_for_children(cache_dir)
+        name,
+        [*CLI, *options, "coordinator", "--config", str(config)],
+        env_for_children(cache_dir),
     )
 
 

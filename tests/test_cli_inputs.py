@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tinymodel import CFG, random_item
 
-from pluralfed.cli import build_parser, main
+from pluralfed.cli import build_parser, main, quiet_grpc_core
 from pluralfed.data import is_test_question
 from pluralfed.episodes import GroupSplit
 from pluralfed.errors import InputError
@@ -164,3 +164,20 @@ def test_train_takes_the_coordinators_names_for_layers_and_heads() -> None:
         ["train", "--data", "x.csv", "--out", "o", "--n-layers", "3", "--n-heads", "2"]
     )
     assert (args.layers, args.heads) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        (["coordinator", "--config", "c.toml"], {}, "ERROR"),
+        (["node", "run", "-v"], {}, "ERROR"),  # a word after the command is the command's
+        (["-v", "coordinator"], {}, None),  # debug logging: gRPC core speaks too
+        (["--verbose", "node", "run"], {}, None),
+        (["coordinator"], {"GRPC_VERBOSITY": "INFO"}, "INFO"),  # the operator's choice stands
+    ],
+)
+def test_grpc_core_is_quiet_unless_asked(
+    argv: list[str], environ: dict[str, str], expected: str | None
+) -> None:
+    quiet_grpc_core(argv, environ)
+    assert environ.get("GRPC_VERBOSITY") == expected

@@ -158,6 +158,45 @@ def test_handshake_refusals(setup: Setup, case: str) -> None:
         assert err.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_failed_handshakes_leave_no_line_each_in_the_log_unless_asked(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC core logs every failed TLS handshake, unthrottled; any peer that reaches the port
+    could fill the coordinator's disk with them. `pluralfed` keeps gRPC core below ERROR
+    quiet, and `pluralfed -v` lets it speak (so the lines are there to be silenced)."""
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)  # the operator chose nothing
+    no_cert = setup.creds(setup.pki.node("node-aldoria"), cert=False)
+    with Procs(setup.root / "handshake-logs") as procs:
+        coordinators = {
+            verbose: start_coordinator(
+                procs,
+                setup.root / "handshakes",
+                setup.pki,
+                ALLOW,
+                SETTINGS,
+                name=f"coordinator-verbose-{verbose}",
+                wait=False,
+                verbose=verbose,
+            )
+            for verbose in (False, True)
+        }
+        for coordinator in coordinators.values():
+            coordinator.port = wait_for_port(coordinator)
+            for _ in range(20):
+                with FakeNode(coordinator.port, "Aldoria", credentials=no_cert) as stranger:
+                    err = rpc_error(stranger.join, setup.encoder)
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE
+        wait_until(
+            lambda: "Handshake failed" in coordinators[True].proc.log(),
+            10,
+            "gRPC core's handshake lines in the verbose coordinator's log",
+            logs=[coordinators[True].proc],
+        )
+        quiet = coordinators[False].proc
+        assert quiet.alive, quiet.tail()
+        assert "Handshake failed" not in quiet.log(), quiet.tail()
+
+
 # ------------------------------------------------------------------------------------------------
 # refused by the coordinator
 
