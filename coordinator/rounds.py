@@ -982,11 +982,14 @@ class RoundEngine:
 
     def _evaluate_again(self) -> None:
         """Evaluate a finished run's final model again, once every group of its last evaluation
-        has a node here again, or with whoever came within eval_timeout_s. The new evaluation
-        replaces the old only if it covers every group the old one did (a partial one would
-        drop, say, the held-out figures); otherwise the old one stays and the log says why."""
+        (those it had and those it missed) and every evaluate-only group has a node here, or
+        with whoever came within eval_timeout_s: restarting a finished run is how an operator
+        gets the figures of a group that was away at its end. The new evaluation replaces the
+        old only if it covers every group the old one did (a partial one would drop, say, the
+        held-out figures); otherwise the old one stays and the log says why."""
         last = [e for e in self.state.evaluations if e["round"] == self.state.completed_rounds]
-        wanted = set(last[-1]["groups"])
+        wanted = set(last[-1]["groups"]) | set(last[-1].get("missing", ()))
+        wanted |= set(self.settings.evaluate_only or ())
         limit = self.settings.eval_timeout_s
         started = time.monotonic()
         with self._changed:

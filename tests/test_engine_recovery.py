@@ -215,6 +215,40 @@ def test_evaluating_again_waits_for_every_group_of_the_last_evaluation(tmp_path:
     assert final["per_group"]["H"]["model"] == 0.45 and "held-out groups" in final["reports"]
 
 
+def test_evaluating_again_waits_for_a_held_out_group_the_run_ended_without(
+    tmp_path: Path,
+) -> None:
+    """The held-out node was away when the run ended, so its final evaluation lacks it; the
+    operator starts the finished run again to get those figures. The evaluation waited only for
+    the groups the last one had, so it ran with the training node alone, before the held-out
+    node was back, and again had no held-out figures."""
+    first = RoundEngine(
+        RoundSettings(rounds=1, eval_every=0, eval_timeout_s=1, evaluate_only=("H",)),
+        WEIGHTS,
+        tmp_path,
+        ENC,
+        {},
+    )
+    driver = start(first)
+    serve(first)
+    driver.join(20)
+    ended = first.final_evaluation()
+    assert first.done and ended is not None and ended["groups"] == ["A"]
+    settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=10, evaluate_only=("H",))
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(again)
+    trainer = threading.Thread(target=serve, args=(again,), kwargs={"alignment": 0.7})
+    trainer.start()
+    time.sleep(1.5)  # the training node alone: the groups the last evaluation had, not H
+    assert not again.evaluated_again
+    evaluate_only(again, "H", 0.45)
+    driver.join(20)
+    trainer.join(20)
+    final = again.final_evaluation()
+    assert again.evaluated_again and final is not None and final["groups"] == ["A", "H"]
+    assert "held-out groups" in final["reports"]
+
+
 def test_a_partial_evaluation_again_leaves_the_earlier_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
