@@ -21,6 +21,14 @@ same traffic on gRPC's asyncio server (`grpc.aio`), to see whether the coordinat
 server is what costs the memory:
 
     .venv/bin/python bench/grpc_floor.py --nodes 32 --servers threads,aio --out bench/results/grpc_floor_aio
+
+The same bare server also bounds speed. Every row reports the round's uploads together in MB/s,
+as `bench/systems.py` does for the coordinator, and `--raw` adds one raw client-streaming RPC
+moving those bytes (`bench/raw_grpc.py`) to set them against: how much of the raw stream's
+throughput can B's traffic (8 node processes, 25M parameters) reach through gRPC alone?
+
+    .venv/bin/python bench/grpc_floor.py --nodes 8 --params 25000000 --rounds 5 \
+        --upload-chunks 524288 --download-chunks 1048576 --repeat 3 --raw --out bench/results/grpc_floor_b
 """
 
 from __future__ import annotations
@@ -242,6 +250,9 @@ def node(folder: Path, port: int, rounds: int, model_bytes: int, chunk: int, out
     down = channel.unary_stream(f"/{SERVICE}/Down", _ident, _ident)
     up = channel.stream_unary(f"/{SERVICE}/Up", _ident, _ident)
     delta = np.random.default_rng(0).standard_normal(model_bytes // 4, np.float32) * 1e-3
+    uploads: list[
+        tuple[int, float, float]
+    ] = []  # (round, start, end), as the systems bench's nodes
     for r in range(rounds):
         while int.from_bytes(poll(_int(r), timeout=120), "little") < r:
             pass
@@ -251,11 +262,13 @@ def node(folder: Path, port: int, rounds: int, model_bytes: int, chunk: int, out
         payload = (np.frombuffer(got, np.float32) + delta).tobytes()
         del got
         parts = (payload[i : i + chunk] for i in range(0, model_bytes, chunk))
+        up_start = time.time()
         sent = int.from_bytes(up(parts, timeout=120), "little")
+        uploads.append((r, up_start, time.time()))
         if sent != model_bytes:
             raise RuntimeError(f"server counted {sent} uploaded bytes, expected {model_bytes}")
     channel.close()
-    out.put(rounds)
+    out.put(uploads)
 
 
 def measure(
@@ -294,7 +307,8 @@ def measure(
                 p.join(timeout=600)
             if any(p.exitcode != 0 for p in procs):
                 raise RuntimeError(f"node exit codes {[p.exitcode for p in procs]}")
-            if sorted(done.get(timeout=5) for _ in procs) != [rounds] * nodes:
+            uploads = [done.get(timeout=5) for _ in procs]
+            if [len(u) for u in uploads] != [rounds] * nodes:
                 raise RuntimeError("not every node finished every round")
             probe = mtls_channel(pki_dir / "nodes" / ids[0], port)
             stats = json.loads(probe.unary_unary(f"/{SERVICE}/Stats", _ident, _ident)(b""))
@@ -317,8 +331,22 @@ def measure(
         "end_over_ready_mib": round(stats["rss_mib"] - ready, 1),
         "bound_4x_model_mib": round(4 * model_bytes / 2**20, 1),
         "round_s_median": round(stats["round_s"], 3),
+        "upload_MBps_aggregate_median": round(aggregate_upload_rate(uploads, model_bytes) / 1e6, 1),
         "load_before": load,
     }
+
+
+def aggregate_upload_rate(uploads: list[list[tuple[int, float, float]]], model_bytes: int) -> float:
+    """Bytes per second of a round's uploads together, from the first upload's start to the last
+    one's end (median over the rounds), as `bench/systems.py` measures the coordinator's."""
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for node_uploads in uploads:
+        for r, start, end in node_uploads:
+            spans.setdefault(r, []).append((start, end))
+    rates = sorted(
+        len(s) * model_bytes / (max(e for _, e in s) - min(b for b, _ in s)) for s in spans.values()
+    )
+    return rates[len(rates) // 2] if rates else float("nan")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -333,17 +361,26 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "end RSS are over the server's RSS when ready; round time is the median from one round's "
         "opening to the next, the first round (node start-up) left out.",
         "",
+        "Upload MB/s is a round's uploads together, from the first one's start to the last "
+        "one's end (median over the rounds), as `bench/systems.py` measures the coordinator's; "
+        "with `--raw`, over one raw client-streaming RPC moving the round's upload bytes "
+        "(`bench/raw_grpc.py`, best of 3, in the same run).",
+        "",
         "| server | nodes | model MiB | download chunk | upload chunk | malloc arenas | peak - ready MiB "
-        "| end - ready MiB | 4 x model MiB | round s (median) | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| end - ready MiB | 4 x model MiB | round s (median) | upload MB/s (agg) | upload / raw "
+        "| load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        frac = r.get("upload_frac_of_raw")
         lines.append(
             f"| {r.get('server', 'threads')} | {r['nodes']} | {r['model_mib']} "
             f"| {r['download_chunk_bytes'] // 1024} KiB "
             f"| {r['upload_chunk_bytes'] // 1024} KiB "
             f"| {r['malloc_arenas']} | {r['peak_over_ready_mib']} | {r['end_over_ready_mib']} "
             f"| {r['bound_4x_model_mib']} | {r['round_s_median']} "
+            f"| {r.get('upload_MBps_aggregate_median', '-')} "
+            f"| {'-' if frac is None else f'{frac:.2f}'} "
             f"| {'/'.join(f'{x:.1f}' for x in r['load_before'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -369,6 +406,13 @@ def main() -> int:
         help="comma-separated gRPC servers to try: threads (the coordinator's), aio",
     )
     ap.add_argument("--download-chunk", type=int, help=argparse.SUPPRESS)  # server mode
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each setting (rows)")
+    ap.add_argument(
+        "--raw",
+        action="store_true",
+        help="also time one raw client-streaming RPC moving a round's upload bytes "
+        "(bench/raw_grpc.py) and report the uploads as a fraction of it",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "grpc_floor")
     a = ap.parse_args()
     if a.mode == "server":
@@ -387,8 +431,19 @@ def main() -> int:
         for down in downloads:
             for chunk in chunks:
                 for kind in kinds:
-                    rows.append(measure(a.pki, n, a.params, a.rounds, chunk, down, kind))
-                    print(json.dumps(rows[-1]), flush=True)
+                    for _ in range(a.repeat):
+                        rows.append(measure(a.pki, n, a.params, a.rounds, chunk, down, kind))
+                        print(json.dumps(rows[-1]), flush=True)
+    if a.raw:
+        from systems import run_raw  # the systems bench's raw stream, on the same certificates
+
+        sizes = sorted({4 * a.params * n for n in counts})
+        with tempfile.TemporaryDirectory() as work:
+            raw = run_raw(Path(work), a.pki, sizes, timeout=600)
+        for row in rows:
+            best = raw[4 * a.params * row["nodes"]]["best_MBps"]
+            row["raw_MBps_round_uploads"] = round(best, 1)
+            row["upload_frac_of_raw"] = row["upload_MBps_aggregate_median"] / best
     write_json(a.out.with_suffix(".json"), {"rows": rows})
     a.out.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))
