@@ -298,12 +298,17 @@ def test_an_upload_waiting_for_its_slot_sends_about_the_window(tmp_path: Path, w
 
         waiter = nodes["node-1"].stub.UploadUpdate.future(counted(), timeout=60)
         wait_until(lambda: slots.waiting == 1, 10, "node-1 to wait for the slot", poll_s=0.02)
+        header = messages[0].ByteSize()
+        # until the sender is blocked by flow control: no progress for 1.5 s once about a
+        # window is in (a sending thread starved on a busy machine also stands still, earlier)
         last, still = -1, 0
-        while still < 5:  # until the sender is blocked by flow control
+        deadline = time.monotonic() + scaled(30)
+        while time.monotonic() < deadline:
             still = still + 1 if sent == last else 0
             last = sent
+            if still >= 5 and sent - header >= window - 2 * chunk:
+                break
             time.sleep(scaled(0.3))
-        header = messages[0].ByteSize()
         # About the window (`sent` counts a message once gRPC asks for the next one, so one
         # chunk late), not the whole upload. gRPC's flow control lets somewhat more in than the
         # window it is given: 16 KB more at 64 KiB, 0.2-0.5 MB at 1 MiB (on a busy machine).
