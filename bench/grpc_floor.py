@@ -109,7 +109,8 @@ class _Rounds:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rounds = sorted(b - a for a, b in itertools.pairwise(self.round_opened))
         median = rounds[len(rounds) // 2] if rounds else float("nan")
-        return json.dumps({"rss_mib": rss_mib(), "peak_mib": peak, "round_s": median}).encode()
+        stats = {"rss_mib": rss_mib(), "peak_mib": peak, "round_s": median, "cpu_s": cpu_s()}
+        return json.dumps(stats).encode()
 
 
 class FloorServer(_Rounds):
@@ -201,7 +202,8 @@ async def _serve_aio(pki_dir: Path, port_file: Path, state: AioFloorServer) -> N
     )
     await server.start()
     await asyncio.sleep(0.5)
-    port_file.write_text(json.dumps({"port": port, "ready_rss_mib": rss_mib()}) + "\n")
+    ready = {"port": port, "ready_rss_mib": rss_mib(), "ready_cpu_s": cpu_s()}
+    port_file.write_text(json.dumps(ready) + "\n")
     await server.wait_for_termination(timeout=900)
 
 
@@ -237,7 +239,8 @@ def serve(
     )
     server.start()
     time.sleep(0.5)
-    port_file.write_text(json.dumps({"port": port, "ready_rss_mib": rss_mib()}) + "\n")
+    ready = {"port": port, "ready_rss_mib": rss_mib(), "ready_cpu_s": cpu_s()}
+    port_file.write_text(json.dumps(ready) + "\n")
     server.wait_for_termination(timeout=900)
     return 0
 
@@ -250,9 +253,9 @@ def node(folder: Path, port: int, rounds: int, model_bytes: int, chunk: int, out
     down = channel.unary_stream(f"/{SERVICE}/Down", _ident, _ident)
     up = channel.stream_unary(f"/{SERVICE}/Up", _ident, _ident)
     delta = np.random.default_rng(0).standard_normal(model_bytes // 4, np.float32) * 1e-3
-    uploads: list[
-        tuple[int, float, float]
-    ] = []  # (round, start, end), as the systems bench's nodes
+    # (round, start, end) of each upload, as the systems bench's nodes time theirs
+    uploads: list[tuple[int, float, float]] = []
+    started_cpu = cpu_s()
     for r in range(rounds):
         while int.from_bytes(poll(_int(r), timeout=120), "little") < r:
             pass
@@ -268,7 +271,7 @@ def node(folder: Path, port: int, rounds: int, model_bytes: int, chunk: int, out
         if sent != model_bytes:
             raise RuntimeError(f"server counted {sent} uploaded bytes, expected {model_bytes}")
     channel.close()
-    out.put(uploads)
+    out.put({"uploads": uploads, "cpu_s": cpu_s() - started_cpu})
 
 
 def measure(
@@ -307,7 +310,8 @@ def measure(
                 p.join(timeout=600)
             if any(p.exitcode != 0 for p in procs):
                 raise RuntimeError(f"node exit codes {[p.exitcode for p in procs]}")
-            uploads = [done.get(timeout=5) for _ in procs]
+            reports = [done.get(timeout=5) for _ in procs]
+            uploads = [r["uploads"] for r in reports]
             if [len(u) for u in uploads] != [rounds] * nodes:
                 raise RuntimeError("not every node finished every round")
             probe = mtls_channel(pki_dir / "nodes" / ids[0], port)
@@ -332,8 +336,20 @@ def measure(
         "bound_4x_model_mib": round(4 * model_bytes / 2**20, 1),
         "round_s_median": round(stats["round_s"], 3),
         "upload_MBps_aggregate_median": round(aggregate_upload_rate(uploads, model_bytes) / 1e6, 1),
+        # the server's CPU from ready to the end and every node's over its rounds, per round
+        # (as `bench/systems.py`'s "CPU s/round (all)")
+        "cpu_s_per_round": round(
+            (stats["cpu_s"] - started["ready_cpu_s"] + sum(r["cpu_s"] for r in reports)) / rounds,
+            2,
+        ),
         "load_before": load,
     }
+
+
+def cpu_s() -> float:
+    """This process's CPU time so far (user + system), seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def aggregate_upload_rate(uploads: list[list[tuple[int, float, float]]], model_bytes: int) -> float:
@@ -368,8 +384,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "",
         "| server | nodes | model MiB | download chunk | upload chunk | malloc arenas | peak - ready MiB "
         "| end - ready MiB | 4 x model MiB | round s (median) | upload MB/s (agg) | upload / raw "
-        "| load before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU s/round (all) | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         frac = r.get("upload_frac_of_raw")
@@ -381,6 +397,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['bound_4x_model_mib']} | {r['round_s_median']} "
             f"| {r.get('upload_MBps_aggregate_median', '-')} "
             f"| {'-' if frac is None else f'{frac:.2f}'} "
+            f"| {r.get('cpu_s_per_round', '-')} "
             f"| {'/'.join(f'{x:.1f}' for x in r['load_before'])} |"
         )
     return "\n".join(lines) + "\n"
