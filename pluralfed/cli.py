@@ -61,7 +61,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Federated training of a group preference predictor (GPO).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, gRPC's own log included"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         if command is None or name == command:
