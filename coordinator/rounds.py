@@ -992,18 +992,35 @@ class RoundEngine:
         wanted |= set(self.settings.evaluate_only or ())
         limit = self.settings.eval_timeout_s
         started = time.monotonic()
+        announced = False
         with self._changed:
             while not self._stop.is_set():
                 here = {s.group for s in self.live_sessions()}
-                if wanted <= here or (time.monotonic() - started > limit and here):
+                absent = sorted(wanted - here)
+                if not absent:
                     break
                 if time.monotonic() - started > limit:
+                    if here:
+                        log.warning(
+                            "evaluating the finished run again without %s: not back within "
+                            "eval_timeout_s (%.0f s)",
+                            absent,
+                            limit,
+                        )
+                        break
                     log.warning(
                         "no node came back within %.0f s to evaluate the finished run again: "
                         "its evaluation stays as it was",
                         limit,
                     )
                     return
+                if not announced:
+                    log.info(
+                        "waiting up to %.0f s for %s to evaluate the finished run again",
+                        limit,
+                        absent,
+                    )
+                    announced = True
                 self._changed.wait(1.0)
             else:
                 return

@@ -60,6 +60,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="pluralfed",
         description="Federated training of a group preference predictor (GPO).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--verb` would be -v for argparse but not for `quiet_grpc_core`
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="debug logging, gRPC's own log included"
@@ -90,9 +91,14 @@ def quiet_grpc_core(argv: list[str], environ: MutableMapping[str, str] = os.envi
     asked for debug logging. gRPC reads it once, when imported: so before any command runs."""
     command = chosen_command(argv)
     before = argv[: argv.index(command)] if command else argv
-    if "-v" in before or "--verbose" in before:
+    if any(word == "--verbose" or _short_flags_with_v(word) for word in before):
         return
     environ.setdefault("GRPC_VERBOSITY", GRPC_CORE_VERBOSITY)
+
+
+def _short_flags_with_v(word: str) -> bool:
+    """`-v`, or short flags written together that include it (`-vv`, `-hv`)."""
+    return word.startswith("-") and not word.startswith("--") and "v" in word[1:]
 
 
 def main(argv: list[str] | None = None) -> int:

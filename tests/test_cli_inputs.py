@@ -173,6 +173,7 @@ def test_train_takes_the_coordinators_names_for_layers_and_heads() -> None:
         (["node", "run", "-v"], {}, "ERROR"),  # a word after the command is the command's
         (["-v", "coordinator"], {}, None),  # debug logging: gRPC core speaks too
         (["--verbose", "node", "run"], {}, None),
+        (["-vv", "coordinator"], {}, None),  # what argparse takes as -v too
         (["coordinator"], {"GRPC_VERBOSITY": "INFO"}, "INFO"),  # the operator's choice stands
     ],
 )
@@ -181,3 +182,9 @@ def test_grpc_core_is_quiet_unless_asked(
 ) -> None:
     quiet_grpc_core(argv, environ)
     assert environ.get("GRPC_VERBOSITY") == expected
+
+
+def test_the_top_level_options_take_no_abbreviations() -> None:
+    """`--verb` would turn on debug logging without `quiet_grpc_core` seeing it."""
+    with pytest.raises(SystemExit):
+        build_parser("certs").parse_args(["--verb", "certs", "show", "x"])

@@ -249,6 +249,62 @@ def test_evaluating_again_waits_for_a_held_out_group_the_run_ended_without(
     assert "held-out groups" in final["reports"]
 
 
+def test_evaluating_again_waits_for_a_group_the_final_evaluation_missed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without evaluate_only: B evaluated at round 1 and was gone at the end, so the final
+    evaluation lists it as missing. Started again, the run waits for B too (and says so)."""
+    settings = RoundSettings(rounds=2, eval_every=1, eval_timeout_s=1)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    joined = threading.Event()
+    gone = threading.Thread(
+        target=evaluate_once_then_leave, args=(first, "B", 0.4, joined), daemon=True
+    )
+    gone.start()
+    assert joined.wait(10)
+    serve(first)
+    driver.join(20)
+    gone.join(20)
+    ended = first.final_evaluation()
+    assert first.done and evaluated(first) == [1, 2]
+    assert first.state.evaluations[0]["groups"] == ["A", "B"]
+    assert ended is not None and ended["groups"] == ["A"] and ended["missing"] == ["B"]
+    again = RoundEngine(
+        RoundSettings(rounds=2, eval_every=1, eval_timeout_s=10), WEIGHTS, tmp_path, ENC, {}
+    )
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        driver = start(again)
+        trainer = threading.Thread(target=serve, args=(again,), kwargs={"alignment": 0.7})
+        trainer.start()
+        time.sleep(1.5)  # the training node alone: the groups the final evaluation had
+        assert not again.evaluated_again
+        evaluate_only(again, "B", 0.45)
+        driver.join(20)
+        trainer.join(20)
+    final = again.final_evaluation()
+    assert again.evaluated_again and final is not None and final["groups"] == ["A", "B"]
+    waits = [r.getMessage() for r in caplog.records if "waiting up to 10 s" in r.getMessage()]
+    assert len(waits) == 1 and "'B'" in waits[0], waits
+
+
+def evaluate_once_then_leave(
+    engine: RoundEngine, group: str, alignment: float, joined: threading.Event
+) -> None:
+    """A node that joins to evaluate, answers one evaluation and leaves for good."""
+    s = engine.join(group, Role.EVALUATE_ONLY, 0, ENC, "t")
+    joined.set()
+    while True:
+        t = engine.next_task(s.session_id, None, 0.5)
+        if t.kind == TaskKind.EVALUATE:
+            evaluation = GroupEvaluation(group, 5, alignment, 0.4, 0.3, 0.3)
+            engine.accept_evaluation(
+                s.session_id, None, t.task_id, t.round, evaluation, t.model_version
+            )
+            engine.leave(s.session_id, None, "gone for good")
+            return
+
+
 def test_a_partial_evaluation_again_leaves_the_earlier_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
