@@ -41,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -359,10 +360,21 @@ def aggregate_upload_rate(uploads: list[list[tuple[int, float, float]]], model_b
     for node_uploads in uploads:
         for r, start, end in node_uploads:
             spans.setdefault(r, []).append((start, end))
-    rates = sorted(
+    rates = [
         len(s) * model_bytes / (max(e for _, e in s) - min(b for b, _ in s)) for s in spans.values()
-    )
-    return rates[len(rates) // 2] if rates else float("nan")
+    ]
+    return statistics.median(rates) if rates else float("nan")
+
+
+def with_raw_stream(row: dict[str, Any], pki_dir: Path, upload_bytes: int) -> None:
+    """Add to `row` one raw client-streaming RPC's throughput for the round's upload bytes
+    (`bench/raw_grpc.py`, best of 3, as `bench/systems.py` runs it) and the uploads' fraction."""
+    from systems import run_raw  # the systems bench's raw stream, on the same certificates
+
+    with tempfile.TemporaryDirectory() as work:
+        best = run_raw(Path(work), pki_dir, [upload_bytes], timeout=600)[upload_bytes]["best_MBps"]
+    row["raw_MBps_round_uploads"] = round(best, 1)
+    row["upload_frac_of_raw"] = row["upload_MBps_aggregate_median"] / best
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -380,12 +392,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Upload MB/s is a round's uploads together, from the first one's start to the last "
         "one's end (median over the rounds), as `bench/systems.py` measures the coordinator's; "
         "with `--raw`, over one raw client-streaming RPC moving the round's upload bytes "
-        "(`bench/raw_grpc.py`, best of 3, in the same run).",
+        "(`bench/raw_grpc.py`, best of 3), run right after each row.",
         "",
         "| server | nodes | model MiB | download chunk | upload chunk | malloc arenas | peak - ready MiB "
-        "| end - ready MiB | 4 x model MiB | round s (median) | upload MB/s (agg) | upload / raw "
-        "| CPU s/round (all) | load before |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| end - ready MiB | 4 x model MiB | round s (median) | upload MB/s (agg) | raw MB/s "
+        "| upload / raw | CPU s/round (all) | load before |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         frac = r.get("upload_frac_of_raw")
@@ -396,6 +408,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['malloc_arenas']} | {r['peak_over_ready_mib']} | {r['end_over_ready_mib']} "
             f"| {r['bound_4x_model_mib']} | {r['round_s_median']} "
             f"| {r.get('upload_MBps_aggregate_median', '-')} "
+            f"| {r.get('raw_MBps_round_uploads', '-')} "
             f"| {'-' if frac is None else f'{frac:.2f}'} "
             f"| {r.get('cpu_s_per_round', '-')} "
             f"| {'/'.join(f'{x:.1f}' for x in r['load_before'])} |"
@@ -449,18 +462,11 @@ def main() -> int:
             for chunk in chunks:
                 for kind in kinds:
                     for _ in range(a.repeat):
-                        rows.append(measure(a.pki, n, a.params, a.rounds, chunk, down, kind))
-                        print(json.dumps(rows[-1]), flush=True)
-    if a.raw:
-        from systems import run_raw  # the systems bench's raw stream, on the same certificates
-
-        sizes = sorted({4 * a.params * n for n in counts})
-        with tempfile.TemporaryDirectory() as work:
-            raw = run_raw(Path(work), a.pki, sizes, timeout=600)
-        for row in rows:
-            best = raw[4 * a.params * row["nodes"]]["best_MBps"]
-            row["raw_MBps_round_uploads"] = round(best, 1)
-            row["upload_frac_of_raw"] = row["upload_MBps_aggregate_median"] / best
+                        row = measure(a.pki, n, a.params, a.rounds, chunk, down, kind)
+                        if a.raw:  # right after each row: the raw stream varies from run to run
+                            with_raw_stream(row, a.pki, 4 * a.params * n)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     write_json(a.out.with_suffix(".json"), {"rows": rows})
     a.out.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))
