@@ -4,6 +4,7 @@ process (the review of session 14 found each of these)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -182,9 +183,19 @@ def _finish_with_a_held_out_group(tmp_path: Path, settings: RoundSettings) -> No
     assert first.done and final is not None and final["groups"] == ["A", "H"]
 
 
-def evaluate_only(engine: RoundEngine, group: str, alignment: float) -> None:
-    """An evaluate-only node answering every EVALUATE task until SHUTDOWN."""
+def evaluate_only(
+    engine: RoundEngine,
+    group: str,
+    alignment: float,
+    *,
+    once: bool = False,
+    joined: threading.Event | None = None,
+) -> None:
+    """An evaluate-only node answering every EVALUATE task until SHUTDOWN; with `once`, it
+    answers one and leaves for good. `joined` is set once it has joined."""
     s = engine.join(group, Role.EVALUATE_ONLY, 0, ENC, "t")
+    if joined is not None:
+        joined.set()
     while True:
         t = engine.next_task(s.session_id, None, 0.5)
         if t.kind == TaskKind.EVALUATE:
@@ -192,8 +203,25 @@ def evaluate_only(engine: RoundEngine, group: str, alignment: float) -> None:
             engine.accept_evaluation(
                 s.session_id, None, t.task_id, t.round, evaluation, t.model_version
             )
+            if once:
+                engine.leave(s.session_id, None, "gone for good")
+                return
         elif t.kind == TaskKind.SHUTDOWN:
             return
+
+
+@contextlib.contextmanager
+def started_again(tmp_path: Path, settings: RoundSettings) -> Iterator[RoundEngine]:
+    """The finished run in `tmp_path` started again, its training node back at once; the block
+    runs 1.5 s later (a late group comes back in it), and the run's end is waited for after it."""
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(again)
+    trainer = threading.Thread(target=serve, args=(again,), kwargs={"alignment": 0.7})
+    trainer.start()
+    time.sleep(1.5)
+    yield again
+    driver.join(20)
+    trainer.join(20)
 
 
 def test_evaluating_again_waits_for_every_group_of_the_last_evaluation(tmp_path: Path) -> None:
@@ -201,15 +229,9 @@ def test_evaluating_again_waits_for_every_group_of_the_last_evaluation(tmp_path:
     held-out node a moment later was left out and the held-out figures were replaced by none."""
     settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=10)
     _finish_with_a_held_out_group(tmp_path, settings)
-    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
-    driver = start(again)
-    trainer = threading.Thread(target=serve, args=(again,), kwargs={"alignment": 0.7})
-    trainer.start()
-    time.sleep(1.5)  # the training node alone: the quorum, but not every group
-    assert again.state.evaluations[-1]["groups"] == ["A", "H"] and not again.evaluated_again
-    evaluate_only(again, "H", 0.45)
-    driver.join(20)
-    trainer.join(20)
+    with started_again(tmp_path, settings) as again:  # the quorum, but not every group
+        assert again.state.evaluations[-1]["groups"] == ["A", "H"] and not again.evaluated_again
+        evaluate_only(again, "H", 0.45)
     final = again.final_evaluation()
     assert again.evaluated_again and final is not None and final["groups"] == ["A", "H"]
     assert final["per_group"]["H"]["model"] == 0.45 and "held-out groups" in final["reports"]
@@ -235,15 +257,9 @@ def test_evaluating_again_waits_for_a_held_out_group_the_run_ended_without(
     ended = first.final_evaluation()
     assert first.done and ended is not None and ended["groups"] == ["A"]
     settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=10, evaluate_only=("H",))
-    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
-    driver = start(again)
-    trainer = threading.Thread(target=serve, args=(again,), kwargs={"alignment": 0.7})
-    trainer.start()
-    time.sleep(1.5)  # the training node alone: the groups the last evaluation had, not H
-    assert not again.evaluated_again
-    evaluate_only(again, "H", 0.45)
-    driver.join(20)
-    trainer.join(20)
+    with started_again(tmp_path, settings) as again:  # the groups the last one had, not H
+        assert not again.evaluated_again
+        evaluate_only(again, "H", 0.45)
     final = again.final_evaluation()
     assert again.evaluated_again and final is not None and final["groups"] == ["A", "H"]
     assert "held-out groups" in final["reports"]
@@ -259,7 +275,10 @@ def test_evaluating_again_waits_for_a_group_the_final_evaluation_missed(
     driver = start(first)
     joined = threading.Event()
     gone = threading.Thread(
-        target=evaluate_once_then_leave, args=(first, "B", 0.4, joined), daemon=True
+        target=evaluate_only,
+        args=(first, "B", 0.4),
+        kwargs={"once": True, "joined": joined},
+        daemon=True,
     )
     gone.start()
     assert joined.wait(10)
@@ -270,39 +289,16 @@ def test_evaluating_again_waits_for_a_group_the_final_evaluation_missed(
     assert first.done and evaluated(first) == [1, 2]
     assert first.state.evaluations[0]["groups"] == ["A", "B"]
     assert ended is not None and ended["groups"] == ["A"] and ended["missing"] == ["B"]
-    again = RoundEngine(
-        RoundSettings(rounds=2, eval_every=1, eval_timeout_s=10), WEIGHTS, tmp_path, ENC, {}
-    )
-    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
-        driver = start(again)
-        trainer = threading.Thread(target=serve, args=(again,), kwargs={"alignment": 0.7})
-        trainer.start()
-        time.sleep(1.5)  # the training node alone: the groups the final evaluation had
+    with (
+        caplog.at_level(logging.INFO, logger="pluralfed.coordinator"),
+        started_again(tmp_path, RoundSettings(rounds=2, eval_every=1, eval_timeout_s=10)) as again,
+    ):  # the groups the final evaluation had, not B
         assert not again.evaluated_again
         evaluate_only(again, "B", 0.45)
-        driver.join(20)
-        trainer.join(20)
     final = again.final_evaluation()
     assert again.evaluated_again and final is not None and final["groups"] == ["A", "B"]
     waits = [r.getMessage() for r in caplog.records if "waiting up to 10 s" in r.getMessage()]
     assert len(waits) == 1 and "'B'" in waits[0], waits
-
-
-def evaluate_once_then_leave(
-    engine: RoundEngine, group: str, alignment: float, joined: threading.Event
-) -> None:
-    """A node that joins to evaluate, answers one evaluation and leaves for good."""
-    s = engine.join(group, Role.EVALUATE_ONLY, 0, ENC, "t")
-    joined.set()
-    while True:
-        t = engine.next_task(s.session_id, None, 0.5)
-        if t.kind == TaskKind.EVALUATE:
-            evaluation = GroupEvaluation(group, 5, alignment, 0.4, 0.3, 0.3)
-            engine.accept_evaluation(
-                s.session_id, None, t.task_id, t.round, evaluation, t.model_version
-            )
-            engine.leave(s.session_id, None, "gone for good")
-            return
 
 
 def test_a_partial_evaluation_again_leaves_the_earlier_one(
