@@ -271,11 +271,7 @@ def test_a_download_of_an_expired_session_frees_its_slot_at_once(tmp_path: Path)
         theirs = pb.DownloadModelRequest(
             session_id=fed.b.session_id, model_version=tb.model_version
         )
-        # B gets the slot and the model flows (only its start is read: on a busy machine all
-        # 32 MB might not arrive before the retried round closes too, and its download is cut)
-        flowing = fed.b.stub.DownloadModel(theirs, timeout=20)
-        assert len([next(flowing) for _ in range(3)]) == 3
-        flowing.cancel()
+        assert sum(1 for _ in fed.b.stub.DownloadModel(theirs, timeout=20)) > 2
     finally:
         beats.stop()
         fed.close()
