@@ -49,6 +49,8 @@ class LocalFederation:
     # training nodes fine-tune the final model on their own data after the run and keep it in
     # <out_dir>/personalized/<node id>/ (group nodes' `personalize_steps`); 0 = off
     personalize_steps: int = 0
+    # `pluralfed -v` for the coordinator and every node too (debug logging, gRPC core's included)
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         # every node would refuse 0 threads at start, and the coordinator would wait for them
@@ -481,7 +483,7 @@ def run_local(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
     logs = run.out_dir / "logs"
     logs.mkdir(exist_ok=True)
     procs = Processes(logs)
-    cli = [run.python, "-m", "pluralfed.cli"]
+    cli = [run.python, "-m", "pluralfed.cli", *(["-v"] if run.verbose else [])]
     try:
         coordinator = procs.start(
             "coordinator",

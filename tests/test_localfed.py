@@ -19,6 +19,7 @@ import pytest
 
 from pluralfed import localfed
 from pluralfed.cli import main
+from pluralfed.commands import federate as federate_command
 from pluralfed.data import SurveyData, SurveyItem
 from pluralfed.errors import InputError
 from pluralfed.localfed import (
@@ -75,6 +76,40 @@ def test_toml_strings_take_any_group_name() -> None:
 def test_threads_per_node_must_be_at_least_one(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="threads per node must be at least 1, got 0"):
         LocalFederation(out_dir=tmp_path, training_groups=["A"], threads_per_node=0)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_federate_verbose_reaches_the_coordinator_and_the_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verbose: bool
+) -> None:
+    """`pluralfed -v federate` used to log debug lines in the launcher only: the coordinator and
+    the nodes, whose logs are the ones that matter, ran without -v."""
+    handed: list[LocalFederation] = []
+
+    def record(run: LocalFederation, data: SurveyData) -> dict[str, object]:
+        handed.append(run)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(federate_command, "run_local", record)
+    argv = ["federate", "--out", str(tmp_path / "run"), "--synthetic-groups", "3"]
+    assert main([*(["-v"] if verbose else []), *argv]) == 2
+    assert [run.verbose for run in handed] == [verbose]
+    # and run_local puts -v before the subcommand of the process it starts (a stand-in python
+    # that writes down its arguments and exits, as a coordinator with a bad setting would)
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "argv"}\nexit 2\n')
+    stand_in.chmod(0o755)
+    data = SurveyData(groups={g: [ITEM] for g in ("A", "B")}, source="mem")
+    run = LocalFederation(
+        out_dir=tmp_path / "local",
+        training_groups=["A", "B"],
+        python=str(stand_in),
+        verbose=verbose,
+    )
+    with pytest.raises(InputError, match="the coordinator exited with code 2"):
+        localfed.run_local(run, data)
+    words = (tmp_path / "argv").read_text().split()
+    assert words[: words.index("coordinator")] == ["-m", "pluralfed.cli"] + ["-v"] * verbose
 
 
 # --------------------------------------------------------------------------------------------------

@@ -176,6 +176,7 @@ def _federate(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         timeout_s=args.timeout,
         personalize_steps=args.personalize_steps,
+        verbose=args.verbose,
     )
     console.print(
         f"starting a local federation: {len(groups)} training nodes, {len(held)} evaluate-only "
