@@ -539,6 +539,10 @@ class FederationServicer(pb_grpc.FederationServicer):
                 first = next(request_iterator, None)
             except grpc.RpcError:  # cancelled before its header
                 return _reject("STALE", "the upload was cancelled before its header")
+            except WireError as err:  # its first message did not decode
+                return _reject(
+                    "MALFORMED", f"an upload starts with its header: {clipped(str(err))}"
+                )
             if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("part") != "header":
                 return _reject("MALFORMED", "an upload starts with its header")
             h = first.header

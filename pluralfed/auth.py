@@ -44,7 +44,7 @@ from pluralfed.tls import (
     peer_certificate,
     peer_serial,
 )
-from pluralfed.transport import StreamDeadlines
+from pluralfed.transport import StreamDeadlines, Undecodable, decoded_requests, never_raising
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +539,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
         thread). Served so, the caller is checked and counted first, and the request is read
         under a deadline (REQUEST_TIMEOUT_S)."""
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            # a request that does not decode reaches the handler as `Undecodable`: a raising
+            # deserializer costs the server memory for good in gRPC (see `Undecodable`)
+            "request_deserializer": never_raising(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.request_streaming and exempt:
@@ -547,30 +549,39 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler.request_streaming and handler.response_streaming:
             behaviour = present(handler.stream_stream, method)
             return grpc.stream_stream_rpc_method_handler(
-                lambda requests, ctx: self._stream(behaviour, requests, ctx, method), **kwargs
+                lambda requests, ctx: self._stream(
+                    behaviour, decoded_requests(requests), ctx, method
+                ),
+                **kwargs,
             )
         if handler.request_streaming:
             behaviour = present(handler.stream_unary, method)
             return grpc.stream_unary_rpc_method_handler(
-                lambda requests, ctx: self._unary(behaviour, requests, ctx, method), **kwargs
+                lambda requests, ctx: self._unary(
+                    behaviour, decoded_requests(requests), ctx, method
+                ),
+                **kwargs,
             )
         if handler.response_streaming:
-            one = self._one_request(present(handler.unary_stream, method))
+            one = self._one_request(present(handler.unary_stream, method), method)
             if exempt:
                 return grpc.stream_stream_rpc_method_handler(one, **kwargs)
             return grpc.stream_stream_rpc_method_handler(
                 lambda requests, ctx: self._stream(one, requests, ctx, method), **kwargs
             )
-        one = self._one_request(present(handler.unary_unary, method))
+        one = self._one_request(present(handler.unary_unary, method), method)
         if exempt:
             return grpc.stream_unary_rpc_method_handler(one, **kwargs)
         return grpc.stream_unary_rpc_method_handler(
             lambda requests, ctx: self._unary(one, requests, ctx, method), **kwargs
         )
 
-    def _one_request(self, behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def _one_request(
+        self, behaviour: Callable[[Any, Any], Any], method: str
+    ) -> Callable[[Any, Any], Any]:
         """`behaviour` of a one-request method, fed from a request stream: the request is read
-        under REQUEST_TIMEOUT_S (the call is cancelled past it); a stream without one is refused."""
+        under REQUEST_TIMEOUT_S (the call is cancelled past it); a stream without one, or with
+        one that does not decode, is refused."""
 
         def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             with self.request_deadlines.watch(context, REQUEST_TIMEOUT_S):
@@ -583,6 +594,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"no request within {REQUEST_TIMEOUT_S:g} s",
                     )
+            if isinstance(request, Undecodable):
+                with _calls_lock:
+                    caller = _calls.get(context)  # None for an exempt method
+                _refuse(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    request.describe(),
+                    method=method,
+                    identity=caller.identity if caller else None,
+                    reason=f"undecodable {request.message_type}",
+                )
             return behaviour(request, context)
 
         return call

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -371,6 +372,53 @@ def decode_model_chunk(raw: bytes) -> pb.ModelChunk | Chunk:
     tensor part is the same field), so a downloaded chunk's data is not copied twice."""
     chunk = _fast_tensor_part(raw)
     return chunk if chunk is not None else pb.ModelChunk.FromString(raw)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes did not decode, handed to the handler instead of an exception.
+
+    A request deserializer must never raise: gRPC (1.85) then answers INTERNAL ("Exception
+    deserializing request!"), logs a traceback for every such message, unthrottled, and keeps
+    ~16 KiB of the server's memory for good per call (review, session 20). Health/Check, which any
+    certificate of the CA may call, made this a way to exhaust the coordinator's memory."""
+
+    message_type: str
+    error: str
+
+    def describe(self) -> str:
+        return f"the request is not a valid {self.message_type}: {self.error}"
+
+
+class UndecodableRequest(WireError):
+    """Raised by a request stream (see `decoded_requests`) where an undecodable message was."""
+
+
+def never_raising(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer` returning `Undecodable` where it would raise (None stays None: raw bytes)."""
+    if deserializer is None or getattr(deserializer, "never_raises", False):
+        return deserializer
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    message_type = getattr(descriptor, "full_name", None) or "message"
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as err:  # any failure: bad UTF-8, truncated fields, a bug of the codec
+            return Undecodable(message_type, f"{type(err).__name__}: {err}"[:300])
+
+    decode.never_raises = True  # type: ignore[attr-defined]
+    return decode
+
+
+def decoded_requests(requests: Iterator[Any]) -> Iterator[Any]:
+    """A request stream that raises `UndecodableRequest` where a message did not decode (a
+    WireError, so handlers refuse it as the malformed message it is)."""
+    for request in requests:
+        if isinstance(request, Undecodable):
+            raise UndecodableRequest(request.describe())
+        yield request
 
 
 @dataclass(frozen=True)

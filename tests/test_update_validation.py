@@ -336,6 +336,56 @@ def test_uploads_follow_the_chunk_size_the_coordinator_gives_at_join(tmp_path: P
             big.close()
 
 
+# UpdateChunk.tensor (field 2) holding a TensorChunk whose name (field 1) is not UTF-8
+UNDECODABLE_TENSOR_PART = b"\x12\x04" + b"\x0a\x02\xff\xfe"
+
+
+def test_an_upload_message_that_does_not_decode_is_refused_as_malformed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message gRPC could not decode used to end the upload with INTERNAL ("Exception
+    deserializing request!"), a traceback in the log and ~16 KiB of the coordinator's memory kept
+    for good (review, session 20). It is an UploadReply MALFORMED, as every refused update is,
+    naming what did not decode; the round goes on with the good update."""
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, min_updates=1, round_timeout_s=scaled(60), eval_every=0
+    )
+    with serve(tmp_path, settings) as fed:
+        good, bad = fed.node("node-good-a"), fed.node("node-good-b")
+        try:
+            raw_upload = bad.channel.stream_unary(
+                "/pluralfed.v1.Federation/UploadUpdate",
+                response_deserializer=pb.UploadReply.FromString,
+            )
+            for n in (good, bad):
+                n.join(ENCODER, EXAMPLES[n.group])
+            task = good.wait_task(pb.TASK_KIND_TRAIN, timeout=10)
+            g0 = good.download(task.model_version)
+            bad_task = bad.wait_task(pb.TASK_KIND_TRAIN, timeout=10)
+            # the first message: no header yet, so nothing is decided for the node
+            reply = raw_upload(iter([UNDECODABLE_TENSOR_PART]), timeout=10)
+            assert reject_name(reply) == "MALFORMED", reply
+            assert "starts with its header" in reply.message and "UTF-8" in reply.message
+            # inside an admitted upload: refused, and final, as any malformed update is
+            messages = update_messages(bad.session_id, bad_task, nudged(g0, 2), 50)
+            stream = [messages[0].SerializeToString(), UNDECODABLE_TENSOR_PART]
+            stream += [m.SerializeToString() for m in messages[1:]]
+            reply = raw_upload(iter(stream), timeout=10)
+            assert reject_name(reply) == "MALFORMED", reply
+            assert "not a valid" in reply.message and "UTF-8" in reply.message, reply
+            assert reject_name(bad.upload(messages)) == "ALREADY_REJECTED"
+            update = nudged(g0, 1)
+            accepted = good.upload(update_messages(good.session_id, task, update, 30))
+            assert reject_name(accepted) == "ACCEPTED", accepted
+            fed.wait_rounds(1)
+            assert_weights_close(fed.engine.state.weights, update, "global model after the round")
+            assert fed.spooled() == []
+        finally:
+            good.close()
+            bad.close()
+    assert not [r for r in caplog.records if "deserializ" in r.getMessage()]
+
+
 @pytest.mark.parametrize("chunk_bytes", [64 * 1024, DEFAULT_CHUNK_BYTES])
 def test_downloads_come_in_parts_of_the_configured_size(tmp_path: Path, chunk_bytes: int) -> None:
     """download_chunk_bytes bounds every tensor part of a DownloadModel stream (what gRPC holds
