@@ -1216,11 +1216,12 @@ class RoundEngine:
                 )
                 return
             try:
-                averaged = t.aggregate.result()
-            except AggregationError as err:  # an update was only partly folded (spool I/O)
+                averaged = t.aggregate.result()  # fails if an update was only partly folded
+                new_weights = self.optimizer.apply(self.state.weights, averaged)  # or not finite
+            except AggregationError as err:
                 log.error("round %d: no usable average (%s): retrying the round", t.round, err)
                 return
-            self.state.weights = self.optimizer.apply(self.state.weights, averaged)
+            self.state.weights = new_weights
             self.state.completed_rounds = t.round
             self.state.optimizer_state = self.optimizer.state_dict()
             record: RoundRecord = {

@@ -57,6 +57,26 @@ class AggregationError(RuntimeError):
 # helpers
 
 
+def _finite_model(out: dict[str, Array], specs: Sequence[TensorSpec]) -> dict[str, Array]:
+    """`out` if every floating-point value in it is finite, else AggregationError naming the
+    first tensor that is not. Finite updates can still average, or be moved by the server's step
+    (server_lr > 1, an adaptive step), past float32's range; a non-finite global model would go to
+    every node (which refuse it and stop) and into the checkpoint (which a restart refuses)."""
+    for spec in specs:
+        if spec.dtype not in FLOAT_DTYPES:
+            continue
+        values = as_numeric(np.asarray(out[spec.name]), spec.dtype).reshape(-1)
+        step = 1 << 16  # in blocks: a model-sized mask would add to the coordinator's peak
+        if not all(np.isfinite(values[i : i + step]).all() for i in range(0, values.size, step)):
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            raise AggregationError(
+                f"the new model's tensor {spec.name!r} has {bad} non-finite value(s) (finite "
+                "updates that overflow the tensor's dtype once averaged or stepped: a norm_bound "
+                "refuses such updates)"
+            )
+    return out
+
+
 def _check_weight(weight: float, what: str = "weight") -> float:
     w = float(weight)
     if not math.isfinite(w) or w < 0:
@@ -491,7 +511,10 @@ class ServerOptimizer(Protocol):
 
     name: str
 
-    def apply(self, global_weights: Weights, averaged: Weights) -> dict[str, Array]: ...
+    def apply(self, global_weights: Weights, averaged: Weights) -> dict[str, Array]:
+        """The next global model; AggregationError, with the state unchanged, if it would not
+        be finite."""
+        ...
 
     def state_dict(self) -> dict[str, StateValue]: ...
 
@@ -524,7 +547,9 @@ class FedAvgOptimizer:
                 continue
             g = _float64(np.asarray(global_weights[spec.name]), spec.dtype).reshape(-1)
             a = _float64(np.asarray(averaged[spec.name]), spec.dtype).reshape(-1)
-            out[spec.name] = _from_float64(g + self.server_lr * (a - g), spec)
+            with np.errstate(over="ignore"):  # an overflow is refused just below
+                out[spec.name] = _from_float64(g + self.server_lr * (a - g), spec)
+        _finite_model(out, specs)
         self.step += 1
         return out
 
@@ -637,7 +662,9 @@ class _AdaptiveOptimizer:
             v = self._second_moment(old_v, d * d)
             new = g + self.server_lr * self._direction(m, v)
             new_m[spec.name], new_v[spec.name] = m, v
-            out[spec.name] = _from_float64(new.reshape(-1), spec)
+            with np.errstate(over="ignore"):  # an overflow is refused just below
+                out[spec.name] = _from_float64(new.reshape(-1), spec)
+        _finite_model(out, specs)
         self._m, self._v = new_m, new_v
         self.step += 1
         return out

@@ -44,9 +44,16 @@ def held_replay(
 class Engine:
     """A RoundEngine driven by its own thread, with two training nodes."""
 
-    def __init__(self, tmp_path: Path, round_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, tmp_path: Path, round_timeout_s: float = 60.0, server_lr: float = 1.0
+    ) -> None:
         settings = RoundSettings(
-            rounds=1, min_nodes=2, min_updates=1, round_timeout_s=round_timeout_s, eval_every=0
+            rounds=1,
+            min_nodes=2,
+            min_updates=1,
+            round_timeout_s=round_timeout_s,
+            eval_every=0,
+            server_lr=server_lr,
         )
         self.engine = RoundEngine(settings, weights(0.0), tmp_path / "state", ENCODER, {})
         self.a = self.engine.join("A", Role.TRAIN, 10, ENCODER, "test")
@@ -172,6 +179,33 @@ def test_update_that_fails_to_fold_is_answered_as_refused(tmp_path: Path) -> Non
         record = fed.engine.state.history[-1]
         assert record["participants"] == ["B"]
         assert record["outcomes"]["A"].startswith("rejected: the update could not be folded")
+    finally:
+        fed.close()
+
+
+def test_a_round_whose_new_model_would_not_be_finite_is_retried_not_committed(
+    tmp_path: Path,
+) -> None:
+    """Finite updates can overflow float32 once stepped (server_lr 2 here): the coordinator
+    committed such a round (review, session 20), served an infinite model that every node
+    refused, and then refused its own checkpoint at restart. Now the round is retried and the
+    global model, the history and the checkpoint stay as they were."""
+    fed = Engine(tmp_path, round_timeout_s=WAIT, server_lr=2.0)
+    try:
+        ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+        huge = weights(3e38)  # finite in float32 (max 3.4e38); 0 + 2 * (3e38 - 0) is not
+        fed.upload(fed.a.session_id, ta, lambda: iter(slices(huge)), 10)
+        fed.upload(fed.b.session_id, tb, lambda: iter(slices(huge)), 30)
+        retry_a = fed.task(fed.a.session_id)  # the round is opened again, nothing committed
+        assert (retry_a.round, fed.engine.completed_rounds()) == (1, 0)
+        assert retry_a.task_id != ta.task_id
+        assert fed.engine.state.history == []
+        np.testing.assert_array_equal(fed.engine.state.weights["w"], 0.0)
+        retry_b = fed.task(fed.b.session_id)
+        fed.upload(fed.a.session_id, retry_a, lambda: iter(slices(weights(1.0))), 10)
+        fed.upload(fed.b.session_id, retry_b, lambda: iter(slices(weights(1.0))), 30)
+        fed.wait_completed(1)
+        np.testing.assert_allclose(fed.engine.state.weights["w"], 2.0)  # 0 + 2 * (1 - 0)
     finally:
         fed.close()
 
