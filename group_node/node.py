@@ -235,6 +235,9 @@ FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 MAX_LOCAL_STEPS = protocol.MAX_LOCAL_STEPS
 REFUSED_TASK_POLL_S = 5.0  # how often a node asks again while its refused task is still open
 MAX_RETRY_AFTER_S = 60.0  # the longest WAIT.retry_after a node honours (then it asks anyway)
+MIN_POLL_INTERVAL_S = (
+    1.0  # a WAIT answered sooner than this is waited out to it (as coordinators do)
+)
 # An upload the coordinator could not store (REJECT_REASON_INTERNAL, e.g. its disk is full)
 # leaves the task open, and the coordinator offers it again at once: the node sends the same
 # update again only after this back-off, doubled after each such refusal up to the cap, so a
@@ -669,6 +672,7 @@ class GroupNode:
         # coordinator offers a task until it is answered, so one may come back until its round
         # closes
         self._refused: set[str] = set()
+        self._unknown_kinds: set[int] = set()  # task kinds this node does not know, logged once
         # the update the coordinator could not store (REJECT_REASON_INTERNAL), kept to be sent
         # again, not trained again, once the back-off after that refusal has passed
         self._unsent: UnsentUpdate | None = None
@@ -796,6 +800,7 @@ class GroupNode:
         beats.start()
         try:
             while not self._stop.is_set():
+                asked = time.monotonic()
                 try:
                     task = self.client.get_task(self.config.poll_wait_s)
                     self._task_received = time.monotonic()
@@ -821,11 +826,31 @@ class GroupNode:
                     self._evaluate(task)
                 elif task.kind == pb.TASK_KIND_WAIT:  # the coordinator says when to ask again
                     delay = task.retry_after.ToMilliseconds() / 1000
+                    # but a WAIT that was not held (a zero or negative retry_after from a faulty
+                    # coordinator) must not make the node ask again in a loop
+                    delay = max(delay, MIN_POLL_INTERVAL_S - (self._task_received - asked))
                     if delay > 0:
                         self._stop.wait(min(delay, MAX_RETRY_AFTER_S))
+                else:  # a kind added after this node's protocol (enums may grow): not in a loop
+                    self._unknown_task_kind(task)
+                    self._stop.wait(REFUSED_TASK_POLL_S)
             return False
         finally:
             stop_beats.set()
+
+    def _unknown_task_kind(self, task: pb.Task) -> None:
+        """Logged once per kind: the node asks again every REFUSED_TASK_POLL_S meanwhile."""
+        if task.kind in self._unknown_kinds:
+            return
+        self._unknown_kinds.add(task.kind)
+        log.warning(
+            "%s: the coordinator sent a task of kind %d, which this node (software %s) does not "
+            "know: is the coordinator newer? Asking again every %g s",
+            self.config.group,
+            task.kind,
+            __version__,
+            REFUSED_TASK_POLL_S,
+        )
 
     def _upload_backoff(self, task: pb.Task) -> float:
         """Seconds before the update of `task` the coordinator could not store may be sent

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -280,6 +281,59 @@ def run_node(
 
 
 STUB_WORKER = SimpleNamespace(num_train_examples=4, encoder=SimpleNamespace(identity="fake-enc"))
+
+
+class OneAnswer(StandIn):
+    """Answers every GetTask with the same task, at once, and counts the polls."""
+
+    def __init__(self, task: pb.Task) -> None:
+        super().__init__("{}", [])
+        self.task, self.polls = task, 0
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        self.polls += 1
+        return self.task
+
+
+def wait_answer(retry_after_ms: int) -> pb.Task:
+    task = pb.Task(kind=pb.TASK_KIND_WAIT)
+    task.retry_after.FromMilliseconds(retry_after_ms)
+    return task
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        pb.Task(kind=99),  # type: ignore[arg-type]  # a kind of a newer protocol
+        pb.Task(kind=pb.TASK_KIND_UNSPECIFIED),
+        wait_answer(0),
+        wait_answer(-5000),
+    ],
+    ids=["kind-99", "unspecified", "wait-0", "wait-negative"],
+)
+def test_an_answer_the_node_cannot_act_on_does_not_make_it_poll_in_a_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, task: pb.Task
+) -> None:
+    """A task kind this node does not know (enums may grow: a newer coordinator), or a WAIT
+    that was not held, made the node ask again at once: ~1,500 GetTask calls a second (review,
+    session 20). It now waits: a second for an unheld WAIT, REFUSED_TASK_POLL_S for an unknown
+    kind, which it logs once."""
+    servicer = OneAnswer(task)
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+        )
+        node = GroupNode(config, STUB_WORKER)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+            runner = threading.Thread(target=node.run, daemon=True)
+            runner.start()
+            time.sleep(2.5)
+            node.stop()
+            runner.join(10)
+    assert not runner.is_alive()
+    assert 1 <= servicer.polls <= 4, f"{servicer.polls} polls in 2.5 s"
+    unknown = [r for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(unknown) == (0 if task.kind == pb.TASK_KIND_WAIT else 1)
 
 
 @pytest.mark.parametrize(
