@@ -54,6 +54,7 @@ from pluralfed import protocol
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.errors import InputError, quoted
 from pluralfed.fsutil import atomic_write_bytes
+from pluralfed.logthrottle import LogThrottle
 from pluralfed.metrics import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.protocol import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
 from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
@@ -307,6 +308,7 @@ class RoundEngine:
             stale.unlink()
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        self._rejection_lines = LogThrottle()  # lines nodes can cause, one a minute per kind
         self._sessions: dict[str, NodeSession] = {}
         self._task: _OpenTask | None = None
         self._aggregate: StreamingFedAvg | None = None
@@ -844,7 +846,12 @@ class RoundEngine:
             ):
                 return
             reason = clipped(reason)  # it may quote what the node sent
-            log.warning("round %d: update from %s rejected: %s", t.round, s.group, reason)
+            # a broken-off stream is not final, so a node may repeat it: a line a minute
+            more = self._rejection_lines.admit((s.group, final))
+            if more is not None:
+                log.warning(
+                    "round %d: update from %s rejected: %s%s", t.round, s.group, reason, more
+                )
             if final:
                 t.answered[s.group] = f"rejected: {reason}"
                 s.answered.add(task_id)

@@ -52,6 +52,7 @@ from pluralfed.auth import (
     present,
     require_self,
 )
+from pluralfed.logthrottle import LogThrottle
 from pluralfed.metrics import GroupEvaluation
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
@@ -369,6 +370,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.transfer_grace_s = transfer_grace_s
         # ... and streams of a session or task that ended are cut at once, not at that deadline
         self.stale = StaleTransfers(engine)
+        # a refused upload is a line per (node, reason) a minute: a node repeating one in a loop
+        # must not fill the log
+        self.refusal_lines = LogThrottle()
         # (kind, node) of each running upload and download -> (its session, its call): one of
         # each per node at a time, so no one node can take every slot (in insecure mode, where no
         # node is proven, per session)
@@ -577,7 +581,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Rejection as r:
             if r.reason is None:
                 _abort(context, r)
-            log.warning("upload refused before reading it: %s", r.message)
+            self._log_refusal("upload refused before reading it", caller or h.session_id, r)
             return _reject(r.reason, r.message)
         return None
 
@@ -648,7 +652,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Rejection as r:
             if r.reason is None:
                 _abort(context, r)
-            log.warning("update refused: %s", r.message)
+            self._log_refusal("update refused", caller or h.session_id, r)
             return _reject(r.reason, r.message)
         except OSError as err:  # the spool's disk: not the node's fault, so not its answer
             log.error("update from %s could not be stored: %s", caller or h.session_id, err)
@@ -659,6 +663,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             if spool is not None:
                 spool.close()
         return pb.UploadReply(accepted=True, message=f"update for round {h.round} accepted")
+
+    def _log_refusal(self, what: str, who: str, rejection: Rejection) -> None:
+        more = self.refusal_lines.admit((who, what, rejection.reason))
+        if more is not None:
+            log.warning("%s: %s%s", what, rejection.message, more)
 
     def _within_chunk_limit(self, chunk: Chunk) -> Chunk:
         """`chunk` if it carries at most the max_chunk_bytes this coordinator gave in Join."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import os
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import Any, NoReturn, cast
 import grpc
 
 from pluralfed.errors import InputError, quoted
+from pluralfed.logthrottle import LogThrottle
 from pluralfed.tls import (
     NODE_ID_PATTERN,
     RevocationList,
@@ -186,38 +186,25 @@ class RefusalLog:
     of those left out: a client refused in a loop (a revoked certificate, say) must not be able to
     fill the coordinator's disk with log lines."""
 
-    MAX_KEYS = 4096  # callers x reasons remembered; beyond, the memory starts afresh
-
     def __init__(self, interval_s: float = 60.0) -> None:
-        self.interval_s = interval_s
-        self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._throttle = LogThrottle(interval_s)
 
     def log(self, method: str, identity: str | None, peer: str, reason: str) -> None:
         caller = identity or peer.rsplit(":", 1)[0]  # a peer's port changes with each connection
-        key, now = (caller, reason), time.monotonic()
-        with self._lock:
-            last, left_out = self._seen.get(key, (-math.inf, 0))
-            if now - last < self.interval_s:
-                self._seen[key] = (last, left_out + 1)
-                return
-            if len(self._seen) >= self.MAX_KEYS:
-                self._seen.clear()
-            self._seen[key] = (now, 0)
-        more = f" ({left_out} more like it in the last {now - last:.0f} s)" if left_out else ""
-        log.warning(
-            "refused %s: identity=%s peer=%s reason=%s%s",
-            method,
-            identity or "-",
-            peer,
-            reason,
-            more,
-        )
+        more = self._throttle.admit((caller, reason))
+        if more is not None:
+            log.warning(
+                "refused %s: identity=%s peer=%s reason=%s%s",
+                method,
+                identity or "-",
+                peer,
+                reason,
+                more,
+            )
 
     def forget(self) -> None:
         """Log the next refusal of every caller again (tests that look for one)."""
-        with self._lock:
-            self._seen.clear()
+        self._throttle.forget()
 
 
 _refusals = RefusalLog()

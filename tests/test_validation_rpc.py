@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from fedharness import FakeNode, rpc_error, scaled, update_messages, wait_until
 from test_update_validation import ALLOW, ENCODER, Federation, serve
@@ -199,6 +200,25 @@ def test_a_request_that_does_not_decode_is_invalid_not_internal(
         assert "not a valid grpc.health.v1.HealthCheckRequest" in details
         assert check(b"", timeout=10) == b"\x08\x01"  # SERVING: a good Check still answers
     assert not [r for r in caplog.records if "deserializ" in r.getMessage()]
+
+
+def test_a_refused_upload_repeated_in_a_loop_is_one_log_line(
+    quiet: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused upload logged a line, so a node could grow the coordinator's log at network
+    speed (review, session 20); now the first of each (node, reason) is logged, then one a
+    minute with a count."""
+    caplog.set_level(logging.INFO)
+    with quiet.node("node-good-a") as node:
+        node.join(ENCODER, 10)
+        stale = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="f" * 32, round=1, model_version="v")
+        replies = [
+            node.upload(update_messages(node.session_id, stale, {"w": np.zeros(4, np.float32)}, 1))
+            for _ in range(20)
+        ]
+    assert all(not r.accepted and r.message for r in replies)
+    lines = [r for r in caplog.records if "upload refused before reading it" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
 
 
 def test_heartbeat_fields_are_checked(quiet: Federation) -> None:
