@@ -21,6 +21,7 @@ import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -95,6 +96,10 @@ WEIGHTINGS = ("examples", "uniform")
 
 # the longest group name a node may join with (and the allow-list may hold)
 MAX_GROUP_NAME = 200
+# a group whose sessions were replaced this many times within REPLACED_WINDOW_S is warned about:
+# more likely two processes with one certificate than restarts
+REPLACEMENTS_TO_WARN, REPLACED_WINDOW_S = 3, 600.0
+MAX_REPLACED_SESSIONS = 4096  # replaced session ids remembered, to tell their calls why
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,16 @@ class NodeSession:
     last_seen: float
     answered: set[str] = field(default_factory=set)  # task ids this session has answered
     polls: int = 0  # GetTask calls so far: a newer one ends the wait of an older one
+    peer: str = ""  # the transport's name for where the node called from, for the logs
+
+
+@dataclass(frozen=True)
+class ReplacedSession:
+    """A session a newer Join of the same group replaced: its calls are told so, not just
+    "unknown", since two processes running as one node replace each other in a loop."""
+
+    at: float  # time.monotonic() of the replacement
+    by_peer: str  # where the replacing Join came from
 
 
 class GlobalModel(NamedTuple):
@@ -309,6 +324,11 @@ class RoundEngine:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._rejection_lines = LogThrottle()  # lines nodes can cause, one a minute per kind
+        # sessions replaced by a newer Join of their group (oldest first), and when each group's
+        # were replaced lately: two processes with one certificate replace each other in a loop
+        self._replaced: OrderedDict[str, ReplacedSession] = OrderedDict()
+        self._replacements: dict[str, list[float]] = {}
+        self._replacement_lines = LogThrottle()
         self._sessions: dict[str, NodeSession] = {}
         self._task: _OpenTask | None = None
         self._aggregate: StreamingFedAvg | None = None
@@ -442,6 +462,14 @@ class RoundEngine:
             log.warning("session of %s expired (silent for %.0f s)", s.group, now - s.last_seen)
             s = None
         if s is None:
+            replaced = self._replaced.get(session_id)
+            if replaced is not None:
+                raise Rejection(
+                    "UNAUTHENTICATED",
+                    f"session {quoted(session_id)} was replaced by a newer Join with this node's "
+                    f"certificate {now - replaced.at:.0f} s ago (from {replaced.by_peer or '?'}): "
+                    "if this node did not restart, another process runs as this node; join again",
+                )
             raise Rejection(
                 "UNAUTHENTICATED",
                 f"unknown or expired session {quoted(session_id)}: join again",
@@ -464,9 +492,13 @@ class RoundEngine:
         encoder: str,
         software_version: str,
         labels: Mapping[str, str] | None = None,
+        *,
+        peer: str = "",
+        check_only: bool = False,
     ) -> NodeSession:
         """Admit a node (its group already authenticated by the transport). Its version and
-        labels are only logged, but kept short and printable for that."""
+        labels are only logged, but kept short and printable for that. `check_only`: check as
+        for a join, but open (and replace) nothing: the session returned has no id."""
         if encoder != self.encoder_identity:
             raise Rejection(
                 "FAILED_PRECONDITION",
@@ -492,11 +524,15 @@ class RoundEngine:
                 f"node {group!r} reports {num_examples} training examples; at most "
                 f"{MAX_NODE_EXAMPLES} are accepted",
             )
+        now = time.monotonic()
+        if check_only:
+            log.info("node %s passed a connection check (from %s)", group, peer or "?")
+            return NodeSession("", group, role, num_examples, software_version, now, now, peer=peer)
         with self._changed:
             replaced = [old for old in self._sessions.values() if old.group == group]
             for old in replaced:  # a restarted node replaces its old session
                 del self._sessions[old.session_id]
-            now = time.monotonic()
+                self._note_replaced(old, peer, now)
             session = NodeSession(
                 session_id=uuid.uuid4().hex,
                 group=group,
@@ -505,6 +541,7 @@ class RoundEngine:
                 software_version=software_version,
                 joined_at=now,
                 last_seen=now,
+                peer=peer,
             )
             t = self._task
             for old in replaced:
@@ -528,6 +565,30 @@ class RoundEngine:
             f", labels {extras}" if extras else "",
         )
         return session
+
+    def _note_replaced(self, old: NodeSession, peer: str, now: float) -> None:
+        """Remember `old` as replaced (its calls are told so), and warn when a group's sessions
+        keep replacing each other: a node restarts now and then, not every few seconds."""
+        self._replaced[old.session_id] = ReplacedSession(now, peer)
+        while len(self._replaced) > MAX_REPLACED_SESSIONS:
+            self._replaced.popitem(last=False)
+        times = [t for t in self._replacements.get(old.group, []) if now - t < REPLACED_WINDOW_S]
+        self._replacements[old.group] = [*times, now]
+        if len(times) + 1 >= REPLACEMENTS_TO_WARN:
+            more = self._replacement_lines.admit(old.group)
+            if more is not None:
+                log.warning(
+                    "node %s joined again %d times in %.0f s, the latest from %s while its "
+                    "session from %s was seen %.0f s before: are two processes running with "
+                    "this node's certificate?%s",
+                    old.group,
+                    len(times) + 1,
+                    now - (times[0] if times else now),
+                    peer or "?",
+                    old.peer or "?",
+                    now - old.last_seen,
+                    more,
+                )
 
     def heartbeat(
         self,

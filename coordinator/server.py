@@ -409,6 +409,8 @@ class FederationServicer(pb_grpc.FederationServicer):
                 request.encoder_id,
                 request.software_version,
                 dict(request.labels),
+                peer=clipped(context.peer(), 100),
+                check_only=request.check_only,
             )
         except Rejection as r:
             _abort(context, r)

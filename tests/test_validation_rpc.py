@@ -221,6 +221,41 @@ def test_a_refused_upload_repeated_in_a_loop_is_one_log_line(
     assert len(lines) == 1, [r.getMessage() for r in lines]
 
 
+def test_a_check_only_join_leaves_the_running_nodes_session_alone(quiet: Federation) -> None:
+    """`pluralfed node check` joined like the node, so run beside a running node it replaced the
+    node's session (and threw away its round's work, review session 20). A check_only Join is
+    checked as a join is and opens nothing."""
+    with quiet.node("node-good-a") as running, quiet.node("node-good-a") as check:
+        running.join(ENCODER, 10)
+        reply = check.stub.Join(join_request(check_only=True), timeout=10)
+        assert reply.session_id == "" and reply.run_id == running.run_id
+        assert running.heartbeat().current_round == 0  # the running node's session still works
+        code, details = status(check.stub.Join, join_request(check_only=True, encoder_id="x"))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "encoder mismatch" in details
+
+
+def test_a_replaced_session_is_told_so_and_repeated_replacements_are_warned_about(
+    quiet: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two processes with one node certificate replace each other's session every few seconds,
+    for ever: each was told only "unknown or expired session", and the coordinator's log said
+    "joined" again and again (review, session 20)."""
+    caplog.set_level(logging.INFO)
+    with quiet.node("node-good-a") as first, quiet.node("node-good-a") as second:
+        first.join(ENCODER, 10)
+        second.join(ENCODER, 10)
+        code, details = status(first.heartbeat)
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert "was replaced by a newer Join with this node's certificate" in details
+        assert "another process runs as this node" in details and "ipv4:127.0.0.1:" in details
+        assert not [r for r in caplog.records if "two processes" in r.getMessage()]
+        for node in (first, second, first):  # 3 more replacements within the window
+            node.join(ENCODER, 10)
+        warnings = [r.getMessage() for r in caplog.records if "two processes" in r.getMessage()]
+        assert len(warnings) == 1 and "node Good A joined again 3 times" in warnings[0], warnings
+        assert "unknown or expired" in status(first.heartbeat, "f" * 32)[1]  # never issued
+
+
 def test_heartbeat_fields_are_checked(quiet: Federation) -> None:
     with quiet.node("node-good-a") as node:
         node.join(ENCODER, 10)

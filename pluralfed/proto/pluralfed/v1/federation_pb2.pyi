@@ -283,6 +283,7 @@ class JoinRequest(_message.Message):
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     ENCODER_ID_FIELD_NUMBER: _builtins.int
+    CHECK_ONLY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     """The node's group, e.g. "Germany". Must match the group named by the client certificate."""
@@ -302,6 +303,11 @@ class JoinRequest(_message.Message):
     "all-MiniLM-L6-v2/384/mean". Nodes with a different encoder would train an incompatible
     model, so the coordinator refuses a mismatch.
     """
+    check_only: _builtins.bool
+    """A connection check (`pluralfed node check`): the coordinator checks everything a join
+    checks and answers as it would, but opens no session (JoinReply.session_id is empty), so a
+    node already running with this certificate keeps its session and its place in the round.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form extras (hardware, site contact, ...), logged by the coordinator: at most 32, keys
@@ -317,11 +323,12 @@ class JoinRequest(_message.Message):
         software_version: _builtins.str = ...,
         protocol_version: _builtins.int = ...,
         encoder_id: _builtins.str = ...,
+        check_only: _builtins.bool = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoder_id", b"encoder_id", "group", b"group", "labels", b"labels", "num_train_examples", b"num_train_examples", "protocol_version", b"protocol_version", "role", b"role", "software_version", b"software_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_only", b"check_only", "encoder_id", b"encoder_id", "group", b"group", "labels", b"labels", "num_train_examples", b"num_train_examples", "protocol_version", b"protocol_version", "role", b"role", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,7 +348,7 @@ class JoinReply(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     MODEL_CONFIG_JSON_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Opaque; carried by every later call of this session."""
+    """Opaque; carried by every later call of this session. Empty for a check_only join."""
     protocol_version: _builtins.int
     """What the coordinator expects (and has just checked): the protocol version and encoder."""
     encoder_id: _builtins.str

@@ -79,8 +79,9 @@ class FederationServicer:
     def Join(self, request, context):
         """Opens a session. Refused with FAILED_PRECONDITION when protocol_version or encoder_id differ
         from the coordinator's (the status message names both values). A Join from a group that
-        already has a session replaces that session (its id stops working), so a restarted node can
-        rejoin at once.
+        already has a session replaces that session (its id stops working, UNAUTHENTICATED with a
+        message saying it was replaced), so a restarted node can rejoin at once; a check_only Join
+        opens and replaces nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

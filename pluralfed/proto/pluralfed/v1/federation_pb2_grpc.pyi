@@ -80,8 +80,9 @@ class FederationStub:
     Join: _grpc.UnaryUnaryMultiCallable[_federation_pb2.JoinRequest, _federation_pb2.JoinReply]
     """Opens a session. Refused with FAILED_PRECONDITION when protocol_version or encoder_id differ
     from the coordinator's (the status message names both values). A Join from a group that
-    already has a session replaces that session (its id stops working), so a restarted node can
-    rejoin at once.
+    already has a session replaces that session (its id stops working, UNAUTHENTICATED with a
+    message saying it was replaced), so a restarted node can rejoin at once; a check_only Join
+    opens and replaces nothing.
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetTaskRequest, _federation_pb2.Task]
     """Long poll for the next task: the coordinator holds the call until a task exists for this
@@ -128,8 +129,9 @@ class FederationAsyncStub(FederationStub):
     Join: _aio.UnaryUnaryMultiCallable[_federation_pb2.JoinRequest, _federation_pb2.JoinReply]  # type: ignore[assignment]
     """Opens a session. Refused with FAILED_PRECONDITION when protocol_version or encoder_id differ
     from the coordinator's (the status message names both values). A Join from a group that
-    already has a session replaces that session (its id stops working), so a restarted node can
-    rejoin at once.
+    already has a session replaces that session (its id stops working, UNAUTHENTICATED with a
+    message saying it was replaced), so a restarted node can rejoin at once; a check_only Join
+    opens and replaces nothing.
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetTaskRequest, _federation_pb2.Task]  # type: ignore[assignment]
     """Long poll for the next task: the coordinator holds the call until a task exists for this
@@ -179,8 +181,9 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_federation_pb2.JoinReply, _abc.Awaitable[_federation_pb2.JoinReply]]:
         """Opens a session. Refused with FAILED_PRECONDITION when protocol_version or encoder_id differ
         from the coordinator's (the status message names both values). A Join from a group that
-        already has a session replaces that session (its id stops working), so a restarted node can
-        rejoin at once.
+        already has a session replaces that session (its id stops working, UNAUTHENTICATED with a
+        message saying it was replaced), so a restarted node can rejoin at once; a check_only Join
+        opens and replaces nothing.
         """
 
     @_abc_1.abstractmethod
