@@ -1104,11 +1104,33 @@ class RoundEngine:
         return any(e["round"] == round_ for e in self.state.evaluations)
 
     def _evaluated_groups(self) -> set[str]:
-        """The groups the run's evaluations so far had (reported, or asked and silent)."""
+        """The groups the run's evaluations so far had (reported, or asked and silent). A
+        held-out group only ever listed missing is left out: its node may never have come, and
+        the run's end is not held up for it (the evaluations count it via _held_out_groups)."""
         groups: set[str] = set()
         for e in self.state.evaluations:
-            groups.update(e.get("groups", ()), e.get("missing", ()))
+            held_out = _held_out_named(e)
+            groups.update(e.get("groups", ()))
+            groups.update(g for g in e.get("missing", ()) if g not in held_out)
         return groups
+
+    def _held_out_groups(self, t: _OpenTask) -> set[str]:
+        """The run's held-out groups: evaluate_only when set; else those whose node joined as
+        evaluate-only, in this evaluation or an earlier one (each node says its role)."""
+        if self.settings.evaluate_only is not None:
+            return set(self.settings.evaluate_only)
+        held = {g for g, (role, _) in t.evaluations.items() if role == Role.EVALUATE_ONLY}
+        for session_id, group in t.selected.items():
+            s = self._sessions.get(session_id)
+            if s is not None and s.role == Role.EVALUATE_ONLY:
+                held.add(group)
+        for e in self.state.evaluations:
+            rows = e.get("per_group")
+            for g, row in rows.items() if isinstance(rows, Mapping) else ():
+                if isinstance(row, Mapping) and row.get("role") == Role.EVALUATE_ONLY:
+                    held.add(g)
+            held.update(_held_out_named(e))
+        return held
 
     def _wait_for_evaluators(self) -> bool:
         """Before an evaluation a stopped coordinator owed (after a restart): the quorum, then
@@ -1326,14 +1348,17 @@ class RoundEngine:
                     log.warning("evaluation at round %d: no reports", t.round)
                 return
             reports = combine_evaluations(t.evaluations.values())
+            held_out = self._held_out_groups(t)
+            # asked and silent, absent though earlier evaluations had them, or held out and
+            # not connected (figures of 1 of 6 held-out groups must not pass for all 6)
+            expected = set(t.selected.values()) | self._evaluated_groups() | held_out
+            missing = sorted(expected - set(t.evaluations))
             record: EvaluationRecord = {
                 "round": t.round,
                 "kind": "evaluation",
                 "groups": sorted(t.evaluations),
-                # asked and silent, or absent though earlier evaluations had them
-                "missing": sorted(
-                    (set(t.selected.values()) | self._evaluated_groups()) - set(t.evaluations)
-                ),
+                "missing": missing,
+                "missing_held_out": [g for g in missing if g in held_out],
                 "seconds": time.monotonic() - t.started,
                 "reports": {name: rep.to_dict() for name, rep in reports.items()},
                 "per_group": {
@@ -1388,6 +1413,13 @@ class RoundEngine:
             "completed_rounds": self.state.completed_rounds,
             "settings": asdict(self.settings),
         }
+
+
+def _held_out_named(record: Mapping[str, Any]) -> set[str]:
+    """The record's missing held-out groups (state.json does not check this field, and records
+    older than it lack it: none then)."""
+    names = record.get("missing_held_out")
+    return {g for g in names if isinstance(g, str)} if isinstance(names, list) else set()
 
 
 def combine_evaluations(

@@ -289,6 +289,7 @@ def test_evaluating_again_waits_for_a_group_the_final_evaluation_missed(
     assert first.done and evaluated(first) == [1, 2]
     assert first.state.evaluations[0]["groups"] == ["A", "B"]
     assert ended is not None and ended["groups"] == ["A"] and ended["missing"] == ["B"]
+    assert ended["missing_held_out"] == ["B"]  # B joined as evaluate-only (no evaluate_only)
     with (
         caplog.at_level(logging.INFO, logger="pluralfed.coordinator"),
         started_again(tmp_path, RoundSettings(rounds=2, eval_every=1, eval_timeout_s=10)) as again,
@@ -480,3 +481,37 @@ def test_resuming_with_another_model_names_what_changed(tmp_path: Path) -> None:
     )
     with pytest.raises(InputError, match="the saved run used encoder 'enc', this coordinator"):
         RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, "other", {"d_model": 64})
+
+
+def test_held_out_groups_that_never_joined_are_missing_from_the_evaluation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Operator review: evaluate_only groups whose node never joined were left out of the
+    evaluation record ("missing": []), and its line gave the figures of 1 of 3 held-out groups
+    as the held-out figures. The run's end still waits for no node that never came."""
+    settings = RoundSettings(
+        rounds=1, eval_every=0, eval_timeout_s=10, evaluate_only=("H", "J", "K")
+    )
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    joined = threading.Event()
+    held = threading.Thread(
+        target=evaluate_only, args=(engine, "H", 0.4), kwargs={"joined": joined}, daemon=True
+    )
+    held.start()
+    assert joined.wait(10)
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        serve(engine)
+        driver.join(20)
+    held.join(20)
+    final = engine.final_evaluation()
+    assert engine.done and final is not None and final["groups"] == ["A", "H"]
+    assert final["missing"] == ["J", "K"] and final["missing_held_out"] == ["J", "K"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluation")]
+    assert lines == [
+        "evaluation after round 1: training 0.5000 over 1 group (worst 0.5000, FI 1.000)  "
+        "held-out 0.4000 over 1 of 3 groups (worst 0.4000, FI 1.000; missing: J, K)"
+    ]
+    assert engine.unaware_of_end() == []
+    saved = load_state(tmp_path)
+    assert saved is not None and saved.evaluations[-1]["missing"] == ["J", "K"]

@@ -61,3 +61,46 @@ def test_malformed_rows_are_summarised_not_fatal() -> None:
     assert describe_record({"round": 6, "seconds": float("nan"), "bytes_in": float("inf")}) == (
         "round 6 done: ?/? updates in ? s"
     )
+
+
+def test_an_evaluation_line_says_how_many_groups_of_each_set_it_covers() -> None:
+    """Operator review: "held-out 0.7327 (worst 0.7327, FI 1.000)" was the figure of 1 of 6
+    held-out groups, the other 5 never connected, and nothing said so."""
+    one_of_six = {
+        **EVALUATION,
+        "groups": ["Argentina", "Germany", "Nigeria"],
+        "missing": ["Brazil", "China", "India", "Japan", "Mexico", "Russia"],
+        "missing_held_out": ["Brazil", "China", "Japan", "Mexico", "Russia"],
+        "reports": {
+            "training groups (test questions)": {
+                "model": {"alignment": 0.76543, "worst": 0.7, "fairness": 0.9712, "num_groups": 2}
+            },
+            "held-out groups": {
+                "model": {"alignment": 0.7327, "worst": 0.7327, "fairness": 1.0, "num_groups": 1}
+            },
+        },
+    }
+    assert describe_record(one_of_six) == (
+        "evaluation after round 10: training 0.7654 over 2 of 3 groups (worst 0.7000, FI 0.971; "
+        "missing: India)  held-out 0.7327 over 1 of 6 groups (worst 0.7327, FI 1.000; missing: "
+        "Brazil, China, Japan, Mexico, Russia)"
+    )
+    none_held_out = {
+        **one_of_six,
+        "missing": ["H1", "H2", "H3", "H4", "H5", "H6", "H7"],
+        "missing_held_out": ["H1", "H2", "H3", "H4", "H5", "H6", "H7"],
+        "reports": {
+            "training groups (test questions)": one_of_six["reports"][
+                "training groups (test questions)"
+            ]
+        },
+    }
+    assert describe_record(none_held_out) == (
+        "evaluation after round 10: training 0.7654 over 2 groups (worst 0.7000, FI 0.971)  "
+        "held-out none of 7 groups (missing: H1, H2, H3, H4, H5 and 2 more)"
+    )
+    # a record written before missing_held_out existed: its line as it was
+    assert describe_record({**one_of_six, "missing_held_out": None}) == (
+        "evaluation after round 10: training 0.7654 (worst 0.7000, FI 0.971)  "
+        "held-out 0.7327 (worst 0.7327, FI 1.000)"
+    )
