@@ -64,6 +64,7 @@ from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
 log = logging.getLogger("pluralfed.coordinator")
 
 TRAIN_SET, HELD_OUT_SET = "training groups (test questions)", "held-out groups"
+QUORUM_LOG_INTERVAL_S = 60.0  # a coordinator waiting for its quorum says so again this often
 
 
 class Role(StrEnum):
@@ -1173,22 +1174,41 @@ class RoundEngine:
                 groups.update(r["participants"], r.get("selected", ()))
             return sorted(groups - self._told_end)
 
+    # the groups that may train (the allow-list's, less evaluate_only), which the service sets:
+    # the quorum wait names those not here (the engine alone knows only who joined)
+    allowed_trainers: frozenset[str] = frozenset()
+
     def _wait_for_quorum(self) -> bool:
+        """Wait for min_nodes live training nodes; False if stopped (or no quorum within
+        quorum_timeout_s). Says who is missing when the wait starts, whenever that changes,
+        and every QUORUM_LOG_INTERVAL_S meanwhile: one line at the start of a long wait told an
+        operator neither that it was still waiting nor for whom."""
         started = time.monotonic()
-        announced = False
+        said: tuple[int, list[str]] | None = None
+        said_at = 0.0
         with self._changed:
             while not self._stop.is_set():
                 n = len(self.live_sessions(Role.TRAIN))
                 if n >= self.settings.min_nodes:
                     return True
-                if not announced:
+                here = {s.group for s in self.live_sessions()}
+                absent = sorted(self.allowed_trainers - here)
+                now = time.monotonic()
+                if said != (n, absent) or now - said_at >= QUORUM_LOG_INTERVAL_S:
                     log.info(
-                        "waiting for a quorum: %d of %d training nodes", n, self.settings.min_nodes
+                        "waiting for a quorum: %d of %d training nodes%s",
+                        n,
+                        self.settings.min_nodes,
+                        f"; not connected: {', '.join(absent)}" if absent else "",
                     )
-                    announced = True
+                    said, said_at = (n, absent), now
                 limit = self.settings.quorum_timeout_s
-                if limit is not None and time.monotonic() - started > limit:
-                    log.error("no quorum after %.0f s; stopping", limit)
+                if limit is not None and now - started > limit:
+                    log.error(
+                        "no quorum after %.0f s%s; stopping",
+                        limit,
+                        f" (not connected: {', '.join(absent)})" if absent else "",
+                    )
                     self._stop.set()
                     return False
                 self._changed.wait(1.0)

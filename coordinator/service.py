@@ -285,6 +285,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     except CheckpointError as err:
         state_lock.close()
         return _cannot_write(cfg.state_dir, err)
+    engine.allowed_trainers = allow_list.node_names - set(cfg.evaluate_only or ())
     limit_malloc_arenas()  # a process setting, before the RPC threads start
     server, port = start_server(
         engine,

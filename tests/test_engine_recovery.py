@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator import rounds
 from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind
 from coordinator.state import load_state
 from pluralfed.errors import InputError
@@ -515,3 +516,40 @@ def test_held_out_groups_that_never_joined_are_missing_from_the_evaluation(
     assert engine.unaware_of_end() == []
     saved = load_state(tmp_path)
     assert saved is not None and saved.evaluations[-1]["missing"] == ["J", "K"]
+
+
+def test_the_quorum_wait_names_who_is_missing_and_says_it_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Operator review: "waiting for a quorum: 2 of 3 training nodes" was logged once, however
+    long the wait, and named no group. Now it names the allow-listed groups not connected, when
+    that changes and again every QUORUM_LOG_INTERVAL_S (here 1 s)."""
+    monkeypatch.setattr(rounds, "QUORUM_LOG_INTERVAL_S", 1.0)
+    settings = RoundSettings(rounds=1, min_nodes=2, eval_every=0, evaluate_only=("H",))
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    engine.allowed_trainers = frozenset({"A", "B", "C"})
+
+    def waits() -> list[str]:
+        return [m for r in caplog.records if (m := r.getMessage()).startswith("waiting for a q")]
+
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        driver = start(engine)
+        wait_for(lambda: len(waits()) >= 1)
+        engine.join("A", Role.TRAIN, 10, ENC, "t")
+        wait_for(lambda: len(waits()) >= 3)  # A came, then the same again a second later
+        engine.join("H", Role.EVALUATE_ONLY, 0, ENC, "t")  # no trainer: not named either way
+        engine.stop()
+        driver.join(10)
+    assert waits()[:3] == [
+        "waiting for a quorum: 0 of 2 training nodes; not connected: A, B, C",
+        "waiting for a quorum: 1 of 2 training nodes; not connected: B, C",
+        "waiting for a quorum: 1 of 2 training nodes; not connected: B, C",
+    ]
+    assert all("H" not in line for line in waits())
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
