@@ -841,7 +841,7 @@ def limit_malloc_arenas(arenas: int = COORDINATOR_MALLOC_ARENAS) -> bool:
 
 
 def start_server(
-    engine: RoundEngine,
+    engine: RoundEngine | Callable[[], RoundEngine],
     address: str,
     tls: TlsFiles | None,
     allow_list: AllowList,
@@ -857,6 +857,9 @@ def start_server(
 ) -> tuple[grpc.Server, int]:
     """Start serving on `address` (host:port; port 0 picks one). Returns (server, bound port).
 
+    engine: the engine, or a function that makes it, called once the port is bound: a
+    coordinator that cannot listen then writes no run into its state folder (one did, and the
+    next start there with other settings was refused as another run).
     tls=None means plain text (--insecure): the caller must have asked for it explicitly.
     upload_slots, download_slots: how many uploads are read (downloads sent) at once (<= 0: no
     bound), or the gate itself.
@@ -876,14 +879,6 @@ def start_server(
         upload_slots = StreamSlots(upload_slots)
     if isinstance(download_slots, int):
         download_slots = StreamSlots(download_slots)
-    servicer = FederationServicer(
-        engine,
-        upload_slots,
-        upload_chunk_bytes,
-        download_slots,
-        download_chunk_bytes,
-        transfer_grace_s,
-    )
     interceptor = AuthInterceptor(
         allow_list,
         insecure=tls is None,
@@ -896,12 +891,24 @@ def start_server(
         options=server_grpc_options(upload_window_bytes),
         maximum_concurrent_rpcs=max_workers * 4,
     )
+    port = bind_port(server, address, None if tls is None else tls.server_credentials())
+    try:
+        servicer = FederationServicer(
+            engine() if callable(engine) else engine,
+            upload_slots,
+            upload_chunk_bytes,
+            download_slots,
+            download_chunk_bytes,
+            transfer_grace_s,
+        )
+    except BaseException:
+        server.stop(None)  # not started: frees the port
+        raise
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("pluralfed.v1.Federation", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = bind_port(server, address, None if tls is None else tls.server_credentials())
     server.start()
     if tls is None:
         log.warning(

@@ -268,12 +268,15 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     encoder = make_encoder(cfg.encoder)
     gpo = model_config(cfg, encoder.dim)
     started = time.time()
+    engines: list[RoundEngine] = []
 
     def on_round(record: RoundRecord | EvaluationRecord) -> None:
         line = describe_record(record, settings.rounds)
         console.print(f"[bold]{line}[/bold]" if record.get("kind") == "evaluation" else line)
 
-    try:
+    def open_run() -> RoundEngine:
+        """The run, made or resumed once the port is bound: a start that cannot listen leaves
+        the state folder as it found it."""
         engine = RoundEngine(
             settings,
             state_dict_to_numpy(build_model(gpo, cfg.seed).state_dict()),
@@ -282,24 +285,32 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
             gpo.to_dict(),
             on_round=on_round,
         )
+        engine.allowed_trainers = allow_list.node_names - set(cfg.evaluate_only or ())
+        engines.append(engine)
+        return engine
+
+    limit_malloc_arenas()  # a process setting, before the RPC threads start
+    try:
+        server, port = start_server(
+            open_run,
+            cfg.listen,
+            tls,
+            allow_list,
+            max_workers=_rpc_threads(cfg, allow_list),
+            upload_slots=cfg.max_concurrent_uploads,
+            upload_chunk_bytes=cfg.upload_chunk_bytes,
+            download_slots=cfg.max_concurrent_downloads,
+            download_chunk_bytes=cfg.download_chunk_bytes,
+            revocations=revocations,
+            upload_window_bytes=cfg.upload_window_bytes,
+        )
     except CheckpointError as err:
         state_lock.close()
         return _cannot_write(cfg.state_dir, err)
-    engine.allowed_trainers = allow_list.node_names - set(cfg.evaluate_only or ())
-    limit_malloc_arenas()  # a process setting, before the RPC threads start
-    server, port = start_server(
-        engine,
-        cfg.listen,
-        tls,
-        allow_list,
-        max_workers=_rpc_threads(cfg, allow_list),
-        upload_slots=cfg.max_concurrent_uploads,
-        upload_chunk_bytes=cfg.upload_chunk_bytes,
-        download_slots=cfg.max_concurrent_downloads,
-        download_chunk_bytes=cfg.download_chunk_bytes,
-        revocations=revocations,
-        upload_window_bytes=cfg.upload_window_bytes,
-    )
+    except BaseException:
+        state_lock.close()
+        raise
+    engine = engines[0]
     # where local launchers (and operators using port 0) find the bound port
     atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())
     console.print(

@@ -1,0 +1,76 @@
+"""Operating the coordinator (operator review, session 20): a start that cannot listen leaves
+no run behind, a signal is an exit code of its own, every round line appears once when stdout
+and stderr go to one file (docker logs, systemd), and --print-config shows the allow-list. The
+real CLI in child processes, with mutual TLS, as an operator runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Sequence
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from fedharness import (
+    CLI,
+    HOST,
+    TINY_MODEL,
+    Pki,
+    env_for_children,
+    scaled,
+)
+
+from pluralfed.localfed import node_id
+
+pytestmark = pytest.mark.timeout(240)
+
+ALLOW = {node_id("A"): "A", node_id("B"): "B"}
+TINY_OPTIONS = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_MODEL.items()]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def coordinator(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "coordinator", *args],
+        env=env_for_children(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
+    )
+
+
+def allow_file(tmp_path: Path) -> Path:
+    path = tmp_path / "allow.toml"
+    path.write_text("[allow_list]\n" + "".join(f'"{k}" = "{v}"\n' for k, v in ALLOW.items()))
+    return path
+
+
+def test_a_coordinator_that_cannot_listen_leaves_no_run_behind(tmp_path: Path, pki: Pki) -> None:
+    """It had made the run (state.json, weights-r00000.safetensors) before it found the port
+    busy, so the next start in that folder with other settings was refused as another run."""
+    occupant = grpc.server(futures.ThreadPoolExecutor(1))
+    port = occupant.add_insecure_port(f"{HOST}:0")
+    occupant.start()
+    state = tmp_path / "state"
+    common = ["--allow-list-file", str(allow_file(tmp_path)), "--tls-dir", str(pki.server)]
+    common += ["--state-dir", str(state), "--quorum-timeout-s", "1", *TINY_OPTIONS]
+    try:
+        busy = coordinator([*common, "--listen", f"{HOST}:{port}"])
+    finally:
+        occupant.stop(None)
+    assert busy.returncode == 2, busy.stderr
+    assert f"cannot listen on {HOST}:{port}: the port is in use" in busy.stderr
+    assert not (state / "state.json").exists() and not list(state.glob("weights-*"))
+    # the next start there, with another model, makes a run of its own (and, without a
+    # quorum within 1 s, stops: exit 1)
+    again = coordinator([*common, "--listen", f"{HOST}:0", "--d-model=64"])
+    assert again.returncode == 1, again.stderr
+    assert "differs" not in again.stderr and "no quorum after 1 s" in again.stderr
+    assert json.loads((state / "state.json").read_text())["model_config"]["d_model"] == 64
