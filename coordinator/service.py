@@ -34,7 +34,7 @@ from pluralfed.auth import AllowList, RevocationWatch
 from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, save_checkpoint
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.embeddings import make_encoder
-from pluralfed.errors import InputError
+from pluralfed.errors import InputError, signal_exit_code
 from pluralfed.evaluation import SetReport
 from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
@@ -255,9 +255,11 @@ def check_roles(cfg: CoordinatorConfig, allow_list: AllowList) -> None:
 
 def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Console) -> int:
     """Run (or resume) the federation to its end: 0 when every round and the final evaluation
-    are done, 1 when stopped before (a resume goes on from the last checkpoint),
-    EXIT_CANNOT_WRITE when the state folder could not be written (state.json keeps the last
-    checkpoint, so a restart with room on the disk resumes from it)."""
+    are done, 128 + the signal's number (SIGTERM 143, SIGINT 130) when a signal stopped it
+    before, 1 when it stopped before for want of a quorum (a resume goes on from the last
+    checkpoint either way), EXIT_CANNOT_WRITE when the state folder could not be written
+    (state.json keeps the last checkpoint, so a restart with room on the disk resumes from
+    it)."""
     settings = cfg.round_settings()
     check_roles(cfg, allow_list)
     state_lock = lock_state_dir(cfg.state_dir)  # held until this process ends
@@ -318,7 +320,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         f"{settings.min_nodes}, {len(allow_list)} nodes allowed, state in {cfg.state_dir}"
     )
     _log_roles(cfg)
-    stopping, failed = _drive(engine)
+    stopping, signals, failed = _drive(engine)
     if failed:
         server.stop(grace=2.0).wait()
         state_lock.close()
@@ -333,7 +335,9 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         _linger(engine, cfg.linger_s, stopping)
     server.stop(grace=2.0).wait()
     state_lock.close()
-    return 0 if engine.done else 1
+    if engine.done:
+        return 0  # also when a signal cut the linger short: the run is complete
+    return signal_exit_code(signals[0]) if signals else 1
 
 
 def _cannot_write(state_dir: Path, err: BaseException) -> int:
@@ -454,12 +458,13 @@ def _log_roles(cfg: CoordinatorConfig) -> None:
         )
 
 
-def _drive(engine: RoundEngine) -> tuple[threading.Event, list[Exception]]:
+def _drive(engine: RoundEngine) -> tuple[threading.Event, list[int], list[Exception]]:
     """Run the rounds on their own thread until done or stopped by SIGINT/SIGTERM (the main
-    thread stays free to take the signal). Returns the event a signal sets, and the error
-    that ended the rounds if the state could not be written (the caller reports it, not the
-    thread's traceback)."""
+    thread stays free to take the signal). Returns the event a signal sets, the signals
+    received (the exit code says the first), and the error that ended the rounds if the state
+    could not be written (the caller reports it, not the thread's traceback)."""
     stopping = threading.Event()
+    signals: list[int] = []
     failed: list[Exception] = []
 
     def rounds() -> None:
@@ -471,6 +476,7 @@ def _drive(engine: RoundEngine) -> tuple[threading.Event, list[Exception]]:
 
     def on_signal(signum: int, _frame: object) -> None:
         log.warning("signal %d: stopping; an open round is abandoned (a resume retries it)", signum)
+        signals.append(signum)
         stopping.set()
         engine.stop()
 
@@ -480,7 +486,7 @@ def _drive(engine: RoundEngine) -> tuple[threading.Event, list[Exception]]:
     driver.start()
     while driver.is_alive():
         driver.join(0.5)
-    return stopping, failed
+    return stopping, signals, failed
 
 
 def _write_final(

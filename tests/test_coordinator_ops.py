@@ -6,6 +6,7 @@ real CLI in child processes, with mutual TLS, as an operator runs it."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from collections.abc import Sequence
 from concurrent import futures
@@ -18,10 +19,15 @@ from fedharness import (
     HOST,
     TINY_MODEL,
     Pki,
+    Procs,
     env_for_children,
     scaled,
+    start_coordinator,
+    tails,
+    wait_until,
 )
 
+from pluralfed.cli import main
 from pluralfed.localfed import node_id
 
 pytestmark = pytest.mark.timeout(240)
@@ -74,3 +80,31 @@ def test_a_coordinator_that_cannot_listen_leaves_no_run_behind(tmp_path: Path, p
     assert again.returncode == 1, again.stderr
     assert "differs" not in again.stderr and "no quorum after 1 s" in again.stderr
     assert json.loads((state / "state.json").read_text())["model_config"]["d_model"] == 64
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
+    tmp_path: Path, pki: Pki, signum: int, code: int
+) -> None:
+    """It exited 1, as for a failure, where the node and `pluralfed federate` exit 143/130."""
+    with Procs(tmp_path / "logs") as procs:
+        coord = start_coordinator(procs, tmp_path, pki, ALLOW, {"min_nodes": 2})
+        wait_until(
+            lambda: (
+                "waiting for a quorum: 0 of 2 training nodes; not connected: A, B"
+                in coord.proc.log()
+            ),
+            60,
+            "the coordinator to wait for its quorum, naming who is missing",
+            must_live=[coord.proc],
+        )
+        coord.proc.popen.send_signal(signum)
+        assert coord.proc.wait(60) == code, tails([coord.proc])
+
+
+def test_the_help_says_what_each_exit_code_means(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["coordinator", "--help"])
+    epilog = capsys.readouterr().out.split("exit codes:")[1]
+    for code in ("0 ", "1 ", "2 ", "3 ", "130 ", "143 "):
+        assert f"\n  {code}" in epilog or f", {code}by" in epilog, code

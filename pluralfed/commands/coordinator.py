@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +87,33 @@ HELP = {
 }
 
 
+EPILOG = """exit codes:
+  0    the run is complete: every round and the final evaluation (also a finished run
+       started again)
+  1    stopped before the end without a signal: no quorum within quorum_timeout_s
+  2    refused input: a setting, the allow-list, a TLS file, a busy port, a state folder of
+       another run or in use by another coordinator
+  3    the state folder could not be written (a full disk); state.json keeps the last
+       checkpoint
+  130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM (docker stop, systemd): 128 + the signal
+Starting it again on the same state folder resumes the run after 1, 3, 130 and 143."""
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "coordinator",
         help="run the coordinator: rounds, FedAvg, federated evaluation",
-        description="Runs the federation: waits for a quorum of training nodes, sends each round's "
-        "global model, folds the nodes' updates into a weighted average as they stream in, "
-        "checkpoints after every round, and every few rounds asks every node (the "
-        "evaluate-only ones too) to evaluate the model on its own test questions. Nodes always "
-        "connect to it; it never connects to them. Settings come from --config (TOML), then "
-        f"{ENV_PREFIX}<NAME> environment variables, then these options.",
+        description=textwrap.fill(
+            "Runs the federation: waits for a quorum of training nodes, sends each round's "
+            "global model, folds the nodes' updates into a weighted average as they stream in, "
+            "checkpoints after every round, and every few rounds asks every node (the "
+            "evaluate-only ones too) to evaluate the model on its own test questions. Nodes always "
+            "connect to it; it never connects to them. Settings come from --config (TOML), then "
+            f"{ENV_PREFIX}<NAME> environment variables, then these options.",
+            88,
+        ),  # filled here: RawDescriptionHelpFormatter keeps the epilog's table as written
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=Path, help="TOML config file (with an [allow_list] table)")
     p.add_argument("--print-config", action="store_true", help="print the settings and exit")
