@@ -38,7 +38,6 @@ from pluralfed.errors import InputError, signal_exit_code
 from pluralfed.evaluation import SetReport
 from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
-from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
 from pluralfed.report import print_reports
 from pluralfed.tensorfiles import numpy_to_state_dict, state_dict_to_numpy
 from pluralfed.tls import TlsFiles, resolve_tls_files
@@ -272,10 +271,6 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     started = time.time()
     engines: list[RoundEngine] = []
 
-    def on_round(record: RoundRecord | EvaluationRecord) -> None:
-        line = describe_record(record, settings.rounds)
-        console.print(f"[bold]{line}[/bold]" if record.get("kind") == "evaluation" else line)
-
     def open_run() -> RoundEngine:
         """The run, made or resumed once the port is bound: a start that cannot listen leaves
         the state folder as it found it."""
@@ -285,7 +280,6 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
             cfg.state_dir,
             encoder.identity,
             gpo.to_dict(),
-            on_round=on_round,
         )
         engine.allowed_trainers = allow_list.node_names - set(cfg.evaluate_only or ())
         engines.append(engine)

@@ -18,17 +18,21 @@ from fedharness import (
     CLI,
     HOST,
     TINY_MODEL,
+    FakeNode,
     Pki,
     Procs,
     env_for_children,
     scaled,
     start_coordinator,
     tails,
+    update_messages,
     wait_until,
 )
 
 from pluralfed.cli import main
+from pluralfed.embeddings import make_encoder
 from pluralfed.localfed import node_id
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -100,6 +104,33 @@ def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
         )
         coord.proc.popen.send_signal(signum)
         assert coord.proc.wait(60) == code, tails([coord.proc])
+
+
+def test_each_round_line_appears_once_in_the_combined_output(tmp_path: Path, pki: Pki) -> None:
+    """Round and evaluation lines were logged (stderr) and printed again to the console: with
+    stdout and stderr in one file, as Procs (and docker, and systemd) keep them, each line
+    appeared twice."""
+    with Procs(tmp_path / "logs") as procs:
+        coord = start_coordinator(
+            procs, tmp_path, pki, ALLOW, {"rounds": 2, "eval_every": 1, "eval_timeout_s": 2.0}
+        )
+        with FakeNode(coord.port, "A", tls_dir=pki.node(node_id("A"))) as node:
+            node.join(make_encoder().identity)
+            task = node.wait_task(pb.TASK_KIND_TRAIN)
+            weights = node.download(task.model_version)
+            reply = node.upload(update_messages(node.session_id, task, weights, 10))
+            assert reply.accepted, reply
+            node.wait_task(pb.TASK_KIND_EVALUATE)  # round 1's evaluation: its line is due
+        wait_until(
+            lambda: "evaluation at round 1: no reports" in coord.proc.log(),
+            120,
+            "round 1's evaluation to end without reports",
+            must_live=[coord.proc],
+        )
+        coord.proc.popen.terminate()
+        assert coord.proc.wait(60) == 143
+    output = coord.proc.log()
+    assert output.count("round 1/2 done: 1/1 updates") == 1, output
 
 
 def test_the_help_says_what_each_exit_code_means(capsys: pytest.CaptureFixture[str]) -> None:
