@@ -602,5 +602,10 @@ def _linger(engine: RoundEngine, linger_s: float, stopping: threading.Event) -> 
         )
 
 
-def dump_config(cfg: CoordinatorConfig) -> str:
-    return json.dumps(asdict(cfg), indent=2, default=str)
+def dump_config(cfg: CoordinatorConfig, allow_list: AllowList | None = None) -> str:
+    """The settings as JSON; with `allow_list`, its table too (node id -> group), which is as
+    much the federation's setup as any setting and was the one thing not shown."""
+    settings: dict[str, Any] = asdict(cfg)
+    if allow_list is not None:
+        settings["allow_list"] = dict(sorted(allow_list.as_dict().items()))
+    return json.dumps(settings, indent=2, default=str)

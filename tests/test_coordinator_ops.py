@@ -133,6 +133,22 @@ def test_each_round_line_appears_once_in_the_combined_output(tmp_path: Path, pki
     assert output.count("round 1/2 done: 1/1 updates") == 1, output
 
 
+def test_print_config_shows_the_allow_list_and_warns_of_unknown_held_out_groups(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The allow-list (node id -> group) was the one part of the setup --print-config did not
+    show; an evaluate_only group the allow-list does not admit went unremarked until start."""
+    args = ["--allow-list-file", str(allow_file(tmp_path)), "--tls-dir", str(pki.server)]
+    done = coordinator([*args, "--evaluate-only", '["B", "Narnia"]', "--print-config"])
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["allow_list"] == ALLOW and printed["evaluate_only"] == ["B", "Narnia"]
+    assert done.stderr == (
+        "pluralfed coordinator: warning: coordinator config: evaluate_only names ['Narnia'], "
+        "which the allow-list does not admit (it admits ['A', 'B'])\n"
+    )
+
+
 def test_the_help_says_what_each_exit_code_means(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["coordinator", "--help"])

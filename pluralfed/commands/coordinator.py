@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from coordinator.service import CoordinatorConfig, dump_config, model_config, run_coordinator
+from coordinator.service import (
+    CoordinatorConfig,
+    check_roles,
+    dump_config,
+    model_config,
+    run_coordinator,
+)
 from pluralfed.auth import AllowList
-from pluralfed.config import add_config_args, load_config, overrides_from_args
+from pluralfed.config import ConfigValueError, add_config_args, load_config, overrides_from_args
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 
@@ -116,7 +123,11 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=Path, help="TOML config file (with an [allow_list] table)")
-    p.add_argument("--print-config", action="store_true", help="print the settings and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the settings, the allow-list (node id -> group) included, and exit",
+    )
     add_config_args(p, CoordinatorConfig, HELP)
     p.set_defaults(func=run)
 
@@ -144,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     cfg, allow_list = load(args)
     console = Console(stderr=True)
     if args.print_config:
-        print(dump_config(cfg))
+        print(dump_config(cfg, allow_list))
+        try:  # what starting would refuse, said here too
+            check_roles(cfg, allow_list)
+        except ConfigValueError as err:
+            print(f"pluralfed coordinator: warning: {err}", file=sys.stderr)
         return 0
     return run_coordinator(cfg, allow_list, console)
