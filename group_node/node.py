@@ -385,8 +385,30 @@ def validity_problem(
     return None
 
 
+# A session replaced this many times within REPLACED_WINDOW_S means another process runs with
+# this node's certificate (a restarted node replaces its session once): this one stops.
+REPLACEMENTS_TO_STOP, REPLACED_WINDOW_S = 3, 600.0
+REPLACED_MARK = "was replaced by a newer Join"  # in the coordinator's UNAUTHENTICATED details
+
+
+def replaced_by_peer(details: str) -> str:
+    """The peer the coordinator says replaced this node's session ("(from ipv4:...)"), or "?"."""
+    found = re.search(r"\(from ([^)]*)\)", details)
+    return found.group(1) if found else "?"
+
+
 class SessionLost(Exception):
     """The coordinator no longer knows our session (it restarted or dropped us): join again."""
+
+
+class SessionReplaced(SessionLost):
+    """A newer Join with this node's certificate replaced our session: a restart of this node,
+    or another process running as it."""
+
+
+def session_lost(details: str) -> SessionLost:
+    """The exception for an UNAUTHENTICATED call: replaced, or unknown/expired."""
+    return SessionReplaced(details) if REPLACED_MARK in details else SessionLost(details)
 
 
 class NodeStopped(Exception):
@@ -683,6 +705,9 @@ class GroupNode:
         self._final: tuple[pb.Task, dict] | None = None
         # when the current task arrived (monotonic clock), which its time budget counts from
         self._task_received = time.monotonic()
+        # when this node's sessions were replaced by another Join with its certificate (monotonic)
+        self._replaced_at: list[float] = []
+        self._run_id = ""  # the run this node last joined, to notice a coordinator's new run
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop soon (on signal `signum`): cancel the RPCs in flight, so a long poll of up to
@@ -709,8 +734,9 @@ class GroupNode:
     def run(self) -> int:
         """Returns 0 when the federation finished, 2 on a configuration problem or a message
         from the coordinator that breaks the protocol (retrying cannot help either, nor with a
-        certificate that expired), 1 when the coordinator stayed unreachable or a requested
-        personalization failed, 128 + the signal's number after `stop`."""
+        certificate that expired, nor when another process keeps joining as this node), 1 when
+        the coordinator stayed unreachable or a requested personalization failed, 128 + the
+        signal's number after `stop`."""
         backoff = self.config.backoff_initial_s
         unreachable_since: float | None = None
         try:
@@ -721,8 +747,13 @@ class GroupNode:
                     unreachable_since = None
                     if self._serve_tasks():
                         return self._personalize()
+                except SessionReplaced as err:
+                    if self._replaced_again(str(err)):
+                        return 2
                 except SessionLost as err:
-                    log.warning("%s: %s; joining again", self.config.group, err)
+                    # the coordinator's details end in "join again": said once
+                    lost = str(err).removesuffix(": join again")
+                    log.warning("%s: %s; joining again", self.config.group, lost)
                 except InputError as err:
                     log.error("%s: stopping: %s", self.config.group, err)
                     if self.client.session_id:
@@ -777,8 +808,45 @@ class GroupNode:
         finally:
             self.client.close()
 
+    def _replaced_again(self, details: str) -> bool:
+        """Log that another Join with this node's certificate replaced its session; True (stop)
+        when that happened REPLACEMENTS_TO_STOP times within REPLACED_WINDOW_S: two processes
+        with one certificate take each other's session every few seconds, for ever."""
+        now = time.monotonic()
+        self._replaced_at = [t for t in self._replaced_at if now - t < REPLACED_WINDOW_S]
+        self._replaced_at.append(now)
+        peer = replaced_by_peer(details)
+        if len(self._replaced_at) >= REPLACEMENTS_TO_STOP:
+            log.error(
+                "%s: stopping: another process joins as this node (its session was replaced %d "
+                "times in %.0f s, the latest by a Join from %s): two processes with one "
+                "certificate? stopping this one",
+                self.config.group,
+                len(self._replaced_at),
+                now - self._replaced_at[0],
+                peer,
+            )
+            return True
+        log.warning(
+            "%s: this node's session was replaced by a newer Join with its certificate from %s: "
+            "if this node did not restart, another process runs as it; joining again",
+            self.config.group,
+            peer,
+        )
+        return False
+
     def _join(self) -> None:
         reply = self.client.join(self.worker.num_train_examples, self.worker.encoder.identity)
+        if self._run_id and reply.run_id != self._run_id:
+            log.warning(
+                "%s: the coordinator now runs another run (%s, before %s): it restarted with "
+                "another or an empty state folder, so the earlier run was not resumed; this node "
+                "works for the new one",
+                self.config.group,
+                reply.run_id,
+                self._run_id,
+            )
+        self._run_id = reply.run_id
         log.info(
             "%s joined run %s as %s (session %s…)",
             self.config.group,
@@ -806,7 +874,7 @@ class GroupNode:
                     self._task_received = time.monotonic()
                 except grpc.RpcError as err:
                     if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        raise SessionLost(err.details()) from err
+                        raise session_lost(err.details() or "") from err
                     raise
                 if task.kind == pb.TASK_KIND_SHUTDOWN:
                     log.info("%s: the federation is finished", self.config.group)
@@ -968,7 +1036,7 @@ class GroupNode:
                 )
                 return
             if code == grpc.StatusCode.UNAUTHENTICATED:
-                raise SessionLost(err.details()) from err
+                raise session_lost(err.details() or "") from err
             raise
         finally:
             self._state = pb.NODE_STATE_IDLE

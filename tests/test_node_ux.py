@@ -1,0 +1,158 @@
+"""What a node operator is told (operator review, session 20), against the real coordinator stack
+(RoundEngine and its gRPC server in this process, real mutual TLS on 127.0.0.1) or a stand-in
+coordinator where a real one cannot be made to answer so:
+
+- two processes with one node certificate replace each other's session: each says so, naming
+  the peer, and one stops (exit 2) instead of taking turns for ever;
+- a coordinator that restarted into another run, and an unknown session, are logged once, clearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from fedharness import HOST, Pki, stand_in_coordinator
+from test_update_validation import ALLOW, ENCODER, Federation, toy_weights
+from test_validation_rpc import quiet_settings
+
+from coordinator.rounds import RoundEngine
+from coordinator.server import start_server
+from group_node.node import GroupNode, NodeConfig
+from pluralfed.auth import AllowList
+from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
+from pluralfed.tls import TlsFiles
+
+pytestmark = pytest.mark.timeout(120)
+
+WORKER = SimpleNamespace(num_train_examples=4, encoder=SimpleNamespace(identity=ENCODER))
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """A coordinator that starts no round (no quorum), with GPO's default model config (a real
+    node checks it); "Judge" may only evaluate."""
+    root = tmp_path_factory.mktemp("fed")
+    pki = Pki(root / "pki")
+    settings = quiet_settings(evaluate_only=("Judge",))
+    engine = RoundEngine(settings, toy_weights(), root / "state", ENCODER, {})
+    server, port = start_server(
+        engine, f"{HOST}:0", TlsFiles.from_dir(pki.server), AllowList(ALLOW), max_workers=16
+    )
+    driver = threading.Thread(target=engine.run, name="rounds", daemon=True)
+    driver.start()
+    try:
+        yield Federation(engine, port, pki, root / "state")
+    finally:
+        engine.stop()
+        server.stop(None).wait(10)
+        driver.join(10)
+
+
+def config(fed: Federation, identity: str = "node-good-a", **kw: object) -> NodeConfig:
+    values: dict[str, object] = {
+        "coordinator": f"{HOST}:{fed.port}",
+        "group": "Good A",
+        "tls_dir": fed.pki.node(identity),
+        "poll_wait_s": 0.5,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.1,
+        **kw,
+    }
+    return NodeConfig(**values)  # type: ignore[arg-type]
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. two processes with one certificate
+
+
+def test_two_nodes_with_one_certificate_say_so_and_one_stops(
+    fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """They replaced each other's session every ~2.5 s for ever, each logging only "unknown or
+    expired session ...; joining again"."""
+    nodes = [GroupNode(config(fed), WORKER) for _ in range(2)]  # type: ignore[arg-type]
+    codes: dict[int, int] = {}
+    done = threading.Event()
+
+    def run(i: int) -> None:
+        codes[i] = nodes[i].run()
+        done.set()
+
+    with caplog.at_level(logging.INFO, logger="pluralfed.node"):
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        assert done.wait(60), "neither node stopped"
+        for node in nodes:  # the one left standing keeps its session until stopped
+            node.stop()
+        for t in threads:
+            t.join(10)
+    assert sorted(codes.values()) == [2, 143], codes
+    replaced = [m for m in messages(caplog, logging.WARNING) if "was replaced" in m]
+    assert len(replaced) >= 2, replaced
+    assert all("a newer Join with its certificate from ipv4:127.0.0.1:" in m for m in replaced)
+    assert not [m for m in messages(caplog, logging.WARNING) if "unknown or expired" in m]
+    (error,) = messages(caplog, logging.ERROR)
+    assert error.startswith("Good A: stopping: another process joins as this node")
+    assert error.endswith("two processes with one certificate? stopping this one")
+
+
+class UnknownSessionOnce(pb_grpc.FederationServicer):
+    """Forgets the node's session once (as a restarted coordinator does), then ends the run; a
+    later Join is answered with another run id when `new_run` is set."""
+
+    def __init__(self, new_run: bool) -> None:
+        self.new_run = new_run
+        self.joins = 0
+        self.polls = 0
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self.joins += 1
+        run = "run-2" if self.new_run and self.joins > 1 else "run-1"
+        return pb.JoinReply(session_id=f"s-{self.joins}", run_id=run, protocol_version=1)
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        self.polls += 1
+        if self.polls == 1:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session 's-1': join again"
+            )
+        return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.Ack:
+        return pb.Ack()
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
+        return pb.Ack()
+
+
+@pytest.mark.parametrize("new_run", [False, True])
+def test_a_lost_session_is_said_once_and_a_new_run_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, new_run: bool
+) -> None:
+    """ "unknown or expired session '...': join again; joining again" stuttered; and a node whose
+    coordinator came back with another state folder joined the new run without a word."""
+    servicer = UnknownSessionOnce(new_run)
+    with stand_in_coordinator(servicer) as port:
+        cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
+        with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+            assert GroupNode(cfg, WORKER).run() == 0  # type: ignore[arg-type]
+    warnings = [m for m in messages(caplog, logging.WARNING) if not m.startswith("INSECURE")]
+    lost = "G: unknown or expired session 's-1'; joining again"
+    if new_run:
+        assert warnings[0] == lost and len(warnings) == 2, warnings
+        assert "the coordinator now runs another run (run-2, before run-1)" in warnings[1]
+        assert "the earlier run was not resumed" in warnings[1]
+    else:
+        assert warnings == [lost]
