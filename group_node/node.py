@@ -389,12 +389,60 @@ def validity_problem(
 # this node's certificate (a restarted node replaces its session once): this one stops.
 REPLACEMENTS_TO_STOP, REPLACED_WINDOW_S = 3, 600.0
 REPLACED_MARK = "was replaced by a newer Join"  # in the coordinator's UNAUTHENTICATED details
+MAX_DETAILS_CHARS = 300  # gRPC's details in a log line: enough for its cause, not a screen
+
+
+def shortened(text: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """`text` on one line, at most `limit` characters: a coordinator's details go in log lines."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def replaced_by_peer(details: str) -> str:
     """The peer the coordinator says replaced this node's session ("(from ipv4:...)"), or "?"."""
     found = re.search(r"\(from ([^)]*)\)", details)
     return found.group(1) if found else "?"
+
+
+def connection_hint(details: str, config: NodeConfig) -> str | None:
+    """What gRPC's details of a failed call say about this node's setup, when they name the
+    cause: gRPC reports a wrong CA, a certificate for another name and a closed port alike as
+    UNAVAILABLE, and only its details tell them apart. None when they name no cause we know."""
+    host, _, port = config.coordinator.rpartition(":")
+    if "Hostname Verification Check failed" in details:
+        name = config.tls_server_name or host
+        if config.tls_server_name:
+            return (
+                f"the coordinator's certificate does not name {name} (tls_server_name): set "
+                "tls_server_name to one of its names, or unset it"
+            )
+        return (
+            f"the coordinator's certificate does not name {name}: dial one of its names or set "
+            "tls_server_name"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        if "expired" in details:
+            return "the coordinator's certificate has expired: tell the federation's operator"
+        return (
+            "the coordinator's certificate is not from the CA in your ca.pem: get the "
+            "federation's ca.pem from its operator"
+        )
+    if "Connection refused" in details:
+        return (
+            f"nothing listens on {host}:{port}: wrong address or port, or the coordinator is down"
+        )
+    if "errors resolving" in details or "Domain name not found" in details:
+        return f"the host name {host} does not resolve: check the coordinator address"
+    role = re.search(r"may only join as ([\w-]+)", details)
+    if role:
+        return f"set role = {role.group(1)} (this group's role in this federation)"
+    return None
+
+
+def is_tls_cause(details: str) -> bool:
+    """The coordinator's certificate does not pass this node's checks: a setup problem that
+    looks like a coordinator that is down."""
+    return "Hostname Verification Check failed" in details or "CERTIFICATE_VERIFY_FAILED" in details
 
 
 class SessionLost(Exception):
@@ -680,6 +728,11 @@ class NodeClient:
         self.stub.Leave(pb.LeaveRequest(session_id=self.session_id, reason=reason), timeout=timeout)
 
 
+def label_of(err: grpc.RpcError | ServerCheckFailed) -> str:
+    """A failed connection's gRPC status name, or what the tls_crl check is."""
+    return err.code().name if isinstance(err, grpc.RpcError) else "revocation check"
+
+
 class GroupNode:
     """The run loop: join, take tasks until SHUTDOWN, rejoin after any loss, with backoff."""
 
@@ -708,6 +761,8 @@ class GroupNode:
         # when this node's sessions were replaced by another Join with its certificate (monotonic)
         self._replaced_at: list[float] = []
         self._run_id = ""  # the run this node last joined, to notice a coordinator's new run
+        # the details of the last failed connection, logged in full only when they change
+        self._unreachable_details: str | None = None
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop soon (on signal `signum`): cancel the RPCs in flight, so a long poll of up to
@@ -787,19 +842,25 @@ class GroupNode:
                         )
                         return 2
                     unreachable_since = unreachable_since or time.monotonic()
+                    why = self._unreachable_why(err)
                     limit = self.config.give_up_after_s
                     if limit is not None and time.monotonic() - unreachable_since > limit:
                         log.error(
-                            "%s: coordinator unreachable for %.0f s; giving up",
+                            "%s: coordinator unreachable %s for %.0f s; giving up",
                             self.config.group,
+                            why,
                             limit,
                         )
                         return 1
                     delay = backoff * (0.5 + random.random())
+                    changed = why != self._unreachable_details
+                    self._unreachable_details = why
                     log.warning(
-                        "%s: coordinator unreachable (%s); retrying in %.1f s",
+                        "%s: coordinator unreachable %s; retrying in %.1f s",
                         self.config.group,
-                        code.name if code else err,
+                        why
+                        if changed
+                        else f"({label_of(err)}) at {self.config.coordinator}, as before",
                         delay,
                     )
                     self._stop.wait(delay)
@@ -807,6 +868,20 @@ class GroupNode:
             return self._stopped()
         finally:
             self.client.close()
+
+    def _unreachable_why(self, err: grpc.RpcError | ServerCheckFailed) -> str:
+        """The coordinator's address and why it cannot be reached (gRPC's details, shortened;
+        what a TLS cause means): a coordinator that is down and a node set up wrong both fail
+        as UNAVAILABLE, and only the details tell them apart."""
+        details = err.details() if isinstance(err, grpc.RpcError) else str(err)
+        details = shortened(details or "no details")
+        why = f"({label_of(err)}) at {self.config.coordinator}: {details}"
+        if is_tls_cause(details):
+            why += (
+                f"; meaning: {connection_hint(details, self.config)} "
+                "(`pluralfed node check` says what is wrong)"
+            )
+        return why
 
     def _replaced_again(self, details: str) -> bool:
         """Log that another Join with this node's certificate replaced its session; True (stop)

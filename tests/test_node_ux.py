@@ -4,6 +4,8 @@ coordinator where a real one cannot be made to answer so:
 
 - two processes with one node certificate replace each other's session: each says so, naming
   the peer, and one stops (exit 2) instead of taking turns for ever;
+- a coordinator that cannot be reached is logged with its address and gRPC's cause, and a
+  misconfiguration (wrong CA, a certificate for another name) says what it means;
 - a coordinator that restarted into another run, and an unknown session, are logged once, clearly.
 """
 
@@ -17,7 +19,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from fedharness import HOST, Pki, stand_in_coordinator
+from fedharness import HOST, Pki, free_port, stand_in_coordinator
 from test_update_validation import ALLOW, ENCODER, Federation, toy_weights
 from test_validation_rpc import quiet_settings
 
@@ -53,6 +55,12 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         engine.stop()
         server.stop(None).wait(10)
         driver.join(10)
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Another federation's CA: its ca.pem does not vouch for `fed`'s coordinator."""
+    return Pki(tmp_path_factory.mktemp("other"), ca_name="another federation's CA")
 
 
 def config(fed: Federation, identity: str = "node-good-a", **kw: object) -> NodeConfig:
@@ -156,3 +164,51 @@ def test_a_lost_session_is_said_once_and_a_new_run_is_named(
         assert "the earlier run was not resumed" in warnings[1]
     else:
         assert warnings == [lost]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. node run: why the coordinator is unreachable
+
+
+@pytest.mark.parametrize(
+    ("case", "cause", "meaning"),
+    [
+        ("closed port", "Connection refused", None),
+        ("wrong CA", "CERTIFICATE_VERIFY_FAILED", "is not from the CA in your ca.pem"),
+        ("another name", "Hostname Verification Check failed", "does not name coordinator.example"),
+    ],
+)
+def test_an_unreachable_coordinator_is_logged_with_its_address_and_cause(
+    fed: Federation,
+    other_pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+    cause: str,
+    meaning: str | None,
+) -> None:
+    """`coordinator unreachable (UNAVAILABLE); retrying in 5.8 s` was all, whether the
+    coordinator was down or the node set up wrong."""
+    cfg = {
+        "closed port": config(fed, coordinator=f"{HOST}:{free_port()}", give_up_after_s=0.5),
+        "wrong CA": config(fed, tls_dir=other_pki.node("node-good-a"), give_up_after_s=0.5),
+        "another name": config(fed, tls_server_name="coordinator.example", give_up_after_s=0.5),
+    }[case]
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        assert GroupNode(cfg, WORKER).run() == 1  # type: ignore[arg-type]
+    first, *later = messages(caplog, logging.WARNING)
+    where = f"Good A: coordinator unreachable (UNAVAILABLE) at {cfg.coordinator}: "
+    assert first.startswith(where) and cause in first, first
+    if meaning is None:
+        assert "meaning" not in first
+    else:
+        assert f"meaning: the coordinator's certificate {meaning}" in first
+        assert "`pluralfed node check` says what is wrong" in first
+    assert later, "retried once at least"  # the same cause: not said again
+    assert all(
+        m.startswith(
+            f"Good A: coordinator unreachable (UNAVAILABLE) at {cfg.coordinator}, as before; retrying in "
+        )
+        for m in later
+    ), later
+    (gave_up,) = messages(caplog, logging.ERROR)
+    assert gave_up.startswith(where) and cause in gave_up and "giving up" in gave_up
