@@ -615,7 +615,13 @@ class NodeClient:
         )
         self._checked_connection = max(connections, 1)
 
-    def join(self, num_examples: int, encoder_id: str, timeout: float = 30.0) -> pb.JoinReply:
+    def join(
+        self, num_examples: int, encoder_id: str, timeout: float = 30.0, *, check_only: bool = False
+    ) -> pb.JoinReply:
+        """Join (open a session), or with `check_only` ask whether the coordinator would admit
+        this node without opening one (`pluralfed node check`: a running node with this
+        certificate keeps its session). A coordinator older than check_only opens a session
+        anyway: its id is kept, so that the caller can leave it."""
         self._check_coordinator_certificate()
         role = pb.ROLE_TRAIN if self.config.role == "train" else pb.ROLE_EVALUATE_ONLY
         reply: pb.JoinReply = self._result(
@@ -627,13 +633,14 @@ class NodeClient:
                     software_version=__version__,
                     protocol_version=PROTOCOL_VERSION,
                     encoder_id=encoder_id,
+                    check_only=check_only,
                 ),
                 timeout=timeout,
             )
         )
         where = f"coordinator {self.config.coordinator}"
         self.session_id = reply.session_id
-        if not reply.session_id:
+        if not reply.session_id and not check_only:
             raise InputError(f"{where}: JoinReply.session_id is empty")
         self.model_config = model_config_of(reply.model_config_json, where)
         interval = reply.heartbeat_interval.ToMilliseconds() / 1000

@@ -348,10 +348,10 @@ def test_node_check_cli_exit_codes(setup: Setup) -> None:
     for name, (expected, _) in cases.items():
         code, out, err = results[name]
         assert code == expected, f"{name}: exit code {code}\nstdout:\n{out}\nstderr:\n{err}"
-    assert "ok: joined run" in results["ok"][1]
+    assert "ok: the coordinator would admit this node" in results["ok"][1]
     assert "FAILED: PERMISSION_DENIED" in results["not-allowed"][2]
     assert "expired" in results["expired"][2]
-    assert "ok: joined run" in results["insecure"][1]
+    assert "ok: the coordinator would admit this node" in results["insecure"][1]
     assert "INSECURE" in results["insecure"][2]
 
 

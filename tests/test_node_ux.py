@@ -4,8 +4,10 @@ coordinator where a real one cannot be made to answer so:
 
 - two processes with one node certificate replace each other's session: each says so, naming
   the peer, and one stops (exit 2) instead of taking turns for ever;
+- `node check` run beside a running node leaves that node's session alone (check-only join);
 - a coordinator that cannot be reached is logged with its address and gRPC's cause, and a
   misconfiguration (wrong CA, a certificate for another name) says what it means;
+- `node check` names the exact cause when gRPC's details do (and the role to set);
 - a coordinator that restarted into another run, and an unknown session, are logged once, clearly.
 """
 
@@ -19,17 +21,20 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from fedharness import HOST, Pki, free_port, stand_in_coordinator
+from fedharness import HOST, FakeNode, Pki, free_port, stand_in_coordinator
 from test_update_validation import ALLOW, ENCODER, Federation, toy_weights
 from test_validation_rpc import quiet_settings
 
+import pluralfed.commands.node as commands_node
 from coordinator.rounds import RoundEngine
 from coordinator.server import start_server
 from group_node.node import GroupNode, NodeConfig
 from pluralfed.auth import AllowList
+from pluralfed.cli import main
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles
+from pluralfed.transport import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -164,6 +169,109 @@ def test_a_lost_session_is_said_once_and_a_new_run_is_named(
         assert "the earlier run was not resumed" in warnings[1]
     else:
         assert warnings == [lost]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. and 4. node check
+
+
+def check(cfg: NodeConfig, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
+    """`pluralfed node check` with `cfg`'s connection settings (the federation's test encoder)."""
+    monkeypatch.setattr(commands_node, "make_encoder", lambda _spec: WORKER.encoder)
+    argv = ["node", "check", "--group", cfg.group, "--coordinator", cfg.coordinator, *extra]
+    if cfg.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--tls-dir", str(cfg.tls_dir)]
+    if cfg.tls_server_name:
+        argv += ["--tls-server-name", cfg.tls_server_name]
+    return main(argv)
+
+
+def test_node_check_beside_a_running_node_leaves_its_session_alone(
+    fed: Federation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check joined and left: its Join replaced the running node's session, whose round's
+    work was thrown away."""
+    with FakeNode(fed.port, "Good B", tls_dir=fed.pki.node("node-good-b")) as running:
+        running.join(ENCODER, 10)
+        assert check(config(fed, "node-good-b", group="Good B"), monkeypatch) == 0
+        out = capsys.readouterr().out
+        assert f"ok: the coordinator would admit this node (run {running.run_id}," in out
+        assert "note:" not in out
+        running.heartbeat()  # still its session
+
+
+class OlderCoordinator(pb_grpc.FederationServicer):
+    """Knows no check_only: opens a session for every Join."""
+
+    def __init__(self) -> None:
+        self.check_only: list[bool] = []
+        self.left: list[tuple[str, str]] = []
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self.check_only.append(request.check_only)
+        return pb.JoinReply(session_id="s-1", run_id="r", protocol_version=PROTOCOL_VERSION)
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
+        self.left.append((request.session_id, request.reason))
+        return pb.Ack()
+
+
+def test_node_check_leaves_the_session_an_older_coordinator_opened(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    servicer = OlderCoordinator()
+    with stand_in_coordinator(servicer) as port:
+        cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
+        assert check(cfg, monkeypatch) == 0
+    assert servicer.check_only == [True]
+    assert servicer.left == [("s-1", "connection check")]
+    out = capsys.readouterr().out
+    assert "ok: the coordinator would admit this node (run r," in out
+    assert "does not know check-only joins" in out
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "meaning"),
+    [
+        (
+            "wrong CA",
+            "UNAVAILABLE",
+            "the coordinator's certificate is not from the CA in your ca.pem: get the "
+            "federation's ca.pem from its operator",
+        ),
+        (
+            "another name",
+            "UNAVAILABLE",
+            "the coordinator's certificate does not name coordinator.example (tls_server_name)",
+        ),
+        ("closed port", "UNAVAILABLE", "nothing listens on 127.0.0.1:"),
+        ("role", "PERMISSION_DENIED", "set role = evaluate-only"),
+    ],
+)
+def test_node_check_names_the_cause_that_grpc_names(
+    fed: Federation,
+    other_pki: Pki,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    code: str,
+    meaning: str,
+) -> None:
+    """The meaning was five possible causes even when gRPC's details named one, and for the
+    role refusal it said to check the allow-list and --group."""
+    cfg = {
+        "wrong CA": config(fed, tls_dir=other_pki.node("node-good-a")),
+        "another name": config(fed, tls_server_name="coordinator.example"),
+        "closed port": config(fed, coordinator=f"{HOST}:{free_port()}"),
+        "role": config(fed, "node-judge", group="Judge"),
+    }[case]
+    assert check(cfg, monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED: {code}: " in err
+    assert f"  meaning: {meaning}" in err, err
+    assert "check the allow-list" not in err and "wrong address or port, firewall" not in err
 
 
 # --------------------------------------------------------------------------------------------

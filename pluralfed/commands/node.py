@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import torch
 
-from group_node.node import GroupNode, NodeClient, NodeConfig
+from group_node.node import GroupNode, NodeClient, NodeConfig, connection_hint
 from group_node.worker import GroupWorker
 from pluralfed.config import add_config_args, load_config, overrides_from_args
 from pluralfed.data import load_survey
@@ -71,16 +71,18 @@ def register(subparsers: Any) -> None:
         "lost connection is retried with back-off; only model weights and aggregate metrics "
         "leave the node. Exit codes: 0 the run finished; 1 the coordinator stayed unreachable "
         "(give_up_after_s) or personalization failed; 2 a setup problem (config, data, "
-        "certificate expired or not yet valid, refused by the coordinator); 143 stopped by "
+        "certificate expired or not yet valid, refused by the coordinator, another process "
+        "running with this node's certificate); 143 stopped by "
         "SIGTERM, 130 by SIGINT (Ctrl-C), after leaving the federation.",
     )
     check_p = sub.add_parser(
         "check",
         help="TLS handshake and join, without data or training: is this node set up right?",
-        description="Connect to the coordinator with this node's certificate, join as its group "
-        "and leave again, without reading data or training; on failure say what the error "
-        "means (address, certificates, allow-list, revocation). Exit 0 when the node is set up "
-        "right.",
+        description="Connect to the coordinator with this node's certificate and ask it whether "
+        "it would admit this node as its group (a check-only join: no session is opened, so a "
+        "node already running with this certificate keeps its own), without reading data or "
+        "training; on failure say what the error means (address, certificates, allow-list, "
+        "role, revocation). Exit 0 when the node is set up right.",
     )
     for q in (run_p, check_p):
         q.add_argument("--config", type=Path, help="TOML config file")
@@ -127,40 +129,38 @@ def stop_on_signals(node: GroupNode) -> None:
 
 
 def check(args: argparse.Namespace) -> int:
-    """Handshake + join with the real identity; report what works and what does not."""
+    """Handshake + check-only join with the real identity; report what works and what does
+    not. Check-only: a running node with this certificate keeps its session (before, the check
+    joined and left, replacing it, and that node's round's work was thrown away)."""
     cfg = load(args)
     encoder = make_encoder(cfg.encoder)
     client = NodeClient(cfg)
     print(f"connecting to {cfg.coordinator} as {cfg.group!r} ...")
     try:
         reply = client.join(
-            num_examples=1 if cfg.role == "train" else 0, encoder_id=encoder.identity, timeout=15
+            num_examples=1 if cfg.role == "train" else 0,
+            encoder_id=encoder.identity,
+            timeout=15,
+            check_only=True,
         )
         print(
-            f"ok: joined run {reply.run_id} (protocol {reply.protocol_version}, coordinator "
-            f"{reply.software_version}); mutual TLS and allow-list accepted this node"
+            f"ok: the coordinator would admit this node (run {reply.run_id}, protocol "
+            f"{reply.protocol_version}, coordinator {reply.software_version}); mutual TLS, "
+            "allow-list and role accepted it"
         )
-        client.leave("connection check")
+        if reply.session_id:  # a coordinator older than check_only opened a session
+            client.leave("connection check")
+            print(
+                "  note: this coordinator does not know check-only joins: it opened a session, "
+                "left again now; a node running with this certificate lost its session to it "
+                "(it joins again)"
+            )
         return 0
     except grpc.RpcError as err:
         code = err.code()
-        hints = {
-            grpc.StatusCode.UNAVAILABLE: "no TLS connection: wrong address or port, firewall, "
-            "the coordinator is down, or the certificates do not match (CA, expiry, server name)",
-            grpc.StatusCode.PERMISSION_DENIED: "the coordinator does not allow this certificate "
-            "for this group: check the allow-list and --group",
-            grpc.StatusCode.UNAUTHENTICATED: "the certificate carries no node identity",
-            grpc.StatusCode.FAILED_PRECONDITION: "protocol or encoder mismatch with the coordinator",
-            grpc.StatusCode.DEADLINE_EXCEEDED: "no answer in time: network path or coordinator load",
-        }
-        hint = hints.get(code, "see the coordinator log")
-        if code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (err.details() or ""):
-            hint = "the CA revoked this node's certificate: ask the operator for a new one"
-        problem = client.certificate_problem() if code == grpc.StatusCode.UNAVAILABLE else None
-        if problem is not None:
-            hint = problem
-        print(f"FAILED: {code.name}: {err.details()}", file=sys.stderr)
-        print(f"  meaning: {hint}", file=sys.stderr)
+        details = err.details() or ""
+        print(f"FAILED: {code.name}: {details}", file=sys.stderr)
+        print(f"  meaning: {failure_meaning(client, cfg, code, details)}", file=sys.stderr)
         return 1
     except ServerCheckFailed as err:
         print(f"FAILED: {err}", file=sys.stderr)
@@ -174,3 +174,28 @@ def check(args: argparse.Namespace) -> int:
         raise
     finally:
         client.close()
+
+
+GENERIC_MEANINGS = {
+    grpc.StatusCode.UNAVAILABLE: "no TLS connection: wrong address or port, firewall, "
+    "the coordinator is down, or the certificates do not match (CA, expiry, server name)",
+    grpc.StatusCode.PERMISSION_DENIED: "the coordinator does not allow this certificate "
+    "for this group: check the allow-list and --group",
+    grpc.StatusCode.UNAUTHENTICATED: "the certificate carries no node identity",
+    grpc.StatusCode.FAILED_PRECONDITION: "protocol or encoder mismatch with the coordinator",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "no answer in time: network path or coordinator load",
+}
+
+
+def failure_meaning(
+    client: NodeClient, cfg: NodeConfig, code: grpc.StatusCode, details: str
+) -> str:
+    """What a failed check means: the exact cause when gRPC's details or this node's own
+    certificates name it, else what the status code may mean (several causes)."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        problem = client.certificate_problem()
+        if problem is not None:
+            return problem
+    if code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details:
+        return "the CA revoked this node's certificate: ask the operator for a new one"
+    return connection_hint(details, cfg) or GENERIC_MEANINGS.get(code, "see the coordinator log")
