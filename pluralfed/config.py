@@ -9,7 +9,9 @@ name (`PLURALFED_NODE_TLS_DIR`). Every value is checked and a bad one names its 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 import math
 import numbers
 import os
@@ -23,6 +25,8 @@ from typing import Any, TypeVar
 from pluralfed.errors import InputError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigValueError(InputError):
@@ -102,6 +106,51 @@ def _flatten(
         spelled[name] = written
         out[name] = value
     return out
+
+
+def _as_written(name: str, like: str) -> str:
+    """Setting `name` spelled as the user wrote `like`: in the same table if it is one of that
+    table's (`tls_dir` next to `[tls] directory` reads `[tls] dir`), else flat."""
+    if like.startswith("[") and "] " in like:
+        table = like[1 : like.index("] ")]
+        prefix = table.replace(".", "_").replace("-", "_") + "_"
+        if name.startswith(prefix):
+            return f"[{table}] {name.removeprefix(prefix)}"
+    return name
+
+
+def _unknown_keys_message(unknown: list[str], spelled: Mapping[str, str], fields: set[str]) -> str:
+    """The unknown keys as the user wrote them (`[tls] directory`, not `tls_directory`), each
+    with the setting it most likely meant."""
+    written = [spelled[name] for name in unknown]
+    guesses = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(fields), n=1)
+        if close:
+            guesses.append(
+                f"{spelled[name]!r}: did you mean {_as_written(close[0], spelled[name])!r}?"
+            )
+    hint = f" ({'; '.join(guesses)})" if guesses else ""
+    return f"unknown settings {written}{hint}; known: {sorted(fields)}"
+
+
+def warn_unknown_environment(env: Mapping[str, str], env_prefix: str, fields: set[str]) -> None:
+    """Log a warning for each `env_prefix*` variable that is no setting (a misspelled one would
+    be ignored silently, while files and options refuse unknown keys), with the likely one."""
+    known = sorted(name.upper() for name in fields)
+    for var in sorted(v for v in env if v.startswith(env_prefix)):
+        name = var.removeprefix(env_prefix)
+        if name in known:
+            continue
+        # compared without the prefix, which every name shares and would make any look close
+        close = difflib.get_close_matches(name, known, n=1)
+        log.warning(
+            "environment variable %s is not a setting and is ignored%s",
+            var,
+            f": did you mean {env_prefix}{close[0]}?"
+            if close
+            else f" (settings: {env_prefix}<NAME>)",
+        )
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -191,17 +240,19 @@ def load_config(
             raise InputError(f"{file}: cannot read config: {err}") from err
         except tomllib.TOMLDecodeError as err:
             raise InputError(f"{file}: not valid TOML: {err}") from err
+        spelled: dict[str, str] = {}
         try:
-            flat = _flatten({k: v for k, v in raw.items() if k not in skip_tables})
+            flat = _flatten({k: v for k, v in raw.items() if k not in skip_tables}, spelled=spelled)
         except InputError as err:
             raise InputError(f"{file}: {err}") from None
         unknown = sorted(set(flat) - fields)
         if unknown:
-            raise InputError(f"{file}: unknown settings {unknown}; known: {sorted(fields)}")
+            raise InputError(f"{file}: {_unknown_keys_message(unknown, spelled, fields)}")
         for key, value in flat.items():
             values[key] = _coerce(value, hints[key], f"{file}: {key}")
             sources[key] = str(file)
     env = os.environ if environ is None else environ
+    warn_unknown_environment(env, env_prefix, fields)
     for name in fields:
         var = env_prefix + name.upper()
         if var in env:
