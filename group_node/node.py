@@ -853,10 +853,10 @@ class GroupNode:
                     limit = self.config.give_up_after_s
                     if limit is not None and time.monotonic() - unreachable_since > limit:
                         log.error(
-                            "%s: coordinator unreachable %s for %.0f s; giving up",
+                            "%s: coordinator unreachable for %g s, giving up: %s",
                             self.config.group,
-                            why,
                             limit,
+                            why,
                         )
                         return 1
                     delay = backoff * (0.5 + random.random())
