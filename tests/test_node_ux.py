@@ -8,11 +8,13 @@ coordinator where a real one cannot be made to answer so:
 - a coordinator that cannot be reached is logged with its address and gRPC's cause, and a
   misconfiguration (wrong CA, a certificate for another name) says what it means;
 - `node check` names the exact cause when gRPC's details do (and the role to set);
-- a coordinator that restarted into another run, and an unknown session, are logged once, clearly.
+- a coordinator that restarted into another run, and an unknown session, are logged once, clearly;
+- `node run` says what loading its data skipped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import grpc
 import pytest
 from fedharness import HOST, FakeNode, Pki, free_port, stand_in_coordinator
 from test_update_validation import ALLOW, ENCODER, Federation, toy_weights
+from test_validation_node import FakeEncoder
 from test_validation_rpc import quiet_settings
 
 import pluralfed.commands.node as commands_node
@@ -324,3 +327,34 @@ def test_an_unreachable_coordinator_is_logged_with_its_address_and_cause(
     )
     assert f" at {cfg.coordinator}: " in gave_up and cause in gave_up
 
+
+# --------------------------------------------------------------------------------------------
+# 6. what loading the data skipped
+
+
+def test_node_run_logs_what_loading_its_data_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Repeated questions and all-zero rows were noted by the loader, but only `pluralfed data
+    inspect` showed it: `node run` said nothing."""
+    rows = [(f"Question {i}?", [1, 3]) for i in range(20)]
+    rows += [("Question 0?", [2, 2])] * 5 + [("Question 99?", [0, 0])]
+    data = tmp_path / "g.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"group": "G", "question": q, "options": ["a", "b"], "distribution": d})
+            + "\n"
+            for q, d in rows
+        )
+    )
+    monkeypatch.setattr(commands_node, "open_encoder", lambda _cfg: FakeEncoder())
+    monkeypatch.setattr(commands_node, "stop_on_signals", lambda _node: None)
+    argv = ["node", "run", "--group", "G", "--data", str(data), "--insecure"]
+    argv += ["--coordinator", f"{HOST}:{free_port()}", "--give-up-after-s", "0.1"]
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        assert main(argv) == 1  # nobody listens: the node gave up, after saying what it loaded
+    skipped, notes = [m for m in messages(caplog, logging.WARNING) if f"data {data}" in m]
+    assert skipped == f"G: data {data}: skipped 1 all-zero distribution(s)"
+    assert notes.startswith(f"G: data {data}: 5 note(s) from loading: {data}:21: duplicate")
+    assert notes.count("duplicate question for group 'G' (first at line 1); kept the first") == 3
+    assert notes.endswith(f"; and 2 more (`pluralfed data inspect {data}` lists them)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -15,12 +16,15 @@ import torch
 from group_node.node import GroupNode, NodeClient, NodeConfig, connection_hint
 from group_node.worker import GroupWorker
 from pluralfed.config import add_config_args, load_config, overrides_from_args
-from pluralfed.data import load_survey
+from pluralfed.data import SurveyData, load_survey
 from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
 from pluralfed.errors import STOP_SIGNALS, InputError
 from pluralfed.tls import ServerCheckFailed
 
 ENV_PREFIX = "PLURALFED_NODE_"
+MAX_NOTES_LOGGED = 3  # the loader's notes a node logs at start; `data inspect` shows more
+
+log = logging.getLogger("pluralfed.node")
 
 HELP = {
     "coordinator": "coordinator address, host:port (outbound; the only connection a node makes)",
@@ -107,10 +111,32 @@ def run(args: argparse.Namespace) -> int:
         files.channel_credentials()
     torch.set_num_threads(cfg.threads)
     data = load_survey(cfg.data_file(), groups=[cfg.group])
+    log_data_notes(cfg.group, cfg.data_file(), data)
     worker = GroupWorker(cfg.group, data, open_encoder(cfg), seed=cfg.seed)
     node = GroupNode(cfg, worker)
     stop_on_signals(node)
     return node.run()
+
+
+def log_data_notes(group: str, path: Path, data: SurveyData) -> None:
+    """What loading the group's data skipped or noted (all-zero distributions, repeated
+    questions): a partner's file with such rows ran without a word, only `pluralfed data
+    inspect` said so."""
+    if data.skipped_all_zero:
+        log.warning(
+            "%s: data %s: skipped %d all-zero distribution(s)", group, path, data.skipped_all_zero
+        )
+    notes = data.notes
+    if notes:
+        more = len(notes) - MAX_NOTES_LOGGED
+        log.warning(
+            "%s: data %s: %d note(s) from loading: %s%s",
+            group,
+            path,
+            len(notes),
+            "; ".join(notes[:MAX_NOTES_LOGGED]),
+            f"; and {more} more (`pluralfed data inspect {path}` lists them)" if more > 0 else "",
+        )
 
 
 def stop_on_signals(node: GroupNode) -> None:
