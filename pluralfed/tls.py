@@ -334,14 +334,22 @@ def _check_eku(cert: x509.Certificate, path: Path, role: Role) -> None:
         )
 
 
+# (key file, mode) pairs already warned about: a node loads its credentials more than once
+# (checked at start, then for its channel), and one warning says it
+_warned_key_modes: set[tuple[Path, int]] = set()
+
+
 def _warn_key_permissions(path: Path) -> None:
+    """Warn, once per file and mode, when others than its owner may read a private key; not
+    refused, since containers often mount keys with other modes."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError:
         return
-    if mode & 0o077:
+    if mode & 0o077 and (path.absolute(), mode) not in _warned_key_modes:
+        _warned_key_modes.add((path.absolute(), mode))
         log.warning(
-            "private key %s is readable by group/others (mode %o); run: chmod 600 %s",
+            "private key %s is readable by group/others (mode %04o); run: chmod 600 %s",
             path,
             mode,
             path,

@@ -9,13 +9,14 @@ coordinator where a real one cannot be made to answer so:
   misconfiguration (wrong CA, a certificate for another name) says what it means;
 - `node check` names the exact cause when gRPC's details do (and the role to set);
 - a coordinator that restarted into another run, and an unknown session, are logged once, clearly;
-- `node run` says what loading its data skipped.
+- `node run` says what loading its data skipped, and warns once about a key others may read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,6 +333,27 @@ def test_an_unreachable_coordinator_is_logged_with_its_address_and_cause(
 # 6. what loading the data skipped
 
 
+def write_survey(path: Path, rows: list[tuple[str, list[int]]]) -> Path:
+    """Group G's rows (question, distribution over two options) as a JSONL file."""
+    path.write_text(
+        "".join(
+            json.dumps({"group": "G", "question": q, "options": ["a", "b"], "distribution": d})
+            + "\n"
+            for q, d in rows
+        )
+    )
+    return path
+
+
+def node_run(data: Path, monkeypatch: pytest.MonkeyPatch, *options: str) -> int:
+    """`pluralfed node run` for group G (a stand-in encoder, no signal handlers) against a port
+    where nobody listens: it loads, embeds, tries, and gives up at once (exit 1)."""
+    monkeypatch.setattr(commands_node, "open_encoder", lambda _cfg: FakeEncoder())
+    monkeypatch.setattr(commands_node, "stop_on_signals", lambda _node: None)
+    argv = ["node", "run", "--group", "G", "--data", str(data), *options]
+    return main([*argv, "--coordinator", f"{HOST}:{free_port()}", "--give-up-after-s", "0.1"])
+
+
 def test_node_run_logs_what_loading_its_data_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -339,22 +361,39 @@ def test_node_run_logs_what_loading_its_data_skipped(
     inspect` showed it: `node run` said nothing."""
     rows = [(f"Question {i}?", [1, 3]) for i in range(20)]
     rows += [("Question 0?", [2, 2])] * 5 + [("Question 99?", [0, 0])]
-    data = tmp_path / "g.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"group": "G", "question": q, "options": ["a", "b"], "distribution": d})
-            + "\n"
-            for q, d in rows
-        )
-    )
-    monkeypatch.setattr(commands_node, "open_encoder", lambda _cfg: FakeEncoder())
-    monkeypatch.setattr(commands_node, "stop_on_signals", lambda _node: None)
-    argv = ["node", "run", "--group", "G", "--data", str(data), "--insecure"]
-    argv += ["--coordinator", f"{HOST}:{free_port()}", "--give-up-after-s", "0.1"]
+    data = write_survey(tmp_path / "g.jsonl", rows)
     with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
-        assert main(argv) == 1  # nobody listens: the node gave up, after saying what it loaded
+        assert node_run(data, monkeypatch, "--insecure") == 1
     skipped, notes = [m for m in messages(caplog, logging.WARNING) if f"data {data}" in m]
     assert skipped == f"G: data {data}: skipped 1 all-zero distribution(s)"
     assert notes.startswith(f"G: data {data}: 5 note(s) from loading: {data}:21: duplicate")
     assert notes.count("duplicate question for group 'G' (first at line 1); kept the first") == 3
     assert notes.endswith(f"; and 2 more (`pluralfed data inspect {data}` lists them)")
+
+
+# --------------------------------------------------------------------------------------------
+# 8. a private key others may read
+
+
+def test_a_key_others_may_read_is_warned_about_once(
+    fed: Federation,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`node run` loads its credentials twice (checked before the data is embedded, then for
+    its channel) and warned twice; still a warning, not a refusal (containers mount keys with
+    other modes)."""
+    folder = tmp_path / "certs"
+    shutil.copytree(fed.pki.node("node-good-a"), folder)
+    (folder / "key.pem").chmod(0o644)
+    data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
+    with caplog.at_level(logging.WARNING):
+        assert node_run(data, monkeypatch, "--tls-dir", str(folder)) == 1  # ran, gave up
+    warned = [
+        r.getMessage() for r in caplog.records if "readable by group/others" in r.getMessage()
+    ]
+    key = folder / "key.pem"
+    assert warned == [
+        f"private key {key} is readable by group/others (mode 0644); run: chmod 600 {key}"
+    ]
