@@ -807,6 +807,7 @@ class GroupNode:
                     self._join()
                     backoff = self.config.backoff_initial_s
                     unreachable_since = None
+                    self._unreachable_details = None  # a later failure is told in full again
                     if self._serve_tasks():
                         return self._personalize()
                 except SessionReplaced as err:

@@ -329,6 +329,32 @@ def test_an_unreachable_coordinator_is_logged_with_its_address_and_cause(
     assert f" at {cfg.coordinator}: " in gave_up and cause in gave_up
 
 
+class UnavailableTwice(UnknownSessionOnce):
+    """Admits the node, but its first two polls fail UNAVAILABLE (as a cut link does); then the
+    run ends."""
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        self.polls += 1
+        if self.polls <= 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the link was cut")
+        return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+
+
+def test_a_cause_is_told_in_full_again_after_the_node_was_connected(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "as before" is for retries in a row: once joined, the next failure is news."""
+    with stand_in_coordinator(UnavailableTwice(new_run=False)) as port:
+        cfg = NodeConfig(
+            coordinator=f"{HOST}:{port}", group="G", insecure=True, backoff_initial_s=0.05
+        )
+        with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+            assert GroupNode(cfg, WORKER).run() == 0  # type: ignore[arg-type]
+    unreachable = [m for m in messages(caplog, logging.WARNING) if "unreachable" in m]
+    told = f"G: coordinator unreachable (UNAVAILABLE) at {cfg.coordinator}: the link was cut; "
+    assert len(unreachable) == 2 and all(m.startswith(told) for m in unreachable), unreachable
+
+
 # --------------------------------------------------------------------------------------------
 # 6. what loading the data skipped
 
