@@ -57,7 +57,13 @@ from pluralfed.errors import InputError, quoted
 from pluralfed.fsutil import atomic_write_bytes
 from pluralfed.logthrottle import LogThrottle
 from pluralfed.metrics import GroupEvaluation, SetReport, summarize_groups
-from pluralfed.protocol import ALIGNMENT_BEFORE, MAX_EMBEDDING_NOISE
+from pluralfed.protocol import (
+    ALIGNMENT_BEFORE,
+    MAX_EMBEDDING_NOISE,
+    REPLACED_SESSION_MARK,
+    REPLACEMENT_WINDOW_S,
+    REPLACEMENTS_PER_WINDOW,
+)
 from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
 from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
 
@@ -97,9 +103,6 @@ WEIGHTINGS = ("examples", "uniform")
 
 # the longest group name a node may join with (and the allow-list may hold)
 MAX_GROUP_NAME = 200
-# a group whose sessions were replaced this many times within REPLACED_WINDOW_S is warned about:
-# more likely two processes with one certificate than restarts
-REPLACEMENTS_TO_WARN, REPLACED_WINDOW_S = 3, 600.0
 MAX_REPLACED_SESSIONS = 4096  # replaced session ids remembered, to tell their calls why
 
 
@@ -261,6 +264,7 @@ class ReplacedSession:
 
     at: float  # time.monotonic() of the replacement
     by_peer: str  # where the replacing Join came from
+    by_session: str  # the session that replaced it
 
 
 class GlobalModel(NamedTuple):
@@ -464,12 +468,19 @@ class RoundEngine:
             s = None
         if s is None:
             replaced = self._replaced.get(session_id)
-            if replaced is not None:
+            if replaced is not None and replaced.by_session in self._sessions:
                 raise Rejection(
                     "UNAUTHENTICATED",
-                    f"session {quoted(session_id)} was replaced by a newer Join with this node's "
+                    f"session {quoted(session_id)} {REPLACED_SESSION_MARK} with this node's "
                     f"certificate {now - replaced.at:.0f} s ago (from {replaced.by_peer or '?'}): "
                     "if this node did not restart, another process runs as this node; join again",
+                )
+            if replaced is not None:  # e.g. an older `node check`'s join, which left at once
+                raise Rejection(
+                    "UNAUTHENTICATED",
+                    f"session {quoted(session_id)} was taken over by a Join with this node's "
+                    f"certificate {now - replaced.at:.0f} s ago (from {replaced.by_peer or '?'}) "
+                    "that has ended since: join again",
                 )
             raise Rejection(
                 "UNAUTHENTICATED",
@@ -531,11 +542,12 @@ class RoundEngine:
             return NodeSession("", group, role, num_examples, software_version, now, now, peer=peer)
         with self._changed:
             replaced = [old for old in self._sessions.values() if old.group == group]
+            session_id = uuid.uuid4().hex
             for old in replaced:  # a restarted node replaces its old session
                 del self._sessions[old.session_id]
-                self._note_replaced(old, peer, now)
+                self._note_replaced(old, session_id, peer, now)
             session = NodeSession(
-                session_id=uuid.uuid4().hex,
+                session_id=session_id,
                 group=group,
                 role=role,
                 num_examples=num_examples,
@@ -567,21 +579,24 @@ class RoundEngine:
         )
         return session
 
-    def _note_replaced(self, old: NodeSession, peer: str, now: float) -> None:
-        """Remember `old` as replaced (its calls are told so), and warn when a group's sessions
-        keep replacing each other: a node restarts now and then, not every few seconds."""
-        self._replaced[old.session_id] = ReplacedSession(now, peer)
+    def _note_replaced(self, old: NodeSession, by_session: str, peer: str, now: float) -> None:
+        """Remember `old` as replaced (its calls are told so), and warn when a group's live
+        sessions keep replacing each other: a node restarts now and then, not every few seconds
+        (a dead process's session, silent for a while, does not count)."""
+        self._replaced[old.session_id] = ReplacedSession(now, peer, by_session)
         while len(self._replaced) > MAX_REPLACED_SESSIONS:
             self._replaced.popitem(last=False)
-        times = [t for t in self._replacements.get(old.group, []) if now - t < REPLACED_WINDOW_S]
+        if now - old.last_seen > 2 * self.settings.heartbeat_interval_s:
+            return
+        times = [t for t in self._replacements.get(old.group, []) if now - t < REPLACEMENT_WINDOW_S]
         self._replacements[old.group] = [*times, now]
-        if len(times) + 1 >= REPLACEMENTS_TO_WARN:
+        if len(times) + 1 >= REPLACEMENTS_PER_WINDOW:
             more = self._replacement_lines.admit(old.group)
             if more is not None:
                 log.warning(
                     "node %s joined again %d times in %.0f s, the latest from %s while its "
                     "session from %s was seen %.0f s before: are two processes running with "
-                    "this node's certificate?%s",
+                    "this node's certificate (or does it restart again and again)?%s",
                     old.group,
                     len(times) + 1,
                     now - (times[0] if times else now),

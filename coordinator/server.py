@@ -56,7 +56,7 @@ from pluralfed.logthrottle import LogThrottle
 from pluralfed.metrics import GroupEvaluation
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
-from pluralfed.protocol import KEEP_LOCAL_OPTIMIZER_STATE
+from pluralfed.protocol import KEEP_LOCAL_OPTIMIZER_STATE, MIN_POLL_INTERVAL_S
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import (
     DEFAULT_UPLOAD_CHUNK_BYTES,
@@ -95,9 +95,8 @@ MAX_WAIT_S = 60.0
 # how long a GetTask without `wait` is held (the protocol: the coordinator's default), so that a
 # node leaving it unset does not busy-poll on WAIT answers with a zero retry_after
 DEFAULT_WAIT_S = 10.0
-# a WAIT answer to a poll held shorter than this asks the node to wait out the difference, so a
-# node asking for no wait at all still polls about once a second, not in a loop
-MIN_POLL_INTERVAL_S = 1.0
+# a WAIT answer to a poll held shorter than MIN_POLL_INTERVAL_S asks the node to wait out the
+# difference, so a node asking for no wait at all still polls about once a second, not in a loop
 # HeartbeatRequest.task_id: the coordinator's task ids are 32 hex digits
 MAX_TASK_ID = 64
 # how far EvaluationReport.metrics.mean_alignment may differ from the "model" metric it repeats

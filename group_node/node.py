@@ -40,6 +40,10 @@ from pluralfed.protocol import (
     LOCAL_OPTIMIZER,
     LOCAL_OPTIMIZERS,
     MAX_EMBEDDING_NOISE,
+    MIN_POLL_INTERVAL_S,
+    REPLACED_SESSION_MARK,
+    REPLACEMENT_WINDOW_S,
+    REPLACEMENTS_PER_WINDOW,
 )
 from pluralfed.tensorfiles import save_tensors
 from pluralfed.tls import (
@@ -235,9 +239,6 @@ FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 MAX_LOCAL_STEPS = protocol.MAX_LOCAL_STEPS
 REFUSED_TASK_POLL_S = 5.0  # how often a node asks again while its refused task is still open
 MAX_RETRY_AFTER_S = 60.0  # the longest WAIT.retry_after a node honours (then it asks anyway)
-MIN_POLL_INTERVAL_S = (
-    1.0  # a WAIT answered sooner than this is waited out to it (as coordinators do)
-)
 # An upload the coordinator could not store (REJECT_REASON_INTERNAL, e.g. its disk is full)
 # leaves the task open, and the coordinator offers it again at once: the node sends the same
 # update again only after this back-off, doubled after each such refusal up to the cap, so a
@@ -385,10 +386,6 @@ def validity_problem(
     return None
 
 
-# A session replaced this many times within REPLACED_WINDOW_S means another process runs with
-# this node's certificate (a restarted node replaces its session once): this one stops.
-REPLACEMENTS_TO_STOP, REPLACED_WINDOW_S = 3, 600.0
-REPLACED_MARK = "was replaced by a newer Join"  # in the coordinator's UNAUTHENTICATED details
 MAX_DETAILS_CHARS = 300  # gRPC's details in a log line: enough for its cause, not a screen
 
 
@@ -456,7 +453,7 @@ class SessionReplaced(SessionLost):
 
 def session_lost(details: str) -> SessionLost:
     """The exception for an UNAUTHENTICATED call: replaced, or unknown/expired."""
-    return SessionReplaced(details) if REPLACED_MARK in details else SessionLost(details)
+    return SessionReplaced(details) if REPLACED_SESSION_MARK in details else SessionLost(details)
 
 
 class NodeStopped(Exception):
@@ -893,13 +890,13 @@ class GroupNode:
 
     def _replaced_again(self, details: str) -> bool:
         """Log that another Join with this node's certificate replaced its session; True (stop)
-        when that happened REPLACEMENTS_TO_STOP times within REPLACED_WINDOW_S: two processes
+        when that happened REPLACEMENTS_PER_WINDOW times within REPLACEMENT_WINDOW_S: two processes
         with one certificate take each other's session every few seconds, for ever."""
         now = time.monotonic()
-        self._replaced_at = [t for t in self._replaced_at if now - t < REPLACED_WINDOW_S]
+        self._replaced_at = [t for t in self._replaced_at if now - t < REPLACEMENT_WINDOW_S]
         self._replaced_at.append(now)
         peer = replaced_by_peer(details)
-        if len(self._replaced_at) >= REPLACEMENTS_TO_STOP:
+        if len(self._replaced_at) >= REPLACEMENTS_PER_WINDOW:
             log.error(
                 "%s: stopping: another process joins as this node (its session was replaced %d "
                 "times in %.0f s, the latest by a Join from %s): two processes with one "

@@ -38,4 +38,13 @@ KEEP_LOCAL_OPTIMIZER_STATE = True
 MAX_LOCAL_STEPS = 100_000
 MAX_LEARNING_RATE = 1.0  # learning rates in (0, 1]
 MIN_HEARTBEAT_S = 0.5  # a node never beats faster, whatever the Join reply says
+# A WAIT answered sooner than this after the GetTask was sent is waited out to it: by the
+# coordinator's retry_after for a short `wait`, and by a node whatever retry_after says.
+MIN_POLL_INTERVAL_S = 1.0
+# A session replaced by a newer Join of its node is refused with details containing this mark;
+# a node whose session is replaced this many times within the window is one of two processes
+# running with one certificate (a restarted node replaces its session once): the coordinator
+# warns, and the node that sees it stops.
+REPLACED_SESSION_MARK = "was replaced by a newer Join"
+REPLACEMENTS_PER_WINDOW, REPLACEMENT_WINDOW_S = 3, 600.0
 MAX_HEARTBEAT_S = 3600.0  # a node refuses a longer interval

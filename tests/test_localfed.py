@@ -187,6 +187,9 @@ def test_nodes_that_finished_do_not_end_the_wait(
     monkeypatch.setattr(localfed, "NODES_FAILED_GRACE_S", 0.0)
     started = time.time()
     (tmp_path / "results.json").write_text("{}")
+    # a file's time comes from the kernel's coarse clock, which can be a few ms behind
+    # time.time(): written "after" `started`, its mtime could still be before it
+    os.utime(tmp_path / "results.json", (started + 1, started + 1))
     procs = Processes(tmp_path)
     try:
         procs.start("coordinator", _py("import time; time.sleep(1.5)"), {})

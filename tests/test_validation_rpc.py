@@ -26,6 +26,7 @@ from test_update_validation import ALLOW, ENCODER, Federation, serve
 import coordinator.server as server_module
 from coordinator.rounds import RoundSettings
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.protocol import REPLACED_SESSION_MARK
 from pluralfed.transport import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,6 +255,35 @@ def test_a_replaced_session_is_told_so_and_repeated_replacements_are_warned_abou
         warnings = [r.getMessage() for r in caplog.records if "two processes" in r.getMessage()]
         assert len(warnings) == 1 and "node Good A joined again 3 times" in warnings[0], warnings
         assert "unknown or expired" in status(first.heartbeat, "f" * 32)[1]  # never issued
+
+
+def test_a_join_that_ended_again_is_not_taken_for_a_second_process(quiet: Federation) -> None:
+    """An older `pluralfed node check` joins and leaves at once: the running node whose session
+    it took is told so without the mark that makes a node count a second process (three such
+    checks stopped it, review of session 20)."""
+    with quiet.node("node-good-a") as running, quiet.node("node-good-a") as old_check:
+        running.join(ENCODER, 10)
+        old_check.join(ENCODER, 10)
+        old_check.leave()
+        code, details = status(running.heartbeat)
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert "taken over by a Join" in details and REPLACED_SESSION_MARK not in details
+
+
+def test_restarts_of_a_node_whose_process_died_are_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session silent for two heartbeat intervals is a process that died: its replacement by
+    the restarted node is no sign of a second process, however often it happens."""
+    caplog.set_level(logging.INFO)
+    with (
+        serve(tmp_path, quiet_settings(heartbeat_interval_s=0.5)) as fed,
+        fed.node("node-good-a") as node,
+    ):
+        for _ in range(4):
+            node.join(ENCODER, 10)
+            time.sleep(1.2)  # silent past 2 x 0.5 s: as if the process had died
+    assert not [r for r in caplog.records if "two processes" in r.getMessage()]
 
 
 def test_heartbeat_fields_are_checked(quiet: Federation) -> None:
