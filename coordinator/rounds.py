@@ -103,6 +103,9 @@ WEIGHTINGS = ("examples", "uniform")
 
 # the longest group name a node may join with (and the allow-list may hold)
 MAX_GROUP_NAME = 200
+# a round whose average (or its server step) is unusable this many times in a row stops the run:
+# the same updates would fail again, and every node would train for it for ever
+MAX_UNUSABLE_ROUNDS = 3
 MAX_REPLACED_SESSIONS = 4096  # replaced session ids remembered, to tell their calls why
 
 
@@ -339,6 +342,7 @@ class RoundEngine:
         self._aggregate: StreamingFedAvg | None = None
         self._done = False
         self._stop = threading.Event()
+        self._unusable_in_a_row = 0  # tries of the current round that gave no usable model
         self._on_round = on_round
         optimizer_args = {} if settings.server_lr is None else {"server_lr": settings.server_lr}
         self.optimizer: ServerOptimizer = make_server_optimizer(
@@ -923,8 +927,9 @@ class RoundEngine:
             ):
                 return
             reason = clipped(reason)  # it may quote what the node sent
-            # a broken-off stream is not final, so a node may repeat it: a line a minute
-            more = self._rejection_lines.admit((s.group, final))
+            # a broken-off stream is not final, so a node may repeat it: a line a minute; a final
+            # rejection comes once per round and node, and its reason is always told
+            more = "" if final else self._rejection_lines.admit(s.group)
             if more is not None:
                 log.warning(
                     "round %d: update from %s rejected: %s%s", t.round, s.group, reason, more
@@ -1214,7 +1219,11 @@ class RoundEngine:
                         "waiting for a quorum: %d of %d training nodes%s",
                         n,
                         self.settings.min_nodes,
-                        f"; not connected: {', '.join(absent)}" if absent else "",
+                        # allow-listed, not all trainers: without evaluate_only a group's role
+                        # is known only once it joins
+                        f"; allow-listed groups not connected: {', '.join(absent)}"
+                        if absent
+                        else "",
                     )
                     said, said_at = (n, absent), now
                 limit = self.settings.quorum_timeout_s
@@ -1222,7 +1231,9 @@ class RoundEngine:
                     log.error(
                         "no quorum after %.0f s%s; stopping",
                         limit,
-                        f" (not connected: {', '.join(absent)})" if absent else "",
+                        f" (allow-listed groups not connected: {', '.join(absent)})"
+                        if absent
+                        else "",
                     )
                     self._stop.set()
                     return False
@@ -1344,8 +1355,21 @@ class RoundEngine:
                 averaged = t.aggregate.result()  # fails if an update was only partly folded
                 new_weights = self.optimizer.apply(self.state.weights, averaged)  # or not finite
             except AggregationError as err:
+                self._unusable_in_a_row += 1
+                if self._unusable_in_a_row >= MAX_UNUSABLE_ROUNDS:
+                    log.error(
+                        "round %d: no usable model %d times in a row (%s): stopping the run, "
+                        "which would retry for ever; the last checkpoint stays, and a start "
+                        "with the cause fixed (norm_bound, server_lr, the spool's disk) resumes",
+                        t.round,
+                        self._unusable_in_a_row,
+                        err,
+                    )
+                    self._stop.set()
+                    return
                 log.error("round %d: no usable average (%s): retrying the round", t.round, err)
                 return
+            self._unusable_in_a_row = 0
             self.state.weights = new_weights
             self.state.completed_rounds = t.round
             self.state.optimizer_state = self.optimizer.state_dict()

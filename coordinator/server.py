@@ -901,7 +901,10 @@ def start_server(
             transfer_grace_s,
         )
     except BaseException:
-        server.stop(None)  # not started: frees the port
+        # a server never started keeps its bound port until the process ends: start it (with
+        # no service yet) to stop it for good, for callers that go on in this process
+        server.start()
+        server.stop(None).wait()
         raise
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

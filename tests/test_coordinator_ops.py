@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 from collections.abc import Sequence
 from concurrent import futures
@@ -29,8 +30,12 @@ from fedharness import (
     wait_until,
 )
 
+from coordinator.rounds import RoundEngine
+from coordinator.server import start_server
+from pluralfed.auth import AllowList
 from pluralfed.cli import main
 from pluralfed.embeddings import make_encoder
+from pluralfed.errors import InputError
 from pluralfed.localfed import node_id
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 
@@ -86,6 +91,22 @@ def test_a_coordinator_that_cannot_listen_leaves_no_run_behind(tmp_path: Path, p
     assert json.loads((state / "state.json").read_text())["model_config"]["d_model"] == 64
 
 
+def test_a_server_whose_engine_fails_to_open_frees_its_port() -> None:
+    """start_server binds first and makes the engine after; when that fails, the port must be
+    free again for a caller that goes on in this process (an unstarted gRPC server kept it)."""
+
+    def cannot_open() -> RoundEngine:
+        raise InputError("no engine")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(InputError, match="no engine"):
+        start_server(cannot_open, f"127.0.0.1:{port}", None, AllowList({"node-a": "A"}))
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # "Address already in use" before the fix
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
     tmp_path: Path, pki: Pki, signum: int, code: int
@@ -95,7 +116,7 @@ def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
         coord = start_coordinator(procs, tmp_path, pki, ALLOW, {"min_nodes": 2})
         wait_until(
             lambda: (
-                "waiting for a quorum: 0 of 2 training nodes; not connected: A, B"
+                "waiting for a quorum: 0 of 2 training nodes; allow-listed groups not connected: A, B"
                 in coord.proc.log()
             ),
             60,

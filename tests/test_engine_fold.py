@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind, TaskSpec
+from coordinator.rounds import (
+    MAX_UNUSABLE_ROUNDS,
+    Rejection,
+    Role,
+    RoundEngine,
+    RoundSettings,
+    TaskKind,
+    TaskSpec,
+)
 from pluralfed.wire import TensorSlice, specs_of
 
 ENCODER = "test-encoder"
@@ -206,6 +214,27 @@ def test_a_round_whose_new_model_would_not_be_finite_is_retried_not_committed(
         fed.upload(fed.b.session_id, retry_b, lambda: iter(slices(weights(1.0))), 30)
         fed.wait_completed(1)
         np.testing.assert_allclose(fed.engine.state.weights["w"], 2.0)  # 0 + 2 * (1 - 0)
+    finally:
+        fed.close()
+
+
+def test_a_round_without_a_usable_model_three_times_in_a_row_stops_the_run(
+    tmp_path: Path,
+) -> None:
+    """Retried for ever, a round whose updates keep overflowing (a node sending them again, or
+    server_lr too high) would have every node train for it without end (review of session 20):
+    the third try in a row stops the run, its last checkpoint kept."""
+    fed = Engine(tmp_path, round_timeout_s=WAIT, server_lr=2.0)
+    try:
+        huge = weights(3e38)
+        for attempt in range(MAX_UNUSABLE_ROUNDS):
+            ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+            assert ta.round == 1, attempt
+            fed.upload(fed.a.session_id, ta, lambda: iter(slices(huge)), 10)
+            fed.upload(fed.b.session_id, tb, lambda: iter(slices(huge)), 30)
+        fed.driver.join(WAIT)
+        assert not fed.driver.is_alive(), "the run went on"
+        assert not fed.engine.done and fed.engine.completed_rounds() == 0
     finally:
         fed.close()
 

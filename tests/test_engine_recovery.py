@@ -540,11 +540,15 @@ def test_the_quorum_wait_names_who_is_missing_and_says_it_again(
         engine.join("H", Role.EVALUATE_ONLY, 0, ENC, "t")  # no trainer: not named either way
         engine.stop()
         driver.join(10)
-    assert waits()[:3] == [
-        "waiting for a quorum: 0 of 2 training nodes; not connected: A, B, C",
-        "waiting for a quorum: 1 of 2 training nodes; not connected: B, C",
-        "waiting for a quorum: 1 of 2 training nodes; not connected: B, C",
+    # the distinct lines in order, then the repeat (on a loaded machine the first line may
+    # also come twice, before A joins)
+    lines = waits()
+    distinct = [line for i, line in enumerate(lines) if i == 0 or line != lines[i - 1]]
+    assert distinct[:2] == [
+        "waiting for a quorum: 0 of 2 training nodes; allow-listed groups not connected: A, B, C",
+        "waiting for a quorum: 1 of 2 training nodes; allow-listed groups not connected: B, C",
     ]
+    assert lines.count(distinct[1]) >= 2
     assert all("H" not in line for line in waits())
 
 

@@ -97,7 +97,8 @@ HELP = {
 EPILOG = """exit codes:
   0    the run is complete: every round and the final evaluation (also a finished run
        started again)
-  1    stopped before the end without a signal: no quorum within quorum_timeout_s
+  1    stopped before the end without a signal: no quorum within quorum_timeout_s, or a
+       round gave no usable model 3 times in a row (e.g. updates that overflow)
   2    refused input: a setting, the allow-list, a TLS file, a busy port, a state folder of
        another run or in use by another coordinator
   3    the state folder could not be written (a full disk); state.json keeps the last
