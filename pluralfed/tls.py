@@ -303,15 +303,14 @@ def check_is_ca(cert: x509.Certificate, path: Path) -> None:
 def check_chain(
     cert: x509.Certificate, cas: Sequence[x509.Certificate], cert_path: Path, ca_path: Path
 ) -> None:
-    for ca in cas:
-        try:
-            cert.verify_directly_issued_by(ca)
-            return
-        except (ValueError, TypeError, InvalidSignature):
-            continue
+    if any(_signed_by(cert, ca) for ca in cas):
+        return
+    # two federations' CAs may have the same name (the default one): then say it is another key
+    same_name = any(ca.subject == cert.issuer for ca in cas)
     raise InputError(
         f"certificate {cert_path} (issuer {cert.issuer.rfc4514_string()}) was not issued by the CA in "
-        f"{ca_path} ({', '.join(ca.subject.rfc4514_string() for ca in cas)}): "
+        f"{ca_path} ({', '.join(ca.subject.rfc4514_string() for ca in cas)}"
+        f"{': the same name, but another CA key' if same_name else ''}): "
         "use the ca.pem of the same federation"
     )
 
@@ -513,6 +512,85 @@ def revocation_check_context(files: TlsFiles) -> ssl.SSLContext:
         ) from None
     ctx.set_alpn_protocols(["h2"])
     return ctx
+
+
+def presented_certificate(
+    address: str, files: TlsFiles, *, server_name: str | None = None, timeout_s: float = 10.0
+) -> x509.Certificate:
+    """The certificate the server at `address` presents, NOT verified: only to tell an operator
+    why it does not verify (another CA, other names, expired), which gRPC's error leaves open.
+    Raises OSError (ssl.SSLError included) when no handshake is possible."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # what is shown is never trusted for anything
+    ctx.load_cert_chain(str(files.cert), str(files.key))  # a pluralfed server asks for one
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        _connect(host, int(port), timeout_s) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_name or host) as conn,
+    ):
+        der = conn.getpeercert(binary_form=True)
+    if der is None:
+        raise OSError(f"the server at {address} showed no certificate")
+    return x509.load_der_x509_certificate(der)
+
+
+def describe_presented_certificate(
+    cert: x509.Certificate, ca_path: Path, dialed_name: str
+) -> list[str]:
+    """Lines setting the certificate a server presents against what this side expects: the
+    names it carries against the one dialed, its issuer against the local ca.pem (checked by
+    signature: two CAs can share a name), its validity against now."""
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = names.get_values_for_type(x509.DNSName)
+        ips = [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        dns, ips = [], []
+    listed = [*dns, *ips]
+    lines = [
+        f"names: {', '.join(listed) or 'none'} "
+        f"({'includes' if dialed_name in listed else 'does not include'} {dialed_name})"
+    ]
+    issuer = cert.issuer.rfc4514_string()
+    try:
+        cas = x509.load_pem_x509_certificates(ca_path.read_bytes())
+    except (OSError, ValueError):
+        cas = []
+    signed = [ca for ca in cas if _signed_by(cert, ca)]
+    yours = ", ".join(ca.subject.rfc4514_string() for ca in cas) or "unreadable"
+    lines.append(
+        f"issued by: {issuer}; "
+        + (
+            f"signed by the CA in {ca_path}"
+            if signed
+            else f"NOT signed by the CA in {ca_path} ({yours}), even if a name is the same"
+        )
+    )
+    now = dt.datetime.now(dt.UTC)
+    until = cert.not_valid_after_utc
+    state = (
+        "expired"
+        if until < now
+        else "not valid yet"
+        if cert.not_valid_before_utc > now
+        else "valid now"
+    )
+    lines.append(
+        f"valid {format_time(cert.not_valid_before_utc)} to {format_time(until)} ({state})"
+    )
+    return lines
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether `ca`'s key signed `cert` (not just whether the names match)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def check_server_not_revoked(

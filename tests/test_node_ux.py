@@ -276,6 +276,18 @@ def test_node_check_names_the_cause_that_grpc_names(
     assert f"FAILED: {code}: " in err
     assert f"  meaning: {meaning}" in err, err
     assert "check the allow-list" not in err and "wrong address or port, firewall" not in err
+    # where the coordinator's certificate fails to verify, what it says is shown beside what
+    # the node expects (gRPC says only that it fails)
+    shown = {
+        "wrong CA": ["names: localhost, 127.0.0.1 (includes 127.0.0.1)", "NOT signed by the CA"],
+        "another name": [
+            "names: localhost, 127.0.0.1 (does not include coordinator.example)",
+            "; signed by the CA in",
+        ],
+    }.get(case)
+    assert ("the coordinator's certificate (not verified" in err) == (shown is not None), err
+    for text in shown or []:
+        assert text in err, err
 
 
 # --------------------------------------------------------------------------------------------

@@ -317,6 +317,17 @@ def test_load_wrong_ca(pki: Path) -> None:
         tls.load_channel_credentials(other.cert, other.key, ours)
 
 
+def test_a_ca_of_the_same_name_but_another_key_is_said_to_be_so(tmp_path: Path) -> None:
+    """Two federations made with the default CA name: the refusal named the issuer and the CA
+    alike, and read as a contradiction (operator review, session 20)."""
+    create_ca(tmp_path / "ours")
+    create_ca(tmp_path / "theirs")
+    issue_node_cert(tmp_path / "theirs", tmp_path / "node", "node-a")
+    node = tls.TlsFiles.from_dir(tmp_path / "node")
+    with pytest.raises(InputError, match="the same name, but another CA key"):
+        tls.load_channel_credentials(node.cert, node.key, tmp_path / "ours" / "ca.pem")
+
+
 def test_load_ca_file_is_not_a_ca(pki: Path) -> None:
     node = tls.TlsFiles.from_dir(pki / "node-a")
     with pytest.raises(InputError, match=rf"CA certificate file {node.cert}: .* is not a CA"):

@@ -19,7 +19,11 @@ from pluralfed.config import add_config_args, load_config, overrides_from_args
 from pluralfed.data import SurveyData, load_survey
 from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
 from pluralfed.errors import STOP_SIGNALS, InputError
-from pluralfed.tls import ServerCheckFailed
+from pluralfed.tls import (
+    ServerCheckFailed,
+    describe_presented_certificate,
+    presented_certificate,
+)
 
 ENV_PREFIX = "PLURALFED_NODE_"
 MAX_NOTES_LOGGED = 3  # the loader's notes a node logs at start; `data inspect` shows more
@@ -187,6 +191,8 @@ def check(args: argparse.Namespace) -> int:
         details = err.details() or ""
         print(f"FAILED: {code.name}: {details}", file=sys.stderr)
         print(f"  meaning: {failure_meaning(client, cfg, code, details)}", file=sys.stderr)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            print_presented_certificate(cfg)
         return 1
     except ServerCheckFailed as err:
         print(f"FAILED: {err}", file=sys.stderr)
@@ -200,6 +206,23 @@ def check(args: argparse.Namespace) -> int:
         raise
     finally:
         client.close()
+
+
+def print_presented_certificate(cfg: NodeConfig) -> None:
+    """What the coordinator's certificate says, fetched without verifying it, next to what
+    this node expects: gRPC says only that it does not verify (another CA or other names)."""
+    files = cfg.tls_files()
+    if files is None:
+        return
+    host = cfg.coordinator.rpartition(":")[0].strip("[]")
+    dialed = cfg.tls_server_name or host
+    try:
+        cert = presented_certificate(cfg.coordinator, files, server_name=dialed, timeout_s=10)
+    except (OSError, ValueError):
+        return  # no TLS server there at all: the meaning above says so
+    print("  the coordinator's certificate (not verified, for diagnosis):", file=sys.stderr)
+    for line in describe_presented_certificate(cert, files.ca, dialed):
+        print(f"    {line}", file=sys.stderr)
 
 
 GENERIC_MEANINGS = {
