@@ -50,8 +50,9 @@ from pluralfed.tls import (
     RevocationList,
     ServerCheckFailed,
     TlsFiles,
-    check_server_not_revoked,
+    checked_server_certificate,
     format_time,
+    load_client_material,
     load_revocation_list,
     parse_certs,
     read_file,
@@ -516,24 +517,65 @@ class NodeClient:
             ("grpc.min_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
         ]
+        self._channel_options = options
+        # read once, as gRPC reads them: a channel made again later (pinned) uses these bytes
+        self._material = None if files is None else load_client_material(files)
+        # with tls_crl, the coordinator certificate the node's own check last passed, which
+        # gRPC then trusts alone (`_pin`)
+        self._pinned: x509.Certificate | None = None
         if files is None:
             log.warning("INSECURE: connecting to %s in plain text, without TLS", config.coordinator)
-            self.channel = grpc.insecure_channel(config.coordinator, options=options)
+        self._open_channel()
+        self.session_id = ""
+        self.model_config: dict[str, object] = {}
+        self.heartbeat_interval_s = 5.0
+        self.upload_chunk_bytes = DEFAULT_CHUNK_BYTES
+
+    def _open_channel(self) -> None:
+        """The channel and its stubs: plain text, trusting the CA, or trusting only the pinned
+        coordinator certificate."""
+        if self._material is None:
+            self.channel = grpc.insecure_channel(
+                self.config.coordinator, options=self._channel_options
+            )
         else:
             self.channel = secure_channel(
-                config.coordinator,
-                files,
-                server_name_override=config.tls_server_name,
-                options=options,
+                self.config.coordinator,
+                self._material,
+                server_name_override=self.config.tls_server_name,
+                options=self._channel_options,
+                pinned=self._pinned,
             )
         self.stub = pb_grpc.FederationStub(self.channel)
         bulk = BulkStreamCalls.on(self.channel)  # tensor data without protobuf's copies
         self._download_model = bulk.download_model
         self._upload_update = bulk.upload_update
-        self.session_id = ""
-        self.model_config: dict[str, object] = {}
-        self.heartbeat_interval_s = 5.0
-        self.upload_chunk_bytes = DEFAULT_CHUNK_BYTES
+
+    def _pin(self, cert: x509.Certificate) -> None:
+        """From now on gRPC trusts only `cert`, which the node's own handshake has just checked
+        against the CA and the revocation list. That handshake is not gRPC's connection: without
+        the pin, someone on the path holding a revoked coordinator key could let the check reach
+        the real coordinator and answer gRPC's connection himself. A coordinator that presents
+        another certificate later (a renewal) is checked and pinned anew; the channel is made
+        again for it (calls in flight on the old one end)."""
+        if self._pinned is not None and cert == self._pinned:
+            return
+        if self._pinned is not None:
+            log.warning(
+                "%s: the coordinator now presents another certificate (serial %x, before %x), "
+                "checked against the revocation list: trusting it from now on",
+                self.config.group,
+                cert.serial_number,
+                self._pinned.serial_number,
+            )
+        self._pinned = cert
+        old = self.channel
+        if self._checked_connection >= 0:
+            old.unsubscribe(self._on_connectivity)
+        self._open_channel()
+        self._connections = 0
+        self.channel.subscribe(self._on_connectivity)
+        old.close()
 
     def certificate_problem(self) -> str | None:
         """After a failed connection: this node's certificate or the CA's is expired or not
@@ -604,12 +646,15 @@ class NodeClient:
             )
         except InputError as err:
             log.warning("%s; the revocation list read before stays in force", err)
-        check_server_not_revoked(
+        cert = checked_server_certificate(
             self.config.coordinator,
             self._check_context,
             self._revocations,
             server_name=self.config.tls_server_name,
         )
+        if self._pinned is None or cert != self._pinned:
+            self._pin(cert)
+            connections = self._connections  # of the new channel
         self._checked_connection = max(connections, 1)
 
     def join(

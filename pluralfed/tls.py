@@ -11,8 +11,9 @@ clientAuth in the handshake; the URI is defence in depth).
 
 Revocation: gRPC's Python API takes no CRL, so servers check the CA's list themselves, call by call, by
 the serial number of the verified client certificate (`load_revocation_list`, `peer_serial`;
-`pluralfed.auth.RevocationWatch`); a node checks the coordinator's the same way
-(`check_server_not_revoked`).
+`pluralfed.auth.RevocationWatch`); a node checks the coordinator's in a handshake of its own
+(`checked_server_certificate`) and then has gRPC trust only that certificate
+(`client_credentials(pinned=...)`), so the check and gRPC's connection reach the same server.
 
 Connecting by IP address when the coordinator's certificate only names a DNS host: either issue the
 server certificate with the IP as a SAN (``--san 10.0.0.5``; preferred), or have the client check the
@@ -356,14 +357,16 @@ def _warn_key_permissions(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class _Material:
+class TlsMaterial:
+    """TLS files as read and checked: the PEM bytes, and the party's own certificate."""
+
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
     cert: x509.Certificate
 
 
-def _load_validated(cert: PathLike, key: PathLike, ca: PathLike, role: Role) -> _Material:
+def _load_validated(cert: PathLike, key: PathLike, ca: PathLike, role: Role) -> TlsMaterial:
     cert_path, key_path, ca_path = Path(cert), Path(key), Path(ca)
     ca_pem = read_file(ca_path, "CA certificate")
     cert_pem = read_file(cert_path, "certificate")
@@ -380,7 +383,7 @@ def _load_validated(cert: PathLike, key: PathLike, ca: PathLike, role: Role) -> 
     for ca_cert in cas:
         check_current(ca_cert, ca_path, "CA certificate")
     _check_eku(leaf, cert_path, role)
-    return _Material(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, cert=leaf)
+    return TlsMaterial(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, cert=leaf)
 
 
 def load_server_credentials(cert: PathLike, key: PathLike, ca: PathLike) -> grpc.ServerCredentials:
@@ -398,9 +401,24 @@ def load_channel_credentials(
     cert: PathLike, key: PathLike, ca: PathLike
 ) -> grpc.ChannelCredentials:
     """Validated credentials for a group node: trusts only `ca` for the server, presents the node cert."""
-    material = _load_validated(cert, key, ca, "client")
+    return client_credentials(_load_validated(cert, key, ca, "client"))
+
+
+def load_client_material(files: TlsFiles) -> TlsMaterial:
+    """A node's certificate, key and CA, checked and read once (gRPC reads them once too)."""
+    return _load_validated(files.cert, files.key, files.ca, "client")
+
+
+def client_credentials(
+    material: TlsMaterial, pinned: x509.Certificate | None = None
+) -> grpc.ChannelCredentials:
+    """A node's channel credentials: trusting the CA, or with `pinned` (a server certificate
+    the node has checked itself, against the CA and the revocation list) that certificate
+    alone: gRPC takes it as the trust anchor, so no other certificate of the CA, a revoked one
+    included, passes the handshake."""
+    root = material.ca_pem if pinned is None else pinned.public_bytes(serialization.Encoding.PEM)
     return grpc.ssl_channel_credentials(
-        root_certificates=material.ca_pem,
+        root_certificates=root,
         private_key=material.key_pem,
         certificate_chain=material.cert_pem,
     )
@@ -416,15 +434,18 @@ def channel_options(server_name_override: str | None = None) -> list[tuple[str, 
 
 def secure_channel(
     target: str,
-    files: TlsFiles,
+    files: TlsFiles | TlsMaterial,
     *,
     server_name_override: str | None = None,
     options: Sequence[tuple[str, object]] = (),
+    pinned: x509.Certificate | None = None,
 ) -> grpc.Channel:
-    """A mutual-TLS channel to the coordinator from a node's `TlsFiles`."""
+    """A mutual-TLS channel to the coordinator from a node's `TlsFiles` (or their material,
+    read before), trusting only the `pinned` server certificate if given (`client_credentials`)."""
+    material = load_client_material(files) if isinstance(files, TlsFiles) else files
     return grpc.secure_channel(
         target,
-        files.channel_credentials(),
+        client_credentials(material, pinned),
         options=[*channel_options(server_name_override), *options],
     )
 
@@ -601,7 +622,21 @@ def check_server_not_revoked(
     server_name: str | None = None,
     timeout_s: float = 10.0,
 ) -> int:
-    """The server's certificate serial, checked against the CA's revocation list.
+    """The serial of the server's certificate, checked (`checked_server_certificate`)."""
+    return checked_server_certificate(
+        address, files, revocations, server_name=server_name, timeout_s=timeout_s
+    ).serial_number
+
+
+def checked_server_certificate(
+    address: str,
+    files: TlsFiles | ssl.SSLContext,
+    revocations: RevocationList,
+    *,
+    server_name: str | None = None,
+    timeout_s: float = 10.0,
+) -> x509.Certificate:
+    """The server's certificate, checked against the CA's revocation list.
 
     gRPC's Python client takes no CRL and never shows the server's certificate, so the node
     makes a TLS handshake of its own (Python's ssl: the same CA, client certificate and expected
@@ -609,10 +644,10 @@ def check_server_not_revoked(
     InputError for a revoked certificate, ServerCheckFailed when the handshake cannot complete.
     `files` may be the context `revocation_check_context` made of them.
 
-    Limit: this handshake is not the connection gRPC then makes. Someone on the network path
-    who holds the revoked certificate's key can let this check reach the real coordinator and
-    answer gRPC's own connection himself. The check stops a revoked coordinator at the address
-    the node dials, not such an active attacker; against one, re-issue the federation's CA.
+    This handshake is not the connection gRPC then makes: someone on the network path who holds
+    a revoked certificate's key could let it reach the real coordinator and answer gRPC's own
+    connection himself. So the node then trusts, for gRPC, only the certificate returned here
+    (`load_channel_credentials(pinned=...)`).
     """
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
@@ -629,13 +664,14 @@ def check_server_not_revoked(
         ) from None
     if der is None:
         raise ServerCheckFailed(f"the coordinator at {address} showed no certificate")
-    serial = x509.load_der_x509_certificate(der).serial_number
+    cert = x509.load_der_x509_certificate(der)
+    serial = cert.serial_number
     if revocations.is_revoked(serial):
         raise InputError(
             f"the coordinator at {address} presents a certificate that the CA has revoked "
             f"(serial {serial:x}, in {revocations.path}): refusing to connect to it"
         )
-    return serial
+    return cert
 
 
 # --------------------------------------------------------------------------------------------------

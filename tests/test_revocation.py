@@ -35,6 +35,7 @@ from pluralfed.pki import (
     revoke_certificates,
 )
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -420,6 +421,124 @@ def test_node_never_joins_unchecked_and_checks_again_after_a_reconnect(tmp_path:
         finally:
             client.close()
             relay.close()
+
+
+class SplitRelay(Relay):
+    """An attacker on the path: the first connection (the node's own certificate check) goes to
+    the real coordinator, every later one (gRPC's) to `then_port`."""
+
+    def __init__(self, first_port: int, then_port: int) -> None:
+        self.then_port = then_port
+        super().__init__(first_port, drop_first=0)
+
+    def _relay(self, conn: socket.socket, target: tuple[str, int]) -> None:
+        if self.accepted > 1:
+            target = ("127.0.0.1", self.then_port)
+        super()._relay(conn, target)
+
+
+class Impostor(pb_grpc.FederationServicer):
+    """Answers as a coordinator would, counting the Joins it gets."""
+
+    def __init__(self) -> None:
+        self.joins = 0
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self.joins += 1
+        return pb.JoinReply(session_id="stolen", run_id="impostor")
+
+
+@contextlib.contextmanager
+def impostor_coordinator(ca: Path, folder: Path) -> Iterator[tuple[Impostor, int]]:
+    """A server with a coordinator certificate of the federation's CA (issued into `folder`),
+    asking for client certificates as the real one does."""
+    issue_server_cert(ca, folder, "coordinator", ["localhost", "127.0.0.1"])
+    servicer = Impostor()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", tls.TlsFiles.from_dir(folder).server_credentials())
+    server.start()
+    try:
+        yield servicer, port
+    finally:
+        server.stop(None).wait(5)
+
+
+def test_a_revoked_coordinator_key_cannot_answer_in_the_real_ones_place(tmp_path: Path) -> None:
+    """The node's revocation check is a handshake of its own, not gRPC's connection: someone on
+    the path holding a revoked coordinator key could let the check reach the real coordinator
+    and answer gRPC's connection himself (a documented limit until session 20), getting the
+    node's updates. Now gRPC trusts only the certificate the check passed: the impostor's
+    handshake fails and it never sees a Join."""
+    from fedharness import HOST
+    from test_update_validation import ENCODER, serve
+
+    from coordinator.rounds import RoundSettings
+    from group_node.node import NodeClient, NodeConfig
+
+    with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
+        stolen = tmp_path / "stolen-coordinator"
+        with impostor_coordinator(fed.pki.ca, stolen) as (impostor, impostor_port):
+            crl, _ = revoke_certificates(fed.pki.ca, [stolen / "cert.pem"])
+            relay = SplitRelay(fed.port, impostor_port)
+            client = NodeClient(
+                NodeConfig(
+                    coordinator=f"{HOST}:{relay.port}",
+                    group="Good A",
+                    data=tmp_path / "unused.csv",
+                    tls_dir=fed.pki.node("node-good-a"),
+                    tls_server_name="localhost",
+                    tls_crl=crl,
+                )
+            )
+            try:
+                with pytest.raises(grpc.RpcError) as refused:
+                    client.join(10, ENCODER)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert impostor.joins == 0 and client.session_id == ""
+                assert relay.accepted >= 2  # the check went to the real one, gRPC to the other
+            finally:
+                client.close()
+                relay.close()
+
+
+def test_a_coordinator_with_a_renewed_certificate_is_checked_and_trusted_anew(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC trusts only the certificate the node's check last passed; a coordinator that
+    presents another one (renewed, not revoked) is checked and trusted in its place."""
+    from fedharness import HOST
+    from test_update_validation import ENCODER, serve
+
+    from coordinator.rounds import RoundSettings
+    from group_node.node import NodeClient, NodeConfig
+
+    with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
+        crl, _ = revoke_certificates(fed.pki.ca, [])
+        with impostor_coordinator(fed.pki.ca, tmp_path / "renewed") as (renewed, renewed_port):
+            relay = Relay(fed.port, drop_first=0)
+            client = NodeClient(
+                NodeConfig(
+                    coordinator=f"{HOST}:{relay.port}",
+                    group="Good A",
+                    data=tmp_path / "unused.csv",
+                    tls_dir=fed.pki.node("node-good-a"),
+                    tls_server_name="localhost",
+                    tls_crl=crl,
+                )
+            )
+            try:
+                with pytest.raises(InputError, match=r"JoinReply\.model_config_json"):
+                    client.join(10, ENCODER)  # joined the first coordinator (toy config aside)
+                relay.target_port = renewed_port  # the same address now serves another cert
+                relay.cut()
+                with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+                    reply = client.join(10, ENCODER)
+                assert reply.run_id == "impostor" and renewed.joins == 1
+                assert any("another certificate" in r.getMessage() for r in caplog.records)
+            finally:
+                client.close()
+                relay.close()
 
 
 def test_node_whose_check_cannot_complete_retries_as_if_unreachable(
