@@ -36,7 +36,7 @@ from pluralfed.config import ConfigValueError, check_finite_number, check_whole_
 from pluralfed.embeddings import make_encoder
 from pluralfed.errors import InputError, signal_exit_code
 from pluralfed.evaluation import SetReport
-from pluralfed.fsutil import atomic_write_bytes, atomic_write_json
+from pluralfed.fsutil import atomic_write_bytes, atomic_write_json, owner_hint
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.report import print_reports
 from pluralfed.tensorfiles import numpy_to_state_dict, state_dict_to_numpy
@@ -408,8 +408,14 @@ def lock_state_dir(state_dir: Path) -> TextIO:
     """Take the state folder for this process (an exclusive lock on its `coordinator.lock`,
     released when the process ends). A second coordinator on the same folder would resume the
     same run and delete the first one's upload spools before anything else failed."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    lock = (state_dir / "coordinator.lock").open("a+", encoding="utf-8")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = (state_dir / "coordinator.lock").open("a+", encoding="utf-8")
+    except OSError as err:  # a folder mounted into a container is the usual case
+        raise InputError(
+            f"cannot use the state folder {state_dir}: {err.strerror or err} "
+            f"({owner_hint(state_dir)})"
+        ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -839,8 +839,9 @@ class GroupNode:
         """Returns 0 when the federation finished, 2 on a configuration problem or a message
         from the coordinator that breaks the protocol (retrying cannot help either, nor with a
         certificate that expired, nor when another process keeps joining as this node), 1 when
-        the coordinator stayed unreachable or a requested personalization failed, 128 + the
-        signal's number after `stop`."""
+        the coordinator stayed unreachable, a requested personalization failed or an unexpected
+        error stopped it (logged with its traceback, after leaving), 128 + the signal's number
+        after `stop`."""
         backoff = self.config.backoff_initial_s
         unreachable_since: float | None = None
         try:
@@ -915,6 +916,14 @@ class GroupNode:
                     )
                     self._stop.wait(delay)
                     backoff = min(backoff * 2, self.config.backoff_max_s)
+                except Exception:
+                    # a bug, or the machine (no temporary folder in a read-only container, ...):
+                    # its traceback in the log, and the round stops waiting for this node
+                    log.exception("%s: stopping on an unexpected error", self.config.group)
+                    if self.client.session_id:
+                        with contextlib.suppress(grpc.RpcError):
+                            self.client.leave("stopped on an unexpected error")
+                    return 1
             return self._stopped()
         finally:
             self.client.close()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from pluralfed.errors import InputError
+from pluralfed.fsutil import owner_hint
 
 if TYPE_CHECKING:
     from pluralfed.data import SurveyItem
@@ -515,9 +516,18 @@ class CachedEncoder:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise InputError(f"cannot create the embedding cache folder {path.parent}: {e}") from e
+            raise InputError(
+                f"cannot create the embedding cache folder {path.parent}: {e} "
+                f"({owner_hint(path.parent)})"
+            ) from e
         for attempt in range(2):
-            con = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+            try:  # a folder it may not write: "unable to open database file", said plainly
+                con = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+            except sqlite3.OperationalError as e:
+                raise InputError(
+                    f"cannot open the embedding cache {path}: {e} ({owner_hint(path.parent)}); "
+                    "or point PLURALFED_CACHE_DIR (or the cache option) at a writable folder"
+                ) from e
             try:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.execute("PRAGMA synchronous=NORMAL")
@@ -526,8 +536,8 @@ class CachedEncoder:
             except sqlite3.OperationalError as e:
                 con.close()  # locked, read-only, disk full...: a real problem, not a bad file
                 raise InputError(
-                    f"cannot use the embedding cache {path}: {e}. Point PLURALFED_CACHE_DIR (or "
-                    "the cache option) at a writable local folder"
+                    f"cannot use the embedding cache {path}: {e} ({owner_hint(path.parent)}); "
+                    "or point PLURALFED_CACHE_DIR (or the cache option) at a writable local folder"
                 ) from e
             except (sqlite3.DatabaseError, _InvalidCache) as e:
                 con.close()

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a restarted process) sees the old file or the new one, never half."""
+"""Atomic file writes: a reader (or a restarted process) sees the old file or the new one, never
+half; and what to say when a folder cannot be written."""
 
 from __future__ import annotations
 
@@ -45,3 +46,21 @@ def commit_file(tmp: Path, path: Path) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def owner_hint(path: Path) -> str:
+    """Who owns `path` (or its nearest existing parent) against who this process is: a folder
+    mounted into a container belongs to the host's user, and the image runs as another one."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        owner = probe.stat().st_uid
+    except OSError:
+        return f"this process runs as uid {os.getuid()}"
+    if owner == os.getuid():
+        return f"{probe} belongs to this process's uid {owner}: check its permissions"
+    return (
+        f"{probe} belongs to uid {owner}, this process runs as uid {os.getuid()}: give the "
+        f"folder to it (in a container, `chown -R {os.getuid()}` the mounted folder on the host)"
+    )

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -281,6 +282,43 @@ def run_node(
 
 
 STUB_WORKER = SimpleNamespace(num_train_examples=4, encoder=SimpleNamespace(identity="fake-enc"))
+
+
+def test_an_unexpected_error_in_a_task_is_logged_and_the_node_leaves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error nobody planned for (here: no temporary folder, as in a read-only container,
+    which torch needs in its first training step) ended the node with a bare traceback and
+    without leaving, so the round waited for it until its deadline (Docker review, session
+    20). It is logged with its traceback, the node leaves and exits 1."""
+
+    def no_temporary_folder(self: GroupNode, task: pb.Task) -> None:
+        raise FileNotFoundError("No usable temporary directory found in ['/tmp']")
+
+    monkeypatch.setattr(GroupNode, "_train", no_temporary_folder)
+    servicer = StandIn("{}", [])
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+        )
+        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+            code = GroupNode(config, STUB_WORKER).run()  # type: ignore[arg-type]
+    assert code == 1
+    assert servicer.left == ["stopped on an unexpected error"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert "stopping on an unexpected error" in errors[0].getMessage()
+
+
+def test_a_node_without_a_writable_temporary_folder_stops_before_joining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pluralfed.commands.node import check_temporary_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [str(tmp_path / "none")])
+    with pytest.raises(InputError, match=r"no writable temporary folder .*--tmpfs /tmp"):
+        check_temporary_folder()
 
 
 class OneAnswer(StandIn):

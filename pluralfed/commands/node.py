@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,8 @@ def register(subparsers: Any) -> None:
         "train or evaluate on every task until the run ends (the coordinator's SHUTDOWN). A "
         "lost connection is retried with back-off; only model weights and aggregate metrics "
         "leave the node. Exit codes: 0 the run finished; 1 the coordinator stayed unreachable "
-        "(give_up_after_s) or personalization failed; 2 a setup problem (config, data, "
+        "(give_up_after_s), personalization failed or an unexpected error (logged, after "
+        "leaving); 2 a setup problem (config, data, no writable temporary folder, "
         "certificate expired or not yet valid, refused by the coordinator, another process "
         "running with this node's certificate); 143 stopped by "
         "SIGTERM, 130 by SIGINT (Ctrl-C), after leaving the federation.",
@@ -114,12 +116,26 @@ def run(args: argparse.Namespace) -> int:
     if files is not None:  # a bad certificate is found before the data is embedded, not after
         files.channel_credentials()
     torch.set_num_threads(cfg.threads)
+    check_temporary_folder()
     data = load_survey(cfg.data_file(), groups=[cfg.group])
     log_data_notes(cfg.group, cfg.data_file(), data)
     worker = GroupWorker(cfg.group, data, open_encoder(cfg), seed=cfg.seed)
     node = GroupNode(cfg, worker)
     stop_on_signals(node)
     return node.run()
+
+
+def check_temporary_folder() -> None:
+    """Training needs a writable temporary folder (torch writes its caches there): in a container
+    run with --read-only there is none, and the node failed only in its first round, after
+    joining (Docker review, session 20)."""
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError as err:
+        raise InputError(
+            f"no writable temporary folder ({err}): with `docker run --read-only` add "
+            "`--tmpfs /tmp`, or set TMPDIR to a writable folder"
+        ) from None
 
 
 def log_data_notes(group: str, path: Path, data: SurveyData) -> None:

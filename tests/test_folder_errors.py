@@ -1,0 +1,52 @@
+"""Folders a process cannot use (a state folder or an embedding cache mounted into a container,
+owned by the host's user) are one clear line naming the folder, its owner and this process's
+uid, not a traceback (Docker review, session 20). The tests run as root, which may write
+anywhere, so they make each call fail another way and check the wording with a stand-in uid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.service import lock_state_dir
+from pluralfed.embeddings import CachedEncoder
+from pluralfed.errors import InputError
+from pluralfed.fsutil import owner_hint
+
+
+def test_the_hint_names_the_owner_and_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = tmp_path.stat().st_uid
+    monkeypatch.setattr(os, "getuid", lambda: owner + 10001)
+    hint = owner_hint(tmp_path / "not" / "made" / "yet")  # the nearest folder that exists
+    assert hint == (
+        f"{tmp_path} belongs to uid {owner}, this process runs as uid {owner + 10001}: give the "
+        f"folder to it (in a container, `chown -R {owner + 10001}` the mounted folder on the host)"
+    )
+    monkeypatch.setattr(os, "getuid", lambda: owner)
+    assert "belongs to this process's uid" in owner_hint(tmp_path)
+
+
+def test_a_state_folder_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InputError, match=r"cannot use the state folder .*a-file/state: .*uid"):
+        lock_state_dir(tmp_path / "a-file" / "state")
+
+
+class TinyEncoder:
+    identity, dim = "tiny/2", 2
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.zeros((len(texts), 2), np.float32)
+
+
+def test_an_embedding_cache_that_cannot_be_opened_is_one_clear_error(tmp_path: Path) -> None:
+    cache = CachedEncoder(TinyEncoder(), tmp_path)  # type: ignore[arg-type]
+    cache.path.mkdir()  # where the cache file should be: sqlite cannot open it
+    with pytest.raises(InputError, match=r"cannot open the embedding cache .*uid") as err:
+        cache.encode(["a question"])
+    assert "PLURALFED_CACHE_DIR" in str(err.value)
