@@ -39,7 +39,8 @@ HEADER = """\
 #
 # setup        one-shot: CA + certificates, the data (synthetic demo, or PLURALFED_DATA), one
 #              file per group, the coordinator's allow-list -> ./runs/compose/
-# coordinator  rounds + FedAvg; health-checked over gRPC; port 7443 on 127.0.0.1 only
+# coordinator  rounds + FedAvg; health-checked over gRPC; port 7443 (or $PLURALFED_PORT) on
+#              127.0.0.1 only
 # node-*       one per group; each mounts only its own certificate, key and data file
 #
 # Settings: ROUNDS (default 20) and EVAL_EVERY (default 5) from the shell; any other
@@ -218,7 +219,7 @@ def render(args: argparse.Namespace) -> str:
         "      - ./runs/compose/config:/config:ro\n"
         "      - ./runs/compose/coordinator:/home/pluralfed/work/coordinator\n"
         "    ports:\n"
-        '      - "127.0.0.1:7443:7443"\n'
+        '      - "127.0.0.1:${PLURALFED_PORT:-7443}:7443"\n'
         "    healthcheck:\n"
         '      test: ["CMD", "python3", "-m", "pluralfed.healthcheck", "localhost:7443", "/health-certs"]\n'
         "      interval: 5s\n"

@@ -41,7 +41,7 @@ def test_nodes_mount_only_their_own_key_and_data() -> None:
             f"- ./runs/compose/certs/nodes/{name}:/certs:ro",
             f"- ./runs/compose/nodes/{name}:/data:ro",
         ]
-    assert '"127.0.0.1:7443:7443"' in text  # published on loopback only
+    assert '"127.0.0.1:${PLURALFED_PORT:-7443}:7443"' in text  # published on loopback only
 
 
 def _gen(*args: str) -> subprocess.CompletedProcess[str]:
