@@ -519,7 +519,7 @@ class ServerCheckFailed(OSError):
 
 
 def revocation_check_context(files: TlsFiles) -> ssl.SSLContext:
-    """The TLS client context of `check_server_not_revoked` (the node's CA, certificate and
+    """The TLS client context of `checked_server_certificate` (the node's CA, certificate and
     key), built once when the node starts, as gRPC reads its files once: a file rotated or
     removed while the node runs then breaks neither."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -612,20 +612,6 @@ def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
-
-
-def check_server_not_revoked(
-    address: str,
-    files: TlsFiles | ssl.SSLContext,
-    revocations: RevocationList,
-    *,
-    server_name: str | None = None,
-    timeout_s: float = 10.0,
-) -> int:
-    """The serial of the server's certificate, checked (`checked_server_certificate`)."""
-    return checked_server_certificate(
-        address, files, revocations, server_name=server_name, timeout_s=timeout_s
-    ).serial_number
 
 
 def checked_server_certificate(

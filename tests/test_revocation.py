@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -284,7 +285,7 @@ def test_node_refuses_a_coordinator_whose_certificate_was_revoked(
             files = tls.TlsFiles.from_dir(fed.pki.node("node-good-a"))
             revocations = tls.load_revocation_list(crl, files.ca)
             assert (
-                tls.check_server_not_revoked(config.coordinator, files, revocations)
+                tls.checked_server_certificate(config.coordinator, files, revocations).serial_number
                 == coordinator_serial
             )
             # ... and, not revoked, lets the Join through (refused here only for the toy
@@ -464,33 +465,40 @@ def impostor_coordinator(ca: Path, folder: Path) -> Iterator[tuple[Impostor, int
         server.stop(None).wait(5)
 
 
+def crl_checking_client(tmp_path: Path, fed: Any, port: int, crl: Path) -> Any:
+    """A NodeClient of "Good A" with `tls_crl`, dialing `port` (a relay) as localhost."""
+    from fedharness import HOST
+
+    from group_node.node import NodeClient, NodeConfig
+
+    return NodeClient(
+        NodeConfig(
+            coordinator=f"{HOST}:{port}",
+            group="Good A",
+            data=tmp_path / "unused.csv",
+            tls_dir=fed.pki.node("node-good-a"),
+            tls_server_name="localhost",
+            tls_crl=crl,
+        )
+    )
+
+
 def test_a_revoked_coordinator_key_cannot_answer_in_the_real_ones_place(tmp_path: Path) -> None:
     """The node's revocation check is a handshake of its own, not gRPC's connection: someone on
     the path holding a revoked coordinator key could let the check reach the real coordinator
     and answer gRPC's connection himself (a documented limit until session 20), getting the
     node's updates. Now gRPC trusts only the certificate the check passed: the impostor's
     handshake fails and it never sees a Join."""
-    from fedharness import HOST
     from test_update_validation import ENCODER, serve
 
     from coordinator.rounds import RoundSettings
-    from group_node.node import NodeClient, NodeConfig
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
         stolen = tmp_path / "stolen-coordinator"
         with impostor_coordinator(fed.pki.ca, stolen) as (impostor, impostor_port):
             crl, _ = revoke_certificates(fed.pki.ca, [stolen / "cert.pem"])
             relay = SplitRelay(fed.port, impostor_port)
-            client = NodeClient(
-                NodeConfig(
-                    coordinator=f"{HOST}:{relay.port}",
-                    group="Good A",
-                    data=tmp_path / "unused.csv",
-                    tls_dir=fed.pki.node("node-good-a"),
-                    tls_server_name="localhost",
-                    tls_crl=crl,
-                )
-            )
+            client = crl_checking_client(tmp_path, fed, relay.port, crl)
             try:
                 with pytest.raises(grpc.RpcError) as refused:
                     client.join(10, ENCODER)
@@ -507,26 +515,15 @@ def test_a_coordinator_with_a_renewed_certificate_is_checked_and_trusted_anew(
 ) -> None:
     """gRPC trusts only the certificate the node's check last passed; a coordinator that
     presents another one (renewed, not revoked) is checked and trusted in its place."""
-    from fedharness import HOST
     from test_update_validation import ENCODER, serve
 
     from coordinator.rounds import RoundSettings
-    from group_node.node import NodeClient, NodeConfig
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
         crl, _ = revoke_certificates(fed.pki.ca, [])
         with impostor_coordinator(fed.pki.ca, tmp_path / "renewed") as (renewed, renewed_port):
             relay = Relay(fed.port, drop_first=0)
-            client = NodeClient(
-                NodeConfig(
-                    coordinator=f"{HOST}:{relay.port}",
-                    group="Good A",
-                    data=tmp_path / "unused.csv",
-                    tls_dir=fed.pki.node("node-good-a"),
-                    tls_server_name="localhost",
-                    tls_crl=crl,
-                )
-            )
+            client = crl_checking_client(tmp_path, fed, relay.port, crl)
             try:
                 with pytest.raises(InputError, match=r"JoinReply\.model_config_json"):
                     client.join(10, ENCODER)  # joined the first coordinator (toy config aside)
@@ -621,12 +618,11 @@ def test_certificate_check_goes_through_the_proxy_grpc_would_use(
                 monkeypatch.delenv(name, raising=False)
                 monkeypatch.delenv(name.upper(), raising=False)
             monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{proxy.port}")
-            assert tls.check_server_not_revoked(address, files, revocations) == serial(
-                fed.pki.server
-            )
+            checked = tls.checked_server_certificate(address, files, revocations)
+            assert checked.serial_number == serial(fed.pki.server)
             assert proxy.targets == [address]
             monkeypatch.setenv("no_proxy", "127.0.0.1")
-            tls.check_server_not_revoked(address, files, revocations)
+            tls.checked_server_certificate(address, files, revocations)
             assert proxy.targets == [address]  # direct this time
     finally:
         proxy.close()
