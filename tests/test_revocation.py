@@ -369,26 +369,17 @@ def test_node_never_joins_unchecked_and_checks_again_after_a_reconnect(tmp_path:
     a plain relay it joins; the CA then revokes the coordinator's certificate and the relay
     cuts the connection: once gRPC has connected again, the node's next RPC is refused by the
     node itself."""
-    from fedharness import HOST
     from test_update_validation import ENCODER, serve
 
     from coordinator.rounds import RoundSettings
-    from group_node.node import NodeClient, NodeConfig
+    from group_node.node import NodeClient
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
         crl, _ = revoke_certificates(fed.pki.ca, [])
 
         def client_via(relay: Relay) -> NodeClient:
-            return NodeClient(
-                NodeConfig(
-                    coordinator=f"{HOST}:{relay.port}",
-                    group="Good A",
-                    data=tmp_path / "unused.csv",
-                    tls_dir=fed.pki.node("node-good-a"),
-                    tls_server_name="localhost",
-                    tls_crl=crl,
-                )
-            )
+            client: NodeClient = crl_checking_client(tmp_path, fed, relay.port, crl)
+            return client
 
         resetting = Relay(fed.port, drop_first=1)
         client = client_via(resetting)
