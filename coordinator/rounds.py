@@ -1126,13 +1126,14 @@ class RoundEngine:
 
     def _evaluated_groups(self) -> set[str]:
         """The groups the run's evaluations so far had (reported, or asked and silent). A
-        held-out group only ever listed missing is left out: its node may never have come, and
-        the run's end is not held up for it (the evaluations count it via _held_out_groups)."""
+        held-out group missing only because no node of it was connected is left out: its node
+        may never have come, and the run's end is not held up for it (the evaluations count it
+        via _held_out_groups)."""
         groups: set[str] = set()
         for e in self.state.evaluations:
-            held_out = _held_out_named(e)
+            unconnected = _held_out_unconnected(e)
             groups.update(e.get("groups", ()))
-            groups.update(g for g in e.get("missing", ()) if g not in held_out)
+            groups.update(g for g in e.get("missing", ()) if g not in unconnected)
         return groups
 
     def _held_out_groups(self, t: _OpenTask) -> set[str]:
@@ -1412,12 +1413,14 @@ class RoundEngine:
             # not connected (figures of 1 of 6 held-out groups must not pass for all 6)
             expected = set(t.selected.values()) | self._evaluated_groups() | held_out
             missing = sorted(expected - set(t.evaluations))
+            asked = set(t.selected.values())
             record: EvaluationRecord = {
                 "round": t.round,
                 "kind": "evaluation",
                 "groups": sorted(t.evaluations),
                 "missing": missing,
                 "missing_held_out": [g for g in missing if g in held_out],
+                "held_out_unconnected": [g for g in missing if g in held_out and g not in asked],
                 "seconds": time.monotonic() - t.started,
                 "reports": {name: rep.to_dict() for name, rep in reports.items()},
                 "per_group": {
@@ -1474,11 +1477,19 @@ class RoundEngine:
         }
 
 
-def _held_out_named(record: Mapping[str, Any]) -> set[str]:
-    """The record's missing held-out groups (state.json does not check this field, and records
-    older than it lack it: none then)."""
-    names = record.get("missing_held_out")
+def _held_out_named(record: Mapping[str, Any], key: str = "missing_held_out") -> set[str]:
+    """The record's missing held-out groups (records older than the field lack it: none
+    then)."""
+    names = record.get(key)
     return {g for g in names if isinstance(g, str)} if isinstance(names, list) else set()
+
+
+def _held_out_unconnected(record: Mapping[str, Any]) -> set[str]:
+    """The record's held-out groups that had no node connected when it was asked for; records
+    written before that field existed say only which were missing, so all of those."""
+    if "held_out_unconnected" in record:
+        return _held_out_named(record, "held_out_unconnected")
+    return _held_out_named(record)
 
 
 def combine_evaluations(

@@ -225,8 +225,8 @@ def _check_consistent(
                 f"{path}: evaluations[{i}] is a second evaluation of round {record['round']}"
             )
         seen.add(record["round"])
-        for key in ("groups", "missing"):
-            names = record.get(key, [])
+        for key in ("groups", "missing", "missing_held_out", "held_out_unconnected"):
+            names = record.get(key, [])  # the last two: absent in records older than them
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise InputError(f"{path}: evaluations[{i}] field {key!r} must be a list of names")
 

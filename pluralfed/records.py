@@ -46,6 +46,9 @@ class EvaluationRecord(TypedDict):
     # which of `missing` are held-out groups (records written before it existed lack it: their
     # summary line then says nothing of coverage)
     missing_held_out: NotRequired[list[str]]
+    # which of those had no node connected when asked (the rest were asked and silent); a
+    # restarted coordinator waits for the silent ones, not for a node that may never come
+    held_out_unconnected: NotRequired[list[str]]
     seconds: float
     reports: dict[str, ReportDict]  # set name (training groups, held-out groups) -> report
     # group -> {"role": "train" or "evaluate-only", "num_questions": ..., and its metrics}

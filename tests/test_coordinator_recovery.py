@@ -186,6 +186,10 @@ def _edited(folder: Path, edit: Any) -> Path:
             lambda raw: raw["evaluations"][0].update(groups="A"),
             r"evaluations\[0\] field 'groups' must be a list",
         ),
+        (
+            lambda raw: raw["evaluations"][1].update(held_out_unconnected=["H", None]),
+            r"evaluations\[1\] field 'held_out_unconnected' must be a list",
+        ),
     ],
 )
 def test_an_inconsistent_state_json_is_refused_naming_the_field(

@@ -484,6 +484,27 @@ def test_resuming_with_another_model_names_what_changed(tmp_path: Path) -> None:
         RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, "other", {"d_model": 64})
 
 
+def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Diff review L8: the run's evaluations listed H (connected, asked, silent) and J (never
+    connected) alike as missing held-out groups, so a restarted coordinator treated H as one
+    that may never come: it neither waited for H's evaluation nor told H the run had ended."""
+    settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=1, evaluate_only=("H", "J"))
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    silent = engine.join("H", Role.EVALUATE_ONLY, 10, ENC, "t")  # joins, never answers
+    serve(engine)
+    driver.join(20)
+    final = engine.final_evaluation()
+    assert engine.done and final is not None and final["missing_held_out"] == ["H", "J"]
+    assert final["held_out_unconnected"] == ["J"]
+    engine.leave(silent.session_id, None, "gone")
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    assert again.unaware_of_end() == ["A", "H"]  # before: ["A"]; J may never come
+    assert again._evaluated_groups() == {"A", "H"}
+
+
 def test_held_out_groups_that_never_joined_are_missing_from_the_evaluation(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
