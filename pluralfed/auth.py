@@ -531,8 +531,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
             "request_deserializer": never_raising(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
-        if handler.request_streaming and exempt:
-            return handler
+        if handler.request_streaming and exempt:  # nobody checked, but nothing undecodable read
+            if handler.response_streaming:
+                streaming = present(handler.stream_stream, method)
+                return grpc.stream_stream_rpc_method_handler(
+                    lambda requests, ctx: streaming(self._refusing(requests, ctx, method), ctx),
+                    **kwargs,
+                )
+            unary = present(handler.stream_unary, method)
+            return grpc.stream_unary_rpc_method_handler(
+                lambda requests, ctx: unary(self._refusing(requests, ctx, method), ctx), **kwargs
+            )
         if handler.request_streaming and handler.response_streaming:
             behaviour = present(handler.stream_stream, method)
             return grpc.stream_stream_rpc_method_handler(
@@ -562,6 +571,24 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(
             lambda requests, ctx: self._unary(one, requests, ctx, method), **kwargs
         )
+
+    @staticmethod
+    def _refusing(
+        requests: Iterator[Any], context: grpc.ServicerContext, method: str
+    ) -> Iterator[Any]:
+        """An exempt method's request stream, the call refused where a message did not decode
+        (as the guard's own methods refuse one; the handler never sees an `Undecodable`)."""
+        for request in requests:
+            if isinstance(request, Undecodable):
+                _refuse(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    request.describe(),
+                    method=method,
+                    identity=None,
+                    reason=f"undecodable {request.message_type}",
+                )
+            yield request
 
     def _one_request(
         self, behaviour: Callable[[Any, Any], Any], method: str

@@ -248,6 +248,59 @@ def test_exempt_health_check(pki: Path, secure_port: int) -> None:
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+@pytest.mark.parametrize("response_streaming", [True, False])
+def test_an_exempt_request_stream_refuses_a_message_that_does_not_decode(
+    pki: Path, response_streaming: bool
+) -> None:
+    """Diff review (session 20): an exempt request-streaming method was served as registered,
+    so its handler read the `Undecodable` stand-in as if it were a request."""
+    seen: list[object] = []
+
+    def strict(data: bytes) -> bytes:
+        if data == b"bad":
+            raise ValueError("not a message")
+        return data
+
+    def chat(requests: Iterator[object], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for r in requests:
+            seen.append(r)
+            yield b"ok"
+
+    def count(requests: Iterator[object], context: grpc.ServicerContext) -> bytes:
+        seen.extend(requests)
+        return b"%d" % len(seen)
+
+    method = (
+        grpc.stream_stream_rpc_method_handler(chat, request_deserializer=strict)
+        if response_streaming
+        else grpc.stream_unary_rpc_method_handler(count, request_deserializer=strict)
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[AuthInterceptor(AllowList(ALLOWED), exempt_methods=["/test.Open/Send"])],
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("test.Open", {"Send": method})]
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0", tls.TlsFiles.from_dir(pki / "server").server_credentials()
+    )
+    server.start()
+    try:
+        with node_channel(pki, port, "node-x") as channel:  # exempt: any certificate of the CA
+            messages = iter([b"fine", b"bad", b"after"])
+            with pytest.raises(grpc.RpcError) as err:
+                if response_streaming:
+                    list(channel.stream_stream("/test.Open/Send")(messages, timeout=TIMEOUT))
+                else:
+                    channel.stream_unary("/test.Open/Send")(messages, timeout=TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message: ValueError: not a message" in str(err.value.details())
+        assert seen == [b"fine"]
+    finally:
+        server.stop(None)
+
+
 def test_server_name_override(pki: Path, calls: Calls) -> None:
     # the certificate names only coord.example.org; the client dials 127.0.0.1
     server, port = start_server(
