@@ -23,13 +23,14 @@ from sysbench_common import ENCODER_ID, HOST, node_ids, synthetic_model, usage, 
 
 before_imports = usage()
 
-from coordinator.rounds import RoundEngine, RoundSettings  # noqa: E402
+from coordinator.rounds import RoundEngine  # noqa: E402
 from coordinator.server import (  # noqa: E402
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     DEFAULT_MAX_CONCURRENT_UPLOADS,
     limit_malloc_arenas,
     start_server,
 )
+from coordinator.settings import RoundSettings  # noqa: E402
 from pluralfed.auth import AllowList  # noqa: E402
 from pluralfed.tls import TlsFiles  # noqa: E402
 from pluralfed.transport import (  # noqa: E402

@@ -17,18 +17,14 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
-from coordinator.rounds import (
-    MAX_COUNT,
-    MAX_DURATION_S,
-    RoundEngine,
-    RoundSettings,
-)
+from coordinator.rounds import RoundEngine
 from coordinator.server import (
     DEFAULT_MAX_CONCURRENT_DOWNLOADS,
     DEFAULT_MAX_CONCURRENT_UPLOADS,
     limit_malloc_arenas,
     start_server,
 )
+from coordinator.settings import MAX_COUNT, MAX_DURATION_S, RoundSettings
 from coordinator.state import CheckpointError
 from pluralfed.auth import AllowList, RevocationWatch
 from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, save_checkpoint

@@ -24,8 +24,9 @@ from test_engine_recovery import ENC, WEIGHTS, evaluated, replay_of, serve, star
 
 import coordinator.service as service
 import coordinator.state as state_module
-from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind
+from coordinator.rounds import Rejection, Role, RoundEngine, TaskKind
 from coordinator.service import EXIT_CANNOT_WRITE, CoordinatorConfig, run_coordinator
+from coordinator.settings import RoundSettings
 from coordinator.state import STATE_FILE, CheckpointError, load_state
 from pluralfed.auth import AllowList
 from pluralfed.errors import InputError

@@ -15,15 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.rounds import (
-    MAX_UNUSABLE_ROUNDS,
-    Rejection,
-    Role,
-    RoundEngine,
-    RoundSettings,
-    TaskKind,
-    TaskSpec,
-)
+from coordinator.rounds import MAX_UNUSABLE_ROUNDS, Rejection, Role, RoundEngine, TaskKind, TaskSpec
+from coordinator.settings import RoundSettings
 from pluralfed.wire import TensorSlice, specs_of
 
 ENCODER = "test-encoder"

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from coordinator import rounds
-from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings, TaskKind
+from coordinator.rounds import Rejection, Role, RoundEngine, TaskKind
+from coordinator.settings import RoundSettings
 from coordinator.state import load_state
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation

@@ -29,8 +29,8 @@ from fedharness import (
 from test_update_validation import ENCODER, Federation, nudged, serve
 from tinymodel import CFG, random_item
 
-from coordinator.rounds import RoundSettings
 from coordinator.service import CoordinatorConfig
+from coordinator.settings import RoundSettings
 from pluralfed.episodes import sample_episode
 from pluralfed.errors import InputError
 from pluralfed.evaluation import predict_targets

@@ -21,9 +21,10 @@ import pytest
 from fedharness import HOST, FakeNode, Pki, reject_name, rpc_error, update_messages, wait_until
 
 import pluralfed.auth as auth_module
-from coordinator.rounds import Rejection, Role, RoundEngine, RoundSettings
+from coordinator.rounds import Rejection, Role, RoundEngine
 from coordinator.server import MAX_CALLS_PER_NODE, FederationServicer, StreamSlots, start_server
 from coordinator.service import CoordinatorConfig, check_roles
+from coordinator.settings import RoundSettings
 from pluralfed.auth import AllowList, RefusalLog
 from pluralfed.config import ConfigValueError, load_config
 from pluralfed.errors import InputError

@@ -266,7 +266,7 @@ def test_node_refuses_a_coordinator_whose_certificate_was_revoked(
     from fedharness import HOST
     from test_update_validation import ENCODER, serve
 
-    from coordinator.rounds import RoundSettings
+    from coordinator.settings import RoundSettings
     from group_node.node import NodeClient, NodeConfig
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
@@ -371,7 +371,7 @@ def test_node_never_joins_unchecked_and_checks_again_after_a_reconnect(tmp_path:
     node itself."""
     from test_update_validation import ENCODER, serve
 
-    from coordinator.rounds import RoundSettings
+    from coordinator.settings import RoundSettings
     from group_node.node import NodeClient
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
@@ -482,7 +482,7 @@ def test_a_revoked_coordinator_key_cannot_answer_in_the_real_ones_place(tmp_path
     handshake fails and it never sees a Join."""
     from test_update_validation import ENCODER, serve
 
-    from coordinator.rounds import RoundSettings
+    from coordinator.settings import RoundSettings
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
         stolen = tmp_path / "stolen-coordinator"
@@ -508,7 +508,7 @@ def test_a_coordinator_with_a_renewed_certificate_is_checked_and_trusted_anew(
     presents another one (renewed, not revoked) is checked and trusted in its place."""
     from test_update_validation import ENCODER, serve
 
-    from coordinator.rounds import RoundSettings
+    from coordinator.settings import RoundSettings
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
         crl, _ = revoke_certificates(fed.pki.ca, [])
@@ -589,7 +589,7 @@ def test_certificate_check_goes_through_the_proxy_grpc_would_use(
     CONNECT to the coordinator's address); no_proxy exempts a host, as it does for gRPC."""
     from test_update_validation import serve
 
-    from coordinator.rounds import RoundSettings
+    from coordinator.settings import RoundSettings
 
     assert tls.http_proxy_for("coordinator.example.org", {}) is None
     env = {"https_proxy": "proxy.example.org:3128", "no_proxy": "localhost,.internal"}

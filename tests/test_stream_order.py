@@ -28,7 +28,7 @@ from fedharness import (
 from test_update_validation import ENCODER, nudged, serve
 from test_validation_node import StandIn, model_messages, small_weights
 
-from coordinator.rounds import RoundSettings
+from coordinator.settings import RoundSettings
 from group_node.node import NodeClient, NodeConfig
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb

@@ -33,8 +33,9 @@ from fedharness import (
     weighted_average,
 )
 
-from coordinator.rounds import RoundEngine, RoundSettings
+from coordinator.rounds import RoundEngine
 from coordinator.server import StreamSlots, start_server
+from coordinator.settings import RoundSettings
 from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.tls import TlsFiles

@@ -15,15 +15,10 @@ import numpy as np
 import pytest
 
 import pluralfed.checkpoint as checkpoint_module
-from coordinator.rounds import (
-    NODE_MAX_HEARTBEAT_S,
-    NODE_MAX_LOCAL_STEPS,
-    RoundSettings,
-    TaskKind,
-    TaskSpec,
-)
+from coordinator.rounds import TaskKind, TaskSpec
 from coordinator.server import task_to_proto
 from coordinator.service import CoordinatorConfig, model_config
+from coordinator.settings import NODE_MAX_HEARTBEAT_S, NODE_MAX_LOCAL_STEPS, RoundSettings
 from coordinator.state import STATE_FILE, RunState, load_state, save_state
 from group_node.node import (
     MAX_HEARTBEAT_INTERVAL_S,

@@ -24,7 +24,7 @@ from fedharness import FakeNode, rpc_error, scaled, update_messages, wait_until
 from test_update_validation import ALLOW, ENCODER, Federation, serve
 
 import coordinator.server as server_module
-from coordinator.rounds import RoundSettings
+from coordinator.settings import RoundSettings
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.protocol import REPLACED_SESSION_MARK
 from pluralfed.transport import PROTOCOL_VERSION
