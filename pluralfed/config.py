@@ -8,6 +8,7 @@ name (`PLURALFED_NODE_TLS_DIR`). Every value is checked and a bad one names its 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -279,11 +280,17 @@ def load_config(
 
 
 def add_config_args(
-    parser: Any, cls: type, helps: Mapping[str, str], skip: tuple[str, ...] = ()
+    parser: Any,
+    cls: type,
+    helps: Mapping[str, str],
+    skip: tuple[str, ...] = (),
+    hidden: tuple[str, ...] = (),
 ) -> None:
     """One `--field-name` option per config field (default None: not given), with its help text.
 
-    Values are strings here and checked by `load_config`, so a bad one names its option."""
+    Values are strings here and checked by `load_config`, so a bad one names its option. Fields
+    in `hidden` are accepted but left out of `--help` (a command that does not use them still
+    takes a sibling command's command line)."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(
@@ -295,17 +302,14 @@ def add_config_args(
         flag = "--" + name.replace("_", "-")
         text = helps.get(name, "")
         shown = default if not isinstance(default, tuple) else ",".join(map(str, default))
+        # a help text that says its own default (e.g. "default: wait forever") keeps it
+        if hints[name] is not bool and "(default:" not in text:
+            text = f"{text} (default: {shown})"
+        help_text = argparse.SUPPRESS if name in hidden else text
         if hints[name] is bool:
-            group.add_argument(flag, action="store_const", const=True, default=None, help=text)
+            group.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
         else:
-            # a help text that says its own default (e.g. "default: wait forever") keeps it
-            said = "(default:" in text
-            group.add_argument(
-                flag,
-                default=None,
-                metavar=name.upper(),
-                help=text if said else f"{text} (default: {shown})",
-            )
+            group.add_argument(flag, default=None, metavar=name.upper(), help=help_text)
 
 
 def overrides_from_args(args: Any, cls: type) -> dict[str, Any]:

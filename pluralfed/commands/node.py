@@ -60,6 +60,22 @@ HELP = {
     "personalized_dir": "where the personalized checkpoint goes (required with personalize_steps)",
 }
 
+# the settings `node check` does not use (it neither reads data nor trains nor retries): accepted,
+# so `node run`'s command line works with `check`, but not listed in `node check --help`
+RUN_ONLY = (
+    "data",
+    "cache_dir",
+    "threads",
+    "seed",
+    "poll_wait_s",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "give_up_after_s",
+    "save_updates_dir",
+    "personalize_steps",
+    "personalized_dir",
+)
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -92,11 +108,13 @@ def register(subparsers: Any) -> None:
         "it would admit this node as its group (a check-only join: no session is opened, so a "
         "node already running with this certificate keeps its own), without reading data or "
         "training; on failure say what the error means (address, certificates, allow-list, "
-        "role, revocation). Exit 0 when the node is set up right.",
+        "role, revocation). Exit 0 when the node is set up right. The settings only `node "
+        "run` uses (--data, --threads, ...) are accepted but not used, so a run's config or "
+        "command line checks as it is.",
     )
-    for q in (run_p, check_p):
+    for q, unused in ((run_p, ()), (check_p, RUN_ONLY)):
         q.add_argument("--config", type=Path, help="TOML config file")
-        add_config_args(q, NodeConfig, HELP)
+        add_config_args(q, NodeConfig, HELP, hidden=unused)
     run_p.set_defaults(func=run)
     check_p.set_defaults(func=check)
 
