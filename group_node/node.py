@@ -33,6 +33,7 @@ from group_node.worker import GroupWorker, LocalResult, TaskFailed
 from pluralfed import __version__, protocol
 from pluralfed.config import ConfigValueError
 from pluralfed.errors import InputError, signal_exit_code
+from pluralfed.fsutil import in_container
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.protocol import (
@@ -428,6 +429,7 @@ def connection_hint(details: str, config: NodeConfig) -> str | None:
     if "Connection refused" in details:
         return (
             f"nothing listens on {host}:{port}: wrong address or port, or the coordinator is down"
+            + container_loopback_note(host)
         )
     if "errors resolving" in details or "Domain name not found" in details:
         return f"the host name {host} does not resolve: check the coordinator address"
@@ -435,6 +437,31 @@ def connection_hint(details: str, config: NodeConfig) -> str | None:
     if role:
         return f"set role = {role.group(1)} (this group's role in this federation)"
     return None
+
+
+def is_loopback(host: str) -> bool:
+    """`host` (from host:port, IPv6 in brackets) names this machine's loopback."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def container_loopback_note(host: str) -> str:
+    """For a loopback coordinator address dialled from a container: there, localhost is the
+    container itself, not the host the coordinator runs on (`docker run` without `--network
+    host`). Empty otherwise."""
+    if not (is_loopback(host) and in_container()):
+        return ""
+    return (
+        f"; this node runs in a container: unless it shares the host's network (`docker run "
+        f"--network host`), {host} there is the container itself, not the host: run it with "
+        "`--network host`, or dial the host's address (and set tls_server_name to a name in "
+        "the coordinator's certificate)"
+    )
 
 
 def is_tls_cause(details: str) -> bool:
@@ -940,6 +967,12 @@ class GroupNode:
                 f"; meaning: {connection_hint(details, self.config)} "
                 "(`pluralfed node check` says what is wrong)"
             )
+        elif "Connection refused" in details and container_loopback_note(
+            self.config.coordinator.rpartition(":")[0]
+        ):
+            # a coordinator that is down looks the same, but from a container a loopback
+            # address never reaches the host's coordinator: worth saying while it retries
+            why += f"; meaning: {connection_hint(details, self.config)}"
         return why
 
     def _replaced_again(self, details: str) -> bool:

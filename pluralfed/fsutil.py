@@ -64,3 +64,13 @@ def owner_hint(path: Path) -> str:
         f"{probe} belongs to uid {owner}, this process runs as uid {os.getuid()}: give the "
         f"folder to it (in a container, `chown -R {os.getuid()}` the mounted folder on the host)"
     )
+
+
+# files a container runtime leaves in the container's root: Docker's, and Podman's
+CONTAINER_MARKERS: tuple[Path, ...] = (Path("/.dockerenv"), Path("/run/.containerenv"))
+
+
+def in_container() -> bool:
+    """Whether this process runs in a (Docker or Podman) container, where paths are the
+    container's and localhost is the container itself: messages that name either say so."""
+    return any(marker.exists() for marker in CONTAINER_MARKERS)

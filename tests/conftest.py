@@ -38,3 +38,13 @@ def _log_every_refusal() -> None:
     auth = sys.modules.get("pluralfed.auth")
     if auth is not None:
         auth._refusals.forget()
+
+
+@pytest.fixture(autouse=True)
+def _not_in_a_container(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages say more inside a container (its paths, its localhost): CI and developers run
+    the tests in one or not, so in this process no test is in one unless it says so (the tests
+    of those messages point `CONTAINER_MARKERS` at a file of their own)."""
+    import pluralfed.fsutil
+
+    monkeypatch.setattr(pluralfed.fsutil, "CONTAINER_MARKERS", ())

@@ -30,9 +30,10 @@ from test_validation_node import FakeEncoder
 from test_validation_rpc import quiet_settings
 
 import pluralfed.commands.node as commands_node
+import pluralfed.fsutil
 from coordinator.rounds import RoundEngine
 from coordinator.server import start_server
-from group_node.node import GroupNode, NodeConfig
+from group_node.node import GroupNode, NodeConfig, connection_hint
 from pluralfed.auth import AllowList
 from pluralfed.cli import main
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -435,3 +436,73 @@ def test_a_key_others_may_read_is_warned_about_once(
     assert warned == [
         f"private key {key} is readable by group/others (mode 0644); run: chmod 600 {key}"
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# 5. in a container (Docker review, session 20): its localhost, its paths
+
+
+@pytest.fixture
+def in_a_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process runs in a container, as Podman marks one (Docker's marker is /.dockerenv)."""
+    marker = tmp_path / "run" / ".containerenv"
+    marker.parent.mkdir()
+    marker.write_text("")
+    monkeypatch.setattr(pluralfed.fsutil, "CONTAINER_MARKERS", (tmp_path / ".dockerenv", marker))
+
+
+CONTAINER_NOTE = (
+    "this node runs in a container: unless it shares the host's network (`docker run --network "
+    "host`), {host} there is the container itself, not the host: run it with `--network host`, "
+    "or dial the host's address"
+)
+
+
+@pytest.mark.parametrize("host", [HOST, "localhost"])
+def test_node_check_in_a_container_says_its_localhost_is_the_container(
+    fed: Federation,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    in_a_container: None,
+    host: str,
+) -> None:
+    """`docker run` without `--network host` and a coordinator at localhost: "nothing listens on
+    localhost:7543: wrong address or port, or the coordinator is down", where the cause is that
+    localhost is the container itself."""
+    port = free_port()
+    assert check(config(fed, coordinator=f"{host}:{port}"), monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert f"  meaning: nothing listens on {host}:{port}: wrong address or port" in err, err
+    assert CONTAINER_NOTE.format(host=host) in err, err
+
+
+def test_node_run_in_a_container_says_its_localhost_is_the_container(
+    fed: Federation, caplog: pytest.LogCaptureFixture, in_a_container: None
+) -> None:
+    """`node run` retries for ever by default: its log says why a loopback address fails."""
+    cfg = config(fed, coordinator=f"{HOST}:{free_port()}", give_up_after_s=0.5)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        assert GroupNode(cfg, WORKER).run() == 1  # type: ignore[arg-type]
+    first = messages(caplog, logging.WARNING)[0]
+    assert "Connection refused" in first, first
+    assert f"; meaning: nothing listens on {cfg.coordinator}: " in first, first
+    assert CONTAINER_NOTE.format(host=HOST) in first, first
+
+
+def test_a_container_note_only_for_a_loopback_address_in_a_container(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = "failed to connect to all addresses; last error: ... Connection refused"
+    in_container = {"coordinator.example:7443": False, "10.0.0.1:7443": False}
+    loopback = ["localhost:7443", "127.0.0.1:7443", "127.0.0.2:7443", "[::1]:7443"]
+    in_container |= {address: True for address in [*loopback, "LocalHost.:7443"]}
+    for address, noted in in_container.items():
+        cfg = NodeConfig(coordinator=address, group="G")
+        assert "container" not in (connection_hint(refused, cfg) or ""), address  # no marker
+        marker = tmp_path / ".dockerenv"
+        marker.write_text("")
+        monkeypatch.setattr(pluralfed.fsutil, "CONTAINER_MARKERS", (marker,))
+        hint = connection_hint(refused, cfg) or ""
+        assert hint.startswith(f"nothing listens on {address}: "), hint
+        assert ("runs in a container" in hint) == noted, address
+        monkeypatch.setattr(pluralfed.fsutil, "CONTAINER_MARKERS", ())
