@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pluralfed.errors import InputError
+from pluralfed.fsutil import in_container
 
 log = logging.getLogger(__name__)
 
@@ -349,10 +350,14 @@ def _warn_key_permissions(path: Path) -> None:
     if mode & 0o077 and (path.absolute(), mode) not in _warned_key_modes:
         _warned_key_modes.add((path.absolute(), mode))
         log.warning(
-            "private key %s is readable by group/others (mode %04o); run: chmod 600 %s",
+            "private key %s is readable by group/others (mode %04o); run: chmod 600 %s%s",
             path,
             mode,
             path,
+            # the path is the container's, and a mounted key is often read-only there
+            " (a path inside this container: chmod the file you mounted there, on the host)"
+            if in_container()
+            else "",
         )
 
 

@@ -506,3 +506,28 @@ def test_a_container_note_only_for_a_loopback_address_in_a_container(
         assert hint.startswith(f"nothing listens on {address}: "), hint
         assert ("runs in a container" in hint) == noted, address
         monkeypatch.setattr(pluralfed.fsutil, "CONTAINER_MARKERS", ())
+
+
+def test_the_key_mode_warning_in_a_container_says_the_path_is_the_containers(
+    tmp_path: Path,
+    fed: Federation,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    in_a_container: None,
+) -> None:
+    """ "run: chmod 600 /certs/node-nigeria/key.pem" named a file mounted read-only into the
+    container: the mode to fix is the host file's."""
+    folder = tmp_path / "certs"
+    shutil.copytree(fed.pki.node("node-good-a"), folder)
+    (folder / "key.pem").chmod(0o640)
+    data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
+    with caplog.at_level(logging.WARNING):
+        assert node_run(data, monkeypatch, "--tls-dir", str(folder)) == 1  # ran, gave up
+    warned = [
+        r.getMessage() for r in caplog.records if "readable by group/others" in r.getMessage()
+    ]
+    key = folder / "key.pem"
+    assert warned == [
+        f"private key {key} is readable by group/others (mode 0640); run: chmod 600 {key} (a "
+        "path inside this container: chmod the file you mounted there, on the host)"
+    ]
