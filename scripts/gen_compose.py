@@ -47,6 +47,8 @@ HEADER = """\
 # PLURALFED_COORDINATOR_<KEY> goes into the coordinator's `environment:` below (the shell passes
 # on only ROUNDS, EVAL_EVERY, PLURALFED_DATA and BASE_IMAGE). Results: ./runs/compose/coordinator/
 # (metrics.jsonl, results.json, final/ model); the results table ends the coordinator's log.
+# ./runs belongs to the checkout's owner: the coordinator and nodes start as root only to run as
+# that user (setpriv; in a checkout of root's, as the image's uid 10001), so no sudo removes it.
 """
 
 
@@ -88,6 +90,13 @@ def setup_script(groups: list[str], ids: dict[str, str], synthetic: dict[str, in
     lines = [
         "set -eu",
         "mkdir -p /out/certs /out/data /out/coordinator",
+        # what compose writes under ./runs belongs to the checkout's owner (its containers run
+        # as that user), so they remove it without sudo; in a checkout of root's, to the
+        # image's user as before. dockerd made a missing ./runs as root: it is theirs too
+        "owner=10001:10001",
+        'if [ "$(stat -c %u /project)" != 0 ]; then owner=$(stat -c %u:%g /project); '
+        'if [ "$(stat -c %u /runs)" = 0 ]; then chown "$owner" /runs; fi; fi',
+        'chown -R "$owner" /out',
         "if [ ! -f /out/certs/ca/ca.pem ]; then",
         f"  pluralfed certs federation --out /out/certs --nodes {all_ids} --san coordinator,localhost,127.0.0.1",
         "fi",
@@ -100,7 +109,7 @@ def setup_script(groups: list[str], ids: dict[str, str], synthetic: dict[str, in
         'if [ -f /out/coordinator/state.json ] && [ "$(cat /out/coordinator/federation.txt '
         '2>/dev/null)" != "$want" ]; then echo "./runs/compose/coordinator holds the run of '
         "another federation (other nodes or data), which the coordinator would resume: remove "
-        'it for a fresh run (sudo rm -rf runs/compose/coordinator)" >&2; exit 2; fi',
+        'it for a fresh run (rm -rf runs/compose/coordinator)" >&2; exit 2; fi',
         f'if [ -s /input/data ]; then src=/out/input.$({SNIFF_JSONL} && echo jsonl || echo csv); cp /input/data "$src"',
     ]
     if synthetic is not None:
@@ -126,8 +135,31 @@ def setup_script(groups: list[str], ids: dict[str, str], synthetic: dict[str, in
         + " > /out/config/allow-list.toml"
     )
     lines.append("printf '%s\\n' \"$want\" > /out/coordinator/federation.txt")
-    lines.append("chown -R 10001:10001 /out")
+    lines.append('chown -R "$owner" /out')
     return "\n".join(lines)
+
+
+def run_as_owner(folder: str, cache: str | None = None) -> list[str]:
+    """An entrypoint (as root) that runs `pluralfed "$@"` as the owner of `folder`, which setup
+    gave to the checkout's owner (or to the image's uid 10001 when root owns the checkout): what
+    the service writes on the host is then that user's. `cache`: a named volume made for uid
+    10001, given to that user first."""
+    script = [
+        f"u=$(stat -c %u {folder}); g=$(stat -c %g {folder})",
+        'if [ "$u" = 0 ]; then u=10001; g=10001; fi',  # never as root
+        'if [ "$u" != 10001 ]; then export HOME=/tmp; fi',  # /home/pluralfed is 10001's
+        *([f'chown -R "$u:$g" {cache}'] if cache else []),
+        'exec setpriv --reuid="$u" --regid="$g" --clear-groups pluralfed "$@"',
+    ]
+    return [
+        '  user: "0:0"',
+        "  entrypoint:",
+        "    - /bin/sh",
+        "    - -c",
+        "    - |",
+        *("      " + line.replace("$", "$$") for line in script),
+        "    - run-as-owner",  # $0; the command's words follow as "$@"
+    ]
 
 
 def held_out_groups(names: list[str], held_out: int) -> list[str]:
@@ -170,7 +202,8 @@ def render(args: argparse.Namespace) -> str:
         # init: docker's init runs as PID 1 and passes signals on, so `docker compose stop`
         # reaches the node at once, even before it has set its own handlers
         "x-node: &node\n  image: pluralfed:latest\n  init: true\n  restart: on-failure\n"
-        "  depends_on:\n    coordinator:\n      condition: service_healthy\n"
+        + "\n".join(run_as_owner("/certs", cache="/home/pluralfed/.cache/pluralfed"))
+        + "\n  depends_on:\n    coordinator:\n      condition: service_healthy\n"
     )
     out.append("services:")
     out.append(
@@ -187,12 +220,16 @@ def render(args: argparse.Namespace) -> str:
         + "\n"
         "    volumes:\n"
         "      - ./runs/compose:/out\n"
+        "      - ./runs:/runs\n"
+        "      - .:/project:ro\n"  # only its owner is read
         "      - ${PLURALFED_DATA:-/dev/null}:/input/data:ro\n"
     )
     out.append(
         "  coordinator:\n"
         "    image: pluralfed:latest\n"
         "    init: true\n"
+        + "\n".join("  " + line for line in run_as_owner("/home/pluralfed/work/coordinator"))
+        + "\n"
         "    build:\n"
         "      context: .\n"
         "      network: none\n"

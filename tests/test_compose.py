@@ -175,7 +175,7 @@ def test_a_second_setup_tops_up_certificates_and_refuses_another_federations_run
     assert refused.returncode == 2
     assert refused.stderr == (
         "./runs/compose/coordinator holds the run of another federation (other nodes or data), "
-        "which the coordinator would resume: remove it for a fresh run (sudo rm -rf "
+        "which the coordinator would resume: remove it for a fresh run (rm -rf "
         "runs/compose/coordinator)\n"
     )
     made = _run_setup_lines(other.stdout, out, data, *certs)
@@ -279,3 +279,68 @@ def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
         )
         # the setup container chowned the outputs to the image's user; give them back
         subprocess.run(["chown", "-R", f"{os.getuid()}:{os.getgid()}", str(tmp_path)], check=False)
+
+
+@pytest.mark.slow
+def test_docker_compose_up_leaves_runs_to_the_checkouts_owner(tmp_path: Path) -> None:
+    """`./runs` (made by dockerd) belonged to root and `./runs/compose` to the image's uid 10001:
+    the user who ran `docker compose up` could not remove either without sudo (Docker review,
+    session 20). Now every file compose writes there is the checkout owner's."""
+    why = _docker_ready()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the compose federation, but: {why}")
+        pytest.skip(why)
+    if os.getuid() != 0:
+        pytest.skip("makes a checkout of another user's: needs root")
+    user = 4242  # a user of the host's that is neither root nor the image's uid 10001
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy(REPO / "docker-compose.yml", checkout / "docker-compose.yml")
+    os.chown(checkout, user, user)
+    project = f"pftest{uuid.uuid4().hex[:8]}"
+    compose = ["docker", "compose", "-p", project]
+    env = {**os.environ, "ROUNDS": "1", "EVAL_EVERY": "1"}
+    try:
+        done = subprocess.run(
+            [*compose, "up", "--no-build", "--no-color"],
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        assert "federation finished: 1 rounds" in done.stdout + done.stderr
+        runs = checkout / "runs"
+        assert (runs / "compose" / "coordinator" / "final" / "model.safetensors").is_file()
+        owners = {
+            str(p.relative_to(checkout)): (p.lstat().st_uid, p.lstat().st_gid)
+            for p in [runs, *runs.rglob("*")]
+        }
+        assert {o for o in owners.values()} == {(user, user)}, {
+            p: o for p, o in owners.items() if o != (user, user)
+        }
+        # so the user removes it all without sudo
+        removed = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={user}",
+                f"--regid={user}",
+                "--clear-groups",
+                "rm",
+                "-rf",
+                "runs",
+            ],
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+        )
+        assert removed.returncode == 0 and not runs.exists(), removed.stderr
+    finally:
+        subprocess.run(
+            [*compose, "down", "-v", "--remove-orphans"],
+            cwd=checkout,
+            capture_output=True,
+            timeout=300,
+        )
