@@ -14,7 +14,7 @@ from pluralfed.config import ConfigValueError, check_finite_number, check_whole_
 from pluralfed.protocol import MAX_EMBEDDING_NOISE
 
 # Limits of the round settings. Each is what the protocol can carry (protos: uint32 rounds, ranges
-# and max_context, uint64 seed) or what every node refuses (group_node/node.py), so that a value
+# and max_context, uint64 seed) or what every node refuses (group_node/), so that a value
 # no run could use is refused when the settings are made, not rounds later.
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1

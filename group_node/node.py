@@ -9,69 +9,52 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import hashlib
-import ipaddress
-import json
 import logging
 import math
 import random
 import re
 import signal
-import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import grpc
-from cryptography import x509
 
+from group_node.client import (
+    NodeClient,
+    NodeStopped,
+    SessionLost,
+    SessionReplaced,
+    connection_hint,
+    container_loopback_note,
+    is_tls_cause,
+    label_of,
+    replaced_by_peer,
+    session_lost,
+    shortened,
+)
+from group_node.config import NodeConfig
 from group_node.worker import GroupWorker, LocalResult, TaskFailed
 from pluralfed import __version__, protocol
-from pluralfed.config import ConfigValueError
 from pluralfed.errors import InputError, signal_exit_code
-from pluralfed.fsutil import in_container
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
-from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.protocol import (
     ALIGNMENT_BEFORE,
     LOCAL_OPTIMIZER,
     LOCAL_OPTIMIZERS,
     MAX_EMBEDDING_NOISE,
     MIN_POLL_INTERVAL_S,
-    REPLACED_SESSION_MARK,
     REPLACEMENT_WINDOW_S,
     REPLACEMENTS_PER_WINDOW,
 )
 from pluralfed.tensorfiles import save_tensors
 from pluralfed.tls import (
-    RevocationList,
     ServerCheckFailed,
-    TlsFiles,
-    checked_server_certificate,
-    format_time,
-    load_client_material,
-    load_revocation_list,
-    parse_certs,
-    read_file,
-    resolve_tls_files,
-    revocation_check_context,
-    secure_channel,
-    utc_now,
 )
 from pluralfed.training import TrainingSettings
-from pluralfed.transport import (
-    PROTOCOL_VERSION,
-    BulkStreamCalls,
-    grpc_options,
-    receive_model,
-    update_stream,
-    upload_chunk_bytes,
-)
-from pluralfed.wire import DEFAULT_CHUNK_BYTES, WireError, digest_of
+from pluralfed.wire import digest_of
 
 log = logging.getLogger("pluralfed.node")
 
@@ -83,156 +66,6 @@ FATAL_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.UNIMPLEMENTED,
 }
-
-
-MAX_PERSONALIZE_STEPS = 100_000
-MAX_THREADS = 1024  # torch CPU threads; more is a typo, not a machine
-# Sane ranges of the node's timings (seconds). The coordinator caps a poll at 60 s anyway; a
-# poll or backoff beyond an hour is a typo, and gRPC refuses deadlines far in the future.
-MIN_POLL_WAIT_S, MAX_POLL_WAIT_S = 0.1, 3600.0
-MIN_BACKOFF_S, MAX_BACKOFF_S = 0.01, 3600.0
-_HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-def _refuse(key: str, message: str, *, related: tuple[str, ...] = ()) -> ConfigValueError:
-    """A node config error naming `key`, so that `load_config` can say where it was set (file,
-    environment variable or option)."""
-    return ConfigValueError(key, message, "node config", related=related)
-
-
-def _check_seconds(name: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _refuse(name, f"{name} must be a number of seconds, got {value!r}")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise _refuse(name, f"{name} must be {low:g}..{high:g} seconds, got {value!r}")
-
-
-def check_address(address: str) -> None:
-    """Raise InputError unless `address` is host:port or [IPv6]:port, port 1..65535: the
-    coordinator address goes to gRPC as a target, which would take anything and fail later."""
-    host, colon, port = address.rpartition(":")
-    problem = ""
-    if not colon:
-        problem = "no :port"
-    elif not host:
-        problem = "no host"
-    elif host.startswith("["):
-        try:
-            if not host.endswith("]"):
-                raise ValueError
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            problem = f"{host!r} is not an IPv6 address in brackets"
-    elif len(host) > 253 or not _HOSTNAME.fullmatch(host):
-        problem = f"{host!r} is not a host name or IPv4 address (IPv6 goes in brackets)"
-    if not problem and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        problem = f"port {port!r} is not a number in 1..65535"
-    if problem:
-        raise _refuse(
-            "coordinator",
-            f"coordinator must be host:port or [IPv6]:port, got {address!r}: {problem}",
-        )
-
-
-@dataclass
-class NodeConfig:
-    """Everything a node needs; see `pluralfed node run --help` and docs for each field."""
-
-    coordinator: str = "localhost:7443"
-    group: str = ""
-    role: str = "train"  # or "evaluate-only"
-    data: Path | None = None
-    tls_dir: Path | None = None  # folder with ca.pem, cert.pem, key.pem
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_server_name: str | None = None  # expected name in the coordinator's cert, if not the host
-    # the CA's revocation list (crl.pem): before every Join the node refuses a coordinator whose
-    # certificate is in it (a stolen coordinator key, revoked)
-    tls_crl: Path | None = None
-    insecure: bool = False
-    encoder: str = "all-MiniLM-L6-v2"
-    cache_dir: Path | None = None
-    threads: int = 1
-    seed: int = 0
-    poll_wait_s: float = 30.0
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 15.0
-    give_up_after_s: float | None = None  # stop retrying after this long unreachable
-    # Audit copy of exactly what the node sends: before each upload, the update's tensors go to
-    # <dir>/round-<round>-<task id>.safetensors (one file per TRAIN task, so one per round unless
-    # a round is retried), with metadata group, round, task_id, base_model_version, num_examples
-    # and digest (the BLAKE3 digest, hex, that the upload's trailer carries). No upload without
-    # its copy.
-    save_updates_dir: Path | None = None
-    # Personalization, node-local: after a finished run, download the final model, fine-tune a
-    # copy on this group's own TRAIN questions for this many steps (the run's learning rate and
-    # episode sizes, fresh Adam state) and save it as a checkpoint in personalized_dir. Nothing
-    # of it is sent anywhere. 0 = off.
-    personalize_steps: int = 0
-    personalized_dir: Path | None = None
-
-    def data_file(self) -> Path:
-        """The group's data file, which running needs (checking the connection does not)."""
-        if self.data is None:
-            raise InputError(
-                "node config: data is required to run (a CSV or JSONL file with the group; "
-                "data in the config file, PLURALFED_NODE_DATA or --data)"
-            )
-        return self.data
-
-    def __post_init__(self) -> None:
-        if not self.group.strip():
-            raise _refuse("group", "group is required (the group whose data this node holds)")
-        if self.role not in ("train", "evaluate-only"):
-            raise _refuse("role", f"role must be train or evaluate-only, got {self.role!r}")
-        if not self.group.isprintable():
-            raise _refuse("group", f"group {self.group!r} holds control characters")
-        if not 1 <= self.threads <= MAX_THREADS:
-            raise _refuse("threads", f"threads must be 1..{MAX_THREADS}, got {self.threads}")
-        if not 0 <= self.personalize_steps <= MAX_PERSONALIZE_STEPS:
-            raise _refuse(
-                "personalize_steps",
-                f"personalize_steps must be 0..{MAX_PERSONALIZE_STEPS}, got {self.personalize_steps}",
-            )
-        if self.personalize_steps and self.personalized_dir is None:
-            raise _refuse(
-                "personalized_dir",
-                "personalize_steps is set, so personalized_dir is required (the folder where "
-                "the personalized checkpoint is written)",
-                related=("personalize_steps",),
-            )
-        check_address(self.coordinator)
-        if self.insecure and self.tls_crl is not None:
-            raise _refuse(
-                "tls_crl", "tls_crl needs TLS; it cannot go with insecure", related=("insecure",)
-            )
-        _check_seconds("poll_wait_s", self.poll_wait_s, MIN_POLL_WAIT_S, MAX_POLL_WAIT_S)
-        _check_seconds("backoff_initial_s", self.backoff_initial_s, MIN_BACKOFF_S, MAX_BACKOFF_S)
-        _check_seconds("backoff_max_s", self.backoff_max_s, MIN_BACKOFF_S, MAX_BACKOFF_S)
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise _refuse(
-                "backoff_max_s",
-                f"backoff_max_s ({self.backoff_max_s:g}) must be at least backoff_initial_s "
-                f"({self.backoff_initial_s:g})",
-                related=("backoff_initial_s",),
-            )
-        limit = self.give_up_after_s
-        if limit is not None and (
-            isinstance(limit, bool)
-            or not isinstance(limit, int | float)
-            or not (math.isfinite(limit) and limit > 0)
-        ):
-            raise _refuse(
-                "give_up_after_s",
-                "give_up_after_s must be a finite number of seconds > 0 (leave it unset to retry "
-                f"forever), got {limit!r}",
-            )
-
-    def tls_files(self) -> TlsFiles | None:
-        if self.insecure:
-            return None
-        return resolve_tls_files("node", self.tls_dir, self.tls_ca, self.tls_cert, self.tls_key)
 
 
 FINAL_DOWNLOAD_TIMEOUT_S = 120.0
@@ -262,9 +95,8 @@ FINAL_REJECTIONS = frozenset(
     }
 )
 LEAVE_TIMEOUT_S = 5.0  # the Leave of a stopping node: well within Docker's 10 s stop timeout
-# longest heartbeat interval a node takes from Join, and longest it gives one task step (a
-# deadline further out is a coordinator bug; gRPC fails a call with a far deadline at once)
-MAX_HEARTBEAT_INTERVAL_S = protocol.MAX_HEARTBEAT_S
+# the longest a node gives one task step (a deadline further out is a coordinator bug; gRPC
+# fails a call with a far deadline at once)
 MAX_TASK_TIME_S = 24 * 3600.0
 
 
@@ -333,159 +165,12 @@ def local_steps_of(hp: pb.Hyperparameters) -> int:
     return hp.local_steps
 
 
-def model_config_of(text: str, where: str) -> dict[str, object]:
-    """The model config a JoinReply carries (JSON; empty means GPO's defaults), checked to be
-    one: a coordinator's bad config must stop the node with this message, not a traceback."""
-    if not text:
-        return {}
-    what = f"{where}: JoinReply.model_config_json"
-
-    def no_constant(name: str) -> object:
-        raise ValueError(f"{name} is not a JSON number")
-
-    try:
-        raw = json.loads(text, parse_constant=no_constant)
-    except (ValueError, RecursionError) as err:
-        raise InputError(f"{what} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{what} is a JSON {type(raw).__name__}, not an object")
-    try:
-        GroupWorker.check_model_config(raw)
-    except (TypeError, ValueError, ArithmeticError) as err:
-        raise InputError(f"{what} is not a valid model config: {err}") from None
-    return raw
-
-
 def reject_reason_name(reason: int) -> str:
     """The enum name of an UploadReply.reason; a number a newer coordinator added, as is."""
     try:
         return pb.RejectReason.Name(reason)  # type: ignore[arg-type]
     except ValueError:
         return f"reject reason {reason}"
-
-
-def validity_problem(
-    certs: list[tuple[Path, str, x509.Certificate]], now: dt.datetime | None = None
-) -> str | None:
-    """Why one of this node's certificates cannot make a TLS connection now, or None.
-    `certs` holds (file, what, x509 certificate). A failed connection says only UNAVAILABLE
-    (gRPC keeps the handshake's reason to itself); a certificate that expired while the node ran
-    (or a clock that jumped) is a cause the node can name without the network."""
-    now = now or utc_now()
-    for path, what, cert in certs:
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-        valid = f"valid from {format_time(start)} until {format_time(end)}"
-        if now < start:
-            return (
-                f"this node's {what} {path} is not valid yet ({valid}; now is "
-                f"{format_time(now)}): check this machine's clock"
-            )
-        if now > end:
-            return (
-                f"this node's {what} {path} has expired ({valid}; now is {format_time(now)}): "
-                "ask the federation's operator for a new one, then restart the node"
-            )
-    return None
-
-
-MAX_DETAILS_CHARS = 300  # gRPC's details in a log line: enough for its cause, not a screen
-
-
-def shortened(text: str, limit: int = MAX_DETAILS_CHARS) -> str:
-    """`text` on one line, at most `limit` characters: a coordinator's details go in log lines."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def replaced_by_peer(details: str) -> str:
-    """The peer the coordinator says replaced this node's session ("(from ipv4:...)"), or "?"."""
-    found = re.search(r"\(from ([^)]*)\)", details)
-    return found.group(1) if found else "?"
-
-
-def connection_hint(details: str, config: NodeConfig) -> str | None:
-    """What gRPC's details of a failed call say about this node's setup, when they name the
-    cause: gRPC reports a wrong CA, a certificate for another name and a closed port alike as
-    UNAVAILABLE, and only its details tell them apart. None when they name no cause we know."""
-    host, _, port = config.coordinator.rpartition(":")
-    if "Hostname Verification Check failed" in details:
-        name = config.tls_server_name or host
-        if config.tls_server_name:
-            return (
-                f"the coordinator's certificate does not name {name} (tls_server_name): set "
-                "tls_server_name to one of its names, or unset it"
-            )
-        return (
-            f"the coordinator's certificate does not name {name}: dial one of its names or set "
-            "tls_server_name"
-        )
-    if "CERTIFICATE_VERIFY_FAILED" in details:
-        if "expired" in details:
-            return "the coordinator's certificate has expired: tell the federation's operator"
-        return (
-            "the coordinator's certificate is not from the CA in your ca.pem: get the "
-            "federation's ca.pem from its operator"
-        )
-    if "Connection refused" in details:
-        return (
-            f"nothing listens on {host}:{port}: wrong address or port, or the coordinator is down"
-            + container_loopback_note(host)
-        )
-    if "errors resolving" in details or "Domain name not found" in details:
-        return f"the host name {host} does not resolve: check the coordinator address"
-    role = re.search(r"may only join as ([\w-]+)", details)
-    if role:
-        return f"set role = {role.group(1)} (this group's role in this federation)"
-    return None
-
-
-def is_loopback(host: str) -> bool:
-    """`host` (from host:port, IPv6 in brackets) names this machine's loopback."""
-    host = host.strip("[]").lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def container_loopback_note(host: str) -> str:
-    """For a loopback coordinator address dialled from a container: there, localhost is the
-    container itself, not the host the coordinator runs on (`docker run` without `--network
-    host`). Empty otherwise."""
-    if not (is_loopback(host) and in_container()):
-        return ""
-    return (
-        f"; this node runs in a container: unless it shares the host's network (`docker run "
-        f"--network host`), {host} there is the container itself, not the host: run it with "
-        "`--network host`, or dial the host's address (and set tls_server_name to a name in "
-        "the coordinator's certificate)"
-    )
-
-
-def is_tls_cause(details: str) -> bool:
-    """The coordinator's certificate does not pass this node's checks: a setup problem that
-    looks like a coordinator that is down."""
-    return "Hostname Verification Check failed" in details or "CERTIFICATE_VERIFY_FAILED" in details
-
-
-class SessionLost(Exception):
-    """The coordinator no longer knows our session (it restarted or dropped us): join again."""
-
-
-class SessionReplaced(SessionLost):
-    """A newer Join with this node's certificate replaced our session: a restart of this node,
-    or another process running as it."""
-
-
-def session_lost(details: str) -> SessionLost:
-    """The exception for an UNAUTHENTICATED call: replaced, or unknown/expired."""
-    return SessionReplaced(details) if REPLACED_SESSION_MARK in details else SessionLost(details)
-
-
-class NodeStopped(Exception):
-    """A call was cancelled because the node is stopping (`GroupNode.stop`)."""
 
 
 @dataclass
@@ -499,314 +184,6 @@ class UnsentUpdate:
     result: LocalResult
     backoff_s: float
     retry_at: float  # monotonic clock
-
-
-class NodeClient:
-    """The node's side of the protocol, one RPC per method; no retry logic here."""
-
-    def __init__(self, config: NodeConfig) -> None:
-        self.config = config
-        files = config.tls_files()
-        self._files = files
-        # the certificates this node presents and trusts, as loaded at start: a failed
-        # connection checks their validity dates (`certificate_problem`) without any I/O
-        self._certs: list[tuple[Path, str, x509.Certificate]] = []
-        if files is not None:
-            for path, what in ((files.cert, "certificate"), (files.ca, "CA certificate")):
-                certs = parse_certs(read_file(path, what), path, what)
-                # the node's own: the first. The CA file may hold several CAs (a rotation): the
-                # newest-expiring one stands for them, since one valid CA is enough
-                first = (
-                    certs[0]
-                    if path == files.cert
-                    else max(certs, key=lambda c: c.not_valid_after_utc)
-                )
-                self._certs.append((path, what, first))
-        # RPCs in flight that `cancel_calls` cancels (a stopping node does not sit out a long
-        # poll or a transfer); once cancelled, every later one is cancelled as it starts
-        self._calls: set[grpc.Future] = set()
-        self._calls_lock = threading.Lock()
-        self._cancelled = False
-        self._revocations: RevocationList | None = None
-        self._check_context: ssl.SSLContext | None = None
-        if files is not None and config.tls_crl is not None:  # a bad list: refused at start
-            self._revocations = load_revocation_list(config.tls_crl, files.ca)
-            self._check_context = revocation_check_context(files)
-        # connections gRPC has made (it reconnects by itself) and the last one checked against
-        # the revocation list: a new connection is checked again before the next task's RPCs
-        self._connections = 0
-        self._checked_connection = -1
-        # gRPC's own reconnect timer (up to 120 s by default) would otherwise decide how soon a
-        # node notices that a cut link is back, whatever our backoff says
-        options: list[tuple[str, object]] = [
-            *grpc_options(),
-            ("grpc.initial_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
-            ("grpc.min_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
-            ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
-        ]
-        self._channel_options = options
-        # read once, as gRPC reads them: a channel made again later (pinned) uses these bytes
-        self._material = None if files is None else load_client_material(files)
-        # with tls_crl, the coordinator certificate the node's own check last passed, which
-        # gRPC then trusts alone (`_pin`)
-        self._pinned: x509.Certificate | None = None
-        if files is None:
-            log.warning("INSECURE: connecting to %s in plain text, without TLS", config.coordinator)
-        self._open_channel()
-        self.session_id = ""
-        self.model_config: dict[str, object] = {}
-        self.heartbeat_interval_s = 5.0
-        self.upload_chunk_bytes = DEFAULT_CHUNK_BYTES
-
-    def _open_channel(self) -> None:
-        """The channel and its stubs: plain text, trusting the CA, or trusting only the pinned
-        coordinator certificate."""
-        if self._material is None:
-            self.channel = grpc.insecure_channel(
-                self.config.coordinator, options=self._channel_options
-            )
-        else:
-            self.channel = secure_channel(
-                self.config.coordinator,
-                self._material,
-                server_name_override=self.config.tls_server_name,
-                options=self._channel_options,
-                pinned=self._pinned,
-            )
-        self.stub = pb_grpc.FederationStub(self.channel)
-        bulk = BulkStreamCalls.on(self.channel)  # tensor data without protobuf's copies
-        self._download_model = bulk.download_model
-        self._upload_update = bulk.upload_update
-
-    def _pin(self, cert: x509.Certificate) -> None:
-        """From now on gRPC trusts only `cert`, which the node's own handshake has just checked
-        against the CA and the revocation list. That handshake is not gRPC's connection: without
-        the pin, someone on the path holding a revoked coordinator key could let the check reach
-        the real coordinator and answer gRPC's connection himself. A coordinator that presents
-        another certificate later (a renewal) is checked and pinned anew; the channel is made
-        again for it (calls in flight on the old one end)."""
-        if self._pinned is not None and cert == self._pinned:
-            return
-        if self._pinned is not None:
-            log.warning(
-                "%s: the coordinator now presents another certificate (serial %x, before %x), "
-                "checked against the revocation list: trusting it from now on",
-                self.config.group,
-                cert.serial_number,
-                self._pinned.serial_number,
-            )
-        self._pinned = cert
-        old = self.channel
-        if self._checked_connection >= 0:
-            old.unsubscribe(self._on_connectivity)
-        self._open_channel()
-        self._connections = 0
-        self.channel.subscribe(self._on_connectivity)
-        old.close()
-
-    def certificate_problem(self) -> str | None:
-        """After a failed connection: this node's certificate or the CA's is expired or not
-        valid yet (which file, its dates), or None."""
-        return validity_problem(self._certs)
-
-    @contextlib.contextmanager
-    def _tracked(self, call: Any) -> Iterator[None]:
-        """`call` (a grpc.Future or response stream) may be cancelled by `cancel_calls`."""
-        with self._calls_lock:
-            self._calls.add(call)
-            if self._cancelled:
-                call.cancel()
-        try:
-            yield
-        finally:
-            with self._calls_lock:
-                self._calls.discard(call)
-
-    def _result(self, call: Any) -> Any:
-        """The result of a unary-response call started with `.future`, cancellable."""
-        with self._tracked(call):
-            try:
-                return call.result()
-            except grpc.FutureCancelledError:
-                raise NodeStopped("call cancelled: the node is stopping") from None
-
-    def cancel_calls(self) -> None:
-        """Cancel the RPCs in flight and every one started from now on (the node stops). Leave
-        and Heartbeat are not cancelled: they are short, and Leave is what a stop sends."""
-        with self._calls_lock:
-            self._cancelled = True
-            calls = list(self._calls)
-        for call in calls:
-            call.cancel()
-
-    def close(self) -> None:
-        if self._revocations is not None:
-            self.channel.unsubscribe(self._on_connectivity)
-        self.channel.close()
-
-    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        if state == grpc.ChannelConnectivity.READY:
-            self._connections += 1
-
-    def _check_coordinator_certificate(self, *, only_if_reconnected: bool = False) -> None:
-        """With tls_crl: the coordinator's certificate must not be revoked (re-read the list,
-        which may have changed; a changed list that does not load keeps the one in force).
-        InputError if it is; ServerCheckFailed (handled as an unreachable coordinator) if the
-        check cannot complete. Before every Join, and before a task's RPCs when gRPC has
-        connected anew since the last check."""
-        if (
-            self._files is None
-            or self._revocations is None
-            or self._check_context is None
-            or self.config.tls_crl is None
-        ):
-            return
-        if self._checked_connection < 0:  # first use: follow gRPC's own (re)connections
-            self.channel.subscribe(self._on_connectivity)
-            self._checked_connection = 0
-        connections = self._connections
-        if only_if_reconnected and connections <= self._checked_connection:
-            return
-        try:
-            self._revocations = load_revocation_list(
-                self.config.tls_crl, self._files.ca, in_force=self._revocations
-            )
-        except InputError as err:
-            log.warning("%s; the revocation list read before stays in force", err)
-        cert = checked_server_certificate(
-            self.config.coordinator,
-            self._check_context,
-            self._revocations,
-            server_name=self.config.tls_server_name,
-        )
-        if self._pinned is None or cert != self._pinned:
-            self._pin(cert)
-            connections = self._connections  # of the new channel
-        self._checked_connection = max(connections, 1)
-
-    def join(
-        self, num_examples: int, encoder_id: str, timeout: float = 30.0, *, check_only: bool = False
-    ) -> pb.JoinReply:
-        """Join (open a session), or with `check_only` ask whether the coordinator would admit
-        this node without opening one (`pluralfed node check`: a running node with this
-        certificate keeps its session). A coordinator older than check_only opens a session
-        anyway: its id is kept, so that the caller can leave it."""
-        self._check_coordinator_certificate()
-        role = pb.ROLE_TRAIN if self.config.role == "train" else pb.ROLE_EVALUATE_ONLY
-        reply: pb.JoinReply = self._result(
-            self.stub.Join.future(
-                pb.JoinRequest(
-                    group=self.config.group,
-                    role=role,
-                    num_train_examples=num_examples,
-                    software_version=__version__,
-                    protocol_version=PROTOCOL_VERSION,
-                    encoder_id=encoder_id,
-                    check_only=check_only,
-                ),
-                timeout=timeout,
-            )
-        )
-        where = f"coordinator {self.config.coordinator}"
-        self.session_id = reply.session_id
-        if not reply.session_id and not check_only:
-            raise InputError(f"{where}: JoinReply.session_id is empty")
-        self.model_config = model_config_of(reply.model_config_json, where)
-        interval = reply.heartbeat_interval.ToMilliseconds() / 1000
-        if interval > MAX_HEARTBEAT_INTERVAL_S:
-            raise InputError(
-                f"{where}: JoinReply.heartbeat_interval {interval:g} s is over "
-                f"{MAX_HEARTBEAT_INTERVAL_S:g} s"
-            )
-        self.heartbeat_interval_s = max(interval, protocol.MIN_HEARTBEAT_S)
-        try:
-            self.upload_chunk_bytes = upload_chunk_bytes(reply.max_chunk_bytes)
-        except ValueError as err:
-            raise InputError(f"{where}: Join reply: {err}") from None
-        return reply
-
-    def get_task(self, wait_s: float) -> pb.Task:
-        self._check_coordinator_certificate(only_if_reconnected=True)
-        req = pb.GetTaskRequest(session_id=self.session_id)
-        req.wait.FromMilliseconds(int(wait_s * 1000))
-        task: pb.Task = self._result(self.stub.GetTask.future(req, timeout=wait_s + 30))
-        return task
-
-    def download(self, version: str, timeout: float) -> dict:
-        """Model `version`, checked against its header (InputError saying what is wrong)."""
-        self._check_coordinator_certificate(only_if_reconnected=True)
-        stream = self._download_model(
-            pb.DownloadModelRequest(session_id=self.session_id, model_version=version),
-            timeout=timeout,
-        )
-        where = f"coordinator {self.config.coordinator}: model {version!r} download"
-        try:
-            with self._tracked(stream):
-                return receive_model(
-                    stream, lambda message: InputError(f"{where}: {message}"), model_version=version
-                )
-        except WireError as err:
-            raise InputError(f"{where}: {err}") from None
-
-    def upload(
-        self,
-        task: pb.Task,
-        weights: dict,
-        num_examples: int,
-        metrics: dict[str, float],
-        timeout: float,
-    ) -> pb.UploadReply:
-        self._check_coordinator_certificate(only_if_reconnected=True)
-        header = pb.UpdateHeader(
-            session_id=self.session_id,
-            task_id=task.task_id,
-            round=task.round,
-            base_model_version=task.model_version,
-            num_examples=num_examples,
-            metrics=metrics,
-        )
-        reply: pb.UploadReply = self._result(
-            self._upload_update.future(
-                update_stream(header, weights, self.upload_chunk_bytes), timeout=timeout
-            )
-        )
-        return reply
-
-    def report(self, task: pb.Task, group: str, metrics: dict[str, float], n: int) -> None:
-        self._check_coordinator_certificate(only_if_reconnected=True)
-        self._result(
-            self.stub.ReportEvaluation.future(
-                pb.EvaluationReport(
-                    session_id=self.session_id,
-                    task_id=task.task_id,
-                    round=task.round,
-                    group=group,
-                    model_version=task.model_version,
-                    metrics=pb.GroupMetrics(
-                        num_questions=n, mean_alignment=metrics["model"], metrics=metrics
-                    ),
-                ),
-                timeout=60,
-            )
-        )
-
-    def heartbeat(
-        self, state: pb.NodeState.ValueType, task_id: str = "", message: str = ""
-    ) -> None:
-        self.stub.Heartbeat(
-            pb.HeartbeatRequest(
-                session_id=self.session_id, state=state, task_id=task_id, message=message
-            ),
-            timeout=10,
-        )
-
-    def leave(self, reason: str, timeout: float = 10.0) -> None:
-        self.stub.Leave(pb.LeaveRequest(session_id=self.session_id, reason=reason), timeout=timeout)
-
-
-def label_of(err: grpc.RpcError | ServerCheckFailed) -> str:
-    """A failed connection's gRPC status name, or what the tls_crl check is."""
-    return err.code().name if isinstance(err, grpc.RpcError) else "revocation check"
 
 
 class GroupNode:

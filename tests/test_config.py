@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.service import CoordinatorConfig, check_roles, model_config, rpc_threads_for
-from group_node.node import NodeConfig
+from group_node.config import NodeConfig
 from pluralfed.auth import AllowList
 from pluralfed.config import load_config
 from pluralfed.errors import InputError

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from group_node.node import NodeConfig
+from group_node.config import NodeConfig
 from pluralfed.cli import main
 from pluralfed.config import load_config
 from pluralfed.errors import InputError

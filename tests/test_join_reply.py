@@ -13,7 +13,7 @@ import grpc
 import pytest
 from test_validation_node import STUB_WORKER, StandIn, run_node
 
-from group_node.node import MAX_HEARTBEAT_INTERVAL_S
+from group_node.client import MAX_HEARTBEAT_INTERVAL_S
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.transport import PROTOCOL_VERSION
 

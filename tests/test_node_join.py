@@ -17,7 +17,9 @@ import grpc
 import pytest
 from fedharness import stand_in_coordinator
 
-from group_node.node import REFUSED_TASK_POLL_S, GroupNode, NodeClient, NodeConfig
+from group_node.client import NodeClient
+from group_node.config import NodeConfig
+from group_node.node import REFUSED_TASK_POLL_S, GroupNode
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc

@@ -26,9 +26,11 @@ from cryptography import x509
 from fedharness import HOST, Pki, free_port, stand_in_coordinator
 from test_validation_node import SMALL, StandIn, model_messages, small_weights, worker
 
+import group_node.client as client_module
 import group_node.node as node_module
 import pluralfed.commands.node as commands_node
-from group_node.node import GroupNode, NodeConfig
+from group_node.config import NodeConfig
+from group_node.node import GroupNode
 from pluralfed.cli import main
 from pluralfed.commands.node import stop_on_signals
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -258,7 +260,7 @@ def test_a_node_whose_certificate_is_no_longer_valid_says_so_when_it_cannot_conn
         give_up_after_s=2.0,  # without the check: exit 1 after 2 s of "unreachable"
     )
     node = GroupNode(config, worker())  # loads the files now, while they are valid
-    monkeypatch.setattr(node_module, "utc_now", lambda: now)
+    monkeypatch.setattr(client_module, "utc_now", lambda: now)
     with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
         assert node.run() == 2
     (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -278,12 +280,12 @@ def test_node_check_names_an_expired_certificate(
 ) -> None:
     folder = pki.node("node-g")
     cert = x509.load_pem_x509_certificate((folder / CERT_FILE).read_bytes())
-    real_client = node_module.NodeClient
+    real_client = client_module.NodeClient
 
-    def expired_later(config: NodeConfig) -> node_module.NodeClient:
+    def expired_later(config: NodeConfig) -> client_module.NodeClient:
         client = real_client(config)  # the files are valid when they are loaded
         monkeypatch.setattr(
-            node_module, "utc_now", lambda: cert.not_valid_after_utc + dt.timedelta(days=1)
+            client_module, "utc_now", lambda: cert.not_valid_after_utc + dt.timedelta(days=1)
         )
         return client
 

@@ -33,7 +33,9 @@ import pluralfed.commands.node as commands_node
 import pluralfed.fsutil
 from coordinator.rounds import RoundEngine
 from coordinator.server import start_server
-from group_node.node import GroupNode, NodeConfig, connection_hint
+from group_node.client import connection_hint
+from group_node.config import NodeConfig
+from group_node.node import GroupNode
 from pluralfed.auth import AllowList
 from pluralfed.cli import main
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb

@@ -267,7 +267,8 @@ def test_node_refuses_a_coordinator_whose_certificate_was_revoked(
     from test_update_validation import ENCODER, serve
 
     from coordinator.settings import RoundSettings
-    from group_node.node import NodeClient, NodeConfig
+    from group_node.client import NodeClient
+    from group_node.config import NodeConfig
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
         crl, _ = revoke_certificates(fed.pki.ca, [])  # an empty list, as an operator starts
@@ -372,7 +373,7 @@ def test_node_never_joins_unchecked_and_checks_again_after_a_reconnect(tmp_path:
     from test_update_validation import ENCODER, serve
 
     from coordinator.settings import RoundSettings
-    from group_node.node import NodeClient
+    from group_node.client import NodeClient
 
     with serve(tmp_path, RoundSettings(rounds=1, eval_every=0), drive=False) as fed:
         crl, _ = revoke_certificates(fed.pki.ca, [])
@@ -460,7 +461,8 @@ def crl_checking_client(tmp_path: Path, fed: Any, port: int, crl: Path) -> Any:
     """A NodeClient of "Good A" with `tls_crl`, dialing `port` (a relay) as localhost."""
     from fedharness import HOST
 
-    from group_node.node import NodeClient, NodeConfig
+    from group_node.client import NodeClient
+    from group_node.config import NodeConfig
 
     return NodeClient(
         NodeConfig(
@@ -537,7 +539,8 @@ def test_node_whose_check_cannot_complete_retries_as_if_unreachable(
     clear log line, never a traceback and never a Join."""
     from types import SimpleNamespace
 
-    from group_node.node import GroupNode, NodeConfig
+    from group_node.config import NodeConfig
+    from group_node.node import GroupNode
 
     crl, _ = revoke_certificates(pki / "ca", [])
     resetting = Relay(1, drop_first=10**9)  # resets every connection
@@ -623,7 +626,8 @@ def test_the_revocation_check_keeps_the_files_read_at_start(pki: Path) -> None:
     """gRPC reads the node's key and certificate once; the revocation check did so before
     every Join, outside its error handling, so a key being rotated while the node ran ended
     it with a bare ssl.SSLError. Now the check's context is made once, at start."""
-    from group_node.node import NodeClient, NodeConfig
+    from group_node.client import NodeClient
+    from group_node.config import NodeConfig
 
     crl, _ = revoke_certificates(pki / "ca")
     folder = pki / "node-a"

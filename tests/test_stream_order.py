@@ -29,7 +29,8 @@ from test_update_validation import ENCODER, nudged, serve
 from test_validation_node import StandIn, model_messages, small_weights
 
 from coordinator.settings import RoundSettings
-from group_node.node import NodeClient, NodeConfig
+from group_node.client import NodeClient
+from group_node.config import NodeConfig
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.transport import decode_model_chunk, receive_model

@@ -28,7 +28,9 @@ from safetensors.numpy import save_file
 
 from coordinator.rounds import GlobalModel
 from coordinator.server import ModelDownload
-from group_node.node import GroupNode, NodeConfig, audit_file_name, model_config_of
+from group_node.client import model_config_of
+from group_node.config import NodeConfig
+from group_node.node import GroupNode, audit_file_name
 from group_node.worker import GroupWorker
 from pluralfed.config import load_config
 from pluralfed.data import SurveyData, SurveyItem

@@ -14,7 +14,9 @@ from typing import Any
 import grpc
 import torch
 
-from group_node.node import GroupNode, NodeClient, NodeConfig, connection_hint
+from group_node.client import NodeClient, connection_hint
+from group_node.config import NodeConfig
+from group_node.node import GroupNode
 from group_node.worker import GroupWorker
 from pluralfed.config import add_config_args, load_config, overrides_from_args
 from pluralfed.data import SurveyData, load_survey
