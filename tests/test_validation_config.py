@@ -5,6 +5,7 @@ and the state a coordinator resumes from."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -140,6 +141,17 @@ def test_a_good_checkpoint_still_loads(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- coordinator config
+
+
+def test_the_coordinator_config_has_every_round_setting_with_the_same_default() -> None:
+    """The config repeats RoundSettings' fields (one TOML key each): a field added to one and
+    not the other, or a default changed in one only, would run code and configs differently."""
+    settings = {f.name: f for f in dataclasses.fields(RoundSettings)}
+    config = {f.name: f for f in dataclasses.fields(CoordinatorConfig)}
+    assert set(settings) <= set(config), set(settings) - set(config)
+    for name, field in settings.items():
+        assert config[name].type == field.type, name
+    assert CoordinatorConfig().round_settings() == RoundSettings()
 
 
 def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> CoordinatorConfig:
