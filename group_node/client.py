@@ -13,7 +13,8 @@ import logging
 import re
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,25 @@ class NodeStopped(Exception):
     """A call was cancelled because the node is stopping (`GroupNode.stop`)."""
 
 
+POLLER_STOP_WAIT_S = 1.0  # gRPC's connectivity poller looks for subscribers every 0.2 s
+
+
+def close_channel(
+    channel: grpc.Channel, subscriber: Callable[[grpc.ChannelConnectivity], None] | None
+) -> None:
+    """Close `channel`, after unsubscribing `subscriber`. gRPC's connectivity poller (a thread
+    of its own while anyone is subscribed) raises "Cannot monitor channel state: Channel
+    closed!" in that thread, a traceback on stderr, if the channel closes while it polls; it
+    stops by itself within 0.2 s of the last unsubscribe, so the close waits for that first."""
+    if subscriber is not None:
+        channel.unsubscribe(subscriber)
+        state = getattr(channel, "_connectivity_state", None)  # grpc._channel's own record
+        deadline = time.monotonic() + POLLER_STOP_WAIT_S
+        while getattr(state, "polling", False) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    channel.close()
+
+
 class NodeClient:
     """The node's side of the protocol, one RPC per method; no retry logic here."""
 
@@ -302,12 +322,10 @@ class NodeClient:
             )
         self._pinned = cert
         old = self.channel
-        if self._checked_connection >= 0:
-            old.unsubscribe(self._on_connectivity)
         self._open_channel()
         self._connections = 0
         self.channel.subscribe(self._on_connectivity)
-        old.close()
+        close_channel(old, self._on_connectivity if self._checked_connection >= 0 else None)
 
     def certificate_problem(self) -> str | None:
         """After a failed connection: this node's certificate or the CA's is expired or not
@@ -345,9 +363,8 @@ class NodeClient:
             call.cancel()
 
     def close(self) -> None:
-        if self._revocations is not None:
-            self.channel.unsubscribe(self._on_connectivity)
-        self.channel.close()
+        subscribed = self._revocations is not None and self._checked_connection >= 0
+        close_channel(self.channel, self._on_connectivity if subscribed else None)
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         if state == grpc.ChannelConnectivity.READY:
