@@ -80,7 +80,9 @@ def save_tensors(
     """Write a model to a safetensors file atomically, keeping its tensor order.
 
     bfloat16 tensors are stored as their uint16 bit patterns (safetensors' numpy side has no
-    bfloat16), which `load_tensors` gives back as such.
+    bfloat16), which `load_tensors` gives back as such. A write that fails (a full disk) is an
+    OSError, as for any file: safetensors raises its own error type, which callers that handle
+    OSError did not catch (a node's audit copy on a full disk stopped the node).
     """
     from safetensors.numpy import save_file
 
@@ -97,7 +99,12 @@ def save_tensors(
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        save_file(arrays, tmp, metadata=meta)
+        try:
+            save_file(arrays, tmp, metadata=meta)
+        except OSError:
+            raise
+        except Exception as err:  # SafetensorError (no stable import path): a full disk too
+            raise OSError(f"cannot write {target}: {err}") from err
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import re
+import resource
+import signal
 import tempfile
 import threading
 import time
@@ -703,6 +705,44 @@ def test_the_audit_copy_is_named_safely_whatever_the_task_id(
         assert got == name
     else:
         assert re.fullmatch(r"round-00001-id-[0-9a-f]{32}\.safetensors", got), got
+
+
+@pytest.fixture
+def small_file_limit() -> Iterator[int]:
+    """Writes past 2 KiB fail in this process as on a full disk (EFBIG instead of ENOSPC; the
+    signal such a write also raises is ignored meanwhile)."""
+    limit = 2048
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_an_audit_copy_that_does_not_fit_on_the_disk_fails_the_task_not_the_node(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, small_file_limit: int
+) -> None:
+    """Soak review: safetensors' own error type for a failed write (here a file over the size
+    limit, as on a full disk) escaped the node's `except OSError`, and the node stopped ("an
+    unexpected error") and left the federation, in every round it was asked to train."""
+    servicer = Rounds([model_messages(small_weights())])
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}",
+            group="G",
+            data=tmp_path / "g.csv",
+            insecure=True,
+            save_updates_dir=tmp_path / "audit",
+        )
+        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+            assert GroupNode(config, worker()).run() == 0
+    assert servicer.uploads == [] and [t for t, _ in servicer.failed] == ["t-1"]
+    assert "cannot save the audit copy" in servicer.failed[0][1]
+    assert "File too large" in servicer.failed[0][1]
+    assert list((tmp_path / "audit").iterdir()) == []  # no partial file left
 
 
 def test_a_node_that_cannot_save_its_audit_copy_uploads_nothing(
