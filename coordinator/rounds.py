@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -184,6 +185,9 @@ class RoundEngine:
         self._done = False
         self._stop = threading.Event()
         self._unusable_in_a_row = 0  # tries of the current round that gave no usable model
+        # the (round, is evaluation) of metrics.jsonl's last row, once this process has rebuilt
+        # the file from the state; None until then (a crash may have cut or lost a row)
+        self._metrics_last: tuple[int, bool] | None = None
         self._on_round = on_round
         optimizer_args = {} if settings.server_lr is None else {"server_lr": settings.server_lr}
         self.optimizer: ServerOptimizer = make_server_optimizer(
@@ -1233,7 +1237,7 @@ class RoundEngine:
             digest = digest_of(self.state.weights)
             save_state(self.state_dir, self.state, digest)
             self._refresh_version(digest)
-            self._write_metrics()
+            self._write_metrics({"kind": "round", **record})
         log.info("%s", describe_record(record, st.rounds))
         if self._on_round:
             self._on_round(record)
@@ -1291,19 +1295,32 @@ class RoundEngine:
                 self.evaluated_again = True
             self.state.evaluations.append(record)
             save_state(self.state_dir, self.state, self.model_digest)
-            self._write_metrics()
+            self._write_metrics(None if earlier else record)
         log.info("%s", describe_record(record))
         if self._on_round:
             self._on_round(record)
 
-    def _write_metrics(self) -> None:
-        """metrics.jsonl is rebuilt from the checkpointed state: never a round twice, never one lost."""
-        rows = [{"kind": "round", **r} for r in self.state.history] + list(self.state.evaluations)
-        rows.sort(key=lambda r: (r["round"], r.get("kind") == "evaluation"))
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    def _write_metrics(self, row: Mapping[str, Any] | None = None) -> None:
+        """metrics.jsonl follows the checkpointed state: never a round twice, never one lost.
+        `row`, the record just checkpointed, is appended (a round's cost must not grow with
+        the run's length); the file is rebuilt from the state instead the first time in this
+        process, without a row (an evaluation replaced), or for a row out of order."""
         path = self.state_dir / "metrics.jsonl"
+        last, self._metrics_last = self._metrics_last, None  # unknown until written
         try:
+            if row is not None and last is not None and _metrics_key(row) >= last:
+                with path.open("ab") as f:
+                    f.write((json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._metrics_last = _metrics_key(row)
+                return
+            rows: list[Mapping[str, Any]] = [{"kind": "round", **r} for r in self.state.history]
+            rows += self.state.evaluations
+            rows.sort(key=_metrics_key)
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
             atomic_write_bytes(path, text.encode("utf-8"))
+            self._metrics_last = _metrics_key(rows[-1]) if rows else (-1, False)
         except OSError as err:  # a full disk: as for the checkpoint itself, the run stops
             raise CheckpointError(f"cannot write {path}: {err}") from err
 
@@ -1316,6 +1333,11 @@ class RoundEngine:
             "completed_rounds": self.state.completed_rounds,
             "settings": asdict(self.settings),
         }
+
+
+def _metrics_key(row: Mapping[str, Any]) -> tuple[int, bool]:
+    """Where a row goes in metrics.jsonl: by round, a round's evaluation after the round."""
+    return int(row["round"]), row.get("kind") == "evaluation"
 
 
 def _held_out_named(record: Mapping[str, Any], key: str = "missing_held_out") -> set[str]:

@@ -113,6 +113,7 @@ def save_state(folder: Path, state: RunState, weights_digest: bytes | None = Non
                 "history": state.history,
                 "evaluations": state.evaluations,
             },
+            indent=None,  # rewritten every round, with the whole history: kept fast
         )
     keep = {weights_file, optimizer_file}
     for old in [*folder.glob("weights-r*.safetensors"), *folder.glob("optimizer-r*.safetensors")]:

@@ -579,3 +579,55 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def _rebuilt_metrics(folder: Path) -> str:
+    """metrics.jsonl as made from the checkpointed state alone."""
+    state = load_state(folder)
+    assert state is not None
+    rows = [{"kind": "round", **r} for r in state.history] + list(state.evaluations)
+    rows.sort(key=lambda r: (r["round"], r.get("kind") == "evaluation"))
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+def test_metrics_rows_are_appended_and_the_file_is_mended_after_a_crash(tmp_path: Path) -> None:
+    """Soak review H1: metrics.jsonl was rebuilt from the whole history after every round (with
+    state.json, also rewritten whole), so a round's cost grew with the run's length. Now each
+    round appends its row (the file stays the same file), and a process's first write rebuilds
+    it, which mends a row a crash cut off or lost."""
+    settings = RoundSettings(rounds=4, eval_every=2, round_timeout_s=10, eval_timeout_s=10)
+    path = tmp_path / "metrics.jsonl"
+    inodes: list[int] = []
+    first = RoundEngine(
+        settings, WEIGHTS, tmp_path, ENC, {}, on_round=lambda _r: inodes.append(path.stat().st_ino)
+    )
+    driver = start(first)
+    serve(first, stop_after_round=2)
+    driver.join(20)
+    inode = path.stat().st_ino
+    assert inodes == [inode, inode]  # round 2's row was appended to the file round 1 wrote
+    assert path.read_text() == _rebuilt_metrics(tmp_path)
+    lines = path.read_text().splitlines(keepends=True)
+    assert [json.loads(x).get("kind") for x in lines] == ["round", "round"]  # stopped before
+    # the evaluation of round 2; a crash lost round 2's row and cut round 1's
+    path.write_text(lines[0][:20])
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    serve(resumed)
+    driver.join(20)
+    assert resumed.done and evaluated(resumed) == [2, 4]
+    text = path.read_text()
+    assert text == _rebuilt_metrics(tmp_path)
+    assert [(r["round"], r.get("kind")) for r in map(json.loads, text.splitlines())] == [
+        (1, "round"),
+        (2, "round"),
+        (2, "evaluation"),
+        (3, "round"),
+        (4, "round"),
+        (4, "evaluation"),
+    ]
+    assert path.stat().st_ino != inode  # rebuilt once by the resumed process ...
+    rebuilt = path.stat().st_ino
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    assert again.finished_at_start
+    assert path.stat().st_ino == rebuilt  # ... (nothing written by a start)
