@@ -89,12 +89,41 @@ def save_state(folder: Path, state: RunState, weights_digest: bytes | None = Non
     weights, when the caller has it already (the round engine hashes them for the version)."""
     folder = Path(folder)
     weights_file = _weights_name(state)
-    weights_hex = _save_tensor_file(folder, weights_file, state.weights, weights_digest)
     arrays = {k: v for k, v in state.optimizer_state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in state.optimizer_state.items() if not isinstance(v, np.ndarray)}
-    optimizer_file = optimizer_digest = None
-    if arrays:
-        optimizer_file = _optimizer_name(state)
+    optimizer_file = _optimizer_name(state) if arrays else None
+    # files this checkpoint adds (not a round's files written again): removed if it fails, so
+    # that a full disk is not left fuller by a model no state.json names
+    added = [
+        folder / name
+        for name in (weights_file, optimizer_file)
+        if name is not None and not (folder / name).exists()
+    ]
+    try:
+        _commit_state(folder, state, weights_file, optimizer_file, arrays, scalars, weights_digest)
+    except CheckpointError:
+        for path in added:
+            path.unlink(missing_ok=True)
+        raise
+    keep = {weights_file, optimizer_file}
+    for old in [*folder.glob("weights-r*.safetensors"), *folder.glob("optimizer-r*.safetensors")]:
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
+
+
+def _commit_state(
+    folder: Path,
+    state: RunState,
+    weights_file: str,
+    optimizer_file: str | None,
+    arrays: dict[str, np.ndarray],
+    scalars: dict[str, Any],
+    weights_digest: bytes | None,
+) -> None:
+    """The weights (and optimizer) files, then state.json naming them: the commit point."""
+    weights_hex = _save_tensor_file(folder, weights_file, state.weights, weights_digest)
+    optimizer_digest = None
+    if optimizer_file is not None:
         optimizer_digest = _save_tensor_file(folder, optimizer_file, arrays)
     with _writing(folder / STATE_FILE):
         atomic_write_json(
@@ -115,10 +144,6 @@ def save_state(folder: Path, state: RunState, weights_digest: bytes | None = Non
             },
             indent=None,  # rewritten every round, with the whole history: kept fast
         )
-    keep = {weights_file, optimizer_file}
-    for old in [*folder.glob("weights-r*.safetensors"), *folder.glob("optimizer-r*.safetensors")]:
-        if old.name not in keep:
-            old.unlink(missing_ok=True)
 
 
 def run_leftovers(folder: Path) -> list[str]:

@@ -377,6 +377,45 @@ def test_a_full_disk_while_checkpointing_ends_the_rounds_naming_the_file(
     assert state is not None and state.completed_rounds == 0
 
 
+def test_a_checkpoint_whose_state_json_cannot_be_written_leaves_no_weights_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Soak review M2: the new round's weights (and optimizer) files stayed on the full disk
+    when state.json, written after them, failed: a whole model no state.json names."""
+    settings = RoundSettings(rounds=3, eval_every=0, server_optimizer="fedadam")
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    before = files(tmp_path)
+
+    def full(path: Path, _obj: Any, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(state_module, "atomic_write_json", full)
+    failed: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            engine.run()
+        except BaseException as err:
+            failed.append(err)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    t = engine.next_task(s.session_id, None, 5)
+    engine.accept_update(
+        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
+    )
+    driver.join(10)
+    assert len(failed) == 1 and isinstance(failed[0], CheckpointError)
+    assert (
+        str(failed[0])
+        == f"cannot write {tmp_path / STATE_FILE}: [Errno 28] No space left on device"
+    )
+    assert files(tmp_path) == before  # before: weights-r00001 and optimizer-r00001 as well
+    state = load_state(tmp_path)
+    assert state is not None and state.completed_rounds == 0
+
+
 def fake_encoder(_name: str) -> SimpleNamespace:
     return SimpleNamespace(dim=16, identity="fake-encoder")
 
