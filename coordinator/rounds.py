@@ -101,6 +101,12 @@ class NodeSession:
     polls: int = 0  # GetTask calls so far: a newer one ends the wait of an older one
     peer: str = ""  # the transport's name for where the node called from, for the logs
 
+    def mark_answered(self, task_id: str, open_task_id: str | None) -> None:
+        """Only the open task's answer is ever looked up, so older ids go: a session may live
+        for the whole run, and kept one id per round it answered (soak review)."""
+        self.answered = {i for i in self.answered if i == open_task_id}
+        self.answered.add(task_id)
+
 
 @dataclass(frozen=True)
 class ReplacedSession:
@@ -497,7 +503,7 @@ class RoundEngine:
         Called with the lock held; False if the node had no such open part in `t`."""
         if s.session_id not in t.selected or not self._give_up_on_group(t, s.session_id, outcome):
             return False
-        s.answered.add(t.task_id)
+        s.mark_answered(t.task_id, self._open_task_id())
         return True
 
     def _give_up_on_group(self, t: _OpenTask, session_id: str, outcome: str) -> bool:
@@ -684,11 +690,11 @@ class RoundEngine:
                 weight = self._update_weight(s.group, num_examples, node_metrics)
             except Rejection as refused:
                 # final, as the transport's refusals of bad values: the round need not wait
-                s.answered.add(task_id)
+                s.mark_answered(task_id, self._open_task_id())
                 t.answered[s.group] = f"rejected: {refused.message}"
                 self._changed.notify_all()
                 raise
-            s.answered.add(task_id)
+            s.mark_answered(task_id, self._open_task_id())
             t.folding.add(s.group)
         outcome = "accepted"
         try:
@@ -781,7 +787,7 @@ class RoundEngine:
                 )
             if final:
                 t.answered[s.group] = f"rejected: {reason}"
-                s.answered.add(task_id)
+                s.mark_answered(task_id, self._open_task_id())
                 self._changed.notify_all()
 
     def accept_evaluation(
@@ -824,7 +830,7 @@ class RoundEngine:
                 )
             t.evaluations[s.group] = (s.role, evaluation)
             t.answered[s.group] = "evaluated"
-            s.answered.add(task_id)
+            s.mark_answered(task_id, self._open_task_id())
             self._changed.notify_all()
 
     def _open_evaluation(self, s: NodeSession, task_id: str, round_: int) -> _OpenTask:
@@ -856,7 +862,7 @@ class RoundEngine:
             reason = clipped(reason)
             log.warning("evaluation round %d: report from %s refused: %s", t.round, s.group, reason)
             t.answered[s.group] = f"rejected: {reason}"
-            s.answered.add(task_id)
+            s.mark_answered(task_id, self._open_task_id())
             self._changed.notify_all()
 
     # ---------------------------------------------------------------- the driver
@@ -965,6 +971,9 @@ class RoundEngine:
         st = self.settings
         due = (st.eval_every and round_ % st.eval_every == 0) or round_ == st.rounds
         return bool(due) and not self._has_eval(round_)
+
+    def _open_task_id(self) -> str | None:
+        return self._task.task_id if self._task is not None else None
 
     def _has_eval(self, round_: int) -> bool:
         return any(e["round"] == round_ for e in self.state.evaluations)

@@ -631,3 +631,28 @@ def test_metrics_rows_are_appended_and_the_file_is_mended_after_a_crash(tmp_path
     again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     assert again.finished_at_start
     assert path.stat().st_ino == rebuilt  # ... (nothing written by a start)
+
+
+def test_a_session_remembers_only_the_open_tasks_answer(tmp_path: Path) -> None:
+    """Soak review L1: a session kept the id of every task it ever answered (one a round, for
+    a run's whole length), and a rejoin copied them all over; only the open task's is read."""
+    settings = RoundSettings(rounds=6, eval_every=2, round_timeout_s=10, eval_timeout_s=10)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    answered: list[int] = []
+    while not engine.done:
+        t = engine.next_task(s.session_id, None, 0.5)
+        if t.kind == TaskKind.TRAIN:
+            engine.accept_update(
+                s.session_id, None, t.task_id, t.round, 10, {}, replay_of(1), 80, t.model_version
+            )
+        elif t.kind == TaskKind.EVALUATE:
+            e = GroupEvaluation("A", 5, 0.5, 0.4, 0.3, 0.3)
+            engine.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+        else:
+            continue
+        answered.append(len(s.answered))
+    driver.join(10)
+    assert engine.done and len(answered) == 9  # 6 rounds, 3 evaluations
+    assert max(answered) == 1  # before: 1, 2, ..., 9
