@@ -185,6 +185,7 @@ class RoundEngine:
         self._replaced: OrderedDict[str, ReplacedSession] = OrderedDict()
         self._replacements: dict[str, list[float]] = {}
         self._replacement_lines = LogThrottle()
+        self._check_lines = LogThrottle()  # `node check`s that passed, per group
         self._sessions: dict[str, NodeSession] = {}
         self._task: _OpenTask | None = None
         self._aggregate: StreamingFedAvg | None = None
@@ -392,8 +393,10 @@ class RoundEngine:
                 f"{MAX_NODE_EXAMPLES} are accepted",
             )
         now = time.monotonic()
-        if check_only:
-            log.info("node %s passed a connection check (from %s)", group, peer or "?")
+        if check_only:  # a check run in a loop (a health probe) logs a line a minute
+            more = self._check_lines.admit(group)
+            if more is not None:
+                log.info("node %s passed a connection check (from %s)%s", group, peer or "?", more)
             return NodeSession("", group, role, num_examples, software_version, now, now, peer=peer)
         with self._changed:
             replaced = [old for old in self._sessions.values() if old.group == group]
@@ -717,7 +720,8 @@ class RoundEngine:
                     t.node_metrics[s.group] = node_metrics
                     t.weights[s.group] = weight
                 self._changed.notify_all()
-        log.info("round %d: update from %s accepted (%d examples)", round_, s.group, num_examples)
+        # one a node a round: -v shows them; the round's line counts them
+        log.debug("round %d: update from %s accepted (%d examples)", round_, s.group, num_examples)
 
     def _fold(
         self,

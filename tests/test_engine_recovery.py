@@ -656,3 +656,26 @@ def test_a_session_remembers_only_the_open_tasks_answer(tmp_path: Path) -> None:
     driver.join(10)
     assert engine.done and len(answered) == 9  # 6 rounds, 3 evaluations
     assert max(answered) == 1  # before: 1, 2, ..., 9
+
+
+def test_connection_checks_in_a_loop_log_a_line_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Soak review M3: every passed `node check` was a line, so a check run as a health probe
+    grew the log for ever; an accepted update was a line too (one a node a round), now -v's."""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        for _ in range(5):
+            engine.join("A", Role.TRAIN, 10, ENC, "t", peer="ipv4:10.0.0.7:1", check_only=True)
+        engine.join("B", Role.TRAIN, 10, ENC, "t", check_only=True)
+    lines = [r.getMessage() for r in caplog.records if "connection check" in r.getMessage()]
+    assert lines == [
+        "node A passed a connection check (from ipv4:10.0.0.7:1)",
+        "node B passed a connection check (from ?)",
+    ]
+    engine._check_lines._seen["A"] = (time.monotonic() - 61, 4)  # a minute on
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        engine.join("A", Role.TRAIN, 10, ENC, "t", check_only=True)
+    assert caplog.records[-1].getMessage() == (
+        "node A passed a connection check (from ?) (4 more like it in the last 61 s)"
+    )

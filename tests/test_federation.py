@@ -231,6 +231,7 @@ def test_node_killed_mid_run_round_closes_at_its_deadline(
             "session_timeout_s": 20.0,
             "local_steps": 4,
         },
+        verbose=True,  # the line of each accepted update is a debug line
     )
     nodes = {
         g: start_node(
