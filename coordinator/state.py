@@ -85,7 +85,8 @@ def _save_tensor_file(
 
 def save_state(folder: Path, state: RunState, weights_digest: bytes | None = None) -> None:
     """Checkpoint `state`; raises CheckpointError naming the file that could not be written
-    (state.json is then still the previous checkpoint). `weights_digest`: `digest_of` the
+    (state.json is then still the previous checkpoint, unless only the folder's fsync after
+    its rename failed). `weights_digest`: `digest_of` the
     weights, when the caller has it already (the round engine hashes them for the version)."""
     folder = Path(folder)
     weights_file = _weights_name(state)
@@ -102,13 +103,27 @@ def save_state(folder: Path, state: RunState, weights_digest: bytes | None = Non
     try:
         _commit_state(folder, state, weights_file, optimizer_file, arrays, scalars, weights_digest)
     except CheckpointError:
+        # not the files a state.json on disk names: the write can fail after its rename (the
+        # folder's fsync), and that state.json is then the checkpoint
+        named = _named_files(folder / STATE_FILE)
         for path in added:
-            path.unlink(missing_ok=True)
+            if named is not None and path.name not in named:
+                path.unlink(missing_ok=True)
         raise
     keep = {weights_file, optimizer_file}
     for old in [*folder.glob("weights-r*.safetensors"), *folder.glob("optimizer-r*.safetensors")]:
         if old.name not in keep:
             old.unlink(missing_ok=True)
+
+
+def _named_files(path: Path) -> set[str] | None:
+    """The weights and optimizer files `path` (a state.json) names; None if it cannot be read
+    (then nothing may be taken for unnamed)."""
+    try:
+        raw = json.loads(path.read_bytes())
+        return {str(raw.get("weights_file")), str(raw.get("optimizer_file"))}
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _commit_state(

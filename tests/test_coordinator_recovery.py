@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
+import stat
 import threading
 import time
 from functools import partial
@@ -414,6 +416,47 @@ def test_a_checkpoint_whose_state_json_cannot_be_written_leaves_no_weights_behin
     assert files(tmp_path) == before  # before: weights-r00001 and optimizer-r00001 as well
     state = load_state(tmp_path)
     assert state is not None and state.completed_rounds == 0
+
+
+def test_a_checkpoint_that_fails_after_its_rename_keeps_the_files_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 21: state.json renamed into place, then the folder's fsync failed
+    (EIO; ENOSPC on some filesystems), and the clean-up of a failed checkpoint deleted the
+    weights and optimizer files that very state.json names: a run no start could resume."""
+    settings = RoundSettings(rounds=2, eval_every=0, server_optimizer="fedadam")
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    real_fsync = os.fsync
+
+    def round_1_named() -> bool:
+        return bool(json.loads((tmp_path / STATE_FILE).read_bytes())["completed_rounds"] == 1)
+
+    def fsync(fd: int) -> None:  # the folder's, once state.json says round 1
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and round_1_named():
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    failed: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            engine.run()
+        except BaseException as err:
+            failed.append(err)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    t = engine.next_task(s.session_id, None, 5)
+    engine.accept_update(
+        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
+    )
+    driver.join(10)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert len(failed) == 1 and isinstance(failed[0], CheckpointError)
+    state = load_state(tmp_path)  # before: the weights file it names was gone
+    assert state is not None and state.completed_rounds == 1
 
 
 def fake_encoder(_name: str) -> SimpleNamespace:
