@@ -252,6 +252,8 @@ class RoundEngine:
             save_state(self.state_dir, self.state)
         self.specs: list[TensorSpec] = specs_of(self.state.weights)
         self._refresh_version()
+        if resumed is not None:
+            self._mend_metrics()
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -1316,8 +1318,9 @@ class RoundEngine:
     def _write_metrics(self, row: Mapping[str, Any] | None = None) -> None:
         """metrics.jsonl follows the checkpointed state: never a round twice, never one lost.
         `row`, the record just checkpointed, is appended (a round's cost must not grow with
-        the run's length); the file is rebuilt from the state instead the first time in this
-        process, without a row (an evaluation replaced), or for a row out of order."""
+        the run's length); the file is rebuilt from the state instead when this process has not
+        written or checked it yet, without a row (an evaluation replaced), for a row out of
+        order, and after a write that failed."""
         path = self.state_dir / "metrics.jsonl"
         last, self._metrics_last = self._metrics_last, None  # unknown until written
         try:
@@ -1328,14 +1331,35 @@ class RoundEngine:
                     os.fsync(f.fileno())
                 self._metrics_last = _metrics_key(row)
                 return
-            rows: list[Mapping[str, Any]] = [{"kind": "round", **r} for r in self.state.history]
-            rows += self.state.evaluations
-            rows.sort(key=_metrics_key)
-            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-            atomic_write_bytes(path, text.encode("utf-8"))
-            self._metrics_last = _metrics_key(rows[-1]) if rows else (-1, False)
+            text, last = self._metrics_from_state()
+            atomic_write_bytes(path, text)
+            self._metrics_last = last
         except OSError as err:  # a full disk: as for the checkpoint itself, the run stops
             raise CheckpointError(f"cannot write {path}: {err}") from err
+
+    def _metrics_from_state(self) -> tuple[bytes, tuple[int, bool]]:
+        """metrics.jsonl as the checkpointed state has it, and its last row's key."""
+        rows: list[Mapping[str, Any]] = [{"kind": "round", **r} for r in self.state.history]
+        rows += self.state.evaluations
+        rows.sort(key=_metrics_key)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        return text.encode("utf-8"), _metrics_key(rows[-1]) if rows else (-1, False)
+
+    def _mend_metrics(self) -> None:
+        """A resumed run's metrics.jsonl, made right at start if it is not (a crash may have
+        cut its last row, or lost it), also for a start that writes no row: rewritten only
+        if it differs. A failure (a full disk) is the next write's to report."""
+        path = self.state_dir / "metrics.jsonl"
+        text, last = self._metrics_from_state()
+        try:
+            if not path.exists() and not text:
+                return
+            if not path.exists() or path.read_bytes() != text:
+                atomic_write_bytes(path, text)
+                log.info("%s did not match the checkpoint: written anew from it", path)
+            self._metrics_last = last
+        except OSError as err:
+            log.warning("cannot mend %s (%s): the next round writes it anew", path, err)
 
     def final_evaluation(self) -> EvaluationRecord | None:
         return self.state.evaluations[-1] if self.state.evaluations else None

@@ -104,7 +104,7 @@ def save_tensors(
         except OSError:
             raise
         except Exception as err:  # SafetensorError (no stable import path): a full disk too
-            raise OSError(f"cannot write {target}: {err}") from err
+            raise OSError(str(err)) from err  # callers name the file
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
