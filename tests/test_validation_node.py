@@ -707,11 +707,15 @@ def test_the_audit_copy_is_named_safely_whatever_the_task_id(
         assert re.fullmatch(r"round-00001-id-[0-9a-f]{32}\.safetensors", got), got
 
 
+WIDER = GPOConfig(embed_dim=DIM, d_model=128, mlp_layers=1, n_layers=1, n_heads=2, d_ff=128)
+
+
 @pytest.fixture
 def small_file_limit() -> Iterator[int]:
-    """Writes past 2 KiB fail in this process as on a full disk (EFBIG instead of ENOSPC; the
-    signal such a write also raises is ignored meanwhile)."""
-    limit = 2048
+    """Writes past 128 KiB fail in this process as on a full disk (EFBIG instead of ENOSPC; the
+    signal such a write also raises is ignored meanwhile). Far above what a test logs (pytest
+    captures output in files), below a model of WIDER's size."""
+    limit = 128 * 1024
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
@@ -728,7 +732,9 @@ def test_an_audit_copy_that_does_not_fit_on_the_disk_fails_the_task_not_the_node
     """Soak review: safetensors' own error type for a failed write (here a file over the size
     limit, as on a full disk) escaped the node's `except OSError`, and the node stopped ("an
     unexpected error") and left the federation, in every round it was asked to train."""
-    servicer = Rounds([model_messages(small_weights())])
+    servicer = Rounds([model_messages(small_weights(WIDER))])
+    servicer.model_config_json = json.dumps(WIDER.to_dict())
+    assert sum(a.nbytes for a in small_weights(WIDER).values()) > 2 * small_file_limit
     with stand_in_coordinator(servicer) as port:
         config = NodeConfig(
             coordinator=f"127.0.0.1:{port}",
