@@ -331,6 +331,27 @@ def test_lingering_ends_after_linger_s_and_names_who_never_heard(
 # ---------------------------------------------------------------------------- F9
 
 
+def first_round_failures(engine: RoundEngine) -> list[BaseException]:
+    """What engine.run() raised once one node's update to round 1 is in (its checkpoint)."""
+    failed: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            engine.run()
+        except BaseException as err:
+            failed.append(err)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    t = engine.next_task(s.session_id, None, 5)
+    engine.accept_update(
+        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
+    )
+    driver.join(10)
+    return failed
+
+
 def _no_space_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
     """Every tensor file write after the first `writes` fails as on a full disk."""
     real = state_module.save_tensors
@@ -353,22 +374,7 @@ def test_a_full_disk_while_checkpointing_ends_the_rounds_naming_the_file(
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})  # writes round 0's checkpoint
     state_before = (tmp_path / STATE_FILE).read_bytes()
     _no_space_after(monkeypatch, 0)
-    failed: list[BaseException] = []
-
-    def drive() -> None:
-        try:
-            engine.run()
-        except BaseException as err:
-            failed.append(err)
-
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
-    t = engine.next_task(s.session_id, None, 5)
-    engine.accept_update(
-        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
-    )
-    driver.join(10)
+    failed = first_round_failures(engine)
     assert len(failed) == 1 and isinstance(failed[0], CheckpointError)
     assert str(failed[0]) == (
         f"cannot write {tmp_path / 'weights-r00001.safetensors'}: [Errno 28] No space left on device"
@@ -392,22 +398,7 @@ def test_a_checkpoint_whose_state_json_cannot_be_written_leaves_no_weights_behin
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(state_module, "atomic_write_json", full)
-    failed: list[BaseException] = []
-
-    def drive() -> None:
-        try:
-            engine.run()
-        except BaseException as err:
-            failed.append(err)
-
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
-    t = engine.next_task(s.session_id, None, 5)
-    engine.accept_update(
-        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
-    )
-    driver.join(10)
+    failed = first_round_failures(engine)
     assert len(failed) == 1 and isinstance(failed[0], CheckpointError)
     assert (
         str(failed[0])
@@ -437,22 +428,7 @@ def test_a_checkpoint_that_fails_after_its_rename_keeps_the_files_it_names(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    failed: list[BaseException] = []
-
-    def drive() -> None:
-        try:
-            engine.run()
-        except BaseException as err:
-            failed.append(err)
-
-    driver = threading.Thread(target=drive, daemon=True)
-    driver.start()
-    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
-    t = engine.next_task(s.session_id, None, 5)
-    engine.accept_update(
-        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
-    )
-    driver.join(10)
+    failed = first_round_failures(engine)
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert len(failed) == 1 and isinstance(failed[0], CheckpointError)
     state = load_state(tmp_path)  # before: the weights file it names was gone
