@@ -153,6 +153,8 @@ def run_as_owner(folder: str, cache: str | None = None) -> list[str]:
     ]
     return [
         '  user: "0:0"',
+        "  security_opt:",  # root only to switch users: nothing may gain privileges after
+        "    - no-new-privileges:true",
         "  entrypoint:",
         "    - /bin/sh",
         "    - -c",
@@ -210,6 +212,8 @@ def render(args: argparse.Namespace) -> str:
         "  setup:\n"
         "    image: pluralfed:latest\n"
         '    user: "0:0"\n'
+        "    security_opt:\n"
+        "      - no-new-privileges:true\n"
         '    entrypoint: ["/bin/sh", "-c"]\n'
         "    command:\n"
         "      - |\n"
