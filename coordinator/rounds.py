@@ -192,8 +192,8 @@ class RoundEngine:
         self._done = False
         self._stop = threading.Event()
         self._unusable_in_a_row = 0  # tries of the current round that gave no usable model
-        # the (round, is evaluation) of metrics.jsonl's last row, once this process has rebuilt
-        # the file from the state; None until then (a crash may have cut or lost a row)
+        # the (round, is evaluation) of metrics.jsonl's last row, once this process has checked
+        # or rebuilt the file against the state; None until then (a crash may have cut a row)
         self._metrics_last: tuple[int, bool] | None = None
         self._on_round = on_round
         optimizer_args = {} if settings.server_lr is None else {"server_lr": settings.server_lr}
