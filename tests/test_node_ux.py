@@ -416,6 +416,27 @@ def test_node_run_logs_what_loading_its_data_skipped(
 # 8. a private key others may read
 
 
+def key_mode_warnings(
+    fed: Federation,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    mode: int,
+) -> tuple[Path, list[str]]:
+    """`node run` with a copy of a node's credentials whose key has `mode`: the key's path and
+    the key-mode warnings logged (the node runs, finds no coordinator and gives up)."""
+    folder = tmp_path / "certs"
+    shutil.copytree(fed.pki.node("node-good-a"), folder)
+    (folder / "key.pem").chmod(mode)
+    data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
+    with caplog.at_level(logging.WARNING):
+        assert node_run(data, monkeypatch, "--tls-dir", str(folder)) == 1  # ran, gave up
+    warned = [
+        r.getMessage() for r in caplog.records if "readable by group/others" in r.getMessage()
+    ]
+    return folder / "key.pem", warned
+
+
 def test_a_key_others_may_read_is_warned_about_once(
     fed: Federation,
     tmp_path: Path,
@@ -425,16 +446,7 @@ def test_a_key_others_may_read_is_warned_about_once(
     """`node run` loads its credentials twice (checked before the data is embedded, then for
     its channel) and warned twice; still a warning, not a refusal (containers mount keys with
     other modes)."""
-    folder = tmp_path / "certs"
-    shutil.copytree(fed.pki.node("node-good-a"), folder)
-    (folder / "key.pem").chmod(0o644)
-    data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
-    with caplog.at_level(logging.WARNING):
-        assert node_run(data, monkeypatch, "--tls-dir", str(folder)) == 1  # ran, gave up
-    warned = [
-        r.getMessage() for r in caplog.records if "readable by group/others" in r.getMessage()
-    ]
-    key = folder / "key.pem"
+    key, warned = key_mode_warnings(fed, tmp_path, monkeypatch, caplog, 0o644)
     assert warned == [
         f"private key {key} is readable by group/others (mode 0644); run: chmod 600 {key}"
     ]
@@ -519,16 +531,7 @@ def test_the_key_mode_warning_in_a_container_says_the_path_is_the_containers(
 ) -> None:
     """ "run: chmod 600 /certs/node-nigeria/key.pem" named a file mounted read-only into the
     container: the mode to fix is the host file's."""
-    folder = tmp_path / "certs"
-    shutil.copytree(fed.pki.node("node-good-a"), folder)
-    (folder / "key.pem").chmod(0o640)
-    data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
-    with caplog.at_level(logging.WARNING):
-        assert node_run(data, monkeypatch, "--tls-dir", str(folder)) == 1  # ran, gave up
-    warned = [
-        r.getMessage() for r in caplog.records if "readable by group/others" in r.getMessage()
-    ]
-    key = folder / "key.pem"
+    key, warned = key_mode_warnings(fed, tmp_path, monkeypatch, caplog, 0o640)
     assert warned == [
         f"private key {key} is readable by group/others (mode 0640); run: chmod 600 {key} (a "
         "path inside this container: chmod the file you mounted there, on the host)"

@@ -710,6 +710,20 @@ def test_the_audit_copy_is_named_safely_whatever_the_task_id(
 WIDER = GPOConfig(embed_dim=DIM, d_model=128, mlp_layers=1, n_layers=1, n_heads=2, d_ff=128)
 
 
+def run_with_audit_folder(servicer: Rounds, audit: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A node with `save_updates_dir` = `audit` against `servicer`, run until it ends (0)."""
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}",
+            group="G",
+            data=audit.parent / "g.csv",
+            insecure=True,
+            save_updates_dir=audit,
+        )
+        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+            assert GroupNode(config, worker()).run() == 0
+
+
 @pytest.fixture
 def small_file_limit() -> Iterator[int]:
     """Writes past 128 KiB fail in this process as on a full disk (EFBIG instead of ENOSPC; the
@@ -735,16 +749,7 @@ def test_an_audit_copy_that_does_not_fit_on_the_disk_fails_the_task_not_the_node
     servicer = Rounds([model_messages(small_weights(WIDER))])
     servicer.model_config_json = json.dumps(WIDER.to_dict())
     assert sum(a.nbytes for a in small_weights(WIDER).values()) > 2 * small_file_limit
-    with stand_in_coordinator(servicer) as port:
-        config = NodeConfig(
-            coordinator=f"127.0.0.1:{port}",
-            group="G",
-            data=tmp_path / "g.csv",
-            insecure=True,
-            save_updates_dir=tmp_path / "audit",
-        )
-        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
-            assert GroupNode(config, worker()).run() == 0
+    run_with_audit_folder(servicer, tmp_path / "audit", caplog)
     assert servicer.uploads == [] and [t for t, _ in servicer.failed] == ["t-1"]
     assert "cannot save the audit copy" in servicer.failed[0][1]
     assert "File too large" in servicer.failed[0][1]
@@ -756,15 +761,6 @@ def test_a_node_that_cannot_save_its_audit_copy_uploads_nothing(
 ) -> None:
     (tmp_path / "audit").write_text("a file where the folder should be")
     servicer = Rounds([model_messages(small_weights())])
-    with stand_in_coordinator(servicer) as port:
-        config = NodeConfig(
-            coordinator=f"127.0.0.1:{port}",
-            group="G",
-            data=tmp_path / "g.csv",
-            insecure=True,
-            save_updates_dir=tmp_path / "audit",
-        )
-        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
-            assert GroupNode(config, worker()).run() == 0
+    run_with_audit_folder(servicer, tmp_path / "audit", caplog)
     assert servicer.uploads == [] and [t for t, _ in servicer.failed] == ["t-1"]
     assert "cannot save the audit copy" in servicer.failed[0][1]
