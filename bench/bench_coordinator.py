@@ -130,7 +130,7 @@ def main() -> int:
     history = [
         {k: v for k, v in r.items() if k not in ("node_metrics", "outcomes", "selected")}
         | {"n_selected": len(r["selected"]), "n_participants": len(r["participants"])}
-        for r in engine.state.history
+        for r in engine.state.history.records()
     ]
     for r in history:
         r.pop("participants")

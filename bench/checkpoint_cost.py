@@ -1,13 +1,15 @@
 """What the coordinator's per-round checkpoint costs as a run's history grows.
 
-Every round the engine checkpoints (coordinator/state.py `save_state`: the weights file, then
-state.json with the whole history) and writes the round's row to metrics.jsonl (appended; rebuilt
-from the state only at a start that finds it wrong, or when an evaluation is replaced). This
-times both with the real code on synthetic histories of N rounds (16 training groups, 4 metrics
-each, an evaluation of 18 groups every 10 rounds, records shaped as the engine writes them), next
-to what the same records cost written as before session 21 (state.json indented, which makes
-json use its pure-Python encoder, and metrics.jsonl rebuilt whole every round). CPU seconds of
-this process; the model is the default one's size, 8.4 MB of float32.
+Every round the engine appends its record to history.jsonl, checkpoints (coordinator/state.py
+`save_state`: the weights file, then state.json naming the records by length and digest, with
+the evaluations) and appends the round's row to metrics.jsonl. This times that with the real
+code on synthetic histories of N rounds (16 training groups, 4 metrics each, an evaluation of
+18 groups every 10 rounds, records shaped as the engine writes them), next to session 21's
+layout, where state.json held the whole history inline and was rewritten every round. Also what
+a resume costs: CPU seconds of `load_state` (the weights' digest included), and CPU seconds and
+the Python heap's peak (tracemalloc) of reading the records, which then held every record and
+now keeps the first and the last. CPU seconds of this process; the
+model is the default one's size, 8.4 MB of float32.
 
     .venv/bin/python bench/checkpoint_cost.py                 # 1,000 .. 20,000 rounds
     .venv/bin/python bench/checkpoint_cost.py --rounds 500 5000
@@ -19,13 +21,15 @@ import argparse
 import json
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from coordinator.history import HISTORY_FILE, RoundHistory
 from coordinator.state import RunState, load_state, save_state
-from pluralfed.fsutil import atomic_write_bytes
+from pluralfed.fsutil import atomic_write_json
 
 GROUPS = [f"group-{i:02d}" for i in range(16)]
 HELD_OUT = [f"held-out-{i}" for i in range(2)]
@@ -75,44 +79,60 @@ def cpu(fn: Any) -> float:
 
 
 def measure(rounds: int, weights: dict[str, np.ndarray], folder: Path) -> dict[str, float]:
-    history = [round_record(n) for n in range(1, rounds + 1)]
+    records = [round_record(n) for n in range(1, rounds + 1)]
     evaluations = [evaluation_record(n) for n in range(10, rounds + 1, 10)]
+    history = RoundHistory.write(folder / HISTORY_FILE, records[:-1])  # type: ignore[arg-type]
     state = RunState("bench", rounds, weights, {}, "enc", history, evaluations)  # type: ignore[arg-type]
     save_state(folder, state)  # a first checkpoint, so that the timed one replaces files
-    row = {"kind": "round", **history[-1]}
-    metrics = folder / "metrics.jsonl"
-    metrics.write_text("")
 
-    def append() -> None:
-        with metrics.open("ab") as f:
-            f.write((json.dumps(row, sort_keys=True) + "\n").encode())
+    def checkpoint() -> None:  # the last round's: its record, then the checkpoint
+        history.append(records[-1])  # type: ignore[arg-type]
+        save_state(folder, state)
 
-    def rebuild() -> None:
-        rows = [{"kind": "round", **r} for r in history] + list(evaluations)
-        rows.sort(key=lambda r: (r["round"], r.get("kind") == "evaluation"))
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        atomic_write_bytes(metrics, text.encode())
-
-    def indented_state_json() -> None:  # state.json as written before: the same dict, indent 2
-        text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
-        atomic_write_bytes(folder / "state-indented.json", text.encode())
-
-    out = {
-        "rounds": rounds,
-        "state_json_mib": 0.0,
-        "save_state_s": cpu(lambda: save_state(folder, state)),
-        "metrics_append_s": cpu(append),
-        "load_state_s": cpu(lambda: load_state(folder)),
-        "before_state_json_mib": 0.0,
-        "before_state_s": 0.0,
-        "before_metrics_s": cpu(rebuild),
-    }
+    out: dict[str, float] = {"rounds": rounds, "save_state_s": cpu(checkpoint)}
     out["state_json_mib"] = (folder / "state.json").stat().st_size / 2**20
+    out["resume_s"] = cpu(lambda: load_state(folder))
+    out["records_s"], out["records_mib"] = cpu_and_heap(lambda: read_records(folder))
+
+    # session 21: state.json with the history inline, unindented, rewritten every round
     raw = json.loads((folder / "state.json").read_bytes())
-    weights_only = cpu(lambda: save_state(folder, RunState("b", rounds, weights, {}, "enc")))
-    out["before_state_s"] = weights_only + cpu(indented_state_json)
-    out["before_state_json_mib"] = (folder / "state-indented.json").stat().st_size / 2**20
+    raw["history"] = records
+    old = folder / "old" / "state.json"
+    old.parent.mkdir()
+    weights_only = cpu(
+        lambda: save_state(
+            old.parent,
+            RunState("b", rounds, weights, {}, "enc", RoundHistory(old.parent / HISTORY_FILE)),
+        )
+    )
+    out["before_state_s"] = weights_only + cpu(lambda: atomic_write_json(old, raw, indent=None))
+    out["before_state_json_mib"] = old.stat().st_size / 2**20
+    out["before_load_s"], out["before_load_mib"] = cpu_and_heap(
+        lambda: json.loads(old.read_bytes())
+    )
     return out
+
+
+def read_records(folder: Path) -> RoundHistory:
+    """What a resume reads of the records (weights aside): state.json, then history.jsonl."""
+    raw = json.loads((folder / "state.json").read_bytes())
+    path = folder / "state.json"
+    return RoundHistory.load(
+        folder / HISTORY_FILE, raw["history_bytes"], raw["history_digest"], path
+    )
+
+
+def cpu_and_heap(fn: Any) -> tuple[float, float]:
+    """CPU seconds of `fn`, and the peak of the Python heap while it ran, in MiB (a second
+    run: tracemalloc slows it)."""
+    seconds = cpu(fn)
+    tracemalloc.start()
+    try:
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return seconds, peak / 2**20
 
 
 def main() -> None:
@@ -121,19 +141,19 @@ def main() -> None:
     a = ap.parse_args()
     weights = {"w": np.random.default_rng(0).standard_normal(2_098_440).astype(np.float32)}
     print(
-        "| rounds of history | state.json MiB | checkpoint CPU s | metrics row CPU s | "
-        "resume load CPU s | before: state.json MiB | before: checkpoint CPU s | "
-        "before: metrics rebuild CPU s |"
+        "| rounds of history | state.json MiB | checkpoint CPU s | resume CPU s | records: CPU s "
+        "/ heap peak MiB | session 21: state.json MiB | session 21: checkpoint CPU s | "
+        "session 21: records CPU s / heap peak MiB |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for rounds in a.rounds:
         with tempfile.TemporaryDirectory() as tmp:
             r = measure(rounds, weights, Path(tmp))
         print(
-            f"| {r['rounds']:,} | {r['state_json_mib']:.1f} | {r['save_state_s']:.2f} | "
-            f"{r['metrics_append_s']:.4f} | {r['load_state_s']:.2f} | "
+            f"| {r['rounds']:,} | {r['state_json_mib']:.2f} | {r['save_state_s']:.2f} | "
+            f"{r['resume_s']:.2f} | {r['records_s']:.2f} / {r['records_mib']:.1f} | "
             f"{r['before_state_json_mib']:.1f} | {r['before_state_s']:.2f} | "
-            f"{r['before_metrics_s']:.2f} |",
+            f"{r['before_load_s']:.2f} / {r['before_load_mib']:.0f} |",
             flush=True,
         )
 

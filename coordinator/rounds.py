@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from coordinator.history import HISTORY_FILE, RoundHistory
 from coordinator.settings import RoundSettings
 from coordinator.state import CheckpointError, RunState, load_state, save_state
 from coordinator.strategy import (
@@ -246,7 +247,7 @@ class RoundEngine:
                 weights={k: np.array(v, copy=True) for k, v in initial_weights.items()},
                 model_config=dict(model_config),
                 encoder_identity=encoder_identity,
-                history=[],
+                history=RoundHistory(self.state_dir / HISTORY_FILE),
                 evaluations=[],
             )
             save_state(self.state_dir, self.state)
@@ -1023,8 +1024,8 @@ class RoundEngine:
         if not self._wait_for_quorum():
             return False
         wanted = self._evaluated_groups() | set(self.settings.evaluate_only or ())
-        if self.state.history:
-            wanted.update(self.state.history[-1]["participants"])
+        if self.state.history.last is not None:
+            wanted.update(self.state.history.last["participants"])
         limit = self.settings.eval_timeout_s
         started = time.monotonic()
         announced = False
@@ -1051,8 +1052,7 @@ class RoundEngine:
         not been handed SHUTDOWN: a node between reconnects would otherwise retry for ever."""
         with self._lock:
             groups = set(self._joined) | self._evaluated_groups()
-            for r in self.state.history:
-                groups.update(r["participants"], r.get("selected", ()))
+            groups |= self.state.history.named
             return sorted(groups - self._told_end)
 
     # the groups that may train (the allow-list's, less evaluate_only), which the service sets:
@@ -1248,7 +1248,10 @@ class RoundEngine:
                 "node_metrics": t.node_metrics,
                 "finished_at": time.time(),
             }
-            self.state.history.append(record)
+            try:
+                self.state.history.append(record)
+            except OSError as err:  # a full disk: as for the checkpoint itself, the run stops
+                raise CheckpointError(f"cannot write {self.state.history.path}: {err}") from err
             digest = digest_of(self.state.weights)
             save_state(self.state_dir, self.state, digest)
             self._refresh_version(digest)
@@ -1339,7 +1342,9 @@ class RoundEngine:
 
     def _metrics_from_state(self) -> tuple[bytes, tuple[int, bool]]:
         """metrics.jsonl as the checkpointed state has it, and its last row's key."""
-        rows: list[Mapping[str, Any]] = [{"kind": "round", **r} for r in self.state.history]
+        rows: list[Mapping[str, Any]] = [
+            {"kind": "round", **r} for r in self.state.history.records()
+        ]
         rows += self.state.evaluations
         rows.sort(key=_metrics_key)
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)

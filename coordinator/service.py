@@ -511,9 +511,7 @@ def _write_final(
                 "mode": "federated",
                 "run_id": engine.run_id,
                 "rounds": engine.state.completed_rounds,
-                "training_groups": sorted(
-                    {g for r in engine.state.history for g in r["participants"]}
-                ),
+                "training_groups": sorted(engine.state.history.trained),
                 "settings": asdict(engine.settings),
             },
         )
@@ -548,10 +546,9 @@ def _write_final(
 def _rounds_seconds(engine: RoundEngine) -> float:
     """From the start of the run's first round to the end of its last, with the final
     evaluation: the run's time as far as state.json tells it."""
-    history = engine.state.history
-    if not history:
+    first, last = engine.state.history.first, engine.state.history.last
+    if first is None or last is None:
         return 0.0
-    first, last = history[0], history[-1]
     final = engine.final_evaluation()
     try:  # records are checked only for what the engine reads: these may lack
         tail = float(final.get("seconds", 0.0)) if final else 0.0

@@ -1,11 +1,13 @@
 """The run's durable state: global weights, completed rounds, history, server-optimizer state.
 
 Written after every round so that a coordinator killed at any moment restarts where it was:
-weights go to a new safetensors file first, then `state.json` (the commit point) is renamed over
-the old one naming that file, then the previous weights file is removed. A crash between any two
-steps leaves a consistent state.json pointing at complete weights. state.json records the
-BLAKE3 digest of the weights (and optimizer) file it names, so a file changed on disk afterwards
-(a flipped bit that keeps the values finite) is refused on resume, not sent to every node.
+the round's record is appended to history.jsonl and weights go to a new safetensors file first,
+then `state.json` (the commit point) is renamed over the old one naming that file and how much
+of history.jsonl is the run's, then the previous weights file is removed. A crash between any
+two steps leaves a consistent state.json pointing at complete weights and records. state.json
+records the BLAKE3 digest of the weights (and optimizer) file it names and of the records, so a
+file changed on disk afterwards (a flipped bit that keeps the values finite) is refused on
+resume, not sent to every node.
 """
 
 from __future__ import annotations
@@ -19,17 +21,25 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.history import HISTORY_FILE, RoundHistory, check_round_record
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_json, commit_file
-from pluralfed.records import EvaluationRecord, RoundRecord
+from pluralfed.records import EvaluationRecord
 from pluralfed.tensorfiles import load_tensors, save_tensors
 from pluralfed.wire import digest_of
 
 STATE_FILE = "state.json"
-STATE_VERSION = 1
+# 2: the history in history.jsonl (1 kept it in state.json: a start of this version moves it)
+STATE_VERSION = 2
 # what a run leaves in its state folder besides state.json (weights-r00000 is only the initial
 # model of a start killed before its first state.json, which the seed makes again)
-RUN_FILES = ("weights-r*.safetensors", "optimizer-r*.safetensors", "metrics.jsonl", "results.json")
+RUN_FILES = (
+    "weights-r*.safetensors",
+    "optimizer-r*.safetensors",
+    HISTORY_FILE,
+    "metrics.jsonl",
+    "results.json",
+)
 
 
 class CheckpointError(Exception):
@@ -44,7 +54,7 @@ class RunState:
     weights: dict[str, np.ndarray]
     model_config: dict[str, Any]
     encoder_identity: str
-    history: list[RoundRecord] = field(default_factory=list)
+    history: RoundHistory  # in the state folder's history.jsonl
     evaluations: list[EvaluationRecord] = field(default_factory=list)
     optimizer_state: dict[str, Any] = field(default_factory=dict)
 
@@ -89,6 +99,8 @@ def save_state(folder: Path, state: RunState, weights_digest: bytes | None = Non
     its rename failed). `weights_digest`: `digest_of` the
     weights, when the caller has it already (the round engine hashes them for the version)."""
     folder = Path(folder)
+    if state.history.path != folder / HISTORY_FILE:
+        raise ValueError(f"the history of a state saved to {folder} is {state.history.path}")
     weights_file = _weights_name(state)
     arrays = {k: v for k, v in state.optimizer_state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in state.optimizer_state.items() if not isinstance(v, np.ndarray)}
@@ -154,10 +166,11 @@ def _commit_state(
                 "optimizer_scalars": scalars,
                 "model_config": state.model_config,
                 "encoder_identity": state.encoder_identity,
-                "history": state.history,
+                "history_bytes": state.history.nbytes,
+                "history_digest": state.history.digest(),
                 "evaluations": state.evaluations,
             },
-            indent=None,  # rewritten every round, with the whole history: kept fast
+            indent=None,  # rewritten every round, with every evaluation: kept fast
         )
 
 
@@ -221,26 +234,48 @@ def _check_digest(
         )
 
 
-def _check_consistent(
-    raw: dict[str, Any], history: list[Any], evaluations: list[Any], path: Path
-) -> None:
-    """state.json's fields agree with each other, as save_state writes them: one record per
-    completed round, 1..completed_rounds in order, the weights file of that round, evaluations
-    of rounds done, each once. Anything else was edited or damaged, and resuming from it would
-    lose or repeat rounds."""
-    done = raw["completed_rounds"]
-    rounds = [r["round"] for r in history]
-    for i, round_ in enumerate(rounds):
-        if round_ != i + 1:
-            what = "a second record of round" if round_ in rounds[:i] else "round"
-            raise InputError(
-                f"{path}: history[{i}] is {what} {round_}, expected round {i + 1} (history "
-                f"must hold rounds 1..completed_rounds once each, in order)"
-            )
-    if len(rounds) != done:
+def _history(folder: Path, raw: dict[str, Any], path: Path) -> RoundHistory | list[Any]:
+    """The run's round records: history.jsonl as state.json names it, or (a state.json of
+    version 1) state.json's own list, checked, which `_move_history` then moves."""
+    if raw["version"] == 1:
+        records = raw.get("history")
+        if not isinstance(records, list):
+            raise InputError(f"{path}: field 'history' missing or not a list")
+        for i, record in enumerate(records):
+            check_round_record(record, i + 1, f"{path}: history[{i}]")
+        return records
+    nbytes, digest = raw.get("history_bytes"), raw.get("history_digest")
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+        raise InputError(f"{path}: field 'history_bytes' missing or not a count of bytes")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise InputError(f"{path}: field 'history_digest' must be a BLAKE3 digest (64 hex digits)")
+    return RoundHistory.load(folder / HISTORY_FILE, nbytes, digest, path)
+
+
+def _move_history(folder: Path, records: list[Any], path: Path) -> RoundHistory:
+    """A version-1 state.json's history, written to history.jsonl (anew at each start until a
+    checkpoint of this version names it)."""
+    try:
+        return RoundHistory.write(folder / HISTORY_FILE, records)
+    except OSError as err:
         raise InputError(
-            f"{path}: field 'completed_rounds' is {done}, but 'history' holds "
-            f"{len(rounds)} round record(s)"
+            f"{path}: a run of an earlier version, whose history moves to {HISTORY_FILE} at "
+            f"its first start with this one, which could not write it: {err}"
+        ) from err
+
+
+def _check_consistent(
+    raw: dict[str, Any], history: RoundHistory | list[Any], evaluations: list[Any], path: Path
+) -> None:
+    """state.json's fields agree with each other and the history, as save_state writes them:
+    one record per completed round (their order the history checks), the weights file of that
+    round, evaluations of rounds done, each once. Anything else was edited or damaged, and
+    resuming from it would lose or repeat rounds."""
+    done = raw["completed_rounds"]
+    if len(history) != done:
+        raise InputError(
+            f"{path}: field 'completed_rounds' is {done}, but the history holds "
+            f"{len(history)} round record(s)"
         )
     expected = f"weights-r{done:05d}.safetensors"
     if raw["weights_file"] != expected:
@@ -302,15 +337,16 @@ def load_state(folder: Path) -> RunState | None:
         raise InputError(f"{path}: cannot resume from this state: {err}") from err
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("version") != STATE_VERSION:
-        raise InputError(f"{path}: state version {raw.get('version')!r}, expected {STATE_VERSION}")
+    if raw.get("version") not in (1, STATE_VERSION) or isinstance(raw.get("version"), bool):
+        raise InputError(
+            f"{path}: state version {raw.get('version')!r}, expected {STATE_VERSION} (or 1)"
+        )
     for key, kind in (
         ("run_id", str),
         ("completed_rounds", int),
         ("weights_file", str),
         ("model_config", dict),
         ("encoder_identity", str),
-        ("history", list),
         ("evaluations", list),
     ):
         if not isinstance(raw.get(key), kind) or isinstance(raw.get(key), bool):
@@ -321,16 +357,8 @@ def load_state(folder: Path) -> RunState | None:
     if not isinstance(scalars, dict):
         raise InputError(f"{path}: field 'optimizer_scalars' must be an object")
     # what the engine and the final report read from each record
-    history = _records(raw, "history", path, {"round": int, "participants": list})
-    for r in history:  # the end of a run reads them as group names
-        for key in ("participants", "selected"):
-            names = r.get(key, [])
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise InputError(
-                    f"{path}: field 'history', round {r['round']}: {key!r} must be a list of "
-                    "group names"
-                )
     evaluations = _records(raw, "evaluations", path, {"round": int, "reports": dict})
+    history = _history(folder, raw, path)
     _check_consistent(raw, history, evaluations, path)
     weights_path = _file_in(folder, raw, "weights_file", path)
     optimizer_path = (
@@ -348,6 +376,8 @@ def load_state(folder: Path) -> RunState | None:
         raise
     except (KeyError, TypeError, ValueError, OSError) as err:
         raise InputError(f"{path}: cannot resume from this state: {err}") from err
+    if isinstance(history, list):  # written only once everything else passed its checks
+        history = _move_history(folder, history, path)
     return RunState(
         run_id=raw["run_id"],
         completed_rounds=raw["completed_rounds"],

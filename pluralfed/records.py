@@ -1,4 +1,4 @@
-"""The coordinator's round and evaluation records: what `state.json` keeps and `metrics.jsonl`
+"""The coordinator's round and evaluation records: what the checkpoint keeps and `metrics.jsonl`
 holds one per line (with `"kind": "round"` or `"evaluation"`), and the one-line summary of each
 that the coordinator's log, its console and `localfed`'s progress print.
 
@@ -17,7 +17,7 @@ ReportDict = dict[str, Any]
 
 
 class RoundRecord(TypedDict):
-    """One completed training round (state.json "history"; metrics.jsonl kind "round")."""
+    """One completed training round (a line of history.jsonl; metrics.jsonl kind "round")."""
 
     round: int
     task_id: str

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 from rich.console import Console
@@ -26,6 +27,7 @@ from test_engine_recovery import ENC, WEIGHTS, evaluated, replay_of, serve, star
 
 import coordinator.service as service
 import coordinator.state as state_module
+from coordinator.history import HISTORY_FILE
 from coordinator.rounds import Rejection, Role, RoundEngine, TaskKind
 from coordinator.service import EXIT_CANNOT_WRITE, CoordinatorConfig, run_coordinator
 from coordinator.settings import RoundSettings
@@ -61,6 +63,7 @@ def finished_run(folder: Path, rounds: int = 2, eval_every: int = 1) -> RoundEng
     "leftover",
     [
         "weights-r00003.safetensors",
+        "history.jsonl",
         "metrics.jsonl",
         "results.json",
         "final/",
@@ -157,14 +160,8 @@ def _edited(folder: Path, edit: Any) -> Path:
     [
         (
             lambda raw: raw.update(completed_rounds=5),
-            "'completed_rounds' is 5, but 'history' holds 3",
+            "'completed_rounds' is 5, but the history holds 3",
         ),
-        (
-            lambda raw: raw["history"].insert(3, raw["history"][2]),
-            r"history\[3\] is a second record of round 3, expected round 4",
-        ),
-        (lambda raw: raw["history"].pop(1), r"history\[1\] is round 3, expected round 2"),
-        (lambda raw: raw["history"].clear(), "'completed_rounds' is 3, but 'history' holds 0"),
         (
             lambda raw: raw.update(weights_file="weights-r00002.safetensors"),
             "'weights_file' is 'weights-r00002.safetensors', expected 'weights-r00003",
@@ -176,14 +173,6 @@ def _edited(folder: Path, edit: Any) -> Path:
         (
             lambda raw: raw["evaluations"].append(raw["evaluations"][0]),
             r"evaluations\[3\] is a second evaluation of round 1",
-        ),
-        (
-            lambda raw: raw["history"][1].update(selected=5),
-            r"'history', round 2: 'selected' must be a list of group names",
-        ),
-        (
-            lambda raw: raw["history"][0].update(participants=["A", 7]),
-            r"'history', round 1: 'participants' must be a list of group names",
         ),
         (
             lambda raw: raw["evaluations"][0].update(groups="A"),
@@ -205,6 +194,113 @@ def test_an_inconsistent_state_json_is_refused_naming_the_field(
     with pytest.raises(InputError, match=rf"^{re.escape(str(folder / STATE_FILE))}: .*{expected}"):
         RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, folder, ENC, {})
     assert files(folder) == before  # nothing deleted or rewritten
+
+
+def _history_edited(folder: Path, edit: Any, sign: bool = True) -> Path:
+    """A finished run of 3 rounds whose history.jsonl records were edited, and (`sign`)
+    state.json's length and digest of them made to agree, as a careful hand edit would."""
+    finished_run(folder, rounds=3)
+    path = folder / HISTORY_FILE
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    edit(records)
+    text = b"".join(json.dumps(r).encode() + b"\n" for r in records)
+    path.write_bytes(text)
+    if sign:
+        raw = json.loads((folder / STATE_FILE).read_text())
+        raw.update(history_bytes=len(text), history_digest=blake3.blake3(text).hexdigest())
+        (folder / STATE_FILE).write_text(json.dumps(raw))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda rs: rs.insert(3, rs[2]),
+            r"line 4: is a record of round 3, expected round 4",
+        ),
+        (lambda rs: rs.pop(1), r"line 2: is a record of round 3, expected round 2"),
+        (lambda rs: rs[1].update(selected=5), r"line 2: field 'selected' must be a list"),
+        (
+            lambda rs: rs[0].update(participants=["A", 7]),
+            r"line 1: field 'participants' must be a list of group names",
+        ),
+        (lambda rs: rs[2].update(round="3"), r"line 3: field 'round' missing or not an int"),
+        (lambda rs: rs.__setitem__(0, [1]), r"line 1: must be an object"),
+    ],
+)
+def test_inconsistent_round_records_are_refused_naming_the_line(
+    tmp_path: Path, edit: Any, expected: str
+) -> None:
+    """The history's records hold rounds 1..n in order, with the group lists a resumed run
+    reads; state.json's digest of them would catch the edit too, so these edits are signed."""
+    folder = _history_edited(tmp_path, edit)
+    before = files(folder)
+    where = re.escape(str(folder / HISTORY_FILE))
+    with pytest.raises(InputError, match=rf"^{where}, {expected}"):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, folder, ENC, {})
+    assert files(folder) == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (
+            lambda path: path.write_bytes(path.read_bytes().replace(b'"A"', b'"B"', 1)),
+            r"history\.jsonl: its first \d+ bytes do not match the digest",
+        ),
+        (
+            lambda path: path.write_bytes(path.read_bytes()[:-10]),
+            r"history\.jsonl: holds \d+ bytes where .*state\.json names the first \d+ as",
+        ),
+        (lambda path: path.unlink(), r"state\.json names \d+ bytes of round records in .*missing"),
+    ],
+)
+def test_a_damaged_history_is_refused(tmp_path: Path, damage: Any, expected: str) -> None:
+    finished_run(tmp_path, rounds=3)
+    damage(tmp_path / HISTORY_FILE)
+    before = files(tmp_path)
+    with pytest.raises(InputError, match=expected):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, tmp_path, ENC, {})
+    assert files(tmp_path) == before
+
+
+def test_a_record_no_checkpoint_counts_is_ignored_then_overwritten(tmp_path: Path) -> None:
+    """A crash after a round's record was appended, before state.json named it: a resume reads
+    the records state.json counts, and its next round writes over the rest."""
+    finished_run(tmp_path, rounds=2)
+    path = tmp_path / HISTORY_FILE
+    committed = path.read_bytes()
+    path.write_bytes(committed + b'{"round": 3, "participants": ["A"], "cut')
+    engine = finished_run(tmp_path, rounds=3)
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert path.read_bytes().startswith(committed)
+    assert engine.state.history.last == records[-1]
+    assert [r["round"] for r in load_state(tmp_path).history.records()] == [1, 2, 3]  # type: ignore[union-attr]
+
+
+def test_a_run_of_state_version_1_resumes_with_its_history_moved(tmp_path: Path) -> None:
+    """state.json kept the history inline up to version 1: a run checkpointed so resumes, its
+    records move to history.jsonl, and the next checkpoint is of version 2."""
+    finished_run(tmp_path, rounds=2)
+    records = [json.loads(line) for line in (tmp_path / HISTORY_FILE).read_bytes().splitlines()]
+    raw = json.loads((tmp_path / STATE_FILE).read_text())
+    del raw["history_bytes"], raw["history_digest"]
+    raw.update(version=1, history=records)
+    (tmp_path / STATE_FILE).write_text(json.dumps(raw, indent=2))
+    (tmp_path / HISTORY_FILE).unlink()
+    engine = finished_run(tmp_path, rounds=3)
+    assert [r["round"] for r in engine.state.history.records()] == [1, 2, 3]
+    assert list(engine.state.history.records())[:2] == records
+    assert json.loads((tmp_path / STATE_FILE).read_text())["version"] == 2
+    assert "history" not in json.loads((tmp_path / STATE_FILE).read_text())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [(r["round"], r.get("kind")) for r in rows if r.get("kind") == "round"] == [
+        (1, "round"),
+        (2, "round"),
+        (3, "round"),
+    ]
 
 
 # ---------------------------------------------------------------------------- F2
@@ -404,9 +500,13 @@ def test_a_checkpoint_whose_state_json_cannot_be_written_leaves_no_weights_behin
         str(failed[0])
         == f"cannot write {tmp_path / STATE_FILE}: [Errno 28] No space left on device"
     )
-    assert files(tmp_path) == before  # before: weights-r00001 and optimizer-r00001 as well
+    after = files(tmp_path)
+    # the round's record, appended before: beyond what state.json counts, which the next
+    # round overwrites (a line, not a model)
+    assert after.pop(HISTORY_FILE).count(b"\n") == 1
+    assert after == before  # before: weights-r00001 and optimizer-r00001 as well
     state = load_state(tmp_path)
-    assert state is not None and state.completed_rounds == 0
+    assert state is not None and state.completed_rounds == 0 and len(state.history) == 0
 
 
 def test_a_checkpoint_that_fails_after_its_rename_keeps_the_files_it_names(

@@ -133,7 +133,7 @@ def test_engine_answers_while_an_update_is_folded(tmp_path: Path) -> None:
         upload_b.join(WAIT)
         assert not errors, errors
         fed.wait_completed(1)
-        record = fed.engine.state.history[-1]
+        record = fed.engine.state.history.last
         assert record["participants"] == ["A", "B"]
         expected = (10 * 1.0 + 30 * 2.0) / 40
         for name, values in fed.engine.state.weights.items():
@@ -160,7 +160,7 @@ def test_round_past_its_deadline_waits_for_a_fold_it_had_claimed(tmp_path: Path)
         release.set()
         folding.join(WAIT)
         fed.wait_completed(1)
-        assert fed.engine.state.history[-1]["participants"] == ["A"]
+        assert fed.engine.state.history.last["participants"] == ["A"]
         np.testing.assert_allclose(fed.engine.state.weights["w"], 3.0)
     finally:
         release.set()
@@ -177,7 +177,7 @@ def test_update_that_fails_to_fold_is_answered_as_refused(tmp_path: Path) -> Non
         assert refused.value.reason == "INTERNAL"  # an UploadReply, not an UNKNOWN status
         fed.upload(fed.b.session_id, tb, lambda: iter(slices(weights(2.0))), 30)
         fed.wait_completed(1)
-        record = fed.engine.state.history[-1]
+        record = fed.engine.state.history.last
         assert record["participants"] == ["B"]
         assert record["outcomes"]["A"].startswith("rejected: the update could not be folded")
     finally:
@@ -200,7 +200,7 @@ def test_a_round_whose_new_model_would_not_be_finite_is_retried_not_committed(
         retry_a = fed.task(fed.a.session_id)  # the round is opened again, nothing committed
         assert (retry_a.round, fed.engine.completed_rounds()) == (1, 0)
         assert retry_a.task_id != ta.task_id
-        assert fed.engine.state.history == []
+        assert len(fed.engine.state.history) == 0
         np.testing.assert_array_equal(fed.engine.state.weights["w"], 0.0)
         retry_b = fed.task(fed.b.session_id)
         fed.upload(fed.a.session_id, retry_a, lambda: iter(slices(weights(1.0))), 10)

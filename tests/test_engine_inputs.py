@@ -98,7 +98,7 @@ def test_update_metric_names_must_be_short_and_printable(
     longest = "m" * MAX_METRIC_NAME  # the control: a name of the longest length is taken
     upload(engine, b, task, {longest: 1.0}, 3.0)
     wait_until(lambda: engine.completed_rounds() == 1, 30, "round 1 to complete")
-    record = engine.state.history[0]
+    record = engine.state.history.first
     assert record["participants"] == ["B"] and record["node_metrics"] == {"B": {longest: 1.0}}
     assert record["outcomes"]["A"] == f"rejected: {message}"
     for weights in engine.state.weights.values():  # the average of B's update alone
@@ -229,7 +229,7 @@ def test_a_run_resumed_with_another_encoder_or_model_is_refused(
     assert (resumed.run_id, resumed.completed_rounds()) == (run_id, 1)
 
 
-@pytest.mark.parametrize("version", [STATE_VERSION + 1, 0, str(STATE_VERSION), None])
+@pytest.mark.parametrize("version", [STATE_VERSION + 1, 0, str(STATE_VERSION), None, True])
 def test_a_state_of_another_version_is_refused(tmp_path: Path, version: object) -> None:
     saved_run(tmp_path)
     path = tmp_path / STATE_FILE
@@ -241,7 +241,7 @@ def test_a_state_of_another_version_is_refused(tmp_path: Path, version: object) 
         raw["version"] = version
     path.write_text(json.dumps(raw), "utf-8")
     before = files_of(tmp_path)
-    expected = f"{path}: state version {version!r}, expected {STATE_VERSION}"
+    expected = f"{path}: state version {version!r}, expected {STATE_VERSION} (or 1)"
     with pytest.raises(InputError, match="^" + re.escape(expected) + "$"):
         RoundEngine(SETTINGS, WEIGHTS, tmp_path, ENC, CONFIG)
     assert files_of(tmp_path) == before

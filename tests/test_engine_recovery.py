@@ -585,7 +585,8 @@ def _rebuilt_metrics(folder: Path) -> str:
     """metrics.jsonl as made from the checkpointed state alone."""
     state = load_state(folder)
     assert state is not None
-    rows = [{"kind": "round", **r} for r in state.history] + list(state.evaluations)
+    rows = [{"kind": "round", **r} for r in state.history.records()]
+    rows += state.evaluations
     rows.sort(key=lambda r: (r["round"], r.get("kind") == "evaluation"))
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 

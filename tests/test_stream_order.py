@@ -100,7 +100,7 @@ def test_an_upload_out_of_order_is_refused_as_malformed_and_never_averaged(
         finally:
             good.close()
             sender.close()
-        record = fed.engine.state.history[0]
+        record = fed.engine.state.history.first
         assert record["participants"] == ["Good A"] and record["total_weight"] == 30
         assert (
             record["outcomes"]["Good B"] == f"rejected: {refusal.removeprefix('update rejected: ')}"

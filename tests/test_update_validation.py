@@ -245,7 +245,7 @@ def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
     # every selected node answered: the round closes with the three good updates only
     fed.wait_rounds(1)
     accepted1 = ["node-good-a", "node-good-b", "node-trunc"]
-    record = fed.engine.state.history[0]
+    record = fed.engine.state.history.first
     assert record["participants"] == sorted(ALLOW[i] for i in accepted1)
     assert record["total_weight"] == 30 + 50 + 20
     assert sorted(g for g, o in record["outcomes"].items() if o.startswith("rejected")) == sorted(
@@ -291,7 +291,7 @@ def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
         assert upload(ident, task2, good2[ident]) == "ACCEPTED", ident
 
     fed.wait_rounds(2)
-    record = fed.engine.state.history[1]
+    record = list(fed.engine.state.history.records())[1]
     assert record["participants"] == sorted(ALLOW[i] for i in accepted2)
     assert record["outcomes"][ALLOW["node-shape"]] == "rejected: norm bound"
     assert "joined with" in record["outcomes"][ALLOW["node-digest"]]
@@ -482,7 +482,7 @@ def test_restarted_node_picks_up_its_task_again(tmp_path: Path) -> None:
                 "ACCEPTED"
             )
             fed.wait_rounds(1)  # well before the round's deadline
-            record = fed.engine.state.history[0]
+            record = fed.engine.state.history.first
             assert record["participants"] == ["Good A", "Good B"]
             assert record["seconds"] < settings.round_timeout_s / 2, record
             expected = weighted_average([update_a, update_b], [30, 50])
@@ -535,7 +535,7 @@ def test_round_stops_waiting_for_nodes_that_leave_fail_or_fall_silent(tmp_path: 
         finally:
             for n in nodes.values():
                 n.close()
-    [record] = fed.engine.state.history
+    [record] = fed.engine.state.history.records()
     groups = {i: ALLOW[i] for i in idents}
     assert record["outcomes"] == {
         groups["node-good-a"]: "accepted",

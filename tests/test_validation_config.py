@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import pluralfed.checkpoint as checkpoint_module
+from coordinator.history import HISTORY_FILE, RoundHistory
 from coordinator.rounds import TaskKind, TaskSpec
 from coordinator.server import task_to_proto
 from coordinator.service import CoordinatorConfig, model_config
@@ -276,7 +277,10 @@ def _state(folder: Path, **changes: Any) -> Path:
             weights={"w": np.ones(3, np.float32)},
             model_config=SMALL.to_dict(),
             encoder_identity="enc",
-            history=[{"round": 1, "participants": ["A"]}, {"round": 2, "participants": []}],
+            history=RoundHistory.write(
+                folder / HISTORY_FILE,
+                [{"round": 1, "participants": ["A"]}, {"round": 2, "participants": []}],  # type: ignore[list-item]
+            ),
             evaluations=[{"round": 2, "kind": "evaluation", "reports": {}}],
         ),
     )
@@ -294,9 +298,16 @@ def _state(folder: Path, **changes: Any) -> Path:
         ({"completed_rounds": 2.5}, "completed_rounds"),
         ({"run_id": 5}, "run_id"),
         ({"model_config": []}, "model_config"),
-        ({"history": [1, 2]}, "history"),
-        ({"history": [{"round": 1}]}, "participants"),
-        ({"history": [{"round": -1, "participants": []}]}, "history"),
+        ({"history_bytes": -1}, "history_bytes"),
+        ({"history_bytes": True}, "history_bytes"),
+        ({"history_bytes": "12"}, "history_bytes"),
+        ({"history_digest": "ab"}, "history_digest"),
+        ({"history_digest": None}, "history_digest"),
+        ({"version": 3}, "version"),
+        ({"version": 1, "history": [1, 2]}, "history"),
+        ({"version": 1, "history": [{"round": 1}]}, "participants"),
+        ({"version": 1, "history": [{"round": -1, "participants": []}]}, "history"),
+        ({"version": 1, "history": "ab"}, "history"),
         ({"evaluations": "ab"}, "evaluations"),
         ({"evaluations": [{"round": "2", "reports": {}}]}, "round"),
         ({"weights_file": "../x.safetensors"}, "weights_file"),
@@ -333,7 +344,7 @@ def test_resume_state_refuses_non_finite_weights(tmp_path: Path) -> None:
 def test_a_good_resume_state_still_loads(tmp_path: Path) -> None:
     state = load_state(_state(tmp_path / "run"))
     assert state is not None and state.completed_rounds == 2
-    assert [r["round"] for r in state.history] == [1, 2]
+    assert [r["round"] for r in state.history.records()] == [1, 2]
     np.testing.assert_array_equal(state.weights["w"], np.ones(3, np.float32))
 
 

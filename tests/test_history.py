@@ -1,0 +1,88 @@
+"""coordinator/history.py: the run's round records, appended to history.jsonl, named by
+state.json with their length and digest."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+
+import coordinator.history as history_module
+from coordinator.history import HISTORY_FILE, RoundHistory
+from pluralfed.errors import InputError
+
+
+def record(n: int, groups: tuple[str, ...] = ("A", "B"), selected: tuple[str, ...] = ()) -> Any:
+    return {"round": n, "participants": list(groups), "selected": list(groups + selected)}
+
+
+def test_appended_records_are_read_back_and_named_by_length_and_digest(tmp_path: Path) -> None:
+    history = RoundHistory(tmp_path / HISTORY_FILE)
+    assert len(history) == 0 and list(history.records()) == [] and history.last is None
+    for n in (1, 2, 3):
+        history.append(record(n, selected=("C",) if n == 2 else ()))
+    text = (tmp_path / HISTORY_FILE).read_bytes()
+    assert history.nbytes == len(text) and history.digest() == blake3.blake3(text).hexdigest()
+    assert [r["round"] for r in history.records()] == [1, 2, 3]
+    assert history.first == record(1) and history.last == record(3)
+    assert history.trained == {"A", "B"} and history.named == {"A", "B", "C"}
+    again = RoundHistory.load(tmp_path / HISTORY_FILE, len(text), history.digest(), tmp_path)
+    assert list(again.records()) == list(history.records())
+    assert (again.first, again.last, again.named) == (history.first, history.last, history.named)
+
+
+def test_a_record_out_of_order_is_refused(tmp_path: Path) -> None:
+    history = RoundHistory(tmp_path / HISTORY_FILE)
+    history.append(record(1))
+    with pytest.raises(ValueError, match="round 3 appended after round 1"):
+        history.append(record(3))
+    with pytest.raises(ValueError, match="round 2 after round 0"):
+        RoundHistory.write(tmp_path / "other.jsonl", [record(2)])
+
+
+def test_a_failed_append_adds_nothing_and_the_next_one_writes_over_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails (a full disk at the fsync) leaves its bytes in the file, beyond the
+    records: they are not counted, not read, and the next append starts where the records end."""
+    path = tmp_path / HISTORY_FILE
+    history = RoundHistory(path)
+    history.append(record(1))
+    committed = (history.nbytes, history.digest())
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(history_module.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        history.append(record(2, groups=("Z",)))
+    assert (history.nbytes, history.digest(), len(history)) == (*committed, 1)
+    assert path.stat().st_size > history.nbytes  # the failed line is there
+    assert [r["round"] for r in history.records()] == [1] and "Z" not in history.named
+    monkeypatch.undo()
+    history.append(record(2))
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(line) for line in lines] == [record(1), record(2)]
+
+
+def test_only_the_named_bytes_are_read(tmp_path: Path) -> None:
+    """A crash after an append, before state.json counted it: the load reads what it names."""
+    history = RoundHistory.write(tmp_path / HISTORY_FILE, [record(1), record(2)])
+    named = (history.nbytes, history.digest())
+    with (tmp_path / HISTORY_FILE).open("ab") as f:
+        f.write(b'{"round": 3, "partic')
+    loaded = RoundHistory.load(tmp_path / HISTORY_FILE, *named, tmp_path / "state.json")
+    assert len(loaded) == 2 and loaded.last == record(2)
+    assert [r["round"] for r in loaded.records()] == [1, 2]
+
+
+def test_a_record_that_is_not_json_is_refused_naming_its_line(tmp_path: Path) -> None:
+    text = json.dumps(record(1)).encode() + b"\n" + b"{not json\n"
+    (tmp_path / HISTORY_FILE).write_bytes(text)
+    digest = blake3.blake3(text).hexdigest()
+    with pytest.raises(InputError, match=r"history\.jsonl, line 2: not a JSON record"):
+        RoundHistory.load(tmp_path / HISTORY_FILE, len(text), digest, tmp_path / "state.json")
