@@ -8,8 +8,9 @@ code on synthetic histories of N rounds (16 training groups, 4 metrics each, an 
 layout, where state.json held the whole history inline and was rewritten every round. Also what
 a resume costs: CPU seconds of `load_state` (the weights' digest included), and CPU seconds and
 the Python heap's peak (tracemalloc) of reading the records, which then held every record and
-now keeps the first and the last. CPU seconds of this process; the
-model is the default one's size, 8.4 MB of float32.
+now keeps the first and the last, and of checking metrics.jsonl against them (which then built
+the whole file's text, and now streams). CPU seconds of this process; the model is the default
+one's size, 8.4 MB of float32.
 
     .venv/bin/python bench/checkpoint_cost.py                 # 1,000 .. 20,000 rounds
     .venv/bin/python bench/checkpoint_cost.py --rounds 500 5000
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.history import HISTORY_FILE, RoundHistory
+from coordinator.metrics_file import MetricsFile, row_key
 from coordinator.state import RunState, load_state, save_state
 from pluralfed.fsutil import atomic_write_json
 
@@ -93,6 +95,16 @@ def measure(rounds: int, weights: dict[str, np.ndarray], folder: Path) -> dict[s
     out["state_json_mib"] = (folder / "state.json").stat().st_size / 2**20
     out["resume_s"] = cpu(lambda: load_state(folder))
     out["records_s"], out["records_mib"] = cpu_and_heap(lambda: read_records(folder))
+    MetricsFile(folder, state).write()  # written whole; then checked as a resume checks it
+    out["mend_s"], out["mend_mib"] = cpu_and_heap(lambda: MetricsFile(folder, state).mend())
+
+    def session_21_mend() -> None:  # every row in a list, the file's text, then compared
+        rows = [{"kind": "round", **r} for r in records] + list(evaluations)
+        rows.sort(key=row_key)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+        assert (folder / "metrics.jsonl").read_bytes() == text
+
+    out["before_mend_s"], out["before_mend_mib"] = cpu_and_heap(session_21_mend)
 
     # session 21: state.json with the history inline, unindented, rewritten every round
     raw = json.loads((folder / "state.json").read_bytes())
@@ -142,18 +154,21 @@ def main() -> None:
     weights = {"w": np.random.default_rng(0).standard_normal(2_098_440).astype(np.float32)}
     print(
         "| rounds of history | state.json MiB | checkpoint CPU s | resume CPU s | records: CPU s "
-        "/ heap peak MiB | session 21: state.json MiB | session 21: checkpoint CPU s | "
-        "session 21: records CPU s / heap peak MiB |"
+        "/ heap peak MiB | metrics.jsonl check: CPU s / heap peak MiB | session 21: state.json "
+        "MiB | session 21: checkpoint CPU s | session 21: records CPU s / heap peak MiB | "
+        "session 21: metrics.jsonl check |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for rounds in a.rounds:
         with tempfile.TemporaryDirectory() as tmp:
             r = measure(rounds, weights, Path(tmp))
         print(
             f"| {r['rounds']:,} | {r['state_json_mib']:.2f} | {r['save_state_s']:.2f} | "
             f"{r['resume_s']:.2f} | {r['records_s']:.2f} / {r['records_mib']:.1f} | "
+            f"{r['mend_s']:.2f} / {r['mend_mib']:.1f} | "
             f"{r['before_state_json_mib']:.1f} | {r['before_state_s']:.2f} | "
-            f"{r['before_load_s']:.2f} / {r['before_load_mib']:.0f} |",
+            f"{r['before_load_s']:.2f} / {r['before_load_mib']:.0f} | "
+            f"{r['before_mend_s']:.2f} / {r['before_mend_mib']:.0f} |",
             flush=True,
         )
 

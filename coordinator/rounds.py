@@ -15,9 +15,7 @@ coordinator killed at any moment resumes from its last completed round.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -31,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from coordinator.history import HISTORY_FILE, RoundHistory
+from coordinator.metrics_file import MetricsFile
 from coordinator.settings import RoundSettings
 from coordinator.state import CheckpointError, RunState, load_state, save_state
 from coordinator.strategy import (
@@ -53,7 +52,6 @@ from coordinator.validation import (
     clipped,
 )
 from pluralfed.errors import InputError, quoted
-from pluralfed.fsutil import atomic_write_bytes
 from pluralfed.logthrottle import LogThrottle
 from pluralfed.metrics import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.protocol import (
@@ -193,9 +191,6 @@ class RoundEngine:
         self._done = False
         self._stop = threading.Event()
         self._unusable_in_a_row = 0  # tries of the current round that gave no usable model
-        # the (round, is evaluation) of metrics.jsonl's last row, once this process has checked
-        # or rebuilt the file against the state; None until then (a crash may have cut a row)
-        self._metrics_last: tuple[int, bool] | None = None
         self._on_round = on_round
         optimizer_args = {} if settings.server_lr is None else {"server_lr": settings.server_lr}
         self.optimizer: ServerOptimizer = make_server_optimizer(
@@ -253,8 +248,9 @@ class RoundEngine:
             save_state(self.state_dir, self.state)
         self.specs: list[TensorSpec] = specs_of(self.state.weights)
         self._refresh_version()
+        self.metrics = MetricsFile(self.state_dir, self.state)
         if resumed is not None:
-            self._mend_metrics()
+            self.metrics.mend()
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -1255,7 +1251,7 @@ class RoundEngine:
             digest = digest_of(self.state.weights)
             save_state(self.state_dir, self.state, digest)
             self._refresh_version(digest)
-            self._write_metrics({"kind": "round", **record})
+            self.metrics.write({"kind": "round", **record})
         log.info("%s", describe_record(record, st.rounds))
         if self._on_round:
             self._on_round(record)
@@ -1313,58 +1309,10 @@ class RoundEngine:
                 self.evaluated_again = True
             self.state.evaluations.append(record)
             save_state(self.state_dir, self.state, self.model_digest)
-            self._write_metrics(None if earlier else record)
+            self.metrics.write(None if earlier else record)
         log.info("%s", describe_record(record))
         if self._on_round:
             self._on_round(record)
-
-    def _write_metrics(self, row: Mapping[str, Any] | None = None) -> None:
-        """metrics.jsonl follows the checkpointed state: never a round twice, never one lost.
-        `row`, the record just checkpointed, is appended (a round's cost must not grow with
-        the run's length); the file is rebuilt from the state instead when this process has not
-        written or checked it yet, without a row (an evaluation replaced), for a row out of
-        order, and after a write that failed."""
-        path = self.state_dir / "metrics.jsonl"
-        last, self._metrics_last = self._metrics_last, None  # unknown until written
-        try:
-            if row is not None and last is not None and _metrics_key(row) >= last:
-                with path.open("ab") as f:
-                    f.write((json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
-                    f.flush()
-                    os.fsync(f.fileno())
-                self._metrics_last = _metrics_key(row)
-                return
-            text, last = self._metrics_from_state()
-            atomic_write_bytes(path, text)
-            self._metrics_last = last
-        except OSError as err:  # a full disk: as for the checkpoint itself, the run stops
-            raise CheckpointError(f"cannot write {path}: {err}") from err
-
-    def _metrics_from_state(self) -> tuple[bytes, tuple[int, bool]]:
-        """metrics.jsonl as the checkpointed state has it, and its last row's key."""
-        rows: list[Mapping[str, Any]] = [
-            {"kind": "round", **r} for r in self.state.history.records()
-        ]
-        rows += self.state.evaluations
-        rows.sort(key=_metrics_key)
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        return text.encode("utf-8"), _metrics_key(rows[-1]) if rows else (-1, False)
-
-    def _mend_metrics(self) -> None:
-        """A resumed run's metrics.jsonl, made right at start if it is not (a crash may have
-        cut its last row, or lost it), also for a start that writes no row: rewritten only
-        if it differs. A failure (a full disk) is the next write's to report."""
-        path = self.state_dir / "metrics.jsonl"
-        text, last = self._metrics_from_state()
-        try:
-            if not path.exists() and not text:
-                return
-            if not path.exists() or path.read_bytes() != text:
-                atomic_write_bytes(path, text)
-                log.info("%s did not match the checkpoint: written anew from it", path)
-            self._metrics_last = last
-        except OSError as err:
-            log.warning("cannot mend %s (%s): the next round writes it anew", path, err)
 
     def final_evaluation(self) -> EvaluationRecord | None:
         return self.state.evaluations[-1] if self.state.evaluations else None
@@ -1375,11 +1323,6 @@ class RoundEngine:
             "completed_rounds": self.state.completed_rounds,
             "settings": asdict(self.settings),
         }
-
-
-def _metrics_key(row: Mapping[str, Any]) -> tuple[int, bool]:
-    """Where a row goes in metrics.jsonl: by round, a round's evaluation after the round."""
-    return int(row["round"]), row.get("kind") == "evaluation"
 
 
 def _held_out_named(record: Mapping[str, Any], key: str = "missing_held_out") -> set[str]:

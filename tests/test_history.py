@@ -1,5 +1,5 @@
 """coordinator/history.py: the run's round records, appended to history.jsonl, named by
-state.json with their length and digest."""
+state.json with their length and digest; and metrics.jsonl, kept in step with them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 
 import coordinator.history as history_module
 from coordinator.history import HISTORY_FILE, RoundHistory
+from coordinator.metrics_file import MetricsFile
+from coordinator.state import RunState
 from pluralfed.errors import InputError
 
 
@@ -86,3 +88,31 @@ def test_a_record_that_is_not_json_is_refused_naming_its_line(tmp_path: Path) ->
     digest = blake3.blake3(text).hexdigest()
     with pytest.raises(InputError, match=r"history\.jsonl, line 2: not a JSON record"):
         RoundHistory.load(tmp_path / HISTORY_FILE, len(text), digest, tmp_path / "state.json")
+
+
+def test_metrics_file_merges_rounds_and_evaluations_and_mends_only_when_it_differs(
+    tmp_path: Path,
+) -> None:
+    """metrics.jsonl as the checkpoint has it: each round's evaluation after the round (one of
+    round 0 first); a file that matches is left alone, one that does not is written anew."""
+    history = RoundHistory.write(tmp_path / HISTORY_FILE, [record(1), record(2), record(3)])
+    evaluations: Any = [{"round": r, "kind": "evaluation", "reports": {}} for r in (2, 0)]
+    state = RunState("r", 3, {}, {}, "enc", history, evaluations)
+    metrics = MetricsFile(tmp_path, state)
+    metrics.mend()  # no file yet: written
+    rows = [json.loads(line) for line in metrics.path.open()]
+    assert [(r["round"], r["kind"]) for r in rows] == [
+        (0, "evaluation"),
+        (1, "round"),
+        (2, "round"),
+        (2, "evaluation"),
+        (3, "round"),
+    ]
+    inode = metrics.path.stat().st_ino
+    MetricsFile(tmp_path, state).mend()
+    assert metrics.path.stat().st_ino == inode  # it matched: not rewritten
+    text = metrics.path.read_bytes()
+    for damaged in (text[:-7], text + b'{"round": 4}\n', text.replace(b"round", b"rounb", 1)):
+        metrics.path.write_bytes(damaged)
+        MetricsFile(tmp_path, state).mend()
+        assert metrics.path.read_bytes() == text
