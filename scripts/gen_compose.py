@@ -48,7 +48,8 @@ HEADER = """\
 # on only ROUNDS, EVAL_EVERY, PLURALFED_DATA and BASE_IMAGE). Results: ./runs/compose/coordinator/
 # (metrics.jsonl, results.json, final/ model); the results table ends the coordinator's log.
 # ./runs belongs to the checkout's owner: the coordinator and nodes start as root only to run as
-# that user (setpriv; in a checkout of root's, as the image's uid 10001), so no sudo removes it.
+# that user (setpriv; in a checkout of root's, as the image's uid 10001), so no sudo removes it;
+# the coordinator's health check runs as that user too.
 """
 
 
@@ -139,18 +140,24 @@ def setup_script(groups: list[str], ids: dict[str, str], synthetic: dict[str, in
     return "\n".join(lines)
 
 
-def run_as_owner(folder: str, cache: str | None = None) -> list[str]:
-    """An entrypoint (as root) that runs `pluralfed "$@"` as the owner of `folder`, which setup
-    gave to the checkout's owner (or to the image's uid 10001 when root owns the checkout): what
-    the service writes on the host is then that user's. `cache`: a named volume made for uid
-    10001, given to that user first."""
-    script = [
+def owner_switch(folder: str, cache: str | None = None) -> list[str]:
+    """A shell script (as root) that runs its arguments ("$@") as the owner of `folder`, which
+    setup gave to the checkout's owner (or to the image's uid 10001 when root owns the
+    checkout): what runs writes on the host as that user. `cache`: a named volume made for uid
+    10001, given to that user first. The services' entrypoints and the coordinator's health
+    check run through it, so none of them runs as root."""
+    return [
         f"u=$(stat -c %u {folder}); g=$(stat -c %g {folder})",
         'if [ "$u" = 0 ]; then u=10001; g=10001; fi',  # never as root
         'if [ "$u" != 10001 ]; then export HOME=/tmp; fi',  # /home/pluralfed is 10001's
         *([f'chown -R "$u:$g" {cache}'] if cache else []),
-        'exec setpriv --reuid="$u" --regid="$g" --clear-groups pluralfed "$@"',
+        'exec setpriv --reuid="$u" --regid="$g" --clear-groups "$@"',
     ]
+
+
+def run_as_owner(folder: str, cache: str | None = None) -> list[str]:
+    """An entrypoint (as root) that runs `pluralfed` and the service's command as the owner of
+    `folder` (`owner_switch`)."""
     return [
         '  user: "0:0"',
         "  security_opt:",  # root only to switch users: nothing may gain privileges after
@@ -159,8 +166,24 @@ def run_as_owner(folder: str, cache: str | None = None) -> list[str]:
         "    - /bin/sh",
         "    - -c",
         "    - |",
-        *("      " + line.replace("$", "$$") for line in script),
-        "    - run-as-owner",  # $0; the command's words follow as "$@"
+        *("      " + line.replace("$", "$$") for line in owner_switch(folder, cache)),
+        "    - run-as-owner",  # $0; then "$@": pluralfed and the command's words
+        "    - pluralfed",
+    ]
+
+
+def health_check_as_owner(folder: str, command: list[str]) -> list[str]:
+    """A healthcheck `test:` that runs `command` through `owner_switch` (docker runs a health
+    check as the container's user, root here, not as the entrypoint's process)."""
+    return [
+        "  test:",
+        "    - CMD",
+        "    - /bin/sh",
+        "    - -c",
+        "    - |",
+        *("      " + line.replace("$", "$$") for line in owner_switch(folder)),
+        "    - run-as-owner",
+        *(f"    - {word}" for word in command),
     ]
 
 
@@ -262,7 +285,14 @@ def render(args: argparse.Namespace) -> str:
         "    ports:\n"
         '      - "127.0.0.1:${PLURALFED_PORT:-7443}:7443"\n'
         "    healthcheck:\n"
-        '      test: ["CMD", "python3", "-m", "pluralfed.healthcheck", "localhost:7443", "/health-certs"]\n'
+        + "\n".join(
+            "    " + line
+            for line in health_check_as_owner(
+                "/home/pluralfed/work/coordinator",
+                ["python3", "-m", "pluralfed.healthcheck", "localhost:7443", "/health-certs"],
+            )
+        )
+        + "\n"
         "      interval: 5s\n"
         "      timeout: 5s\n"
         "      retries: 60\n"

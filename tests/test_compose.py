@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,73 @@ def test_nodes_mount_only_their_own_key_and_data() -> None:
             f"- ./runs/compose/nodes/{name}:/data:ro",
         ]
     assert '"127.0.0.1:${PLURALFED_PORT:-7443}:7443"' in text  # published on loopback only
+
+
+def _yaml_list(block: str, key: str) -> list[str]:
+    """The items of the list `key:` in `block`, as compose's YAML gives them: a JSON-style
+    `[...]` on one line, or `- word` items and `- |` literal blocks (their lines, without the
+    indentation, joined by newlines)."""
+    flow = f"\n{key}: ["
+    if flow in block:
+        return list(json.loads("[" + block.split(flow, 1)[1].split("\n", 1)[0]))
+    lines = block.split(f"\n{key}:\n", 1)[1].splitlines()
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    items: list[str] = []
+    literal: list[str] | None = None
+    for line in lines:
+        if literal is not None and (not line.strip() or len(line) - len(line.lstrip()) > indent):
+            literal.append(line[indent + 2 :])
+            continue
+        if literal is not None:
+            items.append("\n".join(literal))
+            literal = None
+        if len(line) - len(line.lstrip()) != indent or not line.lstrip().startswith("- "):
+            break
+        word = line.strip()[2:]
+        if word == "|":
+            literal = []
+        else:
+            items.append(word)
+    return items
+
+
+def test_the_coordinators_health_check_runs_as_the_checkouts_owner(tmp_path: Path) -> None:
+    """The coordinator and nodes start as root only to run as the checkout's owner, but docker
+    runs a health check as the container's user: `python3 -m pluralfed.healthcheck` ran as root
+    (review, session 22). It now goes through the entrypoint's own switch, which picks the owner
+    of the state folder, or uid 10001 when that is root."""
+    text = (REPO / "docker-compose.yml").read_text()
+    coordinator = text.split("\n  coordinator:\n", 1)[1].split("\n\n", 1)[0]
+    entrypoint = _yaml_list(coordinator, "    entrypoint")
+    test = _yaml_list(coordinator, "      test")
+    assert test[0] == "CMD"
+    assert test[1:5] == entrypoint[:4]  # sh -c <the same switch> run-as-owner
+    assert test[5:] == ["python3", "-m", "pluralfed.healthcheck", "localhost:7443", "/health-certs"]
+    assert entrypoint[:2] == ["/bin/sh", "-c"] and entrypoint[3:] == ["run-as-owner", "pluralfed"]
+    # what the switch runs the health check as: setpriv on the PATH only prints its arguments
+    switch = test[3].replace("$$", "$")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "setpriv").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "bin" / "setpriv").chmod(0o755)
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+
+    def runs_as() -> str:
+        script = switch.replace("/home/pluralfed/work/coordinator", str(state))
+        done = subprocess.run(
+            ["sh", "-c", script, *test[4:]], capture_output=True, text=True, env=env, check=True
+        )
+        return done.stdout.strip()
+
+    health = "python3 -m pluralfed.healthcheck localhost:7443 /health-certs"
+    if state.stat().st_uid == 0:  # a checkout of root's (CI): the image's user, never root
+        assert runs_as() == f"--reuid=10001 --regid=10001 --clear-groups {health}"
+    if os.getuid() == 0:  # another user's checkout
+        os.chown(state, 4242, 4343)
+    uid, gid = state.stat().st_uid, state.stat().st_gid
+    if uid != 0:
+        assert runs_as() == f"--reuid={uid} --regid={gid} --clear-groups {health}"
 
 
 def _gen(*args: str) -> subprocess.CompletedProcess[str]:
@@ -205,6 +275,63 @@ def _docker_ready() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _health_check_uids(project: str) -> Iterator[set[int]]:
+    """The users the coordinator's health check of compose project `project` ran as while the
+    block ran: a container's processes are the host's too (rootful dockerd), so /proc shows
+    them, by command line (python3 ... pluralfed.healthcheck, once the switch has exec'd it)
+    and by the coordinator container's cgroup."""
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def coordinator() -> str | None:
+        ids = subprocess.run(
+            [
+                "docker",
+                "ps",
+                "-q",
+                "--no-trunc",
+                "--filter",
+                f"label=com.docker.compose.project={project}",
+                "--filter",
+                "label=com.docker.compose.service=coordinator",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        return ids[0] if ids else None
+
+    def watch() -> None:
+        container = None
+        while not stop.wait(0.1 if container else 0.5):
+            if container is None:
+                container = coordinator()
+                continue
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                    if not argv[0].endswith(b"python3") or b"pluralfed.healthcheck" not in argv:
+                        continue
+                    if container not in Path(entry.path, "cgroup").read_text():
+                        continue
+                    status = Path(entry.path, "status").read_text().splitlines()
+                except OSError:  # it ended meanwhile
+                    continue
+                uids = next(line for line in status if line.startswith("Uid:")).split()
+                seen.add(int(uids[2]))  # the effective one
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(60)
+
+
 @pytest.mark.slow
 def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
     why = _docker_ready()
@@ -231,7 +358,11 @@ def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
         return done.stdout + done.stderr
 
     try:
-        log = up()
+        with _health_check_uids(project) as health_uids:
+            log = up()
+        # a checkout of root's: the image's user, as the coordinator itself (never root)
+        owner = tmp_path.stat().st_uid
+        assert health_uids == {owner or 10001}, health_uids
         state = tmp_path / "runs" / "compose" / "coordinator"
         rows = [json.loads(line) for line in (state / "metrics.jsonl").open()]
         rounds = [r["round"] for r in rows if r["kind"] == "round"]
@@ -302,16 +433,18 @@ def test_docker_compose_up_leaves_runs_to_the_checkouts_owner(tmp_path: Path) ->
     compose = ["docker", "compose", "-p", project]
     env = {**os.environ, "ROUNDS": "1", "EVAL_EVERY": "1"}
     try:
-        done = subprocess.run(
-            [*compose, "up", "--no-build", "--no-color"],
-            cwd=checkout,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
+        with _health_check_uids(project) as health_uids:
+            done = subprocess.run(
+                [*compose, "up", "--no-build", "--no-color"],
+                cwd=checkout,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         assert "federation finished: 1 rounds" in done.stdout + done.stderr
+        assert health_uids == {user}, health_uids  # the health check too, not root
         runs = checkout / "runs"
         assert (runs / "compose" / "coordinator" / "final" / "model.safetensors").is_file()
         owners = {
