@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from fedharness import HOST, Pki, free_port
 
+import pluralfed.commands.node as node_command
+from group_node.config import NodeConfig
 from pluralfed.checkpoint import load_checkpoint
 from pluralfed.cli import build_parser, main
 from pluralfed.data import write_jsonl
+from pluralfed.pki import revoke_certificates
 from pluralfed.synthetic import generate_synthetic
 
 TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--d-ff", "32", "--mlp-layers", "2"]
@@ -126,6 +134,56 @@ def test_node_check_help_lists_only_what_check_uses() -> None:
         ["--group", "G", "--data", "d.jsonl", "--threads", "2", "--insecure"]
     )
     assert (args.group, args.data, args.threads, args.insecure) == ("G", "d.jsonl", "2", True)
+
+
+def _settings_listed(action: str) -> set[str]:
+    """The settings `node ACTION --help` lists (an option line starts with two spaces)."""
+    options = _node_action(action).format_help().split("\noptions:", 1)[1]
+    flags = re.findall(r"^  (--[a-z][a-z0-9-]*)", options, flags=re.MULTILINE)
+    return {flag[2:].replace("-", "_") for flag in flags} - {"help", "config"}
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(NodeConfig))
+
+
+class _ReadsRecorded(NodeConfig):
+    """A NodeConfig that records the settings read once it is made (its checks read them all)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        seen = object.__getattribute__(self, "__dict__").get("_read")
+        if seen is not None and name in _FIELDS:
+            seen.add(name)
+        return object.__getattribute__(self, name)
+
+
+def test_node_check_help_lists_exactly_the_settings_the_check_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`node check --help` hid backoff_initial_s and backoff_max_s, which the check's client
+    gives gRPC as its reconnect back-off (review, session 22). What `check` reads, failing
+    against a closed port in plain text, with TLS, and with TLS and a revocation list (every
+    path that reads another setting), must be what its help lists; the rest is `node run`'s."""
+    pki = Pki(tmp_path / "pki")
+    revoke_certificates(pki.ca)  # an empty revocation list
+    address = f"{HOST}:{free_port()}"  # nobody listens there
+    monkeypatch.setattr(
+        node_command, "make_encoder", lambda name: SimpleNamespace(identity=f"stub {name}")
+    )
+    read: set[str] = set()
+    for settings in (
+        {"insecure": True},
+        {"tls_dir": pki.node("node-a"), "tls_server_name": "localhost"},
+        {"tls_dir": pki.node("node-a"), "tls_crl": pki.ca / "crl.pem"},
+    ):
+        cfg = _ReadsRecorded(coordinator=address, group="A", **settings)  # type: ignore[arg-type]
+        cfg._read = set()  # type: ignore[attr-defined]
+        monkeypatch.setattr(node_command, "load", lambda args, cfg=cfg: cfg)
+        assert node_command.check(argparse.Namespace()) == 1, capsys.readouterr()
+        read |= cfg._read  # type: ignore[attr-defined]
+    assert {"backoff_initial_s", "backoff_max_s", "tls_crl", "encoder"} <= read
+    assert _settings_listed("check") == read
+    assert _settings_listed("run") == _FIELDS
+    assert not read & set(node_command.RUN_ONLY)
 
 
 @pytest.mark.slow

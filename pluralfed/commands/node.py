@@ -62,16 +62,16 @@ HELP = {
     "personalized_dir": "where the personalized checkpoint goes (required with personalize_steps)",
 }
 
-# the settings `node check` does not use (it neither reads data nor trains nor retries): accepted,
-# so `node run`'s command line works with `check`, but not listed in `node check --help`
+# the settings `node check` does not use (it neither reads data nor trains nor polls, and does
+# not retry: its one Join ends the check): accepted, so `node run`'s command line works with
+# `check`, but not listed in `node check --help`. The backoff settings are not here: the check's
+# client, like the node's, gives them to gRPC as its reconnect back-off (`NodeClient`).
 RUN_ONLY = (
     "data",
     "cache_dir",
     "threads",
     "seed",
     "poll_wait_s",
-    "backoff_initial_s",
-    "backoff_max_s",
     "give_up_after_s",
     "save_updates_dir",
     "personalize_steps",
