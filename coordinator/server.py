@@ -102,6 +102,18 @@ DEFAULT_MAX_CONCURRENT_DOWNLOADS = 4
 # Calls one node may have in flight (a long poll, a heartbeat, a transfer, an evaluation report,
 # and room for the calls of a connection it is replacing): one node cannot take every RPC thread.
 MAX_CALLS_PER_NODE = 8
+# HTTP/2 streams one connection may have open at once (gRPC's `grpc.max_concurrent_streams`,
+# unbounded by default). A node's connection carries a few calls at once (its task loop's one
+# call, its heartbeat, the Leave of a node stopping); `node check` and the health check connect
+# on their own. Without a bound, one connection could open thousands of streams: each is a call
+# gRPC hands to Python and counts against `maximum_concurrent_rpcs`, which is server-wide (past
+# it, every node's calls are refused), and the health check's Check, which needs no allow-listed
+# identity and so no MAX_CALLS_PER_NODE, holds an RPC thread while it waits for its request.
+# gRPC refuses a stream past the bound (REFUSED_STREAM: UNAVAILABLE at the client) before Python
+# sees it, counting the streams it has not yet freed (finished or cancelled calls whose handler
+# still runs), hence twice a node's call limit. A peer that opens more connections gets this
+# many streams on each (a bound per connection, not per peer).
+MAX_STREAMS_PER_CONNECTION = 2 * MAX_CALLS_PER_NODE
 
 _TASK_KINDS = {
     TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
@@ -881,7 +893,10 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
         interceptors=[interceptor, BulkStreamCodecs()],
-        options=server_grpc_options(upload_window_bytes),
+        options=[
+            *server_grpc_options(upload_window_bytes),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ],
         maximum_concurrent_rpcs=max_workers * 4,
     )
     port = bind_port(server, address, None if tls is None else tls.server_credentials())

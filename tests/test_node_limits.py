@@ -7,13 +7,14 @@ RPCs over mutual TLS on 127.0.0.1 (security review, session 16)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -22,14 +23,23 @@ from fedharness import HOST, FakeNode, Pki, reject_name, rpc_error, update_messa
 
 import pluralfed.auth as auth_module
 from coordinator.rounds import Rejection, Role, RoundEngine
-from coordinator.server import MAX_CALLS_PER_NODE, FederationServicer, StreamSlots, start_server
+from coordinator.server import (
+    MAX_CALLS_PER_NODE,
+    MAX_STREAMS_PER_CONNECTION,
+    FederationServicer,
+    StreamSlots,
+    start_server,
+)
 from coordinator.service import CoordinatorConfig, check_roles
 from coordinator.settings import RoundSettings
+from pluralfed import tls
 from pluralfed.auth import AllowList, RefusalLog
 from pluralfed.config import ConfigValueError, load_config
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles
+from pluralfed.transport import StreamDeadlines, grpc_options
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,6 +76,21 @@ class Coordinator:
         self.server.stop(None)
 
 
+def connections(coord: Coordinator, pki: Pki, identity: str, n: int) -> list[grpc.Channel]:
+    """`n` channels with the certificate of `identity`, each its own connection (channels alike
+    would share one): the calls a node may have in flight are counted over all of them, while
+    the streams of one connection are bounded besides (MAX_STREAMS_PER_CONNECTION)."""
+    credentials = TlsFiles.from_dir(pki.node(identity)).channel_credentials()
+    options = [
+        *tls.channel_options("localhost"),
+        *grpc_options(),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    return [
+        grpc.secure_channel(f"{HOST}:{coord.port}", credentials, options=options) for _ in range(n)
+    ]
+
+
 def silent(release: threading.Event) -> Iterator[pb.UpdateChunk]:
     release.wait(60)  # not even a header: a hostile node holding the stream open
     yield from ()
@@ -76,12 +101,18 @@ def test_one_node_cannot_hold_every_rpc_thread(tmp_path: Path, pki: Pki) -> None
     coord = Coordinator(tmp_path, pki, settings)
     release = threading.Event()
     attacker, honest = coord.node(pki, "node-a"), coord.node(pki, "node-b")
+    channels = connections(coord, pki, "node-a", 5)
     streams = []
     try:
         honest.join(ENC)
         # before: 64 header-less uploads took every RPC thread; B's heartbeat timed out and its
-        # session expired
-        streams = [attacker.stub.UploadUpdate.future(silent(release)) for _ in range(40)]
+        # session expired. 8 on each of 5 connections: the limit is the node's, not a
+        # connection's
+        streams = [
+            pb_grpc.FederationStub(channel).UploadUpdate.future(silent(release))
+            for channel in channels
+            for _ in range(8)
+        ]
         wait_until(
             lambda: sum(s.done() for s in streams) >= len(streams) - MAX_CALLS_PER_NODE,
             30,
@@ -104,6 +135,8 @@ def test_one_node_cannot_hold_every_rpc_thread(tmp_path: Path, pki: Pki) -> None
         assert attacker.join(ENC).session_id
     finally:
         release.set()
+        for channel in channels:
+            channel.close()
         attacker.close()
         honest.close()
         coord.close()
@@ -260,20 +293,24 @@ def test_calls_that_never_send_their_request_hold_no_thread(
     """gRPC's own unary handling waits for the request before any check runs: 40 Heartbeats
     that never sent theirs held every RPC thread, from an allow-listed certificate or from one
     the allow-list does not name (session 16 review). Now the caller is checked and counted
-    first, and the request is awaited at most REQUEST_TIMEOUT_S."""
+    first, and the request is awaited at most REQUEST_TIMEOUT_S. (8 calls on each of 5
+    connections: one connection's streams are bounded besides.)"""
     monkeypatch.setattr(auth_module, "REQUEST_TIMEOUT_S", 2.0)
     coord = Coordinator(tmp_path, pki, RoundSettings(rounds=1, min_nodes=3, eval_every=0))
     release = threading.Event()
     honest = coord.node(pki, "node-b")
-    attacker = FakeNode(coord.port, "A", tls_dir=pki.node(identity))
+    channels = connections(coord, pki, identity, 5)
     try:
         honest.join(ENC)
-        heartbeat = attacker.channel.stream_unary(
-            "/pluralfed.v1.Federation/Heartbeat",
-            request_serializer=lambda m: m,
-            response_deserializer=lambda b: b,
-        )
-        calls = [heartbeat.future(no_request(release)) for _ in range(40)]
+        calls = [
+            channel.stream_unary(
+                "/pluralfed.v1.Federation/Heartbeat",
+                request_serializer=lambda m: m,
+                response_deserializer=lambda b: b,
+            ).future(no_request(release))
+            for channel in channels
+            for _ in range(8)
+        ]
         started = time.monotonic()
         for _ in range(3):
             assert not honest.heartbeat().cancel_task
@@ -284,6 +321,71 @@ def test_calls_that_never_send_their_request_hold_no_thread(
             assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
         else:  # refused before anything waits
             assert codes == {grpc.StatusCode.PERMISSION_DENIED}
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
+        honest.close()
+        coord.close()
+
+
+class CountedDeadlines(StreamDeadlines):
+    """The guard's deadlines on awaited requests, counting how many calls wait at once."""
+
+    made: ClassVar[list[CountedDeadlines]] = []
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.waiting = self.peak = 0
+        self._count = threading.Lock()
+        CountedDeadlines.made.append(self)
+
+    @contextlib.contextmanager
+    def watch(self, context: grpc.RpcContext, seconds: float) -> Iterator[None]:
+        with self._count:
+            self.waiting += 1
+            self.peak = max(self.peak, self.waiting)
+        try:
+            with super().watch(context, seconds):
+                yield
+        finally:
+            with self._count:
+                self.waiting -= 1
+
+
+def test_one_connection_gets_a_bounded_number_of_streams(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC set no bound on the streams of one connection: 100 health Checks that never sent
+    their request, on one connection (the one call any certificate of the CA may make, so no
+    per-node call limit), held all 32 RPC threads until their requests' deadline, and another
+    node's heartbeat waited behind them (review, session 22). Now at most
+    MAX_STREAMS_PER_CONNECTION of them reach the coordinator; the rest wait or are refused."""
+    monkeypatch.setattr(auth_module, "REQUEST_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(auth_module, "StreamDeadlines", CountedDeadlines)
+    CountedDeadlines.made.clear()
+    coord = Coordinator(tmp_path, pki, RoundSettings(rounds=1, min_nodes=3, eval_every=0))
+    [deadlines] = CountedDeadlines.made  # the coordinator's auth guard's
+    release = threading.Event()
+    honest = coord.node(pki, "node-b")
+    attacker = coord.node(pki, "node-a")
+    try:
+        honest.join(ENC)
+        check = attacker.channel.stream_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda m: m,
+            response_deserializer=lambda b: b,
+        )
+        calls = [check.future(no_request(release)) for _ in range(100)]
+        wait_until(lambda: deadlines.waiting >= MAX_STREAMS_PER_CONNECTION, 10, "held Checks")
+        time.sleep(0.5)
+        # before: every one of the 32 RPC threads waited for a Check's request
+        assert deadlines.peak == MAX_STREAMS_PER_CONNECTION < 32
+        started = time.monotonic()
+        for _ in range(3):  # another connection is served meanwhile
+            assert not honest.heartbeat().cancel_task
+        assert time.monotonic() - started < 2.0
+        assert sum(not c.done() for c in calls) >= MAX_STREAMS_PER_CONNECTION  # still held
     finally:
         release.set()
         attacker.close()
