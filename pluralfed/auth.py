@@ -58,6 +58,14 @@ REQUEST_TIMEOUT_S = 10.0
 # hold every thread (review, session 17); Watch goes through the guard and the per-caller limit.
 HEALTH_METHODS: frozenset[str] = frozenset({"/grpc.health.v1.Health/Check"})
 DEFAULT_EXEMPT_METHODS = HEALTH_METHODS
+# Calls of exempt methods in flight at once, server-wide. A Check holds an RPC thread until its
+# request arrives (up to REQUEST_TIMEOUT_S), and any certificate of the CA may send one, even one
+# the allow-list does not name or the CA revoked, and from as many connections as it likes: a few
+# connections of held Checks held every thread, and nodes' heartbeats waited 10 s (review,
+# session 22). Past this bound they are refused at once; a health checker sends one at a time,
+# and under such a flood it is the health check that fails, not the nodes.
+MAX_EXEMPT_CALLS = 4
+_EXEMPT = "(methods open to any certificate)"  # their key in the call limit
 MAX_NODE_NAME = 200
 
 # The node name of the call being handled on this thread (None outside a guarded call or in insecure
@@ -398,6 +406,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     ) -> None:
         self.allow_list = allow_list
         self.call_limit = CallLimit(max_calls_per_node) if max_calls_per_node else None
+        self.exempt_calls = CallLimit(MAX_EXEMPT_CALLS)
         self.request_deadlines = StreamDeadlines(
             f"a call sent no request within {REQUEST_TIMEOUT_S:g} s: cancelled"
         )
@@ -533,12 +542,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
         }
         if handler.request_streaming and exempt:  # nobody checked, but nothing undecodable read
             if handler.response_streaming:
-                streaming = present(handler.stream_stream, method)
+                streaming = self._exempt(present(handler.stream_stream, method), method, True)
                 return grpc.stream_stream_rpc_method_handler(
                     lambda requests, ctx: streaming(self._refusing(requests, ctx, method), ctx),
                     **kwargs,
                 )
-            unary = present(handler.stream_unary, method)
+            unary = self._exempt(present(handler.stream_unary, method), method, False)
             return grpc.stream_unary_rpc_method_handler(
                 lambda requests, ctx: unary(self._refusing(requests, ctx, method), ctx), **kwargs
             )
@@ -561,16 +570,52 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler.response_streaming:
             one = self._one_request(present(handler.unary_stream, method), method)
             if exempt:
-                return grpc.stream_stream_rpc_method_handler(one, **kwargs)
+                return grpc.stream_stream_rpc_method_handler(
+                    self._exempt(one, method, True), **kwargs
+                )
             return grpc.stream_stream_rpc_method_handler(
                 lambda requests, ctx: self._stream(one, requests, ctx, method), **kwargs
             )
         one = self._one_request(present(handler.unary_unary, method), method)
         if exempt:
-            return grpc.stream_unary_rpc_method_handler(one, **kwargs)
+            return grpc.stream_unary_rpc_method_handler(self._exempt(one, method, False), **kwargs)
         return grpc.stream_unary_rpc_method_handler(
             lambda requests, ctx: self._unary(one, requests, ctx, method), **kwargs
         )
+
+    def _exempt(
+        self, behaviour: Callable[[Any, Any], Any], method: str, streaming: bool
+    ) -> Callable[[Any, Any], Any]:
+        """`behaviour` of an exempt method, counted against MAX_EXEMPT_CALLS before it waits
+        for anything (a call past the bound is refused RESOURCE_EXHAUSTED at once); a response
+        stream counts until it ends."""
+
+        def call(requests: Any, context: grpc.ServicerContext) -> Any:
+            if not self.exempt_calls.enter(_EXEMPT, context):
+                _refuse(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{MAX_EXEMPT_CALLS} calls of methods open to any certificate are already "
+                    "in flight: try again shortly",
+                    method=method,
+                    identity=None,
+                    reason=f"more than {MAX_EXEMPT_CALLS} exempt calls in flight",
+                )
+
+            def leave() -> None:
+                self.exempt_calls.leave(_EXEMPT, context)
+
+            try:
+                result = behaviour(requests, context)
+                if streaming:
+                    return _counted(iter(result), leave)
+            except BaseException:
+                leave()
+                raise
+            leave()
+            return result
+
+        return call
 
     @staticmethod
     def _refusing(
@@ -672,6 +717,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def _leave(self, who: Principal, context: Any) -> None:
         if self.call_limit is not None and who.node is not None:
             self.call_limit.leave(who.node, context)
+
+
+def _counted(responses: Iterator[Any], done: Callable[[], None]) -> Iterator[Any]:
+    """`responses`, with `done` run when the stream ends."""
+    try:
+        yield from responses
+    finally:
+        close = getattr(responses, "close", None)
+        if close is not None:
+            close()
+        done()
 
 
 def _bound_iterator(

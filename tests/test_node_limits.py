@@ -360,8 +360,11 @@ def test_one_connection_gets_a_bounded_number_of_streams(
     their request, on one connection (the one call any certificate of the CA may make, so no
     per-node call limit), held all 32 RPC threads until their requests' deadline, and another
     node's heartbeat waited behind them (review, session 22). Now at most
-    MAX_STREAMS_PER_CONNECTION of them reach the coordinator; the rest wait or are refused."""
+    MAX_STREAMS_PER_CONNECTION of them reach the coordinator; the rest wait or are refused.
+    (Exempt calls are bounded server-wide besides, MAX_EXEMPT_CALLS: lifted here, so that
+    the streams' bound alone is seen.)"""
     monkeypatch.setattr(auth_module, "REQUEST_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(auth_module, "MAX_EXEMPT_CALLS", 1000)
     monkeypatch.setattr(auth_module, "StreamDeadlines", CountedDeadlines)
     CountedDeadlines.made.clear()
     coord = Coordinator(tmp_path, pki, RoundSettings(rounds=1, min_nodes=3, eval_every=0))
@@ -389,6 +392,60 @@ def test_one_connection_gets_a_bounded_number_of_streams(
     finally:
         release.set()
         attacker.close()
+        honest.close()
+        coord.close()
+
+
+def test_health_checks_from_many_connections_hold_a_few_threads_at_most(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The health Check is open to any certificate of the CA (allow-listed or not, even a
+    revoked one), and waits on an RPC thread for its request: Checks that never sent theirs,
+    16 on each of 5 connections, held every thread, and an honest node's heartbeats waited
+    ~10 s (review, session 22). Now at most MAX_EXEMPT_CALLS wait at once, server-wide; the
+    rest are refused at once, and a Check is served again once the flood ends."""
+    monkeypatch.setattr(auth_module, "REQUEST_TIMEOUT_S", 4.0)
+    monkeypatch.setattr(auth_module, "StreamDeadlines", CountedDeadlines)
+    CountedDeadlines.made.clear()
+    coord = Coordinator(tmp_path, pki, RoundSettings(rounds=1, min_nodes=3, eval_every=0))
+    [deadlines] = CountedDeadlines.made
+    release = threading.Event()
+    honest = coord.node(pki, "node-b")
+    channels = connections(coord, pki, "node-stranger", 5)
+    try:
+        honest.join(ENC)
+        calls = [
+            channel.stream_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=lambda m: m,
+                response_deserializer=lambda b: b,
+            ).future(no_request(release))
+            for channel in channels
+            for _ in range(MAX_STREAMS_PER_CONNECTION)
+        ]
+        wait_until(lambda: sum(c.done() for c in calls) >= 40, 10, "Checks refused")
+        time.sleep(0.5)
+        # before: all 32 RPC threads waited for a Check's request
+        assert deadlines.peak == auth_module.MAX_EXEMPT_CALLS == 4
+        started = time.monotonic()
+        for _ in range(3):
+            assert not honest.heartbeat().cancel_task
+        assert time.monotonic() - started < 2.0
+        wait_until(lambda: all(c.done() for c in calls), 20, "every held Check to end")
+        codes = [c.exception().code() for c in calls]  # type: ignore[union-attr]
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 5 * 16 - 4 - 8
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+        # over: a health checker's Check is served
+        reply = channels[0].unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda m: m,
+            response_deserializer=lambda b: b,
+        )(b"", timeout=5)
+        assert reply == b"\x08\x01"  # HealthCheckResponse(status=SERVING)
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
         honest.close()
         coord.close()
 
