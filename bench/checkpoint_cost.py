@@ -83,13 +83,12 @@ def cpu(fn: Any) -> float:
 def measure(rounds: int, weights: dict[str, np.ndarray], folder: Path) -> dict[str, float]:
     records = [round_record(n) for n in range(1, rounds + 1)]
     evaluations = [evaluation_record(n) for n in range(10, rounds + 1, 10)]
-    history = RoundHistory.write(folder / HISTORY_FILE, records[:-1])  # type: ignore[arg-type]
+    history = RoundHistory.from_records(folder / HISTORY_FILE, records[:-1])  # type: ignore[arg-type]
     state = RunState("bench", rounds, weights, {}, "enc", history, evaluations)  # type: ignore[arg-type]
     save_state(folder, state)  # a first checkpoint, so that the timed one replaces files
 
     def checkpoint() -> None:  # the last round's: its record, then the checkpoint
-        history.append(records[-1])  # type: ignore[arg-type]
-        save_state(folder, state)
+        save_state(folder, state, record=records[-1])  # type: ignore[arg-type]
 
     out: dict[str, float] = {"rounds": rounds, "save_state_s": cpu(checkpoint)}
     out["state_json_mib"] = (folder / "state.json").stat().st_size / 2**20
@@ -114,7 +113,9 @@ def measure(rounds: int, weights: dict[str, np.ndarray], folder: Path) -> dict[s
     weights_only = cpu(
         lambda: save_state(
             old.parent,
-            RunState("b", rounds, weights, {}, "enc", RoundHistory(old.parent / HISTORY_FILE)),
+            RunState(
+                "b", rounds, weights, {}, "enc", RoundHistory.create(old.parent / HISTORY_FILE)
+            ),
         )
     )
     out["before_state_s"] = weights_only + cpu(lambda: atomic_write_json(old, raw, indent=None))

@@ -7,12 +7,19 @@ line (fsync'd) before state.json is committed, and state.json records how many b
 are the run's and their BLAKE3 digest. A crash between the two leaves a line beyond that length,
 which no reader reads and the next append overwrites. In memory stay only what the engine reads
 between rounds: the first and last record and the groups the records name.
+
+It is the one file of the folder written in place (the others are written anew and renamed), so
+it must be the folder's own: a symlink or a FIFO is refused, and a file hard-linked into another
+folder (a run forked with `cp -al`) is copied before this run first appends to it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -20,24 +27,55 @@ from typing import Any, cast
 import blake3
 
 from pluralfed.errors import InputError
-from pluralfed.fsutil import atomic_write_bytes
+from pluralfed.fsutil import atomic_write_bytes, commit_file
 from pluralfed.records import RoundRecord
 
+log = logging.getLogger(__name__)
+
 HISTORY_FILE = "history.jsonl"
+_RESTORE = "restore it from a backup, or start a new run in another state folder"
+
+
+def _encode(record: RoundRecord) -> bytes:
+    return (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
 
 
 class RoundHistory:
-    """The records of rounds 1..len(self), in order, backed by `path`."""
+    """The records of rounds 1..len(self), in order, backed by `path`. Made by `create` (a new
+    run), `load` (the history a state.json names) or `from_records` (a version-1 state.json's)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._count = 0
         self._nbytes = 0  # the file's bytes that hold the records (any beyond: a cut append)
         self._hash = blake3.blake3()
+        self._unwritten: list[bytes] | None = None  # records not yet on disk (`from_records`)
+        self._own_file = False  # checked (or made) this process's own, unshared file
         self.first: RoundRecord | None = None
         self.last: RoundRecord | None = None
-        self.trained: set[str] = set()  # groups whose update was averaged in, in any round
-        self.named: set[str] = set()  # those and the groups asked to train
+        self.participants: set[str] = set()  # groups whose update was averaged in, any round
+        self.groups: set[str] = set()  # every group a record names: participants and selected
+
+    @classmethod
+    def create(cls, path: Path) -> RoundHistory:
+        """The empty history of a new run (a file left there is replaced at the first append:
+        a folder with another run's files is refused before a run starts)."""
+        return cls(path)
+
+    @classmethod
+    def from_records(cls, path: Path, records: Iterable[RoundRecord]) -> RoundHistory:
+        """A history of `records` (rounds 1..n) that is not on disk yet: a version-1 state.json
+        kept its history inline, and the first checkpoint writes it here (`write_pending`), so
+        a start refused for another reason leaves the folder as it was."""
+        history = cls(path)
+        history._unwritten = []
+        for record in records:
+            if record["round"] != len(history) + 1:
+                raise ValueError(f"round {record['round']} after round {len(history)}")
+            line = _encode(record)
+            history._unwritten.append(line)
+            history._note(record, line)
+        return history
 
     # ------------------------------------------------------------------------ reading
 
@@ -55,6 +93,9 @@ class RoundHistory:
     def records(self) -> Iterator[RoundRecord]:
         """Every record, read from the file (a rebuild of metrics.jsonl, reports, tests): the
         engine itself keeps none but the first and last."""
+        if self._unwritten is not None:
+            yield from (cast(RoundRecord, json.loads(line)) for line in self._unwritten)
+            return
         left = self._nbytes
         if not left:
             return
@@ -67,14 +108,25 @@ class RoundHistory:
 
     # ------------------------------------------------------------------------ writing
 
+    def write_pending(self) -> None:
+        """Records not on disk yet (`from_records`) written, atomically; OSError if they
+        cannot be. Before the checkpoint that names them."""
+        if self._unwritten is not None:
+            atomic_write_bytes(self.path, b"".join(self._unwritten))
+            self._unwritten = None
+            self._own_file = True
+
     def append(self, record: RoundRecord) -> None:
         """Add the next round's record, durably (fsync'd); OSError if it cannot be written, and
         then nothing is added. Whatever lies beyond the records (a line a crash or a failed
         write left, which no state.json counts) is cut off first."""
         if record["round"] != self._count + 1:
             raise ValueError(f"round {record['round']} appended after round {self._count}")
-        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.write_pending()
+        if not self._own_file:
+            self._make_own()
+        line = _encode(record)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
         try:
             os.ftruncate(fd, self._nbytes)
             view = memoryview(line)
@@ -85,6 +137,40 @@ class RoundHistory:
             os.close(fd)
         self._note(record, line)
 
+    def _make_own(self) -> None:
+        """Before this process first writes the file in place: one hard-linked elsewhere (a
+        run copied with `cp -al`) or not a plain file is replaced by a copy of the records, so
+        that appending cannot change another folder's run."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            self._own_file = True
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            self._own_file = True
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{HISTORY_FILE}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if self._nbytes:
+                    with self.path.open("rb") as f:
+                        left = self._nbytes
+                        while left:
+                            chunk = f.read(min(left, 1 << 20))
+                            if not chunk:
+                                raise OSError(f"{self.path} ends before its records do")
+                            out.write(chunk)
+                            left -= len(chunk)
+            os.chmod(tmp, 0o644)
+            commit_file(Path(tmp), self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        log.info(
+            "%s was shared (a hard link, or not a plain file): copied before appending", self.path
+        )
+        self._own_file = True
+
     def _note(self, record: RoundRecord, line: bytes) -> None:
         self._count += 1
         self._nbytes += len(line)
@@ -92,74 +178,83 @@ class RoundHistory:
         if self.first is None:
             self.first = record
         self.last = record
-        self.trained.update(record["participants"])
-        self.named.update(record["participants"], record.get("selected", ()))
+        self.participants.update(record["participants"])
+        self.groups.update(record["participants"], record.get("selected", ()))
+
+    # ------------------------------------------------------------------------ resuming
 
     @classmethod
-    def write(cls, path: Path, records: Iterable[RoundRecord]) -> RoundHistory:
-        """A history of `records` (rounds 1..n), written anew, atomically: a state.json older
-        than this file kept its history inline, and the first start of this version moves it
-        here (and tests make histories so)."""
+    def load(cls, path: Path, nbytes: int, digest: str, state_path: Path) -> RoundHistory:
+        """The history `state_path` (a state.json) names: the first `nbytes` bytes of `path`,
+        whose digest must be `digest`. Each record is checked for what the engine and the end
+        of a run read, and for its round (1, 2, ... in order): a damaged or edited file is
+        refused with what and where, not resumed from. Read-only."""
         history = cls(path)
-        lines = []
-        for record in records:
-            if record["round"] != len(history) + 1:
-                raise ValueError(f"round {record['round']} after round {len(history)}")
-            lines.append((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
-            history._note(record, lines[-1])
-        atomic_write_bytes(path, b"".join(lines))
-        return history
-
-    @classmethod
-    def load(cls, path: Path, nbytes: int, digest: str, where: Path) -> RoundHistory:
-        """The history state.json (`where`) names: the first `nbytes` bytes of `path`, whose
-        digest must be `digest`. Each record is checked for what the engine and the end of a
-        run read, and for its round (1, 2, ... in order): a damaged or edited file is refused
-        with what and where, not resumed from."""
-        history = cls(path)
-        if nbytes == 0:
-            return history
         try:
-            f = path.open("rb")
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
+            if nbytes == 0:
+                history._check_digest(digest, state_path)
+                return history
             raise InputError(
-                f"{where} names {nbytes} bytes of round records in {path}, which is missing: "
-                "restore it from a backup, or start a new run in another state folder"
+                f"{state_path} names {nbytes} bytes of round records in {path}, which is "
+                f"missing: {_RESTORE}"
             ) from None
-        except OSError as err:
-            raise InputError(f"{path}: cannot read the run's round records: {err}") from err
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size < nbytes:
+        except OSError as err:  # ELOOP: a symlink
+            kind = "a symbolic link" if path.is_symlink() else f"not readable ({err})"
+            raise InputError(
+                f"{path}: is {kind}; the run's round records must be a plain file of the state "
+                "folder"
+            ) from err
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise InputError(
-                    f"{path}: holds {size} bytes where {where} names the first {nbytes} as the "
-                    "run's round records: the file was cut after it was written; restore it "
-                    "from a backup, or start a new run in another state folder"
+                    f"{path}: is not a plain file; the run's round records must be one"
                 )
-            for number, line in enumerate(f, 1):
-                if history._nbytes + len(line) > nbytes:
-                    break
+            if st.st_size < nbytes:
+                raise InputError(
+                    f"{path}: holds {st.st_size} bytes where {state_path} names the first "
+                    f"{nbytes} as the run's round records: the file was cut after it was "
+                    f"written; {_RESTORE}"
+                )
+            number = 0
+            while history._nbytes < nbytes:
+                number += 1
+                line = f.readline(nbytes - history._nbytes)
+                if not line.endswith(b"\n"):
+                    raise InputError(
+                        f"{path}, line {number}: the {nbytes} bytes {state_path} names as the "
+                        "run's round records end inside this line: the file was changed after "
+                        f"it was written; {_RESTORE}"
+                    )
                 history._note(_checked(line, number, len(history) + 1, path), line)
-                if history._nbytes == nbytes:
-                    break
-        if history._nbytes != nbytes:
-            raise InputError(
-                f"{path}: holds {history._nbytes} bytes of whole records where {where} names "
-                f"{nbytes}: the file was cut or changed after it was written; restore it from a "
-                "backup, or start a new run in another state folder"
-            )
-        if history.digest() != digest.lower():
-            raise InputError(
-                f"{path}: its first {nbytes} bytes do not match the digest {where} recorded "
-                "for them (history_digest): the file was damaged or changed after it was "
-                "written; restore it from a backup, or start a new run in another state folder"
+        history._check_digest(digest, state_path)
+        if st.st_size > nbytes:
+            log.warning(
+                "%s: %d bytes beyond the round records %s names (a round a crash cut before "
+                "its checkpoint, or a state.json older than the file): not read; the next "
+                "round writes over them",
+                path,
+                st.st_size - nbytes,
+                state_path,
             )
         return history
+
+    def _check_digest(self, digest: str, state_path: Path) -> None:
+        if self.digest() != digest.lower():
+            raise InputError(
+                f"{self.path}: its first {self._nbytes} bytes do not match the digest "
+                f"{state_path} recorded for them (history_digest): the file was damaged or "
+                f"changed after it was written; {_RESTORE}"
+            )
 
 
 def _checked(line: bytes, number: int, expected_round: int, path: Path) -> RoundRecord:
     """One line of history.jsonl as a round record: JSON, the round expected, group lists."""
     where = f"{path}, line {number}"
+    if line == b"\n":
+        raise InputError(f"{where}: is empty, where a round record was expected")
     try:
         record: Any = json.loads(line)
     except ValueError as err:

@@ -242,7 +242,7 @@ class RoundEngine:
                 weights={k: np.array(v, copy=True) for k, v in initial_weights.items()},
                 model_config=dict(model_config),
                 encoder_identity=encoder_identity,
-                history=RoundHistory(self.state_dir / HISTORY_FILE),
+                history=RoundHistory.create(self.state_dir / HISTORY_FILE),
                 evaluations=[],
             )
             save_state(self.state_dir, self.state)
@@ -1048,7 +1048,7 @@ class RoundEngine:
         not been handed SHUTDOWN: a node between reconnects would otherwise retry for ever."""
         with self._lock:
             groups = set(self._joined) | self._evaluated_groups()
-            groups |= self.state.history.named
+            groups |= self.state.history.groups
             return sorted(groups - self._told_end)
 
     # the groups that may train (the allow-list's, less evaluate_only), which the service sets:
@@ -1227,6 +1227,9 @@ class RoundEngine:
                 log.error("round %d: no usable average (%s): retrying the round", t.round, err)
                 return
             self._unusable_in_a_row = 0
+            # the model served until this checkpoint is written: a failed one leaves it (the
+            # run stops, and the server answers a little longer while it stops)
+            before = (self.state.weights, self.state.completed_rounds, self.state.optimizer_state)
             self.state.weights = new_weights
             self.state.completed_rounds = t.round
             self.state.optimizer_state = self.optimizer.state_dict()
@@ -1244,12 +1247,12 @@ class RoundEngine:
                 "node_metrics": t.node_metrics,
                 "finished_at": time.time(),
             }
-            try:
-                self.state.history.append(record)
-            except OSError as err:  # a full disk: as for the checkpoint itself, the run stops
-                raise CheckpointError(f"cannot write {self.state.history.path}: {err}") from err
             digest = digest_of(self.state.weights)
-            save_state(self.state_dir, self.state, digest)
+            try:
+                save_state(self.state_dir, self.state, digest, record)
+            except CheckpointError:
+                self.state.weights, self.state.completed_rounds, self.state.optimizer_state = before
+                raise
             self._refresh_version(digest)
             self.metrics.write({"kind": "round", **record})
         log.info("%s", describe_record(record, st.rounds))

@@ -511,7 +511,7 @@ def _write_final(
                 "mode": "federated",
                 "run_id": engine.run_id,
                 "rounds": engine.state.completed_rounds,
-                "training_groups": sorted(engine.state.history.trained),
+                "training_groups": sorted(engine.state.history.participants),
                 "settings": asdict(engine.settings),
             },
         )

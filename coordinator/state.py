@@ -24,7 +24,7 @@ import numpy as np
 from coordinator.history import HISTORY_FILE, RoundHistory, check_round_record
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_json, commit_file
-from pluralfed.records import EvaluationRecord
+from pluralfed.records import EvaluationRecord, RoundRecord
 from pluralfed.tensorfiles import load_tensors, save_tensors
 from pluralfed.wire import digest_of
 
@@ -93,14 +93,25 @@ def _save_tensor_file(
     return (digest or digest_of(tensors)).hex()
 
 
-def save_state(folder: Path, state: RunState, weights_digest: bytes | None = None) -> None:
-    """Checkpoint `state`; raises CheckpointError naming the file that could not be written
-    (state.json is then still the previous checkpoint, unless only the folder's fsync after
-    its rename failed). `weights_digest`: `digest_of` the
-    weights, when the caller has it already (the round engine hashes them for the version)."""
+def save_state(
+    folder: Path,
+    state: RunState,
+    weights_digest: bytes | None = None,
+    record: RoundRecord | None = None,
+) -> None:
+    """Checkpoint `state`, with `record` (the round it completed) appended to its history
+    first; raises CheckpointError naming the file that could not be written (state.json is
+    then still the previous checkpoint, unless only the folder's fsync after its rename
+    failed; a record appended stays beyond what it counts, and the history in memory keeps
+    it: the run stops). `weights_digest`: `digest_of` the weights, when the caller has it
+    already (the round engine hashes them for the version)."""
     folder = Path(folder)
     if state.history.path != folder / HISTORY_FILE:
         raise ValueError(f"the history of a state saved to {folder} is {state.history.path}")
+    with _writing(state.history.path):
+        state.history.write_pending()  # a version-1 state's records, at its first checkpoint
+        if record is not None:
+            state.history.append(record)
     weights_file = _weights_name(state)
     arrays = {k: v for k, v in state.optimizer_state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in state.optimizer_state.items() if not isinstance(v, np.ndarray)}
@@ -234,16 +245,16 @@ def _check_digest(
         )
 
 
-def _history(folder: Path, raw: dict[str, Any], path: Path) -> RoundHistory | list[Any]:
+def _history(folder: Path, raw: dict[str, Any], path: Path) -> RoundHistory:
     """The run's round records: history.jsonl as state.json names it, or (a state.json of
-    version 1) state.json's own list, checked, which `_move_history` then moves."""
+    version 1) state.json's own list, checked, which the first checkpoint writes there."""
     if raw["version"] == 1:
         records = raw.get("history")
         if not isinstance(records, list):
             raise InputError(f"{path}: field 'history' missing or not a list")
         for i, record in enumerate(records):
             check_round_record(record, i + 1, f"{path}: history[{i}]")
-        return records
+        return RoundHistory.from_records(folder / HISTORY_FILE, records)
     nbytes, digest = raw.get("history_bytes"), raw.get("history_digest")
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
         raise InputError(f"{path}: field 'history_bytes' missing or not a count of bytes")
@@ -252,20 +263,8 @@ def _history(folder: Path, raw: dict[str, Any], path: Path) -> RoundHistory | li
     return RoundHistory.load(folder / HISTORY_FILE, nbytes, digest, path)
 
 
-def _move_history(folder: Path, records: list[Any], path: Path) -> RoundHistory:
-    """A version-1 state.json's history, written to history.jsonl (anew at each start until a
-    checkpoint of this version names it)."""
-    try:
-        return RoundHistory.write(folder / HISTORY_FILE, records)
-    except OSError as err:
-        raise InputError(
-            f"{path}: a run of an earlier version, whose history moves to {HISTORY_FILE} at "
-            f"its first start with this one, which could not write it: {err}"
-        ) from err
-
-
 def _check_consistent(
-    raw: dict[str, Any], history: RoundHistory | list[Any], evaluations: list[Any], path: Path
+    raw: dict[str, Any], history: RoundHistory, evaluations: list[Any], path: Path
 ) -> None:
     """state.json's fields agree with each other and the history, as save_state writes them:
     one record per completed round (their order the history checks), the weights file of that
@@ -337,7 +336,8 @@ def load_state(folder: Path) -> RunState | None:
         raise InputError(f"{path}: cannot resume from this state: {err}") from err
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    if raw.get("version") not in (1, STATE_VERSION) or isinstance(raw.get("version"), bool):
+    version = raw.get("version")
+    if type(version) is not int or version not in (1, STATE_VERSION):
         raise InputError(
             f"{path}: state version {raw.get('version')!r}, expected {STATE_VERSION} (or 1)"
         )
@@ -376,8 +376,6 @@ def load_state(folder: Path) -> RunState | None:
         raise
     except (KeyError, TypeError, ValueError, OSError) as err:
         raise InputError(f"{path}: cannot resume from this state: {err}") from err
-    if isinstance(history, list):  # written only once everything else passed its checks
-        history = _move_history(folder, history, path)
     return RunState(
         run_id=raw["run_id"],
         completed_rounds=raw["completed_rounds"],

@@ -280,6 +280,64 @@ def test_a_record_no_checkpoint_counts_is_ignored_then_overwritten(tmp_path: Pat
     assert [r["round"] for r in load_state(tmp_path).history.records()] == [1, 2, 3]  # type: ignore[union-attr]
 
 
+def test_a_history_that_is_not_a_plain_file_is_refused(tmp_path: Path) -> None:
+    """history.jsonl is written in place: a symlink would have its target written, a FIFO hung
+    the start (session 22 review M2, L3)."""
+    finished_run(tmp_path, rounds=2)
+    path = tmp_path / HISTORY_FILE
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere.jsonl"
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+    with pytest.raises(InputError, match=r"history\.jsonl: is a symbolic link"):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, tmp_path, ENC, {})
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(InputError, match=r"history\.jsonl: is not a plain file"):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, tmp_path, ENC, {})
+
+
+def test_runs_forked_with_hard_links_do_not_write_into_each_other(tmp_path: Path) -> None:
+    """`cp -al` shares every file of the folder: history.jsonl, the one written in place, is
+    copied before a run appends to it (before: each run cut the other's records, and one was
+    then refused; session 22 review M2)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    finished_run(a, rounds=2)
+    b.mkdir()
+    for f in a.iterdir():
+        if f.is_file():
+            os.link(f, b / f.name)
+    finished_run(b, rounds=3)
+    finished_run(a, rounds=4)
+    assert len(load_state(b).history) == 3  # type: ignore[union-attr]
+    assert len(load_state(a).history) == 4  # type: ignore[union-attr]
+    assert os.stat(a / HISTORY_FILE).st_nlink == os.stat(b / HISTORY_FILE).st_nlink == 1
+
+
+def test_a_last_record_without_its_newline_is_refused(tmp_path: Path) -> None:
+    """Only a hand edit (with a digest to match) can make it; accepted, the next round glued
+    two records into one line (session 22 review L2)."""
+    folder = _history_edited(tmp_path, lambda rs: None)
+    path = folder / HISTORY_FILE
+    text = path.read_bytes()[:-1]
+    path.write_bytes(text)
+    raw = json.loads((folder / STATE_FILE).read_text())
+    raw.update(history_bytes=len(text), history_digest=blake3.blake3(text).hexdigest())
+    (folder / STATE_FILE).write_text(json.dumps(raw))
+    with pytest.raises(InputError, match=r"history\.jsonl, line 3: the \d+ bytes .* end inside"):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, folder, ENC, {})
+
+
+def test_bytes_beyond_the_records_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    finished_run(tmp_path, rounds=2)
+    with (tmp_path / HISTORY_FILE).open("ab") as f:
+        f.write(b'{"round": 3, "cut')
+    with caplog.at_level(logging.WARNING):
+        assert len(load_state(tmp_path).history) == 2  # type: ignore[union-attr]
+    assert "17 bytes beyond the round records" in caplog.text
+
+
 def test_a_run_of_state_version_1_resumes_with_its_history_moved(tmp_path: Path) -> None:
     """state.json kept the history inline up to version 1: a run checkpointed so resumes, its
     records move to history.jsonl, and the next checkpoint is of version 2."""
@@ -290,6 +348,10 @@ def test_a_run_of_state_version_1_resumes_with_its_history_moved(tmp_path: Path)
     raw.update(version=1, history=records)
     (tmp_path / STATE_FILE).write_text(json.dumps(raw, indent=2))
     (tmp_path / HISTORY_FILE).unlink()
+    before = files(tmp_path)
+    with pytest.raises(InputError, match="encoder"):  # a start refused changes nothing
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, tmp_path, "other", {})
+    assert files(tmp_path) == before
     engine = finished_run(tmp_path, rounds=3)
     assert [r["round"] for r in engine.state.history.records()] == [1, 2, 3]
     assert list(engine.state.history.records())[:2] == records

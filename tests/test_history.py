@@ -22,8 +22,14 @@ def record(n: int, groups: tuple[str, ...] = ("A", "B"), selected: tuple[str, ..
     return {"round": n, "participants": list(groups), "selected": list(groups + selected)}
 
 
+def written(folder: Path, records: list[Any]) -> RoundHistory:
+    history = RoundHistory.from_records(folder / HISTORY_FILE, records)
+    history.write_pending()
+    return history
+
+
 def test_appended_records_are_read_back_and_named_by_length_and_digest(tmp_path: Path) -> None:
-    history = RoundHistory(tmp_path / HISTORY_FILE)
+    history = RoundHistory.create(tmp_path / HISTORY_FILE)
     assert len(history) == 0 and list(history.records()) == [] and history.last is None
     for n in (1, 2, 3):
         history.append(record(n, selected=("C",) if n == 2 else ()))
@@ -31,19 +37,19 @@ def test_appended_records_are_read_back_and_named_by_length_and_digest(tmp_path:
     assert history.nbytes == len(text) and history.digest() == blake3.blake3(text).hexdigest()
     assert [r["round"] for r in history.records()] == [1, 2, 3]
     assert history.first == record(1) and history.last == record(3)
-    assert history.trained == {"A", "B"} and history.named == {"A", "B", "C"}
+    assert history.participants == {"A", "B"} and history.groups == {"A", "B", "C"}
     again = RoundHistory.load(tmp_path / HISTORY_FILE, len(text), history.digest(), tmp_path)
     assert list(again.records()) == list(history.records())
-    assert (again.first, again.last, again.named) == (history.first, history.last, history.named)
+    assert (again.first, again.last, again.groups) == (history.first, history.last, history.groups)
 
 
 def test_a_record_out_of_order_is_refused(tmp_path: Path) -> None:
-    history = RoundHistory(tmp_path / HISTORY_FILE)
+    history = RoundHistory.create(tmp_path / HISTORY_FILE)
     history.append(record(1))
     with pytest.raises(ValueError, match="round 3 appended after round 1"):
         history.append(record(3))
     with pytest.raises(ValueError, match="round 2 after round 0"):
-        RoundHistory.write(tmp_path / "other.jsonl", [record(2)])
+        RoundHistory.from_records(tmp_path / "other.jsonl", [record(2)])
 
 
 def test_a_failed_append_adds_nothing_and_the_next_one_writes_over_it(
@@ -52,7 +58,7 @@ def test_a_failed_append_adds_nothing_and_the_next_one_writes_over_it(
     """A write that fails (a full disk at the fsync) leaves its bytes in the file, beyond the
     records: they are not counted, not read, and the next append starts where the records end."""
     path = tmp_path / HISTORY_FILE
-    history = RoundHistory(path)
+    history = RoundHistory.create(path)
     history.append(record(1))
     committed = (history.nbytes, history.digest())
 
@@ -64,7 +70,7 @@ def test_a_failed_append_adds_nothing_and_the_next_one_writes_over_it(
         history.append(record(2, groups=("Z",)))
     assert (history.nbytes, history.digest(), len(history)) == (*committed, 1)
     assert path.stat().st_size > history.nbytes  # the failed line is there
-    assert [r["round"] for r in history.records()] == [1] and "Z" not in history.named
+    assert [r["round"] for r in history.records()] == [1] and "Z" not in history.groups
     monkeypatch.undo()
     history.append(record(2))
     lines = path.read_bytes().splitlines()
@@ -73,7 +79,7 @@ def test_a_failed_append_adds_nothing_and_the_next_one_writes_over_it(
 
 def test_only_the_named_bytes_are_read(tmp_path: Path) -> None:
     """A crash after an append, before state.json counted it: the load reads what it names."""
-    history = RoundHistory.write(tmp_path / HISTORY_FILE, [record(1), record(2)])
+    history = written(tmp_path, [record(1), record(2)])
     named = (history.nbytes, history.digest())
     with (tmp_path / HISTORY_FILE).open("ab") as f:
         f.write(b'{"round": 3, "partic')
@@ -95,7 +101,7 @@ def test_metrics_file_merges_rounds_and_evaluations_and_mends_only_when_it_diffe
 ) -> None:
     """metrics.jsonl as the checkpoint has it: each round's evaluation after the round (one of
     round 0 first); a file that matches is left alone, one that does not is written anew."""
-    history = RoundHistory.write(tmp_path / HISTORY_FILE, [record(1), record(2), record(3)])
+    history = written(tmp_path, [record(1), record(2), record(3)])
     evaluations: Any = [{"round": r, "kind": "evaluation", "reports": {}} for r in (2, 0)]
     state = RunState("r", 3, {}, {}, "enc", history, evaluations)
     metrics = MetricsFile(tmp_path, state)
@@ -116,3 +122,20 @@ def test_metrics_file_merges_rounds_and_evaluations_and_mends_only_when_it_diffe
         metrics.path.write_bytes(damaged)
         MetricsFile(tmp_path, state).mend()
         assert metrics.path.read_bytes() == text
+
+
+def test_an_empty_history_is_checked_against_its_digest_too(tmp_path: Path) -> None:
+    empty = RoundHistory.create(tmp_path / HISTORY_FILE)
+    assert len(RoundHistory.load(empty.path, 0, empty.digest(), tmp_path / "state.json")) == 0
+    with pytest.raises(InputError, match="do not match the digest"):
+        RoundHistory.load(empty.path, 0, "0" * 64, tmp_path / "state.json")
+
+
+def test_records_not_yet_written_are_read_from_memory_then_written_once(tmp_path: Path) -> None:
+    """A version-1 state's records: nothing on disk until its first checkpoint."""
+    history = RoundHistory.from_records(tmp_path / HISTORY_FILE, [record(1), record(2)])
+    assert not history.path.exists() and [r["round"] for r in history.records()] == [1, 2]
+    history.append(record(3))
+    lines = history.path.read_bytes().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+    assert history.digest() == blake3.blake3(history.path.read_bytes()).hexdigest()

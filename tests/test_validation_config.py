@@ -277,7 +277,7 @@ def _state(folder: Path, **changes: Any) -> Path:
             weights={"w": np.ones(3, np.float32)},
             model_config=SMALL.to_dict(),
             encoder_identity="enc",
-            history=RoundHistory.write(
+            history=RoundHistory.from_records(
                 folder / HISTORY_FILE,
                 [{"round": 1, "participants": ["A"]}, {"round": 2, "participants": []}],  # type: ignore[list-item]
             ),
@@ -304,6 +304,8 @@ def _state(folder: Path, **changes: Any) -> Path:
         ({"history_digest": "ab"}, "history_digest"),
         ({"history_digest": None}, "history_digest"),
         ({"version": 3}, "version"),
+        ({"version": 2.0}, "version"),
+        ({"history_digest": "0" * 64}, "history_digest"),
         ({"version": 1, "history": [1, 2]}, "history"),
         ({"version": 1, "history": [{"round": 1}]}, "participants"),
         ({"version": 1, "history": [{"round": -1, "participants": []}]}, "history"),
