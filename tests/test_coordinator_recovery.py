@@ -36,7 +36,7 @@ from pluralfed.auth import AllowList
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
 from pluralfed.tensorfiles import load_tensors, save_tensors
-from pluralfed.wire import TensorSlice, specs_of
+from pluralfed.wire import TensorSlice, digest_of, specs_of
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -551,6 +551,7 @@ def test_a_checkpoint_whose_state_json_cannot_be_written_leaves_no_weights_behin
     settings = RoundSettings(rounds=3, eval_every=0, server_optimizer="fedadam")
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     before = files(tmp_path)
+    served = (engine.model_version, engine.state.completed_rounds, engine.model_digest)
 
     def full(path: Path, _obj: Any, **_kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -567,6 +568,10 @@ def test_a_checkpoint_whose_state_json_cannot_be_written_leaves_no_weights_behin
     # round overwrites (a line, not a model)
     assert after.pop(HISTORY_FILE).count(b"\n") == 1
     assert after == before  # before: weights-r00001 and optimizer-r00001 as well
+    # what the server answers while it stops is the last checkpoint's model, under its version
+    # (before: round 1's weights under round 0's version; session 22 review L5)
+    assert (engine.model_version, engine.state.completed_rounds, engine.model_digest) == served
+    assert digest_of(engine.state.weights) == engine.model_digest
     state = load_state(tmp_path)
     assert state is not None and state.completed_rounds == 0 and len(state.history) == 0
 
