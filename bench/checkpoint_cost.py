@@ -1,15 +1,15 @@
 """What the coordinator's per-round checkpoint costs as a run's history grows.
 
-Every round the engine appends its record to history.jsonl, checkpoints (coordinator/state.py
-`save_state`: the weights file, then state.json naming the records by length and digest, with
-the evaluations) and appends the round's row to metrics.jsonl. This times that with the real
-code on synthetic histories of N rounds (16 training groups, 4 metrics each, an evaluation of
-18 groups every 10 rounds, records shaped as the engine writes them), next to session 21's
-layout, where state.json held the whole history inline and was rewritten every round. Also what
-a resume costs: CPU seconds of `load_state` (the weights' digest included), and CPU seconds and
-the Python heap's peak (tracemalloc) of reading the records, which then held every record and
-now keeps the first and the last, and of checking metrics.jsonl against them (which then built
-the whole file's text, and now streams). CPU seconds of this process; the model is the default
+Every round the engine checkpoints (coordinator/state.py `save_state`: the round's record
+appended to history.jsonl, the weights file, then state.json naming history.jsonl and
+evaluations.jsonl by length and digest) and appends the round's row to metrics.jsonl. This
+times that with the real code on synthetic histories of N rounds (16 training groups, 4 metrics
+each, an evaluation of 18 groups every 10 rounds, records shaped as the engine writes them),
+next to session 21's layout, where state.json held every record inline and was rewritten every
+round. Also what a resume costs: CPU seconds of `load_state` (the weights' digest included), and
+CPU seconds and the Python heap's peak (tracemalloc) of reading the records, which then held
+every record and now keeps the last ones and the groups named, and of checking metrics.jsonl
+against them (which then built the whole file's text, and now streams). CPU seconds of this process; the model is the default
 one's size, 8.4 MB of float32.
 
     .venv/bin/python bench/checkpoint_cost.py                 # 1,000 .. 20,000 rounds
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.history import HISTORY_FILE, RoundHistory
+from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from coordinator.metrics_file import MetricsFile, row_key
 from coordinator.state import RunState, load_state, save_state
 from pluralfed.fsutil import atomic_write_json
@@ -83,8 +83,9 @@ def cpu(fn: Any) -> float:
 def measure(rounds: int, weights: dict[str, np.ndarray], folder: Path) -> dict[str, float]:
     records = [round_record(n) for n in range(1, rounds + 1)]
     evaluations = [evaluation_record(n) for n in range(10, rounds + 1, 10)]
-    history = RoundHistory.from_records(folder / HISTORY_FILE, records[:-1])  # type: ignore[arg-type]
-    state = RunState("bench", rounds, weights, {}, "enc", history, evaluations)  # type: ignore[arg-type]
+    history = RoundHistory.from_records(folder / HISTORY_FILE, records[:-1], "bench")
+    logged = EvaluationLog.from_records(folder / EVALUATIONS_FILE, evaluations, "bench")
+    state = RunState("bench", rounds, weights, {}, "enc", history, logged)
     save_state(folder, state)  # a first checkpoint, so that the timed one replaces files
 
     def checkpoint() -> None:  # the last round's: its record, then the checkpoint
@@ -107,17 +108,19 @@ def measure(rounds: int, weights: dict[str, np.ndarray], folder: Path) -> dict[s
 
     # session 21: state.json with the history inline, unindented, rewritten every round
     raw = json.loads((folder / "state.json").read_bytes())
-    raw["history"] = records
+    raw.update(history=records, evaluations=evaluations)
     old = folder / "old" / "state.json"
     old.parent.mkdir()
-    weights_only = cpu(
-        lambda: save_state(
-            old.parent,
-            RunState(
-                "b", rounds, weights, {}, "enc", RoundHistory.create(old.parent / HISTORY_FILE)
-            ),
-        )
+    empty = RunState(
+        "b",
+        rounds,
+        weights,
+        {},
+        "enc",
+        RoundHistory.create(old.parent / HISTORY_FILE),
+        EvaluationLog.create(old.parent / EVALUATIONS_FILE),
     )
+    weights_only = cpu(lambda: save_state(old.parent, empty))
     out["before_state_s"] = weights_only + cpu(lambda: atomic_write_json(old, raw, indent=None))
     out["before_state_json_mib"] = old.stat().st_size / 2**20
     out["before_load_s"], out["before_load_mib"] = cpu_and_heap(
@@ -126,13 +129,17 @@ def measure(rounds: int, weights: dict[str, np.ndarray], folder: Path) -> dict[s
     return out
 
 
-def read_records(folder: Path) -> RoundHistory:
-    """What a resume reads of the records (weights aside): state.json, then history.jsonl."""
-    raw = json.loads((folder / "state.json").read_bytes())
+def read_records(folder: Path) -> None:
+    """What a resume reads of the records (weights aside): state.json, history.jsonl, then
+    evaluations.jsonl, each evaluation read once more (the engine notes their groups)."""
     path = folder / "state.json"
-    return RoundHistory.load(
-        folder / HISTORY_FILE, raw["history_bytes"], raw["history_digest"], path
+    raw = json.loads(path.read_bytes())
+    RoundHistory.load(folder / HISTORY_FILE, raw["history_bytes"], raw["history_digest"], path)
+    evaluations = EvaluationLog.load(
+        folder / EVALUATIONS_FILE, raw["evaluations_bytes"], raw["evaluations_digest"], path
     )
+    for _ in evaluations.records():
+        pass
 
 
 def cpu_and_heap(fn: Any) -> tuple[float, float]:

@@ -1,6 +1,6 @@
 """metrics.jsonl: the run's round and evaluation records, one a line, for people and tools.
 
-It follows the checkpointed state (history.jsonl and state.json's evaluations): never a round
+It follows the checkpointed state (history.jsonl and evaluations.jsonl): never a round
 twice, never one lost. A row is appended as its record is checkpointed, so a round's cost does
 not grow with the run's length; the file is rebuilt from the state only when it cannot be
 trusted (at a resumed start that finds it different, after a failed write) or when an
@@ -10,6 +10,7 @@ does not hold them all in memory.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -81,17 +82,10 @@ class MetricsFile:
     # ------------------------------------------------------------------------ from the state
 
     def _rows(self) -> Iterator[Mapping[str, Any]]:
-        """The state's records in metrics.jsonl's order: the rounds (in order in history.jsonl,
-        read one at a time) with the evaluations merged in."""
-        evaluations = sorted(self._state.evaluations, key=row_key)
-        i = 0
-        for record in self._state.history.records():
-            row = {"kind": "round", **record}
-            while i < len(evaluations) and row_key(evaluations[i]) < row_key(row):
-                yield evaluations[i]
-                i += 1
-            yield row
-        yield from evaluations[i:]
+        """The state's records in metrics.jsonl's order: the rounds and the evaluations (each
+        in round order in its file, read one at a time) merged."""
+        rounds = ({"kind": "round", **r} for r in self._state.history.records())
+        return heapq.merge(rounds, self._state.evaluations.records(), key=row_key)
 
     def _lines(self) -> Iterator[bytes]:
         return (_line(row) for row in self._rows())

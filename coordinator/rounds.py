@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from coordinator.history import HISTORY_FILE, RoundHistory
+from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from coordinator.metrics_file import MetricsFile
 from coordinator.settings import RoundSettings
 from coordinator.state import CheckpointError, RunState, load_state, save_state
@@ -200,6 +200,8 @@ class RoundEngine:
         self.finished_at_start = False
         self.evaluated_again = False  # ... whose final evaluation this process replaced
         self._joined: set[str] = set()  # groups that joined this process
+        self._evaluated: set[str] = set()  # groups the run's evaluations had (_note_evaluation)
+        self._held_out_seen: set[str] = set()  # held-out groups its evaluations named
         self._told_end: set[str] = set()  # groups whose node was handed SHUTDOWN
         resumed = load_state(self.state_dir)
         if resumed is not None:
@@ -243,9 +245,11 @@ class RoundEngine:
                 model_config=dict(model_config),
                 encoder_identity=encoder_identity,
                 history=RoundHistory.create(self.state_dir / HISTORY_FILE),
-                evaluations=[],
+                evaluations=EvaluationLog.create(self.state_dir / EVALUATIONS_FILE),
             )
             save_state(self.state_dir, self.state)
+        for evaluation in self.state.evaluations.records():  # a resumed run's, one at a time
+            self._note_evaluation(evaluation)
         self.specs: list[TensorSpec] = specs_of(self.state.weights)
         self._refresh_version()
         self.metrics = MetricsFile(self.state_dir, self.state)
@@ -930,8 +934,9 @@ class RoundEngine:
         gets the figures of a group that was away at its end. The new evaluation replaces the
         old only if it covers every group the old one did (a partial one would drop, say, the
         held-out figures); otherwise the old one stays and the log says why."""
-        last = [e for e in self.state.evaluations if e["round"] == self.state.completed_rounds]
-        wanted = set(last[-1]["groups"]) | set(last[-1].get("missing", ()))
+        last = self.state.evaluations.last  # of the last round: finished_at_start says so
+        assert last is not None and last["round"] == self.state.completed_rounds
+        wanted = set(last["groups"]) | set(last.get("missing", ()))
         wanted |= set(self.settings.evaluate_only or ())
         limit = self.settings.eval_timeout_s
         started = time.monotonic()
@@ -979,19 +984,26 @@ class RoundEngine:
         return self._task.task_id if self._task is not None else None
 
     def _has_eval(self, round_: int) -> bool:
-        return any(e["round"] == round_ for e in self.state.evaluations)
+        return round_ in self.state.evaluations.rounds
 
     def _evaluated_groups(self) -> set[str]:
         """The groups the run's evaluations so far had (reported, or asked and silent). A
         held-out group missing only because no node of it was connected is left out: its node
         may never have come, and the run's end is not held up for it (the evaluations count it
         via _held_out_groups)."""
-        groups: set[str] = set()
-        for e in self.state.evaluations:
-            unconnected = _held_out_unconnected(e)
-            groups.update(e.get("groups", ()))
-            groups.update(g for g in e.get("missing", ()) if g not in unconnected)
-        return groups
+        return set(self._evaluated)
+
+    def _note_evaluation(self, e: EvaluationRecord) -> None:
+        """What the engine reads of every evaluation, kept as they come (the records
+        themselves are in evaluations.jsonl): the groups they had, and the held-out ones."""
+        unconnected = _held_out_unconnected(e)
+        self._evaluated.update(e.get("groups", ()))
+        self._evaluated.update(g for g in e.get("missing", ()) if g not in unconnected)
+        rows = e.get("per_group")
+        for g, row in rows.items() if isinstance(rows, Mapping) else ():
+            if isinstance(row, Mapping) and row.get("role") == Role.EVALUATE_ONLY:
+                self._held_out_seen.add(g)
+        self._held_out_seen.update(_held_out_named(e))
 
     def _held_out_groups(self, t: _OpenTask) -> set[str]:
         """The run's held-out groups: evaluate_only when set; else those whose node joined as
@@ -1003,13 +1015,7 @@ class RoundEngine:
             s = self._sessions.get(session_id)
             if s is not None and s.role == Role.EVALUATE_ONLY:
                 held.add(group)
-        for e in self.state.evaluations:
-            rows = e.get("per_group")
-            for g, row in rows.items() if isinstance(rows, Mapping) else ():
-                if isinstance(row, Mapping) and row.get("role") == Role.EVALUATE_ONLY:
-                    held.add(g)
-            held.update(_held_out_named(e))
-        return held
+        return held | self._held_out_seen
 
     def _wait_for_evaluators(self) -> bool:
         """Before an evaluation a stopped coordinator owed (after a restart): the quorum, then
@@ -1290,9 +1296,11 @@ class RoundEngine:
                     for g, (role, e) in sorted(t.evaluations.items())
                 },
             }
-            earlier = [e for e in self.state.evaluations if e["round"] == t.round]
-            if earlier:  # evaluated again (a finished run started again)
-                left_out = sorted(set(earlier[-1]["groups"]) - set(record["groups"]))
+            earlier = self.state.evaluations.last
+            if earlier is not None and earlier["round"] != t.round:
+                earlier = None
+            if earlier is not None:  # evaluated again (a finished run started again)
+                left_out = sorted(set(earlier["groups"]) - set(record["groups"]))
                 if left_out:
                     log.warning(
                         "evaluation after round %d again: %s, without %s, which the earlier "
@@ -1300,25 +1308,24 @@ class RoundEngine:
                         t.round,
                         describe_record(record),
                         left_out,
-                        describe_record(earlier[-1]),
+                        describe_record(earlier),
                     )
                     return
                 log.info(
                     "evaluation after round %d replaces the earlier one (%s)",
                     t.round,
-                    describe_record(earlier[-1]),
+                    describe_record(earlier),
                 )
-                self.state.evaluations = [e for e in self.state.evaluations if e not in earlier]
                 self.evaluated_again = True
-            self.state.evaluations.append(record)
-            save_state(self.state_dir, self.state, self.model_digest)
+            save_state(self.state_dir, self.state, self.model_digest, evaluation=record)
+            self._note_evaluation(record)
             self.metrics.write(None if earlier else record)
         log.info("%s", describe_record(record))
         if self._on_round:
             self._on_round(record)
 
     def final_evaluation(self) -> EvaluationRecord | None:
-        return self.state.evaluations[-1] if self.state.evaluations else None
+        return self.state.evaluations.last
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -524,7 +524,7 @@ def _write_final(
         "wall_seconds": time.time() - started,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_evaluation": last,
-        "evaluations": engine.state.evaluations,
+        "evaluations": list(engine.state.evaluations.records()),
     }
     if engine.evaluated_again:  # the run's own time and memory, not this re-evaluation's
         results.update(_run_figures(cfg.state_dir / "results.json"))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.history import HISTORY_FILE, RoundHistory, check_round_record
+from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_json, commit_file
 from pluralfed.records import EvaluationRecord, RoundRecord
@@ -37,6 +37,7 @@ RUN_FILES = (
     "weights-r*.safetensors",
     "optimizer-r*.safetensors",
     HISTORY_FILE,
+    EVALUATIONS_FILE,
     "metrics.jsonl",
     "results.json",
 )
@@ -55,7 +56,7 @@ class RunState:
     model_config: dict[str, Any]
     encoder_identity: str
     history: RoundHistory  # in the state folder's history.jsonl
-    evaluations: list[EvaluationRecord] = field(default_factory=list)
+    evaluations: EvaluationLog  # in its evaluations.jsonl
     optimizer_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,20 +99,26 @@ def save_state(
     state: RunState,
     weights_digest: bytes | None = None,
     record: RoundRecord | None = None,
+    evaluation: EvaluationRecord | None = None,
 ) -> None:
-    """Checkpoint `state`, with `record` (the round it completed) appended to its history
-    first; raises CheckpointError naming the file that could not be written (state.json is
-    then still the previous checkpoint, unless only the folder's fsync after its rename
-    failed; a record appended stays beyond what it counts, and the history in memory keeps
-    it: the run stops). `weights_digest`: `digest_of` the weights, when the caller has it
-    already (the round engine hashes them for the version)."""
+    """Checkpoint `state`, with `record` (the round it completed) or `evaluation` appended to
+    its records first; raises CheckpointError naming the file that could not be written
+    (state.json is then still the previous checkpoint, unless only the folder's fsync after
+    its rename failed; a record appended stays beyond what it counts, and the records in
+    memory keep it: the run stops). `weights_digest`: `digest_of` the weights, when the caller
+    has it already (the round engine hashes them for the version)."""
     folder = Path(folder)
-    if state.history.path != folder / HISTORY_FILE:
-        raise ValueError(f"the history of a state saved to {folder} is {state.history.path}")
+    for records, name in ((state.history, HISTORY_FILE), (state.evaluations, EVALUATIONS_FILE)):
+        if records.path != folder / name:
+            raise ValueError(f"the records of a state saved to {folder} are in {records.path}")
     with _writing(state.history.path):
         state.history.write_pending()  # a version-1 state's records, at its first checkpoint
         if record is not None:
             state.history.append(record)
+    with _writing(state.evaluations.path):
+        state.evaluations.write_pending()
+        if evaluation is not None:
+            state.evaluations.append(evaluation)
     weights_file = _weights_name(state)
     arrays = {k: v for k, v in state.optimizer_state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in state.optimizer_state.items() if not isinstance(v, np.ndarray)}
@@ -179,9 +186,9 @@ def _commit_state(
                 "encoder_identity": state.encoder_identity,
                 "history_bytes": state.history.nbytes,
                 "history_digest": state.history.digest(),
-                "evaluations": state.evaluations,
+                "evaluations_bytes": state.evaluations.nbytes,
+                "evaluations_digest": state.evaluations.digest(),
             },
-            indent=None,  # rewritten every round, with every evaluation: kept fast
         )
 
 
@@ -209,25 +216,6 @@ def _file_in(folder: Path, raw: dict[str, Any], key: str, path: Path) -> Path:
     return folder / name
 
 
-def _records(raw: dict[str, Any], key: str, path: Path, needs: dict[str, type]) -> list[Any]:
-    """raw[key] as a list of records (JSON objects), each with the fields the engine reads."""
-    value = raw[key]
-    if not isinstance(value, list):
-        raise InputError(f"{path}: field {key!r} must be a list, got {type(value).__name__}")
-    for i, record in enumerate(value):
-        if not isinstance(record, dict):
-            raise InputError(f"{path}: {key}[{i}] must be an object, got {type(record).__name__}")
-        for field_name, kind in needs.items():
-            got = record.get(field_name)
-            if not isinstance(got, kind) or isinstance(got, bool):
-                raise InputError(
-                    f"{path}: {key}[{i}] field {field_name!r} missing or not a {kind.__name__}"
-                )
-        if record["round"] < 0:
-            raise InputError(f"{path}: {key}[{i}] has round {record['round']}")
-    return value
-
-
 def _check_digest(
     raw: dict[str, Any], key: str, tensors: Mapping[str, np.ndarray], where: Path, path: Path
 ) -> None:
@@ -245,31 +233,48 @@ def _check_digest(
         )
 
 
-def _history(folder: Path, raw: dict[str, Any], path: Path) -> RoundHistory:
-    """The run's round records: history.jsonl as state.json names it, or (a state.json of
-    version 1) state.json's own list, checked, which the first checkpoint writes there."""
+def _inline(raw: dict[str, Any], key: str, path: Path) -> list[Any]:
+    """A version-1 state.json's list of records."""
+    if not isinstance(raw.get(key), list):
+        raise InputError(f"{path}: field {key!r} missing or not a list")
+    return list(raw[key])
+
+
+def _logs(folder: Path, raw: dict[str, Any], path: Path) -> tuple[RoundHistory, EvaluationLog]:
+    """The run's records: history.jsonl and evaluations.jsonl as state.json names them, or (a
+    state.json of version 1) state.json's own lists, checked, which the first checkpoint writes
+    there."""
     if raw["version"] == 1:
-        records = raw.get("history")
-        if not isinstance(records, list):
-            raise InputError(f"{path}: field 'history' missing or not a list")
-        for i, record in enumerate(records):
-            check_round_record(record, i + 1, f"{path}: history[{i}]")
-        return RoundHistory.from_records(folder / HISTORY_FILE, records)
-    nbytes, digest = raw.get("history_bytes"), raw.get("history_digest")
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise InputError(f"{path}: field 'history_bytes' missing or not a count of bytes")
-    if not isinstance(digest, str) or len(digest) != 64:
-        raise InputError(f"{path}: field 'history_digest' must be a BLAKE3 digest (64 hex digits)")
-    return RoundHistory.load(folder / HISTORY_FILE, nbytes, digest, path)
+        history = RoundHistory.from_records(
+            folder / HISTORY_FILE, _inline(raw, "history", path), f"{path}: history"
+        )
+        evaluations = EvaluationLog.from_records(
+            folder / EVALUATIONS_FILE, _inline(raw, "evaluations", path), f"{path}: evaluations"
+        )
+        return history, evaluations
+    named = []
+    for key in ("history", "evaluations"):
+        nbytes, digest = raw.get(f"{key}_bytes"), raw.get(f"{key}_digest")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise InputError(f"{path}: field '{key}_bytes' missing or not a count of bytes")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise InputError(
+                f"{path}: field '{key}_digest' must be a BLAKE3 digest (64 hex digits)"
+            )
+        named.append((nbytes, digest))
+    return (
+        RoundHistory.load(folder / HISTORY_FILE, *named[0], path),
+        EvaluationLog.load(folder / EVALUATIONS_FILE, *named[1], path),
+    )
 
 
 def _check_consistent(
-    raw: dict[str, Any], history: RoundHistory, evaluations: list[Any], path: Path
+    raw: dict[str, Any], history: RoundHistory, evaluations: EvaluationLog, path: Path
 ) -> None:
-    """state.json's fields agree with each other and the history, as save_state writes them:
-    one record per completed round (their order the history checks), the weights file of that
-    round, evaluations of rounds done, each once. Anything else was edited or damaged, and
-    resuming from it would lose or repeat rounds."""
+    """state.json's fields agree with each other and the records, as save_state writes them:
+    one record per completed round (their order the records check), the weights file of that
+    round, evaluations of rounds done. Anything else was edited or damaged, and resuming from
+    it would lose or repeat rounds."""
     done = raw["completed_rounds"]
     if len(history) != done:
         raise InputError(
@@ -288,22 +293,12 @@ def _check_consistent(
             f"{path}: field 'optimizer_file' is {optimizer!r}, expected "
             f"'optimizer-r{done:05d}.safetensors' for completed_rounds {done}"
         )
-    seen: set[int] = set()
-    for i, record in enumerate(evaluations):
-        if record["round"] > done:
-            raise InputError(
-                f"{path}: evaluations[{i}] is of round {record['round']}, beyond "
-                f"completed_rounds {done}"
-            )
-        if record["round"] in seen:
-            raise InputError(
-                f"{path}: evaluations[{i}] is a second evaluation of round {record['round']}"
-            )
-        seen.add(record["round"])
-        for key in ("groups", "missing", "missing_held_out", "held_out_unconnected"):
-            names = record.get(key, [])  # the last two: absent in records older than them
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise InputError(f"{path}: evaluations[{i}] field {key!r} must be a list of names")
+    last = evaluations.last
+    if last is not None and last["round"] > done:
+        raise InputError(
+            f"{path}: the evaluations hold one of round {last['round']}, beyond "
+            f"completed_rounds {done}"
+        )
 
 
 def _finite(tensors: dict[str, np.ndarray], where: Path) -> dict[str, np.ndarray]:
@@ -347,7 +342,6 @@ def load_state(folder: Path) -> RunState | None:
         ("weights_file", str),
         ("model_config", dict),
         ("encoder_identity", str),
-        ("evaluations", list),
     ):
         if not isinstance(raw.get(key), kind) or isinstance(raw.get(key), bool):
             raise InputError(f"{path}: field {key!r} missing or not a {kind.__name__}")
@@ -356,9 +350,7 @@ def load_state(folder: Path) -> RunState | None:
     scalars = raw.get("optimizer_scalars") or {}
     if not isinstance(scalars, dict):
         raise InputError(f"{path}: field 'optimizer_scalars' must be an object")
-    # what the engine and the final report read from each record
-    evaluations = _records(raw, "evaluations", path, {"round": int, "reports": dict})
-    history = _history(folder, raw, path)
+    history, evaluations = _logs(folder, raw, path)
     _check_consistent(raw, history, evaluations, path)
     weights_path = _file_in(folder, raw, "weights_file", path)
     optimizer_path = (

@@ -27,7 +27,7 @@ from test_engine_recovery import ENC, WEIGHTS, evaluated, replay_of, serve, star
 
 import coordinator.service as service
 import coordinator.state as state_module
-from coordinator.history import HISTORY_FILE
+from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE
 from coordinator.rounds import Rejection, Role, RoundEngine, TaskKind
 from coordinator.service import EXIT_CANNOT_WRITE, CoordinatorConfig, run_coordinator
 from coordinator.settings import RoundSettings
@@ -166,22 +166,6 @@ def _edited(folder: Path, edit: Any) -> Path:
             lambda raw: raw.update(weights_file="weights-r00002.safetensors"),
             "'weights_file' is 'weights-r00002.safetensors', expected 'weights-r00003",
         ),
-        (
-            lambda raw: raw["evaluations"].append({**raw["evaluations"][-1], "round": 4}),
-            r"evaluations\[3\] is of round 4, beyond completed_rounds 3",
-        ),
-        (
-            lambda raw: raw["evaluations"].append(raw["evaluations"][0]),
-            r"evaluations\[3\] is a second evaluation of round 1",
-        ),
-        (
-            lambda raw: raw["evaluations"][0].update(groups="A"),
-            r"evaluations\[0\] field 'groups' must be a list",
-        ),
-        (
-            lambda raw: raw["evaluations"][1].update(held_out_unconnected=["H", None]),
-            r"evaluations\[1\] field 'held_out_unconnected' must be a list",
-        ),
     ],
 )
 def test_an_inconsistent_state_json_is_refused_naming_the_field(
@@ -196,20 +180,55 @@ def test_an_inconsistent_state_json_is_refused_naming_the_field(
     assert files(folder) == before  # nothing deleted or rewritten
 
 
-def _history_edited(folder: Path, edit: Any, sign: bool = True) -> Path:
-    """A finished run of 3 rounds whose history.jsonl records were edited, and (`sign`)
+def _history_edited(folder: Path, edit: Any, name: str = HISTORY_FILE) -> Path:
+    """A finished run of 3 rounds whose history.jsonl (or `name`) records were edited, and
     state.json's length and digest of them made to agree, as a careful hand edit would."""
     finished_run(folder, rounds=3)
-    path = folder / HISTORY_FILE
+    path = folder / name
     records = [json.loads(line) for line in path.read_bytes().splitlines()]
     edit(records)
     text = b"".join(json.dumps(r).encode() + b"\n" for r in records)
     path.write_bytes(text)
-    if sign:
-        raw = json.loads((folder / STATE_FILE).read_text())
-        raw.update(history_bytes=len(text), history_digest=blake3.blake3(text).hexdigest())
-        (folder / STATE_FILE).write_text(json.dumps(raw))
+    key = "history" if name == HISTORY_FILE else "evaluations"
+    raw = json.loads((folder / STATE_FILE).read_text())
+    raw[f"{key}_bytes"], raw[f"{key}_digest"] = len(text), blake3.blake3(text).hexdigest()
+    (folder / STATE_FILE).write_text(json.dumps(raw))
     return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda es: es.append({**es[-1], "round": 4}),
+            r"state\.json: the evaluations hold one of round 4, beyond completed_rounds 3",
+        ),
+        (
+            lambda es: es.append(es[0]),
+            r"evaluations\.jsonl, line 4: is of round 1, after an evaluation of round 3",
+        ),
+        (
+            lambda es: es[0].update(groups="A"),
+            r"evaluations\.jsonl, line 1: field 'groups' must be a list of group names",
+        ),
+        (
+            lambda es: es[1].update(held_out_unconnected=["H", None]),
+            r"evaluations\.jsonl, line 2: field 'held_out_unconnected' must be a list",
+        ),
+        (
+            lambda es: es[2].pop("reports"),
+            r"evaluations\.jsonl, line 3: field 'reports' missing or not an object",
+        ),
+    ],
+)
+def test_inconsistent_evaluation_records_are_refused_naming_the_line(
+    tmp_path: Path, edit: Any, expected: str
+) -> None:
+    folder = _history_edited(tmp_path, edit, EVALUATIONS_FILE)
+    before = files(folder)
+    with pytest.raises(InputError, match=expected):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, folder, ENC, {})
+    assert files(folder) == before
 
 
 @pytest.mark.parametrize(
@@ -343,11 +362,14 @@ def test_a_run_of_state_version_1_resumes_with_its_history_moved(tmp_path: Path)
     records move to history.jsonl, and the next checkpoint is of version 2."""
     finished_run(tmp_path, rounds=2)
     records = [json.loads(line) for line in (tmp_path / HISTORY_FILE).read_bytes().splitlines()]
+    evaluations = [json.loads(x) for x in (tmp_path / EVALUATIONS_FILE).read_bytes().splitlines()]
     raw = json.loads((tmp_path / STATE_FILE).read_text())
-    del raw["history_bytes"], raw["history_digest"]
-    raw.update(version=1, history=records)
+    for key in ("history", "evaluations"):
+        del raw[f"{key}_bytes"], raw[f"{key}_digest"]
+    raw.update(version=1, history=records, evaluations=evaluations)
     (tmp_path / STATE_FILE).write_text(json.dumps(raw, indent=2))
     (tmp_path / HISTORY_FILE).unlink()
+    (tmp_path / EVALUATIONS_FILE).unlink()
     before = files(tmp_path)
     with pytest.raises(InputError, match="encoder"):  # a start refused changes nothing
         RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, tmp_path, "other", {})
@@ -357,6 +379,8 @@ def test_a_run_of_state_version_1_resumes_with_its_history_moved(tmp_path: Path)
     assert list(engine.state.history.records())[:2] == records
     assert json.loads((tmp_path / STATE_FILE).read_text())["version"] == 2
     assert "history" not in json.loads((tmp_path / STATE_FILE).read_text())
+    assert [e["round"] for e in engine.state.evaluations.records()] == [1, 2, 3]
+    assert list(engine.state.evaluations.records())[:2] == evaluations
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [(r["round"], r.get("kind")) for r in rows if r.get("kind") == "round"] == [
         (1, "round"),
@@ -398,7 +422,7 @@ def _stopped_before_the_final_evaluation(folder: Path, settings: RoundSettings) 
     stop.set()
     h.join(5)
     assert first.completed_rounds() == 2 and evaluated(first) == [1]
-    assert first.state.evaluations[0]["groups"] == ["A", "H"]
+    assert next(first.state.evaluations.records())["groups"] == ["A", "H"]
 
 
 def test_the_final_evaluation_after_a_restart_waits_for_the_held_out_group(tmp_path: Path) -> None:
@@ -778,7 +802,7 @@ def test_results_older_than_the_final_evaluation_are_written_again(
     assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
     state = load_state(state_dir)
     assert state is not None
-    assert json.loads(path.read_text())["final_evaluation"] == state.evaluations[-1]
+    assert json.loads(path.read_text())["final_evaluation"] == state.evaluations.last
 
 
 def test_a_finished_run_with_its_outputs_leaves_them_alone(

@@ -158,7 +158,7 @@ def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
     report(engine, b, engine.next_task(b.session_id, None, scaled(5)), "B")
     driver.join(scaled(20))
     assert engine.done
-    record = engine.state.evaluations[-1]
+    record = engine.state.evaluations.last
     assert record["groups"] == ["A", "B"] and record["missing"] == []
     assert sorted(record["per_group"]) == ["A", "B"]
 

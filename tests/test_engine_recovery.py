@@ -78,7 +78,7 @@ def serve(engine: RoundEngine, stop_after_round: int | None = None, alignment: f
 
 
 def evaluated(engine: RoundEngine) -> list[int]:
-    return [e["round"] for e in engine.state.evaluations]
+    return [e["round"] for e in engine.state.evaluations.records()]
 
 
 def test_an_evaluation_due_when_the_coordinator_stopped_runs_after_it_resumes(
@@ -169,7 +169,7 @@ def test_a_finished_run_started_again_evaluates_its_final_model_again(tmp_path: 
         ("evaluation", 2),
     ]
     saved = load_state(tmp_path)
-    assert saved is not None and saved.evaluations[-1]["per_group"]["A"]["model"] == 0.6
+    assert saved is not None and saved.evaluations.last["per_group"]["A"]["model"] == 0.6
 
 
 def _finish_with_a_held_out_group(tmp_path: Path, settings: RoundSettings) -> None:
@@ -232,7 +232,7 @@ def test_evaluating_again_waits_for_every_group_of_the_last_evaluation(tmp_path:
     settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=10)
     _finish_with_a_held_out_group(tmp_path, settings)
     with started_again(tmp_path, settings) as again:  # the quorum, but not every group
-        assert again.state.evaluations[-1]["groups"] == ["A", "H"] and not again.evaluated_again
+        assert again.state.evaluations.last["groups"] == ["A", "H"] and not again.evaluated_again
         evaluate_only(again, "H", 0.45)
     final = again.final_evaluation()
     assert again.evaluated_again and final is not None and final["groups"] == ["A", "H"]
@@ -289,7 +289,7 @@ def test_evaluating_again_waits_for_a_group_the_final_evaluation_missed(
     gone.join(20)
     ended = first.final_evaluation()
     assert first.done and evaluated(first) == [1, 2]
-    assert first.state.evaluations[0]["groups"] == ["A", "B"]
+    assert next(first.state.evaluations.records())["groups"] == ["A", "B"]
     assert ended is not None and ended["groups"] == ["A"] and ended["missing"] == ["B"]
     assert ended["missing_held_out"] == ["B"]  # B joined as evaluate-only (no evaluate_only)
     with (
@@ -537,7 +537,7 @@ def test_held_out_groups_that_never_joined_are_missing_from_the_evaluation(
     ]
     assert engine.unaware_of_end() == []
     saved = load_state(tmp_path)
-    assert saved is not None and saved.evaluations[-1]["missing"] == ["J", "K"]
+    assert saved is not None and saved.evaluations.last["missing"] == ["J", "K"]
 
 
 def test_the_quorum_wait_names_who_is_missing_and_says_it_again(
@@ -586,7 +586,7 @@ def _rebuilt_metrics(folder: Path) -> str:
     state = load_state(folder)
     assert state is not None
     rows = [{"kind": "round", **r} for r in state.history.records()]
-    rows += state.evaluations
+    rows += state.evaluations.records()
     rows.sort(key=lambda r: (r["round"], r.get("kind") == "evaluation"))
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 

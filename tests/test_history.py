@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 import coordinator.history as history_module
-from coordinator.history import HISTORY_FILE, RoundHistory
+from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from coordinator.metrics_file import MetricsFile
 from coordinator.state import RunState
 from pluralfed.errors import InputError
@@ -23,7 +23,7 @@ def record(n: int, groups: tuple[str, ...] = ("A", "B"), selected: tuple[str, ..
 
 
 def written(folder: Path, records: list[Any]) -> RoundHistory:
-    history = RoundHistory.from_records(folder / HISTORY_FILE, records)
+    history = RoundHistory.from_records(folder / HISTORY_FILE, records, "test")
     history.write_pending()
     return history
 
@@ -46,10 +46,10 @@ def test_appended_records_are_read_back_and_named_by_length_and_digest(tmp_path:
 def test_a_record_out_of_order_is_refused(tmp_path: Path) -> None:
     history = RoundHistory.create(tmp_path / HISTORY_FILE)
     history.append(record(1))
-    with pytest.raises(ValueError, match="round 3 appended after round 1"):
+    with pytest.raises(ValueError, match="is a record of round 3, expected round 2"):
         history.append(record(3))
-    with pytest.raises(ValueError, match="round 2 after round 0"):
-        RoundHistory.from_records(tmp_path / "other.jsonl", [record(2)])
+    with pytest.raises(InputError, match=r"^other\[0\]: is a record of round 2, expected round 1"):
+        RoundHistory.from_records(tmp_path / "other.jsonl", [record(2)], "other")
 
 
 def test_a_failed_append_adds_nothing_and_the_next_one_writes_over_it(
@@ -102,7 +102,11 @@ def test_metrics_file_merges_rounds_and_evaluations_and_mends_only_when_it_diffe
     """metrics.jsonl as the checkpoint has it: each round's evaluation after the round (one of
     round 0 first); a file that matches is left alone, one that does not is written anew."""
     history = written(tmp_path, [record(1), record(2), record(3)])
-    evaluations: Any = [{"round": r, "kind": "evaluation", "reports": {}} for r in (2, 0)]
+    evaluations = EvaluationLog.from_records(
+        tmp_path / EVALUATIONS_FILE,
+        [{"round": r, "kind": "evaluation", "reports": {}} for r in (0, 2)],
+        "test",
+    )
     state = RunState("r", 3, {}, {}, "enc", history, evaluations)
     metrics = MetricsFile(tmp_path, state)
     metrics.mend()  # no file yet: written
@@ -133,9 +137,32 @@ def test_an_empty_history_is_checked_against_its_digest_too(tmp_path: Path) -> N
 
 def test_records_not_yet_written_are_read_from_memory_then_written_once(tmp_path: Path) -> None:
     """A version-1 state's records: nothing on disk until its first checkpoint."""
-    history = RoundHistory.from_records(tmp_path / HISTORY_FILE, [record(1), record(2)])
+    history = RoundHistory.from_records(tmp_path / HISTORY_FILE, [record(1), record(2)], "test")
     assert not history.path.exists() and [r["round"] for r in history.records()] == [1, 2]
     history.append(record(3))
     lines = history.path.read_bytes().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
     assert history.digest() == blake3.blake3(history.path.read_bytes()).hexdigest()
+
+
+def evaluation(n: int, groups: tuple[str, ...] = ("A",)) -> Any:
+    return {"round": n, "kind": "evaluation", "groups": list(groups), "reports": {}}
+
+
+def test_an_evaluation_of_the_same_round_replaces_the_one_before(tmp_path: Path) -> None:
+    """A finished run evaluated again: the new record follows the old, which stays in the file
+    (appended, never rewritten) but is no longer read."""
+    log = EvaluationLog.create(tmp_path / EVALUATIONS_FILE)
+    for e in (evaluation(0), evaluation(10), evaluation(20), evaluation(20, ("A", "B"))):
+        log.append(e)
+    assert [(e["round"], e["groups"]) for e in log.records()] == [
+        (0, ["A"]),
+        (10, ["A"]),
+        (20, ["A", "B"]),
+    ]
+    assert len(log) == 3 and log.rounds == {0, 10, 20} and log.last == evaluation(20, ("A", "B"))
+    assert len(log.path.read_bytes().splitlines()) == 4
+    with pytest.raises(ValueError, match="is of round 10, after an evaluation of round 20"):
+        log.append(evaluation(10))
+    again = EvaluationLog.load(log.path, log.nbytes, log.digest(), tmp_path / "state.json")
+    assert list(again.records()) == list(log.records()) and again.rounds == log.rounds

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import pluralfed.checkpoint as checkpoint_module
-from coordinator.history import HISTORY_FILE, RoundHistory
+from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from coordinator.rounds import TaskKind, TaskSpec
 from coordinator.server import task_to_proto
 from coordinator.service import CoordinatorConfig, model_config
@@ -279,9 +279,14 @@ def _state(folder: Path, **changes: Any) -> Path:
             encoder_identity="enc",
             history=RoundHistory.from_records(
                 folder / HISTORY_FILE,
-                [{"round": 1, "participants": ["A"]}, {"round": 2, "participants": []}],  # type: ignore[list-item]
+                [{"round": 1, "participants": ["A"]}, {"round": 2, "participants": []}],
+                "test",
             ),
-            evaluations=[{"round": 2, "kind": "evaluation", "reports": {}}],
+            evaluations=EvaluationLog.from_records(
+                folder / EVALUATIONS_FILE,
+                [{"round": 2, "kind": "evaluation", "reports": {}}],
+                "test",
+            ),
         ),
     )
     raw = json.loads((folder / STATE_FILE).read_text())
@@ -310,8 +315,12 @@ def _state(folder: Path, **changes: Any) -> Path:
         ({"version": 1, "history": [{"round": 1}]}, "participants"),
         ({"version": 1, "history": [{"round": -1, "participants": []}]}, "history"),
         ({"version": 1, "history": "ab"}, "history"),
-        ({"evaluations": "ab"}, "evaluations"),
-        ({"evaluations": [{"round": "2", "reports": {}}]}, "round"),
+        ({"version": 1, "history": [], "evaluations": "ab"}, "evaluations"),
+        ({"version": 1, "history": [], "evaluations": [{"round": "2", "reports": {}}]}, "round"),
+        ({"version": 1, "history": [], "evaluations": [{"round": 2, "reports": []}]}, "reports"),
+        ({"evaluations_bytes": -1}, "evaluations_bytes"),
+        ({"evaluations_digest": "0" * 64}, "evaluations_digest"),
+        ({"evaluations_digest": 5}, "evaluations_digest"),
         ({"weights_file": "../x.safetensors"}, "weights_file"),
         ({"weights_file": "/etc/passwd"}, "weights_file"),
         ({"weights_file": "sub/w.safetensors"}, "weights_file"),

@@ -449,16 +449,16 @@ def _evaluation_round(fed: Federation, judge: FakeNode, nodes: dict[str, FakeNod
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     code, _ = status(report, b, task, group="Good A")  # another group's figures
     assert code == grpc.StatusCode.PERMISSION_DENIED
-    assert fed.engine.state.evaluations == []  # Good A, Good B and Judge have yet to answer
+    assert len(fed.engine.state.evaluations) == 0  # Good A, Good B and Judge have yet to answer
     report(a, task, metrics={**GOOD_METRICS, "model": 0.6})
     assert status(report, a, task)[0] == grpc.StatusCode.ALREADY_EXISTS
     report(b, task, metrics={**GOOD_METRICS, "model": 0.7})
     report(judge, task, metrics={**GOOD_METRICS, "model": 0.2})
 
     # every node has answered: the round closes now, not at its deadline
-    wait_until(lambda: fed.engine.state.evaluations, 20, "the evaluation record")
+    wait_until(lambda: len(fed.engine.state.evaluations), 20, "the evaluation record")
     assert time.monotonic() - started < fed.engine.settings.eval_timeout_s / 2
-    record = fed.engine.state.evaluations[0]
+    record = next(fed.engine.state.evaluations.records())
     assert record["groups"] == ["Good A", "Good B", "Judge"]
     assert record["missing"] == sorted(ALLOW[i] for i in BAD_REPORTS)
     assert record["per_group"]["Good A"]["model"] == 0.6
