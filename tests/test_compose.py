@@ -275,6 +275,20 @@ def _docker_ready() -> str | None:
     return None
 
 
+def compose_up(compose: list[str], folder: Path, env: dict[str, str]) -> str:
+    """`docker compose up` in `folder` to its end; its output, once it succeeded."""
+    done = subprocess.run(
+        [*compose, "up", "--no-build", "--no-color"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout + done.stderr
+
+
 @contextlib.contextmanager
 def _health_check_uids(project: str) -> Iterator[set[int]]:
     """The users the coordinator's health check of compose project `project` ran as while the
@@ -346,16 +360,7 @@ def test_docker_compose_up_runs_a_federation(tmp_path: Path) -> None:
 
     def up() -> str:
         """`docker compose up` to its end; its output, once it succeeded."""
-        done = subprocess.run(
-            [*compose, "up", "--no-build", "--no-color"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        return done.stdout + done.stderr
+        return compose_up(compose, tmp_path, env)
 
     try:
         with _health_check_uids(project) as health_uids:
@@ -434,16 +439,8 @@ def test_docker_compose_up_leaves_runs_to_the_checkouts_owner(tmp_path: Path) ->
     env = {**os.environ, "ROUNDS": "1", "EVAL_EVERY": "1"}
     try:
         with _health_check_uids(project) as health_uids:
-            done = subprocess.run(
-                [*compose, "up", "--no-build", "--no-color"],
-                cwd=checkout,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=1200,
-            )
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        assert "federation finished: 1 rounds" in done.stdout + done.stderr
+            output = compose_up(compose, checkout, env)
+        assert "federation finished: 1 rounds" in output
         assert health_uids == {user}, health_uids  # the health check too, not root
         runs = checkout / "runs"
         assert (runs / "compose" / "coordinator" / "final" / "model.safetensors").is_file()

@@ -286,6 +286,38 @@ def no_request(release: threading.Event) -> Iterator[bytes]:
     yield from ()
 
 
+CHECK = "/grpc.health.v1.Health/Check"
+
+
+def held_calls(
+    channels: list[grpc.Channel], method: str, each: int, release: threading.Event
+) -> list[grpc.Future]:
+    """`each` calls of `method` on every channel that send their headers and never their
+    request (until `release`)."""
+    return [
+        channel.stream_unary(
+            method, request_serializer=lambda m: m, response_deserializer=lambda b: b
+        ).future(no_request(release))
+        for channel in channels
+        for _ in range(each)
+    ]
+
+
+def close_all(channels: list[grpc.Channel], *others: FakeNode | Coordinator) -> None:
+    for channel in channels:
+        channel.close()
+    for other in others:
+        other.close()
+
+
+def assert_heartbeats_served(node: FakeNode, within_s: float) -> None:
+    """Three heartbeats of an honest node, answered within `within_s` in all."""
+    started = time.monotonic()
+    for _ in range(3):
+        assert not node.heartbeat().cancel_task
+    assert time.monotonic() - started < within_s
+
+
 @pytest.mark.parametrize("identity", ["node-a", "node-stranger"])
 def test_calls_that_never_send_their_request_hold_no_thread(
     tmp_path: Path, pki: Pki, identity: str, monkeypatch: pytest.MonkeyPatch
@@ -302,19 +334,8 @@ def test_calls_that_never_send_their_request_hold_no_thread(
     channels = connections(coord, pki, identity, 5)
     try:
         honest.join(ENC)
-        calls = [
-            channel.stream_unary(
-                "/pluralfed.v1.Federation/Heartbeat",
-                request_serializer=lambda m: m,
-                response_deserializer=lambda b: b,
-            ).future(no_request(release))
-            for channel in channels
-            for _ in range(8)
-        ]
-        started = time.monotonic()
-        for _ in range(3):
-            assert not honest.heartbeat().cancel_task
-        assert time.monotonic() - started < 5.0
+        calls = held_calls(channels, "/pluralfed.v1.Federation/Heartbeat", 8, release)
+        assert_heartbeats_served(honest, within_s=5.0)
         wait_until(lambda: all(c.done() for c in calls), 30, "every held call to end")
         codes = {c.exception().code() for c in calls}  # type: ignore[union-attr]
         if identity == "node-a":  # allow-listed: 8 wait for their request (then cut), 32 refused
@@ -323,10 +344,7 @@ def test_calls_that_never_send_their_request_hold_no_thread(
             assert codes == {grpc.StatusCode.PERMISSION_DENIED}
     finally:
         release.set()
-        for channel in channels:
-            channel.close()
-        honest.close()
-        coord.close()
+        close_all(channels, honest, coord)
 
 
 class CountedDeadlines(StreamDeadlines):
@@ -374,20 +392,12 @@ def test_one_connection_gets_a_bounded_number_of_streams(
     attacker = coord.node(pki, "node-a")
     try:
         honest.join(ENC)
-        check = attacker.channel.stream_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=lambda m: m,
-            response_deserializer=lambda b: b,
-        )
-        calls = [check.future(no_request(release)) for _ in range(100)]
+        calls = held_calls([attacker.channel], CHECK, 100, release)
         wait_until(lambda: deadlines.waiting >= MAX_STREAMS_PER_CONNECTION, 10, "held Checks")
         time.sleep(0.5)
         # before: every one of the 32 RPC threads waited for a Check's request
         assert deadlines.peak == MAX_STREAMS_PER_CONNECTION < 32
-        started = time.monotonic()
-        for _ in range(3):  # another connection is served meanwhile
-            assert not honest.heartbeat().cancel_task
-        assert time.monotonic() - started < 2.0
+        assert_heartbeats_served(honest, within_s=2.0)  # another connection is served
         assert sum(not c.done() for c in calls) >= MAX_STREAMS_PER_CONNECTION  # still held
     finally:
         release.set()
@@ -414,40 +424,26 @@ def test_health_checks_from_many_connections_hold_a_few_threads_at_most(
     channels = connections(coord, pki, "node-stranger", 5)
     try:
         honest.join(ENC)
-        calls = [
-            channel.stream_unary(
-                "/grpc.health.v1.Health/Check",
-                request_serializer=lambda m: m,
-                response_deserializer=lambda b: b,
-            ).future(no_request(release))
-            for channel in channels
-            for _ in range(MAX_STREAMS_PER_CONNECTION)
-        ]
+        calls = held_calls(channels, CHECK, MAX_STREAMS_PER_CONNECTION, release)
         wait_until(lambda: sum(c.done() for c in calls) >= 40, 10, "Checks refused")
         time.sleep(0.5)
         # before: all 32 RPC threads waited for a Check's request
         assert deadlines.peak == auth_module.MAX_EXEMPT_CALLS == 4
-        started = time.monotonic()
-        for _ in range(3):
-            assert not honest.heartbeat().cancel_task
-        assert time.monotonic() - started < 2.0
+        assert_heartbeats_served(honest, within_s=2.0)
         wait_until(lambda: all(c.done() for c in calls), 20, "every held Check to end")
         codes = [c.exception().code() for c in calls]  # type: ignore[union-attr]
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 5 * 16 - 4 - 8
         assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
         # over: a health checker's Check is served
         reply = channels[0].unary_unary(
-            "/grpc.health.v1.Health/Check",
+            CHECK,
             request_serializer=lambda m: m,
             response_deserializer=lambda b: b,
         )(b"", timeout=5)
         assert reply == b"\x08\x01"  # HealthCheckResponse(status=SERVING)
     finally:
         release.set()
-        for channel in channels:
-            channel.close()
-        honest.close()
-        coord.close()
+        close_all(channels, honest, coord)
 
 
 def test_a_replaced_sessions_upload_never_cancels_the_current_one(
