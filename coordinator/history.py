@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Generic, Self, TypeVar, cast
@@ -40,14 +41,14 @@ HISTORY_FILE = "history.jsonl"
 EVALUATIONS_FILE = "evaluations.jsonl"
 _RESTORE = "restore it from a backup, or start a new run in another state folder"
 
-R = TypeVar("R", RoundRecord, EvaluationRecord)
+_Record = TypeVar("_Record", RoundRecord, EvaluationRecord)
 
 
 def _encode(record: Mapping[str, Any]) -> bytes:
     return (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
 
 
-class _RecordLog(Generic[R]):
+class _RecordLog(ABC, Generic[_Record]):
     """Records appended to `path`, the first `nbytes` bytes of which are the run's. Made by
     `create` (a new run), `load` (what a state.json names) or `from_records` (a version-1
     state.json's own lists)."""
@@ -62,21 +63,21 @@ class _RecordLog(Generic[R]):
         self._hash = blake3.blake3()
         self._unwritten: list[bytes] | None = None  # records not yet on disk (`from_records`)
         self._own_file = False  # checked (or made) this process's own, unshared file
-        self.last: R | None = None
+        self.last: _Record | None = None
 
     # what a subclass says: how a record must follow the ones before, and what it keeps of it
 
+    @abstractmethod
     def _check(self, record: Any, where: str) -> None:
         """Refuse (InputError naming `where`) a record that cannot follow the ones noted."""
-        raise NotImplementedError
 
-    def _keep(self, record: R) -> None:
+    def _keep(self, record: _Record) -> None:
         """What the engine reads of the records without reading the file, updated."""
         self.last = record
 
     @classmethod
     def create(cls, path: Path) -> Self:
-        """The empty history of a new run (a file left there is replaced at the first append:
+        """The empty records of a new run (a file left there is replaced at the first append:
         a folder with another run's files is refused before a run starts)."""
         return cls(path)
 
@@ -85,14 +86,14 @@ class _RecordLog(Generic[R]):
         """Records (checked, `where` the list they came from) that are not on disk yet: a
         version-1 state.json kept them inline, and the first checkpoint writes them here
         (`write_pending`), so a start refused for another reason leaves the folder as it was."""
-        log_ = cls(path)
-        log_._unwritten = []
+        made = cls(path)
+        made._unwritten = []
         for i, record in enumerate(records):
-            log_._check(record, f"{where}[{i}]")
+            made._check(record, f"{where}[{i}]")
             line = _encode(record)
-            log_._unwritten.append(line)
-            log_._note(record, line)
-        return log_
+            made._unwritten.append(line)
+            made._note(record, line)
+        return made
 
     # ------------------------------------------------------------------------ reading
 
@@ -104,10 +105,10 @@ class _RecordLog(Generic[R]):
         """BLAKE3 (hex) of the file's first `nbytes` bytes: what state.json records."""
         return self._hash.copy().hexdigest()
 
-    def _all_lines(self) -> Iterator[R]:
+    def _all_records(self) -> Iterator[_Record]:
         """Every record written, read from the file (or memory, not written yet)."""
         if self._unwritten is not None:
-            yield from (cast(R, json.loads(line)) for line in self._unwritten)
+            yield from (cast(_Record, json.loads(line)) for line in self._unwritten)
             return
         left = self._nbytes
         if not left:
@@ -117,7 +118,7 @@ class _RecordLog(Generic[R]):
                 if left <= 0:
                     return
                 left -= len(line)
-                yield cast(R, json.loads(line))
+                yield cast(_Record, json.loads(line))
 
     # ------------------------------------------------------------------------ writing
 
@@ -129,7 +130,7 @@ class _RecordLog(Generic[R]):
             self._unwritten = None
             self._own_file = True
 
-    def append(self, record: R) -> None:
+    def append(self, record: _Record) -> None:
         """Add a record, durably (fsync'd); OSError if it cannot be written, and then nothing
         is added (ValueError for one that cannot follow the last). Whatever lies beyond the
         records (a line a crash or a failed write left, which no state.json counts) is cut off
@@ -189,7 +190,7 @@ class _RecordLog(Generic[R]):
         )
         self._own_file = True
 
-    def _note(self, record: R, line: bytes) -> None:
+    def _note(self, record: _Record, line: bytes) -> None:
         self._lines += 1
         self._nbytes += len(line)
         self._hash.update(line)
@@ -206,6 +207,7 @@ class _RecordLog(Generic[R]):
         history = cls(path)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            st = os.fstat(fd)
         except FileNotFoundError:
             if nbytes == 0:
                 history._check_digest(digest, state_path)
@@ -219,10 +221,10 @@ class _RecordLog(Generic[R]):
             raise InputError(
                 f"{path}: is {kind}; the run's {cls.what} must be a plain file of the state folder"
             ) from err
+        if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO, ...
+            os.close(fd)
+            raise InputError(f"{path}: is not a plain file; the run's {cls.what} must be one")
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise InputError(f"{path}: is not a plain file; the run's {cls.what} must be one")
             if st.st_size < nbytes:
                 raise InputError(
                     f"{path}: holds {st.st_size} bytes where {state_path} names the first "
@@ -261,7 +263,7 @@ class _RecordLog(Generic[R]):
                 f"changed after it was written; {_RESTORE}"
             )
 
-    def _parsed(self, line: bytes, where: str) -> R:
+    def _parsed(self, line: bytes, where: str) -> _Record:
         """One line as a record that may follow the ones noted."""
         if line == b"\n":
             raise InputError(f"{where}: is empty, where a record was expected")
@@ -270,7 +272,7 @@ class _RecordLog(Generic[R]):
         except ValueError as err:
             raise InputError(f"{where}: not a JSON record ({err})") from err
         self._check(record, where)
-        return cast(R, record)
+        return cast(_Record, record)
 
 
 class RoundHistory(_RecordLog[RoundRecord]):
@@ -286,12 +288,13 @@ class RoundHistory(_RecordLog[RoundRecord]):
         self.groups: set[str] = set()  # every group a record names: participants and selected
 
     def __len__(self) -> int:
+        """The rounds recorded."""
         return self._lines
 
     def records(self) -> Iterator[RoundRecord]:
         """Every record, read from the file (a rebuild of metrics.jsonl, reports, tests): the
         engine itself keeps none but the first and last."""
-        return self._all_lines()
+        return self._all_records()
 
     def _check(self, record: Any, where: str) -> None:
         """An object of the next round (the records hold rounds 1..n once each, in order)
@@ -325,12 +328,13 @@ class EvaluationLog(_RecordLog[EvaluationRecord]):
         self.rounds: set[int] = set()  # the rounds evaluated
 
     def __len__(self) -> int:
+        """The evaluations in force (a replaced one not counted)."""
         return len(self.rounds)
 
     def records(self) -> Iterator[EvaluationRecord]:
         """The evaluations in force (a replaced one left out), read from the file."""
         previous: EvaluationRecord | None = None
-        for record in self._all_lines():
+        for record in self._all_records():
             if previous is not None and previous["round"] != record["round"]:
                 yield previous
             previous = record
@@ -350,8 +354,8 @@ class EvaluationLog(_RecordLog[EvaluationRecord]):
             )
         if not isinstance(record.get("reports"), dict):
             raise InputError(f"{where}: field 'reports' missing or not an object")
-        names = ("groups", "missing", "missing_held_out", "held_out_unconnected")
-        _check_names(record, where, dict.fromkeys(names, False))
+        names = {"groups": True, "missing": False, "missing_held_out": False}
+        _check_names(record, where, {**names, "held_out_unconnected": False})
 
     def _keep(self, record: EvaluationRecord) -> None:
         super()._keep(record)

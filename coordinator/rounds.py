@@ -248,8 +248,7 @@ class RoundEngine:
                 evaluations=EvaluationLog.create(self.state_dir / EVALUATIONS_FILE),
             )
             save_state(self.state_dir, self.state)
-        for evaluation in self.state.evaluations.records():  # a resumed run's, one at a time
-            self._note_evaluation(evaluation)
+        self._note_evaluations()  # a resumed run's
         self.specs: list[TensorSpec] = specs_of(self.state.weights)
         self._refresh_version()
         self.metrics = MetricsFile(self.state_dir, self.state)
@@ -993,6 +992,13 @@ class RoundEngine:
         via _held_out_groups)."""
         return set(self._evaluated)
 
+    def _note_evaluations(self) -> None:
+        """What the engine reads of the evaluations in force, from evaluations.jsonl (one
+        record at a time): at start, and after an evaluation replaced the last one."""
+        self._evaluated, self._held_out_seen = set(), set()
+        for evaluation in self.state.evaluations.records():
+            self._note_evaluation(evaluation)
+
     def _note_evaluation(self, e: EvaluationRecord) -> None:
         """What the engine reads of every evaluation, kept as they come (the records
         themselves are in evaluations.jsonl): the groups they had, and the held-out ones."""
@@ -1318,7 +1324,10 @@ class RoundEngine:
                 )
                 self.evaluated_again = True
             save_state(self.state_dir, self.state, self.model_digest, evaluation=record)
-            self._note_evaluation(record)
+            if earlier is None:
+                self._note_evaluation(record)
+            else:  # what the replaced one had may be gone
+                self._note_evaluations()
             self.metrics.write(None if earlier else record)
         log.info("%s", describe_record(record))
         if self._on_round:

@@ -219,6 +219,10 @@ def _history_edited(folder: Path, edit: Any, name: str = HISTORY_FILE) -> Path:
             lambda es: es[2].pop("reports"),
             r"evaluations\.jsonl, line 3: field 'reports' missing or not an object",
         ),
+        (
+            lambda es: es[0].pop("groups"),
+            r"evaluations\.jsonl, line 1: field 'groups' must be a list of group names",
+        ),
     ],
 )
 def test_inconsistent_evaluation_records_are_refused_naming_the_line(
@@ -299,6 +303,30 @@ def test_a_record_no_checkpoint_counts_is_ignored_then_overwritten(tmp_path: Pat
     assert [r["round"] for r in load_state(tmp_path).history.records()] == [1, 2, 3]  # type: ignore[union-attr]
 
 
+def test_a_replaced_evaluation_leaves_the_engine_as_a_restart_would_find_it(
+    tmp_path: Path,
+) -> None:
+    """The groups the run's evaluations had are kept as they come, not read back each time: a
+    finished run's final evaluation that missed a silent held-out H, replaced by one that finds
+    H not connected, must drop H from them, as a restart reading the records in force does
+    (before: the engine kept H and lingered 30 s for it; session 22 review L1)."""
+
+    def silent_h(evaluations: list[Any]) -> None:
+        evaluations[-1].update(missing=["H"], missing_held_out=["H"], held_out_unconnected=[])
+
+    folder = _history_edited(tmp_path, silent_h, EVALUATIONS_FILE)
+    settings = RoundSettings(rounds=3, eval_every=1, eval_timeout_s=1, evaluate_only=("H",))
+    engine = RoundEngine(settings, WEIGHTS, folder, ENC, {})
+    assert engine._evaluated_groups() == {"A", "H"}
+    driver = start(engine)
+    serve(engine)
+    driver.join(20)
+    assert engine.evaluated_again and engine.final_evaluation()["held_out_unconnected"] == ["H"]  # type: ignore[index]
+    restarted = RoundEngine(settings, WEIGHTS, folder, ENC, {})
+    assert engine._evaluated_groups() == restarted._evaluated_groups() == {"A"}
+    assert engine._held_out_seen == restarted._held_out_seen
+
+
 def test_a_history_that_is_not_a_plain_file_is_refused(tmp_path: Path) -> None:
     """history.jsonl is written in place: a symlink would have its target written, a FIFO hung
     the start (session 22 review M2, L3)."""
@@ -312,6 +340,12 @@ def test_a_history_that_is_not_a_plain_file_is_refused(tmp_path: Path) -> None:
     path.unlink()
     os.mkfifo(path)
     with pytest.raises(InputError, match=r"history\.jsonl: is not a plain file"):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, tmp_path, ENC, {})
+    path.unlink()
+    elsewhere.rename(path)
+    (tmp_path / EVALUATIONS_FILE).unlink()
+    (tmp_path / EVALUATIONS_FILE).mkdir()
+    with pytest.raises(InputError, match=r"evaluations\.jsonl: is not a plain file"):
         RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, tmp_path, ENC, {})
 
 

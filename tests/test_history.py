@@ -104,7 +104,7 @@ def test_metrics_file_merges_rounds_and_evaluations_and_mends_only_when_it_diffe
     history = written(tmp_path, [record(1), record(2), record(3)])
     evaluations = EvaluationLog.from_records(
         tmp_path / EVALUATIONS_FILE,
-        [{"round": r, "kind": "evaluation", "reports": {}} for r in (0, 2)],
+        [{"round": r, "kind": "evaluation", "groups": [], "reports": {}} for r in (0, 2)],
         "test",
     )
     state = RunState("r", 3, {}, {}, "enc", history, evaluations)

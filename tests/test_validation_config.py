@@ -284,7 +284,7 @@ def _state(folder: Path, **changes: Any) -> Path:
             ),
             evaluations=EvaluationLog.from_records(
                 folder / EVALUATIONS_FILE,
-                [{"round": 2, "kind": "evaluation", "reports": {}}],
+                [{"round": 2, "kind": "evaluation", "groups": [], "reports": {}}],
                 "test",
             ),
         ),
