@@ -49,8 +49,22 @@ EVAL_METRICS = {
 
 
 class NoopNode:
-    def __init__(self, node_id: str, tls_dir: Path, port: int, seed: int, scale: float) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        tls_dir: Path,
+        port: int,
+        seed: int,
+        scale: float,
+        *,
+        role: pb.Role.ValueType = pb.ROLE_TRAIN,
+        encoder_id: str = ENCODER_ID,
+    ) -> None:
+        """`encoder_id`: what Join claims; bench_coordinator.py expects ENCODER_ID, the real
+        `pluralfed coordinator` its encoder's identity (its state.json's encoder_identity)."""
         self.node_id = node_id
+        self.role = role
+        self.encoder_id = encoder_id
         creds = TlsFiles.from_dir(tls_dir).channel_credentials()
         # own subchannel per node: one TCP+TLS connection per node, as separate machines would
         options = [*grpc_options(), ("grpc.use_local_subchannel_pool", 1)]
@@ -74,11 +88,11 @@ class NoopNode:
                 reply = self.stub.Join(
                     pb.JoinRequest(
                         group=self.node_id,
-                        role=pb.ROLE_TRAIN,
+                        role=self.role,
                         num_train_examples=100,
                         software_version="bench",
                         protocol_version=PROTOCOL_VERSION,
-                        encoder_id=ENCODER_ID,
+                        encoder_id=self.encoder_id,
                     ),
                     timeout=30,
                 )
@@ -155,24 +169,43 @@ class NoopNode:
             timeout=60,
         )
 
+    def step(self) -> bool:
+        """One long poll and the task it brings; False once the coordinator says SHUTDOWN (the
+        node has then left). RPC errors go to the caller."""
+        req = pb.GetTaskRequest(session_id=self.session_id)
+        req.wait.FromMilliseconds(30_000)
+        task = self.stub.GetTask(req, timeout=60)
+        if task.kind == pb.TASK_KIND_SHUTDOWN:
+            with contextlib.suppress(grpc.RpcError):
+                self.stub.Leave(pb.LeaveRequest(session_id=self.session_id), timeout=10)
+            self.done = True
+            return False
+        if task.kind == pb.TASK_KIND_TRAIN:
+            self.train(task)
+        elif task.kind == pb.TASK_KIND_EVALUATE:
+            self.evaluate(task)
+        return True
+
     def run(self, deadline: float) -> None:
         try:
             while time.time() < deadline:
-                req = pb.GetTaskRequest(session_id=self.session_id)
-                req.wait.FromMilliseconds(30_000)
-                task = self.stub.GetTask(req, timeout=60)
-                if task.kind == pb.TASK_KIND_SHUTDOWN:
-                    with contextlib.suppress(grpc.RpcError):
-                        self.stub.Leave(pb.LeaveRequest(session_id=self.session_id), timeout=10)
-                    self.done = True
+                if not self.step():
                     return
-                if task.kind == pb.TASK_KIND_TRAIN:
-                    self.train(task)
-                elif task.kind == pb.TASK_KIND_EVALUATE:
-                    self.evaluate(task)
             self.error = "benchmark deadline passed"
         except Exception as err:  # recorded, reported by the orchestrator
             self.error = f"{type(err).__name__}: {err}"
+
+
+def heartbeats(nodes: list[NoopNode], stop: threading.Event, every_s: float = 5.0) -> None:
+    """One heartbeat thread per process, for all its nodes, until `stop` is set."""
+    while not stop.wait(every_s):
+        for n in nodes:
+            if not n.done:
+                with contextlib.suppress(grpc.RpcError):
+                    n.stub.Heartbeat(
+                        pb.HeartbeatRequest(session_id=n.session_id, state=pb.NODE_STATE_IDLE),
+                        timeout=10,
+                    )
 
 
 def main() -> int:
@@ -195,18 +228,7 @@ def main() -> int:
         n.join(deadline)
     joined = usage()
     stop_beats = threading.Event()
-
-    def heartbeats() -> None:  # one heartbeat thread per process, for all its nodes
-        while not stop_beats.wait(5.0):
-            for n in nodes:
-                if not n.done:
-                    with contextlib.suppress(grpc.RpcError):
-                        n.stub.Heartbeat(
-                            pb.HeartbeatRequest(session_id=n.session_id, state=pb.NODE_STATE_IDLE),
-                            timeout=10,
-                        )
-
-    beats = threading.Thread(target=heartbeats, daemon=True)
+    beats = threading.Thread(target=heartbeats, args=(nodes, stop_beats), daemon=True)
     beats.start()
     threads = [threading.Thread(target=n.run, args=(deadline,), name=n.node_id) for n in nodes]
     for t in threads:
