@@ -93,6 +93,30 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def proc_status(pid: int) -> dict[str, float] | None:
+    """Another process's RSS and peak RSS (VmHWM) in MiB, CPU seconds (user + system), threads
+    and open file descriptors, read from /proc; None once it has exited."""
+    try:
+        status: dict[str, str] = {}
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            status[key] = value
+        # the fields after the command name, which may hold spaces and parentheses
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError):
+        return None
+    if "VmRSS" not in status:  # a zombie: exited, not yet reaped
+        return None
+    return {
+        "rss_mib": int(status["VmRSS"].split()[0]) / 1024,
+        "hwm_mib": int(status["VmHWM"].split()[0]) / 1024,
+        "cpu_s": (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"),
+        "threads": int(status["Threads"]),
+        "fds": fds,
+    }
+
+
 def usage() -> dict[str, Any]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {
