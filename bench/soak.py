@@ -397,14 +397,11 @@ def resume_check(config: Path, state: Path, work: Path, idle_s: float) -> dict[s
 
 
 def bucket_size(rounds: int, rows: int = 8) -> int:
-    """1, 2 or 5 times a power of ten: about `rows` buckets for `rounds`."""
-    target = max(1, math.ceil(rounds / rows))
-    scale = 1
-    while True:
-        for m in (1, 2, 5):
-            if m * scale >= target:
-                return m * scale
-        scale *= 10
+    """The 1, 2 or 5 times a power of ten nearest (by ratio) to rounds / rows: about `rows`
+    buckets (1,619 rounds: 200, not the 500 that rounding up would give, 4 rows)."""
+    target = max(1.0, rounds / rows)
+    sizes = [m * 10**k for k in range(len(str(rounds)) + 1) for m in (1, 2, 5)]
+    return min(sizes, key=lambda size: abs(math.log(size / target)))
 
 
 def bucket_rows(samples: list[Sample], size: int) -> list[dict[str, Any]]:
