@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Generic, Self, TypeVar, cast
 import blake3
 
 from pluralfed.errors import InputError
-from pluralfed.fsutil import atomic_write_bytes, commit_file
+from pluralfed.fsutil import atomic_write_bytes, atomic_write_chunks
 from pluralfed.records import EvaluationRecord, RoundRecord
 
 log = logging.getLogger(__name__)
@@ -166,29 +165,22 @@ class _RecordLog(ABC, Generic[_Record]):
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
             self._own_file = True
             return
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if self._nbytes:
-                    with self.path.open("rb") as f:
-                        left = self._nbytes
-                        while left:
-                            chunk = f.read(min(left, 1 << 20))
-                            if not chunk:
-                                raise OSError(f"{self.path} ends before its records do")
-                            out.write(chunk)
-                            left -= len(chunk)
-            os.chmod(tmp, 0o644)
-            commit_file(Path(tmp), self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_chunks(self.path, self._committed_bytes())
         log.info(
             "%s was shared (a hard link, or not a plain file): copied before appending", self.path
         )
         self._own_file = True
+
+    def _committed_bytes(self) -> Iterator[bytes]:
+        """The file's first `nbytes` bytes, a MiB at a time."""
+        left = self._nbytes
+        with self.path.open("rb") as f:
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    raise OSError(f"{self.path} ends before its records do")
+                yield chunk
+                left -= len(chunk)
 
     def _note(self, record: _Record, line: bytes) -> None:
         self._lines += 1

@@ -14,13 +14,12 @@ import heapq
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from coordinator.state import CheckpointError, RunState
-from pluralfed.fsutil import commit_file
+from pluralfed.fsutil import atomic_write_chunks
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +90,16 @@ class MetricsFile:
         return (_line(row) for row in self._rows())
 
     def _rebuild(self) -> tuple[int, bool]:
-        """The file written anew from the state (a temp file renamed over it); its last key."""
-        last = (-1, False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for row in self._rows():
-                    f.write(_line(row))
-                    last = row_key(row)
-            os.chmod(tmp, 0o644)
-            commit_file(Path(tmp), self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return last
+        """The file written anew from the state (atomically); its last key."""
+        last = [(-1, False)]
+
+        def lines() -> Iterator[bytes]:
+            for row in self._rows():
+                yield _line(row)
+                last[0] = row_key(row)
+
+        atomic_write_chunks(self.path, lines())
+        return last[0]
 
     def _matches(self) -> tuple[int, bool] | None:
         """The last key if the file holds exactly the state's rows, else None."""

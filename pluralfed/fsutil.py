@@ -6,18 +6,25 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write to a temp file in the same folder, fsync it, rename over `path`, fsync the folder."""
+    atomic_write_chunks(path, [data], mode)
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes], mode: int = 0o644) -> None:
+    """`atomic_write_bytes` of data made as it is written (a file too large to hold at once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
