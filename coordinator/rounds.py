@@ -910,9 +910,12 @@ class RoundEngine:
                 self._evaluation_round()
                 tried_final = r == st.rounds
         finished = self.state.completed_rounds >= st.rounds
+        # the final evaluation is of the model the run ends with: past `rounds` when a run was
+        # resumed with fewer rounds than it had done (its evaluation of round `rounds` is older)
+        final = self.state.completed_rounds
         if (
             finished
-            and not self._has_eval(st.rounds)
+            and not self._has_eval(final)
             and not self._stop.is_set()
             # resumed after the last round: wait for the nodes to be back, the groups of the
             # run's evaluations too (after a final evaluation tried here and unanswered, once
@@ -922,7 +925,7 @@ class RoundEngine:
             self._evaluation_round()
         with self._changed:
             # stopped before the final evaluation: not done, so a resume runs it
-            self._done = finished and (self._has_eval(st.rounds) or not self._stop.is_set())
+            self._done = finished and (self._has_eval(final) or not self._stop.is_set())
             self._task = None
             self._changed.notify_all()
 

@@ -140,6 +140,26 @@ def test_resuming_a_finished_run_says_so(tmp_path: Path, caplog: pytest.LogCaptu
     ]
 
 
+def test_a_run_resumed_with_fewer_rounds_than_it_did_evaluates_the_model_it_ends_with(
+    tmp_path: Path,
+) -> None:
+    """Stopped after round 3 (evaluated at 2), restarted with rounds = 2: it ended done with
+    round 2's evaluation as the final one, older than the model it served and saved."""
+    first = RoundEngine(RoundSettings(rounds=4, eval_every=2), WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first, stop_after_round=3)
+    driver.join(20)
+    assert first.completed_rounds() == 3 and evaluated(first) == [2] and not first.done
+    resumed = RoundEngine(RoundSettings(rounds=2, eval_every=2), WEIGHTS, tmp_path, ENC, {})
+    assert not resumed.finished_at_start
+    driver = start(resumed)
+    serve(resumed, alignment=0.7)
+    driver.join(20)
+    assert resumed.done and evaluated(resumed) == [2, 3]
+    final = resumed.final_evaluation()
+    assert final is not None and final["round"] == 3 and final["per_group"]["A"]["model"] == 0.7
+
+
 def test_a_finished_run_started_again_evaluates_its_final_model_again(tmp_path: Path) -> None:
     """A second `docker compose up` on a finished run: the coordinator printed the old results
     and left within a second, before its health check passed, so compose failed and the nodes
