@@ -79,11 +79,14 @@ def chosen_command(argv: list[str]) -> str | None:
     return next((word for word in argv if word in COMMANDS), None)
 
 
-# gRPC core logs a line (INFO) for every failed TLS handshake, unthrottled: any peer that can
-# reach the coordinator's port could grow its log without limit, which the coordinator's own
-# refusal log (once per caller and reason, then once a minute) exists to prevent. So below ERROR
-# gRPC core stays quiet unless asked: `pluralfed -v`, or GRPC_VERBOSITY set by the operator.
-GRPC_CORE_VERBOSITY = "ERROR"
+# gRPC core logs a line for every failed TLS handshake, unthrottled (INFO), and for every
+# ClientHello naming a server the certificate does not (ERROR, before any certificate is
+# asked for): any peer that can reach the coordinator's or reward service's port could grow its
+# log without limit, which pluralfed's own refusal log (once per caller and reason, then once a
+# minute) exists to prevent. So gRPC core stays quiet unless asked: `pluralfed -v`, or
+# GRPC_VERBOSITY set by the operator. (What its log said of a failed bind, `bind_port` finds out
+# itself.)
+GRPC_CORE_VERBOSITY = "NONE"
 
 
 def quiet_grpc_core(argv: list[str], environ: MutableMapping[str, str] = os.environ) -> None:

@@ -4,9 +4,11 @@ mapping between `pluralfed.wire.Chunk` and the protobuf `TensorChunk`."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import itertools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -144,7 +146,7 @@ EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
 
 def bind_port(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     """Listen on `address` (host:port; port 0 picks one), with TLS unless `credentials` is None.
-    Returns the port; a busy or unusable address is an InputError that says so. (A host name
+    Returns the port; a busy or unusable address is an InputError that says why. (A host name
     that resolves to several addresses counts as bound when one of them binds, as in gRPC:
     listen on an IP address to be sure no other server shares the port.)"""
     try:
@@ -155,12 +157,38 @@ def bind_port(server: grpc.Server, address: str, credentials: grpc.ServerCredent
     except RuntimeError:  # gRPC: "Failed to bind to address ..."
         port = 0
     if port == 0:
-        raise InputError(
-            f"cannot listen on {address}: the port is in use (another coordinator or service "
-            "still running?), the address is not one of this machine's, or the port is not "
-            "permitted (gRPC's log line above says which)"
-        )
+        raise InputError(f"cannot listen on {address}: {why_unbindable(address)}")
     return port
+
+
+def why_unbindable(address: str) -> str:
+    """Why gRPC could not listen on `address`, found by binding a plain socket there: gRPC only
+    says so in its own log, which pluralfed keeps quiet (`pluralfed.cli.GRPC_CORE_VERBOSITY`)."""
+    unknown = "gRPC could not bind it (run with `pluralfed -v` to see gRPC's own reason)"
+    host, _, port = address.rpartition(":")
+    if address.startswith("unix:") or not port.isdigit():
+        return unknown
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        infos = socket.getaddrinfo(
+            host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as err:
+        return f"the host {host!r} cannot be resolved ({err})"
+    reasons = {
+        errno.EADDRINUSE: "the port is in use (another coordinator or service still running?)",
+        errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+        errno.EACCES: "the port is not permitted (ports below 1024 need root or "
+        "CAP_NET_BIND_SERVICE)",
+    }
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(sockaddr)
+            except OSError as err:
+                return reasons.get(err.errno or 0, f"{err.strerror or err}")
+    return unknown
 
 
 def check_window_bytes(value: int, what: str = "upload_window_bytes") -> int:

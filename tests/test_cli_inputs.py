@@ -169,8 +169,8 @@ def test_train_takes_the_coordinators_names_for_layers_and_heads() -> None:
 @pytest.mark.parametrize(
     ("argv", "environ", "expected"),
     [
-        (["coordinator", "--config", "c.toml"], {}, "ERROR"),
-        (["node", "run", "-v"], {}, "ERROR"),  # a word after the command is the command's
+        (["coordinator", "--config", "c.toml"], {}, "NONE"),
+        (["node", "run", "-v"], {}, "NONE"),  # a word after the command is the command's
         (["-v", "coordinator"], {}, None),  # debug logging: gRPC core speaks too
         (["--verbose", "node", "run"], {}, None),
         (["-vv", "coordinator"], {}, None),  # what argparse takes as -v too

@@ -11,7 +11,10 @@ over TLS, `pluralfed node check` exits 0 / 1 / 2, and insecure mode says so loud
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,8 +165,8 @@ def test_failed_handshakes_leave_no_line_each_in_the_log_unless_asked(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """gRPC core logs every failed TLS handshake, unthrottled; any peer that reaches the port
-    could fill the coordinator's disk with them. `pluralfed` keeps gRPC core below ERROR
-    quiet, and `pluralfed -v` lets it speak (so the lines are there to be silenced)."""
+    could fill the coordinator's disk with them. `pluralfed` keeps gRPC core quiet, and `pluralfed -v` lets it speak (so the lines are there to be silenced): the
+    failed handshakes' and those of a TLS hello that names another server."""
     monkeypatch.delenv("GRPC_VERBOSITY", raising=False)  # the operator chose nothing
     no_cert = setup.creds(setup.pki.node("node-aldoria"), cert=False)
     with Procs(setup.root / "handshake-logs") as procs:
@@ -186,15 +189,37 @@ def test_failed_handshakes_leave_no_line_each_in_the_log_unless_asked(
                 with FakeNode(coordinator.port, "Aldoria", credentials=no_cert) as stranger:
                     err = rpc_error(stranger.join, setup.encoder)
                     assert err.code() == grpc.StatusCode.UNAVAILABLE
+                _hello_naming_another_server(coordinator.port)
         wait_until(
             lambda: "Handshake failed" in coordinators[True].proc.log(),
             10,
             "gRPC core's handshake lines in the verbose coordinator's log",
             logs=[coordinators[True].proc],
         )
+        wait_until(
+            lambda: "No match found for server name" in coordinators[True].proc.log(),
+            10,
+            "gRPC core's line for a server name not in the certificate",
+            logs=[coordinators[True].proc],
+        )
         quiet = coordinators[False].proc
         assert quiet.alive, quiet.tail()
         assert "Handshake failed" not in quiet.log(), quiet.tail()
+        # an ERROR line of gRPC core's, for a ClientHello anyone can send: it was in the log
+        assert "No match found" not in quiet.log(), quiet.tail()
+
+
+def _hello_naming_another_server(port: int) -> None:
+    """A TLS ClientHello that names a server the coordinator's certificate does not, from a
+    peer without any certificate (the server refuses the handshake: no client certificate)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        contextlib.suppress(ssl.SSLError, OSError),
+        context.wrap_socket(raw, server_hostname="evil.invalid") as conn,
+    ):
+        conn.recv(1)
 
 
 # ------------------------------------------------------------------------------------------------

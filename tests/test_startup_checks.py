@@ -16,6 +16,7 @@ from coordinator.service import lock_state_dir
 from pluralfed import pki, tls
 from pluralfed.cli import main
 from pluralfed.errors import InputError
+from pluralfed.transport import EXCLUSIVE_PORT, bind_port
 
 
 def test_a_coordinator_with_bad_tls_files_starts_no_run(
@@ -172,3 +173,28 @@ def _allow(tmp_path: Path) -> Path:
     allow = tmp_path / "allow.toml"
     allow.write_text('[allow_list]\n"node-a" = "A"\n')
     return allow
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("BUSY", "the port is in use"),
+        ("192.0.2.1:7443", "the address is not one of this machine's"),  # TEST-NET-1
+        ("host.invalid:7443", "the host 'host.invalid' cannot be resolved"),
+    ],
+)
+def test_a_server_that_cannot_listen_says_why(address: str, reason: str) -> None:
+    """gRPC says why a bind failed only in its own log, which pluralfed keeps quiet (a peer
+    could fill it): the message said "in use, not this machine's, or not permitted: gRPC's
+    log line above says which", and there was no such line."""
+    occupant = grpc.server(futures.ThreadPoolExecutor(1))
+    port = occupant.add_insecure_port("127.0.0.1:0")
+    occupant.start()
+    address = f"127.0.0.1:{port}" if address == "BUSY" else address
+    server = grpc.server(futures.ThreadPoolExecutor(1), options=[EXCLUSIVE_PORT])  # as ours
+    try:
+        with pytest.raises(InputError) as err:
+            bind_port(server, address, None)
+    finally:
+        occupant.stop(None)
+    assert str(err.value).startswith(f"cannot listen on {address}: {reason}")
