@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.rounds import GlobalModel, Role, RoundEngine, TaskKind, TaskSpec
+from coordinator.rounds import GlobalModel, NodeSession, Role, RoundEngine, TaskKind, TaskSpec
 from coordinator.settings import MAX_GROUP_NAME
 from coordinator.validation import (
     MAX_FREE_TEXT,
@@ -397,27 +397,14 @@ class FederationServicer(pb_grpc.FederationServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"group must be 1..{MAX_GROUP_NAME} characters"
             )
         require_self(context, group)
-        if request.protocol_version != PROTOCOL_VERSION:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"protocol version {request.protocol_version} is not supported; the coordinator "
-                f"speaks version {PROTOCOL_VERSION}",
-            )
-        roles = {pb.ROLE_TRAIN: Role.TRAIN, pb.ROLE_EVALUATE_ONLY: Role.EVALUATE_ONLY}
-        if request.role not in roles:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be TRAIN or EVALUATE_ONLY")
         try:
-            session = self.engine.join(
-                group,
-                roles[request.role],
-                int(request.num_train_examples),
-                request.encoder_id,
-                request.software_version,
-                dict(request.labels),
-                peer=clipped(context.peer(), 100),
-                check_only=request.check_only,
-            )
+            session = self._join(group, request, context)
         except Rejection as r:
+            # the node is told why; the operator, who only sees the group missing from the
+            # quorum, is told here (throttled: a node retries a refused join for ever)
+            who = self._caller(context) or context.peer().rsplit(":", 1)[0]
+            checking = " (node check)" if request.check_only else ""
+            self._log_refusal(f"join of group {group!r} refused{checking}", who, r)
             _abort(context, r)
         reply = pb.JoinReply(
             session_id=session.session_id,
@@ -433,6 +420,30 @@ class FederationServicer(pb_grpc.FederationServicer):
         )
         reply.session_timeout.FromMilliseconds(int(self.engine.settings.session_timeout_s * 1000))
         return reply
+
+    def _join(
+        self, group: str, request: pb.JoinRequest, context: grpc.ServicerContext
+    ) -> NodeSession:
+        """The engine's session for a Join that passed authentication; Rejection if refused."""
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise Rejection(
+                "FAILED_PRECONDITION",
+                f"protocol version {request.protocol_version} is not supported; the coordinator "
+                f"speaks version {PROTOCOL_VERSION}",
+            )
+        roles = {pb.ROLE_TRAIN: Role.TRAIN, pb.ROLE_EVALUATE_ONLY: Role.EVALUATE_ONLY}
+        if request.role not in roles:
+            raise Rejection("INVALID_ARGUMENT", "role must be TRAIN or EVALUATE_ONLY")
+        return self.engine.join(
+            group,
+            roles[request.role],
+            int(request.num_train_examples),
+            request.encoder_id,
+            request.software_version,
+            dict(request.labels),
+            peer=clipped(context.peer(), 100),
+            check_only=request.check_only,
+        )
 
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
         wait_s = (
@@ -672,7 +683,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         return pb.UploadReply(accepted=True, message=f"update for round {h.round} accepted")
 
     def _log_refusal(self, what: str, who: str, rejection: Rejection) -> None:
-        more = self.refusal_lines.admit((who, what, rejection.reason))
+        more = self.refusal_lines.admit((who, what, rejection.reason or rejection.code))
         if more is not None:
             log.warning("%s: %s%s", what, rejection.message, more)
 

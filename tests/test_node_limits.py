@@ -189,7 +189,9 @@ def test_joining_again_does_not_keep_the_old_sessions_streams(tmp_path: Path, pk
         coord.close()
 
 
-def test_a_node_joins_only_in_the_role_the_federation_gave_it(tmp_path: Path, pki: Pki) -> None:
+def test_a_node_joins_only_in_the_role_the_federation_gave_it(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = RoundSettings(rounds=1, min_nodes=1, eval_every=0, evaluate_only=("H",))
     coord = Coordinator(tmp_path, pki, settings)
     held_out, trainer = coord.node(pki, "node-h"), coord.node(pki, "node-a")
@@ -202,6 +204,13 @@ def test_a_node_joins_only_in_the_role_the_federation_gave_it(tmp_path: Path, pk
         err = rpc_error(trainer.join, ENC, role=pb.ROLE_EVALUATE_ONLY)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "'A' may only join as train" in err.details()
+        # the operator is told too (before: only "not connected: A" while waiting for a
+        # quorum), once however often the node tries again
+        with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+            for _ in range(3):
+                rpc_error(trainer.join, ENC, role=pb.ROLE_EVALUATE_ONLY)
+        lines = [r.getMessage() for r in caplog.records if "join of group 'A'" in r.getMessage()]
+        assert len(lines) == 1 and "may only join as train" in lines[0], lines
         assert held_out.join(ENC, role=pb.ROLE_EVALUATE_ONLY).session_id
         assert trainer.join(ENC).session_id
     finally:
