@@ -74,7 +74,12 @@ def _check_listen(address: object) -> None:
     if address.startswith("unix:") and len(address) > len("unix:"):
         return
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535 or address.strip() != address:
+    if (
+        not host
+        or not (port.isascii() and port.isdigit())  # isdigit() alone passes "²" and "７"
+        or not 0 <= int(port) <= 65535
+        or address.strip() != address
+    ):
         raise _refuse(
             "listen", f"listen must be host:port with a port in 0..65535, got {address!r}"
         )

@@ -193,6 +193,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
+            if isinstance(value, str) and not value.isascii():
+                raise ValueError  # int() reads "٣" and "７" as digits
             return int(value)
         except (TypeError, ValueError):
             raise InputError(f"{where}: expected an integer, got {value!r}") from None
@@ -200,6 +202,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise InputError(f"{where}: expected a number, got {value!r}")
         try:
+            if isinstance(value, str) and not value.isascii():
+                raise ValueError
             return float(value)
         except (TypeError, ValueError):
             raise InputError(f"{where}: expected a number, got {value!r}") from None
@@ -208,6 +212,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if not isinstance(value, str) or not value:
             raise InputError(f"{where}: expected a path, got {value!r}")
+        if "\0" in value:  # TOML can spell it ("\u0000"); every file call would raise ValueError
+            raise InputError(f"{where}: a path cannot hold a NUL character, got {value!r}")
         return Path(value).expanduser()
     if hint is str:
         if not isinstance(value, str):

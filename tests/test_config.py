@@ -71,6 +71,12 @@ def test_precedence_file_env_options(tmp_path: Path) -> None:
             "personalize_steps is set, so personalized_dir is required",
         ),
         ("group = [\n", {}, "not valid TOML"),
+        # a traceback ("embedded null byte") when the file was opened
+        ('group = "A"\ndata = "x\\u0000y.jsonl"\n', {}, "data: a path cannot hold a NUL"),
+        # int() and float() read other scripts' digits: "٣" was 3 rounds
+        ('group = "A"\ndata = "a"\nthreads = "\u0663"\n', {}, "expected an integer"),
+        ('group = "A"\ndata = "a"\n', {"PLURALFED_NODE_THREADS": "\uff17"}, "expected an integer"),
+        ('group = "A"\ndata = "a"\nbackoff_initial_s = "\u0661.5"\n', {}, "expected a number"),
     ],
 )
 def test_bad_config_names_what_and_where(
@@ -134,3 +140,16 @@ def test_rpc_threads_follow_the_allow_list_unless_set() -> None:
     assert CoordinatorConfig().max_workers is None
     assert [rpc_threads_for(n) for n in (0, 16, 128, 10**6)] == [64, 64, 288, 10_000]
     assert CoordinatorConfig(max_workers=8).max_workers == 8
+
+
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:\u00b2", "127.0.0.1:\uff17\uff14\uff14\uff13", "7443", ":7443"]
+)
+def test_a_listen_address_that_is_not_host_and_port_is_refused(tmp_path: Path, listen: str) -> None:
+    """ "²" passed isdigit() and failed in int() with no key named; "７４４３" bound as 7443
+    failed as "the port is in use"."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"listen = {listen!r}\n", encoding="utf-8")
+    with pytest.raises(InputError, match="listen must be host:port") as err:
+        load_config(CoordinatorConfig, path, "X_", {}, environ={})
+    assert str(path) in str(err.value)
