@@ -173,9 +173,15 @@ class RoundEngine:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.spool_dir = self.state_dir / "spool"
-        self.spool_dir.mkdir(exist_ok=True)
-        for stale in self.spool_dir.glob("*.spool"):
-            stale.unlink()
+        try:
+            self.spool_dir.mkdir(exist_ok=True)
+            for stale in self.spool_dir.glob("*.spool"):
+                stale.unlink()
+        except OSError as err:  # a file of that name, say: a traceback before
+            raise InputError(
+                f"{self.spool_dir}: cannot use it for the updates being received ({err}); "
+                "it must be a folder the coordinator may write"
+            ) from err
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._rejection_lines = LogThrottle()  # lines nodes can cause, one a minute per kind

@@ -309,7 +309,12 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         raise
     engine = engines[0]
     # where local launchers (and operators using port 0) find the bound port
-    atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())
+    try:
+        atomic_write_bytes(cfg.state_dir / "coordinator.port", f"{port}\n".encode())
+    except OSError as err:  # a folder of that name, a full disk: a traceback before
+        server.stop(grace=None).wait()
+        state_lock.close()
+        return _cannot_write(cfg.state_dir, err)
     console.print(
         f"coordinator run {engine.run_id} on port {port}: {settings.rounds} rounds, quorum "
         f"{settings.min_nodes}, {len(allow_list)} nodes allowed, state in {cfg.state_dir}"

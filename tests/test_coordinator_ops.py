@@ -91,6 +91,30 @@ def test_a_coordinator_that_cannot_listen_leaves_no_run_behind(tmp_path: Path, p
     assert json.loads((state / "state.json").read_text())["model_config"]["d_model"] == 64
 
 
+@pytest.mark.parametrize(
+    ("entry", "code", "says"),
+    [
+        ("spool", 2, "spool: cannot use it for the updates being received"),
+        ("coordinator.port", 3, "cannot write the run's state in"),
+    ],
+)
+def test_a_state_folder_entry_of_the_wrong_kind_is_said_not_a_traceback(
+    tmp_path: Path, pki: Pki, entry: str, code: int, says: str
+) -> None:
+    """A file named spool (the folder of updates being received), a folder named
+    coordinator.port: each gave a traceback."""
+    state = tmp_path / "state"
+    state.mkdir()
+    if entry == "spool":
+        (state / entry).write_text("not a folder")
+    else:
+        (state / entry).mkdir()
+    common = ["--allow-list-file", str(allow_file(tmp_path)), "--tls-dir", str(pki.server)]
+    done = coordinator([*common, "--state-dir", str(state), "--listen", f"{HOST}:0", *TINY_OPTIONS])
+    assert done.returncode == code, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_a_server_whose_engine_fails_to_open_frees_its_port() -> None:
     """start_server binds first and makes the engine after; when that fails, the port must be
     free again for a caller that goes on in this process (an unstarted gRPC server kept it)."""
