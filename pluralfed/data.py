@@ -417,6 +417,9 @@ def load_global_opinions_csv(path: str | Path, groups: Iterable[str] | None = No
         raise InputError(
             f"{path}:1: missing column(s) {', '.join(missing)} (header has: {', '.join(names)})"
         )
+    twice = sorted(c for c in GOQA_REQUIRED_COLUMNS if names.count(c) > 1)
+    if twice:  # which of the two would be the data? (the first was taken, without a word)
+        raise InputError(f"{path}:1: column(s) {', '.join(twice)} appear more than once")
     idx = {c: names.index(c) for c in GOQA_REQUIRED_COLUMNS}
     while True:
         line = reader.line_num + 1  # where the next record starts (a blank line yields [])

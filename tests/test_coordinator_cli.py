@@ -74,3 +74,18 @@ def test_an_allow_list_file_is_enough_to_pass_that_check(
     done = coordinator([*args, "--print-config"], by_env)
     assert done.returncode == 0, done.stderr
     assert os.fspath(allow) in done.stdout
+
+
+def test_two_allow_lists_are_refused(tmp_path: Path, env: dict[str, str], pki: Pki) -> None:
+    """An [allow_list] table in --config and an allow_list_file: the file's list was used and
+    the table ignored without a word."""
+    config = tmp_path / "coordinator.toml"
+    config.write_text('[allow_list]\n"node-x" = "X"\n', "utf-8")
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-a" = "A"\n', "utf-8")
+    args = ["--config", str(config), "--listen", f"{HOST}:0", "--tls-dir", str(pki.server)]
+    done = coordinator([*args, "--allow-list-file", str(allow), "--print-config"], env)
+    assert done.returncode == 2, done.stdout
+    assert f"{config}: has an [allow_list] table and allow_list_file names {allow}" in done.stderr
+    done = coordinator([*args, "--print-config"], env)  # the table alone is the allow-list
+    assert done.returncode == 0 and '"node-x": "X"' in done.stdout, done.stderr

@@ -293,6 +293,12 @@ BAD_Q = "Bad\nquestion"
 
 CSV_CASES: dict[str, tuple[str, int, str]] = {
     "missing column": ("question,options,source\n" + '"Q","[\'x\']","GAS"\n', 1, "missing column"),
+    # the second options column was ignored without a word
+    "repeated column": (
+        "question,selections,options,options\n" + '"Q","{}","[\'x\']","[\'y\']"\n',
+        1,
+        "column(s) options appear more than once",
+    ),
     "field count": (CSV_HEADER + GOOD_ROW + '"Bad\nquestion","{}"\n', 5, "expected 4 fields"),
     "unterminated quote": (
         CSV_HEADER + GOOD_ROW + '"Bad\nquestion,"{}","[]","GAS"\n',

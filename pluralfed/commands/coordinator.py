@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +145,28 @@ def load(args: argparse.Namespace) -> tuple[CoordinatorConfig, AllowList]:
     # the model settings, checked now rather than after the text encoder has loaded (the real
     # check, with the encoder's width, follows in run_coordinator)
     model_config(cfg, GPOConfig.embed_dim)
+    if cfg.allow_list_file is not None and args.config is not None:
+        _check_one_allow_list(Path(args.config), cfg.allow_list_file)
     source = cfg.allow_list_file or args.config
     if source is None:
         raise InputError(
             "no allow-list: give --allow-list-file or an [allow_list] table in --config"
         )
     return cfg, AllowList.from_toml(source)
+
+
+def _check_one_allow_list(config: Path, allow_list_file: Path) -> None:
+    """allow_list_file replaced the config's own [allow_list] table without a word: with two
+    lists, which one the operator meant is not for the coordinator to guess."""
+    try:
+        table = tomllib.loads(config.read_text("utf-8")).get("allow_list")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return  # load_config has read this file already; AllowList.from_toml says what is wrong
+    if table is not None:
+        raise InputError(
+            f"{config}: has an [allow_list] table and allow_list_file names {allow_list_file}: "
+            "give one allow-list, not both"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
