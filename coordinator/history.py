@@ -261,7 +261,7 @@ class _RecordLog(ABC, Generic[_Record]):
             raise InputError(f"{where}: is empty, where a record was expected")
         try:
             record: Any = json.loads(line)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # nested deeper than json can read
             raise InputError(f"{where}: not a JSON record ({err})") from err
         self._check(record, where)
         return cast(_Record, record)

@@ -152,7 +152,7 @@ def _named_files(path: Path) -> set[str] | None:
     try:
         raw = json.loads(path.read_bytes())
         return {str(raw.get("weights_file")), str(raw.get("optimizer_file"))}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -327,7 +327,7 @@ def load_state(folder: Path) -> RunState | None:
         return None
     try:
         raw = json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise InputError(f"{path}: cannot resume from this state: {err}") from err
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(raw).__name__}")

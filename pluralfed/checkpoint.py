@@ -53,7 +53,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
             raise InputError(f"{p}: checkpoint file not found")
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise InputError(f"{meta_path}: not valid JSON: {err}") from err
     if not isinstance(meta, dict):
         raise InputError(f"{meta_path}: expected a JSON object")

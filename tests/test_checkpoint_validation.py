@@ -82,6 +82,8 @@ CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "model.json not JSON": (write(META_FILE, b"{not json"), META_FILE, "not valid JSON: "),
     "model.json not UTF-8": (write(META_FILE, b'{"a": "\xff"}'), META_FILE, "not valid JSON: "),
     "model.json a list": (write(META_FILE, b"[]"), META_FILE, "expected a JSON object$"),
+    # json gives up with RecursionError, which was a traceback
+    "model.json nested deep": (write(META_FILE, b"[" * 100_000), META_FILE, "not valid JSON: "),
     "format_version 2": (
         meta_edit(lambda m: m.update(format_version=2)),
         META_FILE,

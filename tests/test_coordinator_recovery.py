@@ -867,3 +867,19 @@ def test_a_full_disk_while_writing_the_final_files_is_reported_and_mended_by_a_r
     assert not (state_dir / "results.json").exists()
     assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
     assert json.loads((state_dir / "results.json").read_text())["rounds"] == 1
+
+
+@pytest.mark.parametrize("name", [STATE_FILE, HISTORY_FILE])
+def test_json_nested_too_deep_is_refused_not_a_traceback(tmp_path: Path, name: str) -> None:
+    """json gives up on deep nesting with RecursionError, which no loader caught."""
+    finished_run(tmp_path, rounds=3)
+    if name == HISTORY_FILE:  # a last line the digest covers, as a careful hand edit would
+        text = (tmp_path / name).read_bytes() + b"[" * 100_000 + b"\n"
+        (tmp_path / name).write_bytes(text)
+        raw = json.loads((tmp_path / STATE_FILE).read_text())
+        raw["history_bytes"], raw["history_digest"] = len(text), blake3.blake3(text).hexdigest()
+        (tmp_path / STATE_FILE).write_text(json.dumps(raw))
+    else:
+        (tmp_path / name).write_bytes(b"[" * 100_000)
+    with pytest.raises(InputError, match=re.escape(str(tmp_path / name))):
+        RoundEngine(RoundSettings(rounds=3, eval_every=1), WEIGHTS, tmp_path, ENC, {})
