@@ -84,6 +84,11 @@ class TaskKind(StrEnum):
 # a round whose average (or its server step) is unusable this many times in a row stops the run:
 # the same updates would fail again, and every node would train for it for ever
 MAX_UNUSABLE_ROUNDS = 3
+# a round that every node answered early, too few of them with an update (each reporting its
+# task failed: a full disk, a bad folder), is tried again after a pause that doubles up to this:
+# at once, it was tried again about 3 times a second, for ever, with log lines each time
+RETRY_PAUSE_FIRST_S = 1.0
+RETRY_PAUSE_MAX_S = 60.0
 MAX_REPLACED_SESSIONS = 4096  # replaced session ids remembered, to tell their calls why
 
 
@@ -197,6 +202,8 @@ class RoundEngine:
         self._done = False
         self._stop = threading.Event()
         self._unusable_in_a_row = 0  # tries of the current round that gave no usable model
+        self._early_retries = 0  # tries of it that every node answered early, too few updating
+        self._pause_s = 0.0  # before the next try of the current round (_retry_pause)
         self._on_round = on_round
         optimizer_args = {} if settings.server_lr is None else {"server_lr": settings.server_lr}
         self.optimizer: ServerOptimizer = make_server_optimizer(
@@ -910,8 +917,10 @@ class RoundEngine:
             before = self.state.completed_rounds
             self._training_round()
             r = self.state.completed_rounds
-            if r == before:
-                continue  # the round was retried: nothing new to evaluate
+            if r == before:  # the round was retried: nothing new to evaluate
+                pause, self._pause_s = self._pause_s, 0.0
+                self._stop.wait(pause)
+                continue
             if self._eval_due(r) and not self._stop.is_set():
                 self._evaluation_round()
                 tried_final = r == st.rounds
@@ -1209,6 +1218,15 @@ class RoundEngine:
                 return True
         return False
 
+    def _retry_pause(self, t: _OpenTask) -> float:
+        """Seconds to wait before trying round `t` again: none after a deadline passed (that
+        wait was the pause), else one that doubles with each early failure in a row."""
+        if time.monotonic() >= t.deadline:
+            self._early_retries = 0
+            return 0.0
+        self._early_retries += 1
+        return min(RETRY_PAUSE_FIRST_S * 2 ** (self._early_retries - 1), RETRY_PAUSE_MAX_S)
+
     def _training_round(self) -> None:
         st = self.settings
         t = self._open(TaskKind.TRAIN, self.live_sessions(Role.TRAIN), st.round_timeout_s)
@@ -1222,12 +1240,15 @@ class RoundEngine:
             if self._stop.is_set():
                 return
             if accepted < st.min_updates:
+                pause = self._retry_pause(t)
                 log.warning(
-                    "round %d: %d updates, %d needed: retrying the round",
+                    "round %d: %d updates, %d needed: retrying the round%s",
                     t.round,
                     accepted,
                     st.min_updates,
+                    f" in {pause:.0f} s" if pause else "",
                 )
+                self._pause_s = pause  # run() waits it, outside the lock
                 return
             try:
                 averaged = t.aggregate.result()  # fails if an update was only partly folded
@@ -1247,7 +1268,7 @@ class RoundEngine:
                     return
                 log.error("round %d: no usable average (%s): retrying the round", t.round, err)
                 return
-            self._unusable_in_a_row = 0
+            self._unusable_in_a_row = self._early_retries = 0
             # the model served until this checkpoint is written: a failed one leaves it (the
             # run stops, and the server answers a little longer while it stops)
             before = (self.state.weights, self.state.completed_rounds, self.state.optimizer_state)

@@ -705,3 +705,34 @@ def test_connection_checks_in_a_loop_log_a_line_a_minute(
     assert caplog.records[-1].getMessage() == (
         "node A passed a connection check (from ?) (4 more like it in the last 61 s)"
     )
+
+
+def test_a_round_every_node_fails_at_once_is_tried_again_after_a_growing_pause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose every task fails at once (its audit folder is a file, say): the round was
+    tried again at once, about 3 times a second for ever, each try with its log lines."""
+    settings = RoundSettings(rounds=1, eval_every=0, round_timeout_s=30)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    tasks: list[float] = []
+    deadline = time.monotonic() + 4.0
+    with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+        while time.monotonic() < deadline:
+            t = engine.next_task(s.session_id, None, 0.2)
+            if t.kind == TaskKind.TRAIN:
+                tasks.append(time.monotonic())
+                engine.heartbeat(s.session_id, None, t.task_id, failed=True, message="disk full")
+    # tries at about 0, 1, 3 s (pauses of 1 and 2 s): before, a dozen in the first second alone
+    assert 2 <= len(tasks) <= 3, tasks
+    assert tasks[1] - tasks[0] >= 0.9, tasks
+    retries = [r.getMessage() for r in caplog.records if "retrying the round" in r.getMessage()]
+    assert retries[:2] == [
+        "round 1: 0 updates, 1 needed: retrying the round in 1 s",
+        "round 1: 0 updates, 1 needed: retrying the round in 2 s",
+    ]
+    engine.leave(s.session_id, None)
+    serve(engine)  # a node that answers: the run ends
+    driver.join(20)
+    assert engine.done and engine.completed_rounds() == 1
