@@ -997,6 +997,12 @@ class RoundEngine:
         due = (st.eval_every and round_ % st.eval_every == 0) or round_ == st.rounds
         return bool(due) and not self._has_eval(round_)
 
+    def open_task(self) -> str | None:
+        """What is open now ("train round 3"), or None (waiting for a quorum, say). Without the
+        lock: a signal handler asks, and one read of `_task` is a consistent answer."""
+        t = self._task
+        return None if t is None else f"{t.kind.value} round {t.round}"
+
     def _open_task_id(self) -> str | None:
         return self._task.task_id if self._task is not None else None
 

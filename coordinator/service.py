@@ -457,10 +457,12 @@ def _rpc_threads(cfg: CoordinatorConfig, allow_list: AllowList) -> int:
 def _log_roles(cfg: CoordinatorConfig) -> None:
     if cfg.evaluate_only is None:
         log.info("roles: each node's Join says whether it trains (evaluate_only is not set)")
+    elif not cfg.evaluate_only:
+        log.info("roles: every allow-listed group trains (evaluate_only is empty)")
     else:
         log.info(
             "roles: %s only evaluate, every other allow-listed group trains",
-            sorted(cfg.evaluate_only) or "no group",
+            ", ".join(sorted(cfg.evaluate_only)),
         )
 
 
@@ -481,7 +483,10 @@ def _drive(engine: RoundEngine) -> tuple[threading.Event, list[int], list[Except
             engine.stop()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.warning("signal %d: stopping; an open round is abandoned (a resume retries it)", signum)
+        task = engine.open_task()
+        # (said only when one is open: it was said while waiting for a quorum too)
+        abandoned = f"; {task} is abandoned (a resume retries it)" if task else ""
+        log.warning("signal %d: stopping%s", signum, abandoned)
         signals.append(signum)
         stopping.set()
         engine.stop()

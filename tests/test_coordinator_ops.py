@@ -149,6 +149,9 @@ def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
         )
         coord.proc.popen.send_signal(signum)
         assert coord.proc.wait(60) == code, tails([coord.proc])
+        # no round was open: "an open round is abandoned" was said all the same
+        assert f"signal {int(signum)}: stopping\n" in coord.proc.log(), tails([coord.proc])
+        assert "abandoned" not in coord.proc.log()
 
 
 def test_each_round_line_appears_once_in_the_combined_output(tmp_path: Path, pki: Pki) -> None:

@@ -723,6 +723,7 @@ def test_a_round_every_node_fails_at_once_is_tried_again_after_a_growing_pause(
             t = engine.next_task(s.session_id, None, 0.2)
             if t.kind == TaskKind.TRAIN:
                 tasks.append(time.monotonic())
+                assert engine.open_task() == "train round 1"  # what a signal says is abandoned
                 engine.heartbeat(s.session_id, None, t.task_id, failed=True, message="disk full")
     # tries at about 0, 1, 3 s (pauses of 1 and 2 s): before, a dozen in the first second alone
     assert 2 <= len(tasks) <= 3, tasks
