@@ -299,15 +299,20 @@ class GroupNode:
                     unreachable_since = unreachable_since or time.monotonic()
                     why = self._unreachable_why(err)
                     limit = self.config.give_up_after_s
-                    if limit is not None and time.monotonic() - unreachable_since > limit:
+                    elapsed = time.monotonic() - unreachable_since
+                    if limit is not None and elapsed >= limit:
                         log.error(
-                            "%s: coordinator unreachable for %g s, giving up: %s",
+                            "%s: coordinator unreachable for %.1f s (give_up_after_s %g), "
+                            "giving up: %s",
                             self.config.group,
+                            elapsed,
                             limit,
                             why,
                         )
                         return 1
                     delay = backoff * (0.5 + random.random())
+                    if limit is not None:  # the last try when the limit is reached, not after
+                        delay = min(delay, limit - elapsed)
                     changed = why != self._unreachable_details
                     self._unreachable_details = why
                     log.warning(

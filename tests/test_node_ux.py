@@ -338,10 +338,29 @@ def test_an_unreachable_coordinator_is_logged_with_its_address_and_cause(
         for m in later
     ), later
     (gave_up,) = messages(caplog, logging.ERROR)
-    assert gave_up.startswith(
-        "Good A: coordinator unreachable for 0.5 s, giving up: (UNAVAILABLE) "
-    )
+    assert gave_up.startswith("Good A: coordinator unreachable for 0.")  # 0.5 s and one try
+    assert "s (give_up_after_s 0.5), giving up: (UNAVAILABLE) " in gave_up, gave_up
     assert f" at {cfg.coordinator}: " in gave_up and cause in gave_up
+
+
+def test_a_node_gives_up_when_its_limit_is_reached_not_a_backoff_later(
+    fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With give_up_after_s 1 and a first backoff of 2 s, the node slept 1-3 s before it
+    looked at the limit again (up to 1.5 backoff_max_s past it) and then said "1 s"."""
+    cfg = config(
+        fed,
+        coordinator=f"{HOST}:{free_port()}",
+        give_up_after_s=1.0,
+        backoff_initial_s=2.0,
+        backoff_max_s=4.0,
+    )
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        assert GroupNode(cfg, WORKER).run() == 1  # type: ignore[arg-type]
+    delays = [float(m.rsplit("retrying in ", 1)[1][:-2]) for m in messages(caplog, logging.WARNING)]
+    assert delays and sum(delays) <= 1.05, delays  # the announced sleeps end at the limit
+    (gave_up,) = messages(caplog, logging.ERROR)
+    assert "(give_up_after_s 1), giving up" in gave_up, gave_up
 
 
 class UnavailableTwice(UnknownSessionOnce):
