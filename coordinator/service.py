@@ -3,6 +3,7 @@ and the final checkpoint and results."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -262,11 +263,12 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     it)."""
     settings = cfg.round_settings()
     check_roles(cfg, allow_list)
-    state_lock = lock_state_dir(cfg.state_dir)  # held until this process ends
     tls = cfg.tls_files()
-    if tls is not None:  # checked before the run's state is made: a bad file starts no run
+    if tls is not None:  # checked before the state folder is touched: a bad file starts no run
         tls.server_credentials()
     revocations = cfg.revocations(tls)
+    made_folder = not cfg.state_dir.exists()  # by this start: gone again if it cannot listen
+    state_lock = lock_state_dir(cfg.state_dir)  # held until this process ends
     encoder = make_encoder(cfg.encoder)
     gpo = model_config(cfg, encoder.dim)
     started = time.time()
@@ -305,6 +307,10 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         state_lock.close()
         return _cannot_write(cfg.state_dir, err)
     except BaseException:
+        if made_folder and not engines:  # a typo'd --state-dir leaves no stray folder
+            with contextlib.suppress(OSError):
+                (cfg.state_dir / "coordinator.lock").unlink()
+                cfg.state_dir.rmdir()
         state_lock.close()
         raise
     engine = engines[0]

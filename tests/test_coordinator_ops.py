@@ -78,11 +78,20 @@ def test_a_coordinator_that_cannot_listen_leaves_no_run_behind(tmp_path: Path, p
     common += ["--state-dir", str(state), "--quorum-timeout-s", "1", *TINY_OPTIONS]
     try:
         busy = coordinator([*common, "--listen", f"{HOST}:{port}"])
+        assert busy.returncode == 2, busy.stderr
+        assert f"cannot listen on {HOST}:{port}: the port is in use" in busy.stderr
+        assert not state.exists()  # made by that start, so not left behind (a typo'd folder)
+        state.mkdir()  # a folder that was there stays, with nothing of a run in it
+        busy = coordinator([*common, "--listen", f"{HOST}:{port}"])
+        assert busy.returncode == 2 and state.is_dir(), busy.stderr
+        assert not (state / "state.json").exists() and not list(state.glob("weights-*"))
     finally:
         occupant.stop(None)
-    assert busy.returncode == 2, busy.stderr
-    assert f"cannot listen on {HOST}:{port}: the port is in use" in busy.stderr
-    assert not (state / "state.json").exists() and not list(state.glob("weights-*"))
+    # a TLS folder that is not there is found before the state folder is made
+    elsewhere = tmp_path / "elsewhere"
+    no_certs = ["--tls-dir", str(tmp_path / "no-certs"), "--state-dir", str(elsewhere)]
+    refused = coordinator([*common, "--listen", f"{HOST}:0", *no_certs])
+    assert refused.returncode == 2 and not elsewhere.exists(), refused.stderr
     # the next start there, with another model, makes a run of its own (and, without a
     # quorum within 1 s, stops: exit 1)
     again = coordinator([*common, "--listen", f"{HOST}:0", "--d-model=64"])
