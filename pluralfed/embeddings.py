@@ -63,6 +63,10 @@ _MODEL_FILE_PATTERNS = (
     "pytorch_model*.bin.index.json",
 )
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+# The name a local folder given without a label has in identity: its path differs between machines
+# (and between spellings of it: `./enc`, `enc/`, an absolute path), while files-sha256 already pins
+# what matters, so the same files make the same identity wherever they are.
+LOCAL_FOLDER_LABEL = "local"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _PROGRESS_MIN_BATCHES = 4  # a progress bar only for jobs longer than this many batches
 
@@ -211,8 +215,10 @@ class HFTextEncoder:
         show_progress: bool = True,
         label: str | None = None,
     ) -> None:
-        """`label` replaces name_or_path in identity (e.g. a stable name for a packaged folder
-        whose absolute path differs between installs; the weights hash still pins the content)."""
+        """`label` names the encoder in identity (e.g. a stable name for a packaged folder whose
+        absolute path differs between installs; the weights hash still pins the content).
+        Without one, a hub model is named by its id and a local folder by LOCAL_FOLDER_LABEL,
+        never by its path, so nodes that keep the same files in different places agree."""
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if max_length < 2:
@@ -224,8 +230,11 @@ class HFTextEncoder:
         self.device = device
         self.local_files_only = local_files_only
         self.show_progress = show_progress
-        self.label = label or self.name_or_path
+        self.label = label or self.name_or_path  # for people: messages and progress bars
         self._local_dir = _local_model_dir(self.name_or_path)
+        self._identity_label = label or (
+            LOCAL_FOLDER_LABEL if self._local_dir is not None else self.name_or_path
+        )
         self._model: Any = None
         self._tokenizer: Any = None
         self._files_digest: str | None = None
@@ -240,7 +249,7 @@ class HFTextEncoder:
 
     @property
     def identity(self) -> str:
-        """Label + hash of config/tokenizer/weights + pooling settings; hub models load first.
+        """Name + hash of config/tokenizer/weights + pooling settings; hub models load first.
 
         Rebuilt on every access (only the file hash is memoised), so changing max_length or
         normalize on an existing encoder can never leave a stale identity behind.
@@ -249,7 +258,7 @@ class HFTextEncoder:
             model_dir = self._local_dir if self._local_dir is not None else self._hub_snapshot_dir()
             self._files_digest = _hash_model_files(model_dir)
         return (
-            f"hf:{self.label}|files-sha256={self._files_digest}|pool=mean"
+            f"hf:{self._identity_label}|files-sha256={self._files_digest}|pool=mean"
             f"|max_length={self.max_length}|normalize={self.normalize}|dtype=float32"
             f"|impl={_IMPL_VERSION}"
         )

