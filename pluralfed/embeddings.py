@@ -68,6 +68,7 @@ _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # what matters, so the same files make the same identity wherever they are.
 LOCAL_FOLDER_LABEL = "local"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_MAX_DETAIL = 300  # characters of a library's error quoted in a load failure
 _PROGRESS_MIN_BATCHES = 4  # a progress bar only for jobs longer than this many batches
 
 
@@ -141,9 +142,12 @@ def _hash_model_files(model_dir: Path) -> str:
     total = hashlib.sha256()
     for p in files:
         h = hashlib.sha256()
-        with p.open("rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
+        try:
+            with p.open("rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except OSError as e:
+            raise InputError(f"cannot read the text encoder file {p}: {e}") from e
         total.update(f"{p.name}\0{h.hexdigest()}\n".encode())
     digest = total.hexdigest()
     with _memo_lock:
@@ -185,11 +189,26 @@ def _dim_from_config(model_dir: Path) -> int | None:
         cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise InputError(
+            f"{model_dir / 'config.json'} is not a model config: it holds a JSON "
+            f"{type(cfg).__name__}, not an object"
+        )
     for key in ("hidden_size", "d_model", "dim"):
-        value = cfg.get(key) if isinstance(cfg, dict) else None
+        value = cfg.get(key)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _no_safetensors_message(where: object) -> str:
+    return (
+        f"could not load the text encoder from {where}: it has no safetensors weights "
+        "(model.safetensors). pluralfed loads only those: pickled weights "
+        "(pytorch_model.bin) are never loaded. Convert the model once where you trust "
+        "it (AutoModel.from_pretrained(...).save_pretrained(folder, "
+        "safe_serialization=True)) and pass that folder"
+    )
 
 
 def _env_true(name: str) -> bool:
@@ -300,6 +319,8 @@ class HFTextEncoder:
             from transformers import AutoModel, AutoTokenizer
 
             source = str(self._local_dir) if self._local_dir is not None else self.name_or_path
+            if self._local_dir is not None:  # a config.json that is no JSON object, said plainly
+                _dim_from_config(self._local_dir)
             kwargs: dict[str, Any] = {}
             if self.local_files_only is not None:
                 kwargs["local_files_only"] = self.local_files_only
@@ -318,34 +339,47 @@ class HFTextEncoder:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
                 # safetensors only: a pickled (.bin) checkpoint is refused, never unpickled
-                model = AutoModel.from_pretrained(source, use_safetensors=True, **kwargs)
-            except (OSError, ValueError, KeyError) as e:
+                model, info = AutoModel.from_pretrained(
+                    source, use_safetensors=True, output_loading_info=True, **kwargs
+                )
+            except MemoryError:
+                raise
+            except Exception as e:
+                # a damaged folder fails in many libraries' own ways (safetensors' SafetensorError
+                # for cut weights, huggingface_hub's validation errors or a TypeError for a bad
+                # config.json, ...): every one is the folder's fault, said plainly, no traceback
                 raise InputError(self._load_failure_message(e)) from e
             finally:
                 if bar_was_on:
                     hf_logging.enable_progress_bar()
+            self._check_all_weights_loaded(info)
             model.to(device=device, dtype=torch.float32)
             model.eval()
             self._tokenizer, self._model = tokenizer, model
 
+    def _check_all_weights_loaded(self, info: dict[str, Any]) -> None:
+        """Refuse weights that do not cover the model: transformers fills the gaps with random
+        values, which differ on every machine although the identity is the same.
+
+        The pooler is left out: it is unused (we pool the last hidden state ourselves) and many
+        saved encoders lack it.
+        """
+        missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+        if missing:
+            where = self._local_dir if self._local_dir is not None else repr(self.name_or_path)
+            raise InputError(
+                f"could not load the text encoder from {where}: its weights lack {len(missing)} "
+                f"of the model's tensors (e.g. {missing[0]!r}), which would be random. The "
+                "weights (*.safetensors) are incomplete or belong to another model than "
+                "config.json describes"
+            )
+
     def _load_failure_message(self, err: BaseException) -> str:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "model.safetensors" in str(err) or "use_safetensors" in str(err):  # .bin only
-            where = self._local_dir if self._local_dir is not None else repr(self.name_or_path)
-            return (
-                f"could not load the text encoder from {where}: it has no safetensors weights "
-                "(model.safetensors). pluralfed loads only those: pickled weights "
-                "(pytorch_model.bin) are never loaded. Convert the model once where you trust "
-                "it (AutoModel.from_pretrained(...).save_pretrained(folder, "
-                "safe_serialization=True)) and pass that folder"
-            )
         if self._local_dir is not None:
-            return (
-                f"could not load the text encoder from {self._local_dir}: {first_line}. "
-                "The folder must hold config.json, tokenizer files and weights in safetensors "
-                "(model.safetensors) as written by save_pretrained(); pickled weights "
-                "(pytorch_model.bin) are never loaded"
-            )
+            return self._local_failure_message(err)
+        if "model.safetensors" in str(err) or "use_safetensors" in str(err):  # .bin only
+            return _no_safetensors_message(repr(self.name_or_path))
         offline = (
             self.local_files_only
             or _env_true("HF_HUB_OFFLINE")
@@ -362,6 +396,28 @@ class HFTextEncoder:
             f"{first_line}. {how} Either download it once where there is network access (it is "
             "then cached), or pass a local model folder (written by save_pretrained()), or use the "
             f"packaged default encoder ({DEFAULT_ENCODER_NAME}), which needs no network"
+        )
+
+    def _local_failure_message(self, err: BaseException) -> str:
+        """What is wrong with a local folder that did not load, for someone who must fix it."""
+        folder = self._local_dir
+        assert folder is not None
+        if not any(folder.glob("*.safetensors")):
+            return _no_safetensors_message(folder)
+        # the whole text on one line: the detail is often on the second (huggingface_hub's
+        # "Validation error for field 'num_hidden_layers':" / "expected int, got str")
+        detail = " ".join(str(err).split()) or type(err).__name__
+        if len(detail) > _MAX_DETAIL:
+            detail = detail[:_MAX_DETAIL] + "..."
+        if type(err).__name__ == "SafetensorError":
+            what = "its weights (*.safetensors) are damaged or cut short (a partial copy?)"
+        else:
+            what = type(err).__name__
+        return (
+            f"could not load the text encoder from {folder}: {what}: {detail}. "
+            "The folder must hold config.json, tokenizer files and weights in safetensors "
+            "(model.safetensors) as written by save_pretrained(); pickled weights "
+            "(pytorch_model.bin) are never loaded"
         )
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -271,6 +271,50 @@ def test_pickled_encoder_weights_are_refused(tmp_path: Path) -> None:
         make_encoder(str(folder)).encode(["a question"])
 
 
+def _broken_files(src: Path, damage: str) -> dict[str, bytes]:
+    """The replaced files of a broken copy of the MiniLM folder `src`."""
+    import json
+
+    import safetensors.torch
+
+    config = json.loads((src / "config.json").read_text())
+    if damage == "cut-weights":  # a partial copy or download
+        return {"model.safetensors": (src / "model.safetensors").read_bytes()[:1_000_000]}
+    if damage == "config-bad-field":
+        return {"config.json": json.dumps({**config, "num_hidden_layers": "six"}).encode()}
+    if damage == "config-not-an-object":
+        return {"config.json": b"[1, 2]"}
+    if damage == "weights-incomplete":  # a valid file that lacks almost every tensor
+        one = {"embeddings.LayerNorm.weight": torch.ones(384)}
+        return {"model.safetensors": safetensors.torch.save(one, metadata={"format": "pt"})}
+    raise AssertionError(damage)
+
+
+# what the refusal of each broken folder says
+_BROKEN_SAYS = {
+    "cut-weights": r"weights \(\*\.safetensors\) are damaged or cut short",
+    "config-bad-field": r"num_hidden_layers.*expected int, got str",
+    "config-not-an-object": r"config\.json is not a model config: it holds a JSON list",
+    "weights-incomplete": r"its weights lack \d+ of the model's tensors",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_BROKEN_SAYS))
+def test_broken_local_encoder_folder_is_an_input_error(
+    minilm_copy: Path, tmp_path: Path, damage: str
+) -> None:
+    """Review M5: a cut model.safetensors or a bad config.json crashed train, evaluate and node
+    run with safetensors' / huggingface_hub's / a TypeError traceback. Now an InputError that
+    names the folder and what is wrong; incomplete weights (which transformers would fill with
+    random values) are refused too."""
+    folder = _variant(minilm_copy, tmp_path / "broken", **_broken_files(minilm_copy, damage))
+    enc = make_encoder(str(folder), show_progress=False)
+    with pytest.raises(InputError, match=_BROKEN_SAYS[damage]) as caught:
+        _ = enc.dim  # the first thing a CachedEncoder asks
+        enc.encode(["a question"])
+    assert str(folder) in str(caught.value)
+
+
 def test_hub_model_missing_offline_says_what_to_do() -> None:
     enc = make_encoder("acme-does-not-exist/encoder", local_files_only=True)
     with pytest.raises(InputError, match="local model folder"):
