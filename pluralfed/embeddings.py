@@ -529,6 +529,12 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "pluralfed"
 
 
+def _text(value: bytes | None) -> str:
+    """A meta value read as bytes, decoded leniently: a damaged one then only differs from what
+    is expected (no expected value is empty or holds U+FFFD)."""
+    return "" if value is None else value.decode("utf-8", errors="replace")
+
+
 def _chunks(seq: Sequence[bytes], n: int) -> Iterator[Sequence[bytes]]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
@@ -539,9 +545,9 @@ class CachedEncoder:
 
     One file per identity (``embeddings-<sha256(identity)[:24]>.sqlite``) whose meta table repeats
     the full identity and the dimension; each row stores the float32 vector with a CRC32. A file
-    that is not a database, belongs to another identity/dimension, or rows whose length or CRC is
-    wrong are dropped with a CacheWarning and recomputed, so the cache can cost time but never
-    returns a wrong vector. WAL mode and short write transactions let several processes share it;
+    that is not a database, belongs to another identity/dimension, or rows whose SQLite type,
+    length or CRC is wrong are dropped with a CacheWarning and recomputed, so the cache can cost
+    time but never returns a wrong vector. WAL mode and short write transactions let several processes share it;
     encoding happens outside any transaction, so a slow encode never blocks other processes.
     """
 
@@ -640,7 +646,10 @@ class CachedEncoder:
             tables = {"meta", "vectors"}
         if tables != {"meta", "vectors"}:
             raise _InvalidCache(f"unexpected tables {sorted(tables)}")
-        meta = dict(con.execute("SELECT k, v FROM meta").fetchall())
+        # read as bytes: a damaged non-UTF-8 TEXT value must make a mismatch (and a rebuild),
+        # not a decode error that refuses every run
+        raw = con.execute("SELECT CAST(k AS BLOB), CAST(v AS BLOB) FROM meta").fetchall()
+        meta = {_text(k): _text(v) for k, v in raw}
         if meta != expected:
             diff = sorted(
                 k for k in expected.keys() | meta.keys() if meta.get(k) != expected.get(k)
@@ -701,8 +710,18 @@ class CachedEncoder:
             bad: list[bytes] = []
             for chunk in _chunks(keys, _SQL_CHUNK):
                 marks = ",".join("?" * len(chunk))
-                query = f"SELECT key, vec, crc FROM vectors WHERE key IN ({marks})"
+                # SQLite is dynamically typed: a damaged row can hold TEXT (even non-UTF-8, which
+                # Python cannot decode) or a number where the vector or CRC should be. Such a
+                # value comes back as NULL, and the row counts as corrupt like a bad CRC.
+                query = (
+                    "SELECT key, CASE WHEN typeof(vec) = 'blob' THEN vec END, "
+                    "CASE WHEN typeof(crc) = 'integer' THEN crc END "
+                    f"FROM vectors WHERE key IN ({marks})"
+                )
                 for key, blob, crc in con.execute(query, list(chunk)):
+                    if blob is None or crc is None:
+                        bad.append(key)
+                        continue
                     if len(blob) != 4 * dim or zlib.crc32(blob) != crc:
                         bad.append(key)
                         continue

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import shutil
 import sqlite3
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -508,6 +509,60 @@ def test_cache_drops_non_finite_rows_with_a_valid_crc(tmp_path: Path, bad: float
     np.testing.assert_array_equal(got, np.stack([inner.vector("a"), inner.vector("b")]))
     again = FakeEncoder()  # the recomputed vector replaced the bad row
     CachedEncoder(again, tmp_path).encode(["a"])
+    assert again.calls == []
+
+
+# SQL that leaves row "a" with a value of the wrong SQLite type (a flipped bit in a record's
+# serial type turns a BLOB into TEXT of the same length)
+_WRONG_TYPE_ROW = {
+    "vec-non-utf8-text": "UPDATE vectors SET vec = CAST(vec AS TEXT) WHERE key = ?",
+    "vec-ascii-text": "UPDATE vectors SET vec = printf('%.32c', 'x') WHERE key = ?",
+    "vec-integer": "UPDATE vectors SET vec = 7 WHERE key = ?",
+    "crc-text": "UPDATE vectors SET crc = 'x' WHERE key = ?",
+    "vec-real": "UPDATE vectors SET vec = 1.5 WHERE key = ?",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_WRONG_TYPE_ROW))
+def test_cache_row_of_the_wrong_type_is_recomputed(tmp_path: Path, damage: str) -> None:
+    """Review L1: such a row crashed with a TypeError, or (non-UTF-8 TEXT) refused every run
+    with sqlite's decode error and was never rebuilt. Now it is one corrupt entry: one warning,
+    recomputed, and overwritten, so the next run is clean."""
+    cached = CachedEncoder(FakeEncoder(), tmp_path)
+    cached.encode(["a", "b"])
+    with sqlite3.connect(cached.path) as con:
+        con.execute(_WRONG_TYPE_ROW[damage], (hashlib.sha256(b"a").digest(),))
+    inner = FakeEncoder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = CachedEncoder(inner, tmp_path).encode(["a", "b"])
+    assert [str(w.message) for w in caught] == [
+        f"embedding cache {cached.path}: 1 corrupt entries dropped, recomputing"
+    ]
+    assert inner.calls == [["a"]]
+    np.testing.assert_array_equal(got, np.stack([inner.vector("a"), inner.vector("b")]))
+    again = FakeEncoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CachedEncoder(again, tmp_path).encode(["a", "b"])
+    assert again.calls == []
+
+
+def test_cache_meta_of_the_wrong_type_rebuilds_the_file(tmp_path: Path) -> None:
+    """Review L1: a non-UTF-8 TEXT value in the meta table refused every run (sqlite's decode
+    error, not seen as damage). Now the file is rebuilt once."""
+    cached = CachedEncoder(FakeEncoder(), tmp_path)
+    cached.encode(["a"])
+    with sqlite3.connect(cached.path) as con:
+        con.execute("UPDATE meta SET v = CAST(X'FF' || v AS TEXT) WHERE k = 'identity'")
+    inner = FakeEncoder()
+    with pytest.warns(CacheWarning, match="different encoder.*rebuilding"):
+        CachedEncoder(inner, tmp_path).encode(["a"])
+    assert inner.calls == [["a"]]
+    again = FakeEncoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CachedEncoder(again, tmp_path).encode(["a"])
     assert again.calls == []
 
 
