@@ -74,6 +74,10 @@ FINAL_DOWNLOAD_TIMEOUT_S = 120.0
 MAX_LOCAL_STEPS = protocol.MAX_LOCAL_STEPS
 REFUSED_TASK_POLL_S = 5.0  # how often a node asks again while its refused task is still open
 MAX_RETRY_AFTER_S = 60.0  # the longest WAIT.retry_after a node honours (then it asks anyway)
+# a node told to wait this long says so (then every IDLE_NOTE_EVERY_S): a coordinator waiting for
+# a quorum, or for held-out groups before the end, left a partner's node silent for minutes
+IDLE_NOTE_FIRST_S = 60.0
+IDLE_NOTE_EVERY_S = 600.0
 # An upload the coordinator could not store (REJECT_REASON_INTERNAL, e.g. its disk is full)
 # leaves the task open, and the coordinator offers it again at once: the node sends the same
 # update again only after this back-off, doubled after each such refusal up to the cap, so a
@@ -415,6 +419,7 @@ class GroupNode:
         stop_beats = threading.Event()
         beats = threading.Thread(target=self._heartbeats, args=(stop_beats,), daemon=True)
         beats.start()
+        idle_since, idle_noted = time.monotonic(), 0.0  # since the last task; seconds said
         try:
             while not self._stop.is_set():
                 asked = time.monotonic()
@@ -442,6 +447,7 @@ class GroupNode:
                 elif task.kind == pb.TASK_KIND_EVALUATE:
                     self._evaluate(task)
                 elif task.kind == pb.TASK_KIND_WAIT:  # the coordinator says when to ask again
+                    idle_noted = self._note_idle(time.monotonic() - idle_since, idle_noted)
                     delay = task.retry_after.ToMilliseconds() / 1000
                     # but a WAIT that was not held (a zero or negative retry_after from a faulty
                     # coordinator) must not make the node ask again in a loop
@@ -451,9 +457,26 @@ class GroupNode:
                 else:  # a kind added after this node's protocol (enums may grow): not in a loop
                     self._unknown_task_kind(task)
                     self._stop.wait(REFUSED_TASK_POLL_S)
+                if task.kind != pb.TASK_KIND_WAIT:
+                    idle_since, idle_noted = time.monotonic(), 0.0
             return False
         finally:
             stop_beats.set()
+
+    def _note_idle(self, idle_s: float, noted_s: float) -> float:
+        """Say that the node has had no task for `idle_s` seconds, once it is IDLE_NOTE_FIRST_S
+        and then every IDLE_NOTE_EVERY_S; returns the idle time last said (`noted_s` if none)."""
+        due = IDLE_NOTE_FIRST_S if not noted_s else noted_s + IDLE_NOTE_EVERY_S
+        if idle_s < due:
+            return noted_s
+        log.info(
+            "%s: no task for %.0f s: the coordinator is waiting (for a quorum, for other nodes, "
+            "or for the groups it evaluates at the end); this node stays connected and takes "
+            "the next task when there is one",
+            self.config.group,
+            idle_s,
+        )
+        return idle_s
 
     def _unknown_task_kind(self, task: pb.Task) -> None:
         """Logged once per kind: the node asks again every REFUSED_TASK_POLL_S meanwhile."""

@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ from test_update_validation import ALLOW, ENCODER, Federation, toy_weights
 from test_validation_node import FakeEncoder
 from test_validation_rpc import quiet_settings
 
+import group_node.node as node_module
 import pluralfed.commands.node as commands_node
 import pluralfed.fsutil
 from coordinator.rounds import RoundEngine
@@ -155,6 +157,38 @@ class UnknownSessionOnce(pb_grpc.FederationServicer):
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
         return pb.Ack()
+
+
+class WaitThenEnd(UnknownSessionOnce):
+    """Tells the node to wait (as a coordinator waiting for a quorum does) for `seconds`, then
+    ends the run."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(new_run=False)
+        self.until = time.monotonic() + seconds
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        if time.monotonic() < self.until:
+            task = pb.Task(kind=pb.TASK_KIND_WAIT)
+            task.retry_after.FromMilliseconds(100)
+            return task
+        return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+
+
+def test_a_node_told_to_wait_long_says_so(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After "joined run ...", a node whose coordinator waited for held-out groups (up to
+    eval_timeout_s, 300 s) printed nothing: its operator could think it hung."""
+    monkeypatch.setattr(node_module, "IDLE_NOTE_FIRST_S", 0.5)
+    monkeypatch.setattr(node_module, "IDLE_NOTE_EVERY_S", 1.0)
+    with stand_in_coordinator(WaitThenEnd(2.2)) as port:
+        cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
+        with caplog.at_level(logging.INFO, logger="pluralfed.node"):
+            assert GroupNode(cfg, WORKER).run() == 0  # type: ignore[arg-type]
+    notes = [m for m in messages(caplog, logging.INFO) if "no task for" in m]
+    assert len(notes) == 2, notes  # at 0.5 s and 1.5 s; not at every WAIT
+    assert notes[0].startswith("G: no task for ") and "stays connected" in notes[0]
 
 
 @pytest.mark.parametrize("new_run", [False, True])
