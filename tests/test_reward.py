@@ -29,7 +29,7 @@ from pluralfed import tls
 from pluralfed.auth import AllowList
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.cli import main as cli_main
-from pluralfed.data import SurveyItem, is_test_question, write_jsonl
+from pluralfed.data import SurveyData, SurveyItem, is_test_question, write_jsonl
 from pluralfed.embeddings import CachedEncoder, default_encoder
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
@@ -848,6 +848,13 @@ def test_cli_score_local_and_through_the_server(
     # memory settings a service would ignore are refused, not silently dropped
     code, _, err = run(g, *answer_args, *remote, "--memory-weight", "0.9")
     assert code == 2 and "--memory-weight: the service scores with its own" in err
+    # a group with no TRAIN questions in --data: the local message, not the service's protocol
+    # error about an empty inline context (reward service review)
+    only_test = world["root"] / "only-test.jsonl"
+    test_items = [it for it in world["data"].groups[g] if is_test_question(it.question)]
+    write_jsonl(SurveyData({"OnlyTest": test_items}), only_test)
+    code, _, err = run("OnlyTest", *answer_args, *remote, "--data", str(only_test))
+    assert code == 2 and "group 'OnlyTest' has no TRAIN questions" in err, err
 
 
 def test_cli_serve_subprocess(

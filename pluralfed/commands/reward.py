@@ -341,6 +341,8 @@ def run_score(args: argparse.Namespace) -> int:
         if args.data is not None:
             data = load_survey(args.data, [args.group])
             group = [it for it in data.groups[args.group] if not is_test_question(it.question)]
+            if not group:  # the service would only say its inline context is empty
+                raise InputError(f"{args.data}: group {args.group!r} has no TRAIN questions")
             group = protocol_context(group)  # the service takes at most 90 inline items
         client = RewardClient(
             args.server, _tls(args, "reward client"), server_name_override=args.server_name
