@@ -259,7 +259,11 @@ class RewardModel:
         self._groups: dict[str, GroupContext] = {}
         self._memory: OrderedDict[bytes, np.ndarray] = OrderedDict()  # text_key(text) -> vector
         self._memory_size = embed_memory
-        self._lock = WorkLock()
+        self._lock = WorkLock()  # the encoder and the model: held for the length of their work
+        # the embedding memory and the group table: held only to look up or store, so that the
+        # service's cheap checks (what a call costs, whether its group exists) never wait for
+        # the model, and a call it must refuse is refused at once (reward service review)
+        self._table_lock = threading.Lock()
 
     def work_seconds(self) -> float:
         """Seconds this thread has held the model so far: a call's own work, without the time it
@@ -333,22 +337,25 @@ class RewardModel:
                 return np.asarray(encoder.encode(list(texts)), dtype=np.float32)
         keys = [text_key(t) for t in texts]
         with self._lock:
-            missing = dict.fromkeys(
-                (k, t) for k, t in zip(keys, texts, strict=True) if k not in self._memory
-            )
+            with self._table_lock:
+                missing = dict.fromkeys(
+                    (k, t) for k, t in zip(keys, texts, strict=True) if k not in self._memory
+                )
+            # new vectors, a copy each: a row kept as a view would keep its batch's array alive
+            found: dict[bytes, np.ndarray] = {}
             if missing:
                 encoder = self.encoder
                 if not disk_cache and isinstance(encoder, CachedEncoder):
                     encoder = encoder.inner
                 vectors = np.asarray(encoder.encode([t for _, t in missing]), dtype=np.float32)
-                for (k, _), v in zip(missing, vectors, strict=True):
-                    # a copy: a row kept as a view would keep its whole batch's array alive
-                    self._memory[k] = v.copy()
-            out = np.stack([self._memory[k] for k in keys]) if texts else None
-            for k in keys:
-                self._memory.move_to_end(k)
-            while len(self._memory) > self._memory_size:
-                self._memory.popitem(last=False)
+                found = {k: v.copy() for (k, _), v in zip(missing, vectors, strict=True)}
+            with self._table_lock:
+                self._memory.update(found)
+                out = np.stack([self._memory[k] for k in keys]) if texts else None
+                for k in keys:
+                    self._memory.move_to_end(k)
+                while len(self._memory) > self._memory_size:
+                    self._memory.popitem(last=False)
         if out is None:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
         return out
@@ -360,7 +367,7 @@ class RewardModel:
 
     def uncached(self, texts: Iterable[str]) -> int:
         """How many of texts are not in memory (a hint for how long embedding them will take)."""
-        with self._lock:
+        with self._table_lock:
             return sum(1 for t in set(texts) if text_key(t) not in self._memory)
 
     def _embed_items(
@@ -405,7 +412,7 @@ class RewardModel:
             if isinstance(items, GroupContext)
             else self.context(items, name)
         )
-        with self._lock:
+        with self._table_lock:
             self._groups[name] = ctx
         return ctx
 
@@ -429,20 +436,20 @@ class RewardModel:
         return added
 
     def remove_group(self, name: str) -> None:
-        with self._lock:
+        with self._table_lock:
             self._groups.pop(name, None)
 
     @property
     def groups(self) -> dict[str, GroupContext]:
         """The named groups held, name -> context (a copy)."""
-        with self._lock:
+        with self._table_lock:
             return dict(self._groups)
 
     def group(self, name: str) -> GroupContext:
-        with self._lock:
+        with self._table_lock:
             found = self._groups.get(name)
         if found is None:
-            held = sorted(self._groups)
+            held = sorted(self.groups)
             raise KeyError(
                 f"no group {name!r}; held: {held[:20]}{' ...' if len(held) > 20 else ''}"
             )

@@ -639,6 +639,31 @@ def test_service_refuses_a_call_of_more_model_time_than_its_limit_without_a_dead
         RewardServicer(servicer.model, max_call_s=math.nan)
 
 
+def test_a_call_over_the_limit_is_refused_while_another_holds_the_model(
+    client: RewardClient, server: tuple[int, RewardServicer], world: dict, rm: RewardModel
+) -> None:
+    """The cost estimate and the group lookup took the model's lock: a call to be refused at
+    once first waited for whatever call held the model (reward service review)."""
+    servicer = server[1]
+    saved = servicer.cost.per_text, servicer.max_call_s
+    servicer.cost.per_text, servicer.max_call_s = 10.0, 5.0
+    release = threading.Event()
+    holder = hold_the_model(rm, until=release, seconds=60.0)
+    try:
+        call = client.stub.Score.future(
+            score_request(world["groups"][0], [("Refused while the model is busy?", ["Y", "N"])]),
+            timeout=TIMEOUT,
+        )
+        # answered while the model is still held (release is never set before this returns)
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=TIMEOUT)
+    finally:
+        release.set()
+        holder.join()
+        servicer.cost.per_text, servicer.max_call_s = saved
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+
+
 def test_service_message_size_cap(server: tuple[int, RewardServicer], pki: dict) -> None:
     # a client without a send cap: the server's 4 MiB receive cap refuses the message
     channel = tls.secure_channel(
