@@ -95,6 +95,9 @@ MAX_CONTEXT_ITEMS = EVAL_MAX_CONTEXT
 # the most model time one reward-service call may ask for: calls take the model in turns, so
 # one call of minutes (no deadline, every list at its limit) would stall every client
 DEFAULT_MAX_CALL_S = 120.0
+# the service's workers: one client's share (4) plus the health Checks any certificate of the CA
+# may hold (auth.MAX_EXEMPT_CALLS, 4) still leave 4 for the other clients
+DEFAULT_MAX_WORKERS = 12
 PROB_FLOOR = 1e-6
 LOG_FLOOR = math.log(PROB_FLOOR)
 RewardKind = Literal["logprob", "prob"]

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from pluralfed.auth import AllowList, AuthInterceptor, RevocationWatch
+from pluralfed.auth import MAX_EXEMPT_CALLS, AllowList, AuthInterceptor, RevocationWatch
 from pluralfed.data import SurveyItem, is_blank, normalise_distribution
 from pluralfed.embeddings import option_text
 from pluralfed.errors import InputError
@@ -35,6 +35,7 @@ from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import reward_pb2_grpc as pb_grpc
 from pluralfed.reward import (
     DEFAULT_MAX_CALL_S,
+    DEFAULT_MAX_WORKERS,
     MAX_CONTEXT_ITEMS,
     GroupContext,
     RewardKind,
@@ -351,9 +352,10 @@ class RewardServicer(pb_grpc.RewardServicer):
 
 
 def default_calls_per_client(max_workers: int) -> int:
-    """Half the workers (at least one): two clients at their limit still leave none idle, and
-    no single client can hold them all."""
-    return max(1, max_workers // 2)
+    """Half the workers the exempt health Checks cannot hold (at least one): a client at its
+    limit and a flood of Checks (from any certificate of the CA, even a revoked one) together
+    still leave workers for the other clients (reward service review)."""
+    return max(1, (max_workers - MAX_EXEMPT_CALLS) // 2)
 
 
 def start_reward_server(
@@ -363,7 +365,7 @@ def start_reward_server(
     allow_list: AllowList,
     *,
     limits: Limits | None = None,
-    max_workers: int = 8,
+    max_workers: int = DEFAULT_MAX_WORKERS,
     revocations: RevocationWatch | None = None,
     max_call_s: float = DEFAULT_MAX_CALL_S,
     max_calls_per_client: int | None = None,
@@ -371,9 +373,10 @@ def start_reward_server(
     """Serve on `address` (host:port; port 0 picks one) with mutual TLS. Returns (server, port,
     servicer). At most `max_workers` calls run at once and 4x that wait; more get
     RESOURCE_EXHAUSTED. One client (one certificate identity) has at most
-    `max_calls_per_client` calls in flight (default: half the workers), so a client that opens
-    many calls cannot take every worker from the others; its next call is refused
-    RESOURCE_EXHAUSTED at once. With `revocations`, certificates the CA revoked are refused. A
+    `max_calls_per_client` calls in flight (default: `default_calls_per_client`), so a client
+    that opens many calls cannot take every worker from the others, even with the health
+    Checks any certificate may hold (at most auth.MAX_EXEMPT_CALLS; a setting that would let
+    the two hold every worker is refused); its next call is refused RESOURCE_EXHAUSTED at once. With `revocations`, certificates the CA revoked are refused. A
     call the cost model expects to need more than `max_call_s` seconds of the model is refused
     (RESOURCE_EXHAUSTED), deadline or not."""
     limits = limits or Limits()
@@ -386,11 +389,12 @@ def start_reward_server(
     )
     if per_client < 1:
         raise InputError(f"max_calls_per_client must be at least 1, got {max_calls_per_client}")
-    if per_client >= max_workers:
-        log.warning(
-            "max_calls_per_client %d >= max_workers %d: one client can take every worker",
-            per_client,
-            max_workers,
+    if per_client + MAX_EXEMPT_CALLS >= max_workers:
+        raise InputError(
+            f"max_workers {max_workers} is too few for {per_client} calls per client: one "
+            f"client and the {MAX_EXEMPT_CALLS} health checks any certificate may hold would "
+            f"take every worker; give at least {per_client + MAX_EXEMPT_CALLS + 1} workers or "
+            "fewer calls per client"
         )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward"),

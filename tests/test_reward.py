@@ -6,6 +6,7 @@ the real packaged encoder (so the encoder identity check and the cosine rule are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pluralfed import tls
-from pluralfed.auth import AllowList
+from pluralfed.auth import MAX_EXEMPT_CALLS, AllowList
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.cli import main as cli_main
 from pluralfed.data import SurveyData, SurveyItem, is_test_question, write_jsonl
@@ -38,6 +39,7 @@ from pluralfed.prepare import embed_groups
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import reward_pb2_grpc as pb_grpc
 from pluralfed.reward import (
+    DEFAULT_MAX_WORKERS,
     LOG_FLOOR,
     MAX_CONTEXT_ITEMS,
     GroupContext,
@@ -56,6 +58,7 @@ from pluralfed.reward_server import (
     RewardClient,
     RewardServicer,
     context_to_proto,
+    default_calls_per_client,
     probabilities,
     score_request,
     start_reward_server,
@@ -787,7 +790,7 @@ def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: 
     other = issue_node_cert(root / "ca", root / "other-client", "trainer-2")
     allow = AllowList({"trainer-1": "RL trainer", "trainer-2": "another trainer"})
     srv, port, servicer = start_reward_server(
-        rm, "127.0.0.1:0", pki["server"], allow, max_workers=4, max_calls_per_client=2
+        rm, "127.0.0.1:0", pki["server"], allow, max_workers=8, max_calls_per_client=2
     )
     calls = servicer.stats.calls
     release = threading.Event()
@@ -819,6 +822,61 @@ def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: 
         srv.stop(grace=None).wait()
     with pytest.raises(InputError, match="max_calls_per_client"):
         start_reward_server(rm, "127.0.0.1:0", pki["server"], allow, max_calls_per_client=0)
+
+
+def _hold_without_request(channel: grpc.Channel, method: str, stop: threading.Event) -> None:
+    """A call whose request never comes until `stop`: the server holds a worker for it, waiting
+    for the request (up to auth.REQUEST_TIMEOUT_S)."""
+
+    def never() -> Iterator[bytes]:
+        stop.wait(30)
+        yield from ()
+
+    call = channel.stream_unary(method, request_serializer=None, response_deserializer=None)
+    # cancelled by the server, or ended without a request: either way, let go
+    with contextlib.suppress(grpc.RpcError):
+        call(never(), timeout=30)
+
+
+def test_one_client_and_the_health_checks_cannot_hold_every_worker(
+    rm: RewardModel, pki: dict, world: dict
+) -> None:
+    """One client's calls at its limit plus the health Checks any certificate (even a revoked
+    one) may hold were every worker with the defaults (8 workers, 4 per client, 4 exempt),
+    and other clients' calls waited for one (reward service review)."""
+    root = pki["root"]
+    other = issue_node_cert(root / "ca", root / "third-client", "trainer-2")
+    allow = AllowList({"trainer-1": "RL trainer", "trainer-2": "another trainer"})
+    srv, port, _ = start_reward_server(rm, "127.0.0.1:0", pki["server"], allow)  # the defaults
+    per_client = default_calls_per_client(DEFAULT_MAX_WORKERS)
+    group, question = world["groups"][0], [("Is a worker left for me?", ["Yes", "No"])]
+    stop = threading.Event()
+    holders = []
+    try:
+        with (
+            RewardClient(f"127.0.0.1:{port}", pki["client"]) as first,
+            RewardClient(f"127.0.0.1:{port}", pki["stranger"]) as anyone,
+            RewardClient(f"127.0.0.1:{port}", other) as second,
+        ):
+            held = [(first, "/pluralfed.v1.Reward/Score")] * per_client
+            held += [(anyone, "/grpc.health.v1.Health/Check")] * MAX_EXEMPT_CALLS
+            for c, method in held:
+                holders.append(
+                    threading.Thread(target=_hold_without_request, args=(c.channel, method, stop))
+                )
+                holders[-1].start()
+            time.sleep(1.0)  # the held calls reach the server (they are held for 10 s)
+            # served while every held call still holds its worker
+            assert len(second.score(group, question, timeout=5.0).scores) == 1
+    finally:
+        stop.set()
+        for t in holders:
+            t.join()
+        srv.stop(grace=None).wait()
+    with pytest.raises(InputError, match="would take every worker"):
+        start_reward_server(
+            rm, "127.0.0.1:0", pki["server"], allow, max_workers=8, max_calls_per_client=4
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pluralfed.errors import InputError
 from pluralfed.prepare import parse_group_list
 from pluralfed.reward import (
     DEFAULT_MAX_CALL_S,
+    DEFAULT_MAX_WORKERS,
     MAX_CONTEXT_ITEMS,
     REWARD_KINDS,
     RewardModel,
@@ -140,14 +141,16 @@ def register(subparsers: Any) -> None:
     s.add_argument(
         "--max-workers",
         type=int,
-        default=8,
-        help="calls served at once; 4x as many may wait, more are refused (default: %(default)s)",
+        default=DEFAULT_MAX_WORKERS,
+        help="calls served at once; 4x as many may wait, more are refused (default: "
+        "%(default)s; at least --max-calls-per-client + 5, since up to 4 health checks from "
+        "any certificate may hold workers too)",
     )
     s.add_argument(
         "--max-calls-per-client",
         type=int,
         help="calls one client certificate may have in flight; more are refused at once "
-        "(default: half of --max-workers, at least 1)",
+        "(default: half of --max-workers less 4, the health checks' share; at least 1)",
     )
     s.add_argument(
         "--max-call-seconds",
