@@ -105,6 +105,10 @@ REWARD_KINDS: tuple[str, ...] = ("logprob", "prob")
 # texts whose vectors are kept in memory, keyed by a 16-byte digest of the text so that long
 # texts cost no more than short ones: about 90 MB at 384 dims, whatever the texts
 DEFAULT_EMBED_MEMORY = 50_000
+# the packaged encoder reads at most this many tokens of a text (HFTextEncoder.max_length)
+MAX_EMBED_TOKENS = 256
+# texts embedded between two checks of a caller's `should_stop` (the packaged encoder's batch)
+EMBED_CHUNK = 64
 # a completion is embedded (last mapping rule) from its first this many characters: the encoder
 # reads at most a few hundred tokens anyway, and a runaway generation must not cost unbounded time
 MAX_EMBED_COMPLETION_CHARS = 8192
@@ -192,6 +196,17 @@ def check_answers(answers: Sequence[str], where: str) -> list[str]:
 # the reward model
 
 
+def estimated_tokens(texts: Iterable[str]) -> int:
+    """About how many tokens the encoder reads for texts (4 characters a token, at most
+    MAX_EMBED_TOKENS a text): embedding time follows length, and a count of texts let a call of
+    long texts take several times the service's per-call limit (reward service review)."""
+    return sum(min(len(t) // 4 + 2, MAX_EMBED_TOKENS) for t in texts)
+
+
+class WorkStopped(Exception):
+    """Embedding stopped between batches: the caller's `should_stop` gave this reason."""
+
+
 def text_key(text: str) -> bytes:
     """The in-memory embedding cache's key for `text`: a digest, so a kept text costs 16 bytes
     however long it is (lone surrogates, which the Python API lets through, hash as they are)."""
@@ -221,7 +236,11 @@ class WorkLock:
         self._lock.release()
 
     def held_seconds(self) -> float:
-        return float(getattr(self._local, "held", 0.0))
+        """Including the hold in progress, so a call can tell how long it has worked so far."""
+        held = float(getattr(self._local, "held", 0.0))
+        if getattr(self._local, "depth", 0):
+            held += time.perf_counter() - self._local.since
+        return held
 
 
 class RewardModel:
@@ -323,13 +342,21 @@ class RewardModel:
     # -- embeddings ------------------------------------------------------------------------------
 
     def embed_texts(
-        self, texts: Sequence[str], *, disk_cache: bool = True, remember: bool = True
+        self,
+        texts: Sequence[str],
+        *,
+        disk_cache: bool = True,
+        remember: bool = True,
+        should_stop: Callable[[], str | None] | None = None,
     ) -> np.ndarray:
         """Vectors for texts, (n, dim) float32; recent ones are kept in memory.
 
         `disk_cache=False` bypasses a CachedEncoder's disk cache (for texts from outside, such as
         policy completions or a service's requests, which would only grow it without bound);
-        `remember=False` keeps them out of memory too (one-off texts of any length)."""
+        `remember=False` keeps them out of memory too (one-off texts of any length).
+        `should_stop` is asked before each batch of EMBED_CHUNK new texts: a reason stops the
+        work with WorkStopped (the batches done stay in memory), so a service's call stops
+        soon after its deadline or its time limit instead of embedding on for minutes."""
         if not remember:
             encoder = self.encoder
             if not disk_cache and isinstance(encoder, CachedEncoder):
@@ -344,21 +371,30 @@ class RewardModel:
                 missing = dict.fromkeys(
                     (k, t) for k, t in zip(keys, texts, strict=True) if k not in self._memory
                 )
-            # new vectors, a copy each: a row kept as a view would keep its batch's array alive
-            found: dict[bytes, np.ndarray] = {}
-            if missing:
-                encoder = self.encoder
-                if not disk_cache and isinstance(encoder, CachedEncoder):
-                    encoder = encoder.inner
-                vectors = np.asarray(encoder.encode([t for _, t in missing]), dtype=np.float32)
-                found = {k: v.copy() for (k, _), v in zip(missing, vectors, strict=True)}
-            with self._table_lock:
-                self._memory.update(found)
-                out = np.stack([self._memory[k] for k in keys]) if texts else None
-                for k in keys:
-                    self._memory.move_to_end(k)
-                while len(self._memory) > self._memory_size:
-                    self._memory.popitem(last=False)
+            encoder = self.encoder
+            if not disk_cache and isinstance(encoder, CachedEncoder):
+                encoder = encoder.inner
+            # longest first, as the packaged encoder batches them itself
+            todo = sorted(missing, key=lambda kt: len(kt[1]), reverse=True)
+            try:
+                for start in range(0, len(todo), EMBED_CHUNK):
+                    reason = should_stop() if should_stop is not None else None
+                    if reason is not None:
+                        raise WorkStopped(reason)
+                    chunk = todo[start : start + EMBED_CHUNK]
+                    vectors = np.asarray(encoder.encode([t for _, t in chunk]), dtype=np.float32)
+                    with self._table_lock:
+                        for (k, _), v in zip(chunk, vectors, strict=True):
+                            # a copy: a row kept as a view would keep its batch's array alive
+                            self._memory[k] = v.copy()
+                with self._table_lock:
+                    out = np.stack([self._memory[k] for k in keys]) if texts else None
+                    for k in keys:
+                        self._memory.move_to_end(k)
+            finally:
+                with self._table_lock:
+                    while len(self._memory) > self._memory_size:
+                        self._memory.popitem(last=False)
         if out is None:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
         return out
@@ -369,9 +405,13 @@ class RewardModel:
         self.embed_texts(["warm-up"], disk_cache=False, remember=False)
 
     def uncached(self, texts: Iterable[str]) -> int:
-        """How many of texts are not in memory (a hint for how long embedding them will take)."""
+        """How many of texts are not in memory."""
+        return len(self.uncached_texts(texts))
+
+    def uncached_texts(self, texts: Iterable[str]) -> list[str]:
+        """The distinct texts not in memory (for how long embedding them will take)."""
         with self._table_lock:
-            return sum(1 for t in set(texts) if text_key(t) not in self._memory)
+            return [t for t in dict.fromkeys(texts) if text_key(t) not in self._memory]
 
     def _embed_items(
         self, items: Sequence[SurveyItem], disk_cache: bool = True

@@ -6,10 +6,12 @@ Security is the federation's: mutual TLS (`pluralfed.tls.TlsFiles`), and `plural
 most `max_calls_per_client` calls in flight.
 
 Every field is validated before any work, and the first bad one is named in an INVALID_ARGUMENT
-message. Calls are deadline-aware: the servicer estimates the work (texts to embed, tokens for the
-model, from running averages of what earlier calls took) and refuses with DEADLINE_EXCEEDED at once
-when the time left cannot cover it, and again between the embedding and model steps; a call whose
-deadline passed while it queued is dropped the same way.
+message. Calls are deadline-aware: the servicer estimates the work (tokens of the new texts to
+embed, tokens for the model, from running averages of what earlier calls took) and refuses with
+DEADLINE_EXCEEDED at once when the time left cannot cover it, and again between the embedding and
+model steps; a call whose deadline passed while it queued is dropped the same way. Embedding
+stops between encoder batches once the call is cancelled, its deadline has passed or it has held
+the model longer than `max_call_s`, and every call, finished or not, teaches the estimate.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from pluralfed.reward import (
     GroupContext,
     RewardKind,
     RewardModel,
+    WorkStopped,
+    estimated_tokens,
     to_rewards,
 )
 from pluralfed.tls import TlsFiles
@@ -157,10 +161,11 @@ _KIND_CODES = {"logprob": pb.REWARD_KIND_LOG_PROBABILITY, "prob": pb.REWARD_KIND
 
 @dataclass
 class CostModel:
-    """Running averages of seconds per embedded text and per model token, to tell whether a call
-    can finish before its deadline. Starts from cautious CPU figures and learns from every call."""
+    """Running averages of seconds per embedded token (`reward.estimated_tokens`) and per model
+    token, to tell whether a call can finish before its deadline. Starts from cautious CPU
+    figures and learns from every call."""
 
-    per_text: float = 1e-2
+    per_embed_token: float = 4e-4  # 10 ms for a short option text of 25 tokens
     per_token: float = 5e-5
     overhead: float = 1e-3
     alpha: float = 0.2
@@ -176,16 +181,17 @@ class CostModel:
         # the bound is taken from the larger of the estimate and these starting figures, so
         # calls that cost nothing (texts another call just embedded) cannot drive the estimate
         # down to where real costs take many calls to be learnt again
-        self._floor_text, self._floor_token = self.per_text, self.per_token
+        self._floor_embed, self._floor_token = self.per_embed_token, self.per_token
 
-    def estimate(self, texts: int, tokens: int) -> float:
-        return self.overhead + texts * self.per_text + tokens * self.per_token
+    def estimate(self, embed_tokens: int, tokens: int) -> float:
+        return self.overhead + embed_tokens * self.per_embed_token + tokens * self.per_token
 
-    def observe(self, texts: int, embed_s: float, tokens: int, model_s: float) -> None:
+    def observe(self, embed_tokens: int, embed_s: float, tokens: int, model_s: float) -> None:
         with self.lock:
-            if texts:
-                cap = max(self.per_text, self._floor_text) * self.max_step
-                self.per_text += self.alpha * (min(embed_s / texts, cap) - self.per_text)
+            if embed_tokens:
+                cap = max(self.per_embed_token, self._floor_embed) * self.max_step
+                sample = min(embed_s / embed_tokens, cap)
+                self.per_embed_token += self.alpha * (sample - self.per_embed_token)
             if tokens:
                 cap = max(self.per_token, self._floor_token) * self.max_step
                 sample = min(model_s / tokens, cap)
@@ -300,29 +306,60 @@ class RewardServicer(pb_grpc.RewardServicer):
             context_tokens = sum(len(e.item.options) for e in ctx.items)
         target_tokens = len(target_texts)
         tokens = context_tokens + target_tokens
-        new_texts = self.model.uncached(texts)
-        need_s = self.cost.estimate(new_texts, tokens)
+        new_texts = self.model.uncached_texts(texts)
+        new_tokens = estimated_tokens(new_texts)
+        need_s = self.cost.estimate(new_tokens, tokens)
         self._within_call_limit(context, need_s)
         self._deadline(context, need_s, "to start")
 
+        # the cost model learns from the time this call held the model, not the time it
+        # queued behind other calls: waits counted as work refused every later call
+        w0 = self.model.work_seconds()
+        embed_s: float | None = None
+        model_s: float | None = None
+        over_limit = False
+
+        def should_stop() -> str | None:
+            nonlocal over_limit
+            if not context.is_active():
+                return "the call was cancelled"
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                return "the deadline passed while embedding"
+            if self.model.work_seconds() - w0 > self.max_call_s:
+                over_limit = True
+                return f"the call held the model more than this server's {self.max_call_s:g} s"
+            return None
+
         try:
-            # the cost model learns from the time this call held the model, not the time it
-            # queued behind other calls: waits counted as work refused every later call
-            w0 = self.model.work_seconds()
             # a client's texts stay off the disk cache: any client could grow it without bound
-            if inline is not None:
-                ctx = self.model.context(inline, disk_cache=False)
-            self.model.embed_texts(target_texts, disk_cache=False)
-            w1 = self.model.work_seconds()
-            embed_s = w1 - w0
+            self.model.embed_texts(texts, disk_cache=False, should_stop=should_stop)
+            embed_s = self.model.work_seconds() - w0
             self._deadline(context, self.cost.estimate(0, tokens), "after embedding")
+            w1 = self.model.work_seconds()
+            if inline is not None:  # its texts are in memory now
+                ctx = self.model.context(inline, disk_cache=False)
             assert ctx is not None
             probs = self.model.score_batch(ctx, questions, disk_cache=False)
             model_s = self.model.work_seconds() - w1
+        except WorkStopped as err:
+            self.stats.add(refused_deadline=1)
+            code = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+                if over_limit
+                else grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+            _abort(context, code, f"stopped: {err}")
         except InputError as err:  # defence in depth: the validation above should catch all
             self.stats.add(refused_invalid=1)
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        self.cost.observe(new_texts, embed_s, tokens, model_s)
+        finally:
+            # learnt from a call cut off too (of the tokens it did embed): one that always ran
+            # past its deadline taught nothing and was accepted again and again
+            done = new_tokens - estimated_tokens(self.model.uncached_texts(new_texts))
+            if embed_s is None:
+                embed_s = self.model.work_seconds() - w0
+            self.cost.observe(done, embed_s, tokens if model_s is not None else 0, model_s or 0.0)
         self._deadline(context, 0.0, "after scoring")
 
         reply = pb.ScoreReply(
@@ -378,7 +415,8 @@ def start_reward_server(
     Checks any certificate may hold (at most auth.MAX_EXEMPT_CALLS; a setting that would let
     the two hold every worker is refused); its next call is refused RESOURCE_EXHAUSTED at once. With `revocations`, certificates the CA revoked are refused. A
     call the cost model expects to need more than `max_call_s` seconds of the model is refused
-    (RESOURCE_EXHAUSTED), deadline or not."""
+    (RESOURCE_EXHAUSTED), deadline or not, and one that holds it longer is stopped between
+    encoder batches."""
     limits = limits or Limits()
     if max_workers < 1:
         raise InputError(f"max_workers must be at least 1, got {max_workers}")

@@ -607,8 +607,8 @@ def test_service_refuses_work_it_cannot_finish_in_time(
 ) -> None:
     servicer = server[1]
     before = servicer.stats.refused_deadline
-    saved = servicer.cost.per_text
-    servicer.cost.per_text = 10.0  # pretend embedding is slow: 10 s per new text
+    saved = servicer.cost.per_embed_token
+    servicer.cost.per_embed_token = 0.5  # pretend embedding is slow: 0.5 s per new token
     try:
         started = time.perf_counter()
         with pytest.raises(grpc.RpcError) as err:
@@ -617,7 +617,7 @@ def test_service_refuses_work_it_cannot_finish_in_time(
             )
         assert time.perf_counter() - started < 3.0  # refused at once, not after working
     finally:
-        servicer.cost.per_text = saved
+        servicer.cost.per_embed_token = saved
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "deadline too close to start" in (err.value.details() or "")
     assert servicer.stats.refused_deadline == before + 1
@@ -629,13 +629,13 @@ def test_service_refuses_a_call_of_more_model_time_than_its_limit_without_a_dead
     """Calls take the model in turns: a call without a deadline that needs minutes of it would
     stall every other client (review, session 14), so the server has its own limit per call."""
     servicer = server[1]
-    saved = servicer.cost.per_text, servicer.max_call_s
-    servicer.cost.per_text, servicer.max_call_s = 10.0, 5.0  # 10 s per new text, 5 s a call
+    saved = servicer.cost.per_embed_token, servicer.max_call_s
+    servicer.cost.per_embed_token, servicer.max_call_s = 10.0, 5.0  # 10 s per new token, 5 s a call
     try:
         with pytest.raises(grpc.RpcError) as err:
             client.score(world["groups"][0], [("Another unseen question?", ["Yes", "No"])])
     finally:
-        servicer.cost.per_text, servicer.max_call_s = saved
+        servicer.cost.per_embed_token, servicer.max_call_s = saved
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "more than this server's 5 s per call" in (err.value.details() or "")
     with pytest.raises(InputError, match="max_call_s"):
@@ -648,8 +648,8 @@ def test_a_call_over_the_limit_is_refused_while_another_holds_the_model(
     """The cost estimate and the group lookup took the model's lock: a call to be refused at
     once first waited for whatever call held the model (reward service review)."""
     servicer = server[1]
-    saved = servicer.cost.per_text, servicer.max_call_s
-    servicer.cost.per_text, servicer.max_call_s = 10.0, 5.0
+    saved = servicer.cost.per_embed_token, servicer.max_call_s
+    servicer.cost.per_embed_token, servicer.max_call_s = 10.0, 5.0
     release = threading.Event()
     holder = hold_the_model(rm, until=release, seconds=60.0)
     try:
@@ -663,8 +663,78 @@ def test_a_call_over_the_limit_is_refused_while_another_holds_the_model(
     finally:
         release.set()
         holder.join()
-        servicer.cost.per_text, servicer.max_call_s = saved
+        servicer.cost.per_embed_token, servicer.max_call_s = saved
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+
+
+def test_service_estimates_embedding_by_length_not_by_count(
+    client: RewardClient, server: tuple[int, RewardServicer], world: dict
+) -> None:
+    """A text of 300 characters costs the encoder about 8 times a short one; a count of texts
+    accepted calls of long texts that held the model for 3x the per-call limit (reward service
+    review)."""
+    servicer = server[1]
+    saved = servicer.cost.per_embed_token, servicer.max_call_s
+    servicer.cost.per_embed_token, servicer.max_call_s = 0.01, 4.0
+    group = world["groups"][0]
+    try:
+        long = [("Long answers?", ["Yes, " + "because " * 500 + str(i) for i in range(2)])]
+        with pytest.raises(grpc.RpcError) as err:
+            client.score(group, long, timeout=TIMEOUT)  # 2 texts of 256 tokens: ~5 s
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        # as many short texts: ~0.2 s
+        assert len(client.score(group, [("Short?", ["Yes", "No"])], timeout=TIMEOUT).scores) == 1
+    finally:
+        servicer.cost.per_embed_token, servicer.max_call_s = saved
+
+
+class SlowEncoder:
+    """The packaged encoder's identity, but every encode call sleeps (a slow machine, without
+    using the CPU) and returns the same unit vector for every text."""
+
+    def __init__(self, inner: CachedEncoder, seconds: float) -> None:
+        self.identity, self.dim, self.seconds = inner.identity, inner.dim, seconds
+        self.texts = 0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        time.sleep(self.seconds)
+        self.texts += len(texts)
+        return np.full((len(texts), self.dim), self.dim**-0.5, dtype=np.float32)
+
+
+@pytest.mark.parametrize("stop", ["max_call_s", "deadline"])
+def test_a_call_stops_embedding_past_its_limit_or_deadline_and_teaches_the_estimate(
+    world: dict, pki: dict, session_cache_dir: Path, stop: str
+) -> None:
+    """Embedding was one encoder call, checked only before and after: a call the estimate let in
+    held the model past `max_call_s`, and past the client's deadline, and a call cut off taught
+    the estimate nothing, so the same call was let in again (reward service review)."""
+    encoder = SlowEncoder(
+        CachedEncoder(default_encoder(show_progress=False), session_cache_dir), 0.5
+    )
+    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)  # type: ignore[arg-type]
+    allow = AllowList({"trainer-1": "RL trainer"})
+    srv, port, servicer = start_reward_server(
+        model, "127.0.0.1:0", pki["server"], allow, max_call_s=1.0 if stop == "max_call_s" else 60
+    )
+    before = servicer.cost.per_embed_token = 1e-7  # the estimate lets the call in
+    # 2,048 new texts, 32 batches of 0.5 s: 16 s if nothing stops it
+    questions = [(f"Question {q}?", [f"Answer {q}.{a}" for a in range(32)]) for q in range(64)]
+    try:
+        with RewardClient(f"127.0.0.1:{port}", pki["client"]) as c:
+            encoded = encoder.texts
+            with pytest.raises(grpc.RpcError) as err:
+                c.score(_items(1), questions, timeout=2.0 if stop == "deadline" else 60)
+            expected = "RESOURCE_EXHAUSTED" if stop == "max_call_s" else "DEADLINE_EXCEEDED"
+            assert err.value.code().name == expected, err.value.details()
+            give_up = time.monotonic() + 30
+            while servicer.stats.refused_deadline == 0 and time.monotonic() < give_up:
+                time.sleep(0.05)  # the server has stopped the call
+            assert servicer.stats.refused_deadline == 1
+            assert encoder.texts - encoded < 1024  # well before all 2,048
+            assert servicer.cost.per_embed_token > before  # the time it held the model, learnt
+    finally:
+        srv.stop(grace=None).wait()
 
 
 def test_service_message_size_cap(server: tuple[int, RewardServicer], pki: dict) -> None:
@@ -729,20 +799,20 @@ def test_one_slow_call_does_not_teach_the_cost_model_that_every_call_is_slow() -
     that call's 2 texts: every later call with a context was then refused as needing ~95 s
     (walkthrough review, session 17)."""
     cost = CostModel()
-    before = cost.per_text
-    cost.observe(texts=2, embed_s=5.0, tokens=0, model_s=0.0)  # 2.5 s a text, once
-    assert cost.per_text <= before * (1 + cost.alpha * (cost.max_step - 1)) + 1e-12
+    before = cost.per_embed_token
+    cost.observe(embed_tokens=20, embed_s=5.0, tokens=0, model_s=0.0)  # 0.25 s a token, once
+    assert cost.per_embed_token <= before * (1 + cost.alpha * (cost.max_step - 1)) + 1e-12
     for _ in range(40):  # a server that really is that slow gets there
-        cost.observe(texts=2, embed_s=5.0, tokens=0, model_s=0.0)
-    assert cost.per_text == pytest.approx(2.5, rel=0.01)
+        cost.observe(embed_tokens=20, embed_s=5.0, tokens=0, model_s=0.0)
+    assert cost.per_embed_token == pytest.approx(0.25, rel=0.01)
     # calls that cost nothing (texts a concurrent call just embedded) cannot push the estimate
     # so low that real costs take many calls to come back (diff review, session 17)
     cost = CostModel()
     for _ in range(60):
-        cost.observe(texts=10, embed_s=0.0, tokens=0, model_s=0.0)
+        cost.observe(embed_tokens=250, embed_s=0.0, tokens=0, model_s=0.0)
     calls = 0
-    while cost.per_text < 0.025:  # half of a real 50 ms a text
-        cost.observe(texts=10, embed_s=0.5, tokens=0, model_s=0.0)
+    while cost.per_embed_token < 1e-3:  # half of a real 2 ms a token
+        cost.observe(embed_tokens=250, embed_s=0.5, tokens=0, model_s=0.0)
         calls += 1
     assert calls <= 5, calls
 

@@ -156,8 +156,8 @@ def register(subparsers: Any) -> None:
         "--max-call-seconds",
         type=float,
         default=DEFAULT_MAX_CALL_S,
-        help="refuse a call expected to need more of the model than this (calls take the "
-        "model in turns; default: %(default)s)",
+        help="refuse a call expected to need more of the model than this, and stop one that "
+        "has held it this long (calls take the model in turns; default: %(default)s)",
     )
     s.add_argument(
         "--port-file",
