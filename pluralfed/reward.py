@@ -62,7 +62,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -107,8 +107,10 @@ REWARD_KINDS: tuple[str, ...] = ("logprob", "prob")
 DEFAULT_EMBED_MEMORY = 50_000
 # the packaged encoder reads at most this many tokens of a text (HFTextEncoder.max_length)
 MAX_EMBED_TOKENS = 256
-# texts embedded between two checks of a caller's `should_stop` (the packaged encoder's batch)
+# texts, and estimated tokens, embedded between two checks of a caller's `should_stop`: at most
+# the packaged encoder's batch, and fewer long texts (a batch of 64 long texts took seconds)
 EMBED_CHUNK = 64
+EMBED_CHUNK_TOKENS = 2048
 # a completion is embedded (last mapping rule) from its first this many characters: the encoder
 # reads at most a few hundred tokens anyway, and a runaway generation must not cost unbounded time
 MAX_EMBED_COMPLETION_CHARS = 8192
@@ -201,6 +203,19 @@ def estimated_tokens(texts: Iterable[str]) -> int:
     MAX_EMBED_TOKENS a text): embedding time follows length, and a count of texts let a call of
     long texts take several times the service's per-call limit (reward service review)."""
     return sum(min(len(t) // 4 + 2, MAX_EMBED_TOKENS) for t in texts)
+
+
+def _chunks(texts: Sequence[tuple[bytes, str]]) -> Iterator[Sequence[tuple[bytes, str]]]:
+    """Consecutive runs of at most EMBED_CHUNK texts and (past the first) EMBED_CHUNK_TOKENS."""
+    start, tokens = 0, 0
+    for i, (_, text) in enumerate(texts):
+        size = estimated_tokens([text])
+        if i > start and (i - start == EMBED_CHUNK or tokens + size > EMBED_CHUNK_TOKENS):
+            yield texts[start:i]
+            start, tokens = i, 0
+        tokens += size
+    if start < len(texts):
+        yield texts[start:]
 
 
 class WorkStopped(Exception):
@@ -354,7 +369,7 @@ class RewardModel:
         `disk_cache=False` bypasses a CachedEncoder's disk cache (for texts from outside, such as
         policy completions or a service's requests, which would only grow it without bound);
         `remember=False` keeps them out of memory too (one-off texts of any length).
-        `should_stop` is asked before each batch of EMBED_CHUNK new texts: a reason stops the
+        `should_stop` is asked before each batch of new texts (`_chunks`): a reason stops the
         work with WorkStopped (the batches done stay in memory), so a service's call stops
         soon after its deadline or its time limit instead of embedding on for minutes."""
         if not remember:
@@ -377,11 +392,10 @@ class RewardModel:
             # longest first, as the packaged encoder batches them itself
             todo = sorted(missing, key=lambda kt: len(kt[1]), reverse=True)
             try:
-                for start in range(0, len(todo), EMBED_CHUNK):
+                for chunk in _chunks(todo):
                     reason = should_stop() if should_stop is not None else None
                     if reason is not None:
                         raise WorkStopped(reason)
-                    chunk = todo[start : start + EMBED_CHUNK]
                     vectors = np.asarray(encoder.encode([t for _, t in chunk]), dtype=np.float32)
                     with self._table_lock:
                         for (k, _), v in zip(chunk, vectors, strict=True):

@@ -45,6 +45,7 @@ from pluralfed.reward import (
     GroupContext,
     OptionMatch,
     RewardModel,
+    WorkStopped,
     make_reward_fn,
     map_completion,
     protocol_context,
@@ -694,12 +695,33 @@ class SlowEncoder:
 
     def __init__(self, inner: CachedEncoder, seconds: float) -> None:
         self.identity, self.dim, self.seconds = inner.identity, inner.dim, seconds
-        self.texts = 0
+        self.texts, self.batches = 0, list[int]()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         time.sleep(self.seconds)
         self.texts += len(texts)
+        self.batches.append(len(texts))
         return np.full((len(texts), self.dim), self.dim**-0.5, dtype=np.float32)
+
+
+def test_long_texts_are_embedded_in_smaller_batches_between_checks(
+    world: dict, session_cache_dir: Path
+) -> None:
+    """`should_stop` is asked between batches: 64 texts of 256 tokens took seconds each, so a
+    call ran on that long past its deadline (reward service review)."""
+    encoder = SlowEncoder(CachedEncoder(default_encoder(show_progress=False), session_cache_dir), 0)
+    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)  # type: ignore[arg-type]
+    asked = []
+
+    def go_on() -> None:
+        asked.append(len(encoder.batches))
+
+    texts = [f"{i} " + "long " * 300 for i in range(20)] + [f"short {i}" for i in range(100)]
+    model.embed_texts(texts, disk_cache=False, should_stop=go_on)
+    assert encoder.batches == [8, 8, 64, 40] and asked == [0, 1, 2, 3]
+    with pytest.raises(WorkStopped, match="enough"):
+        model.embed_texts(["new text", "another"], should_stop=lambda: "enough")
+    assert model.uncached(["new text", "another"]) == 2
 
 
 @pytest.mark.parametrize("stop", ["max_call_s", "deadline"])
