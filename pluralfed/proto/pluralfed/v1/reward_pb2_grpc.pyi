@@ -31,7 +31,8 @@ Status codes:
   DEADLINE_EXCEEDED   the call's deadline has passed, or is too close for the server's estimate
                       of the work: the server refuses at once instead of working in vain.
   UNAUTHENTICATED / PERMISSION_DENIED   see Authentication.
-  RESOURCE_EXHAUSTED  message too large, or too many calls in flight.
+  RESOURCE_EXHAUSTED  message too large, too many calls in flight, or the call needs (or has
+                      held) more of the model than the server's per-call limit.
 """
 
 from collections import abc as _abc
