@@ -99,6 +99,8 @@ def make_pki(root: Path) -> dict[str, Path]:
 
 
 def start_server(args: argparse.Namespace, pki: dict[str, Path], root: Path) -> tuple[Any, int]:
+    from pluralfed.auth import MAX_EXEMPT_CALLS
+
     port_file = root / "port"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.server_threads)}
     if args.cache_dir is not None:
@@ -109,7 +111,10 @@ def start_server(args: argparse.Namespace, pki: dict[str, Path], root: Path) -> 
         "--tls-dir", str(pki["server"]), "--allow-list", str(pki["allow"]),
         "--groups-data", str(args.data), "--groups", args.group,
         "--port-file", str(port_file), "--threads", str(args.server_threads),
-        "--max-workers", str(max(args.clients)),
+        # every bench client is one certificate: its limit is the clients, and the workers
+        # leave the health checks' share (auth.MAX_EXEMPT_CALLS) besides, as the server requires
+        "--max-calls-per-client", str(max(args.clients)),
+        "--max-workers", str(max(args.clients) + MAX_EXEMPT_CALLS + 1),
     ]  # fmt: skip
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)

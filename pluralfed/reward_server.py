@@ -395,6 +395,28 @@ def default_calls_per_client(max_workers: int) -> int:
     return max(1, (max_workers - MAX_EXEMPT_CALLS) // 2)
 
 
+def calls_per_client(max_workers: int, max_calls_per_client: int | None = None) -> int:
+    """The per-client call limit for `max_workers` (default: `default_calls_per_client`), or an
+    InputError when one client at it and the exempt health Checks could hold every worker."""
+    if max_workers < 1:
+        raise InputError(f"max_workers must be at least 1, got {max_workers}")
+    per_client = (
+        default_calls_per_client(max_workers)
+        if max_calls_per_client is None
+        else max_calls_per_client
+    )
+    if per_client < 1:
+        raise InputError(f"max_calls_per_client must be at least 1, got {max_calls_per_client}")
+    if per_client + MAX_EXEMPT_CALLS >= max_workers:
+        raise InputError(
+            f"max_workers {max_workers} is too few for max_calls_per_client {per_client}: one "
+            f"client and the {MAX_EXEMPT_CALLS} health checks any certificate may hold would "
+            f"take every worker; give at least {per_client + MAX_EXEMPT_CALLS + 1} workers or "
+            "fewer calls per client"
+        )
+    return per_client
+
+
 def start_reward_server(
     model: RewardModel,
     address: str,
@@ -413,27 +435,13 @@ def start_reward_server(
     `max_calls_per_client` calls in flight (default: `default_calls_per_client`), so a client
     that opens many calls cannot take every worker from the others, even with the health
     Checks any certificate may hold (at most auth.MAX_EXEMPT_CALLS; a setting that would let
-    the two hold every worker is refused); its next call is refused RESOURCE_EXHAUSTED at once. With `revocations`, certificates the CA revoked are refused. A
+    the two hold every worker is refused: `calls_per_client`); its next call is refused
+    RESOURCE_EXHAUSTED at once. With `revocations`, certificates the CA revoked are refused. A
     call the cost model expects to need more than `max_call_s` seconds of the model is refused
     (RESOURCE_EXHAUSTED), deadline or not, and one that holds it longer is stopped between
     encoder batches."""
     limits = limits or Limits()
-    if max_workers < 1:
-        raise InputError(f"max_workers must be at least 1, got {max_workers}")
-    per_client = (
-        default_calls_per_client(max_workers)
-        if max_calls_per_client is None
-        else max_calls_per_client
-    )
-    if per_client < 1:
-        raise InputError(f"max_calls_per_client must be at least 1, got {max_calls_per_client}")
-    if per_client + MAX_EXEMPT_CALLS >= max_workers:
-        raise InputError(
-            f"max_workers {max_workers} is too few for {per_client} calls per client: one "
-            f"client and the {MAX_EXEMPT_CALLS} health checks any certificate may hold would "
-            f"take every worker; give at least {per_client + MAX_EXEMPT_CALLS + 1} workers or "
-            "fewer calls per client"
-        )
+    per_client = calls_per_client(max_workers, max_calls_per_client)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward"),
         interceptors=[

@@ -931,7 +931,7 @@ def _hold_without_request(channel: grpc.Channel, method: str, stop: threading.Ev
 
 
 def test_one_client_and_the_health_checks_cannot_hold_every_worker(
-    rm: RewardModel, pki: dict, world: dict
+    rm: RewardModel, pki: dict, world: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """One client's calls at its limit plus the health Checks any certificate (even a revoked
     one) may hold were every worker with the defaults (8 workers, 4 per client, 4 exempt),
@@ -969,6 +969,10 @@ def test_one_client_and_the_health_checks_cannot_hold_every_worker(
         start_reward_server(
             rm, "127.0.0.1:0", pki["server"], allow, max_workers=8, max_calls_per_client=4
         )
+    # the command says so before it loads anything
+    serve = ["reward", "serve", "--checkpoint", str(world["ckpt"]), "--tls-dir", "no-such-dir"]
+    assert cli_main([*serve, "--allow-list", "no-such-file", "--max-workers", "4"]) == 2
+    assert "max_workers 4 is too few" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def _tls(args: argparse.Namespace, who: str) -> Any:
 
 def run_serve(args: argparse.Namespace) -> int:
     from pluralfed.auth import AllowList, RevocationWatch
-    from pluralfed.reward_server import start_reward_server
+    from pluralfed.reward_server import calls_per_client, start_reward_server
 
     apply_threads(args.threads)
     if args.max_workers < 1:
@@ -259,6 +259,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     if not (math.isfinite(args.max_call_seconds) and args.max_call_seconds > 0):
         raise InputError(f"--max-call-seconds must be positive, got {args.max_call_seconds}")
+    calls_per_client(args.max_workers, args.max_calls_per_client)  # said before the model loads
     tls = _tls(args, "reward server")
     allow_list = AllowList.from_toml(args.allow_list)
     revocations = RevocationWatch(args.tls_crl, tls.ca) if args.tls_crl is not None else None
