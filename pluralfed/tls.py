@@ -293,13 +293,56 @@ def check_current(
         log.warning("%s %s expires soon, on %s", what, path, format_time(end))
 
 
+# KeyUsage bits by attribute of `x509.KeyUsage`, with their RFC 5280 names (as openssl prints them)
+_KEY_USAGE_NAMES = {
+    "digital_signature": "digitalSignature",
+    "content_commitment": "nonRepudiation",
+    "key_encipherment": "keyEncipherment",
+    "data_encipherment": "dataEncipherment",
+    "key_agreement": "keyAgreement",
+    "key_cert_sign": "keyCertSign",
+    "crl_sign": "cRLSign",
+}
+
+
+def key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
+    """The certificate's KeyUsage extension, or None when it has none (then TLS allows any use)."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def key_usage_names(usage: x509.KeyUsage) -> list[str]:
+    """The bits `usage` sets, by their RFC 5280 names."""
+    names = [name for attr, name in _KEY_USAGE_NAMES.items() if getattr(usage, attr)]
+    if usage.key_agreement:  # the two are only defined (readable) with keyAgreement
+        names += [
+            name
+            for attr, name in (("encipher_only", "encipherOnly"), ("decipher_only", "decipherOnly"))
+            if getattr(usage, attr)
+        ]
+    return names
+
+
 def check_is_ca(cert: x509.Certificate, path: Path) -> None:
+    """A CA certificate must say it is one (BasicConstraints CA:true) and, if it has a KeyUsage,
+    allow keyCertSign: BoringSSL and OpenSSL otherwise do not take it as the issuer of anything
+    ("unable to get local issuer certificate" in the handshake, which reads as another CA)."""
     try:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         constraints = None
     if constraints is None or not constraints.ca:
         raise InputError(f"CA certificate file {path}: {cert.subject.rfc4514_string()} is not a CA")
+    usage = key_usage(cert)
+    if usage is not None and not usage.key_cert_sign:
+        raise InputError(
+            f"CA certificate file {path}: {cert.subject.rfc4514_string()} has KeyUsage "
+            f"{', '.join(key_usage_names(usage)) or '(none)'} without keyCertSign, so TLS refuses "
+            "every certificate it signed: use a CA certificate whose KeyUsage includes keyCertSign "
+            "(`pluralfed certs init` makes one)"
+        )
 
 
 def check_chain(
@@ -333,6 +376,22 @@ def _check_eku(cert: x509.Certificate, path: Path, role: Role) -> None:
         raise InputError(
             f"certificate {path} lacks ExtendedKeyUsage {label}: a {role} needs {hint}"
         )
+
+
+def _check_leaf_key_usage(cert: x509.Certificate, path: Path, role: Role) -> None:
+    """A TLS 1.2 or 1.3 handshake (ECDHE only, as gRPC's) signs with the certificate's key, so a
+    KeyUsage without digitalSignature makes gRPC refuse it: an EC one when it loads it (the
+    coordinator then fails as "port in use", a node as "unreachable"), an RSA one in every
+    handshake. Refused here, at load, with the cause. No KeyUsage at all allows any use."""
+    usage = key_usage(cert)
+    if usage is None or usage.digital_signature:
+        return
+    made_by = "`pluralfed certs server`" if role == "server" else "`pluralfed certs node`"
+    raise InputError(
+        f"certificate {path} has KeyUsage {', '.join(key_usage_names(usage)) or '(none)'} "
+        f"without digitalSignature, which TLS needs to sign the handshake: a {role} certificate "
+        f"needs KeyUsage digitalSignature ({made_by} issues one)"
+    )
 
 
 # (key file, mode) pairs already warned about: a node loads its credentials more than once
@@ -388,6 +447,7 @@ def _load_validated(cert: PathLike, key: PathLike, ca: PathLike, role: Role) -> 
     for ca_cert in cas:
         check_current(ca_cert, ca_path, "CA certificate")
     _check_eku(leaf, cert_path, role)
+    _check_leaf_key_usage(leaf, cert_path, role)
     return TlsMaterial(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, cert=leaf)
 
 
