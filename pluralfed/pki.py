@@ -43,7 +43,9 @@ from pluralfed.errors import InputError
 from pluralfed.tls import (
     CA_CERT_FILE,
     CA_KEY_FILE,
+    CERT_FILE,
     CRL_FILE,
+    KEY_FILE,
     NODE_URI_PREFIX,
     PathLike,
     RevocationList,
@@ -533,25 +535,52 @@ def _san_strings(cert: x509.Certificate) -> list[str]:
 
 @dataclass(frozen=True)
 class CaView:
-    """A CA folder as `certs show --ca` reads it: the CA certificate and its revocation list
-    (empty if the CA has revoked nothing yet, i.e. has no crl.pem)."""
+    """A CA folder as `certs show --ca` reads it: the CA certificate and its revocation list.
 
+    `revocations` is None when they are unknown: a folder with the CA certificate but neither
+    the CA key nor crl.pem (a copy of ca.pem) cannot say whether the CA revoked anything, and
+    an empty list there would call a revoked certificate valid."""
+
+    folder: Path
     cert: x509.Certificate
-    revocations: RevocationList
+    revocations: RevocationList | None
 
     @classmethod
     def open(cls, directory: PathLike) -> CaView:
+        """The CA of `directory`; refuses a node's or the coordinator's folder, which holds a
+        copy of ca.pem but never the CA's crl.pem."""
         d = Path(directory)
         ca_path = d / CA_CERT_FILE
         if not ca_path.is_file():
             raise InputError(f"{d}: not a CA folder (no {CA_CERT_FILE})")
+        has_ca_key = (d / CA_KEY_FILE).exists()
+        party_files = [name for name in (CERT_FILE, KEY_FILE) if (d / name).exists()]
+        if party_files and not has_ca_key:
+            raise InputError(
+                f"{d}: a node's or the coordinator's folder (it holds {', '.join(party_files)}), "
+                f"not the CA's: its {CA_CERT_FILE} is a copy, without the CA's revocation list; "
+                f"pass the CA folder (the one with {CA_KEY_FILE} and {CRL_FILE}, e.g. pki/ca)"
+            )
         cert = parse_certs(read_file(ca_path, "CA certificate"), ca_path, "CA certificate")[0]
         crl = d / CRL_FILE
+        revocations: RevocationList | None = None
         if crl.exists():
             revocations = load_revocation_list(crl, ca_path)
-        else:
+        elif has_ca_key:  # `certs revoke` writes crl.pem next to the key: none, nothing revoked
             revocations = RevocationList(crl, frozenset(), utc_now(), None)
-        return cls(cert, revocations)
+        return cls(d, cert, revocations)
+
+    def note(self) -> str:
+        """One line on the revocation list this view reads, for the top of `certs show`."""
+        crl = self.folder / CRL_FILE
+        if self.revocations is None:
+            return (
+                f"(no {crl} and no {CA_KEY_FILE} here: revocations unknown; pass the CA folder "
+                f"that `pluralfed certs revoke` writes {CRL_FILE} in)"
+            )
+        if crl.exists():
+            return f"(revocation list: {crl})"
+        return f"(no {crl}: this CA has revoked no certificate)"
 
     def issued(self, cert: x509.Certificate) -> bool:
         """Whether this CA signed `cert` (a serial means nothing under another CA)."""
@@ -579,11 +608,13 @@ def describe_certificate(path: PathLike, ca: CaView | None = None) -> str:
         if ca is None:
             status += " (dates only: revocation not checked, see --ca)"
         elif not ca.issued(cert):
-            status = f"NOT ISSUED by the CA of {ca.revocations.path.parent}"
+            status = f"NOT ISSUED by the CA of {ca.folder}"
+        elif ca.revocations is None:
+            status += f" (revocation unknown: no {CRL_FILE} in {ca.folder})"
         elif ca.revocations.is_revoked(cert.serial_number):
             status = f"REVOKED (in {ca.revocations.path})"
         else:
-            status += f" (not revoked in {ca.revocations.path.parent})"
+            status += f" (not revoked in {ca.folder})"
         try:
             ekus = [
                 getattr(oid, "_name", oid.dotted_string)

@@ -498,6 +498,39 @@ def test_cli_init_server_node_show(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "status:      NOT ISSUED by the CA of" in capsys.readouterr().out
 
 
+def test_cli_show_ca_must_be_the_folder_with_the_revocation_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node's or the coordinator's folder holds a copy of ca.pem but not the CA's crl.pem:
+    `--ca` on it called a revoked certificate "valid (not revoked)" (inputs review, L6)."""
+    out = tmp_path / "pki"
+    run("federation", "--out", str(out), "--nodes", "node-a,node-b")
+    cert = str(out / "nodes" / "node-b" / "cert.pem")
+    run("revoke", "--ca", str(out / "ca"), "--cert", cert)
+    capsys.readouterr()
+    for party in (out / "nodes" / "node-b", out / "coordinator"):
+        with pytest.raises(InputError, match=r"not the CA's: its ca\.pem is a copy") as err:
+            run("show", cert, "--ca", str(party))
+        assert str(party) in str(err.value) and "ca.key and crl.pem" in str(err.value)
+    assert capsys.readouterr().out == ""
+    # ca.pem alone (no key, no list): the status does not claim "not revoked"
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "ca.pem").write_bytes((out / "ca" / "ca.pem").read_bytes())
+    assert run("show", cert, "--ca", str(tmp_path / "copy")) == 0
+    shown = capsys.readouterr().out
+    assert "revocations unknown" in shown and "not revoked" not in shown
+    assert "status:      valid (revocation unknown: no crl.pem in" in shown
+    assert run("show", cert, "--ca", str(out / "ca")) == 0
+    assert "status:      REVOKED (in" in capsys.readouterr().out
+    # the CA's own folder before any revocation: nothing revoked, truly
+    run("init", "--out", str(tmp_path / "ca2"))
+    run("node", "--ca", str(tmp_path / "ca2"), "--out", str(tmp_path / "n"), "--id", "x")
+    capsys.readouterr()
+    assert run("show", str(tmp_path / "n" / "x" / "cert.pem"), "--ca", str(tmp_path / "ca2")) == 0
+    shown = capsys.readouterr().out
+    assert "this CA has revoked no certificate" in shown and "valid (not revoked in" in shown
+
+
 def test_cli_node_all_or_nothing(tmp_path: Path) -> None:
     run("init", "--out", str(tmp_path / "ca"))
     run("node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "nodes"), "--id", "n2")

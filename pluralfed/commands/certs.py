@@ -102,10 +102,7 @@ def run_show(args: argparse.Namespace) -> int:
     ca = None
     if args.ca is not None:
         ca = pki.CaView.open(args.ca)  # refuses a folder that is not a CA's
-        if ca.revocations.serials or ca.revocations.path.exists():
-            print(f"(revocation list: {ca.revocations.path})")
-        else:
-            print(f"(no {ca.revocations.path}: this CA has revoked no certificate)")
+        print(ca.note())
     print("\n\n".join(pki.describe_certificate(path, ca) for path in args.files))
     return 0
 
