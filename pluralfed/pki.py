@@ -162,6 +162,23 @@ def check_no_overwrite(paths: Iterable[Path], force: bool) -> None:
         )
 
 
+def check_no_ca_replaced(ca_dir: PathLike, force: bool, add_nodes: str | None = None) -> None:
+    """Refuse to replace an existing CA unless forced, saying what to run instead: a new CA
+    silently breaks every certificate the old one issued, which a bare "use --force" invites.
+    `add_nodes` is the command that adds nodes under this CA (default: `certs node`'s form)."""
+    files = CaFiles.from_dir(ca_dir)
+    present = [str(p) for p in (files.cert, files.key) if p.exists()]
+    if force or not present:
+        return
+    add_nodes = add_nodes or f"pluralfed certs node --ca {Path(ca_dir)} --out DIR --id NEW_ID"
+    raise InputError(
+        f"{Path(ca_dir)} already holds a CA ({', '.join(present)}); refusing to overwrite it. "
+        f"To add nodes under it: {add_nodes}. --force would make a NEW CA: every certificate "
+        "issued so far (the coordinator's and every node's) would stop working until each party "
+        "has new files"
+    )
+
+
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -258,7 +275,8 @@ def create_ca(
     if not common_name.strip() or len(common_name) > 64:
         raise InputError(f"CA name: must be 1-64 characters, got {common_name!r}")
     files = CaFiles.from_dir(out_dir)
-    check_no_overwrite([files.cert, files.key], force)
+    check_no_ca_replaced(out_dir, force)
+    replacing = files.key.exists()
     start, end = _validity(days, not_before, not_after)
     key = ec.generate_private_key(ec.SECP256R1())
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -290,6 +308,12 @@ def create_ca(
     )
     _write_file(files.key, _key_pem(key), mode=0o600, force=force)
     _write_file(files.cert, _cert_pem(cert), mode=0o644, force=force)
+    if replacing:
+        log.warning(
+            "replaced the CA in %s (--force): certificates the old CA issued no longer work; "
+            "give every party its new files",
+            out_dir,
+        )
     log.debug("created CA %r in %s (valid until %s)", common_name, out_dir, format_time(end))
     return files
 

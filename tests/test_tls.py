@@ -75,13 +75,17 @@ def test_create_ca(pki: Path) -> None:
     assert not list((pki / "ca").glob(".*tmp")), "temporary files left behind"
 
 
-def test_create_ca_refuses_to_overwrite(tmp_path: Path) -> None:
+def test_create_ca_refuses_to_overwrite(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     create_ca(tmp_path)
     key_before = (tmp_path / "ca.key").read_bytes()
-    with pytest.raises(InputError, match=r"refusing to overwrite.*ca\.key.*--force"):
+    with pytest.raises(InputError, match=r"ca\.key\); refusing to overwrite.*--force") as err:
         create_ca(tmp_path)
+    assert f"certs node --ca {tmp_path} --out DIR --id NEW_ID" in str(err.value)
+    assert "--force would make a NEW CA" in str(err.value)
     assert (tmp_path / "ca.key").read_bytes() == key_before
-    create_ca(tmp_path, force=True)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.pki"):
+        create_ca(tmp_path, force=True)
+    assert "certificates the old CA issued no longer work" in caplog.text
     assert (tmp_path / "ca.key").read_bytes() != key_before
     assert mode(tmp_path / "ca.key") == 0o600
 
@@ -605,8 +609,13 @@ def test_cli_federation_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "fed"
     run("federation", "--out", str(out), "--nodes", "a,b")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(InputError, match="refusing to overwrite"):
+    # re-run to add a partner: the refusal says how to add one, and what --force would do
+    # (it advised only "use --force", which makes a new CA; walkthrough review L3)
+    with pytest.raises(InputError, match="refusing to overwrite") as err:
         run("federation", "--out", str(out), "--nodes", "a,b,c")
+    message = str(err.value)
+    assert f"pluralfed certs node --ca {out / 'ca'} --out {out / 'nodes'} --ids c" in message
+    assert "--force would make a NEW CA: every certificate issued so far" in message
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before, "a refused run must not write anything"
     run("federation", "--out", str(out), "--nodes", "a,b", "--force")
@@ -631,6 +640,8 @@ def test_cli_help(action: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage:" in out
     if action != "show":
         assert "--force" in out and "--days" in out
+    if action in ("init", "federation"):
+        assert "makes a NEW CA" in " ".join(out.split())
     if action == "federation":
         assert "nodes/<id>/" in out and "[allow_list]" in out
 

@@ -132,6 +132,9 @@ def run_federation(args: argparse.Namespace) -> int:
     pki.check_days(args.days, "--days")
     out = Path(args.out)
     ca_dir, server_dir, nodes_dir = out / "ca", out / "coordinator", out / "nodes"
+    new_ids = ",".join(i for i in ids if not (nodes_dir / i / tls.CERT_FILE).exists())
+    add_nodes = f"pluralfed certs node --ca {ca_dir} --out {nodes_dir} --ids {new_ids or 'NEW_ID'}"
+    pki.check_no_ca_replaced(ca_dir, args.force, add_nodes)  # before the generic refusal
     party_dirs = [server_dir, *(nodes_dir / i for i in ids)]
     targets = [ca_dir / tls.CA_CERT_FILE, ca_dir / tls.CA_KEY_FILE]
     targets += [d / f for d in party_dirs for f in (tls.CA_CERT_FILE, tls.CERT_FILE, tls.KEY_FILE)]
@@ -154,7 +157,15 @@ def run_federation(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(parser: argparse.ArgumentParser, days: int, what: str) -> None:
+REPLACES_CA = (
+    "; over an existing CA this makes a NEW CA, and every certificate the old one issued stops "
+    "working"
+)
+
+
+def _add_common(
+    parser: argparse.ArgumentParser, days: int, what: str, force_note: str = ""
+) -> None:
     parser.add_argument(
         "--days",
         type=_days,
@@ -164,7 +175,8 @@ def _add_common(parser: argparse.ArgumentParser, days: int, what: str) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="replace existing certificates and keys (default: refuse to overwrite anything)",
+        help="replace existing certificates and keys (default: refuse to overwrite anything)"
+        + force_note,
     )
 
 
@@ -201,7 +213,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="NAME",
         help="Common Name of the CA (default: 'pluralfed CA')",
     )
-    _add_common(p, 3650, "CA")
+    _add_common(p, 3650, "CA", REPLACES_CA)
     p.set_defaults(func=run_init)
 
     p = sub.add_parser(
@@ -339,5 +351,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=3650,
         help="validity of the CA in days (default 3650)",
     )
-    _add_common(p, 825, "coordinator and node certificates")
+    _add_common(p, 825, "coordinator and node certificates", REPLACES_CA)
     p.set_defaults(func=run_federation)
