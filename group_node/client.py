@@ -122,6 +122,13 @@ def replaced_by_peer(details: str) -> str:
     return found.group(1) if found else "?"
 
 
+# what gRPC says when one side speaks TLS and the other plain text: a TLS server closes a
+# plain-text client's connection; a TLS client reads a plain HTTP/2 server's bytes as a TLS
+# record of a version it does not know
+PLAIN_TEXT_TO_TLS = "Socket closed"
+TLS_TO_PLAIN_TEXT = "WRONG_VERSION_NUMBER"
+
+
 def connection_hint(details: str, config: NodeConfig) -> str | None:
     """What gRPC's details of a failed call say about this node's setup, when they name the
     cause: gRPC reports a wrong CA, a certificate for another name and a closed port alike as
@@ -144,6 +151,17 @@ def connection_hint(details: str, config: NodeConfig) -> str | None:
         return (
             "the coordinator's certificate is not from the CA in your ca.pem: get the "
             "federation's ca.pem from its operator"
+        )
+    if config.insecure and PLAIN_TEXT_TO_TLS in details:
+        return (
+            "this node is set to insecure (plain text, `insecure = true` or --insecure) and the "
+            "coordinator probably expects TLS: remove insecure and give the node its tls_dir"
+        )
+    if not config.insecure and TLS_TO_PLAIN_TEXT in details:
+        return (
+            f"{host}:{port} does not speak TLS: the coordinator probably runs insecure (plain "
+            "text); start it with its TLS files, or (on a trusted network only) set insecure on "
+            "this node too"
         )
     if "Connection refused" in details:
         return (
@@ -184,9 +202,16 @@ def container_loopback_note(host: str) -> str:
 
 
 def is_tls_cause(details: str) -> bool:
-    """The coordinator's certificate does not pass this node's checks: a setup problem that
-    looks like a coordinator that is down."""
-    return "Hostname Verification Check failed" in details or "CERTIFICATE_VERIFY_FAILED" in details
+    """The coordinator's certificate does not pass this node's checks, or it answers TLS in
+    plain text: a setup problem that looks like a coordinator that is down."""
+    return any(
+        cause in details
+        for cause in (
+            "Hostname Verification Check failed",
+            "CERTIFICATE_VERIFY_FAILED",
+            TLS_TO_PLAIN_TEXT,
+        )
+    )
 
 
 class SessionLost(Exception):

@@ -289,6 +289,13 @@ def test_node_check_leaves_the_session_an_older_coordinator_opened(
         ),
         ("closed port", "UNAVAILABLE", "nothing listens on 127.0.0.1:"),
         ("role", "PERMISSION_DENIED", "set role = evaluate-only"),
+        # blamed the certificates (walkthrough review L4)
+        (
+            "insecure node",
+            "UNAVAILABLE",
+            "this node is set to insecure (plain text, `insecure = true` or --insecure) and the "
+            "coordinator probably expects TLS: remove insecure",
+        ),
     ],
 )
 def test_node_check_names_the_cause_that_grpc_names(
@@ -307,6 +314,7 @@ def test_node_check_names_the_cause_that_grpc_names(
         "another name": config(fed, tls_server_name="coordinator.example"),
         "closed port": config(fed, coordinator=f"{HOST}:{free_port()}"),
         "role": config(fed, "node-judge", group="Judge"),
+        "insecure node": config(fed, insecure=True),
     }[case]
     assert check(cfg, monkeypatch) == 1
     err = capsys.readouterr().err
@@ -325,6 +333,34 @@ def test_node_check_names_the_cause_that_grpc_names(
     assert ("the coordinator's certificate (not verified" in err) == (shown is not None), err
     for text in shown or []:
         assert text in err, err
+
+
+def test_node_check_says_a_coordinator_answers_a_tls_node_in_plain_text(
+    fed: Federation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The symmetric case of an insecure node: a TLS node against a plain-text coordinator
+    (walkthrough review L4) was told its certificates might not match."""
+    with stand_in_coordinator(OlderCoordinator()) as port:
+        assert check(config(fed, coordinator=f"{HOST}:{port}"), monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert "WRONG_VERSION_NUMBER" in err, err
+    assert (
+        f"  meaning: {HOST}:{port} does not speak TLS: the coordinator probably runs insecure"
+        in err
+    ), err
+    assert "certificates do not match" not in err
+
+
+def test_node_run_says_a_coordinator_answers_a_tls_node_in_plain_text(
+    fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`node run` retries as for a coordinator that is down, but says the likely cause."""
+    with stand_in_coordinator(OlderCoordinator()) as port:
+        cfg = config(fed, coordinator=f"{HOST}:{port}", give_up_after_s=0.5)
+        with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+            assert GroupNode(cfg, WORKER).run() == 1  # type: ignore[arg-type]
+    first = messages(caplog, logging.WARNING)[0]
+    assert f"meaning: {HOST}:{port} does not speak TLS" in first, first
 
 
 # --------------------------------------------------------------------------------------------
