@@ -7,7 +7,10 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -533,6 +536,26 @@ def test_cli_show_ca_must_be_the_folder_with_the_revocation_list(
     assert run("show", str(tmp_path / "n" / "x" / "cert.pem"), "--ca", str(tmp_path / "ca2")) == 0
     shown = capsys.readouterr().out
     assert "this CA has revoked no certificate" in shown and "valid (not revoked in" in shown
+
+
+def test_cli_show_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`certs show ... | head` ended in a BrokenPipeError traceback; now as SIGPIPE ends other
+    tools: no output on stderr, exit status 141. The reader is gone before the command writes."""
+    run("federation", "--out", str(tmp_path / "pki"), "--nodes", "a")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pluralfed.cli", "certs", "show"]
+            + [str(path) for path in sorted((tmp_path / "pki").rglob("cert.pem"))],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == 128 + signal.SIGPIPE, done.stderr
 
 
 def test_cli_node_all_or_nothing(tmp_path: Path) -> None:

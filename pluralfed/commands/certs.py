@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -98,13 +101,29 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_to_reader(text: str) -> int:
+    """Print `text` and flush; a reader that stops early (`certs show ... | head`) ends the
+    command quietly with SIGPIPE's exit status, as other tools end, not in a traceback."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: send that to /dev/null, or it fails there too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    return 0
+
+
 def run_show(args: argparse.Namespace) -> int:
+    blocks = []
     ca = None
     if args.ca is not None:
         ca = pki.CaView.open(args.ca)  # refuses a folder that is not a CA's
-        print(ca.note())
-    print("\n\n".join(pki.describe_certificate(path, ca) for path in args.files))
-    return 0
+        blocks.append(ca.note())
+    blocks.append("\n\n".join(pki.describe_certificate(path, ca) for path in args.files))
+    return _print_to_reader("\n".join(blocks))
 
 
 def run_revoke(args: argparse.Namespace) -> int:
