@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from group_node.client import (
+    PLAIN_TEXT_TO_TLS,
     NodeClient,
     NodeStopped,
     SessionLost,
@@ -348,7 +349,7 @@ class GroupNode:
         details = err.details() if isinstance(err, grpc.RpcError) else str(err)
         details = shortened(details or "no details")
         why = f"({label_of(err)}) at {self.config.coordinator}: {details}"
-        if is_tls_cause(details):
+        if is_tls_cause(details) or (self.config.insecure and PLAIN_TEXT_TO_TLS in details):
             why += (
                 f"; meaning: {connection_hint(details, self.config)} "
                 "(`pluralfed node check` says what is wrong)"

@@ -413,6 +413,17 @@ def test_an_unreachable_coordinator_is_logged_with_its_address_and_cause(
     assert f" at {cfg.coordinator}: " in gave_up and cause in gave_up
 
 
+def test_an_insecure_node_against_a_tls_coordinator_is_told_so_while_it_retries(
+    fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`node run` said only "Socket closed" (node check had the hint)."""
+    cfg = config(fed, insecure=True, give_up_after_s=0.5)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        assert GroupNode(cfg, WORKER).run() == 1  # type: ignore[arg-type]
+    first = next(m for m in messages(caplog, logging.WARNING) if "unreachable" in m)
+    assert "Socket closed; meaning: this node is set to insecure" in first, first
+
+
 def test_a_node_gives_up_when_its_limit_is_reached_not_a_backoff_later(
     fed: Federation, caplog: pytest.LogCaptureFixture
 ) -> None:
