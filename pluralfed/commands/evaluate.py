@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pluralfed.checkpoint import load_checkpoint
+from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, Checkpoint, load_checkpoint
 from pluralfed.commands.common import (
     add_encoder_args,
     add_runtime_args,
@@ -22,7 +22,7 @@ from pluralfed.commands.common import (
     write_json,
 )
 from pluralfed.commands.train import add_memory_args, memory_overrides
-from pluralfed.data import load_survey
+from pluralfed.data import _same_file, load_survey
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.prepare import default_groups, embed_groups, parse_group_list
@@ -46,7 +46,11 @@ def register(subparsers: Any) -> None:
         help="groups to evaluate, separated by ';' or ','. Default: the checkpoint's training "
         "groups and PROTOCOL.md's held-out groups, when present in the data",
     )
-    p.add_argument("--out", type=Path, help="write the metrics JSON here")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="write the metrics JSON here (replaced if it exists; never --data or a checkpoint file)",
+    )
     p.add_argument(
         "--max-context",
         type=positive_int,
@@ -59,11 +63,49 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def check_evaluate_out(out: Path, data: Path, checkpoint: Path) -> None:
+    """Refuse an --out that names one of this command's own inputs: it is replaced by the
+    metrics JSON, and the survey file (or the checkpoint) was lost without a word."""
+    check_output_path(out, "--out", folder=False)
+    inputs = [("--data", data)]
+    inputs += [("--checkpoint", checkpoint / name) for name in (META_FILE, WEIGHTS_FILE)]
+    for option, path in inputs:
+        if _same_file(out, path):
+            raise InputError(f"--out {out}: is {option}'s {path}, which it would replace")
+
+
+def open_checkpoint(folder: Path) -> Checkpoint:
+    """`load_checkpoint`, with a hint when --checkpoint names a near miss: the checkpoint's own
+    model.json, or a coordinator's state folder (its model is in final/)."""
+    if folder.is_file() and folder.name in (META_FILE, WEIGHTS_FILE):
+        raise InputError(
+            f"--checkpoint {folder}: is a checkpoint's file; give its folder: {folder.parent}"
+        )
+    if not (folder / META_FILE).exists() and (folder / "final" / META_FILE).is_file():
+        raise InputError(
+            f"--checkpoint {folder}: holds no checkpoint itself; a federated run's final model "
+            f"is in {folder / 'final'}"
+        )
+    return load_checkpoint(folder)
+
+
+def training_groups(ckpt: Checkpoint, folder: Path) -> list[str]:
+    """The checkpoint's `training_groups` metadata, checked: it comes from a file that may have
+    been edited, and an int crashed `evaluate` while a string was read letter by letter."""
+    groups = ckpt.metadata.get("training_groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise InputError(
+            f"{folder / META_FILE}: metadata field 'training_groups' must be a list of group "
+            f"names, got {groups!r:.80}; fix the file or pass --groups"
+        )
+    return groups
+
+
 def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     if args.out is not None:
-        check_output_path(args.out, "--out", folder=False)
-    ckpt = load_checkpoint(args.checkpoint)
+        check_evaluate_out(args.out, args.data, args.checkpoint)
+    ckpt = open_checkpoint(args.checkpoint)
     try:
         ckpt.model.cfg = GPOConfig.from_dict({**ckpt.model.cfg.to_dict(), **memory_overrides(args)})
     except ValueError as err:
@@ -79,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if requested is not None:
         sets = {"requested groups": requested}
     else:
-        trained = [g for g in ckpt.metadata.get("training_groups", []) if g in data.groups]
+        trained = [g for g in training_groups(ckpt, args.checkpoint) if g in data.groups]
         _, held = default_groups(data)
         sets = {"training groups (test questions)": trained, "held-out groups": held}
         if not trained and not held:

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pluralfed.checkpoint import save_checkpoint
+from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, save_checkpoint
 from pluralfed.commands.common import (
     add_data_args,
     add_encoder_args,
@@ -18,6 +18,7 @@ from pluralfed.commands.common import (
     apply_threads,
     check_output_path,
     evaluate_sets,
+    non_negative_int,
     open_encoder,
     parse_range,
     peak_rss_mib,
@@ -28,6 +29,7 @@ from pluralfed.commands.common import (
 )
 from pluralfed.data import load_survey
 from pluralfed.errors import InputError
+from pluralfed.fsutil import atomic_write_bytes
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.prepare import default_groups, embed_groups, parse_group_list
 from pluralfed.protocol import CENTRALIZED_EPOCHS, EVAL_EVERY, EVAL_MAX_CONTEXT, LEARNING_RATE
@@ -41,6 +43,47 @@ from pluralfed.training import (
 )
 
 TRAIN_SET, HELD_OUT_SET = "training groups (test questions)", "held-out groups"
+
+METRICS_FILE, HISTORY_FILE = "metrics.json", "history.jsonl"
+# everything `train` writes into --out: a folder holding only these is an earlier run's output
+TRAIN_OUTPUTS = frozenset({WEIGHTS_FILE, META_FILE, METRICS_FILE, HISTORY_FILE})
+# coordinator/state.py's STATE_FILE: the folder is a federated run's state
+COORDINATOR_STATE_FILE = "state.json"
+
+
+def check_train_out(out: Path, *, force: bool) -> None:
+    """Refuse, before any work, an --out whose contents this run would destroy: a coordinator's
+    state folder lost its round history (history.jsonl) and could no longer resume, and a
+    federated or earlier final model was replaced without a word. Only a new or empty folder,
+    or (with --force) an earlier `train` run's own output, is written."""
+    check_output_path(out, "--out", folder=True)
+    if not out.is_dir():
+        return
+    try:
+        names = {entry.name for entry in out.iterdir()}
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot list the folder: {err}") from err
+    if COORDINATOR_STATE_FILE in names:
+        raise InputError(
+            f"--out {out}: is a coordinator's state folder (it holds {COORDINATOR_STATE_FILE}); "
+            "training into it would replace the federated run's history.jsonl and it could no "
+            "longer resume: choose another folder"
+        )
+    foreign = sorted(n for n in names - TRAIN_OUTPUTS if not n.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise InputError(
+            f"--out {out}: the folder holds files that are not a `train` run's output ({shown}): "
+            "choose a new or empty folder"
+        )
+    ours = sorted(names & TRAIN_OUTPUTS)
+    if ours and not force:
+        raise InputError(
+            f"--out {out}: holds a checkpoint or metrics already ({', '.join(ours)}); pass "
+            "--force to replace them, or choose a new or empty folder"
+        )
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -123,7 +166,20 @@ def register(subparsers: Any) -> None:
     add_encoder_args(p)
     add_runtime_args(p)
     add_model_args(p)
-    p.add_argument("--out", type=Path, required=True, help="output folder: checkpoint and metrics")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder for the checkpoint, metrics.json and history.jsonl: a new or empty "
+        "folder, or with --force one that holds an earlier `train` run's checkpoint (replaced "
+        "only when this run has finished). A folder holding anything else (a coordinator's "
+        "state folder, survey data) is refused",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the checkpoint and metrics already in --out (default: refuse)",
+    )
     p.add_argument(
         "--epochs", type=int, default=CENTRALIZED_EPOCHS, help="epochs (default: %(default)s)"
     )
@@ -146,9 +202,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--target-range", default="9,90", help="target questions per episode, lo,hi")
     p.add_argument(
         "--eval-every",
-        type=int,
+        type=non_negative_int,
         default=EVAL_EVERY,
-        help="evaluate every N epochs (0: only at end)",
+        help="evaluate every N epochs, 0 or more (0: only at end)",
     )
     p.add_argument(
         "--max-context",
@@ -175,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise InputError(f"training settings: {err}") from err
-    check_output_path(args.out, "--out", folder=True)
+    check_train_out(args.out, force=args.force)
     console = Console(stderr=True)
     data = load_survey(args.data)
     train_default, held_default = default_groups(data)
@@ -198,9 +254,8 @@ def run(args: argparse.Namespace) -> int:
 
     model = build_model(model_config(args, encoder.dim), args.seed)
     trainer = LocalTrainer(model, settings, seed=args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    history_path = args.out / "history.jsonl"
-    history_path.unlink(missing_ok=True)
+    # kept until training has finished: a run that fails leaves what --out held untouched
+    history: list[str] = []
     train_started = time.perf_counter()
 
     def on_epoch(epoch: int, loss: float) -> None:
@@ -216,8 +271,7 @@ def run(args: argparse.Namespace) -> int:
                     for name, rep in reports.items()
                 },
             }
-            with history_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            history.append(json.dumps(row) + "\n")
             figures = "  ".join(
                 f"{name.split(' ')[0]} {rep.model.alignment:.4f}" for name, rep in reports.items()
             )
@@ -241,10 +295,12 @@ def run(args: argparse.Namespace) -> int:
         "peak_rss_mib": peak_rss_mib(),
         "reports": reports_to_json(reports),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out / HISTORY_FILE, "".join(history).encode("utf-8"))
     save_checkpoint(
         args.out, model, encoder.identity, {k: v for k, v in result.items() if k != "reports"}
     )
-    write_json(args.out / "metrics.json", result)
+    write_json(args.out / METRICS_FILE, result)
     print_reports(reports, Console())
     console.print(
         f"trained {trainer.steps_done} steps in {train_seconds:.1f} s "
