@@ -22,6 +22,7 @@ from pluralfed.config import add_config_args, load_config, overrides_from_args
 from pluralfed.data import SurveyData, load_survey
 from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
 from pluralfed.errors import STOP_SIGNALS, InputError
+from pluralfed.fsutil import owner_hint
 from pluralfed.tls import (
     ServerCheckFailed,
     describe_presented_certificate,
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         files.channel_credentials()
     torch.set_num_threads(cfg.threads)
     check_temporary_folder()
+    check_output_folders(cfg)
     data = load_survey(cfg.data_file(), groups=[cfg.group])
     log_data_notes(cfg.group, cfg.data_file(), data)
     worker = GroupWorker(cfg.group, data, open_encoder(cfg), seed=cfg.seed)
@@ -155,6 +157,33 @@ def check_temporary_folder() -> None:
         raise InputError(
             f"no writable temporary folder ({err}): with `docker run --read-only` add "
             "`--tmpfs /tmp`, or set TMPDIR to a writable folder"
+        ) from None
+
+
+def check_output_folders(cfg: NodeConfig) -> None:
+    """The folders the node writes into, made and probed before it loads data or joins: a
+    save_updates_dir that could not be written failed every round after training (the update
+    thrown away, the round retried at once, both logs flooded), and a personalized_dir only
+    after the whole run, the final model not kept."""
+    folders = [("save_updates_dir", cfg.save_updates_dir)]
+    if cfg.personalize_steps:  # personalized_dir is used only then
+        folders.append(("personalized_dir", cfg.personalized_dir))
+    for setting, folder in folders:
+        if folder is not None:
+            check_writable_folder(folder, setting)
+
+
+def check_writable_folder(folder: Path, setting: str) -> None:
+    """Make `folder` if missing and write a probe file in it; InputError naming `setting`."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{setting} {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InputError(
+            f"{setting} {folder}: cannot write there ({err.strerror or err}); {owner_hint(folder)}"
         ) from None
 
 

@@ -1,0 +1,71 @@
+"""`node run` checks the folders it writes into (save_updates_dir, personalized_dir) before it
+loads data or joins, not when it first writes them: after every round's training, or after the
+whole run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fedharness import HOST, free_port
+from test_validation_node import FakeEncoder
+
+import pluralfed.commands.node as commands_node
+from pluralfed.cli import main
+from pluralfed.data import load_survey, write_jsonl
+
+GROUP = "Switzerland"
+
+
+@pytest.fixture(scope="module")
+def data(goqa_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real GlobalOpinionQA group's rows, as a partner node holds them."""
+    path = tmp_path_factory.mktemp("data") / "switzerland.jsonl"
+    write_jsonl(load_survey(goqa_csv, groups=[GROUP]), path)
+    return path
+
+
+def node_run(data: Path, monkeypatch: pytest.MonkeyPatch, *options: str) -> int:
+    """`pluralfed node run` against a port where nobody listens: once set up it gives up at
+    once (exit 1); a setup problem exits 2."""
+    monkeypatch.setattr(commands_node, "open_encoder", lambda _cfg: FakeEncoder())
+    monkeypatch.setattr(commands_node, "stop_on_signals", lambda _node: None)
+    argv = ["node", "run", "--insecure", "--group", GROUP, "--data", str(data), *options]
+    return main([*argv, "--coordinator", f"{HOST}:{free_port()}", "--give-up-after-s", "0.1"])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--save-updates-dir", "{bad}"],
+        ["--personalize-steps", "2", "--personalized-dir", "{bad}"],
+    ],
+)
+@pytest.mark.parametrize(
+    ("bad", "says"), [("afile", "exists and is not a folder"), ("afile/sub", "cannot write there")]
+)
+def test_an_unusable_output_folder_is_refused_before_the_data_is_loaded(
+    options: list[str],
+    bad: str,
+    says: str,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / bad
+    monkeypatch.setattr(commands_node, "load_survey", lambda *a, **k: pytest.fail("data loaded"))
+    assert node_run(data, monkeypatch, *[o.format(bad=path) for o in options]) == 2
+    setting = options[-2].lstrip("-").replace("-", "_")
+    assert f"{setting} {path}: {says}" in capsys.readouterr().err
+
+
+def test_missing_output_folders_are_made_at_start(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    updates, personal = tmp_path / "a" / "updates", tmp_path / "b" / "personal"
+    options = ["--save-updates-dir", str(updates), "--personalize-steps", "2"]
+    assert node_run(data, monkeypatch, *options, "--personalized-dir", str(personal)) == 1
+    assert updates.is_dir() and personal.is_dir()
+    assert list(updates.iterdir()) == [] and list(personal.iterdir()) == []
