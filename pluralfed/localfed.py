@@ -32,6 +32,25 @@ from pluralfed.records import describe_record
 log = logging.getLogger("pluralfed.localfed")
 
 
+# coordinator settings the launcher sets itself, and what decides each: `--set` of one of them was
+# written into the coordinator's config, and the launcher then watched the wrong folder or port,
+# or started nodes the coordinator refused, and reported after 120 s a coordinator that never
+# started (inputs review L9)
+LAUNCHER_SETTINGS = {
+    "listen": "a free loopback port",
+    "state_dir": "--out: OUT/coordinator",
+    "allow_list": "exactly the nodes it starts",
+    "allow_list_file": "exactly the nodes it starts",
+    "insecure": "--insecure",
+    "tls_dir": "--insecure, or the certificates it issues in OUT/certs",
+    "tls_ca": "--insecure, or the certificates it issues in OUT/certs",
+    "tls_cert": "--insecure, or the certificates it issues in OUT/certs",
+    "tls_key": "--insecure, or the certificates it issues in OUT/certs",
+    "encoder": "--encoder, the same for every node",
+    "evaluate_only": "--held-out",
+}
+
+
 @dataclass
 class LocalFederation:
     """Settings of a local run; `coordinator_settings` are passed on as coordinator TOML keys."""
@@ -56,6 +75,12 @@ class LocalFederation:
         # every node would refuse 0 threads at start, and the coordinator would wait for them
         if self.threads_per_node < 1:
             raise InputError(f"threads per node must be at least 1, got {self.threads_per_node}")
+        for key in self.coordinator_settings:
+            if key in LAUNCHER_SETTINGS:
+                raise InputError(
+                    f"coordinator setting {key!r} cannot be changed (--set): a local federation "
+                    f"sets it itself, from {LAUNCHER_SETTINGS[key]}"
+                )
 
 
 def toml_string(text: str) -> str:

@@ -245,6 +245,31 @@ def test_federate_with_a_bad_coordinator_setting_is_a_clean_error(
     assert "unknown settings ['bogus_key']" in err and "Traceback" not in err
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("pair", "key", "source"),
+    [
+        ("state_dir=x", "state_dir", "--out"),
+        ("listen=127.0.0.1:1", "listen", "a free loopback port"),
+        ("tls-dir=certs", "tls_dir", "--insecure"),
+        ("allow_list_file=a.toml", "allow_list_file", "exactly the nodes it starts"),
+    ],
+)
+def test_federate_refuses_at_once_a_setting_the_launcher_owns(
+    pair: str, key: str, source: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--set state_dir=x` put the coordinator's state in ./x while the launcher watched
+    OUT/coordinator, and after 120 s it reported a coordinator that never started."""
+    argv = ["federate", "--synthetic-groups", "3", "--synthetic-questions", "20", "--rounds", "1"]
+    started = time.monotonic()
+    assert main([*argv, "--out", str(tmp_path / "run"), "--set", pair]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert f"coordinator setting {key!r} cannot be changed (--set)" in err
+    assert f"sets it itself, from {source}" in err
+    assert not (tmp_path / "run" / "logs").exists()  # no coordinator was started
+
+
 def test_federate_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "afile").write_text("")
     assert main(["federate", "--out", str(tmp_path / "afile")]) == 2
