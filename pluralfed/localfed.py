@@ -234,6 +234,11 @@ class Processes:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         out = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(out)
+        # the log is appended to by every attempt of a run: this line marks where this one's
+        # part begins, so that `log_tail` quotes only it (and a reader of the file sees it)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        out.write(f"{ATTEMPT_MARKER}{name} started {stamp} ---\n".encode())
+        out.flush()
         with _signals_held():
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
             self.children[name] = proc
@@ -338,13 +343,21 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
+# the start of the line `Processes.start` writes into a child's log before starting it
+ATTEMPT_MARKER = "--- pluralfed federate: "
+
+
 def log_tail(path: Path, lines: int = 3, width: int = 400) -> str:
     """The last non-blank lines of a child's log, indented, to quote in an error: the reason a
-    process stopped is nearly always there, and it saves opening the file."""
+    process stopped is nearly always there, and it saves opening the file. Only the lines after
+    the last `ATTEMPT_MARKER`: the log also holds earlier attempts' errors, no longer true."""
     try:
         text = path.read_text("utf-8", errors="replace")
     except OSError:
         return f"  (cannot read {path})"
+    marker = text.rfind("\n" + ATTEMPT_MARKER)
+    if marker >= 0 or text.startswith(ATTEMPT_MARKER):
+        text = text[marker + 1 :].partition("\n")[2]
     tail = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
     if not tail:
         return f"  ({path} is empty)"

@@ -235,6 +235,28 @@ def test_coordinator_exiting_at_start_quotes_its_log(tmp_path: Path) -> None:
     assert str(err.value).endswith("error: threads must be 1..1024, got 0")
 
 
+def test_a_failed_start_quotes_only_this_attempts_part_of_the_log(tmp_path: Path) -> None:
+    """Logs are appended to by every attempt of a run: the error of an earlier attempt (a typo
+    since fixed) was quoted as this one's cause."""
+    log = tmp_path / "coordinator.log"
+    log.write_text("pluralfed coordinator: error: unknown settings ['server_optimiser']\n" * 2)
+    procs = Processes(tmp_path)
+    try:
+        fail = "import sys; print('error: server_optimizer must be one of fedavg'); sys.exit(2)"
+        coordinator = procs.start("coordinator", _py(fail), {})
+        with pytest.raises(InputError) as err:
+            wait_for_port(tmp_path, coordinator, 60, log)
+    finally:
+        procs.stop_all(grace_s=2)
+    message = str(err.value)
+    assert message.endswith(f"the end of {log}:\n  error: server_optimizer must be one of fedavg")
+    assert "server_optimiser" not in message
+    # the earlier attempt's lines stay in the file, and where this attempt began is marked
+    lines = log.read_text().splitlines()
+    assert lines[2].startswith("--- pluralfed federate: coordinator started ")
+    assert len(lines) == 4
+
+
 def test_federate_with_a_bad_coordinator_setting_is_a_clean_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
