@@ -166,7 +166,8 @@ def centralized(
     every = max(1, epochs // (args.rounds // 10))
     cmd = [sys.executable, "-m", "pluralfed.cli", "train", "--data", str(args.data)]
     cmd += ["--out", str(out), "--epochs", str(epochs), "--eval-every", str(every)]
-    cmd += ["--groups-per-step", str(groups_per_step)]
+    # --force: a variant run again replaces its earlier seed's checkpoint (train refuses otherwise)
+    cmd += ["--groups-per-step", str(groups_per_step), "--force"]
     cmd += [
         "--seed",
         str(seed),
