@@ -74,6 +74,25 @@ def test_train_into_a_coordinator_state_folder_is_refused_and_its_history_kept(
     assert snapshot(state) == before
 
 
+def test_train_into_a_federated_final_model_is_refused_even_forced(
+    small: Path,
+    session_cache_dir: Path,
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    state = tmp_path / "coordinator"
+    final = state / "final"
+    final.mkdir(parents=True)
+    (state / "state.json").write_text('{"round": 3}\n')
+    for p in checkpoint.glob("model.*"):
+        (final / p.name).write_bytes(p.read_bytes())
+    before = snapshot(final)
+    assert train(small, final, session_cache_dir, "--force") == 2
+    assert f"--out {final}: is in a coordinator's state folder" in capsys.readouterr().err
+    assert snapshot(final) == before
+
+
 def test_train_refuses_an_existing_checkpoint_unless_forced(
     small: Path, session_cache_dir: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

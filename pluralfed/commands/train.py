@@ -63,6 +63,12 @@ def check_train_out(out: Path, *, force: bool) -> None:
         names = {entry.name for entry in out.iterdir()}
     except OSError as err:
         raise InputError(f"--out {out}: cannot list the folder: {err}") from err
+    if (out.parent / COORDINATOR_STATE_FILE).exists():
+        raise InputError(
+            f"--out {out}: is in a coordinator's state folder ({out.parent} holds "
+            f"{COORDINATOR_STATE_FILE}): it holds the federated run's model, which the coordinator "
+            "itself writes; choose another folder"
+        )
     if COORDINATOR_STATE_FILE in names:
         raise InputError(
             f"--out {out}: is a coordinator's state folder (it holds {COORDINATOR_STATE_FILE}); "
