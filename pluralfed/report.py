@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 from rich.console import Console
 from rich.table import Table
 
 from pluralfed.evaluation import SetReport
+
+# the width of tables written to a file or a pipe: rich's default there is 80 columns
+UNWRAPPED_WIDTH = 200
+
+
+def make_console(stderr: bool = False) -> Console:
+    """The CLI's console. Into a file or a pipe (a log, `docker logs`, a CI job) rich wrapped at
+    80 columns, splitting paths ("metrics in" found half of one) and the per-group table's rows:
+    there lines are not wrapped and tables get UNWRAPPED_WIDTH; a terminal keeps its width."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else UNWRAPPED_WIDTH
+    return Console(stderr=stderr, soft_wrap=True, width=width)
 
 
 def set_table(title: str, report: SetReport) -> Table:
@@ -41,7 +54,7 @@ def per_group_table(title: str, reports: Mapping[str, SetReport]) -> Table:
 
 
 def print_reports(reports: Mapping[str, SetReport], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     for set_name, rep in reports.items():
         console.print(set_table(set_name, rep))
     console.print(per_group_table("per group", reports))

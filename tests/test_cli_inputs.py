@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.table import Table
 from tinymodel import CFG, random_item
 
 from pluralfed.cli import build_parser, main, quiet_grpc_core
@@ -15,6 +16,7 @@ from pluralfed.data import is_test_question
 from pluralfed.episodes import GroupSplit
 from pluralfed.errors import InputError
 from pluralfed.evaluation import evaluate_group
+from pluralfed.report import make_console
 from pluralfed.training import build_model
 
 TINY = ["--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "16", "--mlp-layers", "1"]
@@ -188,3 +190,18 @@ def test_the_top_level_options_take_no_abbreviations() -> None:
     """`--verb` would turn on debug logging without `quiet_grpc_core` seeing it."""
     with pytest.raises(SystemExit):
         build_parser("certs").parse_args(["--verb", "certs", "show", "x"])
+
+
+def test_output_into_a_file_or_pipe_is_not_wrapped(capsys: pytest.CaptureFixture[str]) -> None:
+    """rich wrapped at 80 columns there: a log's "metrics in <path>" line was split in the
+    middle of the path, and per-group table rows over two lines."""
+    path = "/runs/" + "a-rather-long-folder-name/" * 5 + "metrics.jsonl"
+    make_console(stderr=True).print(f"federation finished: 3 rounds; metrics in {path}")
+    table = Table()
+    table.add_column("group")
+    table.add_column("set")
+    table.add_row("India (Current national sample)", "training groups (test questions), " * 2)
+    make_console().print(table)
+    out, err = capsys.readouterr()
+    assert f"metrics in {path}\n" in err
+    assert "training groups (test questions), training groups (test questions)," in out

@@ -9,8 +9,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from coordinator.service import (
     CoordinatorConfig,
     check_roles,
@@ -22,6 +20,7 @@ from pluralfed.auth import AllowList
 from pluralfed.config import ConfigValueError, add_config_args, load_config, overrides_from_args
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
+from pluralfed.report import make_console
 
 ENV_PREFIX = "PLURALFED_COORDINATOR_"
 
@@ -171,7 +170,7 @@ def _check_one_allow_list(config: Path, allow_list_file: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, allow_list = load(args)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if args.print_config:
         print(dump_config(cfg, allow_list))
         try:  # what starting would refuse, said here too

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, Checkpoint, load_checkpoint
 from pluralfed.commands.common import (
     add_encoder_args,
@@ -27,7 +25,7 @@ from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.prepare import default_groups, embed_groups, parse_group_list
 from pluralfed.protocol import EVAL_MAX_CONTEXT
-from pluralfed.report import print_reports
+from pluralfed.report import make_console, print_reports
 
 
 def register(subparsers: Any) -> None:
@@ -137,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not reports:
         raise InputError("none of the chosen groups has test questions")
-    print_reports(reports, Console())
+    print_reports(reports, make_console())
     if args.out:
         write_json(
             args.out,

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from pluralfed.commands.common import check_output_path, non_negative_int, positive_int
 from pluralfed.commands.coordinator import HELP as COORDINATOR_HELP
 from pluralfed.data import load_survey, write_jsonl
@@ -16,7 +14,7 @@ from pluralfed.errors import InputError
 from pluralfed.evaluation import SetReport
 from pluralfed.localfed import LocalFederation, Stopped, run_local, stop_on_signals
 from pluralfed.prepare import default_groups, parse_group_list
-from pluralfed.report import print_reports
+from pluralfed.report import make_console, print_reports
 from pluralfed.synthetic import generate_synthetic
 
 
@@ -137,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _federate(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if args.personalize_steps < 0:
         raise InputError(f"--personalize-steps must be 0 or more, got {args.personalize_steps}")
     check_output_path(args.out, "--out", folder=True)
@@ -189,5 +187,7 @@ def _federate(args: argparse.Namespace) -> int:
     )
     final = results.get("final_evaluation")
     if final:
-        print_reports({n: SetReport.from_dict(r) for n, r in final["reports"].items()}, Console())
+        print_reports(
+            {n: SetReport.from_dict(r) for n, r in final["reports"].items()}, make_console()
+        )
     return 0

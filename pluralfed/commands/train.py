@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, save_checkpoint
 from pluralfed.commands.common import (
     add_data_args,
@@ -33,7 +31,7 @@ from pluralfed.fsutil import atomic_write_bytes
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.prepare import default_groups, embed_groups, parse_group_list
 from pluralfed.protocol import CENTRALIZED_EPOCHS, EVAL_EVERY, EVAL_MAX_CONTEXT, LEARNING_RATE
-from pluralfed.report import print_reports
+from pluralfed.report import make_console, print_reports
 from pluralfed.training import (
     LocalTrainer,
     TrainingSettings,
@@ -238,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise InputError(f"training settings: {err}") from err
     check_train_out(args.out, force=args.force)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     data = load_survey(args.data)
     train_default, held_default = default_groups(data)
     train_groups = parse_group_list(args.groups) or train_default
@@ -307,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, model, encoder.identity, {k: v for k, v in result.items() if k != "reports"}
     )
     write_json(args.out / METRICS_FILE, result)
-    print_reports(reports, Console())
+    print_reports(reports, make_console())
     console.print(
         f"trained {trainer.steps_done} steps in {train_seconds:.1f} s "
         f"(wall {result['wall_seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} MiB); "
