@@ -66,7 +66,10 @@ def load_checkpoint(folder: Path) -> Checkpoint:
             raise InputError(f"{meta_path}: field {key!r} missing or not a {kind.__name__}")
     try:
         config = GPOConfig.from_dict(meta["config"])
-        model = GPO(config)
+        # shapes only, no memory: a config edited to a huge model is refused against the weights
+        # file before the model is built (it took 1.3 GB and 24 s, up to ~4 GB at the size cap)
+        with torch.device("meta"):
+            skeleton = GPO(config)
     # GPOConfig refuses what it can name (ValueError); torch's own failures while building the
     # network are ArithmeticError or RuntimeError, and a field of the wrong kind a TypeError
     except (TypeError, ValueError, ArithmeticError, RuntimeError) as err:
@@ -76,7 +79,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     except Exception as err:  # safetensors raises its own error types
         raise InputError(f"{weights_path}: not a readable safetensors file: {err}") from err
     tensors = upgrade_state_dict(tensors)
-    expected = model.state_dict()
+    expected = skeleton.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -94,6 +97,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         if got.is_floating_point() and not torch.isfinite(got).all():
             raise InputError(f"{weights_path}: tensor {name} has non-finite values")
     try:
+        model = GPO(config)
         model.load_state_dict(tensors)
     except RuntimeError as err:  # shapes and names are checked above; this is a safety net
         raise InputError(f"{weights_path}: tensors do not fit the config: {err}") from err

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load, save
 from test_validation_config import SMALL
 
+import pluralfed.checkpoint as checkpoint_module
 from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from pluralfed.errors import InputError
 from pluralfed.training import build_model
@@ -194,3 +195,27 @@ def test_the_unedited_checkpoint_loads_whole(tmp_path: Path) -> None:
     assert list(got) == list(want)
     for name in want:
         np.testing.assert_array_equal(got[name].numpy(), want[name].numpy(), err_msg=name)
+
+
+def test_a_config_edited_to_a_huge_model_is_refused_before_it_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 KB edit of model.json (d_model 8192) made the loader build that model, 1.3 GB and 24
+    s, before it found that the weights do not fit; up to ~4 GB at the parameter cap."""
+    folder = saved(tmp_path / "ckpt")
+    meta_edit(lambda m: m["config"].update(d_model=8192, n_heads=8))(folder)
+    built_on: list[str] = []
+    real_gpo = checkpoint_module.GPO
+
+    def counting_gpo(config: Any) -> Any:
+        built_on.append(str(torch.get_default_device()))
+        return real_gpo(config)
+
+    monkeypatch.setattr(checkpoint_module, "GPO", counting_gpo)
+    with pytest.raises(InputError, match=r"tensor .* is torch.float32\[|tensors do not fit"):
+        load_checkpoint(folder)
+    assert built_on == ["meta"]  # its shapes only
+    saved(tmp_path / "good")
+    built_on.clear()
+    load_checkpoint(tmp_path / "good")
+    assert built_on == ["meta", "cpu"]  # the real model once the weights fit
