@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fedharness import HOST, free_port
+from fedharness import HOST, Pki, free_port
 from test_validation_node import FakeEncoder
 
 import pluralfed.commands.node as commands_node
@@ -69,3 +69,22 @@ def test_missing_output_folders_are_made_at_start(
     assert node_run(data, monkeypatch, *options, "--personalized-dir", str(personal)) == 1
     assert updates.is_dir() and personal.is_dir()
     assert list(updates.iterdir()) == [] and list(personal.iterdir()) == []
+
+
+def test_a_bad_revocation_list_is_refused_before_the_data_is_loaded(
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It was read only at the first join, after the data had been loaded and embedded
+    (minutes with a cold cache), though the certificates were checked first."""
+    pki = Pki(tmp_path / "pki")
+    crl = tmp_path / "crl.pem"
+    crl.write_text("not a revocation list\n")
+    monkeypatch.setattr(commands_node, "load_survey", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(commands_node, "open_encoder", lambda _cfg: FakeEncoder())
+    argv = ["node", "run", "--group", GROUP, "--data", str(data), "--tls-crl", str(crl)]
+    argv += ["--tls-dir", str(pki.node("node-a")), "--coordinator", f"{HOST}:{free_port()}"]
+    assert main(argv) == 2
+    assert str(crl) in capsys.readouterr().err

@@ -26,6 +26,7 @@ from pluralfed.fsutil import owner_hint
 from pluralfed.tls import (
     ServerCheckFailed,
     describe_presented_certificate,
+    load_revocation_list,
     presented_certificate,
 )
 
@@ -136,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     files = cfg.tls_files()
     if files is not None:  # a bad certificate is found before the data is embedded, not after
         files.channel_credentials()
+        if cfg.tls_crl is not None:  # and a bad revocation list (read again at every join)
+            load_revocation_list(cfg.tls_crl, files.ca)
     torch.set_num_threads(cfg.threads)
     check_temporary_folder()
     check_output_folders(cfg)
