@@ -179,7 +179,7 @@ class _Collector:
         if self.wanted is not None:
             unknown = [g for g in self.wanted if g not in self.seen_groups]
             if unknown:
-                raise InputError(_unknown_groups_message(self.source, unknown, self.seen_groups))
+                raise InputError(unknown_groups_message(self.source, unknown, self.seen_groups))
             unusable = [g for g in self.wanted if g not in groups]
             if unusable:
                 raise InputError(
@@ -236,7 +236,7 @@ def _names(names: Iterable[str]) -> str:
     return ", ".join(repr(n) for n in names)
 
 
-def _unknown_groups_message(source: str, unknown: list[str], available: Iterable[str]) -> str:
+def unknown_groups_message(source: str, unknown: list[str], available: Iterable[str]) -> str:
     """Says which names are unknown, the closest known ones and what is available."""
     avail = list(available)
     parts = []
@@ -611,7 +611,7 @@ def select_groups(data: SurveyData, names: Iterable[str]) -> SurveyData:
     assert wanted is not None
     unknown = [g for g in wanted if g not in data.groups]
     if unknown:
-        raise InputError(_unknown_groups_message(data.source, unknown, data.groups))
+        raise InputError(unknown_groups_message(data.source, unknown, data.groups))
     skipped = {g: data.skipped_by_group[g] for g in wanted if g in data.skipped_by_group}
     return SurveyData(
         groups={g: data.groups[g] for g in wanted},

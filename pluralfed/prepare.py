@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pluralfed.data import SurveyData
+from pluralfed.data import SurveyData, unknown_groups_message
 from pluralfed.embeddings import TextEncoder, embed_items
 from pluralfed.episodes import GroupSplit, split_group
 from pluralfed.errors import InputError
@@ -17,10 +17,8 @@ def embed_groups(
     """Embed every option of the named groups in one batched job and split each per PROTOCOL.md."""
     unknown = [g for g in groups if g not in data.groups]
     if unknown:
-        raise InputError(
-            f"groups not in the data: {unknown}; available: {sorted(data.groups)[:20]}"
-            + (" ..." if len(data.groups) > 20 else "")
-        )
+        # with the closest names, as the loaders say it (a typo'd --groups listed 20 others)
+        raise InputError(unknown_groups_message(data.source, unknown, sorted(data.groups)))
     items = [it for g in groups for it in data.groups[g]]
     vectors = embed_items(items, encoder)
     out: dict[str, GroupSplit] = {}

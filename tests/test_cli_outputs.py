@@ -204,3 +204,12 @@ def test_evaluate_checkpoint_near_misses_get_a_hint(
     (state / "final" / META_FILE).write_text("{}")
     assert evaluate(state, small, session_cache_dir) == 2
     assert f"a federated run's final model is in {state / 'final'}" in capsys.readouterr().err
+
+
+def test_evaluate_a_misspelt_group_gets_the_closest_names(
+    small: Path, session_cache_dir: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It listed the first 20 groups in alphabetical order; the data loaders say which is near."""
+    assert evaluate(checkpoint, small, session_cache_dir, "--groups", "Switzerlnd") == 2
+    err = capsys.readouterr().err
+    assert "unknown group(s): 'Switzerlnd' (did you mean 'Switzerland'?)" in err, err
