@@ -20,7 +20,7 @@ layout written under --out:
   coordinator/{ca,cert,key}.pem   give to the coordinator
   nodes/<id>/{ca,cert,key}.pem    give each group node its own directory
 
-The coordinator's allow-list maps each node id to a node name, e.g. in TOML:
+The coordinator's allow-list maps each node id to the group it holds, e.g. in TOML:
   [allow_list]
   "node-nigeria" = "Nigeria"
 
