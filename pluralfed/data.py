@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from pluralfed.errors import InputError
-from pluralfed.fsutil import atomic_write_bytes
+from pluralfed.fsutil import atomic_write_bytes, same_file
 
 GOQA_REQUIRED_COLUMNS: tuple[str, ...] = ("question", "selections", "options")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json")
@@ -687,16 +687,6 @@ def group_file_names(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """True if the two paths name one file (also through a symlink or a hard link)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return False
-
-
 def write_group_files(
     data: SurveyData, out_dir: str | Path, inputs: Iterable[str | Path] = ()
 ) -> dict[str, Path]:
@@ -709,7 +699,7 @@ def write_group_files(
     targets = [out_dir / name for name in (*files.values(), GROUPS_MANIFEST)]
     for inp in map(Path, inputs):
         for target in targets:
-            if _same_file(target, inp):
+            if same_file(target, inp):
                 also = "" if target == inp else f" {inp}"
                 raise InputError(f"{target}: output would overwrite the input{also}")
     try:

@@ -84,3 +84,14 @@ def in_container() -> bool:
     """Whether this process runs in a (Docker or Podman) container, where paths are the
     container's and localhost is the container itself: messages that name either say so."""
     return any(marker.exists() for marker in CONTAINER_MARKERS)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True if the two paths name one file (also through a symlink or a hard link): an output
+    that is one of a command's inputs would replace it."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False

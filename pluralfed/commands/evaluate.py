@@ -20,8 +20,9 @@ from pluralfed.commands.common import (
     write_json,
 )
 from pluralfed.commands.train import add_memory_args, memory_overrides
-from pluralfed.data import _same_file, load_survey
+from pluralfed.data import load_survey
 from pluralfed.errors import InputError
+from pluralfed.fsutil import same_file
 from pluralfed.model import GPOConfig
 from pluralfed.prepare import default_groups, embed_groups, parse_group_list
 from pluralfed.protocol import EVAL_MAX_CONTEXT
@@ -68,7 +69,7 @@ def check_evaluate_out(out: Path, data: Path, checkpoint: Path) -> None:
     inputs = [("--data", data)]
     inputs += [("--checkpoint", checkpoint / name) for name in (META_FILE, WEIGHTS_FILE)]
     for option, path in inputs:
-        if _same_file(out, path):
+        if same_file(out, path):
             raise InputError(f"--out {out}: is {option}'s {path}, which it would replace")
 
 
