@@ -41,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -377,11 +378,11 @@ def with_raw_stream(row: dict[str, Any], pki_dir: Path, upload_bytes: int) -> No
     row["upload_frac_of_raw"] = row["upload_MBps_aggregate_median"] / best
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         "# A bare gRPC mutual-TLS server carrying a federation's traffic",
         "",
-        "Command: `.venv/bin/python bench/grpc_floor.py` (see its docstring). The server holds "
+        f"Command: `{command}` (see its docstring). The server holds "
         "the model's bytes, keeps one long-poll call per node open, sends the model to every "
         "node in download-chunk messages; each node adds a random delta and uploads the result in "
         f"upload-chunk messages, which the server counts and drops; at most {SLOTS} sends and {SLOTS} reads at once; "
@@ -445,6 +446,10 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "grpc_floor")
     a = ap.parse_args()
+    if a.mode == "run" and (a.download_chunk is not None or a.port_file is not None):
+        ap.error(
+            "--download-chunk and --port-file are for server mode; did you mean --download-chunks?"
+        )
     if a.mode == "server":
         if a.port_file is None or a.download_chunk is None:
             ap.error("server mode needs --port-file and --download-chunk")
@@ -467,9 +472,10 @@ def main() -> int:
                             with_raw_stream(row, a.pki, 4 * a.params * n)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-    write_json(a.out.with_suffix(".json"), {"rows": rows})
-    a.out.with_suffix(".md").write_text(markdown(rows))
-    print(markdown(rows))
+    command = shlex.join([".venv/bin/python", "bench/grpc_floor.py", *sys.argv[1:]])
+    write_json(a.out.with_suffix(".json"), {"command": command, "rows": rows})
+    a.out.with_suffix(".md").write_text(markdown(rows, command))
+    print(markdown(rows, command))
     return 0
 
 
