@@ -20,8 +20,11 @@ and for all uploads of one round in one client-streaming RPC.
 right after pluralfed's, so both systems are measured in one run on the same machine state; the
 report says, per scenario, when each side was measured and whether in the same run.
 
-Writes bench/results/systems.json and systems.md. Every process is started here, bounded by a
-timeout, and killed by its pid at the end.
+Merges into bench/results/systems.json and systems.md (the committed results; Flower's side in
+systems_flower.json beside them); for a trial run, `--out /tmp/trial` writes /tmp/trial.json,
+/tmp/trial.md and /tmp/trial_flower.json instead. A run with --no-raw sets its scenarios against
+the raw stream already recorded there; the details say when that was measured. Every process is
+started here, bounded by a timeout, and killed by its pid at the end.
 """
 
 from __future__ import annotations
@@ -348,6 +351,11 @@ def summarize(
 def attach_raw(s: dict[str, Any], raw: dict[int, dict[str, Any]]) -> None:
     one = raw.get(s["model_bytes"])
     rnd = raw.get(s["model_bytes"] * s["nodes"])
+    if rnd and "run_id" in rnd:  # a --no-raw run is set against an earlier raw stream: say so
+        same = rnd["run_id"] == s.get("run_id")
+        s["raw_measured"] = f"{rnd.get('measured_at', '?')}" + (
+            " (same run)" if same else " (an earlier run)"
+        )
     if one:
         s["raw_MBps_one_model"] = one["best_MBps"]
         s["upload_single_frac_of_raw"] = s["upload_MBps_single_median"] / one["best_MBps"]
@@ -430,10 +438,13 @@ FLOWER_KEYS = {
 }
 
 
-def flower_ratios(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-    if not FLOWER_JSON.exists():
+def flower_ratios(
+    results: dict[str, Any], flower_json: Path | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    flower_json = flower_json or FLOWER_JSON
+    if not flower_json.exists():
         return "", []
-    fl = json.loads(FLOWER_JSON.read_text())
+    fl = json.loads(flower_json.read_text())
     rows = []
     for name, f in sorted(fl.get("scenarios", {}).items()):
         p = results["scenarios"].get(name)
@@ -471,7 +482,8 @@ def flower_ratios(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     return table(rows, cols), rows
 
 
-def report(results: dict[str, Any]) -> str:
+def report(results: dict[str, Any], flower_json: Path | None = None) -> str:
+    flower_json = flower_json or FLOWER_JSON
     order = [results["scenarios"][k] for k in sorted(results["scenarios"])]
     for s in order:
         raw: dict[int, dict[str, Any]] = {int(k): v for k, v in results.get("raw", {}).items()}
@@ -511,10 +523,10 @@ def report(results: dict[str, Any]) -> str:
         "raw` sets the CPU per GB moved against the raw stream's (client + server, the round's "
         "bytes in one stream). Node CPU includes the no-op training (one vector add per round).",
     ]
-    fl_table, fl_rows = flower_ratios(results)
+    fl_table, fl_rows = flower_ratios(results, flower_json)
     results["flower_ratios"] = fl_rows
     if fl_table:
-        fl = json.loads(FLOWER_JSON.read_text())["scenarios"]
+        fl = json.loads(flower_json.read_text())["scenarios"]
         version = next((f["flwr_version"] for f in fl.values() if "flwr_version" in f), "?")
         lines += ["", "pluralfed vs Flower (same workload; ratio < 1: pluralfed is cheaper):", ""]
         lines += [fl_table, ""]
@@ -560,17 +572,22 @@ def report(results: dict[str, Any]) -> str:
             f"socket/payload "
             f"{s['socket_over_payload']:.3f}, single-upload {s['upload_MBps_single_median']:.0f} "
             f"MB/s ({s.get('upload_single_frac_of_raw', float('nan')):.2f} of raw), per-round "
-            f"times {s['round_s_all']}" + (f"; ERRORS: {s['errors']}" if s["errors"] else "")
+            f"times {s['round_s_all']}"
+            + (f"; raw stream measured {s['raw_measured']}" if "raw_measured" in s else "")
+            + (f"; ERRORS: {s['errors']}" if s["errors"] else "")
         )
     lines += ["", "Details:", "", *extra]
     return "\n".join(lines) + "\n"
 
 
-def run_flower(python: Path, scenario: str, work: Path, timeout: float, run_id: str) -> None:
-    """Flower's side of `scenario` (bench/flower/run.py writes it into systems_flower.json)."""
+def run_flower(
+    python: Path, scenario: str, work: Path, timeout: float, run_id: str, out_json: Path
+) -> None:
+    """Flower's side of `scenario` (bench/flower/run.py merges it into `out_json`)."""
     print(f"Flower scenario {scenario} (load {loadavg()})", flush=True)
     cmd = [str(python), str(HERE / "flower" / "run.py"), "--scenarios", scenario]
     cmd += ["--work", str(work), "--timeout", str(timeout), "--run-id", run_id]
+    cmd += ["--out", str(out_json)]
     try:
         done = subprocess.run(cmd, timeout=timeout + 300, check=False)
     except subprocess.TimeoutExpired:
@@ -621,6 +638,13 @@ def main() -> int:
     )
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "systems",
+        help="results to merge into: OUT.json, OUT.md and OUT_flower.json "
+        "(default: the committed bench/results/systems)",
+    )
+    ap.add_argument(
         "--flower",
         action="store_true",
         help="also run Flower's A-C (bench/flower/run.py), each right after pluralfed's",
@@ -641,12 +665,19 @@ def main() -> int:
         "rounds": args.d_rounds,
         "per_proc": args.d_per_proc,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out_json = RESULTS / "systems.json"
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out_json = out.with_suffix(".json")
+    flower_json = out.parent / f"{out.name}_flower.json"
     results: dict[str, Any] = (
         json.loads(out_json.read_text()) if out_json.exists() else {"scenarios": {}, "raw": {}}
     )
     names = [] if args.report_only else [s for s in args.scenarios.split(",") if s]
+    if names and out.resolve() == (RESULTS / "systems").resolve():
+        print(
+            f"merging into the committed {out_json} and .md (--out elsewhere for a trial run)",
+            flush=True,
+        )
     if names:
         args.work.mkdir(parents=True, exist_ok=True)
         max_nodes = max(SCENARIOS[s]["nodes"] for s in names)
@@ -659,7 +690,13 @@ def main() -> int:
             )
             print(f"raw gRPC mTLS throughput for {sizes} bytes (load {loadavg()})", flush=True)
             raw = run_raw(args.work, pkidir, sizes, args.timeout)
-            results.setdefault("raw", {}).update({str(k): v for k, v in raw.items()})
+            measured_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            results.setdefault("raw", {}).update(
+                {
+                    str(k): {**v, "measured_at": measured_at, "run_id": run_id}
+                    for k, v in raw.items()
+                }
+            )
         for s in names:
             print(f"scenario {s}: {SCENARIOS[s]} (load {loadavg()})", flush=True)
             try:
@@ -697,7 +734,9 @@ def main() -> int:
             r["measured_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
             r["run_id"] = run_id
             if args.flower and s in ("A", "B", "C"):
-                run_flower(args.flower_python, s, args.work / "flower", args.timeout, run_id)
+                run_flower(
+                    args.flower_python, s, args.work / "flower", args.timeout, run_id, flower_json
+                )
             print(
                 f"  {s}: complete={r['complete']} round {r['round_s_median']:.2f} s, total "
                 f"{r['total_s']:.1f} s, coordinator RSS ready {r['coord_rss_ready_mib']:.0f} MiB, "
@@ -710,10 +749,10 @@ def main() -> int:
         k: v for k, v in results["scenarios"].items() if "error" in v
     }
     ok = {k: v for k, v in results["scenarios"].items() if "error" not in v}
-    md = report({**results, "scenarios": ok})
+    md = report({**results, "scenarios": ok}, flower_json)
     results["machine"] = {"cpus": os.cpu_count(), "loadavg_at_report": loadavg()}
     out_json.write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
-    (RESULTS / "systems.md").write_text(md)
+    out.with_suffix(".md").write_text(md)
     print(md)
     return 0
 

@@ -12,7 +12,7 @@ ClientApp that adds a fixed random delta (drawn once per node, cached in a file)
 The same workload as bench/systems.py. Flower's TLS is server-authenticated only (its SuperNode
 authentication is a separate key mechanism, not used here); pluralfed's is mutual.
 
-Writes bench/results/systems_flower.json; `bench/systems.py --report-only` prints the ratios.
+Merges into bench/results/systems_flower.json (or --out); `bench/systems.py --report-only` prints the ratios.
 `bench/systems.py --flower` runs this itself, each Flower scenario right after pluralfed's, so
 that both are measured in one run on the same machine state.
 """
@@ -500,9 +500,15 @@ def main() -> int:
         default=None,
         help="the bench/systems.py run this belongs to (set by `bench/systems.py --flower`)",
     )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "systems_flower.json",
+        help="results to merge into (default: %(default)s; bench/systems.py --flower passes its own)",
+    )
     args = ap.parse_args()
-    RESULTS.mkdir(exist_ok=True)
-    out_json = RESULTS / "systems_flower.json"
+    out_json: Path = args.out
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out_json.read_text()) if out_json.exists() else {"scenarios": {}}
     for name in [s for s in args.scenarios.split(",") if s]:
         print(f"Flower scenario {name}: {SCENARIOS[name]} (load {os.getloadavg()})", flush=True)
