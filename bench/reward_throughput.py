@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.api_batches = [int(x) for x in args.api_batches.split(",")]
     args.clients = [int(x) for x in args.clients.split(",")]
+    if not 1 <= args.questions_per_request <= args.questions:
+        p.error(
+            f"--questions-per-request {args.questions_per_request} must be 1 to --questions "
+            f"({args.questions}): each gRPC request holds that many distinct questions"
+        )
 
     import torch
 
@@ -261,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(questions)} TEST questions, {sum(len(o) for _, o in questions)} answers", flush=True
     )
+    if len(questions) < args.questions_per_request:
+        p.error(
+            f"{args.data} has only {len(questions)} TEST questions, fewer than one request holds"
+        )
     api = bench_api(args, questions)
     for k, v in api.items():
         if isinstance(v, dict):
@@ -284,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "torch_threads": {"api": args.threads, "server": args.server_threads},
             "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
-            "note": "load average above the core count: other jobs shared the CPU",
+            **(
+                {"note": "load average above the core count: other jobs shared the CPU"}
+                if max(load_before[0], os.getloadavg()[0]) > (os.cpu_count() or 1)
+                else {}
+            ),
         },
         "checkpoint": str(args.checkpoint),
         "questions": len(questions),
