@@ -600,9 +600,21 @@ def main() -> int:
     if args.report_only:
         args.seeds = list(range(max(len(v) for v in runs.values())))
     rerun: set[str] = set()
+    if not args.report_only and not args.skip_federated and runs.get(args.label):
+        print(
+            f"note: {saved} holds {len(runs[args.label])} seed(s) of {args.label!r}; this run "
+            "replaces them when its first seed ends (another --label or --out keeps them)",
+            flush=True,
+        )
 
     def record(label: str, result: dict[str, Any]) -> None:
         if label not in rerun:  # a variant run again replaces its earlier seeds
+            if runs.get(label):
+                print(
+                    f"replacing the {len(runs[label])} earlier seed(s) of {label!r} in {saved} "
+                    "(another --label or --out keeps them)",
+                    flush=True,
+                )
             runs[label] = []
             rerun.add(label)
         runs[label].append(result)
