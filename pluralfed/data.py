@@ -42,6 +42,10 @@ Rules common to both formats
 ----------------------------
 * Distributions are renormalised to sum 1; all-zero ones are skipped and counted in
   `SurveyData.skipped_all_zero` (and per group in `SurveyData.skipped_by_group`).
+* Group names are identities (allow-lists, certificates, --groups name them exactly), so they
+  are refused, never silently fixed, when they have leading or trailing whitespace, or when two
+  distinct names are equal after `unicodedata.normalize("NFC", ...)` (the same text in two
+  Unicode normalisations, which look alike and would load as two groups).
 * A repeated (group, question) pair keeps its FIRST occurrence; each repeat adds a line to
   `SurveyData.notes` (the real GlobalOpinionQA file has one such pair).
 * A file with no records at all is an error; so is a requested group that is not in the file.
@@ -131,6 +135,8 @@ class _Collector:
         self.wanted_set = set(self.wanted) if self.wanted is not None else None
         self.groups: dict[str, list[SurveyItem]] = {}
         self.seen_groups: dict[str, None] = {}  # every group name in the file, in order
+        # NFC form of each group name -> (the name as first spelled, where it first occurs)
+        self.first_spelling: dict[str, tuple[str, str]] = {}
         self.first_line: dict[tuple[str, str], int] = {}
         self.skipped_by_group: dict[str, int] = {}
         self.notes: list[str] = []
@@ -146,6 +152,8 @@ class _Collector:
         values: Sequence[float],
         question_id: str | None,
     ) -> None:
+        if group not in self.seen_groups:
+            self._check_new_spelling(where, group)
         self.seen_groups.setdefault(group, None)
         if self.wanted_set is not None and group not in self.wanted_set:
             return
@@ -171,6 +179,22 @@ class _Collector:
             question_id=question_id if question_id is not None else question_id_for(question),
         )
         self.groups.setdefault(group, []).append(item)
+
+    def _check_new_spelling(self, where: str, group: str) -> None:
+        """Refuse a group name that is another's in a different Unicode normalisation (NFC "ô"
+        vs NFD "o" + combining accent): they look the same, yet would load as two groups, each
+        with part of the answers. Not merged silently, since a name is an identity (allow-lists,
+        certificates, --groups): the file must spell it one way."""
+        key = unicodedata.normalize("NFC", group)
+        if key in self.first_spelling:
+            other, other_where = self.first_spelling[key]
+            raise InputError(
+                f"{where}: group {group!r} (escaped {group!a}, first here) and group "
+                f"{other!r} (escaped {other!a}, first at {other_where}) differ only in "
+                "Unicode normalisation (equal in NFC); spell them the same, e.g. both as "
+                "unicodedata.normalize('NFC', name)"
+            )
+        self.first_spelling[key] = (group, where)
 
     def finish(self) -> SurveyData:
         if self.records == 0:
@@ -241,6 +265,12 @@ def unknown_groups_message(source: str, unknown: list[str], available: Iterable[
     avail = list(available)
     parts = []
     for name in unknown:
+        same = [a for a in avail if _same_name_apart_from_spelling(name, a)]
+        if same:  # looks exactly like a known name: say what differs, or the hint looks wrong
+            parts.append(
+                f"{name!r} (did you mean {same[0]!r}? {_spelling_difference(name, same[0])})"
+            )
+            continue
         folded = name.casefold()
         close = [a for a in avail if a.casefold() == folded]
         close += [a for a in avail if folded in a.casefold() and a not in close][:3]
@@ -252,6 +282,23 @@ def unknown_groups_message(source: str, unknown: list[str], available: Iterable[
     return (
         f"{prefix}unknown group(s): {'; '.join(parts)}. "
         f"Available ({len(avail)}): {', '.join(shown)}"
+    )
+
+
+def _same_name_apart_from_spelling(name: str, known: str) -> bool:
+    """True if `name` is `known` but for surrounding whitespace or Unicode normalisation."""
+    return name != known and unicodedata.normalize("NFC", name.strip()) == unicodedata.normalize(
+        "NFC", known
+    )
+
+
+def _spelling_difference(name: str, known: str) -> str:
+    """What makes `name` differ from `known` (see `_same_name_apart_from_spelling`)."""
+    if name != name.strip():
+        return "remove the leading or trailing whitespace"
+    return (
+        f"the same text in another Unicode normalisation: asked for {name!a}, "
+        f"the data has {known!a}"
     )
 
 
@@ -332,7 +379,19 @@ def _check_group(where: str, group: Any) -> str:
     if not isinstance(group, str) or is_blank(group):
         raise InputError(f"{where}: group must be a non-empty string, got {group!r}")
     _check_utf8(where, "group", group)
+    _check_group_spaces(where, group)
     return group
+
+
+def _check_group_spaces(where: str, group: str) -> None:
+    """Refuse leading or trailing whitespace in a group name: "Japan " would load as a group
+    apart from "Japan", and no allow-list, certificate or --groups would name it. Refused, not
+    stripped, since a group name is an identity and must be the same everywhere."""
+    if group != group.strip():
+        raise InputError(
+            f"{where}: group name {group!r} has leading or trailing whitespace; "
+            f"remove it ({group.strip()!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,6 +432,7 @@ def _parse_goqa_record(
         if not isinstance(group, str) or is_blank(group):
             raise InputError(f"{where}: group name must be a non-empty string, got {group!r}")
         _check_utf8(where, f"group {group!r}", group)
+        _check_group_spaces(where, group)
         pairs.append((group, _check_values(where, f"selections[{group!r}]", values, len(opts))))
     return opts, pairs
 

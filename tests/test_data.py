@@ -725,3 +725,70 @@ def test_full_cli_reports_errors_with_exit_code_2(
     """Through `pluralfed.cli.main`: an error is one line on stderr and exit code 2."""
     assert cli.main(["data", "inspect", str(tmp_path / "missing.jsonl")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# group names are identities: not two spellings of one name
+
+
+NFC_NAME = "C\u00f4te d'Ivoire"  # "ô" as one code point
+NFD_NAME = "Co\u0302te d'Ivoire"  # "o" + combining circumflex: looks the same
+
+
+@pytest.mark.parametrize("name", ["Japan ", " Japan", "Japan\t", "\u00a0Japan"])
+def test_group_names_with_surrounding_whitespace_are_refused(tmp_path: Path, name: str) -> None:
+    """'Japan ' loaded as a group apart from 'Japan', which no allow-list or --groups named."""
+    rows = jl(group="Japan", question="Q1", options=["x", "y"], distribution=[1, 2])
+    rows += jl(group=name, question="Q2", options=["x", "y"], distribution=[1, 2])
+    path = write(tmp_path, "g.jsonl", rows)
+    with pytest.raises(InputError) as err:
+        load_jsonl(path)
+    assert str(err.value) == (
+        f"{path}:2: group name {name!r} has leading or trailing whitespace; remove it ('Japan')"
+    )
+    csv_path = write(
+        tmp_path,
+        "g.csv",
+        CSV_HEADER + csv_row("Q1", sel({"Mali": [1, 2], name: [2, 1]}), "['x','y']"),
+    )
+    with pytest.raises(InputError) as err:
+        load_global_opinions_csv(csv_path)
+    assert str(err.value).startswith(f"{csv_path}:2: group name {name!r} has leading")
+
+
+def test_group_names_equal_in_nfc_are_refused_naming_both(tmp_path: Path) -> None:
+    """NFC and NFD spellings of one name loaded as two groups, each with part of the answers."""
+    rows = jl(group=NFC_NAME, question="Q1", options=["x", "y"], distribution=[1, 2])
+    rows += jl(group="Mali", question="Q1", options=["x", "y"], distribution=[1, 2])
+    rows += jl(group=NFD_NAME, question="Q2", options=["x", "y"], distribution=[1, 2])
+    path = write(tmp_path, "g.jsonl", rows)
+    with pytest.raises(InputError) as err:
+        load_jsonl(path, groups=["Mali"])  # checked for every group, not only those asked for
+    assert str(err.value) == (
+        f"{path}:3: group {NFD_NAME!r} (escaped {NFD_NAME!a}, first here) and group "
+        f"{NFC_NAME!r} (escaped {NFC_NAME!a}, first at {path}:1) differ only in Unicode "
+        "normalisation (equal in NFC); spell them the same, e.g. both as "
+        "unicodedata.normalize('NFC', name)"
+    )
+    body = csv_row("Q1", sel({NFD_NAME: [1, 2]}), "['x','y']")
+    body += csv_row("Q2", sel({"Mali": [1, 2], NFC_NAME: [2, 1]}), "['x','y']")
+    csv_path = write(tmp_path, "g.csv", CSV_HEADER + body)
+    with pytest.raises(InputError, match=rf"^{csv_path}:3: group .* first at {csv_path}:2\)"):
+        load_global_opinions_csv(csv_path)
+    # one spelling throughout, whichever it is, loads as before
+    same = rows.replace(json.dumps(NFD_NAME), json.dumps(NFC_NAME))  # as json.dumps wrote it
+    assert list(load_jsonl(write(tmp_path, "ok.jsonl", same)).groups) == [NFC_NAME, "Mali"]
+
+
+def test_a_requested_name_that_differs_only_in_spelling_gets_the_reason(tmp_path: Path) -> None:
+    """Asked for 'Japan ' or an NFD name, the hint named a group that looked the same."""
+    rows = jl(group="Japan", question="Q1", options=["x", "y"], distribution=[1, 2])
+    rows += jl(group=NFC_NAME, question="Q1", options=["x", "y"], distribution=[1, 2])
+    path = write(tmp_path, "g.jsonl", rows)
+    with pytest.raises(InputError) as err:
+        load_jsonl(path, groups=["Japan ", NFD_NAME])
+    assert str(err.value).startswith(
+        f"{path}: unknown group(s): 'Japan ' (did you mean 'Japan'? remove the leading or "
+        f"trailing whitespace); {NFD_NAME!r} (did you mean {NFC_NAME!r}? the same text in another "
+        f"Unicode normalisation: asked for {NFD_NAME!a}, the data has {NFC_NAME!a})"
+    )
