@@ -129,6 +129,14 @@ class RoundSettings:
                     f"characters), got {names!r}",
                     SETTINGS,
                 )
+            spaced = [n for n in names if n != n.strip()]
+            if spaced:  # the allow-list refuses such names: none would ever match
+                raise ConfigValueError(
+                    "evaluate_only",
+                    f"evaluate_only name {spaced[0]!r} has leading or trailing whitespace; "
+                    f"remove it ({spaced[0].strip()!r})",
+                    SETTINGS,
+                )
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
                 raise ConfigValueError(

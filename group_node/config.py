@@ -119,6 +119,12 @@ class NodeConfig:
             raise _refuse("role", f"role must be train or evaluate-only, got {self.role!r}")
         if not self.group.isprintable():
             raise _refuse("group", f"group {self.group!r} holds control characters")
+        if self.group != self.group.strip():  # the data and the allow-list name it exactly
+            raise _refuse(
+                "group",
+                f"group {self.group!r} has leading or trailing whitespace; "
+                f"remove it ({self.group.strip()!r})",
+            )
         if not 1 <= self.threads <= MAX_THREADS:
             raise _refuse("threads", f"threads must be 1..{MAX_THREADS}, got {self.threads}")
         if not 0 <= self.personalize_steps <= MAX_PERSONALIZE_STEPS:

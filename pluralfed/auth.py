@@ -25,6 +25,7 @@ import os
 import threading
 import time
 import tomllib
+import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
@@ -98,6 +99,7 @@ class AllowList:
         if not entries:
             raise InputError(f"{source}: the allow-list is empty; no node could ever connect")
         by_name: dict[str, str] = {}
+        by_nfc: dict[str, str] = {}  # NFC form of each node name -> the name as written
         clean: dict[str, str] = {}
         for identity, name in entries.items():
             if not isinstance(identity, str) or NODE_ID_PATTERN.fullmatch(identity) is None:
@@ -120,6 +122,15 @@ class AllowList:
                     f"{source}: node name {name!r} is given to two identities, {by_name[name]!r} "
                     f"and {identity!r}; each node needs its own certificate"
                 )
+            nfc = unicodedata.normalize("NFC", name)
+            if nfc in by_nfc and by_nfc[nfc] != name:  # two groups that look the same
+                other = by_nfc[nfc]
+                raise InputError(
+                    f"{source}: node names {other!r} (identity {by_name[other]!r}, escaped "
+                    f"{other!a}) and {name!r} (identity {identity!r}, escaped {name!a}) "
+                    "differ only in Unicode normalisation (equal in NFC); spell them the same"
+                )
+            by_nfc[nfc] = name
             by_name[name] = identity
             clean[identity] = name
         self._entries = clean

@@ -484,6 +484,12 @@ def test_allow_list_basics() -> None:
         ({"node-a": 3}, "node name must be a non-empty string"),
         ({"node-a": " X"}, "without surrounding spaces"),
         ({"node-a": "X", "node-b": "X"}, "node name 'X' is given to two identities"),
+        (  # NFC "ô" and NFD "o" + U+0302: they look alike and would be two groups
+            {"node-a": "C\u00f4te d'Ivoire", "node-b": "Co\u0302te d'Ivoire"},
+            r"node names .* \(identity 'node-a', escaped \"C\\xf4te d'Ivoire\"\) and .* "
+            r"\(identity 'node-b', escaped \"Co\\u0302te d'Ivoire\"\) differ only in Unicode "
+            "normalisation",
+        ),
     ],
 )
 def test_allow_list_validation(entries: object, message: str) -> None:

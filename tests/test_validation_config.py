@@ -209,6 +209,7 @@ def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Coord
         ("encoder = ''", "encoder"),
         ("weighting = 'loudest'", "weighting"),
         ("server_optimizer = 'sgd'", "server_optimizer"),
+        ("evaluate_only = ['China', 'Japan ']", "evaluate_only name 'Japan ' has leading"),
     ],
 )
 def test_coordinator_config_refuses_at_load_naming_file_and_key(

@@ -105,6 +105,11 @@ def small_weights(cfg: GPOConfig = SMALL) -> dict[str, np.ndarray]:
         ("COORDINATOR", "a b:7443", "not a host name"),
         ("THREADS", "100000000", "threads must be 1..1024, got 100000000"),
         ("GROUP", "Fran\0ce", "holds control characters"),
+        (
+            "GROUP",
+            "Japan ",
+            "group 'Japan ' has leading or trailing whitespace; remove it ('Japan')",
+        ),
         ("ROLE", "trainer", "role must be train or evaluate-only, got 'trainer'"),
     ],
 )
