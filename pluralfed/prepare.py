@@ -35,15 +35,3 @@ def default_groups(data: SurveyData) -> tuple[list[str], list[str]]:
     if all(g in data.groups for g in (*TRAINING_GROUPS, *HELD_OUT_GROUPS)):
         return list(TRAINING_GROUPS), list(HELD_OUT_GROUPS)
     return sorted(data.groups), []
-
-
-def parse_group_list(text: str | None) -> list[str] | None:
-    """'A,B;C' style lists are ambiguous with commas in names, so groups are separated by ';' or ','
-    only when the name itself has none: we split on ';' if present, else on ','."""
-    if text is None:
-        return None
-    sep = ";" if ";" in text else ","
-    names = [t.strip() for t in text.split(sep) if t.strip()]
-    if not names:
-        raise InputError(f"empty group list {text!r}")
-    return names

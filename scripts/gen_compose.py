@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pluralfed.commands.common import group_list_args  # noqa: E402
 from pluralfed.data import group_file_names, load_survey  # noqa: E402
 from pluralfed.errors import InputError  # noqa: E402
 from pluralfed.localfed import node_ids, toml_string  # noqa: E402
@@ -123,7 +124,7 @@ def setup_script(groups: list[str], ids: dict[str, str], synthetic: dict[str, in
         lines.append('else echo "set PLURALFED_DATA to the survey file" >&2; exit 2; fi')
     lines.append(
         "pluralfed data split $src --out-dir /out/data --groups "
-        + " ".join(shlex.quote(g) for g in groups)
+        + " ".join(shlex.quote(arg) for arg in group_list_args(groups))
     )
     for g in groups:
         lines.append(

@@ -45,6 +45,56 @@ def positive_int(text: str) -> int:
     return value
 
 
+# How every command's --groups (and --held-out) reads group names; the help texts end with it.
+GROUP_LIST_SYNTAX = (
+    "Names as separate arguments (--groups Japan 'New Zealand') or as one argument separated by "
+    "';' or ',' (--groups 'Japan;New Zealand', --groups Japan,France): one argument is split on "
+    "';' if it has one, else on ','; several are one name each. A name with a comma: give it "
+    "among several arguments or in a ';' list ('Korea, South;'). Spaces around a name are ignored"
+)
+
+
+def add_group_list_arg(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help_text: str
+) -> None:
+    """`flag` taking group names in either form `parse_group_names` reads: every command the same
+    (`data split` took separate arguments, the others one ';'- or ','-separated string)."""
+    p.add_argument(flag, nargs="+", metavar="NAME", help=f"{help_text}. {GROUP_LIST_SYNTAX}")
+
+
+def parse_group_names(values: Sequence[str] | None, option: str = "--groups") -> list[str] | None:
+    """The group names `values` (the arguments given to `option`) stand for, see
+    GROUP_LIST_SYNTAX; None if the option was not given. Duplicates are dropped, order is kept.
+
+    Several arguments are taken whole, so a name with ',' or ';' in it (data files allow any
+    name) can always be given; one argument keeps the old string form (';' first, since a name
+    may hold ',')."""
+    if values is None:
+        return None
+    if isinstance(values, str):  # one string, as the option took before: the same as one argument
+        values = [values]
+    if len(values) == 1:
+        text = values[0]
+        parts = text.split(";" if ";" in text else ",")
+    else:
+        parts = list(values)
+    names = list(dict.fromkeys(name.strip() for name in parts if name.strip()))
+    if not names:
+        raise InputError(f"{option}: no group names in {' '.join(map(repr, values))}")
+    return names
+
+
+def group_list_args(names: Sequence[str]) -> list[str]:
+    """Arguments that `parse_group_names` reads back as exactly `names`, for scripts that write
+    a command line: one per name, except that a single name must not be split."""
+    if len(names) != 1:
+        return list(names)
+    [name] = names
+    if ";" in name:  # split on ';' even alone: as two arguments it is taken whole
+        return [name, name]
+    return [f"{name};"] if "," in name else [name]
+
+
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--data",
@@ -52,14 +102,16 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         required=required,
         help="survey data: a GlobalOpinionQA global_opinions.csv or a pluralfed JSONL file",
     )
-    p.add_argument(
+    add_group_list_arg(
+        p,
         "--groups",
-        help="groups to train on, separated by ';' or ','. Default: PROTOCOL.md's 8 training "
-        "groups when the data has them, else every group in the file",
+        "groups to train on. Default: PROTOCOL.md's 8 training groups when the data has them, "
+        "else every group in the file",
     )
-    p.add_argument(
+    add_group_list_arg(
+        p,
         "--held-out",
-        help="groups never trained on, evaluated few-shot. Default: PROTOCOL.md's 6 held-out "
+        "groups never trained on, evaluated few-shot. Default: PROTOCOL.md's 6 held-out "
         "groups when the data has them and --groups is not given, else none",
     )
 

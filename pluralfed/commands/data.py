@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pluralfed import data as survey
-from pluralfed.commands.common import non_negative_int
+from pluralfed.commands.common import add_group_list_arg, non_negative_int, parse_group_names
 from pluralfed.errors import InputError
 from pluralfed.protocol import HELD_OUT_GROUPS, TRAINING_GROUPS
 from pluralfed.synthetic import generate_synthetic
@@ -102,12 +102,7 @@ def register(subparsers: Any) -> None:
 
 
 def _add_group_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--groups",
-        nargs="+",
-        metavar="NAME",
-        help="only these groups (exact names; quote names with spaces)",
-    )
+    add_group_list_arg(p, "--groups", "only these groups")
     p.add_argument(
         "--protocol-groups",
         action="store_true",
@@ -121,7 +116,7 @@ def _wanted_groups(args: argparse.Namespace) -> list[str] | None:
     if args.protocol_groups:
         names.extend(TRAINING_GROUPS + HELD_OUT_GROUPS)
     if args.groups:
-        names.extend(args.groups)
+        names.extend(parse_group_names(args.groups) or [])
     return names or None
 
 

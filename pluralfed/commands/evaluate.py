@@ -9,11 +9,13 @@ from typing import Any
 from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, Checkpoint, load_checkpoint
 from pluralfed.commands.common import (
     add_encoder_args,
+    add_group_list_arg,
     add_runtime_args,
     apply_threads,
     check_output_path,
     evaluate_sets,
     open_encoder,
+    parse_group_names,
     positive_int,
     refuse_groups_without_context,
     reports_to_json,
@@ -24,7 +26,7 @@ from pluralfed.data import load_survey
 from pluralfed.errors import InputError
 from pluralfed.fsutil import same_file
 from pluralfed.model import GPOConfig
-from pluralfed.prepare import default_groups, embed_groups, parse_group_list
+from pluralfed.prepare import default_groups, embed_groups
 from pluralfed.protocol import EVAL_MAX_CONTEXT
 from pluralfed.report import make_console, print_reports
 
@@ -40,10 +42,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder")
     p.add_argument("--data", type=Path, required=True, help="survey data (CSV or JSONL)")
-    p.add_argument(
+    add_group_list_arg(
+        p,
         "--groups",
-        help="groups to evaluate, separated by ';' or ','. Default: the checkpoint's training "
-        "groups and PROTOCOL.md's held-out groups, when present in the data",
+        "groups to evaluate. Default: the checkpoint's training groups and PROTOCOL.md's "
+        "held-out groups, when present in the data",
     )
     p.add_argument(
         "--out",
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             f"{encoder.identity!r}"
         )
     data = load_survey(args.data)
-    requested = parse_group_list(args.groups)
+    requested = parse_group_names(args.groups)
     if requested is not None:
         sets = {"requested groups": requested}
     else:

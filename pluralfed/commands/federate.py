@@ -7,13 +7,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pluralfed.commands.common import check_output_path, non_negative_int, positive_int
+from pluralfed.commands.common import (
+    add_group_list_arg,
+    check_output_path,
+    non_negative_int,
+    parse_group_names,
+    positive_int,
+)
 from pluralfed.commands.coordinator import HELP as COORDINATOR_HELP
 from pluralfed.data import load_survey, write_jsonl
 from pluralfed.errors import InputError
 from pluralfed.evaluation import SetReport
 from pluralfed.localfed import LocalFederation, Stopped, run_local, stop_on_signals
-from pluralfed.prepare import default_groups, parse_group_list
+from pluralfed.prepare import default_groups
 from pluralfed.report import make_console, print_reports
 from pluralfed.synthetic import generate_synthetic
 
@@ -30,8 +36,8 @@ def register(subparsers: Any) -> None:
         "node, and exits 143 or 130; the same command resumes the run.",
     )
     p.add_argument("--data", type=Path, help="survey data (CSV or JSONL); default: synthetic demo")
-    p.add_argument("--groups", help="training groups (';' or ',' separated); default as `train`")
-    p.add_argument("--held-out", help="evaluate-only groups; default as `train`")
+    add_group_list_arg(p, "--groups", "training groups; default as `train`")
+    add_group_list_arg(p, "--held-out", "evaluate-only groups; default as `train`")
     p.add_argument(
         "--out",
         type=Path,
@@ -154,8 +160,10 @@ def _federate(args: argparse.Namespace) -> int:
     else:
         data = load_survey(args.data)
         train_default, held_default = default_groups(data)
-    groups = parse_group_list(args.groups) or train_default
-    held = parse_group_list(args.held_out) or (held_default if args.groups is None else [])
+    groups = parse_group_names(args.groups) or train_default
+    held = parse_group_names(args.held_out, "--held-out") or (
+        held_default if args.groups is None else []
+    )
     settings: dict[str, Any] = {
         "rounds": args.rounds,
         "local_steps": args.local_steps,

@@ -14,12 +14,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from pluralfed.commands.common import apply_threads
+from pluralfed.commands.common import add_group_list_arg, apply_threads, parse_group_names
 from pluralfed.commands.train import add_memory_args, memory_overrides
 from pluralfed.data import is_test_question, load_survey
 from pluralfed.embeddings import CachedEncoder, TextEncoder, default_cache_dir, make_encoder
 from pluralfed.errors import InputError
-from pluralfed.prepare import parse_group_list
 from pluralfed.reward import (
     DEFAULT_MAX_CALL_S,
     DEFAULT_MAX_WORKERS,
@@ -134,10 +133,7 @@ def register(subparsers: Any) -> None:
         "holds by name, each with its TRAIN questions (PROTOCOL.md split, at most "
         f"{MAX_CONTEXT_ITEMS}) as context",
     )
-    s.add_argument(
-        "--groups",
-        help="only these groups of --groups-data, separated by ';' or ',' (default: all)",
-    )
+    add_group_list_arg(s, "--groups", "only these groups of --groups-data (default: all)")
     s.add_argument(
         "--max-workers",
         type=int,
@@ -267,7 +263,7 @@ def run_serve(args: argparse.Namespace) -> int:
         args.checkpoint, encoder=_encoder(args), memory=memory_overrides(args)
     )
     if args.groups_data is not None:
-        added = model.add_groups_from_data(args.groups_data, parse_group_list(args.groups))
+        added = model.add_groups_from_data(args.groups_data, parse_group_names(args.groups))
         log.info("holding %d groups from %s", len(added), args.groups_data)
     elif args.groups:
         raise InputError("--groups needs --groups-data")

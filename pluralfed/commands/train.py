@@ -18,6 +18,7 @@ from pluralfed.commands.common import (
     evaluate_sets,
     non_negative_int,
     open_encoder,
+    parse_group_names,
     parse_range,
     peak_rss_mib,
     positive_int,
@@ -29,7 +30,7 @@ from pluralfed.data import load_survey
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_bytes
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
-from pluralfed.prepare import default_groups, embed_groups, parse_group_list
+from pluralfed.prepare import default_groups, embed_groups
 from pluralfed.protocol import CENTRALIZED_EPOCHS, EVAL_EVERY, EVAL_MAX_CONTEXT, LEARNING_RATE
 from pluralfed.report import make_console, print_reports
 from pluralfed.training import (
@@ -239,8 +240,10 @@ def run(args: argparse.Namespace) -> int:
     console = make_console(stderr=True)
     data = load_survey(args.data)
     train_default, held_default = default_groups(data)
-    train_groups = parse_group_list(args.groups) or train_default
-    held_out = parse_group_list(args.held_out) or (held_default if args.groups is None else [])
+    train_groups = parse_group_names(args.groups) or train_default
+    held_out = parse_group_names(args.held_out, "--held-out") or (
+        held_default if args.groups is None else []
+    )
     overlap = set(train_groups) & set(held_out)
     if overlap:
         raise InputError(f"groups both trained on and held out: {sorted(overlap)}")
