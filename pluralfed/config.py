@@ -120,7 +120,7 @@ def _as_written(name: str, like: str) -> str:
     return name
 
 
-def _unknown_keys_message(unknown: list[str], spelled: Mapping[str, str], fields: set[str]) -> str:
+def unknown_keys_message(unknown: list[str], spelled: Mapping[str, str], fields: set[str]) -> str:
     """The unknown keys as the user wrote them (`[tls] directory`, not `tls_directory`), each
     with the setting it most likely meant."""
     written = [spelled[name] for name in unknown]
@@ -229,9 +229,11 @@ def load_config(
     overrides: Mapping[str, Any],
     environ: Mapping[str, str] | None = None,
     skip_tables: tuple[str, ...] = (),
+    override_sources: Mapping[str, str] | None = None,
 ) -> T:
     """Build `cls` from its defaults, the TOML `file`, `env_prefix*` variables and `overrides`
-    (command-line values; None means not given). Tables in `skip_tables` are read elsewhere."""
+    (command-line values; None means not given). Tables in `skip_tables` are read elsewhere.
+    `override_sources` names where an override was given, for messages (default: its --option)."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
@@ -254,7 +256,7 @@ def load_config(
             raise InputError(f"{file}: {err}") from None
         unknown = sorted(set(flat) - fields)
         if unknown:
-            raise InputError(f"{file}: {_unknown_keys_message(unknown, spelled, fields)}")
+            raise InputError(f"{file}: {unknown_keys_message(unknown, spelled, fields)}")
         for key, value in flat.items():
             values[key] = _coerce(value, hints[key], f"{file}: {key}")
             sources[key] = str(file)
@@ -269,7 +271,7 @@ def load_config(
         if value is not None:
             if name not in fields:
                 raise TypeError(f"override {name!r} is not a field of {cls.__name__}")
-            flag = f"--{name.replace('_', '-')}"
+            flag = (override_sources or {}).get(name, f"--{name.replace('_', '-')}")
             values[name] = _coerce(value, hints[name], flag)
             sources[name] = flag
     try:

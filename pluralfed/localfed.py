@@ -9,6 +9,7 @@ service, the same as in a deployment; only the addresses are local.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -70,6 +71,9 @@ class LocalFederation:
     personalize_steps: int = 0
     # `pluralfed -v` for the coordinator and every node too (debug logging, gRPC core's included)
     verbose: bool = False
+    # where each of `coordinator_settings` was given, for messages (`federate`: "--set KEY=VALUE",
+    # "--rounds"); one not named here is "coordinator setting KEY"
+    setting_sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # every node would refuse 0 threads at start, and the coordinator would wait for them
@@ -81,6 +85,78 @@ class LocalFederation:
                     f"coordinator setting {key!r} cannot be changed (--set): a local federation "
                     f"sets it itself, from {LAUNCHER_SETTINGS[key]}"
                 )
+        check_coordinator_settings(self)
+
+    def source_of(self, key: str) -> str:
+        """Where coordinator setting `key` was given, as a message names it."""
+        return self.setting_sources.get(key, f"coordinator setting {key}")
+
+
+def coordinator_settings(run: LocalFederation) -> dict[str, Any]:
+    """The coordinator's settings as `prepare` writes them into its config: the launcher's own,
+    then `run.coordinator_settings`."""
+    return {
+        "listen": "127.0.0.1:0",
+        "state_dir": str(run.out_dir / "coordinator"),
+        "encoder": run.encoder,
+        "insecure": run.insecure,
+        **({} if run.insecure else {"tls_dir": str(run.out_dir / "certs" / "coordinator")}),
+        "min_nodes": len(run.training_groups),
+        "min_updates": len(run.training_groups),
+        "evaluate_only": list(run.held_out_groups),
+        **run.coordinator_settings,
+    }
+
+
+def check_coordinator_settings(run: LocalFederation) -> None:
+    """Refuse what the coordinator would refuse at start, before anything is written: a bad
+    `--set` was found only once certificates, data and configs were on disk and the coordinator
+    had exited. The coordinator's own checks, run as it runs them on its config file (each value
+    read by `load_config` from the same text, then its model settings), naming where each bad
+    value was given."""
+    from coordinator.service import CoordinatorConfig, check_roles, model_config
+    from pluralfed.auth import AllowList
+    from pluralfed.config import ConfigValueError, load_config, unknown_keys_message
+    from pluralfed.model import GPOConfig
+
+    fields = {f.name for f in dataclasses.fields(CoordinatorConfig)}
+    unknown = sorted(set(run.coordinator_settings) - fields)
+    if unknown:
+        where = ", ".join(run.source_of(key) for key in unknown)
+        written = {key: key for key in unknown}
+        settable = fields - set(LAUNCHER_SETTINGS)  # the others are refused anyway
+        raise InputError(f"{where}: {unknown_keys_message(unknown, written, settable)}")
+    settings = coordinator_settings(run)
+    cfg = load_config(
+        CoordinatorConfig,
+        None,
+        "",
+        settings,
+        environ={},
+        override_sources={key: run.source_of(key) for key in settings},
+    )
+    try:
+        model_config(cfg, GPOConfig.embed_dim)  # as `pluralfed coordinator` checks them at load
+    except InputError as err:
+        model_keys = {f.name for f in dataclasses.fields(GPOConfig)}
+        given = [run.source_of(key) for key in run.coordinator_settings if key in model_keys]
+        if not given:
+            raise
+        raise InputError(f"{', '.join(given)}: {err}") from None
+    groups = [*run.training_groups, *run.held_out_groups]
+    try:  # the allow-list prepare writes; groups it cannot hold, prepare refuses by their data
+        ids = node_ids(groups) if len(set(groups)) == len(groups) else {}
+        allow_list = AllowList({nid: g for g, nid in ids.items()}) if ids else None
+    except InputError:
+        allow_list = None
+    if allow_list is not None:
+        try:  # as the coordinator checks them at start (min_nodes against the training groups)
+            check_roles(cfg, allow_list)
+        except ConfigValueError as err:
+            given = [key for key in err.keys if key in run.coordinator_settings]
+            if not given:
+                raise
+            raise InputError(f"{run.source_of(given[0])}: {err.message}") from None
 
 
 def toml_string(text: str) -> str:
@@ -283,18 +359,7 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
     files = write_group_files(subset, out / "data", inputs=[data.source] if data.source else [])
     state_dir = out / "coordinator"
     coord_cfg = out / "coordinator.toml"
-    settings = {
-        "listen": "127.0.0.1:0",
-        "state_dir": str(state_dir),
-        "encoder": run.encoder,
-        "insecure": run.insecure,
-        **({} if run.insecure else {"tls_dir": str(certs / "coordinator")}),
-        "min_nodes": len(run.training_groups),
-        "min_updates": len(run.training_groups),
-        "evaluate_only": list(run.held_out_groups),
-        **run.coordinator_settings,
-    }
-    write_toml(coord_cfg, settings, {"allow_list": {ids[g]: g for g in groups}})
+    write_toml(coord_cfg, coordinator_settings(run), {"allow_list": {ids[g]: g for g in groups}})
     node_cfgs = {}
     for g in groups:
         path = out / "nodes" / f"{ids[g]}.toml"

@@ -7,18 +7,22 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from coordinator.service import check_roles
 from pluralfed import localfed
-from pluralfed.cli import main
+from pluralfed.cli import build_parser, main
+from pluralfed.commands import coordinator as coordinator_command
 from pluralfed.commands import federate as federate_command
 from pluralfed.data import SurveyData, SurveyItem
 from pluralfed.errors import InputError
@@ -263,8 +267,64 @@ def test_federate_with_a_bad_coordinator_setting_is_a_clean_error(
     argv = ["federate", "--synthetic-groups", "3", "--synthetic-questions", "20", "--rounds", "1"]
     assert main([*argv, "--out", str(tmp_path / "run"), "--set", "bogus_key=1"]) == 2
     err = capsys.readouterr().err
-    assert "the coordinator exited with code 2" in err
-    assert "unknown settings ['bogus_key']" in err and "Traceback" not in err
+    assert "error: --set bogus_key=1: unknown settings ['bogus_key']" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()  # no coordinator started
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("argv", "key", "message"),
+    [
+        (["--set", "rounds=0"], "rounds", "rounds must be in 1..1000000, got 0"),
+        (["--set", "learning_rate=abc"], "learning_rate", "expected a number, got 'abc'"),
+        (["--set", "fairness_q=nan"], "fairness_q", "fairness_q must be a finite number, got nan"),
+        (
+            ["--set", "server-optimizer=sgd"],
+            "server_optimizer",
+            "server_optimizer must be one of fedavg, fedadagrad, fedadam, fedyogi, adam, got 'sgd'",
+        ),
+        (  # across settings: min_nodes is the launcher's (2 training groups)
+            ["--set", "min_updates=20"],
+            "min_updates",
+            "min_updates must be at most min_nodes (2), got 20",
+        ),
+        (
+            ["--set", "d_model=0"],
+            "d_model",
+            "coordinator config: d_model must be in 1..8192, got 0",
+        ),
+        (  # against the allow-list the launcher writes: 2 groups train, 1 is held out
+            ["--set", "min_nodes=5"],
+            "min_nodes",
+            "evaluate_only leaves 2 allow-listed group(s) to train, fewer than min_nodes (5)",
+        ),
+        (["--set", "rounds=3", "--set", "local_steps=0"], "local_steps", "local_steps must be in"),
+        (["--local-steps", "0"], "local_steps", "local_steps must be in"),
+    ],
+)
+def test_federate_refuses_a_bad_setting_before_writing_anything(
+    argv: list[str], key: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --set value was refused only by the coordinator, once the demo data, certificates
+    and configs had been written and the coordinator started; now at once, with the message the
+    coordinator gives for the same value in its config file, naming the argument."""
+    out = tmp_path / "run"
+    base = ["federate", "--synthetic-groups", "3", "--synthetic-questions", "20", "--rounds", "1"]
+    assert main([*base, "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    given = argv[-1] if argv[-2] == "--set" else None
+    source = f"--set {given}" if given else argv[-2]
+    assert f"pluralfed federate: error: {source}: {message}" in err, err
+    assert not out.exists()  # nothing written
+    # the coordinator says the same of the same value in its config file (as federate writes it)
+    settings: dict[str, Any] = {"min_nodes": "2", "min_updates": "2", "evaluate_only": ["C"]}
+    settings[key] = argv[-1].split("=", 1)[-1]
+    config = tmp_path / "coordinator.toml"
+    allow = {"node-a": "A", "node-b": "B", "node-c": "C"}
+    localfed.write_toml(config, settings, {"allow_list": allow})
+    args = build_parser().parse_args(["coordinator", "--config", str(config)])
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_roles(*coordinator_command.load(args))  # as run_coordinator starts
 
 
 @pytest.mark.timeout(30)

@@ -115,14 +115,18 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, str]:
-    out = {}
+def _parse_sets(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(setting -> value, setting -> "--set KEY=VALUE" as given, for messages)."""
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--set takes KEY=VALUE, got {pair!r}")
-        out[key.strip().replace("-", "_")] = value.strip()
-    return out
+        name = key.strip().replace("-", "_")
+        values[name] = value.strip()
+        sources[name] = f"--set {pair}"
+    return values, sources
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,18 +149,13 @@ def _federate(args: argparse.Namespace) -> int:
     if args.personalize_steps < 0:
         raise InputError(f"--personalize-steps must be 0 or more, got {args.personalize_steps}")
     check_output_path(args.out, "--out", folder=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         data = generate_synthetic(
             n_groups=args.synthetic_groups, n_questions=args.synthetic_questions, seed=args.seed
         )
-        write_jsonl(data, args.out / "demo-data.jsonl")
         names = sorted(data.groups)
         n_held = max(1, len(names) // 4)
         train_default, held_default = names[:-n_held], names[-n_held:]
-        console.print(
-            f"synthetic demo data: {len(names)} groups, written to {args.out / 'demo-data.jsonl'}"
-        )
     else:
         data = load_survey(args.data)
         train_default, held_default = default_groups(data)
@@ -164,13 +163,18 @@ def _federate(args: argparse.Namespace) -> int:
     held = parse_group_names(args.held_out, "--held-out") or (
         held_default if args.groups is None else []
     )
+    set_values, set_sources = _parse_sets(args.set)
     settings: dict[str, Any] = {
         "rounds": args.rounds,
         "local_steps": args.local_steps,
         "eval_every": args.eval_every,
         "seed": args.seed,
-        **_parse_sets(args.set),
+        **set_values,
     }
+    sources = {key: f"--{key.replace('_', '-')}" for key in settings}
+    # LocalFederation checks every setting as the coordinator will, so a bad one is refused
+    # here, before anything is written (it was refused once the demo data, certificates and
+    # configs were on disk and the coordinator had started and exited)
     run_cfg = LocalFederation(
         out_dir=args.out,
         training_groups=groups,
@@ -183,7 +187,15 @@ def _federate(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         personalize_steps=args.personalize_steps,
         verbose=args.verbose,
+        setting_sources={**sources, **set_sources},
     )
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.data is None:
+        write_jsonl(data, args.out / "demo-data.jsonl")
+        console.print(
+            f"synthetic demo data: {len(data.groups)} groups, written to "
+            f"{args.out / 'demo-data.jsonl'}"
+        )
     console.print(
         f"starting a local federation: {len(groups)} training nodes, {len(held)} evaluate-only "
         f"nodes, {args.rounds} rounds; logs in {args.out / 'logs'}"
