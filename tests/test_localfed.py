@@ -275,7 +275,7 @@ def test_federate_with_a_bad_coordinator_setting_is_a_clean_error(
 @pytest.mark.parametrize(
     ("argv", "key", "message"),
     [
-        (["--set", "rounds=0"], "rounds", "rounds must be in 1..1000000, got 0"),
+        (["--rounds", "0"], "rounds", "rounds must be in 1..1000000, got 0"),
         (["--set", "learning_rate=abc"], "learning_rate", "expected a number, got 'abc'"),
         (["--set", "fairness_q=nan"], "fairness_q", "fairness_q must be a finite number, got nan"),
         (
@@ -298,7 +298,11 @@ def test_federate_with_a_bad_coordinator_setting_is_a_clean_error(
             "min_nodes",
             "evaluate_only leaves 2 allow-listed group(s) to train, fewer than min_nodes (5)",
         ),
-        (["--set", "rounds=3", "--set", "local_steps=0"], "local_steps", "local_steps must be in"),
+        (
+            ["--set", "fairness_q=2", "--set", "min_updates=0"],
+            "min_updates",
+            "min_updates must be in",
+        ),
         (["--local-steps", "0"], "local_steps", "local_steps must be in"),
     ],
 )
@@ -350,6 +354,28 @@ def test_federate_refuses_at_once_a_setting_the_launcher_owns(
     assert f"coordinator setting {key!r} cannot be changed (--set)" in err
     assert f"sets it itself, from {source}" in err
     assert not (tmp_path / "run" / "logs").exists()  # no coordinator was started
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "rounds=3"], "--set rounds=3: use --rounds 3 (rounds has its own option)"),
+        (["--set", "local-steps=2"], "--set local-steps=2: use --local-steps 2"),
+        (
+            ["--set", "fairness_q=2", "--set", "fairness-q=3"],
+            "--set fairness-q=3: fairness_q is already set by --set fairness_q=2; give it once",
+        ),
+    ],
+)
+def test_federate_refuses_a_setting_given_twice(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--set rounds=3` overrode `--rounds`, and of two `--set` of one key the last won, both
+    without a word: which value a run used was not what its command line seemed to say."""
+    out = tmp_path / "run"
+    assert main(["federate", "--out", str(out), "--rounds", "1", *argv]) == 2
+    assert f"pluralfed federate: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_federate_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

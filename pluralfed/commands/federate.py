@@ -115,8 +115,13 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+# settings `federate` has its own option for: a --set of one would override it without a word
+OWN_OPTIONS = ("rounds", "local_steps", "eval_every", "seed")
+
+
 def _parse_sets(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(setting -> value, setting -> "--set KEY=VALUE" as given, for messages)."""
+    """(setting -> value, setting -> "--set KEY=VALUE" as given, for messages). A setting given
+    twice, or one with its own option, is refused: which value won was not said."""
     values: dict[str, str] = {}
     sources: dict[str, str] = {}
     for pair in pairs:
@@ -124,6 +129,15 @@ def _parse_sets(pairs: list[str]) -> tuple[dict[str, str], dict[str, str]]:
         if not sep or not key.strip():
             raise InputError(f"--set takes KEY=VALUE, got {pair!r}")
         name = key.strip().replace("-", "_")
+        if name in OWN_OPTIONS:
+            option = f"--{name.replace('_', '-')}"
+            raise InputError(
+                f"--set {pair}: use {option} {value.strip()} ({name} has its own option)"
+            )
+        if name in values:
+            raise InputError(
+                f"--set {pair}: {name} is already set by {sources[name]}; give it once"
+            )
         values[name] = value.strip()
         sources[name] = f"--set {pair}"
     return values, sources
