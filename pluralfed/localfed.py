@@ -76,9 +76,18 @@ class LocalFederation:
     setting_sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # every node would refuse 0 threads at start, and the coordinator would wait for them
-        if self.threads_per_node < 1:
-            raise InputError(f"threads per node must be at least 1, got {self.threads_per_node}")
+        # every node would refuse these at start, once the files were written and the
+        # coordinator waited for them
+        from group_node.config import MAX_PERSONALIZE_STEPS, MAX_THREADS
+
+        if not 1 <= self.threads_per_node <= MAX_THREADS:
+            raise InputError(
+                f"threads per node must be 1..{MAX_THREADS}, got {self.threads_per_node}"
+            )
+        if not 0 <= self.personalize_steps <= MAX_PERSONALIZE_STEPS:
+            raise InputError(
+                f"personalize steps must be 0..{MAX_PERSONALIZE_STEPS}, got {self.personalize_steps}"
+            )
         for key in self.coordinator_settings:
             if key in LAUNCHER_SETTINGS:
                 raise InputError(
@@ -339,13 +348,20 @@ class Processes:
                 f.close()
 
 
+def federation_data(run: LocalFederation, data: SurveyData) -> SurveyData:
+    """The groups of `run` from `data`; an unknown or twice-listed group is refused (callers
+    check this before writing anything)."""
+    groups = [*run.training_groups, *run.held_out_groups]
+    if len(set(groups)) != len(groups):
+        raise InputError("a group is listed twice (training and held-out must not overlap)")
+    return select_groups(data, groups)
+
+
 def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
     """Certificates, per-node data files and config files; returns what `start` needs."""
     out = run.out_dir
     groups = [*run.training_groups, *run.held_out_groups]
-    if len(set(groups)) != len(groups):
-        raise InputError("a group is listed twice (training and held-out must not overlap)")
-    subset = select_groups(data, groups)
+    subset = federation_data(run, data)
     ids = node_ids(groups)
     certs = out / "certs"
     if not (certs / "ca" / "ca.pem").exists():

@@ -78,7 +78,7 @@ def test_toml_strings_take_any_group_name() -> None:
 
 
 def test_threads_per_node_must_be_at_least_one(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="threads per node must be at least 1, got 0"):
+    with pytest.raises(InputError, match=r"threads per node must be 1\.\.1024, got 0"):
         LocalFederation(out_dir=tmp_path, training_groups=["A"], threads_per_node=0)
 
 
@@ -375,6 +375,25 @@ def test_federate_refuses_a_setting_given_twice(
     out = tmp_path / "run"
     assert main(["federate", "--out", str(out), "--rounds", "1", *argv]) == 2
     assert f"pluralfed federate: error: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--groups", "Nowhere"], "unknown group(s): 'Nowhere'"),
+        (["--threads-per-node", "5000"], "threads per node must be 1..1024, got 5000"),
+        (["--personalize-steps", "1000000"], "personalize steps must be 0..100000, got 1000000"),
+    ],
+)
+def test_federate_refuses_bad_groups_and_node_limits_before_writing_anything(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """These were refused by prepare or by every node, after --out, the demo data (and for the
+    node limits, certificates and configs) had been written."""
+    out = tmp_path / "run"
+    assert main(["federate", "--out", str(out), "--rounds", "1", *argv]) == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -18,7 +18,13 @@ from pluralfed.commands.coordinator import HELP as COORDINATOR_HELP
 from pluralfed.data import load_survey, write_jsonl
 from pluralfed.errors import InputError
 from pluralfed.evaluation import SetReport
-from pluralfed.localfed import LocalFederation, Stopped, run_local, stop_on_signals
+from pluralfed.localfed import (
+    LocalFederation,
+    Stopped,
+    federation_data,
+    run_local,
+    stop_on_signals,
+)
 from pluralfed.prepare import default_groups
 from pluralfed.report import make_console, print_reports
 from pluralfed.synthetic import generate_synthetic
@@ -203,6 +209,7 @@ def _federate(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         setting_sources={**sources, **set_sources},
     )
+    federation_data(run_cfg, data)  # an unknown group: refused before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         write_jsonl(data, args.out / "demo-data.jsonl")
