@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -412,8 +412,22 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
     }
 
 
+# the settings variables of `pluralfed coordinator` and `pluralfed node`: they would override the
+# configs a local federation writes (a PLURALFED_COORDINATOR_STATE_DIR left exported for a real
+# coordinator moved the demo's state folder, and the launcher waited for it in vain)
+SETTINGS_ENV_PREFIXES = ("PLURALFED_COORDINATOR_", "PLURALFED_NODE_")
+
+
+def settings_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The settings variables in `environ` (default: this process's) that children do not get."""
+    env = os.environ if environ is None else environ
+    return sorted(k for k in env if k.startswith(SETTINGS_ENV_PREFIXES))
+
+
 def child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of a child process: this one's without the settings variables (the
+    launcher's configs say everything; `federate --set` changes them), with its thread count."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_ENV_PREFIXES)}
     env.update(
         OMP_NUM_THREADS=str(threads),
         MKL_NUM_THREADS=str(threads),

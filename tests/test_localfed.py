@@ -532,3 +532,20 @@ def test_a_stop_is_not_an_exception() -> None:
             pytest.fail("Stopped was caught as an Exception")
     except Stopped as stop:
         assert stop.signum == signal.SIGTERM
+
+
+def test_children_do_not_get_the_settings_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PLURALFED_COORDINATOR_STATE_DIR left exported for a real coordinator moved a local
+    federation's state folder (the launcher then waited for a coordinator that ran elsewhere):
+    the launcher's configs say every setting, so the children do not see such variables."""
+    monkeypatch.setenv("PLURALFED_COORDINATOR_STATE_DIR", "/elsewhere")
+    monkeypatch.setenv("PLURALFED_NODE_THREADS", "64")
+    monkeypatch.setenv("PLURALFED_CACHE_DIR", "/cache")  # not a setting: passed on
+    env = localfed.child_env(2)
+    assert "PLURALFED_COORDINATOR_STATE_DIR" not in env
+    assert "PLURALFED_NODE_THREADS" not in env
+    assert env["PLURALFED_CACHE_DIR"] == "/cache" and env["OMP_NUM_THREADS"] == "2"
+    assert localfed.settings_variables() == [
+        "PLURALFED_COORDINATOR_STATE_DIR",
+        "PLURALFED_NODE_THREADS",
+    ]

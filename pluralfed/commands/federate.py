@@ -23,6 +23,7 @@ from pluralfed.localfed import (
     Stopped,
     federation_data,
     run_local,
+    settings_variables,
     stop_on_signals,
 )
 from pluralfed.prepare import default_groups
@@ -210,6 +211,12 @@ def _federate(args: argparse.Namespace) -> int:
         setting_sources={**sources, **set_sources},
     )
     federation_data(run_cfg, data)  # an unknown group: refused before anything is written
+    ignored = settings_variables()
+    if ignored:
+        console.print(
+            f"[yellow]note:[/] a local federation ignores {', '.join(ignored)} (its own configs "
+            "say every setting; use --set KEY=VALUE)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         write_jsonl(data, args.out / "demo-data.jsonl")
