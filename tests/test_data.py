@@ -670,6 +670,27 @@ def test_cli_inspect(goqa_csv: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert japan.split()[1] == "178"
 
 
+def test_cli_inspect_and_split_take_the_file_as_data_too(
+    goqa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """train, evaluate and federate take the survey as --data; `data inspect --data F` was
+    "unrecognized arguments"."""
+    assert run_cli(["data", "inspect", "--data", str(goqa_csv), "--groups", "Japan"]) == 0
+    assert "groups: 1" in capsys.readouterr().out
+    out = tmp_path / "nodes"
+    assert (
+        run_cli(
+            ["data", "split", "--data", str(goqa_csv), "--groups", "Egypt", "--out-dir", str(out)]
+        )
+        == 0
+    )
+    assert json.loads((out / GROUPS_MANIFEST).read_text()) == {"Egypt": "egypt.jsonl"}
+    with pytest.raises(InputError, match="no survey file: give it as FILE or --data FILE"):
+        run_cli(["data", "inspect"])
+    with pytest.raises(InputError, match="two survey files"):
+        run_cli(["data", "inspect", str(goqa_csv), "--data", str(tmp_path / "other.csv")])
+
+
 def test_cli_convert_and_split(
     goqa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
         "distributions, duplicates, and per group the PROTOCOL.md train/test question counts. "
         + FORMATS_HELP,
     )
-    p.add_argument("file", type=Path, help="survey file (.csv or .jsonl)")
+    _add_input_arg(p, "file")
     _add_group_args(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -93,12 +93,29 @@ def register(subparsers: Any) -> None:
         "the group name, plus groups.json mapping each group name to its file. Hand each group "
         "node only its own file. " + FORMATS_HELP,
     )
-    p.add_argument("input", type=Path, help="survey file to read (.csv or .jsonl)")
+    _add_input_arg(p, "input")
     p.add_argument(
         "--out-dir", required=True, type=Path, help="directory for the per-group files (created)"
     )
     _add_group_args(p)
     p.set_defaults(func=cmd_split)
+
+
+def _add_input_arg(p: argparse.ArgumentParser, dest: str) -> None:
+    """The survey file, as a positional argument or as --data (as train, evaluate and federate
+    take it, so a command copied from those works here too)."""
+    p.add_argument(dest, type=Path, nargs="?", help="survey file to read (.csv or .jsonl)")
+    p.add_argument("--data", type=Path, help=f"the same as {dest.upper()}")
+
+
+def _input_file(args: argparse.Namespace, dest: str) -> Path:
+    given: Path | None = getattr(args, dest)
+    if given is not None and args.data is not None and given != args.data:
+        raise InputError(f"two survey files: {given} and --data {args.data}; give one")
+    path = given or args.data
+    if path is None:
+        raise InputError(f"no survey file: give it as {dest.upper()} or --data FILE")
+    return path
 
 
 def _add_group_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +161,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    data = survey.load_survey(args.file, _wanted_groups(args))
+    data = survey.load_survey(_input_file(args, "file"), _wanted_groups(args))
     print(survey.summary(data))
     return 0
 
@@ -159,8 +176,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    data = survey.load_survey(args.input, _wanted_groups(args))
-    paths = survey.write_group_files(data, args.out_dir, inputs=(args.input,))
+    source = _input_file(args, "input")
+    data = survey.load_survey(source, _wanted_groups(args))
+    paths = survey.write_group_files(data, args.out_dir, inputs=(source,))
     for group, path in paths.items():
         print(f"{group}: {len(data.groups[group])} distributions -> {path}")
     print(f"wrote {len(paths)} group files and {args.out_dir / survey.GROUPS_MANIFEST}")
