@@ -160,17 +160,20 @@ class UnknownSessionOnce(pb_grpc.FederationServicer):
 
 
 class WaitThenEnd(UnknownSessionOnce):
-    """Tells the node to wait (as a coordinator waiting for a quorum does) for `seconds`, then
-    ends the run."""
+    """Tells the node to wait (as a coordinator waiting for a quorum does) `waits` times, then
+    ends the run. Each GetTask is a poll the coordinator held for `held_s` seconds: it moves the
+    node's clock `now` on by that much (the node reads its clock only after the answer)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, waits: int, held_s: float) -> None:
         super().__init__(new_run=False)
-        self.until = time.monotonic() + seconds
+        self.waits, self.held_s, self.now = waits, held_s, 0.0
 
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
-        if time.monotonic() < self.until:
+        self.polls += 1
+        self.now = self.polls * self.held_s
+        if self.polls <= self.waits:
             task = pb.Task(kind=pb.TASK_KIND_WAIT)
-            task.retry_after.FromMilliseconds(100)
+            task.retry_after.FromMilliseconds(10)
             return task
         return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
 
@@ -180,14 +183,21 @@ def test_a_node_told_to_wait_long_says_so(
 ) -> None:
     """After "joined run ...", a node whose coordinator waited for held-out groups (up to
     eval_timeout_s, 300 s) printed nothing: its operator could think it hung."""
-    monkeypatch.setattr(node_module, "IDLE_NOTE_FIRST_S", 0.5)
-    monkeypatch.setattr(node_module, "IDLE_NOTE_EVERY_S", 1.0)
-    with stand_in_coordinator(WaitThenEnd(2.2)) as port:
+    monkeypatch.setattr(node_module, "IDLE_NOTE_FIRST_S", 5.0)
+    monkeypatch.setattr(node_module, "IDLE_NOTE_EVERY_S", 10.0)
+    # the node's clock is the stand-in's: 1 s per held poll, so 22 WAITs are 22 s of idling
+    servicer = WaitThenEnd(22, held_s=1.0)
+    clock = SimpleNamespace(
+        monotonic=lambda: servicer.now, perf_counter=time.perf_counter, time=time.time
+    )
+    monkeypatch.setattr(node_module, "time", clock)
+    with stand_in_coordinator(servicer) as port:
         cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
         with caplog.at_level(logging.INFO, logger="pluralfed.node"):
             assert GroupNode(cfg, WORKER).run() == 0  # type: ignore[arg-type]
     notes = [m for m in messages(caplog, logging.INFO) if "no task for" in m]
-    assert len(notes) == 2, notes  # at 0.5 s and 1.5 s; not at every WAIT
+    # at 5 s and 15 s (not 25 s: the run ended at 23 s); not at every WAIT
+    assert [n.split(":")[1] for n in notes] == [" no task for 5 s", " no task for 15 s"], notes
     assert notes[0].startswith("G: no task for ") and "stays connected" in notes[0]
 
 
