@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,6 +29,7 @@ import pytest
 from fedharness import stand_in_coordinator
 from safetensors.numpy import save_file
 
+import pluralfed.training
 from coordinator.rounds import GlobalModel
 from coordinator.server import ModelDownload
 from group_node.client import model_config_of
@@ -35,7 +37,8 @@ from group_node.config import NodeConfig
 from group_node.node import GroupNode, audit_file_name
 from group_node.worker import GroupWorker
 from pluralfed.config import load_config
-from pluralfed.data import SurveyData, SurveyItem
+from pluralfed.data import SurveyData, SurveyItem, is_test_question
+from pluralfed.episodes import EmbeddedItem
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -202,6 +205,49 @@ def test_a_task_may_ask_for_a_fresh_local_optimizer() -> None:
     assert adam_steps() == {5.0}
     w.train(3, settings, keep_optimizer_state=False)
     assert adam_steps() == {3.0}
+
+
+def split_worker() -> GroupWorker:
+    """A worker whose group has both TRAIN and TEST questions (PROTOCOL.md's sha256 split)."""
+    items = [SurveyItem(f"Question {i}?", ("a", "b"), np.array([0.3, 0.7])) for i in range(20)]
+    w = GroupWorker("G", SurveyData({"G": items}), FakeEncoder())
+    assert len(w.split.train) >= 2 and len(w.split.test) >= 1
+    return w
+
+
+@pytest.mark.parametrize("task", ["train", "personalized"])
+def test_local_training_draws_episodes_only_from_the_groups_train_questions(
+    task: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TEST questions are held out: every model and context-gain figure of the federation is
+    measured on them. A node that also trained (or fine-tuned its personal copy) on them would
+    leak the held-out answers into the model, and no run would fail."""
+    w = split_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    drawn_from: list[list[str]] = []
+    original = pluralfed.training.sample_episode
+
+    def recording(items: Sequence[EmbeddedItem], *args: Any, **kwargs: Any) -> Any:
+        drawn_from.append([e.item.question for e in items])
+        return original(items, *args, **kwargs)
+
+    monkeypatch.setattr(pluralfed.training, "sample_episode", recording)
+    settings = TrainingSettings(context_range=(2, 3), target_range=(2, 3))
+    if task == "train":
+        w.train(3, settings)
+    else:
+        w.personalized(3, settings)
+    train = [e.item.question for e in w.split.train]
+    assert drawn_from == [train] * 3
+    assert not any(is_test_question(q) for q in train)
+
+
+def test_a_nodes_example_count_is_its_number_of_train_questions() -> None:
+    """The count the node joins with weighs its update in FedAvg: only the questions it trains
+    on count, not its held-out TEST questions."""
+    w = split_worker()
+    assert w.num_train_examples == len(w.split.train)
+    assert w.num_train_examples == sum(not is_test_question(f"Question {i}?") for i in range(20))
 
 
 def test_worker_refuses_weights_that_do_not_fit_the_config() -> None:
