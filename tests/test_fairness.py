@@ -92,8 +92,9 @@ GOOD = {"node-good-a": 0.55, "node-good-b": 0.85}  # node -> its alignment_befor
 EXAMPLES = {"node-good-a": 30, "node-good-b": 50}
 
 
-def _settings() -> RoundSettings:
+def _settings(weighting: str = "examples") -> RoundSettings:
     return RoundSettings(
+        weighting=weighting,
         rounds=1,
         min_nodes=5,
         min_updates=1,
@@ -105,8 +106,13 @@ def _settings() -> RoundSettings:
     )
 
 
-def test_updates_are_weighed_by_how_badly_the_model_served_their_group(tmp_path: Path) -> None:
-    """Two good updates average with n * (1 - alignment_before) ** q; updates with no
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_updates_are_weighed_by_how_badly_the_model_served_their_group(
+    tmp_path: Path, weighting: str
+) -> None:
+    """Two good updates average with base * (1 - alignment_before) ** q, base = n (weighting
+    "examples") or 1 ("uniform": fairness_q must not be dropped there, the aggregate would be a
+    plain mean while the round record claims fairness weights); updates with no
     alignment_before, one out of [0, 1], or a NaN metric are refused as MALFORMED, each naming
     the metric, and none of them reaches the average."""
     bad = {
@@ -114,7 +120,7 @@ def test_updates_are_weighed_by_how_badly_the_model_served_their_group(tmp_path:
         "node-shape": {"loss": 0.5, ALIGNMENT_BEFORE: 1.5},
         "node-dtype": {"loss": math.nan, ALIGNMENT_BEFORE: 0.5},
     }
-    with serve(tmp_path, _settings()) as fed:
+    with serve(tmp_path, _settings(weighting)) as fed:
         nodes = {i: fed.node(i) for i in [*GOOD, *bad]}
         try:
             for i, n in nodes.items():
@@ -137,11 +143,12 @@ def test_updates_are_weighed_by_how_badly_the_model_served_their_group(tmp_path:
         finally:
             for n in nodes.values():
                 n.close()
-        weights = [EXAMPLES[i] * (1 - before) ** Q for i, before in GOOD.items()]
+        base = {i: 1 if weighting == "uniform" else EXAMPLES[i] for i in GOOD}
+        weights = [base[i] * (1 - before) ** Q for i, before in GOOD.items()]
         expected = weighted_average(updates, weights)
         assert_weights_close(fed.engine.state.weights, expected, "fairness-weighted average")
-        # FedAvg's weights would give a different model: the test can tell them apart
-        plain = weighted_average(updates, [EXAMPLES[i] for i in GOOD])
+        # the base weights alone would give a different model: the test can tell them apart
+        plain = weighted_average(updates, [base[i] for i in GOOD])
         assert not np.allclose(plain["embed.weight"], expected["embed.weight"], atol=1e-6)
         [record] = [
             json.loads(line)
