@@ -16,7 +16,7 @@ from pluralfed import pki, tls
 from pluralfed.cli import main
 from pluralfed.commands import certs
 from pluralfed.data import is_blank, load_survey, normalise_distribution
-from pluralfed.episodes import evaluation_context
+from pluralfed.episodes import evaluation_context, sample_episode
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.reward_server import Limits, parse_context
@@ -265,6 +265,32 @@ def test_library_rejects_negative_seed_and_context() -> None:
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         evaluation_context(items, 2, seed=-1)
     assert len(evaluation_context(items, 2, seed=3)) == 2
+
+
+def test_the_evaluation_context_is_distinct_train_questions_chosen_without_replacement() -> None:
+    """PROTOCOL.md's evaluation context is max_context of the group's TRAIN questions, in train
+    order, drawn with a fixed seed and without replacement: duplicates would drop questions from
+    the context and make the figures incomparable with the reference's."""
+    items = [random_item(np.random.default_rng(i), 2, f"q{i}") for i in range(10)]
+    for seed in range(5):
+        chosen = [e.item.question for e in evaluation_context(items, 4, seed=seed)]
+        reference = np.random.default_rng(seed).choice(10, 4, replace=False)
+        assert chosen == [f"q{i}" for i in sorted(reference)]
+        assert len(set(chosen)) == 4
+
+
+def test_episode_context_sizes_cover_both_ends_of_context_range() -> None:
+    """context_range and target_range are inclusive (the paper's sampling): both ends occur, and
+    an equal range (k, k) always gives k. An exclusive upper end never used the largest size and
+    made (k, k) an error."""
+    items = [random_item(np.random.default_rng(i), 2, f"q{i}") for i in range(10)]
+    rng = np.random.default_rng(0)
+    episodes = [sample_episode(items, rng, (2, 3), (1, 2)) for _ in range(100)]
+    assert {len(ep.context) for ep in episodes} == {2, 3}
+    assert {len(ep.targets) for ep in episodes} == {1, 2}
+    for _ in range(10):
+        ep = sample_episode(items, rng, (3, 3), (2, 2))
+        assert (len(ep.context), len(ep.targets)) == (3, 2)
 
 
 def test_seeds_torch_accepted_keep_their_weights_and_larger_ones_work() -> None:
