@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -490,6 +491,40 @@ def test_a_wall_clock_step_neither_ends_a_round_nor_expires_sessions(
     assert engine.completed_rounds() == 1
     engine.stop()
     driver.join(10)
+
+
+def test_a_session_silent_just_past_session_timeout_is_not_live_nor_selected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node silent for longer than session_timeout_s must neither count towards the quorum nor
+    be handed the next round (which would then wait for it). The engine's clock is frozen and
+    moved by hand: A is live at exactly the timeout and not 1 s (1.03 x) later."""
+    now = [time.monotonic()]
+    monkeypatch.setattr(rounds, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    settings = RoundSettings(rounds=1, min_nodes=1, eval_every=0, session_timeout_s=30)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    now[0] += 30.0
+    assert sorted(x.group for x in engine.live_sessions(Role.TRAIN)) == ["A", "B"]
+    engine.heartbeat(b.session_id, None)  # B keeps its session alive, A stays silent
+    now[0] += 1.0
+    assert [x.group for x in engine.live_sessions()] == ["B"]
+    assert [x.group for x in engine.live_sessions(Role.TRAIN)] == ["B"]
+
+    driver = start(engine)
+    try:
+        t = engine.next_task(b.session_id, None, 5)
+        assert t.kind == TaskKind.TRAIN
+        engine.accept_update(
+            b.session_id, None, t.task_id, t.round, 10, {}, replay_of(1), 80, t.model_version
+        )
+        wait_for(lambda: engine.completed_rounds() == 1)
+    finally:
+        engine.stop()
+        driver.join(10)
+    record = engine.state.history.first
+    assert record["selected"] == ["B"] and record["participants"] == ["B"], record
 
 
 def test_resuming_with_another_model_names_what_changed(tmp_path: Path) -> None:
