@@ -569,6 +569,28 @@ def test_float32_to_bfloat16_rounds_like_torch() -> None:
     )
 
 
+def test_float32_to_bfloat16_breaks_exact_ties_to_even_like_torch() -> None:
+    """A float32 halfway between two bfloat16 values (low 16 bits 0x8000) rounds to the even
+    one, as torch does; random values almost never hit a tie, so the tie rule needs its own
+    patterns. Rounding ties up would bias every bfloat16 model's weights by 1 ulp upwards."""
+    torch = pytest.importorskip("torch")
+    high = np.random.default_rng(2).integers(0, 0x7F80, size=200, dtype=np.uint32)  # finite
+    bits = np.concatenate(
+        [
+            np.array([0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000], np.uint32),
+            (high << 16) | 0x8000,  # ties, both parities of the upper half
+            ((high | 0x8000) << 16) | 0x8000,  # negative ties
+            (high << 16) | 0x7FFF,  # just under a tie
+            (high << 16) | 0x8001,  # just over a tie
+        ]
+    ).astype(np.uint32)
+    values = bits.view(np.float32)
+    ours = wire.float32_to_bfloat16(values)
+    np.testing.assert_array_equal(ours[:4], np.array([0x3F80, 0x3F82, 0xBF80, 0xBF82], np.uint16))
+    theirs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(ours, theirs)
+
+
 def test_save_and_load_tensors_keep_order_dtypes_and_metadata(tmp_path: Path) -> None:
     model = dict(reversed(list(sample_model().items())))  # an order safetensors would not keep
     path = tmp_path / "model.safetensors"
