@@ -113,6 +113,22 @@ def test_join_fields_are_checked(quiet: Federation, caplog: pytest.LogCaptureFix
     assert longest_log_line(caplog) < SHORT
 
 
+def test_a_join_speaking_another_protocol_version_is_refused(quiet: Federation) -> None:
+    """A node of another protocol version would misread tasks and updates: its Join is refused
+    (FAILED_PRECONDITION, naming both versions) and no session is made. Only the @slow
+    test_coordinator_auth checked this before."""
+    with quiet.node("node-good-a") as node:
+        for version in (0, PROTOCOL_VERSION + 1):
+            code, details = status(
+                node.stub.Join, join_request(protocol_version=version), timeout=30
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (version, code, details)
+            assert f"protocol version {version} is not supported" in details, details
+            assert f"speaks version {PROTOCOL_VERSION}" in details, details
+            assert not quiet.engine.live_sessions()
+        assert node.stub.Join(join_request(), timeout=30).session_id  # the control
+
+
 def test_huge_identifiers_are_refused_with_a_short_clear_status(
     quiet: Federation, caplog: pytest.LogCaptureFixture
 ) -> None:
