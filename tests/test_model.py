@@ -11,9 +11,9 @@ from scipy.stats import norm
 from tinymodel import CFG, DIM, random_item
 
 from pluralfed.data import SurveyItem
-from pluralfed.episodes import EmbeddedItem, Episode, make_batch
+from pluralfed.episodes import EmbeddedItem, Episode, make_batch, sample_episode
 from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax, upgrade_state_dict
-from pluralfed.training import build_model
+from pluralfed.training import LocalTrainer, TrainingSettings, build_model
 
 torch.set_num_threads(1)
 
@@ -142,6 +142,38 @@ def test_loss_gradient_flows_and_training_reduces_loss() -> None:
         loss.backward()
         opt.step()
     assert float(loss.detach()) < first - 0.5
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_each_local_step_is_one_plain_optimizer_step_on_its_own_episodes_loss(
+    optimizer: str,
+) -> None:
+    """LocalTrainer.step is one optimizer step on the loss of the episode it draws, nothing
+    more: its gradients are cleared each step. Gradients accumulated across steps would make
+    every step after the first move the model by the sum of all earlier gradients too."""
+    rng = np.random.default_rng(4)
+    items = [random_item(rng, int(rng.integers(2, 5)), f"q{i}") for i in range(12)]
+    settings = TrainingSettings(
+        learning_rate=1e-2, context_range=(3, 5), target_range=(2, 4), optimizer=optimizer
+    )
+    model = build_model(CFG, seed=0)
+    reference = build_model(CFG, seed=0)
+    trainer = LocalTrainer(model, settings, seed=5)
+    plain = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(
+        reference.parameters(), lr=settings.learning_rate
+    )
+    draws = np.random.default_rng(5)  # the trainer's episode stream
+    for _ in range(3):
+        loss = trainer.step([items])
+        episode = sample_episode(items, draws, settings.context_range, settings.target_range)
+        batch = make_batch([episode])
+        plain.zero_grad()
+        expected = gpo_loss(*reference(batch), batch)
+        expected.backward()
+        plain.step()
+        assert loss == pytest.approx(float(expected.detach()), rel=1e-6)
+        for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_question_softmax_matches_per_question_softmax() -> None:
