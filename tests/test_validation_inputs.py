@@ -129,8 +129,11 @@ def test_is_blank(text: str, blank: bool) -> None:
     assert is_blank(text) is blank
 
 
-def test_group_names_with_surrounding_spaces_still_load(tmp_path: Path) -> None:
-    assert list(load_survey(_csv(tmp_path, "{' A ': [1, 0]}")).groups) == [" A "]
+def test_group_names_with_surrounding_spaces_are_refused_not_blank(tmp_path: Path) -> None:
+    """Not blank (that check must not strip them away), but refused: " A " loaded as a group
+    of its own that no allow-list entry (which refuses such names) could ever name."""
+    with pytest.raises(InputError, match=r"s\.csv:2: group name ' A ' has leading or trailing"):
+        load_survey(_csv(tmp_path, "{' A ': [1, 0]}"))
 
 
 def test_csv_group_listed_twice_in_selections_rejected(tmp_path: Path) -> None:
