@@ -90,6 +90,7 @@ MAX_UNUSABLE_ROUNDS = 3
 RETRY_PAUSE_FIRST_S = 1.0
 RETRY_PAUSE_MAX_S = 60.0
 MAX_REPLACED_SESSIONS = 4096  # replaced session ids remembered, to tell their calls why
+STOPPING_POLL_S = 0.5  # how often a long poll looks whether its call was cancelled, once stopping
 
 
 @dataclass
@@ -577,7 +578,13 @@ class RoundEngine:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return TaskSpec(TaskKind.WAIT)
-                self._changed.wait(min(remaining, self.settings.heartbeat_interval_s))
+                # once stopping, look at `alive` every STOPPING_POLL_S: the server cancels the
+                # calls after stop()'s wake-up, and a poll asleep for a whole heartbeat interval
+                # held the process's exit (its thread pool is joined) for up to a minute
+                slice_s = (
+                    STOPPING_POLL_S if self._stop.is_set() else self.settings.heartbeat_interval_s
+                )
+                self._changed.wait(min(remaining, slice_s))
 
     def model_for(self, session_id: str, group: str | None, version: str) -> GlobalModel:
         """The current global model if `version` is current (or not given); its weights must

@@ -467,6 +467,30 @@ def test_a_session_waits_in_one_poll_at_a_time(tmp_path: Path) -> None:
     newer.join(15)
 
 
+def test_a_poll_whose_call_is_cancelled_after_stop_returns_soon(tmp_path: Path) -> None:
+    """At shutdown, stop() wakes the long polls while their calls are still open; the server
+    cancels the calls after. A poll then slept a whole heartbeat interval (here 30 s) before it
+    saw its call was gone, and the process's exit waited for its thread."""
+    settings = RoundSettings(rounds=1, min_nodes=2, eval_every=0, heartbeat_interval_s=30.0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")  # no quorum: the poll waits
+    connected = threading.Event()
+    connected.set()
+    answers: list[TaskKind] = []
+    poll = threading.Thread(
+        target=lambda: answers.append(
+            engine.next_task(s.session_id, None, 60.0, alive=connected.is_set).kind
+        )
+    )
+    poll.start()
+    time.sleep(0.3)  # it waits now (the test passes, only later, if it had not started yet)
+    engine.stop()  # the service's shutdown: the engine first ...
+    time.sleep(0.3)
+    connected.clear()  # ... then the server cancels the call
+    poll.join(10.0)  # STOPPING_POLL_S (0.5 s) after; it was the 30 s heartbeat interval
+    assert not poll.is_alive() and answers == [TaskKind.WAIT]
+
+
 def test_a_wall_clock_step_neither_ends_a_round_nor_expires_sessions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
