@@ -349,7 +349,11 @@ class StaleTransfers:
                     if self._watched.pop(token, None) is None:
                         continue
                     self.cancelled += 1
-                    context.cancel()  # its read (or send) fails at once: the slot is freed
+                    try:  # an error must not end the watch of every later stream either
+                        context.cancel()  # its read (or send) fails at once: the slot is freed
+                    except Exception:
+                        log.exception("cannot cancel the %s", what)
+                        continue
                 log.warning("%s cancelled: %s", what, why)
             time.sleep(self.poll_s)
 

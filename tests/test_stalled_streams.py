@@ -320,3 +320,36 @@ def test_evaluation_and_final_model_downloads_run_to_their_end(
         assert "cancelled" not in caplog.text
     finally:
         fed.close()
+
+
+class CancelCounted:
+    """A call's context whose cancel() raises the first time it is `broken`."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken, self.cancels = broken, 0
+
+    def cancel(self) -> None:
+        self.cancels += 1
+        if self.broken:
+            raise RuntimeError("cancel failed")
+
+
+def test_the_watch_threads_go_on_after_an_error_cutting_one_call() -> None:
+    """StreamDeadlines and StaleTransfers each cut calls from one thread, started once: an error
+    cutting one call ended that thread, and no later stalled stream was ever cut (its slot held
+    until the peer went away)."""
+    from pluralfed.transport import StreamDeadlines
+
+    deadlines = StreamDeadlines()
+    broken, fine = CancelCounted(broken=True), CancelCounted()
+    with deadlines.watch(broken, 0.0), deadlines.watch(fine, 0.05):  # type: ignore[arg-type]
+        wait_until(lambda: fine.cancels == 1, 10.0, "the later call's deadline cut")
+    assert broken.cancels == 1
+
+    engine = type("Engine", (), {"open_task_id": lambda self, session: "next task"})()
+    stale = server_module.StaleTransfers(engine, poll_s=0.01)  # type: ignore[arg-type]
+    broken, fine = CancelCounted(broken=True), CancelCounted()
+    with stale.watch(broken, "s1", "old task", "upload"):  # type: ignore[arg-type]
+        wait_until(lambda: broken.cancels == 1, 10.0, "the first stale call's cut")
+        with stale.watch(fine, "s2", "old task", "upload"):  # type: ignore[arg-type]
+            wait_until(lambda: fine.cancels == 1, 10.0, "the later stale call's cut")
