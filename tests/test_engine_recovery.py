@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -489,6 +490,52 @@ def test_a_poll_whose_call_is_cancelled_after_stop_returns_soon(tmp_path: Path) 
     connected.clear()  # ... then the server cancels the call
     poll.join(10.0)  # STOPPING_POLL_S (0.5 s) after; it was the 30 s heartbeat interval
     assert not poll.is_alive() and answers == [TaskKind.WAIT]
+
+
+def test_nodes_are_answered_while_a_round_is_checkpointed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round's close held the engine's lock while it averaged, hashed and wrote the model:
+    every node's call waited for the checkpoint (3.5 s with a 512 MB model, and past
+    session_timeout_s every session would expire at once). Now only publishing takes the lock,
+    and until then nodes see the model the checkpoint replaces."""
+    settings = RoundSettings(rounds=1, min_nodes=1, min_updates=1, eval_every=0, eval_timeout_s=1.0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    writing, release = threading.Event(), threading.Event()
+    real_save = rounds.save_state
+
+    def slow_save(*args: Any, **kwargs: Any) -> None:
+        if kwargs.get("record") is not None or len(args) > 3:  # the round's checkpoint
+            writing.set()
+            release.wait(30)
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(rounds, "save_state", slow_save)
+    other = engine.join("B", Role.EVALUATE_ONLY, 0, ENC, "t")
+    old_version = engine.model_version
+    driver = start(engine)
+    node = threading.Thread(target=serve, args=(engine,), daemon=True)
+    node.start()
+    try:
+        assert writing.wait(30), "the round was not checkpointed"
+        answered: list[tuple[int, bool]] = []
+        call = threading.Thread(
+            target=lambda: answered.append(engine.heartbeat(other.session_id, None))
+        )
+        call.start()
+        call.join(10.0)  # it waited for `release` before
+        assert answered == [(0, False)], "a heartbeat waited for the checkpoint"
+        assert engine.completed_rounds() == 0 and engine.model_version == old_version
+    finally:
+        release.set()
+    for _ in range(300):  # published once written
+        if engine.completed_rounds() == 1:
+            break
+        time.sleep(0.1)
+    assert engine.completed_rounds() == 1 and engine.model_version != old_version
+    node.join(30)  # the run ends: B's final evaluation is given up after eval_timeout_s
+    driver.join(30)
+    assert engine.done
 
 
 def test_a_wall_clock_step_neither_ends_a_round_nor_expires_sessions(
