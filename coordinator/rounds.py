@@ -131,6 +131,9 @@ class GlobalModel(NamedTuple):
     round: int  # completed rounds that made it
     weights: Mapping[str, np.ndarray]
     digest: bytes = b""  # digest_of(weights) when known: hashing a large model once is enough
+    # the task open when it was read ("" none): its download is of use while that one is, and
+    # read under the same lock, so a round closing in between cannot make it the next task's
+    task_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -602,6 +605,7 @@ class RoundEngine:
                 self.state.completed_rounds,
                 self.state.weights,
                 self.model_digest,
+                "" if self._task is None else self._task.task_id,
             )
 
     def check_update(

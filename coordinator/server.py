@@ -484,13 +484,12 @@ class FederationServicer(pb_grpc.FederationServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "a download of this node is already running: one at a time",
                 )
-            # of use while the task open now is (with none open, the final model: while the
-            # node is here), and only while its session lives
-            task_id = self.engine.open_task_id(request.session_id) or ""
+            # of use while the task open when the model was read is (with none open, the final
+            # model: while the node is here), and only while its session lives
             what = f"download of model {model.version} by {caller or request.session_id}"
             with (
                 self.deadlines.watch(context, self._transfer_seconds()),
-                self.stale.watch(context, request.session_id, task_id, what),
+                self.stale.watch(context, request.session_id, model.task_id, what),
             ):
                 if not self.download_slots.acquire(context.is_active):
                     log.info("download cancelled while waiting for a slot")

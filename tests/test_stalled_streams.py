@@ -18,11 +18,12 @@ import pytest
 from fedharness import HOST, FakeNode, reject_name, update_messages, wait_until
 
 import coordinator.server as server_module
-from coordinator.rounds import RoundEngine
+from coordinator.rounds import Role, RoundEngine, TaskKind
 from coordinator.server import StreamSlots, start_server
 from coordinator.settings import RoundSettings
 from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.transport import StreamDeadlines
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -338,8 +339,6 @@ def test_the_watch_threads_go_on_after_an_error_cutting_one_call() -> None:
     """StreamDeadlines and StaleTransfers each cut calls from one thread, started once: an error
     cutting one call ended that thread, and no later stalled stream was ever cut (its slot held
     until the peer went away)."""
-    from pluralfed.transport import StreamDeadlines
-
     deadlines = StreamDeadlines()
     broken, fine = CancelCounted(broken=True), CancelCounted()
     with deadlines.watch(broken, 0.0), deadlines.watch(fine, 0.05):  # type: ignore[arg-type]
@@ -353,3 +352,50 @@ def test_the_watch_threads_go_on_after_an_error_cutting_one_call() -> None:
         wait_until(lambda: broken.cancels == 1, 10.0, "the first stale call's cut")
         with stale.watch(fine, "s2", "old task", "upload"):  # type: ignore[arg-type]
             wait_until(lambda: fine.cancels == 1, 10.0, "the later stale call's cut")
+
+
+class FakeCall:
+    """The parts of a grpc.ServicerContext a download uses."""
+
+    def __init__(self) -> None:
+        self.active, self.cancelled = True, False
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def cancel(self) -> None:
+        self.cancelled, self.active = True, False
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def test_a_download_whose_round_closes_as_it_starts_is_cut(tmp_path: Path) -> None:
+    """The model and the task its download is of use for were read under two lock holds: a
+    round closing (and the next opening) between them left the closed round's download watched
+    against the new task, so it was never cut and ran on to its end, holding a slot."""
+    settings = RoundSettings(rounds=3, min_nodes=1, min_updates=1, round_timeout_s=60)
+    engine = RoundEngine(settings, {"w": np.zeros(1 << 16, np.float32)}, tmp_path, "e", {})
+    node = engine.join("A", Role.TRAIN, 10, "e", "t")
+    servicer = server_module.FederationServicer(engine, download_chunk_bytes=4096)
+    servicer._caller = lambda context: None  # type: ignore[method-assign]  # as insecure
+    servicer.stale.poll_s = 0.01
+    engine._open(TaskKind.TRAIN, [node], 60.0)  # what the driver does (no driver here)
+    task = engine.next_task(node.session_id, None, 1.0)
+    read_model = servicer._download_of
+
+    def round_closes_meanwhile(model: Any) -> Any:
+        with engine._changed:  # the driver closes the round at its deadline, opens the next
+            engine._task = None
+        engine._open(TaskKind.TRAIN, [node], 60.0)
+        return read_model(model)
+
+    servicer._download_of = round_closes_meanwhile  # type: ignore[method-assign]
+    call = FakeCall()
+    request = pb.DownloadModelRequest(session_id=node.session_id, model_version=task.model_version)
+    download = servicer.DownloadModel(request, call)  # type: ignore[arg-type]
+    next(download)  # the header: the watch is on
+    try:
+        wait_until(lambda: call.cancelled, 10.0, "the closed round's download cut")
+    finally:
+        download.close()
