@@ -106,6 +106,9 @@ class NodeSession:
     answered: set[str] = field(default_factory=set)  # task ids this session has answered
     polls: int = 0  # GetTask calls so far: a newer one ends the wait of an older one
     peer: str = ""  # the transport's name for where the node called from, for the logs
+    # what its long poll waits on (on the engine's lock): woken alone by what concerns it, a
+    # poll no longer wakes every other node's (with 200 nodes 6 ms of CPU a poll)
+    wakeup: threading.Condition | None = field(default=None, repr=False, compare=False)
 
     def mark_answered(self, task_id: str, open_task_id: str | None) -> None:
         """Only the open task's answer is ever looked up, so older ids go: a session may live
@@ -340,6 +343,7 @@ class RoundEngine:
         if s is not None and now - s.last_seen > self.settings.session_timeout_s:
             del self._sessions[session_id]
             self._changed.notify_all()
+            self._wake_polls([s])
             log.warning("session of %s expired (silent for %.0f s)", s.group, now - s.last_seen)
             s = None
         if s is None:
@@ -424,6 +428,7 @@ class RoundEngine:
             for old in replaced:  # a restarted node replaces its old session
                 del self._sessions[old.session_id]
                 self._note_replaced(old, session_id, peer, now)
+            self._wake_polls(replaced)  # an old session's poll ends
             session = NodeSession(
                 session_id=session_id,
                 group=group,
@@ -433,6 +438,7 @@ class RoundEngine:
                 joined_at=now,
                 last_seen=now,
                 peer=peer,
+                wakeup=threading.Condition(self._lock),
             )
             t = self._task
             for old in replaced:
@@ -518,6 +524,7 @@ class RoundEngine:
             if self._task is not None:
                 self._give_up_on(self._task, s, "left")
             self._changed.notify_all()
+            self._wake_polls([s])
         log.info("node %s left: %s", s.group, quoted(reason, MAX_REASON_TEXT))
 
     def _give_up_on(self, t: _OpenTask, s: NodeSession, outcome: str) -> bool:
@@ -556,7 +563,7 @@ class RoundEngine:
             s = self._session(session_id, group)  # the call itself shows the node is alive
             s.polls += 1
             mine = s.polls
-            self._changed.notify_all()  # an older poll of this session stops waiting
+            self._wake_polls([s])  # an older poll of this session stops waiting
             while True:
                 if alive is not None and not alive():
                     return TaskSpec(TaskKind.WAIT)  # nobody is listening any more
@@ -588,7 +595,7 @@ class RoundEngine:
                 slice_s = (
                     STOPPING_POLL_S if self._stop.is_set() else self.settings.heartbeat_interval_s
                 )
-                self._changed.wait(min(remaining, slice_s))
+                (s.wakeup or self._changed).wait(min(remaining, slice_s))
 
     def model_for(self, session_id: str, group: str | None, version: str) -> GlobalModel:
         """The current global model if `version` is current (or not given); its weights must
@@ -902,6 +909,14 @@ class RoundEngine:
         self._stop.set()
         with self._changed:
             self._changed.notify_all()
+            self._wake_polls()  # their calls are cut next: they look every STOPPING_POLL_S
+
+    def _wake_polls(self, sessions: Iterable[NodeSession] | None = None) -> None:
+        """Wake the long polls of `sessions` (default: every session's), with the lock held:
+        each waits on its own session's condition, woken only by what concerns it."""
+        for s in self._sessions.values() if sessions is None else sessions:
+            if s.wakeup is not None:
+                s.wakeup.notify_all()
 
     def run(self) -> None:
         """Drive rounds until the configured number completed (or stop()). Raises
@@ -914,6 +929,7 @@ class RoundEngine:
                 self._done = True  # finished before; whatever happened to the evaluation
                 self._task = None
                 self._changed.notify_all()
+                self._wake_polls()
             return
         fresh = self.state.completed_rounds == 0 and not self._has_eval(0)
         # (evaluating before anyone joined would evaluate nothing: wait for the quorum first)
@@ -955,6 +971,7 @@ class RoundEngine:
             self._done = finished and (self._has_eval(final) or not self._stop.is_set())
             self._task = None
             self._changed.notify_all()
+            self._wake_polls()
 
     def _evaluate_again(self) -> None:
         """Evaluate a finished run's final model again, once every group of its last evaluation
@@ -1176,6 +1193,7 @@ class RoundEngine:
         with self._changed:
             self._task = t
             self._changed.notify_all()
+            self._wake_polls()
         log.info(
             "%s round %d opened for %d nodes (deadline %.0f s)",
             kind.value,
@@ -1233,6 +1251,7 @@ class RoundEngine:
                 del t.selected[session_id]
                 t.selected[s.session_id] = group
                 self._changed.notify_all()
+                self._wake_polls([s])
                 return True
         return False
 

@@ -468,6 +468,49 @@ def test_a_session_waits_in_one_poll_at_a_time(tmp_path: Path) -> None:
     newer.join(15)
 
 
+def test_a_poll_wakes_no_other_nodes_poll(tmp_path: Path) -> None:
+    """Every poll woke every other node's waiting poll (one condition for everything): with
+    200 nodes each poll cost 6 ms of CPU, O(nodes²) per round. A poll wakes only its own
+    session's older poll; a task opening still wakes them all."""
+    settings = RoundSettings(rounds=1, min_nodes=9, eval_every=0, heartbeat_interval_s=30.0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    waiting = [engine.join(g, Role.TRAIN, 10, ENC, "t") for g in "ABCDE"]
+    busy = engine.join("F", Role.TRAIN, 10, ENC, "t")
+    looks = {s.session_id: 0 for s in waiting}  # how often each waiting poll woke to look
+    session_of = engine._session
+
+    def counted(session_id: str, group: str | None, touch: bool = True) -> Any:
+        if not touch and session_id in looks:
+            looks[session_id] += 1
+        return session_of(session_id, group, touch)
+
+    engine._session = counted  # type: ignore[method-assign]
+    answers: list[TaskKind] = []
+    connected = threading.Event()
+    connected.set()
+
+    def poll(session_id: str) -> None:
+        answers.append(engine.next_task(session_id, None, 60.0, alive=connected.is_set).kind)
+
+    polls = [threading.Thread(target=poll, args=(s.session_id,)) for s in waiting]
+    for thread in polls:
+        thread.start()
+    for _ in range(100):  # each waits once it has looked
+        if all(looks.values()):
+            break
+        time.sleep(0.05)
+    before = dict(looks)
+    for _ in range(20):  # F polls again and again (no quorum: nothing for it either)
+        assert engine.next_task(busy.session_id, None, 0.0).kind == TaskKind.WAIT
+    time.sleep(0.5)  # a woken poll looks once it has the lock again
+    assert looks == before, "F's polls woke the others"
+    engine.stop()
+    connected.clear()  # their calls are cut: they see it within STOPPING_POLL_S
+    for thread in polls:
+        thread.join(10.0)
+    assert answers == [TaskKind.WAIT] * 5
+
+
 def test_a_poll_whose_call_is_cancelled_after_stop_returns_soon(tmp_path: Path) -> None:
     """At shutdown, stop() wakes the long polls while their calls are still open; the server
     cancels the calls after. A poll then slept a whole heartbeat interval (here 30 s) before it
