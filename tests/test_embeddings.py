@@ -491,6 +491,24 @@ def test_cache_refuses_non_finite_vectors(tmp_path: Path) -> None:
     assert inner.calls == [["a"]]
 
 
+def test_cache_refuses_vectors_wider_than_the_encoder_says(tmp_path: Path) -> None:
+    """An inner encoder whose vectors do not have its declared width is refused at once: its
+    vectors are neither returned (a model would get inputs of the wrong width) nor stored."""
+
+    class WideEncoder(FakeEncoder):
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            return np.ones((len(texts), self.dim + 1), dtype=np.float32)
+
+    cached = CachedEncoder(WideEncoder(), tmp_path)
+    with pytest.raises(
+        ValueError, match=r"inner encoder returned shape \(2, 9\), expected \(2, 8\)"
+    ):
+        cached.encode(["a", "b"])
+    inner = FakeEncoder()  # same identity: nothing was stored
+    CachedEncoder(inner, tmp_path).encode(["a", "b"])
+    assert inner.calls == [["a", "b"]]
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_cache_drops_non_finite_rows_with_a_valid_crc(tmp_path: Path, bad: float) -> None:
     """The CRC only says the bytes are as written; a non-finite cached vector is corrupt too."""
