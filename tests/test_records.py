@@ -104,3 +104,22 @@ def test_an_evaluation_line_says_how_many_groups_of_each_set_it_covers() -> None
         "evaluation after round 10: training 0.7654 (worst 0.7000, FI 0.971)  "
         "held-out 0.7327 (worst 0.7327, FI 1.000)"
     )
+
+
+def test_a_run_without_held_out_groups_has_no_held_out_figure() -> None:
+    """A set with no group at all (a run that holds none out) is not named in the line: "none
+    of 0 groups" would read as if all of its groups had failed to report."""
+    all_reported = {
+        **EVALUATION,
+        "groups": ["Argentina", "Germany"],
+        "missing": [],
+        "missing_held_out": [],
+        "reports": {
+            "training groups (test questions)": {
+                "model": {"alignment": 0.76543, "worst": 0.7, "fairness": 0.9712, "num_groups": 2}
+            },
+        },
+    }
+    assert describe_record(all_reported) == (
+        "evaluation after round 10: training 0.7654 over 2 groups (worst 0.7000, FI 0.971)"
+    )
