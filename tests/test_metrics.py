@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
+from tinymodel import CFG, random_item
 
 from pluralfed.data import SurveyItem
-from pluralfed.evaluation import GroupEvaluation, summarize_groups
+from pluralfed.episodes import GroupSplit
+from pluralfed.evaluation import GroupEvaluation, evaluate_group, summarize_groups
 from pluralfed.metrics import alignment_score, group_prior, rounds_to_fraction, summarize
+from pluralfed.training import build_model
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -71,3 +74,24 @@ def test_context_gain_is_difference_of_means() -> None:
         GroupEvaluation.from_metrics("a", 10, {"model": 0.5})
     with pytest.raises(ValueError, match=r"not in \[0, 1\]"):
         GroupEvaluation.from_metrics("a", 10, {**evals[0].metrics(), "model": float("nan")})
+
+
+def test_evaluate_group_baselines_are_the_uniform_and_the_group_prior_predictions() -> None:
+    """The prior baseline predicts each test question by the mean answers of the group's TRAIN
+    questions with as many options, not the uniform distribution: reports compare the model
+    with both, and a prior equal to the uniform one would hide what the context adds."""
+    rng = np.random.default_rng(3)
+    train = [random_item(rng, 3, f"t{i}") for i in range(4)] + [random_item(rng, 2, "t4")]
+    test = [random_item(rng, 3, "q0"), random_item(rng, 3, "q1"), random_item(rng, 4, "q2")]
+    ev = evaluate_group(build_model(CFG, 0), GroupSplit("G", train=train, test=test))
+    truths = [t.item.distribution for t in test]
+    prior = [group_prior([e.item for e in train], t.num_options) for t in test]
+    uniform = [np.full(t.num_options, 1.0 / t.num_options) for t in test]
+    expected_prior = np.mean([alignment_score(p, q) for p, q in zip(prior, truths, strict=True)])
+    expected_uniform = np.mean(
+        [alignment_score(p, q) for p, q in zip(uniform, truths, strict=True)]
+    )
+    assert ev.group == "G" and ev.num_questions == 3
+    assert ev.prior_baseline == pytest.approx(expected_prior, abs=1e-12)
+    assert ev.uniform_baseline == pytest.approx(expected_uniform, abs=1e-12)
+    assert abs(ev.prior_baseline - ev.uniform_baseline) > 1e-3
