@@ -21,7 +21,7 @@ from test_engine_recovery import ENC, WEIGHTS, replay_of, serve, start
 from coordinator.rounds import NodeSession, Rejection, Role, RoundEngine, TaskKind, TaskSpec
 from coordinator.settings import RoundSettings
 from coordinator.state import STATE_FILE, STATE_VERSION
-from coordinator.validation import MAX_METRIC_NAME
+from coordinator.validation import MAX_METRIC_NAME, clipped
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
 
@@ -245,3 +245,13 @@ def test_a_state_of_another_version_is_refused(tmp_path: Path, version: object) 
     with pytest.raises(InputError, match="^" + re.escape(expected) + "$"):
         RoundEngine(SETTINGS, WEIGHTS, tmp_path, ENC, CONFIG)
     assert files_of(tmp_path) == before
+
+
+def test_a_clipped_reason_says_it_was_cut_and_how_long_it_was() -> None:
+    """A node's failure message kept in the round's outcomes is cut to its limit; the record
+    says so and gives its full length, so an operator does not take the cut text for all of it
+    (and control characters in it are escaped, not written into the log)."""
+    assert clipped("short", 10) == "short"
+    assert clipped("x" * 10, 10) == "x" * 10
+    assert clipped("y" * 25, 10) == "y" * 10 + "... (25 characters)"
+    assert clipped("a\nb", 10) == "a\\nb"
