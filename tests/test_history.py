@@ -12,9 +12,10 @@ import blake3
 import pytest
 
 import coordinator.history as history_module
+import coordinator.metrics_file as metrics_module
 from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from coordinator.metrics_file import MetricsFile
-from coordinator.state import RunState
+from coordinator.state import CheckpointError, RunState
 from pluralfed.errors import InputError
 
 
@@ -166,3 +167,43 @@ def test_an_evaluation_of_the_same_round_replaces_the_one_before(tmp_path: Path)
         log.append(evaluation(10))
     again = EvaluationLog.load(log.path, log.nbytes, log.digest(), tmp_path / "state.json")
     assert list(again.records()) == list(log.records()) and again.rounds == log.rounds
+
+
+def _rows(path: Path) -> list[tuple[int, str]]:
+    return [(r["round"], r["kind"]) for r in map(json.loads, path.read_bytes().splitlines())]
+
+
+def test_metrics_file_not_yet_checked_is_written_anew_not_appended_to(tmp_path: Path) -> None:
+    """A process's first write does not trust a metrics.jsonl it has not checked (one a crash or
+    another run left): appending to it would keep its stale or duplicate rows for good."""
+    history = written(tmp_path, [record(1), record(2)])
+    state = RunState("r", 2, {}, {}, "enc", history, EvaluationLog.create(tmp_path / "e.jsonl"))
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"kind": "round", "round": 1}\n{"kind": "round", "round": 7}\n')
+    MetricsFile(tmp_path, state).write({"kind": "round", **record(2)})
+    assert _rows(path) == [(1, "round"), (2, "round")]
+
+
+def test_a_metrics_row_that_cannot_be_made_durable_stops_the_run_and_is_mended_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An appended row is fsync'd like the checkpoint it follows; a failure there (a full disk)
+    is a CheckpointError, and the next write rebuilds the file from the state."""
+    history = written(tmp_path, [record(1)])
+    state = RunState("r", 1, {}, {}, "enc", history, EvaluationLog.create(tmp_path / "e.jsonl"))
+    metrics = MetricsFile(tmp_path, state)
+    metrics.write()  # first write: the file made from the state
+    history.append(record(2))
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics_module.os, "fsync", full)
+    with pytest.raises(CheckpointError, match=r"cannot write .*metrics\.jsonl: .*No space"):
+        metrics.write({"kind": "round", **record(2)})
+    monkeypatch.undo()
+    with metrics.path.open("ab") as f:
+        f.write(b'{"round": 2, "parti')  # what a failed write may leave
+    history.append(record(3))
+    metrics.write({"kind": "round", **record(3)})
+    assert _rows(metrics.path) == [(1, "round"), (2, "round"), (3, "round")]
