@@ -5,7 +5,10 @@ anywhere, so they make each call fail another way and check the wording with a s
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 from coordinator.service import lock_state_dir
 from pluralfed.embeddings import CachedEncoder
 from pluralfed.errors import InputError
-from pluralfed.fsutil import owner_hint
+from pluralfed.fsutil import atomic_write_bytes, atomic_write_chunks, owner_hint
 
 
 def test_the_hint_names_the_owner_and_this_process(
@@ -50,3 +53,28 @@ def test_an_embedding_cache_that_cannot_be_opened_is_one_clear_error(tmp_path: P
     with pytest.raises(InputError, match=r"cannot open the embedding cache .*uid") as err:
         cache.encode(["a question"])
     assert "PLURALFED_CACHE_DIR" in str(err.value)
+
+
+def test_an_atomic_write_gives_the_file_the_mode_asked_for(tmp_path: Path) -> None:
+    """The temp file an atomic write starts from is private (0600); the file it becomes has the
+    mode asked for: state.json and certificates readable by others (0644), keys not (0600)."""
+    atomic_write_bytes(tmp_path / "state.json", b"{}\n")
+    atomic_write_bytes(tmp_path / "key.pem", b"secret", mode=0o600)
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "key.pem").stat().st_mode) == 0o600
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """A write that fails halfway (a full disk) leaves the file as it was and takes its temp
+    file away: a run that keeps failing must not fill the disk with half-written copies."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b"old\n")
+
+    def chunks() -> Iterator[bytes]:
+        yield b"new, half"
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_chunks(path, chunks())
+    assert path.read_bytes() == b"old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
