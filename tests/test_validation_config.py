@@ -407,6 +407,23 @@ def test_round_settings_made_in_code_get_the_configs_checks(
     assert err.value.key == key
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"context_range": (5, 5), "target_range": (1, 1)},  # a fixed size: low == high
+        {"eval_every": 0},  # only at the end
+        {"min_nodes": 3, "min_updates": 3},  # every node's update needed
+        {"embedding_noise": 0.0, "fairness_q": 0.0, "seed": 0},
+        {"heartbeat_interval_s": 10.0, "session_timeout_s": 10.5},
+    ],
+)
+def test_round_settings_at_the_edge_of_their_ranges_are_taken(changes: dict[str, Any]) -> None:
+    """The limits refuse what no run could use and nothing more: each bound is a setting a run
+    can be made with (a check one step too strict refuses a valid config at load)."""
+    settings = RoundSettings(**changes)
+    assert all(getattr(settings, k) == v for k, v in changes.items())
+
+
 def test_server_optimizer_names_are_taken_in_any_case() -> None:
     assert RoundSettings(server_optimizer="FedAdam").server_optimizer == "FedAdam"
     with pytest.raises(ConfigValueError, match="must be one of examples, uniform, got 'Uniform'"):
