@@ -9,7 +9,12 @@ from tinymodel import CFG, random_item
 
 from pluralfed.data import SurveyItem
 from pluralfed.episodes import GroupSplit
-from pluralfed.evaluation import GroupEvaluation, evaluate_group, summarize_groups
+from pluralfed.evaluation import (
+    GroupEvaluation,
+    evaluate_group,
+    predict_targets,
+    summarize_groups,
+)
 from pluralfed.metrics import alignment_score, group_prior, rounds_to_fraction, summarize
 from pluralfed.training import build_model
 
@@ -95,3 +100,16 @@ def test_evaluate_group_baselines_are_the_uniform_and_the_group_prior_prediction
     assert ev.prior_baseline == pytest.approx(expected_prior, abs=1e-12)
     assert ev.uniform_baseline == pytest.approx(expected_uniform, abs=1e-12)
     assert abs(ev.prior_baseline - ev.uniform_baseline) > 1e-3
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_prediction_leaves_the_model_in_the_mode_it_found_it(training: bool) -> None:
+    """Predictions run in eval mode (no dropout); the model is then put back as it was: a
+    reward model held in eval mode must not be left training (dropout on) by its first score,
+    nor a model being trained left in eval mode by an evaluation between its steps."""
+    rng = np.random.default_rng(0)
+    model = build_model(CFG, 0)
+    model.train(training)
+    context, targets = [random_item(rng, 3, "c")], [random_item(rng, 2, "t")]
+    preds = predict_targets(model, context, targets)
+    assert [p.shape for p in preds] == [(2,)] and model.training is training
