@@ -22,6 +22,7 @@ import pytest
 from fedharness import HOST, FakeNode, Pki, reject_name, rpc_error, update_messages, wait_until
 
 import pluralfed.auth as auth_module
+import pluralfed.logthrottle as logthrottle_module
 from coordinator.rounds import Rejection, Role, RoundEngine
 from coordinator.server import (
     MAX_CALLS_PER_NODE,
@@ -36,6 +37,7 @@ from pluralfed import tls
 from pluralfed.auth import AllowList, RefusalLog
 from pluralfed.config import ConfigValueError, load_config
 from pluralfed.errors import InputError
+from pluralfed.logthrottle import LogThrottle
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
 from pluralfed.tls import TlsFiles
@@ -288,6 +290,33 @@ def test_repeated_refusals_are_logged_once_a_minute(caplog: pytest.LogCaptureFix
     assert "identity=node-r" in lines[0] and "more like it" not in lines[0]
     assert "identity=node-s" in lines[1]
     assert "(999 more like it in the last" in lines[2]
+
+
+def test_a_line_repeated_without_pause_is_still_logged_once_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The minute counts from the last line logged, not from the last one left out: a client
+    refused several times a minute for hours is still seen once a minute, with how many of its
+    lines were left out (on a clock the test moves, so no sleep and no timing)."""
+    clock = [1000.0]
+    monkeypatch.setattr(
+        logthrottle_module, "time", type("Clock", (), {"monotonic": lambda: clock[0]})
+    )
+    throttle = LogThrottle(interval_s=60.0)
+    said: list[tuple[float, str | None]] = []
+    for at in (0.0, 30.0, 59.0, 61.0, 100.0, 120.0, 121.0):
+        clock[0] = 1000.0 + at
+        said.append((at, throttle.admit("node-r")))
+    assert said == [
+        (0.0, ""),
+        (30.0, None),
+        (59.0, None),
+        (61.0, " (2 more like it in the last 61 s)"),
+        (100.0, None),
+        (120.0, None),
+        (121.0, " (2 more like it in the last 60 s)"),
+    ]
+    assert throttle.admit("node-s") == ""  # each key has its own minute
 
 
 def no_request(release: threading.Event) -> Iterator[bytes]:
