@@ -219,6 +219,18 @@ def test_context_memory_settings_are_validated(world: dict) -> None:
         RewardModel.from_checkpoint(world["ckpt"], memory={"memory_wieght": 0.5})
 
 
+@pytest.mark.parametrize("max_context", [0, MAX_CONTEXT_ITEMS + 1])
+def test_a_context_longer_than_the_protocols_is_refused(
+    world: dict, session_cache_dir: Path, max_context: int
+) -> None:
+    """A reward model conditions on at most the protocol's evaluation context (90 items), as the
+    checkpoint was evaluated: a longer one would score with contexts the model never saw."""
+    with pytest.raises(InputError, match=rf"max_context must be 1\.\.90, got {max_context}"):
+        RewardModel.from_checkpoint(
+            world["ckpt"], cache_dir=session_cache_dir, max_context=max_context
+        )
+
+
 def test_held_groups_use_train_questions_only(rm: RewardModel, world: dict) -> None:
     for g in world["groups"]:
         held = rm.group(g)
