@@ -660,6 +660,37 @@ def test_a_checkpoint_that_fails_after_its_rename_keeps_the_files_it_names(
     assert state is not None and state.completed_rounds == 1
 
 
+def test_a_failed_checkpoint_whose_state_json_cannot_be_read_back_deletes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, and state.json cannot even be read to see what it names (out of file handles,
+    EIO): then no file may be taken for unnamed, or the weights of the checkpoint on disk go."""
+    settings = RoundSettings(rounds=2, eval_every=0, server_optimizer="fedadam")
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    real_fsync, real_read_bytes = os.fsync, Path.read_bytes
+    broken = [False]
+
+    def read_bytes(path: Path) -> bytes:
+        if broken[0] and path.name == STATE_FILE:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_read_bytes(path)
+
+    def fsync(fd: int) -> None:  # the folder's, once state.json says round 1
+        named = json.loads(real_read_bytes(tmp_path / STATE_FILE))["completed_rounds"]
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and named == 1:
+            broken[0] = True
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    failed = first_round_failures(engine)
+    monkeypatch.undo()
+    assert len(failed) == 1 and isinstance(failed[0], CheckpointError) and broken[0]
+    state = load_state(tmp_path)
+    assert state is not None and state.completed_rounds == 1
+
+
 def fake_encoder(_name: str) -> SimpleNamespace:
     return SimpleNamespace(dim=16, identity="fake-encoder")
 
