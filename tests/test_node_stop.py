@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -295,3 +296,41 @@ def test_node_check_names_an_expired_certificate(
     err = capsys.readouterr().err
     assert "FAILED: UNAVAILABLE" in err
     assert f"meaning: this node's certificate {folder / CERT_FILE} has expired" in err
+
+
+class NoWait(threading.Event):
+    """A stop event whose waits return at once, moving the test's clock on by what they waited."""
+
+    def __init__(self, clock: list[float]) -> None:
+        super().__init__()
+        self.clock, self.waits = clock, []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        assert timeout is not None
+        self.waits.append(round(timeout, 6))
+        self.clock[0] += timeout
+        if len(self.waits) > 20:  # a node that never gives up: stopped, the test fails at once
+            self.set()
+        return self.is_set()
+
+
+def test_retries_of_an_unreachable_coordinator_back_off_to_a_cap_and_stop_at_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pause between joins doubles up to backoff_max_s (a node down for a day still tries
+    every few seconds once it is back, not once a week), and the last pause ends exactly at
+    give_up_after_s, when the node tries once more and gives up (exit 1). On a clock the waits
+    move, with the random jitter fixed at 1x: no sleeping, no timing."""
+    clock = [1000.0]
+    fake_time = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
+    monkeypatch.setattr(
+        node_module, "time", SimpleNamespace(**{**fake_time, "monotonic": lambda: clock[0]})
+    )
+    monkeypatch.setattr(node_module, "random", SimpleNamespace(random=lambda: 0.5))
+    config = node_config(
+        free_port(), tmp_path, backoff_initial_s=1.0, backoff_max_s=4.0, give_up_after_s=30.0
+    )
+    node = GroupNode(config, worker())
+    node._stop = stop = NoWait(clock)
+    assert node.run() == 1
+    assert stop.waits == [1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.0]  # 27 s, then the last 3
