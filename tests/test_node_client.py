@@ -1,4 +1,5 @@
-"""NodeClient's channel handling against gRPC's own threads (no coordinator needed)."""
+"""NodeClient's channel handling against gRPC's own threads (no coordinator needed), and how
+it puts a coordinator's error details in a log line."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import grpc
 import grpc._channel
 import pytest
 
-from group_node.client import close_channel
+from group_node.client import MAX_DETAILS_CHARS, close_channel, shortened
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -69,3 +70,12 @@ def test_closing_a_watched_channel_leaves_no_traceback_in_grpcs_poller(
     time.sleep(0.6)  # the poller wakes and watches again
     assert errors == []
     assert grpc.ChannelConnectivity.READY in states  # the subscription did follow the channel
+
+
+def test_details_for_a_log_line_are_one_line_of_at_most_the_limit() -> None:
+    """A coordinator's error details go into the node's log lines: whitespace and newlines
+    made single spaces, and a long text cut to the limit itself, the ellipsis included."""
+    assert shortened("a\n  b\tc") == "a b c"
+    assert shortened("x" * MAX_DETAILS_CHARS) == "x" * MAX_DETAILS_CHARS
+    cut = shortened("y" * (MAX_DETAILS_CHARS + 50))
+    assert len(cut) == MAX_DETAILS_CHARS and cut.endswith("y…")
