@@ -334,3 +334,35 @@ def test_retries_of_an_unreachable_coordinator_back_off_to_a_cap_and_stop_at_the
     node._stop = stop = NoWait(clock)
     assert node.run() == 1
     assert stop.waits == [1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.0]  # 27 s, then the last 3
+
+
+def test_a_node_that_joined_starts_its_next_retries_from_the_initial_back_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A join that succeeds resets the back-off: a coordinator restarted later finds its nodes
+    back within backoff_initial_s, not after the longest pause an earlier outage grew to (and
+    give_up_after_s counts from the new outage). The fourth join succeeds, its session ends at
+    once, and the coordinator is unreachable from then on."""
+    clock = [1000.0]
+    fake_time = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
+    monkeypatch.setattr(
+        node_module, "time", SimpleNamespace(**{**fake_time, "monotonic": lambda: clock[0]})
+    )
+    monkeypatch.setattr(node_module, "random", SimpleNamespace(random=lambda: 0.5))
+    config = node_config(
+        free_port(), tmp_path, backoff_initial_s=1.0, backoff_max_s=4.0, give_up_after_s=30.0
+    )
+    node = GroupNode(config, worker())
+    node._stop = stop = NoWait(clock)
+    real_join, joins = node._join, [0]
+
+    def join() -> None:
+        joins[0] += 1
+        if joins[0] != 4:
+            real_join()  # a closed port: UNAVAILABLE
+
+    monkeypatch.setattr(node, "_join", join)
+    monkeypatch.setattr(node, "_serve_tasks", lambda: False)  # the session ended: join again
+    assert node.run() == 1
+    # 1, 2, 4 before the join that succeeded; then from 1 again, and 30 s after that outage began
+    assert stop.waits == [1.0, 2.0, 4.0, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.0]
