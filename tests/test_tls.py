@@ -78,6 +78,13 @@ def test_create_ca(pki: Path) -> None:
     assert not list((pki / "ca").glob(".*tmp")), "temporary files left behind"
 
 
+def test_the_ca_may_sign_only_leaf_certificates(pki: Path) -> None:
+    """The CA's BasicConstraints, critical, allow no CA below it (path length 0): a CA
+    certificate issued from it by mistake would not be trusted to issue node certificates."""
+    ext = load_cert(pki / "ca" / "ca.pem").extensions.get_extension_for_class(x509.BasicConstraints)
+    assert ext.critical and ext.value.ca and ext.value.path_length == 0
+
+
 def test_create_ca_refuses_to_overwrite(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     create_ca(tmp_path)
     key_before = (tmp_path / "ca.key").read_bytes()
@@ -185,6 +192,25 @@ def test_backdated_issuance(pki: Path, tmp_path: Path) -> None:
     assert abs(cert.not_valid_after_utc - end) < dt.timedelta(seconds=1)
     with pytest.raises(InputError, match="not after"):
         issue_node_cert(pki / "ca", tmp_path / "x", "x", not_before=end, not_after=start)
+
+
+def test_a_validity_that_ends_as_it_starts_is_refused(pki: Path, tmp_path: Path) -> None:
+    """not_after must be after not_before: a certificate valid for no time at all would be
+    written and then refused by every peer, with "expired" as the only clue."""
+    with pytest.raises(InputError, match="is not after"):
+        issue_node_cert(pki / "ca", tmp_path, "n", not_before=NOW, not_after=NOW)
+    assert not (tmp_path / "cert.pem").exists()
+
+
+def test_a_server_name_given_twice_is_in_the_certificate_once(pki: Path, tmp_path: Path) -> None:
+    """SANs are compared as parsed (DNS names in lower case): `--san localhost --san LOCALHOST`
+    gives one name, not a certificate listing it twice."""
+    issue_server_cert(
+        pki / "ca", tmp_path, "coordinator", ["localhost", "LOCALHOST", "127.0.0.1", "127.0.0.1"]
+    )
+    names = sans(load_cert(tmp_path / "cert.pem"))
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
 
 def test_leaf_does_not_outlive_ca(tmp_path: Path) -> None:
