@@ -229,6 +229,27 @@ def test_batch_size_and_order_do_not_change_vectors(encoder: HFTextEncoder) -> N
         encoder.batch_size = old
 
 
+def test_texts_are_cut_at_max_length_tokens() -> None:
+    """max_length, which the identity (and so the cache key) names, is where texts are cut:
+    two texts that differ only past it get one vector, texts that differ before it do not."""
+    short = default_encoder(max_length=8, show_progress=False)
+    start = "How much do you trust the national government of"
+    a, b = short.encode([f"{start} France today?", f"{start} Brazil in the eighties?"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    c, d = short.encode(["Trust in France?", "Trust in Brazil?"])
+    assert not np.allclose(c, d, atol=1e-3)
+
+
+@pytest.mark.parametrize(("setting", "value"), [("batch_size", 0), ("max_length", 1)])
+def test_encoder_settings_no_encode_could_use_are_refused_when_made(
+    setting: str, value: int
+) -> None:
+    """A batch size of 0 (or a max_length leaving no room for a token) is an InputError naming
+    the setting when the encoder is made, not an error of range() at the first encode."""
+    with pytest.raises(InputError, match=rf"^{setting} must be >= "):
+        default_encoder(show_progress=False, **{setting: value})
+
+
 def test_encode_edge_cases(encoder: HFTextEncoder) -> None:
     assert encoder.encode([]).shape == (0, 384)
     with pytest.raises(TypeError):
