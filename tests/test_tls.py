@@ -85,6 +85,27 @@ def test_the_ca_may_sign_only_leaf_certificates(pki: Path) -> None:
     assert ext.critical and ext.value.ca and ext.value.path_length == 0
 
 
+@pytest.mark.parametrize(
+    ("cert_file", "signs"),
+    [("ca/ca.pem", True), ("server/cert.pem", False), ("node-a/cert.pem", False)],
+)
+def test_key_usage_is_signing_certificates_and_crls_for_the_ca_and_handshakes_for_leaves(
+    pki: Path, cert_file: str, signs: bool
+) -> None:
+    """The CA's key signs certificates and revocation lists (a verifier that checks cRLSign
+    would refuse every CRL of a CA without it); a leaf's key only signs handshakes (a leaf
+    claiming keyCertSign is refused by strict TLS stacks, RFC 5280 4.2.1.3)."""
+    ext = load_cert(pki / cert_file).extensions.get_extension_for_class(x509.KeyUsage)
+    usage = ext.value
+    assert ext.critical
+    assert (usage.key_cert_sign, usage.crl_sign, usage.digital_signature) == (
+        signs,
+        signs,
+        not signs,
+    )
+    assert not (usage.key_encipherment or usage.content_commitment or usage.key_agreement)
+
+
 def test_create_ca_refuses_to_overwrite(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     create_ca(tmp_path)
     key_before = (tmp_path / "ca.key").read_bytes()
