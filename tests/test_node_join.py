@@ -2,7 +2,8 @@
 gRPC server on 127.0.0.1, plain text) that answers Join with a chosen max_chunk_bytes: the node
 cuts its uploads to it, uses the protocol's default when the coordinator leaves it unset, and
 refuses to go on, saying what is wrong, when the value is out of range. And a TRAIN task
-with bad settings: refused once, with the field named, and not asked for again in a tight loop."""
+with bad settings: refused once, with the field named, and not asked for again in a tight loop.
+And the task an upload or an evaluation report names: the one it was made for."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from fedharness import stand_in_coordinator
 
@@ -44,6 +46,18 @@ class JoinOnly(pb_grpc.FederationServicer):
             protocol_version=PROTOCOL_VERSION,
             max_chunk_bytes=self.max_chunk_bytes,
         )
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        self.headers = [c.header for c in request_iterator if c.WhichOneof("part") == "header"]
+        return pb.UploadReply(accepted=True)
+
+    def ReportEvaluation(
+        self, request: pb.EvaluationReport, context: grpc.ServicerContext
+    ) -> pb.Ack:
+        self.report = request
+        return pb.Ack()
 
 
 @pytest.fixture
@@ -246,3 +260,26 @@ def test_transfer_timeouts_follow_the_tasks_time_budget_not_the_coordinators_clo
         )
     finally:
         node.client.close()
+
+
+def test_an_upload_and_a_report_answer_the_task_they_were_made_for(
+    coordinator: tuple[JoinOnly, int], tmp_path: Path
+) -> None:
+    """The coordinator matches an update or an evaluation to its task by the task id, round and
+    the model version it was made from: the node sends those of the task it was given."""
+    servicer, port = coordinator
+    node = client(port, tmp_path)
+    task = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="t-7", round=7, model_version="v6")
+    try:
+        node.join(10, "enc")
+        weights = {"w": np.zeros(3, dtype=np.float32)}
+        assert node.upload(task, weights, 10, {"loss": 0.5}, timeout=10).accepted
+        node.report(task, "G", {"model": 0.7}, 4)
+    finally:
+        node.close()
+    (header,) = servicer.headers
+    assert (header.session_id, header.task_id, header.round) == ("s-1", "t-7", 7)
+    assert (header.base_model_version, header.num_examples) == ("v6", 10)
+    report = servicer.report
+    assert (report.session_id, report.task_id, report.round) == ("s-1", "t-7", 7)
+    assert (report.group, report.model_version, report.metrics.num_questions) == ("G", "v6", 4)
