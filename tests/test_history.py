@@ -207,3 +207,22 @@ def test_a_metrics_row_that_cannot_be_made_durable_stops_the_run_and_is_mended_n
     history.append(record(3))
     metrics.write({"kind": "round", **record(3)})
     assert _rows(metrics.path) == [(1, "round"), (2, "round"), (3, "round")]
+
+
+def test_a_stale_metrics_file_is_emptied_by_a_start_with_no_records(tmp_path: Path) -> None:
+    """A start that has no record yet still mends a metrics.jsonl it finds (an earlier run's):
+    its rows are not this run's. Without a file and without records, none is made."""
+    state = RunState(
+        "r",
+        0,
+        {},
+        {},
+        "enc",
+        RoundHistory.create(tmp_path / HISTORY_FILE),
+        EvaluationLog.create(tmp_path / EVALUATIONS_FILE),
+    )
+    MetricsFile(tmp_path, state).mend()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"kind": "round", "round": 1}\n')
+    MetricsFile(tmp_path, state).mend()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == b""

@@ -123,3 +123,19 @@ def test_a_run_without_held_out_groups_has_no_held_out_figure() -> None:
     assert describe_record(all_reported) == (
         "evaluation after round 10: training 0.7654 over 2 groups (worst 0.7000, FI 0.971)"
     )
+
+
+def test_one_group_is_one_group() -> None:
+    """ "over 1 group", not "over 1 groups": the line is read by people."""
+    one = {
+        **EVALUATION,
+        "missing": [],
+        "missing_held_out": [],
+        "reports": {
+            "held-out groups": {"model": {"alignment": 0.75, "worst": 0.75, "num_groups": 1}}
+        },
+    }
+    assert (
+        describe_record(one)
+        == "evaluation after round 10: held-out 0.7500 over 1 group (worst 0.7500)"
+    )
