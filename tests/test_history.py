@@ -226,3 +226,13 @@ def test_a_stale_metrics_file_is_emptied_by_a_start_with_no_records(tmp_path: Pa
     (tmp_path / "metrics.jsonl").write_bytes(b'{"kind": "round", "round": 1}\n')
     MetricsFile(tmp_path, state).mend()
     assert (tmp_path / "metrics.jsonl").read_bytes() == b""
+
+
+def test_an_evaluation_of_a_negative_round_is_refused(tmp_path: Path) -> None:
+    """Round 0 is the evaluation before training; there is nothing before it: a record of a
+    round before it is refused."""
+    log = EvaluationLog.create(tmp_path / EVALUATIONS_FILE)
+    with pytest.raises(ValueError, match="is of round -1"):
+        log.append(evaluation(-1))
+    log.append(evaluation(0))
+    assert [e["round"] for e in log.records()] == [0]
