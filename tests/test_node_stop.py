@@ -366,3 +366,32 @@ def test_a_node_that_joined_starts_its_next_retries_from_the_initial_back_off(
     assert node.run() == 1
     # 1, 2, 4 before the join that succeeded; then from 1 again, and 30 s after that outage began
     assert stop.waits == [1.0, 2.0, 4.0, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.0]
+
+
+class WaitsLong(StandIn):
+    """Answers the first GetTask with WAIT for an hour, the next with SHUTDOWN."""
+
+    def __init__(self) -> None:
+        super().__init__(json.dumps(SMALL.to_dict()), model_messages(small_weights()))
+        self.asked = 0
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        self.asked += 1
+        if self.asked > 1:
+            return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+        task = pb.Task(kind=pb.TASK_KIND_WAIT)
+        task.retry_after.FromSeconds(3600)
+        return task
+
+
+def test_a_wait_longer_than_a_minute_is_cut_to_a_minute(tmp_path: Path) -> None:
+    """A WAIT's retry_after is honoured up to MAX_RETRY_AFTER_S (60 s), then the node asks
+    anyway: a faulty coordinator's "come back in an hour" must not leave a node deaf to a round
+    that opens meanwhile (its waits return at once here; no sleeping)."""
+    servicer = WaitsLong()
+    with stand_in_coordinator(servicer) as port:
+        node = GroupNode(node_config(port, tmp_path), worker())
+        node._stop = stop = NoWait([0.0])
+        assert node.run() == 0
+    assert stop.waits == [node_module.MAX_RETRY_AFTER_S] == [60.0]
+    assert servicer.asked == 2
