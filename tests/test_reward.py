@@ -248,6 +248,18 @@ def test_long_context_is_cut_to_90_like_the_protocol(rm: RewardModel) -> None:
     assert [e.item.question for e in ctx.items] == [it.question for it in protocol_context(items)]
 
 
+def test_the_context_sample_follows_context_seed(world: dict, session_cache_dir: Path) -> None:
+    """context_seed picks which 90 of a longer context are used, as PROTOCOL.md's sample with
+    that seed: another seed, another sample (to score with several samples of a group)."""
+    items = [
+        SurveyItem(f"Question number {i}?", ("Yes", "No"), np.array([0.3, 0.7])) for i in range(120)
+    ]
+    model = RewardModel.from_checkpoint(world["ckpt"], cache_dir=session_cache_dir, context_seed=7)
+    chosen = [e.item.question for e in model.context(items).items]
+    assert chosen == [it.question for it in protocol_context(items, 90, 7)]
+    assert chosen != [it.question for it in protocol_context(items, 90, 0)]
+
+
 @pytest.mark.parametrize(
     ("question", "answers", "message"),
     [
