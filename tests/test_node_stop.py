@@ -395,3 +395,28 @@ def test_a_wait_longer_than_a_minute_is_cut_to_a_minute(tmp_path: Path) -> None:
         assert node.run() == 0
     assert stop.waits == [node_module.MAX_RETRY_AFTER_S] == [60.0]
     assert servicer.asked == 2
+
+
+def test_a_node_replaced_three_times_in_ten_minutes_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes with one certificate take each other's session for ever: the third
+    replacement within REPLACEMENT_WINDOW_S (600 s) stops the node; replacements further apart
+    (a node restarted now and then) never do. On a clock the test sets."""
+    clock = [1000.0]
+    fake_time = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
+    monkeypatch.setattr(
+        node_module, "time", SimpleNamespace(**{**fake_time, "monotonic": lambda: clock[0]})
+    )
+
+    def replaced_at(node: GroupNode, *moments: float) -> list[bool]:
+        stops = []
+        for at in moments:
+            clock[0] = 1000.0 + at
+            stops.append(node._replaced_again("replaced by a Join from ipv4:10.0.0.9:4000"))
+        return stops
+
+    node = GroupNode(node_config(free_port(), tmp_path), worker())
+    assert replaced_at(node, 0.0, 100.0, 200.0) == [False, False, True]
+    node = GroupNode(node_config(free_port(), tmp_path), worker())
+    assert replaced_at(node, 0.0, 400.0, 700.0, 1200.0, 1250.0) == [False] * 4 + [True]
