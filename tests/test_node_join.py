@@ -22,6 +22,7 @@ from fedharness import stand_in_coordinator
 from group_node.client import NodeClient
 from group_node.config import NodeConfig
 from group_node.node import REFUSED_TASK_POLL_S, GroupNode
+from pluralfed import protocol
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
@@ -283,3 +284,17 @@ def test_an_upload_and_a_report_answer_the_task_they_were_made_for(
     report = servicer.report
     assert (report.session_id, report.task_id, report.round) == ("s-1", "t-7", 7)
     assert (report.group, report.model_version, report.metrics.num_questions) == ("G", "v6", 4)
+
+
+def test_a_join_reply_without_a_heartbeat_interval_gets_the_protocols_shortest(
+    coordinator: tuple[JoinOnly, int], tmp_path: Path
+) -> None:
+    """A coordinator that sends no interval (0, or one below the protocol's shortest) must not
+    make the node send heartbeats in a tight loop: the interval is at least MIN_HEARTBEAT_S."""
+    _servicer, port = coordinator
+    node = client(port, tmp_path)
+    try:
+        node.join(10, "enc")
+        assert node.heartbeat_interval_s == protocol.MIN_HEARTBEAT_S > 0
+    finally:
+        node.close()
