@@ -314,6 +314,17 @@ class NoWait(threading.Event):
         return self.is_set()
 
 
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The node's monotonic clock, as a list a NoWait moves on; its back-off jitter fixed at 1x."""
+    clock = [1000.0]
+    fake_time = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
+    monkeypatch.setattr(
+        node_module, "time", SimpleNamespace(**{**fake_time, "monotonic": lambda: clock[0]})
+    )
+    monkeypatch.setattr(node_module, "random", SimpleNamespace(random=lambda: 0.5))
+    return clock
+
+
 def test_retries_of_an_unreachable_coordinator_back_off_to_a_cap_and_stop_at_the_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,12 +332,7 @@ def test_retries_of_an_unreachable_coordinator_back_off_to_a_cap_and_stop_at_the
     every few seconds once it is back, not once a week), and the last pause ends exactly at
     give_up_after_s, when the node tries once more and gives up (exit 1). On a clock the waits
     move, with the random jitter fixed at 1x: no sleeping, no timing."""
-    clock = [1000.0]
-    fake_time = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
-    monkeypatch.setattr(
-        node_module, "time", SimpleNamespace(**{**fake_time, "monotonic": lambda: clock[0]})
-    )
-    monkeypatch.setattr(node_module, "random", SimpleNamespace(random=lambda: 0.5))
+    clock = fake_clock(monkeypatch)
     config = node_config(
         free_port(), tmp_path, backoff_initial_s=1.0, backoff_max_s=4.0, give_up_after_s=30.0
     )
@@ -343,12 +349,7 @@ def test_a_node_that_joined_starts_its_next_retries_from_the_initial_back_off(
     back within backoff_initial_s, not after the longest pause an earlier outage grew to (and
     give_up_after_s counts from the new outage). The fourth join succeeds, its session ends at
     once, and the coordinator is unreachable from then on."""
-    clock = [1000.0]
-    fake_time = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
-    monkeypatch.setattr(
-        node_module, "time", SimpleNamespace(**{**fake_time, "monotonic": lambda: clock[0]})
-    )
-    monkeypatch.setattr(node_module, "random", SimpleNamespace(random=lambda: 0.5))
+    clock = fake_clock(monkeypatch)
     config = node_config(
         free_port(), tmp_path, backoff_initial_s=1.0, backoff_max_s=4.0, give_up_after_s=30.0
     )
