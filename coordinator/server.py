@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
@@ -358,6 +358,18 @@ class StaleTransfers:
             time.sleep(self.poll_s)
 
 
+@dataclass(eq=False)
+class RunningStream:
+    """A running upload or download of one node (see `FederationServicer._one_per_node`)."""
+
+    session_id: str
+    context: grpc.ServicerContext
+    # every byte of the upload is in: from here on its outcome (counted, refused, not stored) is
+    # the engine's, and a newer copy waits for it instead of replacing it
+    received: bool = False
+    ended: threading.Event = field(default_factory=threading.Event)
+
+
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(
         self,
@@ -382,10 +394,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         # a refused upload is a line per (node, reason) a minute: a node repeating one in a loop
         # must not fill the log
         self.refusal_lines = LogThrottle()
-        # (kind, node) of each running upload and download -> (its session, its call): one of
-        # each per node at a time, so no one node can take every slot (in insecure mode, where no
-        # node is proven, per session)
-        self._running: dict[tuple[str, str], tuple[str, grpc.ServicerContext]] = {}
+        # (kind, node) of each running upload and download: one of each per node at a time, so
+        # no one node can take every slot (in insecure mode, where no node is proven, per session)
+        self._running: dict[tuple[str, str], RunningStream] = {}
         self._running_lock = threading.Lock()
         self._download_lock = threading.Lock()
         self._current_download: ModelDownload | None = None
@@ -478,11 +489,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             _abort(context, r)
         download = self._download_of(model)
         caller = self._caller(context)
-        with self._one_per_node("download", caller, request.session_id, context) as alone:
-            if not alone:
+        with self._one_per_node("download", caller, request.session_id, context) as mine:
+            if mine is None:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "a download of this node is already running: one at a time",
+                    "a download of a newer session of this node is running: one at a time",
                 )
             # of use while the task open when the model was read is (with none open, the final
             # model: while the node is here), and only while its session lives
@@ -507,37 +518,69 @@ class FederationServicer(pb_grpc.FederationServicer):
     @contextlib.contextmanager
     def _one_per_node(
         self, kind: str, caller: str | None, session_id: str, context: grpc.ServicerContext
-    ) -> Iterator[bool]:
-        """True if this stream may run: the node has no other `kind` stream of a session the
-        engine still knows. A stream of an earlier session of the node (it joined again since)
-        is cancelled, so a new session does not leave old streams holding slots (one node
-        re-joining could otherwise hold every slot); a stream of a session already replaced
-        never cancels its newer one's."""
+    ) -> Iterator[RunningStream | None]:
+        """This stream's entry if it may run (None: it may not), keeping one `kind` stream per
+        node. A newer stream replaces the node's running one, which is cancelled:
+        - of an earlier session (the node joined again), so old streams do not hold slots (one
+          node re-joining could otherwise hold every slot);
+        - of the same session, unless every byte of that upload is in: a node that gave up on a
+          stream the coordinator has not seen end (a half-open connection) sends it again, and
+          must not be told DUPLICATE, which is final, for a copy that never arrives. Once the
+          older upload's bytes are in, this one waits for its outcome (the engine then says
+          DUPLICATE if it counted, and takes this copy if it was not stored).
+        A stream of a session already replaced never cancels its newer one's (None)."""
         key = (kind, caller or session_id)
-        with self._running_lock:
-            running = self._running.get(key)
-            if running is None:
-                first = True
-            elif running[0] == session_id:
-                first = False  # a second stream of the same session
-            else:  # two sessions of one node: only the one the engine still knows runs
-                first = self.engine.has_session(session_id)
-            if first:
-                self._running[key] = (session_id, context)
-        if first and running is not None:
-            log.info(
-                "%s of %s cancelled: the node joined again, a stream of its new session replaces it",
-                kind,
-                key[1],
-            )
-            running[1].cancel()
+        mine = self._claim(key, session_id, context)
         try:
-            yield first
+            yield mine
         finally:
-            if first:
+            if mine is not None:
                 with self._running_lock:
-                    if self._running.get(key, (None, None))[1] is context:
+                    if self._running.get(key) is mine:
                         del self._running[key]
+                mine.ended.set()
+
+    def _claim(
+        self, key: tuple[str, str], session_id: str, context: grpc.ServicerContext
+    ) -> RunningStream | None:
+        while True:
+            with self._running_lock:
+                running = self._running.get(key)
+                if running is not None and running.session_id == session_id and running.received:
+                    take = False
+                elif running is not None and running.session_id != session_id:
+                    take = self.engine.has_session(session_id)
+                    if not take:
+                        return None
+                else:
+                    take = True
+                if take:
+                    mine = RunningStream(session_id, context)
+                    self._running[key] = mine
+            if take:
+                break
+            assert running is not None
+            # the older upload's bytes are in: wait for its outcome, then look again
+            while not running.ended.wait(STALE_CHECK_S):
+                if not context.is_active():
+                    return None
+        if running is not None:
+            why = (
+                "a newer stream of the same session replaces it"
+                if running.session_id == session_id
+                else "the node joined again, a stream of its new session replaces it"
+            )
+            log.info("%s of %s cancelled: %s", key[0], key[1], why)
+            running.context.cancel()
+        return mine
+
+    def _received(self, key: tuple[str, str], mine: RunningStream) -> bool:
+        """Mark `mine` upload's bytes all in; False if a newer stream replaced it already."""
+        with self._running_lock:
+            if self._running.get(key) is not mine:
+                return False
+            mine.received = True
+            return True
 
     def _download_of(self, model: GlobalModel) -> ModelDownload:
         """The download stream of this model version, built by the first download that needs it;
@@ -574,21 +617,26 @@ class FederationServicer(pb_grpc.FederationServicer):
             refusal = self._refuse_upload(h, caller, context)
             if refusal is not None:
                 return refusal
-            with self._one_per_node("upload", caller, h.session_id, context) as alone:
-                if not alone:
+            key = ("upload", caller or h.session_id)
+            with self._one_per_node(*key, h.session_id, context) as mine:
+                if mine is None:  # cancelled while waiting, or its session was replaced
                     return _reject(
-                        "DUPLICATE",
-                        "an upload of this node is already being read: this copy is ignored",
+                        "STALE", "a newer upload of this node is running: this copy is ignored"
                     )
                 who = caller or h.session_id
                 what = f"upload from {who} for round {h.round}"
                 with self.stale.watch(context, h.session_id, h.task_id, what) as unwatch:
+
+                    def received(mine: RunningStream = mine) -> bool:
+                        unwatch()
+                        return self._received(key, mine)
+
                     # refused uploads never wait; an admitted one is read once it holds a slot
                     if not self.upload_slots.acquire(context.is_active):
                         log.info("upload from %s cancelled while waiting for a slot", who)
                         return _reject("STALE", "the upload was cancelled while waiting")
                     try:
-                        return self._read_update(h, caller, request_iterator, context, unwatch)
+                        return self._read_update(h, caller, request_iterator, context, received)
                     finally:
                         self.upload_slots.release()
 
@@ -612,10 +660,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         caller: str | None,
         request_iterator: Iterator[pb.UpdateChunk | Chunk],
         context: grpc.ServicerContext,
-        received: Callable[[], None] = lambda: None,
+        received: Callable[[], bool] = lambda: True,
     ) -> pb.UploadReply:
         """Read, check and spool an admitted upload, then hand it to the engine. `received` is
-        called once every byte is in (before the engine takes the update)."""
+        called once every byte is in (before the engine takes the update); False: a newer copy
+        replaced this one, which is dropped."""
         # the round may have closed while the upload waited for its slot
         refusal = self._refuse_upload(h, caller, context)
         if refusal is not None:
@@ -643,7 +692,8 @@ class FederationServicer(pb_grpc.FederationServicer):
                 return _reject("MALFORMED", message)
             if next(request_iterator, None) is not None:
                 raise WireError("messages after the trailer")
-            received()
+            if not received():
+                return _reject("STALE", "a newer upload of this node replaced this one")
             spool.finish(
                 trailer.digest,
                 total_bytes=h.total_bytes or None,

@@ -181,9 +181,11 @@ def test_joining_again_does_not_keep_the_old_sessions_streams(tmp_path: Path, pk
         theirs = update_messages(b.session_id, tb, {"w": np.full(1000, 2.0, np.float32)}, 10)
         reply = b.upload(theirs)
         assert reply.accepted, reject_name(reply)
-        # the same session twice is still one upload, the second ignored
+        # the current session sends its update again: it replaces its own stalled upload
         again = a.stub.UploadUpdate(iter(mine), timeout=10)
-        assert reject_name(again) == "DUPLICATE"
+        assert again.accepted, reject_name(again)
+        err = stalled[-1].exception(timeout=10)
+        assert err is not None and err.code() == grpc.StatusCode.CANCELLED
     finally:
         release.set()
         a.close()
@@ -519,7 +521,7 @@ def test_a_replaced_sessions_upload_never_cancels_the_current_one(
         current = update_messages(a.session_id, task, {"w": np.ones(1000, np.float32)}, 10)
         second = a.stub.UploadUpdate.future(header_then_silence(current[0], release))
         reply = first.result(timeout=20)
-        assert reject_name(reply) == "DUPLICATE"  # the replaced session's upload steps aside
+        assert reject_name(reply) == "STALE"  # the replaced session's upload steps aside
         time.sleep(0.5)
         assert not second.done(), "the current session's upload was cancelled"
     finally:

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(90)
 
 ENC = "enc"
 NODES = {"node-a": "A", "node-b": "B"}
+LONG_ROUND = {"round_timeout_s": 60.0}  # far past what any wait in these tests allows
 
 
 class Federation:
@@ -85,9 +86,6 @@ def test_a_stalled_upload_frees_its_slot_at_the_rounds_deadline(tmp_path: Path) 
         mine = update_messages(fed.a.session_id, ta, {"w": np.ones(1000, np.float32)}, 10)
         held = fed.a.stub.UploadUpdate.future(stalled(mine, release))
         wait_until(lambda: slots.active == 1, 10, "the stalled upload to take the slot")
-        # a second upload of the same session at the same time is ignored, not queued
-        second = fed.a.stub.UploadUpdate(iter(mine), timeout=10)
-        assert reject_name(second) == "DUPLICATE" and "already being read" in second.message
         # round 1 passes its deadline with A's upload stalled: cut, the slot is free again
         deadline = time.time() + 15
         while (slots.active or fed.engine.state.history) and time.time() < deadline:
@@ -101,6 +99,83 @@ def test_a_stalled_upload_frees_its_slot_at_the_rounds_deadline(tmp_path: Path) 
         assert fed.b.upload(theirs).accepted
     finally:
         release.set()
+        fed.close()
+
+
+def test_an_upload_sent_again_replaces_a_stalled_one_of_the_same_session(tmp_path: Path) -> None:
+    """A node that gave up on an upload the coordinator still reads (a half-open connection)
+    sends it again in the same session. Before, the copy was refused DUPLICATE, which the node
+    takes as final, and the stalled first never arrived: the group's update was lost."""
+    slots = StreamSlots(1)
+    settings = {**LONG_ROUND, "min_updates": 1}
+    fed = Federation(tmp_path, {"w": np.zeros(1000, np.float32)}, settings, upload_slots=slots)
+    release = threading.Event()
+    try:
+        ta = fed.a.wait_task(pb.TASK_KIND_TRAIN)
+        mine = update_messages(fed.a.session_id, ta, {"w": np.ones(1000, np.float32)}, 10)
+        held = fed.a.stub.UploadUpdate.future(stalled(mine, release))
+        wait_until(lambda: slots.active == 1, 10, "the stalled upload to take the slot")
+        again = fed.a.stub.UploadUpdate(iter(mine), timeout=10)
+        assert again.accepted, again.message
+        assert held.exception(timeout=10) is not None  # the stalled one was cancelled
+        assert fed.engine._task is not None and fed.engine._task.aggregate.num_updates == 1
+        # counted once: a third copy is a duplicate
+        assert reject_name(fed.a.stub.UploadUpdate(iter(mine), timeout=10)) == "DUPLICATE"
+    finally:
+        release.set()
+        fed.close()
+
+
+class CountingHeld:
+    """Stands in for the engine's accept_update: the first call waits for `release`, then
+    fails with `first_error` (if any) or goes on to the real one."""
+
+    def __init__(self, real: Any, first_error: Exception | None = None) -> None:
+        self.real, self.first_error = real, first_error
+        self.calls = 0
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            self.release.wait(30)
+            if self.first_error is not None:
+                raise self.first_error
+        return self.real(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["counted", "not-stored"])
+def test_a_copy_sent_while_the_first_is_being_taken_waits_for_its_outcome(
+    tmp_path: Path, stored: bool
+) -> None:
+    """Once every byte of the first upload is in, a copy does not replace it: it waits, and
+    gets DUPLICATE if the first counted, or is read itself if the first could not be stored."""
+    settings = {**LONG_ROUND, "min_updates": 1}
+    fed = Federation(tmp_path, {"w": np.zeros(1000, np.float32)}, settings)
+    held = CountingHeld(
+        fed.engine.accept_update, None if stored else OSError(errno.ENOSPC, "disk full")
+    )
+    fed.engine.accept_update = held  # type: ignore[method-assign]
+    try:
+        ta = fed.a.wait_task(pb.TASK_KIND_TRAIN)
+        mine = update_messages(fed.a.session_id, ta, {"w": np.ones(1000, np.float32)}, 10)
+        first = fed.a.stub.UploadUpdate.future(iter(mine), timeout=20)
+        assert held.entered.wait(10)
+        second = fed.a.stub.UploadUpdate.future(iter(mine), timeout=20)
+        time.sleep(0.5)
+        assert not second.done()  # waiting for the first's outcome
+        held.release.set()
+        if stored:
+            assert first.result().accepted
+            assert reject_name(second.result()) == "DUPLICATE"
+        else:
+            assert reject_name(first.result()) == "INTERNAL"
+            assert second.result().accepted, second.result().message
+        assert held.calls == (1 if stored else 2)
+        assert fed.engine._task is not None and fed.engine._task.aggregate.num_updates == 1
+    finally:
+        held.release.set()
         fed.close()
 
 
@@ -118,9 +193,6 @@ def test_a_download_nobody_reads_frees_its_slot_and_one_runs_per_node(tmp_path: 
         stuck = fed.a.stub.DownloadModel(request)
         next(stuck)  # the header: a slot is taken; A reads no more (most of it stays unsent)
         assert slots.active == 1
-        with pytest.raises(grpc.RpcError) as second:
-            next(fed.a.stub.DownloadModel(request, timeout=10))
-        assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # when round 1 closes at its deadline (5 s) the stuck download is cut; before, it held
         # the slot for ever and no node got the model again
         deadline = time.time() + 15
@@ -139,6 +211,31 @@ def test_a_download_nobody_reads_frees_its_slot_and_one_runs_per_node(tmp_path: 
         flowing = fed.b.stub.DownloadModel(theirs, timeout=20)
         assert len([next(flowing) for _ in range(3)]) == 3
         flowing.cancel()
+    finally:
+        fed.close()
+
+
+def test_a_download_asked_again_replaces_the_stuck_one(tmp_path: Path) -> None:
+    """A node that gave up on a download asks again in the same session: the stuck one is
+    cancelled and the new one runs. Before, the new one was refused RESOURCE_EXHAUSTED until
+    the stuck one was cut at the round's deadline."""
+    slots = StreamSlots(1)
+    weights = {"w": np.zeros(8_000_000, np.float32)}  # 32 MB: more than gRPC buffers
+    fed = Federation(tmp_path, weights, LONG_ROUND, download_slots=slots)
+    try:
+        ta = fed.a.wait_task(pb.TASK_KIND_TRAIN)
+        request = pb.DownloadModelRequest(
+            session_id=fed.a.session_id, model_version=ta.model_version
+        )
+        stuck = fed.a.stub.DownloadModel(request)
+        next(stuck)
+        assert slots.active == 1
+        again = fed.a.stub.DownloadModel(request, timeout=30)
+        assert sum(1 for _ in again) > 2  # all of it
+        with pytest.raises(grpc.RpcError) as cut:
+            sum(1 for _ in stuck)
+        assert cut.value.code() == grpc.StatusCode.CANCELLED
+        assert slots.active == 0
     finally:
         fed.close()
 
@@ -168,7 +265,6 @@ def test_an_update_the_coordinator_cannot_store_is_answered_internal(
 # deadline fixed when they started: a node cut off without a TCP reset held its slot up to a
 # round's length into later rounds, and healthy uploads queued behind it)
 
-LONG_ROUND = {"round_timeout_s": 60.0}  # far past what any wait below allows
 # an evaluation report's figures (pluralfed.metrics.GroupEvaluation)
 METRICS = {"model": 0.5, "uniform_context": 0.4, "uniform_baseline": 0.3, "prior_baseline": 0.35}
 

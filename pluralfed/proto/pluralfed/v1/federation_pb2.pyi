@@ -217,9 +217,8 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     REJECT_REASON_INTERNAL: _RejectReason.ValueType  # 7
     """The coordinator could not store the update (e.g. disk full); retrying may succeed."""
     REJECT_REASON_DUPLICATE: _RejectReason.ValueType  # 8
-    """This node's update for this task was already counted, or another upload of this session is
-    being read; the repeated one was ignored (so a retry after a lost reply is safe: nothing
-    counts twice).
+    """This node's update for this task was already counted, or is being counted; the repeated one
+    was ignored (so a retry after a lost reply is safe: nothing counts twice).
     """
     REJECT_REASON_ALREADY_REJECTED: _RejectReason.ValueType  # 9
     """The node's update for this task was rejected before; one upload decides a round."""
@@ -245,9 +244,8 @@ REJECT_REASON_NORM_BOUND: RejectReason.ValueType  # 6
 REJECT_REASON_INTERNAL: RejectReason.ValueType  # 7
 """The coordinator could not store the update (e.g. disk full); retrying may succeed."""
 REJECT_REASON_DUPLICATE: RejectReason.ValueType  # 8
-"""This node's update for this task was already counted, or another upload of this session is
-being read; the repeated one was ignored (so a retry after a lost reply is safe: nothing
-counts twice).
+"""This node's update for this task was already counted, or is being counted; the repeated one
+was ignored (so a retry after a lost reply is safe: nothing counts twice).
 """
 REJECT_REASON_ALREADY_REJECTED: RejectReason.ValueType  # 9
 """The node's update for this task was rejected before; one upload decides a round."""

@@ -101,8 +101,10 @@ class FederationServicer:
     def DownloadModel(self, request, context):
         """Streams one model version: a ModelHeader, then TensorChunks in the header's tensor order,
         then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
-        was superseded, call GetTask. One download per session at a time (RESOURCE_EXHAUSTED for a
-        second); a download still running at its task's deadline (plus a few seconds) is CANCELLED.
+        was superseded, call GetTask. One download per node at a time: a second of the same session
+        replaces the first, which is CANCELLED (a node that gave up on a download may ask again at
+        once); one of an earlier session gets RESOURCE_EXHAUSTED. A download still running at its
+        task's deadline (plus a few seconds) is CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,8 +115,11 @@ class FederationServicer:
         downloaded model's tensors, then a StreamTrailer. The coordinator validates while receiving
         and counts the update only once the trailer's digest matches. Every rejection of the update
         itself comes back as UploadReply.accepted = false (possibly before the stream ends), never as
-        a status error. One upload per session at a time (a second: REJECT_REASON_DUPLICATE); an
-        upload still running at its round's deadline (plus a few seconds) is cancelled.
+        a status error. One upload per node at a time: a second of the same session replaces a first
+        still being received, which is cancelled (a node may send again an upload it gave up on);
+        once the first's bytes are all in, the second waits for its outcome (then DUPLICATE if it
+        was counted). An upload still running at its round's deadline (plus a few seconds) is
+        cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -94,16 +94,21 @@ class FederationStub:
     DownloadModel: _grpc.UnaryStreamMultiCallable[_federation_pb2.DownloadModelRequest, _federation_pb2.ModelChunk]
     """Streams one model version: a ModelHeader, then TensorChunks in the header's tensor order,
     then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
-    was superseded, call GetTask. One download per session at a time (RESOURCE_EXHAUSTED for a
-    second); a download still running at its task's deadline (plus a few seconds) is CANCELLED.
+    was superseded, call GetTask. One download per node at a time: a second of the same session
+    replaces the first, which is CANCELLED (a node that gave up on a download may ask again at
+    once); one of an earlier session gets RESOURCE_EXHAUSTED. A download still running at its
+    task's deadline (plus a few seconds) is CANCELLED.
     """
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_federation_pb2.UpdateChunk, _federation_pb2.UploadReply]
     """Uploads the result of a TRAIN task: an UpdateHeader, then TensorChunks in the order of the
     downloaded model's tensors, then a StreamTrailer. The coordinator validates while receiving
     and counts the update only once the trailer's digest matches. Every rejection of the update
     itself comes back as UploadReply.accepted = false (possibly before the stream ends), never as
-    a status error. One upload per session at a time (a second: REJECT_REASON_DUPLICATE); an
-    upload still running at its round's deadline (plus a few seconds) is cancelled.
+    a status error. One upload per node at a time: a second of the same session replaces a first
+    still being received, which is cancelled (a node may send again an upload it gave up on);
+    once the first's bytes are all in, the second waits for its outcome (then DUPLICATE if it
+    was counted). An upload still running at its round's deadline (plus a few seconds) is
+    cancelled.
     """
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_federation_pb2.EvaluationReport, _federation_pb2.Ack]
     """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
@@ -143,16 +148,21 @@ class FederationAsyncStub(FederationStub):
     DownloadModel: _aio.UnaryStreamMultiCallable[_federation_pb2.DownloadModelRequest, _federation_pb2.ModelChunk]  # type: ignore[assignment]
     """Streams one model version: a ModelHeader, then TensorChunks in the header's tensor order,
     then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
-    was superseded, call GetTask. One download per session at a time (RESOURCE_EXHAUSTED for a
-    second); a download still running at its task's deadline (plus a few seconds) is CANCELLED.
+    was superseded, call GetTask. One download per node at a time: a second of the same session
+    replaces the first, which is CANCELLED (a node that gave up on a download may ask again at
+    once); one of an earlier session gets RESOURCE_EXHAUSTED. A download still running at its
+    task's deadline (plus a few seconds) is CANCELLED.
     """
     UploadUpdate: _aio.StreamUnaryMultiCallable[_federation_pb2.UpdateChunk, _federation_pb2.UploadReply]  # type: ignore[assignment]
     """Uploads the result of a TRAIN task: an UpdateHeader, then TensorChunks in the order of the
     downloaded model's tensors, then a StreamTrailer. The coordinator validates while receiving
     and counts the update only once the trailer's digest matches. Every rejection of the update
     itself comes back as UploadReply.accepted = false (possibly before the stream ends), never as
-    a status error. One upload per session at a time (a second: REJECT_REASON_DUPLICATE); an
-    upload still running at its round's deadline (plus a few seconds) is cancelled.
+    a status error. One upload per node at a time: a second of the same session replaces a first
+    still being received, which is cancelled (a node may send again an upload it gave up on);
+    once the first's bytes are all in, the second waits for its outcome (then DUPLICATE if it
+    was counted). An upload still running at its round's deadline (plus a few seconds) is
+    cancelled.
     """
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_federation_pb2.EvaluationReport, _federation_pb2.Ack]  # type: ignore[assignment]
     """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
@@ -207,8 +217,10 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_federation_pb2.ModelChunk], _abc.AsyncIterator[_federation_pb2.ModelChunk]]:
         """Streams one model version: a ModelHeader, then TensorChunks in the header's tensor order,
         then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
-        was superseded, call GetTask. One download per session at a time (RESOURCE_EXHAUSTED for a
-        second); a download still running at its task's deadline (plus a few seconds) is CANCELLED.
+        was superseded, call GetTask. One download per node at a time: a second of the same session
+        replaces the first, which is CANCELLED (a node that gave up on a download may ask again at
+        once); one of an earlier session gets RESOURCE_EXHAUSTED. A download still running at its
+        task's deadline (plus a few seconds) is CANCELLED.
         """
 
     @_abc_1.abstractmethod
@@ -221,8 +233,11 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         downloaded model's tensors, then a StreamTrailer. The coordinator validates while receiving
         and counts the update only once the trailer's digest matches. Every rejection of the update
         itself comes back as UploadReply.accepted = false (possibly before the stream ends), never as
-        a status error. One upload per session at a time (a second: REJECT_REASON_DUPLICATE); an
-        upload still running at its round's deadline (plus a few seconds) is cancelled.
+        a status error. One upload per node at a time: a second of the same session replaces a first
+        still being received, which is cancelled (a node may send again an upload it gave up on);
+        once the first's bytes are all in, the second waits for its outcome (then DUPLICATE if it
+        was counted). An upload still running at its round's deadline (plus a few seconds) is
+        cancelled.
         """
 
     @_abc_1.abstractmethod
