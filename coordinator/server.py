@@ -406,10 +406,18 @@ class FederationServicer(pb_grpc.FederationServicer):
         return authenticated_node(context)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        group = request.group.strip()
-        if not group or len(group) > MAX_GROUP_NAME:
+        group = request.group
+        # as the allow-list, the node's config and the data files name groups: exactly
+        if not 0 < len(group) <= MAX_GROUP_NAME or group != group.strip():
             context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"group must be 1..{MAX_GROUP_NAME} characters"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"group must be 1..{MAX_GROUP_NAME} characters without leading or trailing "
+                f"whitespace, got {clipped(repr(group), 100)}",
+            )
+        if not group.isprintable():
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"group {clipped(repr(group), 100)} holds control characters",
             )
         require_self(context, group)
         try:

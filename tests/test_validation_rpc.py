@@ -87,6 +87,12 @@ def test_join_fields_are_checked(quiet: Federation, caplog: pytest.LogCaptureFix
             ({"labels": {"site": "v" * 257}}, "labels['site']"),
             ({"labels": {"a\nb": "v"}}, "labels key"),
             ({"labels": {"": "v"}}, "labels"),
+            # a group is named exactly, as the allow-list names it: before, the coordinator
+            # stripped these, so " Good A" joined as "Good A"
+            ({"group": " Good A"}, "group"),
+            ({"group": "Good A\n"}, "group"),
+            ({"group": "Good\aA"}, "group"),
+            ({"group": ""}, "group"),
         ]
         for fields, named in cases:
             code, details = status(join, join_request(**fields), timeout=30)
