@@ -135,6 +135,29 @@ def test_a_join_speaking_another_protocol_version_is_refused(quiet: Federation) 
         assert node.stub.Join(join_request(), timeout=30).session_id  # the control
 
 
+def test_the_join_limits_the_proto_states_hold_over_rpc(quiet: Federation) -> None:
+    """JoinRequest's comments give these limits; the protocol review found them tested only at
+    the engine, or not at all. An empty model_version downloads the current model, as
+    DownloadModelRequest says."""
+    with quiet.node("node-good-a") as node:
+        over: list[dict[str, Any]] = [
+            {"num_train_examples": 10_000_001},
+            {"labels": {"k" * 65: "v"}},
+            {"role": pb.ROLE_UNSPECIFIED},
+            {"num_train_examples": 0},
+        ]
+        for fields in over:
+            code, details = status(node.stub.Join, join_request(**fields), timeout=30)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (fields, code, details)
+        assert not quiet.engine.live_sessions()
+        at_the_limits = join_request(num_train_examples=10_000_000, labels={"k" * 64: "v"})
+        session_id = node.stub.Join(at_the_limits, timeout=30).session_id
+        request = pb.DownloadModelRequest(session_id=session_id, model_version="")
+        messages = list(node.stub.DownloadModel(request, timeout=30))
+        assert messages[0].header.model_version == quiet.engine.model_version
+        assert messages[-1].WhichOneof("part") == "trailer"
+
+
 def test_huge_identifiers_are_refused_with_a_short_clear_status(
     quiet: Federation, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -44,7 +44,14 @@ Status codes every RPC may return:
                       node's role may not make this call (an EVALUATE_ONLY node uploading).
   INVALID_ARGUMENT    the request is malformed (missing or out-of-range fields); the message
                       says which field.
-  UNAVAILABLE         transient (the coordinator is starting or stopping): retry with backoff.
+  UNAVAILABLE         transient (the coordinator is starting or stopping, or more than 16
+                      streams run on one connection): retry with backoff.
+  RESOURCE_EXHAUSTED  more than 8 calls of one client certificate are in flight (or more than
+                      4 x the coordinator's worker threads in all): retry once some have ended.
+  DEADLINE_EXCEEDED   a call with one request message did not send it within 10 s (the
+  or CANCELLED        call is cut then).
+Every message is at most 1 MiB + 64 KiB in either direction. The coordinator accepts
+keepalive pings without data no more often than every 10 s (faster: GOAWAY).
 """
 
 from collections import abc as _abc
@@ -201,9 +208,11 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     DESCRIPTOR: _descriptor.EnumDescriptor
     REJECT_REASON_UNSPECIFIED: _RejectReason.ValueType  # 0
     REJECT_REASON_STALE: _RejectReason.ValueType  # 1
-    """The round is closed, the deadline passed, or the task was superseded."""
+    """The round is closed, the deadline passed, the task was superseded, or task_id, round or
+    base_model_version is not the open TRAIN task's.
+    """
     REJECT_REASON_UNKNOWN_TASK: _RejectReason.ValueType  # 2
-    """The task id is not a TRAIN task of this session."""
+    """The session is not part of the open round (its node was not given this task)."""
     REJECT_REASON_MALFORMED: _RejectReason.ValueType  # 3
     """The stream broke the format: header/trailer missing or repeated, tensors missing, unknown,
     out of order, of the wrong dtype or shape, offsets not contiguous, sizes not as declared.
@@ -215,7 +224,9 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     REJECT_REASON_NORM_BOUND: _RejectReason.ValueType  # 6
     """The update's distance from the global model exceeds the coordinator's bound."""
     REJECT_REASON_INTERNAL: _RejectReason.ValueType  # 7
-    """The coordinator could not store the update (e.g. disk full); retrying may succeed."""
+    """The coordinator could not store the update (e.g. disk full); retrying may succeed. If it
+    failed while counting the update, the task is answered: the next copy is ALREADY_REJECTED.
+    """
     REJECT_REASON_DUPLICATE: _RejectReason.ValueType  # 8
     """This node's update for this task was already counted, or is being counted; the repeated one
     was ignored (so a retry after a lost reply is safe: nothing counts twice).
@@ -224,13 +235,20 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     """The node's update for this task was rejected before; one upload decides a round."""
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper):
-    """Why an upload was not counted."""
+    """Why an upload was not counted. Every reason is final (the task is answered: another copy
+    gets DUPLICATE or ALREADY_REJECTED; the node goes back to GetTask) except INTERNAL and a
+    MALFORMED for a stream that ended before its trailer: after those, as after an upload call
+    that failed with a status (e.g. CANCELLED), the node may send the update again while the
+    round is open.
+    """
 
 REJECT_REASON_UNSPECIFIED: RejectReason.ValueType  # 0
 REJECT_REASON_STALE: RejectReason.ValueType  # 1
-"""The round is closed, the deadline passed, or the task was superseded."""
+"""The round is closed, the deadline passed, the task was superseded, or task_id, round or
+base_model_version is not the open TRAIN task's.
+"""
 REJECT_REASON_UNKNOWN_TASK: RejectReason.ValueType  # 2
-"""The task id is not a TRAIN task of this session."""
+"""The session is not part of the open round (its node was not given this task)."""
 REJECT_REASON_MALFORMED: RejectReason.ValueType  # 3
 """The stream broke the format: header/trailer missing or repeated, tensors missing, unknown,
 out of order, of the wrong dtype or shape, offsets not contiguous, sizes not as declared.
@@ -242,7 +260,9 @@ REJECT_REASON_NON_FINITE: RejectReason.ValueType  # 5
 REJECT_REASON_NORM_BOUND: RejectReason.ValueType  # 6
 """The update's distance from the global model exceeds the coordinator's bound."""
 REJECT_REASON_INTERNAL: RejectReason.ValueType  # 7
-"""The coordinator could not store the update (e.g. disk full); retrying may succeed."""
+"""The coordinator could not store the update (e.g. disk full); retrying may succeed. If it
+failed while counting the update, the task is answered: the next copy is ALREADY_REJECTED.
+"""
 REJECT_REASON_DUPLICATE: RejectReason.ValueType  # 8
 """This node's update for this task was already counted, or is being counted; the repeated one
 was ignored (so a retry after a lost reply is safe: nothing counts twice).
@@ -284,7 +304,9 @@ class JoinRequest(_message.Message):
     CHECK_ONLY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     group: _builtins.str
-    """The node's group, e.g. "Germany". Must match the group named by the client certificate."""
+    """The node's group, e.g. "Germany". Must match the group named by the client certificate:
+    1..200 printable characters, without leading or trailing whitespace.
+    """
     role: Global___Role.ValueType
     num_train_examples: _builtins.int
     """Number of training examples (questions) the node holds: the default FedAvg weight.
@@ -465,7 +487,9 @@ class HeartbeatReply(_message.Message):
     GetTask.
     """
     current_round: _builtins.int
-    """The coordinator's current round, for the node's logs."""
+    """The number of rounds the coordinator has completed (0 while round 1 runs), for the node's
+    logs.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """The interval to use from now on (the coordinator may change it)."""
@@ -733,11 +757,14 @@ class Task(_message.Message):
     """Human-readable, e.g. why SHUTDOWN."""
     @_builtins.property
     def hyperparameters(self) -> Global___Hyperparameters:
-        """Set for TRAIN, and for SHUTDOWN after a finished run (the run's settings)."""
+        """The run's settings. What TRAIN needs, and the settings a node that personalizes after a
+        finished run (SHUTDOWN) goes by; the coordinator sets it on every TRAIN, EVALUATE and
+        SHUTDOWN task.
+        """
 
     @_builtins.property
     def evaluation(self) -> Global___EvaluationConfig:
-        """Set for EVALUATE."""
+        """What EVALUATE needs; the coordinator sets it on every TRAIN, EVALUATE and SHUTDOWN task."""
 
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
@@ -751,7 +778,9 @@ class Task(_message.Message):
 
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration:
-        """For WAIT: when to call GetTask again (zero: at once)."""
+        """For WAIT: when to call GetTask again (zero: at once). A GetTask whose `wait` was under 1 s
+        is told to wait the rest of that second.
+        """
 
     def __init__(
         self,
@@ -825,14 +854,18 @@ class TensorChunk(_message.Message):
     name: _builtins.str
     """The tensor's name, on every chunk."""
     dtype: Global___DType.ValueType
-    """Set on the tensor's first chunk (offset 0) only; DTYPE_UNSPECIFIED on the others."""
+    """Set on the tensor's first chunk (offset 0); DTYPE_UNSPECIFIED on the others (a receiver
+    accepts the same value repeated there, and refuses another).
+    """
     offset: _builtins.int
     """Byte offset of `data` within the tensor's data."""
     data: _builtins.bytes
     """At most JoinReply.max_chunk_bytes bytes of little-endian, C-order element data."""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Set on the tensor's first chunk only (empty there means a scalar); empty on the others."""
+        """Set on the tensor's first chunk (empty there means a scalar); empty on the others (or the
+        same shape repeated).
+        """
 
     def __init__(
         self,
@@ -885,7 +918,7 @@ class DownloadModelRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     model_version: _builtins.str
-    """Task.model_version."""
+    """Task.model_version; empty: whatever model is current (which may be newer than a task's)."""
     def __init__(
         self,
         *,
@@ -1024,6 +1057,8 @@ class UpdateHeader(_message.Message):
     tensor_count: _builtins.int
     """How many tensors and bytes follow: all the model's tensors, as in the downloaded
     ModelHeader. The tensors are the node's full weights after local training, not a delta.
+    0 means not given (the stream is still checked against the model); any other value must
+    be exact, else MALFORMED.
     """
     total_bytes: _builtins.int
     @_builtins.property

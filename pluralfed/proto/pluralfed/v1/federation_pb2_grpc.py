@@ -81,7 +81,10 @@ class FederationServicer:
         from the coordinator's (the status message names both values). A Join from a group that
         already has a session replaces that session (its id stops working, UNAUTHENTICATED with a
         message saying it was replaced), so a restarted node can rejoin at once; a check_only Join
-        opens and replaces nothing.
+        opens and replaces nothing. Also refused: INVALID_ARGUMENT for a field out of its range
+        (JoinRequest says each), ROLE_UNSPECIFIED, or a TRAIN node with no examples;
+        PERMISSION_DENIED for a group the certificate (or, without TLS, the allow-list) does not
+        name, or a role the coordinator's evaluate_only setting contradicts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,8 +106,9 @@ class FederationServicer:
         then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
         was superseded, call GetTask. One download per node at a time: a second of the same session
         replaces the first, which is CANCELLED (a node that gave up on a download may ask again at
-        once); one of an earlier session gets RESOURCE_EXHAUSTED. A download still running at its
-        task's deadline (plus a few seconds) is CANCELLED.
+        once); one of an earlier session (which a Join has replaced: UNAUTHENTICATED, except in a
+        race with that Join) gets RESOURCE_EXHAUSTED. A download still running at its task's
+        deadline (plus a few seconds) is CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

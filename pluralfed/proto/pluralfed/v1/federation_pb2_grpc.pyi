@@ -44,7 +44,14 @@ Status codes every RPC may return:
                       node's role may not make this call (an EVALUATE_ONLY node uploading).
   INVALID_ARGUMENT    the request is malformed (missing or out-of-range fields); the message
                       says which field.
-  UNAVAILABLE         transient (the coordinator is starting or stopping): retry with backoff.
+  UNAVAILABLE         transient (the coordinator is starting or stopping, or more than 16
+                      streams run on one connection): retry with backoff.
+  RESOURCE_EXHAUSTED  more than 8 calls of one client certificate are in flight (or more than
+                      4 x the coordinator's worker threads in all): retry once some have ended.
+  DEADLINE_EXCEEDED   a call with one request message did not send it within 10 s (the
+  or CANCELLED        call is cut then).
+Every message is at most 1 MiB + 64 KiB in either direction. The coordinator accepts
+keepalive pings without data no more often than every 10 s (faster: GOAWAY).
 """
 
 from collections import abc as _abc
@@ -82,7 +89,10 @@ class FederationStub:
     from the coordinator's (the status message names both values). A Join from a group that
     already has a session replaces that session (its id stops working, UNAUTHENTICATED with a
     message saying it was replaced), so a restarted node can rejoin at once; a check_only Join
-    opens and replaces nothing.
+    opens and replaces nothing. Also refused: INVALID_ARGUMENT for a field out of its range
+    (JoinRequest says each), ROLE_UNSPECIFIED, or a TRAIN node with no examples;
+    PERMISSION_DENIED for a group the certificate (or, without TLS, the allow-list) does not
+    name, or a role the coordinator's evaluate_only setting contradicts.
     """
     GetTask: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetTaskRequest, _federation_pb2.Task]
     """Long poll for the next task: the coordinator holds the call until a task exists for this
@@ -96,8 +106,9 @@ class FederationStub:
     then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
     was superseded, call GetTask. One download per node at a time: a second of the same session
     replaces the first, which is CANCELLED (a node that gave up on a download may ask again at
-    once); one of an earlier session gets RESOURCE_EXHAUSTED. A download still running at its
-    task's deadline (plus a few seconds) is CANCELLED.
+    once); one of an earlier session (which a Join has replaced: UNAUTHENTICATED, except in a
+    race with that Join) gets RESOURCE_EXHAUSTED. A download still running at its task's
+    deadline (plus a few seconds) is CANCELLED.
     """
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_federation_pb2.UpdateChunk, _federation_pb2.UploadReply]
     """Uploads the result of a TRAIN task: an UpdateHeader, then TensorChunks in the order of the
@@ -136,7 +147,10 @@ class FederationAsyncStub(FederationStub):
     from the coordinator's (the status message names both values). A Join from a group that
     already has a session replaces that session (its id stops working, UNAUTHENTICATED with a
     message saying it was replaced), so a restarted node can rejoin at once; a check_only Join
-    opens and replaces nothing.
+    opens and replaces nothing. Also refused: INVALID_ARGUMENT for a field out of its range
+    (JoinRequest says each), ROLE_UNSPECIFIED, or a TRAIN node with no examples;
+    PERMISSION_DENIED for a group the certificate (or, without TLS, the allow-list) does not
+    name, or a role the coordinator's evaluate_only setting contradicts.
     """
     GetTask: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetTaskRequest, _federation_pb2.Task]  # type: ignore[assignment]
     """Long poll for the next task: the coordinator holds the call until a task exists for this
@@ -150,8 +164,9 @@ class FederationAsyncStub(FederationStub):
     then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
     was superseded, call GetTask. One download per node at a time: a second of the same session
     replaces the first, which is CANCELLED (a node that gave up on a download may ask again at
-    once); one of an earlier session gets RESOURCE_EXHAUSTED. A download still running at its
-    task's deadline (plus a few seconds) is CANCELLED.
+    once); one of an earlier session (which a Join has replaced: UNAUTHENTICATED, except in a
+    race with that Join) gets RESOURCE_EXHAUSTED. A download still running at its task's
+    deadline (plus a few seconds) is CANCELLED.
     """
     UploadUpdate: _aio.StreamUnaryMultiCallable[_federation_pb2.UpdateChunk, _federation_pb2.UploadReply]  # type: ignore[assignment]
     """Uploads the result of a TRAIN task: an UpdateHeader, then TensorChunks in the order of the
@@ -193,7 +208,10 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         from the coordinator's (the status message names both values). A Join from a group that
         already has a session replaces that session (its id stops working, UNAUTHENTICATED with a
         message saying it was replaced), so a restarted node can rejoin at once; a check_only Join
-        opens and replaces nothing.
+        opens and replaces nothing. Also refused: INVALID_ARGUMENT for a field out of its range
+        (JoinRequest says each), ROLE_UNSPECIFIED, or a TRAIN node with no examples;
+        PERMISSION_DENIED for a group the certificate (or, without TLS, the allow-list) does not
+        name, or a role the coordinator's evaluate_only setting contradicts.
         """
 
     @_abc_1.abstractmethod
@@ -219,8 +237,9 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         then a StreamTrailer. NOT_FOUND when the version is no longer (or not yet) served: the task
         was superseded, call GetTask. One download per node at a time: a second of the same session
         replaces the first, which is CANCELLED (a node that gave up on a download may ask again at
-        once); one of an earlier session gets RESOURCE_EXHAUSTED. A download still running at its
-        task's deadline (plus a few seconds) is CANCELLED.
+        once); one of an earlier session (which a Join has replaced: UNAUTHENTICATED, except in a
+        race with that Join) gets RESOURCE_EXHAUSTED. A download still running at its task's
+        deadline (plus a few seconds) is CANCELLED.
         """
 
     @_abc_1.abstractmethod
