@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -31,6 +30,7 @@ import numpy as np
 
 from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from coordinator.metrics_file import MetricsFile
+from coordinator.sessions import NodeSession, Role, SessionTable
 from coordinator.settings import RoundSettings
 from coordinator.state import RunState, load_state, save_state
 from coordinator.strategy import (
@@ -57,9 +57,6 @@ from pluralfed.logthrottle import LogThrottle
 from pluralfed.metrics import GroupEvaluation, SetReport, summarize_groups
 from pluralfed.protocol import (
     ALIGNMENT_BEFORE,
-    REPLACED_SESSION_MARK,
-    REPLACEMENT_WINDOW_S,
-    REPLACEMENTS_PER_WINDOW,
 )
 from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
 from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
@@ -68,11 +65,6 @@ log = logging.getLogger("pluralfed.coordinator")
 
 TRAIN_SET, HELD_OUT_SET = "training groups (test questions)", "held-out groups"
 QUORUM_LOG_INTERVAL_S = 60.0  # a coordinator waiting for its quorum says so again this often
-
-
-class Role(StrEnum):
-    TRAIN = "train"
-    EVALUATE_ONLY = "evaluate-only"
 
 
 class TaskKind(StrEnum):
@@ -90,41 +82,7 @@ MAX_UNUSABLE_ROUNDS = 3
 # at once, it was tried again about 3 times a second, for ever, with log lines each time
 RETRY_PAUSE_FIRST_S = 1.0
 RETRY_PAUSE_MAX_S = 60.0
-MAX_REPLACED_SESSIONS = 4096  # replaced session ids remembered, to tell their calls why
 STOPPING_POLL_S = 0.5  # how often a long poll looks whether its call was cancelled, once stopping
-
-
-@dataclass
-class NodeSession:
-    session_id: str
-    group: str
-    role: Role
-    num_examples: int
-    software_version: str
-    joined_at: float
-    last_seen: float
-    answered: set[str] = field(default_factory=set)  # task ids this session has answered
-    polls: int = 0  # GetTask calls so far: a newer one ends the wait of an older one
-    peer: str = ""  # the transport's name for where the node called from, for the logs
-    # what its long poll waits on (on the engine's lock): woken alone by what concerns it, a
-    # poll no longer wakes every other node's (with 200 nodes 6 ms of CPU a poll)
-    wakeup: threading.Condition | None = field(default=None, repr=False, compare=False)
-
-    def mark_answered(self, task_id: str, open_task_id: str | None) -> None:
-        """Only the open task's answer is ever looked up, so older ids go: a session may live
-        for the whole run, and kept one id per round it answered (soak review)."""
-        self.answered = {i for i in self.answered if i == open_task_id}
-        self.answered.add(task_id)
-
-
-@dataclass(frozen=True)
-class ReplacedSession:
-    """A session a newer Join of the same group replaced: its calls are told so, not just
-    "unknown", since two processes running as one node replace each other in a loop."""
-
-    at: float  # time.monotonic() of the replacement
-    by_peer: str  # where the replacing Join came from
-    by_session: str  # the session that replaced it
 
 
 class GlobalModel(NamedTuple):
@@ -198,13 +156,8 @@ class RoundEngine:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._rejection_lines = LogThrottle()  # lines nodes can cause, one a minute per kind
-        # sessions replaced by a newer Join of their group (oldest first), and when each group's
-        # were replaced lately: two processes with one certificate replace each other in a loop
-        self._replaced: OrderedDict[str, ReplacedSession] = OrderedDict()
-        self._replacements: dict[str, list[float]] = {}
-        self._replacement_lines = LogThrottle()
         self._check_lines = LogThrottle()  # `node check`s that passed, per group
-        self._sessions: dict[str, NodeSession] = {}
+        self._sessions = SessionTable(settings, self._lock, self._changed)  # under the lock
         self._task: _OpenTask | None = None
         self._aggregate: StreamingFedAvg | None = None
         self._done = False
@@ -321,58 +274,14 @@ class RoundEngine:
         return self._done
 
     def live_sessions(self, role: Role | None = None) -> list[NodeSession]:
-        now = time.monotonic()
         with self._lock:
-            return [
-                s
-                for s in self._sessions.values()
-                if now - s.last_seen <= self.settings.session_timeout_s
-                and (role is None or s.role == role)
-            ]
+            return self._sessions.live(role)
 
     def has_session(self, session_id: str) -> bool:
         """Whether `session_id` is a session the engine still knows (a node's join replaces its
         earlier session, so that one is gone)."""
         with self._lock:
             return session_id in self._sessions
-
-    def _session(self, session_id: str, group: str | None, touch: bool = True) -> NodeSession:
-        """The caller's session; `touch` marks it seen. An expired one is gone: join again."""
-        s = self._sessions.get(session_id)
-        now = time.monotonic()
-        if s is not None and now - s.last_seen > self.settings.session_timeout_s:
-            del self._sessions[session_id]
-            self._changed.notify_all()
-            self._wake_polls([s])
-            log.warning("session of %s expired (silent for %.0f s)", s.group, now - s.last_seen)
-            s = None
-        if s is None:
-            replaced = self._replaced.get(session_id)
-            if replaced is not None and replaced.by_session in self._sessions:
-                raise Rejection(
-                    "UNAUTHENTICATED",
-                    f"session {quoted(session_id)} {REPLACED_SESSION_MARK} with this node's "
-                    f"certificate {now - replaced.at:.0f} s ago (from {replaced.by_peer or '?'}): "
-                    "if this node did not restart, another process runs as this node; join again",
-                )
-            if replaced is not None:  # e.g. an older `node check`'s join, which left at once
-                raise Rejection(
-                    "UNAUTHENTICATED",
-                    f"session {quoted(session_id)} was taken over by a Join with this node's "
-                    f"certificate {now - replaced.at:.0f} s ago (from {replaced.by_peer or '?'}) "
-                    "that has ended since: join again",
-                )
-            raise Rejection(
-                "UNAUTHENTICATED",
-                f"unknown or expired session {quoted(session_id)}: join again",
-            )
-        if group is not None and s.group != group:
-            raise Rejection(
-                "PERMISSION_DENIED", f"session {session_id!r} belongs to {s.group!r}, not {group!r}"
-            )
-        if touch:
-            s.last_seen = now
-        return s
 
     # ---------------------------------------------------------------- node-facing API
 
@@ -423,22 +332,9 @@ class RoundEngine:
                 log.info("node %s passed a connection check (from %s)%s", group, peer or "?", more)
             return NodeSession("", group, role, num_examples, software_version, now, now, peer=peer)
         with self._changed:
-            replaced = [old for old in self._sessions.values() if old.group == group]
-            session_id = uuid.uuid4().hex
-            for old in replaced:  # a restarted node replaces its old session
-                del self._sessions[old.session_id]
-                self._note_replaced(old, session_id, peer, now)
-            self._wake_polls(replaced)  # an old session's poll ends
-            session = NodeSession(
-                session_id=session_id,
-                group=group,
-                role=role,
-                num_examples=num_examples,
-                software_version=software_version,
-                joined_at=now,
-                last_seen=now,
-                peer=peer,
-                wakeup=threading.Condition(self._lock),
+            # a restarted node replaces its old session (whose poll ends)
+            session, replaced = self._sessions.open(
+                group, role, num_examples, software_version, peer, now
             )
             t = self._task
             for old in replaced:
@@ -450,7 +346,6 @@ class RoundEngine:
                     t.selected[session.session_id] = group
                 elif t is not None:  # back in another role: the round stops waiting for it
                     self._give_up_on(t, old, "left")
-            self._sessions[session.session_id] = session
             self._joined.add(group)
             self._changed.notify_all()
         log.info(
@@ -462,33 +357,6 @@ class RoundEngine:
             f", labels {extras}" if extras else "",
         )
         return session
-
-    def _note_replaced(self, old: NodeSession, by_session: str, peer: str, now: float) -> None:
-        """Remember `old` as replaced (its calls are told so), and warn when a group's live
-        sessions keep replacing each other: a node restarts now and then, not every few seconds
-        (a dead process's session, silent for a while, does not count)."""
-        self._replaced[old.session_id] = ReplacedSession(now, peer, by_session)
-        while len(self._replaced) > MAX_REPLACED_SESSIONS:
-            self._replaced.popitem(last=False)
-        if now - old.last_seen > 2 * self.settings.heartbeat_interval_s:
-            return
-        times = [t for t in self._replacements.get(old.group, []) if now - t < REPLACEMENT_WINDOW_S]
-        self._replacements[old.group] = [*times, now]
-        if len(times) + 1 >= REPLACEMENTS_PER_WINDOW:
-            more = self._replacement_lines.admit(old.group)
-            if more is not None:
-                log.warning(
-                    "node %s joined again %d times in %.0f s, the latest from %s while its "
-                    "session from %s was seen %.0f s before: are two processes running with "
-                    "this node's certificate (or does it restart again and again)?%s",
-                    old.group,
-                    len(times) + 1,
-                    now - (times[0] if times else now),
-                    peer or "?",
-                    old.peer or "?",
-                    now - old.last_seen,
-                    more,
-                )
 
     def heartbeat(
         self,
@@ -502,7 +370,7 @@ class RoundEngine:
         or the node's answer to it is already recorded). A node reporting its task as `failed`
         gives that answer: the round stops waiting for it."""
         with self._changed:
-            s = self._session(session_id, group)
+            s = self._sessions.lookup(session_id, group)
             t = self._task
             current = t is not None and bool(task_id) and t.task_id == task_id
             if failed and current and t is not None:
@@ -519,12 +387,12 @@ class RoundEngine:
         round that handed it a task it has not answered stops waiting for it."""
         checked_text("reason", reason, MAX_FREE_TEXT, printable=False)
         with self._changed:
-            s = self._session(session_id, group)
-            del self._sessions[session_id]
+            s = self._sessions.lookup(session_id, group)
+            self._sessions.remove(session_id)
             if self._task is not None:
                 self._give_up_on(self._task, s, "left")
             self._changed.notify_all()
-            self._wake_polls([s])
+            self._sessions.wake_polls([s])
         log.info("node %s left: %s", s.group, quoted(reason, MAX_REASON_TEXT))
 
     def _give_up_on(self, t: _OpenTask, s: NodeSession, outcome: str) -> bool:
@@ -560,15 +428,15 @@ class RoundEngine:
         more than one RPC thread by polling (a node asks again after a lost reply, too)."""
         deadline = time.monotonic() + max(0.0, min(wait_s, 300.0))
         with self._changed:
-            s = self._session(session_id, group)  # the call itself shows the node is alive
+            s = self._sessions.lookup(session_id, group)  # the call itself shows the node is alive
             s.polls += 1
             mine = s.polls
-            self._wake_polls([s])  # an older poll of this session stops waiting
+            self._sessions.wake_polls([s])  # an older poll of this session stops waiting
             while True:
                 if alive is not None and not alive():
                     return TaskSpec(TaskKind.WAIT)  # nobody is listening any more
                 # waiting is no sign of life: a node cut off mid-poll must be able to expire
-                s = self._session(session_id, group, touch=False)
+                s = self._sessions.lookup(session_id, group, touch=False)
                 if s.polls != mine:
                     return TaskSpec(TaskKind.WAIT)  # a newer poll of this session waits now
                 if self._done:
@@ -601,7 +469,7 @@ class RoundEngine:
         """The current global model if `version` is current (or not given); its weights must
         not be changed. Version, round and weights are read together, so they always agree."""
         with self._lock:
-            self._session(session_id, group)
+            self._sessions.lookup(session_id, group)
             if version and version != self.model_version:
                 raise Rejection(
                     "NOT_FOUND",
@@ -621,7 +489,7 @@ class RoundEngine:
         """Early refusal of an upload that can never count (before its bytes are read)."""
         with self._lock:
             self._current_train_task(
-                self._session(session_id, group), task_id, round_, base_model_version
+                self._sessions.lookup(session_id, group), task_id, round_, base_model_version
             )
 
     def _current_train_task(
@@ -712,7 +580,7 @@ class RoundEngine:
         a duplicate, and the round does not close until the fold is over.
         """
         with self._changed:
-            s = self._session(session_id, group)
+            s = self._sessions.lookup(session_id, group)
             t = self._current_train_task(s, task_id, round_, base_model_version)
             try:
                 if not 1 <= num_examples <= s.num_examples:
@@ -840,7 +708,7 @@ class RoundEngine:
         """Record a node's report for the open EVALUATE task: its own group, once, in time, and
         of the model version the task named (a report on another model would be mixed in)."""
         with self._changed:
-            s = self._session(session_id, group)
+            s = self._sessions.lookup(session_id, group)
             t = self._open_evaluation(s, task_id, round_)
             if s.group in t.evaluations:
                 raise Rejection("ALREADY_EXISTS", f"{s.group} already reported this evaluation")
@@ -890,7 +758,7 @@ class RoundEngine:
         Session refusals (UNAUTHENTICATED, PERMISSION_DENIED) are raised as for any call; a report
         for a task that is not open changes nothing."""
         with self._changed:
-            s = self._session(session_id, group)
+            s = self._sessions.lookup(session_id, group)
             try:
                 t = self._open_evaluation(s, task_id, round_)
             except Rejection:
@@ -909,14 +777,7 @@ class RoundEngine:
         self._stop.set()
         with self._changed:
             self._changed.notify_all()
-            self._wake_polls()  # their calls are cut next: they look every STOPPING_POLL_S
-
-    def _wake_polls(self, sessions: Iterable[NodeSession] | None = None) -> None:
-        """Wake the long polls of `sessions` (default: every session's), with the lock held:
-        each waits on its own session's condition, woken only by what concerns it."""
-        for s in self._sessions.values() if sessions is None else sessions:
-            if s.wakeup is not None:
-                s.wakeup.notify_all()
+            self._sessions.wake_polls()  # their calls are cut next: they look every STOPPING_POLL_S
 
     def run(self) -> None:
         """Drive rounds until the configured number completed (or stop()). Raises
@@ -929,7 +790,7 @@ class RoundEngine:
                 self._done = True  # finished before; whatever happened to the evaluation
                 self._task = None
                 self._changed.notify_all()
-                self._wake_polls()
+                self._sessions.wake_polls()
             return
         fresh = self.state.completed_rounds == 0 and not self._has_eval(0)
         # (evaluating before anyone joined would evaluate nothing: wait for the quorum first)
@@ -971,7 +832,7 @@ class RoundEngine:
             self._done = finished and (self._has_eval(final) or not self._stop.is_set())
             self._task = None
             self._changed.notify_all()
-            self._wake_polls()
+            self._sessions.wake_polls()
 
     def _evaluate_again(self) -> None:
         """Evaluate a finished run's final model again, once every group of its last evaluation
@@ -1193,7 +1054,7 @@ class RoundEngine:
         with self._changed:
             self._task = t
             self._changed.notify_all()
-            self._wake_polls()
+            self._sessions.wake_polls()
         log.info(
             "%s round %d opened for %d nodes (deadline %.0f s)",
             kind.value,
@@ -1251,7 +1112,7 @@ class RoundEngine:
                 del t.selected[session_id]
                 t.selected[s.session_id] = group
                 self._changed.notify_all()
-                self._wake_polls([s])
+                self._sessions.wake_polls([s])
                 return True
         return False
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.rounds import MAX_UNUSABLE_ROUNDS, Rejection, Role, RoundEngine, TaskKind, TaskSpec
+from coordinator.rounds import MAX_UNUSABLE_ROUNDS, Rejection, RoundEngine, TaskKind, TaskSpec
+from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
 from pluralfed.wire import TensorSlice, specs_of
 

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator import rounds
-from coordinator.rounds import Rejection, Role, RoundEngine, TaskKind
+from coordinator import rounds, sessions
+from coordinator.rounds import Rejection, RoundEngine, TaskKind
+from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
 from coordinator.state import load_state
 from pluralfed.errors import InputError
@@ -477,14 +478,14 @@ def test_a_poll_wakes_no_other_nodes_poll(tmp_path: Path) -> None:
     waiting = [engine.join(g, Role.TRAIN, 10, ENC, "t") for g in "ABCDE"]
     busy = engine.join("F", Role.TRAIN, 10, ENC, "t")
     looks = {s.session_id: 0 for s in waiting}  # how often each waiting poll woke to look
-    session_of = engine._session
+    session_of = engine._sessions.lookup
 
     def counted(session_id: str, group: str | None, touch: bool = True) -> Any:
         if not touch and session_id in looks:
             looks[session_id] += 1
         return session_of(session_id, group, touch)
 
-    engine._session = counted  # type: ignore[method-assign]
+    engine._sessions.lookup = counted  # type: ignore[method-assign]
     answers: list[TaskKind] = []
     connected = threading.Event()
     connected.set()
@@ -614,7 +615,9 @@ def test_a_session_silent_just_past_session_timeout_is_not_live_nor_selected(
     be handed the next round (which would then wait for it). The engine's clock is frozen and
     moved by hand: A is live at exactly the timeout and not 1 s (1.03 x) later."""
     now = [time.monotonic()]
-    monkeypatch.setattr(rounds, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    clock = SimpleNamespace(monotonic=lambda: now[0], time=time.time)
+    monkeypatch.setattr(rounds, "time", clock)
+    monkeypatch.setattr(sessions, "time", clock)  # expiry is the session table's
     settings = RoundSettings(rounds=1, min_nodes=1, eval_every=0, session_timeout_s=30)
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     engine.join("A", Role.TRAIN, 10, ENC, "t")

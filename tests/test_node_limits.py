@@ -23,7 +23,7 @@ from fedharness import HOST, FakeNode, Pki, reject_name, rpc_error, update_messa
 
 import pluralfed.auth as auth_module
 import pluralfed.logthrottle as logthrottle_module
-from coordinator.rounds import Rejection, Role, RoundEngine
+from coordinator.rounds import Rejection, RoundEngine
 from coordinator.server import (
     MAX_CALLS_PER_NODE,
     MAX_STREAMS_PER_CONNECTION,
@@ -32,6 +32,7 @@ from coordinator.server import (
     start_server,
 )
 from coordinator.service import CoordinatorConfig, check_roles
+from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
 from pluralfed import tls
 from pluralfed.auth import AllowList, RefusalLog
