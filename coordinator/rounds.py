@@ -21,10 +21,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +40,7 @@ from coordinator.strategy import (
     make_server_optimizer,
     streaming_update_norm,
 )
+from coordinator.tasks import GlobalModel, OpenTask, TaskKind, TaskSpec
 from coordinator.validation import (
     MAX_FREE_TEXT,
     MAX_NODE_EXAMPLES,
@@ -67,13 +67,6 @@ TRAIN_SET, HELD_OUT_SET = "training groups (test questions)", "held-out groups"
 QUORUM_LOG_INTERVAL_S = 60.0  # a coordinator waiting for its quorum says so again this often
 
 
-class TaskKind(StrEnum):
-    TRAIN = "train"
-    EVALUATE = "evaluate"
-    WAIT = "wait"
-    SHUTDOWN = "shutdown"
-
-
 # a round whose average (or its server step) is unusable this many times in a row stops the run:
 # the same updates would fail again, and every node would train for it for ever
 MAX_UNUSABLE_ROUNDS = 3
@@ -83,48 +76,6 @@ MAX_UNUSABLE_ROUNDS = 3
 RETRY_PAUSE_FIRST_S = 1.0
 RETRY_PAUSE_MAX_S = 60.0
 STOPPING_POLL_S = 0.5  # how often a long poll looks whether its call was cancelled, once stopping
-
-
-class GlobalModel(NamedTuple):
-    """One version of the global model, as nodes download it."""
-
-    version: str
-    round: int  # completed rounds that made it
-    weights: Mapping[str, np.ndarray]
-    digest: bytes = b""  # digest_of(weights) when known: hashing a large model once is enough
-    # the task open when it was read ("" none): its download is of use while that one is, and
-    # read under the same lock, so a round closing in between cannot make it the next task's
-    task_id: str = ""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a node is asked to do next; the transport turns it into a protobuf Task."""
-
-    kind: TaskKind
-    task_id: str = ""
-    round: int = 0
-    model_version: str = ""
-    deadline: float = 0.0  # time.monotonic() seconds (the transport sends it as a timestamp)
-    settings: RoundSettings | None = None
-
-
-@dataclass
-class _OpenTask:
-    kind: TaskKind
-    task_id: str
-    round: int
-    model_version: str
-    deadline: float
-    selected: dict[str, str]  # session id -> group
-    answered: dict[str, str] = field(default_factory=dict)  # group -> outcome
-    folding: set[str] = field(default_factory=set)  # groups whose update is being folded now
-    aggregate: StreamingFedAvg | None = None
-    evaluations: dict[str, tuple[Role, GroupEvaluation]] = field(default_factory=dict)
-    bytes_in: int = 0
-    node_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)  # group -> its update's weight
-    started: float = field(default_factory=time.monotonic)
 
 
 class RoundEngine:
@@ -158,7 +109,7 @@ class RoundEngine:
         self._rejection_lines = LogThrottle()  # lines nodes can cause, one a minute per kind
         self._check_lines = LogThrottle()  # `node check`s that passed, per group
         self._sessions = SessionTable(settings, self._lock, self._changed)  # under the lock
-        self._task: _OpenTask | None = None
+        self._task: OpenTask | None = None
         self._aggregate: StreamingFedAvg | None = None
         self._done = False
         self._stop = threading.Event()
@@ -395,7 +346,7 @@ class RoundEngine:
             self._sessions.wake_polls([s])
         log.info("node %s left: %s", s.group, quoted(reason, MAX_REASON_TEXT))
 
-    def _give_up_on(self, t: _OpenTask, s: NodeSession, outcome: str) -> bool:
+    def _give_up_on(self, t: OpenTask, s: NodeSession, outcome: str) -> bool:
         """Record `outcome` as the answer of a node the round handed `t` to and still waits
         for (it left, failed or fell silent), so the round need not wait for its deadline.
         Called with the lock held; False if the node had no such open part in `t`."""
@@ -404,7 +355,7 @@ class RoundEngine:
         s.mark_answered(t.task_id, self._open_task_id())
         return True
 
-    def _give_up_on_group(self, t: _OpenTask, session_id: str, outcome: str) -> bool:
+    def _give_up_on_group(self, t: OpenTask, session_id: str, outcome: str) -> bool:
         """`_give_up_on` for a selected session, also one that no longer exists (it expired)."""
         group = t.selected[session_id]
         if group in t.answered or group in t.folding:
@@ -494,7 +445,7 @@ class RoundEngine:
 
     def _current_train_task(
         self, s: NodeSession, task_id: str, round_: int, base_model_version: str
-    ) -> _OpenTask:
+    ) -> OpenTask:
         if s.role != Role.TRAIN:  # the protocol: a role refusal is a status, not a reject reason
             raise Rejection(
                 "PERMISSION_DENIED",
@@ -627,7 +578,7 @@ class RoundEngine:
 
     def _fold(
         self,
-        t: _OpenTask,
+        t: OpenTask,
         group: str,
         replay: Callable[[], Iterator[TensorSlice]],
         weight: float,
@@ -739,7 +690,7 @@ class RoundEngine:
             s.mark_answered(task_id, self._open_task_id())
             self._changed.notify_all()
 
-    def _open_evaluation(self, s: NodeSession, task_id: str, round_: int) -> _OpenTask:
+    def _open_evaluation(self, s: NodeSession, task_id: str, round_: int) -> OpenTask:
         """The open EVALUATE task if `task_id` and `round_` name it and `s` was asked."""
         t = self._task
         if t is None or t.kind != TaskKind.EVALUATE or t.task_id != task_id or t.round != round_:
@@ -925,7 +876,7 @@ class RoundEngine:
                 self._held_out_seen.add(g)
         self._held_out_seen.update(_held_out_named(e))
 
-    def _held_out_groups(self, t: _OpenTask) -> set[str]:
+    def _held_out_groups(self, t: OpenTask) -> set[str]:
         """The run's held-out groups: evaluate_only when set; else those whose node joined as
         evaluate-only, in this evaluation or an earlier one (each node says its role)."""
         if self.settings.evaluate_only is not None:
@@ -1038,11 +989,11 @@ class RoundEngine:
             self._aggregate.reset()
         return self._aggregate
 
-    def _open(self, kind: TaskKind, sessions: list[NodeSession], timeout: float) -> _OpenTask:
+    def _open(self, kind: TaskKind, sessions: list[NodeSession], timeout: float) -> OpenTask:
         round_ = self.state.completed_rounds + (1 if kind == TaskKind.TRAIN else 0)
         with self._changed:
             aggregate = self._round_aggregate() if kind == TaskKind.TRAIN else None
-        t = _OpenTask(
+        t = OpenTask(
             kind=kind,
             task_id=uuid.uuid4().hex,
             round=round_,
@@ -1064,7 +1015,7 @@ class RoundEngine:
         )
         return t
 
-    def _wait_for_answers(self, t: _OpenTask) -> None:
+    def _wait_for_answers(self, t: OpenTask) -> None:
         with self._changed:
             while not self._stop.is_set():
                 self._give_up_on_silent(t)
@@ -1079,7 +1030,7 @@ class RoundEngine:
                     return
                 self._changed.wait(min(remaining, 1.0))
 
-    def _give_up_on_silent(self, t: _OpenTask) -> None:
+    def _give_up_on_silent(self, t: OpenTask) -> None:
         """Nodes of `t` whose session expired (no call for session_timeout_s: heartbeats keep a
         working node's alive) are that task's missing answers: waiting longer cannot help."""
         now = time.monotonic()
@@ -1101,7 +1052,7 @@ class RoundEngine:
                     group,
                 )
 
-    def _take_over(self, t: _OpenTask, session_id: str, group: str) -> bool:
+    def _take_over(self, t: OpenTask, session_id: str, group: str) -> bool:
         """A node that rejoined between the round's choice of sessions and its opening keeps its
         place: its new session takes over the old one's (as `join` does once a round is open)."""
         if group in t.answered or group in t.folding:
@@ -1116,7 +1067,7 @@ class RoundEngine:
                 return True
         return False
 
-    def _retry_pause(self, t: _OpenTask) -> float:
+    def _retry_pause(self, t: OpenTask) -> float:
         """Seconds to wait before trying round `t` again: none after a deadline passed (that
         wait was the pause), else one that doubles with each early failure in a row."""
         if time.monotonic() >= t.deadline:

@@ -27,9 +27,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.rounds import GlobalModel, RoundEngine, TaskKind, TaskSpec
+from coordinator.rounds import RoundEngine
 from coordinator.sessions import NodeSession, Role
 from coordinator.settings import MAX_GROUP_NAME
+from coordinator.tasks import GlobalModel, TaskKind, TaskSpec
 from coordinator.validation import (
     MAX_FREE_TEXT,
     MAX_NODE_EXAMPLES,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from tinymodel import CFG, random_item
 
-from coordinator.rounds import TaskKind, TaskSpec
 from coordinator.server import task_to_proto
 from coordinator.service import CoordinatorConfig
 from coordinator.settings import RoundSettings
+from coordinator.tasks import TaskKind, TaskSpec
 from group_node.node import local_steps_of, training_settings
 from pluralfed.episodes import Episode, jitter_questions, make_batch
 from pluralfed.errors import InputError

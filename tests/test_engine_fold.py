@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.rounds import MAX_UNUSABLE_ROUNDS, Rejection, RoundEngine, TaskKind, TaskSpec
+from coordinator.rounds import MAX_UNUSABLE_ROUNDS, Rejection, RoundEngine
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
+from coordinator.tasks import TaskKind, TaskSpec
 from pluralfed.wire import TensorSlice, specs_of
 
 ENCODER = "test-encoder"

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from coordinator import rounds, sessions
-from coordinator.rounds import Rejection, RoundEngine, TaskKind
+from coordinator.rounds import Rejection, RoundEngine
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
 from coordinator.state import load_state
+from coordinator.tasks import TaskKind
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
 from pluralfed.wire import TensorSlice, specs_of

@@ -1,7 +1,8 @@
 """The architecture's boundaries, checked on the real imports: transport knows nothing of ML
-(the coordinator's server and round engine load without torch), and aggregation knows nothing of
-gRPC (the strategy loads without grpc or protobuf). Each check runs in a fresh interpreter, so
-what other tests imported cannot hide a dependency."""
+(the coordinator's server and round engine load without torch), the round engine and its parts
+(sessions, tasks) know nothing of gRPC, and aggregation knows nothing of gRPC (the strategy loads
+without grpc or protobuf). Each check runs in a fresh interpreter, so what other tests imported
+cannot hide a dependency."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
     [
         "coordinator.server",
         "coordinator.rounds",
+        "coordinator.sessions",
+        "coordinator.tasks",
         "pluralfed.auth",
         "pluralfed.pki",
         "pluralfed.records",
@@ -40,6 +43,20 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
 )
 def test_transport_and_round_logic_load_without_ml(module: str) -> None:
     assert loaded_after_import([module], ["torch", "transformers"]) == []
+
+
+@pytest.mark.parametrize(
+    "module", ["coordinator.rounds", "coordinator.sessions", "coordinator.tasks"]
+)
+def test_round_logic_loads_without_grpc(module: str) -> None:
+    # the engine is called by the transport, never the other way: it runs without gRPC
+    assert loaded_after_import([module], ["grpc", "google.protobuf", "coordinator.server"]) == []
+
+
+@pytest.mark.parametrize("module", ["coordinator.sessions", "coordinator.tasks"])
+def test_the_engines_parts_load_without_the_engine(module: str) -> None:
+    # rounds.py uses them, never the other way: each can be read (and tested) on its own
+    assert loaded_after_import([module], ["coordinator.rounds"]) == []
 
 
 def test_runtime_tls_loads_without_the_pki_tooling() -> None:

@@ -18,10 +18,11 @@ import pytest
 from fedharness import HOST, FakeNode, reject_name, update_messages, wait_until
 
 import coordinator.server as server_module
-from coordinator.rounds import RoundEngine, TaskKind
+from coordinator.rounds import RoundEngine
 from coordinator.server import StreamSlots, start_server
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
+from coordinator.tasks import TaskKind
 from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.transport import StreamDeadlines

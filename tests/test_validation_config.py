@@ -17,11 +17,11 @@ import pytest
 
 import pluralfed.checkpoint as checkpoint_module
 from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
-from coordinator.rounds import TaskKind, TaskSpec
 from coordinator.server import task_to_proto
 from coordinator.service import CoordinatorConfig, model_config
 from coordinator.settings import NODE_MAX_HEARTBEAT_S, NODE_MAX_LOCAL_STEPS, RoundSettings
 from coordinator.state import STATE_FILE, RunState, load_state, save_state
+from coordinator.tasks import TaskKind, TaskSpec
 from group_node.client import MAX_HEARTBEAT_INTERVAL_S
 from group_node.node import MAX_LOCAL_STEPS, local_steps_of, training_settings
 from pluralfed.checkpoint import load_checkpoint, save_checkpoint

@@ -30,8 +30,8 @@ from fedharness import stand_in_coordinator
 from safetensors.numpy import save_file
 
 import pluralfed.training
-from coordinator.rounds import GlobalModel
 from coordinator.server import ModelDownload
+from coordinator.tasks import GlobalModel
 from group_node.client import model_config_of
 from group_node.config import NodeConfig
 from group_node.node import GroupNode, audit_file_name
