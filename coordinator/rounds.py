@@ -20,13 +20,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from coordinator.evaluations import EvaluatedGroups, combine_evaluations
 from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from coordinator.metrics_file import MetricsFile
 from coordinator.sessions import NodeSession, Role, SessionTable
@@ -54,7 +55,7 @@ from coordinator.validation import (
 )
 from pluralfed.errors import InputError, quoted
 from pluralfed.logthrottle import LogThrottle
-from pluralfed.metrics import GroupEvaluation, SetReport, summarize_groups
+from pluralfed.metrics import GroupEvaluation
 from pluralfed.protocol import (
     ALIGNMENT_BEFORE,
 )
@@ -63,7 +64,6 @@ from pluralfed.wire import TensorSlice, TensorSpec, digest_of, specs_of
 
 log = logging.getLogger("pluralfed.coordinator")
 
-TRAIN_SET, HELD_OUT_SET = "training groups (test questions)", "held-out groups"
 QUORUM_LOG_INTERVAL_S = 60.0  # a coordinator waiting for its quorum says so again this often
 
 
@@ -125,8 +125,7 @@ class RoundEngine:
         self.finished_at_start = False
         self.evaluated_again = False  # ... whose final evaluation this process replaced
         self._joined: set[str] = set()  # groups that joined this process
-        self._evaluated: set[str] = set()  # groups the run's evaluations had (_note_evaluation)
-        self._held_out_seen: set[str] = set()  # held-out groups its evaluations named
+        self._evaluated = EvaluatedGroups()  # what the run's evaluations had
         self._told_end: set[str] = set()  # groups whose node was handed SHUTDOWN
         resumed = load_state(self.state_dir)
         if resumed is not None:
@@ -173,7 +172,7 @@ class RoundEngine:
                 evaluations=EvaluationLog.create(self.state_dir / EVALUATIONS_FILE),
             )
             save_state(self.state_dir, self.state)
-        self._note_evaluations()  # a resumed run's
+        self._evaluated.reload(self.state.evaluations.records())  # a resumed run's
         self.specs: list[TensorSpec] = specs_of(self.state.weights)
         self._refresh_version()
         self.metrics = MetricsFile(self.state_dir, self.state)
@@ -855,26 +854,7 @@ class RoundEngine:
         held-out group missing only because no node of it was connected is left out: its node
         may never have come, and the run's end is not held up for it (the evaluations count it
         via _held_out_groups)."""
-        return set(self._evaluated)
-
-    def _note_evaluations(self) -> None:
-        """What the engine reads of the evaluations in force, from evaluations.jsonl (one
-        record at a time): at start, and after an evaluation replaced the last one."""
-        self._evaluated, self._held_out_seen = set(), set()
-        for evaluation in self.state.evaluations.records():
-            self._note_evaluation(evaluation)
-
-    def _note_evaluation(self, e: EvaluationRecord) -> None:
-        """What the engine reads of every evaluation, kept as they come (the records
-        themselves are in evaluations.jsonl): the groups they had, and the held-out ones."""
-        unconnected = _held_out_unconnected(e)
-        self._evaluated.update(e.get("groups", ()))
-        self._evaluated.update(g for g in e.get("missing", ()) if g not in unconnected)
-        rows = e.get("per_group")
-        for g, row in rows.items() if isinstance(rows, Mapping) else ():
-            if isinstance(row, Mapping) and row.get("role") == Role.EVALUATE_ONLY:
-                self._held_out_seen.add(g)
-        self._held_out_seen.update(_held_out_named(e))
+        return set(self._evaluated.groups)
 
     def _held_out_groups(self, t: OpenTask) -> set[str]:
         """The run's held-out groups: evaluate_only when set; else those whose node joined as
@@ -886,7 +866,7 @@ class RoundEngine:
             s = self._sessions.get(session_id)
             if s is not None and s.role == Role.EVALUATE_ONLY:
                 held.add(group)
-        return held | self._held_out_seen
+        return held | self._evaluated.held_out
 
     def _wait_for_evaluators(self) -> bool:
         """Before an evaluation a stopped coordinator owed (after a restart): the quorum, then
@@ -1213,9 +1193,9 @@ class RoundEngine:
                 self.evaluated_again = True
             save_state(self.state_dir, self.state, self.model_digest, evaluation=record)
             if earlier is None:
-                self._note_evaluation(record)
+                self._evaluated.note(record)
             else:  # what the replaced one had may be gone
-                self._note_evaluations()
+                self._evaluated.reload(self.state.evaluations.records())
             self.metrics.write(None if earlier else record)
         log.info("%s", describe_record(record))
         if self._on_round:
@@ -1230,28 +1210,3 @@ class RoundEngine:
             "completed_rounds": self.state.completed_rounds,
             "settings": asdict(self.settings),
         }
-
-
-def _held_out_named(record: Mapping[str, Any], key: str = "missing_held_out") -> set[str]:
-    """The record's missing held-out groups (records older than the field lack it: none
-    then)."""
-    names = record.get(key)
-    return {g for g in names if isinstance(g, str)} if isinstance(names, list) else set()
-
-
-def _held_out_unconnected(record: Mapping[str, Any]) -> set[str]:
-    """The record's held-out groups that had no node connected when it was asked for; records
-    written before that field existed say only which were missing, so all of those."""
-    if "held_out_unconnected" in record:
-        return _held_out_named(record, "held_out_unconnected")
-    return _held_out_named(record)
-
-
-def combine_evaluations(
-    evaluations: Iterable[tuple[Role, GroupEvaluation]],
-) -> dict[str, SetReport]:
-    """PROTOCOL.md figures from per-group reports: training nodes' test questions vs held-out."""
-    sets: dict[str, list[GroupEvaluation]] = {TRAIN_SET: [], HELD_OUT_SET: []}
-    for role, e in evaluations:
-        sets[TRAIN_SET if role == Role.TRAIN else HELD_OUT_SET].append(e)
-    return {name: summarize_groups(evals) for name, evals in sets.items() if evals}

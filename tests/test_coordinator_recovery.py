@@ -326,7 +326,7 @@ def test_a_replaced_evaluation_leaves_the_engine_as_a_restart_would_find_it(
     assert engine.evaluated_again and engine.final_evaluation()["held_out_unconnected"] == ["H"]  # type: ignore[index]
     restarted = RoundEngine(settings, WEIGHTS, folder, ENC, {})
     assert engine._evaluated_groups() == restarted._evaluated_groups() == {"A"}
-    assert engine._held_out_seen == restarted._held_out_seen
+    assert engine._evaluated.held_out == restarted._evaluated.held_out
 
 
 def test_a_history_that_is_not_a_plain_file_is_refused(tmp_path: Path) -> None:

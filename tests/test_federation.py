@@ -35,7 +35,7 @@ from fedharness import (
     weighted_average,
 )
 
-from coordinator.rounds import HELD_OUT_SET, TRAIN_SET
+from coordinator.evaluations import HELD_OUT_SET, TRAIN_SET
 from coordinator.state import load_state
 from pluralfed.checkpoint import load_checkpoint
 from pluralfed.localfed import node_id

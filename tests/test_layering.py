@@ -1,8 +1,8 @@
 """The architecture's boundaries, checked on the real imports: transport knows nothing of ML
 (the coordinator's server and round engine load without torch), the round engine and its parts
-(sessions, tasks) know nothing of gRPC, and aggregation knows nothing of gRPC (the strategy loads
-without grpc or protobuf). Each check runs in a fresh interpreter, so what other tests imported
-cannot hide a dependency."""
+(sessions, tasks, evaluations) know nothing of gRPC, and aggregation knows nothing of gRPC (the
+strategy loads without grpc or protobuf). Each check runs in a fresh interpreter, so what other
+tests imported cannot hide a dependency."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
         "coordinator.rounds",
         "coordinator.sessions",
         "coordinator.tasks",
+        "coordinator.evaluations",
         "pluralfed.auth",
         "pluralfed.pki",
         "pluralfed.records",
@@ -46,14 +47,17 @@ def test_transport_and_round_logic_load_without_ml(module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["coordinator.rounds", "coordinator.sessions", "coordinator.tasks"]
+    "module",
+    ["coordinator.rounds", "coordinator.sessions", "coordinator.tasks", "coordinator.evaluations"],
 )
 def test_round_logic_loads_without_grpc(module: str) -> None:
     # the engine is called by the transport, never the other way: it runs without gRPC
     assert loaded_after_import([module], ["grpc", "google.protobuf", "coordinator.server"]) == []
 
 
-@pytest.mark.parametrize("module", ["coordinator.sessions", "coordinator.tasks"])
+@pytest.mark.parametrize(
+    "module", ["coordinator.sessions", "coordinator.tasks", "coordinator.evaluations"]
+)
 def test_the_engines_parts_load_without_the_engine(module: str) -> None:
     # rounds.py uses them, never the other way: each can be read (and tested) on its own
     assert loaded_after_import([module], ["coordinator.rounds"]) == []
