@@ -28,12 +28,13 @@ from test_engine_recovery import ENC, WEIGHTS, evaluated, replay_of, serve, star
 import coordinator.service as service
 import coordinator.state as state_module
 from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE
-from coordinator.rounds import Rejection, RoundEngine
+from coordinator.rounds import RoundEngine
 from coordinator.service import EXIT_CANNOT_WRITE, CoordinatorConfig, run_coordinator
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
 from coordinator.state import STATE_FILE, CheckpointError, load_state
 from coordinator.tasks import TaskKind
+from coordinator.validation import Rejection
 from pluralfed.auth import AllowList
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.rounds import MAX_UNUSABLE_ROUNDS, Rejection, RoundEngine
+from coordinator.rounds import MAX_UNUSABLE_ROUNDS, RoundEngine
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
 from coordinator.tasks import TaskKind, TaskSpec
+from coordinator.validation import Rejection
 from pluralfed.wire import TensorSlice, specs_of
 
 ENCODER = "test-encoder"

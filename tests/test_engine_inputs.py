@@ -18,12 +18,12 @@ import pytest
 from fedharness import scaled, wait_until
 from test_engine_recovery import ENC, WEIGHTS, replay_of, serve, start
 
-from coordinator.rounds import Rejection, RoundEngine
+from coordinator.rounds import RoundEngine
 from coordinator.sessions import NodeSession, Role
 from coordinator.settings import RoundSettings
 from coordinator.state import STATE_FILE, STATE_VERSION
 from coordinator.tasks import TaskKind, TaskSpec
-from coordinator.validation import MAX_METRIC_NAME, clipped
+from coordinator.validation import MAX_METRIC_NAME, Rejection, clipped
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
 

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator import rounds, sessions
-from coordinator.rounds import Rejection, RoundEngine
+from coordinator import node_calls, rounds, sessions
+from coordinator.rounds import RoundEngine
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
 from coordinator.state import load_state
 from coordinator.tasks import TaskKind
+from coordinator.validation import Rejection
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
 from pluralfed.wire import TensorSlice, specs_of
@@ -617,8 +618,8 @@ def test_a_session_silent_just_past_session_timeout_is_not_live_nor_selected(
     moved by hand: A is live at exactly the timeout and not 1 s (1.03 x) later."""
     now = [time.monotonic()]
     clock = SimpleNamespace(monotonic=lambda: now[0], time=time.time)
-    monkeypatch.setattr(rounds, "time", clock)
-    monkeypatch.setattr(sessions, "time", clock)  # expiry is the session table's
+    for module in (rounds, node_calls, sessions):  # the engine's parts each read the clock
+        monkeypatch.setattr(module, "time", clock)
     settings = RoundSettings(rounds=1, min_nodes=1, eval_every=0, session_timeout_s=30)
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     engine.join("A", Role.TRAIN, 10, ENC, "t")

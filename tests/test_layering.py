@@ -1,8 +1,8 @@
 """The architecture's boundaries, checked on the real imports: transport knows nothing of ML
 (the coordinator's server and round engine load without torch), the round engine and its parts
-(sessions, tasks, evaluations) know nothing of gRPC, and aggregation knows nothing of gRPC (the
-strategy loads without grpc or protobuf). Each check runs in a fresh interpreter, so what other
-tests imported cannot hide a dependency."""
+(node calls, sessions, tasks, evaluations) know nothing of gRPC, and aggregation knows nothing of
+gRPC (the strategy loads without grpc or protobuf). Each check runs in a fresh interpreter, so
+what other tests imported cannot hide a dependency."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
         "coordinator.sessions",
         "coordinator.tasks",
         "coordinator.evaluations",
+        "coordinator.node_calls",
         "pluralfed.auth",
         "pluralfed.pki",
         "pluralfed.records",
@@ -48,7 +49,13 @@ def test_transport_and_round_logic_load_without_ml(module: str) -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["coordinator.rounds", "coordinator.sessions", "coordinator.tasks", "coordinator.evaluations"],
+    [
+        "coordinator.rounds",
+        "coordinator.node_calls",
+        "coordinator.sessions",
+        "coordinator.tasks",
+        "coordinator.evaluations",
+    ],
 )
 def test_round_logic_loads_without_grpc(module: str) -> None:
     # the engine is called by the transport, never the other way: it runs without gRPC
@@ -56,7 +63,13 @@ def test_round_logic_loads_without_grpc(module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["coordinator.sessions", "coordinator.tasks", "coordinator.evaluations"]
+    "module",
+    [
+        "coordinator.node_calls",
+        "coordinator.sessions",
+        "coordinator.tasks",
+        "coordinator.evaluations",
+    ],
 )
 def test_the_engines_parts_load_without_the_engine(module: str) -> None:
     # rounds.py uses them, never the other way: each can be read (and tested) on its own

@@ -23,7 +23,7 @@ from fedharness import HOST, FakeNode, Pki, reject_name, rpc_error, update_messa
 
 import pluralfed.auth as auth_module
 import pluralfed.logthrottle as logthrottle_module
-from coordinator.rounds import Rejection, RoundEngine
+from coordinator.rounds import RoundEngine
 from coordinator.server import (
     MAX_CALLS_PER_NODE,
     MAX_STREAMS_PER_CONNECTION,
@@ -34,6 +34,7 @@ from coordinator.server import (
 from coordinator.service import CoordinatorConfig, check_roles
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
+from coordinator.validation import Rejection
 from pluralfed import tls
 from pluralfed.auth import AllowList, RefusalLog
 from pluralfed.config import ConfigValueError, load_config
