@@ -8,8 +8,8 @@ reader and for mypy). rounds.py holds that state and the driver that opens and c
 this file holds what a node may do to an open round, and the checks that keep it to that.
 
 Locking: each call takes the engine's one lock (`_lock`, an RLock, with `_changed` its
-condition) for everything it reads and changes, and notifies `_changed` when the driver may have
-something new to see. Two things happen without the lock: an update's replay and fold (a pass
+condition) for the engine state it reads and changes, and notifies `_changed` when the driver may
+have something new to see. Two things happen without the lock: an update's replay and fold (a pass
 over the whole update, see `accept_update`), and a long poll's sleep, which waits on its own
 session's `wakeup` condition (made on the same lock, so the wait releases it).
 """
