@@ -25,7 +25,7 @@ from coordinator.sessions import NodeSession, Role, SessionTable
 from coordinator.settings import RoundSettings
 from coordinator.state import RunState
 from coordinator.strategy import fairness_weight, streaming_update_norm
-from coordinator.tasks import GlobalModel, OpenTask, TaskKind, TaskSpec
+from coordinator.tasks import ClosedTask, GlobalModel, OpenTask, TaskKind, TaskSpec
 from coordinator.validation import (
     MAX_FREE_TEXT,
     MAX_NODE_EXAMPLES,
@@ -61,6 +61,7 @@ class NodeCalls:
     _changed: threading.Condition
     _sessions: SessionTable
     _task: OpenTask | None
+    _closed: ClosedTask | None
     _done: bool
     _stop: threading.Event
     _joined: set[str]
@@ -285,6 +286,7 @@ class NodeCalls:
             )
         t = self._task
         if t is None or t.kind != TaskKind.TRAIN or t.task_id != task_id or t.round != round_:
+            self._refuse_repeat_after_close(s, TaskKind.TRAIN, task_id, round_)
             raise Rejection(
                 "FAILED_PRECONDITION",
                 f"stale update from {s.group}: task {quoted(task_id)} round {round_} is not the "
@@ -492,40 +494,57 @@ class NodeCalls:
         of the model version the task named (a report on another model would be mixed in)."""
         with self._changed:
             s = self._sessions.lookup(session_id, group)
-            t = self._open_evaluation(s, task_id, round_)
-            if s.group in t.evaluations:
-                raise Rejection("ALREADY_EXISTS", f"{s.group} already reported this evaluation")
-            if s.group in t.answered:  # its report was refused: one report decides a round
-                raise Rejection(
-                    "FAILED_PRECONDITION",
-                    f"{s.group}'s evaluation for round {round_} was already refused "
-                    f"({t.answered[s.group]})",
-                )
+            t = self._evaluation_task(s, task_id, round_, model_version)
             if evaluation.group != s.group:
                 raise Rejection(
                     "PERMISSION_DENIED",
                     f"{s.group} may report only its own group, not {quoted(evaluation.group)}",
-                )
-            if model_version != t.model_version:
-                raise Rejection(
-                    "FAILED_PRECONDITION",
-                    f"evaluation from {s.group} is of model version {quoted(model_version)}, not "
-                    f"the task's {t.model_version!r}",
-                )
-            if time.monotonic() > t.deadline:
-                raise Rejection(
-                    "DEADLINE_EXCEEDED",
-                    f"evaluation round {round_} closed before {s.group}'s report",
                 )
             t.evaluations[s.group] = (s.role, evaluation)
             t.answered[s.group] = "evaluated"
             s.mark_answered(task_id, self._open_task_id())
             self._changed.notify_all()
 
+    def check_evaluation(
+        self, session_id: str, group: str | None, task_id: str, round_: int, model_version: str
+    ) -> None:
+        """Early refusal of a report that can never count, before its figures are checked: a
+        stale, repeated or late report is told so whatever its figures (the protocol's order)."""
+        with self._lock:
+            s = self._sessions.lookup(session_id, group)
+            self._evaluation_task(s, task_id, round_, model_version)
+
+    def _evaluation_task(
+        self, s: NodeSession, task_id: str, round_: int, model_version: str
+    ) -> OpenTask:
+        """The open EVALUATE task a report of `s` for `task_id` may still answer."""
+        t = self._open_evaluation(s, task_id, round_)
+        if s.group in t.evaluations:
+            raise Rejection("ALREADY_EXISTS", f"{s.group} already reported this evaluation")
+        if s.group in t.answered:  # its report was refused: one report decides a round
+            raise Rejection(
+                "FAILED_PRECONDITION",
+                f"{s.group}'s evaluation for round {round_} was already refused "
+                f"({t.answered[s.group]})",
+            )
+        if model_version != t.model_version:
+            raise Rejection(
+                "FAILED_PRECONDITION",
+                f"evaluation from {s.group} is of model version {quoted(model_version)}, not "
+                f"the task's {t.model_version!r}",
+            )
+        if time.monotonic() > t.deadline:
+            raise Rejection(
+                "DEADLINE_EXCEEDED",
+                f"evaluation round {round_} closed before {s.group}'s report",
+            )
+        return t
+
     def _open_evaluation(self, s: NodeSession, task_id: str, round_: int) -> OpenTask:
         """The open EVALUATE task if `task_id` and `round_` name it and `s` was asked."""
         t = self._task
         if t is None or t.kind != TaskKind.EVALUATE or t.task_id != task_id or t.round != round_:
+            self._refuse_repeat_after_close(s, TaskKind.EVALUATE, task_id, round_)
             raise Rejection(
                 "FAILED_PRECONDITION", f"evaluation for task {quoted(task_id)} is not the open one"
             )
@@ -553,6 +572,44 @@ class NodeCalls:
             t.answered[s.group] = f"rejected: {reason}"
             s.mark_answered(task_id, self._open_task_id())
             self._changed.notify_all()
+
+    def _refuse_repeat_after_close(
+        self, s: NodeSession, kind: TaskKind, task_id: str, round_: int
+    ) -> None:
+        """For an answer to the round closed last: the refusal that says what became of the
+        group's first answer (counted, refused) or that the round closed before any came."""
+        closed = self._closed
+        if closed is None or not closed.is_task(kind, task_id, round_):
+            return
+        outcome = closed.answered.get(s.group)
+        if kind == TaskKind.TRAIN:
+            if outcome == "accepted" or s.group in closed.folding:
+                raise Rejection(
+                    "ALREADY_EXISTS",
+                    f"{s.group}'s update for round {round_} was accepted; this copy is ignored",
+                    reason="DUPLICATE",
+                )
+            if outcome is not None and outcome.startswith("rejected"):
+                raise Rejection(
+                    "FAILED_PRECONDITION",
+                    f"{s.group}'s update for round {round_} was already refused ({outcome})",
+                    reason="ALREADY_REJECTED",
+                )
+            raise Rejection(
+                "DEADLINE_EXCEEDED",
+                f"round {round_} closed before the update from {s.group}",
+                "STALE",
+            )
+        if outcome == "evaluated":
+            raise Rejection("ALREADY_EXISTS", f"{s.group} already reported this evaluation")
+        if outcome is not None and outcome.startswith("rejected"):
+            raise Rejection(
+                "FAILED_PRECONDITION",
+                f"{s.group}'s evaluation for round {round_} was already refused ({outcome})",
+            )
+        raise Rejection(
+            "DEADLINE_EXCEEDED", f"evaluation round {round_} closed before {s.group}'s report"
+        )
 
     def _open_task_id(self) -> str | None:
         return self._task.task_id if self._task is not None else None

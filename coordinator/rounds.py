@@ -56,7 +56,7 @@ from coordinator.strategy import (
     StreamingFedAvg,
     make_server_optimizer,
 )
-from coordinator.tasks import OpenTask, TaskKind
+from coordinator.tasks import ClosedTask, OpenTask, TaskKind
 from pluralfed.errors import InputError
 from pluralfed.logthrottle import LogThrottle
 from pluralfed.records import EvaluationRecord, RoundRecord, describe_record
@@ -110,6 +110,7 @@ class RoundEngine(NodeCalls):
         self._check_lines = LogThrottle()  # `node check`s that passed, per group
         self._sessions = SessionTable(settings, self._lock, self._changed)  # under the lock
         self._task: OpenTask | None = None
+        self._closed: ClosedTask | None = None  # the last round closed, for repeated answers
         self._aggregate: StreamingFedAvg | None = None
         self._done = False
         self._stop = threading.Event()
@@ -572,6 +573,7 @@ class RoundEngine(NodeCalls):
         self._wait_for_answers(t)
         with self._changed:
             self._task = None  # late uploads are now stale
+            self._closed = ClosedTask.of(t)
             while t.folding:  # updates claimed in time count: wait for their folds
                 self._changed.wait(1.0)
             assert t.aggregate is not None
@@ -655,6 +657,7 @@ class RoundEngine(NodeCalls):
         self._wait_for_answers(t)
         with self._changed:
             self._task = None
+            self._closed = ClosedTask.of(t)
             if self._stop.is_set() or not t.evaluations:
                 if not t.evaluations:
                     log.warning("evaluation at round %d: no reports", t.round)

@@ -772,6 +772,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             )
         if caller is not None:
             require_self(context, request.group)
+        try:  # a stale, repeated or late report is told so first, whatever its figures
+            self.engine.check_evaluation(
+                request.session_id, caller, request.task_id, request.round, request.model_version
+            )
+        except Rejection as r:
+            _abort(context, r)
         try:
             evaluation = _evaluation_of(request)
         except ValueError as err:

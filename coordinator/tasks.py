@@ -1,6 +1,7 @@
 """What the coordinator hands out and has open: the task kinds, a task as a node is told it
 (`TaskSpec`), the global model as a node downloads it (`GlobalModel`), and the round the engine
-has open (`OpenTask`, what its nodes answered so far).
+has open (`OpenTask`, what its nodes answered so far), and what it keeps of the round it closed
+last (`ClosedTask`).
 
 Plain data, with no lock of their own and nothing of the transport: the round engine
 (rounds.py) makes and changes them under its lock, and the transport (server.py) turns `TaskSpec`
@@ -75,3 +76,25 @@ class OpenTask:
     node_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)  # group -> its update's weight
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class ClosedTask:
+    """What the engine keeps of the round it closed last: whom it counted. A node whose answer
+    closed a round (the likeliest moment for its reply to be lost) and sends it again must be
+    told DUPLICATE or ALREADY_EXISTS, not "stale", or it cannot tell a counted answer from a
+    lost one. The round's sums are let go; `answered` and `folding` are the closed round's own,
+    so folds still ending after the close are seen."""
+
+    kind: TaskKind
+    task_id: str
+    round: int
+    answered: Mapping[str, str]  # group -> outcome
+    folding: set[str]
+
+    @classmethod
+    def of(cls, t: OpenTask) -> ClosedTask:
+        return cls(t.kind, t.task_id, t.round, t.answered, t.folding)
+
+    def is_task(self, kind: TaskKind, task_id: str, round_: int) -> bool:
+        return (self.kind, self.task_id, self.round) == (kind, task_id, round_)

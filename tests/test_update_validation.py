@@ -264,8 +264,9 @@ def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
     g1 = nodes["node-good-a"].download(task2.model_version)
     assert_weights_close(g1, expected1, "downloaded round-2 model")
 
-    # the old task (and round) is over
-    assert upload("node-nan", task, nudged(g1, 50)) == "STALE"
+    # the old task (and round) is over; the round closed last still says what became of an
+    # answer to it (node-nan's was refused)
+    assert upload("node-nan", task, nudged(g1, 50)) == "ALREADY_REJECTED"
     assert upload("node-nan", task2, nudged(g1, 50), round_=1) == "STALE"
     assert upload("node-nan", task2, nudged(g1, 50), task_id="f" * 32) == "STALE"
 
@@ -302,8 +303,10 @@ def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
     assert_weights_close(fed.engine.state.weights, expected2, "global model after round 2")
     assert fed.spooled() == []
 
-    # after the last round an update for it is stale too
-    assert upload("node-good-a", task2, good2["node-good-a"]) == "STALE"
+    # after the last round, a repeat counts nothing: it is told what became of the first
+    assert upload("node-good-a", task2, good2["node-good-a"]) == "DUPLICATE"
+    assert upload("node-shape", task2, good2["node-shape"]) == "ALREADY_REJECTED"
+    assert list(fed.engine.state.history.records())[1] == record
 
 
 def test_uploads_follow_the_chunk_size_the_coordinator_gives_at_join(tmp_path: Path) -> None:

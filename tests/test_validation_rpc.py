@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from fedharness import FakeNode, rpc_error, scaled, update_messages, wait_until
-from test_update_validation import ALLOW, ENCODER, Federation, serve
+from fedharness import FakeNode, reject_name, rpc_error, scaled, update_messages, wait_until
+from test_update_validation import ALLOW, ENCODER, Federation, serve, toy_weights
 
 import coordinator.server as server_module
 from coordinator.settings import RoundSettings
@@ -508,3 +508,52 @@ def _evaluation_round(fed: Federation, judge: FakeNode, nodes: dict[str, FakeNod
     assert record["missing"] == sorted(ALLOW[i] for i in BAD_REPORTS)
     assert record["per_group"]["Good A"]["model"] == 0.6
     assert record["reports"]["held-out groups"]["per_group"] == {"Judge": 0.2}
+
+
+def test_a_repeat_of_an_answer_after_its_round_closed_is_told_what_became_of_the_first(
+    tmp_path: Path,
+) -> None:
+    """The answer that closes a round is the likeliest to have its reply lost (the protocol
+    review, P1-P3). Its repeat was told STALE, or FAILED_PRECONDITION for a report, as if it had
+    never counted; a report after the evaluation's deadline got FAILED_PRECONDITION, not the
+    DEADLINE_EXCEEDED the protocol says; and a report's figures were checked before whether it
+    could count at all, so a bad repeat of a recorded report got INVALID_ARGUMENT."""
+    settings = RoundSettings(
+        rounds=1,
+        min_nodes=2,
+        min_updates=1,
+        eval_every=1,
+        round_timeout_s=scaled(60),
+        eval_timeout_s=scaled(3),
+        session_timeout_s=120.0,
+    )
+    with serve(tmp_path, settings) as fed:
+        a, b = fed.node("node-good-a"), fed.node("node-good-b")
+        try:
+            a.join(ENCODER, 10)
+            b.join(ENCODER, 10)
+            uploads = {}
+            for node in (a, b):
+                task = node.wait_task(pb.TASK_KIND_TRAIN, timeout=20)
+                uploads[node] = update_messages(node.session_id, task, toy_weights(), 10)
+                assert node.upload(uploads[node]).accepted
+            fed.wait_rounds(1)  # b's upload closed it
+            for node in (b, a):
+                assert reject_name(node.upload(uploads[node])) == "DUPLICATE"
+
+            task = a.wait_task(pb.TASK_KIND_EVALUATE, timeout=20)
+            assert b.wait_task(pb.TASK_KIND_EVALUATE, timeout=20).task_id == task.task_id
+            report(a, task)
+            # a bad repeat is a repeat first: ALREADY_EXISTS, not INVALID_ARGUMENT
+            bad = {**GOOD_METRICS, "model": 1.5}
+            assert status(report, a, task, metrics=bad)[0] == grpc.StatusCode.ALREADY_EXISTS
+            # ... and bad figures for a task that is not open are stale first
+            code, _ = status(report, b, pb.Task(task_id="f" * 32), metrics=bad)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            wait_until(lambda: fed.engine.done, 30, "the evaluation to close at its deadline")
+            code, details = status(report, b, task)  # b never reported: too late
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+            assert status(report, a, task)[0] == grpc.StatusCode.ALREADY_EXISTS
+        finally:
+            a.close()
+            b.close()

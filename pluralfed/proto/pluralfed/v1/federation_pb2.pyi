@@ -1132,7 +1132,8 @@ class UploadReply(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     accepted: _builtins.bool
     """True when the update was counted. A repeated upload for a task already accepted gets
-    accepted = false with REJECT_REASON_DUPLICATE: the first copy counts, never a second.
+    accepted = false with REJECT_REASON_DUPLICATE (also once that round has closed, until the
+    next one does): the first copy counts, never a second.
     """
     reason: Global___RejectReason.ValueType
     """Set when accepted is false."""

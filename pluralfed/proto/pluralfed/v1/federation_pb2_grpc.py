@@ -130,10 +130,12 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportEvaluation(self, request, context):
-        """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
+        """Reports the result of an EVALUATE task. Whether the report may count is checked first:
+        FAILED_PRECONDITION for a stale task or model version, DEADLINE_EXCEEDED after the round
+        closed, ALREADY_EXISTS for a second report (these two also for the round closed last, so
+        a node whose reply was lost can tell). Then INVALID_ARGUMENT names a bad field, and such a
         refusal is the node's answer to the task, as a refused update is (a later report:
-        FAILED_PRECONDITION); FAILED_PRECONDITION for a stale task or model version,
-        DEADLINE_EXCEEDED after the round closed, ALREADY_EXISTS for a second report.
+        FAILED_PRECONDITION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -122,10 +122,12 @@ class FederationStub:
     cancelled.
     """
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_federation_pb2.EvaluationReport, _federation_pb2.Ack]
-    """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
+    """Reports the result of an EVALUATE task. Whether the report may count is checked first:
+    FAILED_PRECONDITION for a stale task or model version, DEADLINE_EXCEEDED after the round
+    closed, ALREADY_EXISTS for a second report (these two also for the round closed last, so
+    a node whose reply was lost can tell). Then INVALID_ARGUMENT names a bad field, and such a
     refusal is the node's answer to the task, as a refused update is (a later report:
-    FAILED_PRECONDITION); FAILED_PRECONDITION for a stale task or model version,
-    DEADLINE_EXCEEDED after the round closed, ALREADY_EXISTS for a second report.
+    FAILED_PRECONDITION).
     """
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_federation_pb2.HeartbeatRequest, _federation_pb2.HeartbeatReply]
     """Keeps the session alive and tells the coordinator what the node is doing. A session with no
@@ -180,10 +182,12 @@ class FederationAsyncStub(FederationStub):
     cancelled.
     """
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_federation_pb2.EvaluationReport, _federation_pb2.Ack]  # type: ignore[assignment]
-    """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
+    """Reports the result of an EVALUATE task. Whether the report may count is checked first:
+    FAILED_PRECONDITION for a stale task or model version, DEADLINE_EXCEEDED after the round
+    closed, ALREADY_EXISTS for a second report (these two also for the round closed last, so
+    a node whose reply was lost can tell). Then INVALID_ARGUMENT names a bad field, and such a
     refusal is the node's answer to the task, as a refused update is (a later report:
-    FAILED_PRECONDITION); FAILED_PRECONDITION for a stale task or model version,
-    DEADLINE_EXCEEDED after the round closed, ALREADY_EXISTS for a second report.
+    FAILED_PRECONDITION).
     """
     Heartbeat: _aio.UnaryUnaryMultiCallable[_federation_pb2.HeartbeatRequest, _federation_pb2.HeartbeatReply]  # type: ignore[assignment]
     """Keeps the session alive and tells the coordinator what the node is doing. A session with no
@@ -265,10 +269,12 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
         request: _federation_pb2.EvaluationReport,
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.Ack, _abc.Awaitable[_federation_pb2.Ack]]:
-        """Reports the result of an EVALUATE task. INVALID_ARGUMENT names a bad field, and such a
+        """Reports the result of an EVALUATE task. Whether the report may count is checked first:
+        FAILED_PRECONDITION for a stale task or model version, DEADLINE_EXCEEDED after the round
+        closed, ALREADY_EXISTS for a second report (these two also for the round closed last, so
+        a node whose reply was lost can tell). Then INVALID_ARGUMENT names a bad field, and such a
         refusal is the node's answer to the task, as a refused update is (a later report:
-        FAILED_PRECONDITION); FAILED_PRECONDITION for a stale task or model version,
-        DEADLINE_EXCEEDED after the round closed, ALREADY_EXISTS for a second report.
+        FAILED_PRECONDITION).
         """
 
     @_abc_1.abstractmethod
