@@ -400,6 +400,7 @@ class GroupNode:
                 reply.run_id,
                 self._run_id,
             )
+            self._forget_run()
         self._run_id = reply.run_id
         log.info(
             "%s joined run %s as %s (session %s…)",
@@ -408,6 +409,22 @@ class GroupNode:
             self.config.role,
             reply.session_id[:8],
         )
+
+    def _forget_run(self) -> None:
+        """Drop the state of the run this node worked for before (a new JoinReply.run_id: the
+        proto says the node drops any state of the old run).
+
+        Dropped: the worker's model and local optimizer (keep_local_optimizer_state keeps Adam's
+        moments only within one run: the old model's moments would steer the new run's first
+        steps); the update the old coordinator could not store (an answer to a task of another
+        run, never to be sent to this one); the tasks refused in the old run (their ids mean
+        nothing in the new run, which may reuse one for a task this node must not refuse).
+        Kept: what concerns this node and not a run: the Joins that replaced its session (two
+        processes with one certificate do not stop being so), the task kinds it does not know
+        (already said once), its count of rounds trained (this process's total)."""
+        self.worker.forget_run()
+        self._unsent = None
+        self._refused.clear()
 
     def _heartbeats(self, stop: threading.Event) -> None:
         while not stop.wait(self.client.heartbeat_interval_s):

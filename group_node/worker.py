@@ -107,6 +107,13 @@ class GroupWorker:
         self.model: GPO | None = None
         self.trainer: LocalTrainer | None = None
 
+    def forget_run(self) -> None:
+        """Drop the model and its local optimizer (Adam moments, episode sampling): the node
+        joined another run (JoinReply.run_id), and keep_local_optimizer_state keeps optimizer
+        state only within one run, so the new run's first TRAIN task starts afresh."""
+        self.model = None
+        self.trainer = None
+
     @property
     def num_train_examples(self) -> int:
         return len(self.split.train)

@@ -8,7 +8,8 @@ coordinator where a real one cannot be made to answer so:
 - a coordinator that cannot be reached is logged with its address and gRPC's cause, and a
   misconfiguration (wrong CA, a certificate for another name) says what it means;
 - `node check` names the exact cause when gRPC's details do (and the role to set);
-- a coordinator that restarted into another run, and an unknown session, are logged once, clearly;
+- a coordinator that restarted into another run, and an unknown session, are logged once, clearly,
+  and a new run starts from none of the old run's state (local optimizer, refused tasks);
 - `node run` says what loading its data skipped, and warns once about a key others may read.
 """
 
@@ -27,7 +28,7 @@ import grpc
 import pytest
 from fedharness import HOST, FakeNode, Pki, free_port, stand_in_coordinator
 from test_update_validation import ALLOW, ENCODER, Federation, toy_weights
-from test_validation_node import FakeEncoder
+from test_validation_node import SMALL, FakeEncoder, StandIn, model_messages, small_weights, worker
 from test_validation_rpc import quiet_settings
 
 import group_node.node as node_module
@@ -211,7 +212,7 @@ def test_a_lost_session_is_said_once_and_a_new_run_is_named(
     with stand_in_coordinator(servicer) as port:
         cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
         with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
-            assert GroupNode(cfg, WORKER).run() == 0  # type: ignore[arg-type]
+            assert GroupNode(cfg, worker()).run() == 0  # a new run drops the worker's state
     warnings = [m for m in messages(caplog, logging.WARNING) if not m.startswith("INSECURE")]
     lost = "G: unknown or expired session 's-1'; joining again"
     if new_run:
@@ -220,6 +221,91 @@ def test_a_lost_session_is_said_once_and_a_new_run_is_named(
         assert "the earlier run was not resumed" in warnings[1]
     else:
         assert warnings == [lost]
+
+
+class RestartsIntoRun(StandIn):
+    """Offers run-1's TRAIN task t-1 and refuses its update for good (NORM_BOUND), then forgets
+    the session; the Join after that opens `second_run`, which offers t-1 (twice, unless its
+    update is counted), then t-2, then ends. Each task is 1 local step, keeping the optimizer
+    state (what this coordinator always sends)."""
+
+    def __init__(self, second_run: str) -> None:
+        super().__init__(json.dumps(SMALL.to_dict()), model_messages(small_weights()))
+        self.second_run = second_run
+        self.joins = 0
+        self.polls = 0  # of the second session
+        self.uploads: list[tuple[str, str]] = []  # (session, task)
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        reply = super().Join(request, context)
+        self.joins += 1
+        reply.session_id = f"s-{self.joins}"
+        reply.run_id = "run-1" if self.joins == 1 else self.second_run
+        return reply
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        if request.session_id == "s-1":
+            if self.uploads:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session: join")
+            return self.train_task("t-1")
+        self.polls += 1
+        counted = [task for _, task in self.uploads[1:]]  # the first upload was refused
+        if self.polls <= 2 and "t-1" not in counted:
+            return self.train_task("t-1")
+        if "t-2" not in counted and self.polls < 10:
+            return self.train_task("t-2")
+        return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+
+    def train_task(self, task_id: str) -> pb.Task:
+        task = super().GetTask(pb.GetTaskRequest(), None)  # type: ignore[arg-type]
+        task.task_id = task_id
+        task.hyperparameters.keep_local_optimizer_state = True
+        task.time_budget.FromSeconds(60)
+        return task
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        header = next(request_iterator).header
+        for _ in request_iterator:
+            pass
+        self.uploads.append((header.session_id, header.task_id))
+        if len(self.uploads) == 1:
+            return pb.UploadReply(accepted=False, reason=pb.REJECT_REASON_NORM_BOUND)
+        return pb.UploadReply(accepted=True)
+
+
+@pytest.mark.parametrize("new_run", [True, False])
+def test_a_new_run_starts_from_a_fresh_optimizer_and_forgets_the_old_runs_tasks(
+    monkeypatch: pytest.MonkeyPatch, new_run: bool
+) -> None:
+    """Protocol review P5: a node that rejoined a coordinator running another run kept its
+    Adam moments (run-2's first 1-step task ended at Adam step 2, not 1) and the old run's
+    bookkeeping, which refused a task of the new run that happened to reuse an old id. Within one
+    run both stay: the moments carry over and a task refused for good is not trained again."""
+    monkeypatch.setattr(node_module, "REFUSED_TASK_POLL_S", 0.05)
+    servicer = RestartsIntoRun("run-2" if new_run else "run-1")
+    w = worker()
+    adam_steps: list[list[float]] = []  # after each TRAIN task
+    train = w.train
+
+    def counted_train(*args: object, **kwargs: object) -> object:
+        result = train(*args, **kwargs)  # type: ignore[arg-type]
+        assert w.trainer is not None
+        adam_steps.append(sorted({float(s["step"]) for s in w.trainer.optimizer.state.values()}))
+        return result
+
+    monkeypatch.setattr(w, "train", counted_train)
+    with stand_in_coordinator(servicer) as port:
+        cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
+        assert GroupNode(cfg, w).run() == 0
+    assert servicer.joins == 2
+    if new_run:  # run-2's t-1 is a new task, trained from a fresh optimizer; t-2 goes on from it
+        assert servicer.uploads == [("s-1", "t-1"), ("s-2", "t-1"), ("s-2", "t-2")]
+        assert adam_steps == [[1.0], [1.0], [2.0]]
+    else:  # the same run: t-1 was answered for good; t-2 goes on from t-1's moments
+        assert servicer.uploads == [("s-1", "t-1"), ("s-2", "t-2")]
+        assert adam_steps == [[1.0], [2.0]]
 
 
 # --------------------------------------------------------------------------------------------
