@@ -306,6 +306,8 @@ class NodeClient:
         self.session_id = ""
         self.model_config: dict[str, object] = {}
         self.heartbeat_interval_s = 5.0
+        # a HeartbeatReply.heartbeat_interval over the limit, last said (`_adopt_heartbeat_interval`)
+        self._clamped_interval_s: float | None = None
         self.upload_chunk_bytes = DEFAULT_CHUNK_BYTES
 
     def _open_channel(self) -> None:
@@ -539,13 +541,38 @@ class NodeClient:
 
     def heartbeat(
         self, state: pb.NodeState.ValueType, task_id: str = "", message: str = ""
-    ) -> None:
-        self.stub.Heartbeat(
+    ) -> pb.HeartbeatReply:
+        """Report `state` (and the task worked on, `task_id`); the reply's heartbeat_interval is
+        used from now on (`heartbeat_interval_s`). The caller acts on its cancel_task."""
+        reply: pb.HeartbeatReply = self.stub.Heartbeat(
             pb.HeartbeatRequest(
                 session_id=self.session_id, state=state, task_id=task_id, message=message
             ),
             timeout=10,
         )
+        self._adopt_heartbeat_interval(reply)
+        return reply
+
+    def _adopt_heartbeat_interval(self, reply: pb.HeartbeatReply) -> None:
+        """HeartbeatReply.heartbeat_interval is "the interval to use from now on"; a reply
+        without one keeps the interval. Clamped as the Join value is (never below
+        MIN_HEARTBEAT_S); a value over the Join limit, which stops a joining node, is cut to it
+        (said once per value): a heartbeat is no place to stop a node in the middle of its work."""
+        if not reply.HasField("heartbeat_interval"):
+            return
+        interval = reply.heartbeat_interval.ToMilliseconds() / 1000
+        if interval > MAX_HEARTBEAT_INTERVAL_S:
+            if interval != self._clamped_interval_s:
+                self._clamped_interval_s = interval
+                log.warning(
+                    "%s: HeartbeatReply.heartbeat_interval %g s is over %g s: beating every %g s",
+                    self.config.group,
+                    interval,
+                    MAX_HEARTBEAT_INTERVAL_S,
+                    MAX_HEARTBEAT_INTERVAL_S,
+                )
+            interval = MAX_HEARTBEAT_INTERVAL_S
+        self.heartbeat_interval_s = max(interval, protocol.MIN_HEARTBEAT_S)
 
     def leave(self, reason: str, timeout: float = 10.0) -> None:
         self.stub.Leave(pb.LeaveRequest(session_id=self.session_id, reason=reason), timeout=timeout)
