@@ -22,7 +22,7 @@ import grpc
 from cryptography import x509
 
 from group_node.config import NodeConfig
-from group_node.worker import GroupWorker
+from group_node.worker import GroupWorker, TaskCancelled
 from pluralfed import __version__, protocol
 from pluralfed.errors import InputError
 from pluralfed.fsutil import in_container
@@ -277,6 +277,9 @@ class NodeClient:
         self._calls: set[grpc.Future] = set()
         self._calls_lock = threading.Lock()
         self._cancelled = False
+        # the coordinator cancelled the current task (`cancel_task_calls`): its RPCs in flight
+        # are cancelled, and so is every one started until `task_done`
+        self._task_cancelled = False
         self._revocations: RevocationList | None = None
         self._check_context: ssl.SSLContext | None = None
         if files is not None and config.tls_crl is not None:  # a bad list: refused at start
@@ -364,7 +367,7 @@ class NodeClient:
         """`call` (a grpc.Future or response stream) may be cancelled by `cancel_calls`."""
         with self._calls_lock:
             self._calls.add(call)
-            if self._cancelled:
+            if self._cancelled or self._task_cancelled:
                 call.cancel()
         try:
             yield
@@ -378,7 +381,18 @@ class NodeClient:
             try:
                 return call.result()
             except grpc.FutureCancelledError:
-                raise NodeStopped("call cancelled: the node is stopping") from None
+                raise self._cancellation() from None
+            except grpc.RpcError as err:  # cancelled once under way, it may end as CANCELLED
+                if err.code() == grpc.StatusCode.CANCELLED and self._task_cancelled:
+                    raise self._cancellation() from None
+                raise
+
+    def _cancellation(self) -> Exception:
+        """Why a call of ours was cancelled: the node stops, or the coordinator cancelled the
+        task the call was for."""
+        if self._cancelled or not self._task_cancelled:
+            return NodeStopped("call cancelled: the node is stopping")
+        return TaskCancelled()
 
     def cancel_calls(self) -> None:
         """Cancel the RPCs in flight and every one started from now on (the node stops). Leave
@@ -388,6 +402,22 @@ class NodeClient:
             calls = list(self._calls)
         for call in calls:
             call.cancel()
+
+    def cancel_task_calls(self) -> None:
+        """Cancel the current task's RPCs in flight (a download, upload or report) and every one
+        started until `task_done`: the coordinator no longer wants the task
+        (HeartbeatReply.cancel_task). The call raises TaskCancelled. Only the task's RPCs are in
+        flight meanwhile: the node asks for no task while it works on one."""
+        with self._calls_lock:
+            self._task_cancelled = True
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
+
+    def task_done(self) -> None:
+        """The current task's work has ended: the next calls are not cancelled."""
+        with self._calls_lock:
+            self._task_cancelled = False
 
     def close(self) -> None:
         subscribed = self._revocations is not None and self._checked_connection >= 0
@@ -496,6 +526,10 @@ class NodeClient:
                 )
         except WireError as err:
             raise InputError(f"{where}: {err}") from None
+        except grpc.RpcError as err:  # a stream we cancelled ends as CANCELLED
+            if err.code() == grpc.StatusCode.CANCELLED and self._task_cancelled:
+                raise self._cancellation() from None
+            raise
 
     def upload(
         self,

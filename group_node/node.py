@@ -37,7 +37,7 @@ from group_node.client import (
     shortened,
 )
 from group_node.config import NodeConfig
-from group_node.worker import GroupWorker, LocalResult, TaskFailed
+from group_node.worker import GroupWorker, LocalResult, TaskCancelled, TaskFailed
 from pluralfed import __version__, protocol
 from pluralfed.errors import InputError, signal_exit_code
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -191,6 +191,15 @@ class UnsentUpdate:
     retry_at: float  # monotonic clock
 
 
+@dataclass
+class TaskWork:
+    """The task this node works on: its heartbeats name it (HeartbeatRequest.task_id), and
+    `cancelled` is set once the coordinator answers one with cancel_task."""
+
+    task_id: str
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
 class GroupNode:
     """The run loop: join, take tasks until SHUTDOWN, rejoin after any loss, with backoff."""
 
@@ -219,6 +228,11 @@ class GroupNode:
         # when this node's sessions were replaced by another Join with its certificate (monotonic)
         self._replaced_at: list[float] = []
         self._run_id = ""  # the run this node last joined, to notice a coordinator's new run
+        # the TRAIN or EVALUATE task being worked on (None between tasks), which the heartbeat
+        # thread names and may cancel; the lock makes "still the current work?" and its
+        # cancellation one step, so a late cancel_task never reaches the next task's work
+        self._work: TaskWork | None = None
+        self._work_lock = threading.Lock()
         # the details of the last failed connection, logged in full only when they change
         self._unreachable_details: str | None = None
 
@@ -427,10 +441,28 @@ class GroupNode:
         self._refused.clear()
 
     def _heartbeats(self, stop: threading.Event) -> None:
+        """Beat every heartbeat interval (the last reply's, `NodeClient.heartbeat`), naming the
+        task being worked on; a reply's cancel_task stops that task's work (`_cancel`)."""
         while not stop.wait(self.client.heartbeat_interval_s):
-            # a lost coordinator is noticed by the task loop; heartbeats just keep trying
-            with contextlib.suppress(grpc.RpcError):
-                self.client.heartbeat(self._state)
+            with self._work_lock:
+                work = self._work
+            try:
+                reply = self.client.heartbeat(self._state, work.task_id if work else "")
+            except grpc.RpcError:
+                continue  # a lost coordinator is noticed by the task loop; heartbeats keep trying
+            if reply.cancel_task and work is not None:
+                self._cancel(work)
+
+    def _cancel(self, work: TaskWork) -> None:
+        """The coordinator no longer wants `work`'s task (its round closed, or it has this
+        node's answer): training stops before its next step, the task's transfer or report in
+        flight is cancelled, and the task loop asks for the next task (`_call`). A cancel_task
+        that comes after the work ended (the reply to a beat sent just before) is no news."""
+        with self._work_lock:
+            if self._work is not work or work.cancelled.is_set():
+                return
+            work.cancelled.set()
+            self.client.cancel_task_calls()
 
     def _serve_tasks(self) -> bool:
         """Take tasks until SHUTDOWN (True) or the session is lost (raises)."""
@@ -594,11 +626,24 @@ class GroupNode:
         weights = self.client.download(task.model_version, timeout=self._time_left(task))
         self.worker.load_global(self.client.model_config, weights)
 
-    def _call(self, what: str, fn: Callable[[], None], task: pb.Task) -> None:
-        """Run one task step; a refusal of this one task (stale, duplicate) is logged, not fatal,
-        and so is a task that failed here (TaskFailed), which the coordinator is told about."""
+    def _call(self, what: str, fn: Callable[[TaskWork], None], task: pb.Task) -> None:
+        """Run one task's work, which the heartbeats name meanwhile; a refusal of this one task
+        (stale, duplicate) is logged, not fatal, and so is a task that failed here (TaskFailed),
+        which the coordinator is told about, and one the coordinator cancelled (TaskCancelled)."""
+        work = TaskWork(task.task_id)
+        with self._work_lock:
+            self._work = work
         try:
-            fn()
+            fn(work)
+        except TaskCancelled as err:
+            log.info(
+                "%s: %s cancelled by the coordinator while %s%s: its round closed, or it has "
+                "this node's answer; asking for the next task",
+                self.config.group,
+                what,
+                pb.NodeState.Name(self._state).removeprefix("NODE_STATE_").lower(),
+                f" ({err})" if str(err) else "",
+            )
         except TaskFailed as err:
             log.error("%s: %s failed: %s", self.config.group, what, err)
             self._refused.add(task.task_id)
@@ -629,6 +674,9 @@ class GroupNode:
                 raise session_lost(err.details() or "") from err
             raise
         finally:
+            with self._work_lock:
+                self._work = None
+                self.client.task_done()
             self._state = pb.NODE_STATE_IDLE
 
     def _train(self, task: pb.Task) -> None:
@@ -652,12 +700,15 @@ class GroupNode:
         ):
             unsent = self._unsent = None  # another task: that update is of no use any more
 
-        def work() -> None:
+        def work(current: TaskWork) -> None:
             if unsent is None:
                 self._load(task)
                 self._state = pb.NODE_STATE_TRAINING
                 result = self.worker.train(
-                    steps, settings, task.hyperparameters.keep_local_optimizer_state
+                    steps,
+                    settings,
+                    task.hyperparameters.keep_local_optimizer_state,
+                    cancelled=current.cancelled.is_set,
                 )
                 self._state = pb.NODE_STATE_UPLOADING
                 weights = self.worker.weights()
@@ -668,6 +719,8 @@ class GroupNode:
                     ALIGNMENT_BEFORE: result.alignment_before,
                 }
                 if self.config.save_updates_dir is not None:
+                    if current.cancelled.is_set():  # no audit copy of an update never sent
+                        raise TaskCancelled()
                     self._save_update(task, weights, metrics)
             else:  # the same update again: training twice would also step the optimizer twice
                 self._state = pb.NODE_STATE_UPLOADING
@@ -749,7 +802,7 @@ class GroupNode:
         log.info("%s: round %d update saved to %s", self.config.group, task.round, path)
 
     def _evaluate(self, task: pb.Task) -> None:
-        def work() -> None:
+        def work(current: TaskWork) -> None:  # its report is cancelled with the task
             self._load(task)
             self._state = pb.NODE_STATE_EVALUATING
             ev = self.worker.evaluate(task.evaluation.max_context or 90, int(task.evaluation.seed))

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ from pluralfed.tensorfiles import numpy_to_state_dict, state_dict_to_numpy
 from pluralfed.training import LocalTrainer, TrainingSettings, fine_tuned_copy
 
 log = logging.getLogger("pluralfed.node")
+
+
+class TaskCancelled(Exception):
+    """The coordinator no longer wants the task this node works on (HeartbeatReply.cancel_task:
+    its round closed, or this node's answer is already recorded): its work stops, and the node
+    asks for its next task. No failure: nothing is reported."""
 
 
 class TaskFailed(Exception):
@@ -143,10 +150,16 @@ class GroupWorker:
             raise InputError(f"the federation's model weights do not load: {err}") from None
 
     def train(
-        self, steps: int, settings: TrainingSettings, keep_optimizer_state: bool = True
+        self,
+        steps: int,
+        settings: TrainingSettings,
+        keep_optimizer_state: bool = True,
+        cancelled: Callable[[], bool] | None = None,
     ) -> LocalResult:
         """`steps` local steps from the loaded model; the Adam state of the previous task is kept
-        (the paper's nodes keep it) unless `keep_optimizer_state` is False."""
+        (the paper's nodes keep it) unless `keep_optimizer_state` is False. `cancelled` is asked
+        between steps: once it says True, TaskCancelled ends the task before its next step (the
+        steps taken stay in the optimizer state, as those of a task whose update was refused)."""
         if self.model is None:
             raise RuntimeError("no global model loaded")
         if self.trainer is None:
@@ -160,7 +173,7 @@ class GroupWorker:
         self._check_trainable()
         started = time.perf_counter()
         try:
-            losses = self.trainer.train_steps(self.split.train, steps)
+            losses = self.trainer.train_steps(self.split.train, steps, stop=cancelled)
         except ValueError as err:  # the metric's "not a distribution": predictions are NaN
             self.trainer = None
             raise TaskFailed(
@@ -180,6 +193,8 @@ class GroupWorker:
                 f"local training diverged ({where} of {steps}, learning rate "
                 f"{settings.learning_rate:g}): nothing is uploaded and the optimizer state is reset"
             )
+        if len(losses) < steps:
+            raise TaskCancelled(f"stopped after {len(losses)} of {steps} local steps")
         before = self.trainer.alignment_before
         assert before is not None  # train_steps scores its first step
         return LocalResult(steps, float(np.mean(losses)), time.perf_counter() - started, before)

@@ -166,11 +166,23 @@ class LocalTrainer:
         self.steps_done += 1
         return float(loss.detach())
 
-    def train_steps(self, items: Sequence[EmbeddedItem], steps: int) -> list[float]:
+    def train_steps(
+        self,
+        items: Sequence[EmbeddedItem],
+        steps: int,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[float]:
         """`steps` local steps on one group's TRAIN questions (a group node's round); the first
-        step scores the weights the round starts from (`alignment_before`)."""
+        step scores the weights the round starts from (`alignment_before`). `stop` is asked
+        before each step: when it says True, the steps end there (fewer losses than `steps`),
+        so a node whose task the coordinator cancelled does not train it to the end."""
         self.alignment_before = None
-        return [self.step([items], score=i == 0) for i in range(steps)]
+        losses: list[float] = []
+        for i in range(steps):
+            if stop is not None and stop():
+                break
+            losses.append(self.step([items], score=i == 0))
+        return losses
 
 
 def fine_tuned_copy(
