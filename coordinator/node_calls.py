@@ -505,6 +505,12 @@ class NodeCalls:
             s.mark_answered(task_id, self._open_task_id())
             self._changed.notify_all()
 
+    def check_session(self, session_id: str, group: str | None) -> None:
+        """Rejection (UNAUTHENTICATED, PERMISSION_DENIED) unless `session_id` is the caller's
+        live session; marks nothing seen."""
+        with self._lock:
+            self._sessions.lookup(session_id, group, touch=False)
+
     def check_evaluation(
         self, session_id: str, group: str | None, task_id: str, round_: int, model_version: str
     ) -> None:

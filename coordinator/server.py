@@ -806,18 +806,27 @@ class FederationServicer(pb_grpc.FederationServicer):
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatReply:
         """The node's state is only advisory; a state value this coordinator does not know (a
-        newer node's) is accepted, but the other fields must be what the protocol says."""
-        if not (math.isfinite(request.progress) and 0.0 <= request.progress <= 1.0):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"progress is {request.progress}: a fraction in [0, 1] (0 if unknown)",
-            )
+        newer node's) is accepted, but the other fields must be what the protocol says. A lost
+        session is said first (UNAUTHENTICATED: join again), whatever the fields."""
+        caller = self._caller(context)
         try:
+            if not (math.isfinite(request.progress) and 0.0 <= request.progress <= 1.0):
+                raise Rejection(
+                    "INVALID_ARGUMENT",
+                    f"progress is {request.progress}: a fraction in [0, 1] (0 if unknown)",
+                )
             checked_text("task_id", request.task_id, MAX_TASK_ID)
             checked_text("message", request.message, MAX_FREE_TEXT, printable=False)
+        except Rejection as invalid:
+            try:
+                self.engine.check_session(request.session_id, caller)
+            except Rejection as r:
+                _abort(context, r)
+            _abort(context, invalid)
+        try:
             current, cancel = self.engine.heartbeat(
                 request.session_id,
-                self._caller(context),
+                caller,
                 request.task_id,
                 failed=request.state == pb.NODE_STATE_FAILED,
                 message=request.message,

@@ -355,6 +355,12 @@ def test_heartbeat_fields_are_checked(quiet: Federation) -> None:
         # a multi-line error message, progress in [0, 1]
         beat(state=pb.NODE_STATE_FAILED, task_id="f" * 32, progress=1.0, message="boom\ntrace")
         beat(state=99, progress=0.0)  # type: ignore[arg-type]
+        # a lost session is said first, whatever the fields: the node must join again (before,
+        # a node that sent a bad progress with it was told INVALID_ARGUMENT, never to rejoin)
+        node.session_id = "gone"
+        for fields, _ in cases:
+            code, details = status(beat, **fields)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (fields, code, details)
 
 
 def test_leave_reason_is_bounded_and_cannot_forge_log_lines(
