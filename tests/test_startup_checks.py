@@ -6,6 +6,7 @@ read is an error naming it, not a traceback (review, session 15)."""
 from __future__ import annotations
 
 import os
+import socket
 from concurrent import futures
 from pathlib import Path
 
@@ -198,3 +199,25 @@ def test_a_server_that_cannot_listen_says_why(address: str, reason: str) -> None
     finally:
         occupant.stop(None)
     assert str(err.value).startswith(f"cannot listen on {address}: {reason}")
+
+
+def test_a_busy_ipv6_port_in_brackets_is_said_to_be_busy() -> None:
+    """An IPv6 address is written in brackets ([::1]:PORT); the reason a bind failed is found
+    by binding the bare address, so the brackets must come off first, or every IPv6 listen
+    address that was busy read as a host that "cannot be resolved"."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    occupant = grpc.server(futures.ThreadPoolExecutor(1))
+    port = occupant.add_insecure_port("[::1]:0")
+    occupant.start()
+    address = f"[::1]:{port}"
+    server = grpc.server(futures.ThreadPoolExecutor(1), options=[EXCLUSIVE_PORT])
+    try:
+        with pytest.raises(InputError) as err:
+            bind_port(server, address, None)
+    finally:
+        occupant.stop(None)
+    assert str(err.value).startswith(f"cannot listen on {address}: the port is in use")
