@@ -77,6 +77,8 @@ def test_precedence_file_env_options(tmp_path: Path) -> None:
         ('group = "A"\ndata = "a"\nthreads = "\u0663"\n', {}, "expected an integer"),
         ('group = "A"\ndata = "a"\n', {"PLURALFED_NODE_THREADS": "\uff17"}, "expected an integer"),
         ('group = "A"\ndata = "a"\nbackoff_initial_s = "\u0661.5"\n', {}, "expected a number"),
+        # a fraction is not cut to a whole number: threads = 1.5 was 1 thread without a word
+        ('group = "A"\ndata = "a"\nthreads = 1.5\n', {}, "threads: expected an integer, got 1.5"),
     ],
 )
 def test_bad_config_names_what_and_where(
@@ -87,6 +89,24 @@ def test_bad_config_names_what_and_where(
     with pytest.raises(InputError) as err:
         load_config(NodeConfig, path, "PLURALFED_NODE_", {}, environ=env)
     assert message in str(err.value)
+
+
+def test_a_whole_float_is_an_integer_setting(tmp_path: Path) -> None:
+    """TOML writes 2.0 for a number some tools turn into a float: a whole one is taken."""
+    path = tmp_path / "node.toml"
+    path.write_text('group = "A"\ndata = "a"\nthreads = 2.0\n')
+    assert load_config(NodeConfig, path, "PLURALFED_NODE_", {}, environ={}).threads == 2
+
+
+def test_an_empty_environment_variable_leaves_an_optional_setting_unset() -> None:
+    """`PLURALFED_NODE_GIVE_UP_AFTER_S=` (or `none`) is how an exported value is taken back in
+    a shell or compose file: it means "not set", not a value that fails to parse."""
+    for value in ("", "  ", "none", "None"):
+        env = {"PLURALFED_NODE_GROUP": "A", "PLURALFED_NODE_GIVE_UP_AFTER_S": value}
+        cfg = load_config(NodeConfig, None, "PLURALFED_NODE_", {}, environ=env)
+        assert cfg.give_up_after_s is None, value
+    env = {"PLURALFED_NODE_GROUP": "A", "PLURALFED_NODE_GIVE_UP_AFTER_S": "90"}
+    assert load_config(NodeConfig, None, "PLURALFED_NODE_", {}, environ=env).give_up_after_s == 90
 
 
 def test_bad_coordinator_settings_are_refused(tmp_path: Path) -> None:
