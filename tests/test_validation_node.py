@@ -106,6 +106,12 @@ def small_weights(cfg: GPOConfig = SMALL) -> dict[str, np.ndarray]:
         ("COORDINATOR", "[::1:7443", "not an IPv6 address in brackets"),
         ("COORDINATOR", "[zz]:7443", "not an IPv6 address in brackets"),
         ("COORDINATOR", "a b:7443", "not a host name"),
+        # DNS names are at most 253 characters; a host name starts with a letter or digit
+        ("COORDINATOR", "a" * 254 + ":7443", "is not a host name or IPv4 address"),
+        ("COORDINATOR", "-coord:7443", "is not a host name or IPv4 address"),
+        # int() reads other scripts' digits: "\u0667" would be port 7
+        ("COORDINATOR", "localhost:\u0667", "is not a number in 1..65535"),
+        ("POLL_WAIT_S", "0.05", "poll_wait_s must be 0.1..3600 seconds, got 0.05"),
         ("THREADS", "100000000", "threads must be 1..1024, got 100000000"),
         ("GROUP", "Fran\0ce", "holds control characters"),
         (
@@ -143,6 +149,27 @@ def test_good_addresses_and_timings_are_accepted(address: str) -> None:
     cfg = load_config(NodeConfig, None, ENV, {}, environ=env)
     assert cfg.coordinator == address and cfg.give_up_after_s == 3.0
     assert load_config(NodeConfig, None, ENV, {}, environ=BASE_ENV).give_up_after_s is None
+
+
+def test_node_settings_at_the_edges_of_their_ranges_are_accepted() -> None:
+    """Each range includes its ends: a limit of 1024 threads takes 1024, and a back-off that
+    does not grow (initial = max) is a choice, not an error."""
+    edges = {
+        ENV + "COORDINATOR": "a" * 253 + ":7443",
+        ENV + "THREADS": "1024",
+        ENV + "PERSONALIZE_STEPS": "100000",
+        ENV + "PERSONALIZED_DIR": "/p",
+        ENV + "POLL_WAIT_S": "0.1",
+        ENV + "BACKOFF_INITIAL_S": "2",
+        ENV + "BACKOFF_MAX_S": "2",
+        ENV + "GIVE_UP_AFTER_S": "0.001",
+    }
+    cfg = load_config(NodeConfig, None, ENV, {}, environ={**BASE_ENV, **edges})
+    assert (cfg.threads, cfg.personalize_steps, cfg.poll_wait_s) == (1024, 100000, 0.1)
+    assert (cfg.backoff_initial_s, cfg.backoff_max_s, cfg.give_up_after_s) == (2, 2, 0.001)
+    top = {ENV + "POLL_WAIT_S": "3600", ENV + "BACKOFF_INITIAL_S": "0.01"}
+    cfg = load_config(NodeConfig, None, ENV, {}, environ={**BASE_ENV, **top})
+    assert (cfg.poll_wait_s, cfg.backoff_initial_s) == (3600, 0.01)
 
 
 # --------------------------------------------------------------------------------------------
