@@ -480,6 +480,20 @@ def test_service_scores_equal_the_python_api(
         np.testing.assert_allclose(s.rewards, want, atol=1e-12)
 
 
+def test_a_request_that_names_no_reward_kind_gets_log_probabilities(
+    client: RewardClient, world: dict
+) -> None:
+    """reward.proto: REWARD_KIND_UNSPECIFIED (a client that never sets the field) means the
+    log-probability, the documented default, and the reply says which kind it is."""
+    g = world["groups"][3]
+    request = score_request(g, _targets(world, g, 2))
+    request.ClearField("reward_kind")
+    reply = client.stub.Score(request, timeout=TIMEOUT)
+    assert reply.reward_kind == pb.REWARD_KIND_LOG_PROBABILITY
+    for s in reply.scores:
+        np.testing.assert_allclose(s.rewards, np.log(s.probabilities), atol=1e-12)
+
+
 def _request(**changes) -> pb.ScoreRequest:
     base = score_request("G", [("Is it?", ["Yes", "No"])])
     for key, value in changes.items():
