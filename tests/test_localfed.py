@@ -82,6 +82,18 @@ def test_threads_per_node_must_be_at_least_one(tmp_path: Path) -> None:
         LocalFederation(out_dir=tmp_path, training_groups=["A"], threads_per_node=0)
 
 
+def test_a_group_both_trained_and_held_out_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """One group as a training node and an evaluate-only node would be two nodes of one group
+    under one node id: refused by name, and nothing is written."""
+    data = SurveyData(groups={"A": [ITEM], "B": [ITEM]})
+    run = LocalFederation(out_dir=tmp_path / "out", training_groups=["A", "B"], held_out_groups=["A"])
+    with pytest.raises(InputError, match="a group is listed twice"):
+        prepare(run, data)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("verbose", [False, True])
 def test_federate_verbose_reaches_the_coordinator_and_the_nodes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verbose: bool
@@ -259,6 +271,24 @@ def test_a_failed_start_quotes_only_this_attempts_part_of_the_log(tmp_path: Path
     lines = log.read_text().splitlines()
     assert lines[2].startswith("--- pluralfed federate: coordinator started ")
     assert len(lines) == 4
+
+
+def test_a_log_tail_quotes_the_last_lines_of_the_latest_attempt_only(tmp_path: Path) -> None:
+    """A run started three times has three attempts in each log: only the last one's lines
+    are its cause (the second attempt's error was quoted too when the first marker was taken),
+    the last `lines` of them, each cut at `width` characters."""
+    marker = localfed.ATTEMPT_MARKER
+    log = tmp_path / "node.log"
+    log.write_text(
+        f"{marker}node started 1 ---\nfirst attempt's error\n"
+        f"{marker}node started 2 ---\nsecond attempt's error\n"
+        f"{marker}node started 3 ---\nline a\n\nline b\n" + "x" * 500 + "\n"
+    )
+    tail = localfed.log_tail(log, lines=2, width=400)
+    assert tail.splitlines() == ["  line b", "  " + "x" * 400 + " ..."]
+    assert localfed.log_tail(log, lines=5).splitlines()[0] == "  line a"
+    log.write_text(f"{marker}node started 1 ---\nold\n{marker}node started 2 ---\n\n")
+    assert localfed.log_tail(log) == f"  ({log} is empty)"
 
 
 def test_federate_with_a_bad_coordinator_setting_is_a_clean_error(
