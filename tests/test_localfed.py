@@ -72,6 +72,30 @@ def test_prepare_allows_every_group_even_when_slugs_collide(tmp_path: Path) -> N
         assert cfg["allow_list"][Path(node["tls_dir"]).name] == g
 
 
+def test_prepare_makes_held_out_groups_evaluate_only_nodes_that_never_personalize(
+    tmp_path: Path,
+) -> None:
+    """A held-out group's node must evaluate only (a node config saying train would have its
+    group trained on, or be refused by the coordinator), and only training nodes fine-tune
+    after the run: a held-out group has nothing of its own to fine-tune a model for."""
+    data = SurveyData(groups={g: [ITEM] for g in ("A", "B", "C")}, source="mem")
+    run = LocalFederation(
+        out_dir=tmp_path, training_groups=["A", "B"], held_out_groups=["C"], personalize_steps=5
+    )
+    info = prepare(run, data)
+    cfg = tomllib.loads(Path(info["coordinator_config"]).read_text())
+    assert (cfg["min_nodes"], cfg["evaluate_only"]) == (2, ["C"])
+    nodes = {g: tomllib.loads(path.read_text()) for g, path in info["node_configs"].items()}
+    assert {g: n["role"] for g, n in nodes.items()} == {
+        "A": "train",
+        "B": "train",
+        "C": "evaluate-only",
+    }
+    assert nodes["A"]["personalize_steps"] == 5
+    assert Path(nodes["A"]["personalized_dir"]) == tmp_path / "personalized" / info["node_ids"]["A"]
+    assert "personalize_steps" not in nodes["C"] and "personalized_dir" not in nodes["C"]
+
+
 def test_toml_strings_take_any_group_name() -> None:
     for text in ["Côte d'Ivoire", 'say "hi" \\ there', "emoji \U0001f600", "tab\tdel\x7f\x00"]:
         assert tomllib.loads(f"k = {toml_string(text)}")["k"] == text
