@@ -163,6 +163,14 @@ def test_tiny_and_no_drop() -> None:
     assert all(len(items) == 30 for items in full.groups.values())
 
 
+def test_every_group_answers_something_even_at_a_high_drop_rate() -> None:
+    """A group with no answers would be a group a loader refuses and a node cannot train:
+    whatever the drop rate, each group keeps at least one question."""
+    data = generate_synthetic(n_groups=40, n_questions=2, seed=0, drop_rate=0.99)
+    assert len(data.groups) == 40
+    assert all(len(items) >= 1 for items in data.groups.values())
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -172,6 +180,10 @@ def test_tiny_and_no_drop() -> None:
         {"drop_rate": -0.1},
         {"temperature": -1.0},
         {"noise": float("nan")},
+        {"temperature": float("inf")},
+        {"question_bias": float("inf")},
+        {"n_groups": 10_001},
+        {"n_questions": 100_001},
     ],
 )
 def test_bad_arguments(kwargs: dict[str, float]) -> None:
