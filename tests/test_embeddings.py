@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from pluralfed.data import SurveyItem
+from pluralfed.data import SurveyData, SurveyItem
 from pluralfed.embeddings import (
     DEFAULT_ENCODER_NAME,
     LOCAL_FOLDER_LABEL,
@@ -34,6 +34,7 @@ from pluralfed.embeddings import (
     option_text,
 )
 from pluralfed.errors import InputError
+from pluralfed.prepare import embed_groups
 
 # Two cores shared with other workers: one thread per test process.
 torch.set_num_threads(1)
@@ -103,6 +104,17 @@ class FakeEncoder:
     @property
     def n_encoded(self) -> int:
         return sum(len(c) for c in self.calls)
+
+
+def test_embed_groups_refuses_an_unknown_group_by_name_before_embedding_anything() -> None:
+    """A typo'd group is an error naming the closest group, said before the (slow) embedding
+    of every other group, not a KeyError after it."""
+    item = SurveyItem("Q?", ("Yes", "No"), np.array([0.5, 0.5]))
+    data = SurveyData(groups={"Japan": [item], "France": [item]}, source="s.jsonl")
+    encoder = FakeEncoder()
+    with pytest.raises(InputError, match=r"s\.jsonl: .*'Japn'.*Japan"):
+        embed_groups(data, ["France", "Japn"], encoder)
+    assert encoder.calls == []
 
 
 def test_option_text_puts_the_option_first() -> None:
