@@ -34,7 +34,8 @@ from pluralfed.embeddings import (
     option_text,
 )
 from pluralfed.errors import InputError
-from pluralfed.prepare import embed_groups
+from pluralfed.prepare import default_groups, embed_groups
+from pluralfed.protocol import HELD_OUT_GROUPS, TRAINING_GROUPS
 
 # Two cores shared with other workers: one thread per test process.
 torch.set_num_threads(1)
@@ -115,6 +116,16 @@ def test_embed_groups_refuses_an_unknown_group_by_name_before_embedding_anything
     with pytest.raises(InputError, match=r"s\.jsonl: .*'Japn'.*Japan"):
         embed_groups(data, ["France", "Japn"], encoder)
     assert encoder.calls == []
+
+
+def test_default_groups_are_the_protocols_only_when_the_data_has_every_one() -> None:
+    """PROTOCOL.md's 8 + 6 groups when all are in the data; a file with only some of them (a
+    subset of the survey) trains on every group it has, rather than asking for missing ones."""
+    item = SurveyItem("Q?", ("Yes", "No"), np.array([0.5, 0.5]))
+    full = SurveyData(groups={g: [item] for g in (*TRAINING_GROUPS, *HELD_OUT_GROUPS, "Peru")})
+    assert default_groups(full) == (list(TRAINING_GROUPS), list(HELD_OUT_GROUPS))
+    some = SurveyData(groups={g: [item] for g in ("Peru", "Japan", TRAINING_GROUPS[0])})
+    assert default_groups(some) == (sorted(some.groups), [])
 
 
 def test_option_text_puts_the_option_first() -> None:
