@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import torch
+from tinymodel import CFG, random_item
 
 from group_node.node import personalization_settings, training_settings
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
+from pluralfed.training import TrainingSettings, build_model, fine_tuned_copy
 
 
 def hyperparameters(lr: float = 3e-4, context: tuple[int, int] = (9, 90)) -> pb.Hyperparameters:
@@ -53,3 +57,30 @@ def test_personalization_fine_tunes_with_adam_whatever_the_runs_local_optimizer(
     sgd.optimizer = "sgd"
     settings = personalization_settings(sgd)
     assert (settings.optimizer, settings.learning_rate) == ("adam", 3e-4)
+
+
+def _items(n: int = 12) -> list:
+    rng = np.random.default_rng(0)
+    return [random_item(rng, 3, f"Question {i}?") for i in range(n)]
+
+
+def test_a_fine_tuned_copy_is_ready_to_predict_and_leaves_the_federated_model_alone() -> None:
+    """The copy is what the node saves and predicts with: trained, in eval mode (dropout off,
+    so its predictions do not vary call to call); the final federated model is not changed."""
+    model = build_model(CFG, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainingSettings(context_range=(2, 4), target_range=(2, 4))
+    copy = fine_tuned_copy(model, _items(), 3, settings, seed=1)
+    assert not copy.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in copy.state_dict().items())
+
+
+def test_fine_tuning_that_leaves_weights_non_finite_is_refused() -> None:
+    """The loss of a step is computed before the step: a last step that overflows the weights
+    shows only in the weights, and a model of infinities must not be saved as personalized."""
+    settings = TrainingSettings(
+        learning_rate=3e38, optimizer="sgd", context_range=(2, 4), target_range=(2, 4)
+    )
+    with pytest.raises(ValueError, match="fine-tuning diverged"):
+        fine_tuned_copy(build_model(CFG, 0), _items(), 1, settings, seed=1)
