@@ -365,3 +365,19 @@ def test_weights_saved_before_ensembles_load_as_member_zero(setup) -> None:
     again.load_state_dict(upgrade_state_dict(legacy))
     assert _max_diff(_predict(model, context, targets), _predict(again, context, targets)) == 0
     assert upgrade_state_dict(model.state_dict()).keys() == model.state_dict().keys()
+
+
+def test_a_trainer_with_non_finite_optimizer_state_is_not_finite() -> None:
+    """Adam's moments are kept across rounds: an infinite second moment turns every later step
+    into NaN, so it counts as much as an infinite weight (the node stops on either)."""
+    rng = np.random.default_rng(0)
+    items = [random_item(rng, 3, f"Question {i}?") for i in range(12)]
+    trainer = LocalTrainer(
+        build_model(CFG, 0), TrainingSettings(context_range=(2, 4), target_range=(2, 4)), 0
+    )
+    trainer.train_steps(items, 1)
+    assert trainer.is_finite()
+    state = next(iter(trainer.optimizer.state.values()))
+    state["exp_avg_sq"].view(-1)[0] = float("inf")
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    assert not trainer.is_finite()
