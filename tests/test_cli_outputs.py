@@ -213,3 +213,27 @@ def test_evaluate_a_misspelt_group_gets_the_closest_names(
     assert evaluate(checkpoint, small, session_cache_dir, "--groups", "Switzerlnd") == 2
     err = capsys.readouterr().err
     assert "unknown group(s): 'Switzerlnd' (did you mean 'Switzerland'?)" in err, err
+
+
+def test_evaluate_refuses_a_checkpoint_trained_with_another_encoder(
+    small: Path,
+    session_cache_dir: Path,
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A model reads the vectors of the encoder it was trained with: evaluated on another
+    encoder's vectors it scores noise, with nothing to say the figures mean nothing."""
+    other = tmp_path / "ck"
+    other.mkdir()
+    for p in checkpoint.iterdir():
+        (other / p.name).write_bytes(p.read_bytes())
+    meta = json.loads((other / META_FILE).read_text())
+    trained_with = meta["encoder"]
+    meta["encoder"] = "some-other-encoder/v1"
+    (other / META_FILE).write_text(json.dumps(meta))
+    out = tmp_path / "metrics.json"
+    assert evaluate(other, small, session_cache_dir, "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert f"trained with encoder 'some-other-encoder/v1', but --encoder gives {trained_with!r}" in err
+    assert not out.exists()
