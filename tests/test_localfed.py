@@ -152,6 +152,31 @@ def test_federate_verbose_reaches_the_coordinator_and_the_nodes(
     assert words[: words.index("coordinator")] == ["-m", "pluralfed.cli"] + ["-v"] * verbose
 
 
+def test_federate_holds_out_groups_by_default_only_when_no_groups_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the demo data a quarter of the groups (at least one) are held out; naming --groups
+    means exactly those train and none is held out unless --held-out says so (as `train`)."""
+    handed: list[LocalFederation] = []
+
+    def record(run: LocalFederation, data: SurveyData) -> dict[str, object]:
+        handed.append(run)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(federate_command, "run_local", record)
+    argv = ["federate", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--synthetic-groups", "4"]) == 2
+    assert main([*argv, "--synthetic-groups", "3"]) == 2
+    assert main([*argv, "--synthetic-groups", "4", "--groups", "Aldoria,Borvenia"]) == 2
+    assert main([*argv, "--synthetic-groups", "4", "--groups", "Aldoria", "--held-out", "Calvaris"]) == 2
+    assert [(list(r.training_groups), list(r.held_out_groups)) for r in handed] == [
+        (["Aldoria", "Borvenia", "Calvaris"], ["Drelmark"]),
+        (["Aldoria", "Borvenia"], ["Calvaris"]),
+        (["Aldoria", "Borvenia"], []),
+        (["Aldoria"], ["Calvaris"]),
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # failing processes
 
