@@ -237,3 +237,25 @@ def test_evaluate_refuses_a_checkpoint_trained_with_another_encoder(
     err = capsys.readouterr().err
     assert f"trained with encoder 'some-other-encoder/v1', but --encoder gives {trained_with!r}" in err
     assert not out.exists()
+
+
+def test_train_takes_a_folder_holding_only_hidden_files_as_empty(tmp_path: Path) -> None:
+    """A .gitkeep or an editor's or file system's hidden file is no earlier output: such a
+    folder is as good as empty (refusing it would send users to delete files they did not make)."""
+    from pluralfed.commands.train import check_train_out
+
+    (tmp_path / ".gitkeep").write_text("")
+    (tmp_path / ".nfs0001").write_text("")
+    check_train_out(tmp_path, force=False)  # no error
+
+
+def test_train_refuses_a_group_both_trained_on_and_held_out(
+    small: Path, session_cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A held-out group is one the model never saw: one that is also trained on would report
+    a held-out figure that is really a training one. Refused before anything is written."""
+    out = tmp_path / "ck"
+    argv = ["--held-out", "Switzerland"]
+    assert main([*train_argv(small, out, session_cache_dir), "--cache-dir", str(session_cache_dir), *argv]) == 2
+    assert "groups both trained on and held out: ['Switzerland']" in capsys.readouterr().err
+    assert not out.exists()
