@@ -1277,6 +1277,35 @@ def test_service_keeps_client_texts_off_the_disk_cache(
     assert encoder.misses == before
 
 
+def test_cli_score_refuses_options_that_do_not_go_together(
+    pki: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scoring is local (--checkpoint and --data) or through a service (--server): a command
+    line that mixes them, or lacks the data, is one clear error, before any work."""
+    tls_dir = str(pki["client"].cert.parent)
+    ask = ["reward", "score", "--group", "G", "--question", "Q?", "--answer", "Y"]
+    remote = ["--server", "127.0.0.1:1", "--tls-dir", tls_dir]
+    assert cli_main([*ask, *remote, "--checkpoint", "no-such-checkpoint"]) == 2
+    assert "give --checkpoint (local) or --server, not both" in capsys.readouterr().err
+    assert cli_main([*ask, "--checkpoint", "no-such-checkpoint"]) == 2
+    assert "local scoring needs --checkpoint and --data" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)  # a serve that does not refuse would serve until stopped
+def test_cli_serve_refuses_groups_without_groups_data(
+    world: dict, pki: dict, session_cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--groups picks groups of --groups-data: without it the groups were ignored, and a
+    server holding none of them started as if all was well."""
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"trainer-1" = "RL trainer"\n', encoding="utf-8")
+    serve = ["reward", "serve", "--checkpoint", str(world["ckpt"]), "--listen", "127.0.0.1:0"]
+    serve += ["--tls-dir", str(pki["server"].cert.parent), "--allow-list", str(allow)]
+    serve += ["--cache-dir", str(session_cache_dir), "--threads", "1"]
+    assert cli_main([*serve, "--groups", world["groups"][0]]) == 2
+    assert "--groups needs --groups-data" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("timeout", ["nan", "-1", "0"])
 def test_cli_score_rejects_a_bad_timeout(
     timeout: str, pki: dict, capsys: pytest.CaptureFixture[str]
