@@ -45,7 +45,10 @@ def test_convert_output_must_be_jsonl_in_any_case(
 
 
 def test_convert_refuses_to_overwrite_its_input_however_it_is_spelled(
-    survey: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    survey: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A relative path, `./` or a symlink to the input are the input: it would be replaced by
     its own conversion (a CSV's rows lost on a failure half-way)."""

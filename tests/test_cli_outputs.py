@@ -235,7 +235,9 @@ def test_evaluate_refuses_a_checkpoint_trained_with_another_encoder(
     out = tmp_path / "metrics.json"
     assert evaluate(other, small, session_cache_dir, "--out", str(out)) == 2
     err = capsys.readouterr().err
-    assert f"trained with encoder 'some-other-encoder/v1', but --encoder gives {trained_with!r}" in err
+    assert (
+        f"trained with encoder 'some-other-encoder/v1', but --encoder gives {trained_with!r}" in err
+    )
     assert not out.exists()
 
 
@@ -256,6 +258,16 @@ def test_train_refuses_a_group_both_trained_on_and_held_out(
     a held-out figure that is really a training one. Refused before anything is written."""
     out = tmp_path / "ck"
     argv = ["--held-out", "Switzerland"]
-    assert main([*train_argv(small, out, session_cache_dir), "--cache-dir", str(session_cache_dir), *argv]) == 2
+    assert (
+        main(
+            [
+                *train_argv(small, out, session_cache_dir),
+                "--cache-dir",
+                str(session_cache_dir),
+                *argv,
+            ]
+        )
+        == 2
+    )
     assert "groups both trained on and held out: ['Switzerland']" in capsys.readouterr().err
     assert not out.exists()

@@ -87,4 +87,7 @@ def test_a_wrong_command_line_is_exit_2_with_the_usage(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert healthcheck.main(argv) == 2
-    assert "python3 -m pluralfed.healthcheck HOST:PORT TLS_DIR [SERVER_NAME]" in capsys.readouterr().err
+    assert (
+        "python3 -m pluralfed.healthcheck HOST:PORT TLS_DIR [SERVER_NAME]"
+        in capsys.readouterr().err
+    )

@@ -112,7 +112,9 @@ def test_a_group_both_trained_and_held_out_is_refused_before_anything_is_written
     """One group as a training node and an evaluate-only node would be two nodes of one group
     under one node id: refused by name, and nothing is written."""
     data = SurveyData(groups={"A": [ITEM], "B": [ITEM]})
-    run = LocalFederation(out_dir=tmp_path / "out", training_groups=["A", "B"], held_out_groups=["A"])
+    run = LocalFederation(
+        out_dir=tmp_path / "out", training_groups=["A", "B"], held_out_groups=["A"]
+    )
     with pytest.raises(InputError, match="a group is listed twice"):
         prepare(run, data)
     assert not (tmp_path / "out").exists()
@@ -168,7 +170,10 @@ def test_federate_holds_out_groups_by_default_only_when_no_groups_are_named(
     assert main([*argv, "--synthetic-groups", "4"]) == 2
     assert main([*argv, "--synthetic-groups", "3"]) == 2
     assert main([*argv, "--synthetic-groups", "4", "--groups", "Aldoria,Borvenia"]) == 2
-    assert main([*argv, "--synthetic-groups", "4", "--groups", "Aldoria", "--held-out", "Calvaris"]) == 2
+    assert (
+        main([*argv, "--synthetic-groups", "4", "--groups", "Aldoria", "--held-out", "Calvaris"])
+        == 2
+    )
     assert [(list(r.training_groups), list(r.held_out_groups)) for r in handed] == [
         (["Aldoria", "Borvenia", "Calvaris"], ["Drelmark"]),
         (["Aldoria", "Borvenia"], ["Calvaris"]),

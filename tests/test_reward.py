@@ -1293,7 +1293,11 @@ def test_cli_score_refuses_options_that_do_not_go_together(
 
 @pytest.mark.timeout(60)  # a serve that does not refuse would serve until stopped
 def test_cli_serve_refuses_groups_without_groups_data(
-    world: dict, pki: dict, session_cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    world: dict,
+    pki: dict,
+    session_cache_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """--groups picks groups of --groups-data: without it the groups were ignored, and a
     server holding none of them started as if all was well."""
