@@ -236,6 +236,16 @@ def test_coordinator_refuses_what_every_node_would_refuse() -> None:
         CoordinatorConfig(heartbeat_interval_s=7200.0, session_timeout_s=14400.0)
 
 
+def test_a_session_must_outlive_its_heartbeat_interval() -> None:
+    """JoinReply.session_timeout is "several heartbeat intervals": one not longer than the
+    interval would expire every session between two beats (the protocol review found this
+    check untested)."""
+    for timeout in (5.0, 4.0):
+        with pytest.raises(InputError, match=r"session_timeout_s \(\d+\) must be longer than"):
+            RoundSettings(heartbeat_interval_s=5.0, session_timeout_s=timeout)
+    assert RoundSettings(heartbeat_interval_s=5.0, session_timeout_s=5.5).session_timeout_s == 5.5
+
+
 def test_coordinator_limits_are_values_the_protocol_and_nodes_take(tmp_path: Path) -> None:
     cfg = _load(
         tmp_path,

@@ -406,6 +406,22 @@ def test_get_task_without_wait_is_held_for_the_coordinators_default(
         assert node.get_task(0.4).retry_after.ToMilliseconds() == 600
 
 
+def test_get_task_holds_a_call_no_longer_than_the_coordinators_cap(
+    quiet: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GetTaskRequest.wait: the coordinator caps it (60 s; 1 s here), so a node asking for an
+    hour holds one of its threads no longer (the protocol review found the cap untested)."""
+    monkeypatch.setattr(server_module, "MAX_WAIT_S", 1.0)
+    with quiet.node("node-good-a") as node:
+        node.join(ENCODER, 10)
+        request = pb.GetTaskRequest(session_id=node.session_id)
+        request.wait.FromSeconds(3600)
+        started = time.monotonic()
+        task = node.stub.GetTask(request, timeout=30)
+        assert task.kind == pb.TASK_KIND_WAIT
+        assert 0.9 <= time.monotonic() - started < 10
+
+
 def report(
     node: FakeNode,
     task: pb.Task,
