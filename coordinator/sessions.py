@@ -8,9 +8,9 @@ once), or when a newer Join of the same group replaces it (a restarted node). Re
 are remembered for a while, so their calls are told why they are refused, and a group whose
 sessions keep replacing each other (two processes with one node's certificate) is warned about.
 
-This is the session half of the round engine, apart from the rounds: `RoundEngine`
-(rounds.py) decides what a session's calls do to the open round; this file only keeps the
-table of sessions.
+This is the session half of the round engine, apart from the rounds: what a session's calls
+do to the open round is node_calls.py's (`NodeCalls`, which `RoundEngine` in rounds.py
+inherits); this file only keeps the table of sessions.
 
 Locking: a `SessionTable` never takes a lock itself. Every method must be called with the
 engine's lock held (`RoundEngine._lock`, an RLock; `RoundEngine._changed` is its condition). The
