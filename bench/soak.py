@@ -146,7 +146,11 @@ def run_nodes(args: argparse.Namespace) -> int:
     """A node process: the --ids as threads until SIGTERM (or --seconds, should the soak that
     started it be gone), then each leaves; writes each node's counts to --report."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
+    # the handler only notes the signal, and this thread looks every 0.2 s: a signal the kernel
+    # hands to another thread does not wake a main thread blocked in a long wait, and an
+    # Event.set() run by a handler in the middle of that Event's own wait can deadlock
+    signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda sig, _frame: signals.append(sig))
     evaluate = set(filter(None, args.eval_only.split(",")))
     nodes = [
         SoakNode(
@@ -164,7 +168,9 @@ def run_nodes(args: argparse.Namespace) -> int:
     for t in threads:
         t.start()
     threading.Thread(target=heartbeats, args=(nodes, stop), daemon=True).start()
-    stop.wait(args.seconds)
+    end = time.monotonic() + args.seconds
+    while not signals and time.monotonic() < end:
+        time.sleep(0.2)
     stop.set()
     for n in nodes:
         n.leave()

@@ -1139,6 +1139,47 @@ def test_cli_serve_subprocess(
     assert proc.returncode == 0, err
 
 
+# `reward serve` in a process where the SIGTERM is taken by a thread other than the main one
+# (the kernel may hand a process's signal to any of its threads: gRPC's, here)
+SIGNAL_ON_ANOTHER_THREAD = """
+import signal, sys, threading, time
+from pathlib import Path
+from pluralfed.cli import main
+
+port_file = Path(sys.argv[1])
+
+def stop_from_this_thread():
+    while not port_file.exists():
+        time.sleep(0.05)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+threading.Thread(target=stop_from_this_thread, daemon=True).start()
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_cli_serve_stops_on_a_signal_another_thread_takes(
+    world: dict, pki: dict, session_cache_dir: Path, tmp_path: Path
+) -> None:
+    """The main thread slept in an Event.wait() with no end: a SIGTERM the kernel handed to
+    another thread ran the handler only when that wait ended, never (docker stop then killed
+    the service). It now looks for the signal every 0.2 s."""
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"trainer-1" = "RL trainer"\n', encoding="utf-8")
+    port_file = tmp_path / "port"
+    env = {**os.environ, "PLURALFED_CACHE_DIR": str(session_cache_dir), "OMP_NUM_THREADS": "1"}
+    serve = ["reward", "serve", "--checkpoint", str(world["ckpt"]), "--listen", "127.0.0.1:0"]
+    serve += ["--tls-dir", str(pki["server"].cert.parent), "--allow-list", str(allow)]
+    serve += ["--port-file", str(port_file), "--threads", "1"]
+    argv = [sys.executable, "-c", SIGNAL_ON_ANOTHER_THREAD, str(port_file), *serve]
+    proc = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "listening" in out, (proc.returncode, out)
+
+
 def test_cli_help_explains_every_option() -> None:
     import argparse
 

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import signal
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -279,16 +279,17 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     if args.port_file is not None:
         args.port_file.write_text(f"{port}\n", encoding="utf-8")
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
+    # the handler only notes the signal, and the main thread looks every 0.2 s: a signal the
+    # kernel hands to one of gRPC's threads does not wake a main thread blocked in a wait with
+    # no end (it ignored SIGTERM then), and an Event.set() or a log line run by a handler in
+    # the middle of the main thread's own use of that lock would deadlock
+    signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, lambda signum, _frame: signals.append(signum))
     print(f"reward service listening on port {port}", flush=True)
-    stop.wait()
+    while not signals:
+        time.sleep(0.2)
+    log.info("signal %d: stopping", signals[0])
     server.stop(grace=2.0).wait()
     return 0
 
