@@ -200,6 +200,29 @@ class TaskWork:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
+# how often a pause of the run loop (on the main thread) wakes to run Python's signal handlers
+STOP_WAKE_S = 0.5
+
+
+class StopEvent(threading.Event):
+    """The node's stop, whose waits wake every STOP_WAKE_S. The run loop pauses on the main
+    thread, where Python runs signal handlers; the kernel may hand SIGTERM to another thread
+    (gRPC's), which does not wake a main thread blocked in one long wait: a node backing off
+    for a minute then ignored `docker stop` for that minute, and was killed without leaving."""
+
+    # a pause is real time, whichever clock the run loop's bookkeeping reads
+    _clock = staticmethod(time.monotonic)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else self._clock() + timeout
+        while True:
+            step = STOP_WAKE_S if end is None else min(STOP_WAKE_S, end - self._clock())
+            if step <= 0:
+                return self.is_set()
+            if super().wait(step):
+                return True
+
+
 class GroupNode:
     """The run loop: join, take tasks until SHUTDOWN, rejoin after any loss, with backoff."""
 
@@ -207,7 +230,7 @@ class GroupNode:
         self.config = config
         self.worker = worker
         self.client = NodeClient(config)
-        self._stop = threading.Event()
+        self._stop: threading.Event = StopEvent()
         self._state: pb.NodeState.ValueType = pb.NODE_STATE_IDLE
         self.rounds_trained = 0
         # TRAIN tasks refused for bad settings, or whose update was rejected for good: the

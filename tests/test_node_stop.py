@@ -421,3 +421,37 @@ def test_a_node_replaced_three_times_in_ten_minutes_stops(
     assert replaced_at(node, 0.0, 100.0, 200.0) == [False, False, True]
     node = GroupNode(node_config(free_port(), tmp_path), worker())
     assert replaced_at(node, 0.0, 400.0, 700.0, 1200.0, 1250.0) == [False] * 4 + [True]
+
+
+def test_a_pause_of_the_run_loop_runs_a_signal_handler_another_thread_took() -> None:
+    """The kernel may hand SIGTERM to any thread. Python runs the handler on the main thread
+    only when that thread next runs, and a main thread in one long Event.wait (the node's
+    back-off, up to backoff_max_s) did not: `docker stop` was ignored until the pause ended.
+    Here a helper thread takes the signal; the handler (as `stop_on_signals`'s, it leaves the
+    stop to a thread) must end a 60 s pause at once."""
+    stop = node_module.StopEvent()
+    handled: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        handled.append(signum)
+        threading.Thread(target=stop.set, daemon=True).start()
+
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+
+        def take_the_signal() -> None:
+            time.sleep(0.5)  # the main thread is in its pause by then
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+        taker = threading.Thread(target=take_the_signal)
+        started = time.monotonic()
+        taker.start()
+        assert stop.wait(60.0)
+        assert handled == [signal.SIGUSR1] and time.monotonic() - started < 10.0
+        taker.join(5)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    # and a pause still lasts as long as it was asked to, if nothing stops it
+    started = time.monotonic()
+    assert not node_module.StopEvent().wait(1.2)
+    assert 1.2 <= time.monotonic() - started < 5.0
