@@ -397,19 +397,23 @@ class NodeClient:
     def cancel_calls(self) -> None:
         """Cancel the RPCs in flight and every one started from now on (the node stops). Leave
         and Heartbeat are not cancelled: they are short, and Leave is what a stop sends."""
-        with self._calls_lock:
-            self._cancelled = True
-            calls = list(self._calls)
-        for call in calls:
-            call.cancel()
+        self._cancel_in_flight(stopping=True)
 
     def cancel_task_calls(self) -> None:
         """Cancel the current task's RPCs in flight (a download, upload or report) and every one
         started until `task_done`: the coordinator no longer wants the task
         (HeartbeatReply.cancel_task). The call raises TaskCancelled. Only the task's RPCs are in
         flight meanwhile: the node asks for no task while it works on one."""
+        self._cancel_in_flight(stopping=False)
+
+    def _cancel_in_flight(self, *, stopping: bool) -> None:
+        """Mark the node stopping or the task cancelled, so calls started from now on are
+        cancelled too (`_tracked`), then cancel the calls in flight."""
         with self._calls_lock:
-            self._task_cancelled = True
+            if stopping:
+                self._cancelled = True
+            else:
+                self._task_cancelled = True
             calls = list(self._calls)
         for call in calls:
             call.cancel()
