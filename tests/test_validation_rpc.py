@@ -6,7 +6,8 @@ never an opaque transport error: an identifier of half a megabyte is quoted back
 echoed into a status gRPC would drop (RESOURCE_EXHAUSTED) nor into a log line. Free text that is
 logged (a Leave reason) cannot forge log lines. A bad evaluation report is the node's final answer,
 so the round does not wait for it until the deadline, and no report on another model version, with
-non-finite or contradictory figures, or with per-question scores nobody asked for, is recorded.
+non-finite, out-of-range, missing or contradictory figures, or with per-question scores nobody
+asked for, is recorded.
 """
 
 from __future__ import annotations
@@ -468,14 +469,27 @@ BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
         "33 metrics",
     ),
 }
+# the protocol's four metrics are required, each in [0, 1] (EvaluationReport's GroupMetrics)
+BAD_FIGURES: dict[str, tuple[dict[str, Any], str]] = {
+    "node-nan": ({"metrics": {**GOOD_METRICS, "model": 1.5}}, "['model'] are not in [0, 1]"),
+    "node-shape": (
+        {"metrics": {**GOOD_METRICS, "uniform_baseline": -0.25}},
+        "['uniform_baseline'] are not in [0, 1]",
+    ),
+    "node-dtype": (
+        {"metrics": {k: v for k, v in GOOD_METRICS.items() if k != "prior_baseline"}},
+        "lacks metrics ['prior_baseline']",
+    ),
+}
 
 
+@pytest.mark.parametrize("bad", [BAD_REPORTS, BAD_FIGURES], ids=["malformed", "figures"])
 def test_evaluation_reports_are_checked_and_a_bad_one_does_not_stall_the_round(
-    tmp_path: Path,
+    tmp_path: Path, bad: dict[str, tuple[dict[str, Any], str]]
 ) -> None:
     settings = RoundSettings(
         rounds=1,
-        min_nodes=8,
+        min_nodes=2 + len(bad),
         eval_at_start=True,
         eval_every=0,
         round_timeout_s=scaled(60),
@@ -485,23 +499,28 @@ def test_evaluation_reports_are_checked_and_a_bad_one_does_not_stall_the_round(
     with serve(tmp_path, settings) as fed:
         judge = fed.node("node-judge")
         judge.join(ENCODER, role=pb.ROLE_EVALUATE_ONLY)  # before the quorum: it is asked too
-        nodes = {ident: fed.node(ident) for ident in ("node-good-a", "node-good-b", *BAD_REPORTS)}
+        nodes = {ident: fed.node(ident) for ident in ("node-good-a", "node-good-b", *bad)}
         try:
             for n in nodes.values():
                 n.join(ENCODER, 10)
-            _evaluation_round(fed, judge, nodes)
+            _evaluation_round(fed, judge, nodes, bad)
         finally:
             for n in [judge, *nodes.values()]:
                 n.close()
 
 
-def _evaluation_round(fed: Federation, judge: FakeNode, nodes: dict[str, FakeNode]) -> None:
+def _evaluation_round(
+    fed: Federation,
+    judge: FakeNode,
+    nodes: dict[str, FakeNode],
+    bad: dict[str, tuple[dict[str, Any], str]],
+) -> None:
     started = time.monotonic()
     tasks = {ident: n.wait_task(pb.TASK_KIND_EVALUATE, timeout=20) for ident, n in nodes.items()}
     task = tasks["node-good-a"]
     assert judge.wait_task(pb.TASK_KIND_EVALUATE, timeout=20).task_id == task.task_id
 
-    for ident, (fields, says) in BAD_REPORTS.items():
+    for ident, (fields, says) in bad.items():
         code, details = status(report, nodes[ident], task, **fields)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and says in details, (ident, details)
         # the node's answer: a good report afterwards is not recorded either
@@ -527,7 +546,7 @@ def _evaluation_round(fed: Federation, judge: FakeNode, nodes: dict[str, FakeNod
     assert time.monotonic() - started < fed.engine.settings.eval_timeout_s / 2
     record = next(fed.engine.state.evaluations.records())
     assert record["groups"] == ["Good A", "Good B", "Judge"]
-    assert record["missing"] == sorted(ALLOW[i] for i in BAD_REPORTS)
+    assert record["missing"] == sorted(ALLOW[i] for i in bad)
     assert record["per_group"]["Good A"]["model"] == 0.6
     assert record["reports"]["held-out groups"]["per_group"] == {"Judge": 0.2}
 
