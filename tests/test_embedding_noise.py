@@ -160,6 +160,19 @@ def test_a_task_without_the_field_means_no_noise() -> None:
     assert training_settings(_hp(), "TRAIN").embedding_noise == 0.0
 
 
+def test_a_node_ignores_settings_it_does_not_know() -> None:
+    """A newer coordinator's extra settings (Hyperparameters.extensions, fields this node has no
+    name for) neither refuse the task nor change how the node trains."""
+    hp = _hp()
+    hp.extensions["momentum"] = "0.9"
+    hp.extensions[""] = "\x00" * 1000
+    newer = pb.Hyperparameters.FromString(
+        hp.SerializeToString() + b"\xf8\x06\x01"  # field 111, varint 1: unknown to this node
+    )
+    assert training_settings(newer, "TRAIN") == training_settings(_hp(), "TRAIN")
+    assert local_steps_of(newer) == 6
+
+
 def test_a_node_runs_the_optimizer_the_task_names() -> None:
     assert training_settings(_hp(), "TRAIN").optimizer == "adam"  # an older coordinator: Adam
     assert training_settings(_hp(optimizer="sgd"), "TRAIN").optimizer == "sgd"
