@@ -1,8 +1,9 @@
 """The architecture's boundaries, checked on the real imports: transport knows nothing of ML
 (the coordinator's server and round engine load without torch), the round engine and its parts
-(node calls, sessions, tasks, evaluations) know nothing of gRPC, and aggregation knows nothing of
-gRPC (the strategy loads without grpc or protobuf). Each check runs in a fresh interpreter, so
-what other tests imported cannot hide a dependency."""
+(node calls, sessions, tasks, evaluations) know nothing of gRPC, the bookkeeping of the bulk
+streams knows nothing of gRPC or the engine, and aggregation knows nothing of gRPC (the strategy
+loads without grpc or protobuf). Each check runs in a fresh interpreter, so what other tests
+imported cannot hide a dependency."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
     "module",
     [
         "coordinator.server",
+        "coordinator.streams",
         "coordinator.rounds",
         "coordinator.sessions",
         "coordinator.tasks",
@@ -74,6 +76,13 @@ def test_round_logic_loads_without_grpc(module: str) -> None:
 def test_the_engines_parts_load_without_the_engine(module: str) -> None:
     # rounds.py uses them, never the other way: each can be read (and tested) on its own
     assert loaded_after_import([module], ["coordinator.rounds"]) == []
+
+
+def test_the_streams_bookkeeping_loads_without_grpc_or_the_engine() -> None:
+    # the servicer uses it, never the other way; it sees a call and the engine only through small
+    # Protocols, so it is read (and tested, with fakes) without a server or an engine
+    watched = ["grpc", "google.protobuf", "coordinator.server", "coordinator.rounds"]
+    assert loaded_after_import(["coordinator.streams"], watched) == []
 
 
 def test_runtime_tls_loads_without_the_pki_tooling() -> None:

@@ -28,12 +28,12 @@ from coordinator.server import (
     MAX_CALLS_PER_NODE,
     MAX_STREAMS_PER_CONNECTION,
     FederationServicer,
-    StreamSlots,
     start_server,
 )
 from coordinator.service import CoordinatorConfig, check_roles
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
+from coordinator.streams import StreamSlots
 from coordinator.validation import Rejection
 from pluralfed import tls
 from pluralfed.auth import AllowList, RefusalLog

@@ -19,9 +19,10 @@ from fedharness import HOST, FakeNode, reject_name, update_messages, wait_until
 
 import coordinator.server as server_module
 from coordinator.rounds import RoundEngine
-from coordinator.server import StreamSlots, start_server
+from coordinator.server import start_server
 from coordinator.sessions import Role
 from coordinator.settings import RoundSettings
+from coordinator.streams import STALE_CHECK_S, StaleTransfers, StreamSlots
 from coordinator.tasks import TaskKind
 from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -383,7 +384,7 @@ def slow_download(node: FakeNode, version: str) -> int:
     request = pb.DownloadModelRequest(session_id=node.session_id, model_version=version)
     stream = node.stub.DownloadModel(request, timeout=30)
     next(stream)
-    time.sleep(4 * server_module.STALE_CHECK_S)
+    time.sleep(4 * STALE_CHECK_S)
     return 1 + sum(1 for _ in stream)
 
 
@@ -444,7 +445,7 @@ def test_the_watch_threads_go_on_after_an_error_cutting_one_call() -> None:
     assert broken.cancels == 1
 
     engine = type("Engine", (), {"open_task_id": lambda self, session: "next task"})()
-    stale = server_module.StaleTransfers(engine, poll_s=0.01)  # type: ignore[arg-type]
+    stale = StaleTransfers(engine, poll_s=0.01)  # type: ignore[arg-type]
     broken, fine = CancelCounted(broken=True), CancelCounted()
     with stale.watch(broken, "s1", "old task", "upload"):  # type: ignore[arg-type]
         wait_until(lambda: broken.cancels == 1, 10.0, "the first stale call's cut")

@@ -34,8 +34,9 @@ from fedharness import (
 )
 
 from coordinator.rounds import RoundEngine
-from coordinator.server import StreamSlots, start_server
+from coordinator.server import start_server
 from coordinator.settings import RoundSettings
+from coordinator.streams import StreamSlots
 from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.tls import TlsFiles
