@@ -68,7 +68,7 @@ class StreamSlots:
         self._lock = threading.Lock()
         self._active = 0
         self._waiting: deque[threading.Event] = deque()
-        self.peak = 0  # most uploads ever read at once (for tests and diagnostics)
+        self.peak = 0  # most streams ever run at once (for tests and diagnostics)
 
     @property
     def active(self) -> int:
