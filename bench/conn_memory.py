@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,10 @@ from pluralfed.transport import grpc_options, server_grpc_options
 HERE = Path(__file__).resolve().parent
 SERVICE = "bench.ConnMemory"
 MESSAGES_PER_UPLOAD = 20
-OPTION_SETS = {"coordinator": server_grpc_options, "grpc-default": grpc_options}
+OPTION_SETS: dict[str, Callable[[], list[tuple[str, int]]]] = {
+    "coordinator": server_grpc_options,
+    "grpc-default": grpc_options,
+}
 
 
 def _ident(b: bytes) -> bytes:

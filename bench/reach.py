@@ -70,7 +70,8 @@ class DonorTable:
                 if key(e) in a:
                     self.answers[q, d, :k] = a[key(e)]
                     self.asked[q, d] = 1.0
-        self.covered = self.asked.any(axis=1)
+        # asarray: the stubs type .any(axis=...) as a scalar or an array
+        self.covered = np.asarray(self.asked.any(axis=1))
 
     def predictions(self, weights: np.ndarray) -> np.ndarray:
         """Per covered question: the donors that were asked it, mixed by `weights` renormalised."""

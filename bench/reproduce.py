@@ -361,7 +361,8 @@ def plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     stay readable; the per-group results are a table of numbers in colour, not dozens of bars.
     """
     made = []
-    palette = plt.get_cmap("tab20").colors
+    cmap = plt.get_cmap("tab20")  # a qualitative map: cmap(i) is its i-th colour
+    palette = [cmap(i) for i in range(cmap.N)]
     curved = {k: v for k, v in runs.items() if any(r["curve"] for r in v)}
     for metric, label in (("alignment", "alignment"), ("fairness", "fairness index")):
         fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True)
@@ -388,8 +389,8 @@ def plots(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
 
     groups: dict[str, list[str]] = {s: [] for s in SETS}
     for s in SETS:
-        for kind in runs.values():
-            for g in kind[0]["final"].get(s, {}).get("per_group", {}):
+        for rows in runs.values():
+            for g in rows[0]["final"].get(s, {}).get("per_group", {}):
                 if g not in groups[s]:
                     groups[s].append(g)
     columns = [(s, g) for s in SETS for g in groups[s]]

@@ -290,7 +290,7 @@ def proc_stat(pid: int) -> dict[str, float]:
 
 
 def descendants(pid: int) -> list[int]:
-    out = []
+    out: list[int] = []
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
