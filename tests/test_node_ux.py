@@ -153,8 +153,10 @@ class UnknownSessionOnce(pb_grpc.FederationServicer):
             )
         return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.Ack:
-        return pb.Ack()
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        return pb.HeartbeatReply()
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
         return pb.Ack()

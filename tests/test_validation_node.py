@@ -343,8 +343,10 @@ class StandIn(pb_grpc.FederationServicer):
         for raw in self.download:
             yield pb.ModelChunk.FromString(raw)
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.Ack:
-        return pb.Ack()
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        return pb.HeartbeatReply()
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
         self.left.append(request.reason)
@@ -710,10 +712,12 @@ class Rounds(StandIn):
         self.reports += 1
         return pb.Ack()
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.Ack:
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
         if request.state == pb.NODE_STATE_FAILED:
             self.failed.append((request.task_id, request.message))
-        return pb.Ack()
+        return pb.HeartbeatReply()
 
 
 def diverging_weights() -> dict[str, np.ndarray]:
