@@ -295,7 +295,7 @@ def test_the_node_beats_at_the_interval_of_the_last_heartbeat_reply(
     """HeartbeatReply.heartbeat_interval is "the interval to use from now on"; the node kept
     the Join's for the whole session. A reply without one keeps the interval; one below the
     floor or over the limit is clamped to it (over the limit is said once)."""
-    servicer = ChangesInterval([2.0, 7.0, None, 0.001, 1e6, 1e6, 4.0])
+    servicer = ChangesInterval([2.0, 7.0, None, 0.001, 1e6, 1e6, 4.0])  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
         worker_stub = SimpleNamespace(num_train_examples=4, encoder=SimpleNamespace(identity="e"))

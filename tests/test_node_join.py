@@ -37,6 +37,8 @@ from pluralfed.wire import DEFAULT_CHUNK_BYTES
 pytestmark = pytest.mark.timeout(60)
 
 
+# A stand-in serves only the RPCs it defines; the generated base answers the rest UNIMPLEMENTED.
+# The stubs mark those abstract, so making one is `# type: ignore[abstract]`.
 class JoinOnly(pb_grpc.FederationServicer):
     def __init__(self, max_chunk_bytes: int) -> None:
         self.max_chunk_bytes = max_chunk_bytes
@@ -63,7 +65,7 @@ class JoinOnly(pb_grpc.FederationServicer):
 
 @pytest.fixture
 def coordinator() -> Iterator[tuple[JoinOnly, int]]:
-    servicer = JoinOnly(0)
+    servicer = JoinOnly(0)  # type: ignore[abstract]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -219,7 +221,7 @@ class AnswersWait(JoinOnly):
 def test_node_waits_as_long_as_wait_answers_say_before_asking_again(tmp_path: Path) -> None:
     """A node with the shortest poll (0.1 s) that hears WAIT, retry after 0.5 s, asks about
     twice a second, not ten times."""
-    servicer = AnswersWait(retry_after_s=0.5, open_s=2.0)
+    servicer = AnswersWait(retry_after_s=0.5, open_s=2.0)  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         config = NodeConfig(
             coordinator=f"127.0.0.1:{port}",

@@ -94,7 +94,7 @@ def test_an_update_the_coordinator_could_not_store_is_sent_again_after_a_growing
     download, training and upload: 142 uploads of one node in 24 s."""
     monkeypatch.setattr(node_module, "UPLOAD_RETRY_INITIAL_S", 0.3)
     monkeypatch.setattr(node_module, "UPLOAD_RETRY_MAX_S", 0.5)
-    servicer = CannotStore([pb.REJECT_REASON_INTERNAL] * 3)
+    servicer = CannotStore([pb.REJECT_REASON_INTERNAL] * 3)  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         node = GroupNode(node_config(port, tmp_path), worker())
         with caplog.at_level(logging.INFO, logger="pluralfed.node"):
@@ -118,7 +118,7 @@ def test_an_update_rejected_for_good_is_not_sent_again(
 ) -> None:
     """One upload decides a round: a coordinator that still offers the task is waited out."""
     monkeypatch.setattr(node_module, "REFUSED_TASK_POLL_S", 0.2)
-    servicer = CannotStore([pb.REJECT_REASON_NORM_BOUND], open_s=1.5)
+    servicer = CannotStore([pb.REJECT_REASON_NORM_BOUND], open_s=1.5)  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         node = GroupNode(node_config(port, tmp_path), worker())
         assert node.run() == 0
@@ -155,7 +155,7 @@ def test_a_transfer_the_coordinator_cuts_is_no_reason_to_rejoin(
 ) -> None:
     """A cut transfer (CANCELLED from the coordinator) is not an unreachable coordinator: the
     node keeps its session and asks for its next task, which here is the same one again."""
-    servicer = CutsFirstUpload()
+    servicer = CutsFirstUpload()  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port, caplog.at_level(logging.INFO):
         node = GroupNode(node_config(port, tmp_path, backoff_initial_s=0.5), worker())
         assert node.run() == 0
@@ -185,7 +185,7 @@ def test_a_stopped_node_cancels_its_long_poll_leaves_and_says_it_was_stopped(
 ) -> None:
     """Review F7: before, a stop waited for the long poll (up to poll_wait_s, 30 s), sent no
     Leave (the open round waited for the node until its session expired) and exited 0."""
-    servicer = LongPoll()
+    servicer = LongPoll()  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         node = GroupNode(node_config(port, tmp_path, poll_wait_s=30.0), worker())
         stopped: list[float] = []
@@ -206,7 +206,7 @@ def test_a_stopped_node_cancels_its_long_poll_leaves_and_says_it_was_stopped(
 def test_sigint_stops_a_node_in_its_long_poll_with_exit_code_130(tmp_path: Path) -> None:
     """The real signal path of `pluralfed node run`: the handler, the node's main thread
     blocked in the poll, and a second signal left to its default action."""
-    servicer = LongPoll()
+    servicer = LongPoll()  # type: ignore[abstract]
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with stand_in_coordinator(servicer) as port:
         node = GroupNode(node_config(port, tmp_path, poll_wait_s=30.0), worker())
@@ -389,7 +389,7 @@ def test_a_wait_longer_than_a_minute_is_cut_to_a_minute(tmp_path: Path) -> None:
     """A WAIT's retry_after is honoured up to MAX_RETRY_AFTER_S (60 s), then the node asks
     anyway: a faulty coordinator's "come back in an hour" must not leave a node deaf to a round
     that opens meanwhile (its waits return at once here; no sleeping)."""
-    servicer = WaitsLong()
+    servicer = WaitsLong()  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         node = GroupNode(node_config(port, tmp_path), worker())
         node._stop = stop = NoWait([0.0])

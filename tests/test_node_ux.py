@@ -131,6 +131,8 @@ def test_two_nodes_with_one_certificate_say_so_and_one_stops(
     assert error.endswith("two processes with one certificate? stopping this one")
 
 
+# A stand-in serves only the RPCs it defines; the generated base answers the rest UNIMPLEMENTED.
+# The stubs mark those abstract, so making one is `# type: ignore[abstract]`.
 class UnknownSessionOnce(pb_grpc.FederationServicer):
     """Forgets the node's session once (as a restarted coordinator does), then ends the run; a
     later Join is answered with another run id when `new_run` is set."""
@@ -189,7 +191,7 @@ def test_a_node_told_to_wait_long_says_so(
     monkeypatch.setattr(node_module, "IDLE_NOTE_FIRST_S", 5.0)
     monkeypatch.setattr(node_module, "IDLE_NOTE_EVERY_S", 10.0)
     # the node's clock is the stand-in's: 1 s per held poll, so 22 WAITs are 22 s of idling
-    servicer = WaitThenEnd(22, held_s=1.0)
+    servicer = WaitThenEnd(22, held_s=1.0)  # type: ignore[abstract]
     clock = SimpleNamespace(
         monotonic=lambda: servicer.now, perf_counter=time.perf_counter, time=time.time
     )
@@ -210,7 +212,7 @@ def test_a_lost_session_is_said_once_and_a_new_run_is_named(
 ) -> None:
     """ "unknown or expired session '...': join again; joining again" stuttered; and a node whose
     coordinator came back with another state folder joined the new run without a word."""
-    servicer = UnknownSessionOnce(new_run)
+    servicer = UnknownSessionOnce(new_run)  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
         with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
@@ -286,7 +288,7 @@ def test_a_new_run_starts_from_a_fresh_optimizer_and_forgets_the_old_runs_tasks(
     bookkeeping, which refused a task of the new run that happened to reuse an old id. Within one
     run both stay: the moments carry over and a task refused for good is not trained again."""
     monkeypatch.setattr(node_module, "REFUSED_TASK_POLL_S", 0.05)
-    servicer = RestartsIntoRun("run-2" if new_run else "run-1")
+    servicer = RestartsIntoRun("run-2" if new_run else "run-1")  # type: ignore[abstract]
     w = worker()
     adam_steps: list[list[float]] = []  # after each TRAIN task
     train = w.train
@@ -341,6 +343,8 @@ def test_node_check_beside_a_running_node_leaves_its_session_alone(
         running.heartbeat()  # still its session
 
 
+# A stand-in serves only the RPCs it defines; the generated base answers the rest UNIMPLEMENTED.
+# The stubs mark those abstract, so making one is `# type: ignore[abstract]`.
 class OlderCoordinator(pb_grpc.FederationServicer):
     """Knows no check_only: opens a session for every Join."""
 
@@ -360,7 +364,7 @@ class OlderCoordinator(pb_grpc.FederationServicer):
 def test_node_check_leaves_the_session_an_older_coordinator_opened(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    servicer = OlderCoordinator()
+    servicer = OlderCoordinator()  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
         assert check(cfg, monkeypatch) == 0
@@ -438,7 +442,7 @@ def test_node_check_says_a_coordinator_answers_a_tls_node_in_plain_text(
 ) -> None:
     """The symmetric case of an insecure node: a TLS node against a plain-text coordinator
     (walkthrough review L4) was told its certificates might not match."""
-    with stand_in_coordinator(OlderCoordinator()) as port:
+    with stand_in_coordinator(OlderCoordinator()) as port:  # type: ignore[abstract]
         assert check(config(fed, coordinator=f"{HOST}:{port}"), monkeypatch) == 1
     err = capsys.readouterr().err
     assert "WRONG_VERSION_NUMBER" in err, err
@@ -453,7 +457,7 @@ def test_node_run_says_a_coordinator_answers_a_tls_node_in_plain_text(
     fed: Federation, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`node run` retries as for a coordinator that is down, but says the likely cause."""
-    with stand_in_coordinator(OlderCoordinator()) as port:
+    with stand_in_coordinator(OlderCoordinator()) as port:  # type: ignore[abstract]
         cfg = config(fed, coordinator=f"{HOST}:{port}", give_up_after_s=0.5)
         with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
             assert GroupNode(cfg, WORKER).run() == 1  # type: ignore[arg-type]
@@ -557,7 +561,7 @@ def test_a_cause_is_told_in_full_again_after_the_node_was_connected(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """ "as before" is for retries in a row: once joined, the next failure is news."""
-    with stand_in_coordinator(UnavailableTwice(new_run=False)) as port:
+    with stand_in_coordinator(UnavailableTwice(new_run=False)) as port:  # type: ignore[abstract]
         cfg = NodeConfig(
             coordinator=f"{HOST}:{port}", group="G", insecure=True, backoff_initial_s=0.05
         )

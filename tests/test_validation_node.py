@@ -314,6 +314,8 @@ def model_messages(
     return messages
 
 
+# A stand-in serves only the RPCs it defines; the generated base answers the rest UNIMPLEMENTED.
+# The stubs mark those abstract, so making one is `# type: ignore[abstract]`.
 class StandIn(pb_grpc.FederationServicer):
     """Joins with a chosen model config, offers one TRAIN task, serves chosen download bytes."""
 
@@ -380,7 +382,7 @@ def test_an_unexpected_error_in_a_task_is_logged_and_the_node_leaves(
         raise FileNotFoundError("No usable temporary directory found in ['/tmp']")
 
     monkeypatch.setattr(GroupNode, "_train", no_temporary_folder)
-    servicer = StandIn("{}", [])
+    servicer = StandIn("{}", [])  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         config = NodeConfig(
             coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
@@ -440,7 +442,7 @@ def test_an_answer_the_node_cannot_act_on_does_not_make_it_poll_in_a_loop(
     that was not held, made the node ask again at once: ~1,500 GetTask calls a second (review,
     session 20). It now waits: a second for an unheld WAIT, REFUSED_TASK_POLL_S for an unknown
     kind, which it logs once."""
-    servicer = OneAnswer(task)
+    servicer = OneAnswer(task)  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         config = NodeConfig(
             coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
@@ -465,7 +467,7 @@ def test_an_answer_the_node_cannot_act_on_does_not_make_it_poll_in_a_loop(
 def test_node_stops_with_one_error_line_on_a_bad_join_reply(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, model_config_json: str, message: str
 ) -> None:
-    servicer = StandIn(model_config_json, [])
+    servicer = StandIn(model_config_json, [])  # type: ignore[abstract]
     code, errors = run_node(servicer, tmp_path, STUB_WORKER, caplog)
     assert code == 2
     assert len(errors) == 1 and errors[0].exc_info is None
@@ -481,7 +483,7 @@ def test_node_stops_on_a_download_whose_header_declares_a_huge_tensor(
     weights = {"w": np.zeros(4, np.float32)}
     huge = pb.TensorSpec(name="w", dtype=pb.DTYPE_FLOAT32, shape=[2**40])
     download = model_messages(weights, tensors=[huge], total_bytes=2**42)
-    code, errors = run_node(StandIn("", download), tmp_path, STUB_WORKER, caplog)
+    code, errors = run_node(StandIn("", download), tmp_path, STUB_WORKER, caplog)  # type: ignore[abstract]
     assert code == 2 and len(errors) == 1
     text = errors[0].getMessage()
     assert "model 'v1' download: ModelHeader.tensors[0]: with tensor 'w'" in text
@@ -493,7 +495,7 @@ def test_node_stops_on_weights_that_do_not_fit_the_join_config(
 ) -> None:
     other = GPOConfig(embed_dim=DIM, d_model=16, mlp_layers=1, n_layers=1, n_heads=2, d_ff=8)
     download = model_messages(small_weights(other))
-    servicer = StandIn(json.dumps(SMALL.to_dict()), download)
+    servicer = StandIn(json.dumps(SMALL.to_dict()), download)  # type: ignore[abstract]
     code, errors = run_node(servicer, tmp_path, worker(), caplog)
     assert code == 2 and len(errors) == 1
     assert "G: stopping: the federation's model weights do not fit its config" in (
