@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pluralfed import tls
 from pluralfed.data import SurveyData, write_group_files
@@ -472,6 +473,21 @@ def start_node(
 
 # ------------------------------------------------------------------------------------------------
 # an in-process node
+
+
+class HealthStub(Protocol):
+    """grpc.health.v1's generated client stub, typed: its stubs package declares no methods."""
+
+    Check: grpc.UnaryUnaryMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    ]
+    Watch: grpc.UnaryStreamMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    ]
+
+
+def health_stub(channel: grpc.Channel) -> HealthStub:
+    return cast(HealthStub, health_pb2_grpc.HealthStub(channel))
 
 
 def rpc_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.RpcError:

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from fedharness import health_stub
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pluralfed import auth, tls
@@ -120,7 +121,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def start_server(
     interceptor: AuthInterceptor | None, server_dir: Path | None, calls: Calls
 ) -> tuple[grpc.Server, int]:
-    interceptors = [interceptor] if interceptor is not None else []
+    interceptors: list[grpc.ServerInterceptor] = [interceptor] if interceptor is not None else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
     server.add_generic_rpc_handlers([make_handler(calls)])
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
@@ -173,7 +174,8 @@ def raw_channel(port: int, creds: grpc.ChannelCredentials) -> grpc.Channel:
 
 
 def who(channel: grpc.Channel) -> bytes:
-    return channel.unary_unary("/test.Echo/Who")(b"", timeout=TIMEOUT)  # type: ignore[no-any-return]
+    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Echo/Who")
+    return call(b"", timeout=TIMEOUT)
 
 
 def rpc_error(fn: object, *args: object) -> grpc.RpcError:
@@ -197,11 +199,17 @@ def test_allowed_node_gets_through_and_handler_sees_its_name(pki: Path, secure_p
 
 def test_every_rpc_shape_is_guarded_and_bound(pki: Path, secure_port: int) -> None:
     with node_channel(pki, secure_port, "node-a") as channel:
-        stream = channel.unary_stream("/test.Echo/WhoStream")(b"", timeout=TIMEOUT)
-        assert list(stream) == [b"Nigeria|Nigeria"] * 3
-        upload = channel.stream_unary("/test.Echo/Upload")
+        who_stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+            "/test.Echo/WhoStream"
+        )
+        assert list(who_stream(b"", timeout=TIMEOUT)) == [b"Nigeria|Nigeria"] * 3
+        upload: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
+            "/test.Echo/Upload"
+        )
         assert upload(iter([b"ab", b"cde"]), timeout=TIMEOUT) == b"5 from Nigeria|Nigeria"
-        chat = channel.stream_stream("/test.Echo/Chat")
+        chat: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            "/test.Echo/Chat"
+        )
         assert list(chat(iter([b"1", b"2"]), timeout=TIMEOUT)) == [
             b"1@Nigeria|Nigeria",
             b"2@Nigeria|Nigeria",
@@ -218,7 +226,7 @@ def test_every_rpc_shape_is_guarded_and_bound(pki: Path, secure_port: int) -> No
 
 def test_require_self(pki: Path, secure_port: int, caplog: pytest.LogCaptureFixture) -> None:
     with node_channel(pki, secure_port, "node-a") as channel:
-        act_as = channel.unary_unary("/test.Echo/ActAs")
+        act_as: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Echo/ActAs")
         assert act_as(b"Nigeria", timeout=TIMEOUT) == b"acting as Nigeria"
         with caplog.at_level(logging.WARNING, logger="pluralfed.auth"):
             err = rpc_error(act_as, b"Egypt")
@@ -233,16 +241,12 @@ def test_require_self(pki: Path, secure_port: int, caplog: pytest.LogCaptureFixt
 def test_exempt_health_check(pki: Path, secure_port: int) -> None:
     # a valid certificate that is not allow-listed may still ask whether the server is up
     with node_channel(pki, secure_port, "node-x") as channel:
-        response = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=TIMEOUT
-        )
+        response = health_stub(channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
         assert rpc_error(who, channel).code() == grpc.StatusCode.PERMISSION_DENIED
         # but not Watch, a stream that holds a thread while open: exempt, a few of them from
         # any certificate of the CA held every thread (review, session 17)
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(), timeout=TIMEOUT
-        )
+        watch = health_stub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
         with pytest.raises(grpc.RpcError) as err:
             next(watch)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -270,7 +274,7 @@ def test_an_exempt_request_stream_refuses_a_message_that_does_not_decode(
         seen.extend(requests)
         return b"%d" % len(seen)
 
-    method = (
+    method: grpc.RpcMethodHandler[bytes, bytes] = (
         grpc.stream_stream_rpc_method_handler(chat, request_deserializer=strict)
         if response_streaming
         else grpc.stream_unary_rpc_method_handler(count, request_deserializer=strict)
@@ -289,11 +293,17 @@ def test_an_exempt_request_stream_refuses_a_message_that_does_not_decode(
     try:
         with node_channel(pki, port, "node-x") as channel:  # exempt: any certificate of the CA
             messages = iter([b"fine", b"bad", b"after"])
+            send_chat: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+                "/test.Open/Send"
+            )
+            send_count: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
+                "/test.Open/Send"
+            )
             with pytest.raises(grpc.RpcError) as err:
                 if response_streaming:
-                    list(channel.stream_stream("/test.Open/Send")(messages, timeout=TIMEOUT))
+                    list(send_chat(messages, timeout=TIMEOUT))
                 else:
-                    channel.stream_unary("/test.Open/Send")(messages, timeout=TIMEOUT)
+                    send_count(messages, timeout=TIMEOUT)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid message: ValueError: not a message" in str(err.value.details())
         assert seen == [b"fine"]
@@ -453,7 +463,9 @@ def test_insecure_mode(calls: Calls, caplog: pytest.LogCaptureFixture) -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert who(channel) == b"None|None"  # nothing is proved without a certificate
-            act_as = channel.unary_unary("/test.Echo/ActAs")
+            act_as: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/test.Echo/ActAs"
+            )
             assert act_as(b"Egypt", timeout=TIMEOUT) == b"acting as Egypt"
             err = rpc_error(act_as, b"Atlantis")
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED

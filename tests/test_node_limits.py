@@ -127,8 +127,10 @@ def test_one_node_cannot_hold_every_rpc_thread(tmp_path: Path, pki: Pki) -> None
         assert len(refused) == len(streams) - MAX_CALLS_PER_NODE
         for call in refused:
             err = call.exception()
-            assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "calls with this certificate are already in flight" in err.details()
+            assert (
+                isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+            assert "calls with this certificate are already in flight" in str(err.details())
         started = time.monotonic()
         for _ in range(5):
             assert not honest.heartbeat().cancel_task
@@ -179,7 +181,7 @@ def test_joining_again_does_not_keep_the_old_sessions_streams(tmp_path: Path, pk
         assert slots.active == 1
         for old in stalled[:-1]:
             err = old.exception(timeout=10)
-            assert err is not None and err.code() == grpc.StatusCode.CANCELLED
+            assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.CANCELLED
         theirs = update_messages(b.session_id, tb, {"w": np.full(1000, 2.0, np.float32)}, 10)
         reply = b.upload(theirs)
         assert reply.accepted, reject_name(reply)
@@ -187,7 +189,7 @@ def test_joining_again_does_not_keep_the_old_sessions_streams(tmp_path: Path, pk
         again = a.stub.UploadUpdate(iter(mine), timeout=10)
         assert again.accepted, reject_name(again)
         err = stalled[-1].exception(timeout=10)
-        assert err is not None and err.code() == grpc.StatusCode.CANCELLED
+        assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.CANCELLED
     finally:
         release.set()
         a.close()
@@ -206,10 +208,10 @@ def test_a_node_joins_only_in_the_role_the_federation_gave_it(
         # update was averaged in
         err = rpc_error(held_out.join, ENC, 1_000_000)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "'H' may only join as evaluate-only" in err.details()
+        assert "'H' may only join as evaluate-only" in str(err.details())
         err = rpc_error(trainer.join, ENC, role=pb.ROLE_EVALUATE_ONLY)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "'A' may only join as train" in err.details()
+        assert "'A' may only join as train" in str(err.details())
         # the operator is told too (before: only "not connected: A" while waiting for a
         # quorum), once however often the node tries again
         with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
@@ -275,7 +277,7 @@ def test_an_expired_certificate_is_refused_on_an_open_connection(tmp_path: Path,
         # before: the connection kept open by keepalive outlived the certificate
         err = rpc_error(node.join, ENC)
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "expired at" in err.details() and "renew it" in err.details()
+        assert "expired at" in str(err.details()) and "renew it" in str(err.details())
     finally:
         node.close()
         coord.close()

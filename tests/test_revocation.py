@@ -170,7 +170,7 @@ def guarded(pki: Path) -> Iterator[tuple[int, Path]]:
         futures.ThreadPoolExecutor(max_workers=4),
         interceptors=[AuthInterceptor(AllowList(ALLOWED), revocations=watch)],
     )
-    handler = grpc.unary_unary_rpc_method_handler(_who)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(_who)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("test.Echo", {"Who": handler})]
     )

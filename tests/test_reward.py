@@ -24,7 +24,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from fedharness import health_stub
+from grpc_health.v1 import health_pb2
 
 from pluralfed import tls
 from pluralfed.auth import MAX_EXEMPT_CALLS, AllowList
@@ -630,8 +631,9 @@ def test_service_validation_errors(
     with pytest.raises(grpc.RpcError) as err:
         client.stub.Score(request_msg, timeout=TIMEOUT)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    assert err.value.details() is not None
-    assert re.search(message, err.value.details()), err.value.details()
+    details = err.value.details()
+    assert details is not None
+    assert re.search(message, details), details
 
 
 def test_service_unknown_group(client: RewardClient) -> None:
@@ -962,7 +964,9 @@ def _hold_without_request(channel: grpc.Channel, method: str, stop: threading.Ev
         stop.wait(30)
         yield from ()
 
-    call = channel.stream_unary(method, request_serializer=None, response_deserializer=None)
+    call: grpc.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
+        method, request_serializer=None, response_deserializer=None
+    )
     # cancelled by the server, or ended without a request: either way, let go
     with contextlib.suppress(grpc.RpcError):
         call(never(), timeout=30)
@@ -1124,7 +1128,7 @@ def test_cli_serve_subprocess(
         port = int(port_file.read_text())
         with RewardClient(f"127.0.0.1:{port}", pki["client"]) as c:
             assert c.health()
-            stub = health_pb2_grpc.HealthStub(c.channel)
+            stub = health_stub(c.channel)
             status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
             assert {g.name for g in c.info().groups} == set(world["groups"])

@@ -188,7 +188,8 @@ def handshake(server: tls.TlsFiles, client: tls.TlsFiles) -> bool:
         )
         with grpc.secure_channel(f"127.0.0.1:{port}", channel_creds) as channel:
             try:
-                channel.unary_unary("/t.T/Echo")(b"hi", timeout=10)
+                echo: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/t.T/Echo")
+                echo(b"hi", timeout=10)
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.UNAVAILABLE, err
                 return False

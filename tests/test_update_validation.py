@@ -359,9 +359,11 @@ def test_an_upload_message_that_does_not_decode_is_refused_as_malformed(
     with serve(tmp_path, settings) as fed:
         good, bad = fed.node("node-good-a"), fed.node("node-good-b")
         try:
-            raw_upload = bad.channel.stream_unary(
-                "/pluralfed.v1.Federation/UploadUpdate",
-                response_deserializer=pb.UploadReply.FromString,
+            raw_upload: grpc.StreamUnaryMultiCallable[bytes, pb.UploadReply] = (
+                bad.channel.stream_unary(
+                    "/pluralfed.v1.Federation/UploadUpdate",
+                    response_deserializer=pb.UploadReply.FromString,
+                )
             )
             for n in (good, bad):
                 n.join(ENCODER, EXAMPLES[n.group])

@@ -234,14 +234,19 @@ def test_a_request_that_does_not_decode_is_invalid_not_internal(
     (review, session 20: 4,000 such Joins, +64 MB). Health/Check takes any certificate of the CA,
     allow-listed or not, so any such certificate could exhaust the coordinator's memory."""
     with quiet.node("node-good-a") as node:
-        join = node.channel.unary_unary("/pluralfed.v1.Federation/Join")  # bytes as they are
+        # bytes as they are
+        join: grpc.UnaryUnaryMultiCallable[bytes, bytes] = node.channel.unary_unary(
+            "/pluralfed.v1.Federation/Join"
+        )
         code, details = status(join, BAD_UTF8_FIELD_1, timeout=10)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
         assert "not a valid pluralfed.v1.JoinRequest" in details and "UTF-8" in details
         assert node.join(ENCODER, 10).session_id  # the next good request is served
     stranger_certs = quiet.pki.node("node-stranger")  # of the CA, not in the allow-list
     with FakeNode(quiet.port, "Stranger", tls_dir=stranger_certs) as stranger:
-        check = stranger.channel.unary_unary("/grpc.health.v1.Health/Check")
+        check: grpc.UnaryUnaryMultiCallable[bytes, bytes] = stranger.channel.unary_unary(
+            "/grpc.health.v1.Health/Check"
+        )
         code, details = status(check, BAD_UTF8_FIELD_1, timeout=10)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
         assert "not a valid grpc.health.v1.HealthCheckRequest" in details
