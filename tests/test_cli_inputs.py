@@ -3,6 +3,7 @@ nothing to use as context, and --out paths that cannot be written."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -137,7 +138,9 @@ def test_out_that_cannot_be_written_is_refused_up_front(
 def test_train_help_says_when_held_out_groups_are_chosen() -> None:
     """With --groups given no held-out group is chosen by default; the help must say so."""
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    commands = next(a for a in parser._actions if a.dest == "command")
+    assert isinstance(commands, argparse._SubParsersAction)
+    sub = commands.choices["train"]
     held = next(a for a in sub._actions if a.dest == "held_out")
     assert held.help is not None
     assert "when the data has them and --groups is not given, else none" in held.help

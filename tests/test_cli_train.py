@@ -105,6 +105,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_every_command_has_help() -> None:
     parser = build_parser()
     actions = [a for a in parser._actions if a.dest == "command"]
+    assert isinstance(actions[0], argparse._SubParsersAction)
     for name, sub in actions[0].choices.items():
         text = sub.format_help()
         assert len(text) > 200, name
@@ -114,7 +115,9 @@ def test_every_command_has_help() -> None:
 
 
 def _node_action(action: str) -> argparse.ArgumentParser:
-    node = next(a for a in build_parser("node")._actions if a.dest == "command").choices["node"]
+    commands = next(a for a in build_parser("node")._actions if a.dest == "command")
+    assert isinstance(commands, argparse._SubParsersAction)
+    node = commands.choices["node"]
     sub = next(a for a in node._actions if a.dest == "node_command")
     return sub.choices[action]
 
@@ -149,6 +152,8 @@ _FIELDS = frozenset(f.name for f in dataclasses.fields(NodeConfig))
 class _ReadsRecorded(NodeConfig):
     """A NodeConfig that records the settings read once it is made (its checks read them all)."""
 
+    _read: set[str]  # set on the instance once made (not a field)
+
     def __getattribute__(self, name: str) -> Any:
         seen = object.__getattribute__(self, "__dict__").get("_read")
         if seen is not None and name in _FIELDS:
@@ -175,11 +180,11 @@ def test_node_check_help_lists_exactly_the_settings_the_check_reads(
         {"tls_dir": pki.node("node-a"), "tls_server_name": "localhost"},
         {"tls_dir": pki.node("node-a"), "tls_crl": pki.ca / "crl.pem"},
     ):
-        cfg = _ReadsRecorded(coordinator=address, group="A", **settings)  # type: ignore[arg-type]
-        cfg._read = set()  # type: ignore[attr-defined]
+        cfg = _ReadsRecorded(coordinator=address, group="A", **settings)
+        cfg._read = set()
         monkeypatch.setattr(node_command, "load", lambda args, cfg=cfg: cfg)
         assert node_command.check(argparse.Namespace()) == 1, capsys.readouterr()
-        read |= cfg._read  # type: ignore[attr-defined]
+        read |= cfg._read
     assert {"backoff_initial_s", "backoff_max_s", "tls_crl", "encoder"} <= read
     assert _settings_listed("check") == read
     assert _settings_listed("run") == _FIELDS

@@ -303,7 +303,9 @@ def test_a_record_no_checkpoint_counts_is_ignored_then_overwritten(tmp_path: Pat
     assert [r["round"] for r in records] == [1, 2, 3]
     assert path.read_bytes().startswith(committed)
     assert engine.state.history.last == records[-1]
-    assert [r["round"] for r in load_state(tmp_path).history.records()] == [1, 2, 3]  # type: ignore[union-attr]
+    saved = load_state(tmp_path)
+    assert saved is not None
+    assert [r["round"] for r in saved.history.records()] == [1, 2, 3]
 
 
 def test_a_replaced_evaluation_leaves_the_engine_as_a_restart_would_find_it(
@@ -324,7 +326,8 @@ def test_a_replaced_evaluation_leaves_the_engine_as_a_restart_would_find_it(
     driver = start(engine)
     serve(engine)
     driver.join(20)
-    assert engine.evaluated_again and engine.final_evaluation()["held_out_unconnected"] == ["H"]  # type: ignore[index]
+    final = engine.final_evaluation()
+    assert engine.evaluated_again and final is not None and final["held_out_unconnected"] == ["H"]
     restarted = RoundEngine(settings, WEIGHTS, folder, ENC, {})
     assert engine._evaluated_groups() == restarted._evaluated_groups() == {"A"}
     assert engine._evaluated.held_out == restarted._evaluated.held_out
@@ -364,8 +367,9 @@ def test_runs_forked_with_hard_links_do_not_write_into_each_other(tmp_path: Path
             os.link(f, b / f.name)
     finished_run(b, rounds=3)
     finished_run(a, rounds=4)
-    assert len(load_state(b).history) == 3  # type: ignore[union-attr]
-    assert len(load_state(a).history) == 4  # type: ignore[union-attr]
+    saved_b, saved_a = load_state(b), load_state(a)
+    assert saved_b is not None and len(saved_b.history) == 3
+    assert saved_a is not None and len(saved_a.history) == 4
     assert os.stat(a / HISTORY_FILE).st_nlink == os.stat(b / HISTORY_FILE).st_nlink == 1
 
 
@@ -390,7 +394,8 @@ def test_bytes_beyond_the_records_are_reported(
     with (tmp_path / HISTORY_FILE).open("ab") as f:
         f.write(b'{"round": 3, "cut')
     with caplog.at_level(logging.WARNING):
-        assert len(load_state(tmp_path).history) == 2  # type: ignore[union-attr]
+        saved = load_state(tmp_path)
+        assert saved is not None and len(saved.history) == 2
     assert "17 bytes beyond the round records" in caplog.text
 
 

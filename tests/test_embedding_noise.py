@@ -4,6 +4,8 @@ wherever the setting comes in (training settings, coordinator config, a node's T
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from coordinator.service import CoordinatorConfig
 from coordinator.settings import RoundSettings
 from coordinator.tasks import TaskKind, TaskSpec
 from group_node.node import local_steps_of, training_settings
-from pluralfed.episodes import Episode, jitter_questions, make_batch
+from pluralfed.episodes import Episode, EpisodeBatch, jitter_questions, make_batch
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.training import LocalTrainer, TrainingSettings, build_model
@@ -22,7 +24,7 @@ from pluralfed.training import LocalTrainer, TrainingSettings, build_model
 torch.set_num_threads(1)
 
 
-def _batch() -> tuple[list[Episode], object]:
+def _batch() -> tuple[list[Episode], EpisodeBatch]:
     rng = np.random.default_rng(0)
     episodes = [
         Episode([random_item(rng, 3, "a"), random_item(rng, 4, "b")], [random_item(rng, 5, "c")]),
@@ -99,8 +101,9 @@ def test_training_with_noise_is_reproducible_and_differs_from_without() -> None:
     ],
 )
 def test_training_settings_are_validated(field: str, value: object) -> None:
+    kwargs: dict[str, Any] = {field: value}
     with pytest.raises(ValueError, match=field):
-        TrainingSettings(**{field: value})  # type: ignore[arg-type]
+        TrainingSettings(**kwargs)
 
 
 def test_the_coordinator_sends_its_noise_to_the_nodes() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,9 @@ class Engine:
         assert t.kind == TaskKind.TRAIN
         return t
 
-    def upload(self, session_id: str, t: TaskSpec, replay, n: int) -> None:  # type: ignore[no-untyped-def]
+    def upload(
+        self, session_id: str, t: TaskSpec, replay: Callable[[], Iterator[TensorSlice]], n: int
+    ) -> None:
         self.engine.accept_update(
             session_id, None, t.task_id, t.round, n, {}, replay, 4040, t.model_version
         )
@@ -137,6 +139,7 @@ def test_engine_answers_while_an_update_is_folded(tmp_path: Path) -> None:
         assert not errors, errors
         fed.wait_completed(1)
         record = fed.engine.state.history.last
+        assert record is not None
         assert record["participants"] == ["A", "B"]
         expected = (10 * 1.0 + 30 * 2.0) / 40
         for name, values in fed.engine.state.weights.items():
@@ -163,7 +166,8 @@ def test_round_past_its_deadline_waits_for_a_fold_it_had_claimed(tmp_path: Path)
         release.set()
         folding.join(WAIT)
         fed.wait_completed(1)
-        assert fed.engine.state.history.last["participants"] == ["A"]
+        record = fed.engine.state.history.last
+        assert record is not None and record["participants"] == ["A"]
         np.testing.assert_allclose(fed.engine.state.weights["w"], 3.0)
     finally:
         release.set()
@@ -181,6 +185,7 @@ def test_update_that_fails_to_fold_is_answered_as_refused(tmp_path: Path) -> Non
         fed.upload(fed.b.session_id, tb, lambda: iter(slices(weights(2.0))), 30)
         fed.wait_completed(1)
         record = fed.engine.state.history.last
+        assert record is not None
         assert record["participants"] == ["B"]
         assert record["outcomes"]["A"].startswith("rejected: the update could not be folded")
     finally:

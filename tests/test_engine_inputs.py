@@ -101,6 +101,7 @@ def test_update_metric_names_must_be_short_and_printable(
     upload(engine, b, task, {longest: 1.0}, 3.0)
     wait_until(lambda: engine.completed_rounds() == 1, 30, "round 1 to complete")
     record = engine.state.history.first
+    assert record is not None
     assert record["participants"] == ["B"] and record["node_metrics"] == {"B": {longest: 1.0}}
     assert record["outcomes"]["A"] == f"rejected: {message}"
     for weights in engine.state.weights.values():  # the average of B's update alone
@@ -161,6 +162,7 @@ def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
     driver.join(scaled(20))
     assert engine.done
     record = engine.state.evaluations.last
+    assert record is not None
     assert record["groups"] == ["A", "B"] and record["missing"] == []
     assert sorted(record["per_group"]) == ["A", "B"]
 

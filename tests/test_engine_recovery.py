@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -257,7 +257,8 @@ def test_evaluating_again_waits_for_every_group_of_the_last_evaluation(tmp_path:
     settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=10)
     _finish_with_a_held_out_group(tmp_path, settings)
     with started_again(tmp_path, settings) as again:  # the quorum, but not every group
-        assert again.state.evaluations.last["groups"] == ["A", "H"] and not again.evaluated_again
+        last = again.state.evaluations.last
+        assert last is not None and last["groups"] == ["A", "H"] and not again.evaluated_again
         evaluate_only(again, "H", 0.45)
     final = again.final_evaluation()
     assert again.evaluated_again and final is not None and final["groups"] == ["A", "H"]
@@ -643,6 +644,7 @@ def test_a_session_silent_just_past_session_timeout_is_not_live_nor_selected(
         engine.stop()
         driver.join(10)
     record = engine.state.history.first
+    assert record is not None
     assert record["selected"] == ["B"] and record["participants"] == ["B"], record
 
 
@@ -711,7 +713,9 @@ def test_held_out_groups_that_never_joined_are_missing_from_the_evaluation(
     ]
     assert engine.unaware_of_end() == []
     saved = load_state(tmp_path)
-    assert saved is not None and saved.evaluations.last["missing"] == ["J", "K"]
+    assert saved is not None
+    last = saved.evaluations.last
+    assert last is not None and last["missing"] == ["J", "K"]
 
 
 def test_the_quorum_wait_names_who_is_missing_and_says_it_again(
@@ -759,7 +763,7 @@ def _rebuilt_metrics(folder: Path) -> str:
     """metrics.jsonl as made from the checkpointed state alone."""
     state = load_state(folder)
     assert state is not None
-    rows = [{"kind": "round", **r} for r in state.history.records()]
+    rows: list[Mapping[str, Any]] = [{"kind": "round", **r} for r in state.history.records()]
     rows += state.evaluations.records()
     rows.sort(key=lambda r: (r["round"], r.get("kind") == "evaluation"))
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)

@@ -196,10 +196,10 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
         assert meta["group"] == g and meta["task_id"] == last["task_id"] and meta["round"] == "3"
         assert meta["digest"] == digest_of(weights).hex()
         assert int(meta["num_examples"]) == fed_data.train_counts[g]
-        before = float(meta[f"metric.{ALIGNMENT_BEFORE}"])
-        assert before == last["node_metrics"][g][ALIGNMENT_BEFORE]
+        alignment_before = float(meta[f"metric.{ALIGNMENT_BEFORE}"])
+        assert alignment_before == last["node_metrics"][g][ALIGNMENT_BEFORE]
         uploads.append(weights)
-        counts.append(int(meta["num_examples"]) * (1.0 - before))
+        counts.append(int(meta["num_examples"]) * (1.0 - alignment_before))
         # one audit file per round: every round this node trained in
         assert len(list(audit[g].glob("round-*.safetensors"))) == 3
     expected = weighted_average(uploads, counts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -141,6 +142,7 @@ def test_loss_gradient_flows_and_training_reduces_loss() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    assert first is not None
     assert float(loss.detach()) < first - 0.5
 
 
@@ -168,7 +170,8 @@ def test_each_local_step_is_one_plain_optimizer_step_on_its_own_episodes_loss(
         episode = sample_episode(items, draws, settings.context_range, settings.target_range)
         batch = make_batch([episode])
         plain.zero_grad()
-        expected = gpo_loss(*reference(batch), batch)
+        mean, log_std = reference(batch)
+        expected = gpo_loss(mean, log_std, batch)
         expected.backward()
         plain.step()
         assert loss == pytest.approx(float(expected.detach()), rel=1e-6)
@@ -287,7 +290,8 @@ def test_memory_makes_the_prediction_follow_the_groups_answers(setup) -> None:
 )
 def test_memory_settings_are_validated(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
-        GPOConfig(**{field: value})
+        kwargs: dict[str, Any] = {field: value}
+        GPOConfig(**kwargs)
 
 
 def test_memory_matches_options_by_text_in_any_order(setup) -> None:

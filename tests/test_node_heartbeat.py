@@ -281,7 +281,8 @@ class RecordedWaits(threading.Event):
 
     def __init__(self, beats: int) -> None:
         super().__init__()
-        self.beats, self.waits = beats, []
+        self.beats = beats
+        self.waits: list[float | None] = []
 
     def wait(self, timeout: float | None = None) -> bool:
         assert timeout is not None

@@ -149,7 +149,9 @@ class OffersABadTrainTask(JoinOnly):
         hp.target_range.min, hp.target_range.max = 9, 90
         return task
 
-    def DownloadModel(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> None:
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
         self.downloads += 1
         context.abort(grpc.StatusCode.NOT_FOUND, "no model here")
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -81,10 +82,10 @@ class CannotStore(StandIn):
         return pb.UploadReply(accepted=True)
 
 
-def node_config(port: int, tmp_path: Path, **kw: object) -> NodeConfig:
+def node_config(port: int, tmp_path: Path, **kw: Any) -> NodeConfig:
     return NodeConfig(
         coordinator=f"{HOST}:{port}", group="G", data=tmp_path / "g.csv", insecure=True, **kw
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_an_update_the_coordinator_could_not_store_is_sent_again_after_a_growing_back_off(
@@ -303,7 +304,8 @@ class NoWait(threading.Event):
 
     def __init__(self, clock: list[float]) -> None:
         super().__init__()
-        self.clock, self.waits = clock, []
+        self.clock = clock
+        self.waits: list[float] = []
 
     def wait(self, timeout: float | None = None) -> bool:
         assert timeout is not None

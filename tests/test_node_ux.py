@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -78,8 +79,8 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("other"), ca_name="another federation's CA")
 
 
-def config(fed: Federation, identity: str = "node-good-a", **kw: object) -> NodeConfig:
-    values: dict[str, object] = {
+def config(fed: Federation, identity: str = "node-good-a", **kw: Any) -> NodeConfig:
+    values: dict[str, Any] = {
         "coordinator": f"{HOST}:{fed.port}",
         "group": "Good A",
         "tls_dir": fed.pki.node(identity),
@@ -88,7 +89,7 @@ def config(fed: Federation, identity: str = "node-good-a", **kw: object) -> Node
         "backoff_max_s": 0.1,
         **kw,
     }
-    return NodeConfig(**values)  # type: ignore[arg-type]
+    return NodeConfig(**values)
 
 
 def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:

@@ -66,7 +66,7 @@ def test_malformed_rows_are_summarised_not_fatal() -> None:
 def test_an_evaluation_line_says_how_many_groups_of_each_set_it_covers() -> None:
     """Operator review: "held-out 0.7327 (worst 0.7327, FI 1.000)" was the figure of 1 of 6
     held-out groups, the other 5 never connected, and nothing said so."""
-    one_of_six = {
+    one_of_six: EvaluationRecord = {
         **EVALUATION,
         "groups": ["Argentina", "Germany", "Nigeria"],
         "missing": ["Brazil", "China", "India", "Japan", "Mexico", "Russia"],

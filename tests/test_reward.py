@@ -410,7 +410,7 @@ def test_reward_fn_on_llm_completions(rm: RewardModel, world: dict) -> None:
     assert matches[5][1] == "similar"
     assert matches[7][1] == "similar" and matches[7][0] is not None
     logp = np.log(rm.score(g, question, OPTIONS4))
-    expected = [logp[m.index] for m in fn.last_matches]  # type: ignore[index]
+    expected = [logp[m.index] for m in fn.last_matches]
     np.testing.assert_allclose(rewards, expected, atol=1e-9)
     assert fn.__name__.startswith("group_reward_")
 
@@ -750,7 +750,7 @@ def test_long_texts_are_embedded_in_smaller_batches_between_checks(
     """`should_stop` is asked between batches: 64 texts of 256 tokens took seconds each, so a
     call ran on that long past its deadline (reward service review)."""
     encoder = SlowEncoder(CachedEncoder(default_encoder(show_progress=False), session_cache_dir), 0)
-    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)  # type: ignore[arg-type]
+    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)
     asked = []
 
     def go_on() -> None:
@@ -774,7 +774,7 @@ def test_a_call_stops_embedding_past_its_limit_or_deadline_and_teaches_the_estim
     encoder = SlowEncoder(
         CachedEncoder(default_encoder(show_progress=False), session_cache_dir), 0.5
     )
-    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)  # type: ignore[arg-type]
+    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)
     allow = AllowList({"trainer-1": "RL trainer"})
     srv, port, servicer = start_reward_server(
         model, "127.0.0.1:0", pki["server"], allow, max_call_s=1.0 if stop == "max_call_s" else 60
@@ -894,7 +894,7 @@ def test_the_service_loads_its_encoder_before_the_first_call(
     encoder = CountingEncoder(
         CachedEncoder(default_encoder(show_progress=False), session_cache_dir)
     )
-    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)  # type: ignore[arg-type]
+    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)
     srv, _, _ = start_reward_server(
         model, "127.0.0.1:0", pki["server"], AllowList({"trainer-1": "RL trainer"})
     )

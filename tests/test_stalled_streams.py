@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,8 @@ def test_an_upload_sent_again_replaces_a_stalled_one_of_the_same_session(tmp_pat
         again = fed.a.stub.UploadUpdate(iter(mine), timeout=10)
         assert again.accepted, again.message
         assert held.exception(timeout=10) is not None  # the stalled one was cancelled
-        assert fed.engine._task is not None and fed.engine._task.aggregate.num_updates == 1
+        assert fed.engine._task is not None and fed.engine._task.aggregate is not None
+        assert fed.engine._task.aggregate.num_updates == 1
         # counted once: a third copy is a duplicate
         assert reject_name(fed.a.stub.UploadUpdate(iter(mine), timeout=10)) == "DUPLICATE"
     finally:
@@ -176,7 +177,8 @@ def test_a_copy_sent_while_the_first_is_being_taken_waits_for_its_outcome(
             assert reject_name(first.result()) == "INTERNAL"
             assert second.result().accepted, second.result().message
         assert held.calls == (1 if stored else 2)
-        assert fed.engine._task is not None and fed.engine._task.aggregate.num_updates == 1
+        assert fed.engine._task is not None and fed.engine._task.aggregate is not None
+        assert fed.engine._task.aggregate.num_updates == 1
     finally:
         held.release.set()
         fed.close()
@@ -445,7 +447,7 @@ def test_the_watch_threads_go_on_after_an_error_cutting_one_call() -> None:
     assert broken.cancels == 1
 
     engine = type("Engine", (), {"open_task_id": lambda self, session: "next task"})()
-    stale = StaleTransfers(engine, poll_s=0.01)  # type: ignore[arg-type]
+    stale = StaleTransfers(engine, poll_s=0.01)
     broken, fine = CancelCounted(broken=True), CancelCounted()
     with stale.watch(broken, "s1", "old task", "upload"):  # type: ignore[arg-type]
         wait_until(lambda: broken.cancels == 1, 10.0, "the first stale call's cut")
@@ -493,6 +495,7 @@ def test_a_download_whose_round_closes_as_it_starts_is_cut(tmp_path: Path) -> No
     call = FakeCall()
     request = pb.DownloadModelRequest(session_id=node.session_id, model_version=task.model_version)
     download = servicer.DownloadModel(request, call)  # type: ignore[arg-type]
+    assert isinstance(download, Generator)  # so it can be closed
     next(download)  # the header: the watch is on
     try:
         wait_until(lambda: call.cancelled, 10.0, "the closed round's download cut")

@@ -385,8 +385,11 @@ def test_plain_fedavg_optimizer() -> None:
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedadam"])
 def test_a_step_past_float32s_range_is_refused_and_leaves_the_state(optimizer: str) -> None:
     """Finite weights and a finite average can still give an infinite model once stepped."""
-    g = {"w": np.array([0.0, 1.0], np.float32), "n": np.array([1], np.int64)}
-    avg = {"w": np.array([3e38, 1.0], np.float32), "n": np.array([1], np.int64)}
+    g: dict[str, np.ndarray] = {"w": np.array([0.0, 1.0], np.float32), "n": np.array([1], np.int64)}
+    avg: dict[str, np.ndarray] = {
+        "w": np.array([3e38, 1.0], np.float32),
+        "n": np.array([1], np.int64),
+    }
     # FedAdam's first step moves each weight by about server_lr
     opt = FedAvgOptimizer(server_lr=2.0) if optimizer == "fedavg" else FedAdam(server_lr=1e39)
     before = opt.state_dict()

@@ -101,6 +101,7 @@ def test_an_upload_out_of_order_is_refused_as_malformed_and_never_averaged(
             good.close()
             sender.close()
         record = fed.engine.state.history.first
+        assert record is not None
         assert record["participants"] == ["Good A"] and record["total_weight"] == 30
         assert (
             record["outcomes"]["Good B"] == f"rejected: {refusal.removeprefix('update rejected: ')}"

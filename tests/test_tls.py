@@ -68,8 +68,9 @@ def test_create_ca(pki: Path) -> None:
     assert cert.issuer == cert.subject
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
-    assert cert.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp256r1"
     assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
     assert mode(pki / "ca" / "ca.key") == 0o600
     assert mode(pki / "ca" / "ca.pem") == 0o644

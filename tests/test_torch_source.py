@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "torch_cpu_source.py"
 
 
-def _module():  # type: ignore[no-untyped-def]
+def _module() -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("torch_cpu_source", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -146,7 +146,7 @@ def test_serialized_tensor_part_data_kinds(data: Any) -> None:
 def test_serialized_tensor_part_multidimensional_view() -> None:
     """A memoryview of a 2-d array: its length is the rows, the data is all its bytes."""
     array = np.arange(12, dtype="<f8").reshape(3, 4)
-    chunk = Chunk("m", "float64", (3, 4), 0, memoryview(array))
+    chunk = Chunk("m", "float64", (3, 4), 0, array.data)
     expected = pb.ModelChunk(tensor=chunk_to_proto(chunk)).SerializeToString()
     assert serialized_tensor_part(chunk) == expected
 
@@ -190,7 +190,9 @@ def valid_messages(rng: random.Random, count: int, max_bytes: int = 70_000) -> l
         pb.UpdateChunk(
             tensor=pb.TensorChunk(name="a", shape=[1, 2], data=b"xy")
         ).SerializeToString(),
-        pb.UpdateChunk(tensor=pb.TensorChunk(name="a", dtype=99, shape=[1])).SerializeToString(),
+        pb.UpdateChunk(
+            tensor=pb.TensorChunk(name="a", dtype=99, shape=[1])  # type: ignore[arg-type]
+        ).SerializeToString(),
         pb.UpdateChunk(tensor=pb.TensorChunk(name="a", dtype=pb.DTYPE_INT64)).SerializeToString(),
     ]
     for _ in range(count):

@@ -248,6 +248,7 @@ def _run(fed: Federation, nodes: dict[str, FakeNode]) -> None:
     fed.wait_rounds(1)
     accepted1 = ["node-good-a", "node-good-b", "node-trunc"]
     record = fed.engine.state.history.first
+    assert record is not None
     assert record["participants"] == sorted(ALLOW[i] for i in accepted1)
     assert record["total_weight"] == 30 + 50 + 20
     assert sorted(g for g, o in record["outcomes"].items() if o.startswith("rejected")) == sorted(
@@ -490,6 +491,7 @@ def test_restarted_node_picks_up_its_task_again(tmp_path: Path) -> None:
             )
             fed.wait_rounds(1)  # well before the round's deadline
             record = fed.engine.state.history.first
+            assert record is not None
             assert record["participants"] == ["Good A", "Good B"]
             assert record["seconds"] < settings.round_timeout_s / 2, record
             expected = weighted_average([update_a, update_b], [30, 50])
@@ -575,6 +577,7 @@ def test_the_norm_bound_refuses_an_update_just_over_it_and_accepts_one_just_unde
             over.close()
             under.close()
     record = fed.engine.state.history.first
+    assert record is not None
     assert record["outcomes"][over.group] == "rejected: norm bound", record
     assert_weights_close(fed.engine.state.weights, update, "the one update under the bound")
 

@@ -257,6 +257,7 @@ def test_uploads_beyond_the_bound_wait_and_cancelled_ones_give_back_their_slot(
         assert 1 <= slots.peak <= SLOTS
         assert slots.active == 0 and slots.waiting == 0
         record = engine.state.history.first
+        assert record is not None
         assert record["participants"] == sorted(NODES.values())
         expected = weighted_average(
             [updates[i] for i in NODES], [float(examples[i]) for i in NODES]

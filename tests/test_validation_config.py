@@ -379,7 +379,8 @@ def test_round_settings_built_directly_refuse_non_finite_floats(field: str, valu
     """NaN passes every comparison and infinity breaks deadlines: settings made in code refuse
     both, as the config does."""
     with pytest.raises(ValueError, match=r"must be a finite number"):
-        RoundSettings(**{field: value})
+        kwargs: dict[str, Any] = {field: value}
+        RoundSettings(**kwargs)
 
 
 @pytest.mark.parametrize(

@@ -507,12 +507,12 @@ def test_node_stops_on_weights_that_do_not_fit_the_join_config(
 # 3. model downloads: the header bounds and describes what follows
 
 
-def received(messages: list[bytes], **kw: object) -> dict[str, np.ndarray]:
+def received(messages: list[bytes], **kw: Any) -> dict[str, np.ndarray]:
     """receive_model over the messages as the node decodes them."""
     return receive_model(
         [decode_model_chunk(m) for m in messages],
         lambda message: InputError(f"download: {message}"),
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 
@@ -561,7 +561,7 @@ def tensor_spec(name: str, shape: Sequence[int], dtype: str = "float32") -> pb.T
         ),
     ],
 )
-def test_a_download_must_match_its_header(header: dict[str, object], message: str) -> None:
+def test_a_download_must_match_its_header(header: dict[str, Any], message: str) -> None:
     weights = {"w": np.arange(4, dtype=np.float32)}
     with pytest.raises(WireError) as err:
         received(model_messages(weights, **header))
@@ -675,7 +675,9 @@ class Rounds(StandIn):
     """Offers `len(downloads)` tasks of `kind`, round n serving downloads[n - 1]; records the
     uploads (finite or not) and the tasks the node reports as failed; then SHUTDOWN."""
 
-    def __init__(self, downloads: list[list[bytes]], kind: int = pb.TASK_KIND_TRAIN) -> None:
+    def __init__(
+        self, downloads: list[list[bytes]], kind: pb.TaskKind.ValueType = pb.TASK_KIND_TRAIN
+    ) -> None:
         super().__init__(json.dumps(SMALL.to_dict()), [])
         self.downloads, self.kind, self.round = downloads, kind, 0
         self.uploads: list[bool] = []
@@ -748,7 +750,7 @@ def test_a_round_that_diverges_is_reported_failed_and_does_not_poison_later_roun
 
 @pytest.mark.parametrize("kind", [pb.TASK_KIND_TRAIN, pb.TASK_KIND_EVALUATE])
 def test_a_model_that_predicts_no_distribution_fails_the_task_not_the_node(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: int
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: pb.TaskKind.ValueType
 ) -> None:
     """Every weight 3e38 (finite) makes the predictions NaN; before, the metric's ValueError
     escaped `GroupNode.run` as a traceback."""

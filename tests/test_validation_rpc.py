@@ -360,7 +360,7 @@ def test_heartbeat_fields_are_checked(quiet: Federation) -> None:
         # what a node may send: any state (one this coordinator does not know is a newer node's),
         # a multi-line error message, progress in [0, 1]
         beat(state=pb.NODE_STATE_FAILED, task_id="f" * 32, progress=1.0, message="boom\ntrace")
-        beat(state=99, progress=0.0)  # type: ignore[arg-type]
+        beat(state=99, progress=0.0)
         # a lost session is said first, whatever the fields: the node must join again (before,
         # a node that sent a bad progress with it was told INVALID_ARGUMENT, never to rejoin)
         node.session_id = "gone"

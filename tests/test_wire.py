@@ -6,6 +6,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import blake3
 import numpy as np
@@ -259,9 +260,9 @@ DIGEST = wire.digest_of(MODEL)
 
 
 def feed(
-    chunks: list[Chunk], expected: list[TensorSpec] | None = SPECS, **kw: object
+    chunks: list[Chunk], expected: list[TensorSpec] | None = SPECS, **kw: Any
 ) -> TensorAssembler:
-    assembler = TensorAssembler(expected, **kw)  # type: ignore[arg-type]
+    assembler = TensorAssembler(expected, **kw)
     for chunk in chunks:
         assembler.add(chunk)
     return assembler
@@ -271,7 +272,7 @@ def run_stream(
     chunks: list[Chunk],
     digest: bytes = DIGEST,
     expected: list[TensorSpec] | None = SPECS,
-    **kw: object,
+    **kw: Any,
 ) -> None:
     feed(chunks, expected, **kw).finish(digest)
 
@@ -280,9 +281,9 @@ def good() -> list[Chunk]:
     return chunks_of(MODEL, 8)
 
 
-def mutate(i: int, **changes: object) -> list[Chunk]:
+def mutate(i: int, **changes: Any) -> list[Chunk]:
     chunks = good()
-    chunks[i] = replace(chunks[i], **changes)  # type: ignore[arg-type]
+    chunks[i] = replace(chunks[i], **changes)
     return chunks
 
 
