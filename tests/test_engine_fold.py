@@ -174,6 +174,43 @@ def test_round_past_its_deadline_waits_for_a_fold_it_had_claimed(tmp_path: Path)
         fed.close()
 
 
+def test_a_copy_of_an_update_folded_across_its_rounds_close_is_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    """A copy of an update the closed round still folds, or has folded since, is DUPLICATE
+    (it counted), not STALE: the round closed last sees its folds end after the close."""
+    fed = Engine(tmp_path, round_timeout_s=0.5)
+    try:
+        ta = fed.task(fed.a.session_id)
+        fed.task(fed.b.session_id)  # B never answers: the deadline closes the round
+        started, release = threading.Event(), threading.Event()
+        folding = threading.Thread(
+            target=fed.upload,
+            args=(fed.a.session_id, ta, lambda: held_replay(weights(3.0), started, release), 10),
+        )
+        folding.start()
+        assert started.wait(WAIT)
+        for _ in range(int(WAIT / 0.05)):  # the round closes at its deadline, the fold held
+            if fed.engine.open_task_id(fed.a.session_id) == "":
+                break
+            threading.Event().wait(0.05)
+        assert fed.engine.open_task_id(fed.a.session_id) == "", "the round did not close"
+        copy = lambda: iter(slices(weights(5.0)))  # noqa: E731
+        with pytest.raises(Rejection) as folding_dup:
+            fed.upload(fed.a.session_id, ta, copy, 10)
+        assert folding_dup.value.reason == "DUPLICATE", folding_dup.value.message
+        release.set()
+        folding.join(WAIT)
+        fed.wait_completed(1)
+        with pytest.raises(Rejection) as folded_dup:
+            fed.upload(fed.a.session_id, ta, copy, 10)
+        assert folded_dup.value.reason == "DUPLICATE", folded_dup.value.message
+        np.testing.assert_allclose(fed.engine.state.weights["w"], 3.0)  # the copies counted nothing
+    finally:
+        release.set()
+        fed.close()
+
+
 def test_update_that_fails_to_fold_is_answered_as_refused(tmp_path: Path) -> None:
     fed = Engine(tmp_path, round_timeout_s=WAIT)
     try:
