@@ -167,6 +167,44 @@ def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
     assert sorted(record["per_group"]) == ["A", "B"]
 
 
+def test_a_refused_report_is_told_so_when_repeated_before_and_after_its_round_closed(
+    driven: tuple[RoundEngine, threading.Thread],
+) -> None:
+    """A report refused for its figures is the node's answer: a repeat is told FAILED_PRECONDITION
+    "already refused", also once the round has closed (not DEADLINE_EXCEEDED, as if none came)."""
+    engine, driver = driven
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    for s, value in ((a, 1.0), (b, 3.0)):
+        task = engine.next_task(s.session_id, None, scaled(5))
+        assert task.kind == TaskKind.TRAIN
+        upload(engine, s, task, {}, value)
+    t = engine.next_task(a.session_id, None, scaled(5))
+    assert t.kind == TaskKind.EVALUATE  # the final evaluation, open for A and B
+    engine.note_rejected_evaluation(a.session_id, None, t.task_id, t.round, "model is 1.5")
+    refused_in_round = (
+        "FAILED_PRECONDITION",
+        f"A's evaluation for round {t.round} was already refused (rejected: model is 1.5)",
+    )
+    for call in (
+        lambda: engine.check_evaluation(a.session_id, None, t.task_id, t.round, t.model_version),
+        lambda: report(engine, a, t, "A"),
+    ):
+        refused = refusal(call)
+        assert (refused.code, refused.message) == refused_in_round
+
+    report(engine, b, engine.next_task(b.session_id, None, scaled(5)), "B")
+    driver.join(scaled(20))
+    record = engine.state.evaluations.last
+    assert engine.done and record is not None and record["groups"] == ["B"]
+    for call in (
+        lambda: engine.check_evaluation(a.session_id, None, t.task_id, t.round, t.model_version),
+        lambda: report(engine, a, t, "A"),
+    ):
+        refused = refusal(call)
+        assert (refused.code, refused.message) == refused_in_round
+
+
 # ------------------------------------------------------------------------------- resuming
 
 SETTINGS = RoundSettings(rounds=2, eval_every=0)
