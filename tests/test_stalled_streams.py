@@ -455,6 +455,18 @@ def test_the_watch_threads_go_on_after_an_error_cutting_one_call() -> None:
             wait_until(lambda: fine.cancels == 1, 10.0, "the later stale call's cut")
 
 
+def test_a_call_that_ends_before_its_deadline_is_not_cut_at_it() -> None:
+    """A watched block that ends in time is let go: its call is not cancelled (nor counted or
+    logged as cut) when its deadline passes; a later call past its own deadline still is."""
+    deadlines = StreamDeadlines()
+    in_time, stalled_call = CancelCounted(), CancelCounted()
+    with deadlines.watch(in_time, 0.05):  # type: ignore[arg-type]
+        pass
+    with deadlines.watch(stalled_call, 0.1):  # type: ignore[arg-type]
+        wait_until(lambda: stalled_call.cancels == 1, 10.0, "the stalled call's deadline cut")
+    assert in_time.cancels == 0 and deadlines.cancelled == 1
+
+
 class FakeCall:
     """The parts of a grpc.ServicerContext a download uses."""
 
