@@ -203,6 +203,16 @@ def test_same_seed_same_weights_and_config_round_trip() -> None:
         GPOConfig.from_dict({**CFG.to_dict(), "bogus": 1})
 
 
+def test_building_a_model_leaves_torchs_global_generator_as_it_was() -> None:
+    """build_model seeds only its own initialisation: what the caller draws from torch's
+    generator afterwards is what it would have drawn without the model being built."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    build_model(CFG, seed=5)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_episode_without_context_is_refused(setup) -> None:
     _, _, targets, _ = setup
     with pytest.raises(ValueError, match="context"):
