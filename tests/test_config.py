@@ -109,6 +109,20 @@ def test_an_empty_environment_variable_leaves_an_optional_setting_unset() -> Non
     assert load_config(NodeConfig, None, "PLURALFED_NODE_", {}, environ=env).give_up_after_s == 90
 
 
+def test_switches_and_home_paths_from_the_environment_mean_what_a_shell_user_means() -> None:
+    """A switch is on with 1/true/yes/on and off with 0/false/no/off, in any case and with
+    spaces around; a path setting that starts with ~ is in the home folder."""
+    cases = [("1", True), ("true", True), ("Yes", True), (" ON ", True), ("on", True)]
+    cases += [("0", False), ("false", False), ("No", False), ("OFF", False)]
+    for value, expected in cases:
+        env = {"PLURALFED_NODE_GROUP": "A", "PLURALFED_NODE_INSECURE": value}
+        cfg = load_config(NodeConfig, None, "PLURALFED_NODE_", {}, environ=env)
+        assert cfg.insecure is expected, value
+    env = {"PLURALFED_NODE_GROUP": "A", "PLURALFED_NODE_DATA": "~/a.jsonl"}
+    cfg = load_config(NodeConfig, None, "PLURALFED_NODE_", {}, environ=env)
+    assert cfg.data == Path.home() / "a.jsonl"
+
+
 def test_bad_coordinator_settings_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("min_nodes = 2\nmin_updates = 3\n")
