@@ -131,6 +131,15 @@ def test_bad_coordinator_settings_are_refused(tmp_path: Path) -> None:
         load_config(CoordinatorConfig, path, "X_", {}, environ={})
 
 
+@pytest.mark.parametrize("value", ["[9, 90, 100]", "[9]", "'9,90,100'"])
+def test_a_range_setting_is_two_numbers_no_more_no_fewer(tmp_path: Path, value: str) -> None:
+    """context_range is [low, high]: a third number is refused, not read as a range."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"context_range = {value}\n")
+    with pytest.raises(InputError, match="context_range: expected two numbers like"):
+        load_config(CoordinatorConfig, path, "X_", {}, environ={})
+
+
 @pytest.mark.parametrize("key", ["upload_chunk_bytes", "download_chunk_bytes"])
 @pytest.mark.parametrize("value", ["0", "4095", "1048577", "'512k'", "true"])
 def test_bad_chunk_size_is_refused(tmp_path: Path, key: str, value: str) -> None:
