@@ -2,7 +2,7 @@
 that says why, and nothing of it taken: update metric names that are empty, not printable or too
 long; a training node that joins without examples; an evaluation report from a session the
 evaluation did not ask; a run resumed with another text encoder or model, or from a state.json of
-another version. Real RoundEngine, driven in process as tests/test_engine_recovery.py does."""
+another version; what a heartbeat is told to drop. Real RoundEngine, driven in process as tests/test_engine_recovery.py does."""
 
 from __future__ import annotations
 
@@ -203,6 +203,49 @@ def test_a_refused_report_is_told_so_when_repeated_before_and_after_its_round_cl
     ):
         refused = refusal(call)
         assert (refused.code, refused.message) == refused_in_round
+
+
+def test_a_report_after_the_evaluations_deadline_is_refused_as_late(tmp_path: Path) -> None:
+    """A report that comes after the evaluation's deadline, before the round is closed, is
+    DEADLINE_EXCEEDED and not recorded."""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    engine._open(TaskKind.EVALUATE, [a], 0.05)  # what the driver does (no driver here)
+    t = engine.next_task(a.session_id, None, 1.0)
+    assert t.kind == TaskKind.EVALUATE
+    threading.Event().wait(0.1)  # past its deadline; no driver closes it
+    for call in (
+        lambda: engine.check_evaluation(a.session_id, None, t.task_id, t.round, t.model_version),
+        lambda: report(engine, a, t, "A"),
+    ):
+        refused = refusal(call)
+        assert (refused.code, refused.message) == (
+            "DEADLINE_EXCEEDED",
+            f"evaluation round {t.round} closed before A's report",
+        )
+    assert engine._task is not None and engine._task.evaluations == {}
+
+
+# ------------------------------------------------------------------------------- heartbeats
+
+
+def test_a_heartbeat_is_told_to_drop_only_a_task_not_open_or_already_answered(
+    tmp_path: Path,
+) -> None:
+    """HeartbeatReply.cancel_task: true for a task that is not the open one, or whose answer
+    the engine has; false for the open task still to answer, and for a beat naming no task."""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    engine._open(TaskKind.TRAIN, [a, b], 60.0)  # what the driver does (no driver here)
+    t = engine.next_task(a.session_id, None, 1.0)
+    for s in (a, b):
+        assert engine.heartbeat(s.session_id, None) == (0, False)  # idle: nothing to drop
+        assert engine.heartbeat(s.session_id, None, t.task_id) == (0, False)
+        assert engine.heartbeat(s.session_id, None, "f" * 32) == (0, True)  # not the open one
+    upload(engine, a, t, {}, 1.0)
+    assert engine.heartbeat(a.session_id, None, t.task_id) == (0, True)  # answered already
+    assert engine.heartbeat(b.session_id, None, t.task_id) == (0, False)
 
 
 # ------------------------------------------------------------------------------- resuming
