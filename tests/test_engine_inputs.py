@@ -2,7 +2,8 @@
 that says why, and nothing of it taken: update metric names that are empty, not printable or too
 long; a training node that joins without examples; an evaluation report from a session the
 evaluation did not ask; a run resumed with another text encoder or model, or from a state.json of
-another version; what a heartbeat is told to drop. Real RoundEngine, driven in process as tests/test_engine_recovery.py does."""
+another version. Also what a heartbeat is told to drop. Real RoundEngine, driven in process as
+tests/test_engine_recovery.py does."""
 
 from __future__ import annotations
 
