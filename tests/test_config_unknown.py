@@ -27,6 +27,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
         ),
         ("thread = 2\n", "unknown settings ['thread'] ('thread': did you mean 'threads'?)"),
         ("[tls]\nbogus = 1\n", "unknown settings ['[tls] bogus']; known: ["),
+        # a flat setting written in a table is suggested flat, not as a key of that table
+        (
+            "[tls]\nthread = 2\n",
+            "unknown settings ['[tls] thread'] ('[tls] thread': did you mean 'threads'?)",
+        ),
     ],
 )
 def test_unknown_keys_are_named_as_written(tmp_path: Path, text: str, message: str) -> None:
