@@ -172,6 +172,15 @@ def test_node_settings_at_the_edges_of_their_ranges_are_accepted() -> None:
     assert (cfg.poll_wait_s, cfg.backoff_initial_s) == (3600, 0.01)
 
 
+@pytest.mark.parametrize("key", ["poll_wait_s", "backoff_initial_s", "backoff_max_s"])
+def test_a_timing_set_in_code_to_true_is_refused_not_read_as_one_second(key: str) -> None:
+    """A NodeConfig made in code checks its timings as a loaded one does: True (an int to
+    Python) is not a number of seconds."""
+    timing: dict[str, Any] = {key: True}
+    with pytest.raises(InputError, match=f"^node config: {key} must be a number of seconds"):
+        NodeConfig(coordinator="localhost:7443", group="G", insecure=True, **timing)
+
+
 # --------------------------------------------------------------------------------------------
 # 2. the coordinator's JoinReply and model
 
