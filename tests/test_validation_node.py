@@ -172,6 +172,18 @@ def test_node_settings_at_the_edges_of_their_ranges_are_accepted() -> None:
     assert (cfg.poll_wait_s, cfg.backoff_initial_s) == (3600, 0.01)
 
 
+def test_a_back_off_start_over_the_default_cap_names_where_it_was_set() -> None:
+    """backoff_initial_s set alone above the default backoff_max_s (15 s): the refusal names
+    where the value that broke the rule was set, not just "node config"."""
+    env = {**BASE_ENV, ENV + "BACKOFF_INITIAL_S": "100"}
+    with pytest.raises(InputError) as err:
+        load_config(NodeConfig, None, ENV, {}, environ=env)
+    assert str(err.value) == (
+        f"environment {ENV}BACKOFF_INITIAL_S: backoff_max_s (15) must be at least "
+        "backoff_initial_s (100)"
+    )
+
+
 @pytest.mark.parametrize("key", ["poll_wait_s", "backoff_initial_s", "backoff_max_s"])
 def test_a_timing_set_in_code_to_true_is_refused_not_read_as_one_second(key: str) -> None:
     """A NodeConfig made in code checks its timings as a loaded one does: True (an int to
