@@ -369,6 +369,19 @@ def test_heartbeat_fields_are_checked(quiet: Federation) -> None:
             assert code == grpc.StatusCode.UNAUTHENTICATED, (fields, code, details)
 
 
+def test_a_heartbeat_reply_says_the_interval_to_beat_at(tmp_path: Path) -> None:
+    """HeartbeatReply.heartbeat_interval is "the interval to use from now on": every reply
+    carries the coordinator's setting, as the JoinReply does."""
+    with (
+        serve(tmp_path, quiet_settings(heartbeat_interval_s=7.5)) as fed,
+        fed.node("node-good-a") as node,
+    ):
+        assert node.join(ENCODER, 10).heartbeat_interval.ToMilliseconds() == 7500
+        reply = node.heartbeat()
+        assert reply.HasField("heartbeat_interval"), reply
+        assert reply.heartbeat_interval.ToMilliseconds() == 7500
+
+
 def test_leave_reason_is_bounded_and_cannot_forge_log_lines(
     quiet: Federation, caplog: pytest.LogCaptureFixture
 ) -> None:
