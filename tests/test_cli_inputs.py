@@ -135,6 +135,20 @@ def test_out_that_cannot_be_written_is_refused_up_front(
     assert message in err and "Traceback" not in err
 
 
+def test_a_size_option_below_one_is_refused_by_the_parser(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--max-context 0 is refused when the command line is read, before any model or data is
+    loaded ("must be at least 1"); 1 is taken."""
+    parser = build_parser()
+    base = ["train", "--data", "x.jsonl", "--out", "o", "--max-context"]
+    assert parser.parse_args([*base, "1"]).max_context == 1
+    with pytest.raises(SystemExit) as err:
+        parser.parse_args([*base, "0"])
+    assert err.value.code == 2
+    assert "--max-context: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_train_help_says_when_held_out_groups_are_chosen() -> None:
     """With --groups given no held-out group is chosen by default; the help must say so."""
     parser = build_parser()
