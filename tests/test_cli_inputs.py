@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,8 +163,10 @@ def test_train_help_says_when_held_out_groups_are_chosen() -> None:
 
 
 def test_write_json_follows_a_symlink_and_writes_through_a_device(tmp_path: Path) -> None:
-    """--out may be a symlink (its target gets the JSON, the link stays) or a device such as
-    /dev/stdout, which an atomic replace cannot handle (review, session 16)."""
+    """--out may be a symlink (its target gets the JSON, the link stays) or a device or pipe
+    such as /dev/stdout, which an atomic replace cannot handle (review, session 16). The pipe
+    is the test's own: a write_json that replaced it must not replace the machine's /dev/null
+    (a mutant of round 4 did, for every later process)."""
     from pluralfed.commands.common import write_json
 
     target = tmp_path / "real.json"
@@ -170,8 +174,14 @@ def test_write_json_follows_a_symlink_and_writes_through_a_device(tmp_path: Path
     link.symlink_to(target)
     write_json(link, {"a": 1})
     assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
-    write_json(Path("/dev/null"), {"b": 2})  # a character device: written through, not replaced
-    assert Path("/dev/null").is_char_device()
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    write_json(pipe, {"b": 2})  # not a regular file: written through, not replaced
+    reader.join(10)
+    assert pipe.is_fifo() and read and json.loads(read[0]) == {"b": 2}
 
 
 def test_train_takes_the_coordinators_names_for_layers_and_heads() -> None:
