@@ -35,6 +35,7 @@ from coordinator.settings import RoundSettings
 from group_node.client import MAX_HEARTBEAT_INTERVAL_S
 from group_node.config import NodeConfig
 from group_node.node import GroupNode, TaskWork
+from group_node.worker import TaskCancelled
 from pluralfed import protocol
 from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -250,6 +251,44 @@ def test_a_late_cancel_touches_no_later_work() -> None:
     assert not current.cancelled.is_set() and not node.client._task_cancelled
     node._cancel(current)
     assert current.cancelled.is_set() and node.client._task_cancelled
+    node.client.close()
+
+
+class EndedCancelled(grpc.RpcError):
+    """How a unary call cancelled once under way may end: an RpcError CANCELLED, not
+    grpc.FutureCancelledError."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "Cancelled"
+
+
+class CallUnderWay:
+    """A call's future whose cancel comes too late: it ends as EndedCancelled."""
+
+    def cancel(self) -> bool:
+        return False
+
+    def result(self) -> None:
+        raise EndedCancelled()
+
+
+def test_a_call_that_ends_cancelled_after_its_task_was_cancelled_is_the_tasks_cancel() -> None:
+    """A task call that ends CANCELLED once the coordinator cancelled its task is the task's
+    cancellation (TaskCancelled: ask for the next task), not a cut call; with no cancel asked,
+    the error is the call's own."""
+    cfg = NodeConfig(coordinator=f"{HOST}:1", group="G", insecure=True)
+    node = GroupNode(cfg, SimpleNamespace())  # type: ignore[arg-type]
+    with pytest.raises(EndedCancelled):
+        node.client._result(CallUnderWay())
+    node.client.cancel_task_calls()
+    with pytest.raises(TaskCancelled):
+        node.client._result(CallUnderWay())
+    node.client.task_done()
+    with pytest.raises(EndedCancelled):
+        node.client._result(CallUnderWay())
     node.client.close()
 
 
