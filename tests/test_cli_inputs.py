@@ -151,6 +151,17 @@ def test_a_size_option_below_one_is_refused_by_the_parser(
     assert "--max-context: must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_federate_refuses_negative_personalize_steps_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--personalize-steps -1 is refused up front (exit 2, naming the option), before any data
+    is made or node started; nothing is written."""
+    out = tmp_path / "run"
+    assert main(["federate", "--out", str(out), "--personalize-steps", "-1"]) == 2
+    assert "--personalize-steps must be 0 or more, got -1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_train_help_says_when_held_out_groups_are_chosen() -> None:
     """With --groups given no held-out group is chosen by default; the help must say so."""
     parser = build_parser()
