@@ -313,6 +313,35 @@ def test_a_new_run_starts_from_a_fresh_optimizer_and_forgets_the_old_runs_tasks(
         assert adam_steps == [[1.0], [2.0]]
 
 
+@pytest.mark.parametrize("new_run", [True, False])
+def test_an_update_kept_to_send_again_is_dropped_when_the_node_joins_another_run(
+    new_run: bool,
+) -> None:
+    """An update the coordinator could not store is kept to be sent again, but it answers a task
+    of its run: joining another run drops it (with the model and the refused tasks); joining the
+    same run again keeps all three."""
+    servicer = UnknownSessionOnce(new_run)  # type: ignore[abstract]
+    forgotten: list[bool] = []
+    stub = SimpleNamespace(
+        num_train_examples=4,
+        encoder=SimpleNamespace(identity=ENCODER),
+        forget_run=lambda: forgotten.append(True),
+    )
+    unsent: Any = object()  # stands for the UnsentUpdate of the old run's task t-1
+    with stand_in_coordinator(servicer) as port:
+        cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
+        node = GroupNode(cfg, stub)  # type: ignore[arg-type]
+        node._join()
+        node._unsent = unsent
+        node._refused.add("t-1")
+        node._join()  # run-2 when new_run
+        node.client.close()
+    if new_run:
+        assert (node._unsent, node._refused, forgotten) == (None, set(), [True])
+    else:
+        assert (node._unsent, node._refused, forgotten) == (unsent, {"t-1"}, [])
+
+
 # --------------------------------------------------------------------------------------------
 # 2. and 4. node check
 
