@@ -86,6 +86,19 @@ def test_train_refuses_a_held_out_group_without_train_questions_before_training(
     assert not out.exists()  # refused before any training
 
 
+def test_train_refuses_zero_epochs_before_training(
+    survey: Path, tmp_path: Path, session_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--epochs 0 is refused (exit 2, naming the option), not run as a training of nothing
+    whose checkpoint is the untrained model."""
+    out = tmp_path / "ck"
+    args = ["train", "--data", str(survey), "--groups", "A,B", *TINY]
+    code = main([*args, "--out", str(out), "--epochs", "0", "--cache-dir", str(session_cache_dir)])
+    assert code == 2
+    assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_evaluate_refuses_a_group_without_train_questions(
     survey: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
