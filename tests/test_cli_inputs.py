@@ -99,6 +99,30 @@ def test_train_refuses_zero_epochs_before_training(
     assert not out.exists()
 
 
+def test_train_refuses_a_group_with_a_single_train_question(
+    tmp_path: Path, session_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A group trained on needs two train questions (a context and a target): one with a single
+    train question is refused by name before training."""
+    train, test = _questions(8, False), _questions(3, True)
+    rows = [("A", q) for q in train + test] + [("D", train[0]), ("D", test[0])]
+    data = tmp_path / "s.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"group": g, "question": q, "options": ["Yes", "No"], "distribution": [0.6, 0.4]}
+            )
+            + "\n"
+            for g, q in rows
+        )
+    )
+    out = tmp_path / "ck"
+    args = ["train", "--data", str(data), "--groups", "A,D", *TINY, "--out", str(out)]
+    assert main([*args, "--epochs", "1", "--cache-dir", str(session_cache_dir)]) == 2
+    assert "group 'D' has 1 train questions, needs 2+" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_evaluate_refuses_a_group_without_train_questions(
     survey: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
