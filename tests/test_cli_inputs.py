@@ -14,7 +14,9 @@ import pytest
 from rich.table import Table
 from tinymodel import CFG, random_item
 
+import pluralfed.commands.train as train_command
 from pluralfed.cli import build_parser, main, quiet_grpc_core
+from pluralfed.commands.common import apply_threads
 from pluralfed.data import is_test_question
 from pluralfed.episodes import GroupSplit
 from pluralfed.errors import InputError
@@ -121,6 +123,36 @@ def test_train_refuses_a_group_with_a_single_train_question(
     assert main([*args, "--epochs", "1", "--cache-dir", str(session_cache_dir)]) == 2
     assert "group 'D' has 1 train questions, needs 2+" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_holds_out_the_default_groups_only_when_no_groups_are_named(
+    survey: Path,
+    tmp_path: Path,
+    session_cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As `federate`: without --groups the data's default held-out groups are held out; naming
+    --groups means exactly those train and only --held-out groups are held out."""
+    monkeypatch.setattr(train_command, "default_groups", lambda data: (["A", "B"], ["C"]))
+    embedded: list[list[str]] = []
+
+    def record(data: object, groups: list[str], encoder: object) -> None:
+        embedded.append(groups)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(train_command, "embed_groups", record)
+    args = ["train", "--data", str(survey), "--out", str(tmp_path / "ck"), *TINY]
+    args += ["--cache-dir", str(session_cache_dir)]
+    assert main(args) == 2
+    assert main([*args, "--groups", "A"]) == 2
+    assert main([*args, "--groups", "A", "--held-out", "B"]) == 2
+    assert embedded == [["A", "B", "C"], ["A"], ["A", "B"]]
+
+
+def test_zero_threads_is_refused_naming_the_option() -> None:
+    """--threads 0 is an InputError naming the option, not torch's own error about it."""
+    with pytest.raises(InputError, match="--threads must be at least 1, got 0"):
+        apply_threads(0)
 
 
 def test_evaluate_refuses_a_group_without_train_questions(
