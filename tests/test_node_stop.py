@@ -457,3 +457,47 @@ def test_a_pause_of_the_run_loop_runs_a_signal_handler_another_thread_took() -> 
     started = time.monotonic()
     assert not node_module.StopEvent().wait(1.2)
     assert 1.2 <= time.monotonic() - started < 5.0
+
+
+def test_a_node_backing_off_stops_on_a_signal_another_thread_took() -> None:
+    """The node's own pauses are of that kind: a node backing off for up to a minute (its
+    coordinator unreachable) leaves its pause at once on a signal the kernel handed to another
+    thread, and returns 128 + the signal's number."""
+    cfg = NodeConfig(
+        coordinator=f"{HOST}:{free_port()}",
+        group="G",
+        insecure=True,
+        backoff_initial_s=60.0,
+        backoff_max_s=60.0,
+    )
+    stub = SimpleNamespace(num_train_examples=4, encoder=SimpleNamespace(identity="e"))
+    node = GroupNode(cfg, stub)  # type: ignore[arg-type]
+    paused = threading.Event()
+    wait = node._stop.wait
+
+    def noted_wait(timeout: float | None = None) -> bool:
+        paused.set()
+        return wait(timeout)
+
+    node._stop.wait = noted_wait  # type: ignore[method-assign]
+
+    def on_signal(signum: int, _frame: object) -> None:  # as stop_on_signals': stop in a thread
+        threading.Thread(target=node.stop, args=(signum,), daemon=True).start()
+
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+
+        def take_the_signal() -> None:
+            assert paused.wait(30), "the node never paused"
+            time.sleep(0.3)  # the main thread is in its pause by then
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+        taker = threading.Thread(target=take_the_signal, daemon=True)
+        taker.start()
+        started = time.monotonic()
+        assert node.run() == 128 + signal.SIGUSR1
+        assert time.monotonic() - started < 10.0
+        taker.join(5)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        node.client.close()
