@@ -54,6 +54,14 @@ def test_node_ids_stay_unique_when_slugs_collide() -> None:
     # a name's id does not depend on which other names collide with it
     assert node_ids(["Korea South", "Korea-South"])["Korea South"] == ids["Korea South"]
     assert all(NODE_ID_PATTERN.fullmatch(i) for i in ids.values())
+
+
+def test_a_long_group_name_alone_gets_a_node_id_of_63_characters() -> None:
+    """A long name that collides with no other keeps its plain id, cut so that the whole id is
+    63 characters (a DNS label), which NODE_ID_PATTERN admits."""
+    nid = node_ids(["y" * 80])["y" * 80]
+    assert nid == node_id("y" * 80) == "node-" + "y" * 58
+    assert NODE_ID_PATTERN.fullmatch(nid)
     reserved = node_ids(["Healthcheck", "Mali"], reserved=["node-healthcheck"])
     assert reserved["Healthcheck"] != "node-healthcheck" and reserved["Mali"] == "node-mali"
 
