@@ -363,6 +363,20 @@ def test_federate_with_a_bad_coordinator_setting_is_a_clean_error(
     assert "Traceback" not in err and not (tmp_path / "run").exists()  # no coordinator started
 
 
+def test_an_unknown_set_key_is_never_told_to_be_a_setting_the_launcher_makes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--set state_dirr=...` is refused as unknown without "did you mean 'state_dir'?": the
+    launcher sets state_dir itself (from --out) and refuses it in --set, so the known settings
+    listed are only those --set may give."""
+    argv = ["federate", "--synthetic-groups", "3", "--synthetic-questions", "20", "--rounds", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--set", "state_dirr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --set state_dirr=1: unknown settings ['state_dirr']; known: [" in err, err
+    assert "'state_dir'" not in err and "'listen'" not in err and "'allow_list'" not in err
+    assert "'rounds'" in err  # the settable ones are listed
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("argv", "key", "message"),
