@@ -683,6 +683,16 @@ def test_service_refuses_a_call_of_more_model_time_than_its_limit_without_a_dead
         RewardServicer(servicer.model, max_call_s=math.nan)
 
 
+@pytest.mark.parametrize("max_call_s", [0.0, -1.0, math.inf, math.nan])
+def test_the_per_call_limit_is_a_positive_number_of_seconds(
+    rm: RewardModel, max_call_s: float
+) -> None:
+    """A limit of 0 s would refuse every call, and a negative or infinite one is no limit: the
+    service refuses them when it is made."""
+    with pytest.raises(InputError, match="max_call_s must be a positive number of seconds"):
+        RewardServicer(rm, max_call_s=max_call_s)
+
+
 def test_a_call_over_the_limit_is_refused_while_another_holds_the_model(
     client: RewardClient, server: tuple[int, RewardServicer], world: dict, rm: RewardModel
 ) -> None:
