@@ -32,7 +32,7 @@ from pluralfed.auth import MAX_EXEMPT_CALLS, AllowList
 from pluralfed.checkpoint import save_checkpoint
 from pluralfed.cli import main as cli_main
 from pluralfed.data import SurveyData, SurveyItem, is_test_question, write_jsonl
-from pluralfed.embeddings import CachedEncoder, default_encoder
+from pluralfed.embeddings import CachedEncoder, default_encoder, option_text
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.pki import create_ca, issue_node_cert, issue_server_cert, revoke_certificates
@@ -47,6 +47,7 @@ from pluralfed.reward import (
     OptionMatch,
     RewardModel,
     WorkStopped,
+    estimated_tokens,
     make_reward_fn,
     map_completion,
     protocol_context,
@@ -752,6 +753,44 @@ class SlowEncoder:
         self.texts += len(texts)
         self.batches.append(len(texts))
         return np.full((len(texts), self.dim), self.dim**-0.5, dtype=np.float32)
+
+
+def test_a_call_cut_off_while_embedding_teaches_the_cost_of_what_it_embedded(
+    world: dict, pki: dict, session_cache_dir: Path
+) -> None:
+    """A call cut off for holding the model past max_call_s is learnt from (else such calls
+    are accepted again and again), for the texts it did embed only: counting its texts never
+    embedded as done would teach a cost per token too low."""
+    encoder = SlowEncoder(CachedEncoder(default_encoder(show_progress=False), session_cache_dir), 0)
+    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)
+    model.add_groups_from_data(world["data"])
+    srv, port, servicer = start_reward_server(
+        model, "127.0.0.1:0", pki["server"], AllowList({"trainer-1": "RL trainer"}), max_call_s=0.6
+    )
+    observed: list[int] = []
+    observe = servicer.cost.observe
+
+    def noted(embed_tokens: int, embed_s: float, tokens: int, model_s: float) -> None:
+        observed.append(embed_tokens)
+        observe(embed_tokens, embed_s, tokens, model_s)
+
+    servicer.cost.observe = noted  # type: ignore[method-assign]
+    servicer.cost.per_embed_token = 1e-6  # the call is admitted
+    encoder.seconds = 0.4  # a batch of 8 long texts: two fit in the 0.6 s limit, not three
+    answers = [f"Yes {i}, " + "because " * 500 for i in range(20)]
+    try:
+        with (
+            RewardClient(f"127.0.0.1:{port}", pki["client"]) as client,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            client.score(world["groups"][0], [("Long answers?", answers)], timeout=TIMEOUT)
+    finally:
+        srv.stop(grace=None).wait()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    texts = [option_text("Long answers?", a) for a in answers]
+    embedded = len(texts) - len(model.uncached_texts(texts))
+    assert 0 < embedded < len(texts), encoder.batches
+    assert observed == [estimated_tokens(texts) - estimated_tokens(model.uncached_texts(texts))]
 
 
 def test_long_texts_are_embedded_in_smaller_batches_between_checks(
