@@ -16,7 +16,7 @@ from tinymodel import CFG, random_item
 
 import pluralfed.commands.train as train_command
 from pluralfed.cli import build_parser, main, quiet_grpc_core
-from pluralfed.commands.common import apply_threads
+from pluralfed.commands.common import apply_threads, parse_range
 from pluralfed.data import is_test_question
 from pluralfed.episodes import GroupSplit
 from pluralfed.errors import InputError
@@ -147,6 +147,23 @@ def test_train_holds_out_the_default_groups_only_when_no_groups_are_named(
     assert main([*args, "--groups", "A"]) == 2
     assert main([*args, "--groups", "A", "--held-out", "B"]) == 2
     assert embedded == [["A", "B", "C"], ["A"], ["A", "B"]]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("9,5", "--context-range must satisfy 1 <= low <= high, got '9,5'"),
+        ("0,5", "--context-range must satisfy 1 <= low <= high, got '0,5'"),
+        ("9", "--context-range must look like 9,90, got '9'"),
+    ],
+)
+def test_a_range_option_is_low_then_high_from_one(text: str, message: str) -> None:
+    """--context-range LOW,HIGH: a range whose low end is over its high end is refused as such
+    (with the option's name), as one starting at 0 is; LOW = HIGH is a range of one."""
+    with pytest.raises(InputError) as err:
+        parse_range(text, "--context-range")
+    assert str(err.value) == message
+    assert parse_range("5,5", "--context-range") == (5, 5)
 
 
 def test_zero_threads_is_refused_naming_the_option() -> None:
