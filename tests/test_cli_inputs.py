@@ -14,6 +14,7 @@ import pytest
 from rich.table import Table
 from tinymodel import CFG, random_item
 
+import pluralfed.commands.evaluate as evaluate_command
 import pluralfed.commands.train as train_command
 from pluralfed.cli import build_parser, main, quiet_grpc_core
 from pluralfed.commands.common import apply_threads, parse_range
@@ -183,6 +184,36 @@ def test_evaluate_refuses_a_group_without_train_questions(
     assert not out.exists()
     assert main([*args, "--groups", "A,B", "--out", str(out)]) == 0  # without C: fine
     assert json.loads(out.read_text())["reports"]
+
+
+def test_evaluate_without_groups_takes_the_held_out_groups_even_when_none_trained_is_there(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --groups, evaluate takes the checkpoint's training groups found in the data and
+    the data's held-out groups; only when it finds neither does it take every group. Data
+    without the training groups but with held-out ones is evaluated on the held-out ones."""
+    monkeypatch.setattr(evaluate_command, "default_groups", lambda data: (["A", "B"], ["C"]))
+    embedded: list[list[str]] = []
+
+    def record(data: object, groups: list[str], encoder: object) -> None:
+        embedded.append(groups)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(evaluate_command, "embed_groups", record)
+    data = tmp_path / "s.jsonl"  # groups C and D; the checkpoint trained on A and B
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"group": g, "question": q, "options": ["Y", "N"], "distribution": [0.5, 0.5]}
+            )
+            + "\n"
+            for g in "CD"
+            for q in _questions(3, False)
+        )
+    )
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--threads", "1"]
+    assert main(args) == 2
+    assert embedded == [["C"]]
 
 
 @pytest.mark.parametrize(
