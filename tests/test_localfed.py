@@ -377,6 +377,18 @@ def test_an_unknown_set_key_is_never_told_to_be_a_setting_the_launcher_makes(
     assert "'rounds'" in err  # the settable ones are listed
 
 
+@pytest.mark.parametrize("pair", ["=1", " =1", "rounds"])
+def test_a_set_without_a_key_is_refused_as_not_key_value(
+    pair: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--set takes KEY=VALUE: one without a key, or without "=", is refused as such (not read
+    as a setting named ''), before anything is written."""
+    argv = ["federate", "--synthetic-groups", "3", "--synthetic-questions", "20", "--rounds", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--set", pair]) == 2
+    assert f"error: --set takes KEY=VALUE, got {pair!r}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("argv", "key", "message"),
