@@ -8,6 +8,7 @@ blocks on an event) and check what may and may not happen meanwhile.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -208,6 +209,55 @@ def test_a_copy_of_an_update_folded_across_its_rounds_close_is_a_duplicate(
         np.testing.assert_allclose(fed.engine.state.weights["w"], 3.0)  # the copies counted nothing
     finally:
         release.set()
+        fed.close()
+
+
+def test_a_failed_heartbeat_during_the_nodes_own_fold_does_not_close_the_round(
+    tmp_path: Path,
+) -> None:
+    """A node whose update is being folded and whose heartbeat then says FAILED for that task
+    has answered once: the round does not count it twice and close without the other node."""
+    fed = Engine(tmp_path, round_timeout_s=WAIT)
+    try:
+        ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+        started, release = threading.Event(), threading.Event()
+        folding = threading.Thread(
+            target=fed.upload,
+            args=(fed.a.session_id, ta, lambda: held_replay(weights(1.0), started, release), 10),
+        )
+        folding.start()
+        assert started.wait(WAIT)
+        fed.engine.heartbeat(fed.a.session_id, None, ta.task_id, failed=True, message="boom")
+        threading.Event().wait(0.3)  # the driver would close the round now if it counted A twice
+        assert fed.engine.open_task_id(fed.b.session_id) == tb.task_id, "the round closed"
+        release.set()
+        folding.join(WAIT)
+        fed.upload(fed.b.session_id, tb, lambda: iter(slices(weights(2.0))), 30)
+        fed.wait_completed(1)
+        record = fed.engine.state.history.last
+        assert record is not None and record["participants"] == ["A", "B"]
+    finally:
+        release.set()
+        fed.close()
+
+
+def test_an_answer_naming_the_closed_task_with_another_round_is_stale(tmp_path: Path) -> None:
+    """Only an answer naming the closed round's task and round is a repeat of it (DUPLICATE);
+    its task id with another round number is stale."""
+    fed = Engine(tmp_path, round_timeout_s=WAIT)
+    try:
+        ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+        fed.upload(fed.a.session_id, ta, lambda: iter(slices(weights(1.0))), 10)
+        fed.upload(fed.b.session_id, tb, lambda: iter(slices(weights(2.0))), 30)
+        fed.wait_completed(1)
+        copy = lambda: iter(slices(weights(5.0)))  # noqa: E731
+        with pytest.raises(Rejection) as repeat:
+            fed.upload(fed.a.session_id, ta, copy, 10)
+        assert repeat.value.reason == "DUPLICATE"
+        with pytest.raises(Rejection) as other_round:
+            fed.upload(fed.a.session_id, dataclasses.replace(ta, round=ta.round + 1), copy, 10)
+        assert other_round.value.reason == "STALE", other_round.value.message
+    finally:
         fed.close()
 
 
