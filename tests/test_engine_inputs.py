@@ -249,6 +249,46 @@ def test_a_heartbeat_is_told_to_drop_only_a_task_not_open_or_already_answered(
     assert engine.heartbeat(b.session_id, None, t.task_id) == (0, False)
 
 
+def test_a_failed_heartbeat_gives_up_only_the_task_it_names(tmp_path: Path) -> None:
+    """A node reporting FAILED for a task that is not the open one (its last round's) keeps its
+    part in the open round: its update still counts. FAILED for the open task is its answer."""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    engine._open(TaskKind.TRAIN, [a, b], 60.0)  # what the driver does (no driver here)
+    t = engine.next_task(a.session_id, None, 1.0)
+    engine.heartbeat(a.session_id, None, "f" * 32, failed=True, message="an older task")
+    upload(engine, a, t, {}, 1.0)  # taken
+    engine.heartbeat(b.session_id, None, t.task_id, failed=True, message="boom")
+    assert refusal(upload, engine, b, t, {}, 1.0).reason == "ALREADY_REJECTED"
+
+
+def test_a_session_found_expired_ends_its_own_waiting_poll_at_once(tmp_path: Path) -> None:
+    """A node cut off mid-poll whose session is found expired (here by its next call) has that
+    old poll ended at once, UNAUTHENTICATED, not at the end of its wait: it holds an RPC thread."""
+    settings = RoundSettings(rounds=1, eval_every=0, heartbeat_interval_s=30.0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    ended: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            engine.next_task(a.session_id, None, 60.0)  # no round open: it waits
+        except Rejection as err:
+            ended.append(err)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    wait_until(lambda: a.polls == 1, 10, "the poll to start")
+    with engine._lock:  # silent past session_timeout_s (the poll is no sign of life)
+        a.last_seen -= settings.session_timeout_s + 1
+    refused = refusal(engine.heartbeat, a.session_id, None)
+    assert refused.code == "UNAUTHENTICATED"
+    poller.join(5.0)
+    assert not poller.is_alive(), "the expired session's poll still waits"
+    assert [getattr(e, "code", None) for e in ended] == ["UNAUTHENTICATED"]
+
+
 # ------------------------------------------------------------------------------- resuming
 
 SETTINGS = RoundSettings(rounds=2, eval_every=0)
