@@ -6,8 +6,8 @@ It is apart from the servicer (`coordinator.server`), which turns messages into 
 because it is the coordinator's most intricate concurrency: streams wait for slots, replace each
 other and are cancelled from other threads. Here it can be read on its own and tested with plain
 fakes, without a server: of a gRPC call it uses only `cancel()` and `is_active()` (`Call`), and
-of the engine only `has_session` (`Sessions`) and, in `StaleTransfers`, `open_task_id`. It does
-not import gRPC.
+of the engine only `has_session` (`Sessions`) and, in `StaleTransfers`, `open_task_id`
+(`OpenTasks`). It imports neither gRPC nor the engine.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from coordinator.rounds import RoundEngine
+from typing import Protocol
 
 # the servicer's logger: these lines are the transport's, as when this lived in server.py
 log = logging.getLogger("pluralfed.coordinator")
@@ -46,6 +43,14 @@ class Sessions(Protocol):
 
     def has_session(self, session_id: str) -> bool:
         """Whether `session_id` is a session the engine still knows (not yet replaced)."""
+        ...
+
+
+class OpenTasks(Protocol):
+    """What `StaleTransfers` asks the engine (`RoundEngine`)."""
+
+    def open_task_id(self, session_id: str) -> str | None:
+        """The open task's id ("" when none) while `session_id` is live; None once it ended."""
         ...
 
 
@@ -128,7 +133,7 @@ class StaleTransfers:
     behind it. Checked from one thread every `poll_s`, so a slot is free within about that long.
     """
 
-    def __init__(self, engine: RoundEngine, poll_s: float = STALE_CHECK_S) -> None:
+    def __init__(self, engine: OpenTasks, poll_s: float = STALE_CHECK_S) -> None:
         self.engine = engine
         self.poll_s = poll_s
         self._cond = threading.Condition()
