@@ -82,6 +82,20 @@ class Engine:
             session_id, None, t.task_id, t.round, n, {}, replay, 4040, t.model_version
         )
 
+    def held_upload(
+        self, session_id: str, t: TaskSpec, value: float, n: int, release: threading.Event
+    ) -> threading.Thread:
+        """Start the upload of `weights(value)` in a thread; return once its fold is under way
+        and held (after its first slice) until `release` is set."""
+        started = threading.Event()
+        folding = threading.Thread(
+            target=self.upload,
+            args=(session_id, t, lambda: held_replay(weights(value), started, release), n),
+        )
+        folding.start()
+        assert started.wait(WAIT), "the fold did not start"
+        return folding
+
     def wait_completed(self, rounds: int) -> None:
         for _ in range(int(WAIT / 0.05)):
             if self.engine.completed_rounds() >= rounds:
@@ -155,13 +169,8 @@ def test_round_past_its_deadline_waits_for_a_fold_it_had_claimed(tmp_path: Path)
     try:
         ta = fed.task(fed.a.session_id)
         fed.task(fed.b.session_id)  # B never answers: the deadline closes the round
-        started, release = threading.Event(), threading.Event()
-        folding = threading.Thread(
-            target=fed.upload,
-            args=(fed.a.session_id, ta, lambda: held_replay(weights(3.0), started, release), 10),
-        )
-        folding.start()
-        assert started.wait(WAIT)
+        release = threading.Event()
+        folding = fed.held_upload(fed.a.session_id, ta, 3.0, 10, release)
         threading.Event().wait(1.0)  # past the deadline, the fold still held
         assert fed.engine.state.completed_rounds == 0, "the round closed without a claimed fold"
         release.set()
@@ -184,13 +193,8 @@ def test_a_copy_of_an_update_folded_across_its_rounds_close_is_a_duplicate(
     try:
         ta = fed.task(fed.a.session_id)
         fed.task(fed.b.session_id)  # B never answers: the deadline closes the round
-        started, release = threading.Event(), threading.Event()
-        folding = threading.Thread(
-            target=fed.upload,
-            args=(fed.a.session_id, ta, lambda: held_replay(weights(3.0), started, release), 10),
-        )
-        folding.start()
-        assert started.wait(WAIT)
+        release = threading.Event()
+        folding = fed.held_upload(fed.a.session_id, ta, 3.0, 10, release)
         for _ in range(int(WAIT / 0.05)):  # the round closes at its deadline, the fold held
             if fed.engine.open_task_id(fed.a.session_id) == "":
                 break
@@ -220,13 +224,8 @@ def test_a_failed_heartbeat_during_the_nodes_own_fold_does_not_close_the_round(
     fed = Engine(tmp_path, round_timeout_s=WAIT)
     try:
         ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
-        started, release = threading.Event(), threading.Event()
-        folding = threading.Thread(
-            target=fed.upload,
-            args=(fed.a.session_id, ta, lambda: held_replay(weights(1.0), started, release), 10),
-        )
-        folding.start()
-        assert started.wait(WAIT)
+        release = threading.Event()
+        folding = fed.held_upload(fed.a.session_id, ta, 1.0, 10, release)
         fed.engine.heartbeat(fed.a.session_id, None, ta.task_id, failed=True, message="boom")
         threading.Event().wait(0.3)  # the driver would close the round now if it counted A twice
         assert fed.engine.open_task_id(fed.b.session_id) == tb.task_id, "the round closed"

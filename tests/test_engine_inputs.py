@@ -135,10 +135,11 @@ def report(engine: RoundEngine, s: NodeSession, t: TaskSpec, group: str) -> None
     engine.accept_evaluation(s.session_id, None, t.task_id, t.round, evaluation, t.model_version)
 
 
-def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
-    driven: tuple[RoundEngine, threading.Thread],
-) -> None:
-    engine, driver = driven
+def trained_to_the_final_evaluation(
+    engine: RoundEngine,
+) -> tuple[NodeSession, NodeSession, TaskSpec]:
+    """Training nodes A and B, their one round trained, and A's task of the final evaluation
+    (open for A and B)."""
     a = engine.join("A", Role.TRAIN, 10, ENC, "t")
     b = engine.join("B", Role.TRAIN, 10, ENC, "t")
     for s, value in ((a, 1.0), (b, 3.0)):
@@ -146,7 +147,15 @@ def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
         assert task.kind == TaskKind.TRAIN
         upload(engine, s, task, {}, value)
     evaluation = engine.next_task(a.session_id, None, scaled(5))
-    assert evaluation.kind == TaskKind.EVALUATE  # the final evaluation, open for A and B
+    assert evaluation.kind == TaskKind.EVALUATE
+    return a, b, evaluation
+
+
+def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
+    driven: tuple[RoundEngine, threading.Thread],
+) -> None:
+    engine, driver = driven
+    a, b, evaluation = trained_to_the_final_evaluation(engine)
 
     # nodes that joined after it opened were not asked, in either role
     late_judge = engine.join("J", Role.EVALUATE_ONLY, 0, ENC, "t")
@@ -174,14 +183,7 @@ def test_a_refused_report_is_told_so_when_repeated_before_and_after_its_round_cl
     """A report refused for its figures is the node's answer: a repeat is told FAILED_PRECONDITION
     "already refused", also once the round has closed (not DEADLINE_EXCEEDED, as if none came)."""
     engine, driver = driven
-    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
-    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
-    for s, value in ((a, 1.0), (b, 3.0)):
-        task = engine.next_task(s.session_id, None, scaled(5))
-        assert task.kind == TaskKind.TRAIN
-        upload(engine, s, task, {}, value)
-    t = engine.next_task(a.session_id, None, scaled(5))
-    assert t.kind == TaskKind.EVALUATE  # the final evaluation, open for A and B
+    a, b, t = trained_to_the_final_evaluation(engine)
     engine.note_rejected_evaluation(a.session_id, None, t.task_id, t.round, "model is 1.5")
     refused_in_round = (
         "FAILED_PRECONDITION",
