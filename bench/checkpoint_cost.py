@@ -32,12 +32,13 @@ from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, R
 from coordinator.metrics_file import MetricsFile, row_key
 from coordinator.state import RunState, load_state, save_state
 from pluralfed.fsutil import atomic_write_json
+from pluralfed.records import EvaluationRecord, RoundRecord
 
 GROUPS = [f"group-{i:02d}" for i in range(16)]
 HELD_OUT = [f"held-out-{i}" for i in range(2)]
 
 
-def round_record(n: int) -> dict[str, Any]:
+def round_record(n: int) -> RoundRecord:
     return {
         "round": n,
         "task_id": f"{n:032x}",
@@ -57,7 +58,7 @@ def round_record(n: int) -> dict[str, Any]:
     }
 
 
-def evaluation_record(n: int) -> dict[str, Any]:
+def evaluation_record(n: int) -> EvaluationRecord:
     figures = {"model": 0.7712345, "uniform": 0.66, "prior": 0.74, "worst": 0.69}
     return {
         "round": n,
@@ -89,7 +90,7 @@ def measure(rounds: int, weights: dict[str, np.ndarray], folder: Path) -> dict[s
     save_state(folder, state)  # a first checkpoint, so that the timed one replaces files
 
     def checkpoint() -> None:  # the last round's: its record, then the checkpoint
-        save_state(folder, state, record=records[-1])  # type: ignore[arg-type]
+        save_state(folder, state, record=records[-1])
 
     out: dict[str, float] = {"rounds": rounds, "save_state_s": cpu(checkpoint)}
     out["state_json_mib"] = (folder / "state.json").stat().st_size / 2**20

@@ -333,6 +333,13 @@ def no_request(release: threading.Event) -> Iterator[bytes]:
 CHECK = "/grpc.health.v1.Health/Check"
 
 
+def failure(call: grpc.Future) -> grpc.RpcError:
+    """The RpcError a finished call ended with; fails the test if it succeeded."""
+    err = call.exception()
+    assert isinstance(err, grpc.RpcError), f"the call ended with {err!r}, not an RPC error"
+    return err
+
+
 def held_calls(
     channels: list[grpc.Channel], method: str, each: int, release: threading.Event
 ) -> list[grpc.Future]:
@@ -381,7 +388,7 @@ def test_calls_that_never_send_their_request_hold_no_thread(
         calls = held_calls(channels, "/pluralfed.v1.Federation/Heartbeat", 8, release)
         assert_heartbeats_served(honest, within_s=5.0)
         wait_until(lambda: all(c.done() for c in calls), 30, "every held call to end")
-        codes = {c.exception().code() for c in calls}  # type: ignore[union-attr]
+        codes = {failure(c).code() for c in calls}
         if identity == "node-a":  # allow-listed: 8 wait for their request (then cut), 32 refused
             assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
         else:  # refused before anything waits
@@ -475,7 +482,7 @@ def test_health_checks_from_many_connections_hold_a_few_threads_at_most(
         assert deadlines.peak == auth_module.MAX_EXEMPT_CALLS == 4
         assert_heartbeats_served(honest, within_s=2.0)
         wait_until(lambda: all(c.done() for c in calls), 20, "every held Check to end")
-        codes = [c.exception().code() for c in calls]  # type: ignore[union-attr]
+        codes = [failure(c).code() for c in calls]
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 5 * 16 - 4 - 8
         assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
         # over: a health checker's Check is served

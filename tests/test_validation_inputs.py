@@ -87,10 +87,15 @@ def test_normalise_distribution() -> None:
     def norm(values: list[float]) -> np.ndarray | None:
         return normalise_distribution(np.array(values, dtype=np.float64))
 
+    def normalised(values: list[float]) -> np.ndarray:
+        out = norm(values)
+        assert out is not None, values
+        return out
+
     assert norm([0.0, 0.0]) is None
-    np.testing.assert_allclose(norm([3.0, 1.0]), [0.75, 0.25])  # type: ignore[arg-type]
-    np.testing.assert_allclose(norm([1.7e308, 1.7e308, 1e-300]), [0.5, 0.5, 0])  # type: ignore[arg-type]
-    np.testing.assert_allclose(norm([5e-324, 5e-324]), [0.5, 0.5])  # type: ignore[arg-type]
+    np.testing.assert_allclose(normalised([3.0, 1.0]), [0.75, 0.25])
+    np.testing.assert_allclose(normalised([1.7e308, 1.7e308, 1e-300]), [0.5, 0.5, 0])
+    np.testing.assert_allclose(normalised([5e-324, 5e-324]), [0.5, 0.5])
 
 
 # --------------------------------------------------------------------------------------------------
