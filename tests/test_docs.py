@@ -66,3 +66,19 @@ def test_heading_anchor_matches_githubs() -> None:
     assert heading_anchor("Systems: wire format, memory and what gRPC itself needs") == (
         "systems-wire-format-memory-and-what-grpc-itself-needs"
     )
+
+
+def test_what_is_where_names_every_module() -> None:
+    """A newcomer finds each module of the three packages in the README's table (a module added
+    without a line there is one they would not know to look for)."""
+    readme = (ROOT / "README.md").read_text("utf-8")
+    section = readme.split("## What is where", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([\w/]+\.py)`", section))
+    unnamed = sorted(
+        str(path.relative_to(ROOT))
+        for package in ("pluralfed", "coordinator", "group_node")
+        for path in (ROOT / package).glob("*.py")
+        if path.name != "__init__.py" and path.name not in named
+    )
+    assert not unnamed, f"README's 'What is where' does not name: {unnamed}"
+    assert "`commands/`" in section and "`proto/`" in section  # the subfolders, as folders
