@@ -7,7 +7,8 @@
 - a node killed mid-run: the next round closes at its deadline with the remaining updates and the
   run finishes;
 - the coordinator killed mid-run and restarted: the nodes rejoin on their own and the run
-  completes with every round exactly once and the same run id.
+  completes with every round exactly once and the same run id;
+- two runs with the same seed, side by side: the same weights to the bit.
 """
 
 from __future__ import annotations
@@ -206,6 +207,65 @@ def test_full_run_aggregate_is_the_weighted_average_of_the_uploads(
     assert_weights_close(state.weights, expected, "global model after round 3")
     # the nodes did train, each on its own data: their uploads differ
     assert not all(np.array_equal(uploads[0][k], uploads[1][k]) for k in uploads[0])
+
+
+def test_a_run_is_a_function_of_its_seed_to_the_bit(
+    tmp_path: Path, procs: Procs, pki: Pki, fed_data: FedData, session_cache_dir: Path
+) -> None:
+    """Figures are compared across runs (PROTOCOL.md), so two federations with the same seed,
+    run side by side (their updates arrive in whatever order the machine gives), end with the
+    same weights to the bit, their nodes report the same losses every round and their
+    evaluations the same figures: nothing in a run may depend on timing, arrival order or an
+    unseeded draw. Another coordinator seed starts from other weights and ends elsewhere."""
+    train = fed_data.groups[:3]
+    runs = {"a": 11, "b": 11, "other": 12}
+    coordinators = {
+        name: start_coordinator(
+            procs,
+            tmp_path / name,
+            pki,
+            allow_list(train),
+            {"rounds": 3, "eval_every": 3, "min_nodes": 3, "min_updates": 3, "seed": seed},
+            name=f"coordinator-{name}",
+        )
+        for name, seed in runs.items()
+    }
+    nodes = {
+        name: [
+            start_node(
+                procs,
+                tmp_path / name,
+                pki,
+                coord,
+                g,
+                fed_data.files[g],
+                cache_dir=session_cache_dir,
+            )
+            for g in train
+        ]
+        for name, coord in coordinators.items()
+    }
+    everyone = [*(c.proc for c in coordinators.values()), *(n for ns in nodes.values() for n in ns)]
+    for name, coord in coordinators.items():
+        assert coord.proc.wait(300, nodes[name]) == 0, tails(everyone)
+
+    def outcome(name: str) -> tuple[str, list[dict[str, tuple[float, float]]], dict]:
+        coord = coordinators[name]
+        state = load_state(coord.state_dir)
+        assert state is not None
+        losses = [
+            {g: (m["loss"], m[ALIGNMENT_BEFORE]) for g, m in r["node_metrics"].items()}
+            for r in coord.round_records()
+        ]
+        [evaluation] = coord.evaluation_records()
+        return digest_of(state.weights).hex(), losses, evaluation["reports"]
+
+    a, b, other = outcome("a"), outcome("b"), outcome("other")
+    assert len(a[1]) == 3 and all(len(per_round) == 3 for per_round in a[1]), a[1]
+    assert a[0] == b[0], "the same seed ended with other weights"
+    assert a[1] == b[1], "the same seed's nodes reported other losses"
+    assert a[2] == b[2], "the same seed's final evaluation differs"
+    assert other[0] != a[0] and other[1] != a[1]
 
 
 def test_node_killed_mid_run_round_closes_at_its_deadline(
