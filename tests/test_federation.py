@@ -216,19 +216,20 @@ def test_a_run_is_a_function_of_its_seed_to_the_bit(
     run side by side (their updates arrive in whatever order the machine gives), end with the
     same weights to the bit, their nodes report the same losses every round and their
     evaluations the same figures: nothing in a run may depend on timing, arrival order or an
-    unseeded draw. Another coordinator seed starts from other weights and ends elsewhere."""
+    unseeded draw. One of them evaluates after every round, the other only after the last:
+    evaluating must not touch training. Another coordinator seed ends elsewhere."""
     train = fed_data.groups[:3]
-    runs = {"a": 11, "b": 11, "other": 12}
+    runs = {"a": (11, 3), "b": (11, 1), "other": (12, 3)}  # seed, eval_every
     coordinators = {
         name: start_coordinator(
             procs,
             tmp_path / name,
             pki,
             allow_list(train),
-            {"rounds": 3, "eval_every": 3, "min_nodes": 3, "min_updates": 3, "seed": seed},
+            {"rounds": 3, "eval_every": every, "min_nodes": 3, "min_updates": 3, "seed": seed},
             name=f"coordinator-{name}",
         )
-        for name, seed in runs.items()
+        for name, (seed, every) in runs.items()
     }
     nodes = {
         name: [
@@ -257,8 +258,9 @@ def test_a_run_is_a_function_of_its_seed_to_the_bit(
             {g: (m["loss"], m[ALIGNMENT_BEFORE]) for g, m in r["node_metrics"].items()}
             for r in coord.round_records()
         ]
-        [evaluation] = coord.evaluation_records()
-        return digest_of(state.weights).hex(), losses, evaluation["reports"]
+        evaluations = coord.evaluation_records()
+        assert [e["round"] for e in evaluations] == list(range(runs[name][1], 4, runs[name][1]))
+        return digest_of(state.weights).hex(), losses, evaluations[-1]["reports"]
 
     a, b, other = outcome("a"), outcome("b"), outcome("other")
     assert len(a[1]) == 3 and all(len(per_round) == 3 for per_round in a[1]), a[1]
