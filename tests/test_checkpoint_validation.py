@@ -21,6 +21,7 @@ from test_validation_config import SMALL
 import pluralfed.checkpoint as checkpoint_module
 from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from pluralfed.errors import InputError
+from pluralfed.model import GPOConfig
 from pluralfed.training import build_model
 
 pytestmark = pytest.mark.timeout(60)
@@ -219,3 +220,28 @@ def test_a_config_edited_to_a_huge_model_is_refused_before_it_is_built(
     built_on.clear()
     load_checkpoint(tmp_path / "good")
     assert built_on == ["meta", "cpu"]  # the real model once the weights fit
+
+
+def test_a_checkpoint_saved_before_ensembles_loads_as_member_zero(tmp_path: Path) -> None:
+    """Weights written before `members` existed have their tensors at the top level
+    ("head.weight", not "members.0.head.weight"): such a checkpoint still loads, whole."""
+    folder = saved(tmp_path / "ckpt")
+    tensors_edit(lambda t: t.update({k.removeprefix("members.0."): t.pop(k) for k in list(t)}))(
+        folder
+    )
+    assert not any(k.startswith("members.") for k in load((folder / WEIGHTS_FILE).read_bytes()))
+    want = build_model(SMALL, 0).state_dict()
+    got = load_checkpoint(folder).model.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name].numpy(), want[name].numpy(), err_msg=name)
+
+
+def test_a_loaded_model_is_ready_to_predict_not_to_train(tmp_path: Path) -> None:
+    """Evaluate and serve predict with what load_checkpoint gives: a model with dropout left in
+    training mode would answer the same question differently each time."""
+    config = GPOConfig(**{**SMALL.to_dict(), "dropout": 0.5})
+    save_checkpoint(tmp_path / "ckpt", build_model(config, 0), "enc", {})
+    model = load_checkpoint(tmp_path / "ckpt").model
+    assert model.cfg.dropout == 0.5
+    assert not any(module.training for module in model.modules())
