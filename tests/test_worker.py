@@ -1,0 +1,172 @@
+"""The node's machine-learning side (group_node.worker.GroupWorker) on its own, with a real
+model and real local training: the group it is built for, the model config it takes from the
+coordinator, the settings and figures of each task, and what it refuses to train or evaluate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from test_validation_node import DIM, SMALL, FakeEncoder, diverging_weights, small_weights
+
+import pluralfed.training
+from group_node.worker import GroupWorker, TaskFailed, node_seed
+from pluralfed.data import SurveyData, SurveyItem, is_test_question
+from pluralfed.episodes import EmbeddedItem
+from pluralfed.errors import InputError
+from pluralfed.model import GPOConfig
+from pluralfed.training import LocalTrainer, TrainingSettings
+
+SETTINGS = TrainingSettings(context_range=(2, 3), target_range=(2, 3))
+
+
+def questions(train: int, test: int, prefix: str = "Question") -> list[str]:
+    """`train` TRAIN and `test` TEST questions (PROTOCOL.md's sha256 split)."""
+    found: dict[bool, list[str]] = {False: [], True: []}
+    i = 0
+    while len(found[False]) < train or len(found[True]) < test:
+        q = f"{prefix} {i}?"
+        found[is_test_question(q)].append(q)
+        i += 1
+    return found[False][:train] + found[True][:test]
+
+
+def group_worker(train: int = 8, test: int = 3, group: str = "G") -> GroupWorker:
+    items = [SurveyItem(q, ("a", "b"), np.array([0.3, 0.7])) for q in questions(train, test)]
+    return GroupWorker(group, SurveyData({group: items}), FakeEncoder())
+
+
+def adam_steps(w: GroupWorker) -> set[float]:
+    assert w.trainer is not None
+    return {float(st["step"]) for st in w.trainer.optimizer.state.values()}
+
+
+def test_each_group_draws_its_own_random_stream_the_same_on_every_run() -> None:
+    """Nodes of one run share its seed: without the group in it, every node would draw the
+    same episodes in the same order."""
+    assert node_seed(0, "A") == node_seed(0, "A")
+    assert len({node_seed(0, "A"), node_seed(0, "B"), node_seed(1, "A")}) == 3
+
+
+def test_a_worker_is_only_for_a_group_in_its_data() -> None:
+    items = [SurveyItem(q, ("a", "b"), np.array([0.3, 0.7])) for q in questions(4, 1)]
+    with pytest.raises(
+        InputError, match=r"group 'H' is not in the node's data \(it has: \['G'\]\)"
+    ):
+        GroupWorker("H", SurveyData({"G": items}), FakeEncoder())
+
+
+def test_a_node_embeds_its_own_groups_questions_only() -> None:
+    """The other groups of a shared data file are none of its business (and their embedding
+    would cost minutes with the real encoder)."""
+    encoded: list[str] = []
+
+    class Counting(FakeEncoder):
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            encoded.extend(texts)
+            return super().encode(texts)
+
+    mine = [SurveyItem(q, ("a", "b"), np.array([0.3, 0.7])) for q in questions(4, 1)]
+    other = [SurveyItem(q, ("x", "y"), np.array([0.5, 0.5])) for q in questions(4, 1, "Other")]
+    GroupWorker("G", SurveyData({"G": mine, "H": other}), Counting())
+    assert encoded and all("Question" in t and "Other" not in t for t in encoded)
+
+
+def test_a_model_for_embeddings_of_another_size_is_refused() -> None:
+    cfg = GPOConfig(**{**SMALL.to_dict(), "embed_dim": 2 * DIM})
+    with pytest.raises(
+        InputError, match=f"reads {2 * DIM}-dim embeddings, this node's encoder gives {DIM}"
+    ):
+        group_worker().load_global(cfg.to_dict(), small_weights(cfg))
+
+
+def test_a_new_model_config_gets_a_new_model_and_a_fresh_optimizer() -> None:
+    """A coordinator restarted with another model (or a new run) sends another config: the
+    node trains that model, not the one it kept, and Adam starts afresh for it."""
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    w.train(2, SETTINGS)
+    wider = GPOConfig(**{**SMALL.to_dict(), "d_ff": 16})
+    w.load_global(wider.to_dict(), small_weights(wider))
+    before = w.weights()
+    assert {k: v.shape for k, v in before.items()} == {
+        k: v.shape for k, v in small_weights(wider).items()
+    }
+    w.train(3, SETTINGS)
+    after = w.weights()
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    assert adam_steps(w) == {3.0}
+
+
+def test_each_task_trains_with_its_own_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimizer state is kept across TRAIN tasks, but each task's hyperparameters (here
+    the episode sizes) are the ones the coordinator sent with it."""
+    drawn: list[tuple[int, int]] = []
+    original = pluralfed.training.sample_episode
+
+    def recording(items: Sequence[EmbeddedItem], rng: Any, context: Any, target: Any) -> Any:
+        drawn.append(context)
+        return original(items, rng, context, target)
+
+    monkeypatch.setattr(pluralfed.training, "sample_episode", recording)
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    w.train(1, SETTINGS)
+    w.train(1, TrainingSettings(context_range=(4, 5), target_range=(2, 3)))
+    assert drawn == [(2, 3), (4, 5)]
+    assert adam_steps(w) == {2.0}
+
+
+def test_a_tasks_mean_loss_is_the_mean_over_its_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    losses: list[list[float]] = []
+    original = LocalTrainer.train_steps
+
+    def recording(self: LocalTrainer, *args: Any, **kwargs: Any) -> list[float]:
+        losses.append(original(self, *args, **kwargs))
+        return losses[-1]
+
+    monkeypatch.setattr(LocalTrainer, "train_steps", recording)
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    result = w.train(4, SETTINGS)
+    assert len(losses) == 1 and len(set(losses[0])) > 1
+    assert result.steps == 4 and result.mean_loss == pytest.approx(float(np.mean(losses[0])))
+
+
+@pytest.mark.parametrize("task", ["train", "personalized"])
+def test_a_group_with_a_single_train_question_is_not_trained(task: str) -> None:
+    """An episode needs a context and a target question."""
+    w = group_worker(train=1, test=2)
+    w.load_global(SMALL.to_dict(), small_weights())
+    with pytest.raises(InputError, match="group 'G' has fewer than 2 train questions to train on"):
+        w.train(1, SETTINGS) if task == "train" else w.personalized(1, SETTINGS)
+
+
+def test_a_group_without_train_questions_fails_its_evaluation_not_the_node() -> None:
+    """Nothing to use as context: the task fails (the node reports it and goes on), it is no
+    InputError, which would stop the node."""
+    w = group_worker(train=0, test=3)
+    w.load_global(SMALL.to_dict(), small_weights())
+    with pytest.raises(TaskFailed, match="evaluation failed: group 'G' has no train questions"):
+        w.evaluate(max_context=90, seed=0)
+
+
+@pytest.mark.parametrize("bad", ["predicts NaN", "diverges"])
+def test_a_failed_task_resets_the_optimizer_it_would_have_poisoned(bad: str) -> None:
+    """Weights that make every prediction NaN, or training diverge, fail the task; the next
+    task, from good weights, starts a fresh optimizer (the failure says so)."""
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    w.train(2, SETTINGS)
+    if bad == "predicts NaN":
+        weights = {k: np.full(v.shape, 3e38, np.float32) for k, v in small_weights().items()}
+    else:
+        weights = diverging_weights()
+    w.load_global(SMALL.to_dict(), weights)
+    with pytest.raises(TaskFailed, match="the optimizer state is reset"):
+        w.train(2, SETTINGS)
+    w.load_global(SMALL.to_dict(), small_weights())
+    w.train(3, SETTINGS)
+    assert adam_steps(w) == {3.0}
