@@ -87,3 +87,14 @@ def test_a_console_is_unwrapped_when_its_own_stream_is_not_a_terminal(
     monkeypatch.setattr(sys, own, Terminal())
     monkeypatch.setattr(sys, other, io.StringIO())
     assert make_console(stderr=stderr).width == 123
+
+
+def test_a_line_longer_than_the_unwrapped_width_is_not_cut(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Tables get UNWRAPPED_WIDTH, but a log line (a path, an error) is written whole, however
+    long: a reader or a script looks for it on one line."""
+    path = "/runs/" + "a-folder-name-that-goes-on/" * 12 + "metrics.jsonl"
+    assert len(path) > UNWRAPPED_WIDTH
+    make_console(stderr=True).print(f"metrics in {path}")
+    assert capsys.readouterr().err == f"metrics in {path}\n"
