@@ -170,3 +170,14 @@ def test_a_failed_task_resets_the_optimizer_it_would_have_poisoned(bad: str) -> 
     w.load_global(SMALL.to_dict(), small_weights())
     w.train(3, SETTINGS)
     assert adam_steps(w) == {3.0}
+
+
+def test_a_last_step_that_leaves_the_weights_non_finite_fails_the_task() -> None:
+    """Each step's loss is taken before its update: the update of a one-step task can make the
+    weights non-finite with every loss finite: the task fails, before anything is uploaded,
+    and the optimizer state that holds the NaN is dropped."""
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), diverging_weights())
+    with pytest.raises(TaskFailed, match=r"local training diverged \(non-finite weights of 1,"):
+        w.train(1, SETTINGS)
+    assert w.trainer is None
