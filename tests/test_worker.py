@@ -181,3 +181,35 @@ def test_a_last_step_that_leaves_the_weights_non_finite_fails_the_task() -> None
     with pytest.raises(TaskFailed, match=r"local training diverged \(non-finite weights of 1,"):
         w.train(1, SETTINGS)
     assert w.trainer is None
+
+
+def test_personalization_does_not_replay_the_episodes_of_the_nodes_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fine-tuned copy draws its episodes from a stream of its own: with the training
+    stream it would go over the very episodes of the node's first training task again."""
+    drawn: list[list[str]] = []
+    original = pluralfed.training.sample_episode
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        episode = original(*args, **kwargs)
+        drawn.append([e.item.question for e in [*episode.context, *episode.targets]])
+        return episode
+
+    monkeypatch.setattr(pluralfed.training, "sample_episode", recording)
+    trained, personalized = group_worker(train=12), group_worker(train=12)
+    for w in (trained, personalized):
+        w.load_global(SMALL.to_dict(), small_weights())
+    trained.train(3, SETTINGS)
+    training_episodes, drawn[:] = list(drawn), []
+    personalized.personalized(3, SETTINGS)
+    assert len(drawn) == len(training_episodes) == 3
+    assert drawn != training_episodes
+
+
+def test_weights_with_a_tensor_the_config_does_not_make_are_refused() -> None:
+    """All the config's tensors and no other: an extra one is a coordinator that sends
+    another model than it describes, refused before anything is loaded, naming the tensor."""
+    weights = {**small_weights(), "members.0.extra": np.zeros(3, np.float32)}
+    with pytest.raises(InputError, match=r"missing \[\], unexpected \['members.0.extra'\]$"):
+        group_worker().load_global(SMALL.to_dict(), weights)
