@@ -5,6 +5,7 @@ coordinator, the settings and figures of each task, and what it refuses to train
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from test_validation_node import DIM, SMALL, FakeEncoder, diverging_weights, sma
 
 import pluralfed.training
 from group_node.worker import GroupWorker, TaskFailed, node_seed
+from pluralfed.checkpoint import load_checkpoint
 from pluralfed.data import SurveyData, SurveyItem, is_test_question
 from pluralfed.episodes import EmbeddedItem
 from pluralfed.errors import InputError
@@ -213,3 +215,24 @@ def test_weights_with_a_tensor_the_config_does_not_make_are_refused() -> None:
     weights = {**small_weights(), "members.0.extra": np.zeros(3, np.float32)}
     with pytest.raises(InputError, match=r"missing \[\], unexpected \['members.0.extra'\]$"):
         group_worker().load_global(SMALL.to_dict(), weights)
+
+
+def test_a_personalized_checkpoint_says_what_it_was_made_from(tmp_path: Path) -> None:
+    """The copy stays on the node's machine; its model.json says whose it is and how it was
+    made, and `training_groups` makes `pluralfed evaluate --checkpoint` take the node's group by
+    default."""
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    settings = TrainingSettings(context_range=(2, 3), target_range=(2, 3), learning_rate=1e-3)
+    w.save_personalized(tmp_path / "mine", 2, settings, "v7", 7)
+    ckpt = load_checkpoint(tmp_path / "mine")
+    assert ckpt.encoder == "fake-enc" and ckpt.model.cfg == SMALL
+    assert ckpt.metadata == {
+        "mode": "personalized",
+        "group": "G",
+        "training_groups": ["G"],
+        "base_model_version": "v7",
+        "base_round": 7,
+        "steps": 2,
+        "learning_rate": 1e-3,
+    }
