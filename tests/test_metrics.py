@@ -8,7 +8,7 @@ from scipy.spatial.distance import jensenshannon
 from tinymodel import CFG, random_item
 
 from pluralfed.data import SurveyItem
-from pluralfed.episodes import GroupSplit
+from pluralfed.episodes import GroupSplit, with_uniform_answers
 from pluralfed.evaluation import (
     GroupEvaluation,
     evaluate_group,
@@ -113,3 +113,29 @@ def test_a_prediction_leaves_the_model_in_the_mode_it_found_it(training: bool) -
     context, targets = [random_item(rng, 3, "c")], [random_item(rng, 2, "t")]
     preds = predict_targets(model, context, targets)
     assert [p.shape for p in preds] == [(2,)] and model.training is training
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [[float("nan"), 0.5], [float("inf"), 0.5], [0.0, 0.0], [-0.5, 0.25]],
+    ids=["NaN", "inf", "zeros", "negative sum"],
+)
+def test_a_prediction_that_is_not_a_distribution_is_refused(pred: list[float]) -> None:
+    """A model whose predictions are NaN must fail its task (the node's TaskFailed is this
+    ValueError), not score NaN or a made-up figure."""
+    with pytest.raises(ValueError, match="not a distribution"):
+        alignment_score(np.array(pred), np.array([0.5, 0.5]))
+
+
+def test_the_uniform_context_keeps_the_questions_and_makes_every_answer_equally_likely() -> None:
+    """The context-gain figure compares the model with the same context questions whose answer
+    distributions are uniform: 1/k for each of k options, summing to 1 as every distribution."""
+    rng = np.random.default_rng(5)
+    items = [random_item(rng, k, f"q{k}") for k in (2, 3, 5)]
+    uniform = with_uniform_answers(items)
+    for before, after in zip(items, uniform, strict=True):
+        k = before.num_options
+        np.testing.assert_array_equal(after.item.distribution, np.full(k, 1.0 / k))
+        assert after.item.question == before.item.question
+        assert after.item.options == before.item.options
+        assert after.embeddings is before.embeddings
