@@ -743,3 +743,27 @@ def test_generated_key_is_p256(pki: Path) -> None:
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert key.curve.name == "secp256r1"
     assert (pki / "node-a" / "key.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+@pytest.mark.parametrize(
+    "given",
+    [("ca",), ("cert",), ("key",), ("ca", "cert"), ("cert", "key"), ("ca", "key")],
+)
+def test_tls_files_without_a_folder_need_all_three_paths(
+    tmp_path: Path, given: tuple[str, ...]
+) -> None:
+    """Without tls_dir each of tls_ca, tls_cert and tls_key must be set: two of three is a
+    config mistake said at once, not a TlsFiles with a missing path that fails later."""
+    paths = {
+        name: (tmp_path / f"{name}.pem" if name in given else None)
+        for name in ("ca", "cert", "key")
+    }
+    with pytest.raises(InputError, match=r"^node config: mutual TLS needs tls_dir"):
+        tls.resolve_tls_files("node", None, paths["ca"], paths["cert"], paths["key"])
+    # with the folder, any of them may override its file
+    files = tls.resolve_tls_files(
+        "node", tmp_path / "dir", paths["ca"], paths["cert"], paths["key"]
+    )
+    for name in ("ca", "cert", "key"):
+        expected = tmp_path / (f"{name}.pem" if name in given else f"dir/{name}.pem")
+        assert getattr(files, name) == expected
