@@ -767,3 +767,24 @@ def test_tls_files_without_a_folder_need_all_three_paths(
     for name in ("ca", "cert", "key"):
         expected = tmp_path / (f"{name}.pem" if name in given else f"dir/{name}.pem")
         assert getattr(files, name) == expected
+
+
+def test_an_expired_ca_in_the_ca_file_is_refused_naming_the_file(pki: Path, tmp_path: Path) -> None:
+    """Every CA certificate the file holds must be current, not only the leaf: one of a bundle
+    (an old CA kept next to the new one) that expired is said at load, with its end date."""
+    create_ca(
+        tmp_path / "old",
+        not_before=NOW - dt.timedelta(days=9),
+        not_after=NOW - dt.timedelta(days=1),
+    )
+    bundle = tmp_path / "ca-bundle.pem"
+    bundle.write_bytes(
+        (pki / "ca" / "ca.pem").read_bytes() + (tmp_path / "old" / "ca.pem").read_bytes()
+    )
+    node = tls.TlsFiles.from_dir(pki / "node-a")
+    tls.load_channel_credentials(node.cert, node.key, node.ca)  # the control: its own CA file
+    expected_end = (NOW - dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    with pytest.raises(
+        InputError, match=rf"^CA certificate {bundle} has expired: .*until {expected_end}"
+    ):
+        tls.load_channel_credentials(node.cert, node.key, bundle)
