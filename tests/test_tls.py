@@ -788,3 +788,19 @@ def test_an_expired_ca_in_the_ca_file_is_refused_naming_the_file(pki: Path, tmp_
         InputError, match=rf"^CA certificate {bundle} has expired: .*until {expected_end}"
     ):
         tls.load_channel_credentials(node.cert, node.key, bundle)
+
+
+@pytest.mark.parametrize("key_mode", [0o640, 0o604, 0o600, 0o400])
+def test_a_key_readable_by_its_group_alone_is_warned_about_too(
+    pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, key_mode: int
+) -> None:
+    """A key its owner's group may read (0640, common for a service account's files) is
+    exposed as one others may read, and warned about; 0600 and 0400 are not."""
+    files = tls.TlsFiles.from_dir(pki / "node-a")
+    key = tmp_path / f"key-{key_mode:o}.pem"
+    key.write_bytes(files.key.read_bytes())
+    key.chmod(key_mode)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.tls"):
+        tls.load_channel_credentials(files.cert, key, files.ca)
+    warned = any("readable by group/others" in r.message for r in caplog.records)
+    assert warned == bool(key_mode & 0o077)
