@@ -470,6 +470,16 @@ def test_identity_is_only_a_uri_san_of_the_certificate() -> None:
     assert tls.identity_from_auth_context(auth) == "node-a"
 
 
+def test_identity_is_only_a_uri_of_the_node_scheme() -> None:
+    """Another URI SAN is no identity, even one whose tail is a node id at the same offset
+    ("https://evil.com/" is as long as "pluralfed://node/"); next to a node URI it is ignored."""
+    foreign = x509.UniformResourceIdentifier("https://evil.com/node-a")
+    auth = ctx(x509_pem_cert=[_cert_with_sans(foreign)])
+    assert tls.identity_from_auth_context(auth) is None
+    both = _cert_with_sans(x509.UniformResourceIdentifier("pluralfed://node/node-b"), foreign)
+    assert tls.identity_from_auth_context(ctx(x509_pem_cert=[both])) == "node-b"
+
+
 def test_identity_needs_tls() -> None:
     auth = {
         "transport_security_type": [b"insecure"],
