@@ -480,6 +480,15 @@ def test_identity_is_only_a_uri_of_the_node_scheme() -> None:
     assert tls.identity_from_auth_context(ctx(x509_pem_cert=[both])) == "node-b"
 
 
+def test_two_common_names_are_no_identity_even_where_a_common_name_may_be() -> None:
+    """With allow_common_name, a certificate without a node URI is known by its one subject
+    CN; one with two (gRPC lists both) names nobody in particular: refused, not either."""
+    auth = ctx(x509_common_name=[b"node-a", b"node-b"])
+    assert tls.identity_from_auth_context(auth, allow_common_name=True) is None
+    same = ctx(x509_common_name=[b"node-a", b"node-a"])
+    assert tls.identity_from_auth_context(same, allow_common_name=True) == "node-a"
+
+
 def test_identity_needs_tls() -> None:
     auth = {
         "transport_security_type": [b"insecure"],
