@@ -624,6 +624,30 @@ def test_certificate_check_goes_through_the_proxy_grpc_would_use(
         proxy.close()
 
 
+@pytest.mark.parametrize(
+    ("host", "no_proxy", "bypassed"),
+    [
+        ("coordinator.example.org", "*", True),
+        ("10.0.0.7", "*", True),
+        ("example.org", "example.org", True),
+        ("c.example.org", "example.org", True),
+        ("c.example.org", ".example.org", True),
+        ("evilexample.org", "example.org", False),
+        ("evilexample.org", ".example.org", False),
+        ("example.org.evil.net", "example.org", False),
+        ("[::1]", "::1", True),
+    ],
+)
+def test_no_proxy_exempts_a_host_by_name_or_domain_or_all_with_a_star(
+    host: str, no_proxy: str, bypassed: bool
+) -> None:
+    """As gRPC reads no_proxy: `*` exempts every host, an entry its name and the names under
+    it, never a name that merely ends in the same letters."""
+    env = {"https_proxy": "proxy.example.org:3128", "no_proxy": f"localhost, {no_proxy}"}
+    expected = None if bypassed else "http://proxy.example.org:3128"
+    assert tls.http_proxy_for(host, env) == expected
+
+
 def test_the_revocation_check_keeps_the_files_read_at_start(pki: Path) -> None:
     """gRPC reads the node's key and certificate once; the revocation check did so before
     every Join, outside its error handling, so a key being rotated while the node ran ended
