@@ -823,3 +823,19 @@ def test_a_key_readable_by_its_group_alone_is_warned_about_too(
         tls.load_channel_credentials(files.cert, key, files.ca)
     warned = any("readable by group/others" in r.message for r in caplog.records)
     assert warned == bool(key_mode & 0o077)
+
+
+@pytest.mark.parametrize(("days", "warned"), [(10, True), (60, False)])
+def test_a_certificate_that_expires_within_a_month_is_warned_about_at_load(
+    pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, days: int, warned: bool
+) -> None:
+    """An operator gets a month to issue a new certificate before its node stops connecting."""
+    issue_node_cert(pki / "ca", tmp_path / "n", f"node-{days}", days=days)
+    files = tls.TlsFiles.from_dir(tmp_path / "n")
+    with caplog.at_level(logging.WARNING, logger="pluralfed.tls"):
+        files.channel_credentials()
+    soon = [r.message for r in caplog.records if "expires soon" in r.message]
+    assert len(soon) == int(warned)
+    if warned:
+        end = (NOW + dt.timedelta(days=days)).strftime("%Y-%m-%d")
+        assert soon[0].startswith(f"certificate {files.cert} expires soon, on {end}")
