@@ -84,6 +84,19 @@ def queued(slots: StreamSlots, n: int) -> Callable[[], bool]:
     return lambda: slots.waiting == n
 
 
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_limit_of_zero_or_less_bounds_nothing(limit: int) -> None:
+    """The coordinator takes max_concurrent_uploads = 0, and a limit <= 0 is no bound: every
+    stream runs at once, none waits, and giving slots back keeps no count."""
+    slots = StreamSlots(limit)
+    dead = lambda: False  # noqa: E731 - a stream that would give up at once if it had to wait
+    assert all(slots.acquire(dead, poll_s=0.01) for _ in range(20))
+    assert slots.waiting == 0 and slots.active == 0
+    for _ in range(20):
+        slots.release()
+    assert slots.active == 0 and slots.peak == 0
+
+
 def test_waiters_are_served_in_order_and_dead_ones_leave() -> None:
     slots = StreamSlots(1)
     assert slots.acquire(lambda: True)
