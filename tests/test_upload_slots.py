@@ -144,6 +144,22 @@ def test_slot_handed_to_a_dead_waiter_is_passed_on() -> None:
     assert slots.acquire(lambda: True, poll_s=0.01)
 
 
+def test_a_slot_handed_over_as_its_waiter_gives_up_is_passed_on_every_time() -> None:
+    """The race above made certain: the slot is handed to the waiter just as it finds its RPC
+    gone (here the release happens inside that very check). It must not keep the slot: the
+    bound would shrink by one for the rest of the run."""
+    slots = StreamSlots(1)
+    assert slots.acquire(lambda: True)
+
+    def gone_as_the_slot_comes() -> bool:
+        slots.release()  # the holder ends: its slot goes to this waiter, the only one
+        return False
+
+    assert slots.acquire(gone_as_the_slot_comes, poll_s=0.01) is False
+    assert slots.active == 0 and slots.waiting == 0
+    assert slots.acquire(lambda: False, poll_s=0.01)  # free: taken at once, without waiting
+
+
 def toy_weights() -> dict[str, np.ndarray]:
     """A 1.2 MB tensor (two chunks) and a small one."""
     rng = np.random.default_rng(0)
