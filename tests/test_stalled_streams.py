@@ -455,6 +455,56 @@ def test_the_watch_threads_go_on_after_an_error_cutting_one_call() -> None:
             wait_until(lambda: fine.cancels == 1, 10.0, "the later stale call's cut")
 
 
+class FailingOnce:
+    """The engine's `open_task_id`: raises on its first question, then says the session ended."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def open_task_id(self, session_id: str) -> str | None:
+        self.asked += 1
+        if self.asked == 1:
+            raise RuntimeError("a bug in the engine")
+        return None
+
+
+def test_an_error_asking_the_engine_does_not_end_the_watch_of_stale_streams() -> None:
+    """The check runs in one thread for every stream: an engine error (a bug) while asking
+    about one stream is logged, and that stream and later ones are still cut once stale."""
+    stale = StaleTransfers(FailingOnce(), poll_s=0.01)
+    first, later = CancelCounted(), CancelCounted()
+    with stale.watch(first, "s1", "task", "upload"):  # type: ignore[arg-type]
+        wait_until(lambda: first.cancels == 1, 10.0, "the first stale call's cut")
+        with stale.watch(later, "s2", "task", "upload"):  # type: ignore[arg-type]
+            wait_until(lambda: later.cancels == 1, 10.0, "the later stale call's cut")
+    assert stale.cancelled == 2
+
+
+def test_a_stream_let_go_while_the_engine_is_asked_about_it_is_not_cut() -> None:
+    """An upload whose bytes are all in ends its watch (the engine takes it) and may still
+    count: if that happens while the check asks about it, and the round closes meanwhile, it
+    is not cancelled, nor counted as cut."""
+    ended: list[Any] = []
+    asked = threading.Event()
+
+    class ClosesAsTheUploadIsTaken:
+        def open_task_id(self, session_id: str) -> str | None:
+            ended[0]()  # the handler ends the watch: every byte is in
+            asked.set()
+            return "the next round's task"
+
+    stale = StaleTransfers(ClosesAsTheUploadIsTaken(), poll_s=0.01)
+    call = CancelCounted()
+    with stale.watch(call, "s1", "task", "upload") as unwatch:  # type: ignore[arg-type]
+        ended.append(unwatch)
+        assert asked.wait(10.0)
+    # a stale stream watched next is cut once the check has decided about the first one
+    stale_one = CancelCounted()
+    with stale.watch(stale_one, "s2", "old task", "upload"):  # type: ignore[arg-type]
+        wait_until(lambda: stale_one.cancels == 1, 10.0, "the stale stream's cut")
+    assert call.cancels == 0 and stale.cancelled == 1
+
+
 def test_a_call_that_ends_before_its_deadline_is_not_cut_at_it() -> None:
     """A watched block that ends in time is let go: its call is not cancelled (nor counted or
     logged as cut) when its deadline passes; a later call past its own deadline still is."""
