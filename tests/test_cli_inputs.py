@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -360,3 +363,26 @@ def test_output_into_a_file_or_pipe_is_not_wrapped(capsys: pytest.CaptureFixture
     out, err = capsys.readouterr()
     assert f"metrics in {path}\n" in err
     assert "training groups (test questions), training groups (test questions)," in out
+
+
+def test_ctrl_c_ends_a_command_with_exit_code_130_and_no_traceback(tmp_path: Path) -> None:
+    """A shell or a supervisor tells an interrupted command (128 + SIGINT) from a finished (0)
+    or failed (1, 2) one. The command here blocks reading a pipe nobody writes to."""
+    pipe = tmp_path / "groups.jsonl"
+    os.mkfifo(pipe)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pluralfed.cli", "data", "inspect", str(pipe)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a background job's children start with SIGINT ignored: this one must take it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        with open(pipe, "w"):  # returns once the command opened the pipe to read it
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
