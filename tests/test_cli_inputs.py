@@ -386,3 +386,27 @@ def test_ctrl_c_ends_a_command_with_exit_code_130_and_no_traceback(tmp_path: Pat
         proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "level"), [(["-v"], "DEBUG"), ([], "INFO")])
+def test_verbose_turns_on_debug_logging(tmp_path: Path, argv: list[str], level: str) -> None:
+    code = (
+        "import logging, sys\n"
+        "from pluralfed import cli\n"
+        f"code = cli.main({[*argv, 'data', 'inspect', str(tmp_path / 'none.jsonl')]!r})\n"
+        "print(code, logging.getLevelName(logging.getLogger().level))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", level]
+
+
+def test_an_in_process_caller_with_grpc_loaded_keeps_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GRPC_VERBOSITY only matters before gRPC is imported: a program (or a test) that calls
+    `main` with gRPC already loaded has its environment, and its later children's, left alone."""
+    import grpc  # noqa: F401 - loaded, as in such a program
+
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    assert main(["data", "inspect", str(tmp_path / "none.jsonl")]) == 2
+    assert "GRPC_VERBOSITY" not in os.environ
