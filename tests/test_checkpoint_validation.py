@@ -7,7 +7,9 @@ a tensor of another dtype or shape, or non-finite weights. Each case saves a rea
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,3 +247,29 @@ def test_a_loaded_model_is_ready_to_predict_not_to_train(tmp_path: Path) -> None
     model = load_checkpoint(tmp_path / "ckpt").model
     assert model.cfg.dropout == 0.5
     assert not any(module.training for module in model.modules())
+
+
+def test_a_pipe_in_place_of_model_json_is_refused_without_waiting_on_it(tmp_path: Path) -> None:
+    """Only regular files are read: opening a FIFO (or a device) for reading would wait for a
+    writer, and `pluralfed evaluate` or the reward service would hang instead of saying why."""
+    folder = saved(tmp_path / "ckpt")
+    (folder / META_FILE).unlink()
+    os.mkfifo(folder / META_FILE)
+    outcome: list[BaseException | None] = []
+
+    def load_it() -> None:
+        try:
+            load_checkpoint(folder)
+            outcome.append(None)
+        except BaseException as err:  # handed to the test's thread
+            outcome.append(err)
+
+    reader = threading.Thread(target=load_it, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # it waits on the pipe: give it an end of file, then fail
+        os.close(os.open(folder / META_FILE, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+        pytest.fail("load_checkpoint waited on a pipe")
+    assert len(outcome) == 1 and isinstance(outcome[0], InputError)
+    assert str(outcome[0]) == f"{folder / META_FILE}: checkpoint file not found"
