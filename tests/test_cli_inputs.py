@@ -4,6 +4,7 @@ nothing to use as context, and --out paths that cannot be written."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedharness import wait_until
 from rich.table import Table
 from tinymodel import CFG, random_item
 
@@ -365,6 +367,19 @@ def test_output_into_a_file_or_pipe_is_not_wrapped(capsys: pytest.CaptureFixture
     assert "training groups (test questions), training groups (test questions)," in out
 
 
+def open_for_writing_once_read(pipe: Path, proc: subprocess.Popen[str]) -> int | None:
+    """A write end of `pipe` once `proc` has opened it to read (None before); never blocks, so
+    a command that exits without opening it fails the test instead of hanging it."""
+    if proc.poll() is not None:
+        raise AssertionError(f"the command exited ({proc.returncode}) before reading the pipe")
+    try:
+        return os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as err:  # ENXIO: no reader yet
+        if err.errno != errno.ENXIO:
+            raise
+        return None
+
+
 def test_ctrl_c_ends_a_command_with_exit_code_130_and_no_traceback(tmp_path: Path) -> None:
     """A shell or a supervisor tells an interrupted command (128 + SIGINT) from a finished (0)
     or failed (1, 2) one. The command here blocks reading a pipe nobody writes to."""
@@ -379,9 +394,12 @@ def test_ctrl_c_ends_a_command_with_exit_code_130_and_no_traceback(tmp_path: Pat
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        with open(pipe, "w"):  # returns once the command opened the pipe to read it
+        writer = wait_until(lambda: open_for_writing_once_read(pipe, proc), 60.0, "the read")
+        try:
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
+        finally:
+            os.close(writer)
     finally:
         proc.kill()
     assert proc.returncode == 130
