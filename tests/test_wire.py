@@ -117,8 +117,9 @@ def test_non_contiguous_and_big_endian_inputs_are_normalised() -> None:
 def test_unsupported_dtype_is_refused() -> None:
     with pytest.raises(WireError, match=r"'x'.*int16"):
         list(wire.iter_chunks({"x": np.zeros(3, dtype=np.int16)}))
-    with pytest.raises(ValueError):
-        list(wire.iter_chunks({"x": np.zeros(3, dtype=np.float32)}, 0))
+    for model in ({"x": np.zeros(3, dtype=np.float32)}, {"e": np.zeros(0, np.uint8)}, {}):
+        with pytest.raises(ValueError, match="chunk_bytes must be at least 1, got 0"):
+            list(wire.iter_chunks(model, 0))
 
 
 def test_spec_nbytes_and_validation() -> None:
@@ -130,6 +131,48 @@ def test_spec_nbytes_and_validation() -> None:
     for bad in (("", "float32", (1,)), ("w", "complex64", (1,)), ("w", "float32", (-1,))):
         with pytest.raises(WireError):
             TensorSpec(*bad)
+
+
+def test_spec_limits_are_inclusive_and_each_refusal_names_the_tensor() -> None:
+    """The format's limits (MODULE docstring): a name of at most 1024 UTF-8 bytes, at most 32
+    dimensions, dimensions and the byte count within u64; at the limit is allowed, one past it is
+    refused with a WireError that names the tensor and what is wrong."""
+    limit = wire.MAX_NAME_BYTES
+    assert TensorSpec("n" * limit, "float32", (1,)).name == "n" * limit
+    with pytest.raises(WireError, match=rf"'nnnn.*name longer than {limit} bytes"):
+        TensorSpec("n" * (limit + 1), "float32", (1,))
+    wide = "é" * (limit // 2 + 1)  # fewer than 1024 characters, more than 1024 bytes
+    assert len(wide) < limit < len(wide.encode("utf-8"))
+    with pytest.raises(WireError, match=rf"name longer than {limit} bytes"):
+        TensorSpec(wide, "float32", (1,))
+
+    ndim = wire.MAX_NDIM
+    assert TensorSpec("deep", "uint8", (1,) * ndim).nbytes == 1
+    with pytest.raises(
+        WireError, match=rf"tensor 'deep': {ndim + 1} dimensions \(at most {ndim}\)"
+    ):
+        TensorSpec("deep", "uint8", (1,) * (ndim + 1))
+
+    # a dimension beyond u64 cannot travel, even when another 0 makes the tensor empty
+    with pytest.raises(WireError, match=r"tensor 'big': a dimension of .* overflows uint64"):
+        TensorSpec("big", "float32", (wire.U64_MAX + 1, 0))
+    assert TensorSpec("big", "float32", (wire.U64_MAX, 0)).nbytes == 0
+    # nor can a byte count beyond u64; u64's largest is still a valid spec
+    assert TensorSpec("big", "uint8", (wire.U64_MAX,)).nbytes == wire.U64_MAX
+    with pytest.raises(WireError, match=r"tensor 'big': .* more than a uint64 byte count"):
+        TensorSpec("big", "float32", (2**63,))
+    with pytest.raises(WireError, match=r"tensor 'w': unknown dtype 'complex64'"):
+        TensorSpec("w", "complex64", (1,))
+
+
+def test_a_declared_tensor_too_big_to_hold_is_refused_as_a_wire_error() -> None:
+    """A spec within u64 yet beyond what numpy can allocate (2**63 bytes) is the sender's error,
+    refused like any other, not a ValueError from numpy."""
+    chunk = Chunk("huge", "float32", (2**61,), 0, b"")
+    with pytest.raises(
+        WireError, match=r"tensor 'huge': cannot hold its 9223372036854775808 bytes"
+    ):
+        TensorAssembler(collect=True).add(chunk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +221,16 @@ def test_digest_independent_of_chunking(chunk_bytes: int) -> None:
         incremental.add_chunk(chunk)
     assert incremental.digest() == wire.digest_of(model)
     assert incremental.hexdigest() == wire.digest_of(model).hex()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4096])
+def test_digest_of_non_ascii_names_prefixes_their_utf8_length(chunk_bytes: int) -> None:
+    """A name's length prefix counts its UTF-8 bytes, not its characters (the sender and a
+    receiver in another language must agree on the stream)."""
+    model = {"poids.é": np.arange(3, dtype=np.float32), "名前": np.array([True])}
+    assert wire.digest_of(model) == blake3.blake3(canonical_stream(model)).digest()
+    out = wire.assemble(wire.iter_chunks(model, chunk_bytes), wire.digest_of(model))
+    assert_models_equal(out, model)
 
 
 def test_digest_sensitive_to_everything_that_makes_a_model() -> None:
@@ -355,6 +408,10 @@ ERROR_CASES: dict[str, tuple[Callable[[], None], str]] = {
         r"tensor 'a' sent again",
     ),
     "digest mismatch": (lambda: run_stream(good(), digest=b"\1" * 32), r"digest mismatch"),
+    "digest wrong in its last byte only": (
+        lambda: run_stream(good(), digest=DIGEST[:-1] + bytes([DIGEST[-1] ^ 1])),
+        r"digest mismatch",
+    ),
     "digest wrong length": (lambda: run_stream(good(), digest=b"\1" * 5), r"digest is 5 bytes"),
     "data changed in flight": (
         lambda: run_stream(mutate(0, data=np.array([9, 9], np.float32).tobytes())),
@@ -423,6 +480,19 @@ def test_bool_bytes_other_than_0_or_1_are_refused() -> None:
     chunk = Chunk("m", "bool", (3,), 0, bytes([0, 1, 2]))
     with pytest.raises(WireError, match=r"'m': bool element 2 is byte 2"):
         TensorAssembler().add(chunk)
+
+
+def test_bool_bytes_are_checked_even_when_floats_may_be_non_finite() -> None:
+    """check_finite=False lets NaN through in float tensors only: a bool is still 0 or 1."""
+    chunk = Chunk("m", "bool", (3,), 0, bytes([0, 1, 2]))
+    with pytest.raises(WireError, match=r"'m': bool element 2 is byte 2"):
+        TensorAssembler(check_finite=False).add(chunk)
+
+
+def test_an_expected_model_with_a_name_twice_is_refused() -> None:
+    spec = TensorSpec("a", "float32", (2,))
+    with pytest.raises(WireError, match="duplicate tensor names"):
+        TensorAssembler([spec, TensorSpec("b", "float32", (1,)), spec])
 
 
 def test_header_counts_are_checked() -> None:
@@ -517,6 +587,17 @@ def test_spool_drops_a_bad_upload_at_once(tmp_path: Path) -> None:
         next(truncated.replay())
 
 
+def test_a_spool_file_cut_short_after_finish_is_refused_on_replay(tmp_path: Path) -> None:
+    """The spool is proven whole at finish; if its file then loses bytes (disk full, tampering),
+    replaying it must fail naming the tensor, not fold fewer values than the update has."""
+    model = {"a": np.arange(6, dtype=np.float32), "b": np.ones(4, dtype=np.float32)}
+    with spool_update(model, tmp_path, 8, wire.digest_of(model)) as spool:
+        with open(spool.path, "r+b") as f:
+            f.truncate(spool.path.stat().st_size - 8)  # the last two elements of 'b'
+        with pytest.raises(WireError, match=r"truncated in tensor 'b'"):
+            list(spool.replay(8))
+
+
 # --------------------------------------------------------------------------------------------
 # torch, bfloat16 and files
 
@@ -590,6 +671,15 @@ def test_float32_to_bfloat16_breaks_exact_ties_to_even_like_torch() -> None:
     np.testing.assert_array_equal(ours[:4], np.array([0x3F80, 0x3F82, 0xBF80, 0xBF82], np.uint16))
     theirs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_float32_to_bfloat16_keeps_every_nan_a_nan() -> None:
+    """A NaN whose payload is only in the low 16 bits (a signalling NaN) would round to infinity
+    if truncated: it stays a NaN of its sign."""
+    bits = np.array([0x7F800001, 0xFF800001, 0x7F80FFFF, 0x7FC00000], np.uint32)
+    ours = wire.float32_to_bfloat16(bits.view(np.float32))
+    assert np.isnan(wire.bfloat16_to_float32(ours)).all()
+    assert list(ours >> 15) == [0, 1, 0, 0]  # the sign kept
 
 
 def test_save_and_load_tensors_keep_order_dtypes_and_metadata(tmp_path: Path) -> None:
