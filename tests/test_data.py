@@ -226,6 +226,42 @@ def test_csv_tolerates_crlf_bom_extra_and_reordered_columns(tmp_path: Path) -> N
     np.testing.assert_allclose(data.groups["G"][0].distribution, [0.25, 0.75])
 
 
+def test_csv_tolerates_a_bom_before_a_required_column_padded_names_and_blank_lines(
+    tmp_path: Path,
+) -> None:
+    """The BOM is no part of the first column's name, spaces around a column name are not
+    either, and a line of only whitespace between records is skipped like an empty one."""
+    text = (
+        "\ufeffquestion , selections,options\r\n"
+        + "\"Q?\",\"{'G': [1, 3]}\",\"['a', 'b']\"\r\n"
+        + "   \r\n"
+        + "\"Q2?\",\"{'G': [1, 1]}\",\"['a', 'b']\"\r\n"
+    )
+    data = load_global_opinions_csv(write(tmp_path, "c.csv", text))
+    assert [it.question for it in data.groups["G"]] == ["Q?", "Q2?"]
+    np.testing.assert_allclose(data.groups["G"][0].distribution, [0.25, 0.75])
+
+
+def test_jsonl_tolerates_a_bom(tmp_path: Path) -> None:
+    path = write(tmp_path, "b.jsonl", "\ufeff" + GOOD_JL)
+    assert [it.question for it in load_jsonl(path).groups["A"]] == ["Q1"]
+
+
+def test_a_distribution_off_one_by_more_than_rounding_is_renormalised(tmp_path: Path) -> None:
+    """Values are kept exactly only when they already sum to 1 up to float rounding; 1.0000001
+    is a distribution to renormalise, not one to keep."""
+    path = write(
+        tmp_path,
+        "n.jsonl",
+        jl(group="A", question="Q1", options=["x", "y"], distribution=[0.5, 0.5000001])
+        + jl(group="A", question="Q2", options=["x", "y"], distribution=[0.1, 0.9]),
+    )
+    off, exact = load_jsonl(path).groups["A"]
+    assert abs(off.distribution.sum() - 1.0) <= 1e-12
+    np.testing.assert_allclose(off.distribution, np.array([0.5, 0.5000001]) / 1.0000001)
+    assert list(exact.distribution) == [0.1, 0.9]  # already sums to 1: kept as written
+
+
 def test_jsonl_small_file(tmp_path: Path) -> None:
     text = (
         "\n"
@@ -402,6 +438,11 @@ CSV_CASES: dict[str, tuple[str, int, str]] = {
         5,
         "selections['A'][0] must be a number",
     ),
+    "option boolean": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [1.0, 1.0]}), "[True, 'x']"),
+        5,
+        "options[0] must be a string",
+    ),
     "boolean value": (
         CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, "{'A': [True, 0.5]}", "['x', 'y']"),
         5,
@@ -510,6 +551,10 @@ JSONL_CASES: dict[str, tuple[str, str]] = {
         "distribution[1] is not finite",
     ),
     "question_id not a string": (jl_with(question_id=7), "question_id must be a non-empty string"),
+    "question_id empty": (
+        jl_with(question_id=""),
+        "question_id must be a non-empty string, got ''",
+    ),
     # json.dumps writes these as the escapes "\\ud800" etc., which json.loads reads back as lone
     # surrogates: valid JSON, but not text UTF-8 can encode (hashing or writing it would crash)
     "question lone surrogate": (jl_with(question="Q\ud800?"), "question is not valid UTF-8"),
@@ -603,6 +648,8 @@ def test_select_groups(goqa: SurveyData) -> None:
     assert list(sub.groups) == ["China", "France"]
     assert sub.skipped_by_group == {"China": 1, "France": 1} and sub.skipped_all_zero == 2
     assert sub.groups["China"] is goqa.groups["China"]
+    # a bare string is one group name, not an iterable of letters (a one-letter name cannot tell)
+    assert list(select_groups(goqa, "China").groups) == ["China"]
     with pytest.raises(InputError) as err:
         select_groups(goqa, ["Frnace", "Germany", "india"])
     msg = str(err.value)
