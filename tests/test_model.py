@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -13,7 +14,15 @@ from tinymodel import CFG, DIM, random_item
 
 from pluralfed.data import SurveyItem
 from pluralfed.episodes import EmbeddedItem, Episode, make_batch, sample_episode
-from pluralfed.model import GPO, GPOConfig, gpo_loss, question_softmax, upgrade_state_dict
+from pluralfed.model import (
+    GPO,
+    Block,
+    GPOConfig,
+    context_memory,
+    gpo_loss,
+    question_softmax,
+    upgrade_state_dict,
+)
 from pluralfed.training import LocalTrainer, TrainingSettings, build_model
 
 torch.set_num_threads(1)
@@ -128,6 +137,64 @@ def test_loss_matches_independent_gaussian_nll(setup) -> None:
     assert loss == pytest.approx(float(np.mean(terms)), rel=1e-4)
 
 
+def test_an_encoder_block_is_torchs_post_norm_encoder_layer() -> None:
+    """Block is torch.nn.TransformerEncoderLayer (post-norm, ReLU feed-forward) with a key mask:
+    with the same weights, both give the same output (torch's layer in training mode, dropout 0,
+    so that it does not take its fused inference path, which drops masked queries)."""
+    torch.manual_seed(0)
+    block = Block(CFG)
+    ref = torch.nn.TransformerEncoderLayer(
+        CFG.d_model, CFG.n_heads, CFG.d_ff, dropout=0.0, batch_first=True
+    )
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(block.attn.qkv.weight)
+        ref.self_attn.in_proj_bias.copy_(block.attn.qkv.bias)
+        ref.self_attn.out_proj.load_state_dict(block.attn.proj.state_dict())
+        ref.linear1.load_state_dict(block.ff[0].state_dict())
+        ref.linear2.load_state_dict(block.ff[3].state_dict())
+        ref.norm1.load_state_dict(block.norm1.state_dict())
+        ref.norm2.load_state_dict(block.norm2.state_dict())
+    x = torch.randn(2, 7, CFG.d_model)
+    allowed = torch.tensor([[1, 1, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, allowed), ref(x, src_key_padding_mask=~allowed))
+
+
+def test_dropout_acts_in_training_only(setup) -> None:
+    """With dropout configured, training steps are noisy but a prediction is not: the same
+    question gets the same answer every time it is asked."""
+    _, context, targets, _ = setup
+    model = build_model(dataclasses.replace(CFG, dropout=0.5), seed=1)
+    batch = make_batch([Episode(context, targets)])
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(batch)[0], model(batch)[0])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)[0], model(batch)[0], rtol=0, atol=0)
+
+
+def test_log_std_is_floored_at_min_log_std(setup) -> None:
+    """A head that is very sure (log-std -60) is floored at cfg.min_log_std, so the Gaussian NLL
+    stays finite instead of dividing by exp(-60)**2."""
+    model, context, targets, _ = setup
+    batch = make_batch([Episode(context, targets)])
+    with torch.no_grad():
+        model.members[0].head.bias[1] = -60.0
+        mean, log_std = model(batch)
+    assert float(log_std.min()) == CFG.min_log_std
+    assert math.isfinite(float(gpo_loss(mean, log_std, batch)))
+
+
+def test_a_batch_without_target_options_is_refused_by_the_loss(setup) -> None:
+    model, context, targets, _ = setup
+    batch = make_batch([Episode(context, targets)])
+    none = dataclasses.replace(batch, is_target=torch.zeros_like(batch.is_target))
+    mean, log_std = model(none)
+    with pytest.raises(ValueError, match="no target options"):
+        gpo_loss(mean, log_std, none)
+
+
 def test_loss_gradient_flows_and_training_reduces_loss() -> None:
     rng = np.random.default_rng(3)
     model = build_model(CFG, seed=0)
@@ -192,6 +259,13 @@ def test_question_softmax_matches_per_question_softmax() -> None:
         for a, b in row:
             torch.testing.assert_close(out[bi, a:b], torch.softmax(logits[bi, a:b], 0))
     assert torch.all(out[~batch.token_mask] == 0)
+    # logits far beyond exp's float range (softmax is shift-invariant: no overflow, no 0/0)
+    huge = logits * 1000 + 500
+    out = question_softmax(huge.float(), batch)
+    assert torch.isfinite(out).all()
+    for bi, row in enumerate(batch.question_slices):
+        for a, b in row:
+            torch.testing.assert_close(out[bi, a:b], torch.softmax(huge[bi, a:b].float(), 0))
 
 
 def test_same_seed_same_weights_and_config_round_trip() -> None:
@@ -264,6 +338,23 @@ def test_memory_matches_an_independent_computation(setup) -> None:
     assert abs(got.sum() - 1) < 1e-5
 
 
+def test_memory_is_only_for_target_questions(setup) -> None:
+    """A context question is not matched against the context (itself included): its memory and
+    match count are 0, as the docstring says, so no prediction for it echoes its own answers."""
+    _, context, _, rng = setup
+    opts = ("yes", "no")
+    shown = [
+        *context,
+        _with_options(random_item(rng, 2, "m1"), opts, np.array([0.9, 0.1])),
+        _with_options(random_item(rng, 2, "m2"), opts, np.array([0.2, 0.8])),
+    ]
+    target = _with_options(random_item(rng, 2, "t"), opts, np.ones(2) / 2)
+    batch = make_batch([Episode(shown, [target])])
+    memory, matches = context_memory(batch, 0.1)
+    assert torch.all(memory[batch.is_context] == 0) and torch.all(matches[batch.is_context] == 0)
+    assert torch.all(matches[batch.is_target] == 2)
+
+
 def test_memory_leaves_targets_without_a_same_option_context_question(setup) -> None:
     _, context, _, rng = setup
     lone = _with_options(random_item(rng, 3, "lone"), ("red", "green", "blue"), np.ones(3) / 3)
@@ -302,6 +393,20 @@ def test_memory_settings_are_validated(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         kwargs: dict[str, Any] = {field: value}
         GPOConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("memory_weight", 0.0),
+        ("memory_weight", 1.0),  # the memory alone wherever a target has matches
+        ("memory_shrinkage", 0.0),
+        ("memory_temperature", 1e-6),
+    ],
+)
+def test_memory_settings_at_their_limits_are_allowed(field: str, value: float) -> None:
+    kwargs: dict[str, Any] = {field: value}
+    assert getattr(GPOConfig(**kwargs), field) == value
 
 
 def test_memory_matches_options_by_text_in_any_order(setup) -> None:
