@@ -230,12 +230,14 @@ def test_csv_tolerates_a_bom_before_a_required_column_padded_names_and_blank_lin
     tmp_path: Path,
 ) -> None:
     """The BOM is no part of the first column's name, spaces around a column name are not
-    either, and a line of only whitespace between records is skipped like an empty one."""
+    either, nor around an options literal (even a line break and an indent, which Python would
+    read as an IndentationError), and a line of only whitespace between records is
+    skipped like an empty one."""
     text = (
         "\ufeffquestion , selections,options\r\n"
         + "\"Q?\",\"{'G': [1, 3]}\",\"['a', 'b']\"\r\n"
         + "   \r\n"
-        + "\"Q2?\",\"{'G': [1, 1]}\",\"['a', 'b']\"\r\n"
+        + "\"Q2?\",\"{'G': [1, 1]}\",\"\n  ['a', 'b'] \"\r\n"
     )
     data = load_global_opinions_csv(write(tmp_path, "c.csv", text))
     assert [it.question for it in data.groups["G"]] == ["Q?", "Q2?"]
@@ -260,6 +262,21 @@ def test_a_distribution_off_one_by_more_than_rounding_is_renormalised(tmp_path: 
     assert abs(off.distribution.sum() - 1.0) <= 1e-12
     np.testing.assert_allclose(off.distribution, np.array([0.5, 0.5000001]) / 1.0000001)
     assert list(exact.distribution) == [0.1, 0.9]  # already sums to 1: kept as written
+
+
+def test_jsonl_round_trip_keeps_unicode_line_separators_inside_strings(tmp_path: Path) -> None:
+    """write_jsonl writes text unescaped; a record is one \\n-terminated line even when its
+    strings hold other characters Python counts as line breaks (U+2028, U+0085, form feed)."""
+    question = "First part\u2028second part\x85third\x0cfourth"
+    data = SurveyData(
+        groups={"Mali": [SurveyItem(question, ("a\u2029b", "c"), np.array([0.25, 0.75]))]}
+    )
+    path = tmp_path / "u.jsonl"
+    write_jsonl(data, path)
+    assert path.read_text(encoding="utf-8").count("\n") == 1
+    (back,) = load_jsonl(path).groups["Mali"]
+    assert (back.question, back.options) == (question, ("a\u2029b", "c"))
+    assert list(back.distribution) == [0.25, 0.75]
 
 
 def test_jsonl_small_file(tmp_path: Path) -> None:
@@ -514,6 +531,7 @@ def jl_with(**changes: object) -> str:
 
 JSONL_CASES: dict[str, tuple[str, str]] = {
     "invalid json": ('{"group": "A", "question": \n', "invalid JSON"),
+    "nested too deeply": ('{"a": ' * 100_000 + "\n", "invalid JSON: nested too deeply"),
     "trailing garbage": (jl_with().rstrip("\n") + " x\n", "invalid JSON"),
     "not an object": ('["A", "Q2"]\n', "expected a JSON object, got list"),
     "missing distribution": (jl_with(distribution=DROP), "missing field(s) distribution"),

@@ -233,6 +233,12 @@ def test_digest_of_non_ascii_names_prefixes_their_utf8_length(chunk_bytes: int) 
     assert_models_equal(out, model)
 
 
+def test_digest_refuses_a_tensors_first_chunk_without_its_spec() -> None:
+    digest = wire.Digest()
+    with pytest.raises(WireError, match=r"tensor 'a': first chunk lacks dtype or shape"):
+        digest.add_chunk(Chunk("a", None, None, 0, b"\0" * 4))
+
+
 def test_digest_sensitive_to_everything_that_makes_a_model() -> None:
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     base: dict[str, np.ndarray] = {"x": a, "y": np.ones(2, dtype=np.float32)}
@@ -585,6 +591,16 @@ def test_spool_drops_a_bad_upload_at_once(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="before finish"):
         next(truncated.replay())
+
+
+def test_a_finished_spool_refuses_a_second_finish_and_still_replays(tmp_path: Path) -> None:
+    """finish() twice is a caller's bug; it must not drop the update already proven whole."""
+    model = {"a": np.arange(6, dtype=np.float32)}
+    with spool_update(model, tmp_path, 8, wire.digest_of(model)) as spool:
+        with pytest.raises(WireError, match="update spool is closed"):
+            spool.finish(wire.digest_of(model))
+        assert spool.path.exists()
+        assert np.array_equal(np.concatenate([p.values for p in spool.replay()]), model["a"])
 
 
 def test_a_spool_file_cut_short_after_finish_is_refused_on_replay(tmp_path: Path) -> None:
