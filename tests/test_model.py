@@ -355,6 +355,17 @@ def test_memory_is_only_for_target_questions(setup) -> None:
     assert torch.all(matches[batch.is_target] == 2)
 
 
+def test_a_context_question_naming_an_option_twice_is_no_memory(setup) -> None:
+    """Options are matched by text: a question that names one twice (the loaders refuse it, a
+    caller building items may not) has no well-defined answer per text, so it matches nothing."""
+    _, context, _, rng = setup
+    twice = _with_options(random_item(rng, 3, "d"), ("a", "a", "b"), np.array([0.5, 0.2, 0.3]))
+    target = _with_options(random_item(rng, 2, "t"), ("a", "b"), np.ones(2) / 2)
+    batch = make_batch([Episode([*context, twice], [target])])
+    memory, matches = context_memory(batch, 0.1)
+    assert torch.all(matches == 0) and torch.all(memory == 0)
+
+
 def test_memory_leaves_targets_without_a_same_option_context_question(setup) -> None:
     _, context, _, rng = setup
     lone = _with_options(random_item(rng, 3, "lone"), ("red", "green", "blue"), np.ones(3) / 3)
@@ -448,6 +459,14 @@ def test_ensemble_predicts_the_mean_of_its_members_distributions(setup) -> None:
     np.testing.assert_allclose(pred[0].double().numpy(), np.mean(own, axis=0), atol=1e-6)
     # independently initialised: the members disagree
     assert float((means[0] - means[1]).abs().max()) > 1e-3
+
+
+def test_the_loss_refuses_means_and_log_stds_of_different_shapes(setup) -> None:
+    _, context, targets, _ = setup
+    batch = make_batch([Episode(context, targets)])
+    mean, log_std = build_model(ENSEMBLE, seed=2)(batch)
+    with pytest.raises(ValueError, match="differ"):
+        gpo_loss(mean, log_std[:, :, :1], batch)  # would broadcast silently
 
 
 def test_ensemble_loss_is_the_sum_of_its_members_losses(setup) -> None:
