@@ -26,6 +26,7 @@ from test_update_validation import ALLOW, ENCODER, Federation, serve, toy_weight
 
 import coordinator.server as server_module
 from coordinator.settings import RoundSettings
+from pluralfed.errors import MAX_QUOTED, quoted
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.protocol import REPLACED_SESSION_MARK
 from pluralfed.transport import PROTOCOL_VERSION
@@ -402,6 +403,18 @@ def test_leave_reason_is_bounded_and_cannot_forge_log_lines(
         "node Good A left: 'done\\n2099-01-01 INFO pluralfed.coordinator node Good B "
         "joined as train'"
     ], lines
+
+
+def test_quoted_text_is_escaped_whole_up_to_the_limit_and_cut_beyond_it() -> None:
+    """What quotes a caller's text in a status or a log line: repr-escaped whether it is cut or
+    not (a newline cannot forge a log line), whole up to MAX_QUOTED characters, cut beyond."""
+    at_limit = "x" * MAX_QUOTED
+    assert quoted(at_limit) == repr(at_limit)
+    assert quoted(at_limit + "y") == f"{at_limit!r}... ({MAX_QUOTED + 1} characters)"
+    forged = "done\n2099-01-01 INFO pluralfed.coordinator node B joined" + "z" * MAX_QUOTED
+    shown = quoted(forged)
+    assert "\n" not in shown and shown.startswith("'done\\n2099-01-01 INFO")
+    assert shown.endswith(f"... ({len(forged)} characters)")
 
 
 def test_get_task_without_wait_is_held_for_the_coordinators_default(
