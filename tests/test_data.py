@@ -168,6 +168,28 @@ def test_summary_of_real_data(goqa: SurveyData) -> None:
     )
 
 
+def test_summary_and_skip_counts_of_a_small_file(tmp_path: Path) -> None:
+    """Every all-zero distribution of a group is counted (not just whether it had one), and the
+    summary lists at most ten notes, saying how many more there are."""
+    rows = [jl(group="A", question=f"Z{i}", options=["x"], distribution=[0]) for i in range(3)]
+    rows += [jl(group="A", question="Q", options=["x"], distribution=[1])] * 13
+    data = load_jsonl(write(tmp_path, "s.jsonl", "".join(rows)))
+    assert data.skipped_by_group == {"A": 3} and data.skipped_all_zero == 3
+    assert len(data.notes) == 12
+    lines = summary(data).splitlines()
+    assert "skipped all-zero distributions: 3" in lines and "notes: 12" in lines
+    assert [line for line in lines if "duplicate question" in line] == [
+        f"  {n}" for n in data.notes[:10]
+    ]
+    assert "  ... 2 more" in lines
+    assert lines[-1].split() == [
+        "A",
+        "1",
+        *(["0", "1"] if is_test_question("Q") else ["1", "0"]),
+        "3",
+    ]
+
+
 # --------------------------------------------------------------------------------------------------
 # small well-formed files
 
@@ -679,6 +701,8 @@ def test_select_groups(goqa: SurveyData) -> None:
         select_groups(goqa, [])
     with pytest.raises(InputError, match="non-empty strings"):
         select_groups(goqa, [""])
+    with pytest.raises(InputError, match="group names must be non-empty strings, got 3"):
+        select_groups(goqa, ["China", 3])  # type: ignore[list-item]
 
 
 def test_group_slugs_and_file_names() -> None:
