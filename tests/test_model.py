@@ -74,6 +74,27 @@ def test_target_probabilities_are_never_read(setup) -> None:
     assert _max_diff(before, _predict(model, context, changed)) == 0.0
 
 
+def test_a_token_is_its_embedding_then_its_shown_probability(setup) -> None:
+    """The input layout the weights are stored in (a checkpoint of another build must read the
+    same): the first E input features are the option's text embedding, the last its shown
+    probability. With the last column of the first layer zeroed, the context's answers are not
+    read at all; its text still is."""
+    model, context, targets, _ = setup
+    with torch.no_grad():
+        model.members[0].input_mlp[0].weight[:, DIM] = 0.0
+    before = _predict(model, context, targets)
+    flipped = [
+        EmbeddedItem(
+            SurveyItem(c.item.question, c.item.options, c.item.distribution[::-1].copy()),
+            c.embeddings,
+        )
+        for c in context
+    ]
+    assert _max_diff(before, _predict(model, flipped, targets)) < 1e-7
+    other_text = [EmbeddedItem(c.item, -c.embeddings) for c in context]
+    assert _max_diff(before, _predict(model, other_text, targets)) > 1e-4
+
+
 def test_prediction_changes_with_context(setup) -> None:
     model, context, targets, _ = setup
     before = _predict(model, context, targets)
@@ -184,6 +205,19 @@ def test_log_std_is_floored_at_min_log_std(setup) -> None:
         mean, log_std = model(batch)
     assert float(log_std.min()) == CFG.min_log_std
     assert math.isfinite(float(gpo_loss(mean, log_std, batch)))
+
+
+def test_the_heads_first_output_is_the_mean_and_its_second_the_log_std(setup) -> None:
+    """The head layout the weights are stored in: output 0 is the option's mean (its logit),
+    output 1 its log-std."""
+    model, context, targets, _ = setup
+    batch = make_batch([Episode(context, targets)])
+    with torch.no_grad():
+        model.members[0].head.weight[1] = 0.0
+        model.members[0].head.bias[1] = -3.0
+        mean, log_std = model(batch)
+    assert torch.all(log_std == -3.0)
+    assert float(mean[0, 0, batch.token_mask[0]].std()) > 1e-3
 
 
 def test_a_batch_without_target_options_is_refused_by_the_loss(setup) -> None:
