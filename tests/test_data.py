@@ -375,6 +375,11 @@ CSV_CASES: dict[str, tuple[str, int, str]] = {
         "column(s) options appear more than once",
     ),
     "field count": (CSV_HEADER + GOOD_ROW + '"Bad\nquestion","{}"\n', 5, "expected 4 fields"),
+    "too many fields": (
+        CSV_HEADER + GOOD_ROW + csv_row(BAD_Q, sel({"A": [1.0]}), "['x']").rstrip("\n") + ',"x"\n',
+        5,
+        "expected 4 fields (question, selections, options, source), found 5",
+    ),
     "unterminated quote": (
         CSV_HEADER + GOOD_ROW + '"Bad\nquestion,"{}","[]","GAS"\n',
         5,
