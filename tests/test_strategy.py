@@ -15,6 +15,7 @@ from coordinator.strategy import (
     FedAdam,
     FedAvgOptimizer,
     FedYogi,
+    StateValue,
     StreamingFedAvg,
     clip_by_norm,
     clip_scale,
@@ -103,6 +104,19 @@ def test_fedavg_refuses_bad_input() -> None:
         fedavg([updates[0], missing])
 
 
+def test_fedavg_refuses_more_weights_than_updates_and_another_dtype() -> None:
+    updates = random_updates(2, 2)
+    with pytest.raises(InputError, match="2 updates but 3 weights"):
+        fedavg(updates, [1.0, 1.0, 1.0])
+    # the same shape in another dtype is another model, not something to average
+    other = dict(updates[1])
+    other["w"] = other["w"].astype(np.float64)
+    with pytest.raises(InputError, match=r"'w' is float64\[6, 5\], expected float32\[6, 5\]"):
+        fedavg([updates[0], other])
+    with pytest.raises(InputError, match=r"'w' is float64"):
+        FedAvgOptimizer().apply(updates[0], other)
+
+
 def test_integer_and_bool_tensors_average_sensibly() -> None:
     updates = [
         {"n": np.array([1, 10], np.int64), "m": np.array([True, False])},
@@ -171,6 +185,49 @@ def test_streaming_uniform_ignores_the_weights(tmp_path: Path) -> None:
     assert aggregate.total_weight == 3
     for name, value in fedavg(updates).items():
         np.testing.assert_array_equal(aggregate.result()[name], value)
+
+
+def test_streaming_bfloat16_equals_fedavg() -> None:
+    rng = np.random.default_rng(12)
+    updates = [{"x": wire.float32_to_bfloat16(rng.normal(size=7))} for _ in range(3)]
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+    for k, update in enumerate(updates):
+        aggregate.fold_update(_slices(update), k + 1)
+    out = aggregate.result()
+    assert out["x"].dtype == np.uint16
+    np.testing.assert_array_equal(out["x"], fedavg(updates, [1, 2, 3])["x"])
+
+
+def test_a_reset_aggregate_starts_over_even_after_it_broke() -> None:
+    """The coordinator reuses one aggregate round after round: a reset must forget the last
+    round's weight and a partly folded update of it."""
+    updates = random_updates(13, 3)
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+    aggregate.fold_update(_slices(updates[0]), 4)
+    aggregate.reset()
+    aggregate.fold_update(_slices(updates[1]), 2)
+    assert aggregate.total_weight == 2 and aggregate.num_updates == 1
+    for name, value in updates[1].items():
+        np.testing.assert_array_equal(aggregate.result()[name], value)
+
+    def breaks_off() -> Iterator[TensorSlice]:
+        yield next(_slices(updates[2]))
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        aggregate.fold_update(breaks_off(), 1)
+    with pytest.raises(AggregationError, match="partly folded"):
+        aggregate.result()
+    aggregate.reset()
+    aggregate.fold_update(_slices(updates[2]), 3)
+    for name, value in updates[2].items():
+        np.testing.assert_array_equal(aggregate.result()[name], value)
+
+
+def test_duplicate_tensor_names_are_refused() -> None:
+    spec = wire.TensorSpec("w", "float32", (2,))
+    with pytest.raises(InputError, match="duplicate tensor names"):
+        StreamingFedAvg([spec, wire.TensorSpec("b", "float32", (1,)), spec])
 
 
 def test_streaming_with_no_updates_is_an_error() -> None:
@@ -271,6 +328,85 @@ def test_add_chunk_and_commit_by_hand() -> None:
     np.testing.assert_array_equal(aggregate.result()["v"], update["v"])
 
 
+def test_a_slice_past_the_tensors_end_is_refused_before_folding() -> None:
+    aggregate = StreamingFedAvg([wire.TensorSpec("v", "float32", (4,))])
+    aggregate.add_chunk("v", 0, np.ones(2, np.float32), 1.0)
+    with pytest.raises(InputError, match="slice of 3 elements at 2 overflows its 4 elements"):
+        aggregate.add_chunk("v", 2, np.ones(3, np.float32), 1.0)
+    aggregate.add_chunk("v", 2, np.full(2, 3.0, np.float32), 1.0)
+    aggregate.commit(1.0)
+    assert aggregate.result()["v"].tolist() == [1.0, 1.0, 3.0, 3.0]
+
+
+def test_commit_with_another_weight_than_the_slices_is_refused() -> None:
+    aggregate = StreamingFedAvg([wire.TensorSpec("v", "float32", (2,))])
+    aggregate.add_chunk("v", 0, np.ones(2, np.float32), 2.0)
+    with pytest.raises(
+        InputError, match=r"commit with weight 3\.0, the update was folded with 2\.0"
+    ):
+        aggregate.commit(3.0)
+    aggregate.commit(2.0)
+    assert aggregate.total_weight == 2.0
+
+
+def test_an_incomplete_commit_by_hand_leaves_no_update_open() -> None:
+    aggregate = StreamingFedAvg([wire.TensorSpec("v", "float32", (4,))])
+    aggregate.add_chunk("v", 0, np.ones(2, np.float32), 1.0)
+    with pytest.raises(AggregationError, match="incomplete: tensor 'v' has 2 of 4 elements"):
+        aggregate.commit(1.0)
+    # the half-folded update was dropped (not left open): the aggregate says why it is unusable
+    with pytest.raises(AggregationError, match="partly folded"):
+        aggregate.result()
+
+
+def test_an_update_refused_before_any_value_was_folded_leaves_the_aggregate_usable() -> None:
+    """An empty slice, or a first slice at the wrong offset, opens the update but folds
+    nothing: dropping it must not make the round's aggregate unusable."""
+    updates = random_updates(14, 2)
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+    aggregate.fold_update(_slices(updates[0]), 1)
+    spec = wire.TensorSpec.of("w", updates[1]["w"])
+    with pytest.raises(InputError, match="expected element 0"):
+        aggregate.fold_update([TensorSlice(spec, 3, np.zeros(3, np.float32))], 1)
+    aggregate.add_chunk("w", 0, np.zeros(0, np.float32), 1.0)
+    aggregate.abort()
+    aggregate.fold_update(_slices(updates[1]), 1)
+    for name, value in fedavg(updates).items():
+        np.testing.assert_array_equal(aggregate.result()[name], value)
+
+
+def test_fold_update_refuses_a_scale_past_one_and_an_update_open_by_hand() -> None:
+    updates = random_updates(15, 2)
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+    for bad in (1.5, -0.5):
+        with pytest.raises(InputError, match="scale must be in"):
+            aggregate.fold_update(_slices(updates[0]), 1, reference=updates[1], scale=bad)
+    pieces = list(_slices(updates[0]))
+    aggregate.add_chunk(pieces[0].spec.name, 0, pieces[0].values, 1.0)
+    with pytest.raises(AggregationError, match="another update is open"):
+        aggregate.fold_update(_slices(updates[1]), 1)
+    # the update open by hand is untouched and can be finished
+    for piece in pieces[1:]:
+        aggregate.add_chunk(piece.spec.name, 0, piece.values, 1.0)
+    aggregate.commit(1.0)
+    for name, value in updates[0].items():
+        np.testing.assert_array_equal(aggregate.result()[name], value)
+
+
+def test_a_fold_interrupted_by_ctrl_c_is_not_left_open() -> None:
+    updates = random_updates(16, 2)
+    aggregate = StreamingFedAvg(wire.specs_of(updates[0]))
+
+    def interrupted() -> Iterator[TensorSlice]:
+        yield next(_slices(updates[0]))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        aggregate.fold_update(interrupted(), 1)
+    with pytest.raises(AggregationError, match="partly folded"):
+        aggregate.result()
+
+
 # --------------------------------------------------------------------------------------------
 # norms and clipping
 
@@ -291,6 +427,19 @@ def test_update_norm_and_clipping() -> None:
     assert clip_scale(5.0, 2.5) == 0.5 and clip_scale(1.0, 2.5) == 1.0
     with pytest.raises(InputError):
         clip_scale(1.0, 0.0)
+
+
+def test_norms_leave_out_integer_tensors_and_clipping_needs_a_finite_bound() -> None:
+    reference: dict[str, np.ndarray] = {"a": np.zeros(2, np.float32), "n": np.array([1], np.int64)}
+    update: dict[str, np.ndarray] = {
+        "a": np.array([3.0, 4.0], np.float32),
+        "n": np.array([100], np.int64),
+    }
+    pieces = [TensorSlice(spec, 0, update[spec.name]) for spec in wire.specs_of(update)]
+    assert streaming_update_norm(pieces, reference) == 5.0  # the int tensor does not count
+    for bad in (math.inf, math.nan, -1.0):
+        with pytest.raises(InputError, match="max_norm must be a finite number > 0"):
+            clip_scale(1.0, bad)
 
 
 def test_streaming_norm_and_clipped_fold_match_the_whole_versions(tmp_path: Path) -> None:
@@ -380,6 +529,16 @@ def test_plain_fedavg_optimizer() -> None:
     damped = FedAvgOptimizer(server_lr=0.5).apply(g, avg)
     np.testing.assert_allclose(damped["w"], [2.0, 1.0])
     assert damped["n"].tolist() == [5]
+
+
+def test_fedavg_optimizer_at_server_lr_one_is_the_average_itself() -> None:
+    """new = averaged exactly (not global + (averaged - global), which loses a small weight
+    next to a large one), and no copy of it."""
+    g = {"w": np.array([1.0, 3e38], np.float32)}
+    avg = {"w": np.array([1e-30, -3e38], np.float32)}
+    out = FedAvgOptimizer().apply(g, avg)
+    assert out["w"] is avg["w"]
+    assert out["w"].tolist() == avg["w"].tolist()
 
 
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedadam"])
@@ -537,6 +696,27 @@ def test_make_server_optimizer() -> None:
         make_server_optimizer("sgd")
     with pytest.raises(InputError, match="beta1"):
         FedAdam(beta1=1.0)
+
+
+def test_optimizers_refuse_a_step_size_or_tau_of_zero_or_infinity() -> None:
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(InputError, match="server_lr must be a finite number > 0"):
+            FedAvgOptimizer(server_lr=bad)
+        with pytest.raises(InputError, match="server_lr must be a finite number > 0"):
+            FedAdam(server_lr=bad)
+        with pytest.raises(InputError, match="tau must be a finite number > 0"):
+            FedYogi(tau=bad)
+
+
+def test_optimizer_state_with_bad_moments_is_refused() -> None:
+    ok: dict[str, StateValue] = {"step": 1, "m/w": np.zeros(2), "v/w": np.ones(2)}
+    FedAdam().load_state_dict(ok)
+    # a negative second moment has no square root; a NaN anywhere would spread to the model
+    for key, value in (("v/w", np.array([1.0, -1e-9])), ("m/w", np.array([0.0, np.nan]))):
+        with pytest.raises(InputError, match=f"'{key}' has invalid values"):
+            FedAdam().load_state_dict({**ok, key: value})
+    with pytest.raises(InputError, match="first and second moments do not match"):
+        FedAdam().load_state_dict({**ok, "v/w": np.ones(3)})
 
 
 def test_server_adam_on_minus_gradients_is_torchs_adam() -> None:
