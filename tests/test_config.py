@@ -186,7 +186,16 @@ def test_rpc_threads_follow_the_allow_list_unless_set() -> None:
 
 
 @pytest.mark.parametrize(
-    "listen", ["0.0.0.0:\u00b2", "127.0.0.1:\uff17\uff14\uff14\uff13", "7443", ":7443"]
+    "listen",
+    [
+        "0.0.0.0:\u00b2",
+        "127.0.0.1:\uff17\uff14\uff14\uff13",
+        "7443",
+        ":7443",
+        "127.0.0.1:65536",
+        " 127.0.0.1:7443",
+        "unix:",
+    ],
 )
 def test_a_listen_address_that_is_not_host_and_port_is_refused(tmp_path: Path, listen: str) -> None:
     """ "²" passed isdigit() and failed in int() with no key named; "７４４３" bound as 7443
@@ -196,3 +205,14 @@ def test_a_listen_address_that_is_not_host_and_port_is_refused(tmp_path: Path, l
     with pytest.raises(InputError, match="listen must be host:port") as err:
         load_config(CoordinatorConfig, path, "X_", {}, environ={})
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:65535", "[::1]:0", "unix:/run/pluralfed.sock"])
+def test_a_listen_address_at_the_edge_is_taken(listen: str) -> None:
+    assert CoordinatorConfig(listen=listen).listen == listen
+
+
+@pytest.mark.parametrize("encoder", ["", "   ", 384])
+def test_a_blank_encoder_is_refused(encoder: object) -> None:
+    with pytest.raises(InputError, match="encoder must name a text encoder"):
+        CoordinatorConfig(encoder=encoder)  # type: ignore[arg-type]
