@@ -216,3 +216,11 @@ def test_a_listen_address_at_the_edge_is_taken(listen: str) -> None:
 def test_a_blank_encoder_is_refused(encoder: object) -> None:
     with pytest.raises(InputError, match="encoder must name a text encoder"):
         CoordinatorConfig(encoder=encoder)  # type: ignore[arg-type]
+
+
+def test_an_empty_evaluate_only_still_needs_enough_groups_for_the_quorum() -> None:
+    """evaluate_only = [] says every allow-listed group trains: there must be min_nodes of them."""
+    allow = AllowList({"node-a": "A", "node-h": "H"})
+    with pytest.raises(InputError, match=r"leaves 2 allow-listed group\(s\) to train"):
+        check_roles(CoordinatorConfig(evaluate_only=(), min_nodes=3, min_updates=1), allow)
+    check_roles(CoordinatorConfig(evaluate_only=(), min_nodes=2, min_updates=1), allow)

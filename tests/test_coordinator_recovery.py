@@ -804,6 +804,18 @@ def _keep_signal_handlers() -> Any:
         signal.signal(sig, handler)
 
 
+def test_a_coordinator_whose_held_out_group_is_not_allow_listed_starts_no_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in evaluate_only would let the held-out group train: refused before the state
+    folder is made (quorum_timeout_s only bounds the test should a run start)."""
+    state_dir = tmp_path / "state"
+    cfg = tiny_config(state_dir, evaluate_only=("B",), quorum_timeout_s=1.0)
+    with pytest.raises(InputError, match=r"evaluate_only names \['B'\], which the allow-list"):
+        coordinate(monkeypatch, cfg, with_node=False)
+    assert not state_dir.exists()
+
+
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

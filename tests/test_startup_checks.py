@@ -46,6 +46,23 @@ def test_a_coordinator_with_bad_tls_files_starts_no_run(
     assert not (state / "state.json").exists()
 
 
+def test_a_coordinator_with_bad_tls_files_leaves_an_existing_state_folder_untouched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The files are checked before the state folder is taken (a lock file made in it) and
+    before the text encoder is loaded."""
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-a" = "A"\n')
+    state = tmp_path / "state"
+    state.mkdir()
+    args = ["coordinator", "--allow-list-file", str(allow), "--state-dir", str(state)]
+    tls_dir = tmp_path / "no-such-folder"
+    code = main([*args, "--tls-dir", str(tls_dir), "--listen", "127.0.0.1:0"])
+    assert code == 2
+    assert "CA certificate file not found: " + str(tls_dir / "ca.pem") in capsys.readouterr().err
+    assert list(state.iterdir()) == []
+
+
 def test_a_node_checks_its_certificates_before_its_data(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
