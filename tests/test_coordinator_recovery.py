@@ -816,6 +816,22 @@ def test_a_coordinator_whose_held_out_group_is_not_allow_listed_starts_no_run(
     assert not state_dir.exists()
 
 
+def test_the_quorum_wait_names_only_the_allow_listed_groups_that_may_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A held-out group (evaluate_only) is no part of the quorum: the wait does not name it."""
+    monkeypatch.setattr(service, "make_encoder", fake_encoder)
+    cfg = tiny_config(tmp_path / "state", evaluate_only=("H",), quorum_timeout_s=0.5)
+    allow = AllowList({"node-a": "A", "node-h": "H"})
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        assert run_coordinator(cfg, allow, Console(stderr=True)) == 1
+    assert "no quorum after 0 s (allow-listed groups not connected: A); stopping" in caplog.text
+    assert (
+        "waiting for a quorum: 0 of 1 training nodes; allow-listed groups not connected: A\n"
+        in (caplog.text)
+    )
+
+
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

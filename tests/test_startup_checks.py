@@ -111,11 +111,16 @@ def test_a_relative_tls_path_says_what_it_is_relative_to(
     assert str(err.value) == f"CA certificate file not found: c/ca.pem (relative to {tmp_path})"
 
 
+@pytest.mark.parametrize("existing", [False, True])
 def test_a_coordinator_on_a_busy_port_says_so(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], existing: bool
 ) -> None:
     """gRPC's default SO_REUSEPORT let a second coordinator (or reward service) start on a busy
-    port, and the kernel split the clients between the two (walkthrough review, session 17)."""
+    port, and the kernel split the clients between the two (walkthrough review, session 17).
+    A state folder the failed start made is gone again (a typo'd --state-dir leaves no stray
+    folder); one that existed stays."""
+    if existing:
+        (tmp_path / "state").mkdir()
     occupant = grpc.server(futures.ThreadPoolExecutor(1))  # gRPC's defaults: port reuse on
     port = occupant.add_insecure_port("127.0.0.1:0")
     occupant.start()
@@ -143,6 +148,7 @@ def test_a_coordinator_on_a_busy_port_says_so(
         occupant.stop(None)
     assert code == 2
     assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in capsys.readouterr().err
+    assert (tmp_path / "state").is_dir() is existing
 
 
 def test_node_check_needs_no_data_but_node_run_does(
