@@ -819,17 +819,31 @@ def test_a_coordinator_whose_held_out_group_is_not_allow_listed_starts_no_run(
 def test_the_quorum_wait_names_only_the_allow_listed_groups_that_may_train(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A held-out group (evaluate_only) is no part of the quorum: the wait does not name it."""
+    """A held-out group (evaluate_only) is no part of the quorum: the wait does not name it.
+    A run stopped for want of a quorum (exit code 1) writes no final model nor results."""
     monkeypatch.setattr(service, "make_encoder", fake_encoder)
-    cfg = tiny_config(tmp_path / "state", evaluate_only=("H",), quorum_timeout_s=0.5)
+    state_dir = tmp_path / "state"
+    cfg = tiny_config(state_dir, evaluate_only=("H",), quorum_timeout_s=0.5)
     allow = AllowList({"node-a": "A", "node-h": "H"})
     with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
         assert run_coordinator(cfg, allow, Console(stderr=True)) == 1
+    assert not (state_dir / "final").exists() and not (state_dir / "results.json").exists()
     assert "no quorum after 0 s (allow-listed groups not connected: A); stopping" in caplog.text
     assert (
         "waiting for a quorum: 0 of 1 training nodes; allow-listed groups not connected: A\n"
         in (caplog.text)
     )
+
+
+def test_the_bound_port_is_written_where_launchers_look_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """listen port 0: the port the kernel chose goes to coordinator.port (and the first line)."""
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    text = (state_dir / "coordinator.port").read_text()
+    assert re.fullmatch(r"[1-9][0-9]*\n", text)
+    assert f" on port {int(text)}: 1 rounds, quorum 1, 1 nodes allowed" in capsys.readouterr().err
 
 
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
