@@ -659,6 +659,67 @@ def test_resuming_with_another_model_names_what_changed(tmp_path: Path) -> None:
     )
     with pytest.raises(InputError, match="the saved run used encoder 'enc', this coordinator"):
         RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, "other", {"d_model": 64})
+    # a setting the saved run did not have is a change too (its default may not be the run's)
+    with pytest.raises(
+        InputError, match=r"model differs from the configured one \(mlp_layers None -> 2\)"
+    ):
+        RoundEngine(
+            RoundSettings(rounds=1),
+            WEIGHTS,
+            tmp_path,
+            ENC,
+            {"d_model": 64, "members": 3, "mlp_layers": 2},
+        )
+
+
+def test_updates_a_stopped_coordinator_was_receiving_are_deleted_when_it_starts(
+    tmp_path: Path,
+) -> None:
+    """A spool is an update half received when the coordinator stopped: no round can use it."""
+    RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, ENC, {})
+    spool = tmp_path / "spool"
+    (spool / "a1b2.spool").write_bytes(b"x" * 100)
+    (spool / "notes.txt").write_text("not ours")
+    RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, ENC, {})
+    assert sorted(p.name for p in spool.iterdir()) == ["notes.txt"]
+
+
+def test_the_model_version_names_its_round_even_when_a_round_leaves_the_weights_alike(
+    tmp_path: Path,
+) -> None:
+    """Each round's model is a new version ("<run>-r<round>-<digest>"), also when the updates
+    leave the weights as they were: a version names one round's model, not just its bytes."""
+    engine = RoundEngine(RoundSettings(rounds=2, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    versions = []
+    try:
+        while not engine.done:
+            t = engine.next_task(s.session_id, None, 0.5)
+            if t.kind == TaskKind.TRAIN:
+                versions.append(t.model_version)
+                engine.accept_update(
+                    s.session_id,
+                    None,
+                    t.task_id,
+                    t.round,
+                    10,
+                    {},
+                    replay_of(0.0),
+                    80,
+                    t.model_version,
+                )
+            elif t.kind == TaskKind.EVALUATE:
+                e = GroupEvaluation("A", 5, 0.5, 0.4, 0.3, 0.3)
+                engine.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+        driver.join(10)
+    finally:
+        engine.stop()
+    assert engine.done
+    digest = engine.model_digest.hex()[:12]
+    run = engine.run_id
+    assert versions == [f"{run}-r0-{digest}", f"{run}-r1-{digest}"]
+    assert engine.model_version == f"{run}-r2-{digest}"
 
 
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
