@@ -722,6 +722,50 @@ def test_the_model_version_names_its_round_even_when_a_round_leaves_the_weights_
     assert engine.model_version == f"{run}-r2-{digest}"
 
 
+def test_the_evaluation_at_start_runs_once_also_when_the_run_is_resumed_before_round_one(
+    tmp_path: Path,
+) -> None:
+    settings = RoundSettings(rounds=1, eval_every=0, eval_at_start=True, eval_timeout_s=10)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    s = first.join("A", Role.TRAIN, 10, ENC, "t")
+    t = first.next_task(s.session_id, None, 10)
+    assert (t.kind, t.round) == (TaskKind.EVALUATE, 0)
+    e = GroupEvaluation("A", 5, 0.5, 0.4, 0.3, 0.3)
+    first.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+    wait_for(lambda: evaluated(first) == [0])
+    first.stop()  # before round 1 opened (or while it is open)
+    driver.join(10)
+    assert first.completed_rounds() == 0
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    serve(resumed)
+    driver.join(20)
+    assert resumed.done and evaluated(resumed) == [0, 1] and not resumed.evaluated_again
+
+
+def test_a_final_evaluation_owed_at_restart_is_asked_for_once(tmp_path: Path) -> None:
+    """Stopped between its last round and the final evaluation, a run resumes with that
+    evaluation: one try, nodes silent or not (not one as an evaluation due, then another as
+    the final one)."""
+    settings = RoundSettings(rounds=1, eval_every=0, round_timeout_s=10, eval_timeout_s=0.5)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first, stop_after_round=1)
+    driver.join(20)
+    assert first.completed_rounds() == 1 and evaluated(first) == []
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    s = resumed.join("A", Role.TRAIN, 10, ENC, "t")
+    asked = []
+    while not resumed.done and driver.is_alive():
+        t = resumed.next_task(s.session_id, None, 0.2)
+        if t.kind == TaskKind.EVALUATE and t.task_id not in asked:
+            asked.append(t.task_id)  # and never answered
+    driver.join(10)
+    assert resumed.done and len(asked) == 1
+
+
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
     tmp_path: Path,
 ) -> None:
