@@ -747,7 +747,7 @@ def test_the_evaluation_at_start_runs_once_also_when_the_run_is_resumed_before_r
 def test_a_final_evaluation_owed_at_restart_is_asked_for_once(tmp_path: Path) -> None:
     """Stopped between its last round and the final evaluation, a run resumes with that
     evaluation: one try, nodes silent or not (not one as an evaluation due, then another as
-    the final one)."""
+    the final one), after which the run is done, answered or not (it was not stopped)."""
     settings = RoundSettings(rounds=1, eval_every=0, round_timeout_s=10, eval_timeout_s=0.5)
     first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     driver = start(first)
@@ -764,6 +764,22 @@ def test_a_final_evaluation_owed_at_restart_is_asked_for_once(tmp_path: Path) ->
             asked.append(t.task_id)  # and never answered
     driver.join(10)
     assert resumed.done and len(asked) == 1
+
+
+def test_the_last_rounds_evaluation_does_not_wait_for_groups_that_are_away(tmp_path: Path) -> None:
+    """The evaluation due after the last round is the final one: it runs with the nodes there,
+    as every evaluation of a running federation does; only one owed at a restart waits up to
+    eval_timeout_s for the run's groups (here held-out H, which never came)."""
+    settings = RoundSettings(
+        rounds=1, eval_every=1, evaluate_only=("H",), round_timeout_s=10, eval_timeout_s=60
+    )
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    serve(engine)
+    driver.join(20)
+    assert engine.done and evaluated(engine) == [1]
+    last = engine.final_evaluation()
+    assert last is not None and last["missing_held_out"] == ["H"]
 
 
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
