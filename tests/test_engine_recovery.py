@@ -348,17 +348,26 @@ def test_a_partial_evaluation_again_leaves_the_earlier_one(
     assert any("without ['H']" in r.getMessage() for r in caplog.records)
 
 
-def test_a_finished_run_nobody_comes_back_to_ends_after_eval_timeout(tmp_path: Path) -> None:
+def test_a_finished_run_nobody_comes_back_to_ends_after_eval_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=1)
     first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     driver = start(first)
     serve(first)
     driver.join(20)
     again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
-    driver = start(again)
-    driver.join(10)
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        driver = start(again)
+        driver.join(10)
     assert not driver.is_alive() and again.done and not again.evaluated_again
     assert again.final_evaluation() == first.final_evaluation()
+    # said so, without opening an evaluation nobody is there to answer
+    assert (
+        "no node came back within 1 s to evaluate the finished run again: its evaluation "
+        "stays as it was" in caplog.text
+    )
+    assert "evaluate round" not in caplog.text and "no reports" not in caplog.text
 
 
 def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path) -> None:
