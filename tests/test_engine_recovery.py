@@ -775,12 +775,16 @@ def test_a_final_evaluation_owed_at_restart_is_asked_for_once(tmp_path: Path) ->
     assert resumed.done and len(asked) == 1
 
 
-def test_the_last_rounds_evaluation_does_not_wait_for_groups_that_are_away(tmp_path: Path) -> None:
-    """The evaluation due after the last round is the final one: it runs with the nodes there,
-    as every evaluation of a running federation does; only one owed at a restart waits up to
-    eval_timeout_s for the run's groups (here held-out H, which never came)."""
+@pytest.mark.parametrize("eval_every", [1, 0])
+def test_the_last_rounds_evaluation_does_not_wait_for_groups_that_are_away(
+    tmp_path: Path, eval_every: int
+) -> None:
+    """The evaluation due after the last round (whatever eval_every) is the final one: it runs
+    with the nodes there, as every evaluation of a running federation does; only one owed at a
+    restart waits up to eval_timeout_s for the run's groups (here held-out H, which never
+    came)."""
     settings = RoundSettings(
-        rounds=1, eval_every=1, evaluate_only=("H",), round_timeout_s=10, eval_timeout_s=60
+        rounds=1, eval_every=eval_every, evaluate_only=("H",), round_timeout_s=10, eval_timeout_s=60
     )
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     driver = start(engine)
