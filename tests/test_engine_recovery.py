@@ -795,6 +795,44 @@ def test_the_last_rounds_evaluation_does_not_wait_for_groups_that_are_away(
     assert last is not None and last["missing_held_out"] == ["H"]
 
 
+def test_an_evaluation_owed_at_restart_waits_for_the_last_rounds_trainers(tmp_path: Path) -> None:
+    """A and B trained round 1; the coordinator stopped before evaluating it. Restarted, with
+    the quorum (1) made by A, it waits for B too before it evaluates (nodes come back one by
+    one, and the first alone would be the evaluation)."""
+    settings = RoundSettings(rounds=2, eval_every=1, round_timeout_s=10, eval_timeout_s=30)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    nodes = [first.join(g, Role.TRAIN, 10, ENC, "t") for g in ("A", "B")]
+    driver = start(first)
+    for s in nodes:
+        t = first.next_task(s.session_id, None, 10)
+        assert (t.kind, t.round) == (TaskKind.TRAIN, 1)
+        first.accept_update(
+            s.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
+        )
+    wait_for(lambda: first.completed_rounds() == 1)
+    first.stop()
+    driver.join(10)
+    assert evaluated(first) == []
+
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    try:
+        a = resumed.join("A", Role.TRAIN, 10, ENC, "t")
+        assert resumed.next_task(a.session_id, None, 1.0).kind != TaskKind.EVALUATE
+        b = resumed.join("B", Role.TRAIN, 10, ENC, "t")
+        for s, group in ((a, "A"), (b, "B")):
+            t = resumed.next_task(s.session_id, None, 10)
+            assert (t.kind, t.round) == (TaskKind.EVALUATE, 1)
+            e = GroupEvaluation(group, 5, 0.5, 0.4, 0.3, 0.3)
+            resumed.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+        wait_for(lambda: evaluated(resumed) == [1])
+    finally:
+        resumed.stop()
+        driver.join(10)
+    last = resumed.final_evaluation()
+    assert last is not None and last["groups"] == ["A", "B"]
+
+
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
     tmp_path: Path,
 ) -> None:
