@@ -833,6 +833,41 @@ def test_an_evaluation_owed_at_restart_waits_for_the_last_rounds_trainers(tmp_pa
     assert last is not None and last["groups"] == ["A", "B"]
 
 
+def test_a_restarted_coordinator_owes_the_end_to_every_group_that_trained(tmp_path: Path) -> None:
+    """B trained round 1 and left (A trained round 2): no evaluation names B, but its node
+    must still hear the run's end after a restart (it would retry for ever)."""
+    settings = RoundSettings(rounds=2, eval_every=0, round_timeout_s=10, eval_timeout_s=10)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    driver = start(engine)
+    t = engine.next_task(b.session_id, None, 10)
+    assert t.kind == TaskKind.TRAIN
+    engine.accept_update(
+        b.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
+    )
+    wait_for(lambda: engine.completed_rounds() == 1)
+    engine.leave(b.session_id, None, "gone")
+    serve(engine)  # A: round 2 and the final evaluation
+    driver.join(20)
+    final = engine.final_evaluation()
+    assert engine.done and final is not None and final["groups"] == ["A"] and not final["missing"]
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    assert again.unaware_of_end() == ["A", "B"]
+
+
+def test_no_quorum_within_quorum_timeout_stops_the_run_unfinished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = RoundSettings(rounds=1, min_nodes=2, min_updates=1, quorum_timeout_s=0.5)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    engine.join("A", Role.TRAIN, 10, ENC, "t")  # 1 of 2
+    with caplog.at_level(logging.ERROR, logger="pluralfed.coordinator"):
+        driver = start(engine)
+        driver.join(10)
+    assert not driver.is_alive() and not engine.done and engine.completed_rounds() == 0
+    assert "no quorum after 0 s; stopping" in caplog.text
+
+
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
     tmp_path: Path,
 ) -> None:
