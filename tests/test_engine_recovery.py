@@ -5,6 +5,7 @@ process (the review of session 14 found each of these)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -858,14 +859,62 @@ def test_a_restarted_coordinator_owes_the_end_to_every_group_that_trained(tmp_pa
 def test_no_quorum_within_quorum_timeout_stops_the_run_unfinished(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = RoundSettings(rounds=1, min_nodes=2, min_updates=1, quorum_timeout_s=0.5)
+    """... and the engine is then stopping: a node's poll looks every STOPPING_POLL_S whether
+    its call is gone (the server cancels the calls next), not every heartbeat interval."""
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, min_updates=1, quorum_timeout_s=0.5, heartbeat_interval_s=30.0
+    )
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
-    engine.join("A", Role.TRAIN, 10, ENC, "t")  # 1 of 2
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")  # 1 of 2
     with caplog.at_level(logging.ERROR, logger="pluralfed.coordinator"):
         driver = start(engine)
         driver.join(10)
     assert not driver.is_alive() and not engine.done and engine.completed_rounds() == 0
     assert "no quorum after 0 s; stopping" in caplog.text
+    connected = threading.Event()
+    connected.set()
+    answers: list[TaskKind] = []
+    poll = threading.Thread(
+        target=lambda: answers.append(
+            engine.next_task(s.session_id, None, 60.0, alive=connected.is_set).kind
+        )
+    )
+    poll.start()
+    time.sleep(0.3)  # it waits now (the test passes, only later, if it had not started yet)
+    connected.clear()
+    poll.join(5.0)
+    assert not poll.is_alive() and answers == [TaskKind.WAIT]
+
+
+def test_an_empty_evaluate_only_means_no_held_out_groups(tmp_path: Path) -> None:
+    """evaluate_only set (here to [], every group trains) says which groups are held out, not
+    the roles nodes claimed before: H, evaluate-only in round 1 when each node said its role,
+    is a missing group in a resumed run's evaluation, not a missing held-out one."""
+    settings = RoundSettings(rounds=1, eval_every=1, round_timeout_s=10, eval_timeout_s=10)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    joined = threading.Event()
+    held = threading.Thread(
+        target=evaluate_only,
+        args=(engine, "H", 0.4),
+        kwargs={"once": True, "joined": joined},
+        daemon=True,
+    )
+    held.start()
+    assert joined.wait(10)
+    serve(engine)
+    driver.join(20)
+    held.join(20)
+    first = engine.final_evaluation()
+    assert first is not None and first["groups"] == ["A", "H"]
+    more = dataclasses.replace(settings, rounds=2, evaluate_only=())
+    again = RoundEngine(more, WEIGHTS, tmp_path, ENC, {})
+    driver = start(again)
+    serve(again)
+    driver.join(20)
+    last = again.final_evaluation()
+    assert again.done and last is not None and last["round"] == 2
+    assert last["missing"] == ["H"] and last["missing_held_out"] == []
 
 
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
