@@ -200,3 +200,48 @@ def test_without_fairness_q_a_missing_alignment_is_fine_and_weights_are_the_exam
                 n.close()
     expected = weighted_average(updates, [EXAMPLES[i] for i in GOOD])
     assert_weights_close(fed.engine.state.weights, expected, "plain FedAvg")
+
+
+def test_uniform_weighting_with_fairness_q_still_weighs_by_alignment(tmp_path: Path) -> None:
+    """weighting = "uniform" makes each update's base weight 1, not its examples; fairness_q
+    still multiplies it by (1 - alignment_before) ** q (the aggregate is not the plain mean)."""
+    from test_engine_recovery import ENC, WEIGHTS, replay_of, start, wait_for
+
+    from coordinator.rounds import RoundEngine
+    from coordinator.sessions import Role
+    from coordinator.tasks import TaskKind
+
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, eval_every=0, weighting="uniform", fairness_q=2.0
+    )
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    nodes = [
+        (engine.join("A", Role.TRAIN, 10, ENC, "t"), 0.5, 1.0),  # weight 0.5 ** 2
+        (engine.join("B", Role.TRAIN, 30, ENC, "t"), 0.9, 0.0),  # weight 0.1 ** 2
+    ]
+    driver = start(engine)
+    try:
+        for s, before, value in nodes:
+            t = engine.next_task(s.session_id, None, 10)
+            assert t.kind == TaskKind.TRAIN
+            engine.accept_update(
+                s.session_id,
+                None,
+                t.task_id,
+                t.round,
+                10,
+                {ALIGNMENT_BEFORE: before},
+                replay_of(value),
+                80,
+                t.model_version,
+            )
+        wait_for(lambda: engine.completed_rounds() == 1)
+    finally:
+        engine.stop()
+        driver.join(10)
+    expected = 0.25 / (0.25 + 0.01)
+    np.testing.assert_allclose(engine.state.weights["a"], expected, rtol=1e-6)
+    record = engine.state.history.last
+    assert record is not None
+    assert record["update_weights"] == pytest.approx({"A": 0.25, "B": 0.01})
+    assert record["total_weight"] == pytest.approx(0.26)
