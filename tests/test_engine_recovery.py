@@ -917,6 +917,31 @@ def test_an_empty_evaluate_only_means_no_held_out_groups(tmp_path: Path) -> None
     assert last["missing"] == ["H"] and last["missing_held_out"] == []
 
 
+def test_a_round_closes_at_its_deadline_without_the_silent_node(tmp_path: Path) -> None:
+    """B is connected but never answers: round_timeout_s (1 s) after opening, the round closes
+    with A's update (min_updates 1), not some seconds later."""
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, min_updates=1, eval_every=0, round_timeout_s=1.0
+    )
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    engine.join("B", Role.TRAIN, 10, ENC, "t")  # silent, its session alive (60 s)
+    driver = start(engine)
+    try:
+        t = engine.next_task(a.session_id, None, 10)
+        assert t.kind == TaskKind.TRAIN
+        engine.accept_update(
+            a.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
+        )
+        wait_for(lambda: engine.completed_rounds() == 1, timeout=4.0)
+    finally:
+        engine.stop()
+        driver.join(10)
+    record = engine.state.history.last
+    assert record is not None and record["participants"] == ["A"]
+    assert record["selected"] == ["A", "B"] and record["seconds"] < 3.0
+
+
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
     tmp_path: Path,
 ) -> None:
