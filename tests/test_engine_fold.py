@@ -184,6 +184,33 @@ def test_round_past_its_deadline_waits_for_a_fold_it_had_claimed(tmp_path: Path)
         fed.close()
 
 
+def test_a_round_every_node_answered_or_claimed_closes_while_the_last_fold_runs(
+    tmp_path: Path,
+) -> None:
+    """Once B answered and A's update is claimed (being folded), nothing more can come: the
+    round closes to new calls at once (no open task), and still counts A's fold."""
+    fed = Engine(tmp_path)
+    try:
+        ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+        fed.upload(fed.b.session_id, tb, lambda: iter(slices(weights(2.0))), 30)
+        release = threading.Event()
+        folding = fed.held_upload(fed.a.session_id, ta, 1.0, 10, release)
+        for _ in range(int(WAIT / 0.05)):
+            if fed.engine.open_task() is None:
+                break
+            threading.Event().wait(0.05)
+        assert fed.engine.open_task() is None, "the round stayed open for a claimed fold"
+        assert fed.engine.state.completed_rounds == 0
+        release.set()
+        folding.join(WAIT)
+        fed.wait_completed(1)
+        record = fed.engine.state.history.last
+        assert record is not None and record["participants"] == ["A", "B"]
+    finally:
+        release.set()
+        fed.close()
+
+
 def test_a_copy_of_an_update_folded_across_its_rounds_close_is_a_duplicate(
     tmp_path: Path,
 ) -> None:
