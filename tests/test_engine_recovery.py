@@ -942,6 +942,36 @@ def test_a_round_closes_at_its_deadline_without_the_silent_node(tmp_path: Path) 
     assert record["selected"] == ["A", "B"] and record["seconds"] < 3.0
 
 
+def test_a_round_stops_waiting_for_a_node_whose_session_expired(tmp_path: Path) -> None:
+    """B makes no call after its task (no heartbeat): session_timeout_s after its last call
+    the round stops waiting for it, long before round_timeout_s."""
+    settings = RoundSettings(
+        rounds=1,
+        min_nodes=2,
+        min_updates=1,
+        eval_every=0,
+        round_timeout_s=60.0,
+        session_timeout_s=1.0,
+        heartbeat_interval_s=0.5,
+    )
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    driver = start(engine)
+    try:
+        t = engine.next_task(a.session_id, None, 10)
+        assert engine.next_task(b.session_id, None, 10).kind == TaskKind.TRAIN  # then silent
+        engine.accept_update(
+            a.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
+        )
+        wait_for(lambda: engine.completed_rounds() == 1, timeout=10.0)
+    finally:
+        engine.stop()
+        driver.join(10)
+    record = engine.state.history.last
+    assert record is not None and record["participants"] == ["A"]
+
+
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
     tmp_path: Path,
 ) -> None:
