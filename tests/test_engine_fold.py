@@ -367,3 +367,20 @@ def test_node_that_rejoins_while_a_round_opens_keeps_its_place(tmp_path: Path) -
         engine._give_up_on_silent(t)
     assert t.selected == {again.session_id: "A"} and "A" not in t.answered
     assert engine.next_task(again.session_id, None, 0.0).task_id == t.task_id
+
+
+def test_a_node_rejoining_evaluate_only_while_a_round_opens_does_not_take_a_training_place(
+    tmp_path: Path,
+) -> None:
+    """As above, but the node comes back evaluate-only (no evaluate_only set: each node says
+    its role): its new session may not train, so the round gives up on A's old one instead."""
+    settings = RoundSettings(rounds=1, min_nodes=1, eval_every=0)
+    engine = RoundEngine(settings, weights(0.0), tmp_path / "state", ENCODER, {})
+    engine.join("A", Role.TRAIN, 10, ENCODER, "test")
+    chosen = engine.live_sessions(Role.TRAIN)
+    again = engine.join("A", Role.EVALUATE_ONLY, 0, ENCODER, "test")  # the race's window
+    t = engine._open(TaskKind.TRAIN, chosen, 60.0)
+    with engine._changed:
+        engine._give_up_on_silent(t)
+    assert again.session_id not in t.selected and "A" in t.answered
+    assert engine.next_task(again.session_id, None, 0.0).kind == TaskKind.WAIT
