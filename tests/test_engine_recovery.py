@@ -1206,3 +1206,33 @@ def test_a_round_every_node_fails_at_once_is_tried_again_after_a_growing_pause(
     serve(engine)  # a node that answers: the run ends
     driver.join(20)
     assert engine.done and engine.completed_rounds() == 1
+
+
+def test_the_retry_pause_starts_over_after_a_try_that_ran_to_its_deadline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pause doubles only over early failures in a row: a try that waited out its deadline
+    was the pause, and the next early failure pauses 1 s again, not 2 s."""
+    settings = RoundSettings(rounds=1, eval_every=0, round_timeout_s=0.5)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    tasks: list[str] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+            while len(tasks) < 4:
+                t = engine.next_task(s.session_id, None, 0.2)
+                if t.kind != TaskKind.TRAIN or t.task_id in tasks:
+                    continue
+                tasks.append(t.task_id)
+                if len(tasks) != 2:  # the second try: silent until its deadline
+                    engine.heartbeat(s.session_id, None, t.task_id, failed=True, message="disk")
+    finally:
+        engine.stop()
+        driver.join(10)
+    retries = [r.getMessage() for r in caplog.records if "retrying the round" in r.getMessage()]
+    assert retries[:3] == [
+        "round 1: 0 updates, 1 needed: retrying the round in 1 s",
+        "round 1: 0 updates, 1 needed: retrying the round",
+        "round 1: 0 updates, 1 needed: retrying the round in 1 s",
+    ]
