@@ -1236,3 +1236,26 @@ def test_the_retry_pause_starts_over_after_a_try_that_ran_to_its_deadline(
         "round 1: 0 updates, 1 needed: retrying the round",
         "round 1: 0 updates, 1 needed: retrying the round in 1 s",
     ]
+
+
+def test_a_round_with_fewer_updates_than_min_updates_is_retried_not_committed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = RoundSettings(
+        rounds=1, min_nodes=2, min_updates=2, eval_every=0, round_timeout_s=0.5
+    )
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    engine.join("B", Role.TRAIN, 10, ENC, "t")  # silent
+    driver = start(engine)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+            t = engine.next_task(a.session_id, None, 10)
+            engine.accept_update(
+                a.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
+            )
+            wait_for(lambda: "round 1: 1 updates, 2 needed: retrying the round" in caplog.text)
+        assert engine.completed_rounds() == 0 and engine.state.history.last is None
+    finally:
+        engine.stop()
+        driver.join(10)
