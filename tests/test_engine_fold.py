@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,10 @@ class Engine:
     """A RoundEngine driven by its own thread, with two training nodes."""
 
     def __init__(
-        self, tmp_path: Path, round_timeout_s: float = 60.0, server_lr: float = 1.0
+        self, tmp_path: Path, round_timeout_s: float = 60.0, server_lr: float = 1.0, rounds: int = 1
     ) -> None:
         settings = RoundSettings(
-            rounds=1,
+            rounds=rounds,
             min_nodes=2,
             min_updates=1,
             round_timeout_s=round_timeout_s,
@@ -349,6 +350,23 @@ def test_a_round_without_a_usable_model_three_times_in_a_row_stops_the_run(
         fed.driver.join(WAIT)
         assert not fed.driver.is_alive(), "the run went on"
         assert not fed.engine.done and fed.engine.completed_rounds() == 0
+    finally:
+        fed.close()
+
+
+def test_only_unusable_tries_in_a_row_stop_the_run(tmp_path: Path) -> None:
+    """Two unusable tries of round 1, then a usable one: round 2's first unusable try is the
+    first in a row again, and is retried (it is not the third)."""
+    fed = Engine(tmp_path, round_timeout_s=WAIT, server_lr=2.0, rounds=2)
+    try:
+        for value in (3e38, 3e38, 1.0, 3e38):
+            update = slices(weights(value))
+            ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+            fed.upload(fed.a.session_id, ta, partial(iter, update), 10)
+            fed.upload(fed.b.session_id, tb, partial(iter, update), 30)
+        retry = fed.task(fed.a.session_id)
+        assert (retry.round, fed.engine.completed_rounds()) == (2, 1)
+        assert fed.driver.is_alive()
     finally:
         fed.close()
 
