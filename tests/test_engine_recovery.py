@@ -1259,3 +1259,48 @@ def test_a_round_with_fewer_updates_than_min_updates_is_retried_not_committed(
     finally:
         engine.stop()
         driver.join(10)
+
+
+def test_a_group_an_earlier_evaluation_had_is_missing_from_a_later_one(tmp_path: Path) -> None:
+    """B evaluated round 1 and left: round 2's evaluation, by A alone, names B as missing (its
+    figures would otherwise pass for the same groups' as round 1's)."""
+    settings = RoundSettings(rounds=2, eval_every=1, round_timeout_s=10, eval_timeout_s=10)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    sessions = {g: engine.join(g, Role.TRAIN, 10, ENC, "t") for g in ("A", "B")}
+
+    def node(group: str) -> None:
+        s = sessions[group]
+        while not engine.done:
+            t = engine.next_task(s.session_id, None, 0.5)
+            if t.kind == TaskKind.TRAIN:
+                engine.accept_update(
+                    s.session_id,
+                    None,
+                    t.task_id,
+                    t.round,
+                    10,
+                    {},
+                    replay_of(1.0),
+                    80,
+                    t.model_version,
+                )
+            elif t.kind == TaskKind.EVALUATE:
+                e = GroupEvaluation(group, 5, 0.5, 0.4, 0.3, 0.3)
+                engine.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+                if group == "B":
+                    engine.leave(s.session_id, None, "gone")
+                    return
+            elif t.kind == TaskKind.SHUTDOWN:
+                return
+
+    b = threading.Thread(target=node, args=("B",), daemon=True)
+    b.start()
+    driver = start(engine)
+    node("A")
+    driver.join(20)
+    b.join(10)
+    records = engine.state.evaluations.records()
+    assert [(r["round"], r["groups"], r["missing"]) for r in records] == [
+        (1, ["A", "B"], []),
+        (2, ["A"], ["B"]),
+    ]
