@@ -940,6 +940,7 @@ def test_a_round_closes_at_its_deadline_without_the_silent_node(tmp_path: Path) 
     record = engine.state.history.last
     assert record is not None and record["participants"] == ["A"]
     assert record["selected"] == ["A", "B"] and record["seconds"] < 3.0
+    assert record["bytes_out_model"] == 2 * 80  # the model, to each of the nodes it chose
 
 
 def test_a_round_stops_waiting_for_a_node_whose_session_expired(tmp_path: Path) -> None:
