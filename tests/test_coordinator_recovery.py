@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import stat
 import threading
 import time
@@ -844,6 +845,29 @@ def test_the_bound_port_is_written_where_launchers_look_for_it(
     text = (state_dir / "coordinator.port").read_text()
     assert re.fullmatch(r"[1-9][0-9]*\n", text)
     assert f" on port {int(text)}: 1 rounds, quorum 1, 1 nodes allowed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int, code: int
+) -> None:
+    """Waiting for its quorum, the coordinator takes SIGTERM / SIGINT: exit code 128 + the
+    signal's number, which says a stop (a resume goes on), not a quorum that never came (1)."""
+    monkeypatch.setattr(service, "make_encoder", fake_encoder)
+    before = signal.getsignal(signum)
+
+    def send_once_handled() -> None:
+        for _ in range(600):  # once run_coordinator's handler is in place (a few ms)
+            if signal.getsignal(signum) is not before:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=send_once_handled, daemon=True)
+    sender.start()
+    cfg = tiny_config(tmp_path / "state", quorum_timeout_s=30.0)
+    assert run_coordinator(cfg, AllowList({"node-a": "A"}), Console(stderr=True)) == code
+    sender.join(10)
 
 
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
