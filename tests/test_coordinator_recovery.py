@@ -894,7 +894,9 @@ def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
 # ---------------------------------------------------------------------------- F1
 
 
-@pytest.mark.parametrize("lost", [["final", "results.json"], ["final"], ["results.json"]])
+@pytest.mark.parametrize(
+    "lost", [["final", "results.json"], ["final"], ["results.json"], ["final/model.json"]]
+)
 def test_a_finished_run_missing_its_outputs_gets_them_written_on_restart(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -925,6 +927,26 @@ def test_a_finished_run_missing_its_outputs_gets_them_written_on_restart(
     if "results.json" not in lost:  # the run's own figures are kept
         assert again["wall_seconds"] == results["wall_seconds"]
     assert "written again" in capsys.readouterr().err
+
+
+def test_a_finished_run_evaluated_again_reports_a_new_evaluation_not_missing_files(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its node back, a finished run started again evaluates again and writes results.json
+    anew: it says so, not that the files were missing (they were not)."""
+    state_dir = tmp_path / "state"
+    cfg = tiny_config(state_dir, eval_timeout_s=10.0)
+    assert coordinate(monkeypatch, cfg) == 0
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+        assert coordinate(monkeypatch, cfg) == 0
+    results = json.loads((state_dir / "results.json").read_text())
+    assert "evaluated_again_at" in results
+    assert "federation finished: 1 rounds" in capsys.readouterr().err
+    assert "missing or older than its final evaluation" not in caplog.text
 
 
 def test_results_older_than_the_final_evaluation_are_written_again(
