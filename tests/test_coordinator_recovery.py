@@ -966,6 +966,20 @@ def test_results_older_than_the_final_evaluation_are_written_again(
     assert json.loads(path.read_text())["final_evaluation"] == state.evaluations.last
 
 
+def test_results_of_another_run_are_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """results.json naming another run (a copy, a state folder reused by hand) is not this
+    run's, even with the same final evaluation."""
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    path = state_dir / "results.json"
+    results = json.loads(path.read_text())
+    path.write_text(json.dumps({**results, "run_id": "another"}))
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    assert json.loads(path.read_text())["run_id"] == results["run_id"]
+
+
 def test_a_finished_run_with_its_outputs_leaves_them_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
