@@ -224,3 +224,16 @@ def test_an_empty_evaluate_only_still_needs_enough_groups_for_the_quorum() -> No
     with pytest.raises(InputError, match=r"leaves 2 allow-listed group\(s\) to train"):
         check_roles(CoordinatorConfig(evaluate_only=(), min_nodes=3, min_updates=1), allow)
     check_roles(CoordinatorConfig(evaluate_only=(), min_nodes=2, min_updates=1), allow)
+
+
+def test_configured_rpc_threads_are_used_and_too_few_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from coordinator.service import _rpc_threads
+
+    allow = AllowList({f"node-{i}": f"G{i}" for i in range(10)})
+    assert _rpc_threads(CoordinatorConfig(), allow) == rpc_threads_for(10) == 64
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="pluralfed.coordinator"):
+        assert _rpc_threads(CoordinatorConfig(max_workers=12), allow) == 12
+    assert "max_workers = 12 RPC threads for 10 allow-listed nodes" in caplog.text

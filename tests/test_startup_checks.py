@@ -244,3 +244,14 @@ def test_a_busy_ipv6_port_in_brackets_is_said_to_be_busy() -> None:
     finally:
         occupant.stop(None)
     assert str(err.value).startswith(f"cannot listen on {address}: the port is in use")
+
+
+def test_the_state_folder_lock_says_this_process_only(tmp_path: Path) -> None:
+    """A lock file left by an earlier coordinator with a longer pid holds this one's pid alone
+    (its tail would make the "in use by another coordinator (pid ...)" message wrong)."""
+    (tmp_path / "coordinator.lock").write_text("1234567890123\n")
+    lock = lock_state_dir(tmp_path)
+    try:
+        assert (tmp_path / "coordinator.lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.close()
