@@ -870,6 +870,24 @@ def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
     sender.join(10)
 
 
+def test_an_os_error_the_rounds_raise_unwrapped_ends_the_coordinator_the_same_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not every write of the rounds names its file (CheckpointError): a bare OSError from them
+    also ends the run with EXIT_CANNOT_WRITE and one line, not a dead rounds thread."""
+
+    def full(self: RoundEngine) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Captured, "_wait_for_quorum", lambda self: True)  # no node needed
+    monkeypatch.setattr(Captured, "_training_round", full)
+    with caplog.at_level(logging.ERROR, logger="pluralfed.coordinator"):
+        code = coordinate(monkeypatch, tiny_config(tmp_path / "state"), with_node=False)
+    assert code == EXIT_CANNOT_WRITE
+    assert "stopping: cannot write the run's state in" in caplog.text
+    assert "[Errno 28] No space left on device" in caplog.text
+
+
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
