@@ -888,6 +888,17 @@ def test_an_os_error_the_rounds_raise_unwrapped_ends_the_coordinator_the_same_wa
     assert "[Errno 28] No space left on device" in caplog.text
 
 
+def test_the_final_model_says_which_run_and_groups_trained_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    meta = json.loads((state_dir / "final" / "model.json").read_text())["metadata"]
+    results = json.loads((state_dir / "results.json").read_text())
+    assert meta["mode"] == "federated" and meta["run_id"] == results["run_id"]
+    assert meta["rounds"] == 1 and meta["training_groups"] == ["A"]
+
+
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -954,15 +965,20 @@ def test_a_finished_run_evaluated_again_reports_a_new_evaluation_not_missing_fil
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Its node back, a finished run started again evaluates again and writes results.json
-    anew: it says so, not that the files were missing (they were not)."""
+    anew, with the run's own figures: it says so, not that the files were missing (they were
+    not)."""
     state_dir = tmp_path / "state"
     cfg = tiny_config(state_dir, eval_timeout_s=10.0)
     assert coordinate(monkeypatch, cfg) == 0
+    first = json.loads((state_dir / "results.json").read_text())
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
         assert coordinate(monkeypatch, cfg) == 0
     results = json.loads((state_dir / "results.json").read_text())
     assert "evaluated_again_at" in results
+    # the run's own time and memory, not the re-evaluation's
+    assert results["wall_seconds"] == first["wall_seconds"]
+    assert results["peak_rss_mib"] == first["peak_rss_mib"]
     assert "federation finished: 1 rounds" in capsys.readouterr().err
     assert "missing or older than its final evaluation" not in caplog.text
 
