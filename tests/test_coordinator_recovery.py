@@ -899,6 +899,32 @@ def test_the_final_model_says_which_run_and_groups_trained_it(
     assert meta["rounds"] == 1 and meta["training_groups"] == ["A"]
 
 
+def test_lingering_waits_for_connected_nodes_and_ends_on_a_signal() -> None:
+    """After the end every group has heard, the coordinator still serves the nodes connected
+    (fetching the final model) until they leave; a signal ends the linger at once."""
+    live_calls: list[int] = []
+
+    def live() -> list[str]:
+        live_calls.append(1)
+        return ["session"] if len(live_calls) < 3 else []
+
+    told = SimpleNamespace(unaware_of_end=lambda: [], live_sessions=live)
+    service._linger(told, 30.0, threading.Event())  # type: ignore[arg-type]
+    assert len(live_calls) == 3
+
+    unaware_calls: list[int] = []
+
+    def unaware() -> list[str]:
+        unaware_calls.append(1)
+        return ["B"]
+
+    stopping = threading.Event()
+    stopping.set()
+    signalled = SimpleNamespace(unaware_of_end=unaware, live_sessions=list)
+    service._linger(signalled, 2.0, stopping)  # type: ignore[arg-type]
+    assert len(unaware_calls) == 1
+
+
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -955,6 +981,14 @@ def test_a_finished_run_missing_its_outputs_gets_them_written_on_restart(
     assert again["run_id"] == results["run_id"]
     if "results.json" not in lost:  # the run's own figures are kept
         assert again["wall_seconds"] == results["wall_seconds"]
+    else:  # from the start of its first round to the end of its final evaluation
+        state = load_state(state_dir)
+        assert state is not None
+        first, last, final = state.history.first, state.history.last, state.evaluations.last
+        assert first is not None and last is not None and final is not None
+        span = last["finished_at"] - first["finished_at"] + first["seconds"] + final["seconds"]
+        assert again["wall_seconds"] == pytest.approx(span) and first["seconds"] > 0
+        assert again["peak_rss_mib"] is None  # not known any more
     assert "written again" in capsys.readouterr().err
 
 
@@ -998,6 +1032,24 @@ def test_results_older_than_the_final_evaluation_are_written_again(
     state = load_state(state_dir)
     assert state is not None
     assert json.loads(path.read_text())["final_evaluation"] == state.evaluations.last
+
+
+def test_a_true_in_place_of_the_runs_wall_time_is_not_taken_for_one_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """final/ lost, results.json kept but hand-edited: its figures are kept only if numbers
+    (JSON true is not 1 s); otherwise the time is worked out from the run's records."""
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    path = state_dir / "results.json"
+    results = json.loads(path.read_text())
+    path.write_text(json.dumps({**results, "wall_seconds": True, "peak_rss_mib": False}))
+    for f in (state_dir / "final").iterdir():
+        f.unlink()
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    again = json.loads(path.read_text())
+    assert again["wall_seconds"] is not True and again["wall_seconds"] != 1.0
+    assert isinstance(again["wall_seconds"], float) and again["peak_rss_mib"] is None
 
 
 def test_results_of_another_run_are_written_again(
