@@ -889,10 +889,13 @@ def test_an_os_error_the_rounds_raise_unwrapped_ends_the_coordinator_the_same_wa
 
 
 def test_the_final_model_says_which_run_and_groups_trained_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """... and the run ends by showing its final evaluation (the per-group table)."""
     state_dir = tmp_path / "state"
     assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    shown = capsys.readouterr().err
+    assert "per group" in shown and re.search(r"A\s.*training\s.*0\.5000", shown), shown
     meta = json.loads((state_dir / "final" / "model.json").read_text())["metadata"]
     results = json.loads((state_dir / "results.json").read_text())
     assert meta["mode"] == "federated" and meta["run_id"] == results["run_id"]
