@@ -99,7 +99,12 @@ def _from_float64(mean: Array, spec: TensorSpec) -> Array:
     if spec.dtype == "bool":
         return mean >= 0.5
     info = np.iinfo(spec.numpy_dtype)
-    return np.clip(np.rint(mean), info.min, info.max).astype(spec.numpy_dtype)
+    # float64 rounds int64's largest value up to 2**63, which the cast would wrap to the most
+    # negative one: clip to the largest float64 the dtype holds instead
+    top = float(info.max)
+    if top > info.max:
+        top = float(np.nextafter(top, 0.0))
+    return np.clip(np.rint(mean), info.min, top).astype(spec.numpy_dtype)
 
 
 def _spec(name: str, array: Array) -> TensorSpec:

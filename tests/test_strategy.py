@@ -128,6 +128,32 @@ def test_integer_and_bool_tensors_average_sensibly() -> None:
     assert out["m"].dtype == np.bool_ and out["m"].tolist() == [True, False]  # weighted majority
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])  # the wire's integer dtypes
+def test_integers_at_the_top_of_their_range_average_without_wrapping(dtype: type) -> None:
+    """The mean is computed in float64, where int64's and uint64's largest values round up to
+    a number the dtype cannot hold: it saturates at the largest float64 the dtype holds, never
+    wrapping to the most negative value. Smaller integers average exactly at their top."""
+    info = np.iinfo(dtype)
+    top, bottom = np.array([info.max], dtype), np.array([info.min], dtype)
+    expected = int(np.nextafter(float(info.max), 0.0)) if info.bits == 64 else int(info.max)
+    for out in (
+        fedavg([{"n": top}, {"n": top}])["n"],
+        fedavg([{"n": top}, {"n": top.copy()}], [1, 3])["n"],
+    ):
+        assert out.dtype == dtype and int(out[0]) == expected
+        assert expected > int(info.max) - 2**11  # within float64's spacing at the top
+    assert int(fedavg([{"n": bottom}, {"n": bottom}])["n"][0]) == int(info.min)
+    aggregate = StreamingFedAvg(wire.specs_of({"n": top}))
+    for _ in range(2):
+        pieces: list[TensorSlice] = []
+        assembler = wire.TensorAssembler(wire.specs_of({"n": top}), on_slice=pieces.append)
+        for chunk in wire.iter_chunks({"n": top}, 64):
+            assembler.add(chunk)
+        assembler.finish(wire.digest_of({"n": top}))
+        aggregate.fold_update(pieces, 1.0)
+    assert int(aggregate.result()["n"][0]) == expected
+
+
 def test_bfloat16_tensors_average_in_float() -> None:
     a = np.array([1.0, 2.0, -3.0], np.float32)
     b = np.array([3.0, 2.0, 5.0], np.float32)
