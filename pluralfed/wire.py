@@ -206,7 +206,11 @@ def check_spec(spec: TensorSpec) -> None:
     """Raise WireError unless spec is a valid tensor description."""
     if not isinstance(spec.name, str) or not spec.name:
         raise WireError(f"tensor name must be a non-empty string, got {spec.name!r}")
-    if len(spec.name.encode("utf-8")) > MAX_NAME_BYTES:
+    try:
+        name_bytes = len(spec.name.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for the wire, the digest or a file
+        raise WireError(f"tensor {spec.name!r}: name is not valid UTF-8") from None
+    if name_bytes > MAX_NAME_BYTES:
         raise WireError(f"tensor {spec.name[:64]!r}...: name longer than {MAX_NAME_BYTES} bytes")
     if spec.dtype not in _NUMPY_DTYPES:
         raise WireError(

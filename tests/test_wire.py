@@ -146,6 +146,9 @@ def test_spec_limits_are_inclusive_and_each_refusal_names_the_tensor() -> None:
     with pytest.raises(WireError, match=rf"name longer than {limit} bytes"):
         TensorSpec(wide, "float32", (1,))
 
+    with pytest.raises(WireError, match=r"tensor 'w\\ud800': name is not valid UTF-8"):
+        TensorSpec("w\ud800", "float32", (1,))  # built by hand: a received name is UTF-8
+
     ndim = wire.MAX_NDIM
     assert TensorSpec("deep", "uint8", (1,) * ndim).nbytes == 1
     with pytest.raises(
