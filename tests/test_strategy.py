@@ -130,11 +130,12 @@ def test_integer_and_bool_tensors_average_sensibly() -> None:
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])  # the wire's integer dtypes
 def test_integers_at_the_top_of_their_range_average_without_wrapping(dtype: type) -> None:
-    """The mean is computed in float64, where int64's and uint64's largest values round up to
-    a number the dtype cannot hold: it saturates at the largest float64 the dtype holds, never
+    """The mean is computed in float64, where int64's largest value rounds up to a number the
+    dtype cannot hold: it saturates at the largest float64 the dtype holds, never
     wrapping to the most negative value. Smaller integers average exactly at their top."""
     info = np.iinfo(dtype)
-    top, bottom = np.array([info.max], dtype), np.array([info.min], dtype)
+    top: np.ndarray = np.array([info.max], dtype)
+    bottom: np.ndarray = np.array([info.min], dtype)
     expected = int(np.nextafter(float(info.max), 0.0)) if info.bits == 64 else int(info.max)
     for out in (
         fedavg([{"n": top}, {"n": top}])["n"],
