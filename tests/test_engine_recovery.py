@@ -238,6 +238,21 @@ def evaluate_only(
             return
 
 
+def evaluates_once_then_leaves(engine: RoundEngine, group: str) -> threading.Thread:
+    """An evaluate-only node of `group`, joined when this returns, that answers one evaluation
+    (alignment 0.4) and leaves for good (its thread)."""
+    joined = threading.Event()
+    node = threading.Thread(
+        target=evaluate_only,
+        args=(engine, group, 0.4),
+        kwargs={"once": True, "joined": joined},
+        daemon=True,
+    )
+    node.start()
+    assert joined.wait(10)
+    return node
+
+
 @contextlib.contextmanager
 def started_again(tmp_path: Path, settings: RoundSettings) -> Iterator[RoundEngine]:
     """The finished run in `tmp_path` started again, its training node back at once; the block
@@ -302,15 +317,7 @@ def test_evaluating_again_waits_for_a_group_the_final_evaluation_missed(
     settings = RoundSettings(rounds=2, eval_every=1, eval_timeout_s=1)
     first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     driver = start(first)
-    joined = threading.Event()
-    gone = threading.Thread(
-        target=evaluate_only,
-        args=(first, "B", 0.4),
-        kwargs={"once": True, "joined": joined},
-        daemon=True,
-    )
-    gone.start()
-    assert joined.wait(10)
+    gone = evaluates_once_then_leaves(first, "B")
     serve(first)
     driver.join(20)
     gone.join(20)
@@ -893,15 +900,7 @@ def test_an_empty_evaluate_only_means_no_held_out_groups(tmp_path: Path) -> None
     settings = RoundSettings(rounds=1, eval_every=1, round_timeout_s=10, eval_timeout_s=10)
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     driver = start(engine)
-    joined = threading.Event()
-    held = threading.Thread(
-        target=evaluate_only,
-        args=(engine, "H", 0.4),
-        kwargs={"once": True, "joined": joined},
-        daemon=True,
-    )
-    held.start()
-    assert joined.wait(10)
+    held = evaluates_once_then_leaves(engine, "H")
     serve(engine)
     driver.join(20)
     held.join(20)
