@@ -253,6 +253,30 @@ def evaluates_once_then_leaves(engine: RoundEngine, group: str) -> threading.Thr
     return node
 
 
+class LongPoll:
+    """A node's long poll for its next task (60 s), on its own thread, its call open until
+    `hang_up`: what the server does when it cancels the call."""
+
+    def __init__(self, engine: RoundEngine, session_id: str) -> None:
+        self.connected = threading.Event()
+        self.connected.set()
+        self.answers: list[TaskKind] = []
+        self.thread = threading.Thread(
+            target=lambda: self.answers.append(
+                engine.next_task(session_id, None, 60.0, alive=self.connected.is_set).kind
+            )
+        )
+        self.thread.start()
+        time.sleep(0.3)  # it waits now (a test passes, only later, if it had not started yet)
+
+    def hang_up(self, timeout: float) -> list[TaskKind]:
+        """Cancel the call; the poll's answers once it has ended (within `timeout`)."""
+        self.connected.clear()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive()
+        return self.answers
+
+
 @contextlib.contextmanager
 def started_again(tmp_path: Path, settings: RoundSettings) -> Iterator[RoundEngine]:
     """The finished run in `tmp_path` started again, its training node back at once; the block
@@ -539,21 +563,12 @@ def test_a_poll_whose_call_is_cancelled_after_stop_returns_soon(tmp_path: Path) 
     settings = RoundSettings(rounds=1, min_nodes=2, eval_every=0, heartbeat_interval_s=30.0)
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     s = engine.join("A", Role.TRAIN, 10, ENC, "t")  # no quorum: the poll waits
-    connected = threading.Event()
-    connected.set()
-    answers: list[TaskKind] = []
-    poll = threading.Thread(
-        target=lambda: answers.append(
-            engine.next_task(s.session_id, None, 60.0, alive=connected.is_set).kind
-        )
-    )
-    poll.start()
-    time.sleep(0.3)  # it waits now (the test passes, only later, if it had not started yet)
+    poll = LongPoll(engine, s.session_id)
     engine.stop()  # the service's shutdown: the engine first ...
     time.sleep(0.3)
-    connected.clear()  # ... then the server cancels the call
-    poll.join(10.0)  # STOPPING_POLL_S (0.5 s) after; it was the 30 s heartbeat interval
-    assert not poll.is_alive() and answers == [TaskKind.WAIT]
+    # ... then the server cancels the call: STOPPING_POLL_S (0.5 s) after, the poll ends; it was
+    # the 30 s heartbeat interval
+    assert poll.hang_up(10.0) == [TaskKind.WAIT]
 
 
 def test_nodes_are_answered_while_a_round_is_checkpointed(
@@ -878,19 +893,7 @@ def test_no_quorum_within_quorum_timeout_stops_the_run_unfinished(
         driver.join(10)
     assert not driver.is_alive() and not engine.done and engine.completed_rounds() == 0
     assert "no quorum after 0 s; stopping" in caplog.text
-    connected = threading.Event()
-    connected.set()
-    answers: list[TaskKind] = []
-    poll = threading.Thread(
-        target=lambda: answers.append(
-            engine.next_task(s.session_id, None, 60.0, alive=connected.is_set).kind
-        )
-    )
-    poll.start()
-    time.sleep(0.3)  # it waits now (the test passes, only later, if it had not started yet)
-    connected.clear()
-    poll.join(5.0)
-    assert not poll.is_alive() and answers == [TaskKind.WAIT]
+    assert LongPoll(engine, s.session_id).hang_up(5.0) == [TaskKind.WAIT]
 
 
 def test_an_empty_evaluate_only_means_no_held_out_groups(tmp_path: Path) -> None:
