@@ -72,8 +72,10 @@ def _check_float(
 def _check_listen(address: object) -> None:
     if not isinstance(address, str):
         raise _refuse("listen", f"listen must be host:port, got {address!r}")
-    if address.startswith("unix:") and len(address) > len("unix:"):
-        return
+    if address.startswith("unix:"):
+        if len(address) > len("unix:"):
+            return
+        raise _refuse("listen", "listen 'unix:' names no socket path (unix:/path/to/socket)")
     host, _, port = address.rpartition(":")
     if (
         not host

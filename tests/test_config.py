@@ -202,7 +202,10 @@ def test_a_listen_address_that_is_not_host_and_port_is_refused(tmp_path: Path, l
     failed as "the port is in use"."""
     path = tmp_path / "c.toml"
     path.write_text(f"listen = {listen!r}\n", encoding="utf-8")
-    with pytest.raises(InputError, match="listen must be host:port") as err:
+    want = (
+        "listen 'unix:' names no socket path" if listen == "unix:" else "listen must be host:port"
+    )
+    with pytest.raises(InputError, match=want) as err:
         load_config(CoordinatorConfig, path, "X_", {}, environ={})
     assert str(path) in str(err.value)
 
