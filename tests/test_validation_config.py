@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+import coordinator.state as state_module
 import pluralfed.checkpoint as checkpoint_module
 from coordinator.history import EVALUATIONS_FILE, HISTORY_FILE, EvaluationLog, RoundHistory
 from coordinator.server import task_to_proto
 from coordinator.service import CoordinatorConfig, model_config
 from coordinator.settings import NODE_MAX_HEARTBEAT_S, NODE_MAX_LOCAL_STEPS, RoundSettings
-from coordinator.state import STATE_FILE, RunState, load_state, save_state
+from coordinator.state import STATE_FILE, CheckpointError, RunState, load_state, save_state
 from coordinator.tasks import TaskKind, TaskSpec
 from group_node.client import MAX_HEARTBEAT_INTERVAL_S
 from group_node.node import MAX_LOCAL_STEPS, local_steps_of, training_settings
@@ -339,6 +340,33 @@ def _state(folder: Path, **changes: Any) -> Path:
         ({"weights_file": 3}, "weights_file"),
         ({"optimizer_file": "../o.safetensors"}, "optimizer_file"),
         ({"optimizer_scalars": [1]}, "optimizer_scalars"),
+        # the exact refusal, not another check's that a bad value happens to trip later
+        ({"history_digest": "ab"}, "field 'history_digest' must be a BLAKE3 digest"),
+        ({"evaluations_digest": "0" * 63}, "field 'evaluations_digest' must be a BLAKE3"),
+        ({"weights_digest": "ab"}, "field 'weights_digest' must be a BLAKE3 digest"),
+        ({"weights_digest": 7}, "field 'weights_digest' must be a BLAKE3 digest"),
+        ({"version": 1, "history": "ab"}, "field 'history' missing or not a list"),
+        ({"version": 1, "history": [], "evaluations": {}}, "'evaluations' missing or not a list"),
+        ({"encoder_identity": 5}, "field 'encoder_identity' missing or not a str"),
+        ({"completed_rounds": True}, "field 'completed_rounds' missing or not a int"),
+        ({"completed_rounds": -7}, "field 'completed_rounds' is -7, < 0"),
+        # fields that disagree with each other or with the records
+        (
+            {"completed_rounds": 1, "weights_file": "weights-r00001.safetensors"},
+            "'completed_rounds' is 1, but the history holds 2 round record",
+        ),
+        ({"weights_file": "weights-r00001.safetensors"}, "'weights_file' is 'weights-r00001"),
+        ({"optimizer_file": "optimizer-r00001.safetensors"}, "'optimizer_file' is 'optimizer-r0"),
+        (
+            {
+                "version": 1,
+                "completed_rounds": 1,
+                "weights_file": "weights-r00001.safetensors",
+                "history": [{"round": 1, "participants": []}],
+                "evaluations": [{"round": 2, "groups": [], "reports": {}}],
+            },
+            "evaluations hold one of round 2, beyond completed_rounds 1",
+        ),
     ],
 )
 def test_resume_state_fields_are_checked(
@@ -368,6 +396,76 @@ def test_a_good_resume_state_still_loads(tmp_path: Path) -> None:
     assert state is not None and state.completed_rounds == 2
     assert [r["round"] for r in state.history.records()] == [1, 2]
     np.testing.assert_array_equal(state.weights["w"], np.ones(3, np.float32))
+
+
+def _round(n: int) -> Any:
+    """A record of round `n` as the checks of history.jsonl take it."""
+    return {"round": n, "participants": ["A"]}
+
+
+def test_the_server_optimizers_state_is_resumed_whole(tmp_path: Path) -> None:
+    """Its arrays go to optimizer-r*.safetensors, its scalars into state.json: a resume gets
+    both back, and the previous round's files are removed once the new state.json names its."""
+    folder = _state(tmp_path / "run")
+    state = load_state(folder)
+    assert state is not None and state.optimizer_state == {}
+    moment = np.arange(3, dtype=np.float32)
+    state.optimizer_state = {"step": 3, "beta": 0.5, "m.w": moment}
+    state.completed_rounds = 3
+    save_state(folder, state, record=_round(3))
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+        "optimizer-r00003.safetensors",
+        "weights-r00003.safetensors",
+    ]
+    again = load_state(folder)
+    assert again is not None and again.completed_rounds == 3
+    assert sorted(again.optimizer_state) == ["beta", "m.w", "step"]
+    assert (again.optimizer_state["step"], again.optimizer_state["beta"]) == (3, 0.5)
+    np.testing.assert_array_equal(again.optimizer_state["m.w"], moment)
+
+
+def test_digests_in_upper_case_hex_are_taken(tmp_path: Path) -> None:
+    """A digest is hex, in either case: one written in capitals by hand or by another tool is
+    the same digest, not a damaged file."""
+    raw = json.loads((_state(tmp_path / "run") / STATE_FILE).read_text())
+    changes = {k: raw[k].upper() for k in ("weights_digest", "history_digest")}
+    assert all(v != raw[k] for k, v in changes.items())
+    state = load_state(_state(tmp_path / "again", **changes))
+    assert state is not None and [r["round"] for r in state.history.records()] == [1, 2]
+
+
+def test_a_state_whose_records_are_in_another_folder_is_not_saved(tmp_path: Path) -> None:
+    """The records are appended in place: state.json in one folder must not count bytes of a
+    history.jsonl in another."""
+    state = load_state(_state(tmp_path / "run"))
+    assert state is not None
+    (tmp_path / "other").mkdir()
+    before = (tmp_path / "run" / STATE_FILE).read_bytes()
+    with pytest.raises(ValueError, match=r"the records of a state saved to .*other are in"):
+        save_state(tmp_path / "other", state)
+    assert not list((tmp_path / "other").iterdir())
+    assert (tmp_path / "run" / STATE_FILE).read_bytes() == before
+
+
+def test_a_failed_checkpoint_over_a_state_json_that_is_no_object_is_a_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean-up of a failed checkpoint reads the state.json on disk to spare the files it
+    names; one that is not an object names nothing it can tell, so nothing is removed, and the
+    failure is still the CheckpointError naming the file, not an AttributeError."""
+    folder = _state(tmp_path / "run")
+    state = load_state(folder)
+    assert state is not None
+    (folder / STATE_FILE).write_text("[]")
+
+    def full(path: Path, _obj: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_module, "atomic_write_json", full)
+    state.completed_rounds = 3
+    with pytest.raises(CheckpointError, match=r"cannot write .*state\.json: .*No space left"):
+        save_state(folder, state, record=_round(3))
+    assert (folder / "weights-r00003.safetensors").exists()
 
 
 @pytest.mark.parametrize(
