@@ -236,3 +236,61 @@ def test_an_evaluation_of_a_negative_round_is_refused(tmp_path: Path) -> None:
         log.append(evaluation(-1))
     log.append(evaluation(0))
     assert [e["round"] for e in log.records()] == [0]
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([{"round": True, "participants": []}], r"^h\[0\]: field 'round' missing or not an int"),
+        ([{"round": 1, "participants": ["A", 3]}], r"^h\[0\]: field 'participants' must be a"),
+        ([{"round": 1, "participants": [], "selected": "AB"}], r"^h\[0\]: field 'selected' must"),
+        ([record(1), [1]], r"^h\[1\]: must be an object, got list"),
+    ],
+)
+def test_a_round_record_a_resume_could_not_read_is_refused_naming_it(
+    tmp_path: Path, records: list[Any], message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        RoundHistory.from_records(tmp_path / HISTORY_FILE, records, "h")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"held_out_unconnected": "A"}, r"^e\[0\]: field 'held_out_unconnected' must be a list"),
+        ({"missing": [None]}, r"^e\[0\]: field 'missing' must be a list of group names"),
+        ({"reports": None}, r"^e\[0\]: field 'reports' missing or not an object"),
+        ({"round": False}, r"^e\[0\]: field 'round' missing or not an int"),
+    ],
+)
+def test_an_evaluation_record_a_resume_could_not_read_is_refused_naming_it(
+    tmp_path: Path, extra: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        EvaluationLog.from_records(tmp_path / EVALUATIONS_FILE, [{**evaluation(0), **extra}], "e")
+
+
+def _file(folder: Path, lines: list[bytes]) -> tuple[Path, bytes]:
+    path = folder / HISTORY_FILE
+    path.write_bytes(b"".join(lines))
+    return path, path.read_bytes()
+
+
+def test_a_history_file_missing_or_cut_is_refused_saying_so(tmp_path: Path) -> None:
+    """Each way the records named can be gone gets its own message: the file missing, cut
+    shorter than state.json names, or named to end inside a line; an empty line is no record."""
+    state = tmp_path / "state.json"
+    one, two = (json.dumps(record(n)).encode() + b"\n" for n in (1, 2))
+    digest = blake3.blake3(one + two).hexdigest()
+    with pytest.raises(InputError, match=r"names 10 bytes of round records in .* which is missing"):
+        RoundHistory.load(tmp_path / HISTORY_FILE, 10, digest, state)
+    path, text = _file(tmp_path, [one])
+    with pytest.raises(InputError, match=rf"holds {len(one)} bytes where .* names the first"):
+        RoundHistory.load(path, len(one) + len(two), digest, state)
+    path, text = _file(tmp_path, [one, two])
+    cut = len(one) + 5
+    with pytest.raises(InputError, match=rf"line 2: the {cut} bytes .* end inside this line"):
+        RoundHistory.load(path, cut, blake3.blake3(text[:cut]).hexdigest(), state)
+    path, text = _file(tmp_path, [one, b"\n", two])
+    with pytest.raises(InputError, match=r"history\.jsonl, line 2: is empty, where a record was"):
+        RoundHistory.load(path, len(text), blake3.blake3(text).hexdigest(), state)
