@@ -104,3 +104,78 @@ def test_a_join_replaces_every_session_of_its_group_whatever_its_role(clock: Clo
         assert t.live(Role.EVALUATE_ONLY) == [b, again] and t.live(Role.TRAIN) == []
         with pytest.raises(Rejection, match="with this node's certificate"):
             t.lookup(a.session_id, "A")
+
+
+def test_only_the_latest_replaced_sessions_are_remembered(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sessions_module, "MAX_REPLACED_SESSIONS", 2)
+    t, lock, _ = table()
+    with lock:
+        ids = [join(t, clock, "A").session_id for _ in range(4)]  # 3 replaced, the last live
+        with pytest.raises(Rejection, match="unknown or expired session"):
+            t.lookup(ids[0], "A")  # the oldest is forgotten
+        for old in ids[1:3]:
+            with pytest.raises(Rejection, match="with this node's certificate"):
+                t.lookup(old, "A")
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "two processes" in r.getMessage()]
+
+
+def _replace(t: SessionTable, clock: Clock, silent: float, times: int, apart: float) -> None:
+    """`times` Joins of group A, `apart` s from each other, each replacing a session last seen
+    `silent` s before."""
+    s = join(t, clock, "A")
+    for _ in range(times):
+        clock.now += apart
+        s.last_seen = clock.now - silent
+        s = join(t, clock, "A")
+
+
+def test_replacements_of_a_session_seen_within_two_heartbeats_are_warned_about(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Heartbeats every 5 s (the default): a session seen 8 s before its replacement is a live
+    process's, one seen 11 s before is a dead one's."""
+    t, lock, _ = table()
+    with lock:
+        _replace(t, clock, silent=11, times=4, apart=20)
+        assert _warnings(caplog) == []
+        _replace(t, clock, silent=8, times=3, apart=20)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "node A joined again 3 times in 40 s" in warnings[0], warnings
+
+
+def test_replacements_further_apart_than_the_window_are_not_warned_about(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    t, lock, _ = table()
+    with lock:
+        _replace(t, clock, silent=1, times=4, apart=sessions_module.REPLACEMENT_WINDOW_S / 2 + 1)
+    assert _warnings(caplog) == []
+
+
+def test_a_session_keeps_only_the_answers_that_can_still_be_looked_up(clock: Clock) -> None:
+    t, lock, _ = table()
+    with lock:
+        s = join(t, clock, "A")
+    s.mark_answered("t1", None)
+    s.mark_answered("t2", "t1")  # t1 is still the open task
+    assert s.answered == {"t1", "t2"}
+    s.mark_answered("t3", "t3")
+    assert s.answered == {"t3"}
+
+
+def test_the_poll_of_a_replaced_or_expired_session_is_woken_alone(clock: Clock) -> None:
+    t, lock, _ = table()
+    with lock:
+        a, b = join(t, clock, "A"), join(t, clock, "B")
+        a.wakeup, b.wakeup = Changed(lock), Changed(lock)
+        join(t, clock, "A")
+        assert (a.wakeup.notified, b.wakeup.notified) == (1, 0)
+        clock.now += TIMEOUT + 1
+        with pytest.raises(Rejection):
+            t.lookup(b.session_id, "B")
+        assert (a.wakeup.notified, b.wakeup.notified) == (1, 1)
