@@ -424,6 +424,33 @@ def test_the_server_optimizers_state_is_resumed_whole(tmp_path: Path) -> None:
     np.testing.assert_array_equal(again.optimizer_state["m.w"], moment)
 
 
+def test_a_failed_checkpoint_removes_only_the_files_it_added(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at state.json: the round's weights file this checkpoint made is removed (no
+    state.json names it), but one that was there before it (written again) is the caller's."""
+    folder = _state(tmp_path / "run")
+    state = load_state(folder)
+    assert state is not None
+
+    def full(path: Path, _obj: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_module, "atomic_write_json", full)
+    state.completed_rounds = 3
+    with pytest.raises(CheckpointError):
+        save_state(folder, state, record=_round(3))
+    assert not (folder / "weights-r00003.safetensors").exists()
+    save_tensors(folder / "weights-r00003.safetensors", {"w": np.zeros(3, np.float32)})
+    state.optimizer_state = {"m": np.ones(2, np.float32)}  # a file not there before: removed
+    with pytest.raises(CheckpointError):
+        save_state(folder, state)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+        "weights-r00002.safetensors",
+        "weights-r00003.safetensors",
+    ]
+
+
 def test_digests_in_upper_case_hex_are_taken(tmp_path: Path) -> None:
     """A digest is hex, in either case: one written in capitals by hand or by another tool is
     the same digest, not a damaged file."""
