@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -294,3 +295,22 @@ def test_a_history_file_missing_or_cut_is_refused_saying_so(tmp_path: Path) -> N
     path, text = _file(tmp_path, [one, b"\n", two])
     with pytest.raises(InputError, match=r"history\.jsonl, line 2: is empty, where a record was"):
         RoundHistory.load(path, len(text), blake3.blake3(text).hexdigest(), state)
+
+
+def test_a_shared_history_with_a_cut_line_beyond_its_records_is_copied_without_it(
+    tmp_path: Path,
+) -> None:
+    """A run forked with `cp -al` after a crash cut an append: the copy made before the first
+    append holds the named records only, then the new one; the other folder's file is as it was."""
+    history = written(tmp_path, [record(1), record(2)])
+    named = (history.nbytes, history.digest())
+    with history.path.open("ab") as f:
+        f.write(b'{"round": 3, "partic')
+    shared = history.path.read_bytes()
+    (tmp_path / "fork").mkdir()
+    os.link(history.path, tmp_path / "fork" / HISTORY_FILE)
+    loaded = RoundHistory.load(history.path, *named, tmp_path / "state.json")
+    loaded.append(record(3))
+    lines = history.path.read_bytes().splitlines()
+    assert [json.loads(line) for line in lines] == [record(1), record(2), record(3)]
+    assert (tmp_path / "fork" / HISTORY_FILE).read_bytes() == shared
