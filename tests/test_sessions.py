@@ -4,6 +4,7 @@ when a session expires, what looking one up does to it, and which sessions a Joi
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,8 +26,9 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The sessions module's clock only: time.monotonic itself is left to every other thread."""
     made = Clock()
-    monkeypatch.setattr(sessions_module.time, "monotonic", made)
+    monkeypatch.setattr(sessions_module, "time", SimpleNamespace(monotonic=made))
     return made
 
 
