@@ -483,7 +483,10 @@ def test_allow_list_basics() -> None:
     assert allow.node_for("node-a") == "India (Current national sample)"
     assert allow.node_for("node-b") is None
     assert "node-a" in allow and len(allow) == 1
+    assert "node-b" not in allow and "India (Current national sample)" not in allow
     assert allow.node_names == frozenset({"India (Current national sample)"})
+    longest = "X" * auth.MAX_NODE_NAME  # the longest name allowed
+    assert AllowList({"node-a": longest}).node_for("node-a") == longest
 
 
 @pytest.mark.parametrize(
@@ -495,6 +498,9 @@ def test_allow_list_basics() -> None:
         ({"node-a": ""}, "identity 'node-a': node name must be a non-empty string"),
         ({"node-a": 3}, "node name must be a non-empty string"),
         ({"node-a": " X"}, "without surrounding spaces"),
+        ({"node-a": "X" * 201}, "at most 200 characters"),
+        ({"node-a": "Nige\nria"}, "must be printable"),
+        ({"node-a": "Nigeria\u200b"}, "must be printable"),  # an invisible character
         ({"node-a": "X", "node-b": "X"}, "node name 'X' is given to two identities"),
         (  # NFC "ô" and NFD "o" + U+0302: they look alike and would be two groups
             {"node-a": "C\u00f4te d'Ivoire", "node-b": "Co\u0302te d'Ivoire"},
@@ -517,6 +523,10 @@ def test_allow_list_from_toml(tmp_path: Path) -> None:
     assert AllowList.from_toml(path, "coordinator.allow_list").as_dict() == {"node-a": "Nigeria"}
     with pytest.raises(InputError, match=r"no \[allow_list\] table"):
         AllowList.from_toml(path)
+    # a key on the way that is a string, not a table (one containing the next key's name)
+    path.write_text('coordinator = "allow_list"\n')
+    with pytest.raises(InputError, match=r"no \[coordinator.allow_list\] table"):
+        AllowList.from_toml(path, "coordinator.allow_list")
     path.write_text('[allow_list]\n"node a" = "Nigeria"\n')
     with pytest.raises(InputError, match=rf"{path} \[allow_list\]: identity 'node a'"):
         AllowList.from_toml(path)
