@@ -298,6 +298,24 @@ def test_repeated_refusals_are_logged_once_a_minute(caplog: pytest.LogCaptureFix
     assert "(999 more like it in the last" in lines[2]
 
 
+def test_a_caller_without_identity_is_one_caller_whatever_its_port(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refused caller with no identity is known by its address without the port (a new one
+    each connection), and each reason it is refused for is logged on its own."""
+    refusals = RefusalLog(interval_s=60.0)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.auth"):
+        for port in range(5000, 5100):  # reconnecting in a loop: one line, not one a port
+            refusals.log("/m", None, f"ipv4:10.0.0.7:{port}", "transport 'insecure' is not TLS")
+        refusals.log("/m", None, "ipv4:10.0.0.8:5000", "transport 'insecure' is not TLS")
+        refusals.log("/m", None, "ipv4:10.0.0.7:6000", "undecodable JoinRequest")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "identity=- peer=ipv4:10.0.0.7:5000" in lines[0] and "not TLS" in lines[0]
+    assert "peer=ipv4:10.0.0.8:5000" in lines[1]
+    assert "peer=ipv4:10.0.0.7:6000" in lines[2] and "undecodable JoinRequest" in lines[2]
+
+
 def test_a_line_repeated_without_pause_is_still_logged_once_a_minute(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
