@@ -298,6 +298,35 @@ def test_repeated_refusals_are_logged_once_a_minute(caplog: pytest.LogCaptureFix
     assert "(999 more like it in the last" in lines[2]
 
 
+class _Call:
+    """A call's context as CallLimit sees it: whether gRPC still runs it."""
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+
+def test_the_call_limit_counts_each_callers_calls_in_flight() -> None:
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        auth_module.CallLimit(0)
+    limit = auth_module.CallLimit(2)
+    first, second, third = _Call(), _Call(), _Call()
+    assert limit.enter("A", first) and limit.enter("A", second)
+    assert not limit.enter("A", third)  # the third at once is refused
+    assert limit.enter("B", third)  # another caller has its own count
+    assert limit.in_flight("A") == 2
+    limit.leave("A", first)
+    assert limit.enter("A", third)
+    # a call that ended without the guard seeing it (gRPC dropped it) stops counting
+    second.active = False
+    assert limit.in_flight("A") == 1
+    fourth = _Call()  # held: the limit keeps contexts weakly, as gRPC's calls go away
+    assert limit.enter("A", fourth)
+    assert not limit.enter("A", _Call())
+
+
 def test_a_caller_without_identity_is_one_caller_whatever_its_port(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
