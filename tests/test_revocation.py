@@ -218,6 +218,50 @@ def test_revoked_certificate_is_refused_on_an_open_connection(
         assert who_b(b"", timeout=5) == b"Borvenia"
 
 
+class _Aborted(Exception):
+    pass
+
+
+class _BareContext:
+    """A call's context with the given auth context: for what a gRPC server never hands over
+    (an identity without the certificate it came from), so cannot be reached over the wire."""
+
+    def __init__(self, auth_context: dict[str, list[bytes]]) -> None:
+        self._auth_context = auth_context
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth_context
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+def test_a_caller_whose_certificate_cannot_be_read_is_refused_where_revocations_count(
+    pki: Path,
+) -> None:
+    """Without the certificate there is no serial to look up: the revocation check fails
+    closed rather than let the identity through unchecked."""
+    crl, _ = revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    bare = _BareContext(
+        {"transport_security_type": [b"ssl"], "peer_uri": [b"pluralfed://node/node-b"]}
+    )
+    unchecked = AuthInterceptor(AllowList(ALLOWED))
+    assert unchecked.authenticate(bare, "/test.Echo/Who").node == "Borvenia"  # type: ignore[arg-type]
+    guard = AuthInterceptor(
+        AllowList(ALLOWED), revocations=RevocationWatch(crl, pki / "ca" / "ca.pem")
+    )
+    with pytest.raises(_Aborted) as refused:
+        guard.authenticate(bare, "/test.Echo/Who")  # type: ignore[arg-type]
+    code, details = refused.value.args
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert details == (
+        "the client certificate could not be read to check it against the revocation list"
+    )
+
+
 def test_node_check_says_a_revoked_certificate_needs_replacing(
     pki: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
