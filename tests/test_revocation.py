@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
+import pluralfed.auth as auth_module
 from coordinator.service import CoordinatorConfig
 from pluralfed import tls
 from pluralfed.auth import AllowList, AuthInterceptor, RevocationWatch, authenticated_node
@@ -717,6 +718,25 @@ def test_the_revocation_check_keeps_the_files_read_at_start(pki: Path) -> None:
         client.close()
     with pytest.raises(InputError, match=r"key\.pem for the revocation check"):
         NodeClient(config)  # a bad file at start is a clear error
+
+
+def test_the_list_is_looked_at_once_an_interval_however_many_calls_come(
+    pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every call checks its caller against the list, but the file is looked at no more than
+    once each `interval` (on a clock the test moves, so no sleep and no timing)."""
+    clock = [1000.0]
+    monkeypatch.setattr(auth_module, "time", type("Clock", (), {"monotonic": lambda: clock[0]}))
+    crl, _ = revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+    watch = RevocationWatch(crl, pki / "ca" / "ca.pem", interval=10.0)
+    b_serial = serial(pki / "node-b")
+    clock[0] = 1011.0  # looked at: unchanged
+    assert not watch.current().is_revoked(b_serial)
+    revoke_certificates(pki / "ca", [pki / "node-b" / "cert.pem"])
+    clock[0] = 1015.0  # within the interval since the last look: not looked at again
+    assert not watch.current().is_revoked(b_serial)
+    clock[0] = 1021.5
+    assert watch.current().is_revoked(b_serial)
 
 
 def test_an_older_list_put_back_does_not_unrevoke(pki: Path) -> None:
