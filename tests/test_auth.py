@@ -311,6 +311,64 @@ def test_an_exempt_request_stream_refuses_a_message_that_does_not_decode(
         server.stop(None)
 
 
+@pytest.mark.parametrize("exempt", [False, True])
+def test_a_request_that_does_not_decode_is_refused_and_logged_with_its_caller(
+    pki: Path, exempt: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A one-request method whose request does not decode is refused before its handler runs,
+    and the refusal names the caller the guard established (nobody, where the method is open
+    to any certificate)."""
+    seen: list[object] = []
+
+    def strict(data: bytes) -> bytes:
+        if data == b"bad":
+            raise ValueError("not a message")
+        return data
+
+    def one(request: object, context: grpc.ServicerContext) -> bytes:
+        seen.append(request)
+        return b"ok"
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[
+            AuthInterceptor(
+                AllowList(ALLOWED), exempt_methods=["/test.Strict/One"] if exempt else []
+            )
+        ],
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Strict",
+                {"One": grpc.unary_unary_rpc_method_handler(one, request_deserializer=strict)},
+            )
+        ]
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0", tls.TlsFiles.from_dir(pki / "server").server_credentials()
+    )
+    server.start()
+    try:
+        with (
+            node_channel(pki, port, "node-a") as channel,
+            caplog.at_level(logging.WARNING, logger="pluralfed.auth"),
+        ):
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/test.Strict/One"
+            )
+            assert call(b"fine", timeout=TIMEOUT) == b"ok"
+            err = rpc_error(call, b"bad")
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message: ValueError: not a message" in str(err.details())
+        assert seen == [b"fine"]
+        (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert "/test.Strict/One" in line and "reason=undecodable message" in line
+        assert ("identity=-" if exempt else "identity=node-a") in line, line
+    finally:
+        server.stop(None)
+
+
 def test_server_name_override(pki: Path, calls: Calls) -> None:
     # the certificate names only coord.example.org; the client dials 127.0.0.1
     server, port = start_server(
