@@ -14,10 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pluralfed.fsutil
 from coordinator.service import lock_state_dir
 from pluralfed.embeddings import CachedEncoder
 from pluralfed.errors import InputError
-from pluralfed.fsutil import atomic_write_bytes, atomic_write_chunks, owner_hint
+from pluralfed.fsutil import (
+    atomic_write_bytes,
+    atomic_write_chunks,
+    atomic_write_json,
+    commit_file,
+    owner_hint,
+    same_file,
+)
 
 
 def test_the_hint_names_the_owner_and_this_process(
@@ -78,3 +86,54 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_pa
         atomic_write_chunks(path, chunks())
     assert path.read_bytes() == b"old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_an_atomic_write_makes_its_folder_and_writes_json_with_sorted_keys(tmp_path: Path) -> None:
+    path = tmp_path / "not" / "made" / "results.json"
+    atomic_write_json(path, {"b": 1, "a": [2, 3]})
+    assert path.read_text() == '{\n  "a": [\n    2,\n    3\n  ],\n  "b": 1\n}\n'
+    atomic_write_json(path, {"b": 1, "a": 2}, indent=None)
+    assert path.read_text() == '{"a": 2, "b": 1}\n'
+
+
+def test_an_atomic_write_syncs_the_file_before_and_its_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data reaches the disk before the new name does (else a crash can leave the new
+    name on an empty file), and the rename itself is synced by syncing the folder."""
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        synced.append(f"rename to {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(pluralfed.fsutil.os, "fsync", fsync)
+    monkeypatch.setattr(pluralfed.fsutil.os, "replace", replace)
+    atomic_write_bytes(tmp_path / "state.json", b"{}\n")
+    temp, *after = synced
+    assert Path(temp).parent == tmp_path and Path(temp).name.startswith(".state.json.")
+    assert after == ["rename to state.json", str(tmp_path)]
+    synced.clear()
+    (tmp_path / "part.tmp").write_bytes(b"all of it")
+    commit_file(tmp_path / "part.tmp", tmp_path / "part.bin")
+    assert synced == [str(tmp_path / "part.tmp"), "rename to part.bin", str(tmp_path)]
+    assert (tmp_path / "part.bin").read_bytes() == b"all of it"
+
+
+def test_same_file_sees_one_file_under_two_names(tmp_path: Path) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text("x\n")
+    (tmp_path / "link.csv").symlink_to(data)
+    os.link(data, tmp_path / "hard.csv")
+    (tmp_path / "other.csv").write_text("x\n")
+    assert same_file(tmp_path / "link.csv", data)
+    assert same_file(tmp_path / "hard.csv", data)  # a hard link: only samefile sees it
+    assert not same_file(tmp_path / "other.csv", data)  # the same content is another file
+    # a file not written yet, spelled two ways
+    assert same_file(tmp_path / "out.csv", tmp_path / "sub" / ".." / "out.csv")
+    assert not same_file(tmp_path / "out.csv", data)
