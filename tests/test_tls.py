@@ -489,6 +489,15 @@ def test_two_common_names_are_no_identity_even_where_a_common_name_may_be() -> N
     assert tls.identity_from_auth_context(same, allow_common_name=True) == "node-a"
 
 
+def test_a_node_uri_outranks_the_common_name_where_a_common_name_may_be() -> None:
+    """allow_common_name is a fallback for certificates without a node URI: one that has it is
+    that node, whatever its subject CN says (here node-a)."""
+    pem = _cert_with_sans(x509.UniformResourceIdentifier("pluralfed://node/node-b"))
+    auth = ctx(x509_pem_cert=[pem], x509_common_name=[b"node-a"])
+    assert tls.identity_from_auth_context(auth, allow_common_name=True) == "node-b"
+    assert tls.identity_from_auth_context(auth) == "node-b"
+
+
 def test_identity_needs_tls() -> None:
     auth = {
         "transport_security_type": [b"insecure"],
