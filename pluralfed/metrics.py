@@ -66,9 +66,12 @@ class Summary:
 
 
 def summarize(per_group: Mapping[str, float]) -> Summary:
+    """Groups are taken in name order, not in the mapping's: reports arrive in any order, and a
+    float sum in another order may differ in its last bit (a run must be a function of its seed).
+    """
     if not per_group:
         raise ValueError("no groups to summarize")
-    names = list(per_group)
+    names = sorted(per_group)
     scores = np.array([per_group[n] for n in names], dtype=np.float64)
     mean = float(scores.mean())
     cov = float(scores.std() / mean) if mean > 0 else float("inf")
@@ -156,7 +159,7 @@ class SetReport:
 def summarize_groups(evals: Sequence[GroupEvaluation]) -> SetReport:
     if not evals:
         raise ValueError("no group evaluations to summarize")
-    by_group = {e.group: e for e in evals}
+    by_group = {e.group: e for e in sorted(evals, key=lambda e: e.group)}  # arrival order aside
     model = summarize({g: e.model for g, e in by_group.items()})
     uniform_context = summarize({g: e.uniform_context for g, e in by_group.items()})
     return SetReport(
