@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from pluralfed.errors import InputError
-from pluralfed.fsutil import atomic_write_bytes, same_file
+from pluralfed.fsutil import atomic_write_bytes, read_input_bytes, same_file
 
 GOQA_REQUIRED_COLUMNS: tuple[str, ...] = ("question", "selections", "options")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json")
@@ -445,7 +445,7 @@ def _read_text(path: Path) -> str:
     """The whole file as UTF-8 text (a BOM is tolerated); OS and decoding errors become InputErrors,
     a decoding error naming its line. Survey files are a few MB at most."""
     try:
-        raw = path.read_bytes()
+        raw = read_input_bytes(path)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except IsADirectoryError:

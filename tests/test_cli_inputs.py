@@ -4,6 +4,7 @@ nothing to use as context, and --out paths that cannot be written."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import json
 import os
@@ -398,6 +399,51 @@ def test_ctrl_c_ends_a_command_with_exit_code_130_and_no_traceback(tmp_path: Pat
         try:
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
+        finally:
+            os.close(writer)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+
+
+def main_thread_state(pid: int) -> str:
+    """The scheduler's state letter of `pid`'s main thread (R running, S waiting, ...)."""
+    stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def test_ctrl_c_taken_by_another_thread_still_ends_a_read_of_a_pipe(tmp_path: Path) -> None:
+    """The kernel may hand a process's SIGINT to any thread (numpy's BLAS threads too), and
+    CPython then only notes it for the main thread: a main thread blocked in read(2) would wait
+    for the writer for ever. Here the signal goes to a helper thread on purpose, once the main
+    thread waits on the pipe."""
+    pipe = tmp_path / "groups.jsonl"
+    os.mkfifo(pipe)
+    code = (
+        "import sys, threading\n"
+        "from pluralfed import cli\n"
+        "helper = threading.Thread(target=threading.Event().wait, daemon=True)\n"
+        "helper.start()\n"
+        "print(helper.native_id, flush=True)\n"
+        f"sys.exit(cli.main(['data', 'inspect', {str(pipe)!r}]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stdout is not None
+        helper_tid = int(proc.stdout.readline())
+        writer = wait_until(lambda: open_for_writing_once_read(pipe, proc), 60.0, "the read")
+        try:
+            wait_until(lambda: main_thread_state(proc.pid) == "S", 60.0, "the wait for bytes")
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.tgkill(proc.pid, helper_tid, signal.SIGINT) == 0, ctypes.get_errno()
+            _, err = proc.communicate(timeout=30)
         finally:
             os.close(writer)
     finally:

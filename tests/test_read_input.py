@@ -1,0 +1,69 @@
+"""`read_input_bytes`: a data file, or a pipe that a Ctrl-C can always end (the signal itself is
+tested on a real command in test_cli_inputs.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pluralfed.fsutil import PIPE_WAIT_S, read_input_bytes
+
+
+class PipeReader(threading.Thread):
+    """`read_input_bytes(pipe)` in a thread, started before any writer comes."""
+
+    def __init__(self, pipe: Path) -> None:
+        super().__init__(daemon=True)
+        self.pipe = pipe
+        self.result: bytes | None = None
+
+    def run(self) -> None:
+        self.result = read_input_bytes(self.pipe)
+
+
+def test_a_regular_file_is_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "survey.jsonl"
+    data = os.urandom(3 << 20)  # more than one read's worth
+    path.write_bytes(data)
+    assert read_input_bytes(path) == data
+
+
+def test_a_missing_file_and_a_folder_raise_what_read_bytes_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_input_bytes(tmp_path / "none.jsonl")
+    with pytest.raises(IsADirectoryError) as err:
+        read_input_bytes(tmp_path)
+    assert err.value.filename == str(tmp_path)
+
+
+def test_a_pipe_is_read_to_its_end_even_when_its_writer_comes_late(tmp_path: Path) -> None:
+    """The pipe is opened without blocking: before its writer comes, a read would say end of
+    file. The reader must wait for the writer (several of its waits), then take every part."""
+    pipe = tmp_path / "groups.jsonl"
+    os.mkfifo(pipe)
+    reader = PipeReader(pipe)
+    reader.start()
+    time.sleep(3 * PIPE_WAIT_S)
+    assert reader.is_alive()
+    with open(pipe, "wb", buffering=0) as writer:
+        writer.write(b'{"a": 1}\n')
+        time.sleep(2 * PIPE_WAIT_S)
+        writer.write(b"x" * (2 << 20))
+    reader.join(timeout=60)
+    assert reader.result == b'{"a": 1}\n' + b"x" * (2 << 20)
+
+
+def test_a_pipe_whose_writer_leaves_without_writing_is_empty(tmp_path: Path) -> None:
+    pipe = tmp_path / "groups.jsonl"
+    os.mkfifo(pipe)
+    reader = PipeReader(pipe)
+    reader.start()
+    time.sleep(2 * PIPE_WAIT_S)
+    assert reader.is_alive()
+    os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO if the reader had left
+    reader.join(timeout=60)
+    assert reader.result == b""
