@@ -27,6 +27,7 @@ from coordinator.tasks import TaskKind
 from coordinator.validation import Rejection
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
+from pluralfed.records import RoundRecord
 from pluralfed.wire import TensorSlice, specs_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -919,6 +920,32 @@ def test_an_empty_evaluate_only_means_no_held_out_groups(tmp_path: Path) -> None
     assert last["missing"] == ["H"] and last["missing_held_out"] == []
 
 
+def a_trains_while_b_is_silent(
+    settings: RoundSettings, state_dir: Path, *, b_takes_its_task: bool, wait_s: float
+) -> RoundRecord:
+    """One round of A and B in which A trains and uploads and B makes no call (after taking
+    its task, if `b_takes_its_task`); the round's history record, once it ends within `wait_s`."""
+    engine = RoundEngine(settings, WEIGHTS, state_dir, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    driver = start(engine)
+    try:
+        t = engine.next_task(a.session_id, None, 10)
+        assert t.kind == TaskKind.TRAIN
+        if b_takes_its_task:
+            assert engine.next_task(b.session_id, None, 10).kind == TaskKind.TRAIN
+        engine.accept_update(
+            a.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
+        )
+        wait_for(lambda: engine.completed_rounds() == 1, timeout=wait_s)
+    finally:
+        engine.stop()
+        driver.join(10)
+    record = engine.state.history.last
+    assert record is not None
+    return record
+
+
 def test_a_round_closes_at_its_deadline_without_the_silent_node(tmp_path: Path) -> None:
     """B is connected but never answers: round_timeout_s (1 s) after opening, the round closes
     with A's update (min_updates 1), not some seconds later (the margins leave a loaded machine
@@ -926,22 +953,9 @@ def test_a_round_closes_at_its_deadline_without_the_silent_node(tmp_path: Path) 
     settings = RoundSettings(
         rounds=1, min_nodes=2, min_updates=1, eval_every=0, round_timeout_s=1.0
     )
-    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
-    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
-    engine.join("B", Role.TRAIN, 10, ENC, "t")  # silent, its session alive (60 s)
-    driver = start(engine)
-    try:
-        t = engine.next_task(a.session_id, None, 10)
-        assert t.kind == TaskKind.TRAIN
-        engine.accept_update(
-            a.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
-        )
-        wait_for(lambda: engine.completed_rounds() == 1, timeout=5.5)
-    finally:
-        engine.stop()
-        driver.join(10)
-    record = engine.state.history.last
-    assert record is not None and record["participants"] == ["A"]
+    # B is silent, its session alive (60 s)
+    record = a_trains_while_b_is_silent(settings, tmp_path, b_takes_its_task=False, wait_s=5.5)
+    assert record["participants"] == ["A"]
     assert record["selected"] == ["A", "B"] and record["seconds"] < 5.0
     assert record["bytes_out_model"] == 2 * 80  # the model, to each of the nodes it chose
 
@@ -958,22 +972,8 @@ def test_a_round_stops_waiting_for_a_node_whose_session_expired(tmp_path: Path) 
         session_timeout_s=1.0,
         heartbeat_interval_s=0.5,
     )
-    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
-    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
-    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
-    driver = start(engine)
-    try:
-        t = engine.next_task(a.session_id, None, 10)
-        assert engine.next_task(b.session_id, None, 10).kind == TaskKind.TRAIN  # then silent
-        engine.accept_update(
-            a.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
-        )
-        wait_for(lambda: engine.completed_rounds() == 1, timeout=10.0)
-    finally:
-        engine.stop()
-        driver.join(10)
-    record = engine.state.history.last
-    assert record is not None and record["participants"] == ["A"]
+    record = a_trains_while_b_is_silent(settings, tmp_path, b_takes_its_task=True, wait_s=10.0)
+    assert record["participants"] == ["A"]
 
 
 def test_a_held_out_group_asked_and_silent_is_waited_for_after_a_restart(
