@@ -270,7 +270,8 @@ def test_a_failed_heartbeat_during_the_nodes_own_fold_does_not_close_the_round(
 
 def test_an_answer_naming_the_closed_task_with_another_round_is_stale(tmp_path: Path) -> None:
     """Only an answer naming the closed round's task and round is a repeat of it (DUPLICATE);
-    its task id with another round number is stale."""
+    its task id with another round number is stale, and so is its round number with another
+    task id (a retried round keeps its number under a new task id)."""
     fed = Engine(tmp_path, round_timeout_s=WAIT)
     try:
         ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
@@ -284,6 +285,9 @@ def test_an_answer_naming_the_closed_task_with_another_round_is_stale(tmp_path: 
         with pytest.raises(Rejection) as other_round:
             fed.upload(fed.a.session_id, dataclasses.replace(ta, round=ta.round + 1), copy, 10)
         assert other_round.value.reason == "STALE", other_round.value.message
+        with pytest.raises(Rejection) as other_task:
+            fed.upload(fed.a.session_id, dataclasses.replace(ta, task_id="another-task"), copy, 10)
+        assert other_task.value.reason == "STALE", other_task.value.message
     finally:
         fed.close()
 
