@@ -118,6 +118,33 @@ def test_embed_groups_refuses_an_unknown_group_by_name_before_embedding_anything
     assert encoder.calls == []
 
 
+def test_embed_groups_gives_each_group_the_vectors_of_its_own_items() -> None:
+    """One batched job embeds every group: each group's split must get back the vectors of its
+    own options, whatever the groups' sizes and in whichever order they are asked for."""
+
+    def item(i: int, k: int) -> SurveyItem:
+        return SurveyItem(f"Question {i}?", tuple(f"opt {j}" for j in range(k)), np.ones(k) / k)
+
+    data = SurveyData(
+        groups={
+            "A": [item(0, 2)],
+            "B": [item(1, 3), item(2, 2)],
+            "C": [item(3, 2), item(4, 4), item(5, 3)],
+        }
+    )
+    encoder = FakeEncoder()
+    splits = embed_groups(data, ["C", "A", "B"], encoder)
+    assert list(splits) == ["C", "A", "B"]
+    for g, split in splits.items():
+        embedded = split.train + split.test
+        assert sorted(e.item.question for e in embedded) == sorted(
+            it.question for it in data.groups[g]
+        )
+        for e in embedded:
+            expected = [encoder.vector(option_text(e.item.question, o)) for o in e.item.options]
+            np.testing.assert_array_equal(e.embeddings, np.array(expected))
+
+
 def test_default_groups_are_the_protocols_only_when_the_data_has_every_one() -> None:
     """PROTOCOL.md's 8 + 6 groups when all are in the data; a file with only some of them (a
     subset of the survey) trains on every group it has, rather than asking for missing ones."""
@@ -126,6 +153,9 @@ def test_default_groups_are_the_protocols_only_when_the_data_has_every_one() -> 
     assert default_groups(full) == (list(TRAINING_GROUPS), list(HELD_OUT_GROUPS))
     some = SurveyData(groups={g: [item] for g in ("Peru", "Japan", TRAINING_GROUPS[0])})
     assert default_groups(some) == (sorted(some.groups), [])
+    # every training group but a held-out one missing: not PROTOCOL.md's set either
+    no_held = SurveyData(groups={g: [item] for g in (*TRAINING_GROUPS, *HELD_OUT_GROUPS[1:])})
+    assert default_groups(no_held) == (sorted(no_held.groups), [])
 
 
 def test_option_text_puts_the_option_first() -> None:
