@@ -244,6 +244,53 @@ def test_a_copy_of_an_update_folded_across_its_rounds_close_is_a_duplicate(
         fed.close()
 
 
+def test_a_copy_of_an_update_whose_fold_failed_after_its_rounds_close_is_already_rejected(
+    tmp_path: Path,
+) -> None:
+    """The closed round sees a fold that ends after the close end badly too: a copy of that
+    update is ALREADY_REJECTED (its first copy did not count), not DUPLICATE as if it had."""
+    fed = Engine(tmp_path, round_timeout_s=0.5)
+    started, release = threading.Event(), threading.Event()
+    try:
+        ta = fed.task(fed.a.session_id)
+        fed.task(fed.b.session_id)  # B never answers: the deadline closes the round
+        bad = weights(1.0)
+        first, *rest = slices(bad)
+        bad[rest[0].spec.name][:] = np.nan  # the first slice is fine, a later one is not
+
+        def replay() -> Iterator[TensorSlice]:
+            yield first
+            started.set()
+            assert release.wait(WAIT), "the test never released the fold"
+            yield from slices(bad)[1:]
+
+        refused: list[Rejection] = []
+
+        def upload_a() -> None:
+            try:
+                fed.upload(fed.a.session_id, ta, replay, 10)
+            except Rejection as err:
+                refused.append(err)
+
+        folding = threading.Thread(target=upload_a)
+        folding.start()
+        assert started.wait(WAIT), "the fold did not start"
+        for _ in range(int(WAIT / 0.05)):  # the round closes at its deadline, the fold held
+            if fed.engine.open_task_id(fed.a.session_id) != ta.task_id:
+                break
+            threading.Event().wait(0.05)
+        assert fed.engine.open_task_id(fed.a.session_id) != ta.task_id, "the round did not close"
+        release.set()
+        folding.join(WAIT)
+        assert [r.reason for r in refused] == ["INTERNAL"], refused
+        with pytest.raises(Rejection) as copy:
+            fed.upload(fed.a.session_id, ta, lambda: iter(slices(weights(5.0))), 10)
+        assert copy.value.reason == "ALREADY_REJECTED", copy.value.message
+    finally:
+        release.set()
+        fed.close()
+
+
 def test_a_failed_heartbeat_during_the_nodes_own_fold_does_not_close_the_round(
     tmp_path: Path,
 ) -> None:
