@@ -177,6 +177,23 @@ def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
     assert sorted(record["per_group"]) == ["A", "B"]
 
 
+def test_an_update_naming_the_closed_evaluation_is_stale_not_a_late_answer_to_it(
+    driven: tuple[RoundEngine, threading.Thread],
+) -> None:
+    """Only an answer of the closed round's own kind is a repeat of it: a training update naming
+    the evaluation task just closed is a stale update (FAILED_PRECONDITION), not an update that
+    came too late for that round (DEADLINE_EXCEEDED)."""
+    engine, driver = driven
+    a, b, t = trained_to_the_final_evaluation(engine)
+    report(engine, a, t, "A")
+    report(engine, b, engine.next_task(b.session_id, None, scaled(5)), "B")
+    driver.join(scaled(20))
+    assert engine.done
+    refused = refusal(upload, engine, a, t, {}, 1.0)
+    assert (refused.code, refused.reason) == ("FAILED_PRECONDITION", "STALE"), refused.message
+    assert "is not the open training task" in refused.message
+
+
 def test_a_refused_report_is_told_so_when_repeated_before_and_after_its_round_closed(
     driven: tuple[RoundEngine, threading.Thread],
 ) -> None:
