@@ -80,6 +80,23 @@ def test_unreadable_tls_files_are_unhealthy_not_a_traceback(
     assert healthcheck.main([target, str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("unhealthy: ") and "Traceback" not in err
+    assert f"file not found: {tmp_path / 'missing'}" in err  # says which file
+
+
+def test_an_os_error_on_the_way_to_the_tls_files_is_unhealthy_not_a_traceback(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A relative TLS_DIR read from a working folder that was removed: the OSError (no current
+    folder) is exit 1 with one line, as a missing file is."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert healthcheck.main(["127.0.0.1:1", "health"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("unhealthy: ") and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv", [[], ["127.0.0.1:1"], ["a:1", "dir", "name", "extra"]])
