@@ -372,6 +372,26 @@ def test_a_line_repeated_without_pause_is_still_logged_once_a_minute(
     assert throttle.admit("node-s") == ""  # each key has its own minute
 
 
+def test_the_throttle_remembers_a_bounded_number_of_keys_then_starts_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that makes up a new key per call (a new port, a new name) must not grow the
+    throttle's memory without end: at MAX_KEYS keys it forgets them all, so each key's next
+    line is logged again (a line more, no more). `forget` does the same at once."""
+    monkeypatch.setattr(
+        logthrottle_module, "time", type("Clock", (), {"monotonic": lambda: 1000.0})
+    )
+    throttle = LogThrottle(interval_s=60.0)
+    monkeypatch.setattr(throttle, "MAX_KEYS", 3)
+    assert [throttle.admit(k) for k in ("a", "b", "c")] == ["", "", ""]
+    assert throttle.admit("a") is None  # remembered: within its minute
+    assert throttle.admit("d") == ""  # a 4th key: the memory of 3 starts afresh
+    assert throttle.admit("a") == ""
+    assert throttle.admit("a") is None
+    throttle.forget()
+    assert throttle.admit("a") == ""
+
+
 def no_request(release: threading.Event) -> Iterator[bytes]:
     release.wait(60)  # the call's headers, and never its request
     yield from ()
