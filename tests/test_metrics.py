@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from itertools import permutations
 
@@ -137,6 +138,33 @@ def test_a_prediction_leaves_the_model_in_the_mode_it_found_it(training: bool) -
     context, targets = [random_item(rng, 3, "c")], [random_item(rng, 2, "t")]
     preds = predict_targets(model, context, targets)
     assert [p.shape for p in preds] == [(2,)] and model.training is training
+
+
+def test_a_prediction_in_a_training_model_has_no_dropout() -> None:
+    """A model with dropout, found training, predicts in eval mode: the same questions get the
+    same prediction every time (with dropout on, each call would draw other noise)."""
+    rng = np.random.default_rng(0)
+    model = build_model(dataclasses.replace(CFG, dropout=0.5), 0)
+    model.train(True)
+    context, targets = [random_item(rng, 3, f"c{i}") for i in range(3)], [random_item(rng, 2, "t")]
+    first = predict_targets(model, context, targets)
+    second = predict_targets(model, context, targets)
+    np.testing.assert_array_equal(first[0], second[0])
+    assert model.training
+
+
+def test_the_uniform_context_figure_is_the_model_with_uniform_context_answers() -> None:
+    """`uniform_context` scores the model given the same context questions with uniform
+    answers, so context gain is what the answers add: it equals `model` exactly when the
+    answers already are uniform, and differs when they are not."""
+    rng = np.random.default_rng(7)
+    train = [random_item(rng, 3, f"t{i}") for i in range(4)]
+    test = [random_item(rng, 3, "q0"), random_item(rng, 2, "q1")]
+    model = build_model(CFG, 0)
+    ev = evaluate_group(model, GroupSplit("G", train=train, test=test))
+    assert ev.uniform_context != ev.model
+    flat = evaluate_group(model, GroupSplit("G", train=with_uniform_answers(train), test=test))
+    assert flat.uniform_context == flat.model == ev.uniform_context
 
 
 @pytest.mark.parametrize(
