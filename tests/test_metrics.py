@@ -167,6 +167,18 @@ def test_the_uniform_context_figure_is_the_model_with_uniform_context_answers() 
     assert flat.uniform_context == flat.model == ev.uniform_context
 
 
+def test_the_seed_chooses_the_context_when_there_are_more_train_questions_than_it_takes() -> None:
+    """With more TRAIN questions than --max-context, `seed` picks which are context: the same
+    seed, the same figures; another seed, another context and (with random answers) others."""
+    rng = np.random.default_rng(11)
+    train = [random_item(rng, 3, f"t{i}") for i in range(12)]
+    split = GroupSplit("G", train=train, test=[random_item(rng, 3, "q0")])
+    model = build_model(CFG, 0)
+    seed0 = evaluate_group(model, split, max_context=3, seed=0)
+    assert evaluate_group(model, split, max_context=3, seed=0) == seed0
+    assert evaluate_group(model, split, max_context=3, seed=1).model != seed0.model
+
+
 @pytest.mark.parametrize(
     "pred",
     [[float("nan"), 0.5], [float("inf"), 0.5], [0.0, 0.0], [-0.5, 0.25]],
