@@ -370,6 +370,9 @@ def test_a_line_repeated_without_pause_is_still_logged_once_a_minute(
         (121.0, " (2 more like it in the last 60 s)"),
     ]
     assert throttle.admit("node-s") == ""  # each key has its own minute
+    assert throttle.admit("node-s") is None
+    clock[0] += 60.0
+    assert throttle.admit("node-s") == " (1 more like it in the last 60 s)"  # one left out, too
 
 
 def test_the_throttle_remembers_a_bounded_number_of_keys_then_starts_afresh(
