@@ -308,6 +308,7 @@ def test_write_json_follows_a_symlink_and_writes_through_a_device(tmp_path: Path
     link.symlink_to(target)
     write_json(link, {"a": 1})
     assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+    assert target.read_text().endswith("}\n")  # a text file: its last line ends
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
     read: list[bytes] = []
@@ -316,6 +317,19 @@ def test_write_json_follows_a_symlink_and_writes_through_a_device(tmp_path: Path
     write_json(pipe, {"b": 2})  # not a regular file: written through, not replaced
     reader.join(10)
     assert pipe.is_fifo() and read and json.loads(read[0]) == {"b": 2}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_peak_rss_is_in_mib() -> None:
+    """`train` reports peak_rss_mib: the kernel's own high-water mark (VmHWM, in kB) over 1024,
+    not a figure a thousand times off."""
+    from pluralfed.commands.common import peak_rss_mib
+
+    status = Path("/proc/self/status").read_text()
+    hwm_kib = int(
+        next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]
+    )
+    assert hwm_kib / 1024 / 2 <= peak_rss_mib() <= hwm_kib / 1024 * 2
 
 
 def test_train_takes_the_coordinators_names_for_layers_and_heads() -> None:
