@@ -231,6 +231,8 @@ def test_days_up_to_9999_still_accepted(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["data", "synth", "--out", "s.jsonl", "--seed", "-1"], "argument --seed: must be 0"),
+        (["data", "synth", "--out", "s.jsonl", "--seed", "1e3"], "--seed: not an integer: '1e3'"),
+        (["train", "--data", "d", "--out", "o", "--max-context", "x"], "not an integer: 'x'"),
         (["train", "--data", "d.jsonl", "--out", "o", "--seed", "-1"], "argument --seed"),
         (["evaluate", "--checkpoint", "c", "--data", "d", "--seed", "-5"], "argument --seed"),
         (["train", "--data", "d", "--out", "o", "--max-context", "0"], "argument --max-context"),
