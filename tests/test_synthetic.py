@@ -212,3 +212,17 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         np.testing.assert_allclose(a[3], b[3], rtol=0, atol=1e-15)
     with pytest.raises(InputError, match="number of groups"):
         run("data", "synth", "--out", str(out), "--groups", "0")
+    # every option reaches the generator: the file is generate_synthetic's with the same settings
+    options = ["--seed", "3", "--drop-rate", "0.4", "--temperature", "0.5"]
+    assert (
+        run("data", "synth", "--out", str(out), "--groups", "3", "--questions", "40", *options) == 0
+    )
+    expected = generate_synthetic(3, 40, seed=3, drop_rate=0.4, temperature=0.5)
+    for a, b in zip(flat(load_jsonl(out)), flat(expected), strict=True):
+        assert a[:3] == b[:3] and a[4] == b[4]
+        np.testing.assert_allclose(a[3], b[3], rtol=0, atol=1e-15)
+    # and without them, its defaults: 8 groups, 200 questions
+    assert run("data", "synth", "--out", str(out)) == 0
+    assert [(g, q, o, i) for g, q, o, _, i in flat(load_jsonl(out))] == [
+        (g, q, o, i) for g, q, o, _, i in flat(generate_synthetic())
+    ]
