@@ -59,3 +59,12 @@ def test_convert_refuses_to_overwrite_its_input_however_it_is_spelled(
         assert main(["data", "convert", str(survey), output]) == 2, output
         assert "output would overwrite the input" in capsys.readouterr().err
     assert survey.read_text() == before
+
+
+def test_synth_output_must_be_jsonl_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A synthetic survey written as s.csv would then be read back as a GlobalOpinionQA CSV:
+    refused before anything is written."""
+    out = tmp_path / "s.csv"
+    assert main(["data", "synth", "--out", str(out), "--groups", "2", "--questions", "5"]) == 2
+    assert f"{out}: output must be a .jsonl file" in capsys.readouterr().err
+    assert not out.exists()
