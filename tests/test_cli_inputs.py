@@ -192,6 +192,25 @@ def test_evaluate_refuses_a_group_without_train_questions(
     assert json.loads(out.read_text())["reports"]
 
 
+def test_evaluate_caches_embeddings_in_the_cache_dir_given_and_nowhere_with_no_cache(
+    survey: Path,
+    checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("PLURALFED_CACHE_DIR", str(tmp_path / "default"))
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(survey), "--groups", "A,B"]
+    assert main([*args, "--threads", "1", "--cache-dir", str(tmp_path / "given")]) == 0
+    assert any((tmp_path / "given").iterdir())
+    assert (
+        main([*args, "--threads", "1", "--no-cache", "--cache-dir", str(tmp_path / "unused")]) == 0
+    )
+    assert not (tmp_path / "unused").exists()
+    assert not (tmp_path / "default").exists()  # neither run fell back to the default folder
+    capsys.readouterr()
+
+
 def test_evaluate_without_groups_takes_the_held_out_groups_even_when_none_trained_is_there(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
