@@ -68,3 +68,23 @@ def test_synth_output_must_be_jsonl_too(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["data", "synth", "--out", str(out), "--groups", "2", "--questions", "5"]) == 2
     assert f"{out}: output must be a .jsonl file" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_convert_says_how_many_all_zero_distributions_it_dropped(
+    survey: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An all-zero distribution is no answer and is not written: the summary line says so,
+    so the rows missing from the output are accounted for."""
+    rows = survey.read_text()
+    zero = {
+        "group": "A",
+        "question": "Question 9?",
+        "options": ["Yes", "No"],
+        "distribution": [0, 0],
+    }
+    survey.write_text(rows + json.dumps(zero) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "convert", str(survey), str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote 6 distributions (2 groups, skipped 1 all-zero) to {out}" in said
+    assert len(out.read_text().splitlines()) == 6
