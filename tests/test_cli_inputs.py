@@ -211,6 +211,26 @@ def test_evaluate_caches_embeddings_in_the_cache_dir_given_and_nowhere_with_no_c
     capsys.readouterr()
 
 
+def test_evaluate_seed_chooses_the_context_questions(
+    survey: Path,
+    checkpoint: Path,
+    tmp_path: Path,
+    session_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With more train questions (8) than --max-context (3), --seed picks the context: the
+    same seed gives the same figures, another seed other ones."""
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(survey), "--groups", "A,B"]
+    args += ["--threads", "1", "--max-context", "3", "--cache-dir", str(session_cache_dir)]
+    figures = []
+    for seed in ("0", "0", "1"):
+        out = tmp_path / "eval.json"
+        assert main([*args, "--seed", seed, "--out", str(out)]) == 0
+        figures.append(json.loads(out.read_text())["reports"]["requested groups"]["model"])
+    assert figures[0] == figures[1] != figures[2]
+    capsys.readouterr()
+
+
 def test_evaluate_without_groups_takes_the_held_out_groups_even_when_none_trained_is_there(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
