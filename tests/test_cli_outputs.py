@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,12 @@ def test_evaluate_checkpoint_near_misses_get_a_hint(
     (state / "final" / META_FILE).write_text("{}")
     assert evaluate(state, small, session_cache_dir) == 2
     assert f"a federated run's final model is in {state / 'final'}" in capsys.readouterr().err
+    # a folder that is a checkpoint itself is evaluated, whatever sub-folder it also holds
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint, ck)
+    shutil.copytree(checkpoint, ck / "final")
+    assert evaluate(ck, small, session_cache_dir, "--groups", GROUPS) == 0
+    capsys.readouterr()
 
 
 def test_evaluate_a_misspelt_group_gets_the_closest_names(
