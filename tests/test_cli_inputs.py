@@ -192,6 +192,29 @@ def test_evaluate_refuses_a_group_without_train_questions(
     assert json.loads(out.read_text())["reports"]
 
 
+def test_evaluate_leaves_out_a_group_without_test_questions(
+    survey: Path,
+    checkpoint: Path,
+    tmp_path: Path,
+    session_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A group with train questions only has nothing to be scored on: it is left out of the
+    report (not an error), and the groups that have test questions are evaluated."""
+    data = tmp_path / "s.jsonl"
+    extra = [
+        {"group": "D", "question": q, "options": ["Yes", "No"], "distribution": [0.5, 0.5]}
+        for q in _questions(4, False)
+    ]
+    data.write_text(survey.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--groups", "A,D"]
+    args += ["--threads", "1", "--cache-dir", str(session_cache_dir), "--out", str(out)]
+    assert main(args) == 0
+    assert list(json.loads(out.read_text())["reports"]["requested groups"]["per_group"]) == ["A"]
+    capsys.readouterr()
+
+
 def test_evaluate_caches_embeddings_in_the_cache_dir_given_and_nowhere_with_no_cache(
     survey: Path,
     checkpoint: Path,
@@ -219,13 +242,13 @@ def test_evaluate_seed_chooses_the_context_questions(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """With more train questions (8) than --max-context (3), --seed picks the context: the
-    same seed gives the same figures, another seed other ones."""
+    same seed gives the same figures, another seed other ones; without --seed, seed 0's."""
     args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(survey), "--groups", "A,B"]
     args += ["--threads", "1", "--max-context", "3", "--cache-dir", str(session_cache_dir)]
     figures = []
-    for seed in ("0", "0", "1"):
+    for seed in ([], ["--seed", "0"], ["--seed", "1"]):  # the default seed is 0
         out = tmp_path / "eval.json"
-        assert main([*args, "--seed", seed, "--out", str(out)]) == 0
+        assert main([*args, *seed, "--out", str(out)]) == 0
         figures.append(json.loads(out.read_text())["reports"]["requested groups"]["model"])
     assert figures[0] == figures[1] != figures[2]
     capsys.readouterr()
