@@ -213,6 +213,11 @@ def test_evaluate_leaves_out_a_group_without_test_questions(
     assert main(args) == 0
     assert list(json.loads(out.read_text())["reports"]["requested groups"]["per_group"]) == ["A"]
     capsys.readouterr()
+    # with no group left there is nothing to report: an error, and no JSON
+    out.unlink()
+    assert main(["D" if a == "A,D" else a for a in args]) == 2
+    assert "none of the chosen groups has test questions" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_evaluate_caches_embeddings_in_the_cache_dir_given_and_nowhere_with_no_cache(
