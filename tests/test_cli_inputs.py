@@ -192,6 +192,27 @@ def test_evaluate_refuses_a_group_without_train_questions(
     assert json.loads(out.read_text())["reports"]
 
 
+def test_evaluate_names_the_data_file_when_a_default_group_has_no_train_questions(
+    checkpoint: Path, tmp_path: Path, session_cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --groups the groups come from the checkpoint and the data: a refusal of one of
+    them names the data file, not a --groups the user never gave."""
+    rows = [("A", q) for q in _questions(3, True)]  # A, trained on, has test questions only here
+    rows += [("B", q) for q in _questions(8, False) + _questions(3, True)]
+    data = tmp_path / "s.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"group": g, "question": q, "options": ["Y", "N"], "distribution": [1, 1]})
+            + "\n"
+            for g, q in rows
+        )
+    )
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--threads", "1"]
+    assert main([*args, "--cache-dir", str(session_cache_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: group(s) 'A' have test questions but no train questions" in err
+
+
 def test_evaluate_leaves_out_a_group_without_test_questions(
     survey: Path,
     checkpoint: Path,
