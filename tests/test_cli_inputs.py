@@ -213,6 +213,28 @@ def test_evaluate_names_the_data_file_when_a_default_group_has_no_train_question
     assert f"{data}: group(s) 'A' have test questions but no train questions" in err
 
 
+def test_evaluate_takes_the_memory_options_over_the_checkpoints(
+    survey: Path,
+    checkpoint: Path,
+    tmp_path: Path,
+    session_cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--memory-* override the checkpoint's context memory for this evaluation: a value out of
+    range is refused naming them, and the mix weight given changes the figures."""
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(survey), "--groups", "A,B"]
+    args += ["--threads", "1", "--cache-dir", str(session_cache_dir), "--out", str(out)]
+    assert main([*args, "--memory-weight", "1.5"]) == 2
+    assert "--memory-*: " in capsys.readouterr().err
+    figures = []
+    for weight in ("0", "1"):
+        assert main([*args, "--memory-weight", weight]) == 0
+        figures.append(json.loads(out.read_text())["reports"]["requested groups"]["model"])
+    assert figures[0] != figures[1]
+    capsys.readouterr()
+
+
 def test_evaluate_leaves_out_a_group_without_test_questions(
     survey: Path,
     checkpoint: Path,
