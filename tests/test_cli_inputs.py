@@ -254,7 +254,9 @@ def test_evaluate_leaves_out_a_group_without_test_questions(
     args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--groups", "A,D"]
     args += ["--threads", "1", "--cache-dir", str(session_cache_dir), "--out", str(out)]
     assert main(args) == 0
-    assert list(json.loads(out.read_text())["reports"]["requested groups"]["per_group"]) == ["A"]
+    written = json.loads(out.read_text())
+    assert list(written["reports"]["requested groups"]["per_group"]) == ["A"]
+    assert (written["checkpoint"], written["data"]) == (str(checkpoint), str(data))  # of what
     capsys.readouterr()
     # with no group left there is nothing to report: an error, and no JSON
     out.unlink()
