@@ -28,6 +28,7 @@ from pluralfed.data import is_test_question
 from pluralfed.episodes import GroupSplit
 from pluralfed.errors import InputError
 from pluralfed.evaluation import evaluate_group
+from pluralfed.protocol import EVAL_MAX_CONTEXT
 from pluralfed.report import make_console
 from pluralfed.training import build_model
 
@@ -177,6 +178,27 @@ def test_zero_threads_is_refused_naming_the_option() -> None:
     """--threads 0 is an InputError naming the option, not torch's own error about it."""
     with pytest.raises(InputError, match="--threads must be at least 1, got 0"):
         apply_threads(0)
+
+
+def test_threads_sets_torchs_thread_count() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    try:
+        apply_threads(wanted)
+        assert torch.get_num_threads() == wanted
+        apply_threads(None)  # not given: torch's choice stays
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_evaluate_max_context_defaults_to_the_protocols() -> None:
+    """PROTOCOL.md's evaluation context size, as `train` evaluates with: the figures of the two
+    commands agree only if they take the same number of context questions."""
+    args = build_parser().parse_args(["evaluate", "--checkpoint", "c", "--data", "d.jsonl"])
+    assert args.max_context == EVAL_MAX_CONTEXT
 
 
 def test_evaluate_refuses_a_group_without_train_questions(
