@@ -395,6 +395,13 @@ def test_the_throttle_remembers_a_bounded_number_of_keys_then_starts_afresh(
     assert throttle.admit("a") == ""
 
 
+def test_the_first_line_is_logged_however_early_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """time.monotonic() may start near 0 (a machine just booted): a key never seen has no
+    last line, so its first one is logged even within the first minute of the clock."""
+    monkeypatch.setattr(logthrottle_module, "time", type("Clock", (), {"monotonic": lambda: 5.0}))
+    assert LogThrottle(interval_s=60.0).admit("node-q") == ""
+
+
 def no_request(release: threading.Event) -> Iterator[bytes]:
     release.wait(60)  # the call's headers, and never its request
     yield from ()
