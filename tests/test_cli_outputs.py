@@ -191,6 +191,27 @@ def test_evaluate_refuses_training_groups_of_the_wrong_type(
     assert "Traceback" not in err
 
 
+def test_evaluate_takes_a_checkpoint_without_training_groups_as_none_trained(
+    small: Path,
+    session_cache_dir: Path,
+    checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A checkpoint whose metadata does not say what it trained on (the field is optional) is
+    evaluated on every group of the data, not refused."""
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint, ck)
+    meta = json.loads((ck / META_FILE).read_text())
+    del meta["metadata"]["training_groups"]
+    (ck / META_FILE).write_text(json.dumps(meta))
+    out = tmp_path / "eval.json"
+    assert evaluate(ck, small, session_cache_dir, "--out", str(out)) == 0
+    reports = json.loads(out.read_text())["reports"]
+    assert sorted(reports["all groups"]["per_group"]) == sorted(GROUPS.split(","))
+    capsys.readouterr()
+
+
 def test_evaluate_checkpoint_near_misses_get_a_hint(
     small: Path,
     session_cache_dir: Path,
