@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,16 @@ def goqa_csv() -> Path:
 def session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One embedding cache for the whole test session, so the shared data is embedded once."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _default_cache_in_the_session(session_cache_dir: Path) -> Iterator[None]:
+    """A command given no cache folder (and the processes a test starts) caches embeddings in
+    the session's folder: tests write nothing into the developer's ~/.cache. A test of the
+    default itself sets or removes PLURALFED_CACHE_DIR."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PLURALFED_CACHE_DIR", str(session_cache_dir))
+        yield
 
 
 @pytest.fixture(autouse=True)
