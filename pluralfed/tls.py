@@ -218,7 +218,7 @@ def format_time(moment: dt.datetime) -> str:
 
 
 def read_file(path: Path, what: str) -> bytes:
-    shown = path if path.is_absolute() else f"{path} (relative to {Path.cwd()})"
+    shown = shown_path(path)
     try:
         if not path.exists():
             raise InputError(f"{what} file not found: {shown}")
@@ -232,6 +232,17 @@ def read_file(path: Path, what: str) -> bytes:
         ) from None
     except OSError as err:
         raise InputError(f"{what} file could not be read: {shown}: {err.strerror}") from None
+
+
+def shown_path(path: Path) -> str:
+    """`path` as a message shows it: a relative one with the folder it is relative to (a
+    container's or a service's working folder is often not the one the operator thinks)."""
+    if path.is_absolute():
+        return str(path)
+    try:
+        return f"{path} (relative to {Path.cwd()})"
+    except OSError:  # the working folder was removed under the process
+        return f"{path} (relative to a working folder that no longer exists)"
 
 
 def parse_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:

@@ -83,13 +83,13 @@ def test_unreadable_tls_files_are_unhealthy_not_a_traceback(
     assert f"file not found: {tmp_path / 'missing'}" in err  # says which file
 
 
-def test_an_os_error_on_the_way_to_the_tls_files_is_unhealthy_not_a_traceback(
+def test_a_relative_tls_dir_in_a_removed_working_folder_is_unhealthy_not_a_traceback(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A relative TLS_DIR read from a working folder that was removed: the OSError (no current
-    folder) is exit 1 with one line, as a missing file is."""
+    """A relative TLS_DIR read from a working folder that was removed (Path.cwd() fails) is
+    exit 1 with one line that says so, as a missing file is."""
     gone = tmp_path / "gone"
     gone.mkdir()
     monkeypatch.chdir(gone)
@@ -97,6 +97,7 @@ def test_an_os_error_on_the_way_to_the_tls_files_is_unhealthy_not_a_traceback(
     assert healthcheck.main(["127.0.0.1:1", "health"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("unhealthy: ") and "Traceback" not in err
+    assert "(relative to a working folder that no longer exists)" in err
 
 
 @pytest.mark.parametrize("argv", [[], ["127.0.0.1:1"], ["a:1", "dir", "name", "extra"]])

@@ -111,6 +111,22 @@ def test_a_relative_tls_path_says_what_it_is_relative_to(
     assert str(err.value) == f"CA certificate file not found: c/ca.pem (relative to {tmp_path})"
 
 
+def test_a_relative_tls_path_in_a_removed_working_folder_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Path.cwd() fails once the working folder is gone: that is said, not a bare traceback."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(InputError) as err:
+        tls.load_channel_credentials("c/cert.pem", "c/key.pem", "c/ca.pem")
+    assert str(err.value) == (
+        "CA certificate file not found: c/ca.pem (relative to a working folder that no longer "
+        "exists)"
+    )
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_coordinator_on_a_busy_port_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], existing: bool
