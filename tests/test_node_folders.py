@@ -88,3 +88,15 @@ def test_a_bad_revocation_list_is_refused_before_the_data_is_loaded(
     argv += ["--tls-dir", str(pki.node("node-a")), "--coordinator", f"{HOST}:{free_port()}"]
     assert main(argv) == 2
     assert str(crl) in capsys.readouterr().err
+
+
+def test_a_node_without_data_is_refused_before_it_makes_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The data setting is checked first: a node that cannot run leaves nothing behind."""
+    updates = tmp_path / "updates"
+    monkeypatch.setattr(commands_node, "open_encoder", lambda _cfg: pytest.fail("encoder opened"))
+    argv = ["node", "run", "--insecure", "--group", GROUP, "--save-updates-dir", str(updates)]
+    assert main([*argv, "--coordinator", f"{HOST}:{free_port()}"]) == 2
+    assert "data is required to run" in capsys.readouterr().err
+    assert not updates.exists()
