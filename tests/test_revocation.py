@@ -28,6 +28,7 @@ import pluralfed.auth as auth_module
 from coordinator.service import CoordinatorConfig
 from pluralfed import tls
 from pluralfed.auth import AllowList, AuthInterceptor, RevocationWatch, authenticated_node
+from pluralfed.cli import main as cli_main
 from pluralfed.errors import InputError
 from pluralfed.pki import (
     create_ca,
@@ -142,6 +143,27 @@ def test_certs_revoke_command(pki: Path) -> None:
     bad = subprocess.run([*cmd, "--serial", "xyz"], capture_output=True, text=True)
     assert bad.returncode != 0
     assert "serial 'xyz' is not a hexadecimal number" in bad.stderr
+
+
+def test_certs_revoke_says_what_is_new_and_counts_the_whole_list(
+    pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The summary counts every serial the list holds, not just this call's; a certificate
+    revoked again is "nothing new", and only a call naming none just re-signs the list."""
+    revoke = ["certs", "revoke", "--ca", str(pki / "ca")]
+    assert cli_main([*revoke, "--cert", str(pki / "node-a" / "cert.pem")]) == 0
+    capsys.readouterr()
+    assert cli_main([*revoke, "--cert", str(pki / "node-b" / "cert.pem")]) == 0
+    out = capsys.readouterr().out
+    assert f"revoked: serial {serial(pki / 'node-b'):x}" in out
+    assert f"{pki / 'ca' / 'crl.pem'} (2 revoked, valid 30 days)" in out
+    assert cli_main([*revoke, "--serial", f"{serial(pki / 'node-b'):x}"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing new to revoke" in out and "revoked: serial" not in out
+    assert "(2 revoked, valid 30 days)" in out
+    assert cli_main([*revoke, "--days", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "revocation list re-signed" in out and "(2 revoked, valid 7 days)" in out
 
 
 def test_coordinator_config_checks_its_revocation_list(pki: Path) -> None:

@@ -704,6 +704,31 @@ def test_cli_federation_layout(tmp_path: Path) -> None:
     assert coord.subject.rfc4514_string() == "CN=coordinator"
 
 
+def test_cli_lists_skip_empty_items_and_spaces(tmp_path: Path) -> None:
+    """`--nodes "a, b,"`: a space after a comma, or a trailing comma, names no extra node."""
+    out = tmp_path / "fed"
+    assert run("federation", "--out", str(out), "--nodes", " a, b,", "--san", "localhost,") == 0
+    assert sorted(p.name for p in (out / "nodes").iterdir()) == ["a", "b"]
+    coord = load_cert(out / "coordinator" / "cert.pem")
+    assert sans(coord).get_values_for_type(x509.DNSName) == ["localhost"]
+
+
+@pytest.mark.parametrize("action", ["server", "federation"])
+def test_cli_coordinator_certificate_names_localhost_by_default(
+    action: str, tmp_path: Path
+) -> None:
+    """Without --san the coordinator's certificate is for localhost and 127.0.0.1, as the help
+    says: a node on the same machine dials either."""
+    if action == "server":
+        run("init", "--out", str(tmp_path / "ca"))
+        run("server", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "coordinator"))
+    else:
+        run("federation", "--out", str(tmp_path), "--nodes", "a")
+    coord = sans(load_cert(tmp_path / "coordinator" / "cert.pem"))
+    assert coord.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in coord.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
 def test_cli_federation_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "fed"
     run("federation", "--out", str(out), "--nodes", "a,b")
