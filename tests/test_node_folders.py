@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from fedharness import HOST, Pki, free_port
 from test_validation_node import FakeEncoder
 
@@ -100,3 +101,35 @@ def test_a_node_without_data_is_refused_before_it_makes_a_folder(
     assert main([*argv, "--coordinator", f"{HOST}:{free_port()}"]) == 2
     assert "data is required to run" in capsys.readouterr().err
     assert not updates.exists()
+
+
+def test_a_folder_that_exists_but_takes_no_files_is_refused(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probe file, not the folder's existence, decides: /proc is a folder nobody (root
+    included) can create a file in."""
+    monkeypatch.setattr(commands_node, "load_survey", lambda *a, **k: pytest.fail("data loaded"))
+    assert node_run(data, monkeypatch, "--save-updates-dir", "/proc") == 2
+    assert "save_updates_dir /proc: cannot write there" in capsys.readouterr().err
+
+
+def test_personalized_dir_is_not_probed_when_nothing_is_personalized(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config may name personalized_dir with personalize_steps = 0 (off): the folder is then
+    not used, so neither refused nor made."""
+    (tmp_path / "afile").write_text("")
+    options = ["--personalize-steps", "0", "--personalized-dir", str(tmp_path / "afile" / "sub")]
+    assert node_run(data, monkeypatch, *options) == 1  # set up, then gave up on the coordinator
+    unused = tmp_path / "personal"
+    assert node_run(data, monkeypatch, "--personalized-dir", str(unused)) == 1
+    assert not unused.exists()
+
+
+def test_node_run_uses_the_threads_it_is_given(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        assert node_run(data, monkeypatch, "--threads", str(before + 1)) == 1
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
