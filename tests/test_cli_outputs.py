@@ -300,3 +300,17 @@ def test_train_refuses_a_group_both_trained_on_and_held_out(
     )
     assert "groups both trained on and held out: ['Switzerland']" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_names_five_of_the_foreign_files_and_counts_the_rest(tmp_path: Path) -> None:
+    """A folder of data files: the refusal names the first five (sorted) and says how many more,
+    so a long listing does not drown the message and none goes unmentioned."""
+    from pluralfed.commands.train import check_train_out
+    from pluralfed.errors import InputError
+
+    for name in "gfedcba":
+        (tmp_path / f"{name}.csv").write_text("")
+    (tmp_path / "model.json").write_text("{}")  # an earlier run's output is not foreign
+    with pytest.raises(InputError) as refused:
+        check_train_out(tmp_path, force=True)
+    assert "(a.csv, b.csv, c.csv, d.csv, e.csv and 2 more)" in str(refused.value)
