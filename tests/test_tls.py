@@ -729,6 +729,49 @@ def test_cli_coordinator_certificate_names_localhost_by_default(
     assert [str(ip) for ip in coord.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
 
+def test_cli_default_validity_of_each_certificate(tmp_path: Path) -> None:
+    """As the help says: a CA for 3650 days, the coordinator's and the nodes' for 825."""
+
+    def days_left(path: Path) -> int:
+        return (load_cert(path).not_valid_after_utc - NOW).days
+
+    run("federation", "--out", str(tmp_path / "fed"), "--nodes", "a")
+    assert days_left(tmp_path / "fed" / "ca" / "ca.pem") in (3649, 3650)
+    assert days_left(tmp_path / "fed" / "coordinator" / "cert.pem") in (824, 825)
+    assert days_left(tmp_path / "fed" / "nodes" / "a" / "cert.pem") in (824, 825)
+    run("init", "--out", str(tmp_path / "ca"))
+    run("server", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "srv"))
+    run("node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "nodes"), "--id", "b")
+    assert days_left(tmp_path / "srv" / "cert.pem") in (824, 825)
+    assert days_left(tmp_path / "nodes" / "b" / "cert.pem") in (824, 825)
+
+
+def test_cli_federation_folders_are_the_owners_only(tmp_path: Path) -> None:
+    out = tmp_path / "fed"
+    run("federation", "--out", str(out), "--nodes", "a,b")
+    for folder in (out, out / "ca", out / "coordinator", out / "nodes", out / "nodes" / "a"):
+        assert mode(folder) == 0o700, folder
+
+
+def test_cli_federation_refuses_a_bad_server_name_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--server-name"):
+        run("federation", "--out", str(tmp_path / "f"), "--nodes", "a", "--server-name", "a/b")
+    assert not (tmp_path / "f").exists()
+
+
+def test_cli_node_all_or_nothing_counts_a_key_left_alone(tmp_path: Path) -> None:
+    """A key.pem without its cert.pem (a half-copied folder) is refused too, before any node's
+    files are written."""
+    run("init", "--out", str(tmp_path / "ca"))
+    (tmp_path / "nodes" / "n2").mkdir(parents=True)
+    (tmp_path / "nodes" / "n2" / "key.pem").write_text("a key kept elsewhere\n")
+    with pytest.raises(InputError, match=r"n2/key\.pem"):
+        run(
+            "node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "nodes"), "--ids", "n1,n2"
+        )
+    assert not (tmp_path / "nodes" / "n1").exists()
+
+
 def test_cli_federation_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "fed"
     run("federation", "--out", str(out), "--nodes", "a,b")
