@@ -1127,6 +1127,77 @@ def test_cli_score_local_and_through_the_server(
     assert code == 2 and "group 'OnlyTest' has no TRAIN questions" in err, err
 
 
+def test_cli_score_table_json_and_local_refusals(
+    world: dict,
+    rm: RewardModel,
+    session_cache_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The table marks the likeliest answer (and only it) with `*`; the JSON says the reward
+    kind and how many context items were used; --no-cache writes no cache; a group with no
+    TRAIN questions is refused locally with the service's wording."""
+    g = world["groups"][0]
+    q, answers = _targets(world, g, 1)[0]
+    expected = rm.score(g, q, answers)
+    ask = ["reward", "score", "--group", g, "--question", q]
+    ask += [x for a in answers for x in ("--answer", a)]
+    local = ["--checkpoint", str(world["ckpt"]), "--data", str(world["data_file"])]
+    assert cli_main([*ask, *local, "--cache-dir", str(session_cache_dir)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == len(answers)
+    marked = [i for i, row in enumerate(rows) if row.endswith(" *")]  # rows in answer order
+    assert marked == [int(np.argmax(expected))], rows
+    unused = tmp_path / "cache"
+    assert (
+        cli_main(
+            [*ask, *local, "--json", "--kind", "prob", "--no-cache", "--cache-dir", str(unused)]
+        )
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["kind"] == "prob"
+    assert printed["context_items"] == len(_train_items(world, g))
+    assert not unused.exists() or not any(unused.iterdir())
+    only_test = tmp_path / "only-test.jsonl"
+    test_items = [it for it in world["data"].groups[g] if is_test_question(it.question)]
+    write_jsonl(SurveyData({"OnlyTest": test_items}), only_test)
+    ask[3] = "OnlyTest"
+    local[3] = str(only_test)
+    assert cli_main([*ask, *local, "--cache-dir", str(session_cache_dir)]) == 2
+    assert "group 'OnlyTest' has no TRAIN questions" in capsys.readouterr().err
+
+
+def test_cli_score_through_the_server_sends_the_protocols_context_of_a_long_group(
+    world: dict,
+    server: tuple[int, RewardServicer],
+    pki: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A group with more TRAIN questions than the protocol's 90, sent inline from --data: the
+    client sends the protocol's sample of 90 (the service refuses a longer inline context)."""
+    g = world["groups"][0]
+    train = _train_items(world, g)
+    many = [
+        SurveyItem(f"{it.question} (asked again, {k})", it.options, it.distribution)
+        for k in range(4)
+        for it in train
+    ]
+    many = [it for it in many if not is_test_question(it.question)]
+    assert len(many) > MAX_CONTEXT_ITEMS
+    data = tmp_path / "long.jsonl"
+    write_jsonl(SurveyData({"Long": many}), data)
+    q, answers = _targets(world, g, 1)[0]
+    ask = ["reward", "score", "--group", "Long", "--question", q, "--json", "--data", str(data)]
+    ask += [x for a in answers for x in ("--answer", a)]
+    remote = ["--server", f"127.0.0.1:{server[0]}", "--tls-dir", str(pki["client"].cert.parent)]
+    assert cli_main([*ask, *remote]) == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["context_items"] == MAX_CONTEXT_ITEMS
+    assert printed["server"] == f"127.0.0.1:{server[0]}"
+
+
 def test_cli_serve_subprocess(
     world: dict, pki: dict, session_cache_dir: Path, tmp_path: Path
 ) -> None:
