@@ -4,6 +4,7 @@ whole run."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,18 @@ def test_node_run_uses_the_threads_it_is_given(data: Path, monkeypatch: pytest.M
         assert torch.get_num_threads() == before + 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_no_writable_temporary_folder_is_refused_before_the_data_is_loaded(
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`node run` in a container run with --read-only (no candidate temporary folder exists):
+    exit 2 at start, not a failure in the first round after joining."""
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [str(tmp_path / "none")])
+    monkeypatch.setattr(commands_node, "load_survey", lambda *a, **k: pytest.fail("data loaded"))
+    assert node_run(data, monkeypatch) == 2
+    assert "no writable temporary folder" in capsys.readouterr().err

@@ -642,6 +642,15 @@ def test_node_run_logs_what_loading_its_data_skipped(
     assert notes.startswith(f"G: data {data}: 5 note(s) from loading: {data}:21: duplicate")
     assert notes.count("duplicate question for group 'G' (first at line 1); kept the first") == 3
     assert notes.endswith(f"; and 2 more (`pluralfed data inspect {data}` lists them)")
+    # three notes are all shown: nothing more to point to
+    rows = [(f"Question {i}?", [1, 3]) for i in range(20)] + [("Question 0?", [2, 2])] * 3
+    data = write_survey(tmp_path / "three.jsonl", rows)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        assert node_run(data, monkeypatch, "--insecure") == 1
+    (notes,) = [m for m in messages(caplog, logging.WARNING) if f"data {data}" in m]
+    assert notes.startswith(f"G: data {data}: 3 note(s) from loading: ")
+    assert notes.endswith("kept the first"), notes
 
 
 # --------------------------------------------------------------------------------------------
