@@ -319,6 +319,23 @@ def test_node_check_says_a_revoked_certificate_needs_replacing(
     assert "meaning: the CA revoked this node's certificate: ask the operator for a new one" in err
 
 
+def test_node_check_with_a_revocation_list_fails_when_it_cannot_check_the_coordinator(
+    pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With tls_crl the check's own handshake must complete: nothing listening is a failed
+    check (exit 1) that says why, never an "ok" without the certificate seen."""
+    crl, _ = revoke_certificates(pki / "ca")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again before the check: nobody listens
+    argv = ["node", "check", "--group", "Aldoria", "--tls-crl", str(crl)]
+    argv += ["--coordinator", f"127.0.0.1:{port}", "--tls-dir", str(pki / "node-a")]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"FAILED: cannot check the certificate of the coordinator at 127.0.0.1:{port}" in err
+    assert "meaning: with tls_crl the node checks the coordinator's certificate" in err
+
+
 # ------------------------------------------------------------------------------------------------
 # the node's side: a revoked coordinator certificate
 
