@@ -89,3 +89,37 @@ def test_two_allow_lists_are_refused(tmp_path: Path, env: dict[str, str], pki: P
     assert f"{config}: has an [allow_list] table and allow_list_file names {allow}" in done.stderr
     done = coordinator([*args, "--print-config"], env)  # the table alone is the allow-list
     assert done.returncode == 0 and '"node-x": "X"' in done.stdout, done.stderr
+
+
+def test_an_allow_list_file_beside_a_config_without_a_list_is_the_allow_list(
+    tmp_path: Path, env: dict[str, str], pki: Pki
+) -> None:
+    """A --config with settings only and an allow_list_file: the file's list is used (the
+    config is not read as one), and an empty [allow_list] table still counts as a second list."""
+    config = tmp_path / "coordinator.toml"
+    config.write_text("rounds = 3\n", "utf-8")
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-a" = "A"\n', "utf-8")
+    args = ["--config", str(config), "--listen", f"{HOST}:0", "--tls-dir", str(pki.server)]
+    done = coordinator([*args, "--allow-list-file", str(allow), "--print-config"], env)
+    assert done.returncode == 0, done.stderr
+    assert '"node-a": "A"' in done.stdout and '"rounds": 3' in done.stdout
+    config.write_text("rounds = 3\n[allow_list]\n", "utf-8")
+    done = coordinator([*args, "--allow-list-file", str(allow), "--print-config"], env)
+    assert done.returncode == 2, done.stdout
+    assert f"{config}: has an [allow_list] table and allow_list_file names {allow}" in done.stderr
+
+
+def test_the_running_coordinator_reports_on_stderr_only(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Its progress lines go to stderr (with its log), leaving stdout to --print-config: here
+    a start that finds no quorum and gives up (exit 1)."""
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-a" = "A"\n', "utf-8")
+    state = tmp_path / "state"
+    args = ["--listen", f"{HOST}:0", "--insecure", "--allow-list-file", str(allow)]
+    done = coordinator([*args, "--state-dir", str(state), "--quorum-timeout-s", "0.5"], env)
+    assert done.returncode == 1, done.stderr
+    assert "coordinator run " in done.stderr and f"state in {state}" in done.stderr
+    assert done.stdout == ""
