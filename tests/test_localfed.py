@@ -652,6 +652,24 @@ def test_a_stop_is_not_an_exception() -> None:
         assert stop.signum == signal.SIGTERM
 
 
+def test_federate_says_it_ignores_the_settings_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exported PLURALFED_NODE_THREADS does nothing in a local federation: said at start,
+    with the way that works (--set)."""
+
+    def record(run: LocalFederation, data: SurveyData) -> dict[str, object]:
+        raise InputError("recorded")
+
+    monkeypatch.setattr(federate_command, "run_local", record)
+    monkeypatch.setenv("PLURALFED_NODE_THREADS", "64")
+    argv = ["federate", "--out", str(tmp_path / "run"), "--synthetic-groups", "3"]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: a local federation ignores PLURALFED_NODE_THREADS" in err
+    assert "use --set KEY=VALUE" in err
+
+
 def test_children_do_not_get_the_settings_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     """A PLURALFED_COORDINATOR_STATE_DIR left exported for a real coordinator moved a local
     federation's state folder (the launcher then waited for a coordinator that ran elsewhere):
