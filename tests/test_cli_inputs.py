@@ -109,6 +109,29 @@ def test_train_refuses_zero_epochs_before_training(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--lr", "0", "learning_rate must be a finite number > 0, got 0.0"),
+        ("--groups-per-step", "0", "groups_per_step must be at least 1, got 0"),
+        ("--embedding-noise", "2", "embedding_noise must be in 0..1"),
+    ],
+)
+def test_train_refuses_a_bad_training_setting_before_anything_is_done(
+    option: str,
+    value: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Exit 2 with one line naming the setting, not a traceback, before the data is read."""
+    out = tmp_path / "ck"
+    args = ["train", "--data", str(tmp_path / "unread.jsonl"), "--groups", "A,B", *TINY]
+    assert main([*args, "--out", str(out), option, value]) == 2
+    assert f"error: training settings: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_train_refuses_a_group_with_a_single_train_question(
     tmp_path: Path, session_cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
