@@ -1066,6 +1066,25 @@ def test_one_client_and_the_health_checks_cannot_hold_every_worker(
     assert "max_workers 4 is too few" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-workers", "0", "--max-workers must be at least 1, got 0"),
+        ("--max-calls-per-client", "0", "--max-calls-per-client must be at least 1, got 0"),
+        ("--max-call-seconds", "inf", "--max-call-seconds must be positive, got inf"),
+        ("--max-call-seconds", "0", "--max-call-seconds must be positive, got 0.0"),
+    ],
+)
+def test_cli_serve_refuses_bad_limits_naming_the_option(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Said before anything is read (the checkpoint, certificates and allow-list here do not
+    exist), in the words of the command line."""
+    serve = ["reward", "serve", "--checkpoint", "no-such-checkpoint", "--tls-dir", "no-such-dir"]
+    assert cli_main([*serve, "--allow-list", "no-such-file", option, value]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 
