@@ -132,6 +132,31 @@ def test_train_refuses_a_bad_training_setting_before_anything_is_done(
     assert not out.exists()
 
 
+def test_train_trains_on_a_group_without_test_questions_and_evaluates_the_others(
+    tmp_path: Path, session_cache_dir: Path
+) -> None:
+    """A training group with TRAIN questions only is trained on; the test-question figures are
+    those of the groups that have test questions (it was an error after training)."""
+    train, test = _questions(8, False), _questions(3, True)
+    rows = [(g, q) for g in "AB" for q in train + test] + [("D", q) for q in train]
+    data = tmp_path / "s.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"group": g, "question": q, "options": ["Yes", "No"], "distribution": [1, 1]}
+            )
+            + "\n"
+            for g, q in rows
+        )
+    )
+    out = tmp_path / "ck"
+    args = ["train", "--data", str(data), "--groups", "A,B,D", "--out", str(out), *TINY]
+    assert main([*args, "--epochs", "1", "--cache-dir", str(session_cache_dir)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training_groups"] == ["A", "B", "D"]
+    assert set(metrics["reports"][train_command.TRAIN_SET]["per_group"]) == {"A", "B"}
+
+
 def test_train_refuses_a_group_with_a_single_train_question(
     tmp_path: Path, session_cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
