@@ -670,6 +670,22 @@ def test_federate_says_it_ignores_the_settings_variables(
     assert "use --set KEY=VALUE" in err
 
 
+def test_federate_set_takes_spaces_around_the_equals_sign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--set "server_optimizer = fedadam"` (as a TOML file spells it) sets fedadam."""
+    handed: list[LocalFederation] = []
+
+    def record(run: LocalFederation, data: SurveyData) -> dict[str, object]:
+        handed.append(run)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(federate_command, "run_local", record)
+    argv = ["federate", "--out", str(tmp_path / "run"), "--synthetic-groups", "3"]
+    assert main([*argv, "--set", "server_optimizer = fedadam"]) == 2
+    assert [run.coordinator_settings["server_optimizer"] for run in handed] == ["fedadam"]
+
+
 def test_children_do_not_get_the_settings_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     """A PLURALFED_COORDINATOR_STATE_DIR left exported for a real coordinator moved a local
     federation's state folder (the launcher then waited for a coordinator that ran elsewhere):
