@@ -314,13 +314,3 @@ def test_train_names_five_of_the_foreign_files_and_counts_the_rest(tmp_path: Pat
     with pytest.raises(InputError) as refused:
         check_train_out(tmp_path, force=True)
     assert "(a.csv, b.csv, c.csv, d.csv, e.csv and 2 more)" in str(refused.value)
-
-
-def test_train_history_has_one_json_line_per_evaluation(
-    small: Path, session_cache_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "ck"
-    assert train(small, out, session_cache_dir, "--epochs", "2", "--eval-every", "1") == 0
-    text = (out / "history.jsonl").read_text()
-    assert text.endswith("\n")
-    assert [json.loads(line)["epoch"] for line in text.splitlines()] == [1, 2]
