@@ -47,13 +47,8 @@ def _questions(n: int, test: bool) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def survey(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Groups A and B with train and test questions; C with test questions only."""
-    train, test = _questions(8, False), _questions(3, True)
-    rows = [(g, q, [0.6, 0.4]) for g in "AB" for q in train + test]
-    rows += [("C", q, [0.3, 0.7]) for q in test]
-    path = tmp_path_factory.mktemp("survey") / "s.jsonl"
+def write_survey(path: Path, rows: list[tuple[str, str, list[float]]]) -> Path:
+    """A JSON-lines survey of (group, question, distribution over Yes/No) rows, at `path`."""
     path.write_text(
         "".join(
             json.dumps({"group": g, "question": q, "options": ["Yes", "No"], "distribution": d})
@@ -62,6 +57,15 @@ def survey(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Groups A and B with train and test questions; C with test questions only."""
+    train, test = _questions(8, False), _questions(3, True)
+    rows = [(g, q, [0.6, 0.4]) for g in "AB" for q in train + test]
+    rows += [("C", q, [0.3, 0.7]) for q in test]
+    return write_survey(tmp_path_factory.mktemp("survey") / "s.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +143,7 @@ def test_train_trains_on_a_group_without_test_questions_and_evaluates_the_others
     those of the groups that have test questions (it was an error after training)."""
     train, test = _questions(8, False), _questions(3, True)
     rows = [(g, q) for g in "AB" for q in train + test] + [("D", q) for q in train]
-    data = tmp_path / "s.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps(
-                {"group": g, "question": q, "options": ["Yes", "No"], "distribution": [1, 1]}
-            )
-            + "\n"
-            for g, q in rows
-        )
-    )
+    data = write_survey(tmp_path / "s.jsonl", [(g, q, [1, 1]) for g, q in rows])
     out = tmp_path / "ck"
     args = ["train", "--data", str(data), "--groups", "A,B,D", "--out", str(out), *TINY]
     assert main([*args, "--epochs", "1", "--cache-dir", str(session_cache_dir)]) == 0
@@ -164,16 +159,7 @@ def test_train_refuses_a_group_with_a_single_train_question(
     train question is refused by name before training."""
     train, test = _questions(8, False), _questions(3, True)
     rows = [("A", q) for q in train + test] + [("D", train[0]), ("D", test[0])]
-    data = tmp_path / "s.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps(
-                {"group": g, "question": q, "options": ["Yes", "No"], "distribution": [0.6, 0.4]}
-            )
-            + "\n"
-            for g, q in rows
-        )
-    )
+    data = write_survey(tmp_path / "s.jsonl", [(g, q, [0.6, 0.4]) for g, q in rows])
     out = tmp_path / "ck"
     args = ["train", "--data", str(data), "--groups", "A,D", *TINY, "--out", str(out)]
     assert main([*args, "--epochs", "1", "--cache-dir", str(session_cache_dir)]) == 2
@@ -269,14 +255,7 @@ def test_evaluate_names_the_data_file_when_a_default_group_has_no_train_question
     them names the data file, not a --groups the user never gave."""
     rows = [("A", q) for q in _questions(3, True)]  # A, trained on, has test questions only here
     rows += [("B", q) for q in _questions(8, False) + _questions(3, True)]
-    data = tmp_path / "s.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"group": g, "question": q, "options": ["Y", "N"], "distribution": [1, 1]})
-            + "\n"
-            for g, q in rows
-        )
-    )
+    data = write_survey(tmp_path / "s.jsonl", [(g, q, [1, 1]) for g, q in rows])
     args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--threads", "1"]
     assert main([*args, "--cache-dir", str(session_cache_dir)]) == 2
     err = capsys.readouterr().err
@@ -388,17 +367,9 @@ def test_evaluate_without_groups_takes_the_held_out_groups_even_when_none_traine
         raise InputError("recorded")
 
     monkeypatch.setattr(evaluate_command, "embed_groups", record)
-    data = tmp_path / "s.jsonl"  # groups C and D; the checkpoint trained on A and B
-    data.write_text(
-        "".join(
-            json.dumps(
-                {"group": g, "question": q, "options": ["Y", "N"], "distribution": [0.5, 0.5]}
-            )
-            + "\n"
-            for g in "CD"
-            for q in _questions(3, False)
-        )
-    )
+    # groups C and D; the checkpoint trained on A and B
+    rows = [(g, q, [0.5, 0.5]) for g in "CD" for q in _questions(3, False)]
+    data = write_survey(tmp_path / "s.jsonl", rows)
     args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--threads", "1"]
     assert main(args) == 2
     assert embedded == [["C"]]
