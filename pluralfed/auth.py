@@ -36,6 +36,7 @@ from typing import Any, NoReturn, cast
 import grpc
 
 from pluralfed.errors import InputError, quoted
+from pluralfed.fsutil import read_input_bytes
 from pluralfed.logthrottle import LogThrottle
 from pluralfed.tls import (
     NODE_ID_PATTERN,
@@ -148,13 +149,22 @@ class AllowList:
         """
         p = Path(path)
         try:
-            data: Any = tomllib.loads(p.read_text(encoding="utf-8"))
+            document: Any = tomllib.loads(read_input_bytes(p).decode("utf-8"))
         except FileNotFoundError:
             raise InputError(f"allow-list file not found: {p}") from None
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"allow-list file {p} could not be read: {err}") from None
         except tomllib.TOMLDecodeError as err:
             raise InputError(f"allow-list file {p}: invalid TOML: {err}") from None
+        return cls.from_document(document, p, table)
+
+    @classmethod
+    def from_document(
+        cls, document: Mapping[str, Any], path: str | Path, table: str | None = "allow_list"
+    ) -> AllowList:
+        """The list in the TOML `document` already read from `path` (named in messages)."""
+        p = Path(path)
+        data: Any = document
         where = str(p)
         if table:
             for part in table.split("."):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pluralfed.errors import InputError
+from pluralfed.fsutil import read_input_bytes
 
 T = TypeVar("T")
 
@@ -222,6 +223,19 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {hint!r}")
 
 
+def read_config_file(file: Path) -> dict[str, Any]:
+    """The TOML document in config `file`. Read it once and pass it on: a config given as a
+    pipe (`--config <(...)`, a FIFO) is empty or waits for a new writer when read again."""
+    try:
+        return tomllib.loads(read_input_bytes(Path(file)).decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{file}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{file}: cannot read config: {err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{file}: not valid TOML: {err}") from err
+
+
 def load_config(
     cls: type[T],
     file: Path | None,
@@ -230,10 +244,12 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     skip_tables: tuple[str, ...] = (),
     override_sources: Mapping[str, str] | None = None,
+    document: Mapping[str, Any] | None = None,
 ) -> T:
     """Build `cls` from its defaults, the TOML `file`, `env_prefix*` variables and `overrides`
     (command-line values; None means not given). Tables in `skip_tables` are read elsewhere.
-    `override_sources` names where an override was given, for messages (default: its --option)."""
+    `override_sources` names where an override was given, for messages (default: its --option).
+    `document`: `file` as `read_config_file` already read it (a pipe can be read only once)."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
@@ -241,14 +257,7 @@ def load_config(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}  # field -> where its value came from, for error messages
     if file is not None:
-        try:
-            raw = tomllib.loads(Path(file).read_text("utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{file}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"{file}: cannot read config: {err}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise InputError(f"{file}: not valid TOML: {err}") from err
+        raw = read_config_file(file) if document is None else document
         spelled: dict[str, str] = {}
         try:
             flat = _flatten({k: v for k, v in raw.items() if k not in skip_tables}, spelled=spelled)

@@ -6,6 +6,7 @@ real CLI in a child process, as an operator runs it."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +109,51 @@ def test_an_allow_list_file_beside_a_config_without_a_list_is_the_allow_list(
     done = coordinator([*args, "--allow-list-file", str(allow), "--print-config"], env)
     assert done.returncode == 2, done.stdout
     assert f"{config}: has an [allow_list] table and allow_list_file names {allow}" in done.stderr
+
+
+def through_pipe(path: Path) -> str:
+    """Bash's process substitution of `path`'s text: the command sees a pipe, /dev/fd/N."""
+    return f"<(cat {shlex.quote(str(path))})"
+
+
+def piped(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", command],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+
+
+def test_a_config_given_as_a_pipe_is_read_once_for_settings_and_allow_list(
+    tmp_path: Path, env: dict[str, str], pki: Pki
+) -> None:
+    """`--config <(...)`: a pipe can be read only once; read again, it is empty. The settings
+    and the [allow_list] table both come from the one read."""
+    with_table = tmp_path / "with_table.toml"
+    with_table.write_text('rounds = 7\n[allow_list]\n"node-p" = "P"\n', "utf-8")
+    settings_only = tmp_path / "settings_only.toml"
+    settings_only.write_text("rounds = 5\n", "utf-8")
+    allow = tmp_path / "allow.toml"
+    allow.write_text('[allow_list]\n"node-q" = "Q"\n', "utf-8")
+    coordinator = shlex.join([*CLI, "coordinator"])
+    rest = shlex.join(["--listen", f"{HOST}:0", "--tls-dir", str(pki.server), "--print-config"])
+
+    done = piped(f"{coordinator} --config {through_pipe(with_table)} {rest}", env)
+    assert done.returncode == 0, done.stderr
+    assert '"rounds": 7' in done.stdout and '"node-p": "P"' in done.stdout
+    # an allow-list file given as a pipe too, beside a config (a pipe) without a table
+    config, allow_list = through_pipe(settings_only), through_pipe(allow)
+    done = piped(f"{coordinator} --config {config} --allow-list-file {allow_list} {rest}", env)
+    assert done.returncode == 0, done.stderr
+    assert '"rounds": 5' in done.stdout and '"node-q": "Q"' in done.stdout
+    # and a table beside a file is still refused, the config read once
+    config = through_pipe(with_table)
+    done = piped(f"{coordinator} --config {config} --allow-list-file {allow_list} {rest}", env)
+    assert done.returncode == 2, done.stdout
+    assert "has an [allow_list] table and allow_list_file names /dev/fd/" in done.stderr
 
 
 def test_the_running_coordinator_reports_on_stderr_only(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,13 @@ from coordinator.service import (
     run_coordinator,
 )
 from pluralfed.auth import AllowList
-from pluralfed.config import ConfigValueError, add_config_args, load_config, overrides_from_args
+from pluralfed.config import (
+    ConfigValueError,
+    add_config_args,
+    load_config,
+    overrides_from_args,
+    read_config_file,
+)
 from pluralfed.errors import InputError
 from pluralfed.model import GPOConfig
 from pluralfed.report import make_console
@@ -134,38 +139,34 @@ def register(subparsers: Any) -> None:
 
 
 def load(args: argparse.Namespace) -> tuple[CoordinatorConfig, AllowList]:
+    """The settings and the allow-list. The config file is read once, for both: a config given
+    as a pipe (`--config <(...)`) would be empty, or wait for a new writer, when read again."""
+    document = None if args.config is None else read_config_file(args.config)
     cfg = load_config(
         CoordinatorConfig,
         args.config,
         ENV_PREFIX,
         overrides_from_args(args, CoordinatorConfig),
         skip_tables=("allow_list",),
+        document=document,
     )
     # the model settings, checked now rather than after the text encoder has loaded (the real
     # check, with the encoder's width, follows in run_coordinator)
     model_config(cfg, GPOConfig.embed_dim)
-    if cfg.allow_list_file is not None and args.config is not None:
-        _check_one_allow_list(Path(args.config), cfg.allow_list_file)
-    source = cfg.allow_list_file or args.config
-    if source is None:
+    if cfg.allow_list_file is not None:
+        if document is not None and "allow_list" in document:
+            # the file's list would replace the table without a word: with two lists, which
+            # one the operator meant is not for the coordinator to guess
+            raise InputError(
+                f"{args.config}: has an [allow_list] table and allow_list_file names "
+                f"{cfg.allow_list_file}: give one allow-list, not both"
+            )
+        return cfg, AllowList.from_toml(cfg.allow_list_file)
+    if document is None:
         raise InputError(
             "no allow-list: give --allow-list-file or an [allow_list] table in --config"
         )
-    return cfg, AllowList.from_toml(source)
-
-
-def _check_one_allow_list(config: Path, allow_list_file: Path) -> None:
-    """allow_list_file replaced the config's own [allow_list] table without a word: with two
-    lists, which one the operator meant is not for the coordinator to guess."""
-    try:
-        table = tomllib.loads(config.read_text("utf-8")).get("allow_list")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return  # load_config has read this file already; AllowList.from_toml says what is wrong
-    if table is not None:
-        raise InputError(
-            f"{config}: has an [allow_list] table and allow_list_file names {allow_list_file}: "
-            "give one allow-list, not both"
-        )
+    return cfg, AllowList.from_document(document, args.config)
 
 
 def run(args: argparse.Namespace) -> int:
