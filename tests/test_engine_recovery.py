@@ -20,10 +20,10 @@ import pytest
 
 from coordinator import node_calls, rounds, sessions
 from coordinator.rounds import RoundEngine
-from coordinator.sessions import Role
+from coordinator.sessions import NodeSession, Role
 from coordinator.settings import RoundSettings
 from coordinator.state import load_state
-from coordinator.tasks import TaskKind
+from coordinator.tasks import TaskKind, TaskSpec
 from coordinator.validation import Rejection
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
@@ -41,6 +41,19 @@ def replay_of(value: float) -> Callable[[], Iterator[TensorSlice]]:
     return lambda: iter([TensorSlice(spec, 0, np.full(10, value, np.float32)) for spec in SPECS])
 
 
+def upload(
+    engine: RoundEngine,
+    session: NodeSession,
+    task: TaskSpec,
+    replay: Callable[[], Iterator[TensorSlice]],
+) -> None:
+    """A training node's whole update for `task`, as the servicer hands it over: 10 examples
+    (what every node here joins with), no metrics, 80 bytes."""
+    engine.accept_update(
+        session.session_id, None, task.task_id, task.round, 10, {}, replay, 80, task.model_version
+    )
+
+
 def start(engine: RoundEngine) -> threading.Thread:
     driver = threading.Thread(target=engine.run, daemon=True)
     driver.start()
@@ -55,17 +68,7 @@ def serve(engine: RoundEngine, stop_after_round: int | None = None, alignment: f
     while not engine.done:
         t = engine.next_task(s.session_id, None, 0.5)
         if t.kind == TaskKind.TRAIN:
-            engine.accept_update(
-                s.session_id,
-                None,
-                t.task_id,
-                t.round,
-                10,
-                {},
-                replay_of(t.round),
-                80,
-                t.model_version,
-            )
+            upload(engine, s, t, replay_of(t.round))
             if stop_after_round == t.round:
                 while engine.completed_rounds() < t.round:
                     time.sleep(0.01)
@@ -409,9 +412,7 @@ def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path
     driver = start(engine)
     s = engine.join("A", Role.TRAIN, 10, ENC, "t")
     t = engine.next_task(s.session_id, None, 5)
-    engine.accept_update(
-        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
-    )
+    upload(engine, s, t, replay_of(1))
     assert engine.next_task(s.session_id, None, 5).kind == TaskKind.EVALUATE
     engine.stop()  # the operator's Ctrl-C while the nodes evaluate
     driver.join(10)
@@ -453,17 +454,7 @@ def test_an_update_that_breaks_off_half_folded_makes_the_round_retry_not_the_dri
     for group, replay in (("A", replay_of(1)), ("B", broken)):
         t = tasks[group]
         try:
-            engine.accept_update(
-                sessions[group].session_id,
-                None,
-                t.task_id,
-                1,
-                10,
-                {},
-                replay,
-                80,
-                t.model_version,
-            )
+            upload(engine, sessions[group], t, replay)
         except Rejection as refused:  # answered INTERNAL: the coordinator's disk, not B
             assert group == "B" and refused.reason == "INTERNAL"
     # the round's deadline passes with A's update (min_updates 1) and B's half: the round is
@@ -479,9 +470,7 @@ def test_an_update_that_breaks_off_half_folded_makes_the_round_retry_not_the_dri
     for group, s in sessions.items():
         t = retry if group == "C" else engine.next_task(s.session_id, None, 5)
         assert t.task_id == retry.task_id
-        engine.accept_update(
-            s.session_id, None, t.task_id, 1, 10, {}, replay_of(2), 80, t.model_version
-        )
+        upload(engine, s, t, replay_of(2))
     while engine.completed_rounds() < 1 and time.monotonic() < give_up:
         time.sleep(0.02)
     assert engine.completed_rounds() == 1
@@ -632,9 +621,7 @@ def test_a_wall_clock_step_neither_ends_a_round_nor_expires_sessions(
     wall = time.time
     monkeypatch.setattr(time, "time", lambda: wall() + 3600.0)
     assert [x.group for x in engine.live_sessions()] == ["A"]
-    engine.accept_update(
-        s.session_id, None, t.task_id, 1, 10, {}, replay_of(1), 80, t.model_version
-    )
+    upload(engine, s, t, replay_of(1))
     monkeypatch.setattr(time, "time", lambda: wall() - 3600.0)
     deadline = time.monotonic() + 10
     while engine.completed_rounds() < 1 and time.monotonic() < deadline:
@@ -669,9 +656,7 @@ def test_a_session_silent_just_past_session_timeout_is_not_live_nor_selected(
     try:
         t = engine.next_task(b.session_id, None, 5)
         assert t.kind == TaskKind.TRAIN
-        engine.accept_update(
-            b.session_id, None, t.task_id, t.round, 10, {}, replay_of(1), 80, t.model_version
-        )
+        upload(engine, b, t, replay_of(1))
         wait_for(lambda: engine.completed_rounds() == 1)
     finally:
         engine.stop()
@@ -731,17 +716,7 @@ def test_the_model_version_names_its_round_even_when_a_round_leaves_the_weights_
             t = engine.next_task(s.session_id, None, 0.5)
             if t.kind == TaskKind.TRAIN:
                 versions.append(t.model_version)
-                engine.accept_update(
-                    s.session_id,
-                    None,
-                    t.task_id,
-                    t.round,
-                    10,
-                    {},
-                    replay_of(0.0),
-                    80,
-                    t.model_version,
-                )
+                upload(engine, s, t, replay_of(0.0))
             elif t.kind == TaskKind.EVALUATE:
                 e = GroupEvaluation("A", 5, 0.5, 0.4, 0.3, 0.3)
                 engine.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
@@ -830,9 +805,7 @@ def test_an_evaluation_owed_at_restart_waits_for_the_last_rounds_trainers(tmp_pa
     for s in nodes:
         t = first.next_task(s.session_id, None, 10)
         assert (t.kind, t.round) == (TaskKind.TRAIN, 1)
-        first.accept_update(
-            s.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
-        )
+        upload(first, s, t, replay_of(1.0))
     wait_for(lambda: first.completed_rounds() == 1)
     first.stop()
     driver.join(10)
@@ -866,9 +839,7 @@ def test_a_restarted_coordinator_owes_the_end_to_every_group_that_trained(tmp_pa
     driver = start(engine)
     t = engine.next_task(b.session_id, None, 10)
     assert t.kind == TaskKind.TRAIN
-    engine.accept_update(
-        b.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
-    )
+    upload(engine, b, t, replay_of(1.0))
     wait_for(lambda: engine.completed_rounds() == 1)
     engine.leave(b.session_id, None, "gone")
     serve(engine)  # A: round 2 and the final evaluation
@@ -934,9 +905,7 @@ def a_trains_while_b_is_silent(
         assert t.kind == TaskKind.TRAIN
         if b_takes_its_task:
             assert engine.next_task(b.session_id, None, 10).kind == TaskKind.TRAIN
-        engine.accept_update(
-            a.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
-        )
+        upload(engine, a, t, replay_of(1.0))
         wait_for(lambda: engine.completed_rounds() == 1, timeout=wait_s)
     finally:
         engine.stop()
@@ -1143,9 +1112,7 @@ def test_a_session_remembers_only_the_open_tasks_answer(tmp_path: Path) -> None:
     while not engine.done:
         t = engine.next_task(s.session_id, None, 0.5)
         if t.kind == TaskKind.TRAIN:
-            engine.accept_update(
-                s.session_id, None, t.task_id, t.round, 10, {}, replay_of(1), 80, t.model_version
-            )
+            upload(engine, s, t, replay_of(1))
         elif t.kind == TaskKind.EVALUATE:
             e = GroupEvaluation("A", 5, 0.5, 0.4, 0.3, 0.3)
             engine.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
@@ -1255,9 +1222,7 @@ def test_a_round_with_fewer_updates_than_min_updates_is_retried_not_committed(
     try:
         with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
             t = engine.next_task(a.session_id, None, 10)
-            engine.accept_update(
-                a.session_id, None, t.task_id, t.round, 10, {}, replay_of(1.0), 80, t.model_version
-            )
+            upload(engine, a, t, replay_of(1.0))
             wait_for(lambda: "round 1: 1 updates, 2 needed: retrying the round" in caplog.text)
         assert engine.completed_rounds() == 0 and engine.state.history.last is None
     finally:
@@ -1277,17 +1242,7 @@ def test_a_group_an_earlier_evaluation_had_is_missing_from_a_later_one(tmp_path:
         while not engine.done:
             t = engine.next_task(s.session_id, None, 0.5)
             if t.kind == TaskKind.TRAIN:
-                engine.accept_update(
-                    s.session_id,
-                    None,
-                    t.task_id,
-                    t.round,
-                    10,
-                    {},
-                    replay_of(1.0),
-                    80,
-                    t.model_version,
-                )
+                upload(engine, s, t, replay_of(1.0))
             elif t.kind == TaskKind.EVALUATE:
                 e = GroupEvaluation(group, 5, 0.5, 0.4, 0.3, 0.3)
                 engine.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
