@@ -35,8 +35,9 @@ from typing import Any, NoReturn, cast
 
 import grpc
 
+from pluralfed.config import MAX_TOML_BYTES
 from pluralfed.errors import InputError, quoted
-from pluralfed.fsutil import read_input_bytes
+from pluralfed.fsutil import InputTooLarge, read_input_bytes
 from pluralfed.logthrottle import LogThrottle
 from pluralfed.tls import (
     NODE_ID_PATTERN,
@@ -149,7 +150,12 @@ class AllowList:
         """
         p = Path(path)
         try:
-            document: Any = tomllib.loads(read_input_bytes(p).decode("utf-8"))
+            document: Any = tomllib.loads(read_input_bytes(p, MAX_TOML_BYTES).decode("utf-8"))
+        except InputTooLarge:
+            raise InputError(
+                f"allow-list file {p}: more than {MAX_TOML_BYTES >> 20} MiB, too large for an "
+                "allow-list"
+            ) from None
         except FileNotFoundError:
             raise InputError(f"allow-list file not found: {p}") from None
         except (OSError, UnicodeDecodeError) as err:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pluralfed.errors import InputError
-from pluralfed.fsutil import read_input_bytes
+from pluralfed.fsutil import InputTooLarge, read_input_bytes
 
 T = TypeVar("T")
 
@@ -223,11 +223,19 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {hint!r}")
 
 
+# The most a TOML config or allow-list file may hold: an allow-list of 100,000 nodes is ~10 MB.
+MAX_TOML_BYTES = 16 << 20
+
+
 def read_config_file(file: Path) -> dict[str, Any]:
     """The TOML document in config `file`. Read it once and pass it on: a config given as a
     pipe (`--config <(...)`, a FIFO) is empty or waits for a new writer when read again."""
     try:
-        return tomllib.loads(read_input_bytes(Path(file)).decode("utf-8"))
+        return tomllib.loads(read_input_bytes(Path(file), MAX_TOML_BYTES).decode("utf-8"))
+    except InputTooLarge:
+        raise InputError(
+            f"{file}: more than {MAX_TOML_BYTES >> 20} MiB, too large for a config file"
+        ) from None
     except FileNotFoundError:
         raise InputError(f"{file}: config file not found") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from pluralfed.errors import InputError
-from pluralfed.fsutil import atomic_write_bytes, read_input_bytes, same_file
+from pluralfed.fsutil import InputTooLarge, atomic_write_bytes, read_input_bytes, same_file
 
 GOQA_REQUIRED_COLUMNS: tuple[str, ...] = ("question", "selections", "options")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json")
@@ -441,11 +441,22 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+# The most a survey file may hold. Surveys are a few MB (GlobalOpinionQA's CSV: 1.3 MB); this
+# leaves room for any real one, yet a wrong path (/dev/zero, a disk image) is refused before it
+# fills the memory.
+MAX_SURVEY_BYTES = 1 << 30
+
+
 def _read_text(path: Path) -> str:
     """The whole file as UTF-8 text (a BOM is tolerated); OS and decoding errors become InputErrors,
-    a decoding error naming its line. Survey files are a few MB at most."""
+    a decoding error naming its line."""
     try:
-        raw = read_input_bytes(path)
+        raw = read_input_bytes(path, MAX_SURVEY_BYTES)
+    except InputTooLarge:
+        raise InputError(
+            f"{path}: more than {MAX_SURVEY_BYTES >> 20:,} MiB, too large for a survey file "
+            "(surveys are a few MB): is it the right file?"
+        ) from None
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except IsADirectoryError:

@@ -59,35 +59,54 @@ def commit_file(tmp: Path, path: Path) -> None:
 PIPE_WAIT_S = 0.2
 
 
-def read_input_bytes(path: Path) -> bytes:
+class InputTooLarge(ValueError):
+    """An input holds more than the bytes its reader accepts (`/dev/zero` given as a file would
+    otherwise be read until memory runs out)."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        super().__init__(f"{path}: more than {max_bytes:,} bytes")
+        self.path = path
+        self.max_bytes = max_bytes
+
+
+def read_input_bytes(path: Path, max_bytes: int | None = None) -> bytes:
     """The whole of `path`, like `Path.read_bytes`, but a Ctrl-C always ends a wait for a pipe's
     writer (`data inspect <(zcat survey.jsonl.gz)`, a FIFO). CPython runs a signal's handler
     between bytecodes: a SIGINT that lands just before a blocking read(2) starts, or on another
     thread (numpy's BLAS threads take signals too), leaves that read blocked until the writer
     writes. So a pipe is opened without blocking and read after poll(2) waits at most PIPE_WAIT_S;
     Linux reports no hang-up on a FIFO until a writer has come, so no early end of file is seen.
-    A regular file never blocks and is read as usual. Raises what `Path.read_bytes` raises."""
+    A regular file never blocks and is read as usual. Raises what `Path.read_bytes` raises, and
+    InputTooLarge past `max_bytes` (checked as it reads: a pipe or a device has no size)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if stat.S_ISREG(mode):
+        if stat.S_ISREG(st.st_mode):
+            if max_bytes is not None and st.st_size > max_bytes:
+                raise InputTooLarge(path, max_bytes)
             os.set_blocking(fd, True)
             with open(fd, "rb", closefd=False) as f:
-                return f.read()
-        return _read_pipe(fd)
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        else:
+            data = _read_pipe(fd, max_bytes)
+        if max_bytes is not None and len(data) > max_bytes:  # a file that grew as it was read
+            raise InputTooLarge(path, max_bytes)
+        return data
     finally:
         os.close(fd)
 
 
-def _read_pipe(fd: int) -> bytes:
+def _read_pipe(fd: int, max_bytes: int | None) -> bytes:
     """Everything until end of file from a non-blocking `fd`, looking at signals every
-    PIPE_WAIT_S (a returning poll lets Python run a handler that was held back)."""
+    PIPE_WAIT_S (a returning poll lets Python run a handler that was held back); it stops once
+    more than `max_bytes` came."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     chunks: list[bytes] = []
-    while True:
+    total = 0
+    while max_bytes is None or total <= max_bytes:
         if not poller.poll(PIPE_WAIT_S * 1000):
             continue
         try:
@@ -95,8 +114,10 @@ def _read_pipe(fd: int) -> bytes:
         except BlockingIOError:  # woken, but another reader took the bytes
             continue
         if not chunk:
-            return b"".join(chunks)
+            break
         chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:

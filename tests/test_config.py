@@ -11,7 +11,7 @@ import pytest
 from coordinator.service import CoordinatorConfig, check_roles, model_config, rpc_threads_for
 from group_node.config import NodeConfig
 from pluralfed.auth import AllowList
-from pluralfed.config import load_config
+from pluralfed.config import MAX_TOML_BYTES, load_config
 from pluralfed.errors import InputError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -89,6 +89,21 @@ def test_bad_config_names_what_and_where(
     with pytest.raises(InputError) as err:
         load_config(NodeConfig, path, "PLURALFED_NODE_", {}, environ=env)
     assert message in str(err.value)
+
+
+def test_a_config_or_allow_list_path_that_never_ends_is_refused() -> None:
+    """/dev/zero as a config or an allow-list (a device, a wrong path) was read until the
+    memory ran out; now the read stops past MAX_TOML_BYTES and says so."""
+    zero = Path("/dev/zero")
+    with pytest.raises(InputError) as err:
+        load_config(NodeConfig, zero, "PLURALFED_NODE_", {}, environ={})
+    assert str(err.value) == "/dev/zero: more than 16 MiB, too large for a config file"
+    with pytest.raises(InputError) as err:
+        AllowList.from_toml(zero)
+    assert str(err.value) == (
+        "allow-list file /dev/zero: more than 16 MiB, too large for an allow-list"
+    )
+    assert MAX_TOML_BYTES == 16 << 20
 
 
 def test_a_whole_float_is_an_integer_setting(tmp_path: Path) -> None:

@@ -530,6 +530,22 @@ def test_csv_not_utf8_names_line(tmp_path: Path) -> None:
         load_global_opinions_csv(path)
 
 
+def test_a_survey_path_that_is_no_survey_file_is_refused_before_memory_runs_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/zero (a typo in a path, a device) never ends; a file far larger than any survey is
+    another wrong path. Both are refused with the limit named (lowered here to 1 MiB)."""
+    monkeypatch.setattr("pluralfed.data.MAX_SURVEY_BYTES", 1 << 20)
+    big = write(tmp_path, "big.csv", b"\0" * ((1 << 20) + 1))
+    for load, path in ((load_jsonl, Path("/dev/zero")), (load_global_opinions_csv, big)):
+        with pytest.raises(InputError) as err:
+            load(path)
+        assert str(err.value) == (
+            f"{path}: more than 1 MiB, too large for a survey file (surveys are a few MB): "
+            "is it the right file?"
+        )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("", "empty file"), ("\n\n", "empty file"), (CSV_HEADER, "no records")],

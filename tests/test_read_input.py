@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pluralfed.fsutil import PIPE_WAIT_S, read_input_bytes
+from pluralfed.fsutil import PIPE_WAIT_S, InputTooLarge, read_input_bytes
 
 
 class PipeReader(threading.Thread):
@@ -67,3 +67,30 @@ def test_a_pipe_whose_writer_leaves_without_writing_is_empty(tmp_path: Path) -> 
     os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO if the reader had left
     reader.join(timeout=60)
     assert reader.result == b""
+
+
+def test_a_file_over_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "survey.jsonl"
+    path.write_bytes(b"x" * 1001)
+    with pytest.raises(InputTooLarge) as err:
+        read_input_bytes(path, max_bytes=1000)
+    assert (err.value.path, err.value.max_bytes) == (path, 1000)
+    assert read_input_bytes(path, max_bytes=1001) == b"x" * 1001  # the limit itself is allowed
+
+
+def test_a_pipe_or_a_device_over_the_limit_is_cut_off_as_it_is_read(tmp_path: Path) -> None:
+    """A pipe and a device have no size to look at first: /dev/zero never ends, and without
+    the limit it would be read until the memory ran out."""
+    with pytest.raises(InputTooLarge):
+        read_input_bytes(Path("/dev/zero"), max_bytes=3 << 20)
+    pipe = tmp_path / "groups.jsonl"
+    os.mkfifo(pipe)
+    for size, refused in ((4096, False), (4097, True)):
+        writer = threading.Thread(target=pipe.write_bytes, args=(b"y" * size,), daemon=True)
+        writer.start()
+        if refused:
+            with pytest.raises(InputTooLarge):
+                read_input_bytes(pipe, max_bytes=4096)
+        else:
+            assert read_input_bytes(pipe, max_bytes=4096) == b"y" * 4096
+        writer.join(timeout=60)
