@@ -162,6 +162,8 @@ class AllowList:
             raise InputError(f"allow-list file {p} could not be read: {err}") from None
         except tomllib.TOMLDecodeError as err:
             raise InputError(f"allow-list file {p}: invalid TOML: {err}") from None
+        except RecursionError:  # tomllib recurses into nested arrays and inline tables
+            raise InputError(f"allow-list file {p}: invalid TOML: nested too deeply") from None
         return cls.from_document(document, p, table)
 
     @classmethod

@@ -242,6 +242,8 @@ def read_config_file(file: Path) -> dict[str, Any]:
         raise InputError(f"{file}: cannot read config: {err}") from err
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{file}: not valid TOML: {err}") from err
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise InputError(f"{file}: not valid TOML: nested too deeply") from None
 
 
 def load_config(

@@ -71,6 +71,9 @@ def test_precedence_file_env_options(tmp_path: Path) -> None:
             "personalize_steps is set, so personalized_dir is required",
         ),
         ("group = [\n", {}, "not valid TOML"),
+        # tomllib recurses into nested arrays: a RecursionError traceback
+        ("group = " + "[" * 5000 + "]" * 5000 + "\n", {}, "not valid TOML: nested too deeply"),
+        ("group = " + "{a = " * 5000 + "1" + "}" * 5000 + "\n", {}, "nested too deeply"),
         # a traceback ("embedded null byte") when the file was opened
         ('group = "A"\ndata = "x\\u0000y.jsonl"\n', {}, "data: a path cannot hold a NUL"),
         # int() and float() read other scripts' digits: "٣" was 3 rounds
@@ -91,9 +94,12 @@ def test_bad_config_names_what_and_where(
     assert message in str(err.value)
 
 
-def test_a_config_or_allow_list_path_that_never_ends_is_refused() -> None:
+def test_a_config_or_allow_list_that_never_ends_or_nests_too_deeply_is_refused(
+    tmp_path: Path,
+) -> None:
     """/dev/zero as a config or an allow-list (a device, a wrong path) was read until the
-    memory ran out; now the read stops past MAX_TOML_BYTES and says so."""
+    memory ran out; now the read stops past MAX_TOML_BYTES and says so. Arrays nested
+    thousands deep were a RecursionError traceback."""
     zero = Path("/dev/zero")
     with pytest.raises(InputError) as err:
         load_config(NodeConfig, zero, "PLURALFED_NODE_", {}, environ={})
@@ -103,6 +109,11 @@ def test_a_config_or_allow_list_path_that_never_ends_is_refused() -> None:
     assert str(err.value) == (
         "allow-list file /dev/zero: more than 16 MiB, too large for an allow-list"
     )
+    deep = tmp_path / "allow.toml"
+    deep.write_text('[allow_list]\n"node-a" = ' + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(InputError) as err:
+        AllowList.from_toml(deep)
+    assert str(err.value) == f"allow-list file {deep}: invalid TOML: nested too deeply"
     assert MAX_TOML_BYTES == 16 << 20
 
 
