@@ -167,7 +167,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str):  # an option or environment variable: a JSON array
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
                 value = None
             if not isinstance(value, list):
                 raise InputError(f'{where}: expected a JSON array like ["China", "Japan"]')

@@ -187,7 +187,7 @@ def _dim_from_config(model_dir: Path) -> int | None:
     """Output width from config.json without loading the model (None if the config does not say)."""
     try:
         cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise InputError(f"cannot read {model_dir / 'config.json'}: {e}") from e
     if not isinstance(cfg, dict):
         raise InputError(

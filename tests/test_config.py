@@ -52,6 +52,23 @@ def test_precedence_file_env_options(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "value",
+    ['"China"', "China", '["China", 1]', "[" * 100_000 + "]" * 100_000],
+)
+def test_a_list_setting_from_the_environment_must_be_a_json_array_of_names(value: str) -> None:
+    """evaluate_only given as a variable (or an option) is a JSON array of names. An array
+    nested 100,000 deep was a RecursionError traceback."""
+    env = {"X_EVALUATE_ONLY": value}
+    with pytest.raises(InputError, match=r"^environment X_EVALUATE_ONLY: expected a (JSON )?"):
+        load_config(CoordinatorConfig, None, "X_", {}, environ=env)
+    env = {"X_EVALUATE_ONLY": '["China", "Japan"]'}
+    assert load_config(CoordinatorConfig, None, "X_", {}, environ=env).evaluate_only == (
+        "China",
+        "Japan",
+    )
+
+
+@pytest.mark.parametrize(
     ("text", "env", "message"),
     [
         ('group = "A"\ndata = "a"\nbogus = 1\n', {}, "unknown settings ['bogus']"),

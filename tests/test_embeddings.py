@@ -359,6 +359,8 @@ def _broken_files(src: Path, damage: str) -> dict[str, bytes]:
         return {"config.json": json.dumps({**config, "num_hidden_layers": "six"}).encode()}
     if damage == "config-not-an-object":
         return {"config.json": b"[1, 2]"}
+    if damage == "config-nested-too-deeply":  # json raises RecursionError, not ValueError
+        return {"config.json": b"[" * 100_000 + b"]" * 100_000}
     if damage == "weights-incomplete":  # a valid file that lacks almost every tensor
         one = {"embeddings.LayerNorm.weight": torch.ones(384)}
         return {"model.safetensors": safetensors.torch.save(one, metadata={"format": "pt"})}
@@ -370,6 +372,7 @@ _BROKEN_SAYS = {
     "cut-weights": r"weights \(\*\.safetensors\) are damaged or cut short",
     "config-bad-field": r"num_hidden_layers.*expected int, got str",
     "config-not-an-object": r"config\.json is not a model config: it holds a JSON list",
+    "config-nested-too-deeply": r"cannot read .*config\.json: maximum recursion depth exceeded",
     "weights-incomplete": r"its weights lack \d+ of the model's tensors",
 }
 
