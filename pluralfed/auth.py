@@ -37,7 +37,7 @@ import grpc
 
 from pluralfed.config import MAX_TOML_BYTES
 from pluralfed.errors import InputError, quoted
-from pluralfed.fsutil import InputTooLarge, read_input_bytes
+from pluralfed.fsutil import InputTooLarge, read_input_bytes, size_text
 from pluralfed.logthrottle import LogThrottle
 from pluralfed.tls import (
     NODE_ID_PATTERN,
@@ -153,7 +153,7 @@ class AllowList:
             document: Any = tomllib.loads(read_input_bytes(p, MAX_TOML_BYTES).decode("utf-8"))
         except InputTooLarge:
             raise InputError(
-                f"allow-list file {p}: more than {MAX_TOML_BYTES >> 20} MiB, too large for an "
+                f"allow-list file {p}: more than {size_text(MAX_TOML_BYTES)}, too large for an "
                 "allow-list"
             ) from None
         except FileNotFoundError:

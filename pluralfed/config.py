@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pluralfed.errors import InputError
-from pluralfed.fsutil import InputTooLarge, read_input_bytes
+from pluralfed.fsutil import InputTooLarge, read_input_bytes, size_text
 
 T = TypeVar("T")
 
@@ -234,7 +234,7 @@ def read_config_file(file: Path) -> dict[str, Any]:
         return tomllib.loads(read_input_bytes(Path(file), MAX_TOML_BYTES).decode("utf-8"))
     except InputTooLarge:
         raise InputError(
-            f"{file}: more than {MAX_TOML_BYTES >> 20} MiB, too large for a config file"
+            f"{file}: more than {size_text(MAX_TOML_BYTES)}, too large for a config file"
         ) from None
     except FileNotFoundError:
         raise InputError(f"{file}: config file not found") from None

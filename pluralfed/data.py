@@ -72,7 +72,13 @@ from typing import Any
 import numpy as np
 
 from pluralfed.errors import InputError
-from pluralfed.fsutil import InputTooLarge, atomic_write_bytes, read_input_bytes, same_file
+from pluralfed.fsutil import (
+    InputTooLarge,
+    atomic_write_bytes,
+    read_input_bytes,
+    same_file,
+    size_text,
+)
 
 GOQA_REQUIRED_COLUMNS: tuple[str, ...] = ("question", "selections", "options")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json")
@@ -454,7 +460,7 @@ def _read_text(path: Path) -> str:
         raw = read_input_bytes(path, MAX_SURVEY_BYTES)
     except InputTooLarge:
         raise InputError(
-            f"{path}: more than {MAX_SURVEY_BYTES >> 20:,} MiB, too large for a survey file "
+            f"{path}: more than {size_text(MAX_SURVEY_BYTES)}, too large for a survey file "
             "(surveys are a few MB): is it the right file?"
         ) from None
     except FileNotFoundError:

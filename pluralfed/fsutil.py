@@ -64,9 +64,17 @@ class InputTooLarge(ValueError):
     otherwise be read until memory runs out)."""
 
     def __init__(self, path: Path, max_bytes: int) -> None:
-        super().__init__(f"{path}: more than {max_bytes:,} bytes")
+        super().__init__(f"{path}: more than {size_text(max_bytes)}")
         self.path = path
         self.max_bytes = max_bytes
+
+
+def size_text(nbytes: int) -> str:
+    """A size as a message shows it: whole GiB or MiB where it is one ("1 GiB"), else bytes."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
+            return f"{nbytes >> shift:,} {unit}"
+    return f"{nbytes:,} bytes"
 
 
 def read_input_bytes(path: Path, max_bytes: int | None = None) -> bytes:

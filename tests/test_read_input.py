@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pluralfed.fsutil import PIPE_WAIT_S, InputTooLarge, read_input_bytes
+from pluralfed.fsutil import PIPE_WAIT_S, InputTooLarge, read_input_bytes, size_text
 
 
 class PipeReader(threading.Thread):
@@ -94,3 +94,15 @@ def test_a_pipe_or_a_device_over_the_limit_is_cut_off_as_it_is_read(tmp_path: Pa
         else:
             assert read_input_bytes(pipe, max_bytes=4096) == b"y" * 4096
         writer.join(timeout=60)
+
+
+def test_sizes_are_shown_in_the_largest_whole_unit() -> None:
+    assert [size_text(n) for n in (1 << 30, 3 << 30, 16 << 20, 1536 << 20, 4096, 1000, 0)] == [
+        "1 GiB",
+        "3 GiB",
+        "16 MiB",
+        "1,536 MiB",
+        "4 KiB",
+        "1,000 bytes",
+        "0 bytes",
+    ]
