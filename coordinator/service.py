@@ -407,7 +407,7 @@ def _stale_outputs(engine: RoundEngine, state_dir: Path) -> list[str]:
         stale.append("final/")
     try:
         results = json.loads((state_dir / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         results = None
     if (
         not isinstance(results, dict)
@@ -590,7 +590,7 @@ def _run_figures(path: Path) -> dict[str, float]:
     it cannot be read: the re-evaluation's own figures then stand)."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return {}
     if not isinstance(earlier, dict):
         return {}

@@ -1069,6 +1069,23 @@ def test_results_of_another_run_are_written_again(
     assert json.loads(path.read_text())["run_id"] == results["run_id"]
 
 
+def test_results_that_json_cannot_read_are_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """results.json damaged into arrays nested deeper than json reads (a RecursionError, not a
+    ValueError) stopped the restart with a traceback; it is written again like any unreadable
+    one, with final/ lost too (so its figures are looked for as well)."""
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    path = state_dir / "results.json"
+    results = json.loads(path.read_text())
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    for f in (state_dir / "final").iterdir():
+        f.unlink()
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    assert json.loads(path.read_text())["run_id"] == results["run_id"]
+
+
 def test_a_finished_run_with_its_outputs_leaves_them_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
