@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import logging
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import grpc
 import pytest
 
 import pluralfed.auth as auth_module
+import pluralfed.pki as pki_module
 from coordinator.service import CoordinatorConfig
 from pluralfed import tls
 from pluralfed.auth import AllowList, AuthInterceptor, RevocationWatch, authenticated_node
@@ -32,6 +34,7 @@ from pluralfed.cli import main as cli_main
 from pluralfed.errors import InputError
 from pluralfed.pki import (
     create_ca,
+    describe_certificate,
     issue_node_cert,
     issue_server_cert,
     parse_serial,
@@ -125,6 +128,37 @@ def test_an_overdue_list_is_still_enforced_with_a_warning(
         overdue = tls.load_revocation_list(crl, pki / "ca" / "ca.pem")
     assert overdue.is_revoked(serial(pki / "node-a"))
     assert "was due for renewal" in caplog.text
+
+
+def test_certs_show_says_a_list_past_its_next_update_is_overdue(
+    pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Services keep enforcing an overdue list (above) with a warning in their log; `certs
+    show` on it says OVERDUE and how to renew, so the operator who looks is told too."""
+    crl, _ = revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"], days=1)
+    assert "OVERDUE" not in describe_certificate(crl)
+    later = tls.utc_now() + dt.timedelta(days=2)
+    monkeypatch.setattr(pki_module, "utc_now", lambda: later)
+    assert "OVERDUE: renew with `pluralfed certs revoke --ca DIR`" in describe_certificate(crl)
+
+
+def test_the_revocation_list_is_readable_by_all_as_the_ca_certificate_is(pki: Path) -> None:
+    """crl.pem is public, as ca.pem is: the coordinator reads it, often as another user than
+    the operator who ran `certs revoke` (a service account, a container). Mode 0644, written
+    and re-signed, never the 0600 of a key."""
+    for _ in range(2):  # the first list, then the list signed again
+        crl, _ = revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
+        assert stat.S_IMODE(crl.stat().st_mode) == 0o644
+
+
+def test_a_serial_over_20_octets_is_refused_as_out_of_range() -> None:
+    """RFC 5280: a serial is positive and at most 20 octets, so below 2**159. One at 2**159 is
+    said to be out of range, not handed to the list's builder (its ValueError was a traceback
+    from `certs revoke --serial`); the largest one allowed is taken."""
+    top = (1 << 159) - 1
+    assert parse_serial(f"{top:x}") == top
+    with pytest.raises(InputError, match="out of range for a certificate serial number"):
+        parse_serial(f"{1 << 159:x}")
 
 
 def test_certs_revoke_command(pki: Path) -> None:

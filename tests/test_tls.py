@@ -19,7 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from test_tls_key_usage import handshake
 
+import pluralfed.pki as pki_module
 from pluralfed import tls
 from pluralfed.commands import certs
 from pluralfed.errors import InputError
@@ -153,7 +155,16 @@ def test_parse_san(value: str, expected: x509.GeneralName) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["", "under_score.example", "a b", "-lead.example", "x" * 64 + ".org"]
+    "value",
+    [
+        "",
+        "under_score.example",
+        "a b",
+        "-lead.example",
+        "x" * 64 + ".org",
+        # labels of 63 characters, but 255 in all: over DNS's 253, no client dials it
+        ".".join(["x" * 63] * 4),
+    ],
 )
 def test_parse_san_rejects(value: str) -> None:
     with pytest.raises(InputError, match="SAN"):
@@ -248,6 +259,93 @@ def test_expired_ca_cannot_issue(tmp_path: Path) -> None:
     )
     with pytest.raises(InputError, match="has expired"):
         issue_node_cert(tmp_path / "ca", tmp_path / "n", "n")
+
+
+def test_a_certificate_starts_a_few_minutes_before_it_is_issued(pki: Path, tmp_path: Path) -> None:
+    """A peer whose clock runs a little behind the CA's must accept a certificate issued just
+    now: every certificate starts CLOCK_SKEW (5 minutes) in the past, the CA's too. One that
+    started at the moment of issue would be refused as not yet valid by a peer whose clock is
+    a minute slow, for that minute."""
+    issued = dt.datetime.now(dt.UTC)
+    create_ca(tmp_path / "ca")
+    issue_node_cert(tmp_path / "ca", tmp_path / "n", "n")
+    for path in (tmp_path / "ca" / "ca.pem", tmp_path / "n" / "cert.pem"):
+        early = issued - load_cert(path).not_valid_before_utc
+        assert dt.timedelta(minutes=4) < early < dt.timedelta(minutes=6), (path, early)
+
+
+def test_renewing_into_a_folder_that_keeps_the_same_ca_certificate_needs_no_force(
+    pki: Path, tmp_path: Path
+) -> None:
+    """A node's certificate renewed into its folder (the old cert.pem and key.pem moved away,
+    ca.pem of the same CA left in place) is written without --force: an identical ca.pem is
+    kept, not refused as a file in the way."""
+    issue_node_cert(pki / "ca", tmp_path, "node-r")
+    ca_pem = (tmp_path / "ca.pem").read_bytes()
+    (tmp_path / "cert.pem").unlink()
+    (tmp_path / "key.pem").unlink()
+    issue_node_cert(pki / "ca", tmp_path, "node-r")
+    assert (tmp_path / "ca.pem").read_bytes() == ca_pem
+    tls.TlsFiles.from_dir(tmp_path).channel_credentials()
+
+
+def test_a_file_written_after_the_check_for_existing_files_is_not_replaced(
+    pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs into the same folder at once: each checks for existing files before it makes
+    its key, so the other's files may appear after the check. The write itself never replaces
+    a file without --force (it publishes by hard link), so one run's key is never swapped in
+    under the other's certificate. The early check is skipped here, as if it came too soon."""
+    issue_node_cert(pki / "ca", tmp_path, "node-z")
+    before = {name: (tmp_path / name).read_bytes() for name in ("cert.pem", "key.pem")}
+    monkeypatch.setattr(pki_module, "check_no_overwrite", lambda paths, force: None)
+    with pytest.raises(InputError, match=r"key\.pem already exists; refusing to overwrite"):
+        issue_node_cert(pki / "ca", tmp_path, "node-z")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not list(tmp_path.glob(".*tmp")), "temporary files left behind"
+
+
+def test_create_ca_refuses_a_folder_whose_ca_key_was_moved_away(tmp_path: Path) -> None:
+    """A CA folder whose key is kept offline still holds ca.pem: `certs init` there is refused
+    before anything is written, not left half done (a new ca.key beside the old ca.pem, which
+    no longer matches it)."""
+    create_ca(tmp_path / "ca")
+    (tmp_path / "ca" / "ca.key").rename(tmp_path / "offline.key")
+    cert_before = (tmp_path / "ca" / "ca.pem").read_bytes()
+    with pytest.raises(InputError, match=r"ca\.pem\); refusing to overwrite it"):
+        create_ca(tmp_path / "ca")
+    assert not (tmp_path / "ca" / "ca.key").exists()
+    assert (tmp_path / "ca" / "ca.pem").read_bytes() == cert_before
+
+
+def test_a_ca_name_over_64_characters_is_refused_before_writing(tmp_path: Path) -> None:
+    """X.509 caps a Common Name at 64 characters: a longer --ca-name is an input error naming
+    the option's value, before anything is written (not a ValueError traceback from the
+    certificate library)."""
+    with pytest.raises(InputError, match="CA name: must be 1-64 characters"):
+        run("init", "--out", str(tmp_path / "ca"), "--ca-name", "x" * 65)
+    assert not (tmp_path / "ca").exists()
+    assert run("init", "--out", str(tmp_path / "ca"), "--ca-name", "x" * 64) == 0
+
+
+@pytest.mark.parametrize("old_first", [True, False], ids=["old-first", "new-first"])
+def test_a_bundle_of_two_cas_of_the_same_name_verifies_each_ones_certificates(
+    tmp_path: Path, old_first: bool
+) -> None:
+    """Moving to a new CA, every party trusts the old and the new one for a while (one ca.pem
+    holding both), and two CAs made with the default name share their subject. Each
+    certificate names its CA's key (AuthorityKeyIdentifier), so the TLS stack picks the right
+    one: without the extension (tried with it left out), BoringSSL took the first CA of the
+    name and failed the handshake on its signature. A real mutual-TLS handshake, with gRPC's own credentials."""
+    create_ca(tmp_path / "old")
+    create_ca(tmp_path / "new")
+    issue_server_cert(tmp_path / "new", tmp_path / "srv", "coordinator", ["127.0.0.1"])
+    issue_node_cert(tmp_path / "new", tmp_path / "node", "node-a")
+    old, new = ((tmp_path / name / "ca.pem").read_bytes() for name in ("old", "new"))
+    for party in ("srv", "node"):
+        (tmp_path / party / "ca.pem").write_bytes(old + new if old_first else new + old)
+    server = tls.TlsFiles.from_dir(tmp_path / "srv")
+    assert handshake(server, tls.TlsFiles.from_dir(tmp_path / "node"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -664,6 +762,26 @@ def test_cli_show_expired_and_garbage(
     assert "status:      EXPIRED" in capsys.readouterr().out
     with pytest.raises(InputError, match="not a PEM certificate"):
         run("show", str(tmp_path / "key.pem"))
+
+
+def test_cli_show_says_not_yet_valid_and_which_is_a_ca(
+    pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A certificate whose validity starts later is NOT YET VALID (a CA or peer clock ahead, or
+    a certificate issued for later), not EXPIRED, which sends the operator to renew it; and the
+    CA line tells the CA's certificate from a party's."""
+    issue_node_cert(
+        pki / "ca",
+        tmp_path,
+        "later",
+        not_before=NOW + dt.timedelta(days=1),
+        not_after=NOW + dt.timedelta(days=3),
+    )
+    assert run("show", str(tmp_path / "cert.pem"), str(pki / "ca" / "ca.pem")) == 0
+    later, ca = capsys.readouterr().out.split("\n\n")
+    assert "status:      NOT YET VALID" in later and "EXPIRED" not in later
+    assert "CA:          no" in later
+    assert "CA:          yes" in ca and "status:      valid" in ca
 
 
 def test_cli_federation_layout(tmp_path: Path) -> None:

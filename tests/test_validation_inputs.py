@@ -6,6 +6,7 @@ should), never a raw OverflowError / numpy ValueError or a silently zeroed distr
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,17 @@ def test_days_up_to_9999_still_accepted(tmp_path: Path) -> None:
     assert tls.load_revocation_list(crl, tmp_path / "ca" / "ca.pem").serials == frozenset()
     with pytest.raises(InputError, match="at least 1"):
         pki.check_days(0, "--days")
+
+
+def test_the_most_days_the_refusal_offers_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal says "give at most N": N itself must then be taken, and N + 1 refused. (The
+    test above keeps a day's slack for midnight; here the clock stands still.)"""
+    now = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
+    monkeypatch.setattr(pki, "utc_now", lambda: now)
+    latest = (pki.LAST_DATE - now).days
+    assert pki.check_days(latest) == latest
+    with pytest.raises(InputError, match=rf"give at most {latest}$"):
+        pki.check_days(latest + 1)
 
 
 # --------------------------------------------------------------------------------------------------
