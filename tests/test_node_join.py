@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from fedharness import stand_in_coordinator
 
+from coordinator.server import task_to_proto
+from coordinator.tasks import TaskKind, TaskSpec
 from group_node.client import NodeClient
 from group_node.config import NodeConfig
 from group_node.node import REFUSED_TASK_POLL_S, GroupNode
@@ -265,6 +267,19 @@ def test_transfer_timeouts_follow_the_tasks_time_budget_not_the_coordinators_clo
         )
     finally:
         node.client.close()
+
+
+def test_a_task_carries_the_time_left_and_the_wall_clock_end_of_its_round() -> None:
+    """The coordinator's half of the test above: time_budget is the time left until the
+    round's deadline (kept on the coordinator's monotonic clock), deadline the wall-clock
+    moment it ends. Only the node's reading of the two fields was tested; a budget off by a
+    factor would set every node's transfer timeouts wrong."""
+    task = task_to_proto(TaskSpec(TaskKind.TRAIN, "t", 1, "v", time.monotonic() + 60.0))
+    assert task.time_budget.ToMilliseconds() == pytest.approx(60_000, abs=1_000)
+    assert task.deadline.ToMilliseconds() / 1000 == pytest.approx(time.time() + 60.0, abs=1.0)
+    # a deadline already past: no time left, not a negative budget
+    task = task_to_proto(TaskSpec(TaskKind.TRAIN, "t", 1, "v", time.monotonic() - 5.0))
+    assert task.time_budget.ToMilliseconds() == 0
 
 
 def test_an_upload_and_a_report_answer_the_task_they_were_made_for(

@@ -60,14 +60,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 class Coordinator:
-    def __init__(self, tmp: Path, pki: Pki, settings: RoundSettings, **server: Any) -> None:
+    def __init__(
+        self, tmp: Path, pki: Pki, settings: RoundSettings, max_workers: int = 32, **server: Any
+    ) -> None:
         self.engine = RoundEngine(settings, {"w": np.zeros(1000, np.float32)}, tmp, ENC, {})
         self.server, self.port = start_server(
             self.engine,
             f"{HOST}:0",
             TlsFiles.from_dir(pki.server),
             AllowList(NODES),
-            max_workers=32,
+            max_workers=max_workers,
             **server,
         )
         threading.Thread(target=self.engine.run, daemon=True).start()
@@ -572,6 +574,35 @@ def test_health_checks_from_many_connections_hold_a_few_threads_at_most(
     finally:
         release.set()
         close_all(channels, honest, coord)
+
+
+def test_calls_past_four_per_rpc_thread_are_refused_at_once_not_queued(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The server-wide bound on calls in flight (maximum_concurrent_rpcs, four per RPC thread:
+    8 here, with 2 threads): past it a call is refused RESOURCE_EXHAUSTED at once, not queued
+    behind the running ones without bound, its caller waiting ever longer. Eight header-less
+    uploads of two nodes (within each node's own limit) fill it; a third node's heartbeat is
+    refused."""
+    settings = RoundSettings(rounds=1, min_nodes=9, eval_every=0)
+    coord = Coordinator(tmp_path, pki, settings, max_workers=2)
+    release = threading.Event()
+    a, b, h = (coord.node(pki, identity) for identity in ("node-a", "node-b", "node-h"))
+    try:
+        h.join(ENC)
+        streams = [
+            node.stub.UploadUpdate.future(silent(release)) for node in (a, b) for _ in range(4)
+        ]
+        time.sleep(1.5)  # all eight are in: two on the RPC threads, six waiting for one
+        assert not any(s.done() for s in streams)
+        started = time.monotonic()
+        beat = pb.HeartbeatRequest(session_id=h.session_id)
+        err = rpc_error(h.stub.Heartbeat, beat, timeout=5)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        assert time.monotonic() - started < 2.0
+    finally:
+        release.set()
+        close_all([], a, b, h, coord)
 
 
 def test_a_replaced_sessions_upload_never_cancels_the_current_one(

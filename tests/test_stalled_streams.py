@@ -563,3 +563,61 @@ def test_a_download_whose_round_closes_as_it_starts_is_cut(tmp_path: Path) -> No
         wait_until(lambda: call.cancelled, 10.0, "the closed round's download cut")
     finally:
         download.close()
+
+
+class Aborted(Exception):
+    """What grpc's ServicerContext.abort() raises to end the handler."""
+
+
+class AbortingCall(FakeCall):
+    """A FakeCall whose abort() ends the handler, as gRPC's does, keeping the status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status: tuple[grpc.StatusCode, str] | None = None
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.status = (code, details)
+        raise Aborted(details)
+
+
+def test_a_download_of_a_session_replaced_as_it_starts_steps_aside_resource_exhausted(
+    tmp_path: Path,
+) -> None:
+    """A download of session S1 that passed its session check just before its node joined
+    again (S2), and S2's own download started, leaves S2's alone and steps aside with
+    RESOURCE_EXHAUSTED, which the node takes as "a download of ours still runs there" (a
+    refusal it logs before asking for its next task), not as a coordinator gone away."""
+    settings = RoundSettings(rounds=1, min_nodes=1, round_timeout_s=60)
+    engine = RoundEngine(settings, {"w": np.zeros(1 << 16, np.float32)}, tmp_path, "e", {})
+    first = engine.join("A", Role.TRAIN, 10, "e", "t")
+    servicer = server_module.FederationServicer(engine, download_chunk_bytes=4096)
+    servicer._caller = lambda context: "A"  # type: ignore[method-assign]  # node A's calls
+    read_model = servicer._download_of
+    newer_call = FakeCall()
+    newer: list[Generator[bytes, None, None]] = []
+
+    def node_joins_again_meanwhile(model: Any) -> Any:
+        if not newer:  # S1's download is past its session check: S2 joins and downloads
+            second = engine.join("A", Role.TRAIN, 10, "e", "t")
+            request = pb.DownloadModelRequest(session_id=second.session_id)
+            newer.append(servicer.DownloadModel(request, newer_call))  # type: ignore[arg-type]
+            next(newer[0])  # its header is out: S2's download runs
+        return read_model(model)
+
+    servicer._download_of = node_joins_again_meanwhile  # type: ignore[method-assign]
+    call = AbortingCall()
+    download = servicer.DownloadModel(
+        pb.DownloadModelRequest(session_id=first.session_id),
+        call,  # type: ignore[arg-type]
+    )
+    try:
+        with pytest.raises(Aborted):
+            next(download)
+        assert call.status is not None and call.status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "one at a time" in call.status[1]
+        assert not newer_call.cancelled, "the current session's download was cut"
+        assert len(list(newer[0])) > 2  # and runs to its end: tensor parts and the trailer
+    finally:
+        for stream in newer:
+            stream.close()

@@ -112,6 +112,26 @@ def test_an_upload_out_of_order_is_refused_as_malformed_and_never_averaged(
         assert fed.spooled() == [], "a refused upload's spool file outlived it"
 
 
+@pytest.mark.parametrize(
+    "first",
+    [pb.UpdateChunk(trailer=pb.StreamTrailer(digest=bytes(32))), pb.UpdateChunk()],
+    ids=["a trailer", "an empty message"],
+)
+def test_an_upload_that_does_not_start_with_its_header_is_refused_as_malformed(
+    tmp_path: Path, first: pb.UpdateChunk
+) -> None:
+    """Before its header an upload names no session: one that starts with anything else is
+    MALFORMED (the node's stream is wrong), not read as an empty header, whose unknown session
+    would abort the call UNAUTHENTICATED and send the node to join again."""
+    settings = RoundSettings(rounds=1, min_nodes=9, round_timeout_s=scaled(60), eval_every=0)
+    with serve(tmp_path, settings) as fed, fed.node("node-good-b") as sender:
+        sender.join(ENCODER, 50)
+        reply = sender.upload([first])
+        assert reject_name(reply) == "MALFORMED", reply
+        assert reply.message == "an upload starts with its header"
+        assert sender.heartbeat().current_round == 0  # its session is as it was
+
+
 # ------------------------------------------------------------------------------------------------
 # downloads (node side)
 

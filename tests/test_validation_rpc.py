@@ -383,6 +383,18 @@ def test_a_heartbeat_reply_says_the_interval_to_beat_at(tmp_path: Path) -> None:
         assert reply.heartbeat_interval.ToMilliseconds() == 7500
 
 
+def test_a_join_reply_says_how_long_a_silent_session_lives(tmp_path: Path) -> None:
+    """JoinReply.session_timeout is the protocol's word on how long a session lives without a
+    call (several heartbeat intervals): it is the coordinator's setting, to the millisecond.
+    No test read the field; the node keeps to the heartbeat interval, but a client sizing its
+    retries by this one must not be told another figure."""
+    with (
+        serve(tmp_path, quiet_settings(session_timeout_s=45.5)) as fed,
+        fed.node("node-good-a") as node,
+    ):
+        assert node.join(ENCODER, 10).session_timeout.ToMilliseconds() == 45_500
+
+
 def test_leave_reason_is_bounded_and_cannot_forge_log_lines(
     quiet: Federation, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -436,6 +448,20 @@ def test_get_task_without_wait_is_held_for_the_coordinators_default(
         # ... but asks the node to wait out the rest of a second before the next poll
         assert task.retry_after.ToMilliseconds() == 1000
         assert node.get_task(0.4).retry_after.ToMilliseconds() == 600
+
+
+def test_a_negative_wait_is_taken_as_no_wait(quiet: Federation) -> None:
+    """GetTaskRequest.wait below zero (a node's arithmetic gone wrong) counts as zero: WAIT at
+    once, with the rest of a second to wait before the next poll, as for an explicit zero,
+    not a second plus the negative amount."""
+    with quiet.node("node-good-a") as node:
+        node.join(ENCODER, 10)
+        request = pb.GetTaskRequest(session_id=node.session_id)
+        request.wait.FromMilliseconds(-5000)
+        started = time.monotonic()
+        task = node.stub.GetTask(request, timeout=30)
+        assert task.kind == pb.TASK_KIND_WAIT and time.monotonic() - started < 0.9
+        assert task.retry_after.ToMilliseconds() == 1000
 
 
 def test_get_task_holds_a_call_no_longer_than_the_coordinators_cap(
@@ -514,7 +540,17 @@ BAD_FIGURES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-@pytest.mark.parametrize("bad", [BAD_REPORTS, BAD_FIGURES], ids=["malformed", "figures"])
+# figures that describe no evaluation: no question evaluated, or a mean_alignment that is not
+# a number (NaN compares false to everything, so "differs from 'model'" must not miss it)
+BAD_COUNTS: dict[str, tuple[dict[str, Any], str]] = {
+    "node-nan": ({"num_questions": 0}, "metrics.num_questions is 0"),
+    "node-shape": ({"mean_alignment": float("nan")}, "metrics.mean_alignment is nan"),
+}
+
+
+@pytest.mark.parametrize(
+    "bad", [BAD_REPORTS, BAD_FIGURES, BAD_COUNTS], ids=["malformed", "figures", "counts"]
+)
 def test_evaluation_reports_are_checked_and_a_bad_one_does_not_stall_the_round(
     tmp_path: Path, bad: dict[str, tuple[dict[str, Any], str]]
 ) -> None:
