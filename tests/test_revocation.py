@@ -102,6 +102,19 @@ def test_revoke_refuses_another_cas_certificate_and_writes_nothing(pki: Path) ->
             parse_serial(bad)
 
 
+def test_revoke_refuses_to_build_on_a_list_this_ca_did_not_sign(pki: Path) -> None:
+    """`certs revoke` adds to the list in the CA folder and signs it again: a crl.pem there that
+    this CA did not sign (another CA's of the same name, copied in by mistake) is refused and
+    left as it is, not taken in and signed with this CA's key, which would revoke under this CA
+    whatever serials the other list names."""
+    theirs, _ = revoke_certificates(pki / "other-ca", [pki / "other-node-a" / "cert.pem"])
+    ours = pki / "ca" / tls.CRL_FILE
+    ours.write_bytes(theirs.read_bytes())
+    with pytest.raises(InputError, match="is not signed by the CA"):
+        revoke_certificates(pki / "ca", [pki / "node-b" / "cert.pem"])
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
 def test_a_list_not_signed_by_the_trusted_ca_is_refused(pki: Path) -> None:
     revoke_certificates(pki / "ca", [pki / "node-a" / "cert.pem"])
     ours, theirs = pki / "ca" / tls.CRL_FILE, pki / "other-ca" / tls.CRL_FILE

@@ -621,3 +621,39 @@ def test_a_download_of_a_session_replaced_as_it_starts_steps_aside_resource_exha
     finally:
         for stream in newer:
             stream.close()
+
+
+def test_an_upload_replaced_just_as_its_last_byte_came_is_stale_and_its_copy_counts(
+    tmp_path: Path,
+) -> None:
+    """A node sends its update again while the first copy's last bytes are still under way
+    (its connection looked dead); the copy replaces the first, whose trailer comes in just
+    then. The first is dropped (STALE, which the node never reads: its call was cancelled),
+    and the copy the node waits on is counted and answered ACCEPTED, not DUPLICATE for an
+    update the node never heard was taken."""
+    settings = RoundSettings(rounds=1, min_nodes=1, min_updates=1, round_timeout_s=60)
+    weights = {"w": np.zeros(1 << 12, np.float32)}
+    engine = RoundEngine(settings, weights, tmp_path, "e", {})
+    node = engine.join("A", Role.TRAIN, 10, "e", "t")
+    servicer = server_module.FederationServicer(engine)
+    servicer._caller = lambda context: "A"  # type: ignore[method-assign]  # node A's calls
+    engine._open(TaskKind.TRAIN, [node], 60.0)  # what the driver does (no driver here)
+    task = engine.next_task(node.session_id, None, 1.0)
+    update = {"w": np.full(1 << 12, 0.5, np.float32)}
+    messages = update_messages(node.session_id, task, update, 10)  # type: ignore[arg-type]
+    first_call, copy_call = FakeCall(), FakeCall()
+    copy_reply: list[pb.UploadReply] = []
+
+    def copy() -> None:
+        copy_reply.append(servicer.UploadUpdate(iter(messages), copy_call))  # type: ignore[arg-type]
+
+    def first_copy() -> Iterator[pb.UpdateChunk]:
+        yield from messages  # every byte, trailer included, is in ...
+        # ... and as the servicer looks for anything after the trailer, the copy starts
+        threading.Thread(target=copy, daemon=True).start()
+        wait_until(lambda: first_call.cancelled, 10.0, "the copy to replace the first upload")
+
+    first_reply = servicer.UploadUpdate(first_copy(), first_call)  # type: ignore[arg-type]
+    wait_until(lambda: copy_reply, 10.0, "the copy's reply")
+    assert reject_name(first_reply) == "STALE", first_reply
+    assert copy_reply[0].accepted, copy_reply[0]

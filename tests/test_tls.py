@@ -145,6 +145,9 @@ def test_server_cert_sans_and_eku(pki: Path) -> None:
         ("localhost", x509.DNSName("localhost")),
         ("Coordinator.Example.ORG", x509.DNSName("coordinator.example.org")),
         ("*.example.org", x509.DNSName("*.example.org")),
+        # a fully qualified name's trailing dot is dropped: the same name as without it, so
+        # given both ways it is listed once (gRPC's own check accepts either form)
+        ("coordinator.example.org.", x509.DNSName("coordinator.example.org")),
         ("10.0.0.5", x509.IPAddress(ipaddress.ip_address("10.0.0.5"))),
         ("[::1]", x509.IPAddress(ipaddress.ip_address("::1"))),
         ("fe80::1", x509.IPAddress(ipaddress.ip_address("fe80::1"))),
@@ -316,6 +319,19 @@ def test_create_ca_refuses_a_folder_whose_ca_key_was_moved_away(tmp_path: Path) 
         create_ca(tmp_path / "ca")
     assert not (tmp_path / "ca" / "ca.key").exists()
     assert (tmp_path / "ca" / "ca.pem").read_bytes() == cert_before
+
+
+def test_issuing_from_a_ca_folder_whose_key_is_not_its_certificates_is_refused(
+    pki: Path, tmp_path: Path
+) -> None:
+    """A CA folder whose ca.key is not the key of its ca.pem (another CA's key copied in) would
+    sign certificates that no party accepts, each handshake failing later as "not issued by the
+    CA": the issue is refused at once, naming both files, and nothing is written."""
+    create_ca(tmp_path / "ca")
+    (tmp_path / "ca" / "ca.key").write_bytes((pki / "other-ca" / "ca.key").read_bytes())
+    with pytest.raises(InputError, match=r"ca\.key does not match the certificate .*ca\.pem"):
+        issue_node_cert(tmp_path / "ca", tmp_path / "n", "n")
+    assert not (tmp_path / "n").exists()
 
 
 def test_a_ca_name_over_64_characters_is_refused_before_writing(tmp_path: Path) -> None:

@@ -393,3 +393,41 @@ def test_downloads_beyond_the_bound_wait_and_abandoned_ones_give_back_their_slot
             assert_weights_close(model, weights, f"{i}'s download")
         assert slots.peak == 1
         wait_until(lambda: slots.active == 0 and slots.waiting == 0, 10, "all slots back")
+
+
+def test_a_download_cancelled_while_waiting_for_its_slot_sends_nothing_and_frees_none(
+    tmp_path: Path,
+) -> None:
+    """A download whose node went away while it waited for a slot ends there: it sends nothing
+    and gives back no slot, since it took none. Giving one back would count the slot of the
+    download still running as free, and the bound would be one higher for the rest of the run."""
+    # 16 MB: more than gRPC buffers for a node that stops reading, so its download stalls
+    weights = {**toy_weights(), "big": np.random.default_rng(1).normal(size=4_000_000)}
+    weights["big"] = weights["big"].astype(np.float32)
+    slots = StreamSlots(1)
+    with federation(tmp_path, weights, download_slots=slots) as (_, nodes):
+        for n in nodes.values():
+            n.join(ENCODER)
+        version = nodes["node-0"].wait_task(pb.TASK_KIND_TRAIN, timeout=30).model_version
+
+        def download(i: str) -> Iterator[pb.ModelChunk]:
+            request = pb.DownloadModelRequest(session_id=nodes[i].session_id, model_version=version)
+            return nodes[i].stub.DownloadModel(request, timeout=60)  # type: ignore[no-any-return]
+
+        stalled = download("node-0")  # reads the header, then stops reading: holds the slot
+        assert next(stalled).WhichOneof("part") == "header"
+        wait_until(lambda: slots.active == 1, 10, "node-0 to hold the slot", poll_s=0.02)
+        gone = download("node-1")
+        wait_until(lambda: slots.waiting == 1, 10, "node-1 to wait for the slot", poll_s=0.02)
+        gone.cancel()  # node-1's process died while it waited
+        wait_until(lambda: slots.waiting == 0, 10, "the cancelled waiter to leave", poll_s=0.02)
+        time.sleep(1.0)  # its handler has ended
+        assert slots.active == 1, "node-0's running download no longer counts"
+        later = download("node-2")  # so the bound still holds: node-2 waits
+        wait_until(lambda: slots.waiting == 1, 10, "node-2 to wait for the slot", poll_s=0.02)
+        assert slots.active == 1
+        stalled.cancel()  # node-0's slot goes to node-2
+        assert next(later).WhichOneof("part") == "header"
+        later.cancel()
+        wait_until(lambda: slots.active == 0 and slots.waiting == 0, 10, "all slots back")
+        assert slots.peak == 1
