@@ -410,20 +410,21 @@ def test_a_download_cancelled_while_waiting_for_its_slot_sends_nothing_and_frees
             n.join(ENCODER)
         version = nodes["node-0"].wait_task(pb.TASK_KIND_TRAIN, timeout=30).model_version
 
-        def download(i: str) -> Iterator[pb.ModelChunk]:
-            request = pb.DownloadModelRequest(session_id=nodes[i].session_id, model_version=version)
-            return nodes[i].stub.DownloadModel(request, timeout=60)  # type: ignore[no-any-return]
+        def request(i: str) -> pb.DownloadModelRequest:
+            return pb.DownloadModelRequest(session_id=nodes[i].session_id, model_version=version)
 
-        stalled = download("node-0")  # reads the header, then stops reading: holds the slot
+        # node-0 reads the header, then stops reading: its download holds the only slot
+        stalled = nodes["node-0"].stub.DownloadModel(request("node-0"), timeout=60)
         assert next(stalled).WhichOneof("part") == "header"
         wait_until(lambda: slots.active == 1, 10, "node-0 to hold the slot", poll_s=0.02)
-        gone = download("node-1")
+        gone = nodes["node-1"].stub.DownloadModel(request("node-1"), timeout=60)
         wait_until(lambda: slots.waiting == 1, 10, "node-1 to wait for the slot", poll_s=0.02)
         gone.cancel()  # node-1's process died while it waited
         wait_until(lambda: slots.waiting == 0, 10, "the cancelled waiter to leave", poll_s=0.02)
         time.sleep(1.0)  # its handler has ended
         assert slots.active == 1, "node-0's running download no longer counts"
-        later = download("node-2")  # so the bound still holds: node-2 waits
+        # so the bound still holds: node-2 waits
+        later = nodes["node-2"].stub.DownloadModel(request("node-2"), timeout=60)
         wait_until(lambda: slots.waiting == 1, 10, "node-2 to wait for the slot", poll_s=0.02)
         assert slots.active == 1
         stalled.cancel()  # node-0's slot goes to node-2
