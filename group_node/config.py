@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pluralfed.config import ConfigValueError
+from pluralfed.config import MAX_THREADS, ConfigValueError
 from pluralfed.errors import InputError
 from pluralfed.tls import (
     TlsFiles,
@@ -17,7 +17,6 @@ from pluralfed.tls import (
 )
 
 MAX_PERSONALIZE_STEPS = 100_000
-MAX_THREADS = 1024  # torch CPU threads; more is a typo, not a machine
 # Sane ranges of the node's timings (seconds). The coordinator caps a poll at 60 s anyway; a
 # poll or backoff beyond an hour is a typo, and gRPC refuses deadlines far in the future.
 MIN_POLL_WAIT_S, MAX_POLL_WAIT_S = 0.1, 3600.0

@@ -223,6 +223,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {hint!r}")
 
 
+MAX_THREADS = 1024  # torch CPU threads; more is a typo, not a machine
+
 # The most a TOML config or allow-list file may hold: an allow-list of 100,000 nodes is ~10 MB.
 MAX_TOML_BYTES = 16 << 20
 

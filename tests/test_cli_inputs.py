@@ -24,6 +24,7 @@ import pluralfed.commands.evaluate as evaluate_command
 import pluralfed.commands.train as train_command
 from pluralfed.cli import build_parser, main, quiet_grpc_core
 from pluralfed.commands.common import apply_threads, parse_range
+from pluralfed.config import MAX_THREADS
 from pluralfed.data import is_test_question
 from pluralfed.episodes import GroupSplit
 from pluralfed.errors import InputError
@@ -208,10 +209,13 @@ def test_a_range_option_is_low_then_high_from_one(text: str, message: str) -> No
     assert parse_range("5,5", "--context-range") == (5, 5)
 
 
-def test_zero_threads_is_refused_naming_the_option() -> None:
-    """--threads 0 is an InputError naming the option, not torch's own error about it."""
-    with pytest.raises(InputError, match="--threads must be at least 1, got 0"):
-        apply_threads(0)
+@pytest.mark.parametrize("threads", [0, -1, MAX_THREADS + 1, 10**20])
+def test_a_thread_count_out_of_range_is_refused_naming_the_option(threads: int) -> None:
+    """--threads 0 is an InputError naming the option, not torch's own error about it; 10**20
+    was a ValueError traceback from torch ("Overflow when unpacking long long")."""
+    with pytest.raises(InputError) as err:
+        apply_threads(threads)
+    assert str(err.value) == f"--threads must be 1..1024, got {threads}"
 
 
 def test_threads_sets_torchs_thread_count() -> None:

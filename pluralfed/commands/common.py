@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pluralfed.config import MAX_THREADS
 from pluralfed.errors import InputError
 from pluralfed.fsutil import atomic_write_bytes
 
@@ -149,8 +150,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def apply_threads(threads: int | None) -> None:
     if threads is not None:
-        if threads < 1:
-            raise InputError(f"--threads must be at least 1, got {threads}")
+        if not 1 <= threads <= MAX_THREADS:  # torch's own error for 10**20 is a traceback
+            raise InputError(f"--threads must be 1..{MAX_THREADS}, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
