@@ -12,14 +12,17 @@ import pytest
 import torch
 from tinymodel import CFG, random_item
 
-from group_node.node import personalization_settings, training_settings
+from group_node.node import local_steps_of, personalization_settings, training_settings
+from pluralfed import protocol
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.training import TrainingSettings, build_model, fine_tuned_copy
 
 
-def hyperparameters(lr: float = 3e-4, context: tuple[int, int] = (9, 90)) -> pb.Hyperparameters:
-    hp = pb.Hyperparameters(learning_rate=lr)
+def hyperparameters(
+    lr: float = 3e-4, context: tuple[int, int] = (9, 90), optimizer: str = ""
+) -> pb.Hyperparameters:
+    hp = pb.Hyperparameters(learning_rate=lr, optimizer=optimizer)
     hp.context_range.min, hp.context_range.max = context
     hp.target_range.min, hp.target_range.max = 9, 90
     return hp
@@ -40,12 +43,41 @@ def test_the_runs_settings_are_taken() -> None:
         (hyperparameters(context=(0, 90)), "context_range 0..90"),
         (hyperparameters(context=(50, 9)), "context_range 50..9"),
         (pb.Hyperparameters(learning_rate=3e-4), "context_range 0..0"),  # ranges missing
+        # an optimizer of a newer coordinator, which this node does not have
+        (hyperparameters(optimizer="lion"), "optimizer 'lion' is not one this node has"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_field(hp: pb.Hyperparameters, message: str) -> None:
     with pytest.raises(InputError) as err:
         training_settings(hp, "SHUTDOWN")
     assert message in str(err.value)
+
+
+def test_settings_at_the_edges_of_their_ranges_are_taken() -> None:
+    """The ranges are closed where the protocol says so: a learning rate of exactly
+    MAX_LEARNING_RATE, an embedding noise of exactly MAX_EMBEDDING_NOISE, episodes of one
+    question and 1 or MAX_LOCAL_STEPS local steps are a coordinator's right to send."""
+    hp = hyperparameters(lr=protocol.MAX_LEARNING_RATE, context=(1, 1), optimizer="sgd")
+    hp.target_range.min, hp.target_range.max = 1, 1
+    hp.embedding_noise = protocol.MAX_EMBEDDING_NOISE
+    s = training_settings(hp, "TRAIN")
+    assert (s.learning_rate, s.embedding_noise) == (1.0, 1.0)
+    assert (s.context_range, s.target_range, s.optimizer) == ((1, 1), (1, 1), "sgd")
+    for steps in (1, protocol.MAX_LOCAL_STEPS):
+        hp.local_steps = steps
+        assert local_steps_of(hp) == steps
+
+
+@pytest.mark.parametrize("steps", [0, protocol.MAX_LOCAL_STEPS + 1])
+def test_local_steps_out_of_range_are_refused(steps: int) -> None:
+    """A TRAIN task's local steps out of 1..MAX_LOCAL_STEPS (0: a field the coordinator left
+    unset) are refused before any download, naming the field."""
+    hp = hyperparameters()
+    hp.local_steps = steps
+    with pytest.raises(
+        InputError, match=rf"local_steps {steps} is not in 1\.\.{protocol.MAX_LOCAL_STEPS}$"
+    ):
+        local_steps_of(hp)
 
 
 def test_personalization_fine_tunes_with_adam_whatever_the_runs_local_optimizer() -> None:
