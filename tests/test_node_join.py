@@ -46,6 +46,7 @@ class JoinOnly(pb_grpc.FederationServicer):
         self.max_chunk_bytes = max_chunk_bytes
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self.join_request = request
         return pb.JoinReply(
             session_id="s-1",
             protocol_version=PROTOCOL_VERSION,
@@ -55,7 +56,9 @@ class JoinOnly(pb_grpc.FederationServicer):
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
     ) -> pb.UploadReply:
-        self.headers = [c.header for c in request_iterator if c.WhichOneof("part") == "header"]
+        chunks = list(request_iterator)
+        self.headers = [c.header for c in chunks if c.WhichOneof("part") == "header"]
+        self.data_sizes = [len(c.tensor.data) for c in chunks if c.WhichOneof("part") == "tensor"]
         return pb.UploadReply(accepted=True)
 
     def ReportEvaluation(
@@ -100,11 +103,16 @@ def test_node_uploads_with_the_chunk_size_join_gives(
     servicer, port = coordinator
     servicer.max_chunk_bytes = advertised
     node = client(port, tmp_path)
+    task = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="t-1", round=1, model_version="v1")
+    weights = {"w": np.ones(640_000, dtype=np.float32)}  # 2.56 MB
     try:
         node.join(10, "enc")
         assert node.upload_chunk_bytes == used
+        assert node.upload(task, weights, 10, {}, timeout=30).accepted
     finally:
         node.close()
+    # the upload itself is cut to that size (the protocol: at most max_chunk_bytes of data)
+    assert max(servicer.data_sizes) <= used and sum(servicer.data_sizes) == 640_000 * 4
 
 
 @pytest.mark.parametrize("advertised", [1, MIN_CHUNK_BYTES - 1, DEFAULT_CHUNK_BYTES + 1])
@@ -282,6 +290,22 @@ def test_a_task_carries_the_time_left_and_the_wall_clock_end_of_its_round() -> N
     assert task.time_budget.ToMilliseconds() == 0
 
 
+def test_a_transfer_never_gets_more_than_a_day_whatever_the_task_says(tmp_path: Path) -> None:
+    """A time budget of years (a coordinator's bug) is cut to MAX_TASK_TIME_S, a day: gRPC fails
+    at once a call whose deadline is too far out, so the task would fail instead."""
+    config = NodeConfig(
+        coordinator="127.0.0.1:1", group="G", data=tmp_path / "g.csv", insecure=True
+    )
+    node = GroupNode(config, worker=None)  # type: ignore[arg-type]  # no task is run
+    try:
+        task = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="t")
+        task.time_budget.FromSeconds(10 * 365 * 24 * 3600)
+        node._task_received = time.monotonic()
+        assert node._time_left(task) == 24 * 3600.0
+    finally:
+        node.client.close()
+
+
 def test_an_upload_and_a_report_answer_the_task_they_were_made_for(
     coordinator: tuple[JoinOnly, int], tmp_path: Path
 ) -> None:
@@ -303,6 +327,33 @@ def test_an_upload_and_a_report_answer_the_task_they_were_made_for(
     report = servicer.report
     assert (report.session_id, report.task_id, report.round) == ("s-1", "t-7", 7)
     assert (report.group, report.model_version, report.metrics.num_questions) == ("G", "v6", 4)
+
+
+@pytest.mark.parametrize(
+    ("role", "sent"), [("train", pb.ROLE_TRAIN), ("evaluate-only", pb.ROLE_EVALUATE_ONLY)]
+)
+def test_a_join_asks_for_the_role_the_node_is_set_to(
+    coordinator: tuple[JoinOnly, int], tmp_path: Path, role: str, sent: pb.Role.ValueType
+) -> None:
+    """An evaluate-only node that joined as a trainer would be refused by a coordinator that
+    lists its group as evaluate-only, or, by one that does not, given TRAIN tasks for a group
+    meant to be held out of training."""
+    servicer, port = coordinator
+    config = NodeConfig(
+        coordinator=f"127.0.0.1:{port}",
+        group="G",
+        data=tmp_path / "g.csv",
+        insecure=True,
+        role=role,
+    )
+    node = NodeClient(config)
+    try:
+        node.join(10, "enc")
+    finally:
+        node.close()
+    request = servicer.join_request
+    assert (request.group, request.role, request.num_train_examples) == ("G", sent, 10)
+    assert request.encoder_id == "enc" and not request.check_only
 
 
 def test_a_join_reply_without_a_heartbeat_interval_gets_the_protocols_shortest(
