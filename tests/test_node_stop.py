@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -35,8 +36,9 @@ from group_node.config import NodeConfig
 from group_node.node import GroupNode
 from pluralfed.cli import main
 from pluralfed.commands.node import stop_on_signals
+from pluralfed.pki import create_ca
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
-from pluralfed.tls import CERT_FILE
+from pluralfed.tls import CA_CERT_FILE, CERT_FILE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,17 +116,88 @@ def test_an_update_the_coordinator_could_not_store_is_sent_again_after_a_growing
     assert messages.count("G: round 1: sending the update again") == 3
 
 
+class OpenAfterRefusal(CannotStore):
+    """Refuses the first upload with `reason` and offers the task for 1 s more (counted from
+    the refusal, so that a slow first training, as in a test run alone, does not eat it up)."""
+
+    def __init__(self, reason: pb.RejectReason.ValueType) -> None:
+        super().__init__([reason])
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        reply = super().UploadUpdate(request_iterator, context)
+        self.closes_at = time.monotonic() + 1.0
+        return reply
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        pb.REJECT_REASON_STALE,
+        pb.REJECT_REASON_UNKNOWN_TASK,
+        pb.REJECT_REASON_DIGEST_MISMATCH,
+        pb.REJECT_REASON_NON_FINITE,
+        pb.REJECT_REASON_NORM_BOUND,
+        pb.REJECT_REASON_DUPLICATE,
+        pb.REJECT_REASON_ALREADY_REJECTED,
+    ],
+    ids=lambda r: pb.RejectReason.Name(r).removeprefix("REJECT_REASON_").lower(),
+)
 def test_an_update_rejected_for_good_is_not_sent_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reason: pb.RejectReason.ValueType
 ) -> None:
-    """One upload decides a round: a coordinator that still offers the task is waited out."""
+    """One upload decides a round: a coordinator that still offers the task is waited out.
+    Every refusal that answers the task for good, not only NORM_BOUND: a STALE update sent
+    again after the back-off of an update the coordinator could not store (here as short as
+    the poll) would be refused again, and again, until the round closed."""
     monkeypatch.setattr(node_module, "REFUSED_TASK_POLL_S", 0.2)
-    servicer = CannotStore([pb.REJECT_REASON_NORM_BOUND], open_s=1.5)  # type: ignore[abstract]
+    monkeypatch.setattr(node_module, "UPLOAD_RETRY_INITIAL_S", 0.2)
+    servicer = OpenAfterRefusal(reason)  # type: ignore[abstract]
     with stand_in_coordinator(servicer) as port:
         node = GroupNode(node_config(port, tmp_path), worker())
         assert node.run() == 0
     assert len(servicer.uploads) == 1 and servicer.downloads == 1
     assert 2 <= servicer.offers <= 12
+
+
+def test_a_node_leaves_when_the_federation_is_finished(tmp_path: Path) -> None:
+    """At SHUTDOWN the node says Leave ("finished") before it exits 0: the coordinator closes its
+    session at once instead of waiting for its heartbeats to stop, and sees a clean end."""
+    servicer = CannotStore([])  # type: ignore[abstract]  # takes the first upload
+    with stand_in_coordinator(servicer) as port:
+        node = GroupNode(node_config(port, tmp_path), worker())
+        assert node.run() == 0
+    assert node.rounds_trained == 1 and servicer.left == ["finished"]
+
+
+class RecordsMetrics(CannotStore):
+    """Takes the first upload and keeps the metrics its header carries."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.metrics: dict[str, float] = {}
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        chunks = list(request_iterator)
+        header = next(c.header for c in chunks if c.WhichOneof("part") == "header")
+        self.metrics = dict(header.metrics)
+        return super().UploadUpdate(iter(chunks), context)
+
+
+def test_an_update_carries_its_training_metrics_and_the_alignment_before_training(
+    tmp_path: Path,
+) -> None:
+    """A coordinator with fairness_q > 0 weights each update by the group's alignment under the
+    global model before training (metric alignment_before), and refuses an update without it
+    as MALFORMED: every update sends it, with its loss, steps and seconds."""
+    servicer = RecordsMetrics()  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port:
+        assert GroupNode(node_config(port, tmp_path), worker()).run() == 0
+    assert set(servicer.metrics) == {"loss", "steps", "seconds", "alignment_before"}
+    assert servicer.metrics["steps"] == 2.0 and 0.0 <= servicer.metrics["alignment_before"] <= 1.0
 
 
 class CutsFirstUpload(CannotStore):
@@ -166,6 +239,178 @@ def test_a_transfer_the_coordinator_cuts_is_no_reason_to_rejoin(
     assert "unreachable" not in caplog.text
 
 
+class StallsFirstDownload(CutsFirstUpload):
+    """Holds the first download until the node's deadline for it has passed; counts Joins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut = True  # uploads are taken
+        self.stalled = False
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        if not self.stalled:
+            self.stalled = True
+            while context.is_active():
+                time.sleep(0.02)
+            return
+        yield from super().DownloadModel(request, context)
+
+
+def test_a_transfer_past_its_deadline_is_no_reason_to_rejoin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A download that outlasts its task's time (DEADLINE_EXCEEDED: a slow link, a round that
+    was too short) refuses that one task: the node keeps its session and asks for its next
+    task, here the same one again; it does not back off and rejoin as if the coordinator were
+    gone. The first transfer gets 0.5 s, the later ones their usual time."""
+    servicer = StallsFirstDownload()  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port, caplog.at_level(logging.INFO):
+        node = GroupNode(node_config(port, tmp_path, backoff_initial_s=0.5), worker())
+        times = [0.5]
+        monkeypatch.setattr(node, "_time_left", lambda task: times.pop() if times else 30.0)
+        assert node.run() == 0
+    assert servicer.joins == 1
+    assert servicer.done and servicer.downloads == 1  # the second download, then accepted
+    assert "G: round 1 update refused: DEADLINE_EXCEEDED" in caplog.text
+    assert "unreachable" not in caplog.text
+
+
+class ForgetsSessionInFirstDownload(CutsFirstUpload):
+    """Answers the first download UNAUTHENTICATED, as a coordinator restarted since the Join
+    does (it no longer knows the session); counts Joins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut = True  # uploads are taken
+        self.forgot = False
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        if not self.forgot:
+            self.forgot = True
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session 's-1': join again"
+            )
+        yield from super().DownloadModel(request, context)
+
+
+def test_a_session_lost_during_a_task_is_joined_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coordinator that restarted while the node worked on a task answers the task's transfer
+    UNAUTHENTICATED (unknown session): the node joins again and goes on, as when a GetTask
+    says so; it does not stop (exit 2) as if its certificate had been refused."""
+    servicer = ForgetsSessionInFirstDownload()  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port, caplog.at_level(logging.WARNING):
+        node = GroupNode(node_config(port, tmp_path), worker())
+        assert node.run() == 0
+    assert servicer.joins == 2 and servicer.done and node.rounds_trained == 1
+    assert "G: unknown or expired session 's-1'; joining again" in caplog.text
+
+
+class NextRound(CannotStore):
+    """Refuses the upload of task t-1 (INTERNAL: it could not store it), then offers the next
+    task, on model v2, and takes its upload; records the task and base model of each upload.
+    The next task is t-2, or with `same_id` t-1 again (the protocol fixes no format for task
+    ids: a coordinator may name the next round's task as the last)."""
+
+    def __init__(self, same_id: bool = False) -> None:
+        super().__init__([pb.REJECT_REASON_INTERNAL])
+        self.next_id = "t-1" if same_id else "t-2"
+        self.uploaded: list[tuple[str, str, float]] = []  # (task id, base model, when)
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        task = super().GetTask(request, context)
+        if self.uploads and task.kind == pb.TASK_KIND_TRAIN:
+            task.task_id, task.round, task.model_version = self.next_id, 2, "v2"
+        return task
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        self.downloads += 1
+        for raw in model_messages(small_weights(), request.model_version):
+            yield pb.ModelChunk.FromString(raw)
+
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.UploadReply:
+        chunks = list(request_iterator)
+        header = next(c.header for c in chunks if c.WhichOneof("part") == "header")
+        self.uploaded.append((header.task_id, header.base_model_version, time.monotonic()))
+        return super().UploadUpdate(iter(chunks), context)
+
+
+def test_the_back_off_of_an_update_not_stored_does_not_hold_up_the_next_rounds_task(
+    tmp_path: Path,
+) -> None:
+    """The back-off after an INTERNAL refusal is for sending that same update again: when the
+    coordinator moves on to another task (its round closed), the node trains it at once, not
+    after the back-off (up to UPLOAD_RETRY_MAX_S, 2 minutes) of an update nobody wants any
+    more. Here the back-off is its first, 5 s."""
+    servicer = NextRound()  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port:
+        node = GroupNode(node_config(port, tmp_path), worker())
+        assert node.run() == 0
+    (first, _, refused_at), (second, _, taken_at) = servicer.uploaded
+    assert (first, second) == ("t-1", "t-2") and node.rounds_trained == 1
+    assert taken_at - refused_at < node_module.UPLOAD_RETRY_INITIAL_S / 2
+
+
+def test_an_update_not_stored_is_not_sent_again_for_a_task_on_another_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update kept after an INTERNAL refusal answers its task on the model it was trained
+    from: offered a task of that id on another model version, the node trains that model
+    instead of sending the old update (which the coordinator would refuse as stale)."""
+    monkeypatch.setattr(node_module, "UPLOAD_RETRY_INITIAL_S", 0.3)
+    servicer = NextRound(same_id=True)  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port:
+        node = GroupNode(node_config(port, tmp_path), worker())
+        assert node.run() == 0
+    assert [(task, base) for task, base, _ in servicer.uploaded] == [("t-1", "v1"), ("t-1", "v2")]
+    assert servicer.downloads == 2 and node.rounds_trained == 1
+
+
+class ShutsDown(StandIn):
+    """Answers GetTask with SHUTDOWN naming `final` as the final model, which it does not have."""
+
+    def __init__(self, final: str) -> None:
+        super().__init__(json.dumps(SMALL.to_dict()), [])
+        self.final = final
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        return pb.Task(kind=pb.TASK_KIND_SHUTDOWN, model_version=self.final)
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_version}")
+        yield from ()
+
+
+@pytest.mark.parametrize("final", ["", "v9"], ids=["none-named", "not-found"])
+def test_a_personalization_without_the_final_model_exits_1(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, final: str
+) -> None:
+    """A node asked to personalize (personalize_steps) whose final model could not be had
+    (SHUTDOWN names none, or its download fails) says so and exits 1: exit 0 would tell the
+    script that started it that the personalized checkpoint is there. It still leaves."""
+    servicer = ShutsDown(final)  # type: ignore[abstract]
+    folder = tmp_path / "personal"
+    with stand_in_coordinator(servicer) as port:
+        config = node_config(port, tmp_path, personalize_steps=2, personalized_dir=folder)
+        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+            assert GroupNode(config, worker()).run() == 1
+    assert servicer.left == ["finished"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors[-1] == "G: no personalized model: the final model was not available"
+    assert not folder.exists() or not any(folder.iterdir())
+
+
 class LongPoll(StandIn):
     """Holds every GetTask for its full `wait` (then WAIT), as a coordinator with no task does."""
 
@@ -179,6 +424,43 @@ class LongPoll(StandIn):
         while context.is_active() and time.monotonic() < until:
             time.sleep(0.02)
         return pb.Task(kind=pb.TASK_KIND_WAIT)
+
+
+class HoldsPastTheWait(LongPoll):
+    """Holds each GetTask 0.3 s past the `wait` it asks for (a coordinator answers at the end
+    of its wait, and the answer takes its time on the way), then WAIT; SHUTDOWN at the 4th;
+    records the waits asked for and counts Joins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+        self.joins = 0
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self.joins += 1
+        return super().Join(request, context)
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        self.waits.append(request.wait.ToMilliseconds() / 1000)
+        if len(self.waits) > 3:
+            return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+        time.sleep(0.3)
+        return super().GetTask(request, context)
+
+
+def test_a_long_poll_asks_to_be_held_poll_wait_s_and_waits_for_the_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GetTaskRequest.wait says how long the coordinator may hold the poll (poll_wait_s), and
+    the node gives the call more than that: a poll answered at the end of its wait is an
+    answer, not a DEADLINE_EXCEEDED that makes the node rejoin as if the coordinator were
+    gone. (Without the wait, the coordinator answers at once and the node polls every second.)"""
+    servicer = HoldsPastTheWait()  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port, caplog.at_level(logging.WARNING):
+        node = GroupNode(node_config(port, tmp_path, poll_wait_s=0.5), worker())
+        assert node.run() == 0
+    assert servicer.waits == [0.5] * 4 and servicer.joins == 1
+    assert "unreachable" not in caplog.text
 
 
 def test_a_stopped_node_cancels_its_long_poll_leaves_and_says_it_was_stopped(
@@ -277,6 +559,36 @@ def test_a_node_whose_certificate_is_no_longer_valid_says_so_when_it_cannot_conn
     assert f"valid from {start} until {end}" in error
 
 
+def test_a_ca_file_of_a_rotation_with_one_ca_expired_is_no_certificate_problem(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a CA rotation ca.pem holds the old CA and the new one; one valid CA is enough. An
+    unreachable coordinator after the old CA expired is retried (exit 1 at give_up_after_s), not
+    blamed on "this node's CA certificate has expired" with exit 2."""
+    old = create_ca(tmp_path / "old-ca", common_name="pluralfed old CA", days=30)
+    folder = tmp_path / "node"
+    shutil.copytree(pki.node("node-g"), folder)
+    (folder / CA_CERT_FILE).write_bytes(
+        old.cert.read_bytes() + (pki.ca / CA_CERT_FILE).read_bytes()
+    )
+    config = NodeConfig(
+        coordinator=f"{HOST}:{free_port()}",  # nobody listens: UNAVAILABLE
+        group="G",
+        data=tmp_path / "g.csv",
+        tls_dir=folder,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.1,
+        give_up_after_s=0.5,
+    )
+    node = GroupNode(config, worker())
+    later = x509.load_pem_x509_certificate(old.cert.read_bytes()).not_valid_after_utc
+    monkeypatch.setattr(client_module, "utc_now", lambda: later + dt.timedelta(days=1))
+    with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+        assert node.run() == 1
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "giving up" in error and "expired" not in error
+
+
 def test_node_check_names_an_expired_certificate(
     pki: Pki, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -369,6 +681,53 @@ def test_a_node_that_joined_starts_its_next_retries_from_the_initial_back_off(
     assert node.run() == 1
     # 1, 2, 4 before the join that succeeded; then from 1 again, and 30 s after that outage began
     assert stop.waits == [1.0, 2.0, 4.0, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.0]
+
+
+class RefusesJoin(StandIn):
+    """Refuses every Join with the given status, as a coordinator refuses a node set up wrong."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__(json.dumps(SMALL.to_dict()), [])
+        self.code = code
+        self.joins = 0
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        self.joins += 1
+        context.abort(self.code, "refused for a test")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.PERMISSION_DENIED,  # a role this group may not take
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,  # another encoder than the federation's
+        grpc.StatusCode.INVALID_ARGUMENT,  # a training node with no examples
+        grpc.StatusCode.UNIMPLEMENTED,
+    ],
+    ids=lambda c: c.name.lower(),
+)
+def test_a_join_refused_for_good_stops_the_node_at_once_with_exit_code_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    code: grpc.StatusCode,
+) -> None:
+    """A refusal that no retry can change (the node's setup is wrong) stops it with the
+    coordinator's reason and exit code 2, without one back-off: retried as an unreachable
+    coordinator, it would knock every few seconds until give_up_after_s, then exit 1, the code
+    of a network problem. On a clock the waits move."""
+    clock = fake_clock(monkeypatch)
+    servicer = RefusesJoin(code)  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port:
+        config = node_config(port, tmp_path, backoff_initial_s=1.0, give_up_after_s=30.0)
+        node = GroupNode(config, worker())
+        node._stop = stop = NoWait(clock)
+        with caplog.at_level(logging.ERROR, logger="pluralfed.node"):
+            assert node.run() == 2
+    assert servicer.joins == 1 and stop.waits == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"G: refused by the coordinator ({code.name}): refused for a test"]
 
 
 class WaitsLong(StandIn):
