@@ -35,7 +35,7 @@ from coordinator.settings import RoundSettings
 from group_node.client import MAX_HEARTBEAT_INTERVAL_S
 from group_node.config import NodeConfig
 from group_node.node import GroupNode, TaskWork
-from group_node.worker import TaskCancelled
+from group_node.worker import GroupWorker, TaskCancelled
 from pluralfed import protocol
 from pluralfed.auth import AllowList
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
@@ -237,6 +237,42 @@ def test_a_cancelled_task_cancels_its_transfer_in_flight(
         f"G: {doing} cancelled by the coordinator while {phase}: its round closed, or it has "
         "this node's answer; asking for the next task"
     ]
+    assert problems(caplog) == []
+
+
+@pytest.mark.parametrize("audited", [False, True], ids=["plain", "save_updates_dir"])
+@pytest.mark.usefixtures("fast_beats")
+def test_a_task_cancelled_after_its_last_step_is_neither_uploaded_nor_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, audited: bool
+) -> None:
+    """A cancel_task that arrives after training, before the upload starts, cancels the upload
+    as it starts (no call of the task is in flight to cut then); and with save_updates_dir no
+    audit copy is left of an update the coordinator never saw. The weights are held until the
+    node has had that reply."""
+    servicer = CancelsTask(pb.TASK_KIND_TRAIN, pb.NODE_STATE_UPLOADING, hold="step")
+    weights = GroupWorker.weights
+
+    def held_weights(self: GroupWorker) -> dict:
+        servicer.holding.set()  # training is done: now the coordinator says cancel_task
+        servicer.cancel_handled.wait(HELD_S)
+        return weights(self)
+
+    monkeypatch.setattr(GroupWorker, "weights", held_weights)
+    audit = tmp_path / "updates"
+    with stand_in_coordinator(servicer) as port:
+        cfg = NodeConfig(
+            coordinator=f"{HOST}:{port}",
+            group="G",
+            data=tmp_path / "g.csv",
+            insecure=True,
+            save_updates_dir=audit if audited else None,
+        )
+        node = GroupNode(cfg, worker())
+        with caplog.at_level(logging.INFO, logger="pluralfed.node"):
+            assert node.run() == 0
+    assert servicer.cancels >= 1 and servicer.uploads == [] and node.rounds_trained == 0
+    assert not audit.exists() or list(audit.iterdir()) == []
+    assert "round 1 update cancelled by the coordinator while uploading" in caplog.text
     assert problems(caplog) == []
 
 
