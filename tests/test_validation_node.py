@@ -29,6 +29,7 @@ import pytest
 from fedharness import stand_in_coordinator
 from safetensors.numpy import save_file
 
+import group_node.node as node_module
 import pluralfed.training
 from coordinator.server import ModelDownload
 from coordinator.tasks import GlobalModel
@@ -481,6 +482,29 @@ def test_an_answer_the_node_cannot_act_on_does_not_make_it_poll_in_a_loop(
     assert len(unknown) == (0 if task.kind == pb.TASK_KIND_WAIT else 1)
 
 
+def test_a_task_kind_the_node_does_not_know_is_logged_once_however_often_it_comes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer coordinator may offer its new kind of task for a whole run: the node says once
+    that it does not know it, not a warning on every poll (here every 0.2 s)."""
+    monkeypatch.setattr(node_module, "REFUSED_TASK_POLL_S", 0.2)
+    servicer = OneAnswer(pb.Task(kind=99))  # type: ignore[abstract, arg-type]
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+        )
+        node = GroupNode(config, STUB_WORKER)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+            runner = threading.Thread(target=node.run, daemon=True)
+            runner.start()
+            time.sleep(1.5)
+            node.stop()
+            runner.join(10)
+    assert not runner.is_alive() and servicer.polls >= 3
+    unknown = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(unknown) == 1 and "task of kind 99" in unknown[0]
+
+
 @pytest.mark.parametrize(
     ("model_config_json", "message"),
     [("{not json", "is not valid JSON"), ("[]", "not an object"), ('{"n_heads": 0}', "n_heads")],
@@ -767,6 +791,43 @@ def test_a_round_that_diverges_is_reported_failed_and_does_not_poison_later_roun
     assert len(errors) == 1 and "round 1 update failed: local training diverged" in (
         errors[0].getMessage()
     )
+
+
+class DivergesUntilClosed(Rounds):
+    """Offers round 1's task, whose weights make training diverge, until `open_s` has passed
+    (a coordinator offers a task until it has its answer: a FAILED heartbeat may come after
+    the next GetTask), then SHUTDOWN; counts the downloads."""
+
+    def __init__(self, open_s: float) -> None:
+        super().__init__([model_messages(diverging_weights())])
+        self.closes_at = time.monotonic() + open_s
+        self.served = 0
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        if time.monotonic() >= self.closes_at:
+            return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+        self.round = 0  # the same task again
+        return super().GetTask(request, context)
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
+        self.served += 1
+        yield from super().DownloadModel(request, context)
+
+
+def test_a_task_that_failed_here_is_not_trained_again_when_offered_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that failed on this node (TaskFailed) is answered: offered again, it is waited
+    out like a refused one, not downloaded, trained (diverging again) and reported failed
+    once more on every offer until its round closes."""
+    monkeypatch.setattr(node_module, "REFUSED_TASK_POLL_S", 0.2)
+    servicer = DivergesUntilClosed(open_s=1.5)
+    code, errors = run_node(servicer, tmp_path, worker(), caplog)
+    assert code == 0 and servicer.uploads == []
+    assert servicer.served == 1 and [task for task, _ in servicer.failed] == ["t-1"]
+    assert len(errors) == 1
 
 
 @pytest.mark.parametrize("kind", [pb.TASK_KIND_TRAIN, pb.TASK_KIND_EVALUATE])
