@@ -750,6 +750,7 @@ def test_a_container_note_only_for_a_loopback_address_in_a_container(
     refused = "failed to connect to all addresses; last error: ... Connection refused"
     in_container = {"coordinator.example:7443": False, "10.0.0.1:7443": False}
     loopback = ["localhost:7443", "127.0.0.1:7443", "127.0.0.2:7443", "[::1]:7443"]
+    loopback.append("coordinator.localhost:7443")  # *.localhost is loopback too (RFC 6761)
     in_container |= {address: True for address in [*loopback, "LocalHost.:7443"]}
     for address, noted in in_container.items():
         cfg = NodeConfig(coordinator=address, group="G")
@@ -761,6 +762,18 @@ def test_a_container_note_only_for_a_loopback_address_in_a_container(
         assert hint.startswith(f"nothing listens on {address}: "), hint
         assert ("runs in a container" in hint) == noted, address
         monkeypatch.setattr(pluralfed.fsutil, "CONTAINER_MARKERS", ())
+
+
+def test_an_expired_coordinator_certificate_is_told_apart_from_another_cas() -> None:
+    """BoringSSL's verify failure says why: an expired coordinator certificate is the
+    operator's to renew; the node's ca.pem is not the one to change."""
+    cfg = NodeConfig(coordinator=f"{HOST}:7443", group="G")
+    failed = "Handshake failed: SSL_ERROR_SSL: ... CERTIFICATE_VERIFY_FAILED"
+    assert connection_hint(f"{failed}: certificate has expired", cfg) == (
+        "the coordinator's certificate has expired: tell the federation's operator"
+    )
+    other = connection_hint(f"{failed}: unable to get local issuer certificate", cfg) or ""
+    assert other.startswith("the coordinator's certificate is not from the CA in your ca.pem")
 
 
 def test_the_key_mode_warning_in_a_container_says_the_path_is_the_containers(
