@@ -529,7 +529,11 @@ def test_node_never_joins_unchecked_and_checks_again_after_a_reconnect(tmp_path:
             with pytest.raises(InputError, match=r"JoinReply\.model_config_json"):
                 client.join(10, ENCODER)  # joined (the toy model's config aside)
             assert client.session_id
-            assert client.get_task(0.1).kind == pb.TASK_KIND_WAIT  # same connection: no check
+            accepted = relay.accepted  # the node's own check's connection and gRPC's
+            for _ in range(2):
+                assert client.get_task(0.1).kind == pb.TASK_KIND_WAIT
+            # same connection: no check of the node's own (a handshake of its own) per RPC
+            assert relay.accepted == accepted
             revoke_certificates(fed.pki.ca, [fed.pki.server / "cert.pem"])
             relay.cut()
             refused = None
