@@ -13,7 +13,7 @@ import pytest
 from test_validation_node import DIM, SMALL, FakeEncoder, diverging_weights, small_weights
 
 import pluralfed.training
-from group_node.worker import GroupWorker, TaskFailed, node_seed
+from group_node.worker import GroupWorker, TaskCancelled, TaskFailed, node_seed
 from pluralfed.checkpoint import load_checkpoint
 from pluralfed.data import SurveyData, SurveyItem, is_test_question
 from pluralfed.episodes import EmbeddedItem
@@ -172,6 +172,43 @@ def test_a_failed_task_resets_the_optimizer_it_would_have_poisoned(bad: str) -> 
     w.load_global(SMALL.to_dict(), small_weights())
     w.train(3, SETTINGS)
     assert adam_steps(w) == {3.0}
+
+
+def test_a_non_finite_loss_is_reported_at_the_step_it_came(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure the coordinator's operator reads names the step (1-based, of the task's)."""
+    monkeypatch.setattr(LocalTrainer, "train_steps", lambda self, *a, **k: [0.7, float("nan")])
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    with pytest.raises(
+        TaskFailed, match=r"local training diverged \(a non-finite loss at step 2 of 3,"
+    ):
+        w.train(3, SETTINGS)
+
+
+@pytest.mark.parametrize("asked", [1, 3])
+def test_a_task_cancelled_before_its_last_step_is_cancelled_not_done(asked: int) -> None:
+    """`cancelled` says True before the last step (or the first): the task ends as cancelled,
+    with the steps it took, never as an update that claims all of its steps."""
+    calls: list[None] = []
+
+    def cancelled() -> bool:
+        calls.append(None)
+        return len(calls) >= asked  # asked before each step: True before step `asked`
+
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    with pytest.raises(TaskCancelled, match=rf"stopped after {asked - 1} of 3 local steps"):
+        w.train(3, SETTINGS, cancelled=cancelled)
+
+
+def test_an_evaluation_chooses_its_context_by_the_tasks_seed() -> None:
+    """EvaluationConfig.seed chooses the context questions when the group has more than
+    max_context: the same seed, the same evaluation; another seed, other contexts."""
+    w = group_worker(train=8, test=3)
+    w.load_global(SMALL.to_dict(), small_weights())
+    scores = {seed: w.evaluate(max_context=2, seed=seed).model for seed in range(4)}
+    assert w.evaluate(max_context=2, seed=1).model == scores[1]
+    assert len(set(scores.values())) > 1
 
 
 def test_a_last_step_that_leaves_the_weights_non_finite_fails_the_task() -> None:
