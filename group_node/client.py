@@ -375,6 +375,14 @@ class NodeClient:
             with self._calls_lock:
                 self._calls.discard(call)
 
+    def _not_cancelled(self) -> None:
+        """Before a call starts: none once the node stops or the current task is cancelled. The
+        call's own cancel (`_tracked`) comes only after gRPC has started sending it, by which
+        time a small upload may have reached the coordinator whole."""
+        with self._calls_lock:
+            if self._cancelled or self._task_cancelled:
+                raise self._cancellation()
+
     def _result(self, call: Any) -> Any:
         """The result of a unary-response call started with `.future`, cancellable."""
         with self._tracked(call):
@@ -510,6 +518,7 @@ class NodeClient:
 
     def get_task(self, wait_s: float) -> pb.Task:
         self._check_coordinator_certificate(only_if_reconnected=True)
+        self._not_cancelled()
         req = pb.GetTaskRequest(session_id=self.session_id)
         req.wait.FromMilliseconds(int(wait_s * 1000))
         task: pb.Task = self._result(self.stub.GetTask.future(req, timeout=wait_s + 30))
@@ -518,6 +527,7 @@ class NodeClient:
     def download(self, version: str, timeout: float) -> dict:
         """Model `version`, checked against its header (InputError saying what is wrong)."""
         self._check_coordinator_certificate(only_if_reconnected=True)
+        self._not_cancelled()
         stream = self._download_model(
             pb.DownloadModelRequest(session_id=self.session_id, model_version=version),
             timeout=timeout,
@@ -544,6 +554,7 @@ class NodeClient:
         timeout: float,
     ) -> pb.UploadReply:
         self._check_coordinator_certificate(only_if_reconnected=True)
+        self._not_cancelled()
         header = pb.UpdateHeader(
             session_id=self.session_id,
             task_id=task.task_id,
@@ -561,6 +572,7 @@ class NodeClient:
 
     def report(self, task: pb.Task, group: str, metrics: dict[str, float], n: int) -> None:
         self._check_coordinator_certificate(only_if_reconnected=True)
+        self._not_cancelled()
         self._result(
             self.stub.ReportEvaluation.future(
                 pb.EvaluationReport(

@@ -32,7 +32,7 @@ from test_validation_node import SMALL, StandIn, model_messages, small_weights, 
 from coordinator.rounds import RoundEngine
 from coordinator.server import start_server
 from coordinator.settings import RoundSettings
-from group_node.client import MAX_HEARTBEAT_INTERVAL_S
+from group_node.client import MAX_HEARTBEAT_INTERVAL_S, NodeStopped
 from group_node.config import NodeConfig
 from group_node.node import GroupNode, TaskWork
 from group_node.worker import GroupWorker, TaskCancelled
@@ -326,6 +326,54 @@ def test_a_call_that_ends_cancelled_after_its_task_was_cancelled_is_the_tasks_ca
     with pytest.raises(EndedCancelled):
         node.client._result(CallUnderWay())
     node.client.close()
+
+
+class Starts:
+    """Stands in for a call's `.future`: records that a call was started (gRPC starts sending
+    at once), and hands back a future that ends cancelled once cancelled."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def __call__(self, name: str) -> SimpleNamespace:
+        def future(*args: object, **kwargs: object) -> CallCancelledAtStart:
+            self.started.append(name)
+            return CallCancelledAtStart()
+
+        return SimpleNamespace(future=future)
+
+
+class CallCancelledAtStart:
+    def cancel(self) -> bool:
+        return True
+
+    def result(self) -> None:
+        raise grpc.FutureCancelledError()
+
+
+def test_no_call_of_a_cancelled_task_is_started() -> None:
+    """A cancel_task that comes between two calls of a task (after training, before the upload)
+    cancels the next call before it starts: cancelled just after it started, a small upload had
+    already reached the coordinator whole (seen as a flaky test). The same after a stop."""
+    cfg = NodeConfig(coordinator=f"{HOST}:1", group="G", insecure=True)
+    client = GroupNode(cfg, SimpleNamespace()).client  # type: ignore[arg-type]
+    starts = Starts()
+    client._upload_update = starts("upload")  # type: ignore[assignment]
+    client.stub = SimpleNamespace(  # type: ignore[assignment]
+        ReportEvaluation=starts("report"), GetTask=starts("poll")
+    )
+    task = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="t-1", round=1, model_version="v1")
+    client.cancel_task_calls()
+    with pytest.raises(TaskCancelled):
+        client.upload(task, small_weights(), 4, {}, timeout=5)
+    with pytest.raises(TaskCancelled):
+        client.report(task, "G", {"model": 0.5}, 4)
+    client.task_done()
+    client.cancel_calls()  # the node stops
+    with pytest.raises(NodeStopped):
+        client.get_task(1.0)
+    assert starts.started == []
+    client.close()
 
 
 class ChangesInterval(StandIn):
