@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -374,6 +375,71 @@ def test_no_call_of_a_cancelled_task_is_started() -> None:
         client.get_task(1.0)
     assert starts.started == []
     client.close()
+
+
+def test_between_tasks_the_node_says_it_is_idle() -> None:
+    """After a task's work, done or failed, the heartbeats say IDLE again: a node that kept
+    saying UPLOADING would look to the coordinator's operator as if it were still at work."""
+    cfg = NodeConfig(coordinator=f"{HOST}:1", group="G", insecure=True)
+    node = GroupNode(cfg, SimpleNamespace())  # type: ignore[arg-type]
+    task = pb.Task(kind=pb.TASK_KIND_TRAIN, task_id="t-1", round=1)
+
+    def uploads(work: TaskWork) -> None:
+        node._state = pb.NODE_STATE_UPLOADING
+
+    def cancelled(work: TaskWork) -> None:
+        node._state = pb.NODE_STATE_TRAINING
+        raise TaskCancelled()
+
+    for work in (uploads, cancelled):
+        node._call("round 1 update", work, task)
+        assert node._state == pb.NODE_STATE_IDLE and node._work is None
+    node.client.close()
+
+
+class FirstBeatFails(StandIn):
+    """Answers the first heartbeat UNAVAILABLE (a coordinator that restarts, a link that drops
+    a moment), the others as usual, with a 20 ms interval; WAIT to every GetTask until it has
+    had 5 heartbeats (at most 5 s), then SHUTDOWN."""
+
+    def __init__(self) -> None:
+        super().__init__(json.dumps(SMALL.to_dict()), [])
+        self.beats = 0
+        self.ends_at = time.monotonic() + 5.0
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        reply = super().Join(request, context)
+        reply.heartbeat_interval.FromMilliseconds(20)
+        return reply
+
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        if self.beats >= 5 or time.monotonic() >= self.ends_at:
+            return pb.Task(kind=pb.TASK_KIND_SHUTDOWN)
+        task = pb.Task(kind=pb.TASK_KIND_WAIT)
+        task.retry_after.FromMilliseconds(100)
+        return task
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        self.beats += 1
+        if self.beats == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        return pb.HeartbeatReply()
+
+
+@pytest.mark.usefixtures("fast_beats")
+def test_heartbeats_go_on_after_one_that_failed(tmp_path: Path) -> None:
+    """A heartbeat that fails is no reason to stop beating: a node whose beats stopped for the
+    rest of its session would be dropped as silent by the coordinator in the middle of its
+    work, its round waiting for it meanwhile."""
+    servicer = FirstBeatFails()  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port:
+        cfg = NodeConfig(
+            coordinator=f"{HOST}:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+        )
+        assert GroupNode(cfg, worker()).run() == 0
+    assert servicer.beats >= 5
 
 
 class ChangesInterval(StandIn):
