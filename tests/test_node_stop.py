@@ -486,6 +486,16 @@ def test_a_stopped_node_cancels_its_long_poll_leaves_and_says_it_was_stopped(
     assert servicer.left == ["stopped by signal SIGTERM"]
 
 
+def test_the_first_signal_decides_how_a_stopped_node_ends(tmp_path: Path) -> None:
+    """A second signal while the node stops (an impatient Ctrl-C after `docker stop`) changes
+    neither its exit code nor the reason it gives the coordinator in its Leave."""
+    node = GroupNode(node_config(free_port(), tmp_path), worker())
+    node.stop(signal.SIGTERM)
+    node.stop(signal.SIGINT)
+    assert node.run() == 143  # stopped before it joined: no Leave to send
+    assert node._stop_reason == "stopped by signal SIGTERM"
+
+
 def test_sigint_stops_a_node_in_its_long_poll_with_exit_code_130(tmp_path: Path) -> None:
     """The real signal path of `pluralfed node run`: the handler, the node's main thread
     blocked in the poll, and a second signal left to its default action."""
