@@ -7,13 +7,15 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc._channel
 import pytest
 
-from group_node.client import MAX_DETAILS_CHARS, close_channel, shortened
+from group_node.client import MAX_DETAILS_CHARS, NodeClient, close_channel, shortened
+from group_node.config import NodeConfig
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -70,6 +72,32 @@ def test_closing_a_watched_channel_leaves_no_traceback_in_grpcs_poller(
     time.sleep(0.6)  # the poller wakes and watches again
     assert errors == []
     assert grpc.ChannelConnectivity.READY in states  # the subscription did follow the channel
+
+
+def test_closing_a_client_that_follows_its_channel_leaves_no_traceback(
+    server_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NodeClient with tls_crl subscribes to its channel at its first certificate check; its
+    close (at every exit of `node run`) unsubscribes before it closes, as above. Here the
+    client's state after such a check is set by hand (no TLS coordinator needed)."""
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    clock = _StallingClock()
+    monkeypatch.setattr(grpc._channel, "time", clock)
+    config = NodeConfig(
+        coordinator=f"127.0.0.1:{server_port}", group="G", data=tmp_path / "g.csv", insecure=True
+    )
+    client = NodeClient(config)
+    client._revocations = object()  # type: ignore[assignment]  # as with tls_crl
+    client.channel.subscribe(client._on_connectivity)  # as its first check does
+    client._checked_connection = 0
+    grpc.channel_ready_future(client.channel).result(timeout=10)
+    clock.armed = True
+    assert clock.stalled.wait(5)  # the poller is between two watches
+    client.close()
+    time.sleep(0.6)  # the poller wakes and watches again
+    assert errors == []
+    assert client._connections >= 1  # the subscription did follow the channel
 
 
 def test_details_for_a_log_line_are_one_line_of_at_most_the_limit() -> None:
