@@ -180,6 +180,15 @@ def test_a_download_out_of_order_is_an_error_not_weights(tmp_path: Path, case: s
     assert str(err.value).startswith("coordinator 127.0.0.1:")
 
 
+def test_a_download_of_another_version_than_the_task_names_is_an_error(tmp_path: Path) -> None:
+    """A coordinator that streams the wrong model (an older version still cached, a bug) must
+    not have the node train or evaluate it as the task's: the stream's header names its
+    version, and the node's client checks it against the one it asked for."""
+    with pytest.raises(InputError) as err:
+        node_download(tmp_path, model_messages(small_weights(), version="v0"))
+    assert "model 'v1' download: asked for model version 'v1', the stream is 'v0'" in str(err.value)
+
+
 def test_a_protobuf_tensor_part_before_the_header_is_refused() -> None:
     """A tensor part decoded by protobuf (not the node's fast path) is refused the same way."""
     parts = [pb.ModelChunk.FromString(m) for m in model_messages(small_weights())]
