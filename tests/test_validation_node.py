@@ -447,6 +447,21 @@ def wait_answer(retry_after_ms: int) -> pb.Task:
     return task
 
 
+def polled_for(servicer: Any, tmp_path: Path, seconds: float) -> None:
+    """A node of group G runs against the stand-in `servicer` for `seconds`, then stops."""
+    with stand_in_coordinator(servicer) as port:
+        config = NodeConfig(
+            coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
+        )
+        node = GroupNode(config, STUB_WORKER)  # type: ignore[arg-type]
+        runner = threading.Thread(target=node.run, daemon=True)
+        runner.start()
+        time.sleep(seconds)
+        node.stop()
+        runner.join(10)
+    assert not runner.is_alive()
+
+
 @pytest.mark.parametrize(
     "task",
     [
@@ -465,18 +480,8 @@ def test_an_answer_the_node_cannot_act_on_does_not_make_it_poll_in_a_loop(
     session 20). It now waits: a second for an unheld WAIT, REFUSED_TASK_POLL_S for an unknown
     kind, which it logs once."""
     servicer = OneAnswer(task)  # type: ignore[abstract]
-    with stand_in_coordinator(servicer) as port:
-        config = NodeConfig(
-            coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
-        )
-        node = GroupNode(config, STUB_WORKER)  # type: ignore[arg-type]
-        with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
-            runner = threading.Thread(target=node.run, daemon=True)
-            runner.start()
-            time.sleep(2.5)
-            node.stop()
-            runner.join(10)
-    assert not runner.is_alive()
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        polled_for(servicer, tmp_path, 2.5)
     assert 1 <= servicer.polls <= 4, f"{servicer.polls} polls in 2.5 s"
     unknown = [r for r in caplog.records if "does not know" in r.getMessage()]
     assert len(unknown) == (0 if task.kind == pb.TASK_KIND_WAIT else 1)
@@ -489,18 +494,9 @@ def test_a_task_kind_the_node_does_not_know_is_logged_once_however_often_it_come
     that it does not know it, not a warning on every poll (here every 0.2 s)."""
     monkeypatch.setattr(node_module, "REFUSED_TASK_POLL_S", 0.2)
     servicer = OneAnswer(pb.Task(kind=99))  # type: ignore[abstract, arg-type]
-    with stand_in_coordinator(servicer) as port:
-        config = NodeConfig(
-            coordinator=f"127.0.0.1:{port}", group="G", data=tmp_path / "g.csv", insecure=True
-        )
-        node = GroupNode(config, STUB_WORKER)  # type: ignore[arg-type]
-        with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
-            runner = threading.Thread(target=node.run, daemon=True)
-            runner.start()
-            time.sleep(1.5)
-            node.stop()
-            runner.join(10)
-    assert not runner.is_alive() and servicer.polls >= 3
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        polled_for(servicer, tmp_path, 1.5)
+    assert servicer.polls >= 3
     unknown = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
     assert len(unknown) == 1 and "task of kind 99" in unknown[0]
 
