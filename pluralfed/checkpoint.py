@@ -49,8 +49,10 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     folder = Path(folder)
     meta_path, weights_path = folder / META_FILE, folder / WEIGHTS_FILE
     for p in (meta_path, weights_path):
-        if not p.is_file():
+        if not p.exists():
             raise InputError(f"{p}: checkpoint file not found")
+        if not p.is_file():  # a FIFO or a device would be read without end, or wait for ever
+            raise InputError(f"{p}: is not a regular file (a folder, pipe or device)")
     try:
         meta = json.loads(meta_path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:

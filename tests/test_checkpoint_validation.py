@@ -272,4 +272,6 @@ def test_a_pipe_in_place_of_model_json_is_refused_without_waiting_on_it(tmp_path
         reader.join(10)
         pytest.fail("load_checkpoint waited on a pipe")
     assert len(outcome) == 1 and isinstance(outcome[0], InputError)
-    assert str(outcome[0]) == f"{folder / META_FILE}: checkpoint file not found"
+    assert str(outcome[0]) == (
+        f"{folder / META_FILE}: is not a regular file (a folder, pipe or device)"
+    )
