@@ -727,10 +727,10 @@ class UpdateSpool:
                 digest, total_bytes=total_bytes, tensor_count=tensor_count
             )
             self._file.flush()
+            self._file.close()  # may still write (and hit a full disk)
         except BaseException:
             self.close()
             raise
-        self._file.close()
         self._file = None
         self._specs = specs
         return specs
@@ -767,11 +767,13 @@ class UpdateSpool:
                     yield TensorSlice(spec, start // spec.itemsize, values)
 
     def close(self) -> None:
-        """Delete the spool file (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.path.unlink(missing_ok=True)
+        """Delete the spool file (idempotent), even when closing it fails (a full disk)."""
+        file, self._file = self._file, None
+        try:
+            if file is not None:
+                file.close()
+        finally:
+            self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> UpdateSpool:
         return self

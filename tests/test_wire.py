@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Callable
 from dataclasses import replace
@@ -594,6 +595,49 @@ def test_spool_drops_a_bad_upload_at_once(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="before finish"):
         next(truncated.replay())
+
+
+class _FullDiskFile:
+    """A spool file on a disk that has filled up: writes are buffered, and writing them out fails
+    with ENOSPC at close (which flushes what is left), and at an explicit flush if `flush_fails`."""
+
+    def __init__(self, real: Any, flush_fails: bool) -> None:
+        self._real = real
+        self._flush_fails = flush_fails
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        if self._flush_fails:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self._real.close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("flush_fails", [True, False], ids=["at-flush", "at-close"])
+def test_a_spool_on_a_full_disk_is_deleted_when_finish_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush_fails: bool
+) -> None:
+    """The disk filling up at the end of an upload is the coordinator's trouble, not the node's:
+    finish() raises the OSError and the spool file is gone at once, whichever of the last flush
+    or the close hits the full disk (before, a failed close left it for the caller's close())."""
+    real_fdopen = wire.os.fdopen
+    monkeypatch.setattr(
+        wire.os, "fdopen", lambda fd, mode: _FullDiskFile(real_fdopen(fd, mode), flush_fails)
+    )
+    model = sample_model()
+    spool = UpdateSpool(wire.specs_of(model), tmp_path)
+    for chunk in wire.iter_chunks(model, 64):
+        spool.add(chunk)
+    with pytest.raises(OSError, match="No space left"):
+        spool.finish(wire.digest_of(model))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(WireError, match="closed"):
+        spool.finish(wire.digest_of(model))
+    spool.close()  # idempotent after the failure
 
 
 def test_a_finished_spool_refuses_a_second_finish_and_still_replays(tmp_path: Path) -> None:
