@@ -385,6 +385,9 @@ def prepare(run: LocalFederation, data: SurveyData) -> dict[str, Any]:
             {
                 "group": g,
                 "role": "train" if g in run.training_groups else "evaluate-only",
+                # a node seeds its episode sampling from its own config (federation.proto's
+                # Hyperparameters.seed), so the run's seed must be written here to reach it
+                "seed": int(run.coordinator_settings.get("seed", 0)),
                 "data": str(files[g]),
                 "encoder": run.encoder,
                 "threads": run.threads_per_node,

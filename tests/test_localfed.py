@@ -104,6 +104,24 @@ def test_prepare_makes_held_out_groups_evaluate_only_nodes_that_never_personaliz
     assert "personalize_steps" not in nodes["C"] and "personalized_dir" not in nodes["C"]
 
 
+def test_prepare_gives_every_node_the_runs_seed(tmp_path: Path) -> None:
+    """Nodes seed their episode sampling from their own config, not from the coordinator's
+    task (federation.proto's Hyperparameters.seed), so `federate --seed N` must write N into
+    every node's config: before, every node sampled with seed 0 whatever N was."""
+    data = SurveyData(groups={g: [ITEM] for g in ("A", "B", "C")}, source="mem")
+    for seed in (0, 7):
+        run = LocalFederation(
+            out_dir=tmp_path / str(seed),
+            training_groups=["A", "B"],
+            held_out_groups=["C"],
+            coordinator_settings={"seed": seed},
+        )
+        info = prepare(run, data)
+        assert tomllib.loads(Path(info["coordinator_config"]).read_text())["seed"] == seed
+        nodes = [tomllib.loads(p.read_text()) for p in info["node_configs"].values()]
+        assert [n["seed"] for n in nodes] == [seed] * 3
+
+
 def test_toml_strings_take_any_group_name() -> None:
     for text in ["Côte d'Ivoire", 'say "hi" \\ there', "emoji \U0001f600", "tab\tdel\x7f\x00"]:
         assert tomllib.loads(f"k = {toml_string(text)}")["k"] == text

@@ -66,7 +66,10 @@ HELP = {
     "local_optimizer": "the nodes' optimizer: adam (the paper's) or sgd (plain gradient steps)",
     "server_lr": "server learning rate (default: the optimizer's own)",
     "norm_bound": "refuse updates that move the model further than this (L2)",
-    "seed": "seed of the initial model and of the nodes' episode sampling",
+    "seed": (
+        "seed of the initial model and of the evaluation's choice of context questions; the "
+        "nodes are told it, but each seeds its episode sampling from its own `seed` setting"
+    ),
     "session_timeout_s": "a node silent this long no longer counts towards the quorum",
     "heartbeat_interval_s": "how often nodes send heartbeats",
     "quorum_timeout_s": "give up if no quorum after this long (default: wait forever)",

@@ -73,7 +73,8 @@ def register(subparsers: Any) -> None:
         "--seed",
         type=non_negative_int,
         default=0,
-        help=COORDINATOR_HELP["seed"] + " (default: %(default)s)",
+        help="seed of the run: the initial model, every node's episode sampling and the "
+        "evaluation's choice of context questions (default: %(default)s)",
     )
     p.add_argument(
         "--threads-per-node",
