@@ -156,8 +156,9 @@ class GroupWorker:
         keep_optimizer_state: bool = True,
         cancelled: Callable[[], bool] | None = None,
     ) -> LocalResult:
-        """`steps` local steps from the loaded model; the Adam state of the previous task is kept
-        (the paper's nodes keep it) unless `keep_optimizer_state` is False. `cancelled` is asked
+        """`steps` local steps from the loaded model; the optimizer state of the previous task is
+        kept (the paper's nodes keep Adam's) unless `keep_optimizer_state` is False or the task
+        asks for another optimizer. `cancelled` is asked
         between steps: once it says True, TaskCancelled ends the task before its next step (the
         steps taken stay in the optimizer state, as those of a task whose update was refused)."""
         if self.model is None:
@@ -165,8 +166,11 @@ class GroupWorker:
         if self.trainer is None:
             self.trainer = LocalTrainer(self.model, settings, seed=node_seed(self.seed, self.group))
         else:
+            # a state is kept only for the same kind of optimizer (a coordinator resumed with
+            # another `local_optimizer` asks for another)
+            same_kind = self.trainer.settings.optimizer == settings.optimizer
             self.trainer.settings = settings
-            if keep_optimizer_state:
+            if keep_optimizer_state and same_kind:
                 self.trainer.set_learning_rate(settings.learning_rate)
             else:
                 self.trainer.reset_optimizer()

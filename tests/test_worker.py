@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from test_validation_node import DIM, SMALL, FakeEncoder, diverging_weights, small_weights
 
 import pluralfed.training
@@ -119,6 +120,22 @@ def test_each_task_trains_with_its_own_settings(monkeypatch: pytest.MonkeyPatch)
     w.train(1, TrainingSettings(context_range=(4, 5), target_range=(2, 3)))
     assert drawn == [(2, 3), (4, 5)]
     assert adam_steps(w) == {2.0}
+
+
+@pytest.mark.parametrize(("first", "then"), [("adam", "sgd"), ("sgd", "adam")])
+def test_a_task_with_another_optimizer_trains_with_that_optimizer(first: str, then: str) -> None:
+    """Keeping the optimizer state across tasks keeps one kind of optimizer: a task that asks
+    for another (a coordinator resumed with another `local_optimizer`) gets a fresh optimizer
+    of that kind. Before, the node went on stepping with the one it had."""
+    w = group_worker()
+    w.load_global(SMALL.to_dict(), small_weights())
+    w.train(1, TrainingSettings(context_range=(2, 3), target_range=(2, 3), optimizer=first))
+    w.train(1, TrainingSettings(context_range=(2, 3), target_range=(2, 3), optimizer=then))
+    assert w.trainer is not None
+    kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    assert type(w.trainer.optimizer) is kinds[then]
+    if then == "adam":
+        assert adam_steps(w) == {1.0}  # fresh: the first task's step was another optimizer's
 
 
 def test_a_tasks_mean_loss_is_the_mean_over_its_steps(monkeypatch: pytest.MonkeyPatch) -> None:
