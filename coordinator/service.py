@@ -271,10 +271,24 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
     revocations = cfg.revocations(tls)
     made_folder = not cfg.state_dir.exists()  # by this start: gone again if it cannot listen
     state_lock = lock_state_dir(cfg.state_dir)  # held until this process ends
-    encoder = make_encoder(cfg.encoder)
-    gpo = model_config(cfg, encoder.dim)
-    started = time.time()
     engines: list[RoundEngine] = []
+
+    def leave_no_stray_folder() -> None:
+        """A start that fails before it made the run (a typo'd --state-dir or encoder, a busy
+        port) leaves no folder it made, and lets go of the lock."""
+        if made_folder and not engines:
+            with contextlib.suppress(OSError):
+                (cfg.state_dir / "coordinator.lock").unlink()
+                cfg.state_dir.rmdir()
+        state_lock.close()
+
+    try:  # the encoder loads here (its dimension is the model's input size)
+        encoder = make_encoder(cfg.encoder)
+        gpo = model_config(cfg, encoder.dim)
+    except BaseException:
+        leave_no_stray_folder()
+        raise
+    started = time.time()
 
     def open_run() -> RoundEngine:
         """The run, made or resumed once the port is bound: a start that cannot listen leaves
@@ -309,11 +323,7 @@ def run_coordinator(cfg: CoordinatorConfig, allow_list: AllowList, console: Cons
         state_lock.close()
         return _cannot_write(cfg.state_dir, err)
     except BaseException:
-        if made_folder and not engines:  # a typo'd --state-dir leaves no stray folder
-            with contextlib.suppress(OSError):
-                (cfg.state_dir / "coordinator.lock").unlink()
-                cfg.state_dir.rmdir()
-        state_lock.close()
+        leave_no_stray_folder()
         raise
     engine = engines[0]
     # where local launchers (and operators using port 0) find the bound port

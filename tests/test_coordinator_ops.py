@@ -92,6 +92,11 @@ def test_a_coordinator_that_cannot_listen_leaves_no_run_behind(tmp_path: Path, p
     no_certs = ["--tls-dir", str(tmp_path / "no-certs"), "--state-dir", str(elsewhere)]
     refused = coordinator([*common, "--listen", f"{HOST}:0", *no_certs])
     assert refused.returncode == 2 and not elsewhere.exists(), refused.stderr
+    # nor is an encoder that does not load (it loads after the state folder is locked)
+    no_encoder = ["--encoder", str(tmp_path / "no-such-encoder"), "--state-dir", str(elsewhere)]
+    refused = coordinator([*common, "--listen", f"{HOST}:0", *no_encoder])
+    assert refused.returncode == 2 and "no-such-encoder" in refused.stderr, refused.stderr
+    assert not elsewhere.exists()
     # the next start there, with another model, makes a run of its own (and, without a
     # quorum within 1 s, stops: exit 1)
     again = coordinator([*common, "--listen", f"{HOST}:0", "--d-model=64"])
