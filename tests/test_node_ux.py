@@ -405,6 +405,26 @@ def test_node_check_leaves_the_session_an_older_coordinator_opened(
     assert "does not know check-only joins" in out
 
 
+class OlderCoordinatorGoneAtLeave(OlderCoordinator):
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.Ack:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "shutting down")
+
+
+def test_node_check_passes_when_only_leaving_an_older_coordinators_session_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The coordinator admitted the node: the Leave after it is no part of the check, so its
+    failure must not turn the answer into FAILED (exit 1)."""
+    servicer = OlderCoordinatorGoneAtLeave()  # type: ignore[abstract]
+    with stand_in_coordinator(servicer) as port:
+        cfg = NodeConfig(coordinator=f"{HOST}:{port}", group="G", insecure=True)
+        assert check(cfg, monkeypatch) == 0
+    captured = capsys.readouterr()
+    assert "ok: the coordinator would admit this node (run r," in captured.out
+    assert "which could not be left (UNAVAILABLE; it expires unused)" in captured.out
+    assert "FAILED" not in captured.err
+
+
 @pytest.mark.parametrize(
     ("case", "code", "meaning"),
     [
