@@ -91,8 +91,6 @@ MAX_WAIT_S = 60.0
 # how long a GetTask without `wait` is held (the protocol: the coordinator's default), so that a
 # node leaving it unset does not busy-poll on WAIT answers with a zero retry_after
 DEFAULT_WAIT_S = 10.0
-# a WAIT answer to a poll held shorter than MIN_POLL_INTERVAL_S asks the node to wait out the
-# difference, so a node asking for no wait at all still polls about once a second, not in a loop
 # HeartbeatRequest.task_id: the coordinator's task ids are 32 hex digits
 MAX_TASK_ID = 64
 # how far EvaluationReport.metrics.mean_alignment may differ from the "model" metric it repeats
@@ -325,6 +323,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Rejection as r:
             _abort(context, r)
         task = task_to_proto(spec)
+        # a WAIT answer to a poll held shorter than MIN_POLL_INTERVAL_S asks the node to wait out
+        # the difference: a node asking for no wait at all still polls about once a second
         if spec.kind == TaskKind.WAIT and wait_s < MIN_POLL_INTERVAL_S:
             task.retry_after.FromMilliseconds(int((MIN_POLL_INTERVAL_S - wait_s) * 1000))
         return task

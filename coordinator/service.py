@@ -32,8 +32,8 @@ from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, save_checkpoint
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
 from pluralfed.embeddings import make_encoder
 from pluralfed.errors import InputError, signal_exit_code
-from pluralfed.evaluation import SetReport
 from pluralfed.fsutil import atomic_write_bytes, atomic_write_json, owner_hint
+from pluralfed.metrics import SetReport
 from pluralfed.model import DEFAULT_MEMBERS, GPOConfig
 from pluralfed.report import print_reports
 from pluralfed.tensorfiles import numpy_to_state_dict, state_dict_to_numpy

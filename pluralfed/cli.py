@@ -50,7 +50,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "use a checkpoint as a reward model: serve it over gRPC, or score answers",
     ),
 }
-COMMAND_MODULES: tuple[str, ...] = tuple(module for module, _ in COMMANDS.values())
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

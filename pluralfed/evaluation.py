@@ -2,7 +2,8 @@
 
 A node evaluates its own group and reports a `GroupEvaluation` (plain numbers); whoever combines
 them (the coordinator, or the centralized CLI) calls `summarize_groups`. Raw answers never move.
-Those result types live in the torch-free `pluralfed.metrics`, so the coordinator needs no torch.
+Those result types live in the torch-free `pluralfed.metrics`, so the coordinator's round engine
+and transport need no torch (only its process start builds the initial model).
 """
 
 from __future__ import annotations

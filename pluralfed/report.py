@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from rich.console import Console
 from rich.table import Table
 
-from pluralfed.evaluation import SetReport
+from pluralfed.metrics import SetReport
 
 # the width of tables written to a file or a pipe: rich's default there is 80 columns
 UNWRAPPED_WIDTH = 200

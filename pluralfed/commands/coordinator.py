@@ -51,7 +51,7 @@ HELP = {
     "eval_every": "federated evaluation every N rounds (and after the last)",
     "eval_at_start": "also evaluate the initial model",
     "local_steps": "optimizer steps each node takes per round",
-    "learning_rate": "nodes' Adam learning rate",
+    "learning_rate": "nodes' local learning rate (Adam's, or the SGD step's)",
     "embedding_noise": "std of the random shift nodes add to each question's embeddings in "
     "training, one shift for all its options (0 = none; 0..1)",
     "context_range": "context questions per training episode, low,high",

@@ -17,7 +17,6 @@ from pluralfed.commands.common import (
 from pluralfed.commands.coordinator import HELP as COORDINATOR_HELP
 from pluralfed.data import load_survey, write_jsonl
 from pluralfed.errors import InputError
-from pluralfed.evaluation import SetReport
 from pluralfed.localfed import (
     LocalFederation,
     Stopped,
@@ -26,6 +25,7 @@ from pluralfed.localfed import (
     settings_variables,
     stop_on_signals,
 )
+from pluralfed.metrics import SetReport
 from pluralfed.prepare import default_groups
 from pluralfed.report import make_console, print_reports
 from pluralfed.synthetic import generate_synthetic
