@@ -177,6 +177,28 @@ def test_an_evaluation_from_a_session_not_asked_to_evaluate_is_refused(
     assert sorted(record["per_group"]) == ["A", "B"]
 
 
+def test_a_report_for_another_group_is_refused_and_the_reporters_own_still_counts(
+    driven: tuple[RoundEngine, threading.Thread],
+) -> None:
+    """The engine's own check, beside the server's certificate check (a caller of None is a
+    plaintext test channel): A may not report B's figures, and its refusal is no answer."""
+    engine, driver = driven
+    a, b, evaluation = trained_to_the_final_evaluation(engine)
+    refused = refusal(report, engine, a, evaluation, "B")
+    assert (refused.code, refused.message) == (
+        "PERMISSION_DENIED",
+        "A may report only its own group, not 'B'",
+    )
+    assert engine._task is not None and engine._task.evaluations == {}
+    assert "A" not in engine._task.answered
+
+    report(engine, a, evaluation, "A")
+    report(engine, b, engine.next_task(b.session_id, None, scaled(5)), "B")
+    driver.join(scaled(20))
+    record = engine.state.evaluations.last
+    assert engine.done and record is not None and record["groups"] == ["A", "B"]
+
+
 def test_an_update_naming_the_closed_evaluation_is_stale_not_a_late_answer_to_it(
     driven: tuple[RoundEngine, threading.Thread],
 ) -> None:
