@@ -28,7 +28,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.rounds import RoundEngine
 from coordinator.sessions import NodeSession, Role
-from coordinator.settings import MAX_GROUP_NAME
 from coordinator.streams import NodeStreams, RunningStream, StaleTransfers, StreamSlots
 from coordinator.tasks import GlobalModel, TaskKind, TaskSpec
 from coordinator.validation import (
@@ -52,7 +51,7 @@ from pluralfed.logthrottle import LogThrottle
 from pluralfed.metrics import GroupEvaluation
 from pluralfed.proto.pluralfed.v1 import federation_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import federation_pb2_grpc as pb_grpc
-from pluralfed.protocol import KEEP_LOCAL_OPTIMIZER_STATE, MIN_POLL_INTERVAL_S
+from pluralfed.protocol import KEEP_LOCAL_OPTIMIZER_STATE, MAX_GROUP_NAME, MIN_POLL_INTERVAL_S
 from pluralfed.tls import TlsFiles
 from pluralfed.transport import (
     DEFAULT_UPLOAD_CHUNK_BYTES,

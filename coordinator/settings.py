@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from coordinator.strategy import MAX_FAIRNESS_Q
 from pluralfed import protocol
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
-from pluralfed.protocol import MAX_EMBEDDING_NOISE
+from pluralfed.protocol import MAX_EMBEDDING_NOISE, MAX_GROUP_NAME
 
 # Limits of the round settings. Each is what the protocol can carry (protos: uint32 rounds, ranges
 # and max_context, uint64 seed) or what every node refuses (group_node/), so that a value
@@ -27,10 +27,6 @@ MAX_COUNT = 1_000_000  # rounds, nodes, updates: far above any real federation
 MAX_DURATION_S = 365 * 24 * 3600.0  # a deadline must stay a representable timestamp
 SERVER_OPTIMIZERS = ("fedavg", "fedadagrad", "fedadam", "fedyogi", "adam")
 WEIGHTINGS = ("examples", "uniform")
-
-
-# the longest group name a node may join with (and the allow-list may hold)
-MAX_GROUP_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -127,6 +123,13 @@ class RoundSettings:
                     "evaluate_only",
                     f"evaluate_only must be a list of group names (1..{MAX_GROUP_NAME} "
                     f"characters), got {names!r}",
+                    SETTINGS,
+                )
+            unprintable = [n for n in names if not n.isprintable()]
+            if unprintable:  # the allow-list refuses such names: none would ever match
+                raise ConfigValueError(
+                    "evaluate_only",
+                    f"evaluate_only name {unprintable[0]!r} holds control characters",
                     SETTINGS,
                 )
             spaced = [n for n in names if n != n.strip()]

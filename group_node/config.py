@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pluralfed.config import MAX_THREADS, ConfigValueError
 from pluralfed.errors import InputError
+from pluralfed.protocol import MAX_GROUP_NAME
 from pluralfed.tls import (
     TlsFiles,
     resolve_tls_files,
@@ -118,6 +119,12 @@ class NodeConfig:
             raise _refuse("role", f"role must be train or evaluate-only, got {self.role!r}")
         if not self.group.isprintable():
             raise _refuse("group", f"group {self.group!r} holds control characters")
+        if len(self.group) > MAX_GROUP_NAME:  # a coordinator would refuse it at Join
+            raise _refuse(
+                "group",
+                f"group is {len(self.group)} characters, more than the {MAX_GROUP_NAME} a group "
+                f"name may have ({self.group[:40]!r}...)",
+            )
         if self.group != self.group.strip():  # the data and the allow-list name it exactly
             raise _refuse(
                 "group",

@@ -39,6 +39,7 @@ from pluralfed.config import MAX_TOML_BYTES
 from pluralfed.errors import InputError, quoted
 from pluralfed.fsutil import InputTooLarge, read_input_bytes, size_text
 from pluralfed.logthrottle import LogThrottle
+from pluralfed.protocol import MAX_GROUP_NAME
 from pluralfed.tls import (
     NODE_ID_PATTERN,
     RevocationList,
@@ -69,7 +70,7 @@ DEFAULT_EXEMPT_METHODS = HEALTH_METHODS
 # and under such a flood it is the health check that fails, not the nodes.
 MAX_EXEMPT_CALLS = 4
 _EXEMPT = "(methods open to any certificate)"  # their key in the call limit
-MAX_NODE_NAME = 200
+MAX_NODE_NAME = MAX_GROUP_NAME  # node names are group names
 
 # The node name of the call being handled on this thread (None outside a guarded call or in insecure
 # mode): for code below the handler that has no `context` at hand, e.g. logging.

@@ -48,3 +48,7 @@ MIN_POLL_INTERVAL_S = 1.0
 REPLACED_SESSION_MARK = "was replaced by a newer Join"
 REPLACEMENTS_PER_WINDOW, REPLACEMENT_WINDOW_S = 3, 600.0
 MAX_HEARTBEAT_S = 3600.0  # a node refuses a longer interval
+# A group's name as the allow-list, the data files, a node's config and Join carry it: printable,
+# no surrounding spaces, at most this long. A node refuses a longer one in its config rather than
+# be refused at Join.
+MAX_GROUP_NAME = 200

@@ -211,6 +211,11 @@ def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Coord
         ("weighting = 'loudest'", "weighting"),
         ("server_optimizer = 'sgd'", "server_optimizer"),
         ("evaluate_only = ['China', 'Japan ']", "evaluate_only name 'Japan ' has leading"),
+        # the allow-list refuses such a name, so no node could ever answer for it
+        (
+            "evaluate_only = ['China', \"Ja\\tpan\"]",
+            "evaluate_only name 'Ja\\tpan' holds control characters",
+        ),
     ],
 )
 def test_coordinator_config_refuses_at_load_naming_file_and_key(

@@ -115,6 +115,8 @@ def small_weights(cfg: GPOConfig = SMALL) -> dict[str, np.ndarray]:
         ("POLL_WAIT_S", "0.05", "poll_wait_s must be 0.1..3600 seconds, got 0.05"),
         ("THREADS", "100000000", "threads must be 1..1024, got 100000000"),
         ("GROUP", "Fran\0ce", "holds control characters"),
+        # a coordinator would refuse it at Join; the node says so before it connects
+        ("GROUP", "G" * 201, "group is 201 characters, more than the 200 a group name may have"),
         (
             "GROUP",
             "Japan ",
