@@ -27,6 +27,7 @@ from coordinator.server import (
 )
 from coordinator.settings import MAX_COUNT, MAX_DURATION_S, RoundSettings
 from coordinator.state import CheckpointError
+from pluralfed import protocol
 from pluralfed.auth import AllowList, RevocationWatch
 from pluralfed.checkpoint import META_FILE, WEIGHTS_FILE, save_checkpoint
 from pluralfed.config import ConfigValueError, check_finite_number, check_whole_number
@@ -103,23 +104,23 @@ class CoordinatorConfig:
     insecure: bool = False
     encoder: str = "all-MiniLM-L6-v2"
     # rounds
-    rounds: int = 100
+    rounds: int = protocol.FEDERATED_ROUNDS
     min_nodes: int = 1
     min_updates: int = 1
     round_timeout_s: float = 300.0
     eval_timeout_s: float = 300.0
-    eval_every: int = 10
+    eval_every: int = protocol.EVAL_EVERY
     eval_at_start: bool = False
-    local_steps: int = 6
-    learning_rate: float = 3e-4
+    local_steps: int = protocol.LOCAL_STEPS
+    learning_rate: float = protocol.LEARNING_RATE
     embedding_noise: float = 0.0
-    context_range: tuple[int, int] = (9, 90)
-    target_range: tuple[int, int] = (9, 90)
-    max_context: int = 90
+    context_range: tuple[int, int] = protocol.CONTEXT_RANGE
+    target_range: tuple[int, int] = protocol.TARGET_RANGE
+    max_context: int = protocol.EVAL_MAX_CONTEXT
     weighting: str = "examples"
     fairness_q: float = 0.0
     server_optimizer: str = "fedavg"
-    local_optimizer: str = "adam"
+    local_optimizer: str = protocol.LOCAL_OPTIMIZER
     server_lr: float | None = None
     norm_bound: float | None = None
     seed: int = 0

@@ -31,19 +31,20 @@ WEIGHTINGS = ("examples", "uniform")
 
 @dataclass(frozen=True)
 class RoundSettings:
-    rounds: int = 100
+    # the defaults are PROTOCOL.md's (pluralfed.protocol), as every reported figure uses them
+    rounds: int = protocol.FEDERATED_ROUNDS
     min_nodes: int = 1  # training nodes needed before a round starts
     min_updates: int = 1  # accepted updates needed for a round to count
     round_timeout_s: float = 300.0
     eval_timeout_s: float = 300.0
-    eval_every: int = 10
+    eval_every: int = protocol.EVAL_EVERY
     eval_at_start: bool = False
-    local_steps: int = 6
-    learning_rate: float = 3e-4
+    local_steps: int = protocol.LOCAL_STEPS
+    learning_rate: float = protocol.LEARNING_RATE
     embedding_noise: float = 0.0  # nodes' per-question embedding noise in training (std)
-    context_range: tuple[int, int] = (9, 90)
-    target_range: tuple[int, int] = (9, 90)
-    max_context: int = 90
+    context_range: tuple[int, int] = protocol.CONTEXT_RANGE
+    target_range: tuple[int, int] = protocol.TARGET_RANGE
+    max_context: int = protocol.EVAL_MAX_CONTEXT
     weighting: str = "examples"  # or "uniform"
     # q-FedAvg: each update's weight times (1 - its node's alignment_before) ** q; 0: FedAvg
     fairness_q: float = 0.0

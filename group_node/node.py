@@ -828,7 +828,9 @@ class GroupNode:
         def work(current: TaskWork) -> None:  # its report is cancelled with the task
             self._load(task)
             self._state = pb.NODE_STATE_EVALUATING
-            ev = self.worker.evaluate(task.evaluation.max_context or 90, int(task.evaluation.seed))
+            ev = self.worker.evaluate(
+                task.evaluation.max_context or protocol.EVAL_MAX_CONTEXT, int(task.evaluation.seed)
+            )
             self.client.report(task, self.config.group, ev.metrics(), ev.num_questions)
             log.info(
                 "%s: evaluated round %d: alignment %.4f", self.config.group, task.round, ev.model

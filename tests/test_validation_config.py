@@ -25,6 +25,7 @@ from coordinator.state import STATE_FILE, CheckpointError, RunState, load_state,
 from coordinator.tasks import TaskKind, TaskSpec
 from group_node.client import MAX_HEARTBEAT_INTERVAL_S
 from group_node.node import MAX_LOCAL_STEPS, local_steps_of, training_settings
+from pluralfed import protocol
 from pluralfed.checkpoint import load_checkpoint, save_checkpoint
 from pluralfed.commands import coordinator as coordinator_command
 from pluralfed.config import ConfigValueError, load_config
@@ -154,6 +155,24 @@ def test_the_coordinator_config_has_every_round_setting_with_the_same_default() 
     for name, field in settings.items():
         assert config[name].type == field.type, name
     assert CoordinatorConfig().round_settings() == RoundSettings()
+
+
+def test_a_coordinator_runs_protocol_md_by_default() -> None:
+    """Every reported figure follows PROTOCOL.md (pluralfed.protocol): a coordinator started
+    without settings runs that experiment."""
+    s = RoundSettings()
+    assert (s.rounds, s.local_steps, s.learning_rate, s.eval_every) == (
+        protocol.FEDERATED_ROUNDS,
+        protocol.LOCAL_STEPS,
+        protocol.LEARNING_RATE,
+        protocol.EVAL_EVERY,
+    )
+    assert (s.context_range, s.target_range, s.max_context) == (
+        protocol.CONTEXT_RANGE,
+        protocol.TARGET_RANGE,
+        protocol.EVAL_MAX_CONTEXT,
+    )
+    assert s.local_optimizer == protocol.LOCAL_OPTIMIZER
 
 
 def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> CoordinatorConfig:
