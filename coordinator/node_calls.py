@@ -31,6 +31,7 @@ from coordinator.validation import (
     MAX_NODE_EXAMPLES,
     MAX_REASON_TEXT,
     MAX_VERSION_TEXT,
+    MAX_WAIT_S,
     Rejection,
     checked_labels,
     checked_text,
@@ -210,7 +211,7 @@ class NodeCalls:
         must not be kept alive (its session refreshed) by its own abandoned poll. A session
         waits in one poll at a time: a newer poll answers an older one WAIT, so no node can hold
         more than one RPC thread by polling (a node asks again after a lost reply, too)."""
-        deadline = time.monotonic() + max(0.0, min(wait_s, 300.0))
+        deadline = time.monotonic() + max(0.0, min(wait_s, MAX_WAIT_S))
         with self._changed:
             s = self._sessions.lookup(session_id, group)  # the call itself shows the node is alive
             s.polls += 1

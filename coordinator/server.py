@@ -33,6 +33,7 @@ from coordinator.tasks import GlobalModel, TaskKind, TaskSpec
 from coordinator.validation import (
     MAX_FREE_TEXT,
     MAX_NODE_EXAMPLES,
+    MAX_WAIT_S,
     Rejection,
     checked_metrics,
     checked_text,
@@ -86,7 +87,6 @@ from pluralfed.wire import (
 
 log = logging.getLogger("pluralfed.coordinator")
 
-MAX_WAIT_S = 60.0
 # how long a GetTask without `wait` is held (the protocol: the coordinator's default), so that a
 # node leaving it unset does not busy-poll on WAIT answers with a zero retry_after
 DEFAULT_WAIT_S = 10.0

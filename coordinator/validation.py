@@ -36,6 +36,9 @@ MAX_LABELS = 32
 MAX_LABEL_KEY = 64
 MAX_LABEL_VALUE = 256
 MAX_FREE_TEXT = 1000
+# the longest a GetTask is held (its `wait`, capped): the server clips the request to it and the
+# engine never waits longer whoever calls it
+MAX_WAIT_S = 60.0
 
 
 def clipped(text: str, limit: int = MAX_REASON_TEXT) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from fedharness import scaled, wait_until
 from test_engine_recovery import ENC, WEIGHTS, replay_of, serve, start
 
+import coordinator.node_calls as node_calls_module
 from coordinator.rounds import RoundEngine
 from coordinator.sessions import NodeSession, Role
 from coordinator.settings import RoundSettings
@@ -328,6 +330,20 @@ def test_a_session_found_expired_ends_its_own_waiting_poll_at_once(tmp_path: Pat
     poller.join(5.0)
     assert not poller.is_alive(), "the expired session's poll still waits"
     assert [getattr(e, "code", None) for e in ended] == ["UNAUTHENTICATED"]
+
+
+def test_the_engine_holds_a_poll_no_longer_than_the_servers_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine caps a poll's wait itself, at the same MAX_WAIT_S the server clips `wait` to:
+    a caller that asks for longer (any caller but the server) is still answered WAIT."""
+    monkeypatch.setattr(node_calls_module, "MAX_WAIT_S", 0.2)
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    start = time.monotonic()
+    task = engine.next_task(a.session_id, None, 1e9)  # no round open, no driver: nothing comes
+    assert task.kind == TaskKind.WAIT
+    assert time.monotonic() - start < scaled(5)
 
 
 # ------------------------------------------------------------------------------- resuming
