@@ -492,10 +492,6 @@ class RewardModel:
                 added[g] = self.add_group(g, train)
         return added
 
-    def remove_group(self, name: str) -> None:
-        with self._table_lock:
-            self._groups.pop(name, None)
-
     @property
     def groups(self) -> dict[str, GroupContext]:
         """The named groups held, name -> context (a copy)."""

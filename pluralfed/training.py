@@ -110,13 +110,15 @@ def target_alignment(means: torch.Tensor, batch: EpisodeBatch) -> float:
 
 
 def make_optimizer(model: GPO, settings: TrainingSettings) -> torch.optim.Optimizer:
+    """The local optimizer `settings.optimizer` names (one of protocol.LOCAL_OPTIMIZERS)."""
     if settings.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=settings.learning_rate)
     return torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
 
 
 class LocalTrainer:
-    """Adam on one model; the optimizer state lives here across rounds, as the paper's nodes keep it."""
+    """Local training of one model with the settings' optimizer (Adam, the paper's, or SGD); its
+    state lives here across rounds, as the paper's nodes keep Adam's."""
 
     def __init__(self, model: GPO, settings: TrainingSettings, seed: int) -> None:
         self.model = model
