@@ -395,6 +395,10 @@ def decode_update_chunk(raw: bytes) -> pb.UpdateChunk | Chunk:
     return chunk if chunk is not None else pb.UpdateChunk.FromString(raw)
 
 
+# what an error names a message that did not decode (`never_raising`)
+decode_update_chunk.message_type = pb.UpdateChunk.DESCRIPTOR.full_name  # type: ignore[attr-defined]
+
+
 def decode_model_chunk(raw: bytes) -> pb.ModelChunk | Chunk:
     """DownloadModel's response deserializer for nodes: as `decode_update_chunk` (ModelChunk's
     tensor part is the same field), so a downloaded chunk's data is not copied twice."""
@@ -426,9 +430,13 @@ def never_raising(deserializer: Callable[[bytes], Any] | None) -> Callable[[byte
     """`deserializer` returning `Undecodable` where it would raise (None stays None: raw bytes)."""
     if deserializer is None or getattr(deserializer, "never_raises", False):
         return deserializer
-    owner = getattr(deserializer, "__self__", None)
+    owner = getattr(deserializer, "__self__", None)  # a generated class's FromString
     descriptor = getattr(owner, "DESCRIPTOR", None)
-    message_type = getattr(descriptor, "full_name", None) or "message"
+    message_type = (
+        getattr(deserializer, "message_type", None)  # a function of ours says what it decodes
+        or getattr(descriptor, "full_name", None)
+        or "message"
+    )
 
     def decode(raw: bytes) -> Any:
         try:

@@ -381,7 +381,8 @@ def test_an_upload_message_that_does_not_decode_is_refused_as_malformed(
             stream += [m.SerializeToString() for m in messages[1:]]
             reply = raw_upload(iter(stream), timeout=10)
             assert reject_name(reply) == "MALFORMED", reply
-            assert "not a valid" in reply.message and "UTF-8" in reply.message, reply
+            assert "not a valid pluralfed.v1.UpdateChunk" in reply.message, reply
+            assert "UTF-8" in reply.message, reply
             assert reject_name(bad.upload(messages)) == "ALREADY_REJECTED"
             update = nudged(g0, 1)
             accepted = good.upload(update_messages(good.session_id, task, update, 30))
