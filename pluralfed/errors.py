@@ -24,6 +24,11 @@ class InputError(ValueError):
 MAX_QUOTED = 80
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 option', '2 options': a count in a message, in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def quoted(text: str, limit: int = MAX_QUOTED) -> str:
     """`text` (from a node or any other caller) as a message or log line may show it: repr-escaped, so a newline or a
     terminal escape cannot forge a log line, and at most `limit` characters of it."""

@@ -86,7 +86,7 @@ from pluralfed.embeddings import (
     option_text,
 )
 from pluralfed.episodes import EmbeddedItem, evaluation_context
-from pluralfed.errors import InputError
+from pluralfed.errors import InputError, counted
 from pluralfed.evaluation import predict_targets
 from pluralfed.model import GPO, GPOConfig
 from pluralfed.protocol import EVAL_MAX_CONTEXT
@@ -152,7 +152,8 @@ def check_item(item: SurveyItem, where: str) -> SurveyItem:
         raise InputError(f"{where}.distribution: not numbers ({err})") from None
     if dist.ndim != 1 or dist.shape[0] != len(options):
         raise InputError(
-            f"{where}.distribution: {dist.size} values for {len(options)} options, need one each"
+            f"{where}.distribution: {counted(dist.size, 'value')} for "
+            f"{counted(len(options), 'option')}, need one each"
         )
     if not np.isfinite(dist).all():
         raise InputError(f"{where}.distribution: not finite ({dist.tolist()})")

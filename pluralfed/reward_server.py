@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pluralfed.auth import MAX_EXEMPT_CALLS, AllowList, AuthInterceptor, RevocationWatch
 from pluralfed.data import SurveyItem, is_blank, normalise_distribution
 from pluralfed.embeddings import option_text
-from pluralfed.errors import InputError
+from pluralfed.errors import InputError, counted
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.proto.pluralfed.v1 import reward_pb2_grpc as pb_grpc
 from pluralfed.reward import (
@@ -120,7 +120,8 @@ def parse_context(msg: pb.RewardGroupContext, limits: Limits) -> list[SurveyItem
         dist = np.asarray(it.distribution, dtype=np.float64)
         if dist.size != len(options):
             raise BadRequest(
-                f"{w}.distribution", f"{dist.size} values for {len(options)} options, need one each"
+                f"{w}.distribution",
+                f"{counted(dist.size, 'value')} for {counted(len(options), 'option')}, need one each",
             )
         if not np.isfinite(dist).all():
             raise BadRequest(f"{w}.distribution", "values must be finite")

@@ -285,7 +285,8 @@ def test_score_validates_inputs(rm: RewardModel, world: dict, question, answers,
         ([0.5, float("nan")], "not finite"),
         ([0.5, -0.1], "negative"),
         ([0.0, 0.0], "all zero"),
-        ([1.0], "1 values for 2 options"),
+        ([1.0], "1 value for 2 options"),
+        ([0.2, 0.3, 0.5], "3 values for 2 options"),
     ],
 )
 def test_context_items_are_validated(rm: RewardModel, dist, message) -> None:
@@ -609,7 +610,7 @@ INVALID = [
     (
         "distribution length",
         _request(x=_set_context_raw("Q?", ["Yes", "No"], [1.0])),
-        r"items\[1\]\.distribution: 1 values for 2 options",
+        r"items\[1\]\.distribution: 1 value for 2 options",
     ),
     (
         "duplicate context option",
