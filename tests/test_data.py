@@ -7,13 +7,14 @@ import csv
 import hashlib
 import importlib.util
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pluralfed import cli
+from pluralfed import cli, protocol
 from pluralfed.data import (
     GROUPS_MANIFEST,
     SurveyData,
@@ -93,6 +94,35 @@ def test_real_csv_protocol_group_counts(goqa: SurveyData) -> None:
         kept = len(goqa.groups[group])
         assert kept == readme_count - ALL_ZERO_IN_README_COUNTS.get(group, 0), group
         assert kept + goqa.skipped_by_group.get(group, 0) == readme_count, group
+
+
+def test_protocol_constants_are_what_protocol_md_says(goqa_csv: Path) -> None:
+    """pluralfed.protocol is ../shared/PROTOCOL.md as constants, and every figure is made with
+    them: a constant that drifts from the document (a group dropped, steps drawn from 9..89, lr
+    1e-4, 5 local steps) makes figures that no longer compare with the reference, silently."""
+    text = " ".join((goqa_csv.parents[2] / "PROTOCOL.md").read_text("utf-8").split())
+
+    def found(pattern: str) -> str:
+        m = re.search(pattern, text)
+        assert m is not None, f"PROTOCOL.md no longer says {pattern!r}"
+        return m.group(1)
+
+    assert found(r"Training groups \([^)]*\): (.+?)\. - Held-out").split(", ") == list(
+        protocol.TRAINING_GROUPS
+    )
+    assert found(r"Held-out groups \([^)]*\): (.+?)\. ").split(", ") == list(
+        protocol.HELD_OUT_GROUPS
+    )
+    low, high = found(r"drawn uniformly from (\d+\.\.\d+)").split("..")
+    assert protocol.CONTEXT_RANGE == protocol.TARGET_RANGE == (int(low), int(high))
+    assert float(found(r"Adam, lr ([\d.e-]+)\. ")) == protocol.LEARNING_RATE
+    assert protocol.LOCAL_OPTIMIZER == "adam"
+    assert found(r"Federated: (\d+ rounds x \d+ local steps)") == (
+        f"{protocol.FEDERATED_ROUNDS} rounds x {protocol.LOCAL_STEPS} local steps"
+    )
+    assert found(r"(\d+) epochs of one step") == str(protocol.CENTRALIZED_EPOCHS)
+    assert found(r"at most (\d+), fixed seed") == str(protocol.EVAL_MAX_CONTEXT)
+    assert found(r"every (\d+) rounds") == str(protocol.EVAL_EVERY)
 
 
 def test_real_csv_items_are_clean(goqa: SurveyData) -> None:
