@@ -134,6 +134,18 @@ def test_a_config_or_allow_list_that_never_ends_or_nests_too_deeply_is_refused(
     assert MAX_TOML_BYTES == 16 << 20
 
 
+def test_a_missing_or_unreadable_config_file_is_named(tmp_path: Path) -> None:
+    """A node or coordinator given a wrong --config path must say which file it looked for
+    (and that it is the config file), not a bare "not found" the operator must guess at."""
+    missing = tmp_path / "no-such" / "node.toml"
+    with pytest.raises(InputError) as err:
+        load_config(NodeConfig, missing, "PLURALFED_NODE_", {}, environ={})
+    assert str(err.value) == f"{missing}: config file not found"
+    with pytest.raises(InputError) as err:
+        load_config(NodeConfig, tmp_path, "PLURALFED_NODE_", {}, environ={})  # a folder
+    assert str(err.value).startswith(f"{tmp_path}: cannot read config: ")
+
+
 def test_a_whole_float_is_an_integer_setting(tmp_path: Path) -> None:
     """TOML writes 2.0 for a number some tools turn into a float: a whole one is taken."""
     path = tmp_path / "node.toml"
