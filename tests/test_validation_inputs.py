@@ -20,7 +20,7 @@ from pluralfed.data import is_blank, load_survey, normalise_distribution
 from pluralfed.episodes import evaluation_context, sample_episode
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
-from pluralfed.reward_server import Limits, parse_context
+from pluralfed.reward_server import Limits, parse_context, parse_questions
 from pluralfed.training import LocalTrainer, TrainingSettings, build_model
 
 CSV_HEADER = "question,selections,options\n"
@@ -82,6 +82,25 @@ def test_reward_context_overflowing_sum_still_normalises() -> None:
     msg.items.add(question="Q?", options=["a", "b", "c"], distribution=[1e308, 1e308, 0])
     (item,) = parse_context(msg, Limits())
     np.testing.assert_allclose(item.distribution, [0.5, 0.5, 0.0])
+
+
+def test_reward_requests_exactly_at_each_limit_are_taken() -> None:
+    """The reward service's limits (RewardInfo tells clients them) are the most a request may
+    hold, not one less: a client that sends exactly the advertised number of questions, answers,
+    context items or characters must be served, not refused INVALID_ARGUMENT."""
+    limits = Limits()
+    text = "q" * limits.max_text_chars
+    answers = [f"o{i}" for i in range(limits.max_answers - 1)] + ["a" * limits.max_text_chars]
+    questions = [
+        pb.RewardQuestion(question=f"Q{i}?", answers=["Yes"]) for i in range(limits.max_questions)
+    ]
+    questions[0] = pb.RewardQuestion(question=text, answers=answers)
+    parsed = parse_questions(questions, limits)
+    assert parsed[0] == (text, answers)
+    msg = pb.RewardGroupContext()
+    for i in range(limits.max_context_items):
+        msg.items.add(question=f"Q{i}?", options=answers, distribution=[1.0] * len(answers))
+    assert len(parse_context(msg, limits)) == limits.max_context_items
 
 
 def test_normalise_distribution() -> None:
