@@ -95,6 +95,9 @@ def test_training_with_noise_is_reproducible_and_differs_from_without() -> None:
         ("embedding_noise", float("nan")),
         ("learning_rate", 0.0),
         ("learning_rate", float("nan")),
+        # an infinite rate passed `> 0` and turned the weights into NaN at the first step
+        ("learning_rate", float("inf")),
+        ("optimizer", "adagrad"),
         ("context_range", (0, 5)),
         ("target_range", (9, 3)),
         ("groups_per_step", 0),
