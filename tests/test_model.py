@@ -23,7 +23,7 @@ from pluralfed.model import (
     question_softmax,
     upgrade_state_dict,
 )
-from pluralfed.training import LocalTrainer, TrainingSettings, build_model
+from pluralfed.training import LocalTrainer, TrainingSettings, build_model, train_centralized
 
 torch.set_num_threads(1)
 
@@ -553,3 +553,27 @@ def test_a_trainer_with_non_finite_optimizer_state_is_not_finite() -> None:
     state["exp_avg_sq"].view(-1)[0] = float("inf")
     assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
     assert not trainer.is_finite()
+
+
+def test_a_centralized_epoch_steps_once_per_batch_of_groups_per_step_shuffled_groups() -> None:
+    """The centralized baseline (PROTOCOL.md: "100 epochs of one step per group batch"): each
+    epoch shuffles the groups and takes one step on each run of `groups_per_step` of them, so
+    every group is trained on once an epoch; on_epoch hears each epoch's mean loss. Steps of one
+    group each skipped groups, and an epoch short was a baseline trained less than the paper's."""
+    rng = np.random.default_rng(1)
+    groups = {f"G{g}": [random_item(rng, 3, f"G{g} q{i}") for i in range(8)] for g in range(5)}
+    settings = TrainingSettings(context_range=(2, 4), target_range=(2, 4), groups_per_step=2)
+    trainer = LocalTrainer(build_model(CFG, 0), settings, 0)
+    heard: list[tuple[int, float]] = []
+    losses = train_centralized(trainer, groups, 3, on_epoch=lambda e, loss: heard.append((e, loss)))
+    assert len(losses) == 3 and heard == list(enumerate(losses, start=1))
+    assert trainer.steps_done == 3 * 3  # 5 groups in batches of 2: 2 + 2 + 1
+
+    by_hand = LocalTrainer(build_model(CFG, 0), settings, 0)
+    names = sorted(groups)
+    for loss in losses:
+        order = [names[i] for i in by_hand.rng.permutation(len(names))]
+        steps = [by_hand.step([groups[n] for n in order[i : i + 2]]) for i in (0, 2, 4)]
+        assert loss == pytest.approx(float(np.mean(steps)), rel=1e-6)
+    for got, want in zip(trainer.model.parameters(), by_hand.model.parameters(), strict=True):
+        torch.testing.assert_close(got, want)
