@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
+import re
 import shutil
 import sqlite3
 import warnings
@@ -330,6 +332,37 @@ def test_make_encoder_bad_local_paths(tmp_path: Path) -> None:
     (tmp_path / "f.bin").write_bytes(b"x")
     with pytest.raises(InputError, match="is a file"):
         make_encoder(str(tmp_path / "f.bin"))
+
+
+def test_a_folder_without_weights_has_no_identity(tmp_path: Path) -> None:
+    """The identity pins the weights by their hash: a folder with a config and a tokenizer but
+    no weights (a partial copy) must be refused by name, not given an identity that a node
+    would then announce at Join as if it were a model."""
+    src = Path(default_encoder().name_or_path)
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and not p.name.endswith(".bin"):
+            (folder / p.name).symlink_to(p)
+    encoder = make_encoder(str(folder))
+    with pytest.raises(InputError, match=rf"^no model weights .* in {re.escape(str(folder))}: "):
+        encoder.identity  # noqa: B018
+
+
+@pytest.mark.parametrize("width", [0, -384])
+def test_a_width_that_is_no_positive_number_is_not_read_from_config_json(
+    tmp_path: Path, width: int
+) -> None:
+    """`dim` is read from config.json without loading the model, from the first of its width
+    keys that holds a positive whole number: a 0 or negative hidden_size (a damaged or
+    hand-edited config) must not become the encoder's width, which every checkpoint and cache
+    is checked against."""
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": width, "dim": 384}))
+    encoder = HFTextEncoder(folder)
+    assert encoder.dim == 384
+    assert encoder._model is None
 
 
 def test_pickled_encoder_weights_are_refused(tmp_path: Path) -> None:
