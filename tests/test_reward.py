@@ -445,6 +445,30 @@ def test_reward_fn_conversational_and_dataset_columns(rm: RewardModel, world: di
         fn([question], ["A", "B"])
 
 
+def test_reward_fn_reads_the_last_user_and_assistant_messages_of_a_conversation(
+    rm: RewardModel, world: dict
+) -> None:
+    """A multi-turn prompt asks its question in its LAST user message (earlier ones are
+    few-shot examples or small talk), and a completion answers in its last assistant message:
+    those are the ones mapped, as TRL's conversational format means them."""
+    g = world["groups"][0]
+    question = "How much do you agree: most people can be trusted?"
+    fn = make_reward_fn(rm, g, {question: (question, OPTIONS4)})
+    prompt = [
+        {"role": "system", "content": "You answer surveys."},
+        {"role": "user", "content": "Hello, can you answer a survey question?"},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": question},
+    ]
+    completion = [
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "Are you sure?"},
+        {"role": "assistant", "content": "D"},
+    ]
+    assert fn([prompt], [completion]) == fn([question], ["D"])
+    assert fn.last_matches == [OptionMatch(3, "choice")]
+
+
 # ------------------------------------------------------------------------------------------------
 # the gRPC service over mutual TLS
 
