@@ -619,6 +619,25 @@ def test_cache_refuses_vectors_wider_than_the_encoder_says(tmp_path: Path) -> No
     assert inner.calls == [["a", "b"]]
 
 
+@pytest.mark.parametrize("width", [7, 9])
+def test_cache_drops_rows_of_another_width_with_a_valid_crc(tmp_path: Path, width: int) -> None:
+    """The CRC only says the bytes are as written: a row of another width (a copied or
+    hand-edited file) is corrupt too, recomputed, never handed to a model expecting 8 dims."""
+    cached = CachedEncoder(FakeEncoder(), tmp_path)
+    cached.encode(["a", "b"])
+    key = hashlib.sha256(b"a").digest()
+    blob = np.arange(width, dtype="<f4").tobytes()
+    with sqlite3.connect(cached.path) as con:
+        con.execute(
+            "UPDATE vectors SET vec = ?, crc = ? WHERE key = ?", (blob, zlib.crc32(blob), key)
+        )
+    inner = FakeEncoder()
+    with pytest.warns(CacheWarning, match="1 corrupt entries"):
+        got = CachedEncoder(inner, tmp_path).encode(["a", "b"])
+    assert inner.calls == [["a"]]
+    np.testing.assert_array_equal(got, np.stack([inner.vector("a"), inner.vector("b")]))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_cache_drops_non_finite_rows_with_a_valid_crc(tmp_path: Path, bad: float) -> None:
     """The CRC only says the bytes are as written; a non-finite cached vector is corrupt too."""
