@@ -20,7 +20,7 @@ from pluralfed.data import is_blank, load_survey, normalise_distribution
 from pluralfed.episodes import evaluation_context, sample_episode
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
-from pluralfed.reward_server import Limits, parse_context, parse_questions
+from pluralfed.reward_server import BadRequest, Limits, parse_context, parse_questions
 from pluralfed.training import LocalTrainer, TrainingSettings, build_model
 
 CSV_HEADER = "question,selections,options\n"
@@ -101,6 +101,19 @@ def test_reward_requests_exactly_at_each_limit_are_taken() -> None:
     for i in range(limits.max_context_items):
         msg.items.add(question=f"Q{i}?", options=answers, distribution=[1.0] * len(answers))
     assert len(parse_context(msg, limits)) == limits.max_context_items
+
+
+@pytest.mark.parametrize("values", [[1.0], [0.2, 0.3, 0.5]])
+def test_a_reward_context_distribution_needs_one_value_per_option(values: list[float]) -> None:
+    """Too few values or too many: either way the distribution does not say which share goes
+    with which option, so the request is refused naming the item, never cut or padded."""
+    msg = pb.RewardGroupContext()
+    msg.items.add(question="Fine?", options=["a", "b"], distribution=[1, 1])
+    msg.items.add(question="Q?", options=["a", "b"], distribution=values)
+    with pytest.raises(BadRequest) as err:
+        parse_context(msg, Limits())
+    assert err.value.field == "group_context.items[1].distribution"
+    assert str(err.value).endswith(f"{len(values)} values for 2 options, need one each")
 
 
 def test_normalise_distribution() -> None:
