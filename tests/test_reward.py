@@ -1473,6 +1473,18 @@ def test_embedding_memory_costs_the_same_for_long_texts(world: dict, session_cac
     assert text_key("\ud800 lone") != text_key("\ud801 lone")  # lone surrogates hash too
 
 
+def test_embedding_memory_keeps_the_texts_used_most_recently(rm: RewardModel) -> None:
+    """The memory forgets the least recently USED text, not the first stored: a group's option
+    texts asked for on every call stay in memory while one-off texts come and go (forgetting by
+    age would re-embed the busiest texts, the service's costliest work)."""
+    model = RewardModel(rm.model, rm.encoder, embed_memory=2)
+    busy, once, new = "a question asked on every call?", "one-off?", "another question?"
+    model.embed_texts([busy, once], disk_cache=False)
+    model.embed_texts([busy], disk_cache=False)  # used again: now the most recent
+    model.embed_texts([new], disk_cache=False)  # one of the two must go
+    assert model.uncached_texts([busy, once, new]) == [once]
+
+
 def test_service_keeps_client_texts_off_the_disk_cache(
     client: RewardClient, rm: RewardModel, world: dict
 ) -> None:
