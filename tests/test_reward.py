@@ -873,6 +873,37 @@ def test_a_call_stops_embedding_past_its_limit_or_deadline_and_teaches_the_estim
         srv.stop(grace=None).wait()
 
 
+def test_a_call_the_client_cancels_stops_embedding(
+    world: dict, pki: dict, session_cache_dir: Path
+) -> None:
+    """A client that gives up (a trainer stopped, a Ctrl-C) cancels its call: the server stops
+    embedding at the next batch instead of holding the model for the rest of the call's texts
+    while every other client waits its turn."""
+    encoder = SlowEncoder(
+        CachedEncoder(default_encoder(show_progress=False), session_cache_dir), 0.5
+    )
+    model = RewardModel.from_checkpoint(world["ckpt"], encoder=encoder)
+    allow = AllowList({"trainer-1": "RL trainer"})
+    srv, port, servicer = start_reward_server(model, "127.0.0.1:0", pki["server"], allow)
+    servicer.cost.per_embed_token = 1e-7  # the estimate lets the call in
+    # 2,048 new texts, 32 batches of 0.5 s: 16 s if nothing stops it
+    questions = [(f"Cancelled {q}?", [f"Answer {q}.{a}" for a in range(32)]) for q in range(64)]
+    try:
+        with RewardClient(f"127.0.0.1:{port}", pki["client"]) as c:
+            encoded = encoder.texts
+            call = c.stub.Score.future(score_request(_items(1), questions), timeout=60)
+            give_up = time.monotonic() + 30
+            while encoder.texts == encoded and time.monotonic() < give_up:
+                time.sleep(0.05)  # the server is embedding
+            assert call.cancel()
+            while servicer.stats.refused_deadline == 0 and time.monotonic() < give_up:
+                time.sleep(0.05)  # the server has stopped the call
+            assert servicer.stats.refused_deadline == 1
+            assert encoder.texts - encoded < 1024  # well before all 2,048
+    finally:
+        srv.stop(grace=None).wait()
+
+
 def test_service_message_size_cap(server: tuple[int, RewardServicer], pki: dict) -> None:
     # a client without a send cap: the server's 4 MiB receive cap refuses the message
     channel = tls.secure_channel(
