@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 from coordinator.service import CoordinatorConfig, check_roles, model_config, rpc_threads_for
 from group_node.config import NodeConfig
 from pluralfed.auth import AllowList
-from pluralfed.config import MAX_TOML_BYTES, load_config
+from pluralfed.commands import node as node_cmd
+from pluralfed.config import MAX_TOML_BYTES, add_config_args, load_config
 from pluralfed.errors import InputError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -97,6 +99,12 @@ def test_a_list_setting_from_the_environment_must_be_a_json_array_of_names(value
         ('group = "A"\ndata = "a"\nthreads = "\u0663"\n', {}, "expected an integer"),
         ('group = "A"\ndata = "a"\n', {"PLURALFED_NODE_THREADS": "\uff17"}, "expected an integer"),
         ('group = "A"\ndata = "a"\nbackoff_initial_s = "\u0661.5"\n', {}, "expected a number"),
+        # float(True) is 1.0: TOML's true was taken as a number of seconds
+        (
+            'group = "A"\ndata = "a"\nbackoff_initial_s = true\n',
+            {},
+            "backoff_initial_s: expected a number, got True",
+        ),
         # a fraction is not cut to a whole number: threads = 1.5 was 1 thread without a word
         ('group = "A"\ndata = "a"\nthreads = 1.5\n', {}, "threads: expected an integer, got 1.5"),
     ],
@@ -144,6 +152,18 @@ def test_a_missing_or_unreadable_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         load_config(NodeConfig, tmp_path, "PLURALFED_NODE_", {}, environ={})  # a folder
     assert str(err.value).startswith(f"{tmp_path}: cannot read config: ")
+
+
+def test_each_option_says_its_default_once() -> None:
+    """`--help` adds "(default: X)" to each setting's help unless the help already says its
+    own default ("default: never"): saying both ("(default: never) (default: None)")
+    contradicts itself."""
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, NodeConfig, node_cmd.HELP)
+    helps = {a.dest: a.help or "" for a in parser._actions if a.dest in node_cmd.HELP}
+    assert helps["give_up_after_s"].endswith("(default: never)")
+    said_twice = [dest for dest, text in helps.items() if text.count("(default:") > 1]
+    assert said_twice == []
 
 
 def test_a_whole_float_is_an_integer_setting(tmp_path: Path) -> None:
