@@ -81,6 +81,20 @@ def test_alignment_before_is_the_protocol_score_of_the_first_episode_before_trai
     assert trainer.alignment_before is not None and trainer.alignment_before != expected
 
 
+def test_a_round_stopped_before_its_first_step_has_no_alignment_before() -> None:
+    """`alignment_before` belongs to the round that measured it: a round stopped before its
+    first step (its task cancelled) scored nothing, so it must not report the previous round's
+    figure as its own to a fairness-aware coordinator."""
+    rng = np.random.default_rng(3)
+    items = [random_item(rng, 3, f"q{i}") for i in range(12)]
+    settings = TrainingSettings(context_range=(2, 4), target_range=(2, 4))
+    trainer = LocalTrainer(build_model(CFG, seed=1), settings, seed=7)
+    trainer.train_steps(items, 1)
+    assert trainer.alignment_before is not None
+    assert trainer.train_steps(items, 3, stop=lambda: True) == []
+    assert trainer.alignment_before is None
+
+
 @pytest.mark.parametrize("q", [-0.5, 10.5, math.nan, math.inf])
 def test_coordinator_refuses_a_bad_fairness_q(q: float) -> None:
     with pytest.raises(InputError, match="fairness_q"):
