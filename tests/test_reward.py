@@ -338,6 +338,8 @@ def test_rewards_kinds(rm: RewardModel, world: dict) -> None:
         # a label followed by ANOTHER option's text: the text wins, flagged
         ("B. Somewhat disagree", OPTIONS4, OptionMatch(2, "label_conflict")),
         ("Answer: A) strongly disagree", OPTIONS4, OptionMatch(3, "label_conflict")),
+        # the longest option the text starts with: "Good and bad", not its prefix "Good"
+        ("A. Good and bad", ("Good", "Good and bad", "Bad"), OptionMatch(1, "label_conflict")),
         # numbers that are options' own texts name those options, not positions
         ("2.", ("0", "1", "2", "3"), OptionMatch(2, "choice")),
         ("10", tuple(str(i) for i in range(11)), OptionMatch(10, "exact")),
