@@ -539,6 +539,22 @@ def test_cache_rebuilds_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     assert len(inner.calls) == 1
 
 
+def test_cache_rebuilds_another_programs_database(tmp_path: Path) -> None:
+    """A valid SQLite file that is not a cache (another program's, at a reused path) has other
+    tables: it is rebuilt with a warning like any unusable file, not refused for lacking ours."""
+    cached = CachedEncoder(FakeEncoder(), tmp_path)
+    cached.cache_dir.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(cached.path) as con:
+        con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    con.close()
+    inner = FakeEncoder()
+    with pytest.warns(
+        CacheWarning, match=r"unusable \(unexpected tables \['notes'\]\); rebuilding"
+    ):
+        got = CachedEncoder(inner, tmp_path).encode(["a"])
+    np.testing.assert_array_equal(got, inner.vector("a")[None])
+
+
 def test_cache_rebuilds_on_incompatible_meta(tmp_path: Path) -> None:
     """Same identity but another dimension (a buggy encoder or a hand-copied file): never mix."""
     CachedEncoder(FakeEncoder("same", dim=8), tmp_path).encode(["a"])
