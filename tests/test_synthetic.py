@@ -172,6 +172,34 @@ def test_every_group_answers_something_even_at_a_high_drop_rate() -> None:
     assert all(len(items) >= 1 for items in data.groups.values())
 
 
+def test_a_group_that_would_answer_nothing_gets_a_question_drawn_at_random() -> None:
+    """The one question kept for a group the drop rate left without any is drawn at random:
+    always the first question would give every such group the same one, and when it is a
+    TEST question (PROTOCOL.md split) none of them would have a question to train on."""
+    data = generate_synthetic(n_groups=40, n_questions=50, seed=0, drop_rate=0.999)
+    kept = {items[0].question for items in data.groups.values() if len(items) == 1}
+    assert len(kept) > 5
+
+
+def test_stances_far_beyond_the_logit_range_still_give_distributions() -> None:
+    """The temperature has no upper limit, so logits can pass exp's float range: the softmax
+    is taken shift-invariantly, and the distributions stay finite and sum to 1 (not NaN)."""
+    data = generate_synthetic(n_groups=8, n_questions=40, seed=0, temperature=2000.0)
+    for items in data.groups.values():
+        for it in items:
+            assert np.isfinite(it.distribution).all()
+            assert abs(it.distribution.sum() - 1) < 1e-12
+
+
+def test_the_source_names_every_argument_the_data_depends_on() -> None:
+    """`source` is how a file written from synthetic data says how to make it again."""
+    source = generate_synthetic(n_groups=2, n_questions=10, seed=3, drop_rate=0.2).source
+    assert source == (
+        "synthetic(n_groups=2, n_questions=10, seed=3, temperature=1.0, drop_rate=0.2, "
+        "noise=0.15, question_bias=0.5)"
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
