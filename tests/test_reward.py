@@ -1450,6 +1450,7 @@ def test_context_distribution_summing_beyond_float64_is_not_zeroed(rm: RewardMod
         (lambda m: m.score({"x": 1}, "Q?", ["a"]), "group context: a list of SurveyItems"),
         (lambda m: m.add_groups_from_data(m._data, "G0"), "names: .*not the string"),
         (lambda m: RewardModel(m.model, m.encoder, embed_memory=-1), "embed_memory"),
+        (lambda m: RewardModel(m.model, m.encoder, embed_memory=True), "embed_memory"),
     ],
 )
 def test_python_api_rejects_malformed_inputs_by_name(
