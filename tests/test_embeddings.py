@@ -400,6 +400,25 @@ def _broken_files(src: Path, damage: str) -> dict[str, bytes]:
     raise AssertionError(damage)
 
 
+def test_an_encoder_saved_without_its_unused_pooler_loads(
+    minilm_copy: Path, tmp_path: Path
+) -> None:
+    """Many saved encoders lack the pooler, which is unused (the last hidden state is
+    mean-pooled here): a folder without it loads, with the full model's vectors, while weights
+    missing any other tensor are refused."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(minilm_copy / "model.safetensors"))
+    kept = {k: v for k, v in tensors.items() if not k.startswith("pooler.")}
+    assert len(kept) < len(tensors)
+    weights = safetensors.torch.save(kept, metadata={"format": "pt"})
+    folder = _variant(minilm_copy, tmp_path / "no-pooler", **{"model.safetensors": weights})
+    texts = ["Answer: Yes\nQuestion: Is it?"]
+    got = make_encoder(str(folder), show_progress=False).encode(texts)
+    full = make_encoder(str(minilm_copy), show_progress=False).encode(texts)
+    np.testing.assert_allclose(got, full, atol=1e-6)
+
+
 # what the refusal of each broken folder says
 _BROKEN_SAYS = {
     "cut-weights": r"weights \(\*\.safetensors\) are damaged or cut short",
@@ -786,6 +805,19 @@ def test_embed_items_one_deduplicated_call() -> None:
     empty = SurveyItem("Q?", (), np.zeros(0))
     assert [a.shape for a in embed_items([empty], inner)] == [(0, 8)]
     assert len(inner.calls) == 1
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_embed_items_refuses_an_encoder_that_returns_another_number_of_rows(extra: int) -> None:
+    """A custom encoder that drops or adds a row would shift every later option onto another
+    option's vector: refused naming the shapes, never indexed past or silently misaligned."""
+
+    class MiscountingEncoder(FakeEncoder):
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            return np.ones((len(texts) + extra, self.dim), dtype=np.float32)
+
+    with pytest.raises(ValueError, match=rf"encoder returned shape \({5 + extra}, 8\) for 5 texts"):
+        embed_items(_items(), MiscountingEncoder())
 
 
 def test_embed_items_matches_per_text_encodes(encoder: HFTextEncoder) -> None:
