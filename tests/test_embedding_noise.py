@@ -187,3 +187,13 @@ def test_a_node_runs_the_optimizer_the_task_names() -> None:
     assert hp.optimizer == "sgd"
     with pytest.raises(InputError, match="local_optimizer must be one of adam, sgd"):
         CoordinatorConfig(local_optimizer="lbfgs")
+
+
+def test_a_coordinators_train_task_asks_nodes_to_keep_their_local_optimizer_state() -> None:
+    """The paper's nodes keep Adam's moments from one round to the next (PROTOCOL.md's
+    reference settings): a coordinator's TRAIN task says so, whatever local optimizer it asks
+    for, or every round would restart Adam from zero and the runs would not compare."""
+    for optimizer in ("adam", "sgd"):
+        settings = CoordinatorConfig(local_optimizer=optimizer).round_settings()
+        spec = TaskSpec(TaskKind.TRAIN, "t1", 3, "v3", settings=settings)
+        assert task_to_proto(spec).hyperparameters.keep_local_optimizer_state is True
