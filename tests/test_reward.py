@@ -161,6 +161,23 @@ def test_from_checkpoint_refuses_another_encoder(world: dict) -> None:
         RewardModel.from_checkpoint(world["ckpt"], encoder=OtherEncoder())
 
 
+def test_an_encoder_of_another_width_is_refused_when_the_model_is_made(rm: RewardModel) -> None:
+    """A custom encoder whose vectors are not as wide as the model reads is refused at once,
+    naming both widths, not by a shape error deep in the first scoring call."""
+
+    class NarrowEncoder:
+        identity = "fake:narrow"
+        dim = 16
+
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            return np.zeros((len(texts), 16), dtype=np.float32)
+
+    with pytest.raises(
+        InputError, match="the model reads 384-dim embeddings, the encoder makes 16-dim"
+    ):
+        RewardModel(rm.model, NarrowEncoder())
+
+
 def test_score_is_a_distribution_and_batching_changes_nothing(rm: RewardModel, world: dict) -> None:
     g = world["groups"][0]
     targets = _targets(world, g)
@@ -1019,6 +1036,18 @@ def test_a_second_reward_service_on_the_same_port_is_refused(
     allow = AllowList({"trainer-1": "RL trainer"})
     with pytest.raises(InputError, match=f"cannot listen on 127.0.0.1:{server[0]}: the port is"):
         start_reward_server(rm, f"127.0.0.1:{server[0]}", pki["server"], allow)
+
+
+def test_one_client_may_hold_half_the_workers_the_health_checks_cannot() -> None:
+    """The default per-client limit: half the workers the exempt health Checks cannot hold,
+    at least one, so one client at its limit and a flood of Checks still leave as many workers
+    to the other clients (12 workers: 4 for one client, 4 for Checks, 4 for the rest)."""
+    assert (
+        default_calls_per_client(DEFAULT_MAX_WORKERS)
+        == 4
+        == (DEFAULT_MAX_WORKERS - MAX_EXEMPT_CALLS) // 2
+    )
+    assert [default_calls_per_client(n) for n in (9, 10, 6, 1)] == [2, 3, 1, 1]
 
 
 def test_one_client_cannot_hold_every_worker(rm: RewardModel, pki: dict, world: dict) -> None:
