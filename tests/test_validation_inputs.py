@@ -115,7 +115,8 @@ def test_a_reward_context_distribution_needs_one_value_per_option(values: list[f
     with pytest.raises(BadRequest) as err:
         parse_context(msg, Limits())
     assert err.value.field == "group_context.items[1].distribution"
-    assert str(err.value).endswith(f"{len(values)} values for 2 options, need one each")
+    given = "1 value" if len(values) == 1 else f"{len(values)} values"
+    assert str(err.value).endswith(f"{given} for 2 options, need one each")
 
 
 def test_normalise_distribution() -> None:
