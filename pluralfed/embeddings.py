@@ -196,7 +196,9 @@ def _dim_from_config(model_dir: Path) -> int | None:
         )
     for key in ("hidden_size", "d_model", "dim"):
         value = cfg.get(key)
-        if isinstance(value, int) and value > 0:
+        if (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ):  # JSON true is no width
             return value
     return None
 

@@ -269,11 +269,7 @@ class RewardServicer(pb_grpc.RewardServicer):
             which = request.WhichOneof("group")
             inline: list[SurveyItem] | None = None
             if which == "group_name":
-                name = request.group_name
-                if len(name) > limits.max_text_chars:
-                    raise BadRequest("group_name", f"longer than {limits.max_text_chars} chars")
-                if is_blank(name):
-                    raise BadRequest("group_name", "empty")
+                _check_text(request.group_name, "group_name", limits.max_text_chars)
             elif which == "group_context":
                 inline = parse_context(request.group_context, limits)
             else:

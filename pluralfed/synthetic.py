@@ -410,7 +410,8 @@ def synthetic_world(
 ) -> SyntheticWorld:
     """Generate synthetic survey data and keep the latent truth (see the module docstring).
 
-    temperature: how strongly group stances show in the answers (0: groups differ only by noise);
+    temperature: how strongly group stances show in the answers (0: stances do not show; groups
+    differ only by response style and noise);
     drop_rate: chance that a group did not answer a question; noise: per-answer logit noise;
     question_bias: spread of the group-independent per-option logit offsets."""
     if not 1 <= n_groups <= 10_000:

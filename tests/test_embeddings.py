@@ -349,7 +349,7 @@ def test_a_folder_without_weights_has_no_identity(tmp_path: Path) -> None:
         encoder.identity  # noqa: B018
 
 
-@pytest.mark.parametrize("width", [0, -384])
+@pytest.mark.parametrize("width", [0, -384, True])  # JSON true is a Python int too
 def test_a_width_that_is_no_positive_number_is_not_read_from_config_json(
     tmp_path: Path, width: int
 ) -> None:

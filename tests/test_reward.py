@@ -624,7 +624,11 @@ INVALID = [
         _request(x=_set_questions(*[(f"Q{i}?", ["Yes"]) for i in range(65)])),
         "questions: 65 questions, at most 64",
     ),
-    ("oversize group name", _request(group_name=LONG), "group_name: longer than 4096"),
+    (
+        "oversize group name",
+        _request(group_name=LONG),
+        f"group_name: {len(LONG)} characters, at most 4096 allowed",
+    ),
     (
         "empty context",
         _request(x=lambda r: r.group_context.SetInParent()),
