@@ -203,3 +203,41 @@ def test_the_uniform_context_keeps_the_questions_and_makes_every_answer_equally_
         assert after.item.question == before.item.question
         assert after.item.options == before.item.options
         assert after.embeddings is before.embeddings
+
+
+def test_a_prediction_with_another_number_of_options_is_refused() -> None:
+    """A one-option prediction broadcasts against any true distribution in numpy: without the
+    shape check it would be scored, not refused, and a question would count with a made-up
+    figure."""
+    with pytest.raises(ValueError, match=r"shapes differ: \(1,\) vs \(3,\)"):
+        alignment_score(np.array([1.0]), np.array([0.2, 0.3, 0.5]))
+
+
+def test_a_prediction_equal_to_the_truth_scores_exactly_one_not_nan() -> None:
+    """The same distribution given at another scale leaves a Jensen-Shannon divergence a hair
+    below zero after rounding (-5.6e-18 here); its square root would be NaN, which poisons every
+    mean it enters."""
+    p = np.array([0.1, 0.2, 0.7])
+    assert alignment_score(p, 3 * p) == 1.0
+
+
+def test_the_fairness_of_groups_that_all_score_zero_is_zero() -> None:
+    """A mean of 0 has no coefficient of variation: the index is 0 (the worst), not the NaN a
+    0/0 would give."""
+    assert summarize({"a": 0.0, "b": 0.0}).fairness == 0.0
+
+
+def test_the_round_that_reaches_the_target_fraction_exactly_counts() -> None:
+    """`fraction` of the best is reached by a round equal to it: with fraction 1 the first round
+    at the best is the answer (never None), and 0.5 of 0.8 is reached at 0.4."""
+    assert rounds_to_fraction([(1, 0.7), (2, 0.8), (3, 0.8)], 1.0) == 2
+    assert rounds_to_fraction([(1, 0.4), (2, 0.8)], 0.5) == 1
+
+
+def test_a_group_scored_at_exactly_the_bounds_is_accepted() -> None:
+    """Alignment lies in [0, 1] both ends included: a group whose model predicts every answer
+    exactly reports 1.0, a report that must be taken; no questions at all is refused."""
+    perfect = {"model": 1.0, "uniform_context": 0.0, "uniform_baseline": 0.5, "prior_baseline": 1}
+    assert GroupEvaluation.from_metrics("a", 3, perfect).model == 1.0
+    with pytest.raises(ValueError, match="covers no questions"):
+        GroupEvaluation.from_metrics("a", 0, perfect)
