@@ -438,3 +438,72 @@ def test_a_clipped_reason_says_it_was_cut_and_how_long_it_was() -> None:
     assert clipped("x" * 10, 10) == "x" * 10
     assert clipped("y" * 25, 10) == "y" * 10 + "... (25 characters)"
     assert clipped("a\nb", 10) == "a\\nb"
+
+
+def test_an_update_claiming_more_examples_than_its_node_joined_with_is_refused_and_final(
+    driven: tuple[RoundEngine, threading.Thread],
+) -> None:
+    """The averaging weight a node asks for must be the one it joined with: B joined with 10 and
+    claims 11. Its refusal is B's answer (the round closes without waiting for its deadline),
+    and only the update that counted is in the round's bytes_in."""
+    engine, _ = driven
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    task = engine.next_task(a.session_id, None, scaled(5))
+    assert engine.next_task(b.session_id, None, scaled(5)).task_id == task.task_id
+    no_metrics: dict[str, float] = {}
+    args = (task.task_id, task.round, 11, no_metrics, replay_of(5.0), 1000, task.model_version)
+    refused = refusal(engine.accept_update, b.session_id, None, *args)
+    message = "update from B claims 11 examples; it joined with 10"
+    assert (refused.code, refused.reason, refused.message) == (
+        "INVALID_ARGUMENT",
+        "MALFORMED",
+        message,
+    )
+    engine.accept_update(
+        a.session_id, None, task.task_id, task.round, 10, {}, replay_of(1.0), 80, task.model_version
+    )
+    wait_until(lambda: engine.completed_rounds() == 1, scaled(10), "round 1 to close")
+    record = engine.state.history.first
+    assert record is not None
+    assert record["participants"] == ["A"] and record["bytes_in"] == 80
+    assert record["outcomes"] == {"A": "accepted", "B": f"rejected: {message}"}
+
+
+def test_a_node_back_in_another_role_gives_up_its_part_in_the_open_round(tmp_path: Path) -> None:
+    """A training node that restarts as evaluate-only cannot answer the training task its old
+    session was handed: the round stops waiting for it ("left") and its new session is not
+    handed that task. (Restarted in the same role, it keeps its place: see
+    test_update_validation.)"""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    engine._open(TaskKind.TRAIN, [a, b], 60.0)  # what the driver does (no driver here)
+    again = engine.join("A", Role.EVALUATE_ONLY, 0, ENC, "t")
+    assert engine.next_task(again.session_id, None, 0.1).kind == TaskKind.WAIT
+    assert engine._task is not None and engine._task.answered == {"A": "left"}
+    assert engine.next_task(b.session_id, None, 0.1).kind == TaskKind.TRAIN
+
+
+def test_a_node_that_leaves_ends_its_own_waiting_poll_at_once(tmp_path: Path) -> None:
+    """A node that leaves while its long poll waits (a node stopping: the poll's thread and the
+    Leave's are the node's two calls) has that poll ended at once, UNAUTHENTICATED: it must not
+    hold an RPC thread until its wait runs out."""
+    settings = RoundSettings(rounds=1, eval_every=0, heartbeat_interval_s=30.0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    ended: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            engine.next_task(a.session_id, None, 60.0)  # no round open: it waits
+        except Rejection as err:
+            ended.append(err)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    wait_until(lambda: a.polls == 1, 10, "the poll to start")
+    engine.leave(a.session_id, None, "stopping")
+    poller.join(5.0)
+    assert not poller.is_alive(), "the poll of the node that left still waits"
+    assert [getattr(e, "code", None) for e in ended] == ["UNAUTHENTICATED"]
