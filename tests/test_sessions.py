@@ -181,3 +181,20 @@ def test_the_poll_of_a_replaced_or_expired_session_is_woken_alone(clock: Clock) 
         with pytest.raises(Rejection):
             t.lookup(b.session_id, "B")
         assert (a.wakeup.notified, b.wakeup.notified) == (1, 1)
+
+
+def test_every_node_of_a_federation_restarted_at_once_is_told_it_was_replaced(
+    clock: Clock,
+) -> None:
+    """After a network blip all nodes join again together: each old session's next call must
+    say it was replaced by a Join with its certificate (which a node acts on), not "unknown or
+    expired". The table remembers thousands of replaced sessions, not just the latest few."""
+    t, lock, _ = table()
+    with lock:
+        old = [join(t, clock, f"G{i}") for i in range(200)]
+        for s in old:
+            join(t, clock, s.group)
+        for s in old:
+            with pytest.raises(Rejection, match="with this node's certificate") as err:
+                t.lookup(s.session_id, s.group)
+            assert err.value.code == "UNAUTHENTICATED"
