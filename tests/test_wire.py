@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -759,3 +760,19 @@ def test_load_tensors_refuses_garbage(tmp_path: Path) -> None:
     path.write_bytes(b"not a safetensors file at all")
     with pytest.raises(InputError, match="safetensors"):
         tensorfiles.load_tensors(path)
+
+
+def test_state_dict_from_numpy_owns_its_memory() -> None:
+    """The tensors made for `load_state_dict` must not share the arrays' memory: arrays from the
+    wire are read-only views of received bytes (torch warns on such a view, and a later write
+    through the tensor would change the bytes, or fail), and a caller's own array may change."""
+    torch = pytest.importorskip("torch")
+    mine = np.arange(4, dtype=np.float32)
+    received = np.frombuffer(np.arange(3, dtype=np.int64).tobytes(), dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "The given NumPy array is not writable"
+        back = tensorfiles.numpy_to_state_dict({"w": mine, "n": received})
+    mine[0] = 99.0
+    assert torch.equal(back["w"], torch.arange(4, dtype=torch.float32))
+    back["n"][0] = 7  # the tensor is writable, the received bytes are untouched
+    assert received.tolist() == [0, 1, 2]
