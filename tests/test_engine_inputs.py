@@ -507,3 +507,26 @@ def test_a_node_that_leaves_ends_its_own_waiting_poll_at_once(tmp_path: Path) ->
     poller.join(5.0)
     assert not poller.is_alive(), "the poll of the node that left still waits"
     assert [getattr(e, "code", None) for e in ended] == ["UNAUTHENTICATED"]
+
+
+def test_an_update_after_the_rounds_deadline_is_refused_as_late(tmp_path: Path) -> None:
+    """An update that comes after its round's deadline, before the driver closed the round, is
+    DEADLINE_EXCEEDED (reason STALE), before its bytes are read and when handed over whole:
+    the round's sum must not change once it is due to close."""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    engine._open(TaskKind.TRAIN, [a], 0.05)  # what the driver does (no driver here)
+    t = engine.next_task(a.session_id, None, 1.0)
+    assert t.kind == TaskKind.TRAIN
+    threading.Event().wait(0.1)  # past its deadline; no driver closes it
+    for call in (
+        lambda: engine.check_update(a.session_id, None, t.task_id, t.round, t.model_version),
+        lambda: upload(engine, a, t, {}, 1.0),
+    ):
+        refused = refusal(call)
+        assert (refused.code, refused.reason, refused.message) == (
+            "DEADLINE_EXCEEDED",
+            "STALE",
+            f"round {t.round} closed before the update from A",
+        )
+    assert engine._task is not None and engine._task.answered == {}
