@@ -314,3 +314,13 @@ def test_a_shared_history_with_a_cut_line_beyond_its_records_is_copied_without_i
     lines = history.path.read_bytes().splitlines()
     assert [json.loads(line) for line in lines] == [record(1), record(2), record(3)]
     assert (tmp_path / "fork" / HISTORY_FILE).read_bytes() == shared
+
+
+def test_a_digest_named_in_upper_case_hex_is_the_same_digest(tmp_path: Path) -> None:
+    """state.json's digest is hex: one written in capitals (an operator's edit, another tool)
+    names the same bytes and must not be refused as a damaged file."""
+    history = written(tmp_path, [record(1), record(2)])
+    digest = history.digest()
+    assert digest != digest.upper()
+    loaded = RoundHistory.load(history.path, history.nbytes, digest.upper(), tmp_path / "s.json")
+    assert [r["round"] for r in loaded.records()] == [1, 2]
