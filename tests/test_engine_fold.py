@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -453,3 +454,33 @@ def test_a_node_rejoining_evaluate_only_while_a_round_opens_does_not_take_a_trai
         engine._give_up_on_silent(t)
     assert again.session_id not in t.selected and "A" in t.answered
     assert engine.next_task(again.session_id, None, 0.0).kind == TaskKind.WAIT
+
+
+def test_a_copy_the_transport_refuses_during_the_nodes_own_fold_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A's update is being folded when the transport refuses another copy of it (final, e.g. a
+    bad digest): the update being folded is A's answer, so the refusal is neither recorded
+    nor logged as A's outcome, and the update counts."""
+    fed = Engine(tmp_path)
+    release = threading.Event()
+    try:
+        ta, tb = fed.task(fed.a.session_id), fed.task(fed.b.session_id)
+        folding = fed.held_upload(fed.a.session_id, ta, 3.0, 10, release)
+        with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+            fed.engine.note_rejected_update(
+                fed.a.session_id, None, ta.task_id, "digest mismatch", final=True
+            )
+        with fed.engine._lock:
+            assert fed.engine._task is not None and "A" not in fed.engine._task.answered
+        assert [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()] == []
+        release.set()
+        folding.join(WAIT)
+        fed.upload(fed.b.session_id, tb, lambda: iter(slices(weights(1.0))), 30)
+        fed.wait_completed(1)
+        record = fed.engine.state.history.last
+        assert record is not None and record["participants"] == ["A", "B"]
+        assert record["outcomes"] == {"A": "accepted", "B": "accepted"}
+    finally:
+        release.set()
+        fed.close()
