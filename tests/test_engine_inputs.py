@@ -8,6 +8,7 @@ tests/test_engine_recovery.py does."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -530,3 +531,32 @@ def test_an_update_after_the_rounds_deadline_is_refused_as_late(tmp_path: Path) 
             f"round {t.round} closed before the update from A",
         )
     assert engine._task is not None and engine._task.answered == {}
+
+
+def test_a_node_whose_failed_task_was_given_up_is_not_handed_it_again(tmp_path: Path) -> None:
+    """A node that reports its open task FAILED has answered it: its next poll waits for the
+    next task instead of being handed the same one to fail again (and again)."""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    b = engine.join("B", Role.TRAIN, 10, ENC, "t")
+    engine._open(TaskKind.TRAIN, [a, b], 60.0)  # what the driver does (no driver here)
+    t = engine.next_task(a.session_id, None, 1.0)
+    assert engine.heartbeat(a.session_id, None, t.task_id, failed=True, message="oom") == (0, True)
+    assert engine.next_task(a.session_id, None, 0.1).kind == TaskKind.WAIT
+    assert engine.next_task(b.session_id, None, 0.1).task_id == t.task_id  # the control
+
+
+def test_a_late_refusal_note_does_not_replace_a_counted_report(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A report counted is the node's answer: a refusal noted for it afterwards (a second copy
+    the transport found malformed) neither replaces that answer nor is logged as refusing it."""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    engine._open(TaskKind.EVALUATE, [a], 60.0)  # what the driver does (no driver here)
+    t = engine.next_task(a.session_id, None, 1.0)
+    report(engine, a, t, "A")
+    with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+        engine.note_rejected_evaluation(a.session_id, None, t.task_id, t.round, "model is 1.5")
+    assert engine._task is not None and engine._task.answered == {"A": "evaluated"}
+    assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == []
