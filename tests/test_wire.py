@@ -776,3 +776,17 @@ def test_state_dict_from_numpy_owns_its_memory() -> None:
     assert torch.equal(back["w"], torch.arange(4, dtype=torch.float32))
     back["n"][0] = 7  # the tensor is writable, the received bytes are untouched
     assert received.tolist() == [0, 1, 2]
+
+
+def test_a_saved_model_file_names_the_wire_format_its_tensors_are_in(tmp_path: Path) -> None:
+    """A model file says which wire format its dtypes and order are (bfloat16 as uint16 bit
+    patterns): another tool reading the safetensors file sees it, though `load_metadata` leaves
+    pluralfed's own keys out."""
+    from safetensors import safe_open
+
+    path = tmp_path / "model.safetensors"
+    tensorfiles.save_tensors(path, sample_model(), metadata={"round": "3"})
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata()
+    assert meta["pluralfed.format"] == wire.WIRE_FORMAT and meta["round"] == "3"
+    assert tensorfiles.load_metadata(path) == {"round": "3"}
