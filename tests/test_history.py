@@ -324,3 +324,10 @@ def test_a_digest_named_in_upper_case_hex_is_the_same_digest(tmp_path: Path) -> 
     assert digest != digest.upper()
     loaded = RoundHistory.load(history.path, history.nbytes, digest.upper(), tmp_path / "s.json")
     assert [r["round"] for r in loaded.records()] == [1, 2]
+
+
+def test_a_round_record_without_participants_is_refused_naming_it(tmp_path: Path) -> None:
+    """Every round record names the groups averaged in (a resumed run reads them): one without
+    the field is refused with where it is, not a KeyError from deep in the load."""
+    with pytest.raises(InputError, match=r"^h\[1\]: field 'participants' must be a list of group"):
+        RoundHistory.from_records(tmp_path / HISTORY_FILE, [record(1), {"round": 2}], "h")
