@@ -790,3 +790,11 @@ def test_a_saved_model_file_names_the_wire_format_its_tensors_are_in(tmp_path: P
         meta = f.metadata()
     assert meta["pluralfed.format"] == wire.WIRE_FORMAT and meta["round"] == "3"
     assert tensorfiles.load_metadata(path) == {"round": "3"}
+
+
+def test_a_state_dict_entry_that_is_not_a_tensor_is_refused_by_name() -> None:
+    """An optimizer's or a module's state may hold plain numbers: such an entry is a WireError
+    naming it, not an AttributeError from inside the conversion."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(WireError, match=r"^tensor 'step': a int, not a torch tensor$"):
+        tensorfiles.state_dict_to_numpy({"w": torch.zeros(2), "step": 3})
