@@ -196,9 +196,8 @@ def _dim_from_config(model_dir: Path) -> int | None:
         )
     for key in ("hidden_size", "d_model", "dim"):
         value = cfg.get(key)
-        if (
-            isinstance(value, int) and not isinstance(value, bool) and value > 0
-        ):  # JSON true is no width
+        # JSON true is a Python int too, and no width
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
 
