@@ -623,6 +623,28 @@ def test_cache_rebuilds_a_file_with_corrupt_pages(tmp_path: Path) -> None:
     assert again.calls == []
 
 
+def test_cache_that_refuses_a_write_for_another_reason_than_damage_is_an_error_not_rebuilt(
+    tmp_path: Path,
+) -> None:
+    """Only a damaged file (SQLITE_CORRUPT, SQLITE_NOTADB) is deleted and built again. Any other
+    failure of a lookup or write (locked, read-only, disk full; here a trigger refusing inserts,
+    which a real file can hold) is the caller's to fix: an InputError naming the file, and the
+    file and the vectors it holds are kept."""
+    path = CachedEncoder(FakeEncoder(), tmp_path).path
+    CachedEncoder(FakeEncoder(), tmp_path).encode(["a"])
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "CREATE TRIGGER no_inserts BEFORE INSERT ON vectors "
+            "BEGIN SELECT RAISE(ABORT, 'no new rows here'); END"
+        )
+    con.close()
+    with pytest.raises(InputError, match=rf"cannot use the embedding cache {re.escape(str(path))}"):
+        CachedEncoder(FakeEncoder(), tmp_path).encode(["a", "b"])
+    again = FakeEncoder()
+    assert CachedEncoder(again, tmp_path).encode(["a"]).shape == (1, again.dim)
+    assert again.calls == []  # the file, with its vector of "a", is still there
+
+
 def test_cache_refuses_non_finite_vectors(tmp_path: Path) -> None:
     class NaNEncoder(FakeEncoder):
         def encode(self, texts: Sequence[str]) -> np.ndarray:
