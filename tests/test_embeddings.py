@@ -676,32 +676,26 @@ def test_cache_refuses_vectors_wider_than_the_encoder_says(tmp_path: Path) -> No
     assert inner.calls == [["a", "b"]]
 
 
-@pytest.mark.parametrize("width", [7, 9])
-def test_cache_drops_rows_of_another_width_with_a_valid_crc(tmp_path: Path, width: int) -> None:
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param(list(range(7)), id="width 7"),
+        pytest.param(list(range(9)), id="width 9"),
+        pytest.param([np.nan, *range(7)], id="nan"),
+        pytest.param([np.inf, *range(7)], id="inf"),
+        pytest.param([-np.inf, *range(7)], id="-inf"),
+    ],
+)
+def test_cache_drops_rows_with_a_valid_crc_that_no_encoder_gives(
+    tmp_path: Path, values: list[float]
+) -> None:
     """The CRC only says the bytes are as written: a row of another width (a copied or
-    hand-edited file) is corrupt too, recomputed, never handed to a model expecting 8 dims."""
+    hand-edited file) or with a non-finite value is corrupt too, recomputed and replaced, never
+    handed to a model expecting 8 finite dims."""
     cached = CachedEncoder(FakeEncoder(), tmp_path)
     cached.encode(["a", "b"])
     key = hashlib.sha256(b"a").digest()
-    blob = np.arange(width, dtype="<f4").tobytes()
-    with sqlite3.connect(cached.path) as con:
-        con.execute(
-            "UPDATE vectors SET vec = ?, crc = ? WHERE key = ?", (blob, zlib.crc32(blob), key)
-        )
-    inner = FakeEncoder()
-    with pytest.warns(CacheWarning, match="1 corrupt entries"):
-        got = CachedEncoder(inner, tmp_path).encode(["a", "b"])
-    assert inner.calls == [["a"]]
-    np.testing.assert_array_equal(got, np.stack([inner.vector("a"), inner.vector("b")]))
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_cache_drops_non_finite_rows_with_a_valid_crc(tmp_path: Path, bad: float) -> None:
-    """The CRC only says the bytes are as written; a non-finite cached vector is corrupt too."""
-    cached = CachedEncoder(FakeEncoder(), tmp_path)
-    cached.encode(["a", "b"])
-    key = hashlib.sha256(b"a").digest()
-    blob = np.array([bad, *range(7)], dtype="<f4").tobytes()
+    blob = np.array(values, dtype="<f4").tobytes()
     with sqlite3.connect(cached.path) as con:
         con.execute(
             "UPDATE vectors SET vec = ?, crc = ? WHERE key = ?", (blob, zlib.crc32(blob), key)
