@@ -307,23 +307,32 @@ def test_a_failed_heartbeat_gives_up_only_the_task_it_names(tmp_path: Path) -> N
     assert refusal(upload, engine, b, t, {}, 1.0).reason == "ALREADY_REJECTED"
 
 
+def waiting_poll(
+    engine: RoundEngine, node: NodeSession
+) -> tuple[threading.Thread, list[BaseException]]:
+    """`node`'s long poll on a thread, started and waiting (no round open), and the list where
+    the Rejection that ends it will be."""
+    ended: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            engine.next_task(node.session_id, None, 60.0)  # no round open: it waits
+        except Rejection as err:
+            ended.append(err)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    wait_until(lambda: node.polls == 1, 10, "the poll to start")
+    return poller, ended
+
+
 def test_a_session_found_expired_ends_its_own_waiting_poll_at_once(tmp_path: Path) -> None:
     """A node cut off mid-poll whose session is found expired (here by its next call) has that
     old poll ended at once, UNAUTHENTICATED, not at the end of its wait: it holds an RPC thread."""
     settings = RoundSettings(rounds=1, eval_every=0, heartbeat_interval_s=30.0)
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     a = engine.join("A", Role.TRAIN, 10, ENC, "t")
-    ended: list[BaseException] = []
-
-    def poll() -> None:
-        try:
-            engine.next_task(a.session_id, None, 60.0)  # no round open: it waits
-        except Rejection as err:
-            ended.append(err)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    wait_until(lambda: a.polls == 1, 10, "the poll to start")
+    poller, ended = waiting_poll(engine, a)
     with engine._lock:  # silent past session_timeout_s (the poll is no sign of life)
         a.last_seen -= settings.session_timeout_s + 1
     refused = refusal(engine.heartbeat, a.session_id, None)
@@ -493,17 +502,7 @@ def test_a_node_that_leaves_ends_its_own_waiting_poll_at_once(tmp_path: Path) ->
     settings = RoundSettings(rounds=1, eval_every=0, heartbeat_interval_s=30.0)
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
     a = engine.join("A", Role.TRAIN, 10, ENC, "t")
-    ended: list[BaseException] = []
-
-    def poll() -> None:
-        try:
-            engine.next_task(a.session_id, None, 60.0)  # no round open: it waits
-        except Rejection as err:
-            ended.append(err)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    wait_until(lambda: a.polls == 1, 10, "the poll to start")
+    poller, ended = waiting_poll(engine, a)
     engine.leave(a.session_id, None, "stopping")
     poller.join(5.0)
     assert not poller.is_alive(), "the poll of the node that left still waits"
