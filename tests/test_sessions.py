@@ -159,6 +159,22 @@ def test_replacements_further_apart_than_the_window_are_not_warned_about(
     assert _warnings(caplog) == []
 
 
+def test_a_replacement_exactly_the_window_ago_no_longer_counts(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The window is REPLACEMENT_WINDOW_S back from a replacement, its far end left out (as the
+    node counts its own replacements): 3 replacements half a window apart are 2 in a window."""
+    window = sessions_module.REPLACEMENT_WINDOW_S
+    t, lock, _ = table()
+    with lock:
+        _replace(t, clock, silent=1, times=3, apart=window / 2)
+    assert _warnings(caplog) == []
+    t, lock, _ = table()
+    with lock:
+        _replace(t, clock, silent=1, times=3, apart=window / 2 - 1)
+    assert len(_warnings(caplog)) == 1
+
+
 def test_a_session_keeps_only_the_answers_that_can_still_be_looked_up(clock: Clock) -> None:
     t, lock, _ = table()
     with lock:
