@@ -1179,6 +1179,30 @@ def test_a_round_every_node_fails_at_once_is_tried_again_after_a_growing_pause(
     assert engine.done and engine.completed_rounds() == 1
 
 
+def test_an_open_evaluation_is_named_as_an_evaluate_round(tmp_path: Path) -> None:
+    """What a signal says is abandoned: "evaluate round 1", as the task is known elsewhere (the
+    node's config, the logs), for an evaluation as for a training round."""
+    settings = RoundSettings(rounds=1, eval_every=1, round_timeout_s=30, eval_timeout_s=30)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    kinds: list[TaskKind] = []
+    try:
+        while TaskKind.EVALUATE not in kinds:
+            t = engine.next_task(s.session_id, None, 0.5)
+            if t.kind == TaskKind.TRAIN and t.kind not in kinds:
+                kinds.append(t.kind)
+                assert engine.open_task() == "train round 1"
+                upload(engine, s, t, replay_of(1.0))
+            elif t.kind == TaskKind.EVALUATE:
+                kinds.append(t.kind)
+                assert engine.open_task() == "evaluate round 1"
+    finally:
+        engine.stop()
+        driver.join(10)
+    assert kinds == [TaskKind.TRAIN, TaskKind.EVALUATE]
+
+
 def test_the_retry_pause_starts_over_after_a_try_that_ran_to_its_deadline(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
