@@ -199,6 +199,20 @@ def test_the_poll_of_a_replaced_or_expired_session_is_woken_alone(clock: Clock) 
         assert (a.wakeup.notified, b.wakeup.notified) == (1, 1)
 
 
+def test_a_join_that_replaces_no_session_wakes_no_poll(clock: Clock) -> None:
+    """The first Join of a group replaces nothing: no node's poll is woken by it (with 200
+    nodes joining, each woke every waiting poll)."""
+    t, lock, _ = table()
+    with lock:
+        a = join(t, clock, "A")
+        a.wakeup = Changed(lock)
+        join(t, clock, "B")
+        t.wake_polls([])
+        assert a.wakeup.notified == 0
+        t.wake_polls()
+        assert a.wakeup.notified == 1  # no sessions named: every session's
+
+
 def test_every_node_of_a_federation_restarted_at_once_is_told_it_was_replaced(
     clock: Clock,
 ) -> None:
