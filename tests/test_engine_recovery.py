@@ -774,6 +774,29 @@ def test_a_final_evaluation_owed_at_restart_is_asked_for_once(tmp_path: Path) ->
     assert resumed.done and len(asked) == 1
 
 
+def test_a_final_evaluation_nobody_answers_ends_the_run_without_waiting_for_a_quorum_again(
+    tmp_path: Path,
+) -> None:
+    """The only node trains the last round and leaves: the final evaluation, tried and
+    unanswered, is tried once more with whoever is left (nobody), and the run is done; it does
+    not wait for a quorum again, which with no quorum_timeout_s is for ever."""
+    settings = RoundSettings(rounds=1, eval_every=0, round_timeout_s=30, eval_timeout_s=0.5)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(engine)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    try:
+        t = engine.next_task(s.session_id, None, 10)
+        assert t.kind == TaskKind.TRAIN
+        upload(engine, s, t, replay_of(1.0))
+        engine.leave(s.session_id, None, "done")
+        driver.join(20)
+        assert not driver.is_alive() and engine.done
+        assert engine.completed_rounds() == 1 and evaluated(engine) == []
+    finally:
+        engine.stop()
+        driver.join(10)
+
+
 @pytest.mark.parametrize("eval_every", [1, 0])
 def test_the_last_rounds_evaluation_does_not_wait_for_groups_that_are_away(
     tmp_path: Path, eval_every: int
