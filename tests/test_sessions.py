@@ -108,6 +108,21 @@ def test_a_join_replaces_every_session_of_its_group_whatever_its_role(clock: Clo
             t.lookup(a.session_id, "A")
 
 
+def test_a_replaced_sessions_call_is_told_how_long_ago_and_from_where(clock: Clock) -> None:
+    t, lock, _ = table()
+    with lock:
+        a = join(t, clock, "A")
+        clock.now += 10
+        b = join(t, clock, "A")  # from peer-A, at 1010
+        clock.now += 30
+        with pytest.raises(Rejection, match=r"certificate 30 s ago \(from peer-A\): if") as err:
+            t.lookup(a.session_id, "A")
+        assert err.value.code == "UNAUTHENTICATED"
+        t.remove(b.session_id)
+        with pytest.raises(Rejection, match=r"certificate 30 s ago \(from peer-A\) that has"):
+            t.lookup(a.session_id, "A")
+
+
 def test_only_the_latest_replaced_sessions_are_remembered(
     clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
