@@ -337,6 +337,24 @@ def test_evaluating_again_waits_for_a_held_out_group_the_run_ended_without(
     assert "held-out groups" in final["reports"]
 
 
+def test_evaluating_again_waits_for_a_held_out_group_new_to_the_run(tmp_path: Path) -> None:
+    """A run without held-out groups, finished; started again with evaluate_only naming H (a
+    group its evaluations never had, nor missed): the evaluation waits for H too, as for every
+    evaluate-only group, and does not run with the training node alone."""
+    first = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first)
+    driver.join(20)
+    ended = first.final_evaluation()
+    assert first.done and ended is not None and ended["groups"] == ["A"] and not ended["missing"]
+    settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=10, evaluate_only=("H",))
+    with started_again(tmp_path, settings) as again:  # A is back, H is not yet
+        assert not again.evaluated_again
+        evaluate_only(again, "H", 0.45)
+    final = again.final_evaluation()
+    assert again.evaluated_again and final is not None and final["groups"] == ["A", "H"]
+
+
 def test_evaluating_again_waits_for_a_group_the_final_evaluation_missed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
