@@ -684,6 +684,31 @@ def test_a_session_silent_just_past_session_timeout_is_not_live_nor_selected(
     assert record["selected"] == ["B"] and record["participants"] == ["B"], record
 
 
+def test_a_round_gives_up_on_a_silent_node_only_once_its_session_is_no_longer_live(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round's wait for a silent node ends when its session would expire: not at exactly
+    session_timeout_s of silence, when the session is still live (and counted for a quorum),
+    but after it. The engine's clock is frozen and moved by hand."""
+    now = [time.monotonic()]
+    clock = SimpleNamespace(monotonic=lambda: now[0], time=time.time)
+    for module in (rounds, node_calls, sessions):
+        monkeypatch.setattr(module, "time", clock)
+    settings = RoundSettings(rounds=1, min_nodes=2, eval_every=0, session_timeout_s=30)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    for group in ("A", "B"):
+        engine.join(group, Role.TRAIN, 10, ENC, "t")
+    t = engine._open(TaskKind.TRAIN, engine.live_sessions(Role.TRAIN), 600.0)
+    now[0] += 30.0
+    with engine._lock:
+        engine._give_up_on_silent(t)
+    assert len(engine.live_sessions(Role.TRAIN)) == 2 and t.answered == {}
+    now[0] += 1.0
+    with engine._lock:
+        engine._give_up_on_silent(t)
+    assert engine.live_sessions() == [] and t.answered == {"A": "silent", "B": "silent"}
+
+
 def test_resuming_with_another_model_names_what_changed(tmp_path: Path) -> None:
     """Before: a ValueError (a traceback from the CLI) saying only that the model differs."""
     RoundEngine(RoundSettings(rounds=1), WEIGHTS, tmp_path, ENC, {"d_model": 64, "members": 3})
