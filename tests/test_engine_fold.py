@@ -439,6 +439,31 @@ def test_node_that_rejoins_while_a_round_opens_keeps_its_place(tmp_path: Path) -
     assert engine.next_task(again.session_id, None, 0.0).task_id == t.task_id
 
 
+def test_a_node_taking_its_place_in_an_open_round_has_its_waiting_poll_woken(
+    tmp_path: Path,
+) -> None:
+    """As above, with the new session's poll already waiting (heartbeats a minute apart, so
+    the poll would otherwise sleep its whole 30 s): the take-over wakes it with the task."""
+    settings = RoundSettings(
+        rounds=1, min_nodes=1, eval_every=0, heartbeat_interval_s=60.0, session_timeout_s=120.0
+    )
+    engine = RoundEngine(settings, weights(0.0), tmp_path / "state", ENCODER, {})
+    engine.join("A", Role.TRAIN, 10, ENCODER, "test")
+    chosen = engine.live_sessions(Role.TRAIN)
+    again = engine.join("A", Role.TRAIN, 10, ENCODER, "test")  # the race's window
+    t = engine._open(TaskKind.TRAIN, chosen, 60.0)
+    handed: list[TaskSpec] = []
+    poll = threading.Thread(
+        target=lambda: handed.append(engine.next_task(again.session_id, None, 30.0)), daemon=True
+    )
+    poll.start()
+    poll.join(0.3)  # waiting now (were it not yet, it would find the task all the same)
+    with engine._changed:
+        engine._give_up_on_silent(t)
+    poll.join(10.0)
+    assert not poll.is_alive() and [h.task_id for h in handed] == [t.task_id]
+
+
 def test_a_node_rejoining_evaluate_only_while_a_round_opens_does_not_take_a_training_place(
     tmp_path: Path,
 ) -> None:
