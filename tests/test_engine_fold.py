@@ -464,6 +464,25 @@ def test_a_node_taking_its_place_in_an_open_round_has_its_waiting_poll_woken(
     assert not poll.is_alive() and [h.task_id for h in handed] == [t.task_id]
 
 
+def test_a_node_that_answered_left_and_rejoined_is_not_handed_the_task_again(
+    tmp_path: Path,
+) -> None:
+    """A reports its task failed (its answer) and leaves; back with a new session while the
+    round still waits for B, it does not take its old session's place: it answered already."""
+    settings = RoundSettings(rounds=1, min_nodes=2, eval_every=0)
+    engine = RoundEngine(settings, weights(0.0), tmp_path / "state", ENCODER, {})
+    a = engine.join("A", Role.TRAIN, 10, ENCODER, "test")
+    engine.join("B", Role.TRAIN, 10, ENCODER, "test")
+    t = engine._open(TaskKind.TRAIN, engine.live_sessions(Role.TRAIN), 60.0)
+    engine.heartbeat(a.session_id, None, t.task_id, failed=True, message="disk full")
+    engine.leave(a.session_id, None, "restarting")
+    again = engine.join("A", Role.TRAIN, 10, ENCODER, "test")
+    with engine._changed:
+        engine._give_up_on_silent(t)
+    assert again.session_id not in t.selected and t.answered == {"A": "failed: disk full"}
+    assert engine.next_task(again.session_id, None, 0.0).kind == TaskKind.WAIT
+
+
 def test_a_node_rejoining_evaluate_only_while_a_round_opens_does_not_take_a_training_place(
     tmp_path: Path,
 ) -> None:
