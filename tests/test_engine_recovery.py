@@ -23,7 +23,7 @@ from coordinator.rounds import RoundEngine
 from coordinator.sessions import NodeSession, Role
 from coordinator.settings import RoundSettings
 from coordinator.state import load_state
-from coordinator.tasks import TaskKind, TaskSpec
+from coordinator.tasks import OpenTask, TaskKind, TaskSpec
 from coordinator.validation import Rejection
 from pluralfed.errors import InputError
 from pluralfed.evaluation import GroupEvaluation
@@ -1297,6 +1297,21 @@ def test_the_retry_pause_starts_over_after_a_try_that_ran_to_its_deadline(
         "round 1: 0 updates, 1 needed: retrying the round",
         "round 1: 0 updates, 1 needed: retrying the round in 1 s",
     ]
+
+
+def test_the_retry_pause_doubles_from_a_second_up_to_a_minute(tmp_path: Path) -> None:
+    """The pauses of early failures in a row: 1, 2, 4 ... s, never more than RETRY_PAUSE_MAX_S
+    (a node that failed all night is tried again each minute, not once in hours); none after
+    a try that ran to its deadline, and the next early failure starts at 1 s again."""
+    engine = RoundEngine(RoundSettings(rounds=1, eval_every=0), WEIGHTS, tmp_path, ENC, {})
+
+    def tried(deadline: float) -> OpenTask:
+        return OpenTask(TaskKind.TRAIN, "t", 1, engine.model_version, deadline, {})
+
+    early = tried(time.monotonic() + 3600)
+    assert [engine._retry_pause(early) for _ in range(9)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert engine._retry_pause(tried(time.monotonic() - 1)) == 0
+    assert engine._retry_pause(early) == 1
 
 
 def test_a_round_with_fewer_updates_than_min_updates_is_retried_not_committed(
