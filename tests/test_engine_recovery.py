@@ -1068,6 +1068,24 @@ def test_held_out_groups_that_never_joined_are_missing_from_the_evaluation(
     assert last is not None and last["missing"] == ["J", "K"]
 
 
+def test_an_evaluate_only_node_asked_and_silent_is_a_missing_held_out_group(
+    tmp_path: Path,
+) -> None:
+    """Without evaluate_only, a group is held out when its node joined evaluate-only: also
+    one asked to evaluate that never reported (its figures are missing from the held-out
+    ones, not from the training ones), though no evaluation had it before."""
+    settings = RoundSettings(rounds=1, eval_every=0, round_timeout_s=30, eval_timeout_s=1)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    engine.join("H", Role.EVALUATE_ONLY, 0, ENC, "t")  # connected, never answers
+    driver = start(engine)
+    serve(engine)
+    driver.join(20)
+    final = engine.final_evaluation()
+    assert engine.done and final is not None and final["groups"] == ["A"]
+    assert final["missing"] == ["H"] and final["missing_held_out"] == ["H"]
+    assert final["held_out_unconnected"] == []  # it was asked
+
+
 def test_the_quorum_wait_names_who_is_missing_and_says_it_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
