@@ -981,6 +981,30 @@ def a_trains_while_b_is_silent(
     return record
 
 
+def test_a_round_open_when_the_coordinator_stops_is_abandoned_not_committed(
+    tmp_path: Path,
+) -> None:
+    """A's update is in (enough for min_updates), B is still training when the coordinator is
+    stopped: the round is abandoned, as the signal's line says, and a resume retries it; it is
+    not checkpointed with the updates it had so far."""
+    settings = RoundSettings(rounds=1, min_nodes=2, min_updates=1, eval_every=0)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    a = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    engine.join("B", Role.TRAIN, 10, ENC, "t")
+    driver = start(engine)
+    try:
+        t = engine.next_task(a.session_id, None, 10)
+        assert t.kind == TaskKind.TRAIN
+        upload(engine, a, t, replay_of(1.0))
+    finally:
+        engine.stop()
+        driver.join(10)
+    assert not driver.is_alive() and not engine.done
+    assert engine.completed_rounds() == 0 and engine.state.history.last is None
+    saved = load_state(tmp_path)
+    assert saved is not None and saved.completed_rounds == 0
+
+
 def test_a_round_closes_at_its_deadline_without_the_silent_node(tmp_path: Path) -> None:
     """B is connected but never answers: round_timeout_s (1 s) after opening, the round closes
     with A's update (min_updates 1), not some seconds later (the margins leave a loaded machine
