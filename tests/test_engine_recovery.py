@@ -424,6 +424,29 @@ def test_a_finished_run_nobody_comes_back_to_ends_after_eval_timeout(
     assert "evaluate round" not in caplog.text and "no reports" not in caplog.text
 
 
+def test_a_finished_run_stopped_while_waiting_for_its_nodes_opens_no_evaluation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started again, a finished run waits for its nodes to evaluate again; stopped (Ctrl-C)
+    while it waits, it opens no evaluation round (nodes polling just then would be handed it)
+    and keeps its evaluation."""
+    settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=60)
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first)
+    driver.join(20)
+    assert first.done and evaluated(first) == [1]
+    again = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    assert again.finished_at_start
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        driver = start(again)
+        time.sleep(0.3)  # waiting for A (were it not yet, the stop would be seen all the same)
+        again.stop()
+        driver.join(10)
+    assert not driver.is_alive() and again.done and not again.evaluated_again
+    assert "opened" not in caplog.text and evaluated(again) == [1]
+
+
 def test_a_stop_during_the_final_evaluation_is_not_a_finished_run(tmp_path: Path) -> None:
     settings = RoundSettings(rounds=1, eval_every=0, eval_timeout_s=30)
     engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
