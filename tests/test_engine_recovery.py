@@ -919,6 +919,40 @@ def test_an_evaluation_owed_at_restart_waits_for_the_last_rounds_trainers(tmp_pa
     assert last is not None and last["groups"] == ["A", "B"]
 
 
+def test_an_evaluation_owed_at_restart_waits_for_a_held_out_group_no_evaluation_had(
+    tmp_path: Path,
+) -> None:
+    """Held-out H had not joined before the coordinator stopped after round 1 (no evaluation
+    yet, so none had H). Restarted, with the quorum made by A, the owed evaluation waits for
+    H too, as for every evaluate-only group, and has its figures."""
+    settings = RoundSettings(
+        rounds=2, eval_every=1, round_timeout_s=10, eval_timeout_s=30, evaluate_only=("H",)
+    )
+    first = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(first)
+    serve(first, stop_after_round=1)
+    driver.join(20)
+    assert first.completed_rounds() == 1 and evaluated(first) == []
+
+    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
+    driver = start(resumed)
+    try:
+        a = resumed.join("A", Role.TRAIN, 10, ENC, "t")
+        assert resumed.next_task(a.session_id, None, 1.0).kind != TaskKind.EVALUATE
+        h = resumed.join("H", Role.EVALUATE_ONLY, 0, ENC, "t")
+        for s, group in ((a, "A"), (h, "H")):
+            t = resumed.next_task(s.session_id, None, 10)
+            assert (t.kind, t.round) == (TaskKind.EVALUATE, 1)
+            e = GroupEvaluation(group, 5, 0.5, 0.4, 0.3, 0.3)
+            resumed.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+        wait_for(lambda: evaluated(resumed) == [1])
+    finally:
+        resumed.stop()
+        driver.join(10)
+    owed = next(resumed.state.evaluations.records())
+    assert owed["round"] == 1 and owed["groups"] == ["A", "H"]
+
+
 def test_a_restarted_coordinator_owes_the_end_to_every_group_that_trained(tmp_path: Path) -> None:
     """B trained round 1 and left (A trained round 2): no evaluation names B, but its node
     must still hear the run's end after a restart (it would retry for ever)."""
