@@ -107,6 +107,28 @@ def test_an_evaluation_due_when_the_coordinator_stopped_runs_after_it_resumes(
     assert resumed.done and evaluated(resumed) == [1, 2, 3]  # before: [2, 3]
 
 
+def test_a_coordinator_stopped_as_a_round_is_checkpointed_opens_no_evaluation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped (Ctrl-C) the moment round 1 is checkpointed, with round 1's evaluation due: no
+    evaluation round is opened, nor a "no reports" warning logged for it; a resume runs it."""
+
+    def stop_at_once(record: object) -> None:
+        engine.stop()
+
+    settings = RoundSettings(rounds=2, eval_every=1, round_timeout_s=10, eval_timeout_s=10)
+    engine = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {}, on_round=stop_at_once)
+    s = engine.join("A", Role.TRAIN, 10, ENC, "t")
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        driver = start(engine)
+        t = engine.next_task(s.session_id, None, 10)
+        assert t.kind == TaskKind.TRAIN
+        upload(engine, s, t, replay_of(1.0))
+        driver.join(10)
+    assert not driver.is_alive() and engine.completed_rounds() == 1 and evaluated(engine) == []
+    assert "evaluate round" not in caplog.text and "no reports" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("started", "resumed_with"),
     [("fedadam", "fedavg"), ("fedavg", "fedyogi"), ("fedyogi", "fedadam")],
