@@ -186,6 +186,34 @@ def test_round_past_its_deadline_waits_for_a_fold_it_had_claimed(tmp_path: Path)
         fed.close()
 
 
+def test_the_deadline_line_names_the_silent_nodes_not_one_whose_update_is_being_folded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A's update is claimed (being folded) when the deadline passes, B never answered: the
+    warning names B alone, A's update counts."""
+    fed = Engine(tmp_path, round_timeout_s=0.5)
+    release = threading.Event()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+            ta = fed.task(fed.a.session_id)
+            fed.task(fed.b.session_id)  # B never answers: the deadline closes the round
+            folding = fed.held_upload(fed.a.session_id, ta, 3.0, 10, release)
+            for _ in range(int(WAIT / 0.05)):
+                if "deadline passed" in caplog.text:
+                    break
+                threading.Event().wait(0.05)
+            release.set()
+            folding.join(WAIT)
+            fed.wait_completed(1)
+        lines = [r.getMessage() for r in caplog.records if "deadline passed" in r.getMessage()]
+        assert lines == ["train round 1: deadline passed without ['B']"]
+        record = fed.engine.state.history.last
+        assert record is not None and record["participants"] == ["A"]
+    finally:
+        release.set()
+        fed.close()
+
+
 def test_a_round_every_node_answered_or_claimed_closes_while_the_last_fold_runs(
     tmp_path: Path,
 ) -> None:
