@@ -730,6 +730,23 @@ def test_unknown_and_unusable_groups_in_loader(tmp_path: Path) -> None:
     assert list(load_jsonl(path, groups="A").groups) == ["A"]
 
 
+def test_a_negative_value_however_small_is_refused(tmp_path: Path) -> None:
+    """No tolerance for rounding below zero: a value of -1e-300 would renormalise into a
+    negative probability, which no distribution has."""
+    path = write(tmp_path, "n.jsonl", jl_with(distribution=[1.0, -1e-300]))
+    with pytest.raises(InputError, match=r"n\.jsonl:1: distribution\[1\] is negative \(-1e-300\)$"):
+        load_jsonl(path)
+
+
+def test_csv_group_names_holding_braces_load_whole(tmp_path: Path) -> None:
+    """The selections dict is the text from its first '{' to its LAST '}': a group name holding
+    a brace does not end it early."""
+    text = CSV_HEADER + csv_row("Q", sel({"A}": [1.0, 3.0], "{B}": [2.0, 2.0]}), "['x', 'y']")
+    data = load_global_opinions_csv(write(tmp_path, "b.csv", text))
+    assert list(data.groups) == ["A}", "{B}"]
+    np.testing.assert_allclose(data.groups["A}"][0].distribution, [0.25, 0.75])
+
+
 # --------------------------------------------------------------------------------------------------
 # helpers
 
@@ -754,6 +771,22 @@ def test_select_groups(goqa: SurveyData) -> None:
         select_groups(goqa, [""])
     with pytest.raises(InputError, match="group names must be non-empty strings, got 3"):
         select_groups(goqa, ["China", 3])  # type: ignore[list-item]
+
+
+def test_an_unknown_group_asked_for_twice_is_named_once() -> None:
+    data = SurveyData(groups={"A": [], "B": []}, source="s.jsonl")
+    with pytest.raises(InputError) as err:
+        select_groups(data, ["Nowhere", "A", "Nowhere"])
+    assert str(err.value) == "s.jsonl: unknown group(s): 'Nowhere'. Available (2): A, B"
+
+
+@pytest.mark.parametrize(("n_groups", "more"), [(40, ""), (41, ", ... 1 more")])
+def test_an_unknown_group_message_lists_up_to_40_available_groups(n_groups: int, more: str) -> None:
+    names = [f"g{i:02d}" for i in range(n_groups)]
+    data = SurveyData(groups={n: [] for n in names}, source="s.jsonl")
+    with pytest.raises(InputError) as err:
+        select_groups(data, ["zzz"])
+    assert str(err.value).endswith(f"Available ({n_groups}): " + ", ".join(names[:40]) + more)
 
 
 def test_group_slugs_and_file_names() -> None:
