@@ -62,6 +62,18 @@ def test_csv_huge_integer_names_file_and_line(tmp_path: Path) -> None:
         load_survey(path)
 
 
+@pytest.mark.parametrize("digits", [309, 400])
+def test_a_huge_integer_is_refused_saying_how_many_digits_it_has(
+    tmp_path: Path, digits: int
+) -> None:
+    """1 followed by N zeros has N + 1 digits, and the message says so."""
+    path = _jsonl(tmp_path, distribution=f"[1{'0' * digits}, 1]")
+    with pytest.raises(
+        InputError, match=rf"an integer of about {digits + 1} digits, beyond float64"
+    ):
+        load_survey(path)
+
+
 # --------------------------------------------------------------------------------------------------
 # survey files and reward requests: sums beyond float64
 
