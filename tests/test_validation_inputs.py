@@ -19,7 +19,7 @@ from pluralfed import pki, tls
 from pluralfed.cli import main
 from pluralfed.commands import certs
 from pluralfed.data import is_blank, load_survey, normalise_distribution
-from pluralfed.episodes import evaluation_context, sample_episode
+from pluralfed.episodes import evaluation_context, sample_episode, split_group
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.reward_server import BadRequest, Limits, parse_context, parse_questions
@@ -360,6 +360,26 @@ def test_episode_context_sizes_cover_both_ends_of_context_range() -> None:
     for _ in range(10):
         ep = sample_episode(items, rng, (3, 3), (2, 2))
         assert (len(ep.context), len(ep.targets)) == (3, 2)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_an_episode_from_fewer_than_two_questions_is_refused(n: int) -> None:
+    """An episode needs a context question and a target question: one question alone would
+    make an episode without context (or without a target), not an error naming the group."""
+    items = [random_item(np.random.default_rng(i), 2, f"q{i}") for i in range(n)]
+    with pytest.raises(ValueError, match=f"at least 2 questions, the group has {n}$"):
+        sample_episode(items, np.random.default_rng(0), (9, 90), (9, 90))
+
+
+@pytest.mark.parametrize("n_embeddings", [2, 4])
+def test_a_group_split_needs_one_embedding_per_question(n_embeddings: int) -> None:
+    """Embeddings are matched to questions by position: one too few or too many means they
+    are not this group's, and pairing them up to the shorter list would silently drop
+    questions."""
+    items = [random_item(np.random.default_rng(i), 2, f"q{i}").item for i in range(3)]
+    embeddings = [np.zeros((2, 4), dtype=np.float32)] * n_embeddings
+    with pytest.raises(ValueError, match=r"zip\(\) argument 2 is (shorter|longer) than argument 1"):
+        split_group("G", items, embeddings)
 
 
 def test_seeds_torch_accepted_keep_their_weights_and_larger_ones_work() -> None:
