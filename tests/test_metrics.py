@@ -205,6 +205,16 @@ def test_the_uniform_context_keeps_the_questions_and_makes_every_answer_equally_
         assert after.embeddings is before.embeddings
 
 
+def test_the_uniform_context_keeps_each_questions_id() -> None:
+    rng = np.random.default_rng(6)
+    items = [random_item(rng, 3, f"q{i}") for i in range(2)]
+    items = [
+        dataclasses.replace(e, item=dataclasses.replace(e.item, question_id=f"id{i}"))
+        for i, e in enumerate(items)
+    ]
+    assert [e.item.question_id for e in with_uniform_answers(items)] == ["id0", "id1"]
+
+
 def test_a_prediction_with_another_number_of_options_is_refused() -> None:
     """A one-option prediction broadcasts against any true distribution in numpy: without the
     shape check it would be scored, not refused, and a question would count with a made-up
