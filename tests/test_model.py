@@ -327,6 +327,14 @@ def test_episode_without_context_is_refused(setup) -> None:
         make_batch([Episode([], targets)])
 
 
+def test_an_episode_without_targets_is_refused_naming_which(setup) -> None:
+    _, context, targets, _ = setup
+    with pytest.raises(
+        ValueError, match=r"^episode 1 needs at least one context and one target question$"
+    ):
+        make_batch([Episode(context, targets), Episode(context, [])])
+
+
 # --- context memory (inference only) -------------------------------------------------------
 
 
