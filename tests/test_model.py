@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -333,6 +334,19 @@ def test_an_episode_without_targets_is_refused_naming_which(setup) -> None:
         ValueError, match=r"^episode 1 needs at least one context and one target question$"
     ):
         make_batch([Episode(context, targets), Episode(context, [])])
+
+
+def test_a_question_with_one_embedding_row_for_several_options_is_refused(setup) -> None:
+    """One row for three options would broadcast to all three (every option the same text),
+    not fail: make_batch names the question and both shapes."""
+    _, context, _, rng = setup
+    target = random_item(rng, 3, "three options")
+    one_row = EmbeddedItem(target.item, target.embeddings[:1])
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"'three options' has shape (1, {DIM}), expected (3, {DIM})"),
+    ):
+        make_batch([Episode(context, [one_row])])
 
 
 # --- context memory (inference only) -------------------------------------------------------
