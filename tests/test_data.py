@@ -8,6 +8,8 @@ import hashlib
 import importlib.util
 import json
 import re
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -823,6 +825,66 @@ def test_hub_loader_without_datasets() -> None:
     if importlib.util.find_spec("datasets") is not None:
         pytest.skip("datasets is installed; the hub loader is never run in tests (network)")
     with pytest.raises(InputError, match="needs the `datasets` package"):
+        load_global_opinions_hub()
+
+
+def stand_in_hub(monkeypatch: pytest.MonkeyPatch, rows: list[dict[str, object]]) -> list[object]:
+    """A `datasets` module whose load_dataset serves `rows` (the hub is the network); returns
+    the list of what it was asked for."""
+    asked: list[object] = []
+
+    def load_dataset(name: str, split: str) -> list[dict[str, object]]:
+        asked.append((name, split))
+        return rows
+
+    hub = types.ModuleType("datasets")
+    hub.load_dataset = load_dataset  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", hub)
+    return asked
+
+
+def test_the_hub_loader_reads_the_published_rows_as_the_csv_loader_reads_the_file(
+    goqa: SurveyData, goqa_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open(goqa_csv, encoding="utf-8-sig", newline="") as f:
+        rows: list[dict[str, object]] = list(csv.DictReader(f))
+    asked = stand_in_hub(monkeypatch, rows)
+    data = load_global_opinions_hub(groups=["Japan", "China"])
+    assert asked == [("Anthropic/llm_global_opinions", "train")]
+    assert data.source == "hf:Anthropic/llm_global_opinions"
+    expected = select_groups(goqa, ["Japan", "China"])
+    assert list(data.groups) == ["Japan", "China"]
+    assert data.skipped_by_group == expected.skipped_by_group == {"China": 1}
+    for group, items in expected.groups.items():
+        got = data.groups[group]
+        assert [(it.question, it.options, it.question_id) for it in got] == [
+            (it.question, it.options, it.question_id) for it in items
+        ]
+        for a, b in zip(got, items, strict=True):
+            np.testing.assert_array_equal(a.distribution, b.distribution)
+
+
+GOOD_HUB_ROW: dict[str, object] = {
+    "question": "Q1",
+    "selections": "{'A': [1, 3]}",
+    "options": "['x', 'y']",
+}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({**GOOD_HUB_ROW, "selections": {"A": [1, 3]}}, "selections and options must be strings"),
+        ({**GOOD_HUB_ROW, "options": ["x", "y"]}, "selections and options must be strings"),
+        ({"question": "Q2", "selections": "{'A': [1, 3]}"}, "missing column 'options'"),
+    ],
+    ids=["selections a dict", "options a list", "no options"],
+)
+def test_the_hub_loader_refuses_a_bad_row_naming_its_number(
+    monkeypatch: pytest.MonkeyPatch, row: dict[str, object], message: str
+) -> None:
+    stand_in_hub(monkeypatch, [GOOD_HUB_ROW, row])
+    with pytest.raises(InputError, match=rf"^hf:Anthropic/llm_global_opinions:2: {message}$"):
         load_global_opinions_hub()
 
 
