@@ -740,6 +740,15 @@ def test_a_negative_value_however_small_is_refused(tmp_path: Path) -> None:
         load_jsonl(path)
 
 
+def test_csv_values_given_as_a_tuple_load_like_a_list(tmp_path: Path) -> None:
+    """selections is a Python literal: a group's values written as a tuple are as good as a list."""
+    text = CSV_HEADER + csv_row("Q", "{'A': (1, 3), 'B': [1, 3]}", "('x', 'y')")
+    data = load_global_opinions_csv(write(tmp_path, "t.csv", text))
+    assert data.groups["A"][0].options == ("x", "y")
+    np.testing.assert_array_equal(data.groups["A"][0].distribution, [0.25, 0.75])
+    np.testing.assert_array_equal(data.groups["B"][0].distribution, [0.25, 0.75])
+
+
 def test_csv_group_names_holding_braces_load_whole(tmp_path: Path) -> None:
     """The selections dict is the text from its first '{' to its LAST '}': a group name holding
     a brace does not end it early."""
@@ -819,6 +828,15 @@ def test_write_group_files(goqa: SurveyData, tmp_path: Path) -> None:
         assert [it.question for it in one.groups[group]] == [
             it.question for it in sub.groups[group]
         ]
+
+
+def test_write_group_files_creates_the_missing_folders_on_the_way(
+    goqa: SurveyData, tmp_path: Path
+) -> None:
+    out = tmp_path / "run" / "federation" / "nodes"
+    paths = write_group_files(select_groups(goqa, ["New Zealand"]), out)
+    assert paths == {"New Zealand": out / "new-zealand.jsonl"}
+    assert sorted(p.name for p in out.iterdir()) == [GROUPS_MANIFEST, "new-zealand.jsonl"]
 
 
 def test_hub_loader_without_datasets() -> None:
