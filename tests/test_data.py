@@ -222,6 +222,17 @@ def test_summary_and_skip_counts_of_a_small_file(tmp_path: Path) -> None:
     ]
 
 
+def test_summary_table_columns_line_up_under_the_header_for_short_group_names(
+    tmp_path: Path,
+) -> None:
+    rows = [jl(group=g, question="Q", options=["x"], distribution=[1]) for g in ("A", "BC")]
+    lines = summary(load_jsonl(write(tmp_path, "s.jsonl", "".join(rows)))).splitlines()
+    header, *table = lines[-3:]
+    assert header.split() == ["group", "items", "train", "test", "skipped"]
+    assert [len(line) for line in table] == [len(header)] * 2
+    assert [line[:7] for line in table] == ["A      ", "BC     "]
+
+
 # --------------------------------------------------------------------------------------------------
 # small well-formed files
 
@@ -767,6 +778,7 @@ def test_select_groups(goqa: SurveyData) -> None:
     assert list(sub.groups) == ["China", "France"]
     assert sub.skipped_by_group == {"China": 1, "France": 1} and sub.skipped_all_zero == 2
     assert sub.groups["China"] is goqa.groups["China"]
+    assert sub.notes == goqa.notes and sub.notes is not goqa.notes  # its own list of them
     # a bare string is one group name, not an iterable of letters (a one-letter name cannot tell)
     assert list(select_groups(goqa, "China").groups) == ["China"]
     with pytest.raises(InputError) as err:
