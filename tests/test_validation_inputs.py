@@ -85,6 +85,22 @@ def test_csv_overflowing_sum_still_normalises(tmp_path: Path) -> None:
     assert data.skipped_all_zero == 0
 
 
+def test_values_whose_sum_overflows_even_halved_still_normalise(tmp_path: Path) -> None:
+    """Scaled by their largest value first: four of 1.5e308 overflow twice over, and must not
+    become inf / inf or a distribution of zeros."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"group": "A", "question": "Q?", "options": ["a", "b", "c", "d"], '
+        '"distribution": [1.5e308, 1.5e308, 1.5e308, 1.5e308]}\n',
+        "utf-8",
+    )
+    np.testing.assert_allclose(load_survey(path).groups["A"][0].distribution, [0.25] * 4)
+    big = np.array([1.7e308, 1.7e308, 1.7e308, 0.0])
+    normalised = normalise_distribution(big)
+    assert normalised is not None
+    np.testing.assert_allclose(normalised, [1 / 3, 1 / 3, 1 / 3, 0.0])
+
+
 def test_jsonl_overflowing_sum_still_normalises(tmp_path: Path) -> None:
     data = load_survey(_jsonl(tmp_path, distribution="[1e308, 1e308]"))
     np.testing.assert_allclose(data.groups["A"][0].distribution, [0.5, 0.5])
