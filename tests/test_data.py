@@ -822,6 +822,8 @@ def test_group_slugs_and_file_names() -> None:
     assert names["Japan"] == "japan.jsonl"
     assert len(set(names.values())) == 4
     assert all(n.startswith("group-a-") for g, n in names.items() if g != "Japan")
+    digest = hashlib.sha256(b"group a").hexdigest()[:8]  # of the exact name
+    assert names["group a"] == f"group-a-{digest}.jsonl"
     # a colliding name's file does not depend on which other names collide with it
     assert group_file_names(["Group A", "group a"])["Group A"] == names["Group A"]
 
