@@ -328,6 +328,11 @@ def test_episode_without_context_is_refused(setup) -> None:
         make_batch([Episode([], targets)])
 
 
+def test_a_batch_of_no_episodes_is_refused_saying_so() -> None:
+    with pytest.raises(ValueError, match=r"^no episodes to batch$"):
+        make_batch([])
+
+
 def test_an_episode_without_targets_is_refused_naming_which(setup) -> None:
     _, context, targets, _ = setup
     with pytest.raises(
