@@ -19,7 +19,7 @@ from pluralfed import pki, tls
 from pluralfed.cli import main
 from pluralfed.commands import certs
 from pluralfed.data import is_blank, load_survey, normalise_distribution
-from pluralfed.episodes import evaluation_context, sample_episode, split_group
+from pluralfed.episodes import check_seed, evaluation_context, sample_episode, split_group
 from pluralfed.errors import InputError
 from pluralfed.proto.pluralfed.v1 import reward_pb2 as pb
 from pluralfed.reward_server import BadRequest, Limits, parse_context, parse_questions
@@ -350,6 +350,18 @@ def test_library_rejects_negative_seed_and_context() -> None:
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         evaluation_context(items, 2, seed=-1)
     assert len(evaluation_context(items, 2, seed=3)) == 2
+
+
+@pytest.mark.parametrize("seed", [1.5, 2.0, "3"])
+def test_a_seed_that_is_not_an_integer_is_refused_not_truncated(seed: object) -> None:
+    """A seed of 1.5 is not seed 1 (nor is "3" seed 3): it is refused, naming it."""
+    with pytest.raises(ValueError, match=f"^seed must be an integer, got {seed!r}$"):
+        check_seed(seed)  # type: ignore[arg-type]
+
+
+def test_a_numpy_integer_seed_is_taken_as_its_value() -> None:
+    value = check_seed(np.int64(7))  # type: ignore[arg-type]
+    assert value == 7 and type(value) is int
 
 
 def test_the_evaluation_context_is_distinct_train_questions_chosen_without_replacement() -> None:
