@@ -34,6 +34,7 @@ from pluralfed.data import (
     split_items,
     summary,
     unique_questions,
+    unknown_groups_message,
     write_group_files,
     write_jsonl,
 )
@@ -794,6 +795,22 @@ def test_select_groups(goqa: SurveyData) -> None:
         select_groups(goqa, [""])
     with pytest.raises(InputError, match="group names must be non-empty strings, got 3"):
         select_groups(goqa, ["China", 3])  # type: ignore[list-item]
+
+
+def test_an_unknown_group_is_hinted_at_most_five_close_names() -> None:
+    """Case-insensitive equal first, then up to three names holding it, then the closest
+    spellings: five at most."""
+    avail = ["ab", "xab1", "xab2", "xab3", "AB1", "AB2", "AB3"]
+    message = unknown_groups_message("s.jsonl", ["AB"], avail)
+    assert "'AB' (did you mean 'ab', 'xab1', 'xab2', 'xab3', 'AB3'?)." in message
+
+
+def test_an_unknown_group_is_hinted_a_name_three_quarters_alike() -> None:
+    message = unknown_groups_message("s.jsonl", ["Jpn"], ["Japan", "Mali"])
+    assert (
+        message
+        == "s.jsonl: unknown group(s): 'Jpn' (did you mean 'Japan'?). Available (2): Japan, Mali"
+    )
 
 
 def test_an_unknown_group_asked_for_twice_is_named_once() -> None:
