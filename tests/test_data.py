@@ -234,6 +234,48 @@ def test_summary_table_columns_line_up_under_the_header_for_short_group_names(
     assert [line[:7] for line in table] == ["A      ", "BC     "]
 
 
+def test_summary_with_exactly_ten_notes_lists_them_all_and_no_more_line(tmp_path: Path) -> None:
+    rows = [jl(group="A", question="Q", options=["x"], distribution=[1])] * 11
+    data = load_jsonl(write(tmp_path, "s.jsonl", "".join(rows)))
+    lines = summary(data).splitlines()
+    assert "notes: 10" in lines
+    assert [line for line in lines if line.startswith("  ")] == [f"  {n}" for n in data.notes]
+
+
+def test_a_record_without_a_question_id_is_written_without_the_key(tmp_path: Path) -> None:
+    item = SurveyItem("Q?", ("x", "y"), np.array([0.25, 0.75]))
+    write_jsonl(SurveyData(groups={"A": [item]}), tmp_path / "o.jsonl")
+    (line,) = (tmp_path / "o.jsonl").read_text("utf-8").splitlines()
+    assert json.loads(line) == {
+        "group": "A",
+        "question": "Q?",
+        "options": ["x", "y"],
+        "distribution": [0.25, 0.75],
+    }
+
+
+def test_invalid_json_names_the_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "c.jsonl", GOOD_JL + '{"group": "A", "question" 7}\n')
+    with pytest.raises(
+        InputError, match=r"c\.jsonl:2: invalid JSON: Expecting ':' delimiter \(column 27\)$"
+    ):
+        load_jsonl(path)
+
+
+def test_a_number_python_will_not_read_is_refused_without_pythons_own_advice(
+    tmp_path: Path,
+) -> None:
+    """Beyond 4300 digits Python refuses to read an integer and suggests
+    sys.set_int_max_str_digits(): advice for a programmer, not for whoever wrote the file."""
+    big = "1" + "0" * 5000
+    path = write(tmp_path, "h.jsonl", jl_with().replace("[0.5, 0.5]", f"[{big}, 1]"))
+    with pytest.raises(InputError) as err:
+        load_jsonl(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:1: cannot read a number in this line: ")
+    assert "set_int_max_str_digits" not in message and "5001" not in message
+
+
 # --------------------------------------------------------------------------------------------------
 # small well-formed files
 
@@ -1007,7 +1049,8 @@ def test_cli_split_refuses_to_overwrite_its_input(tmp_path: Path, input_name: st
     # the same file by another name (a symlink into the output folder) is refused too
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mali.jsonl").symlink_to(src)
-    with pytest.raises(InputError, match="output would overwrite"):
+    link = tmp_path / "out" / "mali.jsonl"
+    with pytest.raises(InputError, match=rf"^{link}: output would overwrite the input {src}$"):
         run_cli(["data", "split", str(src), "--out-dir", str(tmp_path / "out")])
     assert src.read_text() == text
 
