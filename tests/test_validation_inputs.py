@@ -376,6 +376,13 @@ def test_the_evaluation_context_is_distinct_train_questions_chosen_without_repla
         assert len(set(chosen)) == 4
 
 
+def test_the_evaluation_context_is_chosen_with_seed_0_unless_told_otherwise() -> None:
+    items = [random_item(np.random.default_rng(i), 2, f"q{i}") for i in range(10)]
+    chosen = [e.item.question for e in evaluation_context(items, 4)]
+    reference = np.random.default_rng(0).choice(10, 4, replace=False)
+    assert chosen == [f"q{i}" for i in sorted(reference)]
+
+
 def test_episode_context_sizes_cover_both_ends_of_context_range() -> None:
     """context_range and target_range are inclusive (the paper's sampling): both ends occur, and
     an equal range (k, k) always gives k. An exclusive upper end never used the largest size and
