@@ -188,6 +188,23 @@ def test_a_bad_checkpoint_is_refused_naming_the_file(tmp_path: Path, case: str) 
         load_checkpoint(folder)
 
 
+def test_tensors_that_do_not_fit_are_named_five_at_most(tmp_path: Path) -> None:
+    folder = saved(tmp_path / "ckpt")
+    tensors = load((folder / WEIGHTS_FILE).read_bytes())
+    gone = sorted(tensors)[:7]
+    extra = {f"extra.{i}": torch.zeros(1) for i in range(6)}
+
+    def drop_and_add(t: dict[str, torch.Tensor]) -> None:
+        for name in gone:
+            del t[name]
+        t.update(extra)
+
+    tensors_edit(drop_and_add)(folder)
+    with pytest.raises(InputError) as err:
+        load_checkpoint(folder)
+    assert str(err.value).endswith(f"(missing {gone[:5]}, unexpected {sorted(extra)[:5]})")
+
+
 def test_the_unedited_checkpoint_loads_whole(tmp_path: Path) -> None:
     """The control: the checkpoint every case starts from loads, weights and all."""
     model = build_model(SMALL, 0)
