@@ -139,3 +139,16 @@ def test_one_group_is_one_group() -> None:
         describe_record(one)
         == "evaluation after round 10: held-out 0.7500 over 1 group (worst 0.7500)"
     )
+
+
+def test_a_json_true_in_place_of_a_figure_is_not_shown_as_one() -> None:
+    """A row read off disk with true for its seconds or its group count (a hand edit, another
+    writer): "?" and no coverage, not "1.0 s" and "over True group"."""
+    assert describe_record({"round": 7, "seconds": True}) == "round 7 done: ?/? updates in ? s"
+    flagged = {
+        **EVALUATION,
+        "missing": [],
+        "missing_held_out": [],
+        "reports": {"held-out groups": {"model": {"alignment": 0.75, "num_groups": True}}},
+    }
+    assert describe_record(flagged) == "evaluation after round 10: held-out 0.7500 (worst ?)"
