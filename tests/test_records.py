@@ -152,3 +152,21 @@ def test_a_json_true_in_place_of_a_figure_is_not_shown_as_one() -> None:
         "reports": {"held-out groups": {"model": {"alignment": 0.75, "num_groups": True}}},
     }
     assert describe_record(flagged) == "evaluation after round 10: held-out 0.7500 (worst ?)"
+
+
+def test_the_training_figure_comes_first_even_when_only_held_out_groups_reported() -> None:
+    """Every training group silent, a held-out one reported: the line still reads training
+    first ("none of"), then held-out, as every other evaluation line does."""
+    only_held_out = {
+        **EVALUATION,
+        "groups": ["Brazil"],
+        "missing": ["Argentina", "Germany"],
+        "missing_held_out": [],
+        "reports": {
+            "held-out groups": {"model": {"alignment": 0.75, "worst": 0.75, "num_groups": 1}}
+        },
+    }
+    assert describe_record(only_held_out) == (
+        "evaluation after round 10: training none of 2 groups (missing: Argentina, Germany)  "
+        "held-out 0.7500 over 1 group (worst 0.7500)"
+    )
