@@ -170,3 +170,19 @@ def test_the_training_figure_comes_first_even_when_only_held_out_groups_reported
         "evaluation after round 10: training none of 2 groups (missing: Argentina, Germany)  "
         "held-out 0.7500 over 1 group (worst 0.7500)"
     )
+
+
+def test_a_set_of_another_name_is_shown_between_training_and_held_out() -> None:
+    """A report of a set neither training nor held-out is not dropped from the line."""
+    three_sets = {
+        **EVALUATION,
+        "reports": {
+            "held-out groups": {"model": {"alignment": 0.75, "worst": 0.68}},
+            "pilot groups": {"model": {"alignment": 0.5, "worst": 0.5}},
+            "training groups (test questions)": {"model": {"alignment": 0.8, "worst": 0.7}},
+        },
+    }
+    assert describe_record(three_sets) == (
+        "evaluation after round 10: training 0.8000 (worst 0.7000)  pilot 0.5000 (worst "
+        "0.5000)  held-out 0.7500 (worst 0.6800)"
+    )
