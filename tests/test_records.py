@@ -186,3 +186,21 @@ def test_a_set_of_another_name_is_shown_between_training_and_held_out() -> None:
         "evaluation after round 10: training 0.8000 (worst 0.7000)  pilot 0.5000 (worst "
         "0.5000)  held-out 0.7500 (worst 0.6800)"
     )
+
+
+def test_an_evaluation_row_whose_missing_is_not_a_list_is_summarised_without_coverage() -> None:
+    """A row off disk with a held-out list but no list of missing groups says nothing of
+    coverage, as an older record does, rather than failing or counting its letters."""
+    expected = "evaluation after round 10: training 0.8000 (worst 0.7000)"
+    for missing in (None, "India"):
+        row = {
+            **EVALUATION,
+            "missing": missing,
+            "missing_held_out": [],
+            "reports": {
+                "training groups (test questions)": {
+                    "model": {"alignment": 0.8, "worst": 0.7, "num_groups": 2}
+                }
+            },
+        }
+        assert describe_record(row) == expected
