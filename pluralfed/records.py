@@ -64,12 +64,23 @@ def short_set_name(name: str) -> str:
     return name.split(" ")[0]
 
 
+def _number(value: object) -> float | None:
+    """A finite number as a float, or None for anything else: a bool (JSON's true is no count
+    of seconds or bytes) or an int beyond any float (math.isfinite raises OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _figure(value: object, digits: int) -> str:
     """A number as the summary shows it, or "?" for anything else (a launcher reads records
     from a file another process writes, and must not fail on one)."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return f"{value:.{digits}f}"
-    return "?"
+    number = _number(value)
+    return "?" if number is None else f"{number:.{digits}f}"
 
 
 def describe_record(record: Mapping[str, Any], rounds: int | None = None) -> str:
@@ -82,8 +93,9 @@ def describe_record(record: Mapping[str, Any], rounds: int | None = None) -> str
     asked = len(selected) if isinstance(selected, list) else "?"
     line = f"round {record.get('round')}{of} done: {done}/{asked} updates in "
     line += f"{_figure(record.get('seconds'), 1)} s"
-    if isinstance(record.get("bytes_in"), int | float) and math.isfinite(record["bytes_in"]):
-        line += f", {record['bytes_in'] / 1e6:.1f} MB in"
+    bytes_in = _number(record.get("bytes_in"))
+    if bytes_in is not None:
+        line += f", {bytes_in / 1e6:.1f} MB in"
     return line
 
 

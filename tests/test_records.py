@@ -204,3 +204,21 @@ def test_an_evaluation_row_whose_missing_is_not_a_list_is_summarised_without_cov
             },
         }
         assert describe_record(row) == expected
+
+
+def test_a_row_with_a_true_or_an_int_beyond_any_float_is_summarised_not_fatal() -> None:
+    """JSON true for bytes_in was shown as "0.0 MB in", and an integer too large for a float
+    (json reads any number of digits) raised OverflowError in the launcher's progress."""
+    assert describe_record({"round": 8, "seconds": 1.0, "bytes_in": True}) == (
+        "round 8 done: ?/? updates in 1.0 s"
+    )
+    huge = 10**400
+    assert describe_record({"round": 9, "seconds": huge, "bytes_in": huge}) == (
+        "round 9 done: ?/? updates in ? s"
+    )
+    evaluation = {
+        "kind": "evaluation",
+        "round": 10,
+        "reports": {"held-out groups": {"model": {"alignment": huge, "worst": 0.5}}},
+    }
+    assert describe_record(evaluation) == "evaluation after round 10: held-out ? (worst 0.5000)"
