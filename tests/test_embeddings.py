@@ -120,6 +120,17 @@ def test_embed_groups_refuses_an_unknown_group_by_name_before_embedding_anything
     assert encoder.calls == []
 
 
+def test_embed_groups_names_every_unknown_group_not_only_the_first() -> None:
+    """Two typo'd groups: both are named at once, or the fix of one would only lead to the
+    refusal of the other after another start."""
+    item = SurveyItem("Q?", ("Yes", "No"), np.array([0.5, 0.5]))
+    data = SurveyData(groups={"Japan": [item], "France": [item]}, source="s.jsonl")
+    with pytest.raises(InputError) as err:
+        embed_groups(data, ["Japn", "France", "Frnace"], FakeEncoder())
+    assert "'Japn' (did you mean 'Japan'?)" in str(err.value)
+    assert "'Frnace' (did you mean 'France'?)" in str(err.value)
+
+
 def test_embed_groups_gives_each_group_the_vectors_of_its_own_items() -> None:
     """One batched job embeds every group: each group's split must get back the vectors of its
     own options, whatever the groups' sizes and in whichever order they are asked for."""
