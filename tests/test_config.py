@@ -290,6 +290,15 @@ def test_a_listen_address_at_the_edge_is_taken(listen: str) -> None:
     assert CoordinatorConfig(listen=listen).listen == listen
 
 
+def test_a_listen_address_that_is_not_text_is_refused_naming_the_key() -> None:
+    """A port alone as a number (listen = 7443 made in code) is refused as a listen address,
+    not an AttributeError from its parsing."""
+    with pytest.raises(
+        InputError, match=r"^coordinator config: listen must be host:port, got 7443$"
+    ):
+        CoordinatorConfig(listen=7443)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("encoder", ["", "   ", 384])
 def test_a_blank_encoder_is_refused(encoder: object) -> None:
     with pytest.raises(InputError, match="encoder must name a text encoder"):
