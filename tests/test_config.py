@@ -299,6 +299,13 @@ def test_a_listen_address_that_is_not_text_is_refused_naming_the_key() -> None:
         CoordinatorConfig(listen=7443)  # type: ignore[arg-type]
 
 
+def test_max_workers_is_taken_up_to_its_cap_and_refused_above_it() -> None:
+    """max_workers is bounded like every count: 10000 RPC threads, not any number a typo gives."""
+    assert CoordinatorConfig(max_workers=10_000).max_workers == 10_000
+    with pytest.raises(InputError, match=r"max_workers must be in 1\.\.10000, got 10001"):
+        CoordinatorConfig(max_workers=10_001)
+
+
 @pytest.mark.parametrize("encoder", ["", "   ", 384])
 def test_a_blank_encoder_is_refused(encoder: object) -> None:
     with pytest.raises(InputError, match="encoder must name a text encoder"):
