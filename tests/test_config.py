@@ -320,6 +320,17 @@ def test_an_empty_evaluate_only_still_needs_enough_groups_for_the_quorum() -> No
     check_roles(CoordinatorConfig(evaluate_only=(), min_nodes=2, min_updates=1), allow)
 
 
+def test_an_evaluate_only_group_the_allow_list_lacks_is_refused_naming_what_it_admits() -> None:
+    """The refusal lists the groups the allow-list does admit, so a typo is seen at once."""
+    allow = AllowList({"node-a": "A", "node-h": "Hungary"})
+    with pytest.raises(InputError) as err:
+        check_roles(CoordinatorConfig(evaluate_only=("Hungray",)), allow)
+    assert str(err.value) == (
+        "coordinator config: evaluate_only names ['Hungray'], which the allow-list does not "
+        "admit (it admits ['A', 'Hungary'])"
+    )
+
+
 def test_configured_rpc_threads_are_used_and_too_few_are_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
