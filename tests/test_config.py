@@ -331,6 +331,13 @@ def test_an_evaluate_only_group_the_allow_list_lacks_is_refused_naming_what_it_a
     )
 
 
+def test_no_upload_or_download_limit_is_a_setting_the_coordinator_takes() -> None:
+    """max_concurrent_uploads / max_concurrent_downloads = 0 is no bound (StreamSlots), a value
+    the coordinator takes: only a negative count is refused."""
+    cfg = CoordinatorConfig(max_concurrent_uploads=0, max_concurrent_downloads=0)
+    assert (cfg.max_concurrent_uploads, cfg.max_concurrent_downloads) == (0, 0)
+
+
 def test_configured_rpc_threads_are_used_and_too_few_are_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
