@@ -975,11 +975,15 @@ def test_a_finished_run_missing_its_outputs_gets_them_written_on_restart(
         else:
             path.unlink()
     capsys.readouterr()
+    restarted = time.time()
     # nobody comes back to evaluate again (eval_timeout_s 1): the outputs are written anyway
     assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
     assert (state_dir / "final" / "model.safetensors").is_file()
     assert (state_dir / "final" / "model.json").is_file()
     again = json.loads((state_dir / "results.json").read_text())
+    # says they were written again, and when: not by the run as it finished
+    assert restarted <= again["written_again_at"] <= time.time()
+    assert "evaluated_again_at" not in again
     assert again["final_evaluation"] == results["final_evaluation"]
     assert again["run_id"] == results["run_id"]
     if "results.json" not in lost:  # the run's own figures are kept
