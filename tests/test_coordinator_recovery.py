@@ -1090,6 +1090,24 @@ def test_results_that_json_cannot_read_are_written_again(
     assert json.loads(path.read_text())["run_id"] == results["run_id"]
 
 
+def test_results_that_are_json_but_not_an_object_are_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """results.json holding a JSON array (valid JSON, no figures), with final/ lost too: both
+    are written again, the time worked out from the run's records, not an AttributeError."""
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    path = state_dir / "results.json"
+    results = json.loads(path.read_text())
+    path.write_text(json.dumps([results["wall_seconds"], results["peak_rss_mib"]]))
+    for f in (state_dir / "final").iterdir():
+        f.unlink()
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    again = json.loads(path.read_text())
+    assert again["run_id"] == results["run_id"] and again["peak_rss_mib"] is None
+    assert (state_dir / "final" / "model.safetensors").is_file()
+
+
 def test_a_finished_run_with_its_outputs_leaves_them_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
