@@ -5,6 +5,7 @@ read is an error naming it, not a traceback (review, session 15)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from concurrent import futures
@@ -271,3 +272,15 @@ def test_the_state_folder_lock_says_this_process_only(tmp_path: Path) -> None:
         assert (tmp_path / "coordinator.lock").read_text() == f"{os.getpid()}\n"
     finally:
         lock.close()
+
+
+def test_a_state_folder_locked_before_its_holder_wrote_its_pid_says_the_pid_is_unknown(
+    tmp_path: Path,
+) -> None:
+    """Another coordinator between taking the lock and writing its pid: "(pid unknown)", not
+    "(pid )"."""
+    with (tmp_path / "coordinator.lock").open("a+", encoding="utf-8") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError) as err:
+            lock_state_dir(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path} is in use by another coordinator (pid unknown);")
