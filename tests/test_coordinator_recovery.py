@@ -928,6 +928,19 @@ def test_lingering_waits_for_connected_nodes_and_ends_on_a_signal() -> None:
     assert len(unaware_calls) == 1
 
 
+def test_a_linger_a_signal_cuts_short_does_not_warn_that_groups_never_heard(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The operator stopped it: no warning that groups did not hear the end within linger_s
+    (that warning is for a linger that ran out)."""
+    stopping = threading.Event()
+    stopping.set()
+    signalled = SimpleNamespace(unaware_of_end=lambda: ["B"], live_sessions=list)
+    with caplog.at_level(logging.WARNING, logger="pluralfed.coordinator"):
+        service._linger(signalled, 2.0, stopping)  # type: ignore[arg-type]
+    assert "did not hear the run's end" not in caplog.text
+
+
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
