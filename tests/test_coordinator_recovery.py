@@ -941,6 +941,25 @@ def test_a_linger_a_signal_cuts_short_does_not_warn_that_groups_never_heard(
     assert "did not hear the run's end" not in caplog.text
 
 
+def test_a_start_that_fails_after_its_run_was_made_keeps_the_folder_and_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start whose server fails once the run is made (open_run called): the folder it made
+    holds that run now and keeps every file, coordinator.lock included; only a start that
+    made no run takes back the folder it made."""
+    monkeypatch.setattr(service, "make_encoder", fake_encoder)
+
+    def fails_once_the_run_is_made(open_run: Any, *_args: Any, **_kwargs: Any) -> Any:
+        open_run()
+        raise InputError("the server could not start")
+
+    monkeypatch.setattr(service, "start_server", fails_once_the_run_is_made)
+    state_dir = tmp_path / "state"
+    with pytest.raises(InputError, match="the server could not start"):
+        run_coordinator(tiny_config(state_dir), AllowList({"node-a": "A"}), Console(stderr=True))
+    assert (state_dir / STATE_FILE).is_file() and (state_dir / "coordinator.lock").is_file()
+
+
 def test_a_full_disk_ends_the_coordinator_with_one_line_and_its_own_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
