@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 
-from coordinator.service import CoordinatorConfig, check_roles, model_config, rpc_threads_for
+from coordinator.service import (
+    CoordinatorConfig,
+    check_roles,
+    dump_config,
+    model_config,
+    rpc_threads_for,
+)
 from group_node.config import NodeConfig
 from pluralfed.auth import AllowList
 from pluralfed.commands import node as node_cmd
@@ -336,6 +343,20 @@ def test_no_upload_or_download_limit_is_a_setting_the_coordinator_takes() -> Non
     the coordinator takes: only a negative count is refused."""
     cfg = CoordinatorConfig(max_concurrent_uploads=0, max_concurrent_downloads=0)
     assert (cfg.max_concurrent_uploads, cfg.max_concurrent_downloads) == (0, 0)
+
+
+def test_the_printed_config_lists_the_allow_list_by_node_id() -> None:
+    """--print-config shows the allow-list table sorted by node id, whatever order the file
+    gave it in, beside every setting."""
+    allow = AllowList({"node-c": "C", "node-a": "A", "node-b": "B"})
+    printed = json.loads(dump_config(CoordinatorConfig(rounds=3), allow))
+    assert list(printed["allow_list"].items()) == [
+        ("node-a", "A"),
+        ("node-b", "B"),
+        ("node-c", "C"),
+    ]
+    assert printed["rounds"] == 3
+    assert "allow_list" not in json.loads(dump_config(CoordinatorConfig()))
 
 
 def test_configured_rpc_threads_are_used_and_too_few_are_warned_about(
