@@ -773,7 +773,10 @@ def node(engine_ready: threading.Event) -> None:
 
 
 def coordinate(
-    monkeypatch: pytest.MonkeyPatch, cfg: CoordinatorConfig, with_node: bool = True
+    monkeypatch: pytest.MonkeyPatch,
+    cfg: CoordinatorConfig,
+    with_node: bool = True,
+    allow_list: AllowList | None = None,
 ) -> int:
     """run_coordinator as the CLI runs it, with the fake encoder and (with_node) one node."""
     monkeypatch.setattr(service, "make_encoder", fake_encoder)
@@ -788,7 +791,8 @@ def coordinate(
     helper = threading.Thread(target=node, args=(ready,), daemon=True)
     if with_node:
         helper.start()
-    code = run_coordinator(cfg, AllowList({"node-a": "A"}), Console(stderr=True))
+    allowed = allow_list or AllowList({"node-a": "A"})
+    code = run_coordinator(cfg, allowed, Console(stderr=True))
     if with_node:
         helper.join(10)
     return code
@@ -900,6 +904,17 @@ def test_the_final_model_says_which_run_and_groups_trained_it(
     results = json.loads((state_dir / "results.json").read_text())
     assert meta["mode"] == "federated" and meta["run_id"] == results["run_id"]
     assert meta["rounds"] == 1 and meta["training_groups"] == ["A"]
+
+
+def test_the_final_model_names_the_groups_that_trained_not_all_that_could(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Allow-listed B may train but never came: final/ says A alone trained the model."""
+    state_dir = tmp_path / "state"
+    allow = AllowList({"node-a": "A", "node-b": "B"})
+    assert coordinate(monkeypatch, tiny_config(state_dir), allow_list=allow) == 0
+    meta = json.loads((state_dir / "final" / "model.json").read_text())["metadata"]
+    assert meta["training_groups"] == ["A"]
 
 
 def test_lingering_waits_for_connected_nodes_and_ends_on_a_signal() -> None:
