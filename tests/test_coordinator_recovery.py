@@ -956,6 +956,18 @@ def test_a_linger_a_signal_cuts_short_does_not_warn_that_groups_never_heard(
     assert "did not hear the run's end" not in caplog.text
 
 
+def test_no_linger_says_only_who_did_not_hear_the_end(caplog: pytest.LogCaptureFixture) -> None:
+    """linger_s = 0 (leave at once): no line about serving the end "for up to 0 s", only the
+    warning naming the groups that did not hear it."""
+    engine = SimpleNamespace(unaware_of_end=lambda: ["B"], live_sessions=list)
+    with caplog.at_level(logging.INFO, logger="pluralfed.coordinator"):
+        service._linger(engine, 0.0, threading.Event())  # type: ignore[arg-type]
+    assert [r.getMessage() for r in caplog.records] == [
+        "['B'] did not hear the run's end within linger_s (0 s): their nodes retry until "
+        "stopped by hand"
+    ]
+
+
 def test_a_start_that_fails_after_its_run_was_made_keeps_the_folder_and_its_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
