@@ -345,6 +345,14 @@ def test_no_upload_or_download_limit_is_a_setting_the_coordinator_takes() -> Non
     assert (cfg.max_concurrent_uploads, cfg.max_concurrent_downloads) == (0, 0)
 
 
+def test_linger_s_is_taken_up_to_a_year_and_refused_above_it() -> None:
+    """linger_s is bounded like every duration (a deadline must stay a representable time)."""
+    year = 365 * 24 * 3600.0
+    assert CoordinatorConfig(linger_s=year).linger_s == year
+    with pytest.raises(InputError, match=r"^coordinator config: linger_s"):
+        CoordinatorConfig(linger_s=year * 2)
+
+
 def test_the_printed_config_lists_the_allow_list_by_node_id() -> None:
     """--print-config shows the allow-list table sorted by node id, whatever order the file
     gave it in, beside every setting."""
