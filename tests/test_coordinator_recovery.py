@@ -1118,6 +1118,26 @@ def test_a_true_in_place_of_the_runs_wall_time_is_not_taken_for_one_second(
     assert isinstance(again["wall_seconds"], float) and again["peak_rss_mib"] is None
 
 
+def test_a_round_time_that_is_not_a_number_leaves_the_rewritten_run_time_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """results.json lost and a round record's finished_at hand-edited into text (its digest
+    made to match): the files are written again with a run time of 0, not a ValueError."""
+    state_dir = tmp_path / "state"
+    assert coordinate(monkeypatch, tiny_config(state_dir)) == 0
+    (state_dir / "results.json").unlink()
+    history = state_dir / HISTORY_FILE
+    records = [json.loads(line) for line in history.read_text().splitlines()]
+    records[0]["finished_at"] = "soon"
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    history.write_bytes(text)
+    raw = json.loads((state_dir / STATE_FILE).read_text())
+    raw["history_bytes"], raw["history_digest"] = len(text), blake3.blake3(text).hexdigest()
+    (state_dir / STATE_FILE).write_text(json.dumps(raw))
+    assert coordinate(monkeypatch, tiny_config(state_dir), with_node=False) == 0
+    assert json.loads((state_dir / "results.json").read_text())["wall_seconds"] == 0.0
+
+
 def test_results_of_another_run_are_written_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
