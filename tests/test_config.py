@@ -367,6 +367,20 @@ def test_the_printed_config_lists_the_allow_list_by_node_id() -> None:
     assert "allow_list" not in json.loads(dump_config(CoordinatorConfig()))
 
 
+def test_the_log_says_which_roles_the_nodes_have(caplog: pytest.LogCaptureFixture) -> None:
+    """evaluate_only unset, empty or naming groups: three different setups, three lines."""
+    from coordinator.service import _log_roles
+
+    with caplog.at_level("INFO", logger="pluralfed.coordinator"):
+        for evaluate_only in (None, (), ("China", "Brazil")):
+            _log_roles(CoordinatorConfig(evaluate_only=evaluate_only))
+    assert [r.getMessage() for r in caplog.records] == [
+        "roles: each node's Join says whether it trains (evaluate_only is not set)",
+        "roles: every allow-listed group trains (evaluate_only is empty)",
+        "roles: Brazil, China only evaluate, every other allow-listed group trains",
+    ]
+
+
 def test_configured_rpc_threads_are_used_and_too_few_are_warned_about(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
