@@ -851,6 +851,16 @@ def test_the_bound_port_is_written_where_launchers_look_for_it(
     assert f" on port {int(text)}: 1 rounds, quorum 1, 1 nodes allowed" in capsys.readouterr().err
 
 
+def test_the_first_line_gives_the_quorum_of_nodes_not_of_updates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """quorum is min_nodes, the nodes a round waits for (min_updates may be fewer)."""
+    cfg = tiny_config(tmp_path / "state", min_nodes=2, min_updates=1, quorum_timeout_s=0.5)
+    allow = AllowList({"node-a": "A", "node-b": "B"})
+    assert coordinate(monkeypatch, cfg, with_node=False, allow_list=allow) == 1
+    assert ": 1 rounds, quorum 2, 2 nodes allowed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int, code: int
