@@ -861,6 +861,28 @@ def test_the_first_line_gives_the_quorum_of_nodes_not_of_updates(
     assert ": 1 rounds, quorum 2, 2 nodes allowed" in capsys.readouterr().err
 
 
+def test_a_signal_during_the_linger_after_a_complete_run_exits_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run is complete once results.json is written: a SIGTERM that cuts the linger short
+    (allow-listed B never heard the end) stops the coordinator with 0, not 143."""
+    state_dir = tmp_path / "state"
+
+    def stop_once_results_are_written() -> None:
+        for _ in range(1200):
+            if (state_dir / "results.json").is_file():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=stop_once_results_are_written, daemon=True)
+    sender.start()
+    cfg = tiny_config(state_dir, linger_s=60.0)
+    allow = AllowList({"node-a": "A", "node-b": "B"})
+    assert coordinate(monkeypatch, cfg, allow_list=allow) == 0
+    sender.join(10)
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_coordinator_with_128_plus_its_number(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int, code: int
