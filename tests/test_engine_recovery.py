@@ -905,6 +905,30 @@ def test_the_last_rounds_evaluation_does_not_wait_for_groups_that_are_away(
     assert last is not None and last["missing_held_out"] == ["H"]
 
 
+def resume_and_answer_the_owed_evaluation(
+    settings: RoundSettings, state: Path, second: str, role: Role
+) -> RoundEngine:
+    """Restart on `state`, where round 1 is done and its evaluation owed. A joins first and
+    makes the quorum, yet gets no evaluation until `second` joins too; then both answer it."""
+    resumed = RoundEngine(settings, WEIGHTS, state, ENC, {})
+    driver = start(resumed)
+    try:
+        a = resumed.join("A", Role.TRAIN, 10, ENC, "t")
+        assert resumed.next_task(a.session_id, None, 1.0).kind != TaskKind.EVALUATE
+        samples = 10 if role == Role.TRAIN else 0
+        other = resumed.join(second, role, samples, ENC, "t")
+        for s, group in ((a, "A"), (other, second)):
+            t = resumed.next_task(s.session_id, None, 10)
+            assert (t.kind, t.round) == (TaskKind.EVALUATE, 1)
+            e = GroupEvaluation(group, 5, 0.5, 0.4, 0.3, 0.3)
+            resumed.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
+        wait_for(lambda: evaluated(resumed) == [1])
+    finally:
+        resumed.stop()
+        driver.join(10)
+    return resumed
+
+
 def test_an_evaluation_owed_at_restart_waits_for_the_last_rounds_trainers(tmp_path: Path) -> None:
     """A and B trained round 1; the coordinator stopped before evaluating it. Restarted, with
     the quorum (1) made by A, it waits for B too before it evaluates (nodes come back one by
@@ -922,21 +946,7 @@ def test_an_evaluation_owed_at_restart_waits_for_the_last_rounds_trainers(tmp_pa
     driver.join(10)
     assert evaluated(first) == []
 
-    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
-    driver = start(resumed)
-    try:
-        a = resumed.join("A", Role.TRAIN, 10, ENC, "t")
-        assert resumed.next_task(a.session_id, None, 1.0).kind != TaskKind.EVALUATE
-        b = resumed.join("B", Role.TRAIN, 10, ENC, "t")
-        for s, group in ((a, "A"), (b, "B")):
-            t = resumed.next_task(s.session_id, None, 10)
-            assert (t.kind, t.round) == (TaskKind.EVALUATE, 1)
-            e = GroupEvaluation(group, 5, 0.5, 0.4, 0.3, 0.3)
-            resumed.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
-        wait_for(lambda: evaluated(resumed) == [1])
-    finally:
-        resumed.stop()
-        driver.join(10)
+    resumed = resume_and_answer_the_owed_evaluation(settings, tmp_path, "B", Role.TRAIN)
     last = resumed.final_evaluation()
     assert last is not None and last["groups"] == ["A", "B"]
 
@@ -956,21 +966,7 @@ def test_an_evaluation_owed_at_restart_waits_for_a_held_out_group_no_evaluation_
     driver.join(20)
     assert first.completed_rounds() == 1 and evaluated(first) == []
 
-    resumed = RoundEngine(settings, WEIGHTS, tmp_path, ENC, {})
-    driver = start(resumed)
-    try:
-        a = resumed.join("A", Role.TRAIN, 10, ENC, "t")
-        assert resumed.next_task(a.session_id, None, 1.0).kind != TaskKind.EVALUATE
-        h = resumed.join("H", Role.EVALUATE_ONLY, 0, ENC, "t")
-        for s, group in ((a, "A"), (h, "H")):
-            t = resumed.next_task(s.session_id, None, 10)
-            assert (t.kind, t.round) == (TaskKind.EVALUATE, 1)
-            e = GroupEvaluation(group, 5, 0.5, 0.4, 0.3, 0.3)
-            resumed.accept_evaluation(s.session_id, None, t.task_id, t.round, e, t.model_version)
-        wait_for(lambda: evaluated(resumed) == [1])
-    finally:
-        resumed.stop()
-        driver.join(10)
+    resumed = resume_and_answer_the_owed_evaluation(settings, tmp_path, "H", Role.EVALUATE_ONLY)
     owed = next(resumed.state.evaluations.records())
     assert owed["round"] == 1 and owed["groups"] == ["A", "H"]
 
