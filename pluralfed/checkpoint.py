@@ -59,7 +59,9 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         raise InputError(f"{meta_path}: not valid JSON: {err}") from err
     if not isinstance(meta, dict):
         raise InputError(f"{meta_path}: expected a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    # type() too: JSON true and 1.0 equal 1 in Python, but no writer of this format wrote them
+    if type(version) is not int or version != FORMAT_VERSION:
         raise InputError(
             f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
         )

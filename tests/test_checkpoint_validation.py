@@ -98,6 +98,17 @@ CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
         META_FILE,
         "format_version '1', expected 1$",
     ),
+    # JSON true and 1.0 equal 1 in Python; the format's writer only ever writes the integer
+    "format_version true": (
+        meta_edit(lambda m: m.update(format_version=True)),
+        META_FILE,
+        "format_version True, expected 1$",
+    ),
+    "format_version 1.0": (
+        meta_edit(lambda m: m.update(format_version=1.0)),
+        META_FILE,
+        "format_version 1.0, expected 1$",
+    ),
     "no format_version": (
         meta_edit(lambda m: m.pop("format_version")),
         META_FILE,
