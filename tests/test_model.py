@@ -208,6 +208,20 @@ def test_log_std_is_floored_at_min_log_std(setup) -> None:
     assert math.isfinite(float(gpo_loss(mean, log_std, batch)))
 
 
+def test_log_std_is_floored_at_the_configured_min_log_std_not_the_default(setup) -> None:
+    """min_log_std is a setting: a model configured with -2 floors there, not at the default
+    -7 (the test above uses the default, where both agree)."""
+    _, context, targets, _ = setup
+    model = build_model(dataclasses.replace(CFG, min_log_std=-2.0), seed=1)
+    batch = make_batch([Episode(context, targets)])
+    head = model.members[0].head
+    assert isinstance(head, torch.nn.Linear)
+    with torch.no_grad():
+        head.bias[1] = -60.0
+        _, log_std = model(batch)
+    assert float(log_std.min()) == -2.0
+
+
 def test_the_heads_first_output_is_the_mean_and_its_second_the_log_std(setup) -> None:
     """The head layout the weights are stored in: output 0 is the option's mean (its logit),
     output 1 its log-std."""
