@@ -441,6 +441,33 @@ def test_a_context_question_naming_an_option_twice_is_no_memory(setup) -> None:
     assert torch.all(matches == 0) and torch.all(memory == 0)
 
 
+def test_a_target_question_naming_an_option_twice_gets_no_memory(setup) -> None:
+    """The other side of the rule above: a target naming "a" twice has the same option set as a
+    context question ("a", "b") but no answer per token; given one, its memory would put the
+    group's share of "a" on both tokens, a distribution summing to more than 1."""
+    _, context, _, rng = setup
+    shown = _with_options(random_item(rng, 2, "c"), ("a", "b"), np.array([0.7, 0.3]))
+    twice = _with_options(random_item(rng, 3, "t"), ("a", "a", "b"), np.ones(3) / 3)
+    batch = make_batch([Episode([*context, shown], [twice])])
+    memory, matches = context_memory(batch, 0.1)
+    assert torch.all(matches == 0) and torch.all(memory == 0)
+
+
+def test_a_small_memory_weight_mixes_in_that_share_of_the_memory(setup) -> None:
+    """Any memory_weight above 0 mixes (not only the large ones the other tests use): without
+    shrinkage the prediction is (1 - w) * the network's + w * the memory, and with w = 1 it is the
+    memory alone."""
+    _, context, _, rng = setup
+    opts = ("yes", "no", "maybe")
+    shown = [*context, _with_options(random_item(rng, 3, "m"), opts, np.array([0.7, 0.2, 0.1]))]
+    target = [_with_options(random_item(rng, 3, "t"), opts, np.ones(3) / 3)]
+    base = _predict(_memory_model(0.0), shown, target)[0]
+    memory = _predict(_memory_model(1.0, shrinkage=0.0), shown, target)[0]
+    torch.testing.assert_close(memory, torch.tensor([0.7, 0.2, 0.1]))
+    small = _predict(_memory_model(0.25, shrinkage=0.0), shown, target)[0]
+    torch.testing.assert_close(small, 0.75 * base + 0.25 * memory)
+
+
 def test_memory_leaves_targets_without_a_same_option_context_question(setup) -> None:
     _, context, _, rng = setup
     lone = _with_options(random_item(rng, 3, "lone"), ("red", "green", "blue"), np.ones(3) / 3)
