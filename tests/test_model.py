@@ -15,6 +15,7 @@ from tinymodel import CFG, DIM, random_item
 
 from pluralfed.data import SurveyItem
 from pluralfed.episodes import EmbeddedItem, Episode, make_batch, sample_episode
+from pluralfed.errors import InputError
 from pluralfed.model import (
     GPO,
     Block,
@@ -506,6 +507,13 @@ def test_memory_settings_are_validated(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         kwargs: dict[str, Any] = {field: value}
         GPOConfig(**kwargs)
+
+
+def test_a_memory_temperature_just_below_the_stated_minimum_is_refused() -> None:
+    """The message names the lowest temperature taken (1e-06): a value just under it is refused
+    as the message says, not somewhere far lower."""
+    with pytest.raises(InputError, match=r"memory_temperature must be > 0 \(at least 1e-06\)"):
+        GPOConfig(memory_temperature=9e-7)
 
 
 @pytest.mark.parametrize(
