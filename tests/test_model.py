@@ -18,6 +18,7 @@ from pluralfed.episodes import EmbeddedItem, Episode, make_batch, sample_episode
 from pluralfed.errors import InputError
 from pluralfed.model import (
     GPO,
+    MAX_PARAMETERS,
     Block,
     GPOConfig,
     context_memory,
@@ -653,3 +654,13 @@ def test_a_centralized_epoch_steps_once_per_batch_of_groups_per_step_shuffled_gr
         assert loss == pytest.approx(float(np.mean(steps)), rel=1e-6)
     for got, want in zip(trainer.model.parameters(), by_hand.model.parameters(), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_a_model_of_exactly_max_parameters_is_allowed_and_one_unit_wider_is_not() -> None:
+    """The cap is "more than MAX_PARAMETERS": a config of exactly 1e9 parameters (these widths
+    add up to it) is built, and one more feed-forward unit, just over it, is refused. The only
+    other size test is a config many times too large, which no loosened cap would admit."""
+    exact = GPOConfig(embed_dim=1024, d_model=3502, mlp_layers=2, n_layers=4, n_heads=2, d_ff=28115)
+    assert exact.num_parameters() == MAX_PARAMETERS
+    with pytest.raises(InputError, match=r"1,000,028,020 parameters, more than 1,000,000,000"):
+        dataclasses.replace(exact, d_ff=28116)
