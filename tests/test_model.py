@@ -17,6 +17,7 @@ from pluralfed.data import SurveyItem
 from pluralfed.episodes import EmbeddedItem, Episode, make_batch, sample_episode
 from pluralfed.errors import InputError
 from pluralfed.model import (
+    DEFAULT_MEMBERS,
     GPO,
     MAX_PARAMETERS,
     Block,
@@ -664,3 +665,13 @@ def test_a_model_of_exactly_max_parameters_is_allowed_and_one_unit_wider_is_not(
     assert exact.num_parameters() == MAX_PARAMETERS
     with pytest.raises(InputError, match=r"1,000,028,020 parameters, more than 1,000,000,000"):
         dataclasses.replace(exact, d_ff=28116)
+
+
+def test_the_products_default_ensemble_has_three_members_and_a_bare_config_one() -> None:
+    """The coordinator's default is the ensemble that beat the single network (README,
+    "Results"); GPOConfig's own default stays the paper's single network, so that a model.json
+    written before `members` existed still describes its weights."""
+    from coordinator.service import CoordinatorConfig
+
+    assert CoordinatorConfig().members == DEFAULT_MEMBERS == 3
+    assert GPOConfig().members == 1
