@@ -231,6 +231,11 @@ def test_every_training_node_failing_ends_the_wait_at_once(
         for name in ("node-a", "node-b"):
             procs.start(name, _py(FAIL_AT_START), {})
         procs.start("node-held", _py("import time; time.sleep(60)"), {})  # evaluate-only
+        # both have failed before the wait looks: on a loaded machine node-b's interpreter could
+        # start later than the grace after node-a's failure, and the wait then rightly reported
+        # "1 of 2 training nodes stopped"
+        for name in ("node-a", "node-b"):
+            procs.children[name].wait()
         started = time.monotonic()
         with pytest.raises(InputError) as err:
             wait_for_coordinator(procs, ["node-a", "node-b"], tmp_path, 60, time.time())
