@@ -725,3 +725,118 @@ def test_children_do_not_get_the_settings_variables(monkeypatch: pytest.MonkeyPa
         "PLURALFED_COORDINATOR_STATE_DIR",
         "PLURALFED_NODE_THREADS",
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# what prepare writes, and the launcher's own limits (mutation round 12a)
+
+
+def test_node_limits_at_their_maximum_are_allowed(tmp_path: Path) -> None:
+    """The limits are inclusive, as every node's own check: as many threads and personalization
+    steps as a node takes are not refused by the launcher."""
+    from group_node.config import MAX_PERSONALIZE_STEPS, MAX_THREADS
+
+    run = LocalFederation(
+        out_dir=tmp_path,
+        training_groups=["A"],
+        threads_per_node=MAX_THREADS,
+        personalize_steps=MAX_PERSONALIZE_STEPS,
+    )
+    assert (run.threads_per_node, run.personalize_steps) == (MAX_THREADS, MAX_PERSONALIZE_STEPS)
+
+
+# every coordinator setting the launcher decides itself, listed here (not read from the module)
+OWNED = ["listen", "state_dir", "allow_list", "allow_list_file", "insecure", "tls_dir", "tls_ca"]
+OWNED += ["tls_cert", "tls_key", "encoder", "evaluate_only"]
+
+
+@pytest.mark.parametrize("key", OWNED)
+def test_every_setting_the_launcher_makes_is_refused_in_coordinator_settings(
+    key: str, tmp_path: Path
+) -> None:
+    """A `--set` of any of them (not only the ones the CLI tests try) would be written over what
+    the launcher decides: --set evaluate_only=[] trained the held-out groups, --set encoder=...
+    gave the coordinator another encoder than its nodes."""
+    with pytest.raises(InputError, match=rf"^coordinator setting {key!r} cannot be changed"):
+        LocalFederation(out_dir=tmp_path, training_groups=["A"], coordinator_settings={key: 1})
+
+
+def test_the_coordinator_config_listens_on_loopback_and_waits_for_every_training_node(
+    tmp_path: Path,
+) -> None:
+    """A local federation is reachable from this machine only, uses the certificates it issued
+    for the coordinator, and by default waits for an update from every training node."""
+    data = SurveyData(groups={g: [ITEM] for g in ("A", "B", "C")}, source="mem")
+    run = LocalFederation(out_dir=tmp_path, training_groups=["A", "B"], held_out_groups=["C"])
+    cfg = tomllib.loads(Path(prepare(run, data)["coordinator_config"]).read_text())
+    assert cfg["listen"] == "127.0.0.1:0"
+    assert (cfg["min_nodes"], cfg["min_updates"]) == (2, 2)
+    assert Path(cfg["tls_dir"]) == tmp_path / "certs" / "coordinator"
+    assert (Path(cfg["tls_dir"]) / "cert.pem").exists()
+
+
+def test_a_min_nodes_given_overrides_the_launchers_default(tmp_path: Path) -> None:
+    """`--set min_nodes=1` must reach the coordinator: the launcher's "every training node" is
+    only the default."""
+    data = SurveyData(groups={g: [ITEM] for g in ("A", "B", "C")}, source="mem")
+    run = LocalFederation(
+        out_dir=tmp_path,
+        training_groups=["A", "B", "C"],
+        coordinator_settings={"min_nodes": 1, "min_updates": 1},
+    )
+    cfg = tomllib.loads(Path(prepare(run, data)["coordinator_config"]).read_text())
+    assert (cfg["min_nodes"], cfg["min_updates"]) == (1, 1)
+
+
+def test_node_configs_carry_the_runs_node_settings(tmp_path: Path) -> None:
+    """Threads, encoder and cache folder are the run's, for every node; without a --seed the
+    nodes get the coordinator's default seed (the one its task carries)."""
+    from coordinator.service import CoordinatorConfig
+
+    data = SurveyData(groups={g: [ITEM] for g in ("A", "B")}, source="mem")
+    run = LocalFederation(
+        out_dir=tmp_path,
+        training_groups=["A"],
+        held_out_groups=["B"],
+        threads_per_node=3,
+        encoder="hashing",
+        cache_dir=tmp_path / "cache",
+    )
+    info = prepare(run, data)
+    for path in info["node_configs"].values():
+        node = tomllib.loads(path.read_text())
+        assert (node["threads"], node["encoder"]) == (3, "hashing")
+        assert Path(node["cache_dir"]) == tmp_path / "cache"
+        assert node["seed"] == CoordinatorConfig().seed
+    # no cache folder given: none written, the node's own default applies
+    again = prepare(LocalFederation(out_dir=tmp_path / "b", training_groups=["A"]), data)
+    assert "cache_dir" not in tomllib.loads(again["node_configs"]["A"].read_text())
+
+
+def test_the_coordinators_certificate_names_the_server_name_the_nodes_check(
+    tmp_path: Path,
+) -> None:
+    """Each node checks the coordinator's certificate against its tls_server_name: a name the
+    certificate does not hold fails every handshake."""
+    from cryptography import x509
+
+    data = SurveyData(groups={"A": [ITEM]}, source="mem")
+    info = prepare(LocalFederation(out_dir=tmp_path, training_groups=["A"]), data)
+    node = tomllib.loads(info["node_configs"]["A"].read_text())
+    pem = (tmp_path / "certs" / "coordinator" / "cert.pem").read_bytes()
+    names = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert node["tls_server_name"] in names.value.get_values_for_type(x509.DNSName)
+
+
+def test_preparing_a_run_again_keeps_its_certificates(tmp_path: Path) -> None:
+    """A resumed run (same --out) keeps its CA and certificates: a new CA would leave nothing
+    issued before (nor a copy of ca.pem given out) verifiable."""
+    data = SurveyData(groups={g: [ITEM] for g in ("A", "B")}, source="mem")
+    run = LocalFederation(out_dir=tmp_path, training_groups=["A", "B"])
+    prepare(run, data)
+    pems = sorted((tmp_path / "certs").rglob("*.pem"))
+    before = {p: p.read_bytes() for p in pems}
+    prepare(run, data)
+    assert {p: p.read_bytes() for p in pems} == before
