@@ -4,6 +4,7 @@ processes that end the run at once with their own words instead of a wait until 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -125,6 +126,13 @@ def test_prepare_gives_every_node_the_runs_seed(tmp_path: Path) -> None:
 def test_toml_strings_take_any_group_name() -> None:
     for text in ["Côte d'Ivoire", 'say "hi" \\ there', "emoji \U0001f600", "tab\tdel\x7f\x00"]:
         assert tomllib.loads(f"k = {toml_string(text)}")["k"] == text
+
+
+def test_toml_strings_escape_every_control_character() -> None:
+    """TOML forbids every control character but tab unescaped in a basic string, U+0000 to
+    U+001F and DEL: a group name holding any of them still makes a config TOML reads."""
+    text = "".join(chr(c) for c in [*range(0x20), 0x7F])
+    assert tomllib.loads(f"k = {toml_string(text)}")["k"] == text
 
 
 def test_threads_per_node_must_be_at_least_one(tmp_path: Path) -> None:
@@ -840,3 +848,41 @@ def test_preparing_a_run_again_keeps_its_certificates(tmp_path: Path) -> None:
     before = {p: p.read_bytes() for p in pems}
     prepare(run, data)
     assert {p: p.read_bytes() for p in pems} == before
+
+
+def test_a_hashed_node_id_equal_to_another_groups_plain_id_is_refused() -> None:
+    """Colliding names get "node-<slug>-<first 8 hex of sha256(name)>"; a third group whose
+    own name slugs to exactly that would share the node id (one certificate, one allow-list
+    entry for two groups): refused, naming the groups."""
+    digest = hashlib.sha256(b"Korea South").hexdigest()[:8]
+    ids = node_ids(["Korea South", "Korea, South"])
+    assert ids["Korea South"] == f"node-korea-south-{digest}"
+    with pytest.raises(InputError, match=rf"get the same node id 'node-korea-south-{digest}'"):
+        node_ids(["Korea South", "Korea, South", f"Korea South {digest}"])
+
+
+def test_long_colliding_group_names_get_hashed_ids_of_63_characters() -> None:
+    """A hashed id is cut like a plain one, to 63 characters (a DNS label): "node-", 49 of the
+    slug, "-" and 8 hex. NODE_ID_PATTERN admits 64, so it alone would not notice one too long."""
+    long_a, long_b = "w" * 70 + " a", "w" * 70 + " b"  # plain ids equal: both hashed
+    ids = node_ids([long_a, long_b])
+    assert ids[long_a] != ids[long_b]
+    assert [len(nid) for nid in ids.values()] == [63, 63]
+    assert ids[long_a].startswith("node-" + "w" * 49 + "-")
+
+
+def test_none_values_are_left_out_of_a_toml_file(tmp_path: Path) -> None:
+    """TOML has no null: a setting of None is not written, so the reader's default applies."""
+    path = tmp_path / "c.toml"
+    localfed.write_toml(path, {"a": None, "b": 1, "c": True}, {"t": {"k k": "v"}})
+    assert tomllib.loads(path.read_text()) == {"b": 1, "c": True, "t": {"k k": "v"}}
+
+
+def test_children_keep_an_exported_hf_hub_offline() -> None:
+    """HF_HUB_OFFLINE defaults to 1 for the children (no download at every start), but one
+    exported by the user (0: fetch the encoder) is kept."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        assert localfed.child_env(1)["HF_HUB_OFFLINE"] == "0"
+        mp.delenv("HF_HUB_OFFLINE")
+        assert localfed.child_env(1)["HF_HUB_OFFLINE"] == "1"
