@@ -886,3 +886,100 @@ def test_children_keep_an_exported_hf_hub_offline() -> None:
         assert localfed.child_env(1)["HF_HUB_OFFLINE"] == "0"
         mp.delenv("HF_HUB_OFFLINE")
         assert localfed.child_env(1)["HF_HUB_OFFLINE"] == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# logs, ports and progress (mutation round 12a)
+
+
+def test_a_log_tail_of_a_first_attempt_leaves_out_its_marker_line(tmp_path: Path) -> None:
+    """A log holding one attempt starts with the marker itself (no newline before it): the
+    marker is the launcher's line, not the process's words, and is not quoted."""
+    log = tmp_path / "node.log"
+    log.write_text(f"{localfed.ATTEMPT_MARKER}node started 1 ---\nonly error\n")
+    assert localfed.log_tail(log) == "  only error"
+
+
+def test_a_log_line_exactly_as_wide_as_the_width_is_quoted_whole(tmp_path: Path) -> None:
+    log = tmp_path / "node.log"
+    log.write_text("y" * 10 + "\n" + "z" * 11 + "\n")
+    assert localfed.log_tail(log, width=10).splitlines() == [
+        "  " + "y" * 10,
+        "  " + "z" * 10 + " ...",
+    ]
+
+
+def test_an_empty_port_file_is_read_again_until_it_holds_the_port(tmp_path: Path) -> None:
+    """The port file may be seen created but not yet written: read as a port, "" made the
+    launcher fail with a ValueError instead of waiting for it."""
+    port_file = tmp_path / "coordinator.port"
+    port_file.write_text("")
+    procs = Processes(tmp_path)
+    try:
+        write_later = f"import time, pathlib; time.sleep(0.5); pathlib.Path({str(port_file)!r}).write_text('4321'); time.sleep(60)"
+        coordinator = procs.start("coordinator", _py(write_later), {})
+        assert wait_for_port(tmp_path, coordinator, 60) == 4321
+    finally:
+        procs.stop_all(grace_s=2)
+
+
+def test_a_coordinator_that_never_listens_is_a_clear_error(tmp_path: Path) -> None:
+    procs = Processes(tmp_path)
+    try:
+        coordinator = procs.start("coordinator", _py("import time; time.sleep(60)"), {})
+        with pytest.raises(InputError, match=r"^the coordinator did not start listening in 1 s$"):
+            wait_for_port(tmp_path, coordinator, 1)
+    finally:
+        procs.stop_all(grace_s=2)
+
+
+def test_results_of_an_earlier_run_do_not_hide_failed_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only results written since this run started mean the run finished: a results.json left
+    by an earlier run in the same folder must not make failed nodes look finished."""
+    monkeypatch.setattr(localfed, "NODES_FAILED_GRACE_S", 0.0)
+    (tmp_path / "results.json").write_text("{}")
+    started = time.time()
+    os.utime(tmp_path / "results.json", (started - 100, started - 100))
+    procs = Processes(tmp_path)
+    try:
+        procs.start("coordinator", _py("import time; time.sleep(60)"), {})
+        procs.start("node-a", _py(FAIL_AT_START), {})
+        with pytest.raises(InputError, match="every training node stopped"):
+            wait_for_coordinator(procs, ["node-a"], tmp_path, 60, started)
+    finally:
+        procs.stop_all(grace_s=2)
+
+
+def test_progress_skips_rows_without_a_round_and_never_repeats_old_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row that is not a round's (no whole "round") is not described, not a crash; and the
+    rows there when Progress starts are not logged, not even by its own first look."""
+    metrics = tmp_path / "metrics.jsonl"
+    old = {"kind": "round", "round": 1, "participants": ["a"], "selected": ["a"], "seconds": 1.0}
+    metrics.write_text(json.dumps(old) + "\n" + json.dumps({"kind": "note"}) + "\n")
+    with caplog.at_level(logging.INFO, logger="pluralfed.localfed"):
+        progress = Progress(tmp_path)
+        new = {**old, "round": 2, "seconds": 2.0}
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in [old, {"round": "3"}, new]))
+        os.utime(metrics, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new stamp
+        progress.poll()
+    assert [r.getMessage() for r in caplog.records] == ["round 2 done: 1/1 updates in 2.0 s"]
+
+
+def test_after_a_stop_the_cleanups_held_blocks_are_not_stopped_again() -> None:
+    """Stopped is raised once: the cleanup that follows (stopping every child, in a held block)
+    must run to its end, not be cut short by the same signal raised anew."""
+    done = []
+    with pytest.raises(localfed.Stopped), localfed.stop_on_signals():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(5)  # not reached
+        except localfed.Stopped:
+            with localfed._signals_held():
+                done.append("held")
+            done.append("after the held block")
+            raise
+    assert done == ["held", "after the held block"]
