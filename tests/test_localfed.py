@@ -952,6 +952,26 @@ def test_results_of_an_earlier_run_do_not_hide_failed_nodes(
         procs.stop_all(grace_s=2)
 
 
+def test_a_node_that_exited_0_is_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exit 0 is a node that finished (it heard SHUTDOWN): only an error exit is logged as a
+    node that "exited with code N", with its log's last line."""
+    procs = Processes(tmp_path)
+    try:
+        procs.start("coordinator", _py("import time; time.sleep(60)"), {})
+        procs.start("node-a", _py("pass"), {})
+        procs.children["node-a"].wait()
+        with (
+            caplog.at_level(logging.WARNING, logger="pluralfed.localfed"),
+            pytest.raises(InputError, match="did not finish"),
+        ):
+            wait_for_coordinator(procs, ["node-a"], tmp_path, 0.5, time.time())
+    finally:
+        procs.stop_all(grace_s=2)
+    assert not [r.getMessage() for r in caplog.records if "exited" in r.getMessage()]
+
+
 def test_progress_skips_rows_without_a_round_and_never_repeats_old_rows(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
