@@ -314,3 +314,16 @@ def test_train_names_five_of_the_foreign_files_and_counts_the_rest(tmp_path: Pat
     with pytest.raises(InputError) as refused:
         check_train_out(tmp_path, force=True)
     assert "(a.csv, b.csv, c.csv, d.csv, e.csv and 2 more)" in str(refused.value)
+
+
+def test_train_names_exactly_five_foreign_files_without_a_count(tmp_path: Path) -> None:
+    """Five foreign files are all named: the message adds no "and 0 more" (the count starts
+    only past five)."""
+    from pluralfed.commands.train import check_train_out
+    from pluralfed.errors import InputError
+
+    for name in "edcba":
+        (tmp_path / f"{name}.csv").write_text("")
+    with pytest.raises(InputError) as refused:
+        check_train_out(tmp_path, force=True)
+    assert "(a.csv, b.csv, c.csv, d.csv, e.csv): choose" in str(refused.value)
