@@ -968,6 +968,19 @@ def test_cli_bad_days(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert not (tmp_path / "ca").exists()
 
 
+def test_cli_days_that_is_not_a_whole_number_is_refused_by_the_parser(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--days "ten" (or 1.5) is a usage error (exit 2) naming the value, before anything is
+    written: not read as some default validity."""
+    for text in ("ten", "1.5"):
+        with pytest.raises(SystemExit) as exit_:
+            run("init", "--out", str(tmp_path / "ca"), "--days", text)
+        assert exit_.value.code == 2
+        assert f"not an integer: {text!r}" in capsys.readouterr().err
+    assert not (tmp_path / "ca").exists()
+
+
 def test_generated_key_is_p256(pki: Path) -> None:
     key = serialization.load_pem_private_key((pki / "node-a" / "key.pem").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
