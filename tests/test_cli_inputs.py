@@ -137,6 +137,20 @@ def test_train_refuses_a_bad_training_setting_before_anything_is_done(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option", ["--context-range", "--target-range"])
+def test_train_refuses_a_bad_episode_range_naming_its_own_option(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each episode range is read from its own option: a reversed --context-range or
+    --target-range is refused under that option's name (exit 2) before the data is read, the
+    other one's valid default does not stand in for it."""
+    out = tmp_path / "ck"
+    args = ["train", "--data", str(tmp_path / "unread.jsonl"), "--groups", "A,B", *TINY]
+    assert main([*args, "--out", str(out), option, "9,5"]) == 2
+    assert f"{option} must satisfy 1 <= low <= high, got '9,5'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_train_trains_on_a_group_without_test_questions_and_evaluates_the_others(
     tmp_path: Path, session_cache_dir: Path
 ) -> None:
