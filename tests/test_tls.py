@@ -880,6 +880,52 @@ def test_cli_default_validity_of_each_certificate(tmp_path: Path) -> None:
     assert days_left(tmp_path / "nodes" / "b" / "cert.pem") in (824, 825)
 
 
+def test_cli_init_makes_a_ten_year_ca_named_pluralfed_ca_by_default(tmp_path: Path) -> None:
+    """As `certs init --help` says: without options the CA is "pluralfed CA", valid 3650 days
+    (the federation action's CA had these pinned, `init`'s own not)."""
+    run("init", "--out", str(tmp_path / "ca"))
+    ca = load_cert(tmp_path / "ca" / "ca.pem")
+    assert ca.subject.rfc4514_string() == "CN=pluralfed CA"
+    assert (ca.not_valid_after_utc - NOW).days in (3649, 3650)
+
+
+def test_cli_server_and_node_certificates_last_the_days_given(tmp_path: Path) -> None:
+    """--days reaches the certificates `server` and `node` issue, not only their default."""
+    run("init", "--out", str(tmp_path / "ca"))
+    run("server", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "srv"), "--days", "40")
+    run(
+        "node", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "n"), "--id", "a",
+        "--days", "50",
+    )  # fmt: skip
+    for path, days in (
+        (tmp_path / "srv" / "cert.pem", 40),
+        (tmp_path / "n" / "a" / "cert.pem", 50),
+    ):
+        assert (load_cert(path).not_valid_after_utc - NOW).days in (days - 1, days), path
+
+
+def test_cli_server_certificate_is_named_coordinator_by_default(tmp_path: Path) -> None:
+    """Without --name the server certificate's Common Name is "coordinator", as its help says."""
+    run("init", "--out", str(tmp_path / "ca"))
+    run("server", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "srv"))
+    assert load_cert(tmp_path / "srv" / "cert.pem").subject.rfc4514_string() == "CN=coordinator"
+
+
+def test_cli_server_replaces_its_certificate_only_with_force(tmp_path: Path) -> None:
+    """A second `certs server` into the same folder is refused and changes nothing; with
+    --force it issues a new certificate and key."""
+    run("init", "--out", str(tmp_path / "ca"))
+    server = ["server", "--ca", str(tmp_path / "ca"), "--out", str(tmp_path / "srv")]
+    run(*server)
+    before = (tmp_path / "srv" / "key.pem").read_bytes()
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        run(*server)
+    assert (tmp_path / "srv" / "key.pem").read_bytes() == before
+    assert run(*server, "--force") == 0
+    assert (tmp_path / "srv" / "key.pem").read_bytes() != before
+    tls.TlsFiles.from_dir(tmp_path / "srv").server_credentials()
+
+
 def test_cli_federation_folders_are_the_owners_only(tmp_path: Path) -> None:
     out = tmp_path / "fed"
     run("federation", "--out", str(out), "--nodes", "a,b")
