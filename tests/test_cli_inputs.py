@@ -151,6 +151,23 @@ def test_train_refuses_a_bad_episode_range_naming_its_own_option(
     assert not out.exists()
 
 
+def test_train_metrics_record_the_groups_trained_on_and_held_out(
+    tmp_path: Path, session_cache_dir: Path
+) -> None:
+    """metrics.json says which groups were trained on and which held out, and for how many
+    epochs: the record a comparison with a federated run is read from."""
+    train, test = _questions(8, False), _questions(3, True)
+    rows = [(g, q, [0.6, 0.4]) for g in "ABD" for q in train + test]
+    data = write_survey(tmp_path / "s.jsonl", rows)
+    out = tmp_path / "ck"
+    args = ["train", "--data", str(data), "--groups", "A,B", "--held-out", "D", *TINY]
+    args += ["--out", str(out), "--epochs", "2", "--eval-every", "0"]
+    assert main([*args, "--cache-dir", str(session_cache_dir)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training_groups"] == ["A", "B"] and metrics["held_out_groups"] == ["D"]
+    assert metrics["epochs"] == 2 and metrics["mode"] == "centralized"
+
+
 def test_train_trains_on_a_group_without_test_questions_and_evaluates_the_others(
     tmp_path: Path, session_cache_dir: Path
 ) -> None:
