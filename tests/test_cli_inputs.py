@@ -531,6 +531,21 @@ def test_train_takes_the_coordinators_names_for_layers_and_heads() -> None:
     assert (args.layers, args.heads) == (3, 2)
 
 
+def test_train_defaults_are_the_protocols_settings() -> None:
+    """Without options `train` is PROTOCOL.md's centralized baseline: its episode ranges,
+    epochs, learning rate and evaluation, one group per step and no embedding noise (the
+    range defaults are strings of their own, not the protocol's constants)."""
+    from pluralfed import protocol
+    from pluralfed.cli import build_parser
+
+    args = build_parser("train").parse_args(["train", "--data", "x.csv", "--out", "o"])
+    assert parse_range(args.context_range, "--context-range") == protocol.CONTEXT_RANGE
+    assert parse_range(args.target_range, "--target-range") == protocol.TARGET_RANGE
+    assert (args.epochs, args.lr) == (protocol.CENTRALIZED_EPOCHS, protocol.LEARNING_RATE)
+    assert (args.eval_every, args.max_context) == (protocol.EVAL_EVERY, protocol.EVAL_MAX_CONTEXT)
+    assert (args.groups_per_step, args.embedding_noise) == (1, 0.0)
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "expected"),
     [
