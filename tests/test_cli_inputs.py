@@ -531,6 +531,18 @@ def test_train_takes_the_coordinators_names_for_layers_and_heads() -> None:
     assert (args.layers, args.heads) == (3, 2)
 
 
+def test_train_model_options_reach_the_model_config() -> None:
+    """Each model option sets its own field of the model's configuration: --layers 3 --heads 2
+    is a 3-layer, 2-head encoder, not the other way round (both are valid shapes)."""
+    from pluralfed.cli import build_parser
+
+    argv = ["train", "--data", "x.csv", "--out", "o", "--layers", "3", "--heads", "2"]
+    argv += ["--d-model", "8", "--d-ff", "12", "--mlp-layers", "1", "--members", "2"]
+    cfg = train_command.model_config(build_parser("train").parse_args(argv), embed_dim=5)
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_ff) == (3, 2, 8, 12)
+    assert (cfg.mlp_layers, cfg.members, cfg.embed_dim) == (1, 2, 5)
+
+
 def test_train_defaults_are_the_protocols_settings() -> None:
     """Without options `train` is PROTOCOL.md's centralized baseline: its episode ranges,
     epochs, learning rate and evaluation, one group per step and no embedding noise (the
