@@ -213,6 +213,17 @@ def test_certs_revoke_says_what_is_new_and_counts_the_whole_list(
     assert "revocation list re-signed" in out and "(2 revoked, valid 7 days)" in out
 
 
+def test_certs_revoke_days_sets_when_the_list_is_due(pki: Path) -> None:
+    """`certs revoke --days 7` signs a list due for renewal 7 days after it was made: the
+    days reach the list itself, not only the summary line."""
+    from cryptography import x509
+
+    assert cli_main(["certs", "revoke", "--ca", str(pki / "ca"), "--days", "7"]) == 0
+    crl = x509.load_pem_x509_crl((pki / "ca" / "crl.pem").read_bytes())
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - crl.last_update_utc == dt.timedelta(days=7)
+
+
 def test_coordinator_config_checks_its_revocation_list(pki: Path) -> None:
     files = tls.TlsFiles.from_dir(pki / "server")
     missing = CoordinatorConfig(tls_dir=pki / "server", tls_crl=pki / "nowhere.pem")
