@@ -155,7 +155,8 @@ def test_train_metrics_record_the_groups_trained_on_and_held_out(
     tmp_path: Path, session_cache_dir: Path
 ) -> None:
     """metrics.json says which groups were trained on and which held out, and for how many
-    epochs: the record a comparison with a federated run is read from."""
+    epochs: the record a comparison with a federated run is read from; the checkpoint keeps
+    the same record but not the evaluation reports (those are metrics.json's)."""
     train, test = _questions(8, False), _questions(3, True)
     rows = [(g, q, [0.6, 0.4]) for g in "ABD" for q in train + test]
     data = write_survey(tmp_path / "s.jsonl", rows)
@@ -166,6 +167,9 @@ def test_train_metrics_record_the_groups_trained_on_and_held_out(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["training_groups"] == ["A", "B"] and metrics["held_out_groups"] == ["D"]
     assert metrics["epochs"] == 2 and metrics["mode"] == "centralized"
+    # the checkpoint's model.json carries the same record, without the evaluation reports
+    meta = json.loads((out / "model.json").read_text())["metadata"]
+    assert "reports" in metrics and meta == {k: v for k, v in metrics.items() if k != "reports"}
 
 
 def test_train_trains_on_a_group_without_test_questions_and_evaluates_the_others(
