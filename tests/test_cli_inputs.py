@@ -172,6 +172,46 @@ def test_train_metrics_record_the_groups_trained_on_and_held_out(
     assert "reports" in metrics and meta == {k: v for k, v in metrics.items() if k != "reports"}
 
 
+def test_train_with_dropout_is_reproducible_for_one_seed(
+    survey: Path, tmp_path: Path, session_cache_dir: Path
+) -> None:
+    """Dropout draws from torch's global generator: `train` seeds it from --seed, so two runs
+    with one seed in one process give the same figures (the default dropout 0 never draws)."""
+    args = ["train", "--data", str(survey), "--groups", "A,B", *TINY, "--dropout", "0.5"]
+    args += ["--seed", "4", "--epochs", "2", "--eval-every", "0"]
+    reports = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main([*args, "--out", str(out), "--cache-dir", str(session_cache_dir)]) == 0
+        reports.append(json.loads((out / "metrics.json").read_text())["reports"])
+    assert reports[0] == reports[1]
+
+
+def test_train_seed_reaches_the_model_and_the_episode_sampling(
+    survey: Path, tmp_path: Path, session_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--seed sets both the model's initial weights and the trainer's episode draws (seed 0,
+    the default, hid a trainer that ignored it)."""
+    seeds: dict[str, int] = {}
+    real_build, real_trainer = train_command.build_model, train_command.LocalTrainer
+
+    def build_model(config: object, seed: int) -> object:
+        seeds["model"] = seed
+        return real_build(config, seed)  # type: ignore[arg-type]
+
+    class LocalTrainer(real_trainer):  # type: ignore[valid-type,misc]
+        def __init__(self, model: object, settings: object, seed: int) -> None:
+            seeds["trainer"] = seed
+            super().__init__(model, settings, seed=seed)
+
+    monkeypatch.setattr(train_command, "build_model", build_model)
+    monkeypatch.setattr(train_command, "LocalTrainer", LocalTrainer)
+    args = ["train", "--data", str(survey), "--groups", "A,B", *TINY, "--seed", "7"]
+    args += ["--epochs", "1", "--eval-every", "0", "--out", str(tmp_path / "o")]
+    assert main([*args, "--cache-dir", str(session_cache_dir)]) == 0
+    assert seeds == {"model": 7, "trainer": 7}
+
+
 def test_train_trains_on_a_group_without_test_questions_and_evaluates_the_others(
     tmp_path: Path, session_cache_dir: Path
 ) -> None:
