@@ -993,6 +993,21 @@ def test_cli_help(action: str, capsys: pytest.CaptureFixture[str]) -> None:
         assert "nodes/<id>/" in out and "[allow_list]" in out
 
 
+@pytest.mark.parametrize(
+    ("argv", "missing"),
+    [(("federation", "--nodes", "a"), "--out"), (("show",), "FILE")],
+)
+def test_cli_a_missing_required_argument_is_a_usage_error(
+    argv: tuple[str, ...], missing: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`certs federation` without --out, or `certs show` without a file, is refused by the
+    parser (exit 2, naming what is missing), not run with nothing to write or show."""
+    with pytest.raises(SystemExit) as exit_:
+        run(*argv)
+    assert exit_.value.code == 2
+    assert f"the following arguments are required: {missing}" in capsys.readouterr().err
+
+
 def test_cli_every_option_has_help() -> None:
     parser = argparse.ArgumentParser(prog="pluralfed")
     subparsers = parser.add_subparsers()
