@@ -673,6 +673,22 @@ def test_node_run_logs_what_loading_its_data_skipped(
     assert notes.endswith("kept the first"), notes
 
 
+def test_node_run_loads_and_notes_only_its_own_groups_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file holding other groups' rows too (the full GlobalOpinionQA CSV, say): the node
+    loads its own group only, so another group's all-zero or repeated rows are not its notes."""
+    data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
+    other = [("Question 0?", [0, 0]), ("Question 1?", [1, 1]), ("Question 1?", [2, 1])]
+    with data.open("a") as file:
+        for question, distribution in other:
+            row = {"group": "H", "question": question, "options": ["a", "b"]}
+            file.write(json.dumps({**row, "distribution": distribution}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
+        assert node_run(data, monkeypatch, "--insecure") == 1
+    assert [m for m in messages(caplog, logging.WARNING) if f"data {data}" in m] == []
+
+
 # --------------------------------------------------------------------------------------------
 # 8. a private key others may read
 
