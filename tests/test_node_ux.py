@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -687,6 +688,49 @@ def test_node_run_loads_and_notes_only_its_own_groups_rows(
     with caplog.at_level(logging.WARNING, logger="pluralfed.node"):
         assert node_run(data, monkeypatch, "--insecure") == 1
     assert [m for m in messages(caplog, logging.WARNING) if f"data {data}" in m] == []
+
+
+def test_node_run_samples_its_episodes_with_the_seed_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--seed reaches the worker that draws this node's training episodes (the default seed 0
+    hid a worker built with seed 0 whatever the setting)."""
+    seeds: list[int] = []
+
+    class Worker(commands_node.GroupWorker):
+        def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+            seeds.append(seed)
+            super().__init__(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(commands_node, "GroupWorker", Worker)
+    data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
+    assert node_run(data, monkeypatch, "--insecure", "--seed", "11") == 1
+    assert seeds == [11]
+
+
+def test_node_run_stops_on_sigterm_with_exit_code_143(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`node run` installs the stop handlers before the node runs: a SIGTERM (`docker stop`)
+    then ends it with 143, not with the default action (no Leave, no exit code of its own)."""
+    monkeypatch.setattr(commands_node, "open_encoder", lambda _cfg: FakeEncoder())
+
+    class Node(commands_node.GroupNode):
+        def run(self) -> int:
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+                return 99  # no handler: raising SIGTERM here would end the test process
+            signal.raise_signal(signal.SIGTERM)
+            return super().run()
+
+    monkeypatch.setattr(commands_node, "GroupNode", Node)
+    data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        argv = ["node", "run", "--insecure", "--group", "G", "--data", str(data)]
+        assert main([*argv, "--coordinator", f"{HOST}:{free_port()}"]) == 143
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------
