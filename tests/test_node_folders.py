@@ -149,3 +149,16 @@ def test_no_writable_temporary_folder_is_refused_before_the_data_is_loaded(
     monkeypatch.setattr(commands_node, "load_survey", lambda *a, **k: pytest.fail("data loaded"))
     assert node_run(data, monkeypatch) == 2
     assert "no writable temporary folder" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_made_says_why_in_words(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The refusal gives the system's reason in words ("Not a directory"), not Python's
+    "[Errno 20] ...: '/path'" repeating the path the message has already named."""
+    (tmp_path / "afile").write_text("")
+    folder = tmp_path / "afile" / "sub"
+    assert node_run(data, monkeypatch, "--save-updates-dir", str(folder)) == 2
+    err = capsys.readouterr().err
+    assert f"save_updates_dir {folder}: cannot write there (Not a directory); " in err
+    assert "Errno" not in err
