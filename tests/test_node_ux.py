@@ -488,6 +488,26 @@ def test_node_check_names_the_cause_that_grpc_names(
         assert text in err, err
 
 
+@pytest.mark.parametrize("reachable", [True, False])
+def test_node_check_closes_its_connection_whatever_the_outcome(
+    fed: Federation, monkeypatch: pytest.MonkeyPatch, reachable: bool
+) -> None:
+    """The check's channel is closed when it passes and when it fails: a health probe running
+    `node check` in a loop in one process would otherwise keep a channel (and its threads and
+    sockets) per check."""
+    closed: list[bool] = []
+
+    class Client(commands_node.NodeClient):
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr(commands_node, "NodeClient", Client)
+    cfg = config(fed) if reachable else config(fed, coordinator=f"{HOST}:{free_port()}")
+    assert check(cfg, monkeypatch) == (0 if reachable else 1)
+    assert closed == [True]
+
+
 def test_node_check_says_a_coordinator_answers_a_tls_node_in_plain_text(
     fed: Federation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
