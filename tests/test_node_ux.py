@@ -15,10 +15,13 @@ coordinator where a real one cannot be made to answer so:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import signal
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -506,6 +509,33 @@ def test_node_check_closes_its_connection_whatever_the_outcome(
     cfg = config(fed) if reachable else config(fed, coordinator=f"{HOST}:{free_port()}")
     assert check(cfg, monkeypatch) == (0 if reachable else 1)
     assert closed == [True]
+
+
+def test_the_presented_certificate_of_an_ipv6_coordinator_is_set_against_its_bare_address(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A coordinator dialed as [::1]:PORT is checked against the name ::1, as gRPC checks it:
+    the brackets are the address's notation, not part of the name."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(fed.pki.server / "cert.pem", fed.pki.server / "key.pem")
+    try:
+        listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    with listener:
+
+        def serve_one() -> None:
+            conn, _ = listener.accept()
+            with contextlib.suppress(OSError), ctx.wrap_socket(conn, server_side=True):
+                pass
+
+        server = threading.Thread(target=serve_one, daemon=True)
+        server.start()
+        port = listener.getsockname()[1]
+        commands_node.print_presented_certificate(config(fed, coordinator=f"[::1]:{port}"))
+        server.join(10)
+    err = capsys.readouterr().err
+    assert "names: localhost, 127.0.0.1 (does not include ::1)" in err, err
 
 
 def test_node_check_says_a_coordinator_answers_a_tls_node_in_plain_text(
