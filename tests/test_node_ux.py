@@ -511,6 +511,16 @@ def test_node_check_closes_its_connection_whatever_the_outcome(
     assert closed == [True]
 
 
+def test_node_check_first_says_where_it_connects_and_as_which_group(
+    fed: Federation, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before it waits on the network the check names the address and group it uses (taken
+    from options, environment and config file together): a wrong one is seen at once."""
+    cfg = config(fed, coordinator=f"{HOST}:{free_port()}")
+    assert check(cfg, monkeypatch) == 1
+    assert capsys.readouterr().out.startswith(f"connecting to {cfg.coordinator} as 'Good A' ...\n")
+
+
 def test_the_presented_certificate_of_an_ipv6_coordinator_is_set_against_its_bare_address(
     fed: Federation, capsys: pytest.CaptureFixture[str]
 ) -> None:
