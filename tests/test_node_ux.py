@@ -521,6 +521,20 @@ def test_node_check_first_says_where_it_connects_and_as_which_group(
     assert capsys.readouterr().out.startswith(f"connecting to {cfg.coordinator} as 'Good A' ...\n")
 
 
+def test_node_settings_come_from_pluralfed_node_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `pluralfed node --help` says, PLURALFED_NODE_<NAME> variables set a node's settings
+    (a container is configured so): the check connects where they say, as their group."""
+    monkeypatch.setattr(commands_node, "make_encoder", lambda _spec: FakeEncoder())
+    address = f"{HOST}:{free_port()}"
+    monkeypatch.setenv("PLURALFED_NODE_COORDINATOR", address)
+    monkeypatch.setenv("PLURALFED_NODE_GROUP", "From Env")
+    monkeypatch.setenv("PLURALFED_NODE_INSECURE", "true")
+    assert main(["node", "check"]) == 1  # nobody listens there
+    assert capsys.readouterr().out.startswith(f"connecting to {address} as 'From Env' ...")
+
+
 def test_the_presented_certificate_of_an_ipv6_coordinator_is_set_against_its_bare_address(
     fed: Federation, capsys: pytest.CaptureFixture[str]
 ) -> None:
