@@ -772,9 +772,9 @@ def test_node_run_samples_its_episodes_with_the_seed_it_is_given(
     seeds: list[int] = []
 
     class Worker(commands_node.GroupWorker):
-        def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        def __init__(self, group: str, data: Any, encoder: Any, seed: int = 0) -> None:
             seeds.append(seed)
-            super().__init__(*args, seed=seed, **kwargs)
+            super().__init__(group, data, encoder, seed=seed)
 
     monkeypatch.setattr(commands_node, "GroupWorker", Worker)
     data = write_survey(tmp_path / "g.jsonl", [(f"Question {i}?", [1, 3]) for i in range(20)])
