@@ -1009,30 +1009,42 @@ def test_after_a_stop_the_cleanups_held_blocks_are_not_stopped_again() -> None:
 # run_local with a stand-in python (mutation round 12a)
 
 
-def _stand_in(tmp_path: Path, coordinator: str, node_a: str) -> str:
-    """A `python` for run_local that writes down its arguments and, as the coordinator, runs
-    `coordinator` (a shell snippet; $STATE is the state folder); the node of group A runs
-    `node_a`, other nodes exit 0."""
+def _stand_in_run(
+    tmp_path: Path,
+    coordinator: str,
+    node_a: str,
+    earlier_state: dict[str, str] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> tuple[LocalFederation, SurveyData]:
+    """A run of groups A and B whose `python` writes down its arguments and, as the
+    coordinator, runs `coordinator` (a shell snippet; $STATE is the state folder); the node of
+    group A runs `node_a`, other nodes exit 0. `earlier_state` files are put in the state
+    folder first, as an earlier run left them."""
     script = tmp_path / "python"
     state = tmp_path / "out" / "coordinator"
+    state.mkdir(parents=True)
+    for name, text in (earlier_state or {}).items():
+        (state / name).write_text(text)
     script.write_text(
         f'#!/bin/sh\necho "$@" >> {tmp_path / "argv"}\nSTATE={state}\nmkdir -p "$STATE"\n'
         f'case "$3" in\n  coordinator) {coordinator};;\n'
         f'  node) case "$*" in *node-a.toml*) {node_a};; esac; exit 0;;\nesac\n'
     )
     script.chmod(0o755)
-    return str(script)
+    data = SurveyData(groups={g: [ITEM] for g in ("A", "B")}, source="mem")
+    run = LocalFederation(
+        out_dir=tmp_path / "out",
+        training_groups=["A", "B"],
+        coordinator_settings=settings or {},
+        python=str(script),
+    )
+    return run, data
 
 
 def test_a_stale_port_file_is_not_taken_for_the_new_coordinators(tmp_path: Path) -> None:
     """The port file an earlier run left: read before the coordinator writes its own, it sent
     every node to a port nothing listens on (or another process's)."""
-    python = _stand_in(tmp_path, "exit 2", "exit 0")
-    state = tmp_path / "out" / "coordinator"
-    state.mkdir(parents=True)
-    (state / "coordinator.port").write_text("1")
-    data = SurveyData(groups={g: [ITEM] for g in ("A", "B")}, source="mem")
-    run = LocalFederation(out_dir=tmp_path / "out", training_groups=["A", "B"], python=python)
+    run, data = _stand_in_run(tmp_path, "exit 2", "exit 0", {"coordinator.port": "1"})
     with pytest.raises(InputError, match="the coordinator exited with code 2"):
         localfed.run_local(run, data)
     assert [line.split()[2] for line in (tmp_path / "argv").read_text().splitlines()] == [
@@ -1046,12 +1058,8 @@ def test_a_coordinator_failing_after_it_started_is_its_error(
     """A coordinator that listened, then exited 3, ends the run with its exit code and log, not
     with a missing results.json; and a folder holding an earlier run's state is said to be
     resumed."""
-    python = _stand_in(tmp_path, 'echo 5 > "$STATE/coordinator.port"; exit 3', "exit 0")
-    state = tmp_path / "out" / "coordinator"
-    state.mkdir(parents=True)
-    (state / "state.json").write_text("{}")
-    data = SurveyData(groups={g: [ITEM] for g in ("A", "B")}, source="mem")
-    run = LocalFederation(out_dir=tmp_path / "out", training_groups=["A", "B"], python=python)
+    listen_then_fail = 'echo 5 > "$STATE/coordinator.port"; exit 3'
+    run, data = _stand_in_run(tmp_path, listen_then_fail, "exit 0", {"state.json": "{}"})
     with (
         caplog.at_level(logging.WARNING, logger="pluralfed.localfed"),
         pytest.raises(InputError, match=r"^the coordinator exited with code 3; the end of "),
@@ -1068,12 +1076,6 @@ def test_run_local_waits_on_while_the_given_quorum_still_stands(
     needed and ended a run the coordinator could finish)."""
     monkeypatch.setattr(localfed, "NODES_FAILED_GRACE_S", 0.0)
     finish = 'echo 5 > "$STATE/coordinator.port"; sleep 3; echo \'{"done": 1}\' > "$STATE/results.json"; exit 0'
-    python = _stand_in(tmp_path, finish, "exit 1")
-    data = SurveyData(groups={g: [ITEM] for g in ("A", "B")}, source="mem")
-    run = LocalFederation(
-        out_dir=tmp_path / "out",
-        training_groups=["A", "B"],
-        coordinator_settings={"min_nodes": 1, "min_updates": 1},
-        python=python,
-    )
+    quorum = {"min_nodes": 1, "min_updates": 1}
+    run, data = _stand_in_run(tmp_path, finish, "exit 1", settings=quorum)
     assert localfed.run_local(run, data) == {"done": 1}
