@@ -62,9 +62,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     version = meta.get("format_version")
     # type() too: JSON true and 1.0 equal 1 in Python, but no writer of this format wrote them
     if type(version) is not int or version != FORMAT_VERSION:
-        raise InputError(
-            f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
-        )
+        raise InputError(f"{meta_path}: format_version {version!r}, expected {FORMAT_VERSION}")
     for key, kind in (("config", dict), ("encoder", str), ("metadata", dict)):
         if not isinstance(meta.get(key), kind):
             raise InputError(f"{meta_path}: field {key!r} missing or not a {kind.__name__}")
